@@ -1,0 +1,52 @@
+"""The `clusterlm` command: parses the subcommand and hands the rest of the line to its module.
+
+Each subcommand module exposes ``main(argv) -> int`` with its own argparse parser, so
+``clusterlm train --help`` lists exactly that command's options. Bad input raises ``UserError``,
+printed here as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from clusterlm.errors import UserError
+
+# subcommand -> (module with main(argv), one-line description)
+COMMANDS = {
+    "prepare": ("clusterlm.data.prepare", "tokenize a corpus into checksummed token shards"),
+    "train": ("clusterlm.train.trainer", "train a model from a config (TOML + dotted overrides)"),
+    "eval": ("clusterlm.train.evaluate", "validation loss and perplexity of a checkpoint"),
+    "generate": ("clusterlm.train.generate", "sample text from a checkpoint"),
+    "bench": ("clusterlm.bench", "benchmarks: `bench train`, `bench comm`"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: clusterlm <command> [options]   (clusterlm <command> --help for its options)", ""]
+    lines += [f"  {name:<9} {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
