@@ -1,0 +1,68 @@
+"""Exact parameter counts and training FLOPs from the architecture alone.
+
+Computed analytically (no model is built), so the planner can count an 8B model instantly; a test
+checks every term against a real ``Transformer``'s parameters.
+"""
+
+from __future__ import annotations
+
+from clusterlm.models.gpt import ModelArgs
+
+
+def layer_params(args: ModelArgs) -> int:
+    """Parameters of one Transformer block."""
+    d, hd, f = args.n_embd, args.head_dim, args.ffn_hidden
+    q, kv = args.n_head * hd, args.n_kv_head * hd
+    attn = d * q + 2 * d * kv + q * d
+    if args.is_llama:
+        mlp = 3 * d * f  # w1, w3 (gate, up) and w2 (down), no biases
+        norms = 2 * d  # two RMSNorm weights
+    else:
+        attn += q + 2 * kv + d  # biases of wq, wk, wv, wo
+        mlp = 2 * d * f + f + d
+        norms = 2 * 2 * d  # two LayerNorms, weight and bias
+    return attn + mlp + norms
+
+
+def embedding_params(args: ModelArgs) -> int:
+    """Token table (+ learned positions for gpt2); the tied gpt2 head adds nothing."""
+    positions = 0 if args.is_llama else args.block_size * args.n_embd
+    return args.vocab_size * args.n_embd + positions
+
+
+def head_params(args: ModelArgs) -> int:
+    """Final norm plus the untied output projection (llama)."""
+    final_norm = args.n_embd if args.is_llama else 2 * args.n_embd
+    output = args.vocab_size * args.n_embd if args.is_llama else 0
+    return final_norm + output
+
+
+def param_count(args: ModelArgs) -> int:
+    return embedding_params(args) + args.n_layer * layer_params(args) + head_params(args)
+
+
+def matmul_params(args: ModelArgs) -> int:
+    """N of the 6N rule: every parameter that takes part in a matrix multiply per token.
+
+    The position table and an untied token table are lookups and are excluded; the gpt2 token
+    table is included because it doubles as the output head.
+    """
+    n = param_count(args)
+    if not args.is_llama:
+        n -= args.block_size * args.n_embd
+    else:
+        n -= args.vocab_size * args.n_embd
+    return n
+
+
+def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6N + 12 * n_layer * d_attn * seq_len.
+
+    6N: each weight does one multiply-add (2 FLOPs) forward and two backward (input and weight
+    gradients). The attention term counts QK^T and AV (2 matmuls of 2 * d_attn * seq_len FLOPs per
+    token forward, x3 for backward), over the full score matrix as in PaLM (Chowdhery et al. 2022,
+    appendix B), the convention MFU figures are usually quoted in. Activation recomputation is not
+    included: it is overhead, not model FLOPs.
+    """
+    d_attn = args.n_head * args.head_dim
+    return 6.0 * matmul_params(args) + 12.0 * args.n_layer * d_attn * seq_len

@@ -1,0 +1,210 @@
+"""Decoder-only Transformer in two flavours, read top to bottom like the papers.
+
+- ``gpt2``  (Radford et al. 2019): learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
+- ``llama`` (Touvron et al. 2023): rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention,
+  no biases.
+
+The model knows nothing about distribution: parallelism is applied from outside by functions that
+take this plain ``nn.Module``. Attention goes through ``F.scaled_dot_product_attention`` so the
+fused kernels of each device are used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """Architecture hyper-parameters; ``ModelConfig`` in clusterlm.config validates and builds these."""
+
+    flavour: str = "gpt2"
+    vocab_size: int = 65
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 128
+    ffn_hidden: int = 512
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def is_llama(self) -> bool:
+        return self.flavour == "llama"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: the mean of squares underflows/overflows in 16-bit.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def norm_layer(args: ModelArgs) -> nn.Module:
+    if args.is_llama:
+        return RMSNorm(args.n_embd, args.norm_eps)
+    return nn.LayerNorm(args.n_embd, eps=args.norm_eps)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, [max_len, head_dim // 2] (Su et al., RoFormer)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of every head by position-dependent angles; x is [B, H, T, D]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        bias = not args.is_llama
+        self.wq = nn.Linear(args.n_embd, args.n_head * args.head_dim, bias=bias)
+        self.wk = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=bias)
+        self.wv = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=bias)
+        self.wo = nn.Linear(args.n_head * args.head_dim, args.n_embd, bias=bias)
+        self.wo.residual_projection = True
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 rather than n_head: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if k.size(1) != q.size(1):  # grouped-query attention: each KV head serves a group of Q heads
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(batch, seq, -1)))
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU (llama: w2(silu(w1 x) * w3 x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        bias = not args.is_llama
+        self.w1 = nn.Linear(args.n_embd, args.ffn_hidden, bias=bias)
+        self.w3 = nn.Linear(args.n_embd, args.ffn_hidden, bias=False) if args.is_llama else None
+        self.w2 = nn.Linear(args.ffn_hidden, args.n_embd, bias=bias)
+        self.w2.residual_projection = True
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is not None:
+            hidden = F.silu(self.w1(x)) * self.w3(x)
+        else:
+            hidden = F.gelu(self.w1(x), approximate="tanh")
+        return self.dropout(self.w2(hidden))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = norm_layer(args)
+        self.attn = Attention(args)
+        self.mlp_norm = norm_layer(args)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.n_embd)
+        self.pos_embeddings = None if args.is_llama else nn.Embedding(args.block_size, args.n_embd)
+        self.dropout = nn.Dropout(args.dropout)
+        # A ModuleDict keyed by layer index keeps names stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layer)})
+        self.norm = norm_layer(args)
+        self.output = nn.Linear(args.n_embd, args.vocab_size, bias=False)
+        if not args.is_llama:
+            self.output.weight = self.tok_embeddings.weight  # tied embeddings (GPT-2)
+        if args.is_llama:
+            cos, sin = rotary_tables(args.head_dim, args.block_size, args.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), zero biases, and residual projections scaled by
+        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.args.n_layer) if getattr(module, "residual_projection", False) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]."""
+        seq = tokens.size(1)
+        if seq > self.args.block_size:
+            raise ValueError(f"sequence length {seq} exceeds block_size {self.args.block_size}")
+        h = self.tok_embeddings(tokens)
+        rope = None
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(torch.arange(seq, device=tokens.device))
+        else:
+            rope = (self.rope_cos[:seq], self.rope_sin[:seq])
+        h = self.dropout(h)
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        return self.output(self.norm(h))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once). ``exclude_embeddings`` drops the token
+        and position tables, the N of the 6N FLOP rule, unless they double as the output head."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            if self.pos_embeddings is not None:
+                n -= self.pos_embeddings.weight.numel()
+            if self.output.weight is not self.tok_embeddings.weight:
+                n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward); see ``clusterlm.models.counting``."""
+        from clusterlm.models.counting import training_flops_per_token
+
+        return training_flops_per_token(self.args, seq_len or self.args.block_size)
