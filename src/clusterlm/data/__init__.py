@@ -1,0 +1,8 @@
+"""Data layer: text -> tokenizer -> checksummed token shards -> deterministic, rank-aware batches.
+
+Modules: ``corpus`` (embedded Shakespeare, Gutenberg cleanup), ``tokenizer`` (char, byte-level
+BPE, tokenizer.json), ``prepare`` (the ``clusterlm prepare`` command), ``manifest`` (what a
+prepared directory holds, and its checks), ``loader`` (training and evaluation batches) and
+``storage`` (local and fsspec paths, atomic writes). Import from the modules; this package
+imports nothing, so ``clusterlm prepare`` does not load torch.
+"""

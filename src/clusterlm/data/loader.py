@@ -1,0 +1,221 @@
+"""Deterministic, rank-aware, resumable batches from prepared token shards.
+
+A split's shards form one token stream of N tokens, cut into W = (N - 1) // block_size windows
+that start at k * block_size and hold block_size + 1 tokens (x is the first block_size, y the
+last). Sample i of a run is window ``order(i // W)[i % W]``, where ``order(e)`` is a permutation of
+range(W) seeded by (seed, e). A training step consumes the next G = micro_batch_size * grad_accum
+* dp_size samples; rank r at micro-step m takes samples
+``counter + m * micro_batch_size * dp_size + r * micro_batch_size + [0, micro_batch_size)``.
+So the loader's state is one integer, ranks read disjoint parts of every global batch, and their
+union is what a single process with micro_batch_size * dp_size would read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clusterlm.data.manifest import load_manifest
+from clusterlm.data.storage import cached_copy, default_cache_dir, is_local, join, url_to_fs
+from clusterlm.errors import UserError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TokenStream:
+    """One split's shards as a single read-only token sequence, memory-mapped.
+
+    Shards of a remote directory are first copied into ``cache_dir`` (verified against their
+    sha256); local shards are mapped where they are, after a size check.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], split: str, cache_dir: Path | None = None) -> None:
+        manifest = load_manifest(data_dir)
+        if split not in manifest.splits:
+            raise UserError(f"{data_dir} has no {split!r} split; use one of {', '.join(manifest.splits)}")
+        fs, root = url_to_fs(data_dir)
+        dtype = np.dtype(manifest.dtype).newbyteorder("<")
+        self.split = split
+        self.data_dir = os.fspath(data_dir)
+        self._shards: list[np.memmap] = []
+        for shard in manifest.splits[split].shards:
+            path = join(root, shard.file)
+            if is_local(fs):
+                if not fs.isfile(path) or fs.size(path) != shard.tokens * dtype.itemsize:
+                    raise UserError(
+                        f"shard {shard.file} in {data_dir} is missing or has the wrong size; "
+                        f"run `clusterlm prepare --out {data_dir} --force` to rebuild it"
+                    )
+            else:
+                path = str(cached_copy(fs, path, shard.sha256, cache_dir or default_cache_dir()))
+            self._shards.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard.tokens,)))
+        # Stream offset where each shard begins, plus the total at the end.
+        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+        self.num_tokens = int(self._starts[-1])
+
+    def num_windows(self, block_size: int) -> int:
+        """How many non-overlapping windows of block_size + 1 tokens the stream holds."""
+        windows = (self.num_tokens - 1) // block_size
+        if windows < 1:
+            raise UserError(
+                f"the {self.split} split of {self.data_dir} has {self.num_tokens} tokens, fewer than "
+                f"block_size + 1 = {block_size + 1}; use a smaller block_size or prepare more text"
+                + (" (or a larger --val-fraction)" if self.split == "val" else "")
+            )
+        return windows
+
+    def windows(self, indices: Sequence[int] | np.ndarray, block_size: int) -> np.ndarray:
+        """Windows ``indices`` as an int64 array [len(indices), block_size + 1]."""
+        out = np.empty((len(indices), block_size + 1), dtype=np.int64)
+        for row, k in enumerate(indices):
+            self._read(int(k) * block_size, out[row])
+        return out
+
+    def _read(self, start: int, out: np.ndarray) -> None:
+        """Fill ``out`` with the tokens from ``start`` on, across shard boundaries."""
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        filled = 0
+        while filled < len(out):
+            offset = start + filled - int(self._starts[shard])
+            chunk = self._shards[shard][offset : offset + len(out) - filled]
+            out[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+            shard += 1
+
+
+def _check_rank(dp_rank: int, dp_size: int) -> None:
+    if not 0 <= dp_rank < dp_size:
+        raise UserError(f"dp_rank {dp_rank} is outside [0, {dp_size}); check the launch environment")
+
+
+def to_batch(windows: np.ndarray, device: torch.device) -> Batch:
+    """(x, y) int64 tensors [B, T] on ``device``: inputs and next-token targets of each window."""
+    tokens = torch.from_numpy(windows)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    if device.type == "cuda":  # pinned pages let the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class TokenLoader:
+    """Training batches for one data-parallel rank; its whole state is the samples consumed."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        split: str,
+        block_size: int,
+        micro_batch_size: int,
+        grad_accum: int = 1,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        cache_dir: Path | None = None,
+    ) -> None:
+        for name, value in (("block_size", block_size), ("micro_batch_size", micro_batch_size),
+                            ("grad_accum", grad_accum), ("dp_size", dp_size)):
+            if value < 1:
+                raise UserError(f"{name} is {value}; it must be at least 1")
+        if seed < 0:
+            raise UserError(f"data seed {seed} is negative; use 0 or more")
+        _check_rank(dp_rank, dp_size)
+        self.block_size = block_size
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.samples_consumed = 0
+        self._stream = TokenStream(data_dir, split, cache_dir)
+        self.windows_per_epoch = self._stream.num_windows(block_size)
+        self._order_epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples one step consumes over all ranks: micro_batch_size * grad_accum * dp_size."""
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the split so far (fractional)."""
+        return self.samples_consumed / self.windows_per_epoch
+
+    def sample_indices(self, micro_step: int) -> range:
+        """The global sample indices this rank reads at ``micro_step`` of the current step."""
+        start = (self.samples_consumed + micro_step * self.micro_batch_size * self.dp_size
+                 + self.dp_rank * self.micro_batch_size)
+        return range(start, start + self.micro_batch_size)
+
+    def next_step(self) -> list[Batch]:
+        """This rank's ``grad_accum`` micro-batches (x, y) of the next step; advances the state."""
+        batches = [self._batch(self.sample_indices(m)) for m in range(self.grad_accum)]
+        self.samples_consumed += self.global_batch_size
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        return {"samples_consumed": self.samples_consumed, "seed": self.seed, "block_size": self.block_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume; batch sizes and dp_size may differ from the saved run's (the counter is global)."""
+        for key in ("seed", "block_size"):
+            if state[key] != getattr(self, key):
+                raise UserError(
+                    f"the data order was saved with {key} {state[key]} but this run uses "
+                    f"{getattr(self, key)}; use the same {key} to resume"
+                )
+        self.samples_consumed = int(state["samples_consumed"])
+
+    def _batch(self, indices: range) -> Batch:
+        windows = [self.window_of(i) for i in indices]
+        return to_batch(self._stream.windows(windows, self.block_size), self.device)
+
+    def window_of(self, sample: int) -> int:
+        """The window that global sample index ``sample`` reads."""
+        epoch, position = divmod(sample, self.windows_per_epoch)
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.windows_per_epoch)
+            self._order_epoch = epoch
+        return int(self._order[position])
+
+
+def eval_batches(
+    data_dir: str | os.PathLike[str],
+    split: str,
+    block_size: int,
+    batch_size: int,
+    num_batches: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    device: str | torch.device = "cpu",
+    cache_dir: Path | None = None,
+) -> Iterator[Batch]:
+    """The evaluation windows of rank ``dp_rank``, as batches (x, y) of at most ``batch_size``.
+
+    The evaluation set is batch_size * num_batches windows evenly spaced over the split, the same
+    for every dp_size (windows repeat only if the split has fewer). Rank r scores the r-th of
+    dp_size equal contiguous shares, so ranks are disjoint, their union is the whole set, and every
+    rank runs the same number of forward passes.
+    """
+    total = batch_size * num_batches
+    _check_rank(dp_rank, dp_size)
+    if batch_size < 1 or num_batches < 1 or total % dp_size:
+        raise UserError(
+            f"an evaluation set of {batch_size} x {num_batches} windows does not split evenly over "
+            f"{dp_size} ranks; make batch_size * num_batches a positive multiple of {dp_size}"
+        )
+    stream = TokenStream(data_dir, split, cache_dir)
+    windows = np.arange(total, dtype=np.int64) * stream.num_windows(block_size) // total
+    share = total // dp_size
+    mine = windows[dp_rank * share : (dp_rank + 1) * share]
+    device = torch.device(device)
+    return (
+        to_batch(stream.windows(mine[i : i + batch_size], block_size), device)
+        for i in range(0, share, batch_size)
+    )

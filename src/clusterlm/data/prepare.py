@@ -1,0 +1,387 @@
+"""`clusterlm prepare`: text in, checksummed token shards and a manifest out.
+
+Steps: resolve the inputs; read each one, checking it is UTF-8 and that there is text at all;
+fingerprint inputs and options (equal to the existing manifest's: nothing to do); fit the
+tokenizer; tokenize in a process pool; split; write shards under temporary names; rename them into
+place, the manifest last. Bad input fails before the output directory is touched.
+
+Split rule ("seeded-span"): a document of n tokens gives its v = round(val_fraction * n)
+consecutive tokens starting at an offset drawn from ``numpy.random.default_rng([seed, d])`` (d is
+the document's position among the inputs) to val, and the rest to train. Every contiguous piece of
+a document is followed by the end-of-text token in its split. The same inputs and options always
+give byte-identical output, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import numpy as np
+from fsspec import AbstractFileSystem
+from tqdm import tqdm
+
+from clusterlm.data.corpus import clean_text, embedded_corpus
+from clusterlm.data.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    TOKENIZER_NAME,
+    Manifest,
+    SourceInfo,
+    SplitInfo,
+    TokenizerInfo,
+    token_dtype,
+)
+from clusterlm.data.shards import ShardWriter
+from clusterlm.data.storage import SourceFile, StagedDir, join, resolve_sources, url_to_fs
+from clusterlm.data.tokenizer import Tokenizer
+from clusterlm.errors import UserError
+
+SPLIT_RULE = "seeded-span"
+DEFAULT_BPE_VOCAB = 4096
+DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 ids
+# Long documents are tokenized in pieces of about this many characters, so one big file still
+# spreads over the workers. Pieces end at a line break between two non-space characters, where
+# neither tokenizer built here merges across, so piecewise encoding equals whole encoding.
+PIECE_CHARS = 1 << 20
+_PIECE_BOUNDARY = re.compile(r"(?<=\S\n)(?=\S)")
+_SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.bin$")
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    inputs: tuple[str, ...]  # empty: the embedded corpus
+    out: str
+    tokenizer: str = "char"  # "char", "bpe" or the path of a tokenizer.json
+    vocab_size: int | None = None  # bpe only
+    val_fraction: float = 0.1
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    workers: int = 1
+    seed: int = 0
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction {self.val_fraction} is out of range; use a value in [0, 1)")
+        for flag, value in (("--shard-tokens", self.shard_tokens), ("--workers", self.workers)):
+            if value < 1:
+                raise UserError(f"{flag} {value} must be positive; use 1 or more")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed} is negative; use 0 or more")
+        if self.vocab_size is not None and self.tokenizer != "bpe":
+            raise UserError("--vocab-size applies only to --tokenizer bpe; drop it or use bpe")
+
+    @property
+    def bpe_vocab_size(self) -> int:
+        return self.vocab_size or DEFAULT_BPE_VOCAB
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes become one-line UserErrors like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="clusterlm prepare",
+        description="Tokenize text into checksummed token shards.",
+        epilog="Inputs are read as UTF-8; \\r\\n becomes \\n and Project Gutenberg headers, footers "
+               "and licence notices are removed. Validation data is a seeded span of --val-fraction "
+               "of every document's tokens.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="files, directories (recursive), globs or fsspec URLs; "
+                        "none: the embedded Shakespeare corpus")
+    p.add_argument("--input", dest="more_inputs", action="append", default=[], metavar="INPUT",
+                   help="one more input, like a positional INPUT (repeatable)")
+    p.add_argument("--out", required=True, help="output directory: local path or fsspec URL")
+    p.add_argument("--tokenizer", default="char",
+                   help="char, bpe, or the path of an existing tokenizer.json (default: char)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"vocabulary size of a bpe tokenizer (default: {DEFAULT_BPE_VOCAB})")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of every document's tokens held out for validation (default: 0.1)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"most tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="tokenizer processes (default: min(4, CPU count)); output does not depend on it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a different dataset already in --out")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    prepare(PrepareOptions(
+        inputs=tuple(args.inputs + args.more_inputs), out=args.out, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+        workers=args.workers, seed=args.seed, force=args.force,
+    ))
+    return 0
+
+
+def prepare(opts: PrepareOptions) -> Manifest:
+    """Prepare ``opts.out`` (or find it up to date) and return its manifest."""
+    sources = resolve_sources(opts.inputs) if opts.inputs else embedded_corpus()
+    given_tokenizer = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
+    infos, total_chars = _scan(sources)
+    fingerprint = _fingerprint(opts, infos, given_tokenizer)
+
+    fs, root = url_to_fs(opts.out)
+    existing = _existing_manifest(fs, root)
+    same_dataset = existing is not None and existing.fingerprint == fingerprint
+    if same_dataset and _intact(fs, root, existing):
+        print(f"{opts.out} is up to date; nothing to do")
+        return existing
+    if not same_dataset and not opts.force and _holds_files(fs, root):
+        what = "other prepared data" if existing else "other files"
+        raise UserError(f"{opts.out} already holds {what}; pass --force to replace it, or choose another --out")
+
+    tokenizer = given_tokenizer or _fit_tokenizer(opts, sources)
+    dtype = token_dtype(tokenizer.vocab_size)  # before anything is written: a misfit writes nothing
+    created = not fs.exists(root)
+    fs.makedirs(root, exist_ok=True)
+    staged = StagedDir(fs, root)
+    try:
+        splits = _write_shards(staged, tokenizer, dtype, sources, total_chars, opts)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, fingerprint=fingerprint, dtype=dtype.name,
+            vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+            tokenizer=TokenizerInfo(
+                kind="file" if given_tokenizer else opts.tokenizer,
+                file=TOKENIZER_NAME, sha256=tokenizer.sha256,
+            ),
+            sources=infos, split_rule=SPLIT_RULE, val_fraction=opts.val_fraction, seed=opts.seed,
+            shard_tokens=opts.shard_tokens, splits=splits,
+        )
+        with staged.open(TOKENIZER_NAME) as f:
+            f.write(tokenizer.to_json().encode("utf-8"))
+        with staged.open(MANIFEST_NAME) as f:
+            f.write(manifest.to_json().encode("utf-8"))
+        stale = [name for name in _names(fs, root) if _SHARD_NAME.match(name)]
+        staged.commit(last=MANIFEST_NAME, remove=stale)
+    except BaseException:
+        staged.discard()
+        if created and not fs.ls(root):
+            fs.rmdir(root)
+        raise
+    shards = sum(len(s.shards) for s in splits.values())
+    print(
+        f"prepared {opts.out}: {splits['train'].tokens:,} train and {splits['val'].tokens:,} val tokens "
+        f"in {shards} shards, vocabulary {tokenizer.vocab_size} ({dtype.name})"
+    )
+    return manifest
+
+
+def _scan(sources: list[SourceFile]) -> tuple[tuple[SourceInfo, ...], int]:
+    """Each source's size and hash, and the characters of text they hold; fails on bad input."""
+    infos, total_chars = [], 0
+    for source in sources:
+        data = _read(source)
+        total_chars += len(_decode(source, data))
+        infos.append(SourceInfo(source.name, len(data), hashlib.sha256(data).hexdigest()))
+    if total_chars == 0:
+        names = ", ".join(s.name for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
+        raise UserError(f"the inputs ({names}) hold no text; pass files that contain text")
+    return tuple(infos), total_chars
+
+
+def _read(source: SourceFile) -> bytes:
+    try:
+        return source.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {source.name}: {err}; check that it is a readable file") from err
+
+
+def _decode(source: SourceFile, data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{source.name} is not UTF-8 text (bad byte at offset {err.start}); "
+            "convert it to UTF-8 or leave it out"
+        ) from err
+    return clean_text(text.removeprefix("\ufeff"))
+
+
+def _documents(sources: list[SourceFile]) -> Iterator[str]:
+    """The cleaned text of every source, in order (empty for a source without text)."""
+    for source in sources:
+        yield _decode(source, _read(source))
+
+
+def _fingerprint(opts: PrepareOptions, infos: tuple[SourceInfo, ...], given: Tokenizer | None) -> str:
+    """Hash of everything the output depends on (not --workers, which changes nothing)."""
+    if given is not None:
+        tokenizer: dict[str, object] = {"kind": "file", "sha256": given.sha256}
+    elif opts.tokenizer == "bpe":
+        tokenizer = {"kind": "bpe", "vocab_size": opts.bpe_vocab_size}
+    else:
+        tokenizer = {"kind": "char"}
+    payload = {
+        "format_version": FORMAT_VERSION, "sources": [asdict(i) for i in infos],
+        "tokenizer": tokenizer, "split_rule": SPLIT_RULE, "val_fraction": opts.val_fraction,
+        "seed": opts.seed, "shard_tokens": opts.shard_tokens,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _fit_tokenizer(opts: PrepareOptions, sources: list[SourceFile]) -> Tokenizer:
+    if opts.tokenizer == "bpe":
+        print(f"training a byte-level BPE tokenizer with {opts.bpe_vocab_size} tokens")
+        return Tokenizer.bpe(_documents(sources), opts.bpe_vocab_size)
+    return Tokenizer.char(_documents(sources))
+
+
+# --- the output directory as it is before this run
+
+
+def _names(fs: AbstractFileSystem, root: str) -> list[str]:
+    return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
+
+
+def _holds_files(fs: AbstractFileSystem, root: str) -> bool:
+    """Whether ``root`` holds anything but hidden files (such as a crashed run's temporaries)."""
+    return fs.isdir(root) and any(not name.startswith(".") for name in _names(fs, root))
+
+
+def _existing_manifest(fs: AbstractFileSystem, root: str) -> Manifest | None:
+    """The manifest already in the output directory, or None if there is none or it is malformed."""
+    if fs.isfile(root):
+        raise UserError(f"output {root} is a file; choose a directory for --out")
+    path = join(root, MANIFEST_NAME)
+    if not fs.isfile(path):
+        return None
+    try:
+        return Manifest.from_json(fs.cat_file(path).decode("utf-8"))
+    except ValueError:
+        return None
+
+
+def _intact(fs: AbstractFileSystem, root: str, manifest: Manifest) -> bool:
+    """Every listed file is present with its recorded size (hashes are `verify_shards`' job)."""
+    itemsize = np.dtype(manifest.dtype).itemsize
+    sizes = {s.file: s.tokens * itemsize for split in manifest.splits.values() for s in split.shards}
+    return fs.isfile(join(root, manifest.tokenizer.file)) and all(
+        fs.isfile(join(root, name)) and fs.size(join(root, name)) == size for name, size in sizes.items()
+    )
+
+
+# --- tokenizing and writing
+
+
+class _Piece(NamedTuple):
+    document: int  # position of the document among the inputs
+    last: bool  # the document's final piece
+    text: str
+
+
+def _pieces(documents: Iterable[str]) -> Iterator[_Piece]:
+    for index, text in enumerate(documents):
+        parts = split_text(text, PIECE_CHARS) if text else []
+        for j, part in enumerate(parts):
+            yield _Piece(index, j == len(parts) - 1, part)
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """``text`` cut at safe line breaks into parts of about ``max_chars`` (longer if no break fits)."""
+    parts, start = [], 0
+    while len(text) - start > max_chars:
+        cut = _PIECE_BOUNDARY.search(text, start + max_chars)
+        if cut is None:
+            break
+        parts.append(text[start : cut.start()])
+        start = cut.start()
+    parts.append(text[start:])
+    return parts
+
+
+def _write_shards(
+    staged: StagedDir, tokenizer: Tokenizer, dtype: np.dtype, sources: list[SourceFile],
+    total_chars: int, opts: PrepareOptions,
+) -> dict[str, SplitInfo]:
+    eot = np.array([] if tokenizer.eot_id is None else [tokenizer.eot_id], dtype=dtype)
+    with ExitStack() as stack, tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing") as bar:
+        writers = {name: stack.enter_context(ShardWriter(staged, name, dtype, opts.shard_tokens))
+                   for name in ("train", "val")}
+        parts: list[np.ndarray] = []
+        for piece, ids in _encode_all(tokenizer, _pieces(_documents(sources)), dtype, opts.workers):
+            bar.update(len(piece.text))
+            parts.append(ids)
+            if not piece.last:
+                continue
+            document, parts = np.concatenate(parts), []
+            for name, spans in zip(("train", "val"), _split(document, piece.document, opts), strict=True):
+                for span in spans:
+                    writers[name].write(span)
+                    writers[name].write(eot)
+        splits = {name: writer.finish() for name, writer in writers.items()}
+    if splits["train"].tokens == 0:
+        raise UserError(
+            f"no tokens are left for training with --val-fraction {opts.val_fraction}; "
+            "lower it or add text"
+        )
+    return splits
+
+
+def _split(ids: np.ndarray, document: int, opts: PrepareOptions) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(train spans, val spans) of one document by the seeded-span rule (module docstring)."""
+    n = len(ids)
+    held_out = round(opts.val_fraction * n)
+    if held_out == 0:
+        return [ids], []
+    start = int(np.random.default_rng([opts.seed, document]).integers(0, n - held_out + 1))
+    train = [span for span in (ids[:start], ids[start + held_out :]) if len(span)]
+    return train, [ids[start : start + held_out]]
+
+
+def _encode_all(
+    tokenizer: Tokenizer, pieces: Iterable[_Piece], dtype: np.dtype, workers: int
+) -> Iterator[tuple[_Piece, np.ndarray]]:
+    """Each piece with its token ids, in input order; at most a few pieces in flight per worker."""
+    if workers == 1:
+        for piece in pieces:
+            yield piece, _encode_array(tokenizer, piece.text, dtype.str)
+        return
+    # "spawn": a forked child would inherit the tokenizer library's thread pool in an unknown state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(tokenizer.to_json(),)) as pool:
+        pending: deque[tuple[_Piece, Future[np.ndarray]]] = deque()
+        for piece in pieces:
+            pending.append((piece, pool.submit(_encode_in_worker, piece.text, dtype.str)))
+            if len(pending) >= 2 * workers:
+                piece, future = pending.popleft()
+                yield piece, future.result()
+        for piece, future in pending:
+            yield piece, future.result()
+
+
+def _encode_array(tokenizer: Tokenizer, text: str, dtype: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text), dtype=dtype)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(tokenizer_json)
+
+
+def _encode_in_worker(text: str, dtype: str) -> np.ndarray:
+    assert _worker_tokenizer is not None, "worker started without a tokenizer"
+    return _encode_array(_worker_tokenizer, text, dtype)

@@ -1,0 +1,114 @@
+"""Tokenizers: one character per token, byte-level BPE, or any existing ``tokenizer.json``.
+
+All are Hugging Face ``tokenizers`` objects saved as one ``tokenizer.json``. Both tokenizers built
+here end their vocabulary with the special token ``<|endoftext|>``, which ``prepare`` puts after
+every document so a model sees where one text ends and the next begins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from clusterlm.data.storage import url_to_fs
+from clusterlm.errors import UserError
+
+EOT = "<|endoftext|>"
+_BYTE_ALPHABET = 256
+
+
+class Tokenizer:
+    """Text <-> token ids, around a ``tokenizers.Tokenizer`` and the exact JSON it was saved as."""
+
+    def __init__(self, tokenizer_json: str) -> None:
+        self._json = tokenizer_json
+        self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+
+    @classmethod
+    def char(cls, texts: Iterable[str]) -> Tokenizer:
+        """One token per character seen in ``texts`` (ids in sorted character order), then EOT."""
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        chars = sorted(seen)
+        vocab = {ch: i for i, ch in enumerate(chars)} | {EOT: len(chars)}
+        # The unknown token is deliberately absent from the vocabulary: an unseen character is an
+        # error, not a silent substitution.
+        tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tokenizer.decoder = decoders.Fuse()
+        tokenizer.add_special_tokens([EOT])
+        return cls(tokenizer.to_str(pretty=True))
+
+    @classmethod
+    def bpe(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Byte-level BPE trained on ``texts``: every string encodes, and decodes back exactly."""
+        if vocab_size < _BYTE_ALPHABET + 1:
+            raise UserError(
+                f"vocabulary size {vocab_size} is too small for byte-level BPE; "
+                f"use at least {_BYTE_ALPHABET + 1} (256 bytes and the end-of-text token)"
+            )
+        tokenizer = tokenizers.Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer.to_str(pretty=True))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """A saved ``tokenizer.json`` (local path or URL), kept byte for byte so its hash is the file's."""
+        fs, fs_path = url_to_fs(path)
+        if not fs.isfile(fs_path):
+            raise UserError(
+                f"tokenizer {os.fspath(path)} does not exist; pass `char`, `bpe` or the path of a tokenizer.json"
+            )
+        try:
+            return cls(fs.cat_file(fs_path).decode("utf-8"))
+        except Exception as err:  # the tokenizers library reports bad files as plain Exception
+            raise UserError(
+                f"{os.fspath(path)} is not a valid tokenizer.json ({err}); pass `char`, `bpe` or "
+                "a file saved by the tokenizers library"
+            ) from err
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        fs, fs_path = url_to_fs(path)
+        fs.pipe_file(fs_path, self._json.encode("utf-8"))
+
+    def to_json(self) -> str:
+        return self._json
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the saved ``tokenizer.json`` bytes: two tokenizers agree iff their hashes do."""
+        return hashlib.sha256(self._json.encode("utf-8")).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int | None:
+        """Id of the end-of-text token, or None for a loaded tokenizer that has none."""
+        return self._tokenizer.token_to_id(EOT)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        except Exception as err:  # e.g. a character the char tokenizer never saw
+            raise UserError(
+                f"cannot encode text ({err}); use text the tokenizer's vocabulary covers "
+                "(a char tokenizer knows only the characters of its training text)"
+            ) from err
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)

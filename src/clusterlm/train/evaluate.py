@@ -1,0 +1,55 @@
+"""Validation loss and perplexity: `clusterlm eval` and the trainer's periodic evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clusterlm.config import Config
+from clusterlm.data.loader import eval_batches
+from clusterlm.train.precision import Precision
+from clusterlm.train.runtime import Runtime
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, cfg: Config, runtime: Runtime, precision: Precision, split: str = "val"
+) -> float:
+    """Mean cross-entropy over a fixed set of windows (the same for every run and layout)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    count = 0
+    for x, y in eval_batches(
+        cfg.data.dir, split, cfg.seq_len, cfg.training.micro_batch_size, cfg.training.eval_batches,
+        dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
+    ):
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        with precision.autocast():
+            logits = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+        count += y.numel()
+    model.train(was_training)
+    return (total / max(count, 1)).item()
+
+
+def main(argv: list[str]) -> int:
+    from clusterlm.train.loading import add_checkpoint_arguments, load_for_inference
+
+    parser = argparse.ArgumentParser(prog="clusterlm eval", description="Validation loss and perplexity of a checkpoint.")
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--split", default="val", choices=("train", "val"), help="which split to score")
+    parser.add_argument("--batches", type=int, default=0, help="batches to score (0 = training.eval_batches)")
+    args = parser.parse_args(argv)
+    loaded = load_for_inference(args)
+    cfg = loaded.cfg
+    if args.batches:
+        cfg.training.eval_batches = args.batches
+    loss = evaluate_loss(loaded.model, cfg, loaded.runtime, loaded.precision, args.split)
+    print(f"{args.split} loss {loss:.4f} perplexity {math.exp(loss):.2f} "
+          f"({cfg.training.eval_batches} batches of {cfg.training.micro_batch_size}x{cfg.seq_len}, step {loaded.step})")
+    return 0

@@ -1,0 +1,113 @@
+"""Which device to run on and what its peak FLOP/s is, for MFU.
+
+GPU peaks are the vendors' dense (not 2:4-sparse) 16-bit tensor-core figures. A CPU has no
+datasheet figure we can trust, so its peak is measured once by a short matmul probe and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from clusterlm.errors import UserError
+
+# Dense bf16 (fp16 where the chip has no bf16) tensor-core peak FLOP/s, from vendor datasheets.
+GPU_PEAK_FLOPS = {
+    "B200": 2250e12,
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # unnamed H100 variants: assume SXM
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+    "MI300X": 1307e12,
+    "MI250X": 383e12,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"training.device = {name} but no CUDA device is visible; use cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"training.device {name!r} is not a device; use cpu, cuda or auto") from None
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """Longest table key contained in the device name ('NVIDIA H100 80GB HBM3' -> 'H100')."""
+    matches = [key for key in GPU_PEAK_FLOPS if key.lower() in device_name.lower()]
+    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "clusterlm" / "cpu_peak.json"
+
+
+def measure_cpu_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
+    """Best FLOP/s of a square matmul over a short run, with the current thread count."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm-up: first call picks kernels
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def cpu_peak_flops(dtype: torch.dtype, remeasure: bool = False) -> float:
+    """The CPU peak for this processor, thread count and dtype: the best probe seen, cached on
+    disk. A probe on a busy machine reads low, so ``remeasure`` (used by benchmarks) probes again
+    and keeps the higher figure."""
+    key = f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{dtype}"
+    path = _cache_file()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache or remeasure:
+        cache[key] = max(cache.get(key, 0.0), measure_cpu_peak(dtype))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    return float(cache[key])
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> float | None:
+    """Peak FLOP/s to compute MFU against: the configured figure, the GPU table, or the CPU probe."""
+    if configured:
+        return configured
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
+    return cpu_peak_flops(dtype)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocator peak on CUDA, max resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

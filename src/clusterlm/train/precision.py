@@ -1,0 +1,42 @@
+"""Mixed precision: compute in bf16/fp16 under autocast, keep fp32 master weights and optimizer
+state; fp16 (CUDA only) scales the loss so small gradients survive the narrow exponent."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from clusterlm.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, name: str, device: torch.device):
+        if name == "fp16" and device.type != "cuda":
+            raise UserError("training.precision = fp16 needs a CUDA device; use bf16 on CPU")
+        self.name, self.device = name, device
+        self.compute_dtype = DTYPES[name]
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler else loss
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients back to their true scale before clipping."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Optimizer step; with a scaler, skipped when gradients overflowed, and the scale adapts."""
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()

@@ -1,0 +1,278 @@
+"""The training loop: build a session from the config, then step, log, evaluate and checkpoint.
+
+Everything a rank does is a function of (seed, step, rank): the data window of each sample, the
+dropout masks (the RNG is re-seeded every step) and the initialization. That is what makes a
+resumed run identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clusterlm.config import Config, build_config, help_text, parse_dotted_args
+from clusterlm.data.loader import TokenLoader
+from clusterlm.data.manifest import load_manifest, verify_shards
+from clusterlm.errors import UserError
+from clusterlm.models import ModelArgs, Transformer, training_flops_per_token
+from clusterlm.parallel import parallelize
+from clusterlm.train import checkpoint
+from clusterlm.train.evaluate import evaluate_loss
+from clusterlm.train.hardware import peak_flops
+from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
+from clusterlm.train.optim import build_optimizer, lr_at
+from clusterlm.train.precision import Precision
+from clusterlm.train.runtime import Runtime, setup_runtime
+
+
+def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
+    """Fill the config's 'derive it' zeros (vocabulary, KV heads, MLP width) and build ModelArgs."""
+    m = cfg.model
+    if m.vocab_size == 0:
+        m.vocab_size = vocab_size
+    elif m.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {vocab_size}; "
+                        "set it to 0 to take the tokenizer's")
+    m.n_kv_head = m.n_kv_head or m.n_head
+    if m.ffn_hidden == 0:
+        if m.flavour == "llama":
+            m.ffn_hidden = m.ffn_multiple_of * math.ceil(8 * m.n_embd / 3 / m.ffn_multiple_of)
+        else:
+            m.ffn_hidden = 4 * m.n_embd
+    return ModelArgs(
+        flavour=m.flavour, vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+        n_head=m.n_head, n_kv_head=m.n_kv_head, n_embd=m.n_embd, ffn_hidden=m.ffn_hidden,
+        dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+    )
+
+
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    per_micro_step = cfg.training.micro_batch_size * cfg.seq_len * dp_size
+    target = cfg.training.tokens_per_step or per_micro_step
+    if target % per_micro_step:
+        raise UserError(
+            f"training.tokens_per_step ({target}) must be a multiple of micro_batch_size x seq_len x "
+            f"data-parallel ranks = {per_micro_step}"
+        )
+    return target // per_micro_step
+
+
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
+    torch.manual_seed(cfg.training.seed)
+    return Transformer(resolve_model_args(cfg, vocab_size)).to(device)
+
+
+@dataclass
+class Session:
+    """Everything one rank trains with."""
+
+    cfg: Config
+    runtime: Runtime
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: TokenLoader
+    precision: Precision
+    grad_accum: int
+    flops_per_token: float
+    peak_flops: float | None
+    step: int = 0
+    tokens: int = 0
+    resumed_from: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.grad_accum * self.cfg.training.micro_batch_size * self.cfg.seq_len * self.runtime.dp_size
+
+
+def build_session(cfg: Config) -> Session:
+    runtime = setup_runtime(cfg)
+    manifest = load_manifest(cfg.data.dir)
+    if cfg.data.verify:
+        verify_shards(cfg.data.dir)
+    model = build_model(cfg, manifest.vocab_size, runtime.device)
+    flops = training_flops_per_token(model.args, cfg.seq_len)
+    model = parallelize(model, cfg)
+    precision = Precision(cfg.training.precision, runtime.device)
+    grad_accum = grad_accum_steps(cfg, runtime.dp_size)
+    loader = TokenLoader(
+        cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
+        dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed, device=runtime.device,
+    )
+    session = Session(
+        cfg, runtime, model, build_optimizer(model, cfg.optim), loader, precision, grad_accum,
+        flops, peak_flops(runtime.device, precision.compute_dtype, cfg.metrics.peak_flops),
+    )
+    session.extra["tokenizer_sha256"] = manifest.tokenizer.sha256
+    with fsspec.open(f"{cfg.data.dir.rstrip('/')}/tokenizer.json", "rb") as f:
+        session.extra["tokenizer_json"] = f.read()
+    _resume(session)
+    return session
+
+
+def _resume(session: Session) -> None:
+    cfg = session.cfg
+    root = Path(cfg.training.out_dir) / "checkpoints"
+    path = checkpoint.resolve_resume(cfg.checkpoint.resume, root)
+    if path is None:
+        return
+    saved = checkpoint.verify(path)
+    checkpoint.check_compatible(saved["config"], cfg.to_dict(), path)
+    if saved.get("tokenizer_sha256") != session.extra["tokenizer_sha256"]:
+        raise UserError(f"checkpoint {path} was trained on data with a different tokenizer than {cfg.data.dir}")
+    state = checkpoint.load_checkpoint(path, session.model, session.optimizer)
+    session.loader.load_state_dict(state["loader"])
+    session.step, session.tokens, session.resumed_from = state["step"], state["tokens"], path
+
+
+def train_step(s: Session) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (a tensor, so
+    the device is not synchronized unless the caller reads it)."""
+    torch.manual_seed(hash((s.cfg.training.seed, s.step, s.runtime.rank)) % 2**63)  # dropout
+    lr = lr_at(s.step, s.cfg.optim, s.cfg.training.steps)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=s.runtime.device)
+    for x, y in s.loader.next_step():
+        with s.precision.autocast():
+            logits = s.model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        s.precision.scale(loss / s.grad_accum).backward()
+        total += loss.detach()
+    s.precision.unscale(s.optimizer)
+    if s.cfg.training.grad_clip:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.training.grad_clip)
+    s.precision.step(s.optimizer)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    s.tokens += s.tokens_per_step
+    return total / s.grad_accum
+
+
+def save(s: Session) -> Path:
+    state = {
+        "step": s.step, "tokens": s.tokens, "loader": s.loader.state_dict(),
+        "config": s.cfg.to_dict(), "tokenizer_sha256": s.extra["tokenizer_sha256"],
+    }
+    root = Path(s.cfg.training.out_dir) / "checkpoints"
+    return checkpoint.save_checkpoint(
+        root, s.step, s.model, s.optimizer, state, s.cfg.checkpoint.keep_last,
+        files={"tokenizer.json": s.extra["tokenizer_json"]},
+    )
+
+
+def _due(step: int, interval: int, last: int) -> bool:
+    return step == last or (interval > 0 and step % interval == 0)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    s = build_session(cfg)
+    t = cfg.training
+    out_dir = Path(t.out_dir)
+    main_rank = s.runtime.is_main
+    progress = ProgressDisplay(cfg.metrics.progress if main_rank else "none", t.steps, s.step)
+    sinks = MetricsSinks(cfg.metrics, out_dir, s.step) if main_rank else None
+    if main_rank:
+        _describe(s, progress)
+    summary: dict[str, Any] = {"resumed_from": str(s.resumed_from) if s.resumed_from else None}
+    window_seconds, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
+    while s.step < t.steps:
+        start = time.perf_counter()
+        loss = train_step(s)
+        logging = _due(s.step, t.log_interval, t.steps)
+        loss_value = loss.item() if logging else None  # reading the loss waits for the device
+        window_seconds += time.perf_counter() - start
+        window_steps += 1
+        if logging:
+            if not math.isfinite(loss_value):
+                raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr or use bf16")
+            record = _train_record(s, loss_value, window_seconds / window_steps)
+            summary["train_loss"] = loss_value
+            progress.update(s.step - 1, record)
+            if sinks:
+                sinks.log(record)
+            window_seconds, window_steps = 0.0, 0
+        if _due(s.step, t.eval_interval, t.steps):
+            val = evaluate_loss(s.model, cfg, s.runtime, s.precision)
+            summary["val_loss"] = val
+            progress.message(f"step {s.step}: val loss {val:.4f}, perplexity {math.exp(val):.2f}")
+            if sinks:
+                sinks.log({"kind": "eval", "step": s.step, "tokens": s.tokens, "val_loss": val,
+                           "val_perplexity": math.exp(val)})
+        if _due(s.step, cfg.checkpoint.interval, t.steps):
+            progress.message(f"step {s.step}: saved {save(s)}")
+    progress.close()
+    if sinks:
+        plot = sinks.close()
+        if plot:
+            print(f"loss plot: {plot}")
+    summary.update(step=s.step, tokens=s.tokens)
+    return summary
+
+
+def _train_record(s: Session, loss: float, seconds_per_step: float) -> dict[str, Any]:
+    tokens_per_s = s.tokens_per_step / seconds_per_step
+    per_device = tokens_per_s * s.flops_per_token / s.runtime.world_size
+    return {
+        "kind": "train", "step": s.step, "tokens": s.tokens, "loss": loss,
+        "lr": s.optimizer.param_groups[0]["lr"], "ms_per_step": 1000 * seconds_per_step,
+        "tokens_per_s": tokens_per_s, "mfu": per_device / s.peak_flops if s.peak_flops else None,
+    }
+
+
+def _describe(s: Session, progress: ProgressDisplay) -> None:
+    model = s.model
+    params = sum(p.numel() for p in model.parameters())
+    peak = f"{s.peak_flops / 1e12:.2f} TFLOP/s" if s.peak_flops else "unknown"
+    progress.message(
+        f"model {s.cfg.model.flavour}: {params / 1e6:.2f}M parameters, {s.flops_per_token / 1e6:.1f} "
+        f"MFLOP/token | {s.tokens_per_step:,} tokens/step ({s.grad_accum} micro-steps) | "
+        f"{s.runtime.device}, {s.cfg.training.precision}, peak {peak}"
+    )
+    if s.resumed_from:
+        progress.message(f"resumed from {s.resumed_from} at step {s.step}")
+
+
+def config_from_argv(argv: list[str], prog: str, description: str) -> Config | None:
+    """Shared by train and bench: --config FILE, --resume, then dotted overrides."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, add_help=False,
+        epilog="config keys (--section.key VALUE, defaults shown):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
+    parser.add_argument("--config", help="TOML file of settings (see configs/*.toml)")
+    parser.add_argument("--resume", help="shorthand for --checkpoint.resume (none | auto | PATH)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
+        return None
+    overrides = parse_dotted_args(rest)
+    if args.resume:
+        overrides["checkpoint.resume"] = args.resume
+    cfg = build_config(args.config, overrides)
+    if args.print_config:
+        print(cfg.to_json())
+        return None
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    cfg = config_from_argv(argv, "clusterlm train", "Train a language model.")
+    if cfg is None:
+        return 0
+    summary = train(cfg)
+    if "val_loss" in summary:
+        print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f} "
+              f"(perplexity {math.exp(summary['val_loss']):.2f})")
+    return 0

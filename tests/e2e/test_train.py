@@ -1,0 +1,149 @@
+"""The trainer as a user runs it: learning, exact resume, checkpoint safety, eval and generate."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from clusterlm.cli import main as cli
+from clusterlm.config import build_config
+from clusterlm.train import checkpoint
+from clusterlm.train.trainer import train
+
+TINY = {
+    "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
+    "training.micro_batch_size": 4, "training.eval_batches": 2, "training.log_interval": 1,
+    "optim.warmup_steps": 5, "metrics.progress": "none", "metrics.tensorboard": False,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small deterministic corpus, prepared once for the module with the char tokenizer."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = ["thou", "art", "the", "king", "of", "my", "heart", "and", "love", "doth", "speak"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(6000)]
+    (root / "text.txt").write_text("\n".join(lines) + "\n")
+    out = root / "prepared"
+    assert cli(["prepare", str(root / "text.txt"), "--out", str(out), "--workers", "1"]) == 0
+    return out
+
+
+def config(data_dir: Path, out_dir: Path, **overrides):
+    values = {**TINY, "data.dir": str(data_dir), "training.out_dir": str(out_dir)}
+    values.update({key.replace("__", "."): value for key, value in overrides.items()})
+    return build_config(None, values)
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    root = out_dir / "checkpoints"
+    path = checkpoint.resolve_resume("auto", root)
+    state = checkpoint.verify(path)
+    from clusterlm.config import config_from_dict
+    from clusterlm.train.trainer import build_model
+
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg, cfg.model.vocab_size, torch.device("cpu"))
+    checkpoint.load_checkpoint(path, model)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_decreases(data_dir, tmp_path):
+    summary = train(config(data_dir, tmp_path, training__steps=60, optim__lr=3e-3))
+    curve = losses(tmp_path)
+    assert curve[60] < 0.7 * curve[1]
+    assert summary["val_loss"] < math.log(40)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    """40 steps straight == 20 steps, stop, resume for 20: every loss and every weight, bit for bit.
+    Dropout and gradient accumulation are on, so RNG and loader state are both exercised."""
+    common = dict(training__steps=40, model__dropout=0.1, training__tokens_per_step=2 * 4 * 32,
+                  checkpoint__interval=20, optim__decay_steps=40)  # the stopped run has the same LR schedule
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(config(data_dir, straight, **common))
+    train(config(data_dir, resumed, **{**common, "training__steps": 20}))
+    summary = train(config(data_dir, resumed, **common, checkpoint__resume="auto"))
+    assert summary["resumed_from"].endswith("step_00000020")
+    assert losses(straight) == losses(resumed)
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_activation_checkpointing_matches(data_dir, tmp_path):
+    train(config(data_dir, tmp_path / "plain", training__steps=5, model__dropout=0.1))
+    train(config(data_dir, tmp_path / "ac", training__steps=5, model__dropout=0.1,
+                 training__activation_checkpointing=True))
+    plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    for step in plain:
+        assert ac[step] == pytest.approx(plain[step], rel=1e-6)
+
+
+def test_bf16_trains(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, training__steps=30, training__precision="bf16", optim__lr=3e-3))
+    curve = losses(tmp_path)
+    assert curve[30] < 0.8 * curve[1]
+
+
+def test_corrupt_and_partial_checkpoints_are_never_loaded(data_dir, tmp_path, capsys):
+    cfg = config(data_dir, tmp_path, training__steps=4, checkpoint__interval=2, checkpoint__keep_last=3)
+    train(cfg)
+    root = tmp_path / "checkpoints"
+    newest = root / "step_00000004"
+    blob = next(newest.glob("*.distcp"))
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    (root / ".step_00000006.abc.tmp").mkdir()  # an interrupted save: never complete
+    assert checkpoint.resolve_resume("auto", root).name == "step_00000002"
+    assert "skipping step_00000004" in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", str(newest)]) == 2
+    assert "fails its sha256" in capsys.readouterr().err
+
+
+def test_incompatible_checkpoint_names_the_setting(data_dir, tmp_path, capsys):
+    train(config(data_dir, tmp_path, training__steps=2))
+    args = ["train", "--data.dir", str(data_dir), "--training.out_dir", str(tmp_path), "--resume", "auto",
+            "--training.steps", "4", "--metrics.progress", "none"]
+    args += [f"--{k}={v}" for k, v in TINY.items() if k != "model.n_layer"] + ["--model.n_layer", "3"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.n_layer = 2" in err and "\n" not in err
+
+
+def test_eval_and_generate_from_a_run(data_dir, tmp_path, capsys):
+    train(config(data_dir, tmp_path, training__steps=20, optim__lr=3e-3))
+    assert cli(["eval", "--run", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "perplexity" in out
+    args = ["generate", "--run", str(tmp_path), "--prompt", "thou", "--max-new-tokens", "40", "--seed", "3"]
+    assert cli(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("thou") and len(first) > 40
+    assert cli(args) == 0
+    assert capsys.readouterr().out == first  # same seed, same sample
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--training.stepz", "3"], "did you mean 'training.steps'"),
+    (["train", "--data.dir", "/nonexistent/data"], "no prepared data"),
+    (["train", "--config", "missing.toml"], "not found"),
+    (["train", "--optim.lr", "-1"], "optim.lr must be positive"),
+    (["eval", "--run", "/nonexistent/run"], "no complete checkpoint"),
+])
+def test_bad_input_is_one_line(argv, message, capsys):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0, err
