@@ -83,6 +83,7 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
+    fused: bool = opt(True, "fused AdamW kernel: one pass over all parameters instead of one per tensor")
 
 
 @dataclass

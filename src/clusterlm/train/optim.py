@@ -28,7 +28,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cfg.fused or None
+    )
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -45,10 +47,3 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     else:
         shape = 1.0 - progress
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """LambdaLR over ``lr_at``; its state (the step count) is saved with checkpoints."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr
-    )
