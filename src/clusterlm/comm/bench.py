@@ -1,0 +1,254 @@
+"""`clusterlm bench comm`: time all-reduce algorithms over a range of sizes on N local processes.
+
+For each algorithm and size the time of one all-reduce is the median over ``--iters`` timed
+iterations (after ``--warmup``), each started after a barrier and taken as the slowest rank's
+time. Bandwidths follow nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Per algorithm
+an alpha-beta model t = alpha + beta * bytes is fitted by least squares on relative error over
+sizes >= 64 KiB; alpha is the latency, 1/beta the asymptotic bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from clusterlm.comm.allreduce import ALGORITHMS, all_reduce
+from clusterlm.comm.spawn import run_local
+from clusterlm.errors import UserError
+
+FIT_MIN_BYTES = 64 << 10
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    algorithm: str
+    bytes: int
+    time_us: float
+    algbw_gbps: float
+    busbw_gbps: float
+
+
+@dataclass(frozen=True)
+class Fit:
+    algorithm: str
+    alpha_us: float
+    inverse_beta_gbps: float  # asymptotic bandwidth, GB/s (1e9 bytes)
+    max_relative_error: float
+    sizes_fitted: int
+
+
+def parse_size(text: str) -> int:
+    """'4096', '64K', '256M', '1G' (binary units) -> bytes."""
+    match = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip().upper())
+    if not match or int(match.group(1)) == 0:
+        raise UserError(f"bad size {text!r}; use a positive number of bytes with an optional K, M or G suffix")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_sizes(spec: str, factor: int) -> list[int]:
+    """'1K..256M' (stepping by ``factor``) or a comma list '1K,1M' -> sorted byte sizes, multiples of 4."""
+    if ".." in spec:
+        low, high = (parse_size(part) for part in spec.split("..", 1))
+        if low > high:
+            raise UserError(f"bad size range {spec!r}: the first size must not exceed the second")
+        sizes = [low * factor**i for i in range(int(math.log(high / low, factor) + 1e-9) + 1)]
+    else:
+        sizes = [parse_size(part) for part in spec.split(",")]
+    if any(size % 4 for size in sizes):
+        raise UserError(f"sizes {spec!r} must be whole float32 tensors: multiples of 4 bytes")
+    return sorted(set(sizes))
+
+
+def human_bytes(size: int) -> str:
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
+
+def fit_alpha_beta(points: list[tuple[int, float]]) -> tuple[float, float, float] | None:
+    """Least-squares (alpha, beta, max relative error) of t = alpha + beta * bytes, minimizing the
+    relative error; None with fewer than two sizes."""
+    if len(points) < 2:
+        return None
+    sizes = np.array([b for b, _ in points], dtype=np.float64)
+    times = np.array([t for _, t in points], dtype=np.float64)
+    # Dividing each row by its time turns absolute residuals into relative ones.
+    design = np.stack([1 / times, sizes / times], axis=1)
+    (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
+    relative_errors = np.abs((alpha + beta * sizes) / times - 1)
+    return float(alpha), float(beta), float(relative_errors.max())
+
+
+def _options_for(algorithm: str, options: dict[str, int]) -> dict[str, int]:
+    accepted = inspect.signature(ALGORITHMS[algorithm]).parameters
+    return {key: value for key, value in options.items() if key in accepted}
+
+
+def _time_all_reduces(
+    rank: int, world_size: int, algorithms: list[str], sizes: list[int], iters: int, warmup: int, options: dict
+) -> list[tuple[str, int, float]]:
+    """(algorithm, bytes, median seconds of the slowest rank) for every combination."""
+    results = []
+    for size in sizes:
+        buffer = torch.zeros(size // 4)  # zeros stay zeros: no overflow over many sums
+        for algorithm in algorithms:
+            run = partial(all_reduce, buffer, "sum", algorithm, **_options_for(algorithm, options))
+            for _ in range(warmup):
+                run()
+            elapsed = torch.empty(iters, dtype=torch.float64)
+            for i in range(iters):
+                dist.barrier()
+                start = time.perf_counter()
+                run()
+                elapsed[i] = time.perf_counter() - start
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            results.append((algorithm, size, statistics.median(elapsed.tolist())))
+    return results
+
+
+def measure(
+    nproc: int, algorithms: list[str], sizes: list[int], iters: int, warmup: int, options: dict, timeout: float
+) -> list[Measurement]:
+    raw = run_local(_time_all_reduces, nproc, algorithms, sizes, iters, warmup, options, timeout=timeout)[0]
+    bus_factor = 2 * (nproc - 1) / nproc
+    return [
+        Measurement(algorithm, size, seconds * 1e6, size / seconds / 1e9, size / seconds / 1e9 * bus_factor)
+        for algorithm, size, seconds in raw
+    ]
+
+
+def fits(measurements: list[Measurement]) -> list[Fit]:
+    result = []
+    for algorithm in dict.fromkeys(m.algorithm for m in measurements):
+        points = [(m.bytes, m.time_us * 1e-6) for m in measurements if m.algorithm == algorithm and m.bytes >= FIT_MIN_BYTES]
+        fitted = fit_alpha_beta(points)
+        if fitted is not None:
+            alpha, beta, error = fitted
+            result.append(Fit(algorithm, alpha * 1e6, 1 / beta / 1e9 if beta > 0 else math.inf, error, len(points)))
+    return result
+
+
+def format_report(measurements: list[Measurement], fitted: list[Fit], nproc: int) -> str:
+    lines = [f"all-reduce of float32 on {nproc} processes (gloo); time = median over iterations of the slowest rank"]
+    lines.append(f"{'size':>8} {'algorithm':<17} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}")
+    for m in sorted(measurements, key=lambda m: m.bytes):
+        lines.append(
+            f"{human_bytes(m.bytes):>8} {m.algorithm:<17} {m.time_us:>11.1f} {m.algbw_gbps:>13.3f} {m.busbw_gbps:>13.3f}"
+        )
+    lines.append("")
+    lines.append(f"alpha-beta fit t = alpha + beta * bytes over sizes >= {human_bytes(FIT_MIN_BYTES)}")
+    lines.append(f"{'algorithm':<17} {'alpha (us)':>11} {'1/beta (GB/s)':>14} {'max rel err':>12} {'sizes':>6}")
+    for f in fitted:
+        lines.append(
+            f"{f.algorithm:<17} {f.alpha_us:>11.1f} {f.inverse_beta_gbps:>14.3f} {f.max_relative_error:>12.1%} {f.sizes_fitted:>6}"
+        )
+    if not fitted:
+        lines.append(f"(no fit: needs at least two sizes >= {human_bytes(FIT_MIN_BYTES)})")
+    return "\n".join(lines)
+
+
+def write_json(path: str, nproc: int, args: argparse.Namespace, measurements: list[Measurement], fitted: list[Fit]) -> None:
+    report = {
+        "world_size": nproc,
+        "backend": "gloo",
+        "dtype": "float32",
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "fit_min_bytes": FIT_MIN_BYTES,
+        "measurements": [asdict(m) for m in measurements],
+        "fits": [asdict(f) for f in fitted],
+    }
+    partial = f"{path}.partial"
+    with open(partial, "w") as out:
+        json.dump(report, out, indent=2)
+    os.replace(partial, path)  # never leave a half-written report
+
+
+def plot(path: str, measurements: list[Measurement], nproc: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for algorithm in dict.fromkeys(m.algorithm for m in measurements):
+        points = [(m.bytes, m.busbw_gbps) for m in measurements if m.algorithm == algorithm]
+        ax.plot(*zip(*points, strict=True), marker="o", label=algorithm)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title(f"all-reduce, {nproc} processes, gloo")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + exit
+        raise UserError(f"bench comm: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="clusterlm bench comm", description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=4, help="local processes (default 4)")
+    parser.add_argument(
+        "--algorithms", default="native,ring", help=f"comma list from: {','.join(ALGORITHMS)} (default native,ring)"
+    )
+    parser.add_argument("--sizes", default="1K..64M", help="bytes: MIN..MAX or a comma list, K/M/G suffixes (default 1K..64M)")
+    parser.add_argument("--factor", type=int, default=4, choices=(2, 4), help="step between sizes of a range (default 4)")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per point (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
+    parser.add_argument("--chunk-bytes", type=int, help="pipeline chunk for the ring-based algorithms")
+    parser.add_argument("--pipeline-depth", type=int, help="chunks in flight for the ring-based algorithms")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the run is abandoned (default 1800)")
+    parser.add_argument("--json", help="write measurements and fits to this JSON file")
+    parser.add_argument("--plot", help="write a bus-bandwidth plot to this PNG file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown or not algorithms:
+        raise UserError(f"unknown algorithm(s) {unknown or algorithms}; choose from: {', '.join(ALGORITHMS)}")
+    if args.nproc < 1 or args.iters < 1 or args.warmup < 0:
+        raise UserError("--nproc and --iters must be >= 1 and --warmup >= 0")
+    options = {k: v for k, v in (("chunk_bytes", args.chunk_bytes), ("pipeline_depth", args.pipeline_depth)) if v is not None}
+    if any(v < 1 for v in options.values()):
+        raise UserError("--chunk-bytes and --pipeline-depth must be >= 1")
+    sizes = parse_sizes(args.sizes, args.factor)
+
+    measurements = measure(args.nproc, algorithms, sizes, args.iters, args.warmup, options, args.timeout)
+    fitted = fits(measurements)
+    print(format_report(measurements, fitted, args.nproc))
+    if args.json:
+        write_json(args.json, args.nproc, args, measurements, fitted)
+    if args.plot:
+        plot(args.plot, measurements, args.nproc)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

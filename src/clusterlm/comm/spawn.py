@@ -1,0 +1,158 @@
+"""Run a function on N local processes that form one process group, with a hard timeout.
+
+Used by the communication benchmark and by the multi-process tests. Each worker gets a
+torchrun-like environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), one intra-op thread,
+and a process group rendezvoused through a FileStore in a private temporary directory: no
+listening socket for the rendezvous and no port race. Gloo's own connections are pinned to the
+loopback interface.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# After the first failure, how long the other ranks get to report their own error (often the
+# consequence, sometimes the cause) before they are killed.
+_GRACE_AFTER_FAILURE_S = 2.0
+
+
+class SpawnError(RuntimeError):
+    """A rank raised, died, or the group did not finish in time; the message holds every report."""
+
+
+def run_local(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 60.0,
+    backend: str = "gloo",
+    env: Mapping[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; return each rank's result.
+
+    ``fn`` must be a module-level function and its result picklable. When any rank raises or
+    dies, or ``timeout`` seconds pass, every process still running is killed and ``SpawnError``
+    lists each failed rank's traceback (or the ranks that were still running).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="clusterlm-pg-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        processes, readers = [], []
+        for rank in range(world_size):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=_worker,
+                args=(fn, rank, world_size, args, store_path, backend, dict(env or {}), timeout, writer),
+                daemon=True,
+            )
+            proc.start()
+            writer.close()  # the child holds the only write end, so its death reads as EOF
+            processes.append(proc)
+            readers.append(reader)
+        try:
+            return _collect(processes, readers, timeout)
+        finally:
+            for proc in processes:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+            for reader in readers:
+                reader.close()
+
+
+def _collect(processes: list[Any], readers: list[Connection], timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    results: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+    pending = dict(enumerate(readers))
+    while pending:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        for reader in wait(list(pending.values()), timeout=deadline - now):
+            rank = readers.index(reader)
+            del pending[rank]
+            try:
+                status, payload = reader.recv()
+            except EOFError:
+                processes[rank].join(timeout=1.0)
+                failures[rank] = f"died without a result (exit code {processes[rank].exitcode})"
+                continue
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                failures[rank] = payload
+        if failures:
+            deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE_S)
+    if not failures and not pending:
+        return [results[rank] for rank in range(len(readers))]
+    report = [f"rank {rank} failed:\n{text}" for rank, text in sorted(failures.items())]
+    if pending:
+        still_running = sorted(pending)
+        if failures:
+            report.append(f"ranks still running when killed: {still_running}")
+        else:
+            report.append(f"timed out after {timeout:g}s, ranks still running: {still_running}")
+    raise SpawnError("\n".join(report))
+
+
+def _loopback_interface() -> str:
+    names = [name for _, name in socket.if_nameindex()]
+    return next((name for name in ("lo", "lo0") if name in names), names[0])
+
+
+def _worker(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    args: tuple[Any, ...],
+    store_path: str,
+    backend: str,
+    env: dict[str, str],
+    timeout: float,
+    result_pipe: Connection,
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        GLOO_SOCKET_IFNAME=_loopback_interface(),
+    )
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout),
+        )
+        try:
+            # Plain pickle: the parent may read the result after this process has exited, which
+            # rules out torch's shared-memory tensor passing.
+            message = ("ok", pickle.dumps(fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        message = ("error", traceback.format_exc())
+    result_pipe.send(message)
+    result_pipe.close()
