@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("clusterlm.train.evaluate", "validation loss and perplexity of a checkpoint"),
     "generate": ("clusterlm.train.generate", "sample text from a checkpoint"),
     "bench": ("clusterlm.bench", "benchmarks: `bench train`, `bench comm`"),
+    "plan": ("clusterlm.plan.cli", "predict memory, step time and MFU on a cluster; pick the layout"),
 }
 
 

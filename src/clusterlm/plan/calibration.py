@@ -1,0 +1,71 @@
+"""The few measured factors that turn peak figures into predicted times.
+
+- ``compute_efficiency``: achieved / peak FLOP/s of the training step's compute (matmuls plus the
+  element-wise kernels around them), without communication or pipeline bubbles. Default 0.55:
+  large bf16 Transformer GEMMs on A100/H100 reach 60-75% of dense peak and the element-wise work
+  costs some of that back. It is the one free parameter of the time model; ``plan --validate``
+  fits it for this machine and writes it to a JSON file that ``--calibration`` loads.
+- ``comm_efficiency``: achieved / nominal link bandwidth of large collectives (NCCL bus bandwidth
+  is typically 70-85% of the NVLink or NIC line rate).
+- ``overlap``: fraction of the backward pass that can hide data-parallel gradient reduction and
+  of compute that can hide FSDP parameter gathers (bucketing and prefetch are never perfect).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clusterlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Calibration:
+    compute_efficiency: float = 0.55
+    comm_efficiency: float = 0.8
+    overlap: float = 0.8
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise UserError(f"calibration {f.name} must be a number in (0, 1], got {value!r}")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str) -> Calibration:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"{source}: unknown calibration key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**values)
+        except UserError as err:
+            raise UserError(f"{source}: {err}") from None
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read the factors from a JSON file written by ``plan --validate --calibration-out``;
+    other keys in the file (the measurements behind the fit) are kept for people, not read."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"calibration file {str(path)!r} not found; write one with `clusterlm plan --validate "
+                        "--calibration-out FILE`") from None
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    factors = {f.name: data[f.name] for f in dataclasses.fields(Calibration) if f.name in data}
+    return Calibration.from_mapping(factors, str(path))
+
+
+def save_calibration(path: str | Path, calibration: Calibration, evidence: dict[str, Any]) -> None:
+    """Write the factors plus the measurements they were fitted from, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**dataclasses.asdict(calibration), **evidence}, indent=2) + "\n")
+    os.replace(tmp, path)

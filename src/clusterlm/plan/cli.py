@@ -1,0 +1,118 @@
+"""`clusterlm plan`: memory, time and the fastest parallel layout for a model on a cluster.
+
+    clusterlm plan --model llama-8b --cluster 8xH100 --nodes 4 --global-batch-tokens 4M --seq 8192
+    clusterlm plan --published                  # predictions against published large runs
+    clusterlm plan --validate --calibration-out calib.json   # measure this machine, fit efficiency
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from clusterlm.errors import UserError
+from clusterlm.plan.calibration import load_calibration, save_calibration
+from clusterlm.plan.cluster import load_cluster, preset_names
+from clusterlm.plan.emit import write_config
+from clusterlm.plan.report import candidates_table, time_breakdown
+from clusterlm.plan.search import explain, nodes_needed, runner_up, search
+from clusterlm.plan.units import GIB, human, parse_batch_tokens, parse_train_tokens
+from clusterlm.plan.workload import PRECISIONS, Workload, load_model_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clusterlm plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model preset (configs/NAME.toml, e.g. llama-8b) or config TOML path")
+    p.add_argument("--vocab-size", type=int, default=0, help="vocabulary size where the config leaves it 0")
+    p.add_argument("--cluster", default="8xH100", help=f"cluster preset or TOML path; presets: {', '.join(preset_names())}")
+    p.add_argument("--nodes", type=int, help="number of nodes (default: the cluster file's)")
+    p.add_argument("--global-batch-tokens", default="4M", help="tokens per optimizer step; binary suffixes (4M = 4*2^20)")
+    p.add_argument("--seq", type=int, help="sequence length (default: the model's block_size)")
+    p.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    p.add_argument("--unfused-attention", action="store_true",
+                   help="assume attention stores its s x s scores (no FlashAttention/SDPA kernel)")
+    p.add_argument("--headroom", type=float, default=0.9, help="fraction of device memory a layout may use")
+    p.add_argument("--calibration", help="JSON calibration file (from --validate --calibration-out)")
+    p.add_argument("--efficiency", type=float, help="compute efficiency (achieved/peak FLOP/s), overrides calibration")
+    p.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    p.add_argument("--train-tokens", help="training run length for time and device-hours (decimal suffixes: 15T)")
+    p.add_argument("--emit-config", metavar="OUT.toml", help="write the best layout as a clusterlm config")
+    p.add_argument("--published", action="store_true", help="compare predictions with published training runs")
+    p.add_argument("--validate", action="store_true", help="measure small models on this machine against the model")
+    p.add_argument("--calibration-out", metavar="FILE.json", help="with --validate: write the fitted calibration")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.published:
+        from clusterlm.plan.published import compare_published
+
+        print(compare_published())
+        return 0
+    if args.validate:
+        from clusterlm.plan.validate import fitted_calibration, run_validation, validation_report
+
+        results = run_validation()
+        calibration = fitted_calibration(results)
+        print(validation_report(results, calibration))
+        if args.calibration_out:
+            save_calibration(args.calibration_out, calibration, {"device": "cpu", "points": [r.as_dict() for r in results]})
+            print(f"wrote {args.calibration_out}")
+        return 0
+    if not args.model:
+        raise UserError("--model is required; e.g. --model llama-8b (or --published / --validate)")
+    if not 0 < args.headroom <= 1:
+        raise UserError(f"--headroom must be in (0, 1], got {args.headroom}")
+    if args.top <= 0:
+        raise UserError(f"--top must be positive, got {args.top}")
+
+    model = load_model_args(args.model, args.vocab_size)
+    cluster = load_cluster(args.cluster)
+    if args.nodes is not None:
+        cluster = cluster.with_nodes(args.nodes)
+    calibration = load_calibration(args.calibration) if args.calibration else cluster.calibration
+    if args.efficiency is not None:
+        calibration = dataclasses.replace(calibration, compute_efficiency=args.efficiency)
+    cluster = dataclasses.replace(cluster, calibration=calibration)
+    seq = args.seq or model.block_size
+    work = Workload(model, seq, parse_batch_tokens(args.global_batch_tokens), args.precision,
+                    fused_attention=not args.unfused_attention)
+
+    result = search(work, cluster, args.headroom)
+    print(f"{args.model} on {cluster.nodes} x {cluster.name} ({cluster.world_size} x {cluster.device.name}, "
+          f"{cluster.device.memory_bytes / GIB:.0f} GiB): {work.global_batch_tokens:,} tokens/step = "
+          f"{work.sequences} x {seq}, {work.precision}; {result.considered} layouts considered, "
+          f"{len(result.ranked)} fit in {args.headroom:.0%} of memory")
+    if not result.ranked:
+        print(_nothing_fits(work, cluster, result, args.headroom))
+        return 1
+    print(candidates_table(result.ranked[: args.top]))
+    best = result.ranked[0]
+    print(time_breakdown(best))
+    other = runner_up(result)
+    if other is not None:
+        print(explain(best, other))
+    if args.train_tokens:
+        tokens = parse_train_tokens(args.train_tokens)
+        seconds = tokens / best.tokens_per_s
+        print(f"{human(tokens)} training tokens: {seconds / 86400:,.1f} days, "
+              f"{seconds / 3600 * cluster.world_size:,.0f} device-hours")
+    if args.emit_config:
+        write_config(args.emit_config, best)
+        print(f"wrote {args.emit_config}")
+    return 0
+
+
+def _nothing_fits(work: Workload, cluster, result, headroom: float) -> str:
+    if result.smallest is None:
+        return ("no layout can run this: check that the global batch splits over the devices and that "
+                "heads and layers divide by the parallel degrees")
+    need = result.smallest.memory.total + cluster.device.reserved_bytes
+    have = headroom * cluster.device.memory_bytes
+    nodes = nodes_needed(work, cluster, headroom)
+    more = f"use {nodes} nodes" if nodes else "use devices with more memory"
+    return (f"nothing fits: the smallest need is {need / GIB:.1f} GiB per device "
+            f"(`{result.smallest.layout.describe()}`) against {have / GIB:.1f} GiB available; "
+            f"{more}, or a shorter --seq / smaller --global-batch-tokens")

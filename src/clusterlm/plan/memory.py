@@ -1,0 +1,222 @@
+"""Bytes per device: model state (ZeRO), activations (Korthikanti et al.), communication buffers.
+
+Model state, from ZeRO (Rajbhandari et al. 2020, section 3 and Figure 1). Training with Adam in
+mixed precision keeps 2 bytes/param of 16-bit weights, 2 of 16-bit gradients and K = 12 of fp32
+optimizer state (master weights, momentum, variance): 16 bytes/param. Sharding over N ranks:
+
+    stage 0 (ddp):  2 + 2 + 12        stage 2:  2 + (2 + 12) / N
+    stage 1:        2 + 2 + 12 / N    stage 3:  (2 + 2 + 12) / N      (zero3, hsdp)
+
+fp32 training keeps 4 (weights) + 4 (gradients) + K = 8 (momentum, variance): also 16 bytes/param,
+split 4 + 4 + 8 and sharded the same way. CPU offload (ZeRO-Offload, Ren et al. 2021) moves the
+optimizer state (K bytes/param) to host memory; weights and gradients stay on the device.
+Parameters are split over tensor-parallel ranks (every weight, including the vocabulary-parallel
+embedding and head; the norm weights that Megatron replicates are <0.1% and are split too) and over
+pipeline stages (layers evenly; the embedding on the first stage, the head on the last).
+
+Activations, per layer and micro-batch of b sequences of s tokens, width h, a heads, tp degree t.
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eqs. 1-4)
+give, in bytes with 16-bit activations, for GPT-3-style blocks with dropout:
+
+    no parallelism:   s*b*h * (34 + 5*a*s/h)
+    tensor parallel:  s*b*h * (10 + 24/t + 5*a*s/(h*t))
+    tp + sequence p.: s*b*h/t * (34 + 5*a*s/h)
+    selective recompute drops the 5*a*s/h term; full recompute keeps 2*s*b*h (the block input).
+
+We count the same tensors, itemized for the blocks this project builds (``layer_activation_bytes``
+lists them), so gpt2 and llama (SwiGLU width f, RMSNorm computed in fp32) are both covered. With a
+fused attention kernel (FlashAttention, ``F.scaled_dot_product_attention``; the default) the s x s
+scores are never stored: the kernel keeps q, k, v and its output, and the a*s/h term disappears, so
+selective recompute saves nothing there. For the gpt2 block, unfused and with dropout, the itemized
+count is exactly Korthikanti's, plus 16*s*b for the norms' fp32 statistics; fused and without
+dropout it is 34*s*b*h + 2*a*s*b (the log-sum-exp) + 16*s*b, checked against the bytes autograd
+really saves (``clusterlm.plan.validate``). Activations are taken to be 16-bit under mixed
+precision, as with 16-bit weights (Megatron, FSDP's param_dtype); under torch.autocast over fp32
+weights the residual stream and norm inputs stay fp32, which this undercounts. Terms scale with 1/t when the tensor is split over tp ranks; the
+norm inputs and outputs are replicated under plain tp and split under sequence parallelism.
+
+Pipeline schedules hold several micro-batches' activations at once on the first stage (the
+worst): GPipe all m; 1F1B min(p, m) (Narayanan et al. 2021, section 2.2); interleaved 1F1B with v
+chunks per rank p * (1 + (p-1)/(p*v)) (Korthikanti et al. 2022, section 4.2.3); zero bubble is
+modelled as ZB-H1 (Qi et al. 2023), which keeps 1F1B's peak activation memory. The last stage
+holds one micro-batch (m for GPipe) plus the output-layer activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clusterlm.models.counting import embedding_params, head_params, layer_params
+from clusterlm.plan.layout import Layout
+from clusterlm.plan.workload import Workload
+
+BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb = 25
+TOKEN_ID_BYTES = 8  # int64 token ids (embedding input) and targets (loss input)
+LOSS_BYTES = 4  # the loss's log-probabilities are kept in fp32
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes on one device (the stage that needs the most) and bytes moved to its host."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    buffers: float
+    host_optimizer: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.buffers
+
+    @property
+    def model_state(self) -> float:
+        return self.parameters + self.gradients + self.optimizer
+
+
+def state_bytes_per_param(zero_stage: int, shard_degree: int, mixed_precision: bool) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes per parameter on one rank, per ZeRO stage."""
+    weights, grads, optimizer = (2.0, 2.0, 12.0) if mixed_precision else (4.0, 4.0, 8.0)
+    n = shard_degree
+    return (
+        weights / n if zero_stage >= 3 else weights,
+        grads / n if zero_stage >= 2 else grads,
+        optimizer / n if zero_stage >= 1 else optimizer,
+    )
+
+
+def stage_params(work: Workload, layout: Layout, stage: str) -> float:
+    """Parameters one device of the ``first`` or ``last`` pipeline stage holds before ZeRO."""
+    args = work.model
+    count = args.n_layer // layout.pp * layer_params(args)
+    if stage == "first" or layout.pp == 1:
+        count += embedding_params(args)
+    if stage == "last" or layout.pp == 1:
+        count += head_params(args)
+        if not args.is_llama and layout.pp > 1:
+            count += args.vocab_size * args.n_embd  # the tied head needs its own copy
+    return count / layout.tp
+
+
+def _norm_bytes(work: Workload) -> float:
+    """What one norm keeps per token besides its output: LayerNorm its input (e*h) and fp32 mean
+    and rstd (8); the project's RMSNorm, computed in fp32, an fp32 copy of its input (4*h; the
+    input itself in fp32), the normalized value before the weight (e*h) and the fp32 rstd (4)."""
+    h, e = work.model.n_embd, work.activation_bytes
+    return (4 + e) * h + 4 if work.model.is_llama else e * h + 8
+
+
+def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None = None) -> float:
+    """Bytes one block keeps for backward, per micro-batch (see the module docstring).
+
+    Per token, with e bytes per activation element, h = n_embd, f = ffn_hidden, a = heads:
+      norms, twice:  ``_norm_bytes`` plus the norm's output, the next matmul's input (e*h)
+      attention:     q, k, v (k and v expanded to all heads before the kernel) and the kernel's
+                     output, 4*e*h, plus the fused kernel's fp32 log-sum-exp (4*a). The output is
+                     laid out like q: gpt2's q is a transposed view, so the output reaches the
+                     output projection without a copy; llama's rotated q is contiguous per head,
+                     so the projection's input is a fresh copy (another e*h). Without a fused
+                     kernel the softmax probabilities (e*a*s) are kept instead of the log-sum-exp.
+      MLP:           gpt2: GELU input and output, 2*e*f; llama: w1 and w3 outputs, SiLU output and
+                     their product, 4*e*f
+      dropout:       1-byte masks after attention and MLP; unfused, also the probabilities' mask and
+                     the dropped-out probabilities (e*a*s), making Korthikanti's 5*a*s/h
+    ``recompute`` overrides the layout's checkpointing; "full" keeps only the block input.
+    """
+    args, t = work.model, layout.tp
+    e = work.activation_bytes
+    h, f, a, s = args.n_embd, args.ffn_hidden, args.n_head, work.seq_len
+    mode = recompute or layout.activation_checkpointing
+    replicated_split = t if layout.sequence_parallel else 1
+    if mode == "full":
+        return s * layout.micro_batch_size * e * h / replicated_split
+    replicated = 2 * (_norm_bytes(work) + e * h)
+    attention = 4 * e * h + (e * h if args.is_llama else 0)
+    if work.fused_attention:
+        attention += 4 * a
+    elif mode != "selective":  # Korthikanti's selective recompute redoes the attention core
+        attention += e * a * s + ((1 + e) * a * s if args.dropout > 0 else 0)
+    mlp = (4 if args.is_llama else 2) * e * f
+    if args.dropout > 0:
+        replicated += 2 * h
+    per_token = replicated / replicated_split + (attention + mlp) / t
+    return per_token * s * layout.micro_batch_size
+
+
+def output_activation_bytes(work: Workload, layout: Layout) -> float:
+    """What the output layer keeps, per micro-batch: the final norm, the head's input, the fp32
+    log-probabilities over the (tp-split) vocabulary and the int64 targets."""
+    args, t, e = work.model, layout.tp, work.activation_bytes
+    split = t if layout.sequence_parallel else 1
+    per_token = (_norm_bytes(work) + e * args.n_embd) / split + LOSS_BYTES * args.vocab_size / t + TOKEN_ID_BYTES
+    return per_token * work.seq_len * layout.micro_batch_size
+
+
+def logits_gradient_bytes(work: Workload, layout: Layout) -> float:
+    """The log-probabilities' gradient, alive at the start of backward while every activation is
+    still stored: not a saved tensor, but part of the peak."""
+    return LOSS_BYTES * work.model.vocab_size / layout.tp * work.seq_len * layout.micro_batch_size
+
+
+def in_flight_microbatches(layout: Layout, stage: str) -> float:
+    """Micro-batches whose activations the ``first`` or ``last`` stage holds at its peak."""
+    p, m, v = layout.pp, layout.micro_batches, layout.pp_stages_per_rank
+    if p == 1:
+        return 1
+    if layout.pp_schedule == "gpipe":
+        return m
+    if stage == "last":
+        return 1
+    if layout.pp_schedule == "interleaved_1f1b":
+        return min(m, p * (1 + (p - 1) / (p * v)))
+    return min(p, m)  # 1f1b, and zero bubble as ZB-H1
+
+
+def activation_bytes(work: Workload, layout: Layout, stage: str) -> float:
+    """Activations a device of the ``first`` or ``last`` stage holds at its peak: the saved
+    tensors of its in-flight micro-batches plus, on the last stage, the logits' gradient."""
+    layers = work.model.n_layer // layout.pp
+    stored = layers * layer_activation_bytes(work, layout) * in_flight_microbatches(layout, stage)
+    if layout.activation_checkpointing == "full":
+        stored += layer_activation_bytes(work, layout, recompute="none")  # the block being recomputed
+    tokens = work.seq_len * layout.micro_batch_size
+    if stage == "first" or layout.pp == 1:
+        stored += TOKEN_ID_BYTES * tokens
+    if stage == "last" or layout.pp == 1:
+        outputs = layout.micro_batches if layout.pp_schedule == "gpipe" and layout.pp > 1 else 1
+        stored += output_activation_bytes(work, layout) * outputs + logits_gradient_bytes(work, layout)
+    return stored
+
+
+def buffer_bytes(work: Workload, layout: Layout) -> float:
+    """Communication buffers: two 25 MB gradient buckets (one reducing while the next fills;
+    ddp, zero1, zero2, assuming gradients are views into the buckets). Fully sharded
+    (zero3, hsdp): the largest FSDP unit (a block, or the embedding or head) gathered twice
+    (current + prefetched) in the weight dtype plus its unsharded gradient."""
+    if layout.zero_stage < 3 or layout.dp_shard == 1:
+        return 2 * BUCKET_BYTES
+    args = work.model
+    unit = max(layer_params(args), embedding_params(args), head_params(args)) / layout.tp
+    weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
+    return unit * (2 * weight + grad)
+
+
+def device_memory(work: Workload, layout: Layout) -> MemoryBreakdown:
+    """Memory of the most loaded device (first or last pipeline stage)."""
+    weights, grads, optimizer = state_bytes_per_param(layout.zero_stage, layout.dp_shard, work.mixed_precision)
+    buffers = buffer_bytes(work, layout)
+    candidates = []
+    for stage in ("first", "last"):
+        params = stage_params(work, layout, stage)
+        on_host = params * optimizer if layout.cpu_offload else 0.0
+        candidates.append(MemoryBreakdown(
+            parameters=params * weights,
+            gradients=params * grads,
+            optimizer=0.0 if layout.cpu_offload else params * optimizer,
+            activations=activation_bytes(work, layout, stage),
+            buffers=buffers,
+            host_optimizer=on_host,
+        ))
+    return max(candidates, key=lambda m: m.total)
+

@@ -1,0 +1,171 @@
+"""Enumerate the layouts that can run a workload on a cluster, keep those that fit, rank by time.
+
+The search space: tp over the divisors of a node's device count that divide the query and
+key/value heads, always with sequence parallelism (in this model it costs the same time as plain
+tp and saves memory); pp over divisors of the layer count, with every schedule (interleaved with
+two chunks per rank where layers and micro-batches allow); the data-parallel remainder as ddp,
+zero1, zero2, zero3 or any hsdp split; micro-batch sizes up to 64 that divide each rank's share of
+the global batch; no, selective (only without a fused attention kernel, where it saves memory)
+or full activation checkpointing; with and without optimizer offload where the cluster has a host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from clusterlm.models.counting import training_flops_per_token
+from clusterlm.plan.cluster import Cluster
+from clusterlm.plan.layout import Layout, layout_problem
+from clusterlm.plan.memory import MemoryBreakdown, device_memory
+from clusterlm.plan.timing import StepTime, recompute_flops_per_token, step_time
+from clusterlm.plan.workload import Workload
+
+MAX_MICRO_BATCH = 64
+MAX_NODE_GROWTH = 64  # how far "nothing fits" looks for a cluster size that would do
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout with its predicted memory and step time."""
+
+    work: Workload
+    cluster: Cluster
+    layout: Layout
+    memory: MemoryBreakdown
+    time: StepTime
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.work.global_batch_tokens / self.time.total
+
+    @property
+    def model_flops_per_s(self) -> float:
+        """Per device, in model FLOPs (no recomputation): what MFU is quoted in."""
+        per_token = training_flops_per_token(self.work.model, self.work.seq_len)
+        return per_token * self.tokens_per_s / self.cluster.world_size
+
+    @property
+    def hardware_flops_per_s(self) -> float:
+        """Per device, counting recomputed FLOPs too (Megatron's "achieved TFLOP/s")."""
+        extra = recompute_flops_per_token(self.work, self.layout)
+        return self.model_flops_per_s + extra * self.tokens_per_s / self.cluster.world_size
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops_per_s / self.cluster.device.peak_flops[self.work.precision]
+
+    def fits(self, headroom: float) -> bool:
+        """Within ``headroom`` of the device's memory, counting what the runtime reserves, and the
+        node's offloaded optimizer state within that of the host's."""
+        device, host = self.cluster.device, self.cluster.host
+        host_need = self.memory.host_optimizer * self.cluster.devices_per_node
+        host_ok = host is None or host_need <= headroom * host.memory_bytes
+        return self.memory.total + device.reserved_bytes <= headroom * device.memory_bytes and host_ok
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    ranked: list[Candidate]  # fitting layouts, fastest first
+    smallest: Candidate | None  # the layout needing the least memory, fitting or not
+    considered: int
+
+
+def evaluate(work: Workload, layout: Layout, cluster: Cluster) -> Candidate:
+    return Candidate(work, cluster, layout, device_memory(work, layout), step_time(work, layout, cluster))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _data_parallel_options(dp: int) -> Iterator[dict]:
+    yield {"data_parallel": "ddp", "dp_replicate": dp, "dp_shard": 1}
+    if dp == 1:
+        return
+    for mode in ("zero1", "zero2", "zero3"):
+        yield {"data_parallel": mode, "dp_replicate": 1, "dp_shard": dp}
+    for shard in _divisors(dp)[1:-1]:
+        yield {"data_parallel": "hsdp", "dp_replicate": dp // shard, "dp_shard": shard}
+
+
+def _pipeline_options(pp: int, layers: int, micro_batches: int) -> Iterator[dict]:
+    if pp == 1:
+        yield {"pp_schedule": "1f1b", "pp_stages_per_rank": 1}
+        return
+    for schedule in ("gpipe", "1f1b", "zero_bubble"):
+        yield {"pp_schedule": schedule, "pp_stages_per_rank": 1}
+    if layers % (2 * pp) == 0 and micro_batches % pp == 0:
+        yield {"pp_schedule": "interleaved_1f1b", "pp_stages_per_rank": 2}
+
+
+def enumerate_layouts(work: Workload, cluster: Cluster) -> Iterator[Layout]:
+    """Every layout of the search space that ``layout_problem`` accepts."""
+    args, world = work.model, cluster.world_size
+    checkpointing = ("none", "full") if work.fused_attention else ("none", "selective", "full")
+    offload = (False, True) if cluster.host is not None else (False,)
+    for tp in _divisors(cluster.devices_per_node):
+        if args.n_head % tp or args.n_kv_head % tp or world % tp:
+            continue
+        for pp in _divisors(world // tp):
+            dp = world // (tp * pp)
+            if args.n_layer % pp or work.sequences % dp:
+                continue
+            per_rank = work.sequences // dp
+            for micro_batch in (b for b in _divisors(per_rank) if b <= MAX_MICRO_BATCH):
+                micro_batches = per_rank // micro_batch
+                for data_parallel in _data_parallel_options(dp):
+                    for pipeline in _pipeline_options(pp, args.n_layer, micro_batches):
+                        for ac in checkpointing:
+                            for off in offload:
+                                layout = Layout(pp=pp, tp=tp, sequence_parallel=tp > 1, micro_batch_size=micro_batch,
+                                                micro_batches=micro_batches, activation_checkpointing=ac,
+                                                cpu_offload=off, **data_parallel, **pipeline)
+                                if layout_problem(layout, work, cluster) is None:
+                                    yield layout
+
+
+def search(work: Workload, cluster: Cluster, headroom: float = 0.9) -> SearchResult:
+    candidates = [evaluate(work, layout, cluster) for layout in enumerate_layouts(work, cluster)]
+    fitting = sorted((c for c in candidates if c.fits(headroom)), key=lambda c: (c.time.total, c.memory.total))
+    smallest = min(candidates, key=lambda c: c.memory.total, default=None)
+    return SearchResult(fitting, smallest, len(candidates))
+
+
+def nodes_needed(work: Workload, cluster: Cluster, headroom: float) -> int | None:
+    """The smallest multiple of the cluster's node count (doubling) on which some layout fits."""
+    nodes = cluster.nodes * 2
+    while nodes <= cluster.nodes * MAX_NODE_GROWTH:
+        bigger = cluster.with_nodes(nodes)
+        for layout in enumerate_layouts(work, bigger):
+            if evaluate(work, layout, bigger).fits(headroom):
+                return nodes
+        nodes *= 2
+    return None
+
+
+def _mesh(layout: Layout) -> tuple:
+    return layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.data_parallel
+
+
+def runner_up(result: SearchResult) -> Candidate | None:
+    """The fastest fitting layout with a different mesh from the best (a more telling comparison
+    than the same mesh with another micro-batch size)."""
+    best = result.ranked[0]
+    return next((c for c in result.ranked[1:] if _mesh(c.layout) != _mesh(best.layout)), None)
+
+
+def explain(best: Candidate, other: Candidate) -> str:
+    """Why ``best`` beats ``other``: the step-time components where it saves most, and memory."""
+    gain = other.time.total - best.time.total
+    savings = sorted(((o - b, name) for (name, b), (_, o) in zip(best.time.items(), other.time.items(), strict=True)),
+                     reverse=True)
+    reasons = [f"{seconds * 1e3:.0f} ms less {name.replace('_', ' ')}" for seconds, name in savings[:2]
+               if seconds > 0.01 * gain]
+    if other.layout.activation_checkpointing != "none" and best.layout.activation_checkpointing == "none":
+        reasons.append("it fits without recomputing activations")
+    if best.memory.total < other.memory.total:
+        reasons.append(f"{(other.memory.total - best.memory.total) / 2**30:.1f} GiB less memory per device")
+    percent = 100 * gain / other.time.total
+    return (f"best `{best.layout.describe()}` is {percent:.1f}% faster than the runner-up "
+            f"`{other.layout.describe()}`: {', '.join(reasons) or 'equal components'}.")

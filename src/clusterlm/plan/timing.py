@@ -1,0 +1,146 @@
+"""Predicted time of one optimizer step, and what it is made of.
+
+Compute: training FLOPs per token from ``training_flops_per_token`` (6N + 12*L*d*s, the model
+FLOPs MFU is quoted in) plus recomputation, at ``peak[precision] * compute_efficiency``. Full
+activation checkpointing reruns the forward pass (+1/3 of the model FLOPs); selective
+recomputation (Korthikanti et al. 2022) reruns the attention core, QK^T and AV: 4*L*d*s per token.
+Each device does 1/(pp*tp) of a micro-batch's FLOPs; forward is a third of them, backward the rest.
+
+Communication (``collectives``), per step:
+- tensor parallel (Megatron, Shoeybi et al. 2019): 2 all-reduces of s*b*h activations per layer in
+  forward and 2 in backward (2 more when full checkpointing reruns the forward); with sequence
+  parallelism each becomes an all-gather plus a reduce-scatter, the same time. Not overlapped.
+- data parallel, on gradients in the weight dtype (2 bytes under mixed precision, as ZeRO counts):
+  ddp all-reduces once per step, hidden behind the last micro-batch's backward up to
+  ``overlap``: exposed = max(0, comm - overlap * backward). zero1 reduce-scatters once per step;
+  zero2 reduce-scatters every micro-batch (only gradient shards are kept); both all-gather the
+  updated weights, prefetched behind the first forward. zero3 / hsdp (FSDP) all-gather the weights
+  before forward and again before backward and reduce-scatter gradients, every micro-batch, layer
+  by layer with prefetch, hidden behind that pass's compute; hsdp then all-reduces the gradient
+  shard across replicas once per step.
+- pipeline: activations forward and gradients backward at every stage boundary, 2*(m + p - 1)*v
+  messages on the critical path, counted in full (conservative).
+- CPU offload (ZeRO-Offload): gradients to the host and weights back over the host link, plus the
+  CPU optimizer at the node's ``adam_params_per_s``, not overlapped.
+Pipeline bubble, as a fraction of the ideal m micro-batches: GPipe and 1F1B (p-1)/m (Huang et al.
+2019; Narayanan et al. 2021), interleaved 1F1B (p-1)/(v*m) (Narayanan et al. 2021), zero bubble
+(p-1)/(3m): ZB-H1 of Qi et al. 2023 with equal forward, input-gradient and weight-gradient times.
+The optimizer step itself and the pipeline's uneven first/last stages (embedding, head) are not
+modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from clusterlm.models.counting import training_flops_per_token
+from clusterlm.plan import collectives
+from clusterlm.plan.cluster import Cluster
+from clusterlm.plan.layout import Layout
+from clusterlm.plan.memory import stage_params, state_bytes_per_param
+from clusterlm.plan.workload import Workload
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step on the critical path, by cause."""
+
+    compute: float
+    tensor_parallel: float
+    bubble: float
+    pipeline_p2p: float
+    data_parallel: float
+    offload: float
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def items(self) -> list[tuple[str, float]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+
+def recompute_flops_per_token(work: Workload, layout: Layout) -> float:
+    args = work.model
+    if layout.activation_checkpointing == "full":
+        return training_flops_per_token(args, work.seq_len) / 3
+    if layout.activation_checkpointing == "selective":
+        return 4.0 * args.n_layer * args.n_head * args.head_dim * work.seq_len
+    return 0.0
+
+
+def bubble_fraction(layout: Layout) -> float:
+    p, m, v = layout.pp, layout.micro_batches, layout.pp_stages_per_rank
+    divisor = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": v, "zero_bubble": 3}[layout.pp_schedule]
+    return (p - 1) / (divisor * m)
+
+
+def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
+    args, cal = work.model, cluster.calibration
+    tokens = work.seq_len * layout.micro_batch_size  # per micro-batch
+    rate = cluster.device.peak_flops[work.precision] * cal.compute_efficiency
+    model_flops = training_flops_per_token(args, work.seq_len) * tokens / (layout.pp * layout.tp)
+    forward = model_flops / 3 / rate
+    backward = (2 * model_flops / 3 + recompute_flops_per_token(work, layout) * tokens / (layout.pp * layout.tp)) / rate
+
+    tp_group = collectives.mesh_group(layout, "tp", cluster)
+    per_collective = collectives.all_reduce(tokens * args.n_embd * work.activation_bytes, tp_group, cluster)
+    tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
+    tensor_parallel = tp_per_layer * (args.n_layer // layout.pp)
+    micro_batch = forward + backward + tensor_parallel
+    m = layout.micro_batches
+
+    data_parallel, offload = _data_parallel_and_offload(work, layout, cluster, forward, backward)
+    return StepTime(
+        compute=m * (forward + backward),
+        tensor_parallel=m * tensor_parallel,
+        bubble=bubble_fraction(layout) * m * micro_batch,
+        pipeline_p2p=_pipeline_p2p(work, layout, cluster),
+        data_parallel=data_parallel,
+        offload=offload,
+    )
+
+
+def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster) -> float:
+    if layout.pp == 1:
+        return 0.0
+    split = layout.tp if layout.sequence_parallel else 1
+    message = work.seq_len * layout.micro_batch_size * work.model.n_embd * work.activation_bytes / split
+    inter_node = layout.stride["pp"] >= cluster.devices_per_node
+    messages = 2 * (layout.micro_batches + layout.pp - 1) * layout.pp_stages_per_rank
+    return messages * collectives.point_to_point(message, inter_node, cluster)
+
+
+def _data_parallel_and_offload(work: Workload, layout: Layout, cluster: Cluster,
+                               forward: float, backward: float) -> tuple[float, float]:
+    """Exposed data-parallel communication and offload time per step (see the module docstring)."""
+    overlap, m = cluster.calibration.overlap, layout.micro_batches
+    params = stage_params(work, layout, "first")
+    weight_bytes, grad_bytes, _ = state_bytes_per_param(0, 1, work.mixed_precision)
+    weights, grads = params * weight_bytes, params * grad_bytes
+    shard = collectives.mesh_group(layout, "dp_shard", cluster)
+    replicas = collectives.mesh_group(layout, "dp_replicate", cluster)
+
+    def hidden(comm: float, compute: float) -> float:
+        return max(0.0, comm - overlap * compute)
+
+    stage = layout.zero_stage if layout.dp_shard > 1 else 0
+    if stage == 0:
+        exposed = hidden(collectives.all_reduce(grads, replicas, cluster), backward)
+    elif stage in (1, 2):
+        reduce = collectives.reduce_scatter(grads, shard, cluster)
+        exposed = (m if stage == 2 else 1) * hidden(reduce, backward)
+        exposed += hidden(collectives.all_gather(weights, shard, cluster), forward)
+    else:
+        gather = collectives.all_gather(weights, shard, cluster)
+        reduce = collectives.reduce_scatter(grads, shard, cluster)
+        exposed = m * (hidden(gather, forward) + hidden(gather + reduce, backward))
+        exposed += hidden(collectives.all_reduce(grads / layout.dp_shard, replicas, cluster), backward)
+
+    offload = 0.0
+    if layout.cpu_offload and cluster.host is not None:
+        optimizer_shard = params / (layout.dp_shard if layout.zero_stage >= 1 else 1)
+        transfer = optimizer_shard * (weight_bytes + grad_bytes) / cluster.host.link.bandwidth
+        update = optimizer_shard * cluster.devices_per_node / cluster.host.adam_params_per_s
+        offload = transfer + update
+    return exposed, offload

@@ -1,0 +1,111 @@
+"""Layout search, the `clusterlm plan` command, and its emitted config."""
+
+import re
+import sys
+
+import pytest
+
+from clusterlm.errors import UserError
+from clusterlm.plan.cli import main
+from clusterlm.plan.cluster import load_cluster
+from clusterlm.plan.layout import Layout, layout_problem
+from clusterlm.plan.memory import device_memory
+from clusterlm.plan.published import compare_published
+from clusterlm.plan.search import enumerate_layouts, search
+from clusterlm.plan.workload import Workload, load_model_args
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@pytest.fixture(scope="module")
+def llama_1b_on_two_nodes():
+    work = Workload(load_model_args("llama-1b"), 8192, 8192 * 64)
+    cluster = load_cluster("8xH100").with_nodes(2)
+    return work, cluster, search(work, cluster, headroom=0.5)
+
+
+def test_search_returns_only_layouts_that_fit_by_its_own_model(llama_1b_on_two_nodes):
+    work, cluster, result = llama_1b_on_two_nodes
+    assert result.ranked and len(result.ranked) < result.considered  # headroom 0.5 rejects some
+    for c in result.ranked:
+        need = device_memory(work, c.layout).total + cluster.device.reserved_bytes
+        assert need <= 0.5 * cluster.device.memory_bytes
+    times = [c.time.total for c in result.ranked]
+    assert times == sorted(times)
+
+
+def test_enumerated_layouts_are_valid(llama_1b_on_two_nodes):
+    work, cluster, _ = llama_1b_on_two_nodes
+    for layout in enumerate_layouts(work, cluster):
+        assert layout.pp * layout.dp * layout.tp == 16
+        assert work.model.n_kv_head % layout.tp == 0 and layout.tp <= 8
+        assert work.model.n_layer % layout.pp == 0
+        assert layout.dp * layout.micro_batch_size * layout.micro_batches == work.sequences
+
+
+def test_layout_problems_are_named():
+    work = Workload(load_model_args("llama-8b"), 8192, 8192 * 32)
+    cluster = load_cluster("8xH100")
+    assert "tp 16 must divide n_head 32 and n_kv_head 8" in layout_problem(
+        Layout(tp=16, micro_batches=32), work, cluster.with_nodes(2))
+    assert "tp 4 must stay inside a node" in layout_problem(
+        Layout(tp=4, dp_replicate=2, micro_batches=16), work, load_cluster("1xH100").with_nodes(8))
+    assert "has 8 devices" in layout_problem(Layout(micro_batches=32), work, cluster)
+    assert "must equal the global batch" in layout_problem(Layout(dp_replicate=8, micro_batches=3), work, cluster)
+    assert "ddp does not shard" in layout_problem(Layout(dp_shard=8, micro_batches=4), work, cluster)
+
+
+def test_cli_prints_table_and_emits_a_loadable_config(tmp_path, capsys):
+    out = tmp_path / "best.toml"
+    code = main(["--model", "llama-1b", "--cluster", "8xH100", "--global-batch-tokens", "512K", "--seq", "4096",
+                 "--top", "3", "--train-tokens", "1T", "--emit-config", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "tokens/s" in printed and "MFU" in printed and "faster than the runner-up" in printed
+    assert "device-hours" in printed
+    config = tomllib.loads(out.read_text())
+    assert config["model"]["n_layer"] == 16 and config["model"]["vocab_size"] == 128256
+    parallel, training = config["parallel"], config["training"]
+    assert parallel["pp"] * parallel["dp_replicate"] * parallel["dp_shard"] * parallel["tp"] == 8
+    assert parallel["data_parallel"] in ("ddp", "zero1", "zero2", "zero3", "hsdp")
+    assert training["tokens_per_step"] == 512 * 1024 and training["seq_len"] == 4096
+    assert training["activation_checkpointing"] in ("none", "selective", "full")
+    dp = parallel["dp_replicate"] * parallel["dp_shard"]
+    assert dp * training["micro_batch_size"] * parallel["pp_microbatches"] * 4096 == training["tokens_per_step"]
+
+
+def test_nothing_fits_says_the_smallest_need_and_what_to_add(tmp_path, capsys):
+    small = tmp_path / "small.toml"  # one 24 GiB device per node, no host to offload to
+    small.write_text('nodes = 1\ndevices_per_node = 1\n[device]\nmemory_gib = 24\npeak_tflops = { bf16 = 165 }\n'
+                     '[intra_node]\nbandwidth_gb_s = 32\nlatency_us = 5\n'
+                     '[inter_node]\nbandwidth_gb_s = 12.5\nlatency_us = 20\n')
+    code = main(["--model", "llama-8b", "--cluster", str(small), "--global-batch-tokens", "64K", "--seq", "8192"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert re.search(r"nothing fits: the smallest need is [\d.]+ GiB per device .* use \d+ nodes", printed)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "no-such-model"], "model 'no-such-model' not found"),
+    (["--model", "nano-cpu"], "pass --vocab-size"),
+    (["--model", "llama-1b", "--cluster", "no-such-cluster"], "cluster 'no-such-cluster' not found"),
+    (["--model", "llama-1b", "--global-batch-tokens", "1000", "--seq", "4096"], "not a multiple of --seq"),
+    (["--model", "llama-1b", "--seq", "100000"], "exceeds the model's context"),
+    (["--model", "llama-1b", "--global-batch-tokens", "lots"], "is not a number"),
+    (["--model", "llama-1b", "--efficiency", "1.5"], "compute_efficiency must be a number in (0, 1]"),
+    ([], "--model is required"),
+])
+def test_bad_input_is_one_user_error_line(argv, message):
+    with pytest.raises(UserError) as err:
+        main(argv)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_published_runs_are_predicted_within_25_percent():
+    text = compare_published()
+    errors = [float(cell.rstrip("%")) for line in text.splitlines()[2:8] for cell in line.split() if cell.endswith("%")
+              and cell.startswith(("+", "-"))]
+    assert len(errors) == 6 and max(abs(e) for e in errors) <= 25
