@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clusterlm.errors import UserError
+from clusterlm.models.gpt import ModelArgs
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,6 +89,19 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    data_parallel: str = opt("ddp", "data-parallel strategy: ddp (replicate, all-reduce gradients), zero1 "
+                             "(+ shard optimizer state), zero2 (+ gradients), zero3 (+ parameters), hsdp "
+                             "(zero3 inside a group, replicated across groups)",
+                             ("ddp", "zero1", "zero2", "zero3", "hsdp"))
+    dp_replicate: int = opt(0, "data-parallel replicas (0 = derive from the world size and strategy)")
+    dp_shard: int = opt(0, "data-parallel sharding degree (0 = derive from the world size and strategy)")
+    cpu_offload: bool = opt(False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
+    bucket_mb: float = opt(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs)")
+    timeout_s: float = opt(600.0, "seconds a collective may wait before the job fails as hung")
+
+
+@dataclass
 class CheckpointConfig:
     interval: int = opt(500, "save every N steps (0 = only at the end)")
     keep_last: int = opt(2, "complete checkpoints to keep; older ones are deleted")
@@ -109,6 +124,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -241,6 +257,7 @@ def validate(cfg: Config) -> None:
         "training.micro_batch_size": t.micro_batch_size, "training.eval_batches": t.eval_batches,
         "training.log_interval": t.log_interval, "optim.lr": o.lr, "checkpoint.keep_last": c.keep_last,
         "model.ffn_multiple_of": m.ffn_multiple_of, "model.norm_eps": m.norm_eps,
+        "parallel.bucket_mb": cfg.parallel.bucket_mb, "parallel.timeout_s": cfg.parallel.timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -252,6 +269,7 @@ def validate(cfg: Config) -> None:
         "training.threads": t.threads, "optim.min_lr": o.min_lr, "optim.warmup_steps": o.warmup_steps,
         "optim.decay_steps": o.decay_steps, "optim.weight_decay": o.weight_decay,
         "checkpoint.interval": c.interval, "metrics.peak_flops": cfg.metrics.peak_flops,
+        "parallel.dp_replicate": cfg.parallel.dp_replicate, "parallel.dp_shard": cfg.parallel.dp_shard,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -273,6 +291,8 @@ def validate(cfg: Config) -> None:
     for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
         if not 0.0 <= beta < 1.0:
             raise UserError(f"{key} must be in [0, 1), got {beta}")
+    if cfg.parallel.cpu_offload and cfg.parallel.data_parallel not in ("zero3", "hsdp"):
+        raise UserError("parallel.cpu_offload needs parallel.data_parallel = zero3 or hsdp")
     if c.resume not in ("none", "auto") and not c.resume:
         raise UserError("checkpoint.resume must be none, auto or a checkpoint path")
 
@@ -290,3 +310,35 @@ def help_text() -> str:
         meaning = f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "")
         lines.append(f"  --{key:<34} {f.default!r:<24} {meaning}")
     return "\n".join(lines)
+
+
+def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
+    """Fill the config's 'derive it' zeros (vocabulary, KV heads, MLP width) and build ModelArgs."""
+    m = cfg.model
+    if m.vocab_size == 0:
+        m.vocab_size = vocab_size
+    elif m.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {vocab_size}; "
+                        "set it to 0 to take the tokenizer's")
+    m.n_kv_head = m.n_kv_head or m.n_head
+    if m.ffn_hidden == 0:
+        if m.flavour == "llama":
+            m.ffn_hidden = m.ffn_multiple_of * math.ceil(8 * m.n_embd / 3 / m.ffn_multiple_of)
+        else:
+            m.ffn_hidden = 4 * m.n_embd
+    return ModelArgs(
+        flavour=m.flavour, vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+        n_head=m.n_head, n_kv_head=m.n_kv_head, n_embd=m.n_embd, ffn_hidden=m.ffn_hidden,
+        dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+    )
+
+
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    per_micro_step = cfg.training.micro_batch_size * cfg.seq_len * dp_size
+    target = cfg.training.tokens_per_step or per_micro_step
+    if target % per_micro_step:
+        raise UserError(
+            f"training.tokens_per_step ({target}) must be a multiple of micro_batch_size x seq_len x "
+            f"data-parallel ranks = {per_micro_step}"
+        )
+    return target // per_micro_step

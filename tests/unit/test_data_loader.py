@@ -111,7 +111,8 @@ def test_resume_refuses_another_block_size_or_seed(data_dir):
 
 
 def eval_union(data_dir, dp_size, batch_size=6, num_batches=4):
-    per_rank = [list(eval_batches(data_dir, "val", BLOCK, batch_size, num_batches, r, dp_size)) for r in range(dp_size)]
+    per_rank = [list(eval_batches(data_dir, "val", BLOCK, batch_size * num_batches, batch_size, r, dp_size))
+                for r in range(dp_size)]
     assert len({len(batches) for batches in per_rank}) == 1  # the same number of forward passes
     return torch.cat([x for batches in per_rank for x, _ in batches])
 
@@ -127,14 +128,14 @@ def test_eval_batches_union_is_the_same_for_any_dp_size(data_dir):
 def test_eval_batches_are_evenly_spaced_windows(data_dir):
     stream = stream_of(data_dir, "val")
     windows = (len(stream) - 1) // BLOCK
-    [(x, y)] = eval_batches(data_dir, "val", BLOCK, batch_size=3, num_batches=1)
+    [(x, y)] = eval_batches(data_dir, "val", BLOCK, num_windows=3, batch_size=3)
     for row, k in enumerate(np.arange(3) * windows // 3):
         assert y[row].tolist() == stream[k * BLOCK + 1 : (k + 1) * BLOCK + 1].tolist()
 
 
 def test_eval_batches_refuse_an_uneven_split():
     with pytest.raises(UserError, match="multiple of 4"):
-        eval_batches("unused", "val", BLOCK, batch_size=3, num_batches=1, dp_size=4)
+        eval_batches("unused", "val", BLOCK, num_windows=3, batch_size=3, dp_size=4)
 
 
 def test_too_short_split_says_how_many_tokens_it_has(data_dir):

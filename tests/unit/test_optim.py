@@ -29,7 +29,7 @@ def test_warmup_then_cosine_to_min_lr():
     assert lr_at(100, cfg, 100) == pytest.approx(1e-4)
     assert lr_at(500, cfg, 100) == pytest.approx(1e-4)
     lrs = [lr_at(s, cfg, 100) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 def test_linear_and_constant_decay():

@@ -189,8 +189,8 @@ def eval_batches(
     data_dir: str | os.PathLike[str],
     split: str,
     block_size: int,
+    num_windows: int,
     batch_size: int,
-    num_batches: int,
     dp_rank: int = 0,
     dp_size: int = 1,
     device: str | torch.device = "cpu",
@@ -198,21 +198,20 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """The evaluation windows of rank ``dp_rank``, as batches (x, y) of at most ``batch_size``.
 
-    The evaluation set is batch_size * num_batches windows evenly spaced over the split, the same
-    for every dp_size (windows repeat only if the split has fewer). Rank r scores the r-th of
+    The evaluation set is ``num_windows`` windows evenly spaced over the split, the same for every
+    dp_size and batch size (windows repeat only if the split has fewer). Rank r scores the r-th of
     dp_size equal contiguous shares, so ranks are disjoint, their union is the whole set, and every
     rank runs the same number of forward passes.
     """
-    total = batch_size * num_batches
     _check_rank(dp_rank, dp_size)
-    if batch_size < 1 or num_batches < 1 or total % dp_size:
+    if batch_size < 1 or num_windows < 1 or num_windows % dp_size:
         raise UserError(
-            f"an evaluation set of {batch_size} x {num_batches} windows does not split evenly over "
-            f"{dp_size} ranks; make batch_size * num_batches a positive multiple of {dp_size}"
+            f"an evaluation set of {num_windows} windows does not split evenly over {dp_size} ranks; "
+            f"make it a positive multiple of {dp_size}"
         )
     stream = TokenStream(data_dir, split, cache_dir)
-    windows = np.arange(total, dtype=np.int64) * stream.num_windows(block_size) // total
-    share = total // dp_size
+    windows = np.arange(num_windows, dtype=np.int64) * stream.num_windows(block_size) // num_windows
+    share = num_windows // dp_size
     mine = windows[dp_rank * share : (dp_rank + 1) * share]
     device = torch.device(device)
     return (

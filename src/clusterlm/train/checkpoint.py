@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
 
 from clusterlm.errors import UserError
 
@@ -121,8 +123,30 @@ def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     if optimizer is None:
         model_state, _ = get_state_dict(model, [])
         return {"model": model_state}
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        model_state, _ = get_state_dict(model, [])
+        return {"model": model_state, "optim": _owned_optimizer_state(model, optimizer)}
     model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optim": optim_state["state"]}
+
+
+def _owned_optimizer_state(model: nn.Module, optimizer: ZeroRedundancyOptimizer) -> dict[str, Any]:
+    """ZeRO-1: this rank's AdamW state, for the parameters it owns, under the parameters' names.
+    Ranks own disjoint parameters, so DCP writes each entry once and any layout can read it.
+    Missing state (before the first step) is created as zeros so it can be loaded into."""
+    unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
+    names = {id(param): name for name, param in unwrapped.named_parameters()}
+    local = optimizer.optim
+    owned = {}
+    for group in local.param_groups:
+        for param in group["params"]:
+            if not local.state[param]:
+                local.state[param].update(
+                    step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(param),
+                    exp_avg_sq=torch.zeros_like(param),
+                )
+            owned[names[id(param)]] = local.state[param]
+    return owned
 
 
 def save_checkpoint(
@@ -209,7 +233,9 @@ def load_checkpoint(
     state = _tensor_state(model, optimizer)
     with _single_process_quiet():
         dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
-    if optimizer is None:
+    if isinstance(optimizer, ZeroRedundancyOptimizer):  # the state was loaded in place
+        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+    elif optimizer is None:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
     else:
         _, template = get_state_dict(model, optimizer)

@@ -6,10 +6,11 @@ import argparse
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clusterlm.config import Config
+from clusterlm.config import Config, grad_accum_steps
 from clusterlm.data.loader import eval_batches
 from clusterlm.train.precision import Precision
 from clusterlm.train.runtime import Runtime
@@ -24,8 +25,11 @@ def evaluate_loss(
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=runtime.device)
     count = 0
+    # eval_batches global batches of the training step: the same windows for every layout.
+    t = cfg.training
+    global_batch = t.micro_batch_size * runtime.dp_size * grad_accum_steps(cfg, runtime.dp_size)
     for x, y in eval_batches(
-        cfg.data.dir, split, cfg.seq_len, cfg.training.micro_batch_size, cfg.training.eval_batches,
+        cfg.data.dir, split, cfg.seq_len, global_batch * t.eval_batches, t.micro_batch_size,
         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
     ):
         x, y = x.to(runtime.device), y.to(runtime.device)
@@ -34,7 +38,10 @@ def evaluate_loss(
         total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
         count += y.numel()
     model.train(was_training)
-    return (total / max(count, 1)).item()
+    totals = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=runtime.device)])
+    if runtime.world_size > 1:
+        dist.all_reduce(totals)  # every rank scored a disjoint share of the same windows
+    return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 def main(argv: list[str]) -> int:

@@ -6,14 +6,16 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from clusterlm.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_state: bool = False) -> torch.optim.Optimizer:
     """Weight decay applies to the weights of linear layers; norms, biases and embedding tables
     are not decayed (decaying them only pulls them towards zero without regularizing).
-    Decided by module type, so it holds for any parallel wrapping that keeps parameter names."""
+    Decided by module type, so it holds under any parallel wrapping. ``shard_state`` (ZeRO stage 1)
+    keeps each parameter's AdamW state on one data-parallel rank only."""
     decay_ids = {
         id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)
     }
@@ -28,9 +30,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cfg.fused or None
-    )
+    options = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": cfg.fused or None}
+    if shard_state:
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
+    return torch.optim.AdamW(groups, **options)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

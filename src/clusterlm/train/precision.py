@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from clusterlm.errors import UserError
 
@@ -13,12 +14,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, sharded: bool = False):
         if name == "fp16" and device.type != "cuda":
             raise UserError("training.precision = fp16 needs a CUDA device; use bf16 on CPU")
         self.name, self.device = name, device
         self.compute_dtype = DTYPES[name]
-        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        self.scaler = None
+        if name == "fp16":
+            # Sharded gradients need the overflow check agreed across ranks.
+            self.scaler = ShardedGradScaler(device.type) if sharded else torch.amp.GradScaler(device.type)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":

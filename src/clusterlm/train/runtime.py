@@ -1,15 +1,27 @@
-"""Where this process runs: its device, its rank and its place among the data-parallel ranks."""
+"""Where this process runs: its device, its rank, the device mesh, and its data-parallel place.
+
+A job launched by torchrun (or `clusterlm train --nproc N`) joins the process group from the
+launcher's environment (gloo on CPU, NCCL on CUDA) and builds one ``DeviceMesh``. A plain
+single-process run has no process group and no mesh; the rest of the code treats it as the
+degree-1 case of the same layout.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from clusterlm.config import Config
 from clusterlm.errors import UserError
+from clusterlm.parallel.data_parallel import build_mesh, resolve_degrees
 from clusterlm.train.hardware import resolve_device
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -19,19 +31,48 @@ class Runtime:
     world_size: int = 1
     dp_rank: int = 0
     dp_size: int = 1
+    mesh: DeviceMesh | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+def _join_process_group(device: torch.device, timeout_s: float) -> None:
+    if dist.is_initialized():  # already joined by the caller (tests, notebooks)
+        return
+    missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
+    if missing:
+        raise UserError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with torchrun or "
+            "`clusterlm train --nproc N`"
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
 def setup_runtime(cfg: Config) -> Runtime:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise UserError(
-            f"launched with WORLD_SIZE={world_size}, but this build trains in one process; "
-            "run `clusterlm train` without torchrun"
-        )
-    return Runtime(device=resolve_device(cfg.training.device))
+    device = resolve_device(cfg.training.device)
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 and not dist.is_initialized():
+        resolve_degrees(cfg.parallel, 1)  # degrees set for a bigger job fail here, not later
+        return Runtime(device=device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    _join_process_group(device, cfg.parallel.timeout_s)
+    replicate, shard = resolve_degrees(cfg.parallel, dist.get_world_size())
+    mesh = build_mesh(device, replicate, shard)
+    dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), dp_rank, replicate * shard, mesh)
+
+
+def average_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Mean of a scalar over all ranks (for reporting; every rank gets it)."""
+    if runtime.world_size == 1:
+        return value
+    value = value.detach().clone().float()
+    dist.all_reduce(value)
+    return value / runtime.world_size

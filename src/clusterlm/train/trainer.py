@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,51 +20,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clusterlm.config import Config, build_config, help_text, parse_dotted_args
+from clusterlm.config import (
+    Config,
+    build_config,
+    grad_accum_steps,
+    help_text,
+    parse_dotted_args,
+    resolve_model_args,
+)
 from clusterlm.data.loader import TokenLoader
 from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.errors import UserError
-from clusterlm.models import ModelArgs, Transformer, training_flops_per_token
+from clusterlm.launch import add_launch_arguments, run_torchrun
+from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.parallel import parallelize
+from clusterlm.parallel.data_parallel import SHARDED, gradient_sync
 from clusterlm.train import checkpoint
 from clusterlm.train.evaluate import evaluate_loss
 from clusterlm.train.hardware import peak_flops
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.optim import build_optimizer, lr_at
 from clusterlm.train.precision import Precision
-from clusterlm.train.runtime import Runtime, setup_runtime
-
-
-def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
-    """Fill the config's 'derive it' zeros (vocabulary, KV heads, MLP width) and build ModelArgs."""
-    m = cfg.model
-    if m.vocab_size == 0:
-        m.vocab_size = vocab_size
-    elif m.vocab_size < vocab_size:
-        raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {vocab_size}; "
-                        "set it to 0 to take the tokenizer's")
-    m.n_kv_head = m.n_kv_head or m.n_head
-    if m.ffn_hidden == 0:
-        if m.flavour == "llama":
-            m.ffn_hidden = m.ffn_multiple_of * math.ceil(8 * m.n_embd / 3 / m.ffn_multiple_of)
-        else:
-            m.ffn_hidden = 4 * m.n_embd
-    return ModelArgs(
-        flavour=m.flavour, vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-        n_head=m.n_head, n_kv_head=m.n_kv_head, n_embd=m.n_embd, ffn_hidden=m.ffn_hidden,
-        dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-    )
-
-
-def grad_accum_steps(cfg: Config, dp_size: int) -> int:
-    per_micro_step = cfg.training.micro_batch_size * cfg.seq_len * dp_size
-    target = cfg.training.tokens_per_step or per_micro_step
-    if target % per_micro_step:
-        raise UserError(
-            f"training.tokens_per_step ({target}) must be a multiple of micro_batch_size x seq_len x "
-            f"data-parallel ranks = {per_micro_step}"
-        )
-    return target // per_micro_step
+from clusterlm.train.runtime import Runtime, average_across_ranks, setup_runtime
 
 
 def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
@@ -101,15 +79,17 @@ def build_session(cfg: Config) -> Session:
         verify_shards(cfg.data.dir)
     model = build_model(cfg, manifest.vocab_size, runtime.device)
     flops = training_flops_per_token(model.args, cfg.seq_len)
-    model = parallelize(model, cfg)
-    precision = Precision(cfg.training.precision, runtime.device)
+    sharded = runtime.mesh is not None and cfg.parallel.data_parallel in SHARDED
+    precision = Precision(cfg.training.precision, runtime.device, sharded)
+    model = parallelize(model, cfg, runtime.mesh, precision.compute_dtype)
+    zero1 = runtime.mesh is not None and cfg.parallel.data_parallel == "zero1"
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader = TokenLoader(
         cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed, device=runtime.device,
     )
     session = Session(
-        cfg, runtime, model, build_optimizer(model, cfg.optim), loader, precision, grad_accum,
+        cfg, runtime, model, build_optimizer(model, cfg.optim, shard_state=zero1), loader, precision, grad_accum,
         flops, peak_flops(runtime.device, precision.compute_dtype, cfg.metrics.peak_flops),
     )
     session.extra["tokenizer_sha256"] = manifest.tokenizer.sha256
@@ -135,18 +115,20 @@ def _resume(session: Session) -> None:
 
 
 def train_step(s: Session) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (a tensor, so
-    the device is not synchronized unless the caller reads it)."""
+    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss (a
+    tensor, so the device is not synchronized unless the caller reads it)."""
     torch.manual_seed(hash((s.cfg.training.seed, s.step, s.runtime.rank)) % 2**63)  # dropout
     lr = lr_at(s.step, s.cfg.optim, s.cfg.training.steps)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=s.runtime.device)
-    for x, y in s.loader.next_step():
-        with s.precision.autocast():
-            logits = s.model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        s.precision.scale(loss / s.grad_accum).backward()
+    micro_batches = s.loader.next_step()
+    for i, (x, y) in enumerate(micro_batches):
+        with gradient_sync(s.model, enabled=i == len(micro_batches) - 1):
+            with s.precision.autocast():
+                logits = s.model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            s.precision.scale(loss / s.grad_accum).backward()
         total += loss.detach()
     s.precision.unscale(s.optimizer)
     if s.cfg.training.grad_clip:
@@ -189,7 +171,8 @@ def train(cfg: Config) -> dict[str, Any]:
         start = time.perf_counter()
         loss = train_step(s)
         logging = _due(s.step, t.log_interval, t.steps)
-        loss_value = loss.item() if logging else None  # reading the loss waits for the device
+        # Reading the loss waits for the device, so only when it is logged.
+        loss_value = average_across_ranks(loss, s.runtime).item() if logging else None
         window_seconds += time.perf_counter() - start
         window_steps += 1
         if logging:
@@ -215,7 +198,7 @@ def train(cfg: Config) -> dict[str, Any]:
         plot = sinks.close()
         if plot:
             print(f"loss plot: {plot}")
-    summary.update(step=s.step, tokens=s.tokens)
+    summary.update(step=s.step, tokens=s.tokens, rank=s.runtime.rank)
     return summary
 
 
@@ -242,7 +225,9 @@ def _describe(s: Session, progress: ProgressDisplay) -> None:
         progress.message(f"resumed from {s.resumed_from} at step {s.step}")
 
 
-def config_from_argv(argv: list[str], prog: str, description: str) -> Config | None:
+def config_from_argv(
+    argv: list[str], prog: str, description: str, launch: argparse.Namespace | None = None
+) -> Config | None:
     """Shared by train and bench: --config FILE, --resume, then dotted overrides."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, add_help=False,
@@ -253,10 +238,15 @@ def config_from_argv(argv: list[str], prog: str, description: str) -> Config | N
     parser.add_argument("--config", help="TOML file of settings (see configs/*.toml)")
     parser.add_argument("--resume", help="shorthand for --checkpoint.resume (none | auto | PATH)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if launch is not None:
+        add_launch_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()
         return None
+    if launch is not None:
+        vars(launch).update({k: v for k, v in vars(args).items()
+                             if k in ("nproc", "nnodes", "rdzv_endpoint", "max_restarts")})
     overrides = parse_dotted_args(rest)
     if args.resume:
         overrides["checkpoint.resume"] = args.resume
@@ -268,11 +258,28 @@ def config_from_argv(argv: list[str], prog: str, description: str) -> Config | N
 
 
 def main(argv: list[str]) -> int:
-    cfg = config_from_argv(argv, "clusterlm train", "Train a language model.")
+    launch = argparse.Namespace()
+    cfg = config_from_argv(argv, "clusterlm train", "Train a language model.", launch)
     if cfg is None:
         return 0
+    if launch.nproc and "WORLD_SIZE" not in os.environ:
+        return run_torchrun(launch, _without_launch_arguments(argv))
     summary = train(cfg)
-    if "val_loss" in summary:
+    if "val_loss" in summary and summary["rank"] == 0:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f} "
               f"(perplexity {math.exp(summary['val_loss']):.2f})")
     return 0
+
+
+def _without_launch_arguments(argv: list[str]) -> list[str]:
+    """The command line each rank gets: everything but the launcher's own options."""
+    launch_options = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in launch_options:
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
