@@ -5,6 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.toml
 DATA ?= data/shakespeare-char
+NPROC ?= 2
 PY := $(VENV)/bin/python
 CLM := $(VENV)/bin/clusterlm
 
@@ -23,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 
 train: $(VENV)
 	$(CLM) prepare --out $(DATA)
-	$(CLM) train --config $(CONFIG) --data.dir $(DATA)
+	$(CLM) train --nproc $(NPROC) --config $(CONFIG) --data.dir $(DATA)
 	$(CLM) eval --run runs/default
 	$(CLM) generate --run runs/default --prompt "ROMEO:" --max-new-tokens 300
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -18,6 +19,7 @@ import torch
 
 from clusterlm.config import Config, apply_overrides, validate
 from clusterlm.errors import UserError
+from clusterlm.launch import run_torchrun
 
 
 def _variant(cfg: Config, spec: str) -> Config:
@@ -44,7 +46,8 @@ def _timed_steps(session, steps: int) -> list[float]:
 
 
 def bench_train(argv: list[str]) -> int:
-    from clusterlm.train.hardware import peak_memory_bytes
+    from clusterlm.train.hardware import cpu_peak_flops, peak_memory_bytes
+    from clusterlm.train.precision import DTYPES
     from clusterlm.train.trainer import build_session, config_from_argv
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -55,9 +58,12 @@ def bench_train(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         parser.print_help()
-    cfg = config_from_argv(rest, "clusterlm bench train", "Time training steps of a config.")
+    launch = argparse.Namespace()
+    cfg = config_from_argv(rest, "clusterlm bench train", "Time training steps of a config.", launch)
     if cfg is None:
         return 0
+    if launch.nproc and "WORLD_SIZE" not in os.environ:
+        return run_torchrun(launch, ["bench", "train", *argv])
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         raise UserError("--steps and --rounds must be >= 1 and --warmup >= 0")
     scratch = tempfile.mkdtemp(prefix="clusterlm-bench-")
@@ -65,6 +71,9 @@ def bench_train(argv: list[str]) -> int:
     variants = {"config": cfg}
     if args.against:
         variants = {"baseline": _variant(cfg, args.against), "config": cfg}
+    for variant in variants.values():  # a fresh CPU peak probe: a cached one may have run on a busy machine
+        if variant.training.device != "cuda" and not variant.metrics.peak_flops and not torch.cuda.is_available():
+            cpu_peak_flops(DTYPES[variant.training.precision], remeasure=True)
     sessions = {}
     for name, variant in variants.items():
         variant.training.steps = 10**9  # keep the LR schedule in its steady middle
@@ -74,22 +83,23 @@ def bench_train(argv: list[str]) -> int:
     for _ in range(args.rounds):
         for name, session in sessions.items():
             times[name] += _timed_steps(session, args.steps)
-    print(f"{'variant':<10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7}  settings")
+    if not sessions["config"].runtime.is_main:
+        return 0
+    print(f"{'variant':<10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak TFLOP/s':>13}  settings")
     results = {}
     for name, session in sessions.items():
         seconds = statistics.median(times[name])
-        tokens_per_s = session.tokens_per_step / seconds
-        mfu = tokens_per_s * session.flops_per_token / session.runtime.world_size / session.peak_flops \
-            if session.peak_flops else float("nan")
-        results[name] = tokens_per_s
-        t = session.cfg.training
-        print(f"{name:<10} {1000 * seconds:>9.2f} {tokens_per_s:>11,.0f} {100 * mfu:>6.2f}%  "
-              f"precision={t.precision} compile={t.compile} ac={t.activation_checkpointing} "
-              f"threads={torch.get_num_threads()}")
-    peak = sessions["config"].peak_flops
-    print(f"device {sessions['config'].runtime.device}; MFU against peak "
-          f"{peak / 1e12:.3f} TFLOP/s" if peak else "peak FLOP/s unknown",
-          f"; peak memory {peak_memory_bytes(sessions['config'].runtime.device) / 2**20:.0f} MiB")
+        results[name] = tokens_per_s = session.tokens_per_step / seconds
+        peak = session.peak_flops
+        mfu = tokens_per_s * session.flops_per_token / session.runtime.world_size / peak if peak else float("nan")
+        t, p = session.cfg.training, session.cfg.parallel
+        layout = f"{session.runtime.world_size} x {p.data_parallel}" if session.runtime.world_size > 1 else "1 process"
+        print(f"{name:<10} {1000 * seconds:>9.2f} {tokens_per_s:>11,.0f} {100 * mfu:>6.2f}% {peak / 1e12 if peak else float('nan'):>13.3f}"
+              f"  {layout}, precision={t.precision} compile={t.compile} ac={t.activation_checkpointing} "
+              f"fused_adamw={session.cfg.optim.fused} threads={torch.get_num_threads()}")
+    device = sessions["config"].runtime.device
+    print(f"device {device}; {session.tokens_per_step:,} tokens/step; median of {args.rounds} x {args.steps} steps; "
+          f"peak memory (rank 0) {peak_memory_bytes(device) / 2**20:.0f} MiB")
     if "baseline" in results:
         print(f"speed-up over baseline: {results['config'] / results['baseline']:.2f}x")
     return 0

@@ -120,3 +120,23 @@ def test_gradient_accumulation_equals_one_big_step(data_dir, reference, tmp_path
     candidate = run(data_dir, tmp_path, 2, parallel__data_parallel="ddp",
                     training__micro_batch_size=MICRO, training__tokens_per_step=tokens)
     assert_equivalent(reference(MICRO * 8), candidate)
+
+
+def test_resume_across_world_sizes_and_strategies(data_dir, reference, tmp_path):
+    """4 ranks zero3 -> 2 ranks ddp -> 1 process -> 4 ranks zero1, 5 steps each, equal to 20 steps
+    in one process; the loader's position carries over, so every step reads the samples the
+    uninterrupted run reads (equal losses), and the counter ends at 20 global batches."""
+    phases = [(4, "zero3", 1), (2, "ddp", 2), (1, "ddp", 4), (4, "zero1", 1)]
+    for i, (world_size, strategy, micro) in enumerate(phases):
+        losses, result = run(
+            data_dir, tmp_path, world_size, parallel__data_parallel=strategy,
+            training__micro_batch_size=micro, training__steps=5 * (i + 1), optim__decay_steps=STEPS,
+            checkpoint__resume="auto",
+        )
+        state = checkpoint.verify(checkpoint.resolve_resume("auto", tmp_path / "checkpoints"))
+        assert state["loader"]["samples_consumed"] == 5 * (i + 1) * 4
+    reference_losses, ref = reference(4)
+    assert losses == pytest.approx(reference_losses, rel=1e-5)
+    for name, tensor in ref["weights"].items():
+        if not name.endswith("attn.wk.bias"):
+            assert (result["weights"][name] - tensor).norm() <= 1e-5 * tensor.norm(), name

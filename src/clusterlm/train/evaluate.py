@@ -16,20 +16,26 @@ from clusterlm.train.precision import Precision
 from clusterlm.train.runtime import Runtime
 
 
+def eval_windows(cfg: Config, dp_size: int) -> int:
+    """Windows in one evaluation: ``training.eval_batches`` global batches of the training step.
+    ``dp_size`` is the training job's, so `clusterlm eval` scores the windows the trainer did."""
+    global_batch = cfg.training.micro_batch_size * dp_size * grad_accum_steps(cfg, dp_size)
+    return global_batch * cfg.training.eval_batches
+
+
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, cfg: Config, runtime: Runtime, precision: Precision, split: str = "val"
+    model: nn.Module, cfg: Config, runtime: Runtime, precision: Precision, num_windows: int,
+    split: str = "val",
 ) -> float:
-    """Mean cross-entropy over a fixed set of windows (the same for every run and layout)."""
+    """Mean cross-entropy over ``num_windows`` fixed windows, the same for every layout: each
+    rank scores a disjoint share and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=runtime.device)
     count = 0
-    # eval_batches global batches of the training step: the same windows for every layout.
-    t = cfg.training
-    global_batch = t.micro_batch_size * runtime.dp_size * grad_accum_steps(cfg, runtime.dp_size)
     for x, y in eval_batches(
-        cfg.data.dir, split, cfg.seq_len, global_batch * t.eval_batches, t.micro_batch_size,
+        cfg.data.dir, split, cfg.seq_len, num_windows, cfg.training.micro_batch_size,
         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
     ):
         x, y = x.to(runtime.device), y.to(runtime.device)
@@ -40,7 +46,7 @@ def evaluate_loss(
     model.train(was_training)
     totals = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=runtime.device)])
     if runtime.world_size > 1:
-        dist.all_reduce(totals)  # every rank scored a disjoint share of the same windows
+        dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
@@ -56,7 +62,8 @@ def main(argv: list[str]) -> int:
     cfg = loaded.cfg
     if args.batches:
         cfg.training.eval_batches = args.batches
-    loss = evaluate_loss(loaded.model, cfg, loaded.runtime, loaded.precision, args.split)
+    windows = eval_windows(cfg, loaded.state.get("dp_size", 1))
+    loss = evaluate_loss(loaded.model, cfg, loaded.runtime, loaded.precision, windows, args.split)
     print(f"{args.split} loss {loss:.4f} perplexity {math.exp(loss):.2f} "
-          f"({cfg.training.eval_batches} batches of {cfg.training.micro_batch_size}x{cfg.seq_len}, step {loaded.step})")
+          f"({windows} windows of {cfg.seq_len} tokens, checkpoint step {loaded.step})")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -22,8 +23,12 @@ class Loaded:
     model: nn.Module
     runtime: Runtime
     precision: Precision
-    step: int
     path: Path
+    state: dict[str, Any]  # the checkpoint's trainer state (step, loader, config, ...)
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,4 +59,4 @@ def load_for_inference(args: argparse.Namespace) -> Loaded:
     model = build_model(cfg, cfg.model.vocab_size, runtime.device)
     checkpoint.load_checkpoint(path, model)
     model.eval()
-    return Loaded(cfg, model, runtime, Precision(cfg.training.precision, runtime.device), state["step"], path)
+    return Loaded(cfg, model, runtime, Precision(cfg.training.precision, runtime.device), path, state)

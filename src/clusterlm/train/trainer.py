@@ -36,7 +36,7 @@ from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.data_parallel import SHARDED, gradient_sync
 from clusterlm.train import checkpoint
-from clusterlm.train.evaluate import evaluate_loss
+from clusterlm.train.evaluate import eval_windows, evaluate_loss
 from clusterlm.train.hardware import peak_flops
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.optim import build_optimizer, lr_at
@@ -142,7 +142,7 @@ def train_step(s: Session) -> torch.Tensor:
 
 def save(s: Session) -> Path:
     state = {
-        "step": s.step, "tokens": s.tokens, "loader": s.loader.state_dict(),
+        "step": s.step, "tokens": s.tokens, "loader": s.loader.state_dict(), "dp_size": s.runtime.dp_size,
         "config": s.cfg.to_dict(), "tokenizer_sha256": s.extra["tokenizer_sha256"],
     }
     root = Path(s.cfg.training.out_dir) / "checkpoints"
@@ -185,7 +185,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 sinks.log(record)
             window_seconds, window_steps = 0.0, 0
         if _due(s.step, t.eval_interval, t.steps):
-            val = evaluate_loss(s.model, cfg, s.runtime, s.precision)
+            val = evaluate_loss(s.model, cfg, s.runtime, s.precision, eval_windows(cfg, s.runtime.dp_size))
             summary["val_loss"] = val
             progress.message(f"step {s.step}: val loss {val:.4f}, perplexity {math.exp(val):.2f}")
             if sinks:
@@ -263,23 +263,10 @@ def main(argv: list[str]) -> int:
     if cfg is None:
         return 0
     if launch.nproc and "WORLD_SIZE" not in os.environ:
-        return run_torchrun(launch, _without_launch_arguments(argv))
+        return run_torchrun(launch, ["train", *argv])
     summary = train(cfg)
     if "val_loss" in summary and summary["rank"] == 0:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f} "
               f"(perplexity {math.exp(summary['val_loss']):.2f})")
     return 0
 
-
-def _without_launch_arguments(argv: list[str]) -> list[str]:
-    """The command line each rank gets: everything but the launcher's own options."""
-    launch_options = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg.split("=", 1)[0] in launch_options:
-            skip = "=" not in arg
-        else:
-            kept.append(arg)
-    return kept

@@ -1,0 +1,81 @@
+"""Multi-process jobs through the real launcher (torchrun), and bad launch environments."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clusterlm.config import ParallelConfig
+from clusterlm.errors import UserError
+from clusterlm.parallel.data_parallel import resolve_degrees
+
+TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
+        "--training.micro_batch_size", "2", "--training.eval_batches", "2", "--training.eval_interval", "0",
+        "--metrics.progress", "lines", "--metrics.tensorboard", "false", "--metrics.peak_flops", "1e12"]
+
+
+def clusterlm(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clusterlm", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("launch")
+    (root / "a.txt").write_text("".join(f"now is the winter of our discontent {i}\n" for i in range(2000)))
+    assert clusterlm("prepare", str(root / "a.txt"), "--out", str(root / "data"), "--workers", "1").returncode == 0
+    return root / "data"
+
+
+def test_train_with_nproc_runs_through_torchrun(data_dir, tmp_path):
+    result = clusterlm("train", "--nproc", "2", "--data.dir", str(data_dir), "--training.out_dir", str(tmp_path),
+                       "--training.steps", "6", "--parallel.data_parallel", "zero3", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: step 6") == 1  # reported once, by rank 0
+    assert (tmp_path / "checkpoints" / "step_00000006" / "complete.json").is_file()
+
+
+def test_a_failing_rank_ends_the_job_with_its_traceback():
+    script = Path(__file__).with_name("fail_one_rank.py")
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "rank 1 fails on purpose" in result.stdout + result.stderr
+    assert time.monotonic() - start < 90
+
+
+def test_incomplete_launch_environment_is_one_line(data_dir, monkeypatch):
+    env = {"WORLD_SIZE": "2", "RANK": "0"}
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    result = clusterlm("train", "--data.dir", str(data_dir), *TINY, env=env, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "MASTER_ADDR" in result.stderr and "torchrun" in result.stderr
+
+
+@pytest.mark.parametrize("strategy,replicate,shard,world,expected", [
+    ("ddp", 0, 0, 4, (4, 1)), ("zero1", 0, 0, 2, (2, 1)), ("zero2", 0, 0, 4, (1, 4)),
+    ("zero3", 0, 0, 8, (1, 8)), ("hsdp", 2, 0, 8, (2, 4)), ("hsdp", 0, 2, 8, (4, 2)),
+])
+def test_mesh_degrees_are_derived(strategy, replicate, shard, world, expected):
+    cfg = ParallelConfig(data_parallel=strategy, dp_replicate=replicate, dp_shard=shard)
+    assert resolve_degrees(cfg, world) == expected
+
+
+@pytest.mark.parametrize("strategy,replicate,shard,world,message", [
+    ("ddp", 3, 0, 4, "multiply to the world size"),
+    ("zero3", 0, 3, 4, "multiply to the world size"),
+    ("ddp", 0, 2, 4, "replicates only"),
+    ("zero2", 2, 0, 4, "use hsdp"),
+    ("hsdp", 0, 0, 4, "needs parallel.dp_replicate"),
+])
+def test_bad_degrees_fail_with_one_line(strategy, replicate, shard, world, message):
+    with pytest.raises(UserError, match=message):
+        resolve_degrees(ParallelConfig(data_parallel=strategy, dp_replicate=replicate, dp_shard=shard), world)
