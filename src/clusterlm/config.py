@@ -102,6 +102,15 @@ class ParallelConfig:
 
 
 @dataclass
+class CommConfig:
+    allreduce: str = opt("native", "ddp/zero1 gradient all-reduce algorithm (native = the backend's own)",
+                         ("native", "ring", "tree", "halving_doubling", "hierarchical", "mesh2d", "parameter_server"))
+    compression: str = opt("none", "ddp/zero1 gradient compression", ("none", "fp16", "bf16", "powersgd", "topk"))
+    powersgd_rank: int = opt(1, "rank of the PowerSGD low-rank approximation")
+    topk_ratio: float = opt(0.01, "fraction of gradient entries top-k sparsification sends")
+
+
+@dataclass
 class CheckpointConfig:
     interval: int = opt(500, "save every N steps (0 = only at the end)")
     keep_last: int = opt(2, "complete checkpoints to keep; older ones are deleted")
@@ -125,6 +134,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -291,6 +301,12 @@ def validate(cfg: Config) -> None:
     for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
         if not 0.0 <= beta < 1.0:
             raise UserError(f"{key} must be in [0, 1), got {beta}")
+    custom_comm = cfg.comm.allreduce != "native" or cfg.comm.compression != "none"
+    if custom_comm and cfg.parallel.data_parallel not in ("ddp", "zero1"):
+        raise UserError("comm.allreduce / comm.compression apply to parallel.data_parallel = ddp or zero1 "
+                        "(FSDP reduces through reduce-scatter)")
+    if cfg.comm.powersgd_rank < 1 or not 0 < cfg.comm.topk_ratio <= 1:
+        raise UserError("comm.powersgd_rank must be >= 1 and comm.topk_ratio in (0, 1]")
     if cfg.parallel.cpu_offload and cfg.parallel.data_parallel not in ("zero3", "hsdp"):
         raise UserError("parallel.cpu_offload needs parallel.data_parallel = zero3 or hsdp")
     if c.resume not in ("none", "auto") and not c.resume:

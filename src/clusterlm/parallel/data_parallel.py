@@ -22,7 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from clusterlm.config import ParallelConfig
+from clusterlm.comm.hooks import register_comm_hook
+from clusterlm.config import CommConfig, ParallelConfig
 from clusterlm.errors import UserError
 
 SHARDED = ("zero2", "zero3", "hsdp")
@@ -59,16 +60,23 @@ def build_mesh(device: torch.device, replicate: int, shard: int) -> DeviceMesh:
 
 
 def apply_data_parallel(
-    model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype | None
+    model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, comm: CommConfig, param_dtype: torch.dtype | None
 ) -> nn.Module:
     """Wrap ``model`` for ``cfg.data_parallel``. ``param_dtype`` is the compute dtype under mixed
-    precision: FSDP gathers parameters in it and reduces gradients in fp32."""
+    precision: FSDP gathers parameters in it and reduces gradients in fp32. ``comm`` picks the
+    all-reduce algorithm and compression of DDP's gradient buckets."""
     if cfg.data_parallel in ("ddp", "zero1"):
         device_ids = [torch.cuda.current_device()] if mesh.device_type == "cuda" else None
-        return DistributedDataParallel(
+        ddp = DistributedDataParallel(
             model, device_ids=device_ids, process_group=mesh["dp_replicate"].get_group(),
             bucket_cap_mb=cfg.bucket_mb,
         )
+        if comm.allreduce != "native" or comm.compression != "none":
+            options = {"rank": comm.powersgd_rank} if comm.compression == "powersgd" else {}
+            if comm.compression == "topk":
+                options = {"ratio": comm.topk_ratio}
+            register_comm_hook(ddp, comm.allreduce, comm.compression, compression_options=options)
+        return ddp
     dp_mesh = mesh[("dp_replicate", "dp_shard")] if cfg.data_parallel == "hsdp" else mesh["dp_shard"]
     options = {
         "mesh": dp_mesh,

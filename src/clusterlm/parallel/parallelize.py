@@ -36,5 +36,5 @@ def parallelize(
         apply_compile(model)
     if mesh is not None:
         param_dtype = None if compute_dtype == torch.float32 else compute_dtype
-        model = apply_data_parallel(model, mesh, cfg.parallel, param_dtype)
+        model = apply_data_parallel(model, mesh, cfg.parallel, cfg.comm, param_dtype)
     return model
