@@ -63,7 +63,9 @@ class TrainingConfig:
     precision: str = opt("fp32", "compute precision (fp16 needs CUDA; master weights stay fp32)",
                          ("fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the model")
-    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward")
+    activation_checkpointing: str = opt("none", "recompute activations in backward: full (each block from its "
+                                        "input) or selective (keep matmul and attention outputs, recompute "
+                                        "the rest)", ("none", "selective", "full"))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = opt(250, "evaluate every N steps (0 = only at the end)")
     eval_batches: int = opt(20, "validation batches per evaluation")

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from clusterlm.config import Config
 from clusterlm.parallel.data_parallel import apply_data_parallel
 
+# Outputs worth keeping under selective checkpointing: the matmuls and attention, whose recompute
+# costs FLOPs. Norms, activations, dropout and adds are recomputed: cheap, and most of the memory
+# (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models").
+SAVED_OPS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations during backward instead of keeping them: memory per
-    layer drops to the block's input, at the cost of one more forward per block."""
+
+def _save_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """``full``: keep only each block's input and recompute the block in backward (one more
+    forward per block). ``selective``: keep the outputs of matmuls and attention, recompute the
+    element-wise rest."""
+    options = {}
+    if mode == "selective":
+        options["context_fn"] = partial(create_selective_checkpoint_contexts, _save_expensive_ops)
     for name, block in model.layers.named_children():
-        model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=True))
+        model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=True, **options))
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -30,8 +52,8 @@ def parallelize(
 ) -> nn.Module:
     """In torchtitan's order: activation checkpointing, compile, then data parallel (outermost,
     so FSDP units wrap compiled, checkpointed blocks). ``mesh`` is None in a single process."""
-    if cfg.training.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if cfg.training.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.training.activation_checkpointing)
     if cfg.training.compile:
         apply_compile(model)
     if mesh is not None:
