@@ -98,6 +98,9 @@ class ParallelConfig:
                              ("ddp", "zero1", "zero2", "zero3", "hsdp"))
     dp_replicate: int = opt(0, "data-parallel replicas (0 = derive from the world size and strategy)")
     dp_shard: int = opt(0, "data-parallel sharding degree (0 = derive from the world size and strategy)")
+    tp: int = opt(1, "tensor-parallel degree: attention heads and MLP columns split across this many ranks")
+    sequence_parallel: bool = opt(False, "with tp > 1: split norms, dropout and the residual stream along the "
+                                  "sequence too (activation memory / tp)")
     cpu_offload: bool = opt(False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
     bucket_mb: float = opt(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs)")
     timeout_s: float = opt(600.0, "seconds a collective may wait before the job fails as hung")
@@ -270,6 +273,7 @@ def validate(cfg: Config) -> None:
         "training.log_interval": t.log_interval, "optim.lr": o.lr, "checkpoint.keep_last": c.keep_last,
         "model.ffn_multiple_of": m.ffn_multiple_of, "model.norm_eps": m.norm_eps,
         "parallel.bucket_mb": cfg.parallel.bucket_mb, "parallel.timeout_s": cfg.parallel.timeout_s,
+        "parallel.tp": cfg.parallel.tp,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -303,6 +307,8 @@ def validate(cfg: Config) -> None:
     for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
         if not 0.0 <= beta < 1.0:
             raise UserError(f"{key} must be in [0, 1), got {beta}")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
+        raise UserError("parallel.sequence_parallel needs parallel.tp > 1")
     custom_comm = cfg.comm.allreduce != "native" or cfg.comm.compression != "none"
     if custom_comm and cfg.parallel.data_parallel not in ("ddp", "zero1"):
         raise UserError("comm.allreduce / comm.compression apply to parallel.data_parallel = ddp or zero1 "

@@ -2,101 +2,26 @@
 
 Real processes on gloo. Each run trains the tiny model for 20 steps; rank 0 logs the loss of every
 step (averaged over ranks) and the final checkpoint is loaded into a single-process model, which
-also checks resharding N ranks -> 1. Tolerance (fp32): relative 1e-5 on losses and weights, the
-issue's bound; the differences are only the order of floating-point sums in the reductions.
-Weights are compared per tensor by relative norm, ||a - b|| <= 1e-5 ||b||. The key projection's
-bias is left out: softmax is shift-invariant per query, so its exact gradient is zero, and AdamW
-turns the rounding noise left in it into full-size updates of random sign in any two runs.
+also checks resharding N ranks -> 1. Tolerances: see training.py (fp32: relative 1e-5).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-import torch
 
-from clusterlm.config import build_config, config_from_dict
 from clusterlm.train import checkpoint
-from clusterlm.train.trainer import build_model, train
 
-from .helpers import run_distributed
-
-STEPS = 20
-MICRO = 2  # sequences per rank per micro-step
-BASE = {
-    "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 16,
-    "training.steps": STEPS, "training.eval_batches": 2, "training.eval_interval": 10,
-    "training.log_interval": 1, "optim.warmup_steps": 3, "optim.lr": 3e-3,
-    "checkpoint.interval": 0, "metrics.progress": "none", "metrics.tensorboard": False,
-    "metrics.plot": False, "metrics.peak_flops": 1e12,
-}
+from .training import BASE, MICRO, STEPS, assert_equivalent, prepare_corpus, reference_runs, run
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from clusterlm.cli import main as cli
-
-    root = tmp_path_factory.mktemp("dp-corpus")
-    text = "".join(f"line {i}: to be or not to be, that is the question {i * 7 % 13}\n" for i in range(3000))
-    (root / "text.txt").write_text(text)
-    assert cli(["prepare", str(root / "text.txt"), "--out", str(root / "data"), "--workers", "1"]) == 0
-    return root / "data"
-
-
-def _train_rank(rank: int, world_size: int, values: dict) -> dict:
-    return train(build_config(None, values))
-
-
-def run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> tuple[dict[int, float], dict]:
-    values = {**BASE, "data.dir": str(data_dir), "training.out_dir": str(out_dir)}
-    values.update({key.replace("__", "."): value for key, value in overrides.items()})
-    if world_size == 1:
-        train(build_config(None, values))
-    else:
-        run_distributed(_train_rank, world_size, values, timeout=240)
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-    val = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
-    return losses, {"val": val, "weights": _final_weights(out_dir)}
-
-
-def _final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    path = checkpoint.resolve_resume("auto", out_dir / "checkpoints")
-    cfg = config_from_dict(checkpoint.verify(path)["config"])
-    model = build_model(cfg, cfg.model.vocab_size, torch.device("cpu"))
-    checkpoint.load_checkpoint(path, model)
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_equivalent(reference, candidate, rtol=1e-5):
-    ref_losses, ref = reference
-    losses, other = candidate
-    assert losses.keys() == ref_losses.keys()
-    for step in ref_losses:
-        assert losses[step] == pytest.approx(ref_losses[step], rel=rtol), f"step {step}"
-    for step in ref["val"]:
-        assert other["val"][step] == pytest.approx(ref["val"][step], rel=rtol), f"val at {step}"
-    for name, tensor in ref["weights"].items():
-        if name.endswith("attn.wk.bias"):
-            continue
-        difference = (other["weights"][name] - tensor).norm() / tensor.norm()
-        assert difference <= rtol, f"{name}: relative difference {difference:.2e}"
+def data_dir(tmp_path_factory):
+    return prepare_corpus(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    """One process; global batch = MICRO x 4 sequences (the 4-rank jobs' batch)."""
-    cache = {}
-
-    def get(global_sequences: int):
-        if global_sequences not in cache:
-            out = tmp_path_factory.mktemp(f"ref{global_sequences}")
-            cache[global_sequences] = run(data_dir, out, 1, training__micro_batch_size=global_sequences)
-        return cache[global_sequences]
-
-    return get
+    return reference_runs(data_dir, tmp_path_factory)
 
 
 CASES = [

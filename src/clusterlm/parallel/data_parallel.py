@@ -30,7 +30,11 @@ SHARDED = ("zero2", "zero3", "hsdp")
 
 
 def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(dp_replicate, dp_shard) for the strategy; zeros are derived so the product is the world."""
+    """(dp_replicate, dp_shard) for the strategy; zeros are derived so that
+    dp_replicate x dp_shard x tp is the world size."""
+    if world_size % cfg.tp:
+        raise UserError(f"parallel.tp ({cfg.tp}) does not divide the {world_size} processes of the job")
+    world_size //= cfg.tp
     replicate, shard = cfg.dp_replicate, cfg.dp_shard
     strategy = cfg.data_parallel
     if strategy in ("ddp", "zero1"):
@@ -49,14 +53,20 @@ def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
         shard = shard or world_size // replicate
     if replicate * shard != world_size:
         raise UserError(
-            f"parallel.dp_replicate ({replicate}) x parallel.dp_shard ({shard}) = {replicate * shard} "
-            f"but the job has {world_size} processes; make the degrees multiply to the world size"
+            f"parallel.dp_replicate ({replicate}) x parallel.dp_shard ({shard}) x parallel.tp ({cfg.tp}) = "
+            f"{replicate * shard * cfg.tp} but the job has {world_size * cfg.tp} processes; make the "
+            "degrees multiply to the world size"
         )
+    if cfg.tp > 1 and replicate * shard > 1 and strategy in ("ddp", "zero1"):
+        raise UserError(f"parallel.tp > 1 composes with zero2, zero3 or hsdp data parallelism, not {strategy}")
     return replicate, shard
 
 
-def build_mesh(device: torch.device, replicate: int, shard: int) -> DeviceMesh:
-    return init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+def build_mesh(device: torch.device, replicate: int, shard: int, tp: int) -> DeviceMesh:
+    """One mesh for every dimension; tp innermost so a tensor-parallel group shares a node."""
+    return init_device_mesh(
+        device.type, (replicate, shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
+    )
 
 
 def apply_data_parallel(
@@ -65,6 +75,8 @@ def apply_data_parallel(
     """Wrap ``model`` for ``cfg.data_parallel``. ``param_dtype`` is the compute dtype under mixed
     precision: FSDP gathers parameters in it and reduces gradients in fp32. ``comm`` picks the
     all-reduce algorithm and compression of DDP's gradient buckets."""
+    if mesh["dp_replicate"].size() * mesh["dp_shard"].size() == 1:
+        return model  # one data-parallel rank: nothing to reduce
     if cfg.data_parallel in ("ddp", "zero1"):
         device_ids = [torch.cuda.current_device()] if mesh.device_type == "cuda" else None
         ddp = DistributedDataParallel(

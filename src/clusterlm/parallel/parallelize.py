@@ -12,6 +12,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from clusterlm.config import Config
 from clusterlm.parallel.data_parallel import apply_data_parallel
+from clusterlm.parallel.tensor_parallel import apply_tensor_parallel
 
 # Outputs worth keeping under selective checkpointing: the matmuls and attention, whose recompute
 # costs FLOPs. Norms, activations, dropout and adds are recomputed: cheap, and most of the memory
@@ -50,8 +51,11 @@ def apply_compile(model: nn.Module) -> None:
 def parallelize(
     model: nn.Module, cfg: Config, mesh: DeviceMesh | None, compute_dtype: torch.dtype
 ) -> nn.Module:
-    """In torchtitan's order: activation checkpointing, compile, then data parallel (outermost,
-    so FSDP units wrap compiled, checkpointed blocks). ``mesh`` is None in a single process."""
+    """In torchtitan's order: tensor parallel, activation checkpointing, compile, then data
+    parallel (outermost, so FSDP units wrap compiled, checkpointed blocks). ``mesh`` is None in a
+    single process."""
+    if mesh is not None and cfg.parallel.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
     if cfg.training.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.training.activation_checkpointing)
     if cfg.training.compile:

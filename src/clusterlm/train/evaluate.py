@@ -12,6 +12,7 @@ from torch import nn
 
 from clusterlm.config import Config, grad_accum_steps
 from clusterlm.data.loader import eval_batches
+from clusterlm.parallel.tensor_parallel import full_value, loss_context
 from clusterlm.train.precision import Precision
 from clusterlm.train.runtime import Runtime
 
@@ -41,11 +42,13 @@ def evaluate_loss(
         x, y = x.to(runtime.device), y.to(runtime.device)
         with precision.autocast():
             logits = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+        with loss_context(runtime.tp_size):
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        total += full_value(loss_sum).double()
         count += y.numel()
     model.train(was_training)
     totals = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=runtime.device)])
-    if runtime.world_size > 1:
+    if runtime.world_size > 1:  # tensor-parallel copies scale sum and count alike: the mean holds
         dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
 

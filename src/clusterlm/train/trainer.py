@@ -35,6 +35,7 @@ from clusterlm.launch import add_launch_arguments, run_torchrun
 from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.data_parallel import SHARDED, gradient_sync
+from clusterlm.parallel.tensor_parallel import full_value, loss_context
 from clusterlm.train import checkpoint
 from clusterlm.train.evaluate import eval_windows, evaluate_loss
 from clusterlm.train.hardware import peak_flops
@@ -117,7 +118,7 @@ def _resume(session: Session) -> None:
 def train_step(s: Session) -> torch.Tensor:
     """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss (a
     tensor, so the device is not synchronized unless the caller reads it)."""
-    torch.manual_seed(hash((s.cfg.training.seed, s.step, s.runtime.rank)) % 2**63)  # dropout
+    torch.manual_seed(_dropout_seed(s))
     lr = lr_at(s.step, s.cfg.optim, s.cfg.training.steps)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
@@ -127,9 +128,10 @@ def train_step(s: Session) -> torch.Tensor:
         with gradient_sync(s.model, enabled=i == len(micro_batches) - 1):
             with s.precision.autocast():
                 logits = s.model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            s.precision.scale(loss / s.grad_accum).backward()
-        total += loss.detach()
+            with loss_context(s.runtime.tp_size):
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                s.precision.scale(loss / s.grad_accum).backward()
+        total += full_value(loss.detach())
     s.precision.unscale(s.optimizer)
     if s.cfg.training.grad_clip:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.training.grad_clip)
@@ -138,6 +140,13 @@ def train_step(s: Session) -> torch.Tensor:
     s.step += 1
     s.tokens += s.tokens_per_step
     return total / s.grad_accum
+
+
+def _dropout_seed(s: Session) -> int:
+    """Dropout masks are a function of (seed, step, rank). Tensor-parallel ranks hold the same
+    residual stream unless it is split along the sequence, so they share a seed then."""
+    tp_rank = s.runtime.tp_rank if s.cfg.parallel.sequence_parallel else 0
+    return hash((s.cfg.training.seed, s.step, s.runtime.dp_rank, tp_rank)) % 2**63
 
 
 def save(s: Session) -> Path:

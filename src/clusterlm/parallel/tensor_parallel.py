@@ -1,0 +1,134 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) and sequence parallelism (Korthikanti et
+al. 2022) applied to the plain ``Transformer`` with DTensor ``parallelize_module`` plans.
+
+The plan, per block, on a 1-D ``tp`` mesh:
+
+- attention: ``wq``, ``wk``, ``wv`` split by output (column-parallel: each rank owns
+  ``n_head / tp`` query heads and ``n_kv_head / tp`` KV heads), ``wo`` split by input
+  (row-parallel), so one reduction per attention and none inside it;
+- MLP: ``w1`` (and llama's ``w3``) column-parallel, ``w2`` row-parallel;
+- token embedding split on the vocabulary (row-parallel ``nn.Embedding``); output head
+  column-parallel, its logits left sharded on the vocabulary (a DTensor, ``Shard(-1)``) so the loss
+  runs under ``loss_parallel()`` without gathering ``[batch, seq, vocab]`` on any rank. GPT-2's tied
+  head and embedding are both ``Shard(0)`` on the vocabulary, so they stay one parameter;
+- everything else (norms, learned positions, row-parallel biases) replicated as DTensors, so every
+  parameter is a DTensor on the mesh and gradient clipping and checkpointing treat them alike.
+
+The residual stream between blocks is replicated, or with ``sequence_parallel=True`` split along
+the sequence (``Shard(1)``): norms, dropout and the residual additions then run on ``seq / tp``
+tokens, the row-parallel reductions become reduce-scatters and an all-gather of the sequence
+precedes each column-parallel group (same communication volume, ``1 / tp`` of the activations).
+RoPE tables are indexed inside attention, after that all-gather, so they see the full sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from clusterlm.errors import UserError
+from clusterlm.models.gpt import Transformer
+
+
+class ReplicateParallel(ParallelStyle):
+    """Replicate the module's parameters as DTensors; it runs on activations every rank holds in
+    full, and its output is handed on as a local tensor laid out as ``output_layout``."""
+
+    def __init__(self, output_layout: Placement | None = None):
+        super().__init__()
+        self.output_layout = output_layout or Replicate()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def replicate_inputs(_module, inputs, mesh):
+            return tuple(
+                DTensor.from_local(x, mesh, (Replicate(),), run_check=False) if isinstance(x, torch.Tensor) else x
+                for x in inputs
+            )
+
+        def local_output(_module, output, mesh):
+            return output.redistribute(mesh, (self.output_layout,)).to_local()
+
+        return distribute_module(module, device_mesh, input_fn=replicate_inputs, output_fn=local_output)
+
+
+def check_divisible(model: Transformer, tp: int) -> None:
+    """Heads are the unit of the attention split: every rank must hold whole query and KV heads."""
+    args = model.args
+    for name, count in (("n_head", args.n_head), ("n_kv_head", args.n_kv_head)):
+        if count % tp:
+            raise UserError(f"model.{name} = {count} is not divisible by parallel.tp = {tp}; "
+                            f"choose a tp that divides model.{name}")
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+    """Shard ``model`` in place over the 1-D ``tp_mesh``; see the module docstring for the plan.
+
+    Afterwards every parameter is a DTensor, and ``model(tokens)`` (tokens replicated on the mesh)
+    returns logits as a DTensor sharded on the vocabulary: compute the loss inside
+    ``torch.distributed.tensor.parallel.loss_parallel()``.
+    """
+    check_divisible(model, tp_mesh.size())
+    residual = Shard(1) if sequence_parallel else Replicate()
+    # Norms are elementwise along the sequence, so under SP each rank normalises its own tokens.
+    norm_style = SequenceParallel() if sequence_parallel else ReplicateParallel()
+    tied = model.output.weight is model.tok_embeddings.weight
+
+    top_plan: dict[str, ParallelStyle] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
+        "norm": norm_style,
+        "output": ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False),
+    }
+    if model.pos_embeddings is not None:
+        # Replicated table; under SP each rank keeps the positions of its own sequence slice. The
+        # slice is taken by a DTensor redistribute so backward all-gathers the position gradient.
+        top_plan["pos_embeddings"] = ReplicateParallel(output_layout=Shard(0) if sequence_parallel else Replicate())
+    parallelize_module(model, tp_mesh, top_plan)
+    if tied:
+        # Each style distributed its own copy of the shared matrix; both are Shard(0) on the
+        # vocabulary, so pointing the head back at the embedding's DTensor restores the tie and
+        # both uses accumulate into one gradient.
+        model.output.weight = model.tok_embeddings.weight
+
+    for block in model.layers.values():
+        # One entry point per column-parallel group: the sequence is gathered once (SP), and in
+        # backward the input gradients of wq/wk/wv (w1/w3) are summed before a single reduction.
+        gather_sequence = PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None))
+        block_plan: dict[str, ParallelStyle] = {
+            "attn_norm": norm_style,
+            "attn": gather_sequence,
+            "attn.wq": ColwiseParallel(),
+            "attn.wk": ColwiseParallel(),
+            "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=residual),
+            "mlp_norm": norm_style,
+            "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
+            "mlp.w1": ColwiseParallel(),
+            "mlp.w2": RowwiseParallel(output_layouts=residual),
+        }
+        if block.mlp.w3 is not None:
+            block_plan["mlp.w3"] = ColwiseParallel()
+        parallelize_module(block, tp_mesh, block_plan)
+
+
+def loss_context(tp: int) -> contextlib.AbstractContextManager:
+    """Where the loss and its backward run: with tp > 1 the logits stay sharded on the vocabulary
+    and cross-entropy is computed in parallel (``loss_parallel``), never gathering full logits."""
+    return loss_parallel() if tp > 1 else contextlib.nullcontext()
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (replicated) DTensor result such as the parallel loss."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
