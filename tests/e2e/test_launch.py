@@ -38,6 +38,17 @@ def test_train_with_nproc_runs_through_torchrun(data_dir, tmp_path):
     assert (tmp_path / "checkpoints" / "step_00000006" / "complete.json").is_file()
 
 
+def test_plain_torchrun_module_launch_works_the_same(data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "clusterlm.train",
+         "--data.dir", str(data_dir), "--training.out_dir", str(tmp_path), "--training.steps", "4",
+         "--parallel.data_parallel", "ddp", *TINY],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: step 4") == 1
+
+
 def test_a_failing_rank_ends_the_job_with_its_traceback():
     script = Path(__file__).with_name("fail_one_rank.py")
     start = time.monotonic()
