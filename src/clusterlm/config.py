@@ -101,6 +101,12 @@ class ParallelConfig:
     tp: int = opt(1, "tensor-parallel degree: attention heads and MLP columns split across this many ranks")
     sequence_parallel: bool = opt(False, "with tp > 1: split norms, dropout and the residual stream along the "
                                   "sequence too (activation memory / tp)")
+    pp: int = opt(1, "pipeline-parallel degree: the layers cut into stages on this many ranks")
+    pp_schedule: str = opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs",
+                                                         "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"))
+    pp_microbatches: int = opt(0, "micro-batches a pipeline step splits the batch into (0 = 2 x pp)")
+    pp_stages_per_rank: int = opt(0, "stages each pipeline rank holds (0 = what the schedule needs: 1, or 2 "
+                                  "for interleaved and V schedules)")
     cpu_offload: bool = opt(False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
     bucket_mb: float = opt(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs)")
     timeout_s: float = opt(600.0, "seconds a collective may wait before the job fails as hung")
@@ -273,7 +279,7 @@ def validate(cfg: Config) -> None:
         "training.log_interval": t.log_interval, "optim.lr": o.lr, "checkpoint.keep_last": c.keep_last,
         "model.ffn_multiple_of": m.ffn_multiple_of, "model.norm_eps": m.norm_eps,
         "parallel.bucket_mb": cfg.parallel.bucket_mb, "parallel.timeout_s": cfg.parallel.timeout_s,
-        "parallel.tp": cfg.parallel.tp,
+        "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -286,6 +292,8 @@ def validate(cfg: Config) -> None:
         "optim.decay_steps": o.decay_steps, "optim.weight_decay": o.weight_decay,
         "checkpoint.interval": c.interval, "metrics.peak_flops": cfg.metrics.peak_flops,
         "parallel.dp_replicate": cfg.parallel.dp_replicate, "parallel.dp_shard": cfg.parallel.dp_shard,
+        "parallel.pp_microbatches": cfg.parallel.pp_microbatches,
+        "parallel.pp_stages_per_rank": cfg.parallel.pp_stages_per_rank,
     }
     for key, value in non_negative.items():
         if value < 0:

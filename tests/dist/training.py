@@ -63,7 +63,7 @@ def _final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
     path = checkpoint.resolve_resume("auto", out_dir / "checkpoints")
     cfg = config_from_dict(checkpoint.verify(path)["config"])
     model = build_model(cfg, cfg.model.vocab_size, torch.device("cpu"))
-    checkpoint.load_checkpoint(path, model)
+    checkpoint.load_checkpoint(path, [model])
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 

@@ -53,7 +53,7 @@ def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
 
     cfg = config_from_dict(state["config"])
     model = build_model(cfg, cfg.model.vocab_size, torch.device("cpu"))
-    checkpoint.load_checkpoint(path, model)
+    checkpoint.load_checkpoint(path, [model])
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -43,6 +43,11 @@ class ModelArgs:
     def is_llama(self) -> bool:
         return self.flavour == "llama"
 
+    @property
+    def tie_embeddings(self) -> bool:
+        """gpt2 uses the token table as the output projection."""
+        return not self.is_llama
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -150,8 +155,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layer)})
         self.norm = norm_layer(args)
         self.output = nn.Linear(args.n_embd, args.vocab_size, bias=False)
-        if not args.is_llama:
-            self.output.weight = self.tok_embeddings.weight  # tied embeddings (GPT-2)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         if args.is_llama:
             cos, sin = rotary_tables(args.head_dim, args.block_size, args.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -177,19 +182,27 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]."""
+        """tokens [B, T] -> logits [B, T, vocab].
+
+        A pipeline stage is this model with modules removed: without ``tok_embeddings`` the input
+        is the hidden state [B, T, d] of the previous stage, and without ``norm`` and ``output`` the
+        hidden state is returned.
+        """
         seq = tokens.size(1)
         if seq > self.args.block_size:
             raise ValueError(f"sequence length {seq} exceeds block_size {self.args.block_size}")
-        h = self.tok_embeddings(tokens)
-        rope = None
-        if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings(torch.arange(seq, device=tokens.device))
+        rope = (self.rope_cos[:seq], self.rope_sin[:seq]) if self.args.is_llama else None
+        if self.tok_embeddings is None:
+            h = tokens
         else:
-            rope = (self.rope_cos[:seq], self.rope_sin[:seq])
-        h = self.dropout(h)
+            h = self.tok_embeddings(tokens)
+            if self.pos_embeddings is not None:
+                h = h + self.pos_embeddings(torch.arange(seq, device=tokens.device))
+            h = self.dropout(h)
         for layer in self.layers.values():
             h = layer(h, rope)
+        if self.output is None:
+            return h
         return self.output(self.norm(h))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -31,10 +31,12 @@ SHARDED = ("zero2", "zero3", "hsdp")
 
 def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
     """(dp_replicate, dp_shard) for the strategy; zeros are derived so that
-    dp_replicate x dp_shard x tp is the world size."""
-    if world_size % cfg.tp:
-        raise UserError(f"parallel.tp ({cfg.tp}) does not divide the {world_size} processes of the job")
-    world_size //= cfg.tp
+    pp x dp_replicate x dp_shard x tp is the world size."""
+    model_parallel = cfg.pp * cfg.tp
+    if world_size % model_parallel:
+        raise UserError(f"parallel.pp x parallel.tp ({cfg.pp} x {cfg.tp}) does not divide the {world_size} "
+                        "processes of the job")
+    world_size //= model_parallel
     replicate, shard = cfg.dp_replicate, cfg.dp_shard
     strategy = cfg.data_parallel
     if strategy in ("ddp", "zero1"):
@@ -53,20 +55,23 @@ def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
         shard = shard or world_size // replicate
     if replicate * shard != world_size:
         raise UserError(
-            f"parallel.dp_replicate ({replicate}) x parallel.dp_shard ({shard}) x parallel.tp ({cfg.tp}) = "
-            f"{replicate * shard * cfg.tp} but the job has {world_size * cfg.tp} processes; make the "
-            "degrees multiply to the world size"
+            f"parallel.pp ({cfg.pp}) x dp_replicate ({replicate}) x dp_shard ({shard}) x tp ({cfg.tp}) = "
+            f"{replicate * shard * model_parallel} but the job has {world_size * model_parallel} processes; "
+            "make the degrees multiply to the world size"
         )
-    if cfg.tp > 1 and replicate * shard > 1 and strategy in ("ddp", "zero1"):
-        raise UserError(f"parallel.tp > 1 composes with zero2, zero3 or hsdp data parallelism, not {strategy}")
+    if model_parallel > 1 and replicate * shard > 1 and strategy in ("ddp", "zero1"):
+        raise UserError(f"parallel.tp or parallel.pp > 1 composes with zero2, zero3 or hsdp data parallelism, "
+                        f"not {strategy}")
     return replicate, shard
 
 
-def build_mesh(device: torch.device, replicate: int, shard: int, tp: int) -> DeviceMesh:
-    """One mesh for every dimension; tp innermost so a tensor-parallel group shares a node."""
-    return init_device_mesh(
-        device.type, (replicate, shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
-    )
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+def build_mesh(device: torch.device, pp: int, replicate: int, shard: int, tp: int) -> DeviceMesh:
+    """One mesh for every dimension; tp innermost so a tensor-parallel group shares a node, pp
+    outermost so only point-to-point stage traffic crosses the slowest links."""
+    return init_device_mesh(device.type, (pp, replicate, shard, tp), mesh_dim_names=MESH_DIMS)
 
 
 def apply_data_parallel(

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from clusterlm.config import Config
 from clusterlm.parallel.data_parallel import apply_data_parallel
+from clusterlm.parallel.pipeline import build_schedule, split_into_stages
 from clusterlm.parallel.tensor_parallel import apply_tensor_parallel
 
 # Outputs worth keeping under selective checkpointing: the matmuls and attention, whose recompute
@@ -48,19 +52,38 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
+@dataclass
+class Pipeline:
+    """This rank's pipeline stages and the schedule that runs them."""
+
+    schedule: Any
+    stages: list[PipelineStage]
+
+
 def parallelize(
     model: nn.Module, cfg: Config, mesh: DeviceMesh | None, compute_dtype: torch.dtype
-) -> nn.Module:
-    """In torchtitan's order: tensor parallel, activation checkpointing, compile, then data
-    parallel (outermost, so FSDP units wrap compiled, checkpointed blocks). ``mesh`` is None in a
-    single process."""
-    if mesh is not None and cfg.parallel.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
-    if cfg.training.activation_checkpointing != "none":
-        apply_activation_checkpointing(model, cfg.training.activation_checkpointing)
-    if cfg.training.compile:
-        apply_compile(model)
-    if mesh is not None:
-        param_dtype = None if compute_dtype == torch.float32 else compute_dtype
-        model = apply_data_parallel(model, mesh, cfg.parallel, cfg.comm, param_dtype)
-    return model
+) -> tuple[list[nn.Module], Pipeline | None]:
+    """This rank's model parts, parallelized, and its pipeline (None without one).
+
+    The pipeline split comes first; then each part gets, in torchtitan's order, tensor parallel,
+    activation checkpointing, compile, and data parallel (outermost, so FSDP units wrap compiled,
+    checkpointed blocks). ``mesh`` is None in a single process."""
+    def parallelize_part(part: nn.Module) -> nn.Module:
+        if mesh is not None and cfg.parallel.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], cfg.parallel.sequence_parallel)
+        if cfg.training.activation_checkpointing != "none":
+            apply_activation_checkpointing(part, cfg.training.activation_checkpointing)
+        if cfg.training.compile:
+            apply_compile(part)
+        if mesh is not None:
+            param_dtype = None if compute_dtype == torch.float32 else compute_dtype
+            part = apply_data_parallel(part, mesh, cfg.parallel, cfg.comm, param_dtype)
+        return part
+
+    if mesh is None or cfg.parallel.pp == 1:
+        return [parallelize_part(model)], None
+    p = cfg.parallel
+    stages = split_into_stages(model, mesh["pp"].get_group(), p.pp_schedule, p.pp_stages_per_rank or None,
+                               parallelize_stage=parallelize_part)
+    schedule = build_schedule(stages, p.pp_schedule, p.pp_microbatches or 2 * p.pp)
+    return [stage.submod for stage in stages], Pipeline(schedule, stages)

@@ -84,14 +84,17 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     residual = Shard(1) if sequence_parallel else Replicate()
     # Norms are elementwise along the sequence, so under SP each rank normalises its own tokens.
     norm_style = SequenceParallel() if sequence_parallel else ReplicateParallel()
-    tied = model.output.weight is model.tok_embeddings.weight
+    # A pipeline stage may lack the embeddings (not the first stage) or the head (not the last).
+    first, last = model.tok_embeddings is not None, model.output is not None
+    tied = first and last and model.output.weight is model.tok_embeddings.weight
 
-    top_plan: dict[str, ParallelStyle] = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
-        "norm": norm_style,
-        "output": ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False),
-    }
-    if model.pos_embeddings is not None:
+    top_plan: dict[str, ParallelStyle] = {}
+    if first:
+        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if last:
+        top_plan["norm"] = norm_style
+        top_plan["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    if first and model.pos_embeddings is not None:
         # Replicated table; under SP each rank keeps the positions of its own sequence slice. The
         # slice is taken by a DTensor redistribute so backward all-gathers the position gradient.
         top_plan["pos_embeddings"] = ReplicateParallel(output_layout=Shard(0) if sequence_parallel else Replicate())

@@ -117,17 +117,28 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Model and optimizer tensors keyed by parameter name (DCP reshards these across layouts).
-    Optimizer hyper-parameters are left out: they come from the config and the step."""
+def _part_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+    """One model part's tensors and its optimizer's state, keyed by parameter name."""
     if optimizer is None:
-        model_state, _ = get_state_dict(model, [])
-        return {"model": model_state}
+        return get_state_dict(model, [])[0], {}
     if isinstance(optimizer, ZeroRedundancyOptimizer):
-        model_state, _ = get_state_dict(model, [])
-        return {"model": model_state, "optim": _owned_optimizer_state(model, optimizer)}
+        return get_state_dict(model, [])[0], _owned_optimizer_state(model, optimizer)
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optim": optim_state["state"]}
+    return model_state, optim_state["state"]
+
+
+def _tensor_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> dict[str, Any]:
+    """Model and optimizer tensors keyed by parameter name (DCP reshards these across layouts).
+    ``parts`` are this rank's pieces of the model (pipeline stages, or the one whole model), each
+    with its optimizer; their names are the full model's, so the pieces of all ranks form one
+    state any layout can read. Optimizer hyper-parameters are left out: they come from the config
+    and the step."""
+    model_state, optim_state = {}, {}
+    for part, optimizer in zip(parts, optimizers or [None] * len(parts), strict=True):
+        part_model, part_optim = _part_state(part, optimizer)
+        model_state.update(part_model)
+        optim_state.update(part_optim)
+    return {"model": model_state, "optim": optim_state} if optimizers else {"model": model_state}
 
 
 def _owned_optimizer_state(model: nn.Module, optimizer: ZeroRedundancyOptimizer) -> dict[str, Any]:
@@ -150,7 +161,7 @@ def _owned_optimizer_state(model: nn.Module, optimizer: ZeroRedundancyOptimizer)
 
 
 def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+    root: Path, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
     trainer_state: dict[str, Any], keep_last: int, files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write ``root/step_<step>`` atomically on every rank; returns its path. ``files`` are
@@ -162,7 +173,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     with _single_process_quiet():
-        dcp.save(_tensor_state(model, optimizer), storage_writer=dcp.FileSystemWriter(tmp),
+        dcp.save(_tensor_state(parts, optimizers), storage_writer=dcp.FileSystemWriter(tmp),
                  no_dist=not dist.is_initialized())
     if _is_main():
         _write_json_atomic(tmp / TRAINER_STATE, trainer_state)
@@ -225,23 +236,25 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None
 ) -> dict[str, Any]:
-    """Load tensors into ``model`` (and ``optimizer``), resharding to the current layout; returns
-    the trainer state. Call ``verify`` (or ``resolve_resume``) first."""
+    """Load tensors into the model ``parts`` (and their ``optimizers``), resharding to the current
+    layout; returns the trainer state. Call ``verify`` (or ``resolve_resume``) first."""
     path = Path(path)
-    state = _tensor_state(model, optimizer)
+    state = _tensor_state(parts, optimizers)
     with _single_process_quiet():
         dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
-    if isinstance(optimizer, ZeroRedundancyOptimizer):  # the state was loaded in place
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
-    elif optimizer is None:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
-    else:
-        _, template = get_state_dict(model, optimizer)
+    for part, optimizer in zip(parts, optimizers or [None] * len(parts), strict=True):
+        part_model, _ = _part_state(part, None)
+        model_state = {name: state["model"][name] for name in part_model}
+        if optimizer is None or isinstance(optimizer, ZeroRedundancyOptimizer):  # ZeRO-1 loaded in place
+            set_state_dict(part, [], model_state_dict=model_state, optim_state_dict={})
+            continue
+        _, template = get_state_dict(part, optimizer)
         set_state_dict(
-            model, optimizer, model_state_dict=state["model"],
-            optim_state_dict={"state": state["optim"], "param_groups": template["param_groups"]},
+            part, optimizer, model_state_dict=model_state,
+            optim_state_dict={"state": {name: state["optim"][name] for name in template["state"]},
+                              "param_groups": template["param_groups"]},
         )
     return json.loads((path / TRAINER_STATE).read_text())
 

@@ -12,6 +12,8 @@ from torch import nn
 
 from clusterlm.config import Config, grad_accum_steps
 from clusterlm.data.loader import eval_batches
+from clusterlm.parallel.parallelize import Pipeline
+from clusterlm.parallel.pipeline import pipeline_eval_loss
 from clusterlm.parallel.tensor_parallel import full_value, loss_context
 from clusterlm.train.precision import Precision
 from clusterlm.train.runtime import Runtime
@@ -26,13 +28,15 @@ def eval_windows(cfg: Config, dp_size: int) -> int:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, cfg: Config, runtime: Runtime, precision: Precision, num_windows: int,
-    split: str = "val",
+    parts: list[nn.Module], pipeline: Pipeline | None, cfg: Config, runtime: Runtime, precision: Precision,
+    num_windows: int, split: str = "val",
 ) -> float:
     """Mean cross-entropy over ``num_windows`` fixed windows, the same for every layout: each
-    rank scores a disjoint share and the sums are all-reduced."""
-    was_training = model.training
-    model.eval()
+    data-parallel rank scores a disjoint share (through the pipeline when there is one) and the
+    sums are all-reduced."""
+    was_training = [part.training for part in parts]
+    for part in parts:
+        part.eval()
     total = torch.zeros((), dtype=torch.float64, device=runtime.device)
     count = 0
     for x, y in eval_batches(
@@ -40,13 +44,15 @@ def evaluate_loss(
         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
     ):
         x, y = x.to(runtime.device), y.to(runtime.device)
-        with precision.autocast():
-            logits = model(x)
-        with loss_context(runtime.tp_size):
-            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        with precision.autocast(), loss_context(runtime.tp_size):
+            if pipeline is not None:
+                loss_sum = pipeline_eval_loss(pipeline.stages, x, y) * y.numel()
+            else:
+                loss_sum = F.cross_entropy(parts[0](x).flatten(0, 1).float(), y.flatten(), reduction="sum")
         total += full_value(loss_sum).double()
         count += y.numel()
-    model.train(was_training)
+    for part, mode in zip(parts, was_training, strict=True):
+        part.train(mode)
     totals = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=runtime.device)])
     if runtime.world_size > 1:  # tensor-parallel copies scale sum and count alike: the mean holds
         dist.all_reduce(totals)
@@ -66,7 +72,7 @@ def main(argv: list[str]) -> int:
     if args.batches:
         cfg.training.eval_batches = args.batches
     windows = eval_windows(cfg, loaded.state.get("dp_size", 1))
-    loss = evaluate_loss(loaded.model, cfg, loaded.runtime, loaded.precision, windows, args.split)
+    loss = evaluate_loss([loaded.model], None, cfg, loaded.runtime, loaded.precision, windows, args.split)
     print(f"{args.split} loss {loss:.4f} perplexity {math.exp(loss):.2f} "
           f"({windows} windows of {cfg.seq_len} tokens, checkpoint step {loaded.step})")
     return 0

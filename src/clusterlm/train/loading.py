@@ -57,6 +57,6 @@ def load_for_inference(args: argparse.Namespace) -> Loaded:
         cfg.training.precision = args.precision
     runtime = Runtime(device=resolve_device(args.device))
     model = build_model(cfg, cfg.model.vocab_size, runtime.device)
-    checkpoint.load_checkpoint(path, model)
+    checkpoint.load_checkpoint(path, [model])
     model.eval()
     return Loaded(cfg, model, runtime, Precision(cfg.training.precision, runtime.device), path, state)

@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from clusterlm.config import OptimConfig
+from clusterlm.models import Transformer
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_state: bool = False) -> torch.optim.Optimizer:
@@ -20,6 +21,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_state: bool = Fals
         id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)
     }
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # A last pipeline stage of a tied model holds its own copy of the token table as the output
+    # projection: it must be treated like the table it copies.
+    embedding_ids |= {
+        id(m.output.weight) for m in model.modules()
+        if isinstance(m, Transformer) and m.args.tie_embeddings and m.output is not None
+    }
     decay, no_decay = [], []
     for param in model.parameters():  # parameters() yields a tied matrix once
         if not param.requires_grad:

@@ -37,10 +37,12 @@ class Precision:
         if self.scaler:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Optimizer step; with a scaler, skipped when gradients overflowed, and the scale adapts."""
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Optimizer steps; with a scaler, skipped when gradients overflowed, and the scale adapts."""
+        for optimizer in optimizers:
+            if self.scaler:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
         if self.scaler:
-            self.scaler.step(optimizer)
             self.scaler.update()
-        else:
-            optimizer.step()

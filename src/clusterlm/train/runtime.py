@@ -34,6 +34,8 @@ class Runtime:
     mesh: DeviceMesh | None = None
     tp_rank: int = 0
     tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -66,11 +68,11 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.cuda.set_device(device)
     _join_process_group(device, cfg.parallel.timeout_s)
     replicate, shard = resolve_degrees(cfg.parallel, dist.get_world_size())
-    tp = cfg.parallel.tp
-    mesh = build_mesh(device, replicate, shard, tp)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    mesh = build_mesh(device, pp, replicate, shard, tp)
     dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
     return Runtime(device, dist.get_rank(), dist.get_world_size(), dp_rank, replicate * shard, mesh,
-                   tp_rank=mesh.get_local_rank("tp"), tp_size=tp)
+                   tp_rank=mesh.get_local_rank("tp"), tp_size=tp, pp_rank=mesh.get_local_rank("pp"), pp_size=pp)
 
 
 def average_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:

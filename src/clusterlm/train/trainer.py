@@ -32,9 +32,15 @@ from clusterlm.data.loader import TokenLoader
 from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.errors import UserError
 from clusterlm.launch import add_launch_arguments, run_torchrun
-from clusterlm.models import Transformer, training_flops_per_token
+from clusterlm.models import Transformer, param_count, training_flops_per_token
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.data_parallel import SHARDED, gradient_sync
+from clusterlm.parallel.parallelize import Pipeline
+from clusterlm.parallel.pipeline import (
+    clip_grad_norm_across_stages,
+    pipeline_step,
+    sync_tied_gradients,
+)
 from clusterlm.parallel.tensor_parallel import full_value, loss_context
 from clusterlm.train import checkpoint
 from clusterlm.train.evaluate import eval_windows, evaluate_loss
@@ -56,8 +62,9 @@ class Session:
 
     cfg: Config
     runtime: Runtime
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    parts: list[nn.Module]  # this rank's model: the whole model, or its pipeline stages
+    optimizers: list[torch.optim.Optimizer]  # one per part
+    pipeline: Pipeline | None
     loader: TokenLoader
     precision: Precision
     grad_accum: int
@@ -82,15 +89,19 @@ def build_session(cfg: Config) -> Session:
     flops = training_flops_per_token(model.args, cfg.seq_len)
     sharded = runtime.mesh is not None and cfg.parallel.data_parallel in SHARDED
     precision = Precision(cfg.training.precision, runtime.device, sharded)
-    model = parallelize(model, cfg, runtime.mesh, precision.compute_dtype)
+    parts, pipeline = parallelize(model, cfg, runtime.mesh, precision.compute_dtype)
     zero1 = runtime.mesh is not None and cfg.parallel.data_parallel == "zero1"
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
+    if pipeline is not None and grad_accum > 1:
+        raise UserError("with parallel.pp > 1 the pipeline splits each batch into parallel.pp_microbatches; "
+                        "leave training.tokens_per_step at one micro-batch per data-parallel rank")
     loader = TokenLoader(
         cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed, device=runtime.device,
     )
+    optimizers = [build_optimizer(part, cfg.optim, shard_state=zero1) for part in parts]
     session = Session(
-        cfg, runtime, model, build_optimizer(model, cfg.optim, shard_state=zero1), loader, precision, grad_accum,
+        cfg, runtime, parts, optimizers, pipeline, loader, precision, grad_accum,
         flops, peak_flops(runtime.device, precision.compute_dtype, cfg.metrics.peak_flops),
     )
     session.extra["tokenizer_sha256"] = manifest.tokenizer.sha256
@@ -110,36 +121,59 @@ def _resume(session: Session) -> None:
     checkpoint.check_compatible(saved["config"], cfg.to_dict(), path)
     if saved.get("tokenizer_sha256") != session.extra["tokenizer_sha256"]:
         raise UserError(f"checkpoint {path} was trained on data with a different tokenizer than {cfg.data.dir}")
-    state = checkpoint.load_checkpoint(path, session.model, session.optimizer)
+    state = checkpoint.load_checkpoint(path, session.parts, session.optimizers)
     session.loader.load_state_dict(state["loader"])
     session.step, session.tokens, session.resumed_from = state["step"], state["tokens"], path
 
 
 def train_step(s: Session) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss (a
-    tensor, so the device is not synchronized unless the caller reads it)."""
+    """One optimizer step over ``grad_accum`` micro-batches (or one pipelined batch); returns the
+    mean loss (a tensor, so the device is not synchronized unless the caller reads it)."""
     torch.manual_seed(_dropout_seed(s))
     lr = lr_at(s.step, s.cfg.optim, s.cfg.training.steps)
-    for group in s.optimizer.param_groups:
-        group["lr"] = lr
-    total = torch.zeros((), device=s.runtime.device)
+    for optimizer in s.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
     micro_batches = s.loader.next_step()
+    if s.pipeline is not None:
+        loss = _pipeline_forward_backward(s, *micro_batches[0])
+    else:
+        loss = _forward_backward(s, micro_batches)
+    for optimizer in s.optimizers:
+        s.precision.unscale(optimizer)
+    if s.cfg.training.grad_clip:
+        if s.pipeline is not None:
+            clip_grad_norm_across_stages(s.pipeline.stages, s.cfg.training.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(s.parts[0].parameters(), s.cfg.training.grad_clip)
+    s.precision.step(s.optimizers)
+    for optimizer in s.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    s.tokens += s.tokens_per_step
+    return loss
+
+
+def _forward_backward(s: Session, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Gradient accumulation: gradients are reduced across data-parallel ranks once, in the last
+    micro-batch's backward."""
+    model, total = s.parts[0], torch.zeros((), device=s.runtime.device)
     for i, (x, y) in enumerate(micro_batches):
-        with gradient_sync(s.model, enabled=i == len(micro_batches) - 1):
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with s.precision.autocast():
-                logits = s.model(x)
+                logits = model(x)
             with loss_context(s.runtime.tp_size):
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
                 s.precision.scale(loss / s.grad_accum).backward()
         total += full_value(loss.detach())
-    s.precision.unscale(s.optimizer)
-    if s.cfg.training.grad_clip:
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.training.grad_clip)
-    s.precision.step(s.optimizer)
-    s.optimizer.zero_grad(set_to_none=True)
-    s.step += 1
-    s.tokens += s.tokens_per_step
     return total / s.grad_accum
+
+
+def _pipeline_forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with s.precision.autocast(), loss_context(s.runtime.tp_size):
+        loss = pipeline_step(s.pipeline.schedule, s.pipeline.stages, x, y)
+    sync_tied_gradients(s.pipeline.stages)
+    return loss
 
 
 def _dropout_seed(s: Session) -> int:
@@ -156,7 +190,7 @@ def save(s: Session) -> Path:
     }
     root = Path(s.cfg.training.out_dir) / "checkpoints"
     return checkpoint.save_checkpoint(
-        root, s.step, s.model, s.optimizer, state, s.cfg.checkpoint.keep_last,
+        root, s.step, s.parts, s.optimizers, state, s.cfg.checkpoint.keep_last,
         files={"tokenizer.json": s.extra["tokenizer_json"]},
     )
 
@@ -194,7 +228,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 sinks.log(record)
             window_seconds, window_steps = 0.0, 0
         if _due(s.step, t.eval_interval, t.steps):
-            val = evaluate_loss(s.model, cfg, s.runtime, s.precision, eval_windows(cfg, s.runtime.dp_size))
+            val = evaluate_loss(s.parts, s.pipeline, cfg, s.runtime, s.precision, eval_windows(cfg, s.runtime.dp_size))
             summary["val_loss"] = val
             progress.message(f"step {s.step}: val loss {val:.4f}, perplexity {math.exp(val):.2f}")
             if sinks:
@@ -216,19 +250,23 @@ def _train_record(s: Session, loss: float, seconds_per_step: float) -> dict[str,
     per_device = tokens_per_s * s.flops_per_token / s.runtime.world_size
     return {
         "kind": "train", "step": s.step, "tokens": s.tokens, "loss": loss,
-        "lr": s.optimizer.param_groups[0]["lr"], "ms_per_step": 1000 * seconds_per_step,
+        "lr": s.optimizers[0].param_groups[0]["lr"], "ms_per_step": 1000 * seconds_per_step,
         "tokens_per_s": tokens_per_s, "mfu": per_device / s.peak_flops if s.peak_flops else None,
     }
 
 
 def _describe(s: Session, progress: ProgressDisplay) -> None:
-    model = s.model
-    params = sum(p.numel() for p in model.parameters())
+    params = param_count(resolve_model_args(s.cfg, s.cfg.model.vocab_size))
     peak = f"{s.peak_flops / 1e12:.2f} TFLOP/s" if s.peak_flops else "unknown"
+    p, r = s.cfg.parallel, s.runtime
+    layout = "1 process"
+    if r.world_size > 1:
+        layout = (f"{r.world_size} processes: pp {p.pp} x dp {r.dp_size} ({p.data_parallel}) x tp {p.tp}"
+                  + (" +sp" if p.sequence_parallel else ""))
     progress.message(
         f"model {s.cfg.model.flavour}: {params / 1e6:.2f}M parameters, {s.flops_per_token / 1e6:.1f} "
-        f"MFLOP/token | {s.tokens_per_step:,} tokens/step ({s.grad_accum} micro-steps) | "
-        f"{s.runtime.device}, {s.cfg.training.precision}, peak {peak}"
+        f"MFLOP/token | {s.tokens_per_step:,} tokens/step ({s.grad_accum} micro-steps) | {layout} | "
+        f"{r.device}, {s.cfg.training.precision}, peak {peak}"
     )
     if s.resumed_from:
         progress.message(f"resumed from {s.resumed_from} at step {s.step}")

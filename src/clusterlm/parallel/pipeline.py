@@ -1,0 +1,310 @@
+"""Pipeline parallelism: the plain ``Transformer`` cut into stages by layers, run by the schedules
+of ``torch.distributed.pipelining``.
+
+Each batch is split into micro-batches that flow through the stages, so ranks holding different
+layers work at the same time. The schedules differ in the order of forwards and backwards:
+
+- ``gpipe``: all forwards, then all backwards (GPipe, Huang et al. 2019).
+- ``1f1b``: one forward, one backward in steady state, so at most ``pp`` micro-batches of
+  activations are alive (PipeDream-Flush, Narayanan et al. 2019/2021).
+- ``interleaved_1f1b``, ``looped_bfs``: several stages per rank, assigned round-robin (stage
+  ``i`` on rank ``i % pp``), which shrinks the bubble by that factor (Narayanan et al. 2021;
+  breadth-first: Lamy-Poirier 2023).
+- ``interleaved_zero_bubble``, ``zbv_zero_bubble``, ``dualpipev``: the backward split into input
+  and weight gradients, the latter moved into the bubbles (Qi et al. 2023; DualPipe: DeepSeek-AI
+  2024). The V schedules hold exactly two stages per rank in a V: rank ``r`` holds stages ``r``
+  and ``2 pp - 1 - r``, so the first and the last stage share rank 0.
+
+A stage module is a copy of the model with the other stages' layers, embeddings and head
+removed; parameter names stay those of the full model, so stage checkpoints load into one process.
+GPT-2's tied embedding is split like Megatron-LM does it: the last stage's output projection is
+its own copy of the token table, initialized equal, and ``sync_tied_gradients`` sums the two
+gradients every step so both copies take the same update.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+
+from clusterlm.errors import UserError
+from clusterlm.models.counting import embedding_params, head_params, layer_params
+from clusterlm.models.gpt import ModelArgs, Transformer
+
+# name -> (schedule class, placement of stages on ranks: one per rank, round-robin loop, or V)
+SCHEDULES = {
+    "gpipe": (ScheduleGPipe, "single"),
+    "1f1b": (Schedule1F1B, "single"),
+    "interleaved_1f1b": (ScheduleInterleaved1F1B, "loop"),
+    "looped_bfs": (ScheduleLoopedBFS, "loop"),
+    "interleaved_zero_bubble": (ScheduleInterleavedZeroBubble, "loop"),
+    "zbv_zero_bubble": (ScheduleZBVZeroBubble, "v"),
+    "dualpipev": (ScheduleDualPipeV, "v"),
+}
+
+
+def _placement(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule][1]
+
+
+def stages_per_rank_for(schedule: str, stages_per_rank: int | None = None) -> int:
+    """The number of stages each rank holds (default: 1, or 2 for multi-stage schedules), checked
+    against what the schedule needs."""
+    placement = _placement(schedule)
+    wanted = stages_per_rank or (1 if placement == "single" else 2)
+    if placement == "single" and wanted != 1:
+        raise UserError(f"pipeline schedule {schedule} runs one stage per rank, not {wanted}; "
+                        "use interleaved_1f1b, looped_bfs or interleaved_zero_bubble for more")
+    if placement == "loop" and wanted < 2:
+        raise UserError(f"pipeline schedule {schedule} needs at least 2 stages per rank; use gpipe or 1f1b for 1")
+    if placement == "v" and wanted != 2:
+        raise UserError(f"pipeline schedule {schedule} needs exactly 2 stages per rank (a V), not {wanted}")
+    return wanted
+
+
+def stage_indices_on_rank(schedule: str, pp_rank: int, pp_size: int, stages_per_rank: int) -> list[int]:
+    """Global indices of the stages rank ``pp_rank`` holds, in the order the schedule expects."""
+    if _placement(schedule) == "v":
+        return [pp_rank, 2 * pp_size - 1 - pp_rank]
+    return [pp_rank + k * pp_size for k in range(stages_per_rank)]
+
+
+def stage_layer_ranges(args: ModelArgs, num_stages: int) -> list[range]:
+    """Contiguous layer ranges, one per stage, minimizing the largest stage's parameter count.
+
+    Parameters set a stage's memory (weights, gradients, optimizer state) and, for the blocks,
+    its compute. The first stage also holds the embedding tables, the last the final norm and the
+    output projection (for gpt2 its own copy of the tied table), so they get fewer layers when
+    those are large. Every stage gets at least one layer.
+    """
+    if args.n_layer < num_stages:
+        raise UserError(f"a pipeline of {num_stages} stages needs at least {num_stages} layers but "
+                        f"model.n_layer = {args.n_layer}; use fewer stages or more layers")
+    per_layer = layer_params(args)
+    extra = [0] * num_stages
+    extra[0] += embedding_params(args)
+    extra[-1] += head_params(args)
+    if args.tie_embeddings and num_stages > 1:
+        extra[-1] += args.vocab_size * args.n_embd
+
+    @cache
+    def best(stage: int, first_layer: int) -> tuple[int, tuple[int, ...]]:
+        """(largest stage cost, layer counts) of the best split of layers ``first_layer..`` over
+        stages ``stage..``."""
+        layers_left, stages_left = args.n_layer - first_layer, num_stages - stage
+        if stages_left == 1:
+            return layers_left * per_layer + extra[stage], (layers_left,)
+        options = []
+        for count in range(1, layers_left - stages_left + 2):
+            rest_cost, rest_counts = best(stage + 1, first_layer + count)
+            options.append((max(count * per_layer + extra[stage], rest_cost), (count, *rest_counts)))
+        return min(options)
+
+    ranges, start = [], 0
+    for count in best(0, 0)[1]:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges
+
+
+def stage_module(model: Transformer, layers: range, is_first: bool, is_last: bool) -> Transformer:
+    """A copy of ``model`` keeping only ``layers`` and, on the first stage, the embeddings, on the
+    last the final norm and output projection. Removing the token table from a gpt2 last stage
+    leaves its output projection as an independent copy of the tied matrix."""
+    module = copy.deepcopy(model)
+    for name in list(module.layers.keys()):
+        if int(name) not in layers:
+            del module.layers[name]
+    if not is_first:
+        module.tok_embeddings = None
+        module.pos_embeddings = None
+    if not is_last:
+        module.norm = None
+        module.output = None
+    return module
+
+
+def split_into_stages(
+    model: Transformer,
+    pp_group: dist.ProcessGroup,
+    schedule: str,
+    stages_per_rank: int | None = None,
+    parallelize_stage: Callable[[nn.Module], nn.Module] | None = None,
+) -> list[PipelineStage]:
+    """This rank's pipeline stages of ``model``; ``stage.submod`` is each stage's module.
+
+    ``model`` is the full, initialized model (the same seed on every rank gives every stage the
+    single-process initialization); it is copied, not modified. ``parallelize_stage`` is applied to
+    each stage module before it is wrapped (activation checkpointing, compile, FSDP).
+    """
+    pp_rank, pp_size = dist.get_rank(pp_group), dist.get_world_size(pp_group)
+    per_rank = stages_per_rank_for(schedule, stages_per_rank)
+    num_stages = pp_size * per_rank
+    ranges = stage_layer_ranges(model.args, num_stages)
+    device = next(model.parameters()).device
+    stages = []
+    for index in stage_indices_on_rank(schedule, pp_rank, pp_size, per_rank):
+        module = stage_module(model, ranges[index], index == 0, index == num_stages - 1)
+        if parallelize_stage is not None:
+            module = parallelize_stage(module)
+        stages.append(PipelineStage(module, index, num_stages, device, group=pp_group))
+    return stages
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def build_schedule(
+    stages: list[PipelineStage],
+    schedule: str,
+    n_microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+):
+    """The ``torch.distributed.pipelining`` schedule ``schedule`` over this rank's ``stages``.
+
+    ``loss_fn(logits, targets)`` is a micro-batch's mean loss. It is divided by ``n_microbatches``
+    and the schedule's own gradient scaling is off, so the micro-batch losses sum to the batch's
+    mean loss and the accumulated gradients are those of the whole batch.
+    """
+    stages_per_rank_for(schedule, len(stages))
+    schedule_class, placement = SCHEDULES[schedule]
+
+    def microbatch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits, targets) / n_microbatches
+
+    try:
+        return schedule_class(stages[0] if placement == "single" else stages, n_microbatches,
+                              loss_fn=microbatch_loss, scale_grads=False)
+    except ValueError as err:
+        raise UserError(f"pipeline schedule {schedule} with {n_microbatches} micro-batches: {err}") from None
+
+
+def _loss_on_every_rank(loss: torch.Tensor | None, stages: list[PipelineStage]) -> torch.Tensor:
+    # Only the last stage has the loss; zeros elsewhere make the sum exact on every rank.
+    total = loss.detach() if loss is not None else torch.zeros((), device=stages[0].device)
+    if isinstance(total, DTensor):  # the vocabulary-parallel loss is replicated over tp
+        total = total.full_tensor()
+    dist.all_reduce(total, group=stages[0].group)
+    return total
+
+
+def pipeline_step(schedule, stages: list[PipelineStage], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of the batch (tokens ``x``, targets ``y``, [B, T]) on this rank's
+    stages, accumulating into the stage parameters' ``.grad``; returns the batch's mean loss on
+    every rank. Every rank passes the same batch; only the first and last stage read it."""
+    n_microbatches = schedule._n_microbatches  # unequal micro-batches would weight tokens unequally
+    if x.size(0) % n_microbatches:
+        raise UserError(f"a batch of {x.size(0)} sequences does not split into {n_microbatches} equal "
+                        "micro-batches; make the batch a multiple of the micro-batch count")
+    holds_first = any(stage.is_first for stage in stages)
+    holds_last = any(stage.is_last for stage in stages)
+    losses: list[torch.Tensor] = []
+    schedule.step(*((x,) if holds_first else ()), target=y if holds_last else None, losses=losses,
+                  return_outputs=False)
+    return _loss_on_every_rank(torch.stack(losses).sum() if holds_last else None, stages)
+
+
+@torch.no_grad()
+def pipeline_eval_loss(
+    stages: list[PipelineStage],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+) -> torch.Tensor:
+    """Forward only (dropout off) of the batch through the stages in order; its mean loss on
+    every rank. Call after ``build_schedule``, which fixes the stage-to-rank placement.
+
+    The schedules' own ``eval()`` replays the training action list, whose V-schedule backward
+    steps fail without a backward, so the hidden state is passed stage to stage here, in fp32:
+    the dtype of the residual stream between blocks, weights being fp32 (under autocast too).
+    """
+    group, rank = stages[0].group, stages[0].group_rank
+    owner = stages[0].stage_index_to_group_rank
+    local = {stage.stage_index: stage.submod for stage in stages}
+    modes = {index: module.training for index, module in local.items()}
+    hidden = x
+    try:
+        for index in range(stages[0].num_stages):
+            if index > 0 and owner[index - 1] != owner[index]:
+                if owner[index - 1] == rank:
+                    dist.send(hidden.float().contiguous(), group=group, group_dst=owner[index])
+                elif owner[index] == rank:
+                    hidden = torch.empty(*x.shape, local[index].args.n_embd, device=x.device)
+                    dist.recv(hidden, group=group, group_src=owner[index - 1])
+            if owner[index] == rank:
+                hidden = local[index].eval()(hidden)
+    finally:
+        for index, module in local.items():
+            module.train(modes[index])
+    holds_last = any(stage.is_last for stage in stages)
+    return _loss_on_every_rank(loss_fn(hidden, y) if holds_last else None, stages)
+
+
+def _is_tied_copy(module: Transformer) -> bool:
+    """True for a last stage whose output projection copies the first stage's token table."""
+    return module.args.tie_embeddings and module.output is not None and module.tok_embeddings is None
+
+
+def sync_tied_gradients(stages: list[PipelineStage]) -> None:
+    """Sum the gradients of the tied token table and its output-projection copy across the pp
+    group, so both copies take the update of the single tied matrix. Call on every pp rank after
+    the backward and before clipping and the optimizer step; a no-op for untied models."""
+    modules = [stage.submod for stage in stages]
+    args = modules[0].args
+    if not args.tie_embeddings or stages[0].num_stages == 1:
+        return
+    copies = [m.tok_embeddings.weight for m in modules if m.tok_embeddings is not None]
+    copies += [m.output.weight for m in modules if _is_tied_copy(m)]
+    total = torch.zeros(args.vocab_size, args.n_embd, device=stages[0].device)
+    for weight in copies:
+        if weight.grad is not None:
+            total += weight.grad
+    # Ranks without either copy add zeros: the sum of the two gradients is exact on every rank.
+    dist.all_reduce(total, group=stages[0].group)
+    for weight in copies:
+        weight.grad = total.clone()
+
+
+def clip_grad_norm_across_stages(stages: list[PipelineStage], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over the whole pipelined model: the global 2-norm of all stages'
+    gradients (the tied copy counted once, as in one process), all-reduced over the pp group, and
+    every local gradient scaled by ``max_norm / norm`` when that is below 1. Returns the norm."""
+    parameters, counted = [], []
+    for stage in stages:
+        tied_copy = stage.submod.output.weight if _is_tied_copy(stage.submod) else None
+        for param in stage.submod.parameters():
+            if param.grad is not None:
+                parameters.append(param)
+                if param is not tied_copy:
+                    counted.append(param.grad)
+    squared = torch.nn.utils.get_total_norm(counted, 2.0).square()
+    if isinstance(squared, DTensor):  # tensor-parallel or FSDP shards: the norm over the mesh first
+        squared = squared.full_tensor()
+    dist.all_reduce(squared, group=stages[0].group)
+    total_norm = squared.sqrt()
+    # A Python scale factor multiplies plain and DTensor gradients alike.
+    scale = min(1.0, max_norm / (total_norm.item() + 1e-6))
+    if scale < 1.0:
+        torch._foreach_mul_([param.grad for param in parameters], scale)
+    return total_norm

@@ -1,0 +1,41 @@
+"""Pipeline (and pipeline x data x tensor parallel) layouts train exactly like one process with the
+same global batch, through the trainer (tolerances: training.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .training import MICRO, assert_equivalent, prepare_corpus, reference_runs, run
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_corpus(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    return reference_runs(data_dir, tmp_path_factory)
+
+
+LLAMA = {"model__flavour": "llama", "model__n_head": 4, "model__n_kv_head": 2, "model__n_layer": 4}
+GPT2 = {"model__n_layer": 4}
+CASES = [
+    # (name, processes, data-parallel ranks, settings)
+    ("pp2-gpipe", 2, 1, {**LLAMA, "parallel__pp": 2, "parallel__pp_schedule": "gpipe"}),
+    ("pp2-1f1b-gpt2", 2, 1, {**GPT2, "parallel__pp": 2, "parallel__pp_schedule": "1f1b"}),
+    ("pp2-interleaved", 2, 1, {**LLAMA, "parallel__pp": 2, "parallel__pp_schedule": "interleaved_1f1b"}),
+    ("pp2-zbv", 2, 1, {**LLAMA, "parallel__pp": 2, "parallel__pp_schedule": "zbv_zero_bubble"}),
+    ("pp4-1f1b", 4, 1, {**LLAMA, "parallel__pp": 4, "parallel__pp_schedule": "1f1b",
+                        "parallel__pp_microbatches": 4}),
+    ("pp2xzero3-2", 4, 2, {**LLAMA, "parallel__pp": 2, "parallel__data_parallel": "zero3"}),
+    ("pp2xtp2", 4, 1, {**LLAMA, "parallel__pp": 2, "parallel__tp": 2}),
+    ("pp2xtp2xzero3-2", 8, 2, {**LLAMA, "parallel__pp": 2, "parallel__tp": 2, "parallel__data_parallel": "zero3"}),
+]
+
+
+@pytest.mark.parametrize("name,world_size,dp,settings", CASES, ids=[c[0] for c in CASES])
+def test_pipeline_layout_equals_single_process(name, world_size, dp, settings, data_dir, reference, tmp_path):
+    model = {k: v for k, v in settings.items() if k.startswith("model__")}
+    candidate = run(data_dir, tmp_path, world_size, training__micro_batch_size=MICRO * 2, **settings)
+    assert_equivalent(reference(MICRO * 2 * dp, **model), candidate)
