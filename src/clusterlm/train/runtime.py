@@ -75,6 +75,16 @@ def setup_runtime(cfg: Config) -> Runtime:
                    tp_rank=mesh.get_local_rank("tp"), tp_size=tp, pp_rank=mesh.get_local_rank("pp"), pp_size=pp)
 
 
+def describe_layout(cfg: Config, runtime: Runtime) -> str:
+    if runtime.world_size == 1:
+        return "1 process"
+    p = cfg.parallel
+    dp = f"dp {runtime.dp_size} ({p.data_parallel})" if runtime.dp_size > 1 else "dp 1"
+    pp = f"pp {p.pp} ({p.pp_schedule})" if p.pp > 1 else "pp 1"
+    tp = f"tp {p.tp}" + (" + sp" if p.sequence_parallel else "")
+    return f"{runtime.world_size} processes: {pp} x {dp} x {tp}"
+
+
 def average_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """Mean of a scalar over all ranks (for reporting; every rank gets it)."""
     if runtime.world_size == 1:

@@ -48,7 +48,7 @@ from clusterlm.train.hardware import peak_flops
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.optim import build_optimizer, lr_at
 from clusterlm.train.precision import Precision
-from clusterlm.train.runtime import Runtime, average_across_ranks, setup_runtime
+from clusterlm.train.runtime import Runtime, average_across_ranks, describe_layout, setup_runtime
 
 
 def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
@@ -258,11 +258,8 @@ def _train_record(s: Session, loss: float, seconds_per_step: float) -> dict[str,
 def _describe(s: Session, progress: ProgressDisplay) -> None:
     params = param_count(resolve_model_args(s.cfg, s.cfg.model.vocab_size))
     peak = f"{s.peak_flops / 1e12:.2f} TFLOP/s" if s.peak_flops else "unknown"
-    p, r = s.cfg.parallel, s.runtime
-    layout = "1 process"
-    if r.world_size > 1:
-        layout = (f"{r.world_size} processes: pp {p.pp} x dp {r.dp_size} ({p.data_parallel}) x tp {p.tp}"
-                  + (" +sp" if p.sequence_parallel else ""))
+    r = s.runtime
+    layout = describe_layout(s.cfg, r)
     progress.message(
         f"model {s.cfg.model.flavour}: {params / 1e6:.2f}M parameters, {s.flops_per_token / 1e6:.1f} "
         f"MFLOP/token | {s.tokens_per_step:,} tokens/step ({s.grad_accum} micro-steps) | {layout} | "
