@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from clusterlm.config import build_config, grad_accum_steps
 from clusterlm.errors import UserError
 from clusterlm.plan.cli import main
 from clusterlm.plan.cluster import load_cluster
@@ -73,8 +74,10 @@ def test_cli_prints_table_and_emits_a_loadable_config(tmp_path, capsys):
     assert parallel["data_parallel"] in ("ddp", "zero1", "zero2", "zero3", "hsdp")
     assert training["tokens_per_step"] == 512 * 1024 and training["seq_len"] == 4096
     assert training["activation_checkpointing"] in ("none", "selective", "full")
-    dp = parallel["dp_replicate"] * parallel["dp_shard"]
-    assert dp * training["micro_batch_size"] * parallel["pp_microbatches"] * 4096 == training["tokens_per_step"]
+    cfg = build_config(str(out), {})  # the trainer accepts it as it is
+    dp = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
+    assert dp * cfg.training.micro_batch_size * grad_accum_steps(cfg, dp) * 4096 == training["tokens_per_step"]
+    assert cfg.parallel.pp == 1 or grad_accum_steps(cfg, dp) == 1
 
 
 def test_nothing_fits_says_the_smallest_need_and_what_to_add(tmp_path, capsys):

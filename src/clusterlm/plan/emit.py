@@ -32,15 +32,19 @@ def _section(name: str, values: dict[str, Any]) -> str:
 def config_toml(best: Candidate) -> str:
     work, layout = best.work, best.layout
     model = dataclasses.asdict(work.model)
+    # The trainer's micro-batch is what one rank processes per forward call: under a pipeline that
+    # is the whole per-rank batch, split by the schedule; otherwise the rest is gradient accumulation.
+    pipelined = layout.pp > 1
     training = {
-        "micro_batch_size": layout.micro_batch_size,
+        "micro_batch_size": layout.micro_batch_size * (layout.micro_batches if pipelined else 1),
         "seq_len": work.seq_len,
         "tokens_per_step": work.global_batch_tokens,
         "activation_checkpointing": layout.activation_checkpointing,
         "precision": work.precision,
     }
     parallel = {key: getattr(layout, key) for key in PARALLEL_KEYS}
-    parallel["pp_microbatches"] = layout.micro_batches
+    if pipelined:
+        parallel["pp_microbatches"] = layout.micro_batches
     header = (f"# Chosen by `clusterlm plan` for {best.cluster.nodes} x {best.cluster.name}: {layout.describe()}\n"
               f"# predicted {best.time.total:.3f} s/step, {best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.1%}, "
               f"{best.memory.total / 2**30:.1f} GiB per device\n")
