@@ -1,17 +1,30 @@
-"""The activation and state formulas against what PyTorch really allocates and saves."""
+"""The validation's measurements and fit: the activation and state formulas against what PyTorch
+really saves and stores, the cases' layouts, and the calibration fit on synthetic step times."""
+
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from clusterlm.errors import UserError
+from clusterlm.models.counting import param_count
 from clusterlm.models.gpt import ModelArgs, Transformer
+from clusterlm.plan.calibration import Calibration, load_calibration, save_calibration
+from clusterlm.plan.cluster import Link
 from clusterlm.plan.layout import Layout
-from clusterlm.plan.memory import activation_bytes, logits_gradient_bytes
+from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
+from clusterlm.plan.timing import step_time
 from clusterlm.plan.validate import (
-    ValidationCase,
+    CASES,
+    GLOBAL_BATCH,
+    Measurement,
     ValidationResult,
-    fitted_calibration,
-    measure,
+    fit_calibration,
+    local_cluster,
+    model_state_bytes,
     saved_activation_bytes,
+    synthetic_text,
     validation_report,
 )
 from clusterlm.plan.workload import Workload
@@ -22,31 +35,101 @@ SMALL = {
     "llama": ModelArgs(flavour="llama", vocab_size=256, block_size=128, n_layer=3, n_head=4, n_kv_head=2,
                        n_embd=128, ffn_hidden=384),
 }
+NANO = ModelArgs(flavour="gpt2", vocab_size=73, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
+                 ffn_hidden=512)
+
+
+def _loss(model, tokens):
+    return lambda: F.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(1, 1).flatten())
 
 
 @pytest.mark.parametrize("flavour", list(SMALL))
 def test_activation_formula_matches_saved_tensor_bytes(flavour):
-    """fp32, fused (SDPA) attention: the itemized formula vs the bytes autograd saves, within 15%
-    (it is exact for these models today)."""
+    """fp32, fused (SDPA) attention: the itemized formula vs the bytes autograd saves (exact for
+    these models today; the target is 15%)."""
     args = SMALL[flavour]
     torch.manual_seed(0)
-    tokens = torch.randint(0, args.vocab_size, (4, 128))
-    measured, _ = saved_activation_bytes(Transformer(args), tokens, tokens.roll(1, 1))
+    model, tokens = Transformer(args), torch.randint(0, args.vocab_size, (4, 128))
+    measured, loss = saved_activation_bytes(model, _loss(model, tokens))
     work, layout = Workload(args, 128, 4 * 128, "fp32"), Layout(micro_batch_size=4)
     predicted = activation_bytes(work, layout, "first") - logits_gradient_bytes(work, layout)
     assert predicted == pytest.approx(measured, rel=0.15)
+    assert loss.requires_grad
 
 
-def test_measured_model_state_is_exactly_16_bytes_per_parameter_in_fp32():
-    case = ValidationCase("tiny", SMALL["gpt2"], 64, 2)
-    result = measure(case, peak_flops=1e10, steps=1)
-    assert result.state_measured == pytest.approx(result.state_predicted, rel=1e-3)
-    assert result.activations_predicted == pytest.approx(result.activations_measured, rel=0.15)
-    assert result.seconds > 0
+def test_model_state_is_16_bytes_per_parameter_in_fp32_adamw():
+    """Weights, gradients, two AdamW moments (4 bytes each) plus AdamW's fp32 step counter per tensor."""
+    torch.manual_seed(0)
+    model = Transformer(NANO)
+    optimizer = torch.optim.AdamW(model.parameters())
+    tokens = torch.randint(0, NANO.vocab_size, (2, 64))
+    _loss(model, tokens)().backward()
+    optimizer.step()
+    tensors = len(list(model.parameters()))
+    assert model_state_bytes([model], [optimizer]) == 16 * param_count(NANO) + 4 * tensors
+    predicted = device_memory(Workload(NANO, 64, 12 * 64, "fp32"), Layout(micro_batch_size=12)).model_state
+    assert predicted == pytest.approx(16 * param_count(NANO))
 
 
-def test_efficiency_fit_and_report():
-    results = [ValidationResult("a", 4e9, 1.0, 1e10, 1, 1, 1, 1), ValidationResult("b", 1e9, 1.0, 1e10, 1, 1, 1, 1)]
-    calibration = fitted_calibration(results)
-    assert calibration.compute_efficiency == pytest.approx(0.2)  # geometric mean of 0.4 and 0.1
-    assert "fitted compute efficiency 0.200" in validation_report(results, calibration)
+def test_cases_cover_the_layouts_with_the_global_batch():
+    layouts = {case.name: case.layout for case in CASES}
+    assert len(layouts) == len(CASES) >= 8
+    for case in CASES:
+        assert case.layout.world_size == case.nproc
+        assert case.layout.dp * case.layout.micro_batch_size == GLOBAL_BATCH
+    assert layouts["4 hsdp 2x2"] == Layout(dp_replicate=2, dp_shard=2, data_parallel="hsdp", micro_batch_size=3)
+    assert layouts["4 tp2 x zero3"] == Layout(dp_shard=2, tp=2, data_parallel="zero3", micro_batch_size=6)
+    assert layouts["2 zero1"].dp_shard == 2 and layouts["4 ddp"].dp_replicate == 4
+    assert layouts["2 tp2+sp"].sequence_parallel
+
+
+def test_zero2_state_is_sharded_like_fsdp2_stores_it():
+    """The project's zero2 (FSDP2, no reshard after forward) keeps every state tensor sharded at
+    rest; the gathered weights are counted as buffers instead."""
+    work = Workload(NANO, 64, 12 * 64, "fp32")
+    zero2 = device_memory(work, Layout(dp_shard=2, data_parallel="zero2", micro_batch_size=6))
+    zero3 = device_memory(work, Layout(dp_shard=2, data_parallel="zero3", micro_batch_size=6))
+    assert zero2.model_state == zero3.model_state == pytest.approx(8 * param_count(NANO))
+    assert zero2.buffers > 4 * param_count(NANO)
+
+
+def _synthetic_results(truth: Calibration) -> list[ValidationResult]:
+    """Every case 'measured' exactly as the planner predicts under ``truth``."""
+    peaks = {"fp32": 5e10, "bf16": 2e11, "fp16": 2e11}
+    results = []
+    for case in CASES:
+        work = Workload(NANO, 64, GLOBAL_BATCH * 64, case.precision)
+        cluster = local_cluster(case.nproc, peaks, Link(bandwidth=1e9, latency=1e-4), cores=2)
+        seconds = step_time(work, case.layout, replace(cluster, calibration=truth)).total
+        results.append(ValidationResult(case, work, cluster, Measurement(1, 1, seconds, (seconds,))))
+    return results
+
+
+def test_fit_recovers_efficiency_and_overhead_from_the_fitted_cases():
+    truth = Calibration(compute_efficiency=0.3, comm_efficiency=1.0, step_overhead_s=0.012)
+    results = _synthetic_results(truth)
+    fitted = fit_calibration(results)
+    assert fitted.compute_efficiency == pytest.approx(0.3, rel=0.03)
+    assert fitted.step_overhead_s == pytest.approx(0.012, abs=0.002)
+    report = validation_report(results, fitted, {2: Link(1e9, 1e-4)})
+    assert f"step time within 20%: {len(CASES)} of {len(CASES)} configurations" in report
+    assert "2 processes 100 us + bytes / 1.00 GB/s" in report
+
+
+def test_step_overhead_is_part_of_the_calibration_file_and_the_step_time(tmp_path):
+    with pytest.raises(UserError, match="step_overhead_s"):
+        Calibration(step_overhead_s=-1.0)
+    path = tmp_path / "calibration.json"
+    save_calibration(path, Calibration(compute_efficiency=0.4, step_overhead_s=0.02), {"points": []})
+    loaded = load_calibration(path)
+    assert loaded.step_overhead_s == 0.02
+    work, layout = Workload(NANO, 64, 12 * 64, "fp32"), Layout(micro_batch_size=12)
+    cluster = local_cluster(1, {"fp32": 5e10}, Link(1e9, 0.0), cores=2)
+    without = step_time(work, layout, replace(cluster, calibration=replace(loaded, step_overhead_s=0.0))).total
+    assert step_time(work, layout, replace(cluster, calibration=loaded)).total == pytest.approx(without + 0.02)
+
+
+def test_synthetic_text_is_deterministic_with_a_small_alphabet():
+    text = synthetic_text(20_000)
+    assert text == synthetic_text(20_000) and len(text) >= 20_000
+    assert 40 <= len(set(text)) <= 90

@@ -9,6 +9,9 @@
   is typically 70-85% of the NVLink or NIC line rate).
 - ``overlap``: fraction of the backward pass that can hide data-parallel gradient reduction and
   of compute that can hide FSDP parameter gathers (bucketing and prefetch are never perfect).
+- ``step_overhead_s``: fixed seconds per optimizer step that no FLOP or byte count explains
+  (framework dispatch, hooks, optimizer launch, data loading). Default 0: negligible against the
+  steps of large models, but most of a tiny model's step on a CPU, where ``--validate`` fits it.
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ class Calibration:
     compute_efficiency: float = 0.55
     comm_efficiency: float = 0.8
     overlap: float = 0.8
+    step_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if f.name == "step_overhead_s":
+                if not number or not 0.0 <= value < float("inf"):
+                    raise UserError(f"calibration {f.name} must be a number of seconds >= 0, got {value!r}")
+            elif not number or not 0.0 < value <= 1.0:
                 raise UserError(f"calibration {f.name} must be a number in (0, 1], got {value!r}")
 
     @classmethod

@@ -2,7 +2,8 @@
 
     clusterlm plan --model llama-8b --cluster 8xH100 --nodes 4 --global-batch-tokens 4M --seq 8192
     clusterlm plan --published                  # predictions against published large runs
-    clusterlm plan --validate --calibration-out calib.json   # measure this machine, fit efficiency
+    clusterlm plan --validate         # train tiny models in 1-4 process layouts here, fit, compare
+    clusterlm plan --model nano-cpu --vocab-size 65 --cluster cpu --calibration runs/plan-calibration.json
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-tokens", help="training run length for time and device-hours (decimal suffixes: 15T)")
     p.add_argument("--emit-config", metavar="OUT.toml", help="write the best layout as a clusterlm config")
     p.add_argument("--published", action="store_true", help="compare predictions with published training runs")
-    p.add_argument("--validate", action="store_true", help="measure small models on this machine against the model")
-    p.add_argument("--calibration-out", metavar="FILE.json", help="with --validate: write the fitted calibration")
+    p.add_argument("--validate", action="store_true",
+                   help="train a tiny GPT in 1-4 process layouts on this machine and compare with the planner")
+    p.add_argument("--calibration-out", metavar="FILE.json", default="runs/plan-calibration.json",
+                   help="with --validate: where to write the fitted calibration (default runs/plan-calibration.json)")
+    p.add_argument("--validate-steps", type=int, default=15, help="with --validate: timed steps per layout and round")
+    p.add_argument("--validate-rounds", type=int, default=2,
+                   help="with --validate: rounds over all layouts; each keeps its least disturbed round")
     return p
 
 
@@ -52,15 +58,7 @@ def main(argv: list[str]) -> int:
         print(compare_published())
         return 0
     if args.validate:
-        from clusterlm.plan.validate import fitted_calibration, run_validation, validation_report
-
-        results = run_validation()
-        calibration = fitted_calibration(results)
-        print(validation_report(results, calibration))
-        if args.calibration_out:
-            save_calibration(args.calibration_out, calibration, {"device": "cpu", "points": [r.as_dict() for r in results]})
-            print(f"wrote {args.calibration_out}")
-        return 0
+        return _validate(args.calibration_out, args.validate_steps, args.validate_rounds)
     if not args.model:
         raise UserError("--model is required; e.g. --model llama-8b (or --published / --validate)")
     if not 0 < args.headroom <= 1:
@@ -102,6 +100,22 @@ def main(argv: list[str]) -> int:
     if args.emit_config:
         write_config(args.emit_config, best)
         print(f"wrote {args.emit_config}")
+    return 0
+
+
+def _validate(calibration_out: str, steps: int, rounds: int) -> int:
+    """Measure, fit the calibration on the cases marked for fitting, print the comparison, save."""
+    import sys
+
+    from clusterlm.plan.validate import evidence, fit_calibration, run_validation, validation_report
+
+    if steps < 1 or rounds < 1:
+        raise UserError(f"--validate-steps and --validate-rounds must be positive, got {steps} and {rounds}")
+    results, links = run_validation(steps=steps, rounds=rounds, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    calibration = fit_calibration(results)
+    print(validation_report(results, calibration, links))
+    save_calibration(calibration_out, calibration, evidence(results, calibration, links))
+    print(f"wrote {calibration_out}")
     return 0
 
 

@@ -8,8 +8,13 @@ optimizer state (master weights, momentum, variance): 16 bytes/param. Sharding o
     stage 1:        2 + 2 + 12 / N    stage 3:  (2 + 2 + 12) / N      (zero3, hsdp)
 
 fp32 training keeps 4 (weights) + 4 (gradients) + K = 8 (momentum, variance): also 16 bytes/param,
-split 4 + 4 + 8 and sharded the same way. CPU offload (ZeRO-Offload, Ren et al. 2021) moves the
-optimizer state (K bytes/param) to host memory; weights and gradients stay on the device.
+split 4 + 4 + 8 and sharded the same way. This project's zero2 is FSDP2 without resharding after
+forward (``clusterlm.parallel.data_parallel``): its parameters rest sharded as in stage 3 and are
+held gathered, in the weight dtype, from each unit's forward to its backward; ``device_memory``
+counts them so (model state as stage 3, the gathered weights as buffers), not as DeepSpeed's
+replicated 16-bit weights: the same peak within 2/N bytes/param, matching the bytes it stores.
+CPU offload (ZeRO-Offload, Ren et al. 2021) moves the optimizer state (K bytes/param) to host
+memory; weights and gradients stay on the device.
 Parameters are split over tensor-parallel ranks (every weight, including the vocabulary-parallel
 embedding and head; the norm weights that Megatron replicates are <0.1% and are split too) and over
 pipeline stages (layers evenly; the embedding on the first stage, the head on the last).
@@ -191,20 +196,34 @@ def activation_bytes(work: Workload, layout: Layout, stage: str) -> float:
 
 def buffer_bytes(work: Workload, layout: Layout) -> float:
     """Communication buffers: two 25 MB gradient buckets (one reducing while the next fills;
-    ddp, zero1, zero2, assuming gradients are views into the buckets). Fully sharded
+    ddp, zero1, assuming gradients are views into the buckets). Fully sharded
     (zero3, hsdp): the largest FSDP unit (a block, or the embedding or head) gathered twice
-    (current + prefetched) in the weight dtype plus its unsharded gradient."""
+    (current + prefetched) in the weight dtype plus its unsharded gradient. zero2 (FSDP2 keeping
+    the gathered parameters from forward to backward): every weight of the stage gathered, plus
+    the largest unit's unsharded gradient."""
+    if _fsdp_zero2(layout):
+        weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
+        return stage_params(work, layout, "first") * weight + _largest_unit(work, layout) * grad
     if layout.zero_stage < 3 or layout.dp_shard == 1:
         return 2 * BUCKET_BYTES
-    args = work.model
-    unit = max(layer_params(args), embedding_params(args), head_params(args)) / layout.tp
     weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
-    return unit * (2 * weight + grad)
+    return _largest_unit(work, layout) * (2 * weight + grad)
+
+
+def _largest_unit(work: Workload, layout: Layout) -> float:
+    """Parameters of the largest FSDP unit on one tp rank: a block, or the embedding or head."""
+    args = work.model
+    return max(layer_params(args), embedding_params(args), head_params(args)) / layout.tp
+
+
+def _fsdp_zero2(layout: Layout) -> bool:
+    return layout.data_parallel == "zero2" and layout.dp_shard > 1
 
 
 def device_memory(work: Workload, layout: Layout) -> MemoryBreakdown:
     """Memory of the most loaded device (first or last pipeline stage)."""
-    weights, grads, optimizer = state_bytes_per_param(layout.zero_stage, layout.dp_shard, work.mixed_precision)
+    zero_stage = 3 if _fsdp_zero2(layout) else layout.zero_stage
+    weights, grads, optimizer = state_bytes_per_param(zero_stage, layout.dp_shard, work.mixed_precision)
     buffers = buffer_bytes(work, layout)
     candidates = []
     for stage in ("first", "last"):

@@ -26,7 +26,7 @@ Pipeline bubble, as a fraction of the ideal m micro-batches: GPipe and 1F1B (p-1
 2019; Narayanan et al. 2021), interleaved 1F1B (p-1)/(v*m) (Narayanan et al. 2021), zero bubble
 (p-1)/(3m): ZB-H1 of Qi et al. 2023 with equal forward, input-gradient and weight-gradient times.
 The optimizer step itself and the pipeline's uneven first/last stages (embedding, head) are not
-modelled.
+modelled, except through ``overhead``: the calibration's fixed seconds per step (0 unless fitted).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class StepTime:
     pipeline_p2p: float
     data_parallel: float
     offload: float
+    overhead: float = 0.0
 
     @property
     def total(self) -> float:
@@ -98,6 +99,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         pipeline_p2p=_pipeline_p2p(work, layout, cluster),
         data_parallel=data_parallel,
         offload=offload,
+        overhead=cal.step_overhead_s,
     )
 
 

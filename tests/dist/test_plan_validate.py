@@ -1,0 +1,79 @@
+"""What ``plan --validate`` measures in real 2-process layouts, against exact counts.
+
+zero3 (FSDP2) shards every parameter on dim 0 into ``torch.chunk`` pieces, rank 0 holding the
+larger ones; zero1 (``ZeroRedundancyOptimizer``) keeps all weights and gradients and each
+parameter's AdamW state on one rank. Fused AdamW adds a 4-byte step counter per parameter tensor.
+Activations split with the batch: each rank saves the planner's count for its micro-batch, within
+0.1% (a few hundred bytes of scalars and small vectors the formula leaves out). No timing is
+asserted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clusterlm.config import resolve_model_args
+from clusterlm.models.gpt import Transformer
+from clusterlm.plan.validate import CASES, case_config, measure_rank, prepare_data
+
+from .helpers import run_distributed
+
+pytestmark = pytest.mark.timeout(60)
+STEP_COUNTER_BYTES = 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("validate"), chars=20_000)
+
+
+def _case(name: str):
+    return next(case for case in CASES if case.name == name)
+
+
+def _parameters(cfg, vocab_size: int) -> list[torch.Tensor]:
+    return list(Transformer(resolve_model_args(cfg, vocab_size)).parameters())
+
+
+def _run(name: str, data_dir: str, out_dir: str):
+    case = _case(name)
+    cfg = case_config(case, data_dir, out_dir, peak_flops=1e10)
+    ranks = run_distributed(measure_rank, case.nproc, cfg, 1, 0, timeout=45)
+    return case, cfg, ranks
+
+
+def _vocab(data_dir: str) -> int:
+    from clusterlm.data.manifest import load_manifest
+
+    return load_manifest(data_dir).vocab_size
+
+
+def _predicted_activations(case, cfg, vocab: int) -> float:
+    from clusterlm.plan.memory import activation_bytes, logits_gradient_bytes
+    from clusterlm.plan.workload import Workload
+
+    work = Workload(resolve_model_args(cfg, vocab), cfg.seq_len, 12 * cfg.seq_len, "fp32")
+    return activation_bytes(work, case.layout, "first") - logits_gradient_bytes(work, case.layout)
+
+
+def test_zero3_stores_rank_zero_chunks_of_every_tensor(data_dir, tmp_path):
+    case, cfg, ranks = _run("2 zero3", data_dir, str(tmp_path))
+    params = _parameters(cfg, _vocab(data_dir))
+    rank0_elements = sum(math.ceil(p.shape[0] / 2) * p[0].numel() for p in params)
+    assert ranks[0][0] == 16 * rank0_elements + STEP_COUNTER_BYTES * len(params)
+    predicted = _predicted_activations(case, cfg, _vocab(data_dir))
+    assert [r[1] for r in ranks] == [pytest.approx(predicted, rel=1e-3)] * 2
+
+
+def test_zero1_keeps_each_optimizer_state_on_one_rank(data_dir, tmp_path):
+    case, cfg, ranks = _run("2 zero1", data_dir, str(tmp_path))
+    params = _parameters(cfg, _vocab(data_dir))
+    elements = sum(p.numel() for p in params)
+    replicated = 8 * elements  # weights and gradients on both ranks
+    sharded = sum(r[0] - replicated for r in ranks)
+    assert sharded == 8 * elements + STEP_COUNTER_BYTES * len(params)
+    predicted = _predicted_activations(case, cfg, _vocab(data_dir))
+    assert [r[1] for r in ranks] == [pytest.approx(predicted, rel=1e-3)] * 2
