@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from clusterlm.config import Config, apply_overrides, validate
 from clusterlm.errors import UserError
@@ -127,13 +128,14 @@ def _activation_report(session) -> str | None:
         return None
     cfg, runtime = session.cfg, session.runtime
     block = _unwrapped_block(session)
-    params = {p.data_ptr() for p in session.parts[0].parameters()}
+    params = {(p.to_local() if isinstance(p, DTensor) else p).data_ptr() for p in session.parts[0].parameters()}
     saved: dict[int, int] = {}
     measuring = [False]
 
     def pack(tensor):
-        if measuring[0] and tensor.untyped_storage().data_ptr() not in params:
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        storage = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).untyped_storage()
+        if measuring[0] and storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     handles = [block.register_forward_pre_hook(lambda *_: measuring.__setitem__(0, True)),
