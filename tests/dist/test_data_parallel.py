@@ -11,18 +11,7 @@ import pytest
 
 from clusterlm.train import checkpoint
 
-from .training import BASE, MICRO, STEPS, assert_equivalent, prepare_corpus, reference_runs, run
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_corpus(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    return reference_runs(data_dir, tmp_path_factory)
-
+from .training import BASE, MICRO, STEPS, assert_equivalent, run
 
 CASES = [
     ("ddp", 2, {}), ("zero1", 2, {}), ("zero2", 2, {}), ("zero3", 2, {}),

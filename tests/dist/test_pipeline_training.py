@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .training import MICRO, assert_equivalent, prepare_corpus, reference_runs, run
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_corpus(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    return reference_runs(data_dir, tmp_path_factory)
-
+from .training import MICRO, assert_equivalent, run
 
 LLAMA = {"model__flavour": "llama", "model__n_head": 4, "model__n_kv_head": 2, "model__n_layer": 4}
 GPT2 = {"model__n_layer": 4}
@@ -39,3 +28,17 @@ def test_pipeline_layout_equals_single_process(name, world_size, dp, settings, d
     model = {k: v for k, v in settings.items() if k.startswith("model__")}
     candidate = run(data_dir, tmp_path, world_size, training__micro_batch_size=MICRO * 2, **settings)
     assert_equivalent(reference(MICRO * 2 * dp, **model), candidate)
+
+
+def test_checkpoint_reshards_from_pp2_x_tp2_to_dp4_to_one_process(data_dir, reference, tmp_path):
+    """5 steps as pp2 x tp2, resumed for 5 as zero3 over 4 ranks, then for 5 in one process: the
+    same losses and weights as 15 uninterrupted steps in one process."""
+    phases = [(4, {"parallel__pp": 2, "parallel__tp": 2}, MICRO * 2),
+              (4, {"parallel__data_parallel": "zero3"}, MICRO // 2),
+              (1, {}, MICRO * 2)]
+    for i, (world_size, layout, micro) in enumerate(phases):
+        losses, result = run(data_dir, tmp_path, world_size, training__micro_batch_size=micro,
+                             training__steps=5 * (i + 1), optim__decay_steps=20, checkpoint__resume="auto",
+                             **LLAMA, **layout)
+    reference_losses, ref = reference(MICRO * 2, **LLAMA)
+    assert losses == pytest.approx({k: v for k, v in reference_losses.items() if k <= 15}, rel=1e-5)

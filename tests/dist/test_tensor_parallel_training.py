@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .training import MICRO, assert_equivalent, prepare_corpus, reference_runs, run
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_corpus(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    return reference_runs(data_dir, tmp_path_factory)
-
+from .training import MICRO, assert_equivalent, run
 
 LLAMA = {"model__flavour": "llama", "model__n_head": 4, "model__n_kv_head": 2}
 CASES = [
