@@ -21,7 +21,9 @@ import torch
 
 from clusterlm.comm.peers import Peers, accumulate, finish, start_transfers
 
-DEFAULT_CHUNK_BYTES = 1 << 20
+# Large chunks: each message costs a fixed overhead (hundreds of microseconds on gloo over loopback),
+# so 4 MiB chunks (4 in flight) beat 1 MiB ones on every measurement at 64 MiB with 4 processes.
+DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_PIPELINE_DEPTH = 4
 
 
