@@ -42,3 +42,16 @@ def test_checkpoint_reshards_from_pp2_x_tp2_to_dp4_to_one_process(data_dir, refe
                              **LLAMA, **layout)
     reference_losses, ref = reference(MICRO * 2, **LLAMA)
     assert losses == pytest.approx({k: v for k, v in reference_losses.items() if k <= 15}, rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv_zero_bubble"])  # zbv: both copies on rank 0
+def test_one_process_gpt2_checkpoint_resumes_as_a_pipeline(schedule, data_dir, reference, tmp_path):
+    """The whole model's checkpoint stores the tied matrix once; the last stage's copy of it (and
+    its optimizer state) is read from the token table's entry."""
+    pipeline = {"parallel__pp": 2, "parallel__pp_schedule": schedule}
+    for i, (world_size, layout) in enumerate([(1, {}), (2, pipeline)]):
+        losses, _ = run(data_dir, tmp_path, world_size, training__micro_batch_size=MICRO * 2,
+                        training__steps=5 * (i + 1), optim__decay_steps=20, checkpoint__resume="auto",
+                        **GPT2, **layout)
+    reference_losses, _ = reference(MICRO * 2, **GPT2)
+    assert losses == pytest.approx({k: v for k, v in reference_losses.items() if k <= 10}, rel=1e-5)

@@ -242,8 +242,16 @@ def load_checkpoint(
     layout; returns the trainer state. Call ``verify`` (or ``resolve_resume``) first."""
     path = Path(path)
     state = _tensor_state(parts, optimizers)
+    aliased = _read_tied_copies_from_their_source(state, path)
     with _single_process_quiet():
         dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not dist.is_initialized())
+    for section, copy_name, source_name, value in aliased:
+        loaded = state[section].get(source_name)
+        if value is None:  # the copy's tensors were loaded under the source's name
+            state[section][copy_name] = state[section].pop(source_name)
+        else:  # this rank holds both: the source was loaded, the copy takes its values
+            torch.utils._pytree.tree_map(lambda dst, src: dst.copy_(src), value, loaded)
+            state[section][copy_name] = value
     for part, optimizer in zip(parts, optimizers or [None] * len(parts), strict=True):
         part_model, _ = _part_state(part, None)
         model_state = {name: state["model"][name] for name in part_model}
@@ -257,6 +265,30 @@ def load_checkpoint(
                               "param_groups": template["param_groups"]},
         )
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+# A checkpoint of a whole gpt2 model stores its tied matrix once, as the token table; a last
+# pipeline stage holds a copy of it as its output projection (see clusterlm.parallel.pipeline).
+TIED_COPIES = {"output.weight": "tok_embeddings.weight"}
+
+
+def _read_tied_copies_from_their_source(state: dict[str, Any], path: Path) -> list[tuple]:
+    """Point each tied copy the checkpoint lacks at its source's entry before loading; returns
+    (section, copy, source, value-if-this-rank-also-holds-the-source) to undo it afterwards."""
+    saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    aliased = []
+    for section in ("model", "optim"):
+        entries = state.get(section, {})
+        for copy_name, source_name in TIED_COPIES.items():
+            if copy_name not in entries or any(key.startswith(f"{section}.{copy_name}") for key in saved):
+                continue
+            value = entries.pop(copy_name)
+            if source_name in entries:
+                aliased.append((section, copy_name, source_name, value))
+            else:
+                entries[source_name] = value
+                aliased.append((section, copy_name, source_name, None))
+    return aliased
 
 
 def check_compatible(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
