@@ -220,7 +220,8 @@ def train(cfg: Config) -> dict[str, Any]:
         window_steps += 1
         if logging:
             if not math.isfinite(loss_value):
-                raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr or use bf16")
+                raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr and resume from the "
+                                "last good checkpoint with --resume auto")
             record = _train_record(s, loss_value, window_seconds / window_steps)
             summary["train_loss"] = loss_value
             progress.update(s.step - 1, record)
@@ -309,6 +310,8 @@ def main(argv: list[str]) -> int:
     if launch.nproc and "WORLD_SIZE" not in os.environ:
         return run_torchrun(launch, ["train", *argv])
     summary = train(cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if "val_loss" in summary and summary["rank"] == 0:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f} "
               f"(perplexity {math.exp(summary['val_loss']):.2f})")
