@@ -16,11 +16,14 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from clusterlm.config import Config, apply_overrides, validate
 from clusterlm.errors import UserError
 from clusterlm.launch import run_torchrun
+from clusterlm.parallel.tensor_parallel import loss_context
 
 
 def _variant(cfg: Config, spec: str) -> Config:
@@ -165,9 +168,6 @@ def _bubble_report(session, step_times: list[float]) -> str:
     the rest of the pipelined step relative to that: (T_step - T_busy) / T_busy, compared with
     (p - 1) / m for one stage per rank and (p - 1) / (v * m) with v stages per rank (Narayanan et
     al. 2021). The step time includes the optimizer, timed here too and subtracted."""
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
     cfg, runtime = session.cfg, session.runtime
     p, m = cfg.parallel.pp, session.pipeline.schedule._n_microbatches
     v = len(session.pipeline.stages)
@@ -187,8 +187,6 @@ def _bubble_report(session, step_times: list[float]) -> str:
                     out = module(x)
                 if module.output is not None:
                     y = torch.randint(0, cfg.model.vocab_size, (micro, cfg.seq_len), device=runtime.device)
-                    from clusterlm.parallel.tensor_parallel import loss_context
-
                     with loss_context(cfg.parallel.tp):
                         F.cross_entropy(out.flatten(0, 1).float(), y.flatten()).backward()
                 else:

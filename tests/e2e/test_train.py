@@ -149,3 +149,12 @@ def test_bad_input_is_one_line(argv, message, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0, err
+
+
+def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
+    args = ["bench", "train", "--steps", "2", "--rounds", "1", "--warmup", "1", "--data.dir", str(data_dir),
+            "--against", "optim.fused=false"] + [f"--{k}={v}" for k, v in TINY.items()]
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "config" in out and "speed-up over baseline" in out
+    assert "tokens/s" in out and "activations per layer" in out
