@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from clusterlm.comm.bench import fit_alpha_beta, human_bytes, main, parse_size, parse_sizes
+from clusterlm.comm.bench import (
+    fit_alpha_beta,
+    fit_two_regimes,
+    human_bytes,
+    main,
+    parse_size,
+    parse_sizes,
+)
 from clusterlm.errors import UserError
 
 
@@ -43,3 +51,29 @@ def test_alpha_beta_fit_recovers_a_linear_model():
     assert fitted_beta == pytest.approx(beta, rel=1e-6)
     assert max_error < 1e-9
     assert fit_alpha_beta(points[:1]) is None
+
+
+def test_alpha_beta_fit_minimizes_the_largest_relative_error():
+    rng = np.random.default_rng(0)
+    sizes = [1 << k for k in range(16, 29)]
+    points = [(s, (100e-6 + s / 1e9) * (1 + 0.2 * rng.uniform(-1, 1))) for s in sizes]
+    alpha, beta, max_error = fit_alpha_beta(points)
+    assert max_error == pytest.approx(max(abs((alpha + beta * s) / t - 1) for s, t in points))
+    # No line does better: least squares on relative error (the previous fit) and random nudges.
+    sizes_a, times_a = np.array(sizes, float), np.array([t for _, t in points])
+    (ls_alpha, ls_beta), *_ = np.linalg.lstsq(np.stack([1 / times_a, sizes_a / times_a], 1), np.ones(len(sizes)), rcond=None)
+    assert max_error <= np.abs((ls_alpha + ls_beta * sizes_a) / times_a - 1).max() + 1e-12
+    for _ in range(200):
+        a, b = alpha * (1 + rng.normal(0, 0.05)), beta * (1 + rng.normal(0, 0.05))
+        assert max_error <= np.abs((a + b * sizes_a) / times_a - 1).max() + 1e-12
+
+
+def test_two_regime_fit_finds_where_the_per_byte_cost_changes():
+    small = [(s, 1e-3 + s / 2e9) for s in (1 << 16, 1 << 18, 1 << 20, 1 << 22)]
+    large = [(s, 5e-3 + s / 0.5e9) for s in (1 << 24, 1 << 26, 1 << 28)]
+    split, (a_small, b_small), (a_large, b_large), error = fit_two_regimes(small + large)
+    assert split == 1 << 22
+    assert (a_small, b_small) == (pytest.approx(1e-3), pytest.approx(1 / 2e9))
+    assert (a_large, b_large) == (pytest.approx(5e-3), pytest.approx(1 / 0.5e9))
+    assert error < 1e-9
+    assert fit_two_regimes(small) is None  # too few sizes for two regimes of three

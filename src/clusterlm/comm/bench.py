@@ -1,16 +1,19 @@
 """`clusterlm bench comm`: time all-reduce algorithms over a range of sizes on N local processes.
 
-For each algorithm and size the time of one all-reduce is the median over ``--iters`` timed
-iterations (after ``--warmup``), each started after a barrier and taken as the slowest rank's
-time. Bandwidths follow nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Per algorithm
-an alpha-beta model t = alpha + beta * bytes is fitted by least squares on relative error over
-sizes >= 64 KiB; alpha is the latency, 1/beta the asymptotic bandwidth.
+For each algorithm and size, after ``--warmup`` untimed all-reduces, ``--iters`` all-reduces run
+back to back and are timed together, as nccl-tests does; this is repeated five times after a
+barrier and the median group is kept, each group taken at the slowest rank. Bandwidths follow nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Per algorithm
+an alpha-beta model t = alpha + beta * bytes is fitted over sizes >= 64 KiB, minimizing the largest
+relative error; alpha is the latency, 1/beta the asymptotic bandwidth. A second fit gives small
+and large messages a line each, split where that fits best (on a host, where buffers stop
+fitting the caches).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import math
 import os
@@ -18,7 +21,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -30,6 +33,8 @@ from clusterlm.comm.spawn import run_local
 from clusterlm.errors import UserError
 
 FIT_MIN_BYTES = 64 << 10
+REPEATS = 5
+GROUP_SECONDS = 0.25
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -49,6 +54,13 @@ class Fit:
     inverse_beta_gbps: float  # asymptotic bandwidth, GB/s (1e9 bytes)
     max_relative_error: float
     sizes_fitted: int
+    # Two regimes, split after ``split_bytes`` (None when there are too few sizes for two).
+    split_bytes: int | None = None
+    small_alpha_us: float | None = None
+    small_inverse_beta_gbps: float | None = None
+    large_alpha_us: float | None = None
+    large_inverse_beta_gbps: float | None = None
+    two_regime_max_relative_error: float | None = None
 
 
 def parse_size(text: str) -> int:
@@ -81,22 +93,71 @@ def human_bytes(size: int) -> str:
 
 
 def fit_alpha_beta(points: list[tuple[int, float]]) -> tuple[float, float, float] | None:
-    """Least-squares (alpha, beta, max relative error) of t = alpha + beta * bytes, minimizing the
-    relative error; None with fewer than two sizes."""
+    """(alpha, beta, max relative error) of t = alpha + beta * bytes with the smallest maximum
+    relative error over ``points`` (a Chebyshev fit: the error that is quoted is the one that is
+    minimized); None with fewer than two sizes.
+
+    By the alternation theorem the best line for two parameters has equal, alternating errors at
+    three of the points, so every triple is tried (a handful of sizes: cheap and exact)."""
     if len(points) < 2:
         return None
     sizes = np.array([b for b, _ in points], dtype=np.float64)
     times = np.array([t for _, t in points], dtype=np.float64)
-    # Dividing each row by its time turns absolute residuals into relative ones.
-    design = np.stack([1 / times, sizes / times], axis=1)
-    (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
-    relative_errors = np.abs((alpha + beta * sizes) / times - 1)
-    return float(alpha), float(beta), float(relative_errors.max())
+
+    def max_error(alpha: float, beta: float) -> float:
+        return float(np.abs((alpha + beta * sizes) / times - 1).max())
+
+    if len(points) == 2:
+        beta = (times[1] - times[0]) / (sizes[1] - sizes[0]) if sizes[1] != sizes[0] else 0.0
+        alpha = times[0] - beta * sizes[0]
+        return float(alpha), float(beta), max_error(alpha, beta)
+    best = None
+    for i, j, k in itertools.combinations(range(len(points)), 3):
+        for sign in (1.0, -1.0):
+            # (alpha + beta s) / t - 1 = sign * (+E, -E, +E) at points i, j, k.
+            rows, rhs = [], []
+            for index, alternation in ((i, 1.0), (j, -1.0), (k, 1.0)):
+                rows.append([1 / times[index], sizes[index] / times[index], -sign * alternation])
+                rhs.append(1.0)
+            try:
+                alpha, beta, _ = np.linalg.solve(np.array(rows), np.array(rhs))
+            except np.linalg.LinAlgError:
+                continue
+            error = max_error(alpha, beta)
+            if best is None or error < best[2]:
+                best = (float(alpha), float(beta), error)
+    return best
+
+
+def fit_two_regimes(points: list[tuple[int, float]]) -> tuple[int, tuple[float, float], tuple[float, float], float] | None:
+    """Alpha-beta lines for small and large messages, split where the maximum relative error of
+    the pair is smallest: (largest size of the small regime, (alpha, beta) small, (alpha, beta)
+    large, max relative error). On a host the per-byte cost changes when the buffers stop fitting
+    the caches, which one line cannot follow. Each regime needs at least three sizes."""
+    points = sorted(points)
+    best = None
+    for split in range(3, len(points) - 2):
+        small, large = fit_alpha_beta(points[:split]), fit_alpha_beta(points[split:])
+        error = max(small[2], large[2])
+        if best is None or error < best[3]:
+            best = (points[split - 1][0], small[:2], large[:2], error)
+    return best
 
 
 def _options_for(algorithm: str, options: dict[str, int]) -> dict[str, int]:
     accepted = inspect.signature(ALGORITHMS[algorithm]).parameters
     return {key: value for key, value in options.items() if key in accepted}
+
+
+def _group_length(run, iters: int) -> int:
+    """At most ``iters`` iterations per timed group, fewer when one takes long, so that a group
+    lasts about GROUP_SECONDS; every rank must agree, so the slowest rank's estimate decides."""
+    estimate = torch.empty(1, dtype=torch.float64)
+    start = time.perf_counter()
+    run()
+    estimate[0] = time.perf_counter() - start
+    dist.all_reduce(estimate, op=dist.ReduceOp.MAX)
+    return max(1, min(iters, int(GROUP_SECONDS / estimate.item())))
 
 
 def _time_all_reduces(
@@ -110,12 +171,16 @@ def _time_all_reduces(
             run = partial(all_reduce, buffer, "sum", algorithm, **_options_for(algorithm, options))
             for _ in range(warmup):
                 run()
-            elapsed = torch.empty(iters, dtype=torch.float64)
-            for i in range(iters):
+            # nccl-tests style: back-to-back iterations, timed as a group, so one rank being
+            # descheduled at a barrier does not count as latency; the median group is kept.
+            group = _group_length(run, iters)
+            elapsed = torch.empty(REPEATS, dtype=torch.float64)
+            for r in range(REPEATS):
                 dist.barrier()
                 start = time.perf_counter()
-                run()
-                elapsed[i] = time.perf_counter() - start
+                for _ in range(group):
+                    run()
+                elapsed[r] = (time.perf_counter() - start) / group
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             results.append((algorithm, size, statistics.median(elapsed.tolist())))
     return results
@@ -132,31 +197,51 @@ def measure(
     ]
 
 
+def _bandwidth_gbps(beta: float) -> float:
+    return 1 / beta / 1e9 if beta > 0 else math.inf
+
+
 def fits(measurements: list[Measurement]) -> list[Fit]:
     result = []
     for algorithm in dict.fromkeys(m.algorithm for m in measurements):
         points = [(m.bytes, m.time_us * 1e-6) for m in measurements if m.algorithm == algorithm and m.bytes >= FIT_MIN_BYTES]
         fitted = fit_alpha_beta(points)
-        if fitted is not None:
-            alpha, beta, error = fitted
-            result.append(Fit(algorithm, alpha * 1e6, 1 / beta / 1e9 if beta > 0 else math.inf, error, len(points)))
+        if fitted is None:
+            continue
+        alpha, beta, error = fitted
+        fit = Fit(algorithm, alpha * 1e6, _bandwidth_gbps(beta), error, len(points))
+        regimes = fit_two_regimes(points)
+        if regimes is not None:
+            split, (small_alpha, small_beta), (large_alpha, large_beta), regime_error = regimes
+            fit = replace(
+                fit, split_bytes=split, small_alpha_us=small_alpha * 1e6, small_inverse_beta_gbps=_bandwidth_gbps(small_beta),
+                large_alpha_us=large_alpha * 1e6, large_inverse_beta_gbps=_bandwidth_gbps(large_beta),
+                two_regime_max_relative_error=regime_error,
+            )
+        result.append(fit)
     return result
 
 
 def format_report(measurements: list[Measurement], fitted: list[Fit], nproc: int) -> str:
-    lines = [f"all-reduce of float32 on {nproc} processes (gloo); time = median over iterations of the slowest rank"]
+    lines = [f"all-reduce of float32 on {nproc} processes (gloo); time = median of 5 groups of back-to-back iterations, slowest rank"]
     lines.append(f"{'size':>8} {'algorithm':<17} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}")
     for m in sorted(measurements, key=lambda m: m.bytes):
         lines.append(
             f"{human_bytes(m.bytes):>8} {m.algorithm:<17} {m.time_us:>11.1f} {m.algbw_gbps:>13.3f} {m.busbw_gbps:>13.3f}"
         )
     lines.append("")
-    lines.append(f"alpha-beta fit t = alpha + beta * bytes over sizes >= {human_bytes(FIT_MIN_BYTES)}")
-    lines.append(f"{'algorithm':<17} {'alpha (us)':>11} {'1/beta (GB/s)':>14} {'max rel err':>12} {'sizes':>6}")
+    lines.append(f"alpha-beta fit t = alpha + beta * bytes over sizes >= {human_bytes(FIT_MIN_BYTES)} "
+                 "(minimax relative error), one line and two regimes (small | large messages)")
+    lines.append(f"{'algorithm':<17} {'alpha (us)':>11} {'1/beta (GB/s)':>14} {'max rel err':>12} {'sizes':>6}"
+                 f"   {'split':>6} {'small: alpha, 1/beta':>22} {'large: alpha, 1/beta':>22} {'max rel err':>12}")
     for f in fitted:
-        lines.append(
-            f"{f.algorithm:<17} {f.alpha_us:>11.1f} {f.inverse_beta_gbps:>14.3f} {f.max_relative_error:>12.1%} {f.sizes_fitted:>6}"
-        )
+        line = (f"{f.algorithm:<17} {f.alpha_us:>11.1f} {f.inverse_beta_gbps:>14.3f} {f.max_relative_error:>12.1%}"
+                f" {f.sizes_fitted:>6}")
+        if f.split_bytes is not None:
+            line += (f"   {human_bytes(f.split_bytes):>6} {f.small_alpha_us:>12.1f} us {f.small_inverse_beta_gbps:>6.3f}"
+                     f" {f.large_alpha_us:>12.1f} us {f.large_inverse_beta_gbps:>6.3f}"
+                     f" {f.two_regime_max_relative_error:>12.1%}")
+        lines.append(line)
     if not fitted:
         lines.append(f"(no fit: needs at least two sizes >= {human_bytes(FIT_MIN_BYTES)})")
     return "\n".join(lines)
@@ -213,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--sizes", default="1K..64M", help="bytes: MIN..MAX or a comma list, K/M/G suffixes (default 1K..64M)")
     parser.add_argument("--factor", type=int, default=4, choices=(2, 4), help="step between sizes of a range (default 4)")
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations per point (default 10)")
+    parser.add_argument("--iters", type=int, default=10, help="back-to-back iterations per timed group, fewer when a group would pass 0.25 s (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     parser.add_argument("--chunk-bytes", type=int, help="pipeline chunk for the ring-based algorithms")
     parser.add_argument("--pipeline-depth", type=int, help="chunks in flight for the ring-based algorithms")
