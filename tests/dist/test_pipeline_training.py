@@ -19,6 +19,9 @@ CASES = [
                         "parallel__pp_microbatches": 4}),
     ("pp2xzero3-2", 4, 2, {**LLAMA, "parallel__pp": 2, "parallel__data_parallel": "zero3"}),
     ("pp2xtp2", 4, 1, {**LLAMA, "parallel__pp": 2, "parallel__tp": 2}),
+    # gpt2 ties the head to the token table across stages: the tied gradients are sharded here.
+    ("pp2xzero3-2-gpt2", 4, 2, {**GPT2, "parallel__pp": 2, "parallel__data_parallel": "zero3"}),
+    ("pp2xtp2-gpt2", 4, 1, {**GPT2, "parallel__pp": 2, "parallel__tp": 2}),
     ("pp2xtp2xzero3-2", 8, 2, {**LLAMA, "parallel__pp": 2, "parallel__tp": 2, "parallel__data_parallel": "zero3"}),
 ]
 
@@ -27,7 +30,11 @@ CASES = [
 def test_pipeline_layout_equals_single_process(name, world_size, dp, settings, data_dir, reference, tmp_path):
     model = {k: v for k, v in settings.items() if k.startswith("model__")}
     candidate = run(data_dir, tmp_path, world_size, training__micro_batch_size=MICRO * 2, **settings)
-    assert_equivalent(reference(MICRO * 2 * dp, **model), candidate)
+    # Under tp the tied table's gradient is summed from gathered shards on two ranks, not
+    # accumulated by autograd in one process: another rounding order, which Adam amplifies in the
+    # small weights to relative differences of 1.3e-5 after 10 steps (losses still agree to 1e-5).
+    rtol = 3e-5 if name == "pp2xtp2-gpt2" else 1e-5
+    assert_equivalent(reference(MICRO * 2 * dp, **model), candidate, rtol=rtol)
 
 
 def test_checkpoint_reshards_from_pp2_x_tp2_to_dp4_to_one_process(data_dir, reference, tmp_path):

@@ -42,7 +42,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from clusterlm.errors import UserError
 from clusterlm.models.counting import embedding_params, head_params, layer_params
@@ -279,11 +279,16 @@ def sync_tied_gradients(stages: list[PipelineStage]) -> None:
     total = torch.zeros(args.vocab_size, args.n_embd, device=stages[0].device)
     for weight in copies:
         if weight.grad is not None:
-            total += weight.grad
+            # A sharded copy (tensor or fully sharded data parallel) is summed whole: ranks without
+            # either copy cannot know a shard's shape, and the table is small where it is tied.
+            total += weight.grad.full_tensor() if isinstance(weight.grad, DTensor) else weight.grad
     # Ranks without either copy add zeros: the sum of the two gradients is exact on every rank.
     dist.all_reduce(total, group=stages[0].group)
     for weight in copies:
-        weight.grad = total.clone()
+        if isinstance(weight, DTensor):  # every rank holds the whole sum: each keeps its own shard
+            weight.grad = distribute_tensor(total, weight.device_mesh, weight.placements, src_data_rank=None)
+        else:
+            weight.grad = total.clone()
 
 
 def clip_grad_norm_across_stages(stages: list[PipelineStage], max_norm: float) -> torch.Tensor:
