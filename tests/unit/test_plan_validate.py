@@ -14,7 +14,7 @@ from clusterlm.plan.calibration import Calibration, load_calibration, save_calib
 from clusterlm.plan.cluster import Link
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
-from clusterlm.plan.timing import step_time
+from clusterlm.plan.timing import HostCalls, host_calls, step_time
 from clusterlm.plan.validate import (
     CASES,
     GLOBAL_BATCH,
@@ -76,11 +76,23 @@ def test_cases_cover_the_layouts_with_the_global_batch():
     assert len(layouts) == len(CASES) >= 8
     for case in CASES:
         assert case.layout.world_size == case.nproc
-        assert case.layout.dp * case.layout.micro_batch_size == GLOBAL_BATCH
+        assert case.layout.dp * case.batch_per_rank == GLOBAL_BATCH
     assert layouts["4 hsdp 2x2"] == Layout(dp_replicate=2, dp_shard=2, data_parallel="hsdp", micro_batch_size=3)
     assert layouts["4 tp2 x zero3"] == Layout(dp_shard=2, tp=2, data_parallel="zero3", micro_batch_size=6)
     assert layouts["2 zero1"].dp_shard == 2 and layouts["4 ddp"].dp_replicate == 4
     assert layouts["2 tp2+sp"].sequence_parallel
+    assert layouts["4 pp2 x zero3"] == Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batch_size=2,
+                                              micro_batches=3)
+
+
+def test_host_calls_count_fsdp_collectives_and_tensor_parallel_modules():
+    work = Workload(NANO, 64, 12 * 64, "fp32")
+    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero3")) == HostCalls(3 * 5, 0)
+    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero2")) == HostCalls(2 * 5, 0)
+    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero1")) == HostCalls(0, 0)
+    # pp2: two blocks and a root per stage on each rank; tp: 8 sharded modules per block + 4, twice.
+    assert host_calls(work, Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batches=3)) == HostCalls(3 * 3 * 3, 0)
+    assert host_calls(work, Layout(tp=2)) == HostCalls(0, 2 * (4 * 8 + 4))
 
 
 def test_zero2_state_is_sharded_like_fsdp2_stores_it():
@@ -105,12 +117,15 @@ def _synthetic_results(truth: Calibration) -> list[ValidationResult]:
     return results
 
 
-def test_fit_recovers_efficiency_and_overhead_from_the_fitted_cases():
-    truth = Calibration(compute_efficiency=0.3, comm_efficiency=1.0, step_overhead_s=0.012)
+def test_fit_recovers_efficiency_and_host_costs_from_the_fitted_cases():
+    truth = Calibration(compute_efficiency=0.3, comm_efficiency=1.0, step_overhead_s=0.012, fsdp_call_s=0.003,
+                        tp_module_s=0.001)
     results = _synthetic_results(truth)
     fitted = fit_calibration(results)
     assert fitted.compute_efficiency == pytest.approx(0.3, rel=0.03)
     assert fitted.step_overhead_s == pytest.approx(0.012, abs=0.002)
+    assert fitted.fsdp_call_s == pytest.approx(0.003, rel=0.05)
+    assert fitted.tp_module_s == pytest.approx(0.001, rel=0.05)
     report = validation_report(results, fitted, {2: Link(1e9, 1e-4)})
     assert f"step time within 20%: {len(CASES)} of {len(CASES)} configurations" in report
     assert "2 processes 100 us + bytes / 1.00 GB/s" in report

@@ -12,6 +12,13 @@
 - ``step_overhead_s``: fixed seconds per optimizer step that no FLOP or byte count explains
   (framework dispatch, hooks, optimizer launch, data loading). Default 0: negligible against the
   steps of large models, but most of a tiny model's step on a CPU, where ``--validate`` fits it.
+- ``fsdp_call_s``: host seconds per FSDP collective call (one unit's all-gather or reduce-scatter:
+  the pre/post hooks, the copy into and out of the flat buffer, the launch).
+- ``tp_module_s``: host seconds per tensor-parallel module pass (one DTensor-sharded linear, norm
+  or embedding, forward or backward: sharding propagation, redistribution, local-tensor wrapping).
+  Both default to 0: on an accelerator the host runs ahead of the device and these costs hide
+  behind the kernels of any model worth sharding; on a CPU the host is the device and they add,
+  so ``--validate`` fits them.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any
 
 from clusterlm.errors import UserError
 
+HOST_SECONDS = ("step_overhead_s", "fsdp_call_s", "tp_module_s")  # seconds >= 0; the rest are fractions
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -32,12 +41,14 @@ class Calibration:
     comm_efficiency: float = 0.8
     overlap: float = 0.8
     step_overhead_s: float = 0.0
+    fsdp_call_s: float = 0.0
+    tp_module_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if f.name == "step_overhead_s":
+            if f.name in HOST_SECONDS:
                 if not number or not 0.0 <= value < float("inf"):
                     raise UserError(f"calibration {f.name} must be a number of seconds >= 0, got {value!r}")
             elif not number or not 0.0 < value <= 1.0:

@@ -60,6 +60,9 @@ class Device:
     memory_bytes: float
     peak_flops: dict[str, float]  # precision name -> dense FLOP/s
     reserved_bytes: float = 0.0  # runtime context and allocator slack, never available
+    # Share of a CPU core that drives each device; host-side costs are divided by it (below 1
+    # only when processes outnumber cores, as on a CPU machine running several ranks).
+    host_share: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ Communication (``collectives``), per step:
   parallelism each becomes an all-gather plus a reduce-scatter, the same time. Not overlapped.
 - data parallel, on gradients in the weight dtype (2 bytes under mixed precision, as ZeRO counts):
   ddp all-reduces once per step, hidden behind the last micro-batch's backward up to
-  ``overlap``: exposed = max(0, comm - overlap * backward). zero1 reduce-scatters once per step;
-  zero2 reduce-scatters every micro-batch (only gradient shards are kept); both all-gather the
-  updated weights, prefetched behind the first forward. zero3 / hsdp (FSDP) all-gather the weights
+  ``overlap``: exposed = max(0, comm - overlap * backward). zero1 (torch's
+  ZeroRedundancyOptimizer under DDP) all-reduces like ddp, then broadcasts the updated parameters
+  from their owners inside the optimizer step: an all-gather, with nothing to hide behind (the
+  broadcasts go out together, so their latencies overlap). zero2 reduce-scatters every micro-batch (only gradient shards are kept)
+  and all-gathers the updated weights, prefetched behind the first forward. zero3 / hsdp (FSDP) all-gather the weights
   before forward and again before backward and reduce-scatter gradients, every micro-batch, layer
   by layer with prefetch, hidden behind that pass's compute; hsdp then all-reduces the gradient
   shard across replicas once per step.
@@ -26,7 +28,14 @@ Pipeline bubble, as a fraction of the ideal m micro-batches: GPipe and 1F1B (p-1
 2019; Narayanan et al. 2021), interleaved 1F1B (p-1)/(v*m) (Narayanan et al. 2021), zero bubble
 (p-1)/(3m): ZB-H1 of Qi et al. 2023 with equal forward, input-gradient and weight-gradient times.
 The optimizer step itself and the pipeline's uneven first/last stages (embedding, head) are not
-modelled, except through ``overhead``: the calibration's fixed seconds per step (0 unless fitted).
+modelled, except through ``host``.
+
+Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
+fixed seconds per step, plus seconds per FSDP collective call (zero2: an all-gather and a
+reduce-scatter per unit and micro-batch; zero3/hsdp: the all-gather again before backward) and per
+tensor-parallel module pass (each DTensor-sharded linear, norm and embedding, forward and
+backward), divided by the device's ``host_share`` of a core. Their defaults are 0; ``plan
+--validate`` fits them on a CPU, where the host is the device and nothing hides them.
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ class StepTime:
     pipeline_p2p: float
     data_parallel: float
     offload: float
-    overhead: float = 0.0
+    host: float = 0.0
 
     @property
     def total(self) -> float:
@@ -99,8 +108,40 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         pipeline_p2p=_pipeline_p2p(work, layout, cluster),
         data_parallel=data_parallel,
         offload=offload,
-        overhead=cal.step_overhead_s,
+        host=host_seconds(work, layout, cluster),
     )
+
+
+@dataclass(frozen=True)
+class HostCalls:
+    """Host-side calls per step that cost time beyond their FLOPs and bytes."""
+
+    fsdp_collectives: int
+    tp_module_passes: int
+
+
+def host_calls(work: Workload, layout: Layout) -> HostCalls:
+    """FSDP units are a rank's blocks plus one root per stage (embeddings, final norm, head); a
+    tensor-parallel block shards 6 linears (7 with SwiGLU) and its 2 norms, and the model adds the
+    token and position embeddings, the final norm and the head."""
+    args, m = work.model, layout.micro_batches
+    layers = args.n_layer // layout.pp
+    fsdp = 0
+    if layout.dp_shard > 1 and layout.zero_stage >= 2:
+        per_unit = 2 if layout.zero_stage == 2 else 3
+        fsdp = (layers + layout.pp_stages_per_rank) * per_unit * m  # a root per stage
+    tp = 0
+    if layout.tp > 1:
+        per_block = 2 + (7 if args.is_llama else 6)
+        top = 3 if args.is_llama else 4
+        tp = 2 * (layers * per_block + top) * m  # forward and backward
+    return HostCalls(fsdp, tp)
+
+
+def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:
+    cal, calls = cluster.calibration, host_calls(work, layout)
+    seconds = cal.step_overhead_s + calls.fsdp_collectives * cal.fsdp_call_s + calls.tp_module_passes * cal.tp_module_s
+    return seconds / cluster.device.host_share
 
 
 def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster) -> float:
@@ -129,9 +170,14 @@ def _data_parallel_and_offload(work: Workload, layout: Layout, cluster: Cluster,
     stage = layout.zero_stage if layout.dp_shard > 1 else 0
     if stage == 0:
         exposed = hidden(collectives.all_reduce(grads, replicas, cluster), backward)
-    elif stage in (1, 2):
+    elif stage == 1:
+        # torch's ZeroRedundancyOptimizer under DDP: gradients are all-reduced in backward, then
+        # each rank steps the parameters it owns and broadcasts them in step(), nothing to hide behind.
+        exposed = hidden(collectives.all_reduce(grads, shard, cluster), backward)
+        exposed += collectives.all_gather(weights, shard, cluster)
+    elif stage == 2:
         reduce = collectives.reduce_scatter(grads, shard, cluster)
-        exposed = (m if stage == 2 else 1) * hidden(reduce, backward)
+        exposed = m * hidden(reduce, backward)
         exposed += hidden(collectives.all_gather(weights, shard, cluster), forward)
     else:
         gather = collectives.all_gather(weights, shard, cluster)

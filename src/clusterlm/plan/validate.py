@@ -9,9 +9,10 @@ text. Per case, on every rank:
   after an optimizer step, counting a rank's local shard only (``DTensor.to_local()`` for FSDP and
   tensor-parallel parameters; ``ZeroRedundancyOptimizer`` keeps the AdamW state of the parameters
   its rank owns in ``.optim``); the most loaded rank is reported;
-- activations: the bytes autograd saves for backward during one forward pass and the loss, seen
-  through ``torch.autograd.graph.saved_tensors_hooks`` and counted once per storage; parameters
-  and buffers (also the parameters FSDP gathers for the forward) are not activations;
+- activations: the peak bytes autograd keeps for backward during one training step, seen through
+  ``torch.autograd.graph.saved_tensors_hooks`` and counted once per storage from its first save
+  to its release; parameters and buffers (also the parameters FSDP gathers for the forward) are
+  not activations; under a pipeline schedule this is the micro-batches a stage keeps in flight;
 - step time: per step the slowest rank's wall time, median over the timed steps; the cases are
   run in several rounds and each keeps its lowest median (other load only adds time).
 
@@ -20,18 +21,21 @@ The prediction is the planner's own: ``device_memory`` and ``step_time`` for the
 one-thread matmul probe times min(1, cores / nproc), since the processes share the cores; its
 link is the alpha-beta fit of a gloo all-reduce sweep on ``nproc`` local processes (ring
 all-reduce t = 2(n-1) * latency + 2(n-1)/n * bytes / bandwidth, solved for the link). The
-calibration (``fit_calibration``) fits the compute efficiency and a fixed per-step overhead on a
-subset of the cases and the error is reported on all of them.
+calibration (``fit_calibration``) fits the compute efficiency and the host costs (per step, per
+FSDP collective call, per tensor-parallel module pass) on a subset of the cases, one case per
+term and the 4-process ddp for the core sharing, and the error is reported on all of them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
 import statistics
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -40,7 +44,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from clusterlm.comm.bench import fit_alpha_beta
@@ -51,7 +54,7 @@ from clusterlm.plan.cluster import Cluster, Device, Link
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
 from clusterlm.plan.report import table
-from clusterlm.plan.timing import step_time
+from clusterlm.plan.timing import host_calls, step_time
 from clusterlm.plan.workload import Workload
 
 GLOBAL_BATCH = 12  # sequences per optimizer step, as nano-cpu
@@ -73,9 +76,9 @@ class ValidationCase:
     @property
     def layout(self) -> Layout:
         p = self.parallel
-        tp = int(p.get("tp", 1))
+        tp, pp = int(p.get("tp", 1)), int(p.get("pp", 1))
         strategy = str(p.get("data_parallel", "ddp"))
-        dp = self.nproc // tp
+        dp = self.nproc // (tp * pp)
         if strategy == "ddp":
             replicate = dp
         elif strategy == "hsdp":
@@ -83,9 +86,16 @@ class ValidationCase:
         else:  # zero1-3 shard over every data-parallel rank
             replicate = 1
         shard = dp // replicate
-        return Layout(dp_replicate=replicate, dp_shard=shard, tp=tp, data_parallel=strategy,
+        micro_batches = int(p.get("pp_microbatches", 1))
+        return Layout(pp=pp, dp_replicate=replicate, dp_shard=shard, tp=tp, data_parallel=strategy,
                       sequence_parallel=bool(p.get("sequence_parallel", False)),
-                      micro_batch_size=GLOBAL_BATCH // dp)
+                      pp_schedule=str(p.get("pp_schedule", "1f1b")), micro_batches=micro_batches,
+                      micro_batch_size=GLOBAL_BATCH // dp // micro_batches)
+
+    @property
+    def batch_per_rank(self) -> int:
+        """Sequences per data-parallel rank and step (a pipeline splits them into micro-batches)."""
+        return self.layout.micro_batch_size * self.layout.micro_batches
 
 
 CASES = (
@@ -94,13 +104,16 @@ CASES = (
     ValidationCase("2 ddp", 2, {"data_parallel": "ddp"}, fit=True),
     ValidationCase("2 zero1", 2, {"data_parallel": "zero1"}),
     ValidationCase("2 zero2", 2, {"data_parallel": "zero2"}),
-    ValidationCase("2 zero3", 2, {"data_parallel": "zero3"}),
-    ValidationCase("2 tp2", 2, {"tp": 2}),
+    ValidationCase("2 zero3", 2, {"data_parallel": "zero3"}, fit=True),
+    ValidationCase("2 tp2", 2, {"tp": 2}, fit=True),
     ValidationCase("2 tp2+sp", 2, {"tp": 2, "sequence_parallel": True}),
     ValidationCase("4 ddp", 4, {"data_parallel": "ddp"}, fit=True),
     ValidationCase("4 zero3", 4, {"data_parallel": "zero3"}),
     ValidationCase("4 hsdp 2x2", 4, {"data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2}),
     ValidationCase("4 tp2 x zero3", 4, {"tp": 2, "data_parallel": "zero3"}),
+    ValidationCase("2 pp2 gpipe", 2, {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}),
+    ValidationCase("2 pp2 1f1b", 2, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 4}),
+    ValidationCase("4 pp2 x zero3", 4, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3"}),
 )
 
 
@@ -127,9 +140,15 @@ class ValidationResult:
 
     @property
     def activations_predicted(self) -> float:
-        """Saved tensors only: the logits' gradient is part of the peak, not a saved tensor."""
+        """The most loaded stage's saved tensors: the logits' gradient is part of the planner's
+        peak, not a saved tensor."""
         layout = self.case.layout
-        return activation_bytes(self.work, layout, "first") - logits_gradient_bytes(self.work, layout)
+
+        def saved(stage: str) -> float:
+            holds_logits = stage == "last" or layout.pp == 1
+            return activation_bytes(self.work, layout, stage) - holds_logits * logits_gradient_bytes(self.work, layout)
+
+        return max(saved("first"), saved("last"))
 
     def predicted_seconds(self, calibration: Calibration) -> float:
         cluster = replace(self.cluster, calibration=calibration)
@@ -176,7 +195,7 @@ def prepare_data(root: Path, chars: int = 200_000) -> str:
 def case_config(case: ValidationCase, data_dir: str, out_dir: str, peak_flops: float) -> Config:
     """The trainer's config for a case; ``peak_flops`` only spares every rank its own probe."""
     overrides = {
-        **NANO_MODEL, "data.dir": data_dir, "training.micro_batch_size": case.layout.micro_batch_size,
+        **NANO_MODEL, "data.dir": data_dir, "training.micro_batch_size": case.batch_per_rank,
         "training.precision": case.precision, "training.steps": 10**9, "training.threads": 1,
         "training.out_dir": out_dir, "metrics.peak_flops": peak_flops, "optim.warmup_steps": 1,
     }
@@ -216,15 +235,16 @@ def _storage_key(tensor: torch.Tensor) -> int:
 
 
 @contextmanager
-def _parameter_storages(model: torch.nn.Module) -> Iterator[set[int]]:
+def _parameter_storages(models: list[torch.nn.Module]) -> Iterator[set[int]]:
     """Storages of the parameters and buffers, including those a wrapper (FSDP) swaps in for the
     forward: each module's own parameters are recorded as it starts its forward."""
-    keys = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+    modules = [m for model in models for m in model.modules()]
+    keys = {_storage_key(t) for m in modules for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
 
     def record(module: torch.nn.Module, _inputs: object) -> None:
         keys.update(_storage_key(t) for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(record) for m in modules]
     try:
         yield keys
     finally:
@@ -232,42 +252,62 @@ def _parameter_storages(model: torch.nn.Module) -> Iterator[set[int]]:
             handle.remove()
 
 
-def saved_activation_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
-    """Bytes autograd keeps for backward while ``forward()`` runs ``model`` and returns the loss,
-    once per storage, parameters and buffers excluded; returns them with the loss."""
-    saved: dict[int, int] = {}
-    with _parameter_storages(model) as params:
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
+class _Saved:
+    """What autograd holds instead of a saved tensor while activations are counted: it dies when
+    autograd releases the tensor (after the backward that used it), which ends its count."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def saved_activation_bytes(model: torch.nn.Module | list[torch.nn.Module], run: Callable[[], object]) -> tuple[int, object]:
+    """The peak bytes autograd keeps for backward while ``run()`` runs ``model`` (forward, or whole
+    training steps), once per storage, parameters and buffers excluded; returns it with what
+    ``run`` returned. A storage counts from its first save until autograd releases its last saved
+    tensor, so pipeline schedules show the micro-batches they really keep in flight."""
+    live: dict[int, list[int]] = {}  # storage -> [bytes, saved tensors alive]
+    total = peak = 0
+
+    def release(key: int) -> None:
+        nonlocal total
+        live[key][1] -= 1
+        if live[key][1] == 0:
+            total -= live.pop(key)[0]
+
+    with _parameter_storages(model if isinstance(model, list) else [model]) as params:
+        def pack(tensor: torch.Tensor) -> object:
+            nonlocal total, peak
             key = _storage_key(tensor)
-            if key not in params:
+            if key in params:
+                return tensor
+            if key not in live:
                 with torch.no_grad():
-                    saved[key] = local(tensor).untyped_storage().nbytes()
-            return tensor
+                    live[key] = [local(tensor).untyped_storage().nbytes(), 0]
+                total += live[key][0]
+                peak = max(peak, total)
+            live[key][1] += 1
+            saved = _Saved(tensor)
+            weakref.finalize(saved, release, key)
+            return saved
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = forward()
-    return sum(saved[k] for k in saved if k not in params), loss
+        def unpack(saved: object) -> torch.Tensor:
+            return saved.tensor if isinstance(saved, _Saved) else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            result = run()
+    return peak, result
 
 
-def _first_step_activations(session) -> int:
-    """Saved-tensor bytes of one micro-batch's forward and loss through the trainer's wrapped model;
-    the backward follows so that wrappers (DDP, FSDP) finish their iteration."""
-    from clusterlm.parallel.tensor_parallel import loss_context
+def _step_activations(session) -> int:
+    """Peak saved-tensor bytes of one training step through the trainer's wrapped model parts
+    (every micro-batch of a pipeline schedule)."""
+    from clusterlm.train.trainer import train_step
 
-    model = session.parts[0]
-    x, y = session.loader.next_step()[0]
-
-    def forward() -> torch.Tensor:
-        with session.precision.autocast():
-            logits = model(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-    with loss_context(session.runtime.tp_size):
-        saved, loss = saved_activation_bytes(model, forward)
-        loss.backward()
-    for optimizer in session.optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    return saved
+    peak, loss = saved_activation_bytes(session.parts, lambda: train_step(session))
+    loss.item()
+    return peak
 
 
 def _state_after_next_step(session) -> int:
@@ -308,7 +348,7 @@ def measure_rank(rank: int, world_size: int, cfg: Config, warmup: int, steps: in
     from clusterlm.train.trainer import build_session, train_step
 
     session = build_session(cfg)
-    activations = _first_step_activations(session)
+    activations = _step_activations(session)
     state = _state_after_next_step(session)
     for _ in range(max(0, warmup - 1)):
         train_step(session)
@@ -376,7 +416,7 @@ def local_cluster(nproc: int, peaks: dict[str, float], link: Link, cores: int) -
     """``nproc`` processes on this machine as one node of ``nproc`` devices sharing ``cores``."""
     share = min(1.0, cores / nproc)
     device = Device(name=f"1-thread CPU process ({cores} cores shared by {nproc})", memory_bytes=float("inf"),
-                    peak_flops={k: v * share for k, v in peaks.items()})
+                    peak_flops={k: v * share for k, v in peaks.items()}, host_share=share)
     return Cluster(name=f"{nproc} local processes", nodes=1, devices_per_node=nproc, device=device,
                    intra_node=link, inter_node=link)
 
@@ -424,21 +464,45 @@ def _vocab_size(data_dir: str) -> int:
 MEASURED_LINKS = Calibration(comm_efficiency=1.0)  # the links are fitted to measured collectives
 
 
+HOST_TERMS = ("step_overhead_s", "fsdp_call_s", "tp_module_s")
+
+
 def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURED_LINKS) -> Calibration:
-    """Compute efficiency and per-step overhead minimizing the squared relative step-time error over
-    the cases marked ``fit``: for each efficiency on a log grid the overhead is the least-squares
-    solution of sum_i ((o + p_i) / m_i - 1)^2, i.e. o = sum(1/m_i - p_i/m_i^2) / sum(1/m_i^2)."""
+    """Compute efficiency and the host costs (per step, per FSDP collective call, per tensor-parallel
+    module pass) minimizing the squared relative step-time error over the cases marked ``fit``.
+    The step time is linear in the host costs, so for each efficiency on a log grid they are the
+    non-negative least-squares solution; the best efficiency wins."""
     fitted = [r for r in results if r.case.fit] or results
     measured = np.array([r.measured.step_seconds for r in fitted])
+    # Host seconds each case spends per unit of each term (divided by its processes' core share).
+    features = np.array([[1.0, calls.fsdp_collectives, calls.tp_module_passes] for calls in
+                         (host_calls(r.work, r.case.layout) for r in fitted)])
+    features /= np.array([[r.cluster.device.host_share] for r in fitted])
     best = None
     for efficiency in np.geomspace(0.02, 1.0, 200):
-        calibration = replace(base, compute_efficiency=float(efficiency), step_overhead_s=0.0)
+        calibration = replace(base, compute_efficiency=float(efficiency), **dict.fromkeys(HOST_TERMS, 0.0))
         predicted = np.array([r.predicted_seconds(calibration) for r in fitted])
-        overhead = max(0.0, float(np.sum(1 / measured - predicted / measured**2) / np.sum(1 / measured**2)))
-        error = float(np.sum(((predicted + overhead) / measured - 1) ** 2))
+        costs = _nonnegative_least_squares(features / measured[:, None], 1 - predicted / measured)
+        error = float(np.sum(((predicted + features @ costs) / measured - 1) ** 2))
         if best is None or error < best[0]:
-            best = (error, replace(calibration, step_overhead_s=overhead))
+            best = (error, replace(calibration, **dict(zip(HOST_TERMS, map(float, costs), strict=True))))
     return best[1]
+
+
+def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a x - b|| over x >= 0, by trying every set of free columns (there are three)."""
+    best_x, best_error = np.zeros(a.shape[1]), float(np.sum(b**2))
+    for free in itertools.chain.from_iterable(itertools.combinations(range(a.shape[1]), k)
+                                              for k in range(1, a.shape[1] + 1)):
+        solution, *_ = np.linalg.lstsq(a[:, free], b, rcond=None)
+        if (solution < 0).any():
+            continue
+        x = np.zeros(a.shape[1])
+        x[list(free)] = solution
+        error = float(np.sum((a @ x - b) ** 2))
+        if error < best_error:
+            best_x, best_error = x, error
+    return best_x
 
 
 def _error(predicted: float, measured: float) -> str:
@@ -464,8 +528,9 @@ def validation_report(results: list[ValidationResult], calibration: Calibration,
     return "\n".join([
         table(rows, header, text_columns=2),
         f"step time within 20%: {within} of {len(results)} configurations (* = fitted on)",
-        f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the one-thread matmul peak, "
-        f"step overhead {calibration.step_overhead_s * 1e3:.1f} ms",
+        f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the one-thread matmul peak; host "
+        f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_call_s * 1e3:.2f} ms per FSDP "
+        f"collective call, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass (one core)",
         f"gloo loopback links (ring all-reduce fit): {link_text}",
     ])
 
