@@ -36,8 +36,9 @@ UNFUSED = Workload(GPT3_BLOCK, S, S * B * 8, "bf16", fused_attention=False)
 
 
 def _layer(tp=1, sp=False, ac="none", work=UNFUSED):
+    # 16-bit weights as in Megatron: FSDP's param_dtype (autocast over fp32 weights keeps more).
     return layer_activation_bytes(work, Layout(tp=tp, sequence_parallel=sp, activation_checkpointing=ac,
-                                               micro_batch_size=B))
+                                               micro_batch_size=B, dp_shard=2, data_parallel="zero3"))
 
 
 def test_activations_match_korthikanti_equations():

@@ -35,10 +35,12 @@ scores are never stored: the kernel keeps q, k, v and its output, and the a*s/h 
 selective recompute saves nothing there. For the gpt2 block, unfused and with dropout, the itemized
 count is exactly Korthikanti's, plus 16*s*b for the norms' fp32 statistics; fused and without
 dropout it is 34*s*b*h + 2*a*s*b (the log-sum-exp) + 16*s*b, checked against the bytes autograd
-really saves (``clusterlm.plan.validate``). Activations are taken to be 16-bit under mixed
-precision, as with 16-bit weights (Megatron, FSDP's param_dtype); under torch.autocast over fp32
-weights the residual stream and norm inputs stay fp32, which this undercounts. Terms scale with 1/t when the tensor is split over tp ranks; the
-norm inputs and outputs are replicated under plain tp and split under sequence parallelism.
+really saves (``clusterlm.plan.validate``). Activations are 16-bit under mixed precision with
+16-bit weights (Megatron, FSDP's param_dtype); under torch.autocast over fp32 weights (this
+project's other layouts) the residual stream and norm inputs stay fp32, every matmul keeps its
+own 16-bit copy of its input and weight, and both are counted. Terms scale with 1/t when the
+tensor is split over tp ranks; the norm inputs and outputs are replicated under plain tp and
+split under sequence parallelism.
 
 Pipeline schedules hold several micro-batches' activations at once on the first stage (the
 worst): GPipe all m; 1F1B min(p, m) (Narayanan et al. 2021, section 2.2); interleaved 1F1B with v
@@ -104,12 +106,32 @@ def stage_params(work: Workload, layout: Layout, stage: str) -> float:
     return count / layout.tp
 
 
-def _norm_bytes(work: Workload) -> float:
-    """What one norm keeps per token besides its output: LayerNorm its input (e*h) and fp32 mean
-    and rstd (8); the project's RMSNorm, computed in fp32, an fp32 copy of its input (4*h; the
-    input itself in fp32), the normalized value before the weight (e*h) and the fp32 rstd (4)."""
-    h, e = work.model.n_embd, work.activation_bytes
-    return (4 + e) * h + 4 if work.model.is_llama else e * h + 8
+def fp32_weights_under_autocast(work: Workload, layout: Layout) -> bool:
+    """Mixed precision through ``torch.autocast`` over fp32 weights: every layout of this project
+    but FSDP's (zero2, zero3, hsdp over more than one rank), whose weights arrive in 16-bit. The
+    residual stream then stays fp32, and each matmul casts its own 16-bit copy of its input and
+    weight and keeps both for backward."""
+    fsdp = layout.data_parallel in ("zero2", "zero3", "hsdp") and layout.dp > 1
+    return work.mixed_precision and not fsdp
+
+
+def _residual_bytes(work: Workload, layout: Layout) -> int:
+    return 4 if fp32_weights_under_autocast(work, layout) else work.activation_bytes
+
+
+def _norm_bytes(work: Workload, layout: Layout) -> float:
+    """What one norm keeps per token besides its output, with r bytes per residual element:
+    LayerNorm its input (r*h) and fp32 mean and rstd (8); the project's RMSNorm, computed in
+    fp32, an fp32 copy of its input (4*h; the input itself in fp32), the normalized value before
+    the weight (r*h) and the fp32 rstd (4)."""
+    h, r = work.model.n_embd, _residual_bytes(work, layout)
+    return (4 + r) * h + 4 if work.model.is_llama else r * h + 8
+
+
+def _matmul_weights_per_layer(work: Workload) -> int:
+    args = work.model
+    d, q, kv = args.n_embd, args.n_head * args.head_dim, args.n_kv_head * args.head_dim
+    return 2 * d * q + 2 * d * kv + (3 if args.is_llama else 2) * d * args.ffn_hidden
 
 
 def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None = None) -> float:
@@ -135,8 +157,12 @@ def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None
     mode = recompute or layout.activation_checkpointing
     replicated_split = t if layout.sequence_parallel else 1
     if mode == "full":
-        return s * layout.micro_batch_size * e * h / replicated_split
-    replicated = 2 * (_norm_bytes(work) + e * h)
+        return s * layout.micro_batch_size * _residual_bytes(work, layout) * h / replicated_split
+    autocast = fp32_weights_under_autocast(work, layout)
+    # The norms' outputs as the next matmuls' inputs: under autocast every consumer casts its own
+    # copy (wq, wk and wv; w1, and w3 in SwiGLU), else they share one.
+    consumers = (3 + (2 if args.is_llama else 1)) if autocast else 2
+    replicated = 2 * _norm_bytes(work, layout) + consumers * e * h
     attention = 4 * e * h + (e * h if args.is_llama else 0)
     if work.fused_attention:
         attention += 4 * a
@@ -146,16 +172,19 @@ def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None
     if args.dropout > 0:
         replicated += 2 * h
     per_token = replicated / replicated_split + (attention + mlp) / t
-    return per_token * s * layout.micro_batch_size
+    weight_copies = e * _matmul_weights_per_layer(work) / t if autocast else 0.0
+    return per_token * s * layout.micro_batch_size + weight_copies
 
 
 def output_activation_bytes(work: Workload, layout: Layout) -> float:
     """What the output layer keeps, per micro-batch: the final norm, the head's input, the fp32
-    log-probabilities over the (tp-split) vocabulary and the int64 targets."""
+    log-probabilities over the (tp-split) vocabulary and the int64 targets (and under autocast
+    the head weight's 16-bit copy)."""
     args, t, e = work.model, layout.tp, work.activation_bytes
     split = t if layout.sequence_parallel else 1
-    per_token = (_norm_bytes(work) + e * args.n_embd) / split + LOSS_BYTES * args.vocab_size / t + TOKEN_ID_BYTES
-    return per_token * work.seq_len * layout.micro_batch_size
+    per_token = (_norm_bytes(work, layout) + e * args.n_embd) / split + LOSS_BYTES * args.vocab_size / t + TOKEN_ID_BYTES
+    weight_copy = e * args.vocab_size * args.n_embd / t if fp32_weights_under_autocast(work, layout) else 0.0
+    return per_token * work.seq_len * layout.micro_batch_size + weight_copy
 
 
 def logits_gradient_bytes(work: Workload, layout: Layout) -> float:

@@ -31,8 +31,8 @@ The optimizer step itself and the pipeline's uneven first/last stages (embedding
 modelled, except through ``host``.
 
 Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
-fixed seconds per step, plus seconds per FSDP collective call (zero2: an all-gather and a
-reduce-scatter per unit and micro-batch; zero3/hsdp: the all-gather again before backward) and per
+fixed seconds per step, plus seconds per FSDP collective call (per unit, an all-gather each
+micro-batch, again before backward under zero3/hsdp, and one reduce-scatter per step) and per
 tensor-parallel module pass (each DTensor-sharded linear, norm and embedding, forward and
 backward), divided by the device's ``host_share`` of a core. Their defaults are 0; ``plan
 --validate`` fits them on a CPU, where the host is the device and nothing hides them.
@@ -128,8 +128,11 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
     layers = args.n_layer // layout.pp
     fsdp = 0
     if layout.dp_shard > 1 and layout.zero_stage >= 2:
-        per_unit = 2 if layout.zero_stage == 2 else 3
-        fsdp = (layers + layout.pp_stages_per_rank) * per_unit * m  # a root per stage
+        # Every micro-batch gathers (again before backward unless zero2); gradients are
+        # reduce-scattered once, after the last micro-batch (accumulation and pipeline schedules
+        # both turn the reduction off before it).
+        gathers = 1 if layout.zero_stage == 2 else 2
+        fsdp = (layers + layout.pp_stages_per_rank) * (gathers * m + 1)  # a root per stage
     tp = 0
     if layout.tp > 1:
         per_block = 2 + (7 if args.is_llama else 6)

@@ -288,7 +288,9 @@ def saved_activation_bytes(model: torch.nn.Module | list[torch.nn.Module], run: 
                 total += live[key][0]
                 peak = max(peak, total)
             live[key][1] += 1
-            saved = _Saved(tensor)
+            # Detached: a saved output holding its own grad_fn would form a cycle through the
+            # autograd node, released only by the garbage collector, not by the backward.
+            saved = _Saved(tensor.detach())
             weakref.finalize(saved, release, key)
             return saved
 
