@@ -8,22 +8,23 @@ same config; the two are run in alternating rounds in one process, so machine no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from clusterlm.config import Config, apply_overrides, validate
 from clusterlm.errors import UserError
 from clusterlm.launch import run_torchrun
-from clusterlm.parallel.tensor_parallel import loss_context
 
 
 def _variant(cfg: Config, spec: str) -> Config:
@@ -90,7 +91,7 @@ def bench_train(argv: list[str]) -> int:
             times[name] += _timed_steps(session, args.steps)
     config = sessions["config"]
     activation = _activation_report(config)  # collective under tensor parallelism: every rank runs it
-    bubble = _bubble_report(config, times["config"]) if config.pipeline is not None else None
+    bubble = _bubble_report(config, args.steps) if config.pipeline is not None else None
     if not config.runtime.is_main:
         return 0
     print(f"{'variant':<10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak TFLOP/s':>13}  settings")
@@ -162,53 +163,76 @@ def _activation_report(session) -> str | None:
             f"{cfg.parallel.sequence_parallel}, {element}-byte elements): ratio {measured / formula:.2f}")
 
 
-def _bubble_report(session, step_times: list[float]) -> str:
-    """Measured pipeline bubble next to the formula. The busy time of a rank is its stages'
-    forward and backward over all micro-batches run back to back with no pipeline; the bubble is
-    the rest of the pipelined step relative to that: (T_step - T_busy) / T_busy, compared with
-    (p - 1) / m for one stage per rank and (p - 1) / (v * m) with v stages per rank (Narayanan et
-    al. 2021). The step time includes the optimizer, timed here too and subtracted."""
-    cfg, runtime = session.cfg, session.runtime
+@contextlib.contextmanager
+def _pipeline_timer(pipeline) -> Iterator[dict[str, float]]:
+    """Seconds this rank spends in the schedule's ``step`` (entered together: a barrier precedes
+    it) and, inside it, computing: its stages' forward and backward chunks. The rest of the
+    schedule's time is idle or communicating. Instance attributes shadow the methods, so the
+    schedule calls the timed versions and nothing outside this context changes."""
+    spent = {"schedule": 0.0, "busy": 0.0}
+
+    def timed(function, key):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+        return run
+
+    schedule = pipeline.schedule
+    names = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+    targets = [(stage, name) for stage in pipeline.stages for name in names if hasattr(stage, name)]
+    step = schedule.step
+
+    def synchronized_step(*args, **kwargs):
+        dist.barrier()
+        return timed(step, "schedule")(*args, **kwargs)
+
+    for stage, name in targets:
+        setattr(stage, name, timed(getattr(stage, name), "busy"))
+    schedule.step = synchronized_step
+    try:
+        yield spent
+    finally:
+        for stage, name in targets:
+            delattr(stage, name)
+        del schedule.step
+
+
+def _bubble_report(session, steps: int) -> str:
+    """The pipeline bubble measured inside pipelined steps, next to the formula. Per step, T is the
+    slowest rank's time in the schedule and B the most loaded rank's compute (its stages' forward
+    and backward chunks); the bubble is (T - B) / B, compared with (p - 1) / m for one stage per
+    rank and (p - 1) / (v * m) with v stages per rank (Narayanan et al. 2021), a third of that for
+    the zero-bubble schedules (Qi et al. 2023, ZB-H1; ZB-V aims lower). Point-to-point
+    transfers and the schedule's own work count as bubble: the formula assumes them free."""
+    from clusterlm.train.trainer import train_step
+
+    cfg = session.cfg
     p, m = cfg.parallel.pp, session.pipeline.schedule._n_microbatches
     v = len(session.pipeline.stages)
-    micro = cfg.training.micro_batch_size // m
-    busy = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for stage in session.pipeline.stages:
-            module = stage.submod
-            for _ in range(m):
-                if module.tok_embeddings is not None:
-                    x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.seq_len), device=runtime.device)
-                else:
-                    width = cfg.seq_len // (cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
-                    x = torch.randn(micro, width, cfg.model.n_embd, device=runtime.device, requires_grad=True)
-                with session.precision.autocast():
-                    out = module(x)
-                if module.output is not None:
-                    y = torch.randint(0, cfg.model.vocab_size, (micro, cfg.seq_len), device=runtime.device)
-                    with loss_context(cfg.parallel.tp):
-                        F.cross_entropy(out.flatten(0, 1).float(), y.flatten()).backward()
-                else:
-                    out.backward(torch.randn_like(out))
-        for optimizer in session.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        busy.append(time.perf_counter() - start)
-    optimizer_time = []
-    for _ in range(5):
-        for part in session.parts:
-            for param in part.parameters():
-                param.grad = torch.zeros_like(param)
-        start = time.perf_counter()
-        session.precision.step(session.optimizers)
-        optimizer_time.append(time.perf_counter() - start)
-    local = torch.tensor([statistics.median(busy) + statistics.median(optimizer_time)])
-    dist.all_reduce(local, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-    step = statistics.median(step_times)
-    measured = (step - local.item()) / local.item()
-    formula = (p - 1) / (v * m)
+    fractions, spans = [], []
+    with _pipeline_timer(session.pipeline) as spent:
+        for _ in range(steps):
+            spent.update(schedule=0.0, busy=0.0)
+            train_step(session).item()
+            times = torch.tensor([spent["schedule"], spent["busy"]], dtype=torch.float64)
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)
+            span, busy = times.tolist()
+            fractions.append((span - busy) / busy)
+            spans.append((span, busy))
+    measured = statistics.median(fractions)
+    span, busy = sorted(spans)[len(spans) // 2]
+    if "zero_bubble" in cfg.parallel.pp_schedule:
+        # Qi et al. 2023: splitting the weight gradient off cuts 1F1B's bubble to at most a third.
+        name, formula = "(p-1)/(3*v*m), the ZB-H1 bound", (p - 1) / (3 * v * m)
+    else:
+        name, formula = "(p-1)/(v*m)", (p - 1) / (v * m)
     return (f"pipeline bubble ({cfg.parallel.pp_schedule}, p={p}, m={m}, v={v}): measured {measured:.3f} "
-            f"(step {1000 * step:.1f} ms, busy {1000 * local.item():.1f} ms), formula (p-1)/(v*m) = {formula:.3f}")
+            f"(median of {steps} steps; schedule {1000 * span:.1f} ms, compute {1000 * busy:.1f} ms), "
+            f"formula {name} = {formula:.3f}, ratio {measured / formula:.2f}")
 
 
 def main(argv: list[str]) -> int:
