@@ -62,7 +62,11 @@ class TrainingConfig:
     seed: int = opt(1337, "seed of initialization, data order and dropout")
     precision: str = opt("fp32", "compute precision (fp16 needs CUDA; master weights stay fp32)",
                          ("fp32", "bf16", "fp16"))
-    compile: bool = opt(False, "torch.compile the model")
+    compile: bool = opt(False, "torch.compile: forward and loss as one graph in a single process, each block "
+                        "separately when the model is split or sharded across processes")
+    attention: str = opt("auto", "attention kernel: auto (torch picks), flash, efficient, cudnn, or math (matmuls "
+                         "and softmax; compiled on a CPU, faster than the CPU flash kernel at small head sizes)",
+                         ("auto", "flash", "efficient", "cudnn", "math"))
     activation_checkpointing: str = opt("none", "recompute activations in backward: full (each block from its "
                                         "input) or selective (keep matmul and attention outputs, recompute "
                                         "the rest)", ("none", "selective", "full"))

@@ -158,3 +158,18 @@ def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
     out = capsys.readouterr().out
     assert "baseline" in out and "config" in out and "speed-up over baseline" in out
     assert "tokens/s" in out and "activations per layer" in out
+
+
+def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir, tmp_path):
+    """One process compiles tokens -> loss as one graph; with the plain-matmul attention the
+    compiler fuses the softmax. Same losses as eager fp32 up to the compiler's reordering of
+    float sums (relative 1e-4)."""
+    train(config(data_dir, tmp_path / "eager", training__steps=4))
+    train(config(data_dir, tmp_path / "compiled", training__steps=4, training__compile=True,
+                 training__attention="math"))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys()
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
+    names = final_weights(tmp_path / "compiled").keys()
+    assert names == final_weights(tmp_path / "eager").keys()  # the model itself is not wrapped

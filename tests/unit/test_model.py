@@ -114,3 +114,15 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     tokens = torch.randint(0, gqa_args.vocab_size, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(gqa(tokens), mha(tokens))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "math"])
+def test_attention_kernels_agree(kernel):
+    from clusterlm.models.gpt import attention_kernel
+
+    args = ModelArgs(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, ffn_hidden=64)
+    torch.manual_seed(0)
+    model, tokens = Transformer(args), torch.randint(0, 50, (2, 16))
+    reference = model(tokens)
+    with attention_kernel(kernel):
+        assert torch.allclose(model(tokens), reference, atol=1e-5)

@@ -11,12 +11,14 @@ fused kernels of each device are used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -111,6 +113,17 @@ class Attention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(batch, seq, -1)))
+
+
+ATTENTION_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH,
+}
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """Where the model runs, the attention kernel to use: ``auto`` leaves the choice to torch."""
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel([ATTENTION_KERNELS[name]])
 
 
 class MLP(nn.Module):

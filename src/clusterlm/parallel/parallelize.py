@@ -73,7 +73,7 @@ def parallelize(
             apply_tensor_parallel(part, mesh["tp"], cfg.parallel.sequence_parallel)
         if cfg.training.activation_checkpointing != "none":
             apply_activation_checkpointing(part, cfg.training.activation_checkpointing)
-        if cfg.training.compile:
+        if cfg.training.compile and mesh is not None:  # one process compiles forward and loss whole
             apply_compile(part)
         if mesh is not None:
             param_dtype = None if compute_dtype == torch.float32 else compute_dtype

@@ -12,6 +12,7 @@ from torch import nn
 
 from clusterlm.config import Config, grad_accum_steps
 from clusterlm.data.loader import eval_batches
+from clusterlm.models.gpt import attention_kernel
 from clusterlm.parallel.parallelize import Pipeline
 from clusterlm.parallel.pipeline import pipeline_eval_loss
 from clusterlm.parallel.tensor_parallel import full_value, loss_context
@@ -44,7 +45,7 @@ def evaluate_loss(
         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
     ):
         x, y = x.to(runtime.device), y.to(runtime.device)
-        with precision.autocast(), loss_context(runtime.tp_size):
+        with precision.autocast(), loss_context(runtime.tp_size), attention_kernel(cfg.training.attention):
             if pipeline is not None:
                 loss_sum = pipeline_eval_loss(pipeline.stages, x, y) * y.numel()
             else:

@@ -11,7 +11,9 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.errors import UserError
 from clusterlm.launch import add_launch_arguments, run_torchrun
 from clusterlm.models import Transformer, param_count, training_flops_per_token
+from clusterlm.models.gpt import attention_kernel
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.data_parallel import SHARDED, gradient_sync
 from clusterlm.parallel.parallelize import Pipeline
@@ -70,6 +73,7 @@ class Session:
     grad_accum: int
     flops_per_token: float
     peak_flops: float | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # without a pipeline
     step: int = 0
     tokens: int = 0
     resumed_from: Path | None = None
@@ -104,6 +108,12 @@ def build_session(cfg: Config) -> Session:
         cfg, runtime, parts, optimizers, pipeline, loader, precision, grad_accum,
         flops, peak_flops(runtime.device, precision.compute_dtype, cfg.metrics.peak_flops),
     )
+    if pipeline is None:
+        session.loss_fn = partial(model_loss, parts[0], precision)
+        if cfg.training.compile and runtime.mesh is None:
+            # One graph from tokens to loss: the compiler fuses across blocks, the embeddings, the
+            # head and the loss. Across processes ``parallelize`` compiles each block instead.
+            session.loss_fn = torch.compile(session.loss_fn)
     session.extra["tokenizer_sha256"] = manifest.tokenizer.sha256
     with fsspec.open(f"{cfg.data.dir.rstrip('/')}/tokenizer.json", "rb") as f:
         session.extra["tokenizer_json"] = f.read()
@@ -135,10 +145,11 @@ def train_step(s: Session) -> torch.Tensor:
         for group in optimizer.param_groups:
             group["lr"] = lr
     micro_batches = s.loader.next_step()
-    if s.pipeline is not None:
-        loss = _pipeline_forward_backward(s, *micro_batches[0])
-    else:
-        loss = _forward_backward(s, micro_batches)
+    with attention_kernel(s.cfg.training.attention):
+        if s.pipeline is not None:
+            loss = _pipeline_forward_backward(s, *micro_batches[0])
+        else:
+            loss = _forward_backward(s, micro_batches)
     for optimizer in s.optimizers:
         s.precision.unscale(optimizer)
     if s.cfg.training.grad_clip:
@@ -159,14 +170,18 @@ def _forward_backward(s: Session, micro_batches: list[tuple[torch.Tensor, torch.
     micro-batch's backward."""
     model, total = s.parts[0], torch.zeros((), device=s.runtime.device)
     for i, (x, y) in enumerate(micro_batches):
-        with gradient_sync(model, enabled=i == len(micro_batches) - 1):
-            with s.precision.autocast():
-                logits = model(x)
-            with loss_context(s.runtime.tp_size):
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                s.precision.scale(loss / s.grad_accum).backward()
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1), loss_context(s.runtime.tp_size):
+            loss = s.loss_fn(x, y)
+            s.precision.scale(loss / s.grad_accum).backward()
         total += full_value(loss.detach())
     return total / s.grad_accum
+
+
+def model_loss(model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the next tokens; the logits' log-softmax is taken in fp32."""
+    with precision.autocast():
+        logits = model(x)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
 def _pipeline_forward_backward(s: Session, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
