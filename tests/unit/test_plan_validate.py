@@ -118,6 +118,7 @@ def test_host_calls_count_fsdp_collectives_and_tensor_parallel_modules():
     # pp2: two blocks and a root per stage on each rank; tp: 8 sharded modules per block + 4, twice.
     assert host_calls(work, Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batches=3)) == HostCalls(3 * (2 * 3 + 1), 0)
     assert host_calls(work, Layout(tp=2)) == HostCalls(0, 2 * (4 * 8 + 4))
+    assert host_calls(work, Layout(tp=2, sequence_parallel=True)) == HostCalls(0, 2 * (4 * 10 + 4))
 
 
 def test_zero2_state_is_sharded_like_fsdp2_stores_it():

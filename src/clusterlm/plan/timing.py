@@ -122,8 +122,9 @@ class HostCalls:
 
 def host_calls(work: Workload, layout: Layout) -> HostCalls:
     """FSDP units are a rank's blocks plus one root per stage (embeddings, final norm, head); a
-    tensor-parallel block shards 6 linears (7 with SwiGLU) and its 2 norms, and the model adds the
-    token and position embeddings, the final norm and the head."""
+    tensor-parallel block shards 6 linears (7 with SwiGLU) and its 2 norms, plus under sequence
+    parallelism the 2 inputs it gathers along the sequence, and the model adds the token and
+    position embeddings, the final norm and the head."""
     args, m = work.model, layout.micro_batches
     layers = args.n_layer // layout.pp
     fsdp = 0
@@ -136,6 +137,8 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
     tp = 0
     if layout.tp > 1:
         per_block = 2 + (7 if args.is_llama else 6)
+        if layout.sequence_parallel:  # the attention and MLP inputs are gathered along the sequence
+            per_block += 2
         top = 3 if args.is_llama else 4
         tp = 2 * (layers * per_block + top) * m  # forward and backward
     return HostCalls(fsdp, tp)
