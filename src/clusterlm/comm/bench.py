@@ -2,9 +2,9 @@
 
 For each algorithm and size, after ``--warmup`` untimed all-reduces, ``--iters`` all-reduces run
 back to back and are timed together, as nccl-tests does; this is repeated five times after a
-barrier and the median group is kept, each group taken at the slowest rank. Bandwidths follow nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Per algorithm
-an alpha-beta model t = alpha + beta * bytes is fitted over sizes >= 64 KiB, minimizing the largest
-relative error; alpha is the latency, 1/beta the asymptotic bandwidth. A second fit gives small
+barrier and the median group is kept, each group taken at the slowest rank. Bandwidths follow
+nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Per algorithm an alpha-beta model
+t = alpha + beta * bytes is fitted over sizes >= 64 KiB, minimizing the largest relative error; alpha is the latency, 1/beta the asymptotic bandwidth. A second fit gives small
 and large messages a line each, split where that fits best (on a host, where buffers stop
 fitting the caches).
 """

@@ -15,8 +15,9 @@ Communication (``collectives``), per step:
   ``overlap``: exposed = max(0, comm - overlap * backward). zero1 (torch's
   ZeroRedundancyOptimizer under DDP) all-reduces like ddp, then broadcasts the updated parameters
   from their owners inside the optimizer step: an all-gather, with nothing to hide behind (the
-  broadcasts go out together, so their latencies overlap). zero2 reduce-scatters every micro-batch (only gradient shards are kept)
-  and all-gathers the updated weights, prefetched behind the first forward. zero3 / hsdp (FSDP) all-gather the weights
+  broadcasts go out together, so their latencies overlap). zero2 reduce-scatters every
+  micro-batch (only gradient shards are kept) and all-gathers the updated weights, prefetched
+  behind the first forward. zero3 / hsdp (FSDP) all-gather the weights
   before forward and again before backward and reduce-scatter gradients, every micro-batch, layer
   by layer with prefetch, hidden behind that pass's compute; hsdp then all-reduces the gradient
   shard across replicas once per step.
@@ -44,6 +45,7 @@ from dataclasses import dataclass, fields
 
 from clusterlm.models.counting import training_flops_per_token
 from clusterlm.plan import collectives
+from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import stage_params, state_bytes_per_param
@@ -119,6 +121,10 @@ class HostCalls:
     fsdp_collectives: int
     tp_module_passes: int
 
+    def counts(self) -> tuple[float, float, float]:
+        """How many times each calibration host cost (``calibration.HOST_SECONDS``) is paid."""
+        return 1.0, self.fsdp_collectives, self.tp_module_passes
+
 
 def host_calls(work: Workload, layout: Layout) -> HostCalls:
     """FSDP units are a rank's blocks plus one root per stage (embeddings, final norm, head); a
@@ -145,8 +151,8 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
 
 
 def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:
-    cal, calls = cluster.calibration, host_calls(work, layout)
-    seconds = cal.step_overhead_s + calls.fsdp_collectives * cal.fsdp_call_s + calls.tp_module_passes * cal.tp_module_s
+    counts = host_calls(work, layout).counts()
+    seconds = sum(n * getattr(cluster.calibration, name) for name, n in zip(HOST_SECONDS, counts, strict=True))
     return seconds / cluster.device.host_share
 
 

@@ -49,7 +49,7 @@ from torch.distributed.tensor import DTensor
 from clusterlm.comm.bench import fit_alpha_beta
 from clusterlm.comm.spawn import run_local
 from clusterlm.config import Config, build_config, resolve_model_args
-from clusterlm.plan.calibration import Calibration
+from clusterlm.plan.calibration import HOST_SECONDS, Calibration
 from clusterlm.plan.cluster import Cluster, Device, Link
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
@@ -466,9 +466,6 @@ def _vocab_size(data_dir: str) -> int:
 MEASURED_LINKS = Calibration(comm_efficiency=1.0)  # the links are fitted to measured collectives
 
 
-HOST_TERMS = ("step_overhead_s", "fsdp_call_s", "tp_module_s")
-
-
 def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURED_LINKS) -> Calibration:
     """Compute efficiency and the host costs (per step, per FSDP collective call, per tensor-parallel
     module pass) minimizing the squared relative step-time error over the cases marked ``fit``.
@@ -477,17 +474,16 @@ def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURE
     fitted = [r for r in results if r.case.fit] or results
     measured = np.array([r.measured.step_seconds for r in fitted])
     # Host seconds each case spends per unit of each term (divided by its processes' core share).
-    features = np.array([[1.0, calls.fsdp_collectives, calls.tp_module_passes] for calls in
-                         (host_calls(r.work, r.case.layout) for r in fitted)])
+    features = np.array([host_calls(r.work, r.case.layout).counts() for r in fitted])
     features /= np.array([[r.cluster.device.host_share] for r in fitted])
     best = None
     for efficiency in np.geomspace(0.02, 1.0, 200):
-        calibration = replace(base, compute_efficiency=float(efficiency), **dict.fromkeys(HOST_TERMS, 0.0))
+        calibration = replace(base, compute_efficiency=float(efficiency), **dict.fromkeys(HOST_SECONDS, 0.0))
         predicted = np.array([r.predicted_seconds(calibration) for r in fitted])
         costs = _nonnegative_least_squares(features / measured[:, None], 1 - predicted / measured)
         error = float(np.sum(((predicted + features @ costs) / measured - 1) ** 2))
         if best is None or error < best[0]:
-            best = (error, replace(calibration, **dict(zip(HOST_TERMS, map(float, costs), strict=True))))
+            best = (error, replace(calibration, **dict(zip(HOST_SECONDS, map(float, costs), strict=True))))
     return best[1]
 
 
