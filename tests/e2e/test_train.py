@@ -173,3 +173,75 @@ def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
     names = final_weights(tmp_path / "compiled").keys()
     assert names == final_weights(tmp_path / "eager").keys()  # the model itself is not wrapped
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def records(out_dir: Path, kind: str) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cuda_tracks_fp32(precision, data_dir, tmp_path):
+    """On a GPU, bf16 autocast and fp16 with a gradient scaler follow the fp32 run: every loss of 30
+    steps within 3% (16-bit matmul rounding), and MFU is taken against the GPU peak table."""
+    common = dict(training__steps=30, optim__lr=3e-3, training__device="cuda")
+    train(config(data_dir, tmp_path / "fp32", **common))
+    train(config(data_dir, tmp_path / precision, training__precision=precision, **common))
+    reference, mixed = losses(tmp_path / "fp32"), losses(tmp_path / precision)
+    assert mixed[30] < 0.8 * mixed[1]
+    for step in reference:
+        assert mixed[step] == pytest.approx(reference[step], rel=3e-2), step
+    from clusterlm.train.hardware import gpu_peak_flops
+    if gpu_peak_flops(torch.cuda.get_device_name()):
+        assert all(r["mfu"] > 0 for r in records(tmp_path / precision, "train"))
+
+
+@cuda
+def test_fp16_scaler_skips_an_overflowing_step_and_backs_off():
+    from clusterlm.train.precision import Precision
+
+    precision = Precision("fp16", torch.device("cuda"))
+    weight = torch.nn.Parameter(torch.ones(4, device="cuda"))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scale = precision.scaler.get_scale()
+    precision.scale((weight * float("inf")).sum()).backward()
+    precision.unscale(optimizer)
+    precision.step([optimizer])
+    assert torch.equal(weight.detach(), torch.ones(4, device="cuda"))  # the step was skipped
+    assert precision.scaler.get_scale() == scale / 2
+
+
+@cuda
+def test_compiled_training_on_cuda_matches_eager(data_dir, tmp_path):
+    """The compiled step on a GPU (Triton kernels, the GPU's own SDPA choice) gives eager's fp32
+    losses within relative 1e-3 (TF32 stays off, so only the order of float sums differs)."""
+    common = dict(training__steps=6, training__device="cuda")
+    train(config(data_dir, tmp_path / "eager", **common))
+    train(config(data_dir, tmp_path / "compiled", training__compile=True, **common))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-3)
+
+
+@cuda
+def test_flash_attention_on_cuda_trains(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, training__steps=30, optim__lr=3e-3, training__device="cuda",
+                 training__precision="bf16", training__attention="flash"))
+    curve = losses(tmp_path)
+    assert curve[30] < 0.8 * curve[1]
+
+
+@cuda
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    from clusterlm.errors import UserError
+    from clusterlm.train.runtime import setup_runtime
+
+    gpus = torch.cuda.device_count()
+    monkeypatch.setenv("WORLD_SIZE", str(gpus + 1))
+    monkeypatch.setenv("LOCAL_RANK", str(gpus))
+    with pytest.raises(UserError, match=f"this node has {gpus}; launch at most {gpus} processes"):
+        setup_runtime(build_config(None, {"training.device": "cuda"}))

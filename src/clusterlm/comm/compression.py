@@ -108,7 +108,10 @@ class PowerSGDCompressor(ErrorFeedbackCompressor):
         corrected = buffer.clone()
         matrices, dense = self._split(buffer, shapes)
         if "qs" not in memory:
-            memory["qs"] = [torch.randn(m.shape[1], r, generator=self.generator).to(m.dtype) for m, r in matrices]
+            # Drawn on the CPU generator, so every rank and device starts from the same Q.
+            memory["qs"] = [
+                torch.randn(m.shape[1], r, generator=self.generator).to(m.device, m.dtype) for m, r in matrices
+            ]
         qs = memory["qs"]
 
         p_message = _flatten([m @ q for (m, _), q in zip(matrices, qs, strict=True)] + dense, buffer)
@@ -170,7 +173,7 @@ class TopKCompressor(ErrorFeedbackCompressor):
         memory["error"] = buffer.clone().index_fill_(0, indices, 0)
 
         all_values = values.new_empty((self.world_size, k))
-        all_indices = torch.empty((self.world_size, k), dtype=torch.int32)
+        all_indices = torch.empty((self.world_size, k), dtype=torch.int32, device=buffer.device)
         dist.all_gather(list(all_values), values, group=self.group)
         dist.all_gather(list(all_indices), indices.to(torch.int32), group=self.group)
         self.stats.record(buffer, values, all_indices[0])

@@ -31,7 +31,20 @@ SAVED_OPS = {
 
 
 def _save_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op not in SAVED_OPS or _draws_random_numbers(op, args, kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
+
+
+def _draws_random_numbers(op, args: tuple, kwargs: dict) -> bool:
+    """Attention with dropout draws from the generator. The recompute restarts from the block's
+    saved RNG state, so a random op it skips would shift every later dropout mask (seen on CUDA);
+    such an op is recomputed instead, drawing the same numbers again."""
+    names = [a.name for a in op._schema.arguments]
+    if "dropout_p" not in names:
+        return False
+    index = names.index("dropout_p")
+    return float(kwargs.get("dropout_p", args[index] if index < len(args) else 0.0)) > 0.0
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

@@ -64,7 +64,11 @@ def setup_runtime(cfg: Config) -> Runtime:
         resolve_degrees(cfg.parallel, 1)  # degrees set for a bigger job fail here, not later
         return Runtime(device=device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise UserError(f"local rank {local_rank} has no GPU of its own: this node has {gpus}; launch at most "
+                            f"{gpus} processes per node (--nproc {gpus}) or train on CPU (--training.device cpu)")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     _join_process_group(device, cfg.parallel.timeout_s)
     replicate, shard = resolve_degrees(cfg.parallel, dist.get_world_size())
