@@ -1,8 +1,9 @@
 """`clusterlm bench comm`: time all-reduce algorithms over a range of sizes on N local processes.
 
 For each algorithm and size, after ``--warmup`` untimed all-reduces, ``--iters`` all-reduces run
-back to back and are timed together, as nccl-tests does; this is repeated five times after a
-barrier and the median group is kept, each group taken at the slowest rank. Bandwidths follow
+back to back and are timed together, as nccl-tests does (more when that would take under 20 ms,
+fewer past 0.25 s). The whole sweep of sizes and algorithms runs five times over, and each point
+keeps its median group, each group taken at the slowest rank. Bandwidths follow
 nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Per algorithm an alpha-beta model
 t = alpha + beta * bytes is fitted over sizes >= 64 KiB, minimizing the largest relative error; alpha is the latency, 1/beta the asymptotic bandwidth. A second fit gives small
 and large messages a line each, split where that fits best (on a host, where buffers stop
@@ -35,6 +36,7 @@ from clusterlm.errors import UserError
 FIT_MIN_BYTES = 64 << 10
 REPEATS = 5
 GROUP_SECONDS = 0.25
+MIN_GROUP_SECONDS = 0.02
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -150,40 +152,44 @@ def _options_for(algorithm: str, options: dict[str, int]) -> dict[str, int]:
 
 
 def _group_length(run, iters: int) -> int:
-    """At most ``iters`` iterations per timed group, fewer when one takes long, so that a group
-    lasts about GROUP_SECONDS; every rank must agree, so the slowest rank's estimate decides."""
+    """``iters`` iterations per timed group, more when a group would last under MIN_GROUP_SECONDS
+    (a short stall of one rank then averages out inside it), fewer past GROUP_SECONDS. Every rank
+    must agree, so the slowest rank's estimate decides."""
     estimate = torch.empty(1, dtype=torch.float64)
     start = time.perf_counter()
     run()
     estimate[0] = time.perf_counter() - start
     dist.all_reduce(estimate, op=dist.ReduceOp.MAX)
-    return max(1, min(iters, int(GROUP_SECONDS / estimate.item())))
+    seconds = estimate.item()
+    return max(1, min(max(iters, math.ceil(MIN_GROUP_SECONDS / seconds)), int(GROUP_SECONDS / seconds)))
 
 
 def _time_all_reduces(
     rank: int, world_size: int, algorithms: list[str], sizes: list[int], iters: int, warmup: int, options: dict
 ) -> list[tuple[str, int, float]]:
     """(algorithm, bytes, median seconds of the slowest rank) for every combination."""
-    results = []
-    for size in sizes:
-        buffer = torch.zeros(size // 4)  # zeros stay zeros: no overflow over many sums
-        for algorithm in algorithms:
-            run = partial(all_reduce, buffer, "sum", algorithm, **_options_for(algorithm, options))
-            for _ in range(warmup):
-                run()
-            # nccl-tests style: back-to-back iterations, timed as a group, so one rank being
-            # descheduled at a barrier does not count as latency; the median group is kept.
-            group = _group_length(run, iters)
-            elapsed = torch.empty(REPEATS, dtype=torch.float64)
-            for r in range(REPEATS):
-                dist.barrier()
-                start = time.perf_counter()
-                for _ in range(group):
+    largest = torch.zeros(max(sizes) // 4)  # zeros stay zeros: no overflow over many sums
+    points = [(size, algorithm) for size in sizes for algorithm in algorithms]
+    groups: list[int] = []
+    elapsed = torch.empty(len(points), REPEATS, dtype=torch.float64)
+    # nccl-tests style: back-to-back iterations, timed as a group, so one rank being descheduled
+    # at a barrier does not count as latency. The repeats of a point are whole passes over the
+    # sweep apart, so a slow spell of the host (seconds, on a shared machine) spoils one repeat of
+    # the points it meets, and their medians drop it.
+    for r in range(REPEATS):
+        for i, (size, algorithm) in enumerate(points):
+            run = partial(all_reduce, largest[: size // 4], "sum", algorithm, **_options_for(algorithm, options))
+            if r == 0:
+                for _ in range(warmup):
                     run()
-                elapsed[r] = (time.perf_counter() - start) / group
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            results.append((algorithm, size, statistics.median(elapsed.tolist())))
-    return results
+                groups.append(_group_length(run, iters))
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(groups[i]):
+                run()
+            elapsed[i, r] = (time.perf_counter() - start) / groups[i]
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return [(a, size, statistics.median(row)) for (size, a), row in zip(points, elapsed.tolist(), strict=True)]
 
 
 def measure(
@@ -298,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--sizes", default="1K..64M", help="bytes: MIN..MAX or a comma list, K/M/G suffixes (default 1K..64M)")
     parser.add_argument("--factor", type=int, default=4, choices=(2, 4), help="step between sizes of a range (default 4)")
-    parser.add_argument("--iters", type=int, default=10, help="back-to-back iterations per timed group, fewer when a group would pass 0.25 s (default 10)")
+    parser.add_argument("--iters", type=int, default=10, help="back-to-back iterations per timed group; more when a group would last under 20 ms, fewer past 0.25 s (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     parser.add_argument("--chunk-bytes", type=int, help="pipeline chunk for the ring-based algorithms")
     parser.add_argument("--pipeline-depth", type=int, help="chunks in flight for the ring-based algorithms")
