@@ -107,8 +107,9 @@ def bench_train(argv: list[str]) -> int:
               f"  {layout}, precision={t.precision} compile={t.compile} ac={t.activation_checkpointing} "
               f"fused_adamw={session.cfg.optim.fused} threads={torch.get_num_threads()}")
     device = sessions["config"].runtime.device
+    whose = "both variants together" if len(sessions) > 1 else "this process"  # one process holds both
     print(f"device {device}; {session.tokens_per_step:,} tokens/step; median of {args.rounds} x {args.steps} steps; "
-          f"peak memory (rank 0) {peak_memory_bytes(device) / 2**20:.0f} MiB")
+          f"peak memory (rank 0, {whose}) {peak_memory_bytes(device) / 2**20:.0f} MiB")
     if "baseline" in results:
         print(f"speed-up over baseline: {results['config'] / results['baseline']:.2f}x")
     for line in filter(None, (activation, bubble)):
