@@ -12,12 +12,12 @@ def test_bench_prints_table_and_fits_and_writes_json_and_plot(tmp_path, capsys):
     argv = ["--nproc", "2", "--algorithms", "ring,tree", "--sizes", "16K..256K", "--iters", "2", "--warmup", "1"]
     assert main([*argv, "--json", str(report), "--plot", str(figure)]) == 0
     printed = capsys.readouterr().out
-    assert "busbw (GB/s)" in printed and "1/beta (GB/s)" in printed
+    assert "busbw (GB/s)" in printed and "spread" in printed and "1/beta (GB/s)" in printed
     data = json.loads(report.read_text())
     assert data["world_size"] == 2
     assert {(m["algorithm"], m["bytes"]) for m in data["measurements"]} == {
         (a, s) for a in ("ring", "tree") for s in (16 << 10, 64 << 10, 256 << 10)
     }
-    assert all(m["time_us"] > 0 and m["busbw_gbps"] == m["algbw_gbps"] for m in data["measurements"])
+    assert all(m["time_us"] > 0 and m["busbw_gbps"] == m["algbw_gbps"] and m["spread"] >= 0 for m in data["measurements"])
     assert [f["algorithm"] for f in data["fits"]] == ["ring", "tree"]
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,11 +3,13 @@
 For each algorithm and size, after ``--warmup`` untimed all-reduces, ``--iters`` all-reduces run
 back to back and are timed together, as nccl-tests does (more when that would take under 20 ms,
 fewer past 0.25 s). The whole sweep of sizes and algorithms runs five times over, and each point
-keeps its median group, each group taken at the slowest rank. Bandwidths follow
-nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Per algorithm an alpha-beta model
-t = alpha + beta * bytes is fitted over sizes >= 64 KiB, minimizing the largest relative error; alpha is the latency, 1/beta the asymptotic bandwidth. A second fit gives small
-and large messages a line each, split where that fits best (on a host, where buffers stop
-fitting the caches).
+keeps its median group, each group taken at the slowest rank; the spread of the middle repeats is
+printed with it, since no model can predict a point closer than the point repeats. Bandwidths
+follow nccl-tests: algbw = bytes / time, busbw = algbw * 2(n-1)/n. Per algorithm an alpha-beta
+model t = alpha + beta * bytes is fitted over sizes >= 64 KiB, minimizing the largest relative
+error; alpha is the latency, 1/beta the asymptotic bandwidth. A second fit gives small and large
+messages a line each, split where that fits best (on a host, where buffers stop fitting the
+caches).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Measurement:
     time_us: float
     algbw_gbps: float
     busbw_gbps: float
+    spread: float  # (4th - 2nd of the sorted repeats) / median: how much the host moved the point
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def _group_length(run, iters: int) -> int:
 def _time_all_reduces(
     rank: int, world_size: int, algorithms: list[str], sizes: list[int], iters: int, warmup: int, options: dict
 ) -> list[tuple[str, int, float]]:
-    """(algorithm, bytes, median seconds of the slowest rank) for every combination."""
+    """(algorithm, bytes, each repeat's seconds at the slowest rank) for every combination."""
     largest = torch.zeros(max(sizes) // 4)  # zeros stay zeros: no overflow over many sums
     points = [(size, algorithm) for size in sizes for algorithm in algorithms]
     groups: list[int] = []
@@ -189,7 +192,7 @@ def _time_all_reduces(
                 run()
             elapsed[i, r] = (time.perf_counter() - start) / groups[i]
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return [(a, size, statistics.median(row)) for (size, a), row in zip(points, elapsed.tolist(), strict=True)]
+    return [(a, size, row) for (size, a), row in zip(points, elapsed.tolist(), strict=True)]
 
 
 def measure(
@@ -197,10 +200,13 @@ def measure(
 ) -> list[Measurement]:
     raw = run_local(_time_all_reduces, nproc, algorithms, sizes, iters, warmup, options, timeout=timeout)[0]
     bus_factor = 2 * (nproc - 1) / nproc
-    return [
-        Measurement(algorithm, size, seconds * 1e6, size / seconds / 1e9, size / seconds / 1e9 * bus_factor)
-        for algorithm, size, seconds in raw
-    ]
+    measurements = []
+    for algorithm, size, repeats in raw:
+        seconds, middle = statistics.median(repeats), sorted(repeats)[1:-1]
+        algbw = size / seconds / 1e9
+        spread = (middle[-1] - middle[0]) / seconds
+        measurements.append(Measurement(algorithm, size, seconds * 1e6, algbw, algbw * bus_factor, spread))
+    return measurements
 
 
 def _bandwidth_gbps(beta: float) -> float:
@@ -229,11 +235,14 @@ def fits(measurements: list[Measurement]) -> list[Fit]:
 
 
 def format_report(measurements: list[Measurement], fitted: list[Fit], nproc: int) -> str:
-    lines = [f"all-reduce of float32 on {nproc} processes (gloo); time = median of 5 groups of back-to-back iterations, slowest rank"]
-    lines.append(f"{'size':>8} {'algorithm':<17} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}")
+    lines = [f"all-reduce of float32 on {nproc} processes (gloo); time = median of {REPEATS} passes over the sweep, each a "
+             "group of back-to-back iterations at the slowest rank; spread = (4th - 2nd of the sorted passes) / time"]
+    lines.append(f"{'size':>8} {'algorithm':<17} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}"
+                 f" {'spread':>7}")
     for m in sorted(measurements, key=lambda m: m.bytes):
         lines.append(
             f"{human_bytes(m.bytes):>8} {m.algorithm:<17} {m.time_us:>11.1f} {m.algbw_gbps:>13.3f} {m.busbw_gbps:>13.3f}"
+            f" {m.spread:>7.1%}"
         )
     lines.append("")
     lines.append(f"alpha-beta fit t = alpha + beta * bytes over sizes >= {human_bytes(FIT_MIN_BYTES)} "
