@@ -20,9 +20,11 @@ from .helpers import run_distributed
 
 SIZES = (0, 1, 7, 1001)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64)
-# (algorithm, options) checked at every world size; tiny chunks force the ring's pipeline
+# (algorithm, options) checked at every world size; tiny chunks force the ring's pipeline, and
+# small_bytes=0 halving-doubling where the default takes recursive doubling
 DEFAULT_CASES = [(name, {}) for name in ALGORITHMS] + [
     ("ring", {"chunk_bytes": 128, "pipeline_depth": 3}),
+    ("halving_doubling", {"small_bytes": 0}),  # the sizes here are small: force halving-doubling too
     ("parameter_server", {"num_servers": 2}),
 ]
 # cases that need a particular world size: 2x2 groups / meshes at 4, 4x2 and 2x4 at 8
@@ -76,8 +78,22 @@ def _noncontiguous_ok(algorithm: str) -> bool:
     return torch.equal(all_reduce(x, "sum", algorithm), expected)
 
 
+def _differ_across_ranks(cases) -> list[str]:
+    """Data-parallel replicas stay in step only if every rank gets the same bits."""
+    x = torch.randn(1001, generator=torch.Generator().manual_seed(dist.get_rank())).to(torch.bfloat16)
+    failures = []
+    for algorithm, options in cases:
+        got = all_reduce(x.clone(), "sum", algorithm, **options)
+        first = got.clone()
+        dist.broadcast(first, src=0)
+        if not torch.equal(got, first):
+            failures.append(f"{algorithm} {options}: ranks disagree")
+    return failures
+
+
 def _check_world(rank: int, world_size: int) -> list[str]:
     failures = _mismatches(DEFAULT_CASES + EXTRA_CASES.get(world_size, []), None, seed=0)
+    failures += _differ_across_ranks(DEFAULT_CASES + EXTRA_CASES.get(world_size, []))
     failures += [f"{name}: non-contiguous input" for name in ALGORITHMS if not _noncontiguous_ok(name)]
     if world_size >= 4:
         # a subgroup without rank 0: group ranks differ from global ranks, rank 0 stays out
