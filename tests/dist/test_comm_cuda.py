@@ -11,32 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from clusterlm.comm import ALGORITHMS, COMPRESSIONS, all_reduce, register_comm_hook
 
 from .helpers import run_distributed
+from .test_comm_hooks import _train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 COMPRESSION_OPTIONS = {"powersgd": {"rank": 2}, "topk": {"ratio": 0.1}}
-
-
-def _train(rank: int, setup=None, steps: int = 10) -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).cuda()
-    ddp = DistributedDataParallel(model, bucket_cap_mb=0.001)
-    if setup is not None:
-        setup(ddp)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    data = torch.Generator(device="cuda").manual_seed(100 + rank)
-    for _ in range(steps):
-        x = torch.randn(32, 16, device="cuda", generator=data)
-        loss = torch.nn.functional.mse_loss(ddp(x), torch.tanh(x[:, :4]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def _on_cuda(rank: int, world_size: int) -> dict[str, float]:
@@ -49,13 +32,15 @@ def _on_cuda(rank: int, world_size: int) -> dict[str, float]:
             dist.all_reduce(expected)
             all_reduce(ours, "sum", algorithm)
             differences[f"{algorithm} {dtype}"] = (ours.float() - expected.float()).abs().max().item()
-    reference = _train(rank)
+    _, reference = _train(rank, 10, device="cuda")
     for algorithm in ALGORITHMS:
-        params = _train(rank, lambda ddp, a=algorithm: register_comm_hook(ddp, a))
+        _, params = _train(rank, 10, lambda ddp, a=algorithm: register_comm_hook(ddp, a), device="cuda")
         differences[f"ddp {algorithm}"] = max((p - r).abs().max().item() for p, r in zip(params, reference))
     for compression in COMPRESSIONS:
-        options = COMPRESSION_OPTIONS.get(compression, {})
-        params = _train(rank, lambda ddp, c=compression, o=options: register_comm_hook(ddp, "ring", c, compression_options=o))
+        def setup(ddp, c=compression, o=COMPRESSION_OPTIONS.get(compression, {})):
+            register_comm_hook(ddp, "ring", c, compression_options=o)
+
+        _, params = _train(rank, 10, setup, device="cuda")
         differences[f"ddp ring {compression} finite"] = 0.0 if all(p.isfinite().all() for p in params) else 1.0
     return differences
 

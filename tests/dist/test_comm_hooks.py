@@ -22,19 +22,19 @@ from .helpers import run_distributed
 HOOK_OPTIONS = {"ring": {"chunk_bytes": 256}, "hierarchical": {"local_size": 2}, "parameter_server": {"num_servers": 2}}
 
 
-def _train(rank: int, steps: int, setup=None) -> tuple[float, list[torch.Tensor]]:
+def _train(rank: int, steps: int, setup=None, device: str = "cpu") -> tuple[float, list[torch.Tensor]]:
     """SGD on a fixed regression task; each rank sees its own data. Returns (last loss, params)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device)
     # a tiny bucket cap gives several buckets, so bucket indices and rebuilds are exercised
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.001)
     if setup is not None:
         setup(ddp)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     data = torch.Generator().manual_seed(100 + rank)
-    target_map = torch.randn(16, 4, generator=torch.Generator().manual_seed(7))
+    target_map = torch.randn(16, 4, generator=torch.Generator().manual_seed(7)).to(device)
     for _ in range(steps):
-        x = torch.randn(32, 16, generator=data)
+        x = torch.randn(32, 16, generator=data).to(device)
         loss = torch.nn.functional.mse_loss(ddp(x), torch.tanh(x @ target_map))
         optimizer.zero_grad()
         loss.backward()

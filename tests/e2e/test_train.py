@@ -39,9 +39,13 @@ def config(data_dir: Path, out_dir: Path, **overrides):
     return build_config(None, values)
 
 
+def records(out_dir: Path, kind: str) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
 def losses(out_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in records(out_dir, "train")}
 
 
 def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -176,11 +180,6 @@ def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def records(out_dir: Path, kind: str) -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 @cuda
