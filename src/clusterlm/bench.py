@@ -61,6 +61,8 @@ def bench_train(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant")
     parser.add_argument("--against", default=None, help="baseline variant: KEY=VALUE[,KEY=VALUE...]")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after timing, profile one more round of each variant and split its step by kind of work")
     args, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         parser.print_help()
@@ -114,7 +116,46 @@ def bench_train(argv: list[str]) -> int:
         print(f"speed-up over baseline: {results['config'] / results['baseline']:.2f}x")
     for line in filter(None, (activation, bubble)):
         print(line)
+    for name, session in sessions.items() if args.breakdown else ():
+        print(_step_breakdown(name, session, args.steps))
     return 0
+
+
+# Operators by kind of work, matched on the profiler's names. Each operator's self time counts
+# once, so a compiled graph's fused kernels land on the graph's call and its matmuls on aten::mm.
+WORK_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"),
+    "attention": ("scaled_dot_product",),
+    "compiled kernels": ("## Call CompiledFxGraph", "graph_", "triton_"),
+    "optimizer": ("Optimizer.", "adam", "_foreach_", "linalg_vector_norm"),
+}
+
+
+def _work_kind(op_name: str) -> str:
+    for kind, patterns in WORK_KINDS.items():
+        if any(pattern in op_name for pattern in patterns):
+            return kind
+    return "other ops"
+
+
+def _step_breakdown(name: str, session, steps: int) -> str:
+    """Where a step's time goes: the self time of every operator, summed by kind of work (host
+    time on CPU, kernel time on a GPU), and the rest of the wall time, spent outside operators
+    (Python, autograd, the compiler's guards; on a GPU, the device idle). Profiling adds its
+    own overhead to every operator, so the profiled step is slower than the timed one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = session.runtime.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as profiler:
+        wall = sum(_timed_steps(session, steps)) / steps
+    spent = dict.fromkeys([*WORK_KINDS, "other ops"], 0.0)
+    for event in profiler.key_averages():
+        micros = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        spent[_work_kind(event.key)] += micros / 1e6 / steps
+    spent["outside ops" if not on_gpu else "device idle"] = max(0.0, wall - sum(spent.values()))
+    parts = " | ".join(f"{kind} {1000 * seconds:.2f} ({100 * seconds / wall:.0f}%)" for kind, seconds in spent.items())
+    return f"step breakdown, {name} (profiled, {1000 * wall:.2f} ms/step): {parts}"
 
 
 def _unwrapped_block(session):

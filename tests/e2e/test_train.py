@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -157,11 +158,30 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
     args = ["bench", "train", "--steps", "2", "--rounds", "1", "--warmup", "1", "--data.dir", str(data_dir),
-            "--against", "optim.fused=false"] + [f"--{k}={v}" for k, v in TINY.items()]
+            "--against", "optim.fused=false", "--breakdown"] + [f"--{k}={v}" for k, v in TINY.items()]
     assert cli(args) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "config" in out and "speed-up over baseline" in out
     assert "tokens/s" in out and "activations per layer" in out
+    for variant in ("baseline", "config"):
+        line = next(line for line in out.splitlines() if line.startswith(f"step breakdown, {variant} "))
+        shares = dict(re.fullmatch(r"([a-z ]+) [0-9.]+ \(([0-9]+)%\)", part).groups()
+                      for part in line.split(": ", 1)[1].split(" | "))
+        assert set(shares) == {"matmul", "attention", "compiled kernels", "optimizer", "other ops", "outside ops"}
+        assert int(shares["matmul"]) > 0 and int(shares["optimizer"]) > 0
+        assert 97 <= sum(map(int, shares.values())) <= 103  # every millisecond of the step, once (rounding)
+
+
+@pytest.mark.parametrize("op, kind", [
+    ("aten::addmm", "matmul"), ("aten::bmm", "matmul"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("## Call CompiledFxGraph fotvqkoae36bx", "compiled kernels"), ("triton_poi_fused_add_0", "compiled kernels"),
+    ("aten::_fused_adamw_", "optimizer"), ("Optimizer.step#AdamW.step", "optimizer"),
+    ("aten::native_layer_norm", "other ops"),
+])
+def test_breakdown_sorts_operators_by_kind_of_work(op, kind):
+    from clusterlm.bench import _work_kind
+    assert _work_kind(op) == kind
 
 
 def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir, tmp_path):
