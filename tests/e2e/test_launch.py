@@ -31,12 +31,15 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def test_bench_train_reports_the_pipeline_bubble_next_to_the_formula(data_dir):
+    """Also the step breakdown: every rank runs the profiled steps (they hold the pipeline's
+    transfers), so the job finishes, and rank 0 alone prints it."""
     result = clusterlm("bench", "train", "--nproc", "2", "--steps", "2", "--rounds", "1", "--warmup", "1",
                        "--data.dir", str(data_dir), "--parallel.pp", "2", "--parallel.pp_microbatches", "4",
-                       "--parallel.pp_schedule", "1f1b", *TINY, "--training.micro_batch_size", "4")
+                       "--parallel.pp_schedule", "1f1b", *TINY, "--training.micro_batch_size", "4", "--breakdown")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pipeline bubble (1f1b, p=2, m=4, v=1): measured" in result.stdout
     assert "formula (p-1)/(v*m) = 0.250" in result.stdout
+    assert result.stdout.count("step breakdown, config") == 1
 
 
 def test_train_with_nproc_runs_through_torchrun(data_dir, tmp_path):

@@ -175,7 +175,7 @@ def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
 @pytest.mark.parametrize("op, kind", [
     ("aten::addmm", "matmul"), ("aten::bmm", "matmul"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
-    ("## Call CompiledFxGraph fotvqkoae36bx", "compiled kernels"), ("triton_poi_fused_add_0", "compiled kernels"),
+    ("## Call CompiledFxGraph fotvqkoae36bx", "compiled kernels"), ("graph_0_cpp_fused_add_0", "compiled kernels"),
     ("aten::_fused_adamw_", "optimizer"), ("Optimizer.step#AdamW.step", "optimizer"),
     ("aten::native_layer_norm", "other ops"),
 ])
