@@ -172,6 +172,13 @@ def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
         assert 97 <= sum(map(int, shares.values())) <= 103  # every millisecond of the step, once (rounding)
 
 
+def test_breakdown_on_a_gpu_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli(["bench", "train", "--config", "configs/nano-cpu.toml", "--breakdown"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--breakdown splits the host's time" in err and err.count("\n") == 0
+
+
 @pytest.mark.parametrize("op, kind", [
     ("aten::addmm", "matmul"), ("aten::bmm", "matmul"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
