@@ -51,7 +51,7 @@ def _timed_steps(session, steps: int) -> list[float]:
 
 
 def bench_train(argv: list[str]) -> int:
-    from clusterlm.train.hardware import cpu_peak_flops, peak_memory_bytes
+    from clusterlm.train.hardware import cpu_peak_flops, peak_memory_bytes, resolve_device
     from clusterlm.train.precision import DTYPES
     from clusterlm.train.runtime import describe_layout
     from clusterlm.train.trainer import build_session, config_from_argv
@@ -74,7 +74,7 @@ def bench_train(argv: list[str]) -> int:
         return run_torchrun(launch, ["bench", "train", *argv])
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         raise UserError("--steps and --rounds must be >= 1 and --warmup >= 0")
-    if args.breakdown and cfg.training.device != "cpu" and torch.cuda.is_available():
+    if args.breakdown and resolve_device(cfg.training.device).type != "cpu":
         raise UserError("--breakdown splits the host's time and so is for CPU runs; add --training.device cpu, "
                         "or on a GPU read a torch.profiler trace")
     scratch = tempfile.mkdtemp(prefix="clusterlm-bench-")
@@ -119,9 +119,7 @@ def bench_train(argv: list[str]) -> int:
           f"peak memory (rank 0, {whose}) {peak_memory_bytes(device) / 2**20:.0f} MiB")
     if "baseline" in results:
         print(f"speed-up over baseline: {results['config'] / results['baseline']:.2f}x")
-    for line in filter(None, (activation, bubble)):
-        print(line)
-    for line in breakdowns:
+    for line in [*filter(None, (activation, bubble)), *breakdowns]:
         print(line)
     return 0
 
