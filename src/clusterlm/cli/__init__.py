@@ -1,6 +1,7 @@
-"""The `clusterlm` command: parses the subcommand and hands the rest of the line to its module.
+"""The command layer: every command's argument parsing and printing, and nothing else.
 
-Each subcommand module exposes ``main(argv) -> int`` with its own argparse parser, so
+``clusterlm <command>`` dispatches to ``clusterlm.cli.<module>``; each exposes ``main(argv) -> int``
+with its own argparse parser and calls library functions that take typed arguments, so
 ``clusterlm train --help`` lists exactly that command's options. Bad input raises ``UserError``,
 printed here as one line with exit status 2.
 """
@@ -14,12 +15,12 @@ from clusterlm.errors import UserError
 
 # subcommand -> (module with main(argv), one-line description)
 COMMANDS = {
-    "prepare": ("clusterlm.data.prepare", "tokenize a corpus into checksummed token shards"),
-    "train": ("clusterlm.train.trainer", "train a model from a config (TOML + dotted overrides)"),
-    "eval": ("clusterlm.train.evaluate", "validation loss and perplexity of a checkpoint"),
-    "generate": ("clusterlm.train.generate", "sample text from a checkpoint"),
-    "bench": ("clusterlm.bench", "benchmarks: `bench train`, `bench comm`"),
-    "plan": ("clusterlm.plan.cli", "predict memory, step time and MFU on a cluster; pick the layout"),
+    "prepare": ("clusterlm.cli.prepare", "tokenize a corpus into checksummed token shards"),
+    "train": ("clusterlm.cli.train", "train a model from a config (TOML + dotted overrides)"),
+    "eval": ("clusterlm.cli.evaluate", "validation loss and perplexity of a checkpoint"),
+    "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
+    "bench": ("clusterlm.cli.bench", "benchmarks: `bench train`, `bench comm`"),
+    "plan": ("clusterlm.cli.plan", "predict memory, step time and MFU on a cluster; pick the layout"),
 }
 
 

@@ -1,0 +1,54 @@
+"""Local files written whole or not at all, and their checksums.
+
+Every file the project writes outside a prepared dataset (checkpoint metadata, calibrations,
+emitted configs, reports, plots, caches) goes through ``atomic_write``: the bytes land in a
+temporary file beside the target, which is then renamed over it, so a crash leaves either the
+old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def temporary_sibling(path: str | Path) -> Path:
+    """A unique hidden name in ``path``'s directory (same file system, so the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` atomically, creating the parent directory; returns the path."""
+    return atomic_write_with(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
+
+
+def atomic_write_with(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` fills a temporary file (a library that writes by path: savefig, ...), which
+    then replaces ``path``; the temporary file is removed if ``write`` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_json(path: str | Path, payload: Any, indent: int = 1) -> Path:
+    return atomic_write(path, json.dumps(payload, indent=indent, sort_keys=True) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
