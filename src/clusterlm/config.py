@@ -240,25 +240,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: invalid TOML ({err})") from None
 
 
-def parse_dotted_args(args: list[str]) -> dict[str, str]:
-    """['--training.steps', '200', '--optim.lr=3e-4'] -> {'training.steps': '200', 'optim.lr': '3e-4'}."""
-    values, i = {}, 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise UserError(f"unexpected argument {arg!r}; overrides look like --section.key VALUE")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise UserError(f"{arg} needs a value")
-            key, value = arg[2:], args[i + 1]
-            i += 2
-        values[key] = value
-    return values
-
-
 def build_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
     cfg = Config()
     if config_path:
@@ -331,21 +312,6 @@ def validate(cfg: Config) -> None:
         raise UserError("parallel.cpu_offload needs parallel.data_parallel = zero3 or hsdp")
     if c.resume not in ("none", "auto") and not c.resume:
         raise UserError("checkpoint.resume must be none, auto or a checkpoint path")
-
-
-def help_text() -> str:
-    """Every option with its default and meaning, grouped by section, for --help."""
-    lines = []
-    current = None
-    for key, f in all_keys().items():
-        section = key.split(".")[0]
-        if section != current:
-            lines.append(f"\n[{section}]")
-            current = section
-        choices = f.metadata.get("choices")
-        meaning = f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "")
-        lines.append(f"  --{key:<34} {f.default!r:<24} {meaning}")
-    return "\n".join(lines)
 
 
 def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:

@@ -7,6 +7,8 @@ also checks resharding N ranks -> 1. Tolerances: see training.py (fp32: relative
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from clusterlm.train import checkpoint
@@ -47,7 +49,7 @@ def test_resume_across_world_sizes_and_strategies(data_dir, reference, tmp_path)
             training__micro_batch_size=micro, training__steps=5 * (i + 1), optim__decay_steps=STEPS,
             checkpoint__resume="auto",
         )
-        state = checkpoint.verify(checkpoint.resolve_resume("auto", tmp_path / "checkpoints"))
+        state = checkpoint.resolve_resume("auto", tmp_path / "checkpoints").state
         assert state["loader"]["samples_consumed"] == 5 * (i + 1) * 4
     reference_losses, ref = reference(4)
     assert losses == pytest.approx(reference_losses, rel=1e-5)
@@ -64,13 +66,17 @@ def test_ddp_with_our_all_reduce_equals_single_process(algorithm, data_dir, refe
 
 
 def test_compressed_gradients_still_train(data_dir, reference, tmp_path):
-    """fp16 casting is near-exact; PowerSGD rank 2 trails by a bounded margin after 20 steps."""
+    """fp16 casting is near-exact; PowerSGD rank 2 trails by a bounded margin after 20 steps. The
+    metrics report the bytes the gradient hooks sent and their compression ratio."""
     ref_losses, _ = reference(MICRO * 2)
-    for compression, margin in (("fp16", 1e-3), ("powersgd", 0.05)):
+    for compression, margin, ratio in (("fp16", 1e-3, 2.0), ("powersgd", 0.05, 4.0)):
         losses, _ = run(data_dir, tmp_path / compression, 2, parallel__data_parallel="ddp",
                         training__micro_batch_size=MICRO, comm__compression=compression, comm__powersgd_rank=2)
         assert losses[STEPS] < 0.9 * losses[1]
         assert losses[STEPS] == pytest.approx(ref_losses[STEPS], rel=margin), compression
+        records = map(json.loads, (tmp_path / compression / "metrics.jsonl").read_text().splitlines())
+        last = [r for r in records if r["kind"] == "train"][-1]
+        assert last["comm_bytes_sent"] > 0 and last["comm_compression_ratio"] >= ratio, (compression, last)
 
 
 def test_bf16_mixed_precision_matches_within_its_precision(data_dir, tmp_path):

@@ -23,11 +23,11 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from clusterlm.errors import UserError
 from clusterlm.models.gpt import ModelArgs, Transformer
+from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel.pipeline import (
     SCHEDULES,
     build_schedule,
     clip_grad_norm_across_stages,
-    cross_entropy,
     pipeline_eval_loss,
     pipeline_step,
     split_into_stages,
@@ -69,13 +69,13 @@ def train_single_process(flavour: str) -> dict:
     losses, norms = [], []
     for x, y in train:
         optimizer.zero_grad()
-        loss = cross_entropy(model(x), y)
+        loss = next_token_loss(model(x), y)
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
         optimizer.step()
         losses.append(loss.item())
     with torch.no_grad():
-        eval_loss = cross_entropy(model(x_eval), y_eval).item()
+        eval_loss = next_token_loss(model(x_eval), y_eval).item()
     return {"losses": losses, "norms": norms, "eval_loss": eval_loss, "state": model.state_dict()}
 
 
@@ -92,7 +92,7 @@ def _train_pipelined(rank: int, world_size: int, cases: list, checkpoint_dir: st
         losses, norms = [], []
         for x, y in train:
             optimizer.zero_grad()
-            losses.append(pipeline_step(schedule, stages, x, y).item())
+            losses.append(pipeline_step(schedule, stages, n_microbatches, x, y).item())
             sync_tied_gradients(stages)
             norms.append(clip_grad_norm_across_stages(stages, MAX_NORM).item())
             optimizer.step()

@@ -15,9 +15,13 @@ import math
 import pytest
 import torch
 
+from clusterlm.bench.validate import case_config, measure_rank, prepare_data
 from clusterlm.config import resolve_model_args
+from clusterlm.data.manifest import load_manifest
 from clusterlm.models.gpt import Transformer
-from clusterlm.plan.validate import CASES, case_config, measure_rank, prepare_data
+from clusterlm.plan.memory import activation_bytes, logits_gradient_bytes
+from clusterlm.plan.validation import CASES, GLOBAL_BATCH
+from clusterlm.plan.workload import Workload
 
 from .helpers import run_distributed
 
@@ -46,16 +50,11 @@ def _run(name: str, data_dir: str, out_dir: str):
 
 
 def _vocab(data_dir: str) -> int:
-    from clusterlm.data.manifest import load_manifest
-
     return load_manifest(data_dir).vocab_size
 
 
 def _predicted_activations(case, cfg, vocab: int) -> float:
-    from clusterlm.plan.memory import activation_bytes, logits_gradient_bytes
-    from clusterlm.plan.workload import Workload
-
-    work = Workload(resolve_model_args(cfg, vocab), cfg.seq_len, 12 * cfg.seq_len, "fp32")
+    work = Workload(resolve_model_args(cfg, vocab), cfg.seq_len, GLOBAL_BATCH * cfg.seq_len, "fp32")
     return activation_bytes(work, case.layout, "first") - logits_gradient_bytes(work, case.layout)
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusterlm.config import build_config, config_from_dict
-from clusterlm.train import checkpoint
-from clusterlm.train.trainer import build_model, train
+from clusterlm.config import build_config
+from clusterlm.train.loading import find_checkpoint, load_for_inference
+from clusterlm.train.trainer import train
 
 from .helpers import run_distributed
 
@@ -56,14 +56,12 @@ def run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> tuple[di
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
     val = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
-    return losses, {"val": val, "weights": _final_weights(out_dir)}
+    return losses, {"val": val, "weights": final_weights(out_dir)}
 
 
-def _final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    path = checkpoint.resolve_resume("auto", out_dir / "checkpoints")
-    cfg = config_from_dict(checkpoint.verify(path)["config"])
-    model = build_model(cfg, cfg.model.vocab_size, torch.device("cpu"))
-    checkpoint.load_checkpoint(path, [model])
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's weights, loaded as one process would."""
+    model = load_for_inference(find_checkpoint(str(out_dir)), device="cpu").model.parts[0]
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from clusterlm.config import ParallelConfig
 from clusterlm.errors import UserError
-from clusterlm.parallel.data_parallel import resolve_degrees
+from clusterlm.parallel.mesh import resolve_degrees
 
 TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
         "--training.micro_batch_size", "2", "--training.eval_batches", "2", "--training.eval_interval", "0",
@@ -102,3 +102,22 @@ def test_mesh_degrees_are_derived(strategy, replicate, shard, world, expected):
 def test_bad_degrees_fail_with_one_line(strategy, replicate, shard, world, message):
     with pytest.raises(UserError, match=message):
         resolve_degrees(ParallelConfig(data_parallel=strategy, dp_replicate=replicate, dp_shard=shard), world)
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--parallel.data_parallel", "hsdp"], "hsdp needs parallel.dp_replicate"),
+    (["--parallel.tp", "4", "--model.n_head", "2"], "parallel.tp (4) must divide model.n_head (2)"),
+    (["--parallel.pp", "4", "--parallel.data_parallel", "zero3"], "needs at least 4 layers"),
+    (["--parallel.pp", "2", "--parallel.data_parallel", "zero3", "--parallel.pp_microbatches", "3"],
+     "does not split into parallel.pp_microbatches (3)"),
+    (["--training.tokens_per_step", "100"], "must be a multiple of micro_batch_size"),
+    (["--nnodes", "0:2"], "--nnodes must be at least 1"),
+])
+def test_a_bad_layout_under_nproc_is_one_line_before_any_worker_starts(data_dir, options, message):
+    start = time.monotonic()
+    result = clusterlm("train", "--nproc", "4", "--data.dir", str(data_dir), *TINY, *options, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "torch.distributed.run" not in result.stderr  # refused before the launcher
+    assert time.monotonic() - start < 30

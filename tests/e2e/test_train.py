@@ -12,6 +12,7 @@ import torch
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
 from clusterlm.train import checkpoint
+from clusterlm.train.loading import find_checkpoint, load_for_inference
 from clusterlm.train.trainer import train
 
 TINY = {
@@ -50,15 +51,7 @@ def losses(out_dir: Path) -> dict[int, float]:
 
 
 def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    root = out_dir / "checkpoints"
-    path = checkpoint.resolve_resume("auto", root)
-    state = checkpoint.verify(path)
-    from clusterlm.config import config_from_dict
-    from clusterlm.train.trainer import build_model
-
-    cfg = config_from_dict(state["config"])
-    model = build_model(cfg, cfg.model.vocab_size, torch.device("cpu"))
-    checkpoint.load_checkpoint(path, [model])
+    model = load_for_inference(find_checkpoint(str(out_dir)), device="cpu").model.parts[0]
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -114,7 +107,7 @@ def test_corrupt_and_partial_checkpoints_are_never_loaded(data_dir, tmp_path, ca
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
     (root / ".step_00000006.abc.tmp").mkdir()  # an interrupted save: never complete
-    assert checkpoint.resolve_resume("auto", root).name == "step_00000002"
+    assert checkpoint.resolve_resume("auto", root).path.name == "step_00000002"
     assert "skipping step_00000004" in capsys.readouterr().err
     assert cli(["eval", "--checkpoint", str(newest)]) == 2
     assert "fails its sha256" in capsys.readouterr().err
@@ -187,8 +180,8 @@ def test_breakdown_on_a_gpu_is_refused_in_one_line(monkeypatch, capsys):
     ("aten::native_layer_norm", "other ops"),
 ])
 def test_breakdown_sorts_operators_by_kind_of_work(op, kind):
-    from clusterlm.bench import _work_kind
-    assert _work_kind(op) == kind
+    from clusterlm.bench.probes import work_kind
+    assert work_kind(op) == kind
 
 
 def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir, tmp_path):
@@ -228,7 +221,7 @@ def test_mixed_precision_on_cuda_tracks_fp32(precision, data_dir, tmp_path):
 
 @cuda
 def test_fp16_scaler_skips_an_overflowing_step_and_backs_off():
-    from clusterlm.train.precision import Precision
+    from clusterlm.parallel.precision import Precision
 
     precision = Precision("fp16", torch.device("cuda"))
     weight = torch.nn.Parameter(torch.ones(4, device="cuda"))

@@ -8,7 +8,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 from clusterlm.models import ModelArgs, Transformer
-from clusterlm.parallel.parallelize import _save_expensive_ops, apply_activation_checkpointing
+from clusterlm.parallel.activation_checkpointing import (
+    _save_expensive_ops,
+    apply_activation_checkpointing,
+)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,18 +1,25 @@
-"""Single-process parts of the communication benchmark: argument parsing and the alpha-beta fit."""
+"""Single-process parts of the communication benchmark: argument parsing, the alpha-beta fit, the report files."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
-from clusterlm.comm.bench import (
+from clusterlm.bench.collectives import (
+    Measurement,
     fit_alpha_beta,
     fit_two_regimes,
+    fits,
+    format_report,
     human_bytes,
-    main,
     parse_size,
     parse_sizes,
+    plot,
+    write_json,
 )
+from clusterlm.cli.bench_comm import main
 from clusterlm.errors import UserError
 
 
@@ -77,3 +84,27 @@ def test_two_regime_fit_finds_where_the_per_byte_cost_changes():
     assert (a_large, b_large) == (pytest.approx(5e-3), pytest.approx(1 / 0.5e9))
     assert error < 1e-9
     assert fit_two_regimes(small) is None  # too few sizes for two regimes of three
+
+
+def fake_measurements() -> list[Measurement]:
+    """Two algorithms on an exact alpha-beta line: 20 us + bytes / 1 GB/s and / 2 GB/s."""
+    return [
+        Measurement(algorithm, size, 20 + size / gbps / 1e3, size / (20e3 + size / gbps), size / (20e3 + size / gbps), 0.01)
+        for algorithm, gbps in (("native", 1.0), ("ring", 2.0)) for size in (64 << 10, 256 << 10, 1 << 20, 4 << 20)
+    ]
+
+
+def test_fits_recover_each_algorithm_and_the_report_files_are_written_whole(tmp_path):
+    measurements = fake_measurements()
+    fitted = fits(measurements)
+    assert [f.algorithm for f in fitted] == ["native", "ring"]
+    assert [f.alpha_us for f in fitted] == [pytest.approx(20), pytest.approx(20)]
+    assert [f.inverse_beta_gbps for f in fitted] == [pytest.approx(1), pytest.approx(2)]
+    assert "1/beta (GB/s)" in format_report(measurements, fitted, 2)
+    report = write_json(tmp_path / "out" / "comm.json", 2, 3, 1, measurements, fitted)
+    data = json.loads(report.read_text())
+    assert (data["world_size"], data["iters"], data["warmup"]) == (2, 3, 1)
+    assert len(data["measurements"]) == 8 and [f["algorithm"] for f in data["fits"]] == ["native", "ring"]
+    figure = plot(tmp_path / "comm.png", measurements, 2)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["comm.json", "comm.png", "out"]  # no temporaries left

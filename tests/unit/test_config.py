@@ -2,7 +2,8 @@
 
 import pytest
 
-from clusterlm.config import Config, build_config, config_from_dict, help_text, parse_dotted_args
+from clusterlm.cli.options import help_text, parse_dotted_args
+from clusterlm.config import Config, build_config, config_from_dict
 from clusterlm.errors import UserError
 
 

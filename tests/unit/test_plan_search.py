@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
+from clusterlm.cli.plan import main
 from clusterlm.config import build_config, grad_accum_steps
 from clusterlm.errors import UserError
-from clusterlm.plan.cli import main
 from clusterlm.plan.cluster import load_cluster
 from clusterlm.plan.layout import Layout, layout_problem
 from clusterlm.plan.memory import device_memory

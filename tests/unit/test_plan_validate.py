@@ -7,24 +7,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clusterlm.bench.probes import model_state_bytes, saved_activation_bytes
+from clusterlm.bench.validate import local_cluster, synthetic_text
+from clusterlm.config import build_config
 from clusterlm.errors import UserError
 from clusterlm.models.counting import param_count
 from clusterlm.models.gpt import ModelArgs, Transformer
 from clusterlm.plan.calibration import Calibration, load_calibration, save_calibration
 from clusterlm.plan.cluster import Link
-from clusterlm.plan.layout import Layout
+from clusterlm.plan.fit import fit_calibration
+from clusterlm.plan.layout import Layout, layout_from_config
 from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
 from clusterlm.plan.timing import HostCalls, host_calls, step_time
-from clusterlm.plan.validate import (
+from clusterlm.plan.validation import (
     CASES,
     GLOBAL_BATCH,
     Measurement,
     ValidationResult,
-    fit_calibration,
-    local_cluster,
-    model_state_bytes,
-    saved_activation_bytes,
-    synthetic_text,
     validation_report,
 )
 from clusterlm.plan.workload import Workload
@@ -108,6 +107,17 @@ def test_cases_cover_the_layouts_with_the_global_batch():
     assert layouts["2 tp2+sp"].sequence_parallel
     assert layouts["4 pp2 x zero3"] == Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batch_size=2,
                                               micro_batches=3)
+
+
+def test_layout_from_config_takes_the_trainers_degrees_accumulation_and_micro_batches():
+    accumulating = build_config(None, {"model.block_size": 64, "training.micro_batch_size": 2,
+                                       "training.tokens_per_step": 2 * 64 * 2 * 4, "parallel.data_parallel": "zero1"})
+    assert layout_from_config(accumulating, 2) == Layout(dp_shard=2, data_parallel="zero1", micro_batch_size=2,
+                                                         micro_batches=4)
+    pipelined = build_config(None, {"training.micro_batch_size": 8, "parallel.pp": 2,
+                                    "parallel.pp_schedule": "zbv_zero_bubble"})
+    assert layout_from_config(pipelined, 2) == Layout(pp=2, pp_schedule="zero_bubble", pp_stages_per_rank=2,
+                                                      micro_batch_size=2, micro_batches=4)
 
 
 def test_host_calls_count_fsdp_collectives_and_tensor_parallel_modules():

@@ -1,9 +1,10 @@
-"""`clusterlm prepare`: text in, checksummed token shards and a manifest out.
+"""Preparing a dataset (`clusterlm prepare`): text in, checksummed token shards and a manifest out.
 
 Steps: resolve the inputs; read each one, checking it is UTF-8 and that there is text at all;
 fingerprint inputs and options (equal to the existing manifest's: nothing to do); fit the
-tokenizer; tokenize in a process pool; split; write shards under temporary names; rename them into
-place, the manifest last. Bad input fails before the output directory is touched.
+tokenizer; tokenize in a process pool (``clusterlm.data.encode``); split; write shards under
+temporary names; rename them into place, the manifest last. Bad input fails before the output
+directory is touched.
 
 Split rule ("seeded-span"): a document of n tokens gives its v = round(val_fraction * n)
 consecutive tokens starting at an offset drawn from ``numpy.random.default_rng([seed, d])`` (d is
@@ -14,24 +15,20 @@ give byte-identical output, whatever the number of workers.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import multiprocessing
-import os
 import re
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 
 import numpy as np
 from fsspec import AbstractFileSystem
 from tqdm import tqdm
 
 from clusterlm.data.corpus import clean_text, embedded_corpus
+from clusterlm.data.encode import encode_all, pieces
+from clusterlm.data.encode import split_text as split_text  # re-exported: part of this module's API
 from clusterlm.data.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -50,11 +47,9 @@ from clusterlm.errors import UserError
 SPLIT_RULE = "seeded-span"
 DEFAULT_BPE_VOCAB = 4096
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 ids
-# Long documents are tokenized in pieces of about this many characters, so one big file still
-# spreads over the workers. Pieces end at a line break between two non-space characters, where
-# neither tokenizer built here merges across, so piecewise encoding equals whole encoding.
+# Long documents are tokenized in pieces of about this many characters (clusterlm.data.encode),
+# so one big file still spreads over the workers; piecewise encoding equals whole encoding.
 PIECE_CHARS = 1 << 20
-_PIECE_BOUNDARY = re.compile(r"(?<=\S\n)(?=\S)")
 _SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.bin$")
 
 
@@ -84,53 +79,6 @@ class PrepareOptions:
     @property
     def bpe_vocab_size(self) -> int:
         return self.vocab_size or DEFAULT_BPE_VOCAB
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage mistakes become one-line UserErrors like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message}; see `{self.prog} --help`")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="clusterlm prepare",
-        description="Tokenize text into checksummed token shards.",
-        epilog="Inputs are read as UTF-8; \\r\\n becomes \\n and Project Gutenberg headers, footers "
-               "and licence notices are removed. Validation data is a seeded span of --val-fraction "
-               "of every document's tokens.",
-    )
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="files, directories (recursive), globs or fsspec URLs; "
-                        "none: the embedded Shakespeare corpus")
-    p.add_argument("--input", dest="more_inputs", action="append", default=[], metavar="INPUT",
-                   help="one more input, like a positional INPUT (repeatable)")
-    p.add_argument("--out", required=True, help="output directory: local path or fsspec URL")
-    p.add_argument("--tokenizer", default="char",
-                   help="char, bpe, or the path of an existing tokenizer.json (default: char)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help=f"vocabulary size of a bpe tokenizer (default: {DEFAULT_BPE_VOCAB})")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of every document's tokens held out for validation (default: 0.1)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                   help=f"most tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="tokenizer processes (default: min(4, CPU count)); output does not depend on it")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a different dataset already in --out")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    prepare(PrepareOptions(
-        inputs=tuple(args.inputs + args.more_inputs), out=args.out, tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-        workers=args.workers, seed=args.seed, force=args.force,
-    ))
-    return 0
 
 
 def prepare(opts: PrepareOptions) -> Manifest:
@@ -283,32 +231,6 @@ def _intact(fs: AbstractFileSystem, root: str, manifest: Manifest) -> bool:
 # --- tokenizing and writing
 
 
-class _Piece(NamedTuple):
-    document: int  # position of the document among the inputs
-    last: bool  # the document's final piece
-    text: str
-
-
-def _pieces(documents: Iterable[str]) -> Iterator[_Piece]:
-    for index, text in enumerate(documents):
-        parts = split_text(text, PIECE_CHARS) if text else []
-        for j, part in enumerate(parts):
-            yield _Piece(index, j == len(parts) - 1, part)
-
-
-def split_text(text: str, max_chars: int) -> list[str]:
-    """``text`` cut at safe line breaks into parts of about ``max_chars`` (longer if no break fits)."""
-    parts, start = [], 0
-    while len(text) - start > max_chars:
-        cut = _PIECE_BOUNDARY.search(text, start + max_chars)
-        if cut is None:
-            break
-        parts.append(text[start : cut.start()])
-        start = cut.start()
-    parts.append(text[start:])
-    return parts
-
-
 def _write_shards(
     staged: StagedDir, tokenizer: Tokenizer, dtype: np.dtype, sources: list[SourceFile],
     total_chars: int, opts: PrepareOptions,
@@ -318,7 +240,7 @@ def _write_shards(
         writers = {name: stack.enter_context(ShardWriter(staged, name, dtype, opts.shard_tokens))
                    for name in ("train", "val")}
         parts: list[np.ndarray] = []
-        for piece, ids in _encode_all(tokenizer, _pieces(_documents(sources)), dtype, opts.workers):
+        for piece, ids in encode_all(tokenizer, pieces(_documents(sources), PIECE_CHARS), dtype, opts.workers):
             bar.update(len(piece.text))
             parts.append(ids)
             if not piece.last:
@@ -346,42 +268,3 @@ def _split(ids: np.ndarray, document: int, opts: PrepareOptions) -> tuple[list[n
     start = int(np.random.default_rng([opts.seed, document]).integers(0, n - held_out + 1))
     train = [span for span in (ids[:start], ids[start + held_out :]) if len(span)]
     return train, [ids[start : start + held_out]]
-
-
-def _encode_all(
-    tokenizer: Tokenizer, pieces: Iterable[_Piece], dtype: np.dtype, workers: int
-) -> Iterator[tuple[_Piece, np.ndarray]]:
-    """Each piece with its token ids, in input order; at most a few pieces in flight per worker."""
-    if workers == 1:
-        for piece in pieces:
-            yield piece, _encode_array(tokenizer, piece.text, dtype.str)
-        return
-    # "spawn": a forked child would inherit the tokenizer library's thread pool in an unknown state.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(tokenizer.to_json(),)) as pool:
-        pending: deque[tuple[_Piece, Future[np.ndarray]]] = deque()
-        for piece in pieces:
-            pending.append((piece, pool.submit(_encode_in_worker, piece.text, dtype.str)))
-            if len(pending) >= 2 * workers:
-                piece, future = pending.popleft()
-                yield piece, future.result()
-        for piece, future in pending:
-            yield piece, future.result()
-
-
-def _encode_array(tokenizer: Tokenizer, text: str, dtype: str) -> np.ndarray:
-    return np.asarray(tokenizer.encode(text), dtype=dtype)
-
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _start_worker(tokenizer_json: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokenizer_json)
-
-
-def _encode_in_worker(text: str, dtype: str) -> np.ndarray:
-    assert _worker_tokenizer is not None, "worker started without a tokenizer"
-    return _encode_array(_worker_tokenizer, text, dtype)

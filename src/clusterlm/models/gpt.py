@@ -240,9 +240,3 @@ class Transformer(nn.Module):
             if self.output.weight is not self.tok_embeddings.weight:
                 n -= self.tok_embeddings.weight.numel()
         return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward); see ``clusterlm.models.counting``."""
-        from clusterlm.models.counting import training_flops_per_token
-
-        return training_flops_per_token(self.args, seq_len or self.args.block_size)

@@ -1,61 +1,158 @@
-"""Apply activation checkpointing, compilation and data parallelism to a plain Transformer."""
+"""Apply the parallelisms to a plain Transformer and return what the training loop needs.
+
+``parallelize`` splits the model into pipeline stages (when ``parallel.pp > 1``), then applies to
+each part, in torchtitan's order, tensor parallel, activation checkpointing, compile and data
+parallel (outermost, so FSDP units wrap compiled, checkpointed blocks). What it returns, a
+``ParallelModel``, does the strategy-specific parts of a step: forward and backward of the
+micro-batches, the evaluation loss, gradient clipping, building the optimizers and the
+checkpoint state. The loop therefore never asks which strategy it runs.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from clusterlm.comm.hooks import CommHookState
 from clusterlm.config import Config
-from clusterlm.parallel.data_parallel import apply_data_parallel
-from clusterlm.parallel.pipeline import build_schedule, split_into_stages
-from clusterlm.parallel.tensor_parallel import apply_tensor_parallel
+from clusterlm.models.loss import next_token_loss
+from clusterlm.parallel.activation_checkpointing import apply_activation_checkpointing
+from clusterlm.parallel.data_parallel import (
+    SHARDED,
+    apply_data_parallel,
+    build_optimizer,
+    gradient_sync,
+)
+from clusterlm.parallel.mesh import pipeline_microbatches
+from clusterlm.parallel.pipeline import (
+    build_schedule,
+    clip_grad_norm_across_stages,
+    pipeline_eval_loss,
+    pipeline_step,
+    split_into_stages,
+    sync_tied_gradients,
+)
+from clusterlm.parallel.precision import Precision
+from clusterlm.parallel.state_dict import load_training_state, training_state
+from clusterlm.parallel.tensor_parallel import apply_tensor_parallel, full_value, loss_context
 
-# Outputs worth keeping under selective checkpointing: the matmuls and attention, whose recompute
-# costs FLOPs. Norms, activations, dropout and adds are recomputed: cheap, and most of the memory
-# (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models").
-SAVED_OPS = {
-    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-}
-
-
-def _save_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op not in SAVED_OPS or _draws_random_numbers(op, args, kwargs):
-        return CheckpointPolicy.PREFER_RECOMPUTE
-    return CheckpointPolicy.MUST_SAVE
-
-
-def _draws_random_numbers(op, args: tuple, kwargs: dict) -> bool:
-    """Attention with dropout draws from the generator. The recompute restarts from the block's
-    saved RNG state, so a random op it skips would shift every later dropout mask (seen on CUDA);
-    such an op is recomputed instead, drawing the same numbers again."""
-    names = [a.name for a in op._schema.arguments]
-    if "dropout_p" not in names:
-        return False
-    index = names.index("dropout_p")
-    return float(kwargs.get("dropout_p", args[index] if index < len(args) else 0.0)) > 0.0
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """``full``: keep only each block's input and recompute the block in backward (one more
-    forward per block). ``selective``: keep the outputs of matmuls and attention, recompute the
-    element-wise rest."""
-    options = {}
-    if mode == "selective":
-        options["context_fn"] = partial(create_selective_checkpoint_contexts, _save_expensive_ops)
-    for name, block in model.layers.named_children():
-        model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=True, **options))
+@dataclass
+class Pipeline:
+    """This rank's pipeline stages and the schedule that runs them."""
+
+    schedule: Any
+    stages: list[PipelineStage]
+    n_microbatches: int
+
+
+class ParallelModel:
+    """This rank's share of the model, parallelized; one process is the degree-1 case."""
+
+    pipeline: Pipeline | None = None
+
+    def __init__(self, parts: list[nn.Module], precision: Precision, tp_size: int, shard_optimizer: bool,
+                 comm: list[CommHookState]):
+        self.parts, self.precision, self.tp_size = parts, precision, tp_size
+        self.shard_optimizer, self.comm = shard_optimizer, comm
+
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Forward and backward of one optimizer step's micro-batches, gradients reduced across
+        data-parallel ranks; the step's mean loss, the same on every rank."""
+        raise NotImplementedError
+
+    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed next-token loss of a batch, without gradients, the same on every rank of its
+        tensor- and pipeline-parallel group."""
+        raise NotImplementedError
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def build_optimizers(self, recipe: Callable[[nn.Module], Any]) -> list[torch.optim.Optimizer]:
+        """One optimizer per part from ``recipe(part)`` (see ``clusterlm.train.optim``)."""
+        return [build_optimizer(recipe(part), self.shard_optimizer) for part in self.parts]
+
+    def state_dict(self, optimizers: list[torch.optim.Optimizer] | None = None) -> dict[str, Any]:
+        """This rank's tensors under the full model's names (``clusterlm.parallel.state_dict``)."""
+        return training_state(self.parts, optimizers)
+
+    def load_state_dict(self, reader: Any, optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+        """Fill the parts (and optimizers) from a checkpoint ``reader`` (``.keys``, ``.read(state)``)."""
+        load_training_state(self.parts, optimizers, reader.read, reader.keys)
+
+    def comm_metrics(self) -> dict[str, float]:
+        """Bytes this rank's gradient hooks sent so far, and their compression ratio."""
+        if not self.comm:
+            return {}
+        sent = sum(state.stats.bytes_sent for state in self.comm)
+        whole = sum(state.stats.bytes_uncompressed for state in self.comm)
+        return {"comm_bytes_sent": float(sent), "comm_compression_ratio": whole / sent if sent else 1.0}
+
+
+class WholeModel(ParallelModel):
+    """The whole model on each rank of its tensor-parallel group (data parallel or one process)."""
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.loss_fn = loss_fn
+
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Gradient accumulation: gradients are reduced across data-parallel ranks once, in the
+        last micro-batch's backward."""
+        model, count = self.parts[0], len(micro_batches)
+        total = torch.zeros((), device=micro_batches[0][0].device)
+        for i, (x, y) in enumerate(micro_batches):
+            with gradient_sync(model, enabled=i == count - 1), loss_context(self.tp_size):
+                loss = self.loss_fn(x, y)
+                self.precision.scale(loss / count).backward()
+            total += full_value(loss.detach())
+        return total / count
+
+    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self.precision.autocast(), loss_context(self.tp_size):
+            return full_value(next_token_loss(self.parts[0](x), y, reduction="sum"))
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.parts[0].parameters(), max_norm)
+
+
+class PipelinedModel(ParallelModel):
+    """This rank's pipeline stages; a step is one batch, split into micro-batches by the schedule."""
+
+    def __init__(self, pipeline: Pipeline, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        (x, y), = micro_batches  # the configuration check allows no accumulation with a pipeline
+        p = self.pipeline
+        with self.precision.autocast(), loss_context(self.tp_size):
+            loss = pipeline_step(p.schedule, p.stages, p.n_microbatches, x, y)
+        sync_tied_gradients(p.stages)
+        return loss
+
+    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast(), loss_context(self.tp_size):
+            return full_value(pipeline_eval_loss(self.pipeline.stages, x, y) * y.numel())
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_across_stages(self.pipeline.stages, max_norm)
+
+
+def _model_loss(model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with precision.autocast():
+        logits = model(x)
+    return next_token_loss(logits, y)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -65,38 +162,40 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-@dataclass
-class Pipeline:
-    """This rank's pipeline stages and the schedule that runs them."""
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> ParallelModel:
+    """This rank's share of ``model`` (on its device, initialized), parallelized for ``cfg`` on
+    ``mesh``, which is None in a single process."""
+    device = next(model.parameters()).device
+    p = cfg.parallel
+    precision = Precision(cfg.training.precision, device, sharded=mesh is not None and p.data_parallel in SHARDED)
+    comm: list[CommHookState] = []
 
-    schedule: Any
-    stages: list[PipelineStage]
-
-
-def parallelize(
-    model: nn.Module, cfg: Config, mesh: DeviceMesh | None, compute_dtype: torch.dtype
-) -> tuple[list[nn.Module], Pipeline | None]:
-    """This rank's model parts, parallelized, and its pipeline (None without one).
-
-    The pipeline split comes first; then each part gets, in torchtitan's order, tensor parallel,
-    activation checkpointing, compile, and data parallel (outermost, so FSDP units wrap compiled,
-    checkpointed blocks). ``mesh`` is None in a single process."""
     def parallelize_part(part: nn.Module) -> nn.Module:
-        if mesh is not None and cfg.parallel.tp > 1:
-            apply_tensor_parallel(part, mesh["tp"], cfg.parallel.sequence_parallel)
+        if mesh is not None and p.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
         if cfg.training.activation_checkpointing != "none":
             apply_activation_checkpointing(part, cfg.training.activation_checkpointing)
         if cfg.training.compile and mesh is not None:  # one process compiles forward and loss whole
             apply_compile(part)
         if mesh is not None:
-            param_dtype = None if compute_dtype == torch.float32 else compute_dtype
-            part = apply_data_parallel(part, mesh, cfg.parallel, cfg.comm, param_dtype)
+            param_dtype = None if precision.compute_dtype == torch.float32 else precision.compute_dtype
+            part, state = apply_data_parallel(part, mesh, p, cfg.comm, param_dtype)
+            comm.extend(filter(None, [state]))
         return part
 
-    if mesh is None or cfg.parallel.pp == 1:
-        return [parallelize_part(model)], None
-    p = cfg.parallel
+    common = {"precision": precision, "tp_size": p.tp if mesh is not None else 1, "comm": comm,
+              "shard_optimizer": mesh is not None and p.data_parallel == "zero1"}
+    if mesh is None or p.pp == 1:
+        part = parallelize_part(model)
+        loss_fn = partial(_model_loss, part, precision)
+        if cfg.training.compile and mesh is None:
+            # One graph from tokens to loss: the compiler fuses across blocks, the embeddings, the
+            # head and the loss. Across processes each block is compiled instead.
+            loss_fn = torch.compile(loss_fn)
+        return WholeModel(loss_fn, parts=[part], **common)
     stages = split_into_stages(model, mesh["pp"].get_group(), p.pp_schedule, p.pp_stages_per_rank or None,
                                parallelize_stage=parallelize_part)
-    schedule = build_schedule(stages, p.pp_schedule, p.pp_microbatches or 2 * p.pp)
-    return [stage.submod for stage in stages], Pipeline(schedule, stages)
+    micro_batches = pipeline_microbatches(p)
+    schedule = build_schedule(stages, p.pp_schedule, micro_batches)
+    pipeline = Pipeline(schedule, stages, micro_batches)
+    return PipelinedModel(pipeline, parts=[stage.submod for stage in stages], **common)

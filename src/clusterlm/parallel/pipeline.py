@@ -30,7 +30,6 @@ from functools import cache
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
@@ -47,6 +46,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from clusterlm.errors import UserError
 from clusterlm.models.counting import embedding_params, head_params, layer_params
 from clusterlm.models.gpt import ModelArgs, Transformer
+from clusterlm.models.loss import next_token_loss
 
 # name -> (schedule class, placement of stages on ranks: one per rank, round-robin loop, or V)
 SCHEDULES = {
@@ -170,16 +170,11 @@ def split_into_stages(
     return stages
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 def build_schedule(
     stages: list[PipelineStage],
     schedule: str,
     n_microbatches: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = next_token_loss,
 ):
     """The ``torch.distributed.pipelining`` schedule ``schedule`` over this rank's ``stages``.
 
@@ -209,12 +204,13 @@ def _loss_on_every_rank(loss: torch.Tensor | None, stages: list[PipelineStage]) 
     return total
 
 
-def pipeline_step(schedule, stages: list[PipelineStage], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def pipeline_step(
+    schedule, stages: list[PipelineStage], n_microbatches: int, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Forward and backward of the batch (tokens ``x``, targets ``y``, [B, T]) on this rank's
     stages, accumulating into the stage parameters' ``.grad``; returns the batch's mean loss on
     every rank. Every rank passes the same batch; only the first and last stage read it."""
-    n_microbatches = schedule._n_microbatches  # unequal micro-batches would weight tokens unequally
-    if x.size(0) % n_microbatches:
+    if x.size(0) % n_microbatches:  # unequal micro-batches would weight tokens unequally
         raise UserError(f"a batch of {x.size(0)} sequences does not split into {n_microbatches} equal "
                         "micro-batches; make the batch a multiple of the micro-batch count")
     holds_first = any(stage.is_first for stage in stages)
@@ -230,7 +226,7 @@ def pipeline_eval_loss(
     stages: list[PipelineStage],
     x: torch.Tensor,
     y: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = next_token_loss,
 ) -> torch.Tensor:
     """Forward only (dropout off) of the batch through the stages in order; its mean loss on
     every rank. Call after ``build_schedule``, which fixes the stage-to-rank placement.

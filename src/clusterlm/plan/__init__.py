@@ -6,8 +6,10 @@
 
 Modules: ``cluster`` (devices and links), ``workload`` (model, batch, precision), ``layout`` (the
 mesh and placement), ``memory`` (ZeRO + activations), ``collectives`` (alpha-beta costs),
-``timing`` (step time), ``search``, ``emit`` (config TOML), ``validate`` (measurements on this
-machine), ``published`` (published runs), ``cli`` (`clusterlm plan`).
+``timing`` (step time), ``search``, ``emit`` (config TOML), ``validation`` (the layouts measured
+on this machine and the comparison; ``clusterlm.bench.validate`` measures them), ``fit`` (the
+calibration fitted to them), ``published`` (published runs). Pure arithmetic: nothing here starts
+a process; `clusterlm plan` is ``clusterlm.cli.plan``.
 """
 
 from clusterlm.plan.calibration import Calibration, load_calibration

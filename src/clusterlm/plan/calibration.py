@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clusterlm.errors import UserError
+from clusterlm.files import atomic_write
 
 HOST_SECONDS = ("step_overhead_s", "fsdp_call_s", "tp_module_s")  # seconds >= 0; the rest are fractions
 
@@ -82,9 +82,5 @@ def load_calibration(path: str | Path) -> Calibration:
 
 
 def save_calibration(path: str | Path, calibration: Calibration, evidence: dict[str, Any]) -> None:
-    """Write the factors plus the measurements they were fitted from, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**dataclasses.asdict(calibration), **evidence}, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write the factors, then the measurements they were fitted from, atomically."""
+    atomic_write(path, json.dumps({**dataclasses.asdict(calibration), **evidence}, indent=2) + "\n")

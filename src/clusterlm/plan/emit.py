@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from clusterlm.files import atomic_write
 from clusterlm.plan.search import Candidate
 
 MODEL_KEYS = ("flavour", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "vocab_size",
@@ -54,8 +54,4 @@ def config_toml(best: Candidate) -> str:
 
 
 def write_config(path: str | Path, best: Candidate) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(config_toml(best))
-    os.replace(tmp, path)
+    atomic_write(path, config_toml(best))

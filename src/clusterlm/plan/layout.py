@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clusterlm.config import Config, grad_accum_steps
+from clusterlm.parallel.mesh import pipeline_microbatches, resolve_degrees
+from clusterlm.parallel.pipeline import stages_per_rank_for
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.workload import Workload
 
@@ -25,6 +28,11 @@ DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "hsdp")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 CHECKPOINTING = ("none", "selective", "full")
 ZERO_STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "hsdp": 3}
+# The trainer's pipeline schedules as the planner models them: a breadth-first loop keeps every
+# micro-batch in flight like GPipe, and the zero-bubble family is modelled as ZB-H1.
+PLANNED_SCHEDULE = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved_1f1b": "interleaved_1f1b", "looped_bfs": "gpipe",
+                    "interleaved_zero_bubble": "zero_bubble", "zbv_zero_bubble": "zero_bubble",
+                    "dualpipev": "zero_bubble"}
 
 
 @dataclass(frozen=True)
@@ -106,3 +114,25 @@ def layout_problem(layout: Layout, work: Workload, cluster: Cluster) -> str | No
         (not layout.cpu_offload or cluster.host is not None, "cpu_offload needs a [host] in the cluster"),
     ]
     return next((message for ok, message in checks if not ok), None)
+
+
+def layout_from_config(cfg: Config, world_size: int) -> Layout:
+    """The layout a training config runs on ``world_size`` processes, with the degrees the trainer
+    derives (``resolve_degrees``). The trainer's zero1 replicates the model over its data-parallel
+    group and shards only the optimizer; the planner names that group ``dp_shard``. Under a
+    pipeline the trainer's micro-batch is the rank's whole batch, split into the schedule's
+    micro-batches; without one, ``micro_batches`` is the gradient-accumulation steps."""
+    p, t = cfg.parallel, cfg.training
+    replicate, shard = resolve_degrees(p, world_size)
+    if p.data_parallel == "zero1":
+        replicate, shard = 1, replicate * shard
+    common = {"dp_replicate": replicate, "dp_shard": shard, "tp": p.tp, "data_parallel": p.data_parallel,
+              "sequence_parallel": p.sequence_parallel, "activation_checkpointing": t.activation_checkpointing,
+              "cpu_offload": p.cpu_offload}
+    if p.pp == 1:
+        return Layout(**common, micro_batch_size=t.micro_batch_size,
+                      micro_batches=grad_accum_steps(cfg, replicate * shard))
+    micro_batches = pipeline_microbatches(p)
+    return Layout(**common, pp=p.pp, pp_schedule=PLANNED_SCHEDULE[p.pp_schedule],
+                  pp_stages_per_rank=stages_per_rank_for(p.pp_schedule, p.pp_stages_per_rank or None),
+                  micro_batch_size=t.micro_batch_size // micro_batches, micro_batches=micro_batches)

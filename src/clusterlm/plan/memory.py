@@ -35,7 +35,7 @@ scores are never stored: the kernel keeps q, k, v and its output, and the a*s/h 
 selective recompute saves nothing there. For the gpt2 block, unfused and with dropout, the itemized
 count is exactly Korthikanti's, plus 16*s*b for the norms' fp32 statistics; fused and without
 dropout it is 34*s*b*h + 2*a*s*b (the log-sum-exp) + 16*s*b, checked against the bytes autograd
-really saves (``clusterlm.plan.validate``). Activations are 16-bit under mixed precision with
+really saves (``clusterlm.bench.probes``). Activations are 16-bit under mixed precision with
 16-bit weights (Megatron, FSDP's param_dtype); under torch.autocast over fp32 weights (this
 project's other layouts) the residual stream and norm inputs stay fp32, every matmul keeps its
 own 16-bit copy of its input and weight, and both are counted. Terms scale with 1/t when the

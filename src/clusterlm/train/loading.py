@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from clusterlm.config import Config, config_from_dict
 from clusterlm.errors import UserError
+from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.train import checkpoint
 from clusterlm.train.hardware import resolve_device
-from clusterlm.train.precision import Precision
 from clusterlm.train.runtime import Runtime
+from clusterlm.train.session import build_model
 
 
 @dataclass
 class Loaded:
     cfg: Config
-    model: nn.Module
+    model: ParallelModel  # the whole model in this process; ``model.parts[0]`` is the plain module
     runtime: Runtime
-    precision: Precision
     path: Path
     state: dict[str, Any]  # the checkpoint's trainer state (step, loader, config, ...)
 
@@ -31,32 +28,26 @@ class Loaded:
         return self.state["step"]
 
 
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", default="runs/default", help="training.out_dir of the run (its newest checkpoint)")
-    parser.add_argument("--checkpoint", help="a checkpoint directory (overrides --run)")
-    parser.add_argument("--data-dir", help="prepared data directory (default: the one the run trained on)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                        help="compute precision (default: the run's)")
+def find_checkpoint(run: str, checkpoint_dir: str | None = None) -> checkpoint.Verified:
+    """The checkpoint ``checkpoint_dir`` or else the newest complete one of the run, verified."""
+    found = checkpoint.resolve_resume(checkpoint_dir or "auto", Path(run) / "checkpoints")
+    if found is None:
+        raise UserError(f"no complete checkpoint in {run}/checkpoints; train first or pass --checkpoint")
+    return found
 
 
-def load_for_inference(args: argparse.Namespace) -> Loaded:
-    from clusterlm.train.trainer import build_model  # the trainer builds models the one way
-
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-    else:
-        path = checkpoint.resolve_resume("auto", Path(args.run) / "checkpoints")
-        if path is None:
-            raise UserError(f"no complete checkpoint in {args.run}/checkpoints; train first or pass --checkpoint")
-    state = checkpoint.verify(path)
-    cfg = config_from_dict(state["config"])
-    if args.data_dir:
-        cfg.data.dir = args.data_dir
-    if args.precision:
-        cfg.training.precision = args.precision
-    runtime = Runtime(device=resolve_device(args.device))
-    model = build_model(cfg, cfg.model.vocab_size, runtime.device)
-    checkpoint.load_checkpoint(path, [model])
-    model.eval()
-    return Loaded(cfg, model, runtime, Precision(cfg.training.precision, runtime.device), path, state)
+def load_for_inference(
+    found: checkpoint.Verified, device: str = "auto", data_dir: str | None = None, precision: str | None = None
+) -> Loaded:
+    """The whole model of a verified checkpoint in this process, in eval mode. ``data_dir`` and
+    ``precision`` override the run's."""
+    cfg = config_from_dict(found.state["config"])
+    cfg.data.dir = data_dir or cfg.data.dir
+    cfg.training.precision = precision or cfg.training.precision
+    cfg.training.compile = False  # a few forwards: not worth a compilation
+    cfg.training.activation_checkpointing = "none"  # nothing to recompute without a backward
+    runtime = Runtime(device=resolve_device(device))
+    model = parallelize(build_model(cfg, cfg.model.vocab_size, runtime.device), cfg, None)
+    model.load_state_dict(checkpoint.CheckpointReader(found.path))
+    model.parts[0].eval()
+    return Loaded(cfg, model, runtime, found.path, found.state)

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from clusterlm.config import OptimConfig
 from clusterlm.models import Transformer
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_state: bool = False) -> torch.optim.Optimizer:
-    """Weight decay applies to the weights of linear layers; norms, biases and embedding tables
-    are not decayed (decaying them only pulls them towards zero without regularizing).
-    Decided by module type, so it holds under any parallel wrapping. ``shard_state`` (ZeRO stage 1)
-    keeps each parameter's AdamW state on one data-parallel rank only."""
+@dataclass
+class OptimizerRecipe:
+    """What to build, left to the parallel strategy to build it (ZeRO-1 shards its state)."""
+
+    param_groups: list[dict[str, Any]]
+    optimizer_class: type[torch.optim.Optimizer]
+    options: dict[str, Any]
+
+    def build(self) -> torch.optim.Optimizer:
+        return self.optimizer_class(self.param_groups, **self.options)
+
+
+def adamw_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
+    """AdamW over ``model``'s parameters. Weight decay applies to the weights of linear layers;
+    norms, biases and embedding tables are not decayed (decaying them only pulls them towards zero
+    without regularizing). Decided by module type, so it holds under any parallel wrapping."""
     decay_ids = {
         id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)
     }
@@ -38,9 +50,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_state: bool = Fals
         {"params": no_decay, "weight_decay": 0.0},
     ]
     options = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": cfg.fused or None}
-    if shard_state:
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
-    return torch.optim.AdamW(groups, **options)
+    return OptimizerRecipe(groups, torch.optim.AdamW, options)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from clusterlm.config import Config
 from clusterlm.errors import UserError
-from clusterlm.parallel.data_parallel import build_mesh, resolve_degrees
+from clusterlm.parallel.mesh import build_mesh, check_layout
 from clusterlm.train.hardware import resolve_device
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -60,8 +60,8 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    replicate, shard = check_layout(cfg, world_size)  # before any process waits for another
     if world_size == 1 and not dist.is_initialized():
-        resolve_degrees(cfg.parallel, 1)  # degrees set for a bigger job fail here, not later
         return Runtime(device=device)
     if device.type == "cuda":
         local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
@@ -71,7 +71,6 @@ def setup_runtime(cfg: Config) -> Runtime:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     _join_process_group(device, cfg.parallel.timeout_s)
-    replicate, shard = resolve_degrees(cfg.parallel, dist.get_world_size())
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     mesh = build_mesh(device, pp, replicate, shard, tp)
     dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
@@ -96,3 +95,9 @@ def average_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     value = value.detach().clone().float()
     dist.all_reduce(value)
     return value / runtime.world_size
+
+
+def leave_process_group() -> None:
+    """Destroy the process group, if any, so that the job ends without the backend's warnings."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

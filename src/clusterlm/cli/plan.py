@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
+from clusterlm.bench.validate import evidence, run_validation
+from clusterlm.cli.options import Parser
 from clusterlm.errors import UserError
 from clusterlm.plan.calibration import load_calibration, save_calibration
-from clusterlm.plan.cluster import load_cluster, preset_names
+from clusterlm.plan.cluster import Cluster, load_cluster, preset_names
 from clusterlm.plan.emit import write_config
+from clusterlm.plan.fit import fit_calibration
+from clusterlm.plan.published import compare_published
 from clusterlm.plan.report import candidates_table, time_breakdown
-from clusterlm.plan.search import explain, nodes_needed, runner_up, search
+from clusterlm.plan.search import SearchResult, explain, nodes_needed, runner_up, search
 from clusterlm.plan.units import GIB, human, parse_batch_tokens, parse_train_tokens
+from clusterlm.plan.validation import validation_report
 from clusterlm.plan.workload import PRECISIONS, Workload, load_model_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clusterlm plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="clusterlm plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model preset (configs/NAME.toml, e.g. llama-8b) or config TOML path")
     p.add_argument("--vocab-size", type=int, default=0, help="vocabulary size where the config leaves it 0")
     p.add_argument("--cluster", default="8xH100", help=f"cluster preset or TOML path; presets: {', '.join(preset_names())}")
@@ -53,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.published:
-        from clusterlm.plan.published import compare_published
-
         print(compare_published())
         return 0
     if args.validate:
@@ -105,10 +108,6 @@ def main(argv: list[str]) -> int:
 
 def _validate(calibration_out: str, steps: int, rounds: int) -> int:
     """Measure, fit the calibration on the cases marked for fitting, print the comparison, save."""
-    import sys
-
-    from clusterlm.plan.validate import evidence, fit_calibration, run_validation, validation_report
-
     if steps < 1 or rounds < 1:
         raise UserError(f"--validate-steps and --validate-rounds must be positive, got {steps} and {rounds}")
     results, links = run_validation(steps=steps, rounds=rounds, progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -119,7 +118,7 @@ def _validate(calibration_out: str, steps: int, rounds: int) -> int:
     return 0
 
 
-def _nothing_fits(work: Workload, cluster, result, headroom: float) -> str:
+def _nothing_fits(work: Workload, cluster: Cluster, result: SearchResult, headroom: float) -> str:
     if result.smallest is None:
         return ("no layout can run this: check that the global batch splits over the devices and that "
                 "heads and layers divide by the parallel degrees")

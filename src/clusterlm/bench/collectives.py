@@ -1,6 +1,6 @@
-"""`clusterlm bench comm`: time all-reduce algorithms over a range of sizes on N local processes.
+"""All-reduce timing on N local processes (`clusterlm bench comm`, and the link `plan --validate` uses).
 
-For each algorithm and size, after ``--warmup`` untimed all-reduces, ``--iters`` all-reduces run
+For each algorithm and size, after ``warmup`` untimed all-reduces, ``iters`` all-reduces run
 back to back and are timed together, as nccl-tests does (more when that would take under 20 ms,
 fewer past 0.25 s). The whole sweep of sizes and algorithms runs five times over, and each point
 keeps its median group, each group taken at the slowest rank; the spread of the middle repeats is
@@ -10,22 +10,23 @@ model t = alpha + beta * bytes is fitted over sizes >= 64 KiB, minimizing the la
 error; alpha is the latency, 1/beta the asymptotic bandwidth. A second fit gives small and large
 messages a line each, split where that fits best (on a host, where buffers stop fitting the
 caches).
+
+``measure_link`` runs the same sweep with ``dist.all_reduce`` over 4 KiB .. 4 MiB and reads the
+fit as a ring all-reduce: t = 2(n-1) * latency + 2(n-1)/n * bytes / bandwidth.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import itertools
-import json
 import math
-import os
 import re
 import statistics
-import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,12 +35,15 @@ import torch.distributed as dist
 from clusterlm.comm.allreduce import ALGORITHMS, all_reduce
 from clusterlm.comm.spawn import run_local
 from clusterlm.errors import UserError
+from clusterlm.files import atomic_write_json, atomic_write_with
+from clusterlm.plan.cluster import Link
 
 FIT_MIN_BYTES = 64 << 10
 REPEATS = 5
 GROUP_SECONDS = 0.25
 MIN_GROUP_SECONDS = 0.02
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+LINK_SWEEP_BYTES = tuple(4 << (2 * i) for i in range(5, 11))  # 4 KiB .. 4 MiB, for measure_link
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def fit_two_regimes(points: list[tuple[int, float]]) -> tuple[int, tuple[float, 
     return best
 
 
-def _options_for(algorithm: str, options: dict[str, int]) -> dict[str, int]:
+def _options_for(algorithm: str, options: Mapping[str, int]) -> dict[str, int]:
     accepted = inspect.signature(ALGORITHMS[algorithm]).parameters
     return {key: value for key, value in options.items() if key in accepted}
 
@@ -168,8 +172,9 @@ def _group_length(run, iters: int) -> int:
 
 
 def _time_all_reduces(
-    rank: int, world_size: int, algorithms: list[str], sizes: list[int], iters: int, warmup: int, options: dict
-) -> list[tuple[str, int, float]]:
+    rank: int, world_size: int, algorithms: list[str], sizes: list[int], iters: int, warmup: int,
+    options: dict[str, int],
+) -> list[tuple[str, int, list[float]]]:
     """(algorithm, bytes, each repeat's seconds at the slowest rank) for every combination."""
     largest = torch.zeros(max(sizes) // 4)  # zeros stay zeros: no overflow over many sums
     points = [(size, algorithm) for size in sizes for algorithm in algorithms]
@@ -196,9 +201,13 @@ def _time_all_reduces(
 
 
 def measure(
-    nproc: int, algorithms: list[str], sizes: list[int], iters: int, warmup: int, options: dict, timeout: float
+    nproc: int, algorithms: Sequence[str], sizes: Sequence[int], iters: int = 10, warmup: int = 2,
+    options: Mapping[str, int] | None = None, timeout: float = 1800,
 ) -> list[Measurement]:
-    raw = run_local(_time_all_reduces, nproc, algorithms, sizes, iters, warmup, options, timeout=timeout)[0]
+    """Time every (algorithm, size) on ``nproc`` local gloo processes (module docstring);
+    ``options`` (chunk_bytes, pipeline_depth) go to the algorithms that accept them."""
+    raw = run_local(_time_all_reduces, nproc, list(algorithms), list(sizes), iters, warmup, dict(options or {}),
+                    timeout=timeout)[0]
     bus_factor = 2 * (nproc - 1) / nproc
     measurements = []
     for algorithm, size, repeats in raw:
@@ -213,10 +222,16 @@ def _bandwidth_gbps(beta: float) -> float:
     return 1 / beta / 1e9 if beta > 0 else math.inf
 
 
+def _points(measurements: list[Measurement], algorithm: str, min_bytes: int = 0) -> list[tuple[int, float]]:
+    """(bytes, seconds) of ``algorithm``'s measurements of at least ``min_bytes``."""
+    return [(m.bytes, m.time_us * 1e-6) for m in measurements if m.algorithm == algorithm and m.bytes >= min_bytes]
+
+
 def fits(measurements: list[Measurement]) -> list[Fit]:
+    """Per algorithm, the one-line and two-regime fits over sizes >= FIT_MIN_BYTES."""
     result = []
     for algorithm in dict.fromkeys(m.algorithm for m in measurements):
-        points = [(m.bytes, m.time_us * 1e-6) for m in measurements if m.algorithm == algorithm and m.bytes >= FIT_MIN_BYTES]
+        points = _points(measurements, algorithm, FIT_MIN_BYTES)
         fitted = fit_alpha_beta(points)
         if fitted is None:
             continue
@@ -262,24 +277,25 @@ def format_report(measurements: list[Measurement], fitted: list[Fit], nproc: int
     return "\n".join(lines)
 
 
-def write_json(path: str, nproc: int, args: argparse.Namespace, measurements: list[Measurement], fitted: list[Fit]) -> None:
+def write_json(
+    path: str | Path, nproc: int, iters: int, warmup: int, measurements: list[Measurement], fitted: list[Fit]
+) -> Path:
+    """The measurements and fits as JSON, written atomically; returns the path."""
     report = {
         "world_size": nproc,
         "backend": "gloo",
         "dtype": "float32",
-        "iters": args.iters,
-        "warmup": args.warmup,
+        "iters": iters,
+        "warmup": warmup,
         "fit_min_bytes": FIT_MIN_BYTES,
         "measurements": [asdict(m) for m in measurements],
         "fits": [asdict(f) for f in fitted],
     }
-    partial = f"{path}.partial"
-    with open(partial, "w") as out:
-        json.dump(report, out, indent=2)
-    os.replace(partial, path)  # never leave a half-written report
+    return atomic_write_json(path, report, indent=2)
 
 
-def plot(path: str, measurements: list[Measurement], nproc: int) -> None:
+def plot(path: str | Path, measurements: list[Measurement], nproc: int) -> Path:
+    """A bus-bandwidth plot per algorithm, written atomically as PNG; returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,59 +312,20 @@ def plot(path: str, measurements: list[Measurement], nproc: int) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + exit
-        raise UserError(f"bench comm: {message} (see --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="clusterlm bench comm", description=__doc__.splitlines()[0])
-    parser.add_argument("--nproc", type=int, default=4, help="local processes (default 4)")
-    parser.add_argument(
-        "--algorithms", default="native,ring", help=f"comma list from: {','.join(ALGORITHMS)} (default native,ring)"
-    )
-    parser.add_argument("--sizes", default="1K..64M", help="bytes: MIN..MAX or a comma list, K/M/G suffixes (default 1K..64M)")
-    parser.add_argument("--factor", type=int, default=4, choices=(2, 4), help="step between sizes of a range (default 4)")
-    parser.add_argument("--iters", type=int, default=10, help="back-to-back iterations per timed group; more when a group would last under 20 ms, fewer past 0.25 s (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
-    parser.add_argument("--chunk-bytes", type=int, help="pipeline chunk for the ring-based algorithms")
-    parser.add_argument("--pipeline-depth", type=int, help="chunks in flight for the ring-based algorithms")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the run is abandoned (default 1800)")
-    parser.add_argument("--json", help="write measurements and fits to this JSON file")
-    parser.add_argument("--plot", help="write a bus-bandwidth plot to this PNG file")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
-    if unknown or not algorithms:
-        raise UserError(f"unknown algorithm(s) {unknown or algorithms}; choose from: {', '.join(ALGORITHMS)}")
-    if args.nproc < 1 or args.iters < 1 or args.warmup < 0:
-        raise UserError("--nproc and --iters must be >= 1 and --warmup >= 0")
-    options = {k: v for k, v in (("chunk_bytes", args.chunk_bytes), ("pipeline_depth", args.pipeline_depth)) if v is not None}
-    if any(v < 1 for v in options.values()):
-        raise UserError("--chunk-bytes and --pipeline-depth must be >= 1")
-    sizes = parse_sizes(args.sizes, args.factor)
-
-    measurements = measure(args.nproc, algorithms, sizes, args.iters, args.warmup, options, args.timeout)
-    fitted = fits(measurements)
-    print(format_report(measurements, fitted, args.nproc))
-    if args.json:
-        write_json(args.json, args.nproc, args, measurements, fitted)
-    if args.plot:
-        plot(args.plot, measurements, args.nproc)
-    return 0
-
-
-if __name__ == "__main__":
     try:
-        sys.exit(main())
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def measure_link(nproc: int, iters: int = 10) -> Link:
+    """The link of ``nproc`` local gloo processes, from a ``dist.all_reduce`` sweep over
+    LINK_SWEEP_BYTES timed as ``measure`` does and fitted as alpha + beta * bytes (``fit_alpha_beta``):
+    a ring all-reduce takes 2(n-1) latencies and moves 2(n-1)/n of the buffer over each link, so
+    latency = alpha / (2(n-1)) and bandwidth = 2(n-1)/n / beta."""
+    if nproc < 2:
+        raise ValueError(f"measure_link needs at least 2 processes, got {nproc}")
+    measured = measure(nproc, ["native"], LINK_SWEEP_BYTES, iters, warmup=1, timeout=120)
+    alpha, beta, _ = fit_alpha_beta(_points(measured, "native"))
+    steps = 2 * (nproc - 1)
+    return Link(bandwidth=steps / nproc / max(beta, 1e-15), latency=max(alpha, 0.0) / steps)

@@ -1,0 +1,76 @@
+"""`clusterlm bench train|comm`: time training steps of a config, or all-reduce algorithms.
+
+``bench train`` takes a training job's command line (``--config``, dotted overrides, ``--nproc``)
+plus its own options; ``--against KEY=VALUE,...`` adds a baseline variant of the same config.
+What it measures and prints is ``clusterlm.bench.train``'s; ``bench comm`` is
+``clusterlm.cli.bench_comm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+from clusterlm.bench.train import bench_train
+from clusterlm.cli import bench_comm
+from clusterlm.cli.options import parse_job
+from clusterlm.config import Config, apply_overrides, validate
+from clusterlm.errors import UserError
+from clusterlm.launch import launch
+from clusterlm.train.hardware import resolve_device
+from clusterlm.train.runtime import leave_process_group
+
+USAGE = "usage: clusterlm bench train|comm [options]  (clusterlm bench train --help)"
+
+
+def add_bench_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant")
+    parser.add_argument("--against", default=None, help="baseline variant: KEY=VALUE[,KEY=VALUE...]")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after timing, profile one more round of each variant and split its step by kind of work")
+
+
+def baseline_config(cfg: Config, spec: str) -> Config:
+    """``cfg`` with the ``--against`` overrides ``KEY=VALUE[,KEY=VALUE...]`` applied."""
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise UserError(f"--against takes KEY=VALUE[,KEY=VALUE...], got {item!r}")
+        overrides[key.strip()] = value.strip()
+    baseline = apply_overrides(copy.deepcopy(cfg), overrides)
+    validate(baseline)
+    return baseline
+
+
+def train_main(argv: list[str]) -> int:
+    job = parse_job(argv, "clusterlm bench train", "Time training steps of a config.", add_bench_train_options)
+    if job is None:
+        return 0
+    args = job.args
+    if min(args.steps, args.rounds) < 1 or args.warmup < 0:
+        raise UserError("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.breakdown and resolve_device(job.cfg.training.device).type != "cpu":
+        raise UserError("--breakdown splits the host's time and so is for CPU runs; add --training.device cpu, "
+                        "or on a GPU read a torch.profiler trace")
+    against = baseline_config(job.cfg, args.against) if args.against else None
+    if job.launch.launches:
+        return launch(job.cfg, job.launch, ["bench", "train", *argv])
+    lines = bench_train(job.cfg, args.steps, args.warmup, args.rounds, against, args.breakdown)
+    leave_process_group()
+    for line in lines:
+        print(line)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "train":
+        return train_main(argv[1:])
+    if argv and argv[0] == "comm":
+        return bench_comm.main(argv[1:])
+    asked = bool(argv) and argv[0] in ("-h", "--help")
+    print(USAGE, file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2

@@ -1,0 +1,26 @@
+"""`clusterlm eval`: validation loss and perplexity of a checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+from clusterlm.cli.checkpoints import add_checkpoint_arguments, load
+from clusterlm.cli.options import Parser
+from clusterlm.train.evaluate import eval_windows, evaluate_loss
+
+
+def main(argv: list[str]) -> int:
+    parser = Parser(prog="clusterlm eval", description="Validation loss and perplexity of a checkpoint.")
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--split", default="val", choices=("train", "val"), help="which split to score")
+    parser.add_argument("--batches", type=int, default=0, help="batches to score (0 = training.eval_batches)")
+    args = parser.parse_args(argv)
+    loaded = load(args)
+    cfg = loaded.cfg
+    if args.batches:
+        cfg.training.eval_batches = args.batches
+    windows = eval_windows(cfg, loaded.state.get("dp_size", 1))
+    loss = evaluate_loss(loaded.model, cfg, loaded.runtime, windows, args.split)
+    print(f"{args.split} loss {loss:.4f} perplexity {math.exp(loss):.2f} "
+          f"({windows} windows of {cfg.seq_len} tokens, checkpoint step {loaded.step})")
+    return 0

@@ -1,0 +1,105 @@
+"""Command lines that describe a training job: `--config FILE`, `--resume`, dotted overrides
+(`--training.steps 200`) and the launcher's options, parsed into ``(Config, LaunchOptions)``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from clusterlm.config import Config, all_keys, build_config
+from clusterlm.errors import UserError
+from clusterlm.launch import LaunchOptions
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes become one-line UserErrors like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+@dataclass
+class JobArguments:
+    cfg: Config
+    launch: LaunchOptions
+    args: argparse.Namespace  # the command's own options
+
+
+def parse_job(
+    argv: list[str], prog: str, description: str,
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> JobArguments | None:
+    """The config and launch options of ``argv``; None when it asked for --help or
+    --print-config, which are printed here. ``add_options`` adds the command's own options."""
+    parser = Parser(
+        prog=prog, description=description, add_help=False,
+        epilog="config keys (--section.key VALUE, defaults shown):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
+    parser.add_argument("--config", help="TOML file of settings (see configs/*.toml)")
+    parser.add_argument("--resume", help="shorthand for --checkpoint.resume (none | auto | PATH)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if add_options is not None:
+        add_options(parser)
+    _add_launch_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
+        return None
+    overrides = parse_dotted_args(rest)
+    if args.resume:
+        overrides["checkpoint.resume"] = args.resume
+    cfg = build_config(args.config, overrides)
+    if args.print_config:
+        print(cfg.to_json())
+        return None
+    launch = LaunchOptions(args.nproc, args.nnodes, args.rdzv_endpoint, args.max_restarts)
+    return JobArguments(cfg, launch, args)
+
+
+def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("launch (through torchrun)")
+    group.add_argument("--nproc", type=int, default=0, help="processes per node (0 = this process only)")
+    group.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for an elastic job")
+    group.add_argument("--rdzv-endpoint", default="127.0.0.1:0",
+                       help="HOST:PORT of the rendezvous (port 0 = pick a free one; single node)")
+    group.add_argument("--max-restarts", type=int, default=0, help="restart the whole group this often on failure")
+
+
+
+def parse_dotted_args(args: list[str]) -> dict[str, str]:
+    """['--training.steps', '200', '--optim.lr=3e-4'] -> {'training.steps': '200', 'optim.lr': '3e-4'}."""
+    values, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"unexpected argument {arg!r}; overrides look like --section.key VALUE")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise UserError(f"{arg} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        values[key] = value
+    return values
+
+
+def help_text() -> str:
+    """Every option with its default and meaning, grouped by section, for --help."""
+    lines = []
+    current = None
+    for key, f in all_keys().items():
+        section = key.split(".")[0]
+        if section != current:
+            lines.append(f"\n[{section}]")
+            current = section
+        choices = f.metadata.get("choices")
+        meaning = f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "")
+        lines.append(f"  --{key:<34} {f.default!r:<24} {meaning}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,49 @@
+"""`clusterlm prepare`: the command line of ``clusterlm.data.prepare.prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from clusterlm.cli.options import Parser
+from clusterlm.data.prepare import DEFAULT_BPE_VOCAB, DEFAULT_SHARD_TOKENS, PrepareOptions, prepare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="clusterlm prepare",
+        description="Tokenize text into checksummed token shards.",
+        epilog="Inputs are read as UTF-8; \\r\\n becomes \\n and Project Gutenberg headers, footers "
+               "and licence notices are removed. Validation data is a seeded span of --val-fraction "
+               "of every document's tokens.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="files, directories (recursive), globs or fsspec URLs; "
+                        "none: the embedded Shakespeare corpus")
+    p.add_argument("--input", dest="more_inputs", action="append", default=[], metavar="INPUT",
+                   help="one more input, like a positional INPUT (repeatable)")
+    p.add_argument("--out", required=True, help="output directory: local path or fsspec URL")
+    p.add_argument("--tokenizer", default="char",
+                   help="char, bpe, or the path of an existing tokenizer.json (default: char)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"vocabulary size of a bpe tokenizer (default: {DEFAULT_BPE_VOCAB})")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of every document's tokens held out for validation (default: 0.1)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"most tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="tokenizer processes (default: min(4, CPU count)); output does not depend on it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a different dataset already in --out")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    prepare(PrepareOptions(
+        inputs=tuple(args.inputs + args.more_inputs), out=args.out, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+        workers=args.workers, seed=args.seed, force=args.force,
+    ))
+    return 0

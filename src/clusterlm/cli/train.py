@@ -1,0 +1,24 @@
+"""`clusterlm train`: train a model from a config, in this process or through torchrun."""
+
+from __future__ import annotations
+
+import math
+
+from clusterlm.cli.options import parse_job
+from clusterlm.launch import launch
+from clusterlm.train.runtime import leave_process_group
+from clusterlm.train.trainer import train
+
+
+def main(argv: list[str]) -> int:
+    job = parse_job(argv, "clusterlm train", "Train a language model.")
+    if job is None:
+        return 0
+    if job.launch.launches:
+        return launch(job.cfg, job.launch, ["train", *argv])
+    summary = train(job.cfg)
+    leave_process_group()
+    if "val_loss" in summary and summary["rank"] == 0:
+        print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f} "
+              f"(perplexity {math.exp(summary['val_loss']):.2f})")
+    return 0

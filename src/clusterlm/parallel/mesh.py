@@ -1,0 +1,100 @@
+"""The device mesh ``pp x dp_replicate x dp_shard x tp`` and every check of a layout that needs only
+the config and the world size.
+
+``check_layout`` runs before any worker starts (the launcher calls it with the job's size) and
+again in every worker, so a layout that cannot run fails once, in one line, and never as one
+traceback per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from clusterlm.config import Config, ParallelConfig, grad_accum_steps
+from clusterlm.errors import UserError
+from clusterlm.parallel.pipeline import stages_per_rank_for
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+REPLICATING = ("ddp", "zero1")  # the strategies that keep a whole copy per data-parallel rank
+
+
+def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) for the strategy; zeros are derived so that
+    pp x dp_replicate x dp_shard x tp is the world size."""
+    model_parallel = cfg.pp * cfg.tp
+    if world_size % model_parallel:
+        raise UserError(f"parallel.pp x parallel.tp ({cfg.pp} x {cfg.tp}) does not divide the {world_size} "
+                        "processes of the job")
+    data_parallel = world_size // model_parallel
+    replicate, shard = _data_parallel_degrees(cfg, data_parallel)
+    if replicate * shard != data_parallel:
+        raise UserError(
+            f"parallel.pp ({cfg.pp}) x dp_replicate ({replicate}) x dp_shard ({shard}) x tp ({cfg.tp}) = "
+            f"{replicate * shard * model_parallel} but the job has {world_size} processes; "
+            "make the degrees multiply to the world size"
+        )
+    if model_parallel > 1 and replicate * shard > 1 and cfg.data_parallel in REPLICATING:
+        raise UserError(f"parallel.tp or parallel.pp > 1 composes with zero2, zero3 or hsdp data parallelism, "
+                        f"not {cfg.data_parallel}")
+    return replicate, shard
+
+
+def _data_parallel_degrees(cfg: ParallelConfig, ranks: int) -> tuple[int, int]:
+    replicate, shard, strategy = cfg.dp_replicate, cfg.dp_shard, cfg.data_parallel
+    if strategy in REPLICATING:
+        replicate, shard = replicate or ranks // max(shard, 1), shard or 1
+        if shard != 1:
+            raise UserError(f"parallel.data_parallel = {strategy} replicates only; set parallel.dp_shard = 1 "
+                            "or use zero2/zero3/hsdp")
+    elif strategy in ("zero2", "zero3"):
+        replicate, shard = replicate or 1, shard or ranks // max(replicate, 1)
+        if replicate != 1:
+            raise UserError(f"parallel.data_parallel = {strategy} shards only; use hsdp to also replicate")
+    else:  # hsdp
+        if not replicate and not shard:
+            raise UserError("parallel.data_parallel = hsdp needs parallel.dp_replicate or parallel.dp_shard")
+        replicate = replicate or ranks // shard
+        shard = shard or ranks // replicate
+    return replicate, shard
+
+
+def check_layout(cfg: Config, world_size: int) -> tuple[int, int]:
+    """Every check of ``cfg``'s layout on ``world_size`` processes that needs no process group:
+    degrees, strategy combinations, head, layer and batch divisibility. Returns
+    (dp_replicate, dp_shard)."""
+    replicate, shard = resolve_degrees(cfg.parallel, world_size)
+    p, m = cfg.parallel, cfg.model
+    for name, heads in (("model.n_head", m.n_head), ("model.n_kv_head", m.n_kv_head or m.n_head)):
+        if heads % p.tp:
+            raise UserError(f"parallel.tp ({p.tp}) must divide {name} ({heads}): each tensor-parallel rank "
+                            "computes whole heads")
+    accumulation = grad_accum_steps(cfg, replicate * shard)
+    if p.pp > 1:
+        _check_pipeline(cfg, accumulation)
+    return replicate, shard
+
+
+def _check_pipeline(cfg: Config, accumulation: int) -> None:
+    p = cfg.parallel
+    stages = p.pp * stages_per_rank_for(p.pp_schedule, p.pp_stages_per_rank or None)
+    if cfg.model.n_layer < stages:
+        raise UserError(f"a pipeline of {stages} stages needs at least {stages} layers but model.n_layer = "
+                        f"{cfg.model.n_layer}; use fewer stages or more layers")
+    if accumulation > 1:
+        raise UserError("with parallel.pp > 1 the pipeline splits each batch into parallel.pp_microbatches; "
+                        "leave training.tokens_per_step at one micro-batch per data-parallel rank")
+    micro_batches = pipeline_microbatches(p)
+    if cfg.training.micro_batch_size % micro_batches:
+        raise UserError(f"training.micro_batch_size ({cfg.training.micro_batch_size}) does not split into "
+                        f"parallel.pp_microbatches ({micro_batches}) equal micro-batches; make it a multiple")
+
+
+def pipeline_microbatches(p: ParallelConfig) -> int:
+    return p.pp_microbatches or 2 * p.pp
+
+
+def build_mesh(device: torch.device, pp: int, replicate: int, shard: int, tp: int) -> DeviceMesh:
+    """One mesh for every dimension; tp innermost so a tensor-parallel group shares a node, pp
+    outermost so only point-to-point stage traffic crosses the slowest links."""
+    return init_device_mesh(device.type, (pp, replicate, shard, tp), mesh_dim_names=MESH_DIMS)

@@ -1,0 +1,53 @@
+"""Fit the calibration (``clusterlm.plan.calibration``) to the step times ``plan --validate``
+measured: the compute efficiency and the host costs per step, per FSDP collective call and per
+tensor-parallel module pass, on the cases marked ``fit`` (one per term, and the 4-process ddp for
+the core sharing); the report then shows the error on all of them."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+
+from clusterlm.plan.calibration import HOST_SECONDS, Calibration
+from clusterlm.plan.timing import host_calls
+from clusterlm.plan.validation import ValidationResult
+
+MEASURED_LINKS = Calibration(comm_efficiency=1.0)  # the links are fitted to measured collectives
+
+
+def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURED_LINKS) -> Calibration:
+    """Compute efficiency and the host costs minimizing the squared relative step-time error over
+    the cases marked ``fit``. The step time is linear in the host costs, so for each efficiency on
+    a log grid they are the non-negative least-squares solution; the best efficiency wins."""
+    fitted = [r for r in results if r.case.fit] or results
+    measured = np.array([r.measured.step_seconds for r in fitted])
+    # Host seconds each case spends per unit of each term (divided by its processes' core share).
+    features = np.array([host_calls(r.work, r.case.layout).counts() for r in fitted])
+    features /= np.array([[r.cluster.device.host_share] for r in fitted])
+    best = None
+    for efficiency in np.geomspace(0.02, 1.0, 200):
+        calibration = replace(base, compute_efficiency=float(efficiency), **dict.fromkeys(HOST_SECONDS, 0.0))
+        predicted = np.array([r.predicted_seconds(calibration) for r in fitted])
+        costs = _nonnegative_least_squares(features / measured[:, None], 1 - predicted / measured)
+        error = float(np.sum(((predicted + features @ costs) / measured - 1) ** 2))
+        if best is None or error < best[0]:
+            best = (error, replace(calibration, **dict(zip(HOST_SECONDS, map(float, costs), strict=True))))
+    return best[1]
+
+
+def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a x - b|| over x >= 0, by trying every set of free columns (there are three)."""
+    best_x, best_error = np.zeros(a.shape[1]), float(np.sum(b**2))
+    for free in itertools.chain.from_iterable(itertools.combinations(range(a.shape[1]), k)
+                                              for k in range(1, a.shape[1] + 1)):
+        solution, *_ = np.linalg.lstsq(a[:, free], b, rcond=None)
+        if (solution < 0).any():
+            continue
+        x = np.zeros(a.shape[1])
+        x[list(free)] = solution
+        error = float(np.sum((a @ x - b) ** 2))
+        if error < best_error:
+            best_x, best_error = x, error
+    return best_x

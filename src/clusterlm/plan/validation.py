@@ -1,0 +1,152 @@
+"""The layouts ``plan --validate`` trains, what it measured in them, and the comparison with the
+planner's predictions.
+
+Every case is the nano-cpu shape (gpt2, 4 layers x 128, context 64, 12 sequences per step, a
+character vocabulary) in one parallel layout on ``nproc`` local processes. The measuring lives in
+``clusterlm.bench.validate`` and the calibration fit in ``clusterlm.plan.fit``; this module is
+arithmetic only. The prediction is the planner's own: ``device_memory`` and ``step_time`` for the
+case's ``Layout``, derived from the case's training config by the trainer's rules
+(``layout_from_config``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from clusterlm.config import Config, build_config
+from clusterlm.plan.calibration import Calibration
+from clusterlm.plan.cluster import Cluster, Link
+from clusterlm.plan.layout import Layout, layout_from_config
+from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
+from clusterlm.plan.report import table
+from clusterlm.plan.timing import step_time
+from clusterlm.plan.workload import Workload
+
+GLOBAL_BATCH = 12  # sequences per optimizer step, as nano-cpu
+NANO_MODEL = {"model.flavour": "gpt2", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128,
+              "model.block_size": 64, "model.dropout": 0.0}
+WITHIN = 0.2  # the step-time error the report counts as a good prediction
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    """One layout of the nano model: ``parallel`` holds ``[parallel]`` config keys."""
+
+    name: str
+    nproc: int
+    parallel: dict[str, object] = field(default_factory=dict)
+    precision: str = "fp32"
+    fit: bool = False  # the calibration is fitted on the cases marked here
+
+    @property
+    def batch_per_rank(self) -> int:
+        """Sequences per data-parallel rank and step (a pipeline splits them into micro-batches)."""
+        model_parallel = int(self.parallel.get("tp", 1)) * int(self.parallel.get("pp", 1))
+        return GLOBAL_BATCH * model_parallel // self.nproc
+
+    def config(self, settings: dict[str, object] | None = None) -> Config:
+        """The trainer's config for this case; ``settings`` adds keys such as ``data.dir``."""
+        overrides = {**NANO_MODEL, "training.micro_batch_size": self.batch_per_rank,
+                     "training.precision": self.precision}
+        overrides.update({f"parallel.{key}": value for key, value in self.parallel.items()})
+        return build_config(None, {**overrides, **(settings or {})})
+
+    @property
+    def layout(self) -> Layout:
+        return layout_from_config(self.config(), self.nproc)
+
+
+CASES = (
+    ValidationCase("1 process fp32", 1, fit=True),
+    ValidationCase("1 process bf16", 1, precision="bf16"),
+    ValidationCase("2 ddp", 2, {"data_parallel": "ddp"}, fit=True),
+    ValidationCase("2 zero1", 2, {"data_parallel": "zero1"}),
+    ValidationCase("2 zero2", 2, {"data_parallel": "zero2"}),
+    ValidationCase("2 zero3", 2, {"data_parallel": "zero3"}, fit=True),
+    ValidationCase("2 tp2", 2, {"tp": 2}, fit=True),
+    ValidationCase("2 tp2+sp", 2, {"tp": 2, "sequence_parallel": True}),
+    ValidationCase("4 ddp", 4, {"data_parallel": "ddp"}, fit=True),
+    ValidationCase("4 zero3", 4, {"data_parallel": "zero3"}),
+    ValidationCase("4 hsdp 2x2", 4, {"data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2}),
+    ValidationCase("4 tp2 x zero3", 4, {"tp": 2, "data_parallel": "zero3"}),
+    ValidationCase("2 pp2 gpipe", 2, {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}),
+    ValidationCase("2 pp2 1f1b", 2, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 4}),
+    ValidationCase("4 pp2 x zero3", 4, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3"}),
+)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the trainer did: most loaded rank's bytes, median step seconds (slowest rank)."""
+
+    state_bytes: int
+    activation_bytes: int
+    step_seconds: float
+    step_times: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    case: ValidationCase
+    work: Workload
+    cluster: Cluster  # with the default calibration; the fitted one is applied by ``predicted_seconds``
+    measured: Measurement
+
+    @property
+    def state_predicted(self) -> float:
+        return device_memory(self.work, self.case.layout).model_state
+
+    @property
+    def activations_predicted(self) -> float:
+        """The most loaded stage's saved tensors: the logits' gradient is part of the planner's
+        peak, not a saved tensor."""
+        layout = self.case.layout
+
+        def saved(stage: str) -> float:
+            holds_logits = stage == "last" or layout.pp == 1
+            return activation_bytes(self.work, layout, stage) - holds_logits * logits_gradient_bytes(self.work, layout)
+
+        return max(saved("first"), saved("last"))
+
+    def predicted_seconds(self, calibration: Calibration) -> float:
+        cluster = replace(self.cluster, calibration=calibration)
+        return step_time(self.work, self.case.layout, cluster).total
+
+    def as_dict(self, calibration: Calibration) -> dict:
+        return {"case": self.case.name, "nproc": self.case.nproc, "layout": self.case.layout.describe(),
+                "precision": self.case.precision, "fitted_on": self.case.fit, **asdict(self.measured),
+                "state_predicted": self.state_predicted, "activations_predicted": self.activations_predicted,
+                "step_seconds_predicted": self.predicted_seconds(calibration)}
+
+
+def _error(predicted: float, measured: float) -> str:
+    return f"{predicted / measured - 1:+.1%}" if measured else "n/a"
+
+
+def _row(result: ValidationResult, seconds: float) -> list[str]:
+    m = result.measured
+    return [result.case.name + (" *" if result.case.fit else ""), result.case.layout.describe(),
+            f"{m.state_bytes / 2**20:.3f}", f"{result.state_predicted / 2**20:.3f}",
+            _error(result.state_predicted, m.state_bytes),
+            f"{m.activation_bytes / 2**20:.2f}", f"{result.activations_predicted / 2**20:.2f}",
+            _error(result.activations_predicted, m.activation_bytes),
+            f"{m.step_seconds * 1e3:.1f}", f"{seconds * 1e3:.1f}", _error(seconds, m.step_seconds)]
+
+
+def validation_report(results: list[ValidationResult], calibration: Calibration, links: dict[int, Link]) -> str:
+    """Measured against predicted per case, how many step times are within 20%, the fitted
+    calibration and the measured links."""
+    predicted = [r.predicted_seconds(calibration) for r in results]
+    within = sum(abs(seconds / r.measured.step_seconds - 1) <= WITHIN for r, seconds in zip(results, predicted, strict=True))
+    header = ("config", "layout", "state MiB", "pred.", "error", "activ MiB", "pred.", "error",
+              "step ms", "pred.", "error")
+    link_text = ", ".join(f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s"
+                          for n, link in links.items() if n > 1)
+    return "\n".join([
+        table([_row(r, seconds) for r, seconds in zip(results, predicted, strict=True)], header, text_columns=2),
+        f"step time within {WITHIN:.0%}: {within} of {len(results)} configurations (* = fitted on)",
+        f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the one-thread matmul peak; host "
+        f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_call_s * 1e3:.2f} ms per FSDP "
+        f"collective call, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass (one core)",
+        f"gloo loopback links (ring all-reduce fit): {link_text}",
+    ])

@@ -1,0 +1,107 @@
+"""Everything one rank trains with, built once from the config: runtime, parallelized model,
+optimizers, data loader, and the state resumed from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import fsspec
+import torch
+
+from clusterlm.config import Config, grad_accum_steps, resolve_model_args
+from clusterlm.data.loader import TokenLoader
+from clusterlm.data.manifest import load_manifest, verify_shards
+from clusterlm.errors import UserError
+from clusterlm.models import Transformer, training_flops_per_token
+from clusterlm.parallel import ParallelModel, parallelize
+from clusterlm.train import checkpoint
+from clusterlm.train.hardware import peak_flops
+from clusterlm.train.optim import adamw_recipe
+from clusterlm.train.runtime import Runtime, setup_runtime
+
+
+@dataclass(frozen=True)
+class TokenizerFile:
+    """The tokenizer the data was prepared with: saved in every checkpoint, checked on resume."""
+
+    sha256: str
+    payload: bytes
+
+
+@dataclass
+class Session:
+    cfg: Config
+    runtime: Runtime
+    model: ParallelModel  # this rank's share: the whole model, a shard, or pipeline stages
+    optimizers: list[torch.optim.Optimizer]  # one per part of the model
+    loader: TokenLoader
+    grad_accum: int
+    flops_per_token: float
+    peak_flops: float | None
+    tokenizer: TokenizerFile
+    step: int = 0
+    tokens: int = 0
+    resumed_from: Path | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.grad_accum * self.cfg.training.micro_batch_size * self.cfg.seq_len * self.runtime.dp_size
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.cfg.training.out_dir) / "checkpoints"
+
+
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
+    """The plain model with the config's seed: the same initial weights on every rank and layout."""
+    torch.manual_seed(cfg.training.seed)
+    return Transformer(resolve_model_args(cfg, vocab_size)).to(device)
+
+
+def build_session(cfg: Config) -> Session:
+    runtime = setup_runtime(cfg)
+    manifest = load_manifest(cfg.data.dir)
+    if cfg.data.verify:
+        verify_shards(cfg.data.dir)
+    plain = build_model(cfg, manifest.vocab_size, runtime.device)
+    model = parallelize(plain, cfg, runtime.mesh)
+    grad_accum = grad_accum_steps(cfg, runtime.dp_size)
+    loader = TokenLoader(
+        cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
+        dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed, device=runtime.device,
+    )
+    with fsspec.open(f"{cfg.data.dir.rstrip('/')}/tokenizer.json", "rb") as f:
+        tokenizer = TokenizerFile(manifest.tokenizer.sha256, f.read())
+    session = Session(
+        cfg, runtime, model, model.build_optimizers(partial(adamw_recipe, cfg=cfg.optim)), loader, grad_accum,
+        training_flops_per_token(plain.args, cfg.seq_len),
+        peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops), tokenizer,
+    )
+    _resume(session)
+    return session
+
+
+def _resume(session: Session) -> None:
+    cfg = session.cfg
+    found = checkpoint.resolve_resume_once(cfg.checkpoint.resume, session.checkpoints)
+    if found is None:
+        return
+    checkpoint.check_compatible(found.state["config"], cfg.to_dict(), found.path)
+    if found.state.get("tokenizer_sha256") != session.tokenizer.sha256:
+        raise UserError(f"checkpoint {found.path} was trained on data with a different tokenizer than {cfg.data.dir}")
+    session.model.load_state_dict(checkpoint.CheckpointReader(found.path), session.optimizers)
+    session.loader.load_state_dict(found.state["loader"])
+    session.step, session.tokens, session.resumed_from = found.state["step"], found.state["tokens"], found.path
+
+
+def save(s: Session) -> Path:
+    state = {
+        "step": s.step, "tokens": s.tokens, "loader": s.loader.state_dict(), "dp_size": s.runtime.dp_size,
+        "config": s.cfg.to_dict(), "tokenizer_sha256": s.tokenizer.sha256,
+    }
+    return checkpoint.save_checkpoint(
+        s.checkpoints, s.step, s.model.state_dict(s.optimizers), state, s.cfg.checkpoint.keep_last,
+        files={"tokenizer.json": s.tokenizer.payload},
+    )
