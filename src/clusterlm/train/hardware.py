@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from clusterlm.errors import UserError
+from clusterlm.files import atomic_write
 
 # Dense bf16 (fp16 where the chip has no bf16) tensor-core peak FLOP/s, from vendor datasheets.
 GPU_PEAK_FLOPS = {
@@ -88,10 +89,7 @@ def cpu_peak_flops(dtype: torch.dtype, remeasure: bool = False) -> float:
         cache = {}
     if key not in cache or remeasure:
         cache[key] = max(cache.get(key, 0.0), measure_cpu_peak(dtype))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(cache, indent=1))
     return float(cache[key])
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.config import MetricsConfig
+from clusterlm.files import atomic_write, atomic_write_with
 
 
 class ProgressDisplay:
@@ -90,9 +91,7 @@ class MetricsSinks:
         return kept
 
     def _rewrite_jsonl(self) -> None:
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        tmp.replace(self.jsonl_path)
+        atomic_write(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -134,8 +133,6 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path
