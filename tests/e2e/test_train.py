@@ -214,7 +214,7 @@ def test_mixed_precision_on_cuda_tracks_fp32(precision, data_dir, tmp_path):
     assert mixed[30] < 0.8 * mixed[1]
     for step in reference:
         assert mixed[step] == pytest.approx(reference[step], rel=3e-2), step
-    from clusterlm.train.hardware import gpu_peak_flops
+    from clusterlm.hardware import gpu_peak_flops
     if gpu_peak_flops(torch.cuda.get_device_name()):
         assert all(r["mfu"] > 0 for r in records(tmp_path / precision, "train"))
 

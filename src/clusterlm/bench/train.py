@@ -25,11 +25,11 @@ from clusterlm.bench.probes import (
 )
 from clusterlm.bench.timer import time_steps
 from clusterlm.config import Config, resolve_model_args
+from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
 from clusterlm.parallel.precision import DTYPES
 from clusterlm.plan.layout import layout_from_config
 from clusterlm.plan.memory import layer_activation_bytes
 from clusterlm.plan.workload import Workload
-from clusterlm.train.hardware import cpu_peak_flops, peak_memory_bytes
 from clusterlm.train.runtime import describe_layout
 from clusterlm.train.session import Session, build_session
 

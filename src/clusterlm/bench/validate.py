@@ -37,6 +37,7 @@ from clusterlm.comm.spawn import run_local
 from clusterlm.config import Config, resolve_model_args
 from clusterlm.data.manifest import load_manifest
 from clusterlm.data.prepare import PrepareOptions, prepare
+from clusterlm.hardware import cpu_peak_flops
 from clusterlm.plan.calibration import Calibration
 from clusterlm.plan.cluster import Cluster, Device, Link
 from clusterlm.plan.validation import (
@@ -47,7 +48,6 @@ from clusterlm.plan.validation import (
     ValidationResult,
 )
 from clusterlm.plan.workload import Workload
-from clusterlm.train.hardware import cpu_peak_flops
 from clusterlm.train.session import build_session
 from clusterlm.train.trainer import train_step
 

@@ -17,8 +17,8 @@ from clusterlm.cli import bench_comm
 from clusterlm.cli.options import parse_job
 from clusterlm.config import Config, apply_overrides, validate
 from clusterlm.errors import UserError
+from clusterlm.hardware import resolve_device
 from clusterlm.launch import launch
-from clusterlm.train.hardware import resolve_device
 from clusterlm.train.runtime import leave_process_group
 
 USAGE = "usage: clusterlm bench train|comm [options]  (clusterlm bench train --help)"

@@ -34,7 +34,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from clusterlm.errors import UserError
+from clusterlm.hardware import cpu_peak_flops
 from clusterlm.plan.calibration import Calibration
 
 if sys.version_info >= (3, 11):
@@ -182,10 +185,6 @@ def probe_cpu_cluster() -> Cluster:
     """This machine as a one-device cluster: peaks from the cached matmul probe (bf16 also stands
     in for fp16), memory from the OS. Links are nominal: shared memory between processes on the
     node, 10 Gb/s Ethernet between nodes. The CPU is the device, so there is no offload host."""
-    import torch
-
-    from clusterlm.train.hardware import cpu_peak_flops
-
     fp32, bf16 = cpu_peak_flops(torch.float32), cpu_peak_flops(torch.bfloat16)
     return Cluster(
         name="cpu",

@@ -8,9 +8,9 @@ from typing import Any
 
 from clusterlm.config import Config, config_from_dict
 from clusterlm.errors import UserError
+from clusterlm.hardware import resolve_device
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.train import checkpoint
-from clusterlm.train.hardware import resolve_device
 from clusterlm.train.runtime import Runtime
 from clusterlm.train.session import build_model
 

@@ -18,8 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from clusterlm.config import Config
 from clusterlm.errors import UserError
+from clusterlm.hardware import resolve_device
 from clusterlm.parallel.mesh import build_mesh, check_layout
-from clusterlm.train.hardware import resolve_device
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -14,10 +14,10 @@ from clusterlm.config import Config, grad_accum_steps, resolve_model_args
 from clusterlm.data.loader import TokenLoader
 from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.errors import UserError
+from clusterlm.hardware import peak_flops
 from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.train import checkpoint
-from clusterlm.train.hardware import peak_flops
 from clusterlm.train.optim import adamw_recipe
 from clusterlm.train.runtime import Runtime, setup_runtime
 
