@@ -68,7 +68,7 @@ def _create_missing_state(optimizer: torch.optim.Optimizer) -> None:
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    for (grad, value), p, in zip(saved, params, strict=True):
+    for (grad, value), p in zip(saved, params, strict=True):
         p.grad = grad
         p.data.copy_(value)  # weight decay at lr 0 changes nothing; copied back to be exact
     for group, lr in zip(optimizer.param_groups, lrs, strict=True):
