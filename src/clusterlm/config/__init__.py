@@ -1,0 +1,37 @@
+"""One typed config tree: dataclass sections, loaded from TOML, overridden by dotted CLI keys.
+
+    clusterlm train --config configs/nano-cpu.toml --training.steps 200 --optim.lr 3e-4
+
+Every field carries its meaning in ``help`` metadata, which ``--help`` prints with the default.
+Unknown keys fail with the closest valid key; impossible values fail in ``validate`` with one line.
+Sections live in ``sections.py``, loading in ``loading.py``, the checks in ``validate.py`` and
+the values derived from config and data in ``derive.py``.
+"""
+
+from clusterlm.config.derive import grad_accum_steps, resolve_model_args
+from clusterlm.config.loading import (
+    all_keys,
+    apply_overrides,
+    build_config,
+    config_from_dict,
+    load_toml,
+)
+from clusterlm.config.sections import (
+    CheckpointConfig,
+    CommConfig,
+    Config,
+    DataConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainingConfig,
+    opt,
+)
+from clusterlm.config.validate import validate
+
+__all__ = [
+    "CheckpointConfig", "CommConfig", "Config", "DataConfig", "MetricsConfig", "ModelConfig",
+    "OptimConfig", "ParallelConfig", "TrainingConfig", "all_keys", "apply_overrides", "build_config",
+    "config_from_dict", "grad_accum_steps", "load_toml", "opt", "resolve_model_args", "validate",
+]

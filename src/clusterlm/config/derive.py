@@ -1,0 +1,41 @@
+"""Values derived from the config and the data: model arguments and gradient accumulation."""
+
+from __future__ import annotations
+
+import math
+
+from clusterlm.config.sections import Config
+from clusterlm.errors import UserError
+from clusterlm.models.gpt import ModelArgs
+
+
+def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
+    """Fill the config's 'derive it' zeros (vocabulary, KV heads, MLP width) and build ModelArgs."""
+    m = cfg.model
+    if m.vocab_size == 0:
+        m.vocab_size = vocab_size
+    elif m.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {vocab_size}; "
+                        "set it to 0 to take the tokenizer's")
+    m.n_kv_head = m.n_kv_head or m.n_head
+    if m.ffn_hidden == 0:
+        if m.flavour == "llama":
+            m.ffn_hidden = m.ffn_multiple_of * math.ceil(8 * m.n_embd / 3 / m.ffn_multiple_of)
+        else:
+            m.ffn_hidden = 4 * m.n_embd
+    return ModelArgs(
+        flavour=m.flavour, vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+        n_head=m.n_head, n_kv_head=m.n_kv_head, n_embd=m.n_embd, ffn_hidden=m.ffn_hidden,
+        dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+    )
+
+
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    per_micro_step = cfg.training.micro_batch_size * cfg.seq_len * dp_size
+    target = cfg.training.tokens_per_step or per_micro_step
+    if target % per_micro_step:
+        raise UserError(
+            f"training.tokens_per_step ({target}) must be a multiple of micro_batch_size x seq_len x "
+            f"data-parallel ranks = {per_micro_step}"
+        )
+    return target // per_micro_step

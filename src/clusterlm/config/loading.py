@@ -1,0 +1,108 @@
+"""Loading a config: TOML files and dotted overrides, each value coerced to its field's type."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+from clusterlm.config.sections import Config
+from clusterlm.config.validate import validate
+from clusterlm.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    """Every dotted key ('training.steps') with its dataclass field."""
+    keys = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            keys[f"{section.name}.{f.name}"] = f
+    return keys
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else "; `clusterlm train --help` lists every key"
+    return UserError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Convert a TOML or command-line value to the field's type, or fail naming the key."""
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = lowered in ("true", "1", "yes")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        else:
+            value = str(value)
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
+        raise UserError(f"{key} must be {expected}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    keys = all_keys()
+    for key, value in values.items():
+        if key not in keys:
+            raise _unknown_key(key)
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, _coerce(key, keys[key], value))
+    return cfg
+
+
+def _flatten_toml(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    flat = {}
+    for section, body in tree.items():
+        if not isinstance(body, dict):
+            raise UserError(f"{source}: top-level key {section!r} must be a [section] table")
+        for name, value in body.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found; presets live in configs/*.toml")
+    try:
+        return _flatten_toml(tomllib.loads(path.read_text()), str(path))
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: invalid TOML ({err})") from None
+
+
+def build_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
+    cfg = Config()
+    if config_path:
+        apply_overrides(cfg, load_toml(config_path))
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a config saved with ``to_dict`` (e.g. inside a checkpoint)."""
+    return apply_overrides(Config(), _flatten_toml(tree, "saved config"))

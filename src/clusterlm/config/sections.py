@@ -1,0 +1,146 @@
+"""The config tree's sections: one dataclass each, every field with its meaning in ``help``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    flavour: str = opt("gpt2", "architecture family", ("gpt2", "llama"))
+    n_layer: int = opt(4, "number of Transformer blocks")
+    n_head: int = opt(4, "attention heads")
+    n_kv_head: int = opt(0, "key/value heads for grouped-query attention (0 = n_head)")
+    n_embd: int = opt(128, "model width")
+    block_size: int = opt(64, "maximum context length (positions the model knows)")
+    vocab_size: int = opt(0, "vocabulary size (0 = take it from the prepared data's tokenizer)")
+    ffn_hidden: int = opt(0, "MLP hidden width (0 = 4*n_embd for gpt2, 8/3*n_embd rounded up for llama)")
+    ffn_multiple_of: int = opt(256, "llama: round the default MLP width up to a multiple of this")
+    dropout: float = opt(0.0, "dropout probability on embeddings, attention and residual outputs")
+    norm_eps: float = opt(1e-5, "epsilon of LayerNorm / RMSNorm")
+    rope_theta: float = opt(10000.0, "llama: base of the rotary position frequencies")
+
+
+@dataclass
+class DataConfig:
+    dir: str = opt("data/shakespeare-char", "prepared data directory or fsspec URL (`clusterlm prepare --out`)")
+    verify: bool = opt(True, "check every shard's sha256 against the manifest before training")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = opt(2000, "optimizer steps to train for")
+    micro_batch_size: int = opt(12, "sequences per forward/backward on each data-parallel rank")
+    seq_len: int = opt(0, "training sequence length (0 = model.block_size)")
+    tokens_per_step: int = opt(0, "global tokens per optimizer step; gradient accumulation makes up the "
+                               "difference (0 = one micro-batch per rank)")
+    seed: int = opt(1337, "seed of initialization, data order and dropout")
+    precision: str = opt("fp32", "compute precision (fp16 needs CUDA; master weights stay fp32)",
+                         ("fp32", "bf16", "fp16"))
+    compile: bool = opt(False, "torch.compile: forward and loss as one graph in a single process, each block "
+                        "separately when the model is split or sharded across processes")
+    attention: str = opt("auto", "attention kernel: auto (torch picks), flash, efficient, cudnn, or math (matmuls "
+                         "and softmax; compiled on a CPU, faster than the CPU flash kernel at small head sizes)",
+                         ("auto", "flash", "efficient", "cudnn", "math"))
+    activation_checkpointing: str = opt("none", "recompute activations in backward: full (each block from its "
+                                        "input) or selective (keep matmul and attention outputs, recompute "
+                                        "the rest)", ("none", "selective", "full"))
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_interval: int = opt(250, "evaluate every N steps (0 = only at the end)")
+    eval_batches: int = opt(20, "validation batches per evaluation")
+    log_interval: int = opt(10, "write metrics every N steps")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
+    threads: int = opt(0, "CPU threads for intra-op parallelism (0 = torch's default)")
+    out_dir: str = opt("runs/default", "where checkpoints, metrics and plots go")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr: float = opt(1e-4, "learning rate at the end of the decay")
+    warmup_steps: int = opt(100, "linear warm-up steps from 0 to lr")
+    decay: str = opt("cosine", "shape of the decay from lr to min_lr after warm-up",
+                     ("cosine", "linear", "constant"))
+    decay_steps: int = opt(0, "step at which the decay reaches min_lr (0 = training.steps)")
+    weight_decay: float = opt(0.1, "decoupled weight decay on matrices (not norms, biases, embeddings)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    fused: bool = opt(True, "fused AdamW kernel: one pass over all parameters instead of one per tensor")
+
+
+@dataclass
+class ParallelConfig:
+    data_parallel: str = opt("ddp", "data-parallel strategy: ddp (replicate, all-reduce gradients), zero1 "
+                             "(+ shard optimizer state), zero2 (+ gradients), zero3 (+ parameters), hsdp "
+                             "(zero3 inside a group, replicated across groups)",
+                             ("ddp", "zero1", "zero2", "zero3", "hsdp"))
+    dp_replicate: int = opt(0, "data-parallel replicas (0 = derive from the world size and strategy)")
+    dp_shard: int = opt(0, "data-parallel sharding degree (0 = derive from the world size and strategy)")
+    tp: int = opt(1, "tensor-parallel degree: attention heads and MLP columns split across this many ranks")
+    sequence_parallel: bool = opt(False, "with tp > 1: split norms, dropout and the residual stream along the "
+                                  "sequence too (activation memory / tp)")
+    pp: int = opt(1, "pipeline-parallel degree: the layers cut into stages on this many ranks")
+    pp_schedule: str = opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs",
+                                                         "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"))
+    pp_microbatches: int = opt(0, "micro-batches a pipeline step splits the batch into (0 = 2 x pp)")
+    pp_stages_per_rank: int = opt(0, "stages each pipeline rank holds (0 = what the schedule needs: 1, or 2 "
+                                  "for interleaved and V schedules)")
+    cpu_offload: bool = opt(False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
+    bucket_mb: float = opt(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs)")
+    timeout_s: float = opt(600.0, "seconds a collective may wait before the job fails as hung")
+
+
+@dataclass
+class CommConfig:
+    allreduce: str = opt("native", "ddp/zero1 gradient all-reduce algorithm (native = the backend's own)",
+                         ("native", "ring", "tree", "halving_doubling", "hierarchical", "mesh2d", "parameter_server"))
+    compression: str = opt("none", "ddp/zero1 gradient compression", ("none", "fp16", "bf16", "powersgd", "topk"))
+    powersgd_rank: int = opt(1, "rank of the PowerSGD low-rank approximation")
+    topk_ratio: float = opt(0.01, "fraction of gradient entries top-k sparsification sends")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = opt(500, "save every N steps (0 = only at the end)")
+    keep_last: int = opt(2, "complete checkpoints to keep; older ones are deleted")
+    resume: str = opt("none", "none, auto (newest complete checkpoint in out_dir), or a checkpoint path")
+
+
+@dataclass
+class MetricsConfig:
+    progress: str = opt("auto", "progress display: bar, lines, none, or auto (bar on a terminal)",
+                        ("auto", "bar", "lines", "none"))
+    jsonl: bool = opt(True, "write metrics.jsonl in out_dir")
+    tensorboard: bool = opt(True, "write TensorBoard event files in out_dir/tensorboard")
+    plot: bool = opt(True, "write loss.png (train and val loss against tokens) at the end")
+    peak_flops: float = opt(0.0, "device peak FLOP/s for MFU (0 = GPU table, or a measured CPU probe)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def seq_len(self) -> int:
+        return self.training.seq_len or self.model.block_size

@@ -1,0 +1,98 @@
+"""Impossible values fail at start with one line naming the key.
+
+Each area of the config has its own check; ``validate`` runs them all in order. A new feature
+adds its check to ``CHECKS`` rather than growing one long function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from clusterlm.config.sections import Config
+from clusterlm.errors import UserError
+
+
+def _signs(cfg: Config) -> None:
+    m, t, o, c, p = cfg.model, cfg.training, cfg.optim, cfg.checkpoint, cfg.parallel
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+        "model.block_size": m.block_size, "training.steps": t.steps,
+        "training.micro_batch_size": t.micro_batch_size, "training.eval_batches": t.eval_batches,
+        "training.log_interval": t.log_interval, "optim.lr": o.lr, "checkpoint.keep_last": c.keep_last,
+        "model.ffn_multiple_of": m.ffn_multiple_of, "model.norm_eps": m.norm_eps,
+        "parallel.bucket_mb": p.bucket_mb, "parallel.timeout_s": p.timeout_s,
+        "parallel.tp": p.tp, "parallel.pp": p.pp,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "model.n_kv_head": m.n_kv_head, "model.vocab_size": m.vocab_size, "model.ffn_hidden": m.ffn_hidden,
+        "training.seq_len": t.seq_len, "training.tokens_per_step": t.tokens_per_step,
+        "training.grad_clip": t.grad_clip, "training.eval_interval": t.eval_interval,
+        "training.threads": t.threads, "optim.min_lr": o.min_lr, "optim.warmup_steps": o.warmup_steps,
+        "optim.decay_steps": o.decay_steps, "optim.weight_decay": o.weight_decay,
+        "checkpoint.interval": c.interval, "metrics.peak_flops": cfg.metrics.peak_flops,
+        "parallel.dp_replicate": p.dp_replicate, "parallel.dp_shard": p.dp_shard,
+        "parallel.pp_microbatches": p.pp_microbatches, "parallel.pp_stages_per_rank": p.pp_stages_per_rank,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"{key} must be >= 0, got {value}")
+
+
+def _model(cfg: Config) -> None:
+    m = cfg.model
+    if m.n_embd % m.n_head:
+        raise UserError(f"model.n_head ({m.n_head}) must divide model.n_embd ({m.n_embd})")
+    if m.n_kv_head and m.n_head % m.n_kv_head:
+        raise UserError(f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
+    if m.n_kv_head and m.n_kv_head != m.n_head and m.flavour != "llama":
+        raise UserError("model.n_kv_head != n_head (grouped-query attention) needs model.flavour = llama")
+    if (m.n_embd // m.n_head) % 2 and m.flavour == "llama":
+        raise UserError(f"llama needs an even head size for rotary positions; n_embd/n_head = {m.n_embd // m.n_head}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if cfg.seq_len > m.block_size:
+        raise UserError(f"training.seq_len ({cfg.training.seq_len}) exceeds the model's context "
+                        f"model.block_size ({m.block_size})")
+
+
+def _optim(cfg: Config) -> None:
+    o = cfg.optim
+    if o.min_lr > o.lr:
+        raise UserError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise UserError(f"{key} must be in [0, 1), got {beta}")
+
+
+def _parallel(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.sequence_parallel and p.tp == 1:
+        raise UserError("parallel.sequence_parallel needs parallel.tp > 1")
+    if p.cpu_offload and p.data_parallel not in ("zero3", "hsdp"):
+        raise UserError("parallel.cpu_offload needs parallel.data_parallel = zero3 or hsdp")
+
+
+def _comm(cfg: Config) -> None:
+    custom_comm = cfg.comm.allreduce != "native" or cfg.comm.compression != "none"
+    if custom_comm and cfg.parallel.data_parallel not in ("ddp", "zero1"):
+        raise UserError("comm.allreduce / comm.compression apply to parallel.data_parallel = ddp or zero1 "
+                        "(FSDP reduces through reduce-scatter)")
+    if cfg.comm.powersgd_rank < 1 or not 0 < cfg.comm.topk_ratio <= 1:
+        raise UserError("comm.powersgd_rank must be >= 1 and comm.topk_ratio in (0, 1]")
+
+
+def _checkpoint(cfg: Config) -> None:
+    if cfg.checkpoint.resume not in ("none", "auto") and not cfg.checkpoint.resume:
+        raise UserError("checkpoint.resume must be none, auto or a checkpoint path")
+
+
+CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint)
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values fail here, at start, with one line naming the key."""
+    for check in CHECKS:
+        check(cfg)
