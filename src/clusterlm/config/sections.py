@@ -59,6 +59,8 @@ class TrainingConfig:
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
     threads: int = opt(0, "CPU threads for intra-op parallelism (0 = torch's default)")
     out_dir: str = opt("runs/default", "where checkpoints, metrics and plots go")
+    slow_ranks: str = opt("", "make ranks slower for experiments: RANK:FACTOR[,...], e.g. '1:3' (rank 1 takes 3x "
+                          "its compute time)")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from clusterlm.config.sections import Config
 from clusterlm.errors import UserError
+from clusterlm.slowdown import parse_slow_ranks
 
 
 def _signs(cfg: Config) -> None:
@@ -84,12 +85,16 @@ def _comm(cfg: Config) -> None:
         raise UserError("comm.powersgd_rank must be >= 1 and comm.topk_ratio in (0, 1]")
 
 
+def _experiments(cfg: Config) -> None:
+    parse_slow_ranks(cfg.training.slow_ranks)
+
+
 def _checkpoint(cfg: Config) -> None:
     if cfg.checkpoint.resume not in ("none", "auto") and not cfg.checkpoint.resume:
         raise UserError("checkpoint.resume must be none, auto or a checkpoint path")
 
 
-CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint)
+CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments)
 
 
 def validate(cfg: Config) -> None:

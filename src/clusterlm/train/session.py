@@ -17,6 +17,7 @@ from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
 from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.parallel import ParallelModel, parallelize
+from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
 from clusterlm.train.optim import adamw_recipe
 from clusterlm.train.runtime import Runtime, setup_runtime
@@ -44,6 +45,7 @@ class Session:
     step: int = 0
     tokens: int = 0
     resumed_from: Path | None = None
+    slowdown: float = 1.0  # this rank's factor from training.slow_ranks (experiments)
 
     @property
     def tokens_per_step(self) -> int:
@@ -79,6 +81,7 @@ def build_session(cfg: Config) -> Session:
         training_flops_per_token(plain.args, cfg.seq_len),
         peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops), tokenizer,
     )
+    session.slowdown = rank_factor(cfg.training.slow_ranks, runtime.rank, runtime.world_size)
     _resume(session)
     return session
 

@@ -18,6 +18,7 @@ from clusterlm.config import Config, resolve_model_args
 from clusterlm.errors import UserError
 from clusterlm.models import param_count
 from clusterlm.models.gpt import attention_kernel
+from clusterlm.slowdown import slowed
 from clusterlm.train.evaluate import eval_windows, evaluate_loss
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.optim import lr_at
@@ -33,8 +34,9 @@ def train_step(s: Session) -> torch.Tensor:
     for optimizer in s.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr
-    with attention_kernel(s.cfg.training.attention):
-        loss = s.model.forward_backward(s.loader.next_step())
+    micro_batches = s.loader.next_step()
+    with attention_kernel(s.cfg.training.attention), slowed(s.slowdown):
+        loss = s.model.forward_backward(micro_batches)
     precision = s.model.precision
     for optimizer in s.optimizers:
         precision.unscale(optimizer)

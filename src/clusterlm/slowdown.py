@@ -1,0 +1,49 @@
+"""Uneven nodes on demand: chosen ranks made slower by a factor, for experiments and tests.
+
+``training.slow_ranks = "1:3"`` makes rank 1 take three times as long for its share of every
+step: after the timed work (forward and backward of its micro-batches) it sleeps twice what the
+work took. The sleep scales with the work, so a rank given fewer micro-batches (load balancing)
+or a worker that computes fewer gradients (asynchronous training) is slowed in proportion, as a
+slower machine would be. The numerics are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from clusterlm.errors import UserError
+
+
+def parse_slow_ranks(text: str) -> dict[int, float]:
+    """'1:3,2:1.5' -> {1: 3.0, 2: 1.5}; '' -> {}."""
+    factors: dict[int, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        rank, sep, factor = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            factors[int(rank)] = float(factor)
+        except ValueError:
+            raise UserError(f"training.slow_ranks takes RANK:FACTOR[,RANK:FACTOR...], e.g. '1:3'; got {text!r}") from None
+        if factors[int(rank)] < 1 or int(rank) < 0:
+            raise UserError(f"training.slow_ranks: ranks are >= 0 and factors >= 1, got {item!r}")
+    return factors
+
+
+@contextlib.contextmanager
+def slowed(factor: float) -> Iterator[None]:
+    """Run the block, then sleep ``factor - 1`` times what it took."""
+    start = time.perf_counter()
+    yield
+    if factor > 1:
+        time.sleep((factor - 1) * (time.perf_counter() - start))
+
+
+def rank_factor(slow_ranks: str, rank: int, world_size: int) -> float:
+    factors = parse_slow_ranks(slow_ranks)
+    beyond = [r for r in factors if r >= world_size]
+    if beyond:
+        raise UserError(f"training.slow_ranks names rank {beyond[0]}, but the job has {world_size} ranks")
+    return factors.get(rank, 1.0)

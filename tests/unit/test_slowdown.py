@@ -1,0 +1,27 @@
+import time
+
+import pytest
+
+from clusterlm.errors import UserError
+from clusterlm.slowdown import parse_slow_ranks, rank_factor, slowed
+
+
+def test_parse_slow_ranks():
+    assert parse_slow_ranks("") == {}
+    assert parse_slow_ranks("1:3, 2:1.5") == {1: 3.0, 2: 1.5}
+    for bad in ("1", "a:2", "1:0.5", "-1:2"):
+        with pytest.raises(UserError, match="slow_ranks"):
+            parse_slow_ranks(bad)
+
+
+def test_rank_factor_names_a_rank_outside_the_job():
+    assert rank_factor("1:3", 1, 2) == 3.0 and rank_factor("1:3", 0, 2) == 1.0
+    with pytest.raises(UserError, match="rank 4, but the job has 2 ranks"):
+        rank_factor("4:2", 0, 2)
+
+
+def test_slowed_sleeps_in_proportion_to_the_work():
+    start = time.perf_counter()
+    with slowed(3.0):
+        time.sleep(0.05)
+    assert time.perf_counter() - start >= 0.15 - 0.01
