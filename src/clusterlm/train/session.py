@@ -16,6 +16,7 @@ from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
 from clusterlm.models import Transformer, training_flops_per_token
+from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
@@ -56,10 +57,12 @@ class Session:
         return Path(self.cfg.training.out_dir) / "checkpoints"
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
-    """The plain model with the config's seed: the same initial weights on every rank and layout."""
-    torch.manual_seed(cfg.training.seed)
-    return Transformer(resolve_model_args(cfg, vocab_size)).to(device)
+def build_model(cfg: Config, vocab_size: int) -> tuple[Transformer, ParamSource]:
+    """The plain model on the meta device, and where its initial values come from: drawn per
+    (seed, parameter name), so every rank and layout starts from the same weights."""
+    with torch.device("meta"):
+        model = Transformer(resolve_model_args(cfg, vocab_size))
+    return model, seeded_source(model.init_rule, cfg.training.seed)
 
 
 def build_session(cfg: Config) -> Session:
@@ -67,8 +70,8 @@ def build_session(cfg: Config) -> Session:
     manifest = load_manifest(cfg.data.dir)
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
-    plain = build_model(cfg, manifest.vocab_size, runtime.device)
-    model = parallelize(plain, cfg, runtime.mesh)
+    plain, source = build_model(cfg, manifest.vocab_size)
+    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source)
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader = TokenLoader(
         cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
