@@ -15,17 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
+from private_slurm import DAEMONS, PrivateSlurm, require_real_system
 
 from clusterlm.cli import main as cli
 
-from private_slurm import DAEMONS, PrivateSlurm, require_real_system
-
-STEPS, INTERVAL = 40, 10
+STEPS, INTERVAL = 40, 5
 COMMON = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
           "--training.steps", str(STEPS), "--training.eval_batches", "2", "--training.eval_interval", "0",
           "--training.log_interval", "1", "--optim.warmup_steps", "3", "--optim.lr", "3e-3",
           "--metrics.progress", "lines", "--metrics.tensorboard", "false", "--metrics.plot", "false",
-          "--metrics.peak_flops", "1e12"]
+          "--metrics.peak_flops", "1e12", "--training.threads", "1"]
 TWO_RANKS = [*COMMON, "--training.micro_batch_size", "2", "--parallel.data_parallel", "ddp"]
 
 
@@ -70,12 +69,12 @@ def slurm(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_for(condition, what: str, slurm: PrivateSlurm, timeout: float = 120) -> None:
+def wait_for(condition, what: str, slurm: PrivateSlurm, timeout: float = 240, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}\n{slurm.logs()}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def job_field(slurm: PrivateSlurm, job_id: str, name: str) -> str:
@@ -89,16 +88,16 @@ def test_slurm_job_is_requeued_before_its_time_limit_and_resumes_with_the_same_l
     out = tmp_path / "run"
     assert cli(["submit", "--scheduler", "slurm", "--nodes", "1", "--procs-per-node", "2", "--time", "10", "--",
                 "--data.dir", str(data_dir), "--training.out_dir", str(out), *TWO_RANKS,
-                "--checkpoint.interval", str(INTERVAL), "--training.slow_ranks", "0:3"]) == 0
+                "--checkpoint.interval", str(INTERVAL), "--training.slow_ranks", "0:6"]) == 0  # time to signal it mid-run
     job_id = capsys.readouterr().out.strip()
     log = out / f"slurm-{job_id}.out"
     first = out / "checkpoints" / f"step_{INTERVAL:08d}" / "complete.json"
-    wait_for(first.exists, "the first checkpoint", slurm)
+    wait_for(first.exists, "the first checkpoint", slurm, poll=0.05)
     # What Slurm does --grace seconds before the time limit (--signal=B:USR1@GRACE), sent now.
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
     wait_for(lambda: job_field(slurm, job_id, "JobState") == "COMPLETED", "the requeued job to complete", slurm)
     text = log.read_text()
-    assert job_field(slurm, job_id, "Restarts") == "1", text[-3000:]
+    assert job_field(slurm, job_id, "Restarts") == "1", "finished before USR1 came?\n" + text[-3000:]
     assert "USR1" in text and "resumed from" in text, text[-3000:]
     resumed_at = int(re.search(r"resumed from \S+step_(\d+) at step", text).group(1))
     assert INTERVAL <= resumed_at < STEPS

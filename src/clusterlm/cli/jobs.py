@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
     rows = [("JOB", "STATE", "STEP", "LOSS", "ETA", "RUN")] + [_row(job) for job in jobs]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)) + "  " + row[5])
     return 0
 
 

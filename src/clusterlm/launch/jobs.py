@@ -55,7 +55,7 @@ def _rows(process: subprocess.Popen, required: bool) -> dict[str, tuple[str, str
         process.kill()
         process.communicate()
         if required:
-            raise no_answer(process.args[0])
+            raise no_answer(process.args[0]) from None
         return {}
     if process.returncode != 0:
         if required:

@@ -85,7 +85,7 @@ def time_limit_s(text: str) -> int:
         units = [3600, 60, 1][: len(parts)]
     else:
         units = {1: [60], 2: [60, 1], 3: [3600, 60, 1]}[len(parts)]
-    return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units))
+    return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units, strict=True))
 
 
 def batch_script(job: SlurmJob) -> str:
