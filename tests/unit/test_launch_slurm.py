@@ -4,8 +4,6 @@ commands (the real Slurm runs it in tests/e2e/test_slurm_mpirun.py): quoting, op
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -57,14 +55,15 @@ def test_every_user_value_reaches_the_trainer_verbatim_and_inert(fake_slurm, tmp
 
 
 def test_directives_signal_and_requeue():
-    script = batch_script(job(time="1-02:00:00", partition="gpu-a100", grace_s=300))
+    script = batch_script(job(time="1-02:00:00", partition="gpu-a100", grace_s=300, gpus_per_node=4))
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=4",
                  "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --time=1-02:00:00",
-                 "#SBATCH --partition=gpu-a100", "trap checkpoint_and_requeue USR1", 'scontrol requeue "$SLURM_JOB_ID"',
+                 "#SBATCH --partition=gpu-a100", "#SBATCH --gpus-per-node=4", '--cpus-per-task="$SLURM_CPUS_PER_TASK"',
+                 "trap checkpoint_and_requeue USR1", 'scontrol requeue "$SLURM_JOB_ID"',
                  "--nproc-per-node=4", "--shutdown-timeout=290", "SIGUSR1"):
         assert line in script
     assert script.startswith("#!/bin/bash\n")
-    assert "--partition" not in batch_script(job()) and "--time" not in batch_script(job())
+    assert not any(f"--{name}" in batch_script(job()) for name in ("partition", "time", "gpus-per-node"))
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -74,6 +73,7 @@ def test_directives_signal_and_requeue():
     (dict(partition="gpu; rm -rf /"), "--partition takes a partition name"),
     (dict(time="1", grace_s=120), "not longer than --grace 120 s"),
     (dict(grace_s=5), "--grace must be 15 to 65535 seconds"),
+    (dict(gpus_per_node=-1), "--gpus-per-node must be a whole number of at least 0, got -1"),
     (dict(run_dir="/runs/100%"), "contains '%'"),
 ])
 def test_bad_job_settings_are_one_clear_line(changes, message):
@@ -156,7 +156,3 @@ def test_cancel_refuses_jobs_that_are_not_the_users_clusterlm_jobs(fake_slurm, t
     assert cli(["cancel", "12"]) == 2  # the fake squeue lists nothing
     assert "not one of your clusterlm jobs" in capsys.readouterr().err
     assert [c[0] for c in calls(tmp_path)] == ["squeue"]
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))

@@ -25,6 +25,7 @@ def build_parser() -> Parser:
     parser.add_argument("--scheduler", choices=["slurm"], required=True, help="the cluster's scheduler")
     parser.add_argument("--nodes", type=int, required=True, help="nodes to run on")
     parser.add_argument("--procs-per-node", type=int, required=True, help="training processes per node (GPUs per node)")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request on each node (default none)")
     parser.add_argument("--time", default="", help="time limit (Slurm: MINUTES, H:MM:SS, D-H:MM:SS); default the partition's")
     parser.add_argument("--partition", default="", help="partition (queue); default the cluster's")
     parser.add_argument("--grace", type=int, default=120,
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
         return 0
     cfg = job_args.cfg
     job = SlurmJob(args.nodes, args.procs_per_node, train_argv, os.path.abspath(cfg.training.out_dir),
-                   cfg.training.steps, args.time, args.partition, args.grace)
+                   cfg.training.steps, args.time, args.partition, args.grace, args.gpus_per_node)
     check_layout(cfg, args.nodes * args.procs_per_node)
     if args.dry_run:
         print(batch_script(job), end="")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ def user_jobs(user: str | None = None) -> list[JobStatus]:
     queued = _rows(squeue, required=True)
     finished = _rows(sacct, required=False) if sacct else {}  # no accounting: only what squeue still holds
     jobs = [_status(job_id, *fields) for job_id, fields in {**finished, **queued}.items()]
-    return sorted(jobs, key=lambda job: [int(part) for part in job.job_id.replace("_", ".").split(".")])
+    return sorted(jobs, key=lambda job: [int(part) for part in re.findall(r"\d+", job.job_id)])
 
 
 def _start(argv: list[str]) -> subprocess.Popen:

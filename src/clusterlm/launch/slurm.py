@@ -48,12 +48,15 @@ class SlurmJob:
     time: str = ""  # Slurm's time limit; "" = the partition's
     partition: str = ""  # "" = the cluster's default
     grace_s: int = 120  # USR1 comes this long before the time limit
+    gpus_per_node: int = 0
     python: str = field(default=sys.executable)
 
     def __post_init__(self) -> None:
         for name, value in (("--nodes", self.nodes), ("--procs-per-node", self.procs_per_node)):
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
+            raise UserError(f"--gpus-per-node must be a whole number of at least 0, got {self.gpus_per_node!r}")
         if self.time and not TIME_PATTERN.fullmatch(self.time):
             raise UserError(f"--time takes Slurm's MINUTES, H:MM:SS, D-H or D-H:MM:SS, got {self.time!r}")
         if self.partition and not PARTITION_PATTERN.fullmatch(self.partition):
@@ -94,6 +97,7 @@ def batch_script(job: SlurmJob) -> str:
     directives = [f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={job.procs_per_node}",
                   f"--signal=B:USR1@{job.grace_s}", "--requeue", "--open-mode=append"]
     directives += [f"--time={job.time}"] * bool(job.time) + [f"--partition={job.partition}"] * bool(job.partition)
+    directives += [f"--gpus-per-node={job.gpus_per_node}"] * bool(job.gpus_per_node)
     torchrun = [
         shlex.quote(job.python), "-m", "torch.distributed.run", '--nnodes="$SLURM_JOB_NUM_NODES"',
         f"--nproc-per-node={job.procs_per_node}", "--rdzv-backend=c10d", '--rdzv-endpoint="$head_node:$port"',
@@ -123,7 +127,8 @@ def batch_script(job: SlurmJob) -> str:
         "# TERM (cancelled, preempted): Slurm signals the ranks itself; let them finish saving.",
         """trap 'echo "clusterlm: TERM: waiting for the ranks to stop" >&2' TERM""",
         "",
-        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
+        # srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 and later): every CPU to the node's torchrun.
+        'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
         "    " + " ".join(torchrun) + " &",
         "ranks=$!",
         'wait "$ranks"; status=$?',
