@@ -9,6 +9,7 @@ packages they skip with the reason, and with CI=true they fail instead.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
+SLURM_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
 
 
 def require_real_system(what: str, commands: tuple[str, ...]) -> None:
@@ -79,6 +80,8 @@ class PrivateSlurm:
         host, root = socket.gethostname(), self.root
         return f"""\
 ClusterName=clusterlmtest
+# Jobs derive their rendezvous port from the id: a random first id keeps two such clusters apart.
+FirstJobId={random.randint(1000, 999_999)}
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}

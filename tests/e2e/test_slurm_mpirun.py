@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from private_slurm import DAEMONS, PrivateSlurm, require_real_system
+from private_slurm import SLURM_COMMANDS, PrivateSlurm, require_real_system
 
 from clusterlm.cli import main as cli
 
@@ -58,7 +58,7 @@ def assert_same_losses(candidate: dict[int, float], reference: dict[int, float])
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    require_real_system("Slurm (slurm-wlm, munge)", DAEMONS)
+    require_real_system("Slurm (slurm-wlm, munge)", SLURM_COMMANDS)
     root = Path(tmp_path_factory.mktemp("slurm"))
     cluster = PrivateSlurm(root)
     try:
@@ -129,8 +129,12 @@ def test_slurm_bad_partition_and_cancel(slurm, data_dir, tmp_path, monkeypatch, 
     assert "not one of your clusterlm jobs" in capsys.readouterr().err
 
 
-def test_mpirun_ranks_train_like_one_process(data_dir, reference, tmp_path):
+@pytest.fixture(scope="module")
+def openmpi() -> None:
     require_real_system("OpenMPI (openmpi-bin)", ("mpirun",))
+
+
+def test_mpirun_ranks_train_like_one_process(openmpi, data_dir, reference, tmp_path):
     out = tmp_path / "run"
     command = ["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", "-x", "OMP_NUM_THREADS=1",
                sys.executable, "-m", "clusterlm", "train", "--data.dir", str(data_dir), "--training.out_dir", str(out),
