@@ -32,7 +32,7 @@ TIME_PATTERN = re.compile(r"(\d+-)?\d+(:\d+){0,2}")  # Slurm's MM, MM:SS, H:MM:S
 PARTITION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 JOB_ID_PATTERN = re.compile(r"\d+(_\d+)?")
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun passes these on to its workers
-TIMEOUT_S = 10  # for sbatch, scontrol and scancel; a live controller answers in well under a second
+TIMEOUT_S = 10  # for Slurm's client commands; a live controller answers in well under a second
 
 
 @dataclass(frozen=True)
