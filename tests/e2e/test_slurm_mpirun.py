@@ -77,6 +77,15 @@ def wait_for(condition, what: str, slurm: PrivateSlurm, timeout: float = 240, po
         time.sleep(poll)
 
 
+def wait_until_ended(slurm: PrivateSlurm, job_id: str, log: Path) -> str:
+    """The job's final state; a requeued job passes through PENDING and RUNNING again."""
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+    wait_for(lambda: job_field(slurm, job_id, "JobState") in ended, f"job {job_id} to end", slurm)
+    state = job_field(slurm, job_id, "JobState")
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{log.read_text()[-3000:] if log.exists() else ''}"
+    return state
+
+
 def job_field(slurm: PrivateSlurm, job_id: str, name: str) -> str:
     match = re.search(rf"\b{name}=(\S+)", slurm.run("scontrol", "show", "job", job_id).stdout)
     return match.group(1) if match else ""
@@ -92,10 +101,13 @@ def test_slurm_job_is_requeued_before_its_time_limit_and_resumes_with_the_same_l
     job_id = capsys.readouterr().out.strip()
     log = out / f"slurm-{job_id}.out"
     first = out / "checkpoints" / f"step_{INTERVAL:08d}" / "complete.json"
-    wait_for(first.exists, "the first checkpoint", slurm, poll=0.05)
+    started = time.monotonic()
+    wait_for(lambda: first.exists() or (time.monotonic() - started > 5 and log.exists() and "Traceback" in log.read_text()),
+             "the first checkpoint", slurm, poll=0.05)
+    assert first.exists(), log.read_text()[-3000:]
     # What Slurm does --grace seconds before the time limit (--signal=B:USR1@GRACE), sent now.
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    wait_for(lambda: job_field(slurm, job_id, "JobState") == "COMPLETED", "the requeued job to complete", slurm)
+    wait_until_ended(slurm, job_id, log)
     text = log.read_text()
     assert job_field(slurm, job_id, "Restarts") == "1", "finished before USR1 came?\n" + text[-3000:]
     assert "USR1" in text and "resumed from" in text, text[-3000:]
