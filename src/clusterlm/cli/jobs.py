@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clusterlm.cli.options import Parser
+from clusterlm.cli.parser import Parser
 from clusterlm.launch.jobs import JobStatus, user_jobs
 
 
