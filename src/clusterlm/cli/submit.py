@@ -21,7 +21,9 @@ from clusterlm.parallel.mesh import check_layout
 
 def build_parser() -> Parser:
     parser = Parser(prog="clusterlm submit", description="Submit a training job to a scheduler; prints the job id.",
-                    usage="clusterlm submit --scheduler slurm --nodes N --procs-per-node P [options] -- <train options>")
+                    usage="clusterlm submit --scheduler slurm --nodes N --procs-per-node P [options] -- <train options>",
+                    epilog="Everything after -- is `clusterlm train`'s options (see `clusterlm train --help`). The job "
+                           "trains with --resume auto, so when requeued it continues from its newest checkpoint.")
     parser.add_argument("--scheduler", choices=["slurm"], required=True, help="the cluster's scheduler")
     parser.add_argument("--nodes", type=int, required=True, help="nodes to run on")
     parser.add_argument("--procs-per-node", type=int, required=True, help="training processes per node (GPUs per node)")
