@@ -32,13 +32,17 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _delete(name: str) -> None:
-    pids = _ip("netns", "pids", name, check=False).stdout.split()
-    for pid in pids:  # only processes started inside this fixture's own namespaces
+def _kill_inside(name: str) -> None:
+    """Every process in namespace ``name``: only processes this fixture's test started there."""
+    for pid in _ip("netns", "pids", name, check=False).stdout.split():
         try:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _delete(name: str) -> None:
+    _kill_inside(name)
     _ip("netns", "del", name, check=False)
 
 
@@ -106,6 +110,12 @@ class NetworkNamespaces:
         env = {**env, "GLOO_SOCKET_IFNAME": "eth0"}
         return subprocess.Popen(["ip", "netns", "exec", self.name(node), *command], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def kill_node(self, node: int, launcher: subprocess.Popen, wait_s: float = 30) -> None:
+        """A node lost: its launcher's process group, then whatever else runs in its namespace
+        (torchrun starts workers in sessions of their own)."""
+        kill_group(launcher, wait_s=wait_s)
+        _kill_inside(self.name(node))
 
     def close(self) -> None:
         for name in reversed(self.created):
