@@ -18,8 +18,9 @@ from .netns import NetworkNamespaces
 from .training import BASE, MICRO
 
 # Rendezvous timeouts for tests: a lost node is noticed within ~3 s (missed keep-alives), a
-# group forms 3 s after its smallest size has joined.
-RDZV_CONF = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=120,read_timeout=20"
+# group forms 3 s after its smallest size has joined, and a node that cannot complete a
+# rendezvous (cut off from it) gives up after 40 s.
+RDZV_CONF = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=40,read_timeout=20"
 
 
 def train_arguments(data_dir: Path, out_dir: Path, **overrides) -> list[str]:

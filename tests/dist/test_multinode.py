@@ -83,3 +83,30 @@ def test_elastic_group_shrinks_when_a_node_is_lost_and_grows_back_with_exact_sam
     print(f"elastic 4 -> 2 -> 4: {steps} steps x {global_batch} samples accounted exactly "
           f"({sizes.count(4)} steps on 4 processes, {sizes.count(2)} on 2), {recomputed} steps recomputed; "
           f"re-formed on 2 after {shrink:.1f} s, on 4 after {grow:.1f} s; total {cluster.seconds():.1f} s")
+
+
+@pytest.mark.timeout(300)
+def test_network_partition_is_detected_and_the_reachable_node_continues_alone(net, data_dir, tmp_path):
+    """Node 1's link goes down mid-run. Node 0's workers fail their collective after
+    parallel.timeout_s (gloo: "Timed out waiting ... ms"), node 0's agent re-forms the group alone
+    once node 1 misses its rendezvous keep-alives, and training continues from the newest
+    checkpoint. (Node 1, cut off from the rendezvous store, does not end on its own under torch
+    2.13's agent; the test stops it.)"""
+    out, timeout_s = tmp_path / "run", 8
+    cluster = Cluster(net, tmp_path / "logs", "1:2", NPROC, [
+        *train_arguments(data_dir, out, training__steps=10_000, checkpoint__interval=2, metrics__sample_log=True,
+                         training__tokens_per_step=2 * NPROC * MICRO * SEQ, training__slow_ranks="0:20",
+                         training__eval_interval=0, parallel__timeout_s=timeout_s),
+        "--max-restarts", "3", "--resume", "auto"])
+    cluster.start(0), cluster.start(1)
+    wait_for(lambda: _progress(out, 4) >= 4, 150, "steps on 4 processes", cluster)
+    net.set_link(1, up=False)
+    detected = wait_for(lambda: "Timed out waiting" in cluster.output(0), 60, "collective timeout", cluster)
+    recovered = wait_for(lambda: _progress(out, 2) >= 1, 120, "group of 2 processes after the partition", cluster)
+    wait_for(lambda: _newest_checkpoint(out) >= _progress(out, 4) + 2, 120, "checkpoint after the partition", cluster)
+    node1_ended = cluster.launchers[1].poll() is not None
+    cluster.kill(1), cluster.kill(0)
+    history, _ = committed_steps(out / "samples", _newest_checkpoint(out))
+    assert [size for _, size, _ in history][-1] == 2
+    print(f"partition: detected {detected:.1f} s after the cut (parallel.timeout_s = {timeout_s}), node 0 "
+          f"training alone {detected + recovered:.1f} s after it; node 1 ended by itself: {node1_ended}")
