@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -81,6 +82,8 @@ class NetworkNamespaces:
     def create(self) -> None:
         if os.geteuid() != 0:
             skip_or_fail("network namespaces need root (ip netns add)")
+        if shutil.which("ip") is None:
+            skip_or_fail("the ip command (iproute2) is missing; `make iproute2` installs it")
         remove_stale()
         try:
             self._add(self.bridge)
