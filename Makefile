@@ -39,8 +39,15 @@ train: $(VENV)
 	$(CLM) eval --run runs/default
 	$(CLM) generate --run runs/default --prompt "ROMEO:" --max-new-tokens 300
 
-test: $(VENV) system-packages
+test: $(VENV) system-packages iproute2
 	$(PY) -m pytest -q tests
+
+# The multi-node tests run each "node" in a network namespace (`ip netns`): iproute2, from apt
+# when missing and we are root (without it those tests skip, or fail under CI=true).
+.PHONY: iproute2
+iproute2:
+	@command -v ip >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q iproute2 \
+		|| { apt-get update -q && apt-get install -y -q iproute2; }
 
 lint: $(VENV)
 	$(VENV)/bin/ruff check src tests

@@ -55,6 +55,11 @@ def run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> tuple[di
         train(build_config(None, values))
     else:
         run_distributed(_train_rank, world_size, values, timeout=240)
+    return results(out_dir)
+
+
+def results(out_dir: Path) -> tuple[dict[int, float], dict]:
+    """A finished run's losses per step, validation losses and final weights, for ``assert_equivalent``."""
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
     val = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}

@@ -111,7 +111,9 @@ def test_bad_degrees_fail_with_one_line(strategy, replicate, shard, world, messa
     (["--parallel.pp", "2", "--parallel.data_parallel", "zero3", "--parallel.pp_microbatches", "3"],
      "does not split into parallel.pp_microbatches (3)"),
     (["--training.tokens_per_step", "100"], "must be a multiple of micro_batch_size"),
-    (["--nnodes", "0:2"], "--nnodes must be at least 1"),
+    (["--nnodes", "0:2"], "a job needs at least 1 node"),
+    (["--nnodes", "1:3", "--rdzv-endpoint", "127.0.0.1:29999", "--training.tokens_per_step", "384"],
+     "lets the group run on 8 processes"),
 ])
 def test_a_bad_layout_under_nproc_is_one_line_before_any_worker_starts(data_dir, options, message):
     start = time.monotonic()

@@ -49,7 +49,8 @@ def parse_job(
     if args.print_config:
         print(cfg.to_json())
         return None
-    launch = LaunchOptions(args.nproc, args.nnodes, args.rdzv_endpoint, args.max_restarts)
+    launch = LaunchOptions(args.nproc, args.nnodes, args.rdzv_endpoint, args.max_restarts, args.rdzv_id,
+                           args.local_addr, args.rdzv_conf)
     return JobArguments(cfg, launch, args)
 
 
@@ -60,6 +61,12 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rdzv-endpoint", default="127.0.0.1:0",
                        help="HOST:PORT of the rendezvous (port 0 = pick a free one; single node)")
     group.add_argument("--max-restarts", type=int, default=0, help="restart the whole group this often on failure")
+    group.add_argument("--rdzv-id", default="clusterlm", help="the job's name at the rendezvous, the same on every node")
+    group.add_argument("--local-addr", default="",
+                       help="this node's address as the other nodes reach it (default: its hostname); the node "
+                            "whose address is the rendezvous host hosts the rendezvous")
+    group.add_argument("--rdzv-conf", default="",
+                       help="torchrun rendezvous settings KEY=VALUE,... e.g. last_call_timeout=5,join_timeout=120")
 
 
 

@@ -124,6 +124,8 @@ class MetricsConfig:
     tensorboard: bool = opt(True, "write TensorBoard event files in out_dir/tensorboard")
     plot: bool = opt(True, "write loss.png (train and val loss against tokens) at the end")
     peak_flops: float = opt(0.0, "device peak FLOP/s for MFU (0 = GPU table, or a measured CPU probe)")
+    sample_log: bool = opt(False, "each data-parallel rank writes the sample indices it reads per step to "
+                                  "out_dir/samples/ (data accounting across restarts and elastic changes)")
 
 
 @dataclass

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from clusterlm.config import Config
 from clusterlm.errors import UserError
+from clusterlm.launch.elastic import check_sizes, node_range
 from clusterlm.launch.mpi import launched_by_mpi
-from clusterlm.parallel.mesh import check_layout
 
-LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts", "--rdzv-id", "--local-addr",
+                  "--rdzv-conf")
 
 
 @dataclass(frozen=True)
@@ -22,22 +23,31 @@ class LaunchOptions:
     nnodes: str = "1"  # nodes, or MIN:MAX for an elastic job
     rdzv_endpoint: str = "127.0.0.1:0"  # port 0: pick a free one (single node)
     max_restarts: int = 0
+    rdzv_id: str = "clusterlm"  # the job's name at the rendezvous: the same on every node
+    local_addr: str = ""  # this node's address as the others reach it; "" = its hostname
+    rdzv_conf: str = ""  # torchrun's KEY=VALUE,... rendezvous settings (timeouts)
 
     @property
     def launches(self) -> bool:
         """True when this process should start the job rather than be one of its ranks."""
         return self.nproc > 0 and "WORLD_SIZE" not in os.environ and not launched_by_mpi()
 
-    def world_sizes(self) -> list[int]:
-        """The job's sizes: one, or the smallest and largest of an elastic range."""
-        try:
-            low, _, high = self.nnodes.partition(":")
-            nodes = sorted({int(low), int(high or low)})
-        except ValueError:
-            raise UserError(f"--nnodes takes N or MIN:MAX, got {self.nnodes!r}") from None
-        if nodes[0] < 1:
-            raise UserError(f"--nnodes must be at least 1, got {self.nnodes!r}")
-        return [n * self.nproc for n in nodes]
+    @property
+    def standalone(self) -> bool:
+        """One node with no endpoint given: a private loopback rendezvous on a free port."""
+        return self.nnodes == "1" and self.rdzv_endpoint.endswith(":0")
+
+    def rendezvous_arguments(self) -> list[str]:
+        """torchrun's c10d rendezvous options. The node whose --local-addr is the endpoint's host
+        hosts the rendezvous store (torchrun's own guess compares only hostnames)."""
+        arguments = ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"]
+        conf = [item for item in self.rdzv_conf.split(",") if item]
+        if self.local_addr:
+            arguments.append(f"--local-addr={self.local_addr}")
+            if self.local_addr == self.rdzv_endpoint.rpartition(":")[0] and not any(
+                    item.startswith("is_host=") for item in conf):
+                conf.append("is_host=1")
+        return arguments + ([f"--rdzv-conf={','.join(conf)}"] if conf else [])
 
 
 def without_launch_arguments(argv: list[str]) -> list[str]:
@@ -59,18 +69,18 @@ def torchrun_command(opts: LaunchOptions, command_argv: list[str]) -> list[str]:
         raise UserError(f"--nproc must be at least 1, got {opts.nproc}")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={opts.nproc}",
                f"--nnodes={opts.nnodes}", f"--max-restarts={opts.max_restarts}"]
-    if opts.nnodes == "1" and opts.rdzv_endpoint.endswith(":0"):
-        command.append("--standalone")  # loopback rendezvous on a free port
-    else:
-        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={opts.rdzv_endpoint}"]
+    node_range(opts.nnodes)
+    if not opts.standalone and opts.rdzv_endpoint.endswith(":0"):
+        raise UserError(f"--nnodes {opts.nnodes} needs --rdzv-endpoint HOST:PORT with a port every node can reach "
+                        "(port 0 picks a free one only for a single node)")
+    command += ["--standalone"] if opts.standalone else opts.rendezvous_arguments()
     return [*command, "-m", "clusterlm", *without_launch_arguments(command_argv)]
 
 
 def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
-    """Check the layout for every size the job can have, then run it through torchrun; returns
+    """Check the layout for every size the job can have (each of an elastic range), then run it through torchrun; returns
     the launcher's exit status. A layout that cannot run fails here, once, before any worker."""
-    for world_size in opts.world_sizes():
-        check_layout(cfg, world_size)
+    check_sizes(cfg, opts.nproc, opts.nnodes)
     env = dict(os.environ)
     # Restarted groups reuse the agent's store otherwise, and their gloo setup then often fails.
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")

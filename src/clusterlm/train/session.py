@@ -22,6 +22,7 @@ from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
 from clusterlm.train.optim import adamw_recipe
 from clusterlm.train.runtime import Runtime, setup_runtime
+from clusterlm.train.sample_log import SampleLog, open_sample_log
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Session:
     tokens: int = 0
     resumed_from: Path | None = None
     slowdown: float = 1.0  # this rank's factor from training.slow_ranks (experiments)
+    sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
 
     @property
     def tokens_per_step(self) -> int:
@@ -86,6 +88,7 @@ def build_session(cfg: Config) -> Session:
     )
     session.slowdown = rank_factor(cfg.training.slow_ranks, runtime.rank, runtime.world_size)
     _resume(session)
+    session.sample_log = open_sample_log(cfg.metrics.sample_log, cfg.training.out_dir, runtime, session.step)
     return session
 
 

@@ -34,6 +34,8 @@ def train_step(s: Session) -> torch.Tensor:
     for optimizer in s.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr
+    if s.sample_log:
+        s.sample_log.record(s.step + 1, s.loader)
     micro_batches = s.loader.next_step()
     with attention_kernel(s.cfg.training.attention), slowed(s.slowdown):
         loss = s.model.forward_backward(micro_batches)
