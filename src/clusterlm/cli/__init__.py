@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
     "bench": ("clusterlm.cli.bench", "benchmarks: `bench train`, `bench comm`"),
     "plan": ("clusterlm.cli.plan", "predict memory, step time and MFU on a cluster; pick the layout"),
+    "export": ("clusterlm.cli.export", "export a checkpoint: `export hf` writes a Hugging Face model directory"),
 }
 
 

@@ -229,7 +229,7 @@ class CheckpointReader:
 def check_compatible(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose architecture differs, naming the first differing setting."""
     saved_model, model = saved_config.get("model", {}), config.get("model", {})
-    for key in sorted(set(saved_model) | set(model)):
+    for key in sorted((set(saved_model) | set(model)) - {"init_from"}):  # where the weights began: not architecture
         if saved_model.get(key) != model.get(key):
             raise UserError(
                 f"checkpoint {path} was trained with model.{key} = {saved_model.get(key)!r}, this config "

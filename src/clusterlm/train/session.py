@@ -20,6 +20,7 @@ from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
 from clusterlm.train.optim import adamw_recipe
+from clusterlm.train.pretrained import check_pretrained_tokenizer, start_from_pretrained
 from clusterlm.train.runtime import Runtime, setup_runtime
 
 
@@ -67,7 +68,9 @@ def build_session(cfg: Config) -> Session:
     manifest = load_manifest(cfg.data.dir)
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
+    check_pretrained_tokenizer(cfg, manifest)
     plain = build_model(cfg, manifest.vocab_size, runtime.device)
+    start_from_pretrained(cfg, plain)  # model.init_from: pretrained weights replace the random ones
     model = parallelize(plain, cfg, runtime.mesh)
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader = TokenLoader(
