@@ -34,3 +34,9 @@ def tiny_hf_model(out: Path, flavour: str, vocab_size: int, tokenizer_json: str 
     if tokenizer_json is not None:
         (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     return model.eval()
+
+
+def reader(model: torch.nn.Module):
+    """``read(name)`` for ``export_hf`` from a live, whole model."""
+    params = dict(model.named_parameters())
+    return lambda name: params[name].detach()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import SIZES, tiny_hf_model
+from hf_models import SIZES, reader, tiny_hf_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -76,8 +76,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer):
         args = ModelArgs(flavour=flavour, vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=4,
                          n_kv_head=2 if flavour == "llama" else 4, n_embd=32, ffn_hidden=48, rope_theta=500.0)
         model = Transformer(args).eval()
-        params = dict(model.named_parameters())
-        export_hf(tmp_path / flavour, args, lambda name: params[name].detach(), tokenizer.to_json())
+        export_hf(tmp_path / flavour, args, reader(model), tokenizer.to_json())
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / flavour).eval()
         assert type(loaded).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[flavour]
         x = tokens(args.vocab_size)
@@ -90,10 +89,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer):
 def test_round_trip_is_byte_identical(hf_dir, tmp_path, tokenizer):
     root, _ = hf_dir
     first = imported(root)
-    params = dict(first.named_parameters())
-    export_hf(tmp_path / "a", first.args, lambda name: params[name].detach(), tokenizer.to_json())
-    again = dict(imported(tmp_path / "a").named_parameters())
-    export_hf(tmp_path / "b", first.args, lambda name: again[name].detach(), tokenizer.to_json(),
+    export_hf(tmp_path / "a", first.args, reader(first), tokenizer.to_json())
+    export_hf(tmp_path / "b", first.args, reader(imported(tmp_path / "a")), tokenizer.to_json(),
               max_shard_bytes=20_000)  # sharded this time, with an index
     assert (tmp_path / "b" / "model.safetensors.index.json").is_file()
     assert safetensors_bytes(tmp_path / "a") == safetensors_bytes(tmp_path / "b") == safetensors_bytes(root)
@@ -104,8 +101,7 @@ def test_a_sharded_export_loads_in_transformers(hf_dir, tmp_path, tokenizer):
 
     root, reference = hf_dir
     model = imported(root)
-    params = dict(model.named_parameters())
-    written = export_hf(tmp_path / "out", model.args, lambda n: params[n].detach(), tokenizer.to_json(),
+    written = export_hf(tmp_path / "out", model.args, reader(model), tokenizer.to_json(),
                         max_shard_bytes=30_000)
     assert sum(name.endswith(".safetensors") for name in written) > 1
     x = tokens(model.args.vocab_size)
