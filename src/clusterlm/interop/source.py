@@ -79,12 +79,13 @@ def _open(path: Path) -> Any:
 
 
 class _HFWeights:
-    """The safetensors tensors of one directory, opened lazily, one handle per file."""
+    """The safetensors tensors of one directory. A file is opened for each read and closed after:
+    the values are copied out of the memory-mapped file, whose pages would otherwise stay mapped
+    and counted in this process's memory until the end."""
 
     def __init__(self, root: Path, args: ModelArgs, tied: bool):
         self.root, self.args, self.tied = root, args, tied
         self.files = _weight_files(root)
-        self.handles: dict[Path, Any] = {}
 
     def key(self, link: Link) -> str:
         key = link.key
@@ -96,11 +97,16 @@ class _HFWeights:
             raise UserError(f"{self.root} lacks tensor {key}; the directory is incomplete or of another model")
         return key
 
-    def slice(self, key: str) -> Any:
-        path = self.files[key]
-        if path not in self.handles:
-            self.handles[path] = _open(path)
-        return self.handles[path].get_slice(key)
+    def dtype(self, key: str) -> str:
+        with _open(self.files[key]) as f:
+            return f.get_slice(key).get_dtype()
+
+    def read(self, key: str, index: tuple[slice, ...], transpose: bool) -> torch.Tensor:
+        """``stored[index]`` (transposed), copied out of the file as a contiguous float32 tensor."""
+        with _open(self.files[key]) as f:
+            view = f.get_slice(key)[index]
+            view = view.t() if transpose else view
+            return torch.empty(view.shape, dtype=torch.float32).copy_(view)
 
 
 def _check(weights: _HFWeights, shapes: dict[str, tuple[int, ...]], name: str, shape: tuple[int, ...]) -> Link:
@@ -114,7 +120,7 @@ def _check(weights: _HFWeights, shapes: dict[str, tuple[int, ...]], name: str, s
         raise UserError(f"parameter {name} has shape {list(shape)} here but {list(expected or [])} in "
                         f"{weights.root}; use the model settings of its config.json")
     link = link_for(args, name)
-    dtype = weights.slice(weights.key(link)).get_dtype()
+    dtype = weights.dtype(weights.key(link))
     if dtype not in _FLOATS:
         raise UserError(f"{weights.root}: tensor {weights.key(link)} is {dtype}, not a floating-point type; "
                         "this is not a model's weights")
@@ -123,10 +129,9 @@ def _check(weights: _HFWeights, shapes: dict[str, tuple[int, ...]], name: str, s
 
 def _read_rows(weights: _HFWeights, link: Link, start: int, stop: int, rest: tuple[slice, ...]) -> torch.Tensor:
     """Rows [start, stop) of the HF tensor in [out, in] orientation, columns ``rest``."""
-    stored = weights.slice(weights.key(link))
     if link.conv1d:
-        return stored[(*rest, slice(start, stop))].t()
-    return stored[(slice(start, stop), *rest)]
+        return weights.read(weights.key(link), (*rest, slice(start, stop)), transpose=True)
+    return weights.read(weights.key(link), (slice(start, stop), *rest), transpose=False)
 
 
 def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
@@ -151,7 +156,7 @@ def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
             heads = _read_rows(weights, link, first, last, rest)
             order = (torch.arange(first, last).unflatten(0, (-1, d)) // d * d + rope_rows(d) - first).flatten()
             block = heads[order[start - first:stop - first]]
-        return block.to(torch.float32).contiguous()
+        return block
 
     return read
 
