@@ -9,22 +9,23 @@ import torch
 SIZES = {"layers": 2, "width": 32, "heads": 4, "context": 16}
 
 
-def tiny_hf_model(out: Path, flavour: str, vocab_size: int, tokenizer_json: str | None = None, seed: int = 0):
+def tiny_hf_model(out: Path, flavour: str, vocab_size: int, tokenizer_json: str | None = None, seed: int = 0,
+                  **options):
     """A random GPT2LMHeadModel or LlamaForCausalLM (grouped-query attention: 2 KV heads) saved
-    to ``out`` as safetensors; returns the model in eval mode."""
+    to ``out`` as safetensors; returns the model in eval mode. ``options`` go to the HF config."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if flavour == "gpt2":
         config = GPT2Config(n_layer=SIZES["layers"], n_embd=SIZES["width"], n_head=SIZES["heads"],
                             n_positions=SIZES["context"], vocab_size=vocab_size, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, **options)
         model = GPT2LMHeadModel(config)
     else:
         config = LlamaConfig(num_hidden_layers=SIZES["layers"], hidden_size=SIZES["width"],
                              num_attention_heads=SIZES["heads"], num_key_value_heads=2, intermediate_size=72,
                              max_position_embeddings=SIZES["context"], vocab_size=vocab_size, rope_theta=500.0,
-                             rms_norm_eps=1e-5)
+                             rms_norm_eps=1e-5, **options)
         model = LlamaForCausalLM(config)
     with torch.no_grad():  # norms start at one and biases at zero; make them matter for the comparisons
         for param in model.parameters():

@@ -58,6 +58,24 @@ def test_import_gives_the_logits_of_transformers(hf_dir):
         torch.testing.assert_close(imported(root)(x), reference(x).logits, rtol=0, atol=1e-5)
 
 
+def test_original_gpt2_names_tied_llama_and_a_shorter_context(tmp_path, tokenizer):
+    gpt2 = tiny_hf_model(tmp_path / "gpt2", "gpt2", tokenizer.vocab_size)
+    with safe_open(str(tmp_path / "gpt2" / "model.safetensors"), "pt") as f:  # GPT2Model names, as uploaded
+        stripped = {key.removeprefix("transformer."): f.get_tensor(key) for key in f.keys()}
+    save_file(stripped, str(tmp_path / "gpt2" / "model.safetensors"))
+    tied = tiny_hf_model(tmp_path / "tied", "llama", tokenizer.vocab_size, tie_word_embeddings=True)
+    with safe_open(str(tmp_path / "tied" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    x = tokens(tokenizer.vocab_size)
+    for directory, reference in ((tmp_path / "gpt2", gpt2), (tmp_path / "tied", tied)):
+        with torch.no_grad():
+            torch.testing.assert_close(imported(directory)(x), reference(x).logits, rtol=0, atol=1e-5)
+    short = Transformer(ModelArgs(**hf_model_config(tmp_path / "gpt2") | {"block_size": 8}))
+    fill_from(short, hf_source(tmp_path / "gpt2"))  # the first 8 learned positions
+    with torch.no_grad():
+        torch.testing.assert_close(short.eval()(x[:, :8]), gpt2(x[:, :8]).logits, rtol=0, atol=1e-5)
+
+
 def test_a_slice_read_alone_equals_that_slice_of_the_whole(hf_dir):
     root, _ = hf_dir
     source, model = hf_source(root), imported(root)
