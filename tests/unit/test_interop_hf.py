@@ -176,8 +176,13 @@ def test_shape_and_dtype_surprises_get_one_line(tmp_path, hf_dir):
     (ints / "config.json").write_bytes((root / "config.json").read_bytes())
     with safe_open(str(root / "model.safetensors"), "pt") as f:
         save_file({key: f.get_tensor(key).to(torch.int32) for key in f.keys()}, str(ints / "model.safetensors"))
-    model = Transformer(ModelArgs(**hf_model_config(ints)))
-    assert "not a floating-point" in one_line_error(lambda: fill_from(model, hf_source(ints)))
+    assert "not a floating-point" in one_line_error(lambda: hf_source(ints))
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    (narrow / "config.json").write_bytes((root / "config.json").read_bytes())
+    with safe_open(str(root / "model.safetensors"), "pt") as f:
+        save_file({key: f.get_tensor(key)[..., :8].contiguous() for key in f.keys()}, str(narrow / "model.safetensors"))
+    assert "different models" in one_line_error(lambda: hf_source(narrow))
 
 
 def test_export_refuses_a_non_empty_directory_and_writes_nothing(tmp_path, tokenizer):

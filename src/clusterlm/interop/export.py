@@ -18,21 +18,11 @@ from clusterlm.data.tokenizer import EOT, Tokenizer
 from clusterlm.errors import UserError
 from clusterlm.files import temporary_sibling
 from clusterlm.interop.hf_config import hf_config
-from clusterlm.interop.layout import assemble, hf_tensors, link_for, parameter_shapes
+from clusterlm.interop.layout import assemble, hf_shapes, hf_tensors
 from clusterlm.interop.writer import write_sharded
 from clusterlm.models import ModelArgs
 
 DEFAULT_MAX_SHARD = 5 * 10**9
-
-
-def _hf_shapes(args: ModelArgs, pieces: dict[str, list[str]]) -> dict[str, tuple[int, ...]]:
-    shapes = parameter_shapes(args)
-    out = {}
-    for key, names in pieces.items():
-        rows = sum(shapes[name][0] for name in names)
-        shape = (rows, *shapes[names[0]][1:])
-        out[key] = shape[::-1] if link_for(args, names[0]).conv1d else shape
-    return out
 
 
 def _tokenizer_files(out: Path, tokenizer_json: str, block_size: int) -> None:
@@ -60,7 +50,7 @@ def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str]
     try:
         eot_id = Tokenizer(tokenizer_json).eot_id
         (tmp / "config.json").write_text(json.dumps(hf_config(args, eot_id), indent=2, sort_keys=True) + "\n")
-        written = write_sharded(tmp, _hf_shapes(args, pieces), torch.float32, max_shard_bytes,
+        written = write_sharded(tmp, hf_shapes(args), torch.float32, max_shard_bytes,
                                 lambda key: assemble(args, key, {name: read(name) for name in pieces[key]}))
         _tokenizer_files(tmp, tokenizer_json, args.block_size)
         check_destination(out)  # still free: nothing else wrote there meanwhile

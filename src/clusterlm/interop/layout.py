@@ -112,6 +112,16 @@ def hf_tensors(args: ModelArgs) -> dict[str, list[str]]:
     return {key: [name for _, name in sorted(parts)] for key, parts in pieces.items()}
 
 
+def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Each HF tensor's shape as HF stores it."""
+    shapes = parameter_shapes(args)
+    out = {}
+    for key, names in hf_tensors(args).items():
+        shape = (sum(shapes[name][0] for name in names), *shapes[names[0]][1:])
+        out[key] = shape[::-1] if link_for(args, names[0]).conv1d else shape
+    return out
+
+
 def assemble(args: ModelArgs, key: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """The HF tensor ``key`` from its clusterlm parameters (full tensors), as HF stores it."""
     links = {name: link_for(args, name) for name in parts}

@@ -21,7 +21,14 @@ from safetensors import SafetensorError, safe_open
 
 from clusterlm.errors import UserError
 from clusterlm.interop.hf_config import model_values
-from clusterlm.interop.layout import GPT2_PREFIX, Link, link_for, parameter_shapes, rope_rows
+from clusterlm.interop.layout import (
+    GPT2_PREFIX,
+    Link,
+    hf_shapes,
+    link_for,
+    parameter_shapes,
+    rope_rows,
+)
 from clusterlm.interop.writer import INDEX, SINGLE
 from clusterlm.models import ModelArgs
 
@@ -87,8 +94,8 @@ class _HFWeights:
         self.root, self.args, self.tied = root, args, tied
         self.files = _weight_files(root)
 
-    def key(self, link: Link) -> str:
-        key = link.key
+    def key(self, key: str) -> str:
+        """Where ``key`` is stored under this directory's naming."""
         if key not in self.files and key.startswith(GPT2_PREFIX) and key[len(GPT2_PREFIX):] in self.files:
             key = key[len(GPT2_PREFIX):]  # GPT2Model-style names, as in the original gpt2 upload
         if key == "lm_head.weight" and key not in self.files and self.tied:
@@ -97,9 +104,19 @@ class _HFWeights:
             raise UserError(f"{self.root} lacks tensor {key}; the directory is incomplete or of another model")
         return key
 
-    def dtype(self, key: str) -> str:
-        with _open(self.files[key]) as f:
-            return f.get_slice(key).get_dtype()
+    def check(self) -> None:
+        """Every tensor the model needs is present, of a float dtype and of the config's shape."""
+        for hf_key, expected in hf_shapes(self.args).items():
+            key = self.key(hf_key)
+            with _open(self.files[key]) as f:
+                stored = f.get_slice(key)
+                dtype, shape = stored.get_dtype(), tuple(stored.get_shape())
+            if dtype not in _FLOATS:
+                raise UserError(f"{self.root}: tensor {key} is {dtype}, not a floating-point type; "
+                                "this is not a model's weights")
+            if shape != expected:
+                raise UserError(f"{self.root}: tensor {key} has shape {list(shape)} but its config.json implies "
+                                f"{list(expected)}; the weights and config.json belong to different models")
 
     def read(self, key: str, index: tuple[slice, ...], transpose: bool) -> torch.Tensor:
         """``stored[index]`` (transposed), copied out of the file as a contiguous float32 tensor."""
@@ -109,29 +126,21 @@ class _HFWeights:
             return torch.empty(view.shape, dtype=torch.float32).copy_(view)
 
 
-def _check(weights: _HFWeights, shapes: dict[str, tuple[int, ...]], name: str, shape: tuple[int, ...]) -> Link:
-    """The parameter's HF link, after checking its shape and the stored dtype."""
-    args = weights.args
-    expected = shapes.get("tok_embeddings.weight" if name == "output.weight"
-                                           and args.tie_embeddings else name)
+def _check_shape(shapes: dict[str, tuple[int, ...]], args: ModelArgs, root: Path, name: str,
+                 shape: tuple[int, ...]) -> None:
+    expected = shapes.get("tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name)
     fits = expected == shape or (name == "pos_embeddings.weight" and expected is not None
                                  and shape[1:] == expected[1:] and shape[0] <= expected[0])
     if not fits:
         raise UserError(f"parameter {name} has shape {list(shape)} here but {list(expected or [])} in "
-                        f"{weights.root}; use the model settings of its config.json")
-    link = link_for(args, name)
-    dtype = weights.dtype(weights.key(link))
-    if dtype not in _FLOATS:
-        raise UserError(f"{weights.root}: tensor {weights.key(link)} is {dtype}, not a floating-point type; "
-                        "this is not a model's weights")
-    return link
+                        f"{root}; use the model settings of its config.json")
 
 
 def _read_rows(weights: _HFWeights, link: Link, start: int, stop: int, rest: tuple[slice, ...]) -> torch.Tensor:
     """Rows [start, stop) of the HF tensor in [out, in] orientation, columns ``rest``."""
     if link.conv1d:
-        return weights.read(weights.key(link), (*rest, slice(start, stop)), transpose=True)
-    return weights.read(weights.key(link), (slice(start, stop), *rest), transpose=False)
+        return weights.read(weights.key(link.key), (*rest, slice(start, stop)), transpose=True)
+    return weights.read(weights.key(link.key), (slice(start, stop), *rest), transpose=False)
 
 
 def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
@@ -140,10 +149,12 @@ def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
     values = hf_model_config(directory)
     args = ModelArgs(**values)
     weights = _HFWeights(Path(directory), args, tied=bool(config.get("tie_word_embeddings", False)))
+    weights.check()
     shapes = parameter_shapes(args)
 
     def read(name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
-        link = _check(weights, shapes, name, tuple(shape))
+        _check_shape(shapes, args, weights.root, name, tuple(shape))
+        link = link_for(args, name)
         bounds = [dim.indices(size) for dim, size in zip(index, shape, strict=True)]
         if any(step != 1 for _, _, step in bounds):
             raise ValueError(f"{name}: only contiguous slices can be read, got {index}")
