@@ -62,6 +62,11 @@ def test_train_then_export_loads_in_transformers(setup, tmp_path, capsys):
         torch.testing.assert_close(theirs(x).logits, ours(x), rtol=0, atol=1e-5)
     assert AutoTokenizer.from_pretrained(out)("thou art")["input_ids"] == Tokenizer.load(f"hf:{setup['hf']}").encode(
         "thou art")
+    assert cli(["export", "hf", "--run", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").eval()
+    assert half.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(half.float()(x).logits, ours(x), rtol=0.05, atol=0.05)
     before = sorted(p.name for p in out.iterdir())
     assert cli(["export", "hf", "--run", str(run), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from clusterlm.cli.options import Parser
+from clusterlm.interop.export import DTYPES
 from clusterlm.interop.writer import parse_size
 from clusterlm.train.export import export_checkpoint_hf
 from clusterlm.train.loading import find_checkpoint
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     hf.add_argument("--max-shard-size", default="5GB",
                     help="largest safetensors file before the weights are split, e.g. 5GB, 500MB (default: 5GB)")
+    hf.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                    help="precision of the saved weights (default: fp32, the trained master weights)")
     return p
 
 
@@ -32,6 +35,6 @@ def main(argv: list[str]) -> int:
     max_shard = parse_size(args.max_shard_size)
     found = find_checkpoint(args.run, args.checkpoint)
     started = time.perf_counter()
-    written = export_checkpoint_hf(found, args.out, max_shard)
+    written = export_checkpoint_hf(found, args.out, max_shard, args.dtype)
     print(f"exported {found.path} to {args.out} in {time.perf_counter() - started:.1f}s: {', '.join(written)}")
     return 0

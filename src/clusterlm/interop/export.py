@@ -23,6 +23,7 @@ from clusterlm.interop.writer import write_sharded
 from clusterlm.models import ModelArgs
 
 DEFAULT_MAX_SHARD = 5 * 10**9
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _tokenizer_files(out: Path, tokenizer_json: str, block_size: int) -> None:
@@ -39,9 +40,10 @@ def check_destination(out: Path) -> None:
 
 
 def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str], torch.Tensor],
-              tokenizer_json: str, max_shard_bytes: int = DEFAULT_MAX_SHARD) -> list[str]:
+              tokenizer_json: str, max_shard_bytes: int = DEFAULT_MAX_SHARD, dtype: str = "fp32") -> list[str]:
     """Write the HF directory ``out`` of a model of ``args`` whose full tensors ``read`` returns by
-    clusterlm name; returns the file names written. ``out`` must be absent or empty."""
+    clusterlm name, stored as ``dtype`` (fp32, bf16, fp16); returns the file names written. ``out``
+    must be absent or empty."""
     out = Path(out)
     check_destination(out)
     pieces = hf_tensors(args)
@@ -49,8 +51,9 @@ def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str]
     tmp.mkdir(parents=True)
     try:
         eot_id = Tokenizer(tokenizer_json).eot_id
-        (tmp / "config.json").write_text(json.dumps(hf_config(args, eot_id), indent=2, sort_keys=True) + "\n")
-        written = write_sharded(tmp, hf_shapes(args), torch.float32, max_shard_bytes,
+        config = hf_config(args, eot_id, str(DTYPES[dtype]).removeprefix("torch."))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        written = write_sharded(tmp, hf_shapes(args), DTYPES[dtype], max_shard_bytes,
                                 lambda key: assemble(args, key, {name: read(name) for name in pieces[key]}))
         _tokenizer_files(tmp, tokenizer_json, args.block_size)
         check_destination(out)  # still free: nothing else wrote there meanwhile

@@ -71,10 +71,10 @@ def _llama_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def hf_config(args: ModelArgs, eot_id: int | None) -> dict[str, Any]:
-    """The ``config.json`` transformers builds ``args``' model from (fp32, no dropout)."""
+def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> dict[str, Any]:
+    """The ``config.json`` transformers builds ``args``' model from (weights of ``dtype``, no dropout)."""
     special = {"bos_token_id": eot_id, "eos_token_id": eot_id}
-    common = {"architectures": [ARCHITECTURES[args.flavour]], "model_type": args.flavour, "dtype": "float32",
+    common = {"architectures": [ARCHITECTURES[args.flavour]], "model_type": args.flavour, "dtype": dtype,
               "vocab_size": args.vocab_size, **special}
     if args.is_llama:
         return {

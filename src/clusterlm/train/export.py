@@ -12,7 +12,8 @@ from clusterlm.interop import export_hf
 from clusterlm.train.checkpoint import CheckpointReader, Verified
 
 
-def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard_bytes: int) -> list[str]:
+def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard_bytes: int,
+                         dtype: str = "fp32") -> list[str]:
     """Write ``found``'s model to ``out`` reading one tensor at a time from its (possibly sharded,
     any layout) files; returns the file names written."""
     cfg = config_from_dict(found.state["config"])
@@ -26,4 +27,4 @@ def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard
         return reader.model_tensor(name)
 
     tokenizer = (found.path / "tokenizer.json").read_text(encoding="utf-8")
-    return export_hf(out, args, read, tokenizer, max_shard_bytes)
+    return export_hf(out, args, read, tokenizer, max_shard_bytes, dtype)
