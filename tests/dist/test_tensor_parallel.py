@@ -33,6 +33,9 @@ from clusterlm.parallel.tensor_parallel import apply_tensor_parallel
 from .helpers import run_distributed
 
 RTOL = 1e-5
+# Weights after AdamW steps: the update divides by the root of the second moment, so rounding
+# differences in near-zero gradient entries move weights more than losses (as in training.py).
+WEIGHT_RTOL = 2e-5
 QUERY_BIAS_RTOL = 1e-3
 STEPS = 10
 BATCH = 4
@@ -133,7 +136,7 @@ def check_case(name: str, values: dict, sequence_parallel: bool, mesh, checkpoin
     for param_name, param in model.named_parameters():
         if not param_name.endswith("attn.wk.bias"):
             error = relative_error(full(param.detach()), ref_params[param_name].detach())
-            bound = QUERY_BIAS_RTOL if param_name.endswith("attn.wq.bias") else RTOL
+            bound = QUERY_BIAS_RTOL if param_name.endswith("attn.wq.bias") else WEIGHT_RTOL
             assert error <= bound, f"{label}: weight {param_name} after {STEPS} steps: {error:.2e}"
 
     # (c) parameter bytes on this rank against 1/tp of the whole plus the replicated parameters.

@@ -13,7 +13,8 @@ from hf_models import tiny_hf_model
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
 from clusterlm.data.tokenizer import Tokenizer
-from clusterlm.interop import fill_from, hf_source
+from clusterlm.interop import hf_source
+from clusterlm.models.init import fill_parameters
 from clusterlm.train.loading import find_checkpoint, load_for_inference
 from clusterlm.train.session import build_session
 
@@ -42,7 +43,7 @@ def test_training_starts_from_the_pretrained_weights(setup, tmp_path):
     assert (cfg.model.flavour, cfg.model.n_layer, cfg.model.n_kv_head, cfg.model.block_size) == ("llama", 2, 2, 8)
     plain = build_session(cfg).model.parts[0]
     expected = type(plain)(plain.args)
-    fill_from(expected, hf_source(setup["hf"]))
+    fill_parameters(expected, hf_source(setup["hf"]))
     for (name, param), reference in zip(plain.named_parameters(), expected.parameters(), strict=True):
         assert torch.equal(param.detach(), reference.detach()), name
 

@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
-from clusterlm.interop import export_hf, fill_from, hf_model_config, hf_source
+from clusterlm.interop import export_hf, hf_model_config, hf_source
 from clusterlm.models import ModelArgs, Transformer
+from clusterlm.models.init import fill_parameters
 
 FLAVOURS = ("gpt2", "llama")
 TEXT = "to be or not to be, that is the question"
@@ -35,7 +36,7 @@ def hf_dir(request, tmp_path_factory, tokenizer) -> tuple[Path, torch.nn.Module]
 
 def imported(directory: Path) -> Transformer:
     model = Transformer(ModelArgs(**hf_model_config(directory)))
-    fill_from(model, hf_source(directory))
+    fill_parameters(model, hf_source(directory))
     return model.eval()
 
 
@@ -71,7 +72,7 @@ def test_original_gpt2_names_tied_llama_and_a_shorter_context(tmp_path, tokenize
         with torch.no_grad():
             torch.testing.assert_close(imported(directory)(x), reference(x).logits, rtol=0, atol=1e-5)
     short = Transformer(ModelArgs(**hf_model_config(tmp_path / "gpt2") | {"block_size": 8}))
-    fill_from(short, hf_source(tmp_path / "gpt2"))  # the first 8 learned positions
+    fill_parameters(short, hf_source(tmp_path / "gpt2"))  # the first 8 learned positions
     with torch.no_grad():
         torch.testing.assert_close(short.eval()(x[:, :8]), gpt2(x[:, :8]).logits, rtol=0, atol=1e-5)
 

@@ -19,7 +19,7 @@ COMMANDS = {
     "train": ("clusterlm.cli.train", "train a model from a config (TOML + dotted overrides)"),
     "eval": ("clusterlm.cli.evaluate", "validation loss and perplexity of a checkpoint"),
     "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
-    "bench": ("clusterlm.cli.bench", "benchmarks: `bench train`, `bench comm`"),
+    "bench": ("clusterlm.cli.bench", "benchmarks: `bench train`, `bench init`, `bench comm`"),
     "plan": ("clusterlm.cli.plan", "predict memory, step time and MFU on a cluster; pick the layout"),
     "export": ("clusterlm.cli.export", "export a checkpoint: `export hf` writes a Hugging Face model directory"),
 }

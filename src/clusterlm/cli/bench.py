@@ -1,4 +1,5 @@
-"""`clusterlm bench train|comm`: time training steps of a config, or all-reduce algorithms.
+"""`clusterlm bench train|init|comm`: time training steps of a config, the start of a job until its
+model is ready, or all-reduce algorithms.
 
 ``bench train`` takes a training job's command line (``--config``, dotted overrides, ``--nproc``)
 plus its own options; ``--against KEY=VALUE,...`` adds a baseline variant of the same config.
@@ -12,6 +13,7 @@ import argparse
 import copy
 import sys
 
+from clusterlm.bench.init import bench_init
 from clusterlm.bench.train import bench_train
 from clusterlm.cli import bench_comm
 from clusterlm.cli.options import parse_job
@@ -21,7 +23,7 @@ from clusterlm.hardware import resolve_device
 from clusterlm.launch import launch
 from clusterlm.train.runtime import leave_process_group
 
-USAGE = "usage: clusterlm bench train|comm [options]  (clusterlm bench train --help)"
+USAGE = "usage: clusterlm bench train|init|comm [options]  (clusterlm bench train --help)"
 
 
 def add_bench_train_options(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +68,25 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+def init_main(argv: list[str]) -> int:
+    job = parse_job(argv, "clusterlm bench init", "Time and host memory until the model is ready for its "
+                    "first step, per rank.")
+    if job is None:
+        return 0
+    if job.launch.launches:
+        return launch(job.cfg, job.launch, ["bench", "init", *argv])
+    lines = bench_init(job.cfg)
+    leave_process_group()
+    for line in lines:
+        print(line)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "train":
         return train_main(argv[1:])
+    if argv and argv[0] == "init":
+        return init_main(argv[1:])
     if argv and argv[0] == "comm":
         return bench_comm.main(argv[1:])
     asked = bool(argv) and argv[0] in ("-h", "--help")

@@ -2,6 +2,6 @@
 (config.json, safetensors, tokenizer) and start from one (GPT2LMHeadModel, LlamaForCausalLM)."""
 
 from clusterlm.interop.export import export_hf
-from clusterlm.interop.source import ParamSource, fill_from, hf_model_config, hf_source
+from clusterlm.interop.source import hf_model_config, hf_source
 
-__all__ = ["ParamSource", "export_hf", "fill_from", "hf_model_config", "hf_source"]
+__all__ = ["export_hf", "hf_model_config", "hf_source"]

@@ -1,10 +1,10 @@
 """Read a Hugging Face model directory: its config as clusterlm ``model.*`` values, and its
 weights as a parameter source that reads only the slice asked for.
 
-``ParamSource(name, shape, index)`` takes a clusterlm full-model parameter name, the parameter's
-full shape and one slice per dimension, and returns that slice as a float32 CPU tensor. Each
-tensor-, pipeline- or FSDP-shard of a model therefore reads only its own slice from disk
-(``safe_open(...).get_slice``). Only JSON and safetensors are read: a pickle is never opened.
+A ``ParamSource`` (``clusterlm.models.init``) takes a clusterlm full-model parameter name, the
+parameter's full shape and one slice per dimension, and returns that slice as a float32 CPU
+tensor; materializing a meta model asks it for each rank's shards only, so each tensor-,
+pipeline- or FSDP-shard reads only its own slice from disk (``safe_open(...).get_slice``). Only JSON and safetensors are read: a pickle is never opened.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,8 @@ from clusterlm.interop.layout import (
 )
 from clusterlm.interop.writer import INDEX, SINGLE
 from clusterlm.models import ModelArgs
+from clusterlm.models.init import ParamSource
 
-ParamSource = Callable[[str, tuple[int, ...], tuple[slice, ...]], torch.Tensor]
 _FLOATS = {"F32", "F16", "BF16", "F64"}
 
 
@@ -170,10 +169,3 @@ def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
         return block
 
     return read
-
-
-def fill_from(model: torch.nn.Module, source: ParamSource) -> None:
-    """Copy every parameter of a plain, whole model from ``source``."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(source(name, tuple(param.shape), tuple(slice(0, n) for n in param.shape)))

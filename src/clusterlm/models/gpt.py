@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from clusterlm.models.init import InitRule, fill_parameters, seeded_source
+
 
 @dataclass
 class ModelArgs:
@@ -183,28 +185,39 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if args.is_llama:
-            cos, sin = rotary_tables(args.head_dim, args.block_size, args.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+            self.register_buffer("rope_cos", torch.empty(args.block_size, args.head_dim // 2), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(args.block_size, args.head_dim // 2), persistent=False)
+        if not self.tok_embeddings.weight.is_meta:  # on the meta device, values come per shard later
+            self.init_buffers()
+            self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), zero biases, and residual projections scaled by
-        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth."""
-        std = 0.02
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.args.n_layer) if getattr(module, "residual_projection", False) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+    def init_buffers(self) -> None:
+        """The rotary tables: computed, not learned, so rebuilt wherever the model is materialized."""
+        if self.args.is_llama:
+            cos, sin = rotary_tables(self.args.head_dim, self.args.block_size, self.args.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def init_rule(self, name: str) -> InitRule:
+        """GPT-2 initialisation of parameter ``name``: N(0, 0.02), zero biases, unit norm weights, and
+        residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does
+        not grow with depth."""
+        module_name, _, kind = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        if isinstance(module, (nn.LayerNorm, RMSNorm)):
+            return InitRule("ones" if kind == "weight" else "zeros")
+        if kind == "bias":
+            return InitRule("zeros")
+        scale = 1 / math.sqrt(2 * self.args.n_layer) if getattr(module, "residual_projection", False) else 1.0
+        return InitRule("normal", 0.02 * scale)
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialize every parameter by ``init_rule``, drawn per (seed, name) as any layout draws
+        its shards (``clusterlm.models.init``); without a seed, one is taken from torch's RNG."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        fill_parameters(self, seeded_source(self.init_rule, seed))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab].

@@ -22,6 +22,7 @@ from torch.distributed.pipelining import PipelineStage
 
 from clusterlm.comm.hooks import CommHookState
 from clusterlm.config import Config
+from clusterlm.models.init import ParamSource
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel.activation_checkpointing import apply_activation_checkpointing
 from clusterlm.parallel.data_parallel import (
@@ -30,6 +31,7 @@ from clusterlm.parallel.data_parallel import (
     build_optimizer,
     gradient_sync,
 )
+from clusterlm.parallel.materialize import canonical_name, materialize
 from clusterlm.parallel.mesh import pipeline_microbatches
 from clusterlm.parallel.pipeline import (
     build_schedule,
@@ -162,17 +164,24 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> ParallelModel:
-    """This rank's share of ``model`` (on its device, initialized), parallelized for ``cfg`` on
-    ``mesh``, which is None in a single process."""
-    device = next(model.parameters()).device
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: torch.device,
+                source: ParamSource | None = None) -> ParallelModel:
+    """This rank's share of ``model``, parallelized for ``cfg`` on ``mesh`` (None in a single
+    process). ``model`` is either on ``device`` and initialized, or on the meta device: then each
+    part is materialized once it is cut (after FSDP, or before DDP, which needs whole tensors),
+    so this rank only ever allocates its share, filled from ``source``."""
     p = cfg.parallel
-    precision = Precision(cfg.training.precision, device, sharded=mesh is not None and p.data_parallel in SHARDED)
+    sharded = mesh is not None and p.data_parallel in SHARDED
+    precision = Precision(cfg.training.precision, device, sharded=sharded)
     comm: list[CommHookState] = []
+    init_device = torch.device("cpu") if sharded and p.cpu_offload else device
+    canonical = partial(canonical_name, tied_embeddings=model.args.tie_embeddings)
 
     def parallelize_part(part: nn.Module) -> nn.Module:
         if mesh is not None and p.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
+        if not sharded:
+            materialize(part, source, init_device, canonical)
         if cfg.training.activation_checkpointing != "none":
             apply_activation_checkpointing(part, cfg.training.activation_checkpointing)
         if cfg.training.compile and mesh is not None:  # one process compiles forward and loss whole
@@ -181,6 +190,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
             param_dtype = None if precision.compute_dtype == torch.float32 else precision.compute_dtype
             part, state = apply_data_parallel(part, mesh, p, cfg.comm, param_dtype)
             comm.extend(filter(None, [state]))
+        materialize(part, source, init_device, canonical)
         return part
 
     common = {"precision": precision, "tp_size": p.tp if mesh is not None else 1, "comm": comm,
@@ -194,7 +204,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
             loss_fn = torch.compile(loss_fn)
         return WholeModel(loss_fn, parts=[part], **common)
     stages = split_into_stages(model, mesh["pp"].get_group(), p.pp_schedule, p.pp_stages_per_rank or None,
-                               parallelize_stage=parallelize_part)
+                               parallelize_stage=parallelize_part, device=device)
     micro_batches = pipeline_microbatches(p)
     schedule = build_schedule(stages, p.pp_schedule, micro_batches)
     pipeline = Pipeline(schedule, stages, micro_batches)

@@ -149,18 +149,20 @@ def split_into_stages(
     schedule: str,
     stages_per_rank: int | None = None,
     parallelize_stage: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | None = None,
 ) -> list[PipelineStage]:
     """This rank's pipeline stages of ``model``; ``stage.submod`` is each stage's module.
 
-    ``model`` is the full, initialized model (the same seed on every rank gives every stage the
-    single-process initialization); it is copied, not modified. ``parallelize_stage`` is applied to
-    each stage module before it is wrapped (activation checkpointing, compile, FSDP).
+    ``model`` is the full model, either initialized or on the meta device, where copying it costs
+    no memory and each stage is materialized by ``parallelize_stage`` (which also applies tensor
+    parallel, activation checkpointing, compile and FSDP) with only its own layers. It is copied,
+    not modified. ``device`` is where the stages run (default: where ``model`` is).
     """
     pp_rank, pp_size = dist.get_rank(pp_group), dist.get_world_size(pp_group)
     per_rank = stages_per_rank_for(schedule, stages_per_rank)
     num_stages = pp_size * per_rank
     ranges = stage_layer_ranges(model.args, num_stages)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     stages = []
     for index in stage_indices_on_rank(schedule, pp_rank, pp_size, per_rank):
         module = stage_module(model, ranges[index], index == 0, index == num_stages - 1)

@@ -47,7 +47,8 @@ def load_for_inference(
     cfg.training.compile = False  # a few forwards: not worth a compilation
     cfg.training.activation_checkpointing = "none"  # nothing to recompute without a backward
     runtime = Runtime(device=resolve_device(device))
-    model = parallelize(build_model(cfg, cfg.model.vocab_size, runtime.device), cfg, None)
+    plain, source = build_model(cfg, cfg.model.vocab_size)
+    model = parallelize(plain, cfg, None, runtime.device, source)
     model.load_state_dict(checkpoint.CheckpointReader(found.path))
     model.parts[0].eval()
     return Loaded(cfg, model, runtime, found.path, found.state)

@@ -1,18 +1,17 @@
 """Training from a Hugging Face model (``model.init_from = "hf:DIR"``): its tokenizer must be the
-one the data was prepared with, and its weights replace the random initialization."""
+one the data was prepared with, and its weights are the source the model is materialized from."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from torch import nn
 
 from clusterlm.config import Config
 from clusterlm.config.pretrained import pretrained_dir
 from clusterlm.data.manifest import Manifest
 from clusterlm.errors import UserError
 from clusterlm.files import sha256_file
-from clusterlm.interop import fill_from, hf_source
+from clusterlm.interop import hf_source
+from clusterlm.models.init import ParamSource
 
 
 def check_pretrained_tokenizer(cfg: Config, manifest: Manifest) -> None:
@@ -29,9 +28,8 @@ def check_pretrained_tokenizer(cfg: Config, manifest: Manifest) -> None:
                         f"know {vocab_size}; {fix}")
 
 
-def start_from_pretrained(cfg: Config, model: nn.Module) -> None:
-    """Fill the plain, whole model with the pretrained weights, when the config names them."""
+def pretrained_source(cfg: Config) -> ParamSource | None:
+    """Where the initial weights come from when the config names a pretrained model: each rank
+    reads only the slices of its own shards."""
     directory = pretrained_dir(cfg)
-    if directory is None:
-        return
-    fill_from(model, hf_source(directory))
+    return None if directory is None else hf_source(directory)

@@ -16,11 +16,12 @@ from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
 from clusterlm.models import Transformer, training_flops_per_token
+from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
 from clusterlm.train.optim import adamw_recipe
-from clusterlm.train.pretrained import check_pretrained_tokenizer, start_from_pretrained
+from clusterlm.train.pretrained import check_pretrained_tokenizer, pretrained_source
 from clusterlm.train.runtime import Runtime, setup_runtime
 
 
@@ -57,10 +58,12 @@ class Session:
         return Path(self.cfg.training.out_dir) / "checkpoints"
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transformer:
-    """The plain model with the config's seed: the same initial weights on every rank and layout."""
-    torch.manual_seed(cfg.training.seed)
-    return Transformer(resolve_model_args(cfg, vocab_size)).to(device)
+def build_model(cfg: Config, vocab_size: int) -> tuple[Transformer, ParamSource]:
+    """The plain model on the meta device, and where its initial values come from: drawn per
+    (seed, parameter name), so every rank and layout starts from the same weights."""
+    with torch.device("meta"):
+        model = Transformer(resolve_model_args(cfg, vocab_size))
+    return model, seeded_source(model.init_rule, cfg.training.seed)
 
 
 def build_session(cfg: Config) -> Session:
@@ -69,9 +72,9 @@ def build_session(cfg: Config) -> Session:
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
     check_pretrained_tokenizer(cfg, manifest)
-    plain = build_model(cfg, manifest.vocab_size, runtime.device)
-    start_from_pretrained(cfg, plain)  # model.init_from: pretrained weights replace the random ones
-    model = parallelize(plain, cfg, runtime.mesh)
+    plain, source = build_model(cfg, manifest.vocab_size)
+    source = pretrained_source(cfg) or source  # model.init_from: pretrained weights, read shard by shard
+    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source)
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader = TokenLoader(
         cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
