@@ -21,6 +21,9 @@ COMMANDS = {
     "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
     "bench": ("clusterlm.cli.bench", "benchmarks: `bench train`, `bench init`, `bench comm`"),
     "plan": ("clusterlm.cli.plan", "predict memory, step time and MFU on a cluster; pick the layout"),
+    "submit": ("clusterlm.cli.submit", "submit a training job to Slurm (--dry-run prints the sbatch script)"),
+    "jobs": ("clusterlm.cli.jobs", "your clusterlm jobs in Slurm: state, step, loss, ETA"),
+    "cancel": ("clusterlm.cli.cancel", "cancel one of your clusterlm jobs in Slurm"),
     "export": ("clusterlm.cli.export", "export a checkpoint: `export hf` writes a Hugging Face model directory"),
 }
 

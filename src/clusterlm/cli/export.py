@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from clusterlm.cli.options import Parser
+from clusterlm.cli.parser import Parser
 from clusterlm.interop.export import DTYPES
 from clusterlm.interop.writer import parse_size
 from clusterlm.train.export import export_checkpoint_hf

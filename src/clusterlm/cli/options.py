@@ -7,16 +7,10 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from clusterlm.cli.parser import Parser
 from clusterlm.config import Config, all_keys, build_config
 from clusterlm.errors import UserError
 from clusterlm.launch import LaunchOptions
-
-
-class Parser(argparse.ArgumentParser):
-    """Usage mistakes become one-line UserErrors like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message}; see `{self.prog} --help`")
 
 
 @dataclass

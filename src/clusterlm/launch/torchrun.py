@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from clusterlm.config import Config
 from clusterlm.errors import UserError
+from clusterlm.launch.mpi import launched_by_mpi
 from clusterlm.parallel.mesh import check_layout
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")
@@ -25,7 +26,7 @@ class LaunchOptions:
     @property
     def launches(self) -> bool:
         """True when this process should start the job rather than be one of its ranks."""
-        return self.nproc > 0 and "WORLD_SIZE" not in os.environ
+        return self.nproc > 0 and "WORLD_SIZE" not in os.environ and not launched_by_mpi()
 
     def world_sizes(self) -> list[int]:
         """The job's sizes: one, or the smallest and largest of an elastic range."""

@@ -1,6 +1,6 @@
 """Where this process runs: its device, its rank, the device mesh, and its data-parallel place.
 
-A job launched by torchrun (or `clusterlm train --nproc N`) joins the process group from the
+A job launched by torchrun (or `clusterlm train --nproc N`, or mpirun) joins the process group from the
 launcher's environment (gloo on CPU, NCCL on CUDA) and builds one ``DeviceMesh``. A plain
 single-process run has no process group and no mesh; the rest of the code treats it as the
 degree-1 case of the same layout.
@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from clusterlm.config import Config
 from clusterlm.errors import UserError
 from clusterlm.hardware import resolve_device
+from clusterlm.launch.mpi import adopt_mpi_environment
 from clusterlm.parallel.mesh import build_mesh, check_layout
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -48,7 +49,7 @@ def _join_process_group(device: torch.device, timeout_s: float) -> None:
     missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
     if missing:
         raise UserError(
-            f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with torchrun or "
+            f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with torchrun, mpirun or "
             "`clusterlm train --nproc N`"
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -59,6 +60,7 @@ def setup_runtime(cfg: Config) -> Runtime:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
+    adopt_mpi_environment()  # an mpirun rank: torchrun's variables from OpenMPI's or PMI's
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     replicate, shard = check_layout(cfg, world_size)  # before any process waits for another
     if world_size == 1 and not dist.is_initialized():
