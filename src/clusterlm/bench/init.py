@@ -20,6 +20,7 @@ from clusterlm.config import Config
 from clusterlm.data.manifest import load_manifest
 from clusterlm.parallel import parallelize
 from clusterlm.train.optim import adamw_recipe
+from clusterlm.train.pretrained import pretrained_source
 from clusterlm.train.runtime import setup_runtime
 from clusterlm.train.session import build_model
 
@@ -43,6 +44,7 @@ def measure_init(cfg: Config) -> dict[str, float]:
     runtime = setup_runtime(cfg)
     vocab = cfg.model.vocab_size or load_manifest(cfg.data.dir).vocab_size
     plain, source = build_model(cfg, vocab)
+    source = pretrained_source(cfg) or source  # model.init_from: measure reading the pretrained shards
     model = parallelize(plain, cfg, runtime.mesh, runtime.device, source)
     model.build_optimizers(partial(adamw_recipe, cfg=cfg.optim))
     seconds = time.perf_counter() - start

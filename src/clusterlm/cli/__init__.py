@@ -24,6 +24,7 @@ COMMANDS = {
     "submit": ("clusterlm.cli.submit", "submit a training job to Slurm (--dry-run prints the sbatch script)"),
     "jobs": ("clusterlm.cli.jobs", "your clusterlm jobs in Slurm: state, step, loss, ETA"),
     "cancel": ("clusterlm.cli.cancel", "cancel one of your clusterlm jobs in Slurm"),
+    "export": ("clusterlm.cli.export", "export a checkpoint: `export hf` writes a Hugging Face model directory"),
 }
 
 

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one more input, like a positional INPUT (repeatable)")
     p.add_argument("--out", required=True, help="output directory: local path or fsspec URL")
     p.add_argument("--tokenizer", default="char",
-                   help="char, bpe, or the path of an existing tokenizer.json (default: char)")
+                   help="char, bpe, the path of an existing tokenizer.json, or hf:DIR for the tokenizer "
+                        "of a Hugging Face model directory (default: char)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"vocabulary size of a bpe tokenizer (default: {DEFAULT_BPE_VOCAB})")
     p.add_argument("--val-fraction", type=float, default=0.1,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clusterlm.config.pretrained import adopt_pretrained_shape
 from clusterlm.config.sections import Config
 from clusterlm.config.validate import validate
 from clusterlm.errors import UserError
@@ -96,9 +97,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def build_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
     cfg = Config()
+    explicit = set(overrides)
     if config_path:
-        apply_overrides(cfg, load_toml(config_path))
+        from_file = load_toml(config_path)
+        apply_overrides(cfg, from_file)
+        explicit |= set(from_file)
     apply_overrides(cfg, overrides)
+    adopt_pretrained_shape(cfg, explicit)
     validate(cfg)
     return cfg
 

@@ -94,7 +94,14 @@ def _checkpoint(cfg: Config) -> None:
         raise UserError("checkpoint.resume must be none, auto or a checkpoint path")
 
 
-CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments)
+def _init_from(cfg: Config) -> None:
+    source = cfg.model.init_from
+    if source and (not source.startswith("hf:") or len(source) == 3):
+        raise UserError(f"model.init_from must be empty or hf:DIR (a Hugging Face model directory), got {source!r}")
+
+
+CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments,
+                                                _init_from)
 
 
 def validate(cfg: Config) -> None:

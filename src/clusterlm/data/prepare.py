@@ -57,7 +57,7 @@ _SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.bin$")
 class PrepareOptions:
     inputs: tuple[str, ...]  # empty: the embedded corpus
     out: str
-    tokenizer: str = "char"  # "char", "bpe" or the path of a tokenizer.json
+    tokenizer: str = "char"  # "char", "bpe", the path of a tokenizer.json, or hf:DIR (its tokenizer.json)
     vocab_size: int | None = None  # bpe only
     val_fraction: float = 0.1
     shard_tokens: int = DEFAULT_SHARD_TOKENS

@@ -66,11 +66,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """A saved ``tokenizer.json`` (local path or URL), kept byte for byte so its hash is the file's."""
+        """A saved ``tokenizer.json`` (local path or URL), or ``hf:DIR`` for the one of a Hugging Face
+        model directory; kept byte for byte so its hash is the file's."""
+        if os.fspath(path).startswith("hf:"):
+            path = f"{os.fspath(path)[3:].rstrip('/')}/tokenizer.json"
         fs, fs_path = url_to_fs(path)
         if not fs.isfile(fs_path):
             raise UserError(
-                f"tokenizer {os.fspath(path)} does not exist; pass `char`, `bpe` or the path of a tokenizer.json"
+                f"tokenizer {os.fspath(path)} does not exist; pass `char`, `bpe`, the path of a tokenizer.json "
+                "or hf:DIR (a Hugging Face model directory with a tokenizer.json)"
             )
         try:
             return cls(fs.cat_file(fs_path).decode("utf-8"))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -210,11 +211,25 @@ class CheckpointReader:
         with _single_process_quiet():
             dcp.load(state, storage_reader=SafeFileSystemReader(self.path), no_dist=not dist.is_initialized())
 
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The saved model tensors (without the "model." prefix) and their full shapes."""
+        metadata = SafeFileSystemReader(self.path).read_metadata().state_dict_metadata
+        return {key[len("model."):]: tuple(meta.size) for key, meta in metadata.items() if key.startswith("model.")}
+
+    def model_tensor(self, name: str) -> torch.Tensor:
+        """One whole model tensor, assembled from whatever shards the layout saved, in this
+        process alone: reading a checkpoint one tensor at a time holds only that tensor."""
+        meta = SafeFileSystemReader(self.path).read_metadata().state_dict_metadata[f"model.{name}"]
+        tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        with _single_process_quiet():
+            dcp.load({"model": {name: tensor}}, storage_reader=SafeFileSystemReader(self.path), no_dist=True)
+        return tensor
+
 
 def check_compatible(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose architecture differs, naming the first differing setting."""
     saved_model, model = saved_config.get("model", {}), config.get("model", {})
-    for key in sorted(set(saved_model) | set(model)):
+    for key in sorted((set(saved_model) | set(model)) - {"init_from"}):  # where the weights began: not architecture
         if saved_model.get(key) != model.get(key):
             raise UserError(
                 f"checkpoint {path} was trained with model.{key} = {saved_model.get(key)!r}, this config "

@@ -21,6 +21,7 @@ from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
 from clusterlm.train.optim import adamw_recipe
+from clusterlm.train.pretrained import check_pretrained_tokenizer, pretrained_source
 from clusterlm.train.runtime import Runtime, setup_runtime
 from clusterlm.train.sample_log import SampleLog, open_sample_log
 
@@ -72,7 +73,9 @@ def build_session(cfg: Config) -> Session:
     manifest = load_manifest(cfg.data.dir)
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
+    check_pretrained_tokenizer(cfg, manifest)
     plain, source = build_model(cfg, manifest.vocab_size)
+    source = pretrained_source(cfg) or source  # model.init_from: pretrained weights, read shard by shard
     model = parallelize(plain, cfg, runtime.mesh, runtime.device, source)
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader = TokenLoader(

@@ -1,0 +1,7 @@
+"""Hugging Face interoperability: export a clusterlm model as a ``transformers`` directory
+(config.json, safetensors, tokenizer) and start from one (GPT2LMHeadModel, LlamaForCausalLM)."""
+
+from clusterlm.interop.export import export_hf
+from clusterlm.interop.source import hf_model_config, hf_source
+
+__all__ = ["export_hf", "hf_model_config", "hf_source"]

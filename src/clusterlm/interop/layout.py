@@ -1,0 +1,133 @@
+"""Where each clusterlm parameter lives in a Hugging Face checkpoint, and how it is laid out there.
+
+Every HF tensor is described in the orientation of ``nn.Linear`` ([out, in]); GPT-2 stores its
+projections as ``Conv1D`` ([in, out]), so those are transposed (``conv1d``). GPT-2 fuses the query,
+key and value projections into one ``c_attn`` tensor; each of ours is a band of its rows
+(``row_offset``). clusterlm's rotary embedding turns interleaved pairs (x[2i], x[2i+1]) of every
+head, HF Llama's turns halves (x[i], x[i + d/2]); the query and key rows are therefore permuted
+within each head (``rope_head_dim``), which moves no value across heads, so a slice of whole heads
+reads only those heads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from clusterlm.models import ModelArgs, Transformer
+
+GPT2_PREFIX, LLAMA_PREFIX = "transformer.", "model."
+
+
+@dataclass(frozen=True)
+class Link:
+    """clusterlm parameter == rows [row_offset, row_offset + rows) of the HF tensor ``key`` (read
+    as [out, in]), rows permuted per head when ``rope_head_dim``."""
+
+    key: str
+    conv1d: bool = False
+    row_offset: int = 0
+    rope_head_dim: int = 0
+
+
+def _gpt2_links(args: ModelArgs) -> list[tuple[str, Link]]:
+    d = args.n_embd
+    links = [
+        (r"tok_embeddings\.weight", Link("wte.weight")),
+        (r"pos_embeddings\.weight", Link("wpe.weight")),
+        (r"norm\.(weight|bias)", Link(r"ln_f.\1")),
+        (r"layers\.(\d+)\.attn_norm\.(weight|bias)", Link(r"h.\1.ln_1.\2")),
+        (r"layers\.(\d+)\.mlp_norm\.(weight|bias)", Link(r"h.\1.ln_2.\2")),
+        (r"layers\.(\d+)\.attn\.wo\.weight", Link(r"h.\1.attn.c_proj.weight", conv1d=True)),
+        (r"layers\.(\d+)\.attn\.wo\.bias", Link(r"h.\1.attn.c_proj.bias")),
+        (r"layers\.(\d+)\.mlp\.w1\.weight", Link(r"h.\1.mlp.c_fc.weight", conv1d=True)),
+        (r"layers\.(\d+)\.mlp\.w1\.bias", Link(r"h.\1.mlp.c_fc.bias")),
+        (r"layers\.(\d+)\.mlp\.w2\.weight", Link(r"h.\1.mlp.c_proj.weight", conv1d=True)),
+        (r"layers\.(\d+)\.mlp\.w2\.bias", Link(r"h.\1.mlp.c_proj.bias")),
+    ]
+    for band, proj in enumerate("qkv"):
+        links.append((rf"layers\.(\d+)\.attn\.w{proj}\.weight",
+                      Link(r"h.\1.attn.c_attn.weight", conv1d=True, row_offset=band * d)))
+        links.append((rf"layers\.(\d+)\.attn\.w{proj}\.bias", Link(r"h.\1.attn.c_attn.bias", row_offset=band * d)))
+    return [(pattern, Link(GPT2_PREFIX + link.key, link.conv1d, link.row_offset)) for pattern, link in links]
+
+
+def _llama_links(args: ModelArgs) -> list[tuple[str, Link]]:
+    layer = r"layers\.(\d+)\."
+    links = [
+        (r"tok_embeddings\.weight", Link("embed_tokens.weight")),
+        (r"norm\.weight", Link("norm.weight")),
+        (layer + r"attn_norm\.weight", Link(r"layers.\1.input_layernorm.weight")),
+        (layer + r"mlp_norm\.weight", Link(r"layers.\1.post_attention_layernorm.weight")),
+        (layer + r"attn\.wq\.weight", Link(r"layers.\1.self_attn.q_proj.weight", rope_head_dim=args.head_dim)),
+        (layer + r"attn\.wk\.weight", Link(r"layers.\1.self_attn.k_proj.weight", rope_head_dim=args.head_dim)),
+        (layer + r"attn\.wv\.weight", Link(r"layers.\1.self_attn.v_proj.weight")),
+        (layer + r"attn\.wo\.weight", Link(r"layers.\1.self_attn.o_proj.weight")),
+        (layer + r"mlp\.w1\.weight", Link(r"layers.\1.mlp.gate_proj.weight")),
+        (layer + r"mlp\.w3\.weight", Link(r"layers.\1.mlp.up_proj.weight")),
+        (layer + r"mlp\.w2\.weight", Link(r"layers.\1.mlp.down_proj.weight")),
+    ]
+    links = [(pattern, Link(LLAMA_PREFIX + link.key, rope_head_dim=link.rope_head_dim)) for pattern, link in links]
+    return links + [(r"output\.weight", Link("lm_head.weight"))]
+
+
+def link_for(args: ModelArgs, name: str) -> Link:
+    """The HF home of clusterlm parameter ``name`` (gpt2's tied output is its token table)."""
+    if args.tie_embeddings and name == "output.weight":
+        name = "tok_embeddings.weight"
+    for pattern, link in (_llama_links if args.is_llama else _gpt2_links)(args):
+        match = re.fullmatch(pattern, name)
+        if match:
+            return Link(match.expand(link.key), link.conv1d, link.row_offset, link.rope_head_dim)
+    raise KeyError(f"no Hugging Face name for clusterlm parameter {name!r}")
+
+
+def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every unique parameter of the model and its shape (tied ones once), built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def rope_rows(head_dim: int) -> torch.Tensor:
+    """``ours[r] = hf[rope_rows[r]]`` within one head: our pair (2i, 2i+1) is HF's (i, i + d/2)."""
+    half = torch.arange(head_dim // 2)
+    return torch.stack((half, half + head_dim // 2), dim=1).flatten()
+
+
+def to_hf_rows(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Our per-head row order -> HF's (the inverse of reading through ``rope_rows``)."""
+    heads = tensor.unflatten(0, (-1, head_dim))
+    return heads[:, torch.argsort(rope_rows(head_dim))].flatten(0, 1)
+
+
+def hf_tensors(args: ModelArgs) -> dict[str, list[str]]:
+    """Each HF tensor to write and the clusterlm parameters that make it up, in row order."""
+    pieces: dict[str, list[tuple[int, str]]] = {}
+    for name in parameter_shapes(args):
+        link = link_for(args, name)
+        pieces.setdefault(link.key, []).append((link.row_offset, name))
+    return {key: [name for _, name in sorted(parts)] for key, parts in pieces.items()}
+
+
+def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Each HF tensor's shape as HF stores it."""
+    shapes = parameter_shapes(args)
+    out = {}
+    for key, names in hf_tensors(args).items():
+        shape = (sum(shapes[name][0] for name in names), *shapes[names[0]][1:])
+        out[key] = shape[::-1] if link_for(args, names[0]).conv1d else shape
+    return out
+
+
+def assemble(args: ModelArgs, key: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The HF tensor ``key`` from its clusterlm parameters (full tensors), as HF stores it."""
+    links = {name: link_for(args, name) for name in parts}
+    rows = []
+    for name, tensor in parts.items():
+        link = links[name]
+        rows.append(to_hf_rows(tensor, link.rope_head_dim) if link.rope_head_dim else tensor)
+    whole = torch.cat(rows) if len(rows) > 1 else rows[0]
+    return (whole.t() if next(iter(links.values())).conv1d else whole).contiguous()

@@ -1,0 +1,30 @@
+"""A trained checkpoint as a Hugging Face directory (``clusterlm export hf``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from clusterlm.config import config_from_dict, resolve_model_args
+from clusterlm.errors import UserError
+from clusterlm.interop import export_hf
+from clusterlm.train.checkpoint import CheckpointReader, Verified
+
+
+def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard_bytes: int,
+                         dtype: str = "fp32") -> list[str]:
+    """Write ``found``'s model to ``out`` reading one tensor at a time from its (possibly sharded,
+    any layout) files; returns the file names written."""
+    cfg = config_from_dict(found.state["config"])
+    args = resolve_model_args(cfg, cfg.model.vocab_size)
+    reader = CheckpointReader(found.path)
+    saved = reader.model_shapes()
+
+    def read(name: str) -> torch.Tensor:
+        if name not in saved:
+            raise UserError(f"checkpoint {found.path} has no tensor {name}; it is not a complete model")
+        return reader.model_tensor(name)
+
+    tokenizer = (found.path / "tokenizer.json").read_text(encoding="utf-8")
+    return export_hf(out, args, read, tokenizer, max_shard_bytes, dtype)
