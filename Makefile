@@ -9,7 +9,7 @@ NPROC ?= 2
 PY := $(VENV)/bin/python
 CLM := $(VENV)/bin/clusterlm
 
-.PHONY: train test lint clean
+.PHONY: train test lint clean prometheus-server
 
 $(VENV): $(VENV)/.installed
 
@@ -30,6 +30,13 @@ train: $(VENV)
 
 test: $(VENV)
 	$(PY) -m pytest -q tests
+
+# The Prometheus server the exporter's test scrapes with (Debian's package), installed when
+# missing and running as root; otherwise that test skips and says why.
+test: prometheus-server
+prometheus-server:
+	@command -v prometheus >/dev/null || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 lint: $(VENV)
 	$(VENV)/bin/ruff check src tests

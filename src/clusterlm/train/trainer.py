@@ -21,8 +21,9 @@ from clusterlm.models.gpt import attention_kernel
 from clusterlm.slowdown import slowed
 from clusterlm.train.evaluate import eval_windows, evaluate_loss
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
+from clusterlm.train.monitor import Monitor
 from clusterlm.train.optim import lr_at
-from clusterlm.train.runtime import average_across_ranks, describe_layout
+from clusterlm.train.runtime import describe_layout
 from clusterlm.train.session import Session, build_session, save
 
 
@@ -35,7 +36,7 @@ def train_step(s: Session) -> torch.Tensor:
         for group in optimizer.param_groups:
             group["lr"] = lr
     micro_batches = s.loader.next_step()
-    with attention_kernel(s.cfg.training.attention), slowed(s.slowdown):
+    with attention_kernel(s.cfg.training.attention), slowed(s.slowdown, s.model.clock):
         loss = s.model.forward_backward(micro_batches)
     precision = s.model.precision
     for optimizer in s.optimizers:
@@ -68,6 +69,7 @@ def train(cfg: Config) -> dict[str, Any]:
     main_rank = s.runtime.is_main
     progress = ProgressDisplay(cfg.metrics.progress if main_rank else "none", t.steps, s.step)
     sinks = MetricsSinks(cfg.metrics, out_dir, s.step) if main_rank else None
+    monitor = Monitor(s, progress, sinks)
     if main_rank:
         _describe(s, progress)
     summary: dict[str, Any] = {"resumed_from": str(s.resumed_from) if s.resumed_from else None}
@@ -77,7 +79,7 @@ def train(cfg: Config) -> dict[str, Any]:
         loss = train_step(s)
         logging = _due(s.step, t.log_interval, t.steps)
         # Reading the loss waits for the device, so only when it is logged.
-        loss_value = average_across_ranks(loss, s.runtime).item() if logging else None
+        loss_value = monitor.mean_loss(s, loss) if logging else None
         window_seconds += time.perf_counter() - start
         window_steps += 1
         if logging:
@@ -85,6 +87,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr and resume from the "
                                 "last good checkpoint with --resume auto")
             record = _train_record(s, loss_value, window_seconds / window_steps)
+            monitor.observe(s, record)
             summary["train_loss"] = loss_value
             progress.update(s.step - 1, record)
             if sinks:
@@ -95,6 +98,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if _due(s.step, cfg.checkpoint.interval, t.steps):
             progress.message(f"step {s.step}: saved {save(s)}")
     progress.close()
+    monitor.close()
     if sinks:
         plot = sinks.close()
         if plot:
