@@ -4,9 +4,9 @@
 step: after the timed work (forward and backward of its micro-batches) it sleeps twice what the
 work took. The sleep scales with the work, so a rank given fewer micro-batches (load balancing)
 or a worker that computes fewer gradients (asynchronous training) is slowed in proportion, as a
-slower machine would be. The numerics are untouched. Time the rank spends waiting for other
-ranks, when a clock measures it (``waiting.waited_total``, see
-``clusterlm.parallel.load_balance.RankClock``), is not work and is not stretched.
+slower machine would be. The numerics are untouched. With a ``RankClock``
+(``clusterlm.parallel.load_balance``), time the rank spent waiting for other ranks is not work
+and is not stretched, and the clock is told the rank's compute was stretched.
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ def parse_slow_ranks(text: str) -> dict[int, float]:
 
 
 @contextlib.contextmanager
-def slowed(factor: float, waiting: Any = None) -> Iterator[None]:
+def slowed(factor: float, clock: Any = None) -> Iterator[None]:
     """Run the block, then sleep ``factor - 1`` times what it took, less the time it waited."""
-    start, waited = time.perf_counter(), getattr(waiting, "waited_total", 0.0)
+    start, waited = time.perf_counter(), getattr(clock, "waited_total", 0.0)
     yield
     if factor > 1:
-        work = time.perf_counter() - start - (getattr(waiting, "waited_total", 0.0) - waited)
+        work = time.perf_counter() - start - (getattr(clock, "waited_total", 0.0) - waited)
         time.sleep((factor - 1) * max(work, 0.0))
+        if clock is not None:
+            clock.stretch(factor)
 
 
 def rank_factor(slow_ranks: str, rank: int, world_size: int) -> float:

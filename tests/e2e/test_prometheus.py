@@ -24,9 +24,13 @@ import urllib.request
 
 import pytest
 
-from .test_launch import TINY, data_dir  # noqa: F401  (the fixture)
+from clusterlm.cli import main as cli
+from clusterlm.train.exporter import exported_names
 
 SCRAPE_S = 1.0
+TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
+        "--training.micro_batch_size", "2", "--training.eval_interval", "0", "--metrics.progress", "none",
+        "--metrics.tensorboard", "false", "--metrics.plot", "false", "--metrics.peak_flops", "1e12"]
 NEVER_EXPOSED = {"clusterlm_system_gpu_utilization_percent", "clusterlm_system_gpu_memory_bytes"}  # CPU only here
 
 
@@ -90,21 +94,23 @@ def _visible(url: str) -> set[str]:
     return {series["metric"]["__name__"] for series in json.loads(answer)["data"]["result"]} if answer else set()
 
 
-def test_every_exported_metric_reaches_prometheus_within_two_scrapes(prometheus, data_dir, tmp_path):  # noqa: F811
-    from clusterlm.train.exporter import exported_names
-
+def test_every_exported_metric_reaches_prometheus_within_two_scrapes(prometheus, tmp_path):
     url, exporter_port = prometheus
+    (tmp_path / "a.txt").write_text("".join(f"all the world's a stage {i}\n" for i in range(2000)))
+    data_dir = tmp_path / "data"
+    assert cli(["prepare", str(tmp_path / "a.txt"), "--out", str(data_dir), "--workers", "1"]) == 0
     job = subprocess.Popen(
         [sys.executable, "-m", "clusterlm", "train", "--nproc", "2", "--data.dir", str(data_dir),
          "--training.out_dir", str(tmp_path / "run"), "--training.steps", "100000", "--training.log_interval", "2",
          "--metrics.prometheus_port", str(exporter_port), "--metrics.system", "true", *TINY,
          "--parallel.load_balance", "true", "--training.tokens_per_step", "128"],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "train.log", "w"), start_new_session=True)
+    expected = exported_names() - NEVER_EXPOSED
     exposed_at: dict[str, float] = {}
     visible_at: dict[str, float] = {}
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (not exposed_at or set(exposed_at) - set(visible_at)):
+        while time.monotonic() < deadline and not expected <= set(visible_at):
             assert job.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
             now = time.monotonic()
             for name in _exposed(_get(f"http://127.0.0.1:{exporter_port}/metrics") or ""):
@@ -116,6 +122,6 @@ def test_every_exported_metric_reaches_prometheus_within_two_scrapes(prometheus,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, 15)
         job.wait(timeout=60)
-    assert set(exposed_at) == exported_names() - NEVER_EXPOSED
+    assert set(exposed_at) == expected
     late = {name: round(visible_at.get(name, float("inf")) - exposed_at[name], 2) for name in exposed_at}
     assert all(delay <= 2 * SCRAPE_S for delay in late.values()), late

@@ -7,12 +7,15 @@ adding a collective to the step: the wait at the gradient reduction is the time 
 last local gradient (a post-accumulate hook on every parameter) to the end of backward, when
 DDP has the reduced gradients; collectives it runs itself (``wait``) count whole. FSDP's
 collectives are inside the library, so under zero2/zero3 the own time includes its waiting.
-Timing is host-side: on a GPU the figures are the step's wall time (kernels run asynchronously).
 
-``LoadBalancer`` turns the own times into micro-batches per rank, proportional to each rank's
-speed, and hands them to the loader at well-defined steps (every ``interval`` steps, after
-gathering the window's medians). Every rank computes the same assignment from the same
-gathered figures, so no decision has to be broadcast.
+``LoadBalancer`` turns each rank's forward/backward time, the part of a step that scales with
+its micro-batches, into micro-batches per rank in proportion to each rank's speed, and hands
+them to the loader at well-defined steps (every ``interval`` steps, after gathering the
+window's medians). Every rank computes the same assignment from the same gathered figures, so
+no decision has to be broadcast. On a CPU that time is the process's CPU time from its step
+start to its reduced gradients, which neither waiting nor other processes on the machine
+inflate, times the factor of ``training.slow_ranks``; on a GPU it is wall time after
+synchronizing the device, less waiting (there the own step time is host-side, approximate).
 """
 
 from __future__ import annotations
@@ -31,19 +34,30 @@ from clusterlm.errors import UserError
 
 
 class RankClock:
-    """This rank's own seconds per step, measured at every step start."""
+    """This rank's own seconds per step and forward/backward seconds, measured at every step
+    start of a whole (not pipelined) model ``part``."""
 
     def __init__(self, part: nn.Module, device: torch.device, on_step: Callable[[float], None] | None = None):
         self.device = device
-        self.on_step = on_step  # called with each step's own seconds
+        self.on_step = on_step  # called with each step's forward/backward seconds
         self.own: list[float] = []  # own seconds per step, until taken
         self.waited_total = 0.0  # seconds spent waiting since the start, for training.slow_ranks
         self._arrived: float | None = None  # when this rank reached the previous step start
         self._waited = 0.0
         self._gradient_at: float | None = None
+        self._compute = math.nan  # the last step's forward/backward seconds, waiting excluded
+        self._compute_at_start = 0.0
         for param in part.parameters():
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(self._gradient_ready)
+
+    def _compute_clock(self) -> float:
+        """The process's CPU seconds; on a GPU, wall seconds after the device finished, less
+        the time waited so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter() - self.waited_total
+        return time.process_time()
 
     def _gradient_ready(self, param: torch.Tensor) -> None:
         self._gradient_at = time.perf_counter()
@@ -59,20 +73,26 @@ class RankClock:
         self._add_wait(time.perf_counter() - start)
         return result
 
+    def stretch(self, factor: float) -> None:
+        """The step's forward/backward was made ``factor`` times as long (``training.slow_ranks``)."""
+        self._compute *= factor
+
     def gradients_reduced(self) -> None:
         """After the step's backward: from the last local gradient to now was waiting."""
+        now = time.perf_counter()
         if self._gradient_at is not None:
-            self._add_wait(max(time.perf_counter() - self._gradient_at, 0.0))
+            self._add_wait(max(now - self._gradient_at, 0.0))
         self._gradient_at = None
+        self._compute = self._compute_clock() - self._compute_at_start
 
     def step_start(self) -> None:
-        arrived = time.perf_counter()
+        arrived, previous = time.perf_counter(), self._compute
+        self._compute_at_start = self._compute_clock()
         if self._arrived is not None:
-            own = arrived - self._arrived - self._waited
-            self.own.append(own)
-            if self.on_step is not None:
-                self.on_step(own)
-        self._arrived, self._waited = arrived, 0.0
+            self.own.append(arrived - self._arrived - self._waited)
+        self._arrived, self._waited, self._compute = arrived, 0.0, math.nan
+        if self.on_step is not None and not math.isnan(previous):
+            self.on_step(previous)  # may gather (a collective): its wait belongs to this step
 
     def take_own(self) -> list[float]:
         own, self.own = self.own, []
@@ -130,12 +150,12 @@ class LoadBalancer:
         self.assign(counts)  # checks the counts
         self.counts = list(counts)
 
-    def observe(self, own_seconds: float) -> None:
-        """This rank's own time of a step; every ``interval`` steps the ranks' medians are
-        gathered (the same call on every rank) and the assignment reconsidered."""
+    def observe(self, seconds: float) -> None:
+        """This rank's forward/backward time of a step; every ``interval`` steps the ranks'
+        medians are gathered (the same call on every rank) and the assignment reconsidered."""
         if self.fixed:
             return
-        self._window.append(own_seconds)
+        self._window.append(seconds)
         if len(self._window) < self.interval:
             return
         mine, self._window = typical_seconds(self._window), []

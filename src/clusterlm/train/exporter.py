@@ -53,7 +53,9 @@ def exported_names() -> set[str]:
 class PrometheusExporter:
     def __init__(self, host: str, port: int):
         self.registry = CollectorRegistry()
-        self.job = {key: Gauge(name, doc, registry=self.registry) for name, (key, doc) in JOB_GAUGES.items()}
+        # Registered when first set: a gauge without labels would otherwise read 0 before it has a value.
+        self.job = {key: Gauge(name, doc, registry=None) for name, (key, doc) in JOB_GAUGES.items()}
+        self._unset = set(self.job)
         self.ranks = {key: Gauge(name, doc, ["rank"], registry=self.registry)
                       for name, (key, doc) in RANK_GAUGES.items()}
         self.counters = {key: Counter(name, doc, ["rank"], registry=self.registry)
@@ -70,6 +72,9 @@ class PrometheusExporter:
         for key, gauge in self.job.items():
             if _present(job.get(key)):
                 gauge.set(float(job[key]))
+                if key in self._unset:
+                    self.registry.register(gauge)
+                    self._unset.discard(key)
         for rank, values in ranks.items():
             for key, gauge in self.ranks.items():
                 if _present(values.get(key)):
