@@ -29,9 +29,9 @@ RANK_KEYS = ("step_s", "data_wait_share", *SYSTEM_KEYS)
 
 
 class Monitor:
-    def __init__(self, s: Session, progress: ProgressDisplay, sinks: MetricsSinks | None):
+    def __init__(self, s: Session, progress: ProgressDisplay):
         m = s.cfg.metrics
-        self.progress, self.sinks = progress, sinks
+        self.progress = progress
         self.started = time.time()
         self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         self.system = SystemSampler(s.runtime.device) if m.system else None
@@ -40,6 +40,9 @@ class Monitor:
                                 s.runtime.rank - s.runtime.rank % local_world + local_world)
         serves = m.prometheus_port and os.environ.get("LOCAL_RANK", "0") == "0"
         self.exporter = PrometheusExporter(m.prometheus_host, m.prometheus_port) if serves else None
+        if self.exporter is not None:
+            host, port = self.exporter.server.server_address[:2]
+            progress.message(f"Prometheus metrics: http://{host}:{port}/metrics")
         self._loading, self._step, self._counts = s.loader.loading_seconds, s.step, None
 
     def mean_loss(self, s: Session, loss: torch.Tensor) -> float:
@@ -49,7 +52,7 @@ class Monitor:
 
         return s.model.clock.wait(average) if s.model.clock is not None else average()
 
-    def observe(self, s: Session, record: dict[str, Any]) -> None:
+    def observe(self, s: Session, record: dict[str, Any], sinks: MetricsSinks | None) -> None:
         """Add the window's figures to ``record`` and report them; on every rank, at a log step."""
         ranks = self._gather(s, record)
         times = [values["step_s"] for values in ranks.values()]
@@ -70,8 +73,8 @@ class Monitor:
                 self._counts = list(s.balancer.counts)
                 self.progress.message(f"step {s.step}: load balance: micro-batches per rank "
                                       f"{','.join(map(str, self._counts))}")
-        if self.sinks is not None and self.system is not None:
-            self.sinks.log({"kind": "system", "step": s.step, "tokens": s.tokens,
+        if sinks is not None and self.system is not None:
+            sinks.log({"kind": "system", "step": s.step, "tokens": s.tokens,
                             **{f"{key}_rank{rank}": value for rank, values in ranks.items()
                                for key, value in values.items() if key in SYSTEM_KEYS and not math.isnan(value)}})
         if self.exporter is not None:

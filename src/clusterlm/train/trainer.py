@@ -68,8 +68,8 @@ def train(cfg: Config) -> dict[str, Any]:
     out_dir = Path(t.out_dir)
     main_rank = s.runtime.is_main
     progress = ProgressDisplay(cfg.metrics.progress if main_rank else "none", t.steps, s.step)
+    monitor = Monitor(s, progress)  # before anything is written: a busy exporter port fails first
     sinks = MetricsSinks(cfg.metrics, out_dir, s.step) if main_rank else None
-    monitor = Monitor(s, progress, sinks)
     if main_rank:
         _describe(s, progress)
     summary: dict[str, Any] = {"resumed_from": str(s.resumed_from) if s.resumed_from else None}
@@ -87,7 +87,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr and resume from the "
                                 "last good checkpoint with --resume auto")
             record = _train_record(s, loss_value, window_seconds / window_steps)
-            monitor.observe(s, record)
+            monitor.observe(s, record, sinks)
             summary["train_loss"] = loss_value
             progress.update(s.step - 1, record)
             if sinks:
