@@ -11,9 +11,10 @@ CLM := $(VENV)/bin/clusterlm
 
 .PHONY: train test lint clean system-packages
 
-# Real systems the tests start privately (a single-node Slurm, OpenMPI's mpirun): installed with apt
-# when missing and running as root; quick when they are there; without root the tests skip.
-SYSTEM_PACKAGES ?= slurm-wlm munge openmpi-bin
+# Real systems the tests start privately: a single-node Slurm, OpenMPI's mpirun, a Prometheus server,
+# network namespaces (iproute2) as nodes. Installed with apt when missing and running as root; quick
+# when they are there; without root those tests skip (and fail under CI=true).
+SYSTEM_PACKAGES ?= slurm-wlm munge openmpi-bin prometheus iproute2
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -39,15 +40,8 @@ train: $(VENV)
 	$(CLM) eval --run runs/default
 	$(CLM) generate --run runs/default --prompt "ROMEO:" --max-new-tokens 300
 
-test: $(VENV) system-packages iproute2
+test: $(VENV) system-packages
 	$(PY) -m pytest -q tests
-
-# The multi-node tests run each "node" in a network namespace (`ip netns`): iproute2, from apt
-# when missing and we are root (without it those tests skip, or fail under CI=true).
-.PHONY: iproute2
-iproute2:
-	@command -v ip >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q iproute2 \
-		|| { apt-get update -q && apt-get install -y -q iproute2; }
 
 lint: $(VENV)
 	$(VENV)/bin/ruff check src tests

@@ -92,6 +92,9 @@ def _timing_lines(sessions: dict[str, Session], times: dict[str, list[float]], s
     whose = "both variants together" if len(sessions) > 1 else "this process"  # one process holds both
     lines.append(f"device {device}; {config.tokens_per_step:,} tokens/step; median of {rounds} x {steps} steps; "
                  f"peak memory (rank 0, {whose}) {peak_memory_bytes(device) / 2**20:.0f} MiB")
+    for name, session in sessions.items():
+        if session.balancer is not None:
+            lines.append(f"load balance ({name}): micro-batches per rank {','.join(map(str, session.balancer.counts))}")
     if "baseline" in tokens_per_s:
         lines.append(f"speed-up over baseline: {tokens_per_s['config'] / tokens_per_s['baseline']:.2f}x")
     return lines

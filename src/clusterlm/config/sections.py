@@ -100,6 +100,10 @@ class ParallelConfig:
     cpu_offload: bool = opt(False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
     bucket_mb: float = opt(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs)")
     timeout_s: float = opt(600.0, "seconds a collective may wait before the job fails as hung")
+    load_balance: bool = opt(False, "ddp/zero1-3: give each data-parallel rank a number of the step's micro-batches "
+                             "proportional to its measured speed (global batch and losses unchanged)")
+    load_balance_counts: str = opt("", "with load_balance: fixed micro-batches per rank, e.g. '3,1' (empty = "
+                                   "measure the ranks' speeds every log interval)")
 
 
 @dataclass
@@ -128,6 +132,12 @@ class MetricsConfig:
     peak_flops: float = opt(0.0, "device peak FLOP/s for MFU (0 = GPU table, or a measured CPU probe)")
     sample_log: bool = opt(False, "each data-parallel rank writes the sample indices it reads per step to "
                                   "out_dir/samples/ (data accounting across restarts and elastic changes)")
+    prometheus_port: int = opt(0, "serve Prometheus metrics on this port from each node's local rank 0 (0 = off)")
+    prometheus_host: str = opt("127.0.0.1", "address the Prometheus exporter binds to (loopback by default)")
+    system: bool = opt(False, "sample each rank's CPU %, memory, network and disk bytes (and GPU utilization and "
+                       "memory) every log interval")
+    straggler_ratio: float = opt(1.5, "report a straggler when the slowest rank's step time exceeds this many "
+                                 "times the median (0 = do not time ranks separately)")
 
 
 @dataclass

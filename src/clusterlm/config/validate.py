@@ -100,8 +100,22 @@ def _init_from(cfg: Config) -> None:
         raise UserError(f"model.init_from must be empty or hf:DIR (a Hugging Face model directory), got {source!r}")
 
 
+def _monitoring(cfg: Config) -> None:
+    m, p = cfg.metrics, cfg.parallel
+    if not 0 <= m.prometheus_port <= 65535:
+        raise UserError(f"metrics.prometheus_port must be a port number in 0..65535 (0 = off), got {m.prometheus_port}")
+    if m.straggler_ratio and m.straggler_ratio < 1:
+        raise UserError(f"metrics.straggler_ratio compares the slowest rank with the median: use >= 1 (or 0 = off), "
+                        f"got {m.straggler_ratio}")
+    if p.load_balance and (p.data_parallel not in ("ddp", "zero1", "zero2", "zero3") or p.tp > 1 or p.pp > 1):
+        raise UserError("parallel.load_balance works with parallel.data_parallel = ddp, zero1, zero2 or zero3 "
+                        "and no tensor or pipeline parallelism (tp = pp = 1)")
+    if p.load_balance_counts and not p.load_balance:
+        raise UserError("parallel.load_balance_counts needs parallel.load_balance = true")
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments,
-                                                _init_from)
+                                                _init_from, _monitoring)
 
 
 def validate(cfg: Config) -> None:

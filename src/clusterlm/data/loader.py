@@ -8,11 +8,18 @@ range(W) seeded by (seed, e). A training step consumes the next G = micro_batch_
 ``counter + m * micro_batch_size * dp_size + r * micro_batch_size + [0, micro_batch_size)``.
 So the loader's state is one integer, ranks read disjoint parts of every global batch, and their
 union is what a single process with micro_batch_size * dp_size would read.
+
+Load balancing (``assign``) changes only who reads what: the step's G samples form
+grad_accum * dp_size micro-batches, micro-batch k holding samples ``counter + k * micro_batch_size
++ [0, micro_batch_size)``, and they are dealt to the ranks in micro-step order, each rank taking
+as many as the assignment gives it (``micro_batch_slots``). Equal counts deal exactly the layout
+above, and every step consumes the same samples whatever the assignment.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -87,6 +94,13 @@ class TokenStream:
             shard += 1
 
 
+def micro_batch_slots(counts: Sequence[int], rank: int) -> list[int]:
+    """The step's micro-batches ``rank`` reads when rank r takes ``counts[r]`` of them: dealt in
+    micro-step order (micro-step 0 of every rank that has one, then micro-step 1, ...)."""
+    dealt = [r for m in range(max(counts)) for r in range(len(counts)) if m < counts[r]]
+    return [slot for slot, owner in enumerate(dealt) if owner == rank]
+
+
 def _check_rank(dp_rank: int, dp_size: int) -> None:
     if not 0 <= dp_rank < dp_size:
         raise UserError(f"dp_rank {dp_rank} is outside [0, {dp_size}); check the launch environment")
@@ -132,6 +146,9 @@ class TokenLoader:
         self.seed = seed
         self.device = torch.device(device)
         self.samples_consumed = 0
+        self.loading_seconds = 0.0  # time spent in next_step, for the data-wait share
+        self.assignment: list[int] | None = None  # micro-batches per rank, when load balancing
+        self._slots = [m * dp_size + dp_rank for m in range(grad_accum)]
         self._stream = TokenStream(data_dir, split, cache_dir)
         self.windows_per_epoch = self._stream.num_windows(block_size)
         self._order_epoch = -1
@@ -149,14 +166,26 @@ class TokenLoader:
 
     def sample_indices(self, micro_step: int) -> range:
         """The global sample indices this rank reads at ``micro_step`` of the current step."""
-        start = (self.samples_consumed + micro_step * self.micro_batch_size * self.dp_size
-                 + self.dp_rank * self.micro_batch_size)
+        start = self.samples_consumed + self._slots[micro_step] * self.micro_batch_size
         return range(start, start + self.micro_batch_size)
 
+    def assign(self, counts: Sequence[int]) -> None:
+        """From the next step on, rank r reads ``counts[r]`` of the step's micro-batches."""
+        if len(counts) != self.dp_size or sum(counts) != self.grad_accum * self.dp_size or min(counts) < 1:
+            raise UserError(
+                f"micro-batches per rank {','.join(map(str, counts))} must be {self.dp_size} counts of at least "
+                f"1 adding up to the step's {self.grad_accum * self.dp_size} micro-batches"
+            )
+        self.assignment = [int(c) for c in counts]
+        self._slots = micro_batch_slots(self.assignment, self.dp_rank)
+
     def next_step(self) -> list[Batch]:
-        """This rank's ``grad_accum`` micro-batches (x, y) of the next step; advances the state."""
-        batches = [self._batch(self.sample_indices(m)) for m in range(self.grad_accum)]
+        """This rank's micro-batches (x, y) of the next step (``grad_accum`` of them unless
+        assigned otherwise); advances the state."""
+        start = time.perf_counter()
+        batches = [self._batch(self.sample_indices(m)) for m in range(len(self._slots))]
         self.samples_consumed += self.global_batch_size
+        self.loading_seconds += time.perf_counter() - start
         return batches
 
     def state_dict(self) -> dict[str, int]:

@@ -96,3 +96,24 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+
+@contextlib.contextmanager
+def gathered_for_accumulation(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """FSDP gathers parameters per micro-batch, a collective every rank must join as often as the
+    others; ranks with different numbers of micro-batches (load balancing) gather once for the
+    whole step instead, keep parameters whole until its end, then reshard. DDP needs nothing."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else []
+    if not units:
+        yield
+        return
+    model.set_reshard_after_forward(False)  # for the rest of the run: resharding is done here
+    model.set_reshard_after_backward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()

@@ -29,8 +29,10 @@ from clusterlm.parallel.data_parallel import (
     SHARDED,
     apply_data_parallel,
     build_optimizer,
+    gathered_for_accumulation,
     gradient_sync,
 )
+from clusterlm.parallel.load_balance import RankClock
 from clusterlm.parallel.materialize import canonical_name, materialize
 from clusterlm.parallel.mesh import pipeline_microbatches
 from clusterlm.parallel.pipeline import (
@@ -61,6 +63,11 @@ class ParallelModel:
     """This rank's share of the model, parallelized; one process is the degree-1 case."""
 
     pipeline: Pipeline | None = None
+    clock: RankClock | None = None  # times each rank's own share of a step (several processes)
+    # Under load balancing ranks hold different numbers of micro-batches; each micro-batch's loss
+    # is divided by the nominal count per rank, so that the gradient averaged over the ranks is
+    # the mean over all of the step's micro-batches.
+    balanced_micro_batches: int | None = None
 
     def __init__(self, parts: list[nn.Module], precision: Precision, tp_size: int, shard_optimizer: bool,
                  comm: list[CommHookState]):
@@ -112,13 +119,19 @@ class WholeModel(ParallelModel):
         """Gradient accumulation: gradients are reduced across data-parallel ranks once, in the
         last micro-batch's backward."""
         model, count = self.parts[0], len(micro_batches)
+        divisor = self.balanced_micro_batches or count
         total = torch.zeros((), device=micro_batches[0][0].device)
-        for i, (x, y) in enumerate(micro_batches):
-            with gradient_sync(model, enabled=i == count - 1), loss_context(self.tp_size):
-                loss = self.loss_fn(x, y)
-                self.precision.scale(loss / count).backward()
-            total += full_value(loss.detach())
-        return total / count
+        if self.clock is not None:
+            self.clock.step_start()
+        with gathered_for_accumulation(model, enabled=self.balanced_micro_batches is not None):
+            for i, (x, y) in enumerate(micro_batches):
+                with gradient_sync(model, enabled=i == count - 1), loss_context(self.tp_size):
+                    loss = self.loss_fn(x, y)
+                    self.precision.scale(loss / divisor).backward()
+                total += full_value(loss.detach())
+        if self.clock is not None:
+            self.clock.gradients_reduced()
+        return total / divisor
 
     def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.precision.autocast(), loss_context(self.tp_size):

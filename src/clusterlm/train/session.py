@@ -18,6 +18,7 @@ from clusterlm.hardware import peak_flops
 from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import ParallelModel, parallelize
+from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, restore_counts
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
 from clusterlm.train.optim import adamw_recipe
@@ -50,6 +51,7 @@ class Session:
     resumed_from: Path | None = None
     slowdown: float = 1.0  # this rank's factor from training.slow_ranks (experiments)
     sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
+    balancer: LoadBalancer | None = None  # micro-batches per rank (parallel.load_balance)
 
     @property
     def tokens_per_step(self) -> int:
@@ -90,6 +92,7 @@ def build_session(cfg: Config) -> Session:
         peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops), tokenizer,
     )
     session.slowdown = rank_factor(cfg.training.slow_ranks, runtime.rank, runtime.world_size)
+    session.balancer = attach_rank_timing(model, loader, cfg, runtime.world_size, runtime.device)
     _resume(session)
     session.sample_log = open_sample_log(cfg.metrics.sample_log, cfg.training.out_dir, runtime, session.step)
     return session
@@ -105,6 +108,7 @@ def _resume(session: Session) -> None:
         raise UserError(f"checkpoint {found.path} was trained on data with a different tokenizer than {cfg.data.dir}")
     session.model.load_state_dict(checkpoint.CheckpointReader(found.path), session.optimizers)
     session.loader.load_state_dict(found.state["loader"])
+    restore_counts(session.balancer, found.state.get("micro_batches_per_rank"))
     session.step, session.tokens, session.resumed_from = found.state["step"], found.state["tokens"], found.path
 
 
@@ -112,6 +116,7 @@ def save(s: Session) -> Path:
     state = {
         "step": s.step, "tokens": s.tokens, "loader": s.loader.state_dict(), "dp_size": s.runtime.dp_size,
         "config": s.cfg.to_dict(), "tokenizer_sha256": s.tokenizer.sha256,
+        "micro_batches_per_rank": s.balancer.counts if s.balancer else None,
     }
     return checkpoint.save_checkpoint(
         s.checkpoints, s.step, s.model.state_dict(s.optimizers), state, s.cfg.checkpoint.keep_last,

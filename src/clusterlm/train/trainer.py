@@ -21,8 +21,9 @@ from clusterlm.models.gpt import attention_kernel
 from clusterlm.slowdown import slowed
 from clusterlm.train.evaluate import eval_windows, evaluate_loss
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
+from clusterlm.train.monitor import Monitor
 from clusterlm.train.optim import lr_at
-from clusterlm.train.runtime import average_across_ranks, describe_layout
+from clusterlm.train.runtime import describe_layout
 from clusterlm.train.session import Session, build_session, save
 
 
@@ -37,7 +38,7 @@ def train_step(s: Session) -> torch.Tensor:
     if s.sample_log:
         s.sample_log.record(s.step + 1, s.loader)
     micro_batches = s.loader.next_step()
-    with attention_kernel(s.cfg.training.attention), slowed(s.slowdown):
+    with attention_kernel(s.cfg.training.attention), slowed(s.slowdown, s.model.clock):
         loss = s.model.forward_backward(micro_batches)
     precision = s.model.precision
     for optimizer in s.optimizers:
@@ -69,6 +70,7 @@ def train(cfg: Config) -> dict[str, Any]:
     out_dir = Path(t.out_dir)
     main_rank = s.runtime.is_main
     progress = ProgressDisplay(cfg.metrics.progress if main_rank else "none", t.steps, s.step)
+    monitor = Monitor(s, progress)  # before anything is written: a busy exporter port fails first
     sinks = MetricsSinks(cfg.metrics, out_dir, s.step) if main_rank else None
     if main_rank:
         _describe(s, progress)
@@ -79,7 +81,7 @@ def train(cfg: Config) -> dict[str, Any]:
         loss = train_step(s)
         logging = _due(s.step, t.log_interval, t.steps)
         # Reading the loss waits for the device, so only when it is logged.
-        loss_value = average_across_ranks(loss, s.runtime).item() if logging else None
+        loss_value = monitor.mean_loss(s, loss) if logging else None
         window_seconds += time.perf_counter() - start
         window_steps += 1
         if logging:
@@ -87,6 +89,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr and resume from the "
                                 "last good checkpoint with --resume auto")
             record = _train_record(s, loss_value, window_seconds / window_steps)
+            monitor.observe(s, record, sinks)
             summary["train_loss"] = loss_value
             progress.update(s.step - 1, record)
             if sinks:
@@ -97,6 +100,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if _due(s.step, cfg.checkpoint.interval, t.steps):
             progress.message(f"step {s.step}: saved {save(s)}")
     progress.close()
+    monitor.close()
     if sinks:
         plot = sinks.close()
         if plot:

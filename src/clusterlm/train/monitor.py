@@ -1,0 +1,119 @@
+"""Live figures of a running job, every log interval: per-rank step times and stragglers, the
+data-wait share, the load-balancing assignment, system samples, checkpoint age and restarts.
+
+Every rank calls ``Monitor.observe`` at a log step (it gathers from all ranks). The figures go
+into the training record (metrics.jsonl, TensorBoard), a ``system`` record per log step when
+``metrics.system`` is on, the progress display when a rank straggles or the assignment changes,
+and each node's Prometheus exporter (``metrics.prometheus_port``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from clusterlm.parallel.load_balance import all_gather_floats, typical_seconds
+from clusterlm.train import checkpoint
+from clusterlm.train.exporter import PrometheusExporter
+from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
+from clusterlm.train.runtime import average_across_ranks
+from clusterlm.train.session import Session
+from clusterlm.train.system import SYSTEM_KEYS, SystemSampler
+
+RANK_KEYS = ("step_s", "data_wait_share", *SYSTEM_KEYS)
+
+
+class Monitor:
+    def __init__(self, s: Session, progress: ProgressDisplay):
+        m = s.cfg.metrics
+        self.progress = progress
+        self.started = time.time()
+        self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.system = SystemSampler(s.runtime.device) if m.system else None
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", s.runtime.world_size))
+        self.node_ranks = range(s.runtime.rank - s.runtime.rank % local_world,
+                                s.runtime.rank - s.runtime.rank % local_world + local_world)
+        serves = m.prometheus_port and os.environ.get("LOCAL_RANK", "0") == "0"
+        self.exporter = PrometheusExporter(m.prometheus_host, m.prometheus_port) if serves else None
+        if self.exporter is not None:
+            host, port = self.exporter.server.server_address[:2]
+            progress.message(f"Prometheus metrics: http://{host}:{port}/metrics")
+        self._loading, self._step, self._counts = s.loader.loading_seconds, s.step, None
+
+    def mean_loss(self, s: Session, loss: torch.Tensor) -> float:
+        """The loss averaged over ranks; waiting there for a slower rank is timed as waiting."""
+        def average() -> float:
+            return average_across_ranks(loss, s.runtime).item()
+
+        return s.model.clock.wait(average) if s.model.clock is not None else average()
+
+    def observe(self, s: Session, record: dict[str, Any], sinks: MetricsSinks | None) -> None:
+        """Add the window's figures to ``record`` and report them; on every rank, at a log step."""
+        ranks = self._gather(s, record)
+        times = [values["step_s"] for values in ranks.values()]
+        record["rank_step_ms"] = [1000 * t for t in times]
+        record["data_wait_share"] = statistics.mean(v["data_wait_share"] for v in ranks.values())
+        record["checkpoint_age_s"], record["restarts"] = self._checkpoint_age(s), self.restarts
+        if len(times) > 1:
+            record.update(_straggler(times, s.cfg.metrics.straggler_ratio))
+            if record["straggler"]:
+                self.progress.message(
+                    f"step {s.step}: straggler: rank {record['slowest_rank']} takes {record['straggler_ratio']:.2f}x "
+                    f"the median step time ({record['step_ms_max']:.1f} ms against {record['step_ms_median']:.1f} ms)")
+        if s.balancer is not None:
+            record["micro_batches_per_rank"] = list(s.balancer.counts)
+            for rank, count in enumerate(s.balancer.counts):
+                ranks[rank]["micro_batches"] = count
+            if s.balancer.counts != self._counts:
+                self._counts = list(s.balancer.counts)
+                self.progress.message(f"step {s.step}: load balance: micro-batches per rank "
+                                      f"{','.join(map(str, self._counts))}")
+        if sinks is not None and self.system is not None:
+            sinks.log({"kind": "system", "step": s.step, "tokens": s.tokens,
+                            **{f"{key}_rank{rank}": value for rank, values in ranks.items()
+                               for key, value in values.items() if key in SYSTEM_KEYS and not math.isnan(value)}})
+        if self.exporter is not None:
+            self.exporter.update(record, {rank: ranks[rank] for rank in self.node_ranks})
+
+    def _gather(self, s: Session, record: dict[str, Any]) -> dict[int, dict[str, float]]:
+        """Every rank's figures for the window, keyed by rank."""
+        steps = max(s.step - self._step, 1)
+        loading = s.loader.loading_seconds - self._loading
+        self._loading, self._step = s.loader.loading_seconds, s.step
+        wall = record["ms_per_step"] / 1000
+        own = typical_seconds(s.model.clock.take_own()) if s.model.clock is not None else math.nan
+        sample = self.system.sample() if self.system is not None else {}
+        # The own step time, waiting for other ranks excluded, where a clock measured it.
+        mine = {"step_s": wall if math.isnan(own) else own, "data_wait_share": loading / (steps * wall), **sample}
+        values = [mine.get(key, math.nan) for key in RANK_KEYS]
+        if s.runtime.world_size == 1:
+            rows = [values]
+        elif s.model.clock is not None:
+            rows = s.model.clock.wait(lambda: all_gather_floats(values, s.runtime.device))
+        else:
+            rows = all_gather_floats(values, s.runtime.device)
+        return {rank: dict(zip(RANK_KEYS, row, strict=True)) for rank, row in enumerate(rows)}
+
+    def _checkpoint_age(self, s: Session) -> float:
+        complete = checkpoint.list_complete(s.checkpoints)
+        since = complete[-1].stat().st_mtime if complete else self.started
+        return time.time() - since
+
+    def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
+
+
+def _straggler(times: list[float], threshold: float) -> dict[str, Any]:
+    """Min, median and max step time across ranks, the slowest rank and whether it straggles."""
+    median = statistics.median(times)
+    slowest = max(range(len(times)), key=lambda r: times[r])
+    ratio = times[slowest] / median if median > 0 else 1.0
+    return {"step_ms_min": 1000 * min(times), "step_ms_median": 1000 * median, "step_ms_max": 1000 * times[slowest],
+            "slowest_rank": slowest, "straggler_ratio": ratio, "straggler": int(bool(threshold) and ratio > threshold)}
+
