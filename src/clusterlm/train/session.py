@@ -19,7 +19,7 @@ from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
-from clusterlm.train.optim import adamw_recipe
+from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.runtime import Runtime, setup_runtime
 
 
@@ -77,7 +77,7 @@ def build_session(cfg: Config) -> Session:
     with fsspec.open(f"{cfg.data.dir.rstrip('/')}/tokenizer.json", "rb") as f:
         tokenizer = TokenizerFile(manifest.tokenizer.sha256, f.read())
     session = Session(
-        cfg, runtime, model, model.build_optimizers(partial(adamw_recipe, cfg=cfg.optim)), loader, grad_accum,
+        cfg, runtime, model, model.build_optimizers(partial(optimizer_recipe, cfg=cfg.optim)), loader, grad_accum,
         training_flops_per_token(plain.args, cfg.seq_len),
         peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops), tokenizer,
     )

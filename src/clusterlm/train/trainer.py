@@ -45,8 +45,9 @@ def train_step(s: Session) -> torch.Tensor:
     precision.step(s.optimizers)
     for optimizer in s.optimizers:
         optimizer.zero_grad(set_to_none=True)
-    s.step += 1
-    s.tokens += s.tokens_per_step
+    advanced = s.model.after_step(s.step + 1) - s.step  # a parameter server's workers advance it together
+    s.step += advanced
+    s.tokens += advanced * s.tokens_per_step
     return loss
 
 
