@@ -105,7 +105,8 @@ class ParallelConfig:
     ps_servers: int = opt(1, "ps: parameter-server ranks (the last ranks of the job; the others are workers)")
     ps_staleness: int = opt(-1, "ps: -1 fully asynchronous; s >= 0 bounded staleness (SSP): a worker at clock c "
                             "waits until the slowest has reached c - s; 0 applies each round's mean gradient")
-    ps_lease_s: float = opt(30.0, "ps: a worker silent this long is counted lost; the others stop waiting for it")
+    ps_lease_s: float = opt(30.0, "ps: seconds a server waits with no worker connected (all lost) before it fails; "
+                            "a worker that dies is counted lost at once, one that hangs after timeout_s")
     local_steps: int = opt(16, "local_sgd/diloco: optimizer steps each replica takes between synchronizations")
     outer_lr: float = opt(0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient")
     outer_momentum: float = opt(0.9, "diloco: momentum of the outer Nesterov SGD")

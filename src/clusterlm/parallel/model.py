@@ -39,6 +39,7 @@ class ParallelModel:
     """This rank's share of the model, parallelized; one process is the degree-1 case."""
 
     pipeline: Pipeline | None = None
+    serves = False  # a parameter server's server rank: ``serve`` instead of the training loop
 
     def __init__(self, parts: list[nn.Module], precision: Precision, tp_size: int, shard_optimizer: bool,
                  comm: list[CommHookState]):

@@ -35,6 +35,7 @@ from clusterlm.parallel.pipeline import (
     sync_tied_gradients,
 )
 from clusterlm.parallel.precision import Precision
+from clusterlm.parallel.ps import PSRole, parameter_server_model
 from clusterlm.parallel.tensor_parallel import apply_tensor_parallel, full_value, loss_context
 
 
@@ -75,7 +76,9 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def _whole_model(loss_fn: Callable, part: nn.Module, mesh: DeviceMesh | None, p: ParallelConfig,
-                 common: dict[str, Any]) -> ParallelModel:
+                 common: dict[str, Any], ps: PSRole | None) -> ParallelModel:
+    if ps is not None:
+        return parameter_server_model(ps, loss_fn=loss_fn, parts=[part], **common)
     if p.data_parallel in ("local_sgd", "diloco"):
         group = mesh["dp_replicate"].get_group() if mesh is not None else None
         outer = {"lr": p.outer_lr, "momentum": p.outer_momentum} if p.data_parallel == "diloco" else None
@@ -83,9 +86,10 @@ def _whole_model(loss_fn: Callable, part: nn.Module, mesh: DeviceMesh | None, p:
     return WholeModel(loss_fn, parts=[part], **common)
 
 
-def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> ParallelModel:
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, ps: PSRole | None = None) -> ParallelModel:
     """This rank's share of ``model`` (on its device, initialized), parallelized for ``cfg`` on
-    ``mesh``, which is None in a single process."""
+    ``mesh``, which is None in a single process and in a parameter-server job (``ps``: this
+    rank's role in it)."""
     device = next(model.parameters()).device
     p = cfg.parallel
     precision = Precision(cfg.training.precision, device, sharded=mesh is not None and p.data_parallel in SHARDED)
@@ -113,7 +117,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
             # One graph from tokens to loss: the compiler fuses across blocks, the embeddings, the
             # head and the loss. Across processes each block is compiled instead.
             loss_fn = torch.compile(loss_fn)
-        return _whole_model(loss_fn, part, mesh, p, common)
+        return _whole_model(loss_fn, part, mesh, p, common, ps)
     stages = split_into_stages(model, mesh["pp"].get_group(), p.pp_schedule, p.pp_stages_per_rank or None,
                                parallelize_stage=parallelize_part)
     micro_batches = pipeline_microbatches(p)

@@ -68,7 +68,7 @@ def build_session(cfg: Config) -> Session:
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
     plain = build_model(cfg, manifest.vocab_size, runtime.device)
-    model = parallelize(plain, cfg, runtime.mesh)
+    model = parallelize(plain, cfg, runtime.mesh, runtime.ps)
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader = TokenLoader(
         cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,

@@ -58,12 +58,16 @@ def _dropout_seed(s: Session) -> int:
     return hash((s.cfg.training.seed, s.step, s.runtime.dp_rank, tp_rank)) % 2**63
 
 
-def _due(step: int, interval: int, last: int) -> bool:
-    return step == last or (interval > 0 and step % interval == 0)
+def _due(before: int, step: int, interval: int, last: int) -> bool:
+    """Whether a step from ``before`` to ``step`` reached ``last`` or crossed a multiple of
+    ``interval`` (a parameter server's workers advance by the other workers' steps too)."""
+    return step == last or (interval > 0 and before // interval < step // interval)
 
 
 def train(cfg: Config) -> dict[str, Any]:
     s = build_session(cfg)
+    if s.model.serves:  # a parameter server: it answers the workers instead of training
+        return s.model.serve(s.optimizers, cfg.training.steps, s.step)
     t = cfg.training
     out_dir = Path(t.out_dir)
     main_rank = s.runtime.is_main
@@ -74,9 +78,9 @@ def train(cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"resumed_from": str(s.resumed_from) if s.resumed_from else None}
     window_seconds, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
     while s.step < t.steps:
-        start = time.perf_counter()
+        start, before = time.perf_counter(), s.step
         loss = train_step(s)
-        logging = _due(s.step, t.log_interval, t.steps)
+        logging = _due(before, s.step, t.log_interval, t.steps)
         # Reading the loss waits for the device, so only when it is logged.
         loss_value = average_across_ranks(loss, s.runtime).item() if logging else None
         window_seconds += time.perf_counter() - start
@@ -91,9 +95,9 @@ def train(cfg: Config) -> dict[str, Any]:
             if sinks:
                 sinks.log(record)
             window_seconds, window_steps = 0.0, 0
-        if _due(s.step, t.eval_interval, t.steps):
+        if _due(before, s.step, t.eval_interval, t.steps) and s.runtime.reports:
             summary["val_loss"] = _evaluate(s, progress, sinks)
-        if _due(s.step, cfg.checkpoint.interval, t.steps):
+        if _due(before, s.step, cfg.checkpoint.interval, t.steps) and s.runtime.reports:
             progress.message(f"step {s.step}: saved {save(s)}")
     progress.close()
     if sinks:
