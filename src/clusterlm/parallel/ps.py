@@ -96,7 +96,7 @@ class ServerLinks:
     def _exchange(self, kind: float, lr: float, payload: list[torch.Tensor] | None) -> None:
         """Send to every server, then read each one's reply: its step and statistics, and the
         current values of its shard, written into this worker's parameters."""
-        header = torch.tensor([kind, lr, 0, 0, 0], dtype=torch.float64)
+        header = torch.tensor([kind, lr, 0, 0, 0, 0], dtype=torch.float64)
         sends = []
         for server, group in enumerate(self.groups):
             sends.append(group.send([header], 0, 0))
@@ -114,7 +114,8 @@ class ServerLinks:
         self.step = int(min(r[0] for r in replies))
         pushes = replies[0][1]
         self.metrics = {"ps_pushes": pushes, "staleness_max": max(r[2] for r in replies),
-                        "staleness_mean": replies[0][3] / pushes if pushes else 0.0, "ps_live_workers": replies[0][4]}
+                        "staleness_mean": replies[0][3] / pushes if pushes else 0.0, "ps_live_workers": replies[0][4],
+                        "ps_server_busy_s": max(r[5] for r in replies)}
 
     def push(self, lr: float) -> None:
         grads = [flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in shard])
@@ -126,7 +127,7 @@ class ServerLinks:
         """The servers' parameters and optimizer state, into this worker's model and ``optimizer``
         (a replica of the servers' optimizer kept for checkpoints)."""
         create_missing_state(optimizer)
-        request = torch.tensor([SNAPSHOT, 0, 0, 0, 0], dtype=torch.float64)
+        request = torch.tensor([SNAPSHOT, 0, 0, 0, 0, 0], dtype=torch.float64)
         for group, shard in zip(self.groups, self.shards, strict=True):
             group.send([request], 0, 0).wait()
             size = torch.zeros(HEADER, dtype=torch.float64)

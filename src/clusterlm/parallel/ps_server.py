@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from clusterlm.parallel.state_dict import create_missing_state
 
-HEADER = 5  # float64 values that open every message
+HEADER = 6  # float64 values that open every message
 JOIN, PUSH, SNAPSHOT = 0.0, 1.0, 2.0
 
 
@@ -53,6 +53,7 @@ class Stats:
     pushes: int = 0  # gradients applied (or summed into a round)
     staleness_sum: int = 0
     staleness_max: int = 0
+    busy_s: float = 0.0  # time spent applying the optimizer: what bounds the pushes a server can take
 
 
 @dataclass
@@ -170,6 +171,7 @@ class ParameterServer:
         self.rounds += 1
 
     def _optimizer_step(self, grads: torch.Tensor, lr: float) -> None:
+        start = time.perf_counter()
         for param in self.params:
             param.grad = torch.empty_like(param)
         unflatten_into(grads, [p.grad for p in self.params])
@@ -178,10 +180,11 @@ class ParameterServer:
         self.optimizer.step()
         for param in self.params:
             param.grad = None
+        self.stats.busy_s += time.perf_counter() - start
 
     def _reply(self, worker: int, group: dist.ProcessGroup) -> None:
         """Wait for the staleness bound, then send (step, pushes, staleness max and sum, live
-        workers) and the shard's values."""
+        workers, seconds spent applying) and the shard's values."""
         with self.changed:
             clock = self.clocks.live[worker]
             while self.staleness >= 0 and self.step < self.total_steps and \
@@ -189,8 +192,8 @@ class ParameterServer:
                 self.changed.wait(timeout=1.0)
             self.clocks.read_at[worker] = self.clocks.slowest
             s = self.stats
-            header = torch.tensor([self.step, s.pushes, s.staleness_max, s.staleness_sum, len(self.clocks.live)],
-                                  dtype=torch.float64)
+            header = torch.tensor([self.step, s.pushes, s.staleness_max, s.staleness_sum, len(self.clocks.live),
+                                   s.busy_s], dtype=torch.float64)
             values = flatten(self.params)
         group.send([header], 1, 0).wait()
         group.send([values], 1, 0).wait()
@@ -203,5 +206,5 @@ class ParameterServer:
             for param in self.params:
                 tensors += [value for _, value in sorted(self.optimizer.state[param].items())]
             flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
-        group.send([torch.tensor([flat.numel(), 0, 0, 0, 0], dtype=torch.float64)], 1, 0).wait()
+        group.send([torch.tensor([flat.numel(), 0, 0, 0, 0, 0], dtype=torch.float64)], 1, 0).wait()
         group.send([flat], 1, 0).wait()
