@@ -98,3 +98,39 @@ def test_bounded_staleness_holds_under_a_straggler(data_dir, tmp_path):
     assert max(r["staleness_max"] for r in train) <= 1
     assert train[-1]["step"] == 10 and train[-1]["ps_pushes"] == 10 * 3
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+def _records(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def _wait_for(condition, job: Job, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline or any(p.poll() not in (None, 0) for r, p in job.procs.items() if r != 2):
+            job.kill()
+            pytest.fail(f"waiting for {what}:\n{job.logs()}")
+        time.sleep(0.2)
+
+
+def test_a_lost_worker_does_not_stop_training_and_a_restarted_one_rejoins(data_dir, tmp_path):
+    """3 workers, 1 server, s = 1 (so a lost worker would block the others if it were still
+    counted): worker 2 is killed mid-run; the others go on; worker 2 is started again, pulls the
+    current parameters and pushes again; the job finishes its steps."""
+    values = {**BASE, "data.dir": data_dir, "training.out_dir": tmp_path, "parallel.data_parallel": "ps",
+              "parallel.ps_staleness": 1, "training.micro_batch_size": MICRO, "training.steps": 400,
+              "training.eval_interval": 0, "training.slow_ranks": "0:2,1:2"}
+    job = Job(values, 4, tmp_path)
+    _wait_for(lambda: any(r.get("step", 0) >= 10 for r in _records(tmp_path)), job, "step 10")
+    job.procs[2].kill()
+    job.procs[2].wait()
+    _wait_for(lambda: any(r.get("ps_live_workers") == 2 for r in _records(tmp_path)), job, "the loss to be seen")
+    lost_at = max(r["step"] for r in _records(tmp_path) if r.get("ps_live_workers") == 2)
+    job.procs[2] = job.start(2)
+    job.wait()
+    train = [r for r in _records(tmp_path) if r["kind"] == "train"]
+    rejoined = [r["step"] for r in train if r["step"] > lost_at and r["ps_live_workers"] == 3]
+    assert rejoined, f"worker 2 never came back: {[(r['step'], r['ps_live_workers']) for r in train]}"
+    assert train[-1]["step"] == 400 and train[-1]["staleness_max"] <= 1

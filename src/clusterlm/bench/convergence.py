@@ -105,7 +105,7 @@ def run_variant(config: str | None, values: dict[str, str], processes: int, name
     argv = ["train", *(["--config", config] if config else []),
             *[a for key, value in values.items() for a in (f"--{key}", value)]]
     command = torchrun_command(LaunchOptions(nproc=processes), argv)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "job.log", "w") as log:
         try:

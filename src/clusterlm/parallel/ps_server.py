@@ -96,25 +96,33 @@ class ParameterServer:
         is connected; every worker gets a thread."""
         threads: list[threading.Thread] = []
         idle_since = time.monotonic()
+        accepting = True
         while True:
-            key = f"{prefix}/join/{self.joined + 1}"
-            if store.check([key]):
-                worker = int(store.get(key))
-                self.joined += 1
-                group_key = f"{prefix}/pair/{self.joined}"
-                thread = threading.Thread(target=self._connection, args=(worker, store, group_key, timeout_s),
-                                          daemon=True)
-                thread.start()
-                threads.append(thread)
+            try:
+                if accepting:
+                    threads += self._accept(store, prefix, timeout_s)
+            except dist.DistNetworkError:  # the store's host (rank 0, unless the launcher) has ended
+                accepting = False
             threads = [t for t in threads if t.is_alive()]
             if threads:
                 idle_since = time.monotonic()
-            elif self.joined and self.step >= self.total_steps:
+            elif self.joined and (self.step >= self.total_steps or not accepting):
                 return
             elif time.monotonic() - idle_since > (lease_s if self.joined else timeout_s):
                 raise TimeoutError(f"no worker connected to the parameter server for "
                                    f"{time.monotonic() - idle_since:.0f}s before the job's steps were done")
             time.sleep(0.01)
+
+    def _accept(self, store: dist.Store, prefix: str, timeout_s: float) -> list[threading.Thread]:
+        key = f"{prefix}/join/{self.joined + 1}"
+        if not store.check([key]):
+            return []
+        worker = int(store.get(key))
+        self.joined += 1
+        thread = threading.Thread(target=self._connection, daemon=True,
+                                  args=(worker, store, f"{prefix}/pair/{self.joined}", timeout_s))
+        thread.start()
+        return [thread]
 
     def _connection(self, worker: int, store: dist.Store, key: str, timeout_s: float) -> None:
         group = pair_group(store, key, 0, timeout_s)
