@@ -1,7 +1,8 @@
 """The parameter server on real processes, launched as torchrun launches them (RANK, WORLD_SIZE,
 MASTER_ADDR/PORT and a TCPStore the launcher hosts), so that one worker can be killed and started
-again: bounded staleness holds under a straggler, s = 0 with SGD equals synchronous data
-parallel through a checkpoint and resume, and a job survives losing a worker and takes it back.
+again: s = 0 with SGD equals synchronous data parallel through a checkpoint and resume, and a
+job survives losing a worker and takes it back while uneven workers stay within the staleness
+bound.
 
 Tolerance of the equivalence: fp32, relative 1e-5 on validation losses and weights (a worker
 logs its own batch's loss, so training losses are not compared).
@@ -90,16 +91,6 @@ def test_s0_equals_synchronous_data_parallel_through_a_resume(data_dir, referenc
     assert last["staleness_max"] == 0 and last["ps_pushes"] == 6 * 2  # counted since the servers started
 
 
-def test_bounded_staleness_holds_under_a_straggler(data_dir, tmp_path):
-    """Worker 1 of 3 takes 3x its compute time; with s = 1 no update is staler than 1 clock."""
-    records = run_ps(data_dir, tmp_path, 4, parallel__ps_staleness=1, training__slow_ranks="1:3",
-                     training__steps=10, training__eval_interval=0)
-    train = [r for r in records if r["kind"] == "train"]
-    assert max(r["staleness_max"] for r in train) <= 1
-    assert train[-1]["step"] == 10 and train[-1]["ps_pushes"] == 10 * 3
-    assert train[-1]["loss"] < train[0]["loss"]
-
-
 def _records(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
@@ -118,7 +109,9 @@ def _wait_for(condition, job: Job, what: str) -> None:
 def test_a_lost_worker_does_not_stop_training_and_a_restarted_one_rejoins(data_dir, tmp_path):
     """3 workers, 1 server, s = 1 (so a lost worker would block the others if it were still
     counted): worker 2 is killed mid-run; the others go on; worker 2 is started again, pulls the
-    current parameters and pushes again; the job finishes its steps."""
+    current parameters and pushes again; the job finishes its steps. Workers 0 and 1 are slowed
+    2x (training.slow_ranks), so worker 2 runs ahead of them: updates reach the staleness bound
+    of 1 clock and never pass it."""
     values = {**BASE, "data.dir": data_dir, "training.out_dir": tmp_path, "parallel.data_parallel": "ps",
               "parallel.ps_staleness": 1, "training.micro_batch_size": MICRO, "training.steps": 400,
               "training.eval_interval": 0, "training.slow_ranks": "0:2,1:2"}
@@ -133,4 +126,4 @@ def test_a_lost_worker_does_not_stop_training_and_a_restarted_one_rejoins(data_d
     train = [r for r in _records(tmp_path) if r["kind"] == "train"]
     rejoined = [r["step"] for r in train if r["step"] > lost_at and r["ps_live_workers"] == 3]
     assert rejoined, f"worker 2 never came back: {[(r['step'], r['ps_live_workers']) for r in train]}"
-    assert train[-1]["step"] == 400 and train[-1]["staleness_max"] <= 1
+    assert train[-1]["step"] == 400 and max(r["staleness_max"] for r in train) == 1
