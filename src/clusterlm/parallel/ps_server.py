@@ -98,8 +98,8 @@ class ParameterServer:
         idle_since = time.monotonic()
         accepting = True
         while True:
-            try:
-                if accepting:
+            try:  # no joins once the budget is spent: rank 0 may end, and its store with it
+                if accepting and self.step < self.total_steps:
                     threads += self._accept(store, prefix, timeout_s)
             except dist.DistNetworkError:  # the store's host (rank 0, unless the launcher) has ended
                 accepting = False
