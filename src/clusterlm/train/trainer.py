@@ -84,7 +84,7 @@ def train(cfg: Config) -> dict[str, Any]:
         # Reading the loss waits for the device, so only when it is logged.
         loss_value = average_across_ranks(loss, s.runtime).item() if logging else None
         window_seconds += time.perf_counter() - start
-        window_steps += 1
+        window_steps += s.step - before  # 1, or for a parameter server's worker the job's steps meanwhile
         if logging:
             if not math.isfinite(loss_value):
                 raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr and resume from the "
