@@ -38,7 +38,8 @@ def pair_group(store: dist.Store, key: str, rank: int, timeout_s: float) -> dist
 
 
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
+    """One fp32 CPU tensor (the pair groups are gloo's, which sends host memory)."""
+    return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]) if tensors else torch.zeros(0)
 
 
 def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -213,6 +214,6 @@ class ParameterServer:
             tensors = list(self.params)
             for param in self.params:
                 tensors += [value for _, value in sorted(self.optimizer.state[param].items())]
-            flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+            flat = torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors])
         group.send([torch.tensor([flat.numel(), 0, 0, 0, 0, 0], dtype=torch.float64)], 1, 0).wait()
         group.send([flat], 1, 0).wait()
