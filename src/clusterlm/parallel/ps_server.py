@@ -63,6 +63,7 @@ class Clocks:
 
     live: dict[int, int] = field(default_factory=dict)
     read_at: dict[int, int] = field(default_factory=dict)
+    connection: dict[int, int] = field(default_factory=dict)  # the join number serving each worker
 
     @property
     def slowest(self) -> int:
@@ -80,11 +81,11 @@ class ParameterServer:
         self.workers, self.total_steps = workers, total_steps
         self.applied = start_step * workers  # pushes the budget has counted, resumed runs included
         self.rounds = start_step  # with s = 0: rounds applied
-        self.round_sum: list[torch.Tensor] | None = None
+        self.round_sum: torch.Tensor | None = None
         self.round_count, self.lr = 0, 0.0
         self.clocks, self.stats = Clocks(), Stats()
         self.changed = threading.Condition()
-        self.joined = 0
+        self.joined, self.started = 0, False
 
     @property
     def step(self) -> int:
@@ -121,11 +122,12 @@ class ParameterServer:
         worker = int(store.get(key))
         self.joined += 1
         thread = threading.Thread(target=self._connection, daemon=True,
-                                  args=(worker, store, f"{prefix}/pair/{self.joined}", timeout_s))
+                                  args=(worker, self.joined, store, f"{prefix}/pair/{self.joined}", timeout_s))
         thread.start()
         return [thread]
 
-    def _connection(self, worker: int, store: dist.Store, key: str, timeout_s: float) -> None:
+    def _connection(self, worker: int, number: int, store: dist.Store, key: str, timeout_s: float) -> None:
+        """Serve one worker's connection (its ``number``-th join) until it closes."""
         group = pair_group(store, key, 0, timeout_s)
         header = torch.zeros(HEADER, dtype=torch.float64)
         try:
@@ -139,17 +141,20 @@ class ParameterServer:
                     group.recv([grads], 1, 0).wait()
                     self._apply(worker, grads, float(header[1]))
                 else:
-                    self._join(worker)
+                    self._join(worker, number)
                 self._reply(worker, group)
         except RuntimeError:  # the worker closed its group: it finished, or it died
             with self.changed:
-                self.clocks.live.pop(worker, None)
+                if self.clocks.connection.get(worker) == number:  # not yet replaced by a restarted worker
+                    self.clocks.live.pop(worker, None)
                 self._maybe_apply_round()
                 self.changed.notify_all()
 
-    def _join(self, worker: int) -> None:
+    def _join(self, worker: int, number: int) -> None:
         with self.changed:  # a (re)joining worker starts at the slowest clock: it waits for no one
-            self.clocks.live[worker] = self.clocks.slowest if self.clocks.live else 0
+            others = [c for w, c in self.clocks.live.items() if w != worker]
+            self.clocks.live[worker] = min(others, default=0)
+            self.clocks.connection[worker] = number
             self.changed.notify_all()
 
     def _apply(self, worker: int, grads: torch.Tensor, lr: float) -> None:
@@ -161,7 +166,7 @@ class ParameterServer:
                 self.stats.staleness_sum += stale
                 self.stats.staleness_max = max(self.stats.staleness_max, stale)
                 if self.staleness == 0:
-                    self.round_sum = [grads] if self.round_sum is None else [self.round_sum[0] + grads]
+                    self.round_sum = grads if self.round_sum is None else self.round_sum + grads
                     self.round_count += 1
                     self.lr = lr
                 else:
@@ -175,7 +180,7 @@ class ParameterServer:
         """s = 0: once every live worker pushed this round, apply the round's mean gradient."""
         if self.round_sum is None or self.round_count < len(self.clocks.live):
             return
-        self._optimizer_step(self.round_sum[0] / self.round_count, self.lr)
+        self._optimizer_step(self.round_sum / self.round_count, self.lr)
         self.round_sum, self.round_count = None, 0
         self.rounds += 1
 
@@ -195,6 +200,10 @@ class ParameterServer:
         """Wait for the staleness bound, then send (step, pushes, staleness max and sum, live
         workers, seconds spent applying) and the shard's values."""
         with self.changed:
+            while not self.started:  # the job starts once every worker has joined: round 0 is whole
+                self.started = len(self.clocks.live) >= self.workers
+                if not self.started:
+                    self.changed.wait(timeout=1.0)
             clock = self.clocks.live[worker]
             while self.staleness >= 0 and self.step < self.total_steps and \
                     self.clocks.slowest < clock - self.staleness:
