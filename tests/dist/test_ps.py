@@ -38,9 +38,10 @@ class Job:
         self.procs = {rank: self.start(rank) for rank in range(world)}
 
     def start(self, rank: int) -> subprocess.Popen:
-        log = open(self.tmp / f"rank{rank}.{time.monotonic_ns()}.log", "w")
-        return subprocess.Popen([sys.executable, "-m", "clusterlm.train", *self.args], stdout=log,
-                                stderr=subprocess.STDOUT, env={**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+        with open(self.tmp / f"rank{rank}.{time.monotonic_ns()}.log", "w") as log:  # the child keeps its copy
+            return subprocess.Popen([sys.executable, "-m", "clusterlm.train", *self.args], stdout=log,
+                                    stderr=subprocess.STDOUT,
+                                    env={**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
 
     def wait(self) -> None:
         deadline = time.monotonic() + TIMEOUT_S
