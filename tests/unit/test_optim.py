@@ -4,14 +4,14 @@ import pytest
 
 from clusterlm.config import OptimConfig
 from clusterlm.models import ModelArgs, Transformer
-from clusterlm.train.optim import adamw_recipe, lr_at
+from clusterlm.train.optim import lr_at, optimizer_recipe
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_only_linear_weights_are_decayed(flavour):
     model = Transformer(ModelArgs(flavour=flavour, vocab_size=20, block_size=8, n_layer=2, n_head=2,
                                   n_kv_head=2, n_embd=16, ffn_hidden=32))
-    decay, no_decay = adamw_recipe(model, OptimConfig(weight_decay=0.1)).build().param_groups
+    decay, no_decay = optimizer_recipe(model, OptimConfig(weight_decay=0.1)).build().param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

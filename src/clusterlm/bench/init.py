@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from clusterlm.config import Config
 from clusterlm.data.manifest import load_manifest
 from clusterlm.parallel import parallelize
-from clusterlm.train.optim import adamw_recipe
+from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.pretrained import pretrained_source
 from clusterlm.train.runtime import setup_runtime
 from clusterlm.train.session import build_model
@@ -46,7 +46,7 @@ def measure_init(cfg: Config) -> dict[str, float]:
     plain, source = build_model(cfg, vocab)
     source = pretrained_source(cfg) or source  # model.init_from: measure reading the pretrained shards
     model = parallelize(plain, cfg, runtime.mesh, runtime.device, source)
-    model.build_optimizers(partial(adamw_recipe, cfg=cfg.optim))
+    model.build_optimizers(partial(optimizer_recipe, cfg=cfg.optim))
     seconds = time.perf_counter() - start
     share = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for part in model.parts
                 for p in part.parameters()) * 4

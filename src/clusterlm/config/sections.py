@@ -77,6 +77,8 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
+    optimizer: str = opt("adamw", "optimizer: adamw, or sgd (with optim.momentum)", ("adamw", "sgd"))
+    momentum: float = opt(0.0, "sgd: momentum")
     fused: bool = opt(True, "fused AdamW kernel: one pass over all parameters instead of one per tensor")
 
 
@@ -84,8 +86,10 @@ class OptimConfig:
 class ParallelConfig:
     data_parallel: str = opt("ddp", "data-parallel strategy: ddp (replicate, all-reduce gradients), zero1 "
                              "(+ shard optimizer state), zero2 (+ gradients), zero3 (+ parameters), hsdp "
-                             "(zero3 inside a group, replicated across groups)",
-                             ("ddp", "zero1", "zero2", "zero3", "hsdp"))
+                             "(zero3 inside a group, replicated across groups), local_sgd (average parameters "
+                             "every local_steps), diloco (outer Nesterov step every local_steps), ps (parameter "
+                             "server, asynchronous)",
+                             ("ddp", "zero1", "zero2", "zero3", "hsdp", "local_sgd", "diloco", "ps"))
     dp_replicate: int = opt(0, "data-parallel replicas (0 = derive from the world size and strategy)")
     dp_shard: int = opt(0, "data-parallel sharding degree (0 = derive from the world size and strategy)")
     tp: int = opt(1, "tensor-parallel degree: attention heads and MLP columns split across this many ranks")
@@ -104,6 +108,14 @@ class ParallelConfig:
                              "proportional to its measured speed (global batch and losses unchanged)")
     load_balance_counts: str = opt("", "with load_balance: fixed micro-batches per rank, e.g. '3,1' (empty = "
                                    "measure the ranks' speeds every log interval)")
+    ps_servers: int = opt(1, "ps: parameter-server ranks (the last ranks of the job; the others are workers)")
+    ps_staleness: int = opt(-1, "ps: -1 fully asynchronous; s >= 0 bounded staleness (SSP): a worker at clock c "
+                            "waits until the slowest has reached c - s; 0 applies each round's mean gradient")
+    ps_lease_s: float = opt(30.0, "ps: seconds a server waits with no worker connected (all lost) before it fails; "
+                            "a worker that dies is counted lost at once, one that hangs after timeout_s")
+    local_steps: int = opt(16, "local_sgd/diloco: optimizer steps each replica takes between synchronizations")
+    outer_lr: float = opt(0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient")
+    outer_momentum: float = opt(0.9, "diloco: momentum of the outer Nesterov SGD")
 
 
 @dataclass

@@ -89,6 +89,19 @@ def _experiments(cfg: Config) -> None:
     parse_slow_ranks(cfg.training.slow_ranks)
 
 
+def _async(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.local_steps < 1:
+        raise UserError(f"parallel.local_steps must be >= 1, got {p.local_steps}")
+    if p.ps_staleness < -1:
+        raise UserError(f"parallel.ps_staleness is -1 (fully asynchronous) or a bound >= 0, got {p.ps_staleness}")
+    if p.ps_servers < 1 or p.ps_lease_s <= 0 or p.outer_lr <= 0 or not 0 <= p.outer_momentum < 1:
+        raise UserError("parallel.ps_servers must be >= 1, ps_lease_s and outer_lr > 0, outer_momentum in [0, 1)")
+    if p.data_parallel == "ps" and (p.tp > 1 or p.pp > 1):
+        raise UserError("parallel.data_parallel = ps keeps a whole model per worker; set parallel.tp = 1 and "
+                        "parallel.pp = 1")
+
+
 def _checkpoint(cfg: Config) -> None:
     if cfg.checkpoint.resume not in ("none", "auto") and not cfg.checkpoint.resume:
         raise UserError("checkpoint.resume must be none, auto or a checkpoint path")
@@ -115,7 +128,7 @@ def _monitoring(cfg: Config) -> None:
 
 
 CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments,
-                                                _init_from, _monitoring)
+                                                _init_from, _monitoring, _async)
 
 
 def validate(cfg: Config) -> None:

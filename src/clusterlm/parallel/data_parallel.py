@@ -29,6 +29,9 @@ from clusterlm.config import CommConfig, ParallelConfig
 from clusterlm.parallel.mesh import REPLICATING
 
 SHARDED = ("zero2", "zero3", "hsdp")
+# Each rank trains its own replica; they synchronize outside backward (clusterlm.parallel.local_sgd,
+# clusterlm.parallel.ps), so nothing wraps the model.
+INDEPENDENT = ("local_sgd", "diloco", "ps")
 
 
 def apply_data_parallel(
@@ -38,8 +41,8 @@ def apply_data_parallel(
     communication hook (bytes sent), if ``comm`` asked for one. ``param_dtype`` is the compute
     dtype under mixed precision: FSDP gathers parameters in it and reduces gradients in fp32.
     ``comm`` picks the all-reduce algorithm and compression of DDP's gradient buckets."""
-    if mesh["dp_replicate"].size() * mesh["dp_shard"].size() == 1:
-        return model, None  # one data-parallel rank: nothing to reduce
+    if mesh["dp_replicate"].size() * mesh["dp_shard"].size() == 1 or cfg.data_parallel in INDEPENDENT:
+        return model, None  # one data-parallel rank, or replicas that synchronize outside backward
     if cfg.data_parallel in REPLICATING:
         return _apply_ddp(model, mesh, cfg, comm)
     dp_mesh = mesh[("dp_replicate", "dp_shard")] if cfg.data_parallel == "hsdp" else mesh["dp_shard"]

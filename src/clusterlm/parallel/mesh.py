@@ -16,13 +16,20 @@ from clusterlm.errors import UserError
 from clusterlm.parallel.pipeline import stages_per_rank_for
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
-REPLICATING = ("ddp", "zero1")  # the strategies that keep a whole copy per data-parallel rank
+# The strategies that keep a whole copy per data-parallel rank; of them, the last three
+# synchronize outside backward (clusterlm.parallel.local_sgd, clusterlm.parallel.ps).
+REPLICATING = ("ddp", "zero1", "local_sgd", "diloco", "ps")
 
 
 def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
     """(dp_replicate, dp_shard) for the strategy; zeros are derived so that
     pp x dp_replicate x dp_shard x tp is the world size."""
     model_parallel = cfg.pp * cfg.tp
+    if cfg.data_parallel == "ps":
+        world_size -= cfg.ps_servers  # the servers hold no model replica: the mesh spans the workers
+        if world_size < 1:
+            raise UserError(f"parallel.data_parallel = ps with parallel.ps_servers = {cfg.ps_servers} leaves no "
+                            f"worker among the {world_size + cfg.ps_servers} processes; launch more processes")
     if world_size % model_parallel:
         raise UserError(f"parallel.pp x parallel.tp ({cfg.pp} x {cfg.tp}) does not divide the {world_size} "
                         "processes of the job")

@@ -11,30 +11,23 @@ checkpoint state. The loop therefore never asks which strategy it runs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
 
 from clusterlm.comm.hooks import CommHookState
-from clusterlm.config import Config
+from clusterlm.config import Config, ParallelConfig
 from clusterlm.models.init import ParamSource
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel.activation_checkpointing import apply_activation_checkpointing
-from clusterlm.parallel.data_parallel import (
-    SHARDED,
-    apply_data_parallel,
-    build_optimizer,
-    gathered_for_accumulation,
-    gradient_sync,
-)
-from clusterlm.parallel.load_balance import RankClock
+from clusterlm.parallel.data_parallel import SHARDED, apply_data_parallel
+from clusterlm.parallel.local_sgd import LocalSGDModel
 from clusterlm.parallel.materialize import canonical_name, materialize
 from clusterlm.parallel.mesh import pipeline_microbatches
+from clusterlm.parallel.model import Batch, ParallelModel, Pipeline, WholeModel
 from clusterlm.parallel.pipeline import (
     build_schedule,
     clip_grad_norm_across_stages,
@@ -44,101 +37,8 @@ from clusterlm.parallel.pipeline import (
     sync_tied_gradients,
 )
 from clusterlm.parallel.precision import Precision
-from clusterlm.parallel.state_dict import load_training_state, training_state
+from clusterlm.parallel.ps import PSRole, parameter_server_model
 from clusterlm.parallel.tensor_parallel import apply_tensor_parallel, full_value, loss_context
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class Pipeline:
-    """This rank's pipeline stages and the schedule that runs them."""
-
-    schedule: Any
-    stages: list[PipelineStage]
-    n_microbatches: int
-
-
-class ParallelModel:
-    """This rank's share of the model, parallelized; one process is the degree-1 case."""
-
-    pipeline: Pipeline | None = None
-    clock: RankClock | None = None  # times each rank's own share of a step (several processes)
-    # Under load balancing ranks hold different numbers of micro-batches; each micro-batch's loss
-    # is divided by the nominal count per rank, so that the gradient averaged over the ranks is
-    # the mean over all of the step's micro-batches.
-    balanced_micro_batches: int | None = None
-
-    def __init__(self, parts: list[nn.Module], precision: Precision, tp_size: int, shard_optimizer: bool,
-                 comm: list[CommHookState]):
-        self.parts, self.precision, self.tp_size = parts, precision, tp_size
-        self.shard_optimizer, self.comm = shard_optimizer, comm
-
-    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
-        """Forward and backward of one optimizer step's micro-batches, gradients reduced across
-        data-parallel ranks; the step's mean loss, the same on every rank."""
-        raise NotImplementedError
-
-    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Summed next-token loss of a batch, without gradients, the same on every rank of its
-        tensor- and pipeline-parallel group."""
-        raise NotImplementedError
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        raise NotImplementedError
-
-    def build_optimizers(self, recipe: Callable[[nn.Module], Any]) -> list[torch.optim.Optimizer]:
-        """One optimizer per part from ``recipe(part)`` (see ``clusterlm.train.optim``)."""
-        return [build_optimizer(recipe(part), self.shard_optimizer) for part in self.parts]
-
-    def state_dict(self, optimizers: list[torch.optim.Optimizer] | None = None) -> dict[str, Any]:
-        """This rank's tensors under the full model's names (``clusterlm.parallel.state_dict``)."""
-        return training_state(self.parts, optimizers)
-
-    def load_state_dict(self, reader: Any, optimizers: list[torch.optim.Optimizer] | None = None) -> None:
-        """Fill the parts (and optimizers) from a checkpoint ``reader`` (``.keys``, ``.read(state)``)."""
-        load_training_state(self.parts, optimizers, reader.read, reader.keys)
-
-    def comm_metrics(self) -> dict[str, float]:
-        """Bytes this rank's gradient hooks sent so far, and their compression ratio."""
-        if not self.comm:
-            return {}
-        sent = sum(state.stats.bytes_sent for state in self.comm)
-        whole = sum(state.stats.bytes_uncompressed for state in self.comm)
-        return {"comm_bytes_sent": float(sent), "comm_compression_ratio": whole / sent if sent else 1.0}
-
-
-class WholeModel(ParallelModel):
-    """The whole model on each rank of its tensor-parallel group (data parallel or one process)."""
-
-    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **kwargs: Any):
-        super().__init__(**kwargs)
-        self.loss_fn = loss_fn
-
-    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
-        """Gradient accumulation: gradients are reduced across data-parallel ranks once, in the
-        last micro-batch's backward."""
-        model, count = self.parts[0], len(micro_batches)
-        divisor = self.balanced_micro_batches or count
-        total = torch.zeros((), device=micro_batches[0][0].device)
-        if self.clock is not None:
-            self.clock.step_start()
-        with gathered_for_accumulation(model, enabled=self.balanced_micro_batches is not None):
-            for i, (x, y) in enumerate(micro_batches):
-                with gradient_sync(model, enabled=i == count - 1), loss_context(self.tp_size):
-                    loss = self.loss_fn(x, y)
-                    self.precision.scale(loss / divisor).backward()
-                total += full_value(loss.detach())
-        if self.clock is not None:
-            self.clock.gradients_reduced()
-        return total / divisor
-
-    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self.precision.autocast(), loss_context(self.tp_size):
-            return full_value(next_token_loss(self.parts[0](x), y, reduction="sum"))
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.parts[0].parameters(), max_norm)
 
 
 class PipelinedModel(ParallelModel):
@@ -177,12 +77,24 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
+def _whole_model(loss_fn: Callable, part: nn.Module, mesh: DeviceMesh | None, p: ParallelConfig,
+                 common: dict[str, Any], ps: PSRole | None) -> ParallelModel:
+    if ps is not None:
+        return parameter_server_model(ps, loss_fn=loss_fn, parts=[part], **common)
+    if p.data_parallel in ("local_sgd", "diloco"):
+        group = mesh["dp_replicate"].get_group() if mesh is not None else None
+        outer = {"lr": p.outer_lr, "momentum": p.outer_momentum} if p.data_parallel == "diloco" else None
+        return LocalSGDModel(group, p.local_steps, outer, loss_fn=loss_fn, parts=[part], **common)
+    return WholeModel(loss_fn, parts=[part], **common)
+
+
 def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: torch.device,
-                source: ParamSource | None = None) -> ParallelModel:
+                source: ParamSource | None = None, ps: PSRole | None = None) -> ParallelModel:
     """This rank's share of ``model``, parallelized for ``cfg`` on ``mesh`` (None in a single
-    process). ``model`` is either on ``device`` and initialized, or on the meta device: then each
-    part is materialized once it is cut (after FSDP, or before DDP, which needs whole tensors),
-    so this rank only ever allocates its share, filled from ``source``."""
+    process and in a parameter-server job, where ``ps`` is this rank's role). ``model`` is either
+    on ``device`` and initialized, or on the meta device: then each part is materialized once it
+    is cut (after FSDP, or before DDP, which needs whole tensors), so this rank only ever
+    allocates its share, filled from ``source``."""
     p = cfg.parallel
     sharded = mesh is not None and p.data_parallel in SHARDED
     precision = Precision(cfg.training.precision, device, sharded=sharded)
@@ -215,7 +127,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: 
             # One graph from tokens to loss: the compiler fuses across blocks, the embeddings, the
             # head and the loss. Across processes each block is compiled instead.
             loss_fn = torch.compile(loss_fn)
-        return WholeModel(loss_fn, parts=[part], **common)
+        return _whole_model(loss_fn, part, mesh, p, common, ps)
     stages = split_into_stages(model, mesh["pp"].get_group(), p.pp_schedule, p.pp_stages_per_rank or None,
                                parallelize_stage=parallelize_part, device=device)
     micro_batches = pipeline_microbatches(p)

@@ -53,11 +53,11 @@ def _owned_optimizer_state(model: nn.Module, optimizer: ZeroRedundancyOptimizer)
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
     names = {id(param): name for name, param in unwrapped.named_parameters()}
     local = optimizer.optim
-    _create_missing_state(local)
+    create_missing_state(local)
     return {names[id(param)]: local.state[param] for group in local.param_groups for param in group["params"]}
 
 
-def _create_missing_state(optimizer: torch.optim.Optimizer) -> None:
+def create_missing_state(optimizer: torch.optim.Optimizer) -> None:
     params = [p for group in optimizer.param_groups for p in group["params"] if not optimizer.state[p]]
     if not params:
         return

@@ -27,9 +27,10 @@ def evaluate_loss(model: ParallelModel, cfg: Config, runtime: Runtime, num_windo
         part.eval()
     total = torch.zeros((), dtype=torch.float64, device=runtime.device)
     count = 0
+    # Lockstep ranks score disjoint shares; a parameter server's rank 0 scores every window alone.
+    dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
     for x, y in eval_batches(
-        cfg.data.dir, split, cfg.seq_len, num_windows, cfg.training.micro_batch_size,
-        dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
+        cfg.data.dir, split, cfg.seq_len, num_windows, cfg.training.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
     ):
         x, y = x.to(runtime.device), y.to(runtime.device)
         with attention_kernel(cfg.training.attention):
@@ -38,6 +39,6 @@ def evaluate_loss(model: ParallelModel, cfg: Config, runtime: Runtime, num_windo
     for part, mode in zip(model.parts, was_training, strict=True):
         part.train(mode)
     totals = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=runtime.device)])
-    if runtime.world_size > 1:  # tensor-parallel copies scale sum and count alike: the mean holds
+    if runtime.world_size > 1 and runtime.lockstep:  # tensor-parallel copies scale sum and count alike: the mean holds
         dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()

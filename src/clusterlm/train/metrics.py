@@ -70,6 +70,8 @@ class MetricsSinks:
         if cfg.jsonl:
             self._rewrite_jsonl()
             self.jsonl = open(self.jsonl_path, "a")
+            # When training (re)started: wall-clock times of later records are measured from here.
+            self.jsonl.write(json.dumps({"kind": "start", "step": start_step, "time": time.time()}) + "\n")
         self.tensorboard = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -94,13 +96,14 @@ class MetricsSinks:
         atomic_write(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict[str, Any]) -> None:
+        record = {**record, "time": time.time()}
         self.records.append(record)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
-                if key not in ("step", "kind") and isinstance(value, (int, float)):
+                if key not in ("step", "kind", "time") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
     def close(self) -> Path | None:

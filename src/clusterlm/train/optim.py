@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and the warm-up + decay LR schedule."""
+"""AdamW (or SGD) with weight decay on matrices only, and the warm-up + decay LR schedule."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ class OptimizerRecipe:
         return self.optimizer_class(self.param_groups, **self.options)
 
 
-def adamw_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
-    """AdamW over ``model``'s parameters. Weight decay applies to the weights of linear layers;
-    norms, biases and embedding tables are not decayed (decaying them only pulls them towards zero
-    without regularizing). Decided by module type, so it holds under any parallel wrapping."""
+def optimizer_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
+    """AdamW (or SGD, ``optim.optimizer = sgd``) over ``model``'s parameters. Weight decay applies
+    to the weights of linear layers; norms, biases and embedding tables are not decayed (decaying
+    them only pulls them towards zero without regularizing). Decided by module type, so it holds
+    under any parallel wrapping."""
     decay_ids = {
         id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)
     }
@@ -49,6 +50,8 @@ def adamw_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.optimizer == "sgd":
+        return OptimizerRecipe(groups, torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum})
     options = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": cfg.fused or None}
     return OptimizerRecipe(groups, torch.optim.AdamW, options)
 

@@ -21,6 +21,7 @@ from clusterlm.errors import UserError
 from clusterlm.hardware import resolve_device
 from clusterlm.launch.mpi import adopt_mpi_environment
 from clusterlm.parallel.mesh import build_mesh, check_layout
+from clusterlm.parallel.ps import PSRole, join_parameter_server_job
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -37,10 +38,22 @@ class Runtime:
     tp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
+    ps: PSRole | None = None  # this rank's role in a parameter-server job
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether the ranks run every step together, joined by collectives. A parameter server's
+        workers do not: each goes at its own pace, and rank 0 alone evaluates and saves."""
+        return self.ps is None
+
+    @property
+    def reports(self) -> bool:
+        """Whether this rank takes part in evaluations and checkpoints."""
+        return self.lockstep or self.is_main
 
 
 def _join_process_group(device: torch.device, timeout_s: float) -> None:
@@ -63,6 +76,8 @@ def setup_runtime(cfg: Config) -> Runtime:
     adopt_mpi_environment()  # an mpirun rank: torchrun's variables from OpenMPI's or PMI's
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     replicate, shard = check_layout(cfg, world_size)  # before any process waits for another
+    if cfg.parallel.data_parallel == "ps":
+        return _parameter_server_runtime(cfg, device, world_size)
     if world_size == 1 and not dist.is_initialized():
         return Runtime(device=device)
     if device.type == "cuda":
@@ -80,6 +95,13 @@ def setup_runtime(cfg: Config) -> Runtime:
                    tp_rank=mesh.get_local_rank("tp"), tp_size=tp, pp_rank=mesh.get_local_rank("pp"), pp_size=pp)
 
 
+def _parameter_server_runtime(cfg: Config, device: torch.device, world_size: int) -> Runtime:
+    """No process group: workers and servers talk point to point (``clusterlm.parallel.ps``)."""
+    rank = int(os.environ.get("RANK", "0"))
+    role = join_parameter_server_job(cfg.parallel, rank, world_size)
+    return Runtime(device, rank, world_size, dp_rank=min(rank, role.workers - 1), dp_size=role.workers, ps=role)
+
+
 def describe_layout(cfg: Config, runtime: Runtime) -> str:
     if runtime.world_size == 1:
         return "1 process"
@@ -92,7 +114,7 @@ def describe_layout(cfg: Config, runtime: Runtime) -> str:
 
 def average_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """Mean of a scalar over all ranks (for reporting; every rank gets it)."""
-    if runtime.world_size == 1:
+    if runtime.world_size == 1 or not runtime.lockstep:
         return value
     value = value.detach().clone().float()
     dist.all_reduce(value)

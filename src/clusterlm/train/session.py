@@ -21,7 +21,7 @@ from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, restore_counts
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
-from clusterlm.train.optim import adamw_recipe
+from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.pretrained import check_pretrained_tokenizer, pretrained_source
 from clusterlm.train.runtime import Runtime, setup_runtime
 from clusterlm.train.sample_log import SampleLog, open_sample_log
@@ -78,7 +78,7 @@ def build_session(cfg: Config) -> Session:
     check_pretrained_tokenizer(cfg, manifest)
     plain, source = build_model(cfg, manifest.vocab_size)
     source = pretrained_source(cfg) or source  # model.init_from: pretrained weights, read shard by shard
-    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source)
+    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source, runtime.ps)
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader = TokenLoader(
         cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
@@ -87,7 +87,7 @@ def build_session(cfg: Config) -> Session:
     with fsspec.open(f"{cfg.data.dir.rstrip('/')}/tokenizer.json", "rb") as f:
         tokenizer = TokenizerFile(manifest.tokenizer.sha256, f.read())
     session = Session(
-        cfg, runtime, model, model.build_optimizers(partial(adamw_recipe, cfg=cfg.optim)), loader, grad_accum,
+        cfg, runtime, model, model.build_optimizers(partial(optimizer_recipe, cfg=cfg.optim)), loader, grad_accum,
         training_flops_per_token(plain.args, cfg.seq_len),
         peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops), tokenizer,
     )

@@ -48,8 +48,9 @@ def train_step(s: Session) -> torch.Tensor:
     precision.step(s.optimizers)
     for optimizer in s.optimizers:
         optimizer.zero_grad(set_to_none=True)
-    s.step += 1
-    s.tokens += s.tokens_per_step
+    advanced = s.model.after_step(s.step + 1) - s.step  # a parameter server's workers advance it together
+    s.step += advanced
+    s.tokens += advanced * s.tokens_per_step
     return loss
 
 
@@ -60,12 +61,16 @@ def _dropout_seed(s: Session) -> int:
     return hash((s.cfg.training.seed, s.step, s.runtime.dp_rank, tp_rank)) % 2**63
 
 
-def _due(step: int, interval: int, last: int) -> bool:
-    return step == last or (interval > 0 and step % interval == 0)
+def _due(before: int, step: int, interval: int, last: int) -> bool:
+    """Whether a step from ``before`` to ``step`` reached ``last`` or crossed a multiple of
+    ``interval`` (a parameter server's workers advance by the other workers' steps too)."""
+    return step == last or (interval > 0 and before // interval < step // interval)
 
 
 def train(cfg: Config) -> dict[str, Any]:
     s = build_session(cfg)
+    if s.model.serves:  # a parameter server: it answers the workers instead of training
+        return s.model.serve(s.optimizers, cfg.training.steps, s.step)
     t = cfg.training
     out_dir = Path(t.out_dir)
     main_rank = s.runtime.is_main
@@ -77,13 +82,13 @@ def train(cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"resumed_from": str(s.resumed_from) if s.resumed_from else None}
     window_seconds, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
     while s.step < t.steps:
-        start = time.perf_counter()
+        start, before = time.perf_counter(), s.step
         loss = train_step(s)
-        logging = _due(s.step, t.log_interval, t.steps)
+        logging = _due(before, s.step, t.log_interval, t.steps)
         # Reading the loss waits for the device, so only when it is logged.
         loss_value = monitor.mean_loss(s, loss) if logging else None
         window_seconds += time.perf_counter() - start
-        window_steps += 1
+        window_steps += s.step - before  # 1, or for a parameter server's worker the job's steps meanwhile
         if logging:
             if not math.isfinite(loss_value):
                 raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr and resume from the "
@@ -95,9 +100,9 @@ def train(cfg: Config) -> dict[str, Any]:
             if sinks:
                 sinks.log(record)
             window_seconds, window_steps = 0.0, 0
-        if _due(s.step, t.eval_interval, t.steps):
+        if _due(before, s.step, t.eval_interval, t.steps) and s.runtime.reports:
             summary["val_loss"] = _evaluate(s, progress, sinks)
-        if _due(s.step, cfg.checkpoint.interval, t.steps):
+        if _due(before, s.step, cfg.checkpoint.interval, t.steps) and s.runtime.reports:
             progress.message(f"step {s.step}: saved {save(s)}")
     progress.close()
     monitor.close()
