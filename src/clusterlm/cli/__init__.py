@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
     "bench": ("clusterlm.cli.bench", "benchmarks: `bench train`, `bench comm`"),
     "plan": ("clusterlm.cli.plan", "predict memory, step time and MFU on a cluster; pick the layout"),
+    "chaos": ("clusterlm.cli.chaos", "kill random ranks of a job; check it recovers to the same weights"),
 }
 
 

@@ -98,6 +98,8 @@ class ParallelConfig:
     cpu_offload: bool = opt(False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
     bucket_mb: float = opt(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs)")
     timeout_s: float = opt(600.0, "seconds a collective may wait before the job fails as hung")
+    hang_timeout_s: float = opt(300.0, "watchdog: a rank without progress for this long is reported by phase "
+                                "and step and the job ends (0 = off)")
 
 
 @dataclass
@@ -114,6 +116,10 @@ class CheckpointConfig:
     interval: int = opt(500, "save every N steps (0 = only at the end)")
     keep_last: int = opt(2, "complete checkpoints to keep; older ones are deleted")
     resume: str = opt("none", "none, auto (newest complete checkpoint in out_dir), or a checkpoint path")
+    async_save: bool = opt(False, "stage checkpoints in host memory and write them in the background while "
+                           "training continues")
+    preempt_grace_s: float = opt(60.0, "seconds between a SIGTERM/SIGUSR1 and the kill that follows: the job "
+                                 "saves and exits within them")
 
 
 @dataclass

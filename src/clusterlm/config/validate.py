@@ -94,7 +94,17 @@ def _checkpoint(cfg: Config) -> None:
         raise UserError("checkpoint.resume must be none, auto or a checkpoint path")
 
 
+def _fault_tolerance(cfg: Config) -> None:
+    c, p = cfg.checkpoint, cfg.parallel
+    if c.preempt_grace_s <= 0 or p.hang_timeout_s < 0:
+        raise UserError("checkpoint.preempt_grace_s must be positive and parallel.hang_timeout_s >= 0 (0 = off)")
+    if p.hang_timeout_s >= p.timeout_s:
+        raise UserError(f"parallel.hang_timeout_s ({p.hang_timeout_s}) must be below parallel.timeout_s "
+                        f"({p.timeout_s}), else the collective times out first; lower it or raise timeout_s")
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments)
+CHECKS += (_fault_tolerance,)
 
 
 def validate(cfg: Config) -> None:

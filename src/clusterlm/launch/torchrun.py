@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
 from clusterlm.config import Config
 from clusterlm.errors import UserError
+from clusterlm.launch.signals import preemption_environment, run_forwarding_preemption
 from clusterlm.parallel.mesh import check_layout
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")
@@ -75,4 +75,5 @@ def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # One intra-op thread per process unless the user chose: N processes share the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // opts.nproc)))
-    return subprocess.call(torchrun_command(opts, command_argv), env=env)
+    preemption_environment(env, cfg.checkpoint.preempt_grace_s)
+    return run_forwarding_preemption(torchrun_command(opts, command_argv), env)

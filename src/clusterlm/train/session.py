@@ -3,7 +3,7 @@ optimizers, data loader, and the state resumed from a checkpoint."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +18,8 @@ from clusterlm.hardware import peak_flops
 from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.slowdown import rank_factor
-from clusterlm.train import checkpoint
+from clusterlm.train import checkpoint, restarts
+from clusterlm.train.checkpoint_writer import CheckpointWriter
 from clusterlm.train.optim import adamw_recipe
 from clusterlm.train.runtime import Runtime, setup_runtime
 
@@ -46,6 +47,7 @@ class Session:
     tokens: int = 0
     resumed_from: Path | None = None
     slowdown: float = 1.0  # this rank's factor from training.slow_ranks (experiments)
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # in line, or async (checkpoint.async_save)
 
     @property
     def tokens_per_step(self) -> int:
@@ -82,13 +84,14 @@ def build_session(cfg: Config) -> Session:
         peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops), tokenizer,
     )
     session.slowdown = rank_factor(cfg.training.slow_ranks, runtime.rank, runtime.world_size)
+    session.writer = CheckpointWriter(background=cfg.checkpoint.async_save)
     _resume(session)
     return session
 
 
 def _resume(session: Session) -> None:
     cfg = session.cfg
-    found = checkpoint.resolve_resume_once(cfg.checkpoint.resume, session.checkpoints)
+    found = checkpoint.resolve_resume_once(cfg.checkpoint.resume, session.checkpoints, restarts.own_run())
     if found is None:
         return
     checkpoint.check_compatible(found.state["config"], cfg.to_dict(), found.path)
@@ -102,9 +105,9 @@ def _resume(session: Session) -> None:
 def save(s: Session) -> Path:
     state = {
         "step": s.step, "tokens": s.tokens, "loader": s.loader.state_dict(), "dp_size": s.runtime.dp_size,
-        "config": s.cfg.to_dict(), "tokenizer_sha256": s.tokenizer.sha256,
+        "config": s.cfg.to_dict(), "tokenizer_sha256": s.tokenizer.sha256, "run_id": restarts.run_id(),
     }
-    return checkpoint.save_checkpoint(
+    return s.writer.save(
         s.checkpoints, s.step, s.model.state_dict(s.optimizers), state, s.cfg.checkpoint.keep_last,
         files={"tokenizer.json": s.tokenizer.payload},
     )

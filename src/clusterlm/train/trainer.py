@@ -19,9 +19,11 @@ from clusterlm.errors import UserError
 from clusterlm.models import param_count
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.slowdown import slowed
+from clusterlm.train import watchdog
 from clusterlm.train.evaluate import eval_windows, evaluate_loss
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.optim import lr_at
+from clusterlm.train.preemption import Preemption
 from clusterlm.train.runtime import average_across_ranks, describe_layout
 from clusterlm.train.session import Session, build_session, save
 
@@ -34,10 +36,13 @@ def train_step(s: Session) -> torch.Tensor:
     for optimizer in s.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr
+    watchdog.phase("data", s.step)
     micro_batches = s.loader.next_step()
+    watchdog.phase("forward_backward", s.step)
     with attention_kernel(s.cfg.training.attention), slowed(s.slowdown):
         loss = s.model.forward_backward(micro_batches)
     precision = s.model.precision
+    watchdog.phase("optimizer", s.step)
     for optimizer in s.optimizers:
         precision.unscale(optimizer)
     if s.cfg.training.grad_clip:
@@ -62,6 +67,16 @@ def _due(step: int, interval: int, last: int) -> bool:
 
 
 def train(cfg: Config) -> dict[str, Any]:
+    preemption = Preemption(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGUSR1: save and stop at a step boundary
+    watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
+    try:
+        return _train(cfg, preemption)
+    finally:
+        watchdog.stop()
+        preemption.close()
+
+
+def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     s = build_session(cfg)
     t = cfg.training
     out_dir = Path(t.out_dir)
@@ -91,9 +106,18 @@ def train(cfg: Config) -> dict[str, Any]:
                 sinks.log(record)
             window_seconds, window_steps = 0.0, 0
         if _due(s.step, t.eval_interval, t.steps):
+            watchdog.phase("eval", s.step)
             summary["val_loss"] = _evaluate(s, progress, sinks)
-        if _due(s.step, cfg.checkpoint.interval, t.steps):
-            progress.message(f"step {s.step}: saved {save(s)}")
+        watchdog.phase("checkpoint", s.step)
+        saved = save(s) if _due(s.step, cfg.checkpoint.interval, t.steps) else None
+        if saved:
+            progress.message(f"step {s.step}: saved {saved}")
+        if preemption.requested(s.runtime, time.perf_counter() - start) and s.step < t.steps:
+            summary["preempted"] = str(saved or save(s))
+            break
+    s.writer.close()  # a save still writing in the background finishes first
+    if "preempted" in summary and main_rank:
+        print(preemption.report(s.step, summary["preempted"]), flush=True)
     progress.close()
     if sinks:
         plot = sinks.close()

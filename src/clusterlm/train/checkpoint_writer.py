@@ -1,0 +1,71 @@
+"""Saving checkpoints while training goes on (``checkpoint.async_save``), or in line.
+
+Asynchronously, a save copies this rank's tensors to host memory (DCP ``async_save`` stages them
+before it returns), and a background thread writes them; training continues meanwhile. When the
+write is done on every rank, rank 0 finishes the checkpoint exactly as a synchronous save does
+(checksums, ``complete.json``, rename): it becomes visible only whole and verified. At most one
+save is in flight: the next one, and the end of training, wait for it. The background writes
+coordinate through a process group of their own, so they never interleave with the training
+loop's collectives.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from clusterlm.train import checkpoint
+
+
+class CheckpointWriter:
+    def __init__(self, background: bool = False):
+        self.background = background
+        self._pending: Future | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._group: Any = None
+
+    def save(
+        self, root: Path, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
+        files: dict[str, bytes] | None = None,
+    ) -> Path:
+        """Save ``root/step_<step>``; returns its final path (already complete unless background)."""
+        self.wait()
+        if not self.background:
+            return checkpoint.save_checkpoint(root, step, tensors, trainer_state, keep_last, files)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+            # Collective, so every rank creates it at the same (first) save.
+            self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        tmp, final = checkpoint.begin_checkpoint(root, step)
+        with checkpoint.single_process_quiet():
+            upload = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=self._group,
+                                    no_dist=not dist.is_initialized())
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        self._pending = self._executor.submit(self._finish, upload, main, tmp, final, trainer_state, keep_last, files)
+        return final
+
+    @staticmethod
+    def _finish(upload: Future, main: bool, tmp: Path, final: Path, *finish_args: Any) -> None:
+        upload.result()  # on rank 0 this returns once every rank's share and DCP's metadata are written
+        if main:
+            checkpoint.finish_checkpoint(tmp, final, *finish_args)
+
+    @property
+    def writing(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is complete (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
