@@ -133,8 +133,9 @@ def run_chaos(nproc: int, kills: int, train_argv: list[str], out_root: Path, see
                 report.recomputed += max(0, step - min(b["start_step"] for b in resumed.values()))
         status = job.wait(timeout=GROUP_TIMEOUT_S)
     finally:
-        if job.poll() is None:
-            job.kill()
+        if job.poll() is None:  # torchrun ends its workers on SIGTERM
+            job.terminate()
+            job.wait(timeout=GROUP_TIMEOUT_S)
         log.close()
     report.overhead = (time.monotonic() - start) / reference_s - 1
     if status != 0:

@@ -11,6 +11,7 @@ loop's collectives.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ class CheckpointWriter:
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._group: Any = None
+        self.last_write_s = 0.0  # how long the last background save took from start to visible
 
     def save(
         self, root: Path, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
@@ -48,11 +50,12 @@ class CheckpointWriter:
         self._pending = self._executor.submit(self._finish, upload, main, tmp, final, trainer_state, keep_last, files)
         return final
 
-    @staticmethod
-    def _finish(upload: Future, main: bool, tmp: Path, final: Path, *finish_args: Any) -> None:
+    def _finish(self, upload: Future, main: bool, tmp: Path, final: Path, *finish_args: Any) -> None:
+        started = time.perf_counter()
         upload.result()  # on rank 0 this returns once every rank's share and DCP's metadata are written
         if main:
             checkpoint.finish_checkpoint(tmp, final, *finish_args)
+        self.last_write_s = time.perf_counter() - started
 
     @property
     def writing(self) -> bool:
