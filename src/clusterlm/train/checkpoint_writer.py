@@ -16,8 +16,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from clusterlm.train import checkpoint
 
@@ -28,6 +30,12 @@ class CheckpointWriter:
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._group: Any = None
+        # Staging copies into the same host buffers every save (one save in flight at most), so
+        # only the first save pays for allocating them.
+        # Staging is synchronous: training must not change a tensor before its copy is taken.
+        cuda = torch.cuda.is_available()
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=False, use_non_blocking_copy=cuda))
         self.last_write_s = 0.0  # how long the last background save took from start to visible
 
     def save(
@@ -45,7 +53,7 @@ class CheckpointWriter:
         tmp, final = checkpoint.begin_checkpoint(root, step)
         with checkpoint.single_process_quiet():
             upload = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=self._group,
-                                    no_dist=not dist.is_initialized())
+                                    async_stager=self._stager, no_dist=not dist.is_initialized())
         main = not dist.is_initialized() or dist.get_rank() == 0
         self._pending = self._executor.submit(self._finish, upload, main, tmp, final, trainer_state, keep_last, files)
         return final
@@ -72,3 +80,4 @@ class CheckpointWriter:
         if self._executor is not None:
             self._executor.shutdown()
             self._executor = None
+            self._stager.close()
