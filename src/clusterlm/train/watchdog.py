@@ -74,6 +74,7 @@ class Watchdog(threading.Thread):
         self.directory, self.rank, self.world_size, self.timeout_s = directory, rank, world_size, timeout_s
         self.state: tuple[str, int, float] = ("setup", 0, time.time())
         self.start_step: int | None = None
+        self.started = time.time()
         self.interval = min(1.0, timeout_s / 4)
         self._stopping = threading.Event()
         self._seen: dict[int, tuple[Any, Any, float, float]] = {}  # rank -> (beat, progress, changed at, moved at)
@@ -82,7 +83,8 @@ class Watchdog(threading.Thread):
         self.directory.mkdir(parents=True, exist_ok=True)
         while not self._stopping.wait(self.interval):
             self._beat()
-            if _read(self.directory / VERDICT).get("generation") == generation():
+            verdict = _read(self.directory / VERDICT)
+            if verdict.get("generation") == generation() and verdict.get("time", 0) >= self.started:
                 self._end({}, [])
             if self.rank < WATCHERS:
                 self._watch()
@@ -95,14 +97,17 @@ class Watchdog(threading.Thread):
             "since": since, "beat": time.time(), "generation": generation(), "start_step": self.start_step})
 
     def _watch(self) -> None:
-        now, beats = time.monotonic(), read_heartbeats(self.directory)
+        # Files of an earlier run in this out_dir (same ranks, or more) are old: ignored.
+        now = time.monotonic()
+        beats = {r: b for r, b in read_heartbeats(self.directory).items()
+                 if r < self.world_size and b["beat"] >= self.started}
         for rank, beat in beats.items():
             progress = (beat["phase"], beat["step"], beat["since"])
             old = self._seen.get(rank)
             changed = now if old is None or old[0] != beat["beat"] else old[2]
             moved = now if old is None or old[1] != progress else old[3]
             self._seen[rank] = (beat["beat"], progress, changed, moved)
-        running = {r: seen for r, seen in self._seen.items() if beats[r]["phase"] != "done"}
+        running = {r: seen for r, seen in self._seen.items() if r in beats and beats[r]["phase"] != "done"}
         silent = [r for r, seen in running.items() if now - seen[2] > self.timeout_s]
         still = [r for r, seen in running.items() if now - seen[3] > self.timeout_s]
         if not silent and (not still or len(still) < len(running)):
@@ -115,7 +120,7 @@ class Watchdog(threading.Thread):
         if self.rank != min(r for r in range(min(WATCHERS, self.world_size)) if r not in silent):
             return  # the lowest responsive watcher reports
         print(describe_hang(beats, stuck, silent, self.timeout_s), file=sys.stderr, flush=True)
-        atomic_write_json(self.directory / VERDICT, {"generation": generation(), "stuck": stuck})
+        atomic_write_json(self.directory / VERDICT, {"generation": generation(), "time": time.time(), "stuck": stuck})
         self._end(beats, stuck)
 
     def _end(self, beats: dict[int, dict[str, Any]], stuck: list[int]) -> None:
