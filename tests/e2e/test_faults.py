@@ -115,3 +115,11 @@ def test_chaos_two_kills_recover_to_identical_weights(data_dir, tmp_path):  # no
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith("2/2 recovered, final weights identical: yes, steps recomputed: "), summary
     assert "kills during checkpoint writes: 1" in result.stdout
+
+
+def test_bench_checkpoint_prints_the_stall_of_both_modes(data_dir, capsys):  # noqa: F811
+    from clusterlm.cli import main
+
+    assert main(["bench", "checkpoint", "--data.dir", str(data_dir), *TINY, "--saves", "1", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "synchronous:  stall per save" in out and "% of synchronous; written in the background in" in out

@@ -91,7 +91,7 @@ def _kill_one(job, out_dir: Path, restart: int, nproc: int, rng: random.Random, 
     else:
         time.sleep(rng.uniform(0.0, max_delay_s))
     victim = group[rng.randrange(nproc)]
-    step = max(b["step"] for b in _group(out_dir, restart, nproc).values())
+    step = max(b["step"] for b in (_group(out_dir, restart, nproc) or group).values())
     try:
         os.kill(victim["pid"], signal.SIGKILL)
     except ProcessLookupError:
