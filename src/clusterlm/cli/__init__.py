@@ -25,6 +25,7 @@ COMMANDS = {
     "jobs": ("clusterlm.cli.jobs", "your clusterlm jobs in Slurm: state, step, loss, ETA"),
     "cancel": ("clusterlm.cli.cancel", "cancel one of your clusterlm jobs in Slurm"),
     "export": ("clusterlm.cli.export", "export a checkpoint: `export hf` writes a Hugging Face model directory"),
+    "chaos": ("clusterlm.cli.chaos", "kill random ranks of a job; check it recovers to the same weights"),
 }
 
 

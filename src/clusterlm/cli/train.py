@@ -6,6 +6,7 @@ import math
 
 from clusterlm.cli.options import parse_job
 from clusterlm.launch import launch
+from clusterlm.train.preemption import EXIT_PREEMPTED
 from clusterlm.train.runtime import leave_process_group
 from clusterlm.train.trainer import train
 
@@ -21,4 +22,4 @@ def main(argv: list[str]) -> int:
     if "val_loss" in summary and summary["rank"] == 0:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f} "
               f"(perplexity {math.exp(summary['val_loss']):.2f})")
-    return 0
+    return EXIT_PREEMPTED if "preempted" in summary else 0

@@ -116,6 +116,8 @@ class ParallelConfig:
     local_steps: int = opt(16, "local_sgd/diloco: optimizer steps each replica takes between synchronizations")
     outer_lr: float = opt(0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient")
     outer_momentum: float = opt(0.9, "diloco: momentum of the outer Nesterov SGD")
+    hang_timeout_s: float = opt(300.0, "watchdog: a rank without progress for this long is reported by phase "
+                                "and step and the job ends (0 = off)")
 
 
 @dataclass
@@ -132,6 +134,10 @@ class CheckpointConfig:
     interval: int = opt(500, "save every N steps (0 = only at the end)")
     keep_last: int = opt(2, "complete checkpoints to keep; older ones are deleted")
     resume: str = opt("none", "none, auto (newest complete checkpoint in out_dir), or a checkpoint path")
+    async_save: bool = opt(False, "stage checkpoints in host memory and write them in the background while "
+                           "training continues")
+    preempt_grace_s: float = opt(60.0, "seconds between a SIGTERM/SIGUSR1 and the kill that follows: the job "
+                                 "saves and exits within them")
 
 
 @dataclass

@@ -127,8 +127,17 @@ def _monitoring(cfg: Config) -> None:
         raise UserError("parallel.load_balance_counts needs parallel.load_balance = true")
 
 
+def _fault_tolerance(cfg: Config) -> None:
+    c, p = cfg.checkpoint, cfg.parallel
+    if c.preempt_grace_s <= 0 or p.hang_timeout_s < 0:
+        raise UserError("checkpoint.preempt_grace_s must be positive and parallel.hang_timeout_s >= 0 (0 = off)")
+    if p.hang_timeout_s >= p.timeout_s:
+        raise UserError(f"parallel.hang_timeout_s ({p.hang_timeout_s}) must be below parallel.timeout_s "
+                        f"({p.timeout_s}), else the collective times out first; lower it or raise timeout_s")
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments,
-                                                _init_from, _monitoring, _async)
+                                                _init_from, _monitoring, _async, _fault_tolerance)
 
 
 def validate(cfg: Config) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ from clusterlm.config import Config
 from clusterlm.errors import UserError
 from clusterlm.launch.elastic import check_sizes, node_range
 from clusterlm.launch.mpi import launched_by_mpi
+from clusterlm.launch.signals import preemption_environment, run_forwarding_preemption
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts", "--rdzv-id", "--local-addr",
                   "--rdzv-conf")
@@ -86,4 +86,5 @@ def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # One intra-op thread per process unless the user chose: N processes share the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // opts.nproc)))
-    return subprocess.call(torchrun_command(opts, command_argv), env=env)
+    preemption_environment(env, cfg.checkpoint.preempt_grace_s)
+    return run_forwarding_preemption(torchrun_command(opts, command_argv), env)

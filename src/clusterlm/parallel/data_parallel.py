@@ -68,10 +68,21 @@ def _apply_ddp(
     ddp = DistributedDataParallel(
         model, device_ids=device_ids, process_group=mesh["dp_replicate"].get_group(), bucket_cap_mb=cfg.bucket_mb,
     )
+    _settle_buckets(ddp)
     if comm.allreduce == "native" and comm.compression == "none":
         return ddp, None
     options = {"powersgd": {"rank": comm.powersgd_rank}, "topk": {"ratio": comm.topk_ratio}}.get(comm.compression, {})
     return ddp, register_comm_hook(ddp, comm.allreduce, comm.compression, compression_options=options)
+
+
+def _settle_buckets(ddp: DistributedDataParallel) -> None:
+    """DDP lays its gradient buckets out anew, in backward order, after the first backward. Run
+    that backward here, on zeros, so every training step, the first after a resume included,
+    reduces in one layout: with more than two ranks the all-reduce's order of summation depends
+    on it, and a resumed run must end with the uninterrupted run's weights bit for bit."""
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=next(ddp.parameters()).device)
+    ddp(tokens).float().sum().mul(0).backward()
+    ddp.zero_grad(set_to_none=True)
 
 
 def build_optimizer(recipe: Any, shard_state: bool) -> torch.optim.Optimizer:

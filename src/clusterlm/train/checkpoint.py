@@ -93,7 +93,7 @@ def _broadcast(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _single_process_quiet() -> Iterator[None]:
+def single_process_quiet() -> Iterator[None]:
     """DCP warns that it assumes one process when no process group exists; that is intended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -107,29 +107,47 @@ def save_checkpoint(
     """Write ``root/step_<step>`` atomically on every rank; returns its path. ``tensors`` is this
     rank's share of the state (``ParallelModel.state_dict``); ``files`` are extra small files
     (e.g. the tokenizer) that make the checkpoint self-contained."""
+    tmp, final = begin_checkpoint(root, step)
+    with single_process_quiet():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
+                 no_dist=not dist.is_initialized())
+    if _is_main():
+        finish_checkpoint(tmp, final, trainer_state, keep_last, files)
+    _barrier()
+    return final
+
+
+def begin_checkpoint(root: Path, step: int) -> tuple[Path, Path]:
+    """The temporary directory every rank writes into and the final name it is renamed to. Rank 0
+    also removes what an interrupted save left behind (only one save is ever in flight)."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / _broadcast(f".{final.name}.{uuid.uuid4().hex}.tmp")
     if _is_main():
+        for stale in root.glob(".step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    with _single_process_quiet():
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
-                 no_dist=not dist.is_initialized())
-    if _is_main():
-        atomic_write_json(tmp / TRAINER_STATE, trainer_state)
-        for name, payload in (files or {}).items():
-            (tmp / name).write_bytes(payload)
-        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write_json(tmp / COMPLETE, {"step": step, "sha256": sums})
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        atomic_write_json(root / LATEST, {"checkpoint": final.name})
-        for old in list_complete(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+    return tmp, final
+
+
+def finish_checkpoint(
+    tmp: Path, final: Path, trainer_state: dict[str, Any], keep_last: int, files: dict[str, bytes] | None,
+) -> None:
+    """Rank 0, once every rank's tensors are in ``tmp``: checksums, complete.json, the rename that
+    makes the checkpoint visible, ``latest``, and the rotation of old checkpoints."""
+    root = final.parent
+    atomic_write_json(tmp / TRAINER_STATE, trainer_state)
+    for name, payload in (files or {}).items():
+        (tmp / name).write_bytes(payload)
+    sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    atomic_write_json(tmp / COMPLETE, {"step": trainer_state["step"], "sha256": sums})
+    if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    atomic_write_json(root / LATEST, {"checkpoint": final.name})
+    for old in list_complete(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_complete(root: Path) -> list[Path]:
@@ -166,9 +184,16 @@ class Verified:
     state: dict[str, Any]
 
 
-def resolve_resume(resume: str, root: Path) -> Verified | None:
+def resolve_resume(resume: str, root: Path, own_run: str | None = None) -> Verified | None:
     """'none' -> None; 'auto' -> newest checkpoint that verifies (damaged ones are skipped with a
-    warning); a path -> that checkpoint, which must verify. Each file is hashed once."""
+    warning); a path -> that checkpoint, which must verify. Each file is hashed once. With
+    ``own_run`` (a restarted job), the newest checkpoint this run saved comes first, whatever
+    ``resume`` says: a restart continues where the job was, not where it began."""
+    if own_run is not None:
+        for candidate in reversed(list_complete(root)):
+            if _run_of(candidate) == own_run:
+                with contextlib.suppress(UserError):
+                    return Verified(candidate, verify(candidate))
     if resume == "none":
         return None
     if resume != "auto":
@@ -181,13 +206,20 @@ def resolve_resume(resume: str, root: Path) -> Verified | None:
     return None
 
 
-def resolve_resume_once(resume: str, root: Path) -> Verified | None:
+def _run_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / TRAINER_STATE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resolve_resume_once(resume: str, root: Path, own_run: str | None = None) -> Verified | None:
     """``resolve_resume`` run by rank 0 alone, its answer (or its error) given to every rank: the
     ranks read one shared checkpoint, so hashing it once is enough."""
     answer: tuple[str, Any] = ("ok", None)
     if _is_main():
         try:
-            answer = ("ok", resolve_resume(resume, root))
+            answer = ("ok", resolve_resume(resume, root, own_run))
         except UserError as err:
             answer = ("error", str(err))
     kind, value = _broadcast(answer)
@@ -208,7 +240,7 @@ class CheckpointReader:
         return set(SafeFileSystemReader(self.path).read_metadata().state_dict_metadata)
 
     def read(self, state: dict[str, Any]) -> None:
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp.load(state, storage_reader=SafeFileSystemReader(self.path), no_dist=not dist.is_initialized())
 
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -221,7 +253,7 @@ class CheckpointReader:
         process alone: reading a checkpoint one tensor at a time holds only that tensor."""
         meta = SafeFileSystemReader(self.path).read_metadata().state_dict_metadata[f"model.{name}"]
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp.load({"model": {name: tensor}}, storage_reader=SafeFileSystemReader(self.path), no_dist=True)
         return tensor
 

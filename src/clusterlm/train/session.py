@@ -3,7 +3,7 @@ optimizers, data loader, and the state resumed from a checkpoint."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +20,8 @@ from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, restore_counts
 from clusterlm.slowdown import rank_factor
-from clusterlm.train import checkpoint
+from clusterlm.train import checkpoint, restarts
+from clusterlm.train.checkpoint_writer import CheckpointWriter
 from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.pretrained import check_pretrained_tokenizer, pretrained_source
 from clusterlm.train.runtime import Runtime, setup_runtime
@@ -52,6 +53,7 @@ class Session:
     slowdown: float = 1.0  # this rank's factor from training.slow_ranks (experiments)
     sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
     balancer: LoadBalancer | None = None  # micro-batches per rank (parallel.load_balance)
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # in line, or async (checkpoint.async_save)
 
     @property
     def tokens_per_step(self) -> int:
@@ -93,6 +95,7 @@ def build_session(cfg: Config) -> Session:
     )
     session.slowdown = rank_factor(cfg.training.slow_ranks, runtime.rank, runtime.world_size)
     session.balancer = attach_rank_timing(model, loader, cfg, runtime.world_size, runtime.device)
+    session.writer = CheckpointWriter(background=cfg.checkpoint.async_save)
     _resume(session)
     session.sample_log = open_sample_log(cfg.metrics.sample_log, cfg.training.out_dir, runtime, session.step)
     return session
@@ -100,7 +103,7 @@ def build_session(cfg: Config) -> Session:
 
 def _resume(session: Session) -> None:
     cfg = session.cfg
-    found = checkpoint.resolve_resume_once(cfg.checkpoint.resume, session.checkpoints)
+    found = checkpoint.resolve_resume_once(cfg.checkpoint.resume, session.checkpoints, restarts.own_run())
     if found is None:
         return
     checkpoint.check_compatible(found.state["config"], cfg.to_dict(), found.path)
@@ -115,10 +118,10 @@ def _resume(session: Session) -> None:
 def save(s: Session) -> Path:
     state = {
         "step": s.step, "tokens": s.tokens, "loader": s.loader.state_dict(), "dp_size": s.runtime.dp_size,
-        "config": s.cfg.to_dict(), "tokenizer_sha256": s.tokenizer.sha256,
+        "config": s.cfg.to_dict(), "tokenizer_sha256": s.tokenizer.sha256, "run_id": restarts.run_id(),
         "micro_batches_per_rank": s.balancer.counts if s.balancer else None,
     }
-    return checkpoint.save_checkpoint(
+    return s.writer.save(
         s.checkpoints, s.step, s.model.state_dict(s.optimizers), state, s.cfg.checkpoint.keep_last,
         files={"tokenizer.json": s.tokenizer.payload},
     )

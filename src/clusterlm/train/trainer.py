@@ -19,10 +19,12 @@ from clusterlm.errors import UserError
 from clusterlm.models import param_count
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.slowdown import slowed
+from clusterlm.train import watchdog
 from clusterlm.train.evaluate import eval_windows, evaluate_loss
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.monitor import Monitor
 from clusterlm.train.optim import lr_at
+from clusterlm.train.preemption import Preemption
 from clusterlm.train.runtime import describe_layout
 from clusterlm.train.session import Session, build_session, save
 
@@ -35,12 +37,15 @@ def train_step(s: Session) -> torch.Tensor:
     for optimizer in s.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr
+    watchdog.phase("data", s.step)
     if s.sample_log:
         s.sample_log.record(s.step + 1, s.loader)
     micro_batches = s.loader.next_step()
+    watchdog.phase("forward_backward", s.step)
     with attention_kernel(s.cfg.training.attention), slowed(s.slowdown, s.model.clock):
         loss = s.model.forward_backward(micro_batches)
     precision = s.model.precision
+    watchdog.phase("optimizer", s.step)
     for optimizer in s.optimizers:
         precision.unscale(optimizer)
     if s.cfg.training.grad_clip:
@@ -68,6 +73,16 @@ def _due(before: int, step: int, interval: int, last: int) -> bool:
 
 
 def train(cfg: Config) -> dict[str, Any]:
+    preemption = Preemption(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGUSR1: save and stop at a step boundary
+    watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
+    try:
+        return _train(cfg, preemption)
+    finally:
+        watchdog.stop()
+        preemption.close()
+
+
+def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     s = build_session(cfg)
     if s.model.serves:  # a parameter server: it answers the workers instead of training
         return s.model.serve(s.optimizers, cfg.training.steps, s.step)
@@ -101,9 +116,18 @@ def train(cfg: Config) -> dict[str, Any]:
                 sinks.log(record)
             window_seconds, window_steps = 0.0, 0
         if _due(before, s.step, t.eval_interval, t.steps) and s.runtime.reports:
+            watchdog.phase("eval", s.step)
             summary["val_loss"] = _evaluate(s, progress, sinks)
-        if _due(before, s.step, cfg.checkpoint.interval, t.steps) and s.runtime.reports:
-            progress.message(f"step {s.step}: saved {save(s)}")
+        watchdog.phase("checkpoint", s.step)
+        saved = save(s) if _due(before, s.step, cfg.checkpoint.interval, t.steps) and s.runtime.reports else None
+        if saved:
+            progress.message(f"step {s.step}: saved {saved}")
+        if preemption.requested(s.runtime, time.perf_counter() - start) and s.step < t.steps:
+            summary["preempted"] = str(saved or save(s))
+            break
+    s.writer.close()  # a save still writing in the background finishes first
+    if "preempted" in summary and main_rank:
+        print(preemption.report(s.step, summary["preempted"]), flush=True)
     progress.close()
     monitor.close()
     if sinks:

@@ -1,0 +1,88 @@
+"""Saving checkpoints while training goes on (``checkpoint.async_save``), or in line.
+
+Asynchronously, a save copies this rank's tensors to host memory (DCP ``async_save`` stages them
+before it returns), and a background thread writes them; training continues meanwhile. When the
+write is done on every rank, rank 0 finishes the checkpoint exactly as a synchronous save does
+(checksums, ``complete.json``, rename): it becomes visible only whole and verified. At most one
+save is in flight: the next one, and the end of training, wait for it. The background writes
+coordinate through a process group of their own, so they never interleave with the training
+loop's collectives.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from clusterlm.train import checkpoint
+
+# A single process saves with no process group on purpose; DCP says so from the writer thread,
+# where the caller's warning filters do not reach.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+class CheckpointWriter:
+    def __init__(self, background: bool = False):
+        self.background = background
+        self._pending: Future | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._group: Any = None
+        # Staging copies into the same host buffers every save (one save in flight at most), so
+        # only the first save pays for allocating them.
+        # Staging is synchronous: training must not change a tensor before its copy is taken.
+        cuda = torch.cuda.is_available()
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=False, use_non_blocking_copy=cuda))
+        self.last_write_s = 0.0  # how long the last background save took from start to visible
+
+    def save(
+        self, root: Path, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
+        files: dict[str, bytes] | None = None,
+    ) -> Path:
+        """Save ``root/step_<step>``; returns its final path (already complete unless background)."""
+        self.wait()
+        if not self.background:
+            return checkpoint.save_checkpoint(root, step, tensors, trainer_state, keep_last, files)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+            # Collective, so every rank creates it at the same (first) save.
+            self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        tmp, final = checkpoint.begin_checkpoint(root, step)
+        with checkpoint.single_process_quiet():
+            upload = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=self._group,
+                                    async_stager=self._stager, no_dist=not dist.is_initialized())
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        self._pending = self._executor.submit(self._finish, upload, main, tmp, final, trainer_state, keep_last, files)
+        return final
+
+    def _finish(self, upload: Future, main: bool, tmp: Path, final: Path, *finish_args: Any) -> None:
+        started = time.perf_counter()
+        upload.result()  # on rank 0 this returns once every rank's share and DCP's metadata are written
+        if main:
+            checkpoint.finish_checkpoint(tmp, final, *finish_args)
+        self.last_write_s = time.perf_counter() - started
+
+    @property
+    def writing(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is complete (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+            self._stager.close()

@@ -1,0 +1,69 @@
+"""Single-process pieces of fault tolerance: what resume may pick, restarts, the grace warning."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from clusterlm.config import build_config
+from clusterlm.errors import UserError
+from clusterlm.train import checkpoint
+from clusterlm.train.preemption import Preemption
+from clusterlm.train.runtime import Runtime
+
+
+def _complete(root, step, run_id=None):
+    tmp, final = checkpoint.begin_checkpoint(root, step)
+    (tmp / "data.distcp").write_bytes(b"tensor bytes %d" % step)
+    checkpoint.finish_checkpoint(tmp, final, {"step": step, "run_id": run_id}, keep_last=10, files=None)
+    return final
+
+
+def test_what_a_failure_leaves_behind_is_never_resumed(tmp_path):
+    root = tmp_path / "checkpoints"
+    good = _complete(root, 4)
+    killed_in_write = root / ".step_00000008.0123abcd.tmp"  # a save killed while DCP wrote
+    killed_in_write.mkdir()
+    (killed_in_write / "__0_0.distcp").write_bytes(b"half")
+    unfinished = root / "step_00000012"  # a directory that never got complete.json
+    unfinished.mkdir()
+    (unfinished / "trainer.json").write_text(json.dumps({"step": 12}))
+    damaged = _complete(root, 16)
+    (damaged / "data.distcp").write_bytes(b"bit rot")
+    assert checkpoint.resolve_resume("auto", root).path == good
+    with pytest.raises(UserError, match="corrupt"):
+        checkpoint.resolve_resume(str(damaged), root)
+    _complete(root, 20)  # the next save clears what the killed one left
+    assert not killed_in_write.exists()
+
+
+def test_a_restart_resumes_its_own_run_first(tmp_path):
+    root = tmp_path / "checkpoints"
+    mine = _complete(root, 3, run_id="job-a")
+    _complete(root, 90, run_id="an-earlier-job")
+    assert checkpoint.resolve_resume("none", root, own_run="job-a").path == mine
+    assert checkpoint.resolve_resume("none", root, own_run="job-b") is None  # nothing of its own yet: as asked
+    assert checkpoint.resolve_resume("auto", root).path.name == "step_00000090"
+
+
+def test_a_grace_period_shorter_than_a_step_is_one_line(capsys):
+    preemption = Preemption(grace_s=0.5)
+    try:
+        assert not preemption.requested(Runtime(device="cpu"), step_seconds=2.0)
+        preemption.requested(Runtime(device="cpu"), step_seconds=2.0)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.requested(Runtime(device="cpu"), step_seconds=0.1)
+    finally:
+        preemption.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint.preempt_grace_s" in err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"parallel.hang_timeout_s": 700}, "must be below parallel.timeout_s"),
+    ({"checkpoint.preempt_grace_s": 0}, "preempt_grace_s must be positive"),
+])
+def test_bad_fault_settings_are_one_line(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_config(None, overrides)
