@@ -3,10 +3,9 @@
 import pytest
 
 from clusterlm.models.counting import training_flops_per_token
-from clusterlm.plan.efficiency import head_flops_per_token
-
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.plan.cluster import load_cluster
+from clusterlm.plan.efficiency import head_flops_per_token
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import (
     in_flight_microbatches,

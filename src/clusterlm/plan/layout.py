@@ -27,11 +27,23 @@ import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
-from clusterlm.config import Config, ModelConfig, ParallelConfig, TrainingConfig, grad_accum_steps, validate
+from clusterlm.config import (
+    Config,
+    ModelConfig,
+    ParallelConfig,
+    TrainingConfig,
+    grad_accum_steps,
+    validate,
+)
 from clusterlm.errors import UserError
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.parallel.mesh import check_layout, pipeline_microbatches, resolve_degrees
-from clusterlm.parallel.pipeline import SCHEDULES, stage_indices_on_rank, stage_layer_ranges, stages_per_rank_for
+from clusterlm.parallel.pipeline import (
+    SCHEDULES,
+    stage_indices_on_rank,
+    stage_layer_ranges,
+    stages_per_rank_for,
+)
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.workload import Workload
 
