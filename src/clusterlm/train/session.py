@@ -17,6 +17,7 @@ from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
 from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.parallel import ParallelModel, parallelize
+from clusterlm.parallel.precision import settle_precision
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint
 from clusterlm.train.optim import adamw_recipe
@@ -64,6 +65,7 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Transform
 
 def build_session(cfg: Config) -> Session:
     runtime = setup_runtime(cfg)
+    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
     manifest = load_manifest(cfg.data.dir)
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
