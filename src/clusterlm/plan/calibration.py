@@ -38,6 +38,7 @@ from typing import Any
 
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write
+from clusterlm.hardware import device_kind
 
 HOST_SECONDS = ("step_overhead_s", "fsdp_call_s", "tp_module_s")  # seconds >= 0
 NON_NEGATIVE = (*HOST_SECONDS, "efficiency_half_width")  # the rest but ``device`` are fractions
@@ -93,6 +94,13 @@ def load_calibration(path: str | Path) -> Calibration:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     factors = {f.name: data[f.name] for f in dataclasses.fields(Calibration) if f.name in data}
     return Calibration.from_mapping(factors, str(path))
+
+
+def check_device(calibration: Calibration, device_name: str, source: str) -> None:
+    """Refuse factors measured on another kind of device than ``device_name``."""
+    if calibration.device and device_kind(calibration.device) != device_kind(device_name):
+        raise UserError(f"{source} was measured on {calibration.device}, not on this cluster's {device_name}: its "
+                        "factors describe other hardware; calibrate on this kind of device or leave it out")
 
 
 def save_calibration(path: str | Path, calibration: Calibration, evidence: dict[str, Any]) -> None:
