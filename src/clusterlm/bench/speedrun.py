@@ -14,6 +14,7 @@ import copy
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: 
             continue
         val = evaluate_loss(session.model, session.cfg, session.runtime, windows)
         run.evaluations.append((session.step, time.perf_counter() - start, val))
+        print(f"{name}: step {session.step}, val loss {val:.4f} at {run.evaluations[-1][1]:.1f} s",
+              file=sys.stderr, flush=True)
         if val <= target:
             run.seconds, run.step, run.tokens = run.evaluations[-1][1], session.step, session.tokens
             break
