@@ -11,7 +11,7 @@ n_head = 2
 n_embd = 16
 block_size = 16
 [training]
-steps = 6
+steps = 3
 micro_batch_size = {batch}
 eval_interval = 3
 eval_batches = 1
@@ -29,8 +29,6 @@ def test_speedrun_reports_time_to_target_for_both_runs(tmp_path, corpus_dir, cap
     assert cli([*args, "--target", "100"]) == 0
     out = capsys.readouterr().out
     assert "CPU:" in out and out.count("s at step 3") == 2 and "config / baseline wall time" in out
-    assert cli([*args, "--target", "0.01"]) == 0
-    assert capsys.readouterr().out.count("not reached") == 2
     (tmp_path / "long.toml").write_text(TINY.format(batch=2).replace("block_size = 16", "block_size = 32"))
     assert cli(["bench", "speedrun", "--config", str(tmp_path / "long.toml"), "--against",
                 str(tmp_path / "base.toml"), "--data-dir", str(data)]) != 0
