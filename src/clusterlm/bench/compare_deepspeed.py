@@ -6,9 +6,10 @@ alone; jobs alternate per round (DeepSpeed ZeRO-1, clusterlm zero1, DeepSpeed Ze
 busy machine slows both alike. In a job every rank builds the model with the config's seed, runs
 ``warmup`` untimed steps and ``steps`` timed ones (the slowest rank's time per step), and reports
 tokens/s and its resident-memory growth: the peak resident set size minus the size before the model
-was built. DeepSpeed runs in fp32 with torch's AdamW (no compiled ops, ``DS_BUILD_OPS=0`` installs
-it on a CPU machine); clusterlm runs the config as its trainer would, with
-``parallel.data_parallel = zero{k}``. DeepSpeed is an optional dependency: ``pip install
+was built. DeepSpeed runs in fp32 with torch's AdamW (``DS_BUILD_OPS=0`` installs it on a CPU
+machine without building ops; its first run JIT-compiles its shared-memory collective op into
+``~/.cache/torch_extensions``: minutes on a small machine, cached after). clusterlm runs the config
+as its trainer would, with ``parallel.data_parallel = zero{k}``. DeepSpeed is an optional dependency: ``pip install
 'clusterlm[compare]'``.
 """
 
