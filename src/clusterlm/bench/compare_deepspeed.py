@@ -30,6 +30,7 @@ import torch.distributed as dist
 from clusterlm.comm.spawn import SpawnError, run_local
 from clusterlm.config import Config
 from clusterlm.data.loader import TokenLoader
+from clusterlm.data.manifest import load_manifest
 from clusterlm.errors import UserError
 from clusterlm.models.loss import next_token_loss
 from clusterlm.train.optim import adamw_recipe
@@ -76,7 +77,7 @@ def _deepspeed_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, 
 
     torch.set_num_threads(cfg.training.threads or 1)
     before = _rss()
-    model = build_model(cfg, cfg.model.vocab_size, torch.device("cpu"))
+    model = build_model(cfg, load_manifest(cfg.data.dir).vocab_size, torch.device("cpu"))
     recipe = adamw_recipe(model, cfg.optim)
     t = cfg.training
     ds_config = {
