@@ -59,6 +59,27 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_kind(name: str) -> str:
+    """What kind of device a name denotes, for telling measurements of one kind from another: the
+    GPU table's model ('H100' for 'H100-SXM5-80GB', 'H200' for 'NVIDIA H200'), else the name in
+    lower case without a parenthesized remark (a CPU's thread count)."""
+    matches = [key for key in GPU_PEAK_FLOPS if key.lower() in name.lower()]
+    if matches:
+        return max(matches, key=len).split()[0]
+    return name.split("(")[0].strip().lower()
+
+
 def _cache_file() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "clusterlm" / "cpu_peak.json"

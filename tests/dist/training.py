@@ -30,7 +30,7 @@ BASE = {
     "training.steps": STEPS, "training.eval_batches": 2, "training.eval_interval": 10,
     "training.log_interval": 1, "optim.warmup_steps": 3, "optim.lr": 3e-3,
     "checkpoint.interval": 0, "metrics.progress": "none", "metrics.tensorboard": False,
-    "metrics.plot": False, "metrics.peak_flops": 1e12,
+    "metrics.plot": False, "metrics.peak_flops": 1e12, "training.precision": "fp32",
 }
 
 

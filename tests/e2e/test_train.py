@@ -19,6 +19,7 @@ TINY = {
     "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
     "training.micro_batch_size": 4, "training.eval_batches": 2, "training.log_interval": 1,
     "optim.warmup_steps": 5, "metrics.progress": "none", "metrics.tensorboard": False,
+    "training.precision": "fp32",
 }
 
 

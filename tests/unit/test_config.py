@@ -34,7 +34,7 @@ def test_unknown_key_suggests_closest():
     ("model.n_head", "3", "must divide model.n_embd"),
     ("training.seq_len", "65", "exceeds the model's context"),
     ("training.steps", "many", "must be an integer"),
-    ("training.precision", "fp8", "must be one of fp32, bf16, fp16"),
+    ("training.precision", "fp8", "must be one of auto, fp32, bf16, fp16"),
     ("training.compile", "maybe", "must be true or false"),
     ("model.dropout", "1.5", "model.dropout must be in"),
     ("optim.min_lr", "1", "must not exceed optim.lr"),

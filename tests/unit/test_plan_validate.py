@@ -116,7 +116,7 @@ def test_layout_from_config_takes_the_trainers_degrees_accumulation_and_micro_ba
                                                          micro_batches=4)
     pipelined = build_config(None, {"training.micro_batch_size": 8, "parallel.pp": 2,
                                     "parallel.pp_schedule": "zbv_zero_bubble"})
-    assert layout_from_config(pipelined, 2) == Layout(pp=2, pp_schedule="zero_bubble", pp_stages_per_rank=2,
+    assert layout_from_config(pipelined, 2) == Layout(pp=2, pp_schedule="zbv_zero_bubble", pp_stages_per_rank=2,
                                                       micro_batch_size=2, micro_batches=4)
 
 

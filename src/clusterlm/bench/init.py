@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from clusterlm.config import Config
 from clusterlm.data.manifest import load_manifest
 from clusterlm.parallel import parallelize
+from clusterlm.parallel.precision import settle_precision
 from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.pretrained import pretrained_source
 from clusterlm.train.runtime import setup_runtime
@@ -42,6 +43,7 @@ def measure_init(cfg: Config) -> dict[str, float]:
     before = _rss_bytes()
     start = time.perf_counter()
     runtime = setup_runtime(cfg)
+    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
     vocab = cfg.model.vocab_size or load_manifest(cfg.data.dir).vocab_size
     plain, source = build_model(cfg, vocab)
     source = pretrained_source(cfg) or source  # model.init_from: measure reading the pretrained shards

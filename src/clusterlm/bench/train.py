@@ -26,7 +26,7 @@ from clusterlm.bench.probes import (
 from clusterlm.bench.timer import time_steps
 from clusterlm.config import Config, resolve_model_args
 from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
-from clusterlm.parallel.precision import DTYPES
+from clusterlm.parallel.precision import DTYPES, resolve_precision
 from clusterlm.plan.layout import layout_from_config
 from clusterlm.plan.memory import layer_activation_bytes
 from clusterlm.plan.workload import Workload
@@ -63,7 +63,7 @@ def _warm_session(cfg: Config, scratch: str, warmup: int) -> Session:
     cfg.training.steps = 10**9  # keep the LR schedule in its steady middle
     if cfg.training.device != "cuda" and not cfg.metrics.peak_flops and not torch.cuda.is_available():
         # A fresh CPU peak for the MFU: a cached one may have been measured on a busy machine.
-        cpu_peak_flops(DTYPES[cfg.training.precision], remeasure=True)
+        cpu_peak_flops(DTYPES[resolve_precision(cfg.training.precision, torch.device("cpu"))[0]], remeasure=True)
     session = build_session(cfg)
     time_steps(session, warmup)
     return session

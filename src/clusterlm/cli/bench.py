@@ -15,7 +15,13 @@ import sys
 
 from clusterlm.bench.init import bench_init
 from clusterlm.bench.train import bench_train
-from clusterlm.cli import bench_checkpoint, bench_comm, bench_convergence
+from clusterlm.cli import (
+    bench_checkpoint,
+    bench_comm,
+    bench_compare,
+    bench_convergence,
+    bench_speedrun,
+)
 from clusterlm.cli.options import parse_job
 from clusterlm.config import Config, apply_overrides, validate
 from clusterlm.errors import UserError
@@ -23,7 +29,8 @@ from clusterlm.hardware import resolve_device
 from clusterlm.launch import launch
 from clusterlm.train.runtime import leave_process_group
 
-USAGE = "usage: clusterlm bench train|init|comm|convergence|checkpoint [options]  (clusterlm bench train --help)"
+USAGE = ("usage: clusterlm bench train|init|comm|convergence|checkpoint|speedrun|compare-deepspeed [options]  "
+         "(clusterlm bench train --help)")
 
 
 def add_bench_train_options(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +100,10 @@ def main(argv: list[str]) -> int:
         return bench_convergence.main(argv[1:])
     if argv and argv[0] == "checkpoint":
         return bench_checkpoint.main(argv[1:])
+    if argv and argv[0] == "speedrun":
+        return bench_speedrun.main(argv[1:])
+    if argv and argv[0] == "compare-deepspeed":
+        return bench_compare.main(argv[1:])
     asked = bool(argv) and argv[0] in ("-h", "--help")
     print(USAGE, file=sys.stdout if asked else sys.stderr)
     return 0 if asked else 2

@@ -3,6 +3,7 @@
     clusterlm plan --model llama-8b --cluster 8xH100 --nodes 4 --global-batch-tokens 4M --seq 8192
     clusterlm plan --published                  # predictions against published large runs
     clusterlm plan --validate         # train tiny models in 1-4 process layouts here, fit, compare
+    clusterlm plan --validate --gpu-data        # predictions against the stored GPU measurements
     clusterlm plan --model nano-cpu --vocab-size 65 --cluster cpu --calibration runs/plan-calibration.json
 """
 
@@ -15,11 +16,12 @@ import sys
 from clusterlm.bench.validate import evidence, run_validation
 from clusterlm.cli.options import Parser
 from clusterlm.errors import UserError
-from clusterlm.plan.calibration import load_calibration, save_calibration
+from clusterlm.plan.calibration import check_device, load_calibration, save_calibration
 from clusterlm.plan.cluster import Cluster, load_cluster, preset_names
 from clusterlm.plan.emit import write_config
 from clusterlm.plan.fit import fit_calibration
-from clusterlm.plan.published import compare_published
+from clusterlm.plan.gpu_data import GPU_MEASUREMENTS, compare_gpu_data
+from clusterlm.plan.published import PUBLISHED_RUNS, compare_published
 from clusterlm.plan.report import candidates_table, time_breakdown
 from clusterlm.plan.search import SearchResult, explain, nodes_needed, runner_up, search
 from clusterlm.plan.units import GIB, human, parse_batch_tokens, parse_train_tokens
@@ -44,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
     p.add_argument("--train-tokens", help="training run length for time and device-hours (decimal suffixes: 15T)")
     p.add_argument("--emit-config", metavar="OUT.toml", help="write the best layout as a clusterlm config")
-    p.add_argument("--published", action="store_true", help="compare predictions with published training runs")
+    p.add_argument("--published", nargs="?", const=str(PUBLISHED_RUNS), metavar="RUNS.toml",
+                   help="compare predictions with published training runs (default: the project's list)")
     p.add_argument("--validate", action="store_true",
                    help="train a tiny GPT in 1-4 process layouts on this machine and compare with the planner")
+    p.add_argument("--gpu-data", nargs="?", const=str(GPU_MEASUREMENTS), metavar="MEASUREMENTS.toml",
+                   help="with --validate: compare with stored GPU measurements instead of training here")
     p.add_argument("--calibration-out", metavar="FILE.json", default="runs/plan-calibration.json",
                    help="with --validate: where to write the fitted calibration (default runs/plan-calibration.json)")
     p.add_argument("--validate-steps", type=int, default=15, help="with --validate: timed steps per layout and round")
@@ -58,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.published:
-        print(compare_published())
+        print(compare_published(args.published))
+        return 0
+    if args.gpu_data and not args.validate:
+        raise UserError("--gpu-data goes with --validate: clusterlm plan --validate --gpu-data [FILE]")
+    if args.gpu_data:
+        calibration = load_calibration(args.calibration) if args.calibration else None
+        print(compare_gpu_data(args.gpu_data, calibration, args.calibration or ""))
         return 0
     if args.validate:
         return _validate(args.calibration_out, args.validate_steps, args.validate_rounds)
@@ -73,7 +84,10 @@ def main(argv: list[str]) -> int:
     cluster = load_cluster(args.cluster)
     if args.nodes is not None:
         cluster = cluster.with_nodes(args.nodes)
-    calibration = load_calibration(args.calibration) if args.calibration else cluster.calibration
+    calibration = cluster.calibration
+    if args.calibration:
+        calibration = load_calibration(args.calibration)
+        check_device(calibration, cluster.device.name, args.calibration)
     if args.efficiency is not None:
         calibration = dataclasses.replace(calibration, compute_efficiency=args.efficiency)
     cluster = dataclasses.replace(cluster, calibration=calibration)
@@ -111,7 +125,7 @@ def _validate(calibration_out: str, steps: int, rounds: int) -> int:
     if steps < 1 or rounds < 1:
         raise UserError(f"--validate-steps and --validate-rounds must be positive, got {steps} and {rounds}")
     results, links = run_validation(steps=steps, rounds=rounds, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    calibration = fit_calibration(results)
+    calibration = dataclasses.replace(fit_calibration(results), device=results[0].cluster.device.name)
     print(validation_report(results, calibration, links))
     save_calibration(calibration_out, calibration, evidence(results, calibration, links))
     print(f"wrote {calibration_out}")

@@ -44,8 +44,9 @@ class TrainingConfig:
     tokens_per_step: int = opt(0, "global tokens per optimizer step; gradient accumulation makes up the "
                                "difference (0 = one micro-batch per rank)")
     seed: int = opt(1337, "seed of initialization, data order and dropout")
-    precision: str = opt("fp32", "compute precision (fp16 needs CUDA; master weights stay fp32)",
-                         ("fp32", "bf16", "fp16"))
+    precision: str = opt("auto", "compute precision (fp16 needs CUDA; master weights stay fp32); auto = bf16 where "
+                         "the device computes it natively (a GPU, a CPU with AVX512-BF16/AMX), else fp32",
+                         ("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile: forward and loss as one graph in a single process, each block "
                         "separately when the model is split or sharded across processes")
     attention: str = opt("auto", "attention kernel: auto (torch picks), flash, efficient, cudnn, or math (matmuls "

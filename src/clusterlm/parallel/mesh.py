@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from clusterlm.config import Config, ParallelConfig, grad_accum_steps
 from clusterlm.errors import UserError
-from clusterlm.parallel.pipeline import stages_per_rank_for
+from clusterlm.parallel.pipeline import check_microbatches, stages_per_rank_for
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 # The strategies that keep a whole copy per data-parallel rank; of them, the last three
@@ -92,6 +92,7 @@ def _check_pipeline(cfg: Config, accumulation: int) -> None:
         raise UserError("with parallel.pp > 1 the pipeline splits each batch into parallel.pp_microbatches; "
                         "leave training.tokens_per_step at one micro-batch per data-parallel rank")
     micro_batches = pipeline_microbatches(p)
+    check_microbatches(p.pp_schedule, p.pp, micro_batches)
     if cfg.training.micro_batch_size % micro_batches:
         raise UserError(f"training.micro_batch_size ({cfg.training.micro_batch_size}) does not split into "
                         f"parallel.pp_microbatches ({micro_batches}) equal micro-batches; make it a multiple")

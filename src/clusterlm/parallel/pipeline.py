@@ -81,6 +81,20 @@ def stages_per_rank_for(schedule: str, stages_per_rank: int | None = None) -> in
     return wanted
 
 
+def check_microbatches(schedule: str, pp: int, n_microbatches: int) -> None:
+    """What the schedule classes require of the micro-batch count, checked before any rank starts:
+    1F1B at least one per stage, DualPipeV one per stage of its V, the interleaved schedules whole
+    rounds of ``pp``."""
+    rounds = max(1, n_microbatches // pp)
+    needs = {"1f1b": (n_microbatches >= pp, f"at least pp = {pp}"),
+             "dualpipev": (n_microbatches >= 2 * pp, f"at least 2 x pp = {2 * pp}"),
+             "interleaved_1f1b": (n_microbatches % rounds == 0, f"a multiple of {rounds} rounds of pp = {pp}"),
+             "interleaved_zero_bubble": (n_microbatches % rounds == 0, f"a multiple of {rounds} rounds of pp = {pp}")}
+    ok, wanted = needs.get(schedule, (True, ""))
+    if not ok:
+        raise UserError(f"pipeline schedule {schedule} needs parallel.pp_microbatches {wanted}, got {n_microbatches}")
+
+
 def stage_indices_on_rank(schedule: str, pp_rank: int, pp_size: int, stages_per_rank: int) -> list[int]:
     """Global indices of the stages rank ``pp_rank`` holds, in the order the schedule expects."""
     if _placement(schedule) == "v":

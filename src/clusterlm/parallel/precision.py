@@ -1,16 +1,53 @@
 """Mixed precision: compute in bf16/fp16 under autocast, keep fp32 master weights and optimizer
-state; fp16 (CUDA only) scales the loss so small gradients survive the narrow exponent."""
+state; fp16 (CUDA only) scales the loss so small gradients survive the narrow exponent.
+
+``auto`` (the default) is resolved once per run by ``settle_precision``: bf16 where the device
+computes it natively, a GPU with bf16 support or a CPU whose measured bf16 matmul rate beats its
+fp32 rate (AVX512-BF16 or AMX; ``clusterlm.hardware`` probes and caches both), fp32 elsewhere. A
+CPU without those instructions emulates bf16 at a small fraction of its fp32 speed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from clusterlm.errors import UserError
+from clusterlm.hardware import cpu_peak_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[str, str | None]:
+    """(the precision to train in for ``name`` on ``device``, a warning line or None)."""
+    if device.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp32") if name == "auto" else name, None
+    if device.type != "cpu" or name not in ("auto", "bf16"):
+        return ("fp32" if name == "auto" else name), None
+    fp32, bf16 = cpu_peak_flops(torch.float32), cpu_peak_flops(torch.bfloat16)
+    if bf16 > fp32:
+        return "bf16", None
+    if name == "auto":
+        return "fp32", None
+    return "bf16", (f"warning: training.precision = bf16 on a CPU that emulates it: bf16 matmul "
+                    f"{bf16 / 1e9:.1f} GFLOP/s against fp32 {fp32 / 1e9:.1f} GFLOP/s; fp32 (or auto) trains faster here")
+
+
+def settle_precision(name: str, device: torch.device, announce: bool = True) -> str:
+    """``resolve_precision``, agreed on by every rank (rank 0's choice: probes on a busy machine
+    can disagree, and ranks must compute alike), with its warning printed once."""
+    precision, warning = resolve_precision(name, device)
+    if name == "auto" and dist.is_initialized() and dist.get_world_size() > 1:
+        choice = [precision]
+        dist.broadcast_object_list(choice, src=0)
+        precision = choice[0]
+    if warning and announce:
+        print(warning, file=sys.stderr, flush=True)
+    return precision
 
 
 class Precision:

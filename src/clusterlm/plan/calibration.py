@@ -12,6 +12,13 @@
 - ``step_overhead_s``: fixed seconds per optimizer step that no FLOP or byte count explains
   (framework dispatch, hooks, optimizer launch, data loading). Default 0: negligible against the
   steps of large models, but most of a tiny model's step on a CPU, where ``--validate`` fits it.
+- ``efficiency_half_width``: the matmul output width at which half of ``compute_efficiency`` is
+  reached (``clusterlm.plan.efficiency``); 0 makes the efficiency one constant.
+- ``tp_exposed``: fraction of tensor-parallel collective time on the critical path. 1 for this
+  project's DTensor tensor parallelism, which waits for each collective; an implementation that
+  overlaps them with the neighbouring GEMMs (async TP, Transformer Engine) lowers it.
+- ``device``: the device kind the factors were measured on (empty: not recorded). A calibration
+  file from another kind of device is refused: its factors describe other hardware.
 - ``fsdp_call_s``: host seconds per FSDP collective call (one unit's all-gather or reduce-scatter:
   the pre/post hooks, the copy into and out of the flat buffer, the launch).
 - ``tp_module_s``: host seconds per tensor-parallel module pass (one DTensor-sharded linear, norm
@@ -31,8 +38,10 @@ from typing import Any
 
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write
+from clusterlm.hardware import device_kind
 
-HOST_SECONDS = ("step_overhead_s", "fsdp_call_s", "tp_module_s")  # seconds >= 0; the rest are fractions
+HOST_SECONDS = ("step_overhead_s", "fsdp_call_s", "tp_module_s")  # seconds >= 0
+NON_NEGATIVE = (*HOST_SECONDS, "efficiency_half_width")  # the rest but ``device`` are fractions
 
 
 @dataclass(frozen=True)
@@ -43,14 +52,20 @@ class Calibration:
     step_overhead_s: float = 0.0
     fsdp_call_s: float = 0.0
     tp_module_s: float = 0.0
+    efficiency_half_width: float = 0.0
+    tp_exposed: float = 1.0
+    device: str = ""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if f.name in HOST_SECONDS:
+            if f.name == "device":
+                if not isinstance(value, str):
+                    raise UserError(f"calibration device must be a device name, got {value!r}")
+            elif f.name in NON_NEGATIVE:
                 if not number or not 0.0 <= value < float("inf"):
-                    raise UserError(f"calibration {f.name} must be a number of seconds >= 0, got {value!r}")
+                    raise UserError(f"calibration {f.name} must be a number >= 0, got {value!r}")
             elif not number or not 0.0 < value <= 1.0:
                 raise UserError(f"calibration {f.name} must be a number in (0, 1], got {value!r}")
 
@@ -79,6 +94,13 @@ def load_calibration(path: str | Path) -> Calibration:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     factors = {f.name: data[f.name] for f in dataclasses.fields(Calibration) if f.name in data}
     return Calibration.from_mapping(factors, str(path))
+
+
+def check_device(calibration: Calibration, device_name: str, source: str) -> None:
+    """Refuse factors measured on another kind of device than ``device_name``."""
+    if calibration.device and device_kind(calibration.device) != device_kind(device_name):
+        raise UserError(f"{source} was measured on {calibration.device}, not on this cluster's {device_name}: its "
+                        "factors describe other hardware; calibrate on this kind of device or leave it out")
 
 
 def save_calibration(path: str | Path, calibration: Calibration, evidence: dict[str, Any]) -> None:

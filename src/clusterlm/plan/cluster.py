@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from clusterlm.errors import UserError
-from clusterlm.hardware import cpu_peak_flops
+from clusterlm.hardware import cpu_model_name, cpu_peak_flops
 from clusterlm.plan.calibration import Calibration
 
 if sys.version_info >= (3, 11):
@@ -190,7 +190,7 @@ def probe_cpu_cluster() -> Cluster:
         name="cpu",
         nodes=1,
         devices_per_node=1,
-        device=Device(name=f"CPU ({torch.get_num_threads()} threads)", memory_bytes=physical_memory_bytes(),
+        device=Device(name=f"CPU {cpu_model_name()} ({torch.get_num_threads()} threads)", memory_bytes=physical_memory_bytes(),
                       peak_flops={"fp32": fp32, "bf16": bf16, "fp16": bf16}, reserved_bytes=0.5 * GIB),
         intra_node=Link(bandwidth=5 * GB, latency=20e-6),
         inter_node=Link(bandwidth=1.25 * GB, latency=50e-6),

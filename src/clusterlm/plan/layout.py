@@ -1,5 +1,11 @@
 """A parallel layout: the mesh ``pp x dp_replicate x dp_shard x tp`` and how each dimension is used.
 
+The vocabulary is the trainer's: data-parallel strategies, pipeline schedules, stage placement and
+stage balancing (``clusterlm.parallel.pipeline``), degree resolution and every layout check
+(``clusterlm.parallel.mesh``, ``clusterlm.config.validate``). ``layout_config`` turns a layout
+into the training config that runs it and ``layout_from_config`` reads a config back; a layout is
+possible exactly when the trainer accepts its config (``layout_problem``).
+
 Rank placement (what decides whether a group talks over NVLink or the network): ranks are
 numbered node by node, and the mesh is laid out with ``tp`` innermost (consecutive ranks, inside a
 node), then ``dp_shard``, then ``dp_replicate``, then ``pp`` outermost. A group of dimension X
@@ -8,31 +14,43 @@ stride times its degree exceeds ``devices_per_node``.
 
 ``data_parallel``: ``ddp`` replicates everything over ``dp_replicate`` (``dp_shard`` = 1);
 ``zero1|zero2|zero3`` shard optimizer state / + gradients / + parameters over ``dp_shard``
-(``dp_replicate`` = 1); ``hsdp`` shards like zero3 within ``dp_shard`` and replicates across
-``dp_replicate``. ``micro_batches`` is the number of micro-batches of ``micro_batch_size``
-sequences each data-parallel rank runs per step: gradient-accumulation steps without pipelining,
-the pipeline's micro-batches (``pp_microbatches``) with it.
+(``dp_replicate`` = 1; the trainer's zero1 names that group ``dp_replicate``, since it replicates
+the model, and the conversion maps it); ``hsdp`` shards like zero3 within ``dp_shard`` and
+replicates across ``dp_replicate``. ``micro_batches`` is the number of micro-batches of
+``micro_batch_size`` sequences each data-parallel rank runs per step: gradient-accumulation steps
+without pipelining, the pipeline's micro-batches (``pp_microbatches``) with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 
-from clusterlm.config import Config, grad_accum_steps
-from clusterlm.parallel.mesh import pipeline_microbatches, resolve_degrees
-from clusterlm.parallel.pipeline import stages_per_rank_for
+from clusterlm.config import (
+    Config,
+    ModelConfig,
+    ParallelConfig,
+    TrainingConfig,
+    grad_accum_steps,
+    validate,
+)
+from clusterlm.errors import UserError
+from clusterlm.models.gpt import ModelArgs
+from clusterlm.parallel.mesh import check_layout, pipeline_microbatches, resolve_degrees
+from clusterlm.parallel.pipeline import (
+    SCHEDULES,
+    stage_indices_on_rank,
+    stage_layer_ranges,
+    stages_per_rank_for,
+)
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.workload import Workload
 
 DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "hsdp")
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+PP_SCHEDULES = tuple(SCHEDULES)  # the trainer's, by name
 CHECKPOINTING = ("none", "selective", "full")
 ZERO_STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "hsdp": 3}
-# The trainer's pipeline schedules as the planner models them: a breadth-first loop keeps every
-# micro-batch in flight like GPipe, and the zero-bubble family is modelled as ZB-H1.
-PLANNED_SCHEDULE = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved_1f1b": "interleaved_1f1b", "looped_bfs": "gpipe",
-                    "interleaved_zero_bubble": "zero_bubble", "zbv_zero_bubble": "zero_bubble",
-                    "dualpipev": "zero_bubble"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +88,7 @@ class Layout:
     def describe(self) -> str:
         parts = [f"tp{self.tp}{'+sp' if self.sequence_parallel else ''}"]
         if self.pp > 1:
-            v = f"v{self.pp_stages_per_rank}" if self.pp_schedule == "interleaved_1f1b" else ""
+            v = f"v{self.pp_stages_per_rank}" if self.pp_stages_per_rank > 1 else ""
             parts.append(f"pp{self.pp}({self.pp_schedule}{v})")
         dp = {"ddp": f"ddp{self.dp_replicate}", "hsdp": f"hsdp{self.dp_replicate}x{self.dp_shard}"}.get(
             self.data_parallel, f"{self.data_parallel}:{self.dp_shard}")
@@ -82,9 +100,84 @@ class Layout:
         return " ".join(parts)
 
 
+@dataclass(frozen=True)
+class RankShare:
+    """What one pipeline rank holds: its layers (over all its stages), and whether it holds the
+    embeddings (the first stage) and the output head (the last stage)."""
+
+    layers: int
+    embedding: bool
+    head: bool
+
+
+def _stage_layers(args: ModelArgs, stages: int) -> tuple[int, ...]:
+    return _balanced_layers(dataclasses.astuple(args), stages)
+
+
+@lru_cache(maxsize=4096)
+def _balanced_layers(args: tuple, stages: int) -> tuple[int, ...]:
+    """Layers per stage (cached: the search asks for the same split thousands of times)."""
+    return tuple(len(r) for r in stage_layer_ranges(ModelArgs(*args), stages))
+
+
+def rank_share(args: ModelArgs, layout: Layout, pp_rank: int) -> RankShare:
+    """The trainer's split: stages balanced by parameter count (``stage_layer_ranges``) and placed
+    on ranks by the schedule (``stage_indices_on_rank``; a V puts the first and last on rank 0)."""
+    stages = layout.pp * layout.pp_stages_per_rank
+    if stages == 1:
+        return RankShare(args.n_layer, True, True)
+    counts = _stage_layers(args, stages)
+    held = stage_indices_on_rank(layout.pp_schedule, pp_rank, layout.pp, layout.pp_stages_per_rank)
+    return RankShare(sum(counts[i] for i in held), 0 in held, stages - 1 in held)
+
+
+def layout_config(layout: Layout, work: Workload) -> Config:
+    """The training config that runs ``layout`` for ``work``: the model, the [training] values the
+    layout fixes and the [parallel] section, in the trainer's conventions. Under a pipeline the
+    trainer's micro-batch is the rank's whole batch, split by the schedule; otherwise the rest of
+    the batch is gradient accumulation. The inverse of ``layout_from_config``."""
+    m = work.model
+    model = ModelConfig(flavour=m.flavour, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
+                        n_embd=m.n_embd, block_size=m.block_size, vocab_size=m.vocab_size,
+                        ffn_hidden=m.ffn_hidden, dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
+    pipelined = layout.pp > 1
+    training = TrainingConfig(
+        micro_batch_size=layout.micro_batch_size * (layout.micro_batches if pipelined else 1),
+        seq_len=work.seq_len, tokens_per_step=work.global_batch_tokens, precision=work.precision,
+        activation_checkpointing=layout.activation_checkpointing)
+    replicate, shard = layout.dp_replicate, layout.dp_shard
+    if layout.data_parallel == "zero1":  # the trainer's zero1 replicates the model over its group
+        replicate, shard = replicate * shard, 1
+    parallel = ParallelConfig(
+        data_parallel=layout.data_parallel, dp_replicate=replicate, dp_shard=shard, tp=layout.tp,
+        sequence_parallel=layout.sequence_parallel, pp=layout.pp, pp_schedule=layout.pp_schedule,
+        pp_microbatches=layout.micro_batches if pipelined else 0,
+        pp_stages_per_rank=layout.pp_stages_per_rank if pipelined else 0, cpu_offload=layout.cpu_offload)
+    return Config(model=model, training=training, parallel=parallel)
+
+
+def layout_from_config(cfg: Config, world_size: int) -> Layout:
+    """The layout a training config runs on ``world_size`` processes, with the degrees the trainer
+    derives (``resolve_degrees``). The inverse of ``layout_config``."""
+    p, t = cfg.parallel, cfg.training
+    replicate, shard = resolve_degrees(p, world_size)
+    if p.data_parallel == "zero1":
+        replicate, shard = 1, replicate * shard
+    common = {"dp_replicate": replicate, "dp_shard": shard, "tp": p.tp, "data_parallel": p.data_parallel,
+              "sequence_parallel": p.sequence_parallel, "activation_checkpointing": t.activation_checkpointing,
+              "cpu_offload": p.cpu_offload}
+    if p.pp == 1:
+        return Layout(**common, micro_batch_size=t.micro_batch_size,
+                      micro_batches=grad_accum_steps(cfg, replicate * shard))
+    micro_batches = pipeline_microbatches(p)
+    return Layout(**common, pp=p.pp, pp_schedule=p.pp_schedule,
+                  pp_stages_per_rank=stages_per_rank_for(p.pp_schedule, p.pp_stages_per_rank or None),
+                  micro_batch_size=t.micro_batch_size // micro_batches, micro_batches=micro_batches)
+
+
 def layout_problem(layout: Layout, work: Workload, cluster: Cluster) -> str | None:
-    """Why this layout cannot run this workload on this cluster, or None when it can."""
-    args = work.model
+    """Why this layout cannot run this workload on this cluster, or None when it can: the
+    cluster's constraints first, then whatever the trainer refuses in the layout's config."""
     checks = [
         (layout.data_parallel in DATA_PARALLEL, f"data_parallel must be one of {', '.join(DATA_PARALLEL)}"),
         (layout.pp_schedule in PP_SCHEDULES, f"pp_schedule must be one of {', '.join(PP_SCHEDULES)}"),
@@ -97,42 +190,27 @@ def layout_problem(layout: Layout, work: Workload, cluster: Cluster) -> str | No
         (layout.data_parallel != "ddp" or layout.dp_shard == 1, "ddp does not shard: dp_shard must be 1"),
         (layout.data_parallel not in ("zero1", "zero2", "zero3") or layout.dp_replicate == 1,
          "zero1-3 shard over all data-parallel ranks: dp_replicate must be 1 (use hsdp to replicate)"),
-        (args.n_head % layout.tp == 0 and args.n_kv_head % layout.tp == 0,
-         f"tp {layout.tp} must divide n_head {args.n_head} and n_kv_head {args.n_kv_head}"),
+        (work.model.n_head % layout.tp == 0 and work.model.n_kv_head % layout.tp == 0,
+         f"tp {layout.tp} must divide n_head {work.model.n_head} and n_kv_head {work.model.n_kv_head}"),
         (cluster.devices_per_node % layout.tp == 0, f"tp {layout.tp} must stay inside a node of "
          f"{cluster.devices_per_node} devices"),
-        (not layout.sequence_parallel or layout.tp > 1, "sequence_parallel needs tp > 1"),
-        (args.n_layer % (layout.pp * layout.pp_stages_per_rank) == 0,
-         f"pp x stages per rank = {layout.pp * layout.pp_stages_per_rank} must divide n_layer {args.n_layer}"),
-        (layout.pp_stages_per_rank == 1 or layout.pp_schedule == "interleaved_1f1b",
-         "pp_stages_per_rank > 1 needs pp_schedule interleaved_1f1b"),
-        (layout.pp_schedule != "interleaved_1f1b" or layout.micro_batches % layout.pp == 0,
-         f"interleaved_1f1b needs micro-batches ({layout.micro_batches}) divisible by pp ({layout.pp})"),
         (layout.dp * layout.micro_batch_size * layout.micro_batches == work.sequences,
          f"dp x micro_batch_size x micro_batches = {layout.dp * layout.micro_batch_size * layout.micro_batches} "
          f"must equal the global batch of {work.sequences} sequences"),
         (not layout.cpu_offload or cluster.host is not None, "cpu_offload needs a [host] in the cluster"),
     ]
-    return next((message for ok, message in checks if not ok), None)
+    problem = next((message for ok, message in checks if not ok), None)
+    return problem or trainer_refusal(layout, work)
 
 
-def layout_from_config(cfg: Config, world_size: int) -> Layout:
-    """The layout a training config runs on ``world_size`` processes, with the degrees the trainer
-    derives (``resolve_degrees``). The trainer's zero1 replicates the model over its data-parallel
-    group and shards only the optimizer; the planner names that group ``dp_shard``. Under a
-    pipeline the trainer's micro-batch is the rank's whole batch, split into the schedule's
-    micro-batches; without one, ``micro_batches`` is the gradient-accumulation steps."""
-    p, t = cfg.parallel, cfg.training
-    replicate, shard = resolve_degrees(p, world_size)
-    if p.data_parallel == "zero1":
-        replicate, shard = 1, replicate * shard
-    common = {"dp_replicate": replicate, "dp_shard": shard, "tp": p.tp, "data_parallel": p.data_parallel,
-              "sequence_parallel": p.sequence_parallel, "activation_checkpointing": t.activation_checkpointing,
-              "cpu_offload": p.cpu_offload}
-    if p.pp == 1:
-        return Layout(**common, micro_batch_size=t.micro_batch_size,
-                      micro_batches=grad_accum_steps(cfg, replicate * shard))
-    micro_batches = pipeline_microbatches(p)
-    return Layout(**common, pp=p.pp, pp_schedule=PLANNED_SCHEDULE[p.pp_schedule],
-                  pp_stages_per_rank=stages_per_rank_for(p.pp_schedule, p.pp_stages_per_rank or None),
-                  micro_batch_size=t.micro_batch_size // micro_batches, micro_batches=micro_batches)
+def trainer_refusal(layout: Layout, work: Workload) -> str | None:
+    """The trainer's own one-line refusal of the layout's config, or None when it would run it."""
+    cfg = layout_config(layout, work)
+    try:
+        validate(cfg)
+        check_layout(cfg, layout.world_size)
+        if layout.pp > 1:
+            stages_per_rank_for(layout.pp_schedule, layout.pp_stages_per_rank)
+    except UserError as err:
+        return str(err)
+    return None

@@ -17,7 +17,8 @@ CPU offload (ZeRO-Offload, Ren et al. 2021) moves the optimizer state (K bytes/p
 memory; weights and gradients stay on the device.
 Parameters are split over tensor-parallel ranks (every weight, including the vocabulary-parallel
 embedding and head; the norm weights that Megatron replicates are <0.1% and are split too) and over
-pipeline stages (layers evenly; the embedding on the first stage, the head on the last).
+pipeline stages as the trainer splits them (stages balanced by parameter count, placed by the
+schedule; the embedding on the first stage, the head on the last).
 
 Activations, per layer and micro-batch of b sequences of s tokens, width h, a heads, tp degree t.
 Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eqs. 1-4)
@@ -45,7 +46,8 @@ split under sequence parallelism.
 Pipeline schedules hold several micro-batches' activations at once on the first stage (the
 worst): GPipe all m; 1F1B min(p, m) (Narayanan et al. 2021, section 2.2); interleaved 1F1B with v
 chunks per rank p * (1 + (p-1)/(p*v)) (Korthikanti et al. 2022, section 4.2.3); zero bubble is
-modelled as ZB-H1 (Qi et al. 2023), which keeps 1F1B's peak activation memory. The last stage
+modelled as ZB-H1 (Qi et al. 2023), which keeps 1F1B's peak activation memory; looped BFS keeps all
+m of each of its v stages, like GPipe. The last stage
 holds one micro-batch (m for GPipe) plus the output-layer activations.
 """
 
@@ -54,7 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clusterlm.models.counting import embedding_params, head_params, layer_params
-from clusterlm.plan.layout import Layout
+from clusterlm.plan.layout import Layout, rank_share
 from clusterlm.plan.workload import Workload
 
 BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb = 25
@@ -93,13 +95,20 @@ def state_bytes_per_param(zero_stage: int, shard_degree: int, mixed_precision: b
     )
 
 
+def rank_for(layout: Layout, stage: str) -> int:
+    """The pipeline rank of the ``first`` or ``last`` stage's device."""
+    return 0 if stage == "first" else layout.pp - 1
+
+
 def stage_params(work: Workload, layout: Layout, stage: str) -> float:
-    """Parameters one device of the ``first`` or ``last`` pipeline stage holds before ZeRO."""
+    """Parameters one device of the ``first`` or ``last`` pipeline rank holds before ZeRO, split
+    as the trainer splits them (``rank_share``)."""
     args = work.model
-    count = args.n_layer // layout.pp * layer_params(args)
-    if stage == "first" or layout.pp == 1:
+    share = rank_share(args, layout, rank_for(layout, stage))
+    count = share.layers * layer_params(args)
+    if share.embedding:
         count += embedding_params(args)
-    if stage == "last" or layout.pp == 1:
+    if share.head:
         count += head_params(args)
         if not args.is_llama and layout.pp > 1:
             count += args.vocab_size * args.n_embd  # the tied head needs its own copy
@@ -198,27 +207,27 @@ def in_flight_microbatches(layout: Layout, stage: str) -> float:
     p, m, v = layout.pp, layout.micro_batches, layout.pp_stages_per_rank
     if p == 1:
         return 1
-    if layout.pp_schedule == "gpipe":
+    if layout.pp_schedule in ("gpipe", "looped_bfs"):
         return m
     if stage == "last":
         return 1
-    if layout.pp_schedule == "interleaved_1f1b":
+    if layout.pp_schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
         return min(m, p * (1 + (p - 1) / (p * v)))
-    return min(p, m)  # 1f1b, and zero bubble as ZB-H1
+    return min(p, m)  # 1f1b, and the V zero-bubble schedules as ZB-H1
 
 
 def activation_bytes(work: Workload, layout: Layout, stage: str) -> float:
     """Activations a device of the ``first`` or ``last`` stage holds at its peak: the saved
     tensors of its in-flight micro-batches plus, on the last stage, the logits' gradient."""
-    layers = work.model.n_layer // layout.pp
-    stored = layers * layer_activation_bytes(work, layout) * in_flight_microbatches(layout, stage)
+    share = rank_share(work.model, layout, rank_for(layout, stage))
+    stored = share.layers * layer_activation_bytes(work, layout) * in_flight_microbatches(layout, stage)
     if layout.activation_checkpointing == "full":
         stored += layer_activation_bytes(work, layout, recompute="none")  # the block being recomputed
     tokens = work.seq_len * layout.micro_batch_size
-    if stage == "first" or layout.pp == 1:
+    if share.embedding:
         stored += TOKEN_ID_BYTES * tokens
-    if stage == "last" or layout.pp == 1:
-        outputs = layout.micro_batches if layout.pp_schedule == "gpipe" and layout.pp > 1 else 1
+    if share.head:
+        outputs = layout.micro_batches if layout.pp_schedule in ("gpipe", "looped_bfs") and layout.pp > 1 else 1
         stored += output_activation_bytes(work, layout) * outputs + logits_gradient_bytes(work, layout)
     return stored
 

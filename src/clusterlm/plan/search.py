@@ -2,8 +2,8 @@
 
 The search space: tp over the divisors of a node's device count that divide the query and
 key/value heads, always with sequence parallelism (in this model it costs the same time as plain
-tp and saves memory); pp over divisors of the layer count, with every schedule (interleaved with
-two chunks per rank where layers and micro-batches allow); the data-parallel remainder as ddp,
+tp and saves memory); pp up to the layer count, with the trainer's schedules in
+``SEARCHED_SCHEDULES`` (the trainer balances uneven stages); the data-parallel remainder as ddp,
 zero1, zero2, zero3 or any hsdp split; micro-batch sizes up to 64 that divide each rank's share of
 the global batch; no, selective (only without a fused attention kernel, where it saves memory)
 or full activation checkpointing; with and without optimizer offload where the cluster has a host.
@@ -89,14 +89,18 @@ def _data_parallel_options(dp: int) -> Iterator[dict]:
         yield {"data_parallel": "hsdp", "dp_replicate": dp // shard, "dp_shard": shard}
 
 
-def _pipeline_options(pp: int, layers: int, micro_batches: int) -> Iterator[dict]:
+# The trainer's schedules the search tries, with their stages per rank: the one-stage pair, then
+# the best of each multi-stage family (looped BFS holds GPipe's memory for interleaving's bubble,
+# DualPipeV's bidirectional overlap is not modelled beyond ZBV's).
+SEARCHED_SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zbv_zero_bubble", 2))
+
+
+def _pipeline_options(pp: int) -> Iterator[dict]:
     if pp == 1:
         yield {"pp_schedule": "1f1b", "pp_stages_per_rank": 1}
         return
-    for schedule in ("gpipe", "1f1b", "zero_bubble"):
-        yield {"pp_schedule": schedule, "pp_stages_per_rank": 1}
-    if layers % (2 * pp) == 0 and micro_batches % pp == 0:
-        yield {"pp_schedule": "interleaved_1f1b", "pp_stages_per_rank": 2}
+    for schedule, per_rank in SEARCHED_SCHEDULES:
+        yield {"pp_schedule": schedule, "pp_stages_per_rank": per_rank}
 
 
 def enumerate_layouts(work: Workload, cluster: Cluster) -> Iterator[Layout]:
@@ -109,13 +113,13 @@ def enumerate_layouts(work: Workload, cluster: Cluster) -> Iterator[Layout]:
             continue
         for pp in _divisors(world // tp):
             dp = world // (tp * pp)
-            if args.n_layer % pp or work.sequences % dp:
+            if args.n_layer < pp or work.sequences % dp:
                 continue
             per_rank = work.sequences // dp
             for micro_batch in (b for b in _divisors(per_rank) if b <= MAX_MICRO_BATCH):
                 micro_batches = per_rank // micro_batch
                 for data_parallel in _data_parallel_options(dp):
-                    for pipeline in _pipeline_options(pp, args.n_layer, micro_batches):
+                    for pipeline in _pipeline_options(pp):
                         for ac in checkpointing:
                             for off in offload:
                                 layout = Layout(pp=pp, tp=tp, sequence_parallel=tp > 1, micro_batch_size=micro_batch,

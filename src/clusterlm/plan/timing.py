@@ -1,15 +1,19 @@
 """Predicted time of one optimizer step, and what it is made of.
 
 Compute: training FLOPs per token from ``training_flops_per_token`` (6N + 12*L*d*s, the model
-FLOPs MFU is quoted in) plus recomputation, at ``peak[precision] * compute_efficiency``. Full
-activation checkpointing reruns the forward pass (+1/3 of the model FLOPs); selective
-recomputation (Korthikanti et al. 2022) reruns the attention core, QK^T and AV: 4*L*d*s per token.
-Each device does 1/(pp*tp) of a micro-batch's FLOPs; forward is a third of them, backward the rest.
+FLOPs MFU is quoted in), split into the blocks' share and the output head's, on the pipeline rank
+that holds the most (the trainer balances stages by parameter count; ``layout.rank_share``), at
+``peak[precision]`` times the efficiency of the step's matrix-multiply shapes
+(``clusterlm.plan.efficiency``). Each device does 1/tp of its rank's FLOPs; forward is a third of
+them, backward the rest. Recomputation is its own component: full activation checkpointing reruns
+each block's forward (a third of its FLOPs) in backward; selective recomputation (Korthikanti et
+al. 2022) reruns the attention core, QK^T and AV: 4*d*s per token and layer.
 
 Communication (``collectives``), per step:
 - tensor parallel (Megatron, Shoeybi et al. 2019): 2 all-reduces of s*b*h activations per layer in
   forward and 2 in backward (2 more when full checkpointing reruns the forward); with sequence
-  parallelism each becomes an all-gather plus a reduce-scatter, the same time. Not overlapped.
+  parallelism each becomes an all-gather plus a reduce-scatter, the same time. The calibration's
+  ``tp_exposed`` share of it is on the critical path (1 here: DTensor waits for each collective).
 - data parallel, on gradients in the weight dtype (2 bytes under mixed precision, as ZeRO counts):
   ddp all-reduces once per step, hidden behind the last micro-batch's backward up to
   ``overlap``: exposed = max(0, comm - overlap * backward). zero1 (torch's
@@ -21,15 +25,17 @@ Communication (``collectives``), per step:
   before forward and again before backward and reduce-scatter gradients, every micro-batch, layer
   by layer with prefetch, hidden behind that pass's compute; hsdp then all-reduces the gradient
   shard across replicas once per step.
-- pipeline: activations forward and gradients backward at every stage boundary, 2*(m + p - 1)*v
-  messages on the critical path, counted in full (conservative).
+- pipeline: activations forward and gradients backward at every stage boundary. The 2*(p - 1)*v
+  messages of the fill and the drain are on the critical path; the 2*m*v of the steady state are
+  sent while the next micro-batch computes, hidden up to ``overlap`` of that compute.
 - CPU offload (ZeRO-Offload): gradients to the host and weights back over the host link, plus the
   CPU optimizer at the node's ``adam_params_per_s``, not overlapped.
-Pipeline bubble, as a fraction of the ideal m micro-batches: GPipe and 1F1B (p-1)/m (Huang et al.
-2019; Narayanan et al. 2021), interleaved 1F1B (p-1)/(v*m) (Narayanan et al. 2021), zero bubble
-(p-1)/(3m): ZB-H1 of Qi et al. 2023 with equal forward, input-gradient and weight-gradient times.
-The optimizer step itself and the pipeline's uneven first/last stages (embedding, head) are not
-modelled, except through ``host``.
+Pipeline bubble, as a fraction of the ideal m micro-batches, for the trainer's schedules: GPipe and
+1F1B (p-1)/m (Huang et al. 2019; Narayanan et al. 2021), interleaved 1F1B and looped BFS with v
+stages per rank (p-1)/(v*m) (Narayanan et al. 2021; Lamy-Poirier 2023), and the zero-bubble
+family (interleaved zero bubble, ZBV, DualPipeV) a third of that, (p-1)/(3*v*m): ZB-H1 of Qi et al.
+2023 with equal forward, input-gradient and weight-gradient times.
+The optimizer step itself is not modelled, except through ``host``.
 
 Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
 fixed seconds per step, plus seconds per FSDP collective call (per unit, an all-gather each
@@ -43,11 +49,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from clusterlm.models.counting import training_flops_per_token
 from clusterlm.plan import collectives
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
-from clusterlm.plan.layout import Layout
+from clusterlm.plan.efficiency import head_flops_per_token, layer_flops_per_token, shape_efficiency
+from clusterlm.plan.layout import Layout, rank_share
 from clusterlm.plan.memory import stage_params, state_bytes_per_param
 from clusterlm.plan.workload import Workload
 
@@ -63,6 +69,7 @@ class StepTime:
     data_parallel: float
     offload: float
     host: float = 0.0
+    recompute: float = 0.0
 
     @property
     def total(self) -> float:
@@ -75,7 +82,7 @@ class StepTime:
 def recompute_flops_per_token(work: Workload, layout: Layout) -> float:
     args = work.model
     if layout.activation_checkpointing == "full":
-        return training_flops_per_token(args, work.seq_len) / 3
+        return layer_flops_per_token(work) * args.n_layer / 3
     if layout.activation_checkpointing == "selective":
         return 4.0 * args.n_layer * args.n_head * args.head_dim * work.seq_len
     return 0.0
@@ -83,34 +90,43 @@ def recompute_flops_per_token(work: Workload, layout: Layout) -> float:
 
 def bubble_fraction(layout: Layout) -> float:
     p, m, v = layout.pp, layout.micro_batches, layout.pp_stages_per_rank
-    divisor = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": v, "zero_bubble": 3}[layout.pp_schedule]
-    return (p - 1) / (divisor * m)
+    zero_bubble = layout.pp_schedule in ("interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev")
+    return (p - 1) / ((3 if zero_bubble else 1) * v * m)
+
+
+def busiest_rank_flops(work: Workload, layout: Layout) -> tuple[float, int]:
+    """(training FLOPs per token, layers) of the pipeline rank with the most to compute."""
+    layer, head = layer_flops_per_token(work), head_flops_per_token(work)
+    shares = [rank_share(work.model, layout, r) for r in range(layout.pp)]
+    return max((s.layers * layer + s.head * head, s.layers) for s in shares)
 
 
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     args, cal = work.model, cluster.calibration
     tokens = work.seq_len * layout.micro_batch_size  # per micro-batch
-    rate = cluster.device.peak_flops[work.precision] * cal.compute_efficiency
-    model_flops = training_flops_per_token(args, work.seq_len) * tokens / (layout.pp * layout.tp)
-    forward = model_flops / 3 / rate
-    backward = (2 * model_flops / 3 + recompute_flops_per_token(work, layout) * tokens / (layout.pp * layout.tp)) / rate
+    rate = cluster.device.peak_flops[work.precision] * shape_efficiency(work, layout, cal)
+    flops, layers = busiest_rank_flops(work, layout)
+    model_flops = flops * tokens / layout.tp
+    forward, backward = model_flops / 3 / rate, 2 * model_flops / 3 / rate
+    recompute = recompute_flops_per_token(work, layout) * layers / args.n_layer * tokens / layout.tp / rate
 
     tp_group = collectives.mesh_group(layout, "tp", cluster)
     per_collective = collectives.all_reduce(tokens * args.n_embd * work.activation_bytes, tp_group, cluster)
     tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
-    tensor_parallel = tp_per_layer * (args.n_layer // layout.pp)
-    micro_batch = forward + backward + tensor_parallel
+    tensor_parallel = cal.tp_exposed * tp_per_layer * layers
+    micro_batch = forward + backward + recompute + tensor_parallel
     m = layout.micro_batches
 
-    data_parallel, offload = _data_parallel_and_offload(work, layout, cluster, forward, backward)
+    data_parallel, offload = _data_parallel_and_offload(work, layout, cluster, forward, backward + recompute)
     return StepTime(
         compute=m * (forward + backward),
         tensor_parallel=m * tensor_parallel,
         bubble=bubble_fraction(layout) * m * micro_batch,
-        pipeline_p2p=_pipeline_p2p(work, layout, cluster),
+        pipeline_p2p=_pipeline_p2p(work, layout, cluster, forward + backward + recompute),
         data_parallel=data_parallel,
         offload=offload,
         host=host_seconds(work, layout, cluster),
+        recompute=m * recompute,
     )
 
 
@@ -132,7 +148,7 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
     parallelism the 2 inputs it gathers along the sequence, and the model adds the token and
     position embeddings, the final norm and the head."""
     args, m = work.model, layout.micro_batches
-    layers = args.n_layer // layout.pp
+    layers = busiest_rank_flops(work, layout)[1]
     fsdp = 0
     if layout.dp_shard > 1 and layout.zero_stage >= 2:
         # Every micro-batch gathers (again before backward unless zero2); gradients are
@@ -156,14 +172,17 @@ def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:
     return seconds / cluster.device.host_share
 
 
-def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster) -> float:
+def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster, micro_batch_compute: float) -> float:
+    """Fill and drain messages in full; steady-state ones behind ``overlap`` of the compute."""
     if layout.pp == 1:
         return 0.0
     split = layout.tp if layout.sequence_parallel else 1
     message = work.seq_len * layout.micro_batch_size * work.model.n_embd * work.activation_bytes / split
     inter_node = layout.stride["pp"] >= cluster.devices_per_node
-    messages = 2 * (layout.micro_batches + layout.pp - 1) * layout.pp_stages_per_rank
-    return messages * collectives.point_to_point(message, inter_node, cluster)
+    one = collectives.point_to_point(message, inter_node, cluster)
+    v, m = layout.pp_stages_per_rank, layout.micro_batches
+    steady = max(0.0, 2 * v * one - cluster.calibration.overlap * micro_batch_compute)
+    return 2 * (layout.pp - 1) * v * one + m * steady
 
 
 def _data_parallel_and_offload(work: Workload, layout: Layout, cluster: Cluster,

@@ -10,6 +10,7 @@ from clusterlm.config import Config, config_from_dict
 from clusterlm.errors import UserError
 from clusterlm.hardware import resolve_device
 from clusterlm.parallel import ParallelModel, parallelize
+from clusterlm.parallel.precision import settle_precision
 from clusterlm.train import checkpoint
 from clusterlm.train.runtime import Runtime
 from clusterlm.train.session import build_model
@@ -47,6 +48,7 @@ def load_for_inference(
     cfg.training.compile = False  # a few forwards: not worth a compilation
     cfg.training.activation_checkpointing = "none"  # nothing to recompute without a backward
     runtime = Runtime(device=resolve_device(device))
+    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device)
     plain, source = build_model(cfg, cfg.model.vocab_size)
     model = parallelize(plain, cfg, None, runtime.device, source)
     model.load_state_dict(checkpoint.CheckpointReader(found.path))

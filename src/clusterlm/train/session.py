@@ -19,6 +19,7 @@ from clusterlm.models import Transformer, training_flops_per_token
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, restore_counts
+from clusterlm.parallel.precision import settle_precision
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint, restarts
 from clusterlm.train.checkpoint_writer import CheckpointWriter
@@ -74,6 +75,7 @@ def build_model(cfg: Config, vocab_size: int) -> tuple[Transformer, ParamSource]
 
 def build_session(cfg: Config) -> Session:
     runtime = setup_runtime(cfg)
+    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
     manifest = load_manifest(cfg.data.dir)
     if cfg.data.verify:
         verify_shards(cfg.data.dir)

@@ -1,0 +1,61 @@
+"""training.precision = auto: bf16 only where the CPU computes it natively, a warning for an explicit
+bf16 on a CPU that emulates it, and the resolved precision in checkpoints, metrics and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterlm.cli import main as cli
+from clusterlm.config import build_config
+from clusterlm.parallel import precision as precision_module
+from clusterlm.parallel.precision import resolve_precision, settle_precision
+from clusterlm.train.loading import find_checkpoint, load_for_inference
+from clusterlm.train.trainer import train
+
+CPU = torch.device("cpu")
+NATIVE = {torch.float32: 200e9, torch.bfloat16: 440e9}  # a Zen 4 with AVX512-BF16, as probed
+EMULATED = {torch.float32: 70e9, torch.bfloat16: 1e9}  # a Zen 3 with AVX2 only
+
+
+def probing(monkeypatch, rates):
+    monkeypatch.setattr(precision_module, "cpu_peak_flops", lambda dtype, remeasure=False: rates[dtype])
+
+
+def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    probing(monkeypatch, NATIVE)
+    assert resolve_precision("auto", CPU) == ("bf16", None)
+    assert resolve_precision("bf16", CPU) == ("bf16", None)
+    probing(monkeypatch, EMULATED)
+    assert resolve_precision("auto", CPU) == ("fp32", None)
+    assert resolve_precision("fp32", CPU) == ("fp32", None)
+
+
+def test_explicit_bf16_on_an_emulating_cpu_warns_once_with_both_rates(monkeypatch, capsys):
+    probing(monkeypatch, EMULATED)
+    assert settle_precision("bf16", CPU) == "bf16"
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "1.0 GFLOP/s" in lines[0] and "70.0 GFLOP/s" in lines[0]
+    assert settle_precision("bf16", CPU, announce=False) == "bf16" and not capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rates,resolved", [(EMULATED, "fp32"), (NATIVE, "bf16")])
+def test_checkpoints_and_metrics_record_the_resolved_precision_and_auto_resumes(
+        rates, resolved, monkeypatch, tmp_path, corpus_dir, capsys):
+    probing(monkeypatch, rates)
+    data = tmp_path / "data"
+    assert cli(["prepare", str(corpus_dir), "--out", str(data), "--workers", "1"]) == 0
+    values = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
+              "training.micro_batch_size": 2, "training.eval_batches": 1, "training.steps": 2,
+              "metrics.progress": "lines", "metrics.tensorboard": False, "metrics.plot": False,
+              "metrics.peak_flops": 1e12, "data.dir": str(data), "training.out_dir": str(tmp_path / "run")}
+    assert build_config(None, values).training.precision == "auto"
+    train(build_config(None, values))
+    found = find_checkpoint(str(tmp_path / "run"))
+    assert found.state["config"]["training"]["precision"] == resolved
+    assert load_for_inference(found, device="cpu").cfg.training.precision == resolved
+    summary = train(build_config(None, {**values, "training.steps": 3, "checkpoint.resume": "auto"}))
+    assert summary["resumed_from"].endswith("step_00000002")
+    captured = capsys.readouterr()
+    described = [line for line in (captured.out + captured.err).splitlines() if "parameters" in line]
+    assert described and all(f"cpu, {resolved}, peak" in line for line in described)

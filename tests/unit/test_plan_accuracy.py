@@ -1,0 +1,102 @@
+"""Planner accuracy: efficiency by matmul shape and device kind, explicit recomputation and
+communication exposure, the trainer's stage balancing, and the stored GPU and published data."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from clusterlm.cli import main as cli
+from clusterlm.errors import UserError
+from clusterlm.hardware import device_kind
+from clusterlm.models.counting import training_flops_per_token
+from clusterlm.parallel.pipeline import stage_layer_ranges
+from clusterlm.plan.calibration import Calibration, check_device
+from clusterlm.plan.cluster import load_cluster
+from clusterlm.plan.efficiency import shape_efficiency
+from clusterlm.plan.gpu_data import GPU_MEASUREMENTS, compare_gpu_data
+from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.published import PUBLISHED_RUNS, compare_published
+from clusterlm.plan.timing import step_time
+from clusterlm.plan.workload import Workload, load_model_args
+
+GPT2 = Workload(load_model_args("gpt2-124m"), 1024, 16384)
+LLAMA = Workload(load_model_args("llama-1b"), 8192, 16384)
+TABLE = Calibration(compute_efficiency=0.8, efficiency_half_width=1500)
+
+
+def test_efficiency_grows_with_matmul_width_and_is_constant_without_a_table():
+    narrow, wide = shape_efficiency(GPT2, Layout(micro_batch_size=16), TABLE), shape_efficiency(
+        LLAMA, Layout(micro_batch_size=2), TABLE)
+    assert 0 < narrow < wide < 0.8
+    assert shape_efficiency(GPT2, Layout(micro_batch_size=16, tp=4), TABLE) < narrow  # tp narrows the GEMMs
+    assert shape_efficiency(GPT2, Layout(micro_batch_size=16), Calibration(compute_efficiency=0.5)) == 0.5
+
+
+def test_recomputation_and_tensor_parallel_exposure_are_their_own_terms():
+    cluster = load_cluster("8xH100")
+    work = Workload(load_model_args("llama-1b"), 4096, 4096 * 16)
+    base = Layout(tp=8, sequence_parallel=True, micro_batch_size=2, micro_batches=8)
+    plain, selective = step_time(work, base, cluster), step_time(
+        work, dataclasses.replace(base, activation_checkpointing="selective"), cluster)
+    assert plain.recompute == 0 and selective.compute == plain.compute
+    args = work.model
+    rerun = 4 * args.n_layer * args.n_embd * 4096 / training_flops_per_token(args, 4096)  # QK^T and AV again
+    assert selective.recompute == pytest.approx(plain.compute * rerun)
+    half = dataclasses.replace(cluster, calibration=dataclasses.replace(cluster.calibration, tp_exposed=0.5))
+    assert step_time(work, base, half).tensor_parallel == pytest.approx(plain.tensor_parallel / 2)
+
+
+def test_pipeline_messages_of_the_steady_state_hide_behind_compute():
+    cluster = load_cluster("8xH100").with_nodes(2)
+    args = load_model_args("llama-8b")
+    few, many = (step_time(Workload(args, 4096, 4096 * m), Layout(pp=16, micro_batches=m), cluster).pipeline_p2p
+                 for m in (16, 64))
+    assert many == pytest.approx(few, rel=0.01)  # only the fill and drain are exposed
+
+
+def test_the_planner_splits_stages_as_the_trainer_does():
+    args = load_model_args("llama-1b")
+    ranges = stage_layer_ranges(args, 4)
+    layout = Layout(pp=4)
+    assert [rank_share(args, layout, r).layers for r in range(4)] == [len(r) for r in ranges]
+    assert rank_share(args, layout, 0).embedding and rank_share(args, layout, 3).head
+    v = Layout(pp=2, pp_schedule="zbv_zero_bubble", pp_stages_per_rank=2)
+    first = rank_share(args, v, 0)
+    assert first.embedding and first.head  # a V puts the first and the last stage on rank 0
+
+
+def test_stored_gpu_measurements_are_predicted_within_ten_percent():
+    report = compare_gpu_data()
+    errors = [float(e) for e in re.findall(r"H200\s+\S+\s+\S+\s+([+-]\d+\.\d)%", report)]
+    assert len(errors) == 3 and all(abs(e) <= 10 for e in errors)
+    assert "3 of 3 measurements" in report
+
+
+def test_missing_fields_and_other_device_kinds_get_one_line(tmp_path):
+    text = GPU_MEASUREMENTS.read_text()
+    missing = tmp_path / "gpu.toml"
+    missing.write_text(text.replace("step_ms = 36.3\n", "", 1))
+    with pytest.raises(UserError, match=r"#1 \(GPT-2 124M.*missing field 'step_ms'"):
+        compare_gpu_data(missing)
+    other = tmp_path / "other.toml"
+    other.write_text(text.replace('cluster = "1xH200"', 'cluster = "8xA100-80GB"', 1))
+    with pytest.raises(UserError, match="measured on H200 but cluster 8xA100-80GB"):
+        compare_gpu_data(other)
+    cpu = Calibration(compute_efficiency=0.3, device="CPU AMD EPYC (2 threads)")
+    with pytest.raises(UserError, match="was measured on CPU AMD EPYC"):
+        compare_gpu_data(calibration=cpu, calibration_source="cal.json")
+    check_device(dataclasses.replace(cpu, device="NVIDIA H100 80GB HBM3"), "H100-SXM5-80GB", "cal.json")
+    assert device_kind("NVIDIA H200") == "H200" and device_kind("CPU AMD EPYC (4 threads)") == "cpu amd epyc"
+
+
+def test_published_runs_print_figure_prediction_and_error(tmp_path, capsys):
+    report = compare_published()
+    assert report.count("%") >= 6 and "Llama 3 405B" in report and "Narayanan et al. 2021" in report
+    broken = tmp_path / "runs.toml"
+    broken.write_text(PUBLISHED_RUNS.read_text().replace("reported_tflops = 148\n", "", 1))
+    assert cli(["plan", "--published", str(broken)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Megatron 145.6B" in err[0] and "missing field 'reported_tflops'" in err[0]
