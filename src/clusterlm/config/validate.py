@@ -94,7 +94,20 @@ def _checkpoint(cfg: Config) -> None:
         raise UserError("checkpoint.resume must be none, auto or a checkpoint path")
 
 
+def _objective(cfg: Config) -> None:
+    encoder, objective = cfg.model.flavour == "bert", cfg.training.objective
+    if encoder != (objective == "mlm"):
+        raise UserError(f"model.flavour = {cfg.model.flavour} trains with training.objective = "
+                        f"{'mlm' if encoder else 'clm'}, not {objective}")
+    if not 0.0 < cfg.training.mlm_probability < 1.0:
+        raise UserError(f"training.mlm_probability must be in (0, 1), got {cfg.training.mlm_probability}")
+    if encoder and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
+        raise UserError("model.flavour = bert has no tensor- or pipeline-parallel plan yet; use parallel.tp = 1 "
+                        "and parallel.pp = 1 (any data_parallel strategy works)")
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments)
+CHECKS += (_objective,)
 
 
 def validate(cfg: Config) -> None:
