@@ -5,6 +5,8 @@ losses is the mean over the masked tokens of the global batch. Tolerances: see t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from .training import BASE, MICRO, STEPS, assert_equivalent, run
@@ -34,3 +36,6 @@ def test_resume_on_another_world_size_is_exact(data_dir, reference, tmp_path):
     reference_losses, ref = reference(MICRO * 2, **BERT)
     assert losses == pytest.approx(reference_losses, rel=1e-5)
     assert result["val"][STEPS] == pytest.approx(ref["val"][STEPS], rel=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [r["val_accuracy"] for r in records if r["kind"] == "eval"]
+    assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)  # of the masked tokens

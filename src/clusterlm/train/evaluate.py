@@ -21,13 +21,16 @@ def eval_windows(cfg: Config, dp_size: int) -> int:
     return global_batch * cfg.training.eval_batches
 
 
-def evaluate_loss(model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: int, split: str = "val") -> float:
-    """Mean cross-entropy over ``num_windows`` fixed windows, the same for every layout: each
-    data-parallel rank scores a disjoint share and the sums are all-reduced."""
+def evaluate(model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: int, split: str = "val"
+             ) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the predicted tokens (next tokens, or the masked ones of
+    a masked LM) over ``num_windows`` fixed windows, the same for every layout: each data-parallel
+    rank scores a disjoint share and the sums are all-reduced. Accuracy is NaN where the logits
+    are split across ranks (tensor or pipeline parallel)."""
     was_training = [part.training for part in model.parts]
     for part in model.parts:
         part.eval()
-    total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, right predictions
     count, rule = 0, masking_rule(cfg)
     batch_size, first = cfg.training.micro_batch_size, runtime.dp_rank * (num_windows // runtime.dp_size)
     for i, (x, y) in enumerate(eval_batches(
@@ -37,11 +40,12 @@ def evaluate_loss(model: ParallelModel, cfg: Config, runtime: Runtime, num_windo
             x, y = rule.apply(x, range(first + i * batch_size, first + i * batch_size + len(x)), namespace=split)
         x, y = x.to(runtime.device), y.to(runtime.device)
         with attention_kernel(cfg.training.attention):
-            total += model.eval_loss_sum(x, y).double()
+            total += model.eval_sums(x, y).double()
         count += (y != IGNORE_INDEX).sum()  # a tensor: no device sync per batch
     for part, mode in zip(model.parts, was_training, strict=True):
         part.train(mode)
-    totals = torch.stack([total, torch.as_tensor(count, dtype=torch.float64, device=runtime.device)])
-    if runtime.world_size > 1:  # tensor-parallel copies scale sum and count alike: the mean holds
+    totals = torch.cat([total, torch.as_tensor(count, dtype=torch.float64, device=runtime.device).view(1)])
+    if runtime.world_size > 1:  # tensor-parallel copies scale sums and count alike: the means hold
         dist.all_reduce(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    loss, accuracy = (totals[:2] / totals[2].clamp(min=1)).tolist()
+    return loss, accuracy

@@ -12,8 +12,8 @@ import torch
 
 from clusterlm.config import Config, grad_accum_steps, resolve_model_args
 from clusterlm.data.loader import TokenLoader
-from clusterlm.data.masking import MaskedLoader
 from clusterlm.data.manifest import load_manifest, verify_shards
+from clusterlm.data.masking import MaskedLoader
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
 from clusterlm.models import create_model, training_flops_per_token
