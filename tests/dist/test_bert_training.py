@@ -39,3 +39,10 @@ def test_resume_on_another_world_size_is_exact(data_dir, reference, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["val_accuracy"] for r in records if r["kind"] == "eval"]
     assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)  # of the masked tokens
+
+
+def test_tensor_parallel_equals_single_process(data_dir, reference, tmp_path):
+    """Heads and MLP columns on 2 ranks, the tied vocabulary split; the masked-LM loss runs under
+    loss_parallel with the unmasked positions ignored."""
+    candidate = run(data_dir, tmp_path, 2, parallel__tp=2, training__micro_batch_size=MICRO * 2, **BERT)
+    assert_equivalent(reference(MICRO * 2, **BERT), candidate)

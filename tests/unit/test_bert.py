@@ -111,7 +111,7 @@ def test_mask_is_a_function_of_seed_and_sample_only():
 @pytest.mark.parametrize(("values", "message"), [
     ({"model.flavour": "bert"}, "bert trains with training.objective = mlm"),
     ({"training.objective": "mlm"}, "gpt2 trains with training.objective = clm"),
-    ({"model.flavour": "bert", "training.objective": "mlm", "parallel.tp": 2}, "no tensor- or pipeline"),
+    ({"model.flavour": "bert", "training.objective": "mlm", "parallel.pp": 2}, "no pipeline or sequence-parallel"),
     ({"model.flavour": "bert", "training.objective": "mlm", "training.mlm_probability": 1.5}, "mlm_probability"),
 ])
 def test_objective_and_flavour_must_agree(values, message):

@@ -101,9 +101,9 @@ def _objective(cfg: Config) -> None:
                         f"{'mlm' if encoder else 'clm'}, not {objective}")
     if not 0.0 < cfg.training.mlm_probability < 1.0:
         raise UserError(f"training.mlm_probability must be in (0, 1), got {cfg.training.mlm_probability}")
-    if encoder and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
-        raise UserError("model.flavour = bert has no tensor- or pipeline-parallel plan yet; use parallel.tp = 1 "
-                        "and parallel.pp = 1 (any data_parallel strategy works)")
+    if encoder and (cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel):
+        raise UserError("model.flavour = bert has no pipeline or sequence-parallel plan yet; use parallel.pp = 1 "
+                        "and parallel.sequence_parallel = false (data and tensor parallelism work)")
 
 
 CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments)

@@ -50,7 +50,7 @@ class EncoderBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(args.n_embd, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn(x, None, attn_mask))
+        x = self.attn_norm(x + self.attn(x, None, attn_mask=attn_mask))
         return self.mlp_norm(x + self.mlp(x))
 
 
@@ -112,7 +112,7 @@ class Encoder(nn.Module):
         if seq > self.args.block_size:
             raise ValueError(f"sequence length {seq} exceeds block_size {self.args.block_size}")
         h = self.tok_embeddings(tokens) + self.pos_embeddings(torch.arange(seq, device=tokens.device))
-        h = h + (self.type_embeddings.weight[0] if token_types is None else self.type_embeddings(token_types))
+        h = h + self.type_embeddings(torch.zeros_like(tokens) if token_types is None else token_types)
         h = self.dropout(self.emb_norm(h))
         attn_mask = None if padding_mask is None else padding_mask[:, None, None, :]
         for layer in self.layers.values():
