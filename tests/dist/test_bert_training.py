@@ -1,6 +1,6 @@
 """The bert encoder with masked-LM pretraining trains exactly like one process with the same global
-batch, under DDP with gradient accumulation and under ZeRO-3, and resumes exactly on another world
-size. Every sequence masks the same number of tokens, so the mean of per-rank, per-micro-batch
+batch, under DDP with gradient accumulation, ZeRO-3 and tensor parallelism, and resumes exactly on
+another world size. Every sequence masks the same number of tokens, so the mean of per-rank, per-micro-batch
 losses is the mean over the masked tokens of the global batch. Tolerances: see training.py."""
 
 from __future__ import annotations
