@@ -22,7 +22,7 @@ def test_logits_cover_the_vocabulary_and_its_special_tokens():
     assert isinstance(model, Encoder)
     tokens = torch.randint(0, ROWS, (3, ARGS.block_size))
     assert model(tokens).shape == (3, ARGS.block_size, ROWS)
-    assert model.mask_id == ARGS.vocab_size == special_token_id(ARGS, "[MASK]")
+    assert model.mask_id == ARGS.vocab_size == special_token_id(ARGS.vocab_size, "[MASK]")
     assert model.head.output.weight is model.tok_embeddings.weight
     assert model.head.output.bias is not None
 

@@ -35,8 +35,9 @@ def vocab_rows(args: ModelArgs) -> int:
     return args.vocab_size + len(SPECIAL_TOKENS)
 
 
-def special_token_id(args: ModelArgs, token: str) -> int:
-    return args.vocab_size + SPECIAL_TOKENS.index(token)
+def special_token_id(vocab_size: int, token: str) -> int:
+    """Id of special ``token`` after a tokenizer vocabulary of ``vocab_size`` tokens."""
+    return vocab_size + SPECIAL_TOKENS.index(token)
 
 
 class EncoderBlock(nn.Module):
@@ -86,7 +87,7 @@ class Encoder(nn.Module):
 
     @property
     def mask_id(self) -> int:
-        return special_token_id(self.args, "[MASK]")
+        return special_token_id(self.args.vocab_size, "[MASK]")
 
     def init_rule(self, name: str) -> InitRule:
         """BERT's initialization: N(0, 0.02) for matrices and tables, zero biases, unit LayerNorm

@@ -8,7 +8,6 @@ from __future__ import annotations
 from clusterlm.config import Config
 from clusterlm.data.masking import MaskingRule
 from clusterlm.models.bert import special_token_id
-from clusterlm.models.gpt import ModelArgs
 
 
 def masking_rule(cfg: Config) -> MaskingRule | None:
@@ -16,6 +15,5 @@ def masking_rule(cfg: Config) -> MaskingRule | None:
     resolved one (the model has been built), and ``[MASK]`` follows it."""
     if cfg.training.objective != "mlm":
         return None
-    args = ModelArgs(flavour="bert", vocab_size=cfg.model.vocab_size)
-    return MaskingRule(cfg.training.seed, cfg.training.mlm_probability, special_token_id(args, "[MASK]"),
-                       cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    return MaskingRule(cfg.training.seed, cfg.training.mlm_probability, special_token_id(vocab, "[MASK]"), vocab)
