@@ -33,7 +33,7 @@ from clusterlm.data.loader import TokenLoader
 from clusterlm.data.manifest import load_manifest
 from clusterlm.errors import UserError
 from clusterlm.models.loss import next_token_loss
-from clusterlm.train.optim import adamw_recipe
+from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.session import build_model, build_session
 from clusterlm.train.trainer import train_step
 
@@ -78,7 +78,7 @@ def _deepspeed_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, 
     torch.set_num_threads(cfg.training.threads or 1)
     before = _rss()
     model = build_model(cfg, load_manifest(cfg.data.dir).vocab_size, torch.device("cpu"))
-    recipe = adamw_recipe(model, cfg.optim)
+    recipe = optimizer_recipe(model, cfg.optim)
     t = cfg.training
     ds_config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": 1,

@@ -3,7 +3,7 @@
 Each run is the trainer's own steps (``build_session`` + ``train_step``) in this process, timed
 from before the session is built (so model build and compilation count) until the evaluation that
 first scores at or below the target; every evaluation counts too. Both runs are scored on the same
-fixed validation windows (``evaluate_loss`` over the baseline's number of windows, at the shared
+fixed validation windows (``evaluate`` over the baseline's number of windows, at the shared
 sequence length), so their losses are directly comparable. The runs go one after the other, and
 with ``rounds`` > 1 alternate, so a busy machine slows both alike.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from clusterlm.config import Config
 from clusterlm.errors import UserError
-from clusterlm.train.evaluate import eval_windows, evaluate_loss
+from clusterlm.train.evaluate import eval_windows, evaluate
 from clusterlm.train.session import build_session
 from clusterlm.train.trainer import train_step
 
@@ -52,7 +52,7 @@ def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: 
         train_step(session)
         if session.step % interval and session.step != t.steps:
             continue
-        val = evaluate_loss(session.model, session.cfg, session.runtime, windows)
+        val, _ = evaluate(session.model, session.cfg, session.runtime, windows)
         run.evaluations.append((session.step, time.perf_counter() - start, val))
         print(f"{name}: step {session.step}, val loss {val:.4f} at {run.evaluations[-1][1]:.1f} s",
               file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""`clusterlm eval`: validation loss and perplexity of a checkpoint."""
+"""`clusterlm eval`: validation loss, perplexity and token accuracy of a checkpoint (the masked
+tokens' for a masked LM)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 from clusterlm.cli.checkpoints import add_checkpoint_arguments, load
 from clusterlm.cli.options import Parser
-from clusterlm.train.evaluate import eval_windows, evaluate_loss
+from clusterlm.train.evaluate import eval_windows, evaluate
 
 
 def main(argv: list[str]) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> int:
     if args.batches:
         cfg.training.eval_batches = args.batches
     windows = eval_windows(cfg, loaded.state.get("dp_size", 1))
-    loss = evaluate_loss(loaded.model, cfg, loaded.runtime, windows, args.split)
-    print(f"{args.split} loss {loss:.4f} perplexity {math.exp(loss):.2f} "
+    loss, accuracy = evaluate(loaded.model, cfg, loaded.runtime, windows, args.split)
+    print(f"{args.split} loss {loss:.4f} perplexity {math.exp(loss):.2f} accuracy {accuracy:.4f} "
           f"({windows} windows of {cfg.seq_len} tokens, checkpoint step {loaded.step})")
     return 0

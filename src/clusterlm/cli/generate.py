@@ -21,6 +21,9 @@ def main(argv: list[str]) -> int:
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise UserError("--max-new-tokens, --temperature and --top-k must be >= 0")
     loaded = load(args)
+    if loaded.cfg.model.flavour == "bert":
+        raise UserError(f"{loaded.path} is a bert encoder, which predicts masked tokens and does not generate "
+                        "text; generate from a gpt2 or llama run")
     tokenizer = Tokenizer.load(loaded.path / "tokenizer.json")
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

@@ -14,7 +14,8 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 
 @dataclass
 class ModelConfig:
-    flavour: str = opt("gpt2", "architecture family", ("gpt2", "llama"))
+    flavour: str = opt("gpt2", "architecture family: gpt2 or llama decoders, or the bert encoder (needs "
+                       "training.objective = mlm)", ("gpt2", "llama", "bert"))
     n_layer: int = opt(4, "number of Transformer blocks")
     n_head: int = opt(4, "attention heads")
     n_kv_head: int = opt(0, "key/value heads for grouped-query attention (0 = n_head)")
@@ -62,6 +63,9 @@ class TrainingConfig:
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
     threads: int = opt(0, "CPU threads for intra-op parallelism (0 = torch's default)")
     out_dir: str = opt("runs/default", "where checkpoints, metrics and plots go")
+    objective: str = opt("clm", "clm: next-token prediction (decoders); mlm: masked-language model (bert)",
+                         ("clm", "mlm"))
+    mlm_probability: float = opt(0.15, "mlm: share of each sequence's tokens to predict (BERT's 80/10/10 rule)")
     slow_ranks: str = opt("", "make ranks slower for experiments: RANK:FACTOR[,...], e.g. '1:3' (rank 1 takes 3x "
                           "its compute time)")
 

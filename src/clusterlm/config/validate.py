@@ -136,8 +136,20 @@ def _fault_tolerance(cfg: Config) -> None:
                         f"({p.timeout_s}), else the collective times out first; lower it or raise timeout_s")
 
 
+def _objective(cfg: Config) -> None:
+    encoder, objective = cfg.model.flavour == "bert", cfg.training.objective
+    if encoder != (objective == "mlm"):
+        raise UserError(f"model.flavour = {cfg.model.flavour} trains with training.objective = "
+                        f"{'mlm' if encoder else 'clm'}, not {objective}")
+    if not 0.0 < cfg.training.mlm_probability < 1.0:
+        raise UserError(f"training.mlm_probability must be in (0, 1), got {cfg.training.mlm_probability}")
+    if encoder and (cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel):
+        raise UserError("model.flavour = bert has no pipeline or sequence-parallel plan yet; use parallel.pp = 1 "
+                        "and parallel.sequence_parallel = false (data and tensor parallelism work)")
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments,
-                                                _init_from, _monitoring, _async, _fault_tolerance)
+                                                _init_from, _monitoring, _async, _fault_tolerance, _objective)
 
 
 def validate(cfg: Config) -> None:

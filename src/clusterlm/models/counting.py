@@ -6,6 +6,7 @@ checks every term against a real ``Transformer``'s parameters.
 
 from __future__ import annotations
 
+from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 from clusterlm.models.gpt import ModelArgs
 
 
@@ -25,13 +26,19 @@ def layer_params(args: ModelArgs) -> int:
 
 
 def embedding_params(args: ModelArgs) -> int:
-    """Token table (+ learned positions for gpt2); the tied gpt2 head adds nothing."""
+    """Token table (+ learned positions for gpt2); the tied gpt2 head adds nothing. bert: the table
+    with its special tokens, positions, token types and the embedding LayerNorm."""
+    if args.is_encoder:
+        return (vocab_rows(args) + args.block_size + TOKEN_TYPES) * args.n_embd + 2 * args.n_embd
     positions = 0 if args.is_llama else args.block_size * args.n_embd
     return args.vocab_size * args.n_embd + positions
 
 
 def head_params(args: ModelArgs) -> int:
-    """Final norm plus the untied output projection (llama)."""
+    """Final norm plus the untied output projection (llama). bert: the masked-LM head's transform
+    (dense + LayerNorm) and its output bias; its projection is the token table."""
+    if args.is_encoder:
+        return args.n_embd * args.n_embd + args.n_embd + 2 * args.n_embd + vocab_rows(args)
     final_norm = args.n_embd if args.is_llama else 2 * args.n_embd
     output = args.vocab_size * args.n_embd if args.is_llama else 0
     return final_norm + output
@@ -45,10 +52,13 @@ def matmul_params(args: ModelArgs) -> int:
     """N of the 6N rule: every parameter that takes part in a matrix multiply per token.
 
     The position table and an untied token table are lookups and are excluded; the gpt2 token
-    table is included because it doubles as the output head.
+    table is included because it doubles as the output head (bert's too, whose position and
+    token-type tables are lookups).
     """
     n = param_count(args)
-    if not args.is_llama:
+    if args.is_encoder:
+        n -= (args.block_size + TOKEN_TYPES) * args.n_embd
+    elif not args.is_llama:
         n -= args.block_size * args.n_embd
     else:
         n -= args.vocab_size * args.n_embd

@@ -48,6 +48,11 @@ class ModelArgs:
         return self.flavour == "llama"
 
     @property
+    def is_encoder(self) -> bool:
+        """bert (``clusterlm.models.bert``): bidirectional attention, exact GELU."""
+        return self.flavour == "bert"
+
+    @property
     def tie_embeddings(self) -> bool:
         """gpt2 uses the token table as the output projection."""
         return not self.is_llama
@@ -98,9 +103,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_head * args.head_dim, args.n_embd, bias=bias)
         self.wo.residual_projection = True
         self.dropout = args.dropout
+        self.causal = not args.is_encoder
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask`` (encoder only): [B, 1, 1, T] boolean, True where a key may be attended."""
         batch, seq, _ = x.shape
         # -1 rather than n_head: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -112,7 +120,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(batch, seq, -1)))
 
@@ -129,7 +137,7 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager:
 
 
 class MLP(nn.Module):
-    """GELU MLP (gpt2) or SwiGLU (llama: w2(silu(w1 x) * w3 x))."""
+    """GELU MLP (gpt2: tanh approximation; bert: exact erf GELU) or SwiGLU (llama: w2(silu(w1 x) * w3 x))."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -138,11 +146,14 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(args.n_embd, args.ffn_hidden, bias=False) if args.is_llama else None
         self.w2 = nn.Linear(args.ffn_hidden, args.n_embd, bias=bias)
         self.w2.residual_projection = True
+        self.exact_gelu = args.is_encoder
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is not None:
             hidden = F.silu(self.w1(x)) * self.w3(x)
+        elif self.exact_gelu:
+            hidden = F.gelu(self.w1(x))
         else:
             hidden = gelu_tanh(self.w1(x))
         return self.dropout(self.w2(hidden))

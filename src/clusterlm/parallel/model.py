@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
 
 from clusterlm.comm.hooks import CommHookState
 from clusterlm.models.loss import next_token_loss
@@ -61,9 +62,10 @@ class ParallelModel:
         data-parallel ranks; the step's mean loss, the same on every rank."""
         raise NotImplementedError
 
-    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Summed next-token loss of a batch, without gradients, the same on every rank of its
-        tensor- and pipeline-parallel group."""
+    def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[summed loss, targets predicted right] of a batch, without gradients, the same on every
+        rank of its tensor- and pipeline-parallel group; the count is NaN where the logits are
+        split across ranks (tensor or pipeline parallel)."""
         raise NotImplementedError
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -121,9 +123,13 @@ class WholeModel(ParallelModel):
             self.clock.gradients_reduced()
         return total / divisor
 
-    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.precision.autocast(), loss_context(self.tp_size):
-            return full_value(next_token_loss(self.parts[0](x), y, reduction="sum"))
+            logits = self.parts[0](x)
+            loss = full_value(next_token_loss(logits, y, reduction="sum"))
+        # Ignored targets (-100) never equal an argmax, so they never count as right.
+        right = torch.tensor(float("nan")) if isinstance(logits, DTensor) else (logits.argmax(-1) == y).sum()
+        return torch.stack([loss.float(), right.to(loss.device, torch.float32)])
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.parts[0].parameters(), max_norm)

@@ -56,9 +56,10 @@ class PipelinedModel(ParallelModel):
         sync_tied_gradients(p.stages)
         return loss
 
-    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast(), loss_context(self.tp_size):
-            return full_value(pipeline_eval_loss(self.pipeline.stages, x, y) * y.numel())
+            loss = full_value(pipeline_eval_loss(self.pipeline.stages, x, y) * y.numel()).float()
+        return torch.stack([loss, torch.tensor(float("nan"), device=loss.device)])
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_across_stages(self.pipeline.stages, max_norm)

@@ -19,6 +19,9 @@ the sequence (``Shard(1)``): norms, dropout and the residual additions then run 
 tokens, the row-parallel reductions become reduce-scatters and an all-gather of the sequence
 precedes each column-parallel group (same communication volume, ``1 / tp`` of the activations).
 RoPE tables are indexed inside attention, after that all-gather, so they see the full sequence.
+
+The bert encoder (``clusterlm.models.bert``) gets the same block plan, with its post-norm
+LayerNorms replicated, and its masked-LM head's output column-parallel like the decoder's head.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from clusterlm.errors import UserError
+from clusterlm.models.bert import Encoder
 from clusterlm.models.gpt import Transformer
 
 
@@ -64,7 +68,7 @@ class ReplicateParallel(ParallelStyle):
         return distribute_module(module, device_mesh, input_fn=replicate_inputs, output_fn=local_output)
 
 
-def check_divisible(model: Transformer, tp: int) -> None:
+def check_divisible(model: Transformer | Encoder, tp: int) -> None:
     """Heads are the unit of the attention split: every rank must hold whole query and KV heads."""
     args = model.args
     for name, count in (("n_head", args.n_head), ("n_kv_head", args.n_kv_head)):
@@ -73,7 +77,7 @@ def check_divisible(model: Transformer, tp: int) -> None:
                             f"choose a tp that divides model.{name}")
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+def apply_tensor_parallel(model: Transformer | Encoder, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     """Shard ``model`` in place over the 1-D ``tp_mesh``; see the module docstring for the plan.
 
     Afterwards every parameter is a DTensor, and ``model(tokens)`` (tokens replicated on the mesh)
@@ -81,6 +85,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     ``torch.distributed.tensor.parallel.loss_parallel()``.
     """
     check_divisible(model, tp_mesh.size())
+    if model.args.is_encoder:
+        _apply_to_encoder(model, tp_mesh)
+        return
     residual = Shard(1) if sequence_parallel else Replicate()
     # Norms are elementwise along the sequence, so under SP each rank normalises its own tokens.
     norm_style = SequenceParallel() if sequence_parallel else ReplicateParallel()
@@ -106,24 +113,48 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
         model.output.weight = model.tok_embeddings.weight
 
     for block in model.layers.values():
-        # One entry point per column-parallel group: the sequence is gathered once (SP), and in
-        # backward the input gradients of wq/wk/wv (w1/w3) are summed before a single reduction.
-        gather_sequence = PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None))
-        block_plan: dict[str, ParallelStyle] = {
-            "attn_norm": norm_style,
-            "attn": gather_sequence,
-            "attn.wq": ColwiseParallel(),
-            "attn.wk": ColwiseParallel(),
-            "attn.wv": ColwiseParallel(),
-            "attn.wo": RowwiseParallel(output_layouts=residual),
-            "mlp_norm": norm_style,
-            "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-            "mlp.w1": ColwiseParallel(),
-            "mlp.w2": RowwiseParallel(output_layouts=residual),
-        }
-        if block.mlp.w3 is not None:
-            block_plan["mlp.w3"] = ColwiseParallel()
-        parallelize_module(block, tp_mesh, block_plan)
+        parallelize_module(block, tp_mesh, _block_plan(block, residual, norm_style))
+
+
+def _block_plan(block: nn.Module, residual: Placement, norm_style: ParallelStyle) -> dict[str, ParallelStyle]:
+    """Heads and MLP columns split across the mesh; the same for pre-norm and post-norm blocks."""
+    # One entry point per column-parallel group: the sequence is gathered once (SP), and in
+    # backward the input gradients of wq/wk/wv (w1/w3) are summed before a single reduction.
+    gather_sequence = PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None))
+    plan: dict[str, ParallelStyle] = {
+        "attn_norm": norm_style,
+        "attn": gather_sequence,
+        "attn.wq": ColwiseParallel(),
+        "attn.wk": ColwiseParallel(),
+        "attn.wv": ColwiseParallel(),
+        "attn.wo": RowwiseParallel(output_layouts=residual),
+        "mlp_norm": norm_style,
+        "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
+        "mlp.w1": ColwiseParallel(),
+        "mlp.w2": RowwiseParallel(output_layouts=residual),
+    }
+    if block.mlp.w3 is not None:
+        plan["mlp.w3"] = ColwiseParallel()
+    return plan
+
+
+def _apply_to_encoder(model: Encoder, tp_mesh: DeviceMesh) -> None:
+    """The bert encoder: blocks as the decoder's (residual stream replicated; no sequence
+    parallelism), token table split on the vocabulary and tied to the masked-LM head's output,
+    which is column-parallel with its bias; the small tables, norms and the head's transform are
+    replicated."""
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "pos_embeddings": ReplicateParallel(),
+        "type_embeddings": ReplicateParallel(),
+        "emb_norm": ReplicateParallel(),
+        "head.dense": ReplicateParallel(),
+        "head.norm": ReplicateParallel(),
+        "head.output": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False),
+    })
+    model.head.output.weight = model.tok_embeddings.weight  # both Shard(0): one parameter again
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, _block_plan(block, Replicate(), ReplicateParallel()))
 
 
 def loss_context(tp: int) -> contextlib.AbstractContextManager:

@@ -7,8 +7,10 @@ import torch.distributed as dist
 
 from clusterlm.config import Config, grad_accum_steps
 from clusterlm.data.loader import eval_batches
+from clusterlm.data.masking import IGNORE_INDEX
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.parallel import ParallelModel
+from clusterlm.train.objective import masking_rule
 from clusterlm.train.runtime import Runtime
 
 
@@ -19,26 +21,33 @@ def eval_windows(cfg: Config, dp_size: int) -> int:
     return global_batch * cfg.training.eval_batches
 
 
-def evaluate_loss(model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: int, split: str = "val") -> float:
-    """Mean cross-entropy over ``num_windows`` fixed windows, the same for every layout: each
-    data-parallel rank scores a disjoint share and the sums are all-reduced."""
+def evaluate(model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: int, split: str = "val"
+             ) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the predicted tokens (next tokens, or the masked ones of
+    a masked LM) over ``num_windows`` fixed windows, the same for every layout: each data-parallel
+    rank scores a disjoint share and the sums are all-reduced. Accuracy is NaN where the logits
+    are split across ranks (tensor or pipeline parallel)."""
     was_training = [part.training for part in model.parts]
     for part in model.parts:
         part.eval()
-    total = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    count = 0
+    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, right predictions
+    count, rule = 0, masking_rule(cfg)
     # Lockstep ranks score disjoint shares; a parameter server's rank 0 scores every window alone.
     dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
-    for x, y in eval_batches(
-        cfg.data.dir, split, cfg.seq_len, num_windows, cfg.training.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-    ):
+    batch_size, first = cfg.training.micro_batch_size, dp_rank * (num_windows // dp_size)
+    for i, (x, y) in enumerate(eval_batches(
+        cfg.data.dir, split, cfg.seq_len, num_windows, batch_size, dp_rank=dp_rank, dp_size=dp_size,
+    )):
+        if rule is not None:  # masked by position in the evaluation set: the same in every layout
+            x, y = rule.apply(x, range(first + i * batch_size, first + i * batch_size + len(x)), namespace=split)
         x, y = x.to(runtime.device), y.to(runtime.device)
         with attention_kernel(cfg.training.attention):
-            total += model.eval_loss_sum(x, y).double()
-        count += y.numel()
+            total += model.eval_sums(x, y).double()
+        count += (y != IGNORE_INDEX).sum()  # a tensor: no device sync per batch
     for part, mode in zip(model.parts, was_training, strict=True):
         part.train(mode)
-    totals = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=runtime.device)])
-    if runtime.world_size > 1 and runtime.lockstep:  # tensor-parallel copies scale sum and count alike: the mean holds
+    totals = torch.cat([total, torch.as_tensor(count, dtype=torch.float64, device=runtime.device).view(1)])
+    if runtime.world_size > 1 and runtime.lockstep:  # tensor-parallel copies scale sums and count alike
         dist.all_reduce(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    loss, accuracy = (totals[:2] / totals[2].clamp(min=1)).tolist()
+    return loss, accuracy

@@ -13,9 +13,10 @@ import torch
 from clusterlm.config import Config, grad_accum_steps, resolve_model_args
 from clusterlm.data.loader import TokenLoader
 from clusterlm.data.manifest import load_manifest, verify_shards
+from clusterlm.data.masking import MaskedLoader
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
-from clusterlm.models import Transformer, training_flops_per_token
+from clusterlm.models import create_model, training_flops_per_token
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, restore_counts
@@ -23,6 +24,7 @@ from clusterlm.parallel.precision import settle_precision
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint, restarts
 from clusterlm.train.checkpoint_writer import CheckpointWriter
+from clusterlm.train.objective import masking_rule
 from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.pretrained import check_pretrained_tokenizer, pretrained_source
 from clusterlm.train.runtime import Runtime, setup_runtime
@@ -43,7 +45,7 @@ class Session:
     runtime: Runtime
     model: ParallelModel  # this rank's share: the whole model, a shard, or pipeline stages
     optimizers: list[torch.optim.Optimizer]  # one per part of the model
-    loader: TokenLoader
+    loader: TokenLoader | MaskedLoader
     grad_accum: int
     flops_per_token: float
     peak_flops: float | None
@@ -65,11 +67,11 @@ class Session:
         return Path(self.cfg.training.out_dir) / "checkpoints"
 
 
-def build_model(cfg: Config, vocab_size: int) -> tuple[Transformer, ParamSource]:
+def build_model(cfg: Config, vocab_size: int) -> tuple[torch.nn.Module, ParamSource]:
     """The plain model on the meta device, and where its initial values come from: drawn per
     (seed, parameter name), so every rank and layout starts from the same weights."""
     with torch.device("meta"):
-        model = Transformer(resolve_model_args(cfg, vocab_size))
+        model = create_model(resolve_model_args(cfg, vocab_size))
     return model, seeded_source(model.init_rule, cfg.training.seed)
 
 
@@ -88,6 +90,8 @@ def build_session(cfg: Config) -> Session:
         cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed, device=runtime.device,
     )
+    if cfg.training.objective == "mlm":
+        loader = MaskedLoader(loader, masking_rule(cfg))
     with fsspec.open(f"{cfg.data.dir.rstrip('/')}/tokenizer.json", "rb") as f:
         tokenizer = TokenizerFile(manifest.tokenizer.sha256, f.read())
     session = Session(

@@ -20,7 +20,7 @@ from clusterlm.models import param_count
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.slowdown import slowed
 from clusterlm.train import watchdog
-from clusterlm.train.evaluate import eval_windows, evaluate_loss
+from clusterlm.train.evaluate import eval_windows, evaluate
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.monitor import Monitor
 from clusterlm.train.optim import lr_at
@@ -139,11 +139,13 @@ def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
 
 
 def _evaluate(s: Session, progress: ProgressDisplay, sinks: MetricsSinks | None) -> float:
-    val = evaluate_loss(s.model, s.cfg, s.runtime, eval_windows(s.cfg, s.runtime.dp_size))
-    progress.message(f"step {s.step}: val loss {val:.4f}, perplexity {math.exp(val):.2f}")
+    val, accuracy = evaluate(s.model, s.cfg, s.runtime, eval_windows(s.cfg, s.runtime.dp_size))
+    accuracy = accuracy if math.isfinite(accuracy) else None  # of the masked tokens under mlm, else next tokens
+    shown = f", accuracy {accuracy:.3f}" if accuracy is not None else ""
+    progress.message(f"step {s.step}: val loss {val:.4f}, perplexity {math.exp(val):.2f}{shown}")
     if sinks:
         sinks.log({"kind": "eval", "step": s.step, "tokens": s.tokens, "val_loss": val,
-                   "val_perplexity": math.exp(val)})
+                   "val_perplexity": math.exp(val), "val_accuracy": accuracy})
     return val
 
 
