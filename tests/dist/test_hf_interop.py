@@ -72,7 +72,7 @@ def test_train_from_pretrained_under_zero3_and_export(pretrained, data_dir, tmp_
 
 def _materialize_from(rank: int, world_size: int, values: dict, directory: str) -> tuple[dict, int]:
     """This rank's parameters as whole tensors, and how many values it asked the source for."""
-    cfg = build_config(None, values)
+    cfg = build_config(None, {**values, "training.precision": "fp32"})
     runtime = setup_runtime(cfg)
     plain, _ = build_model(cfg, cfg.model.vocab_size)
     asked = [0]

@@ -16,7 +16,7 @@ from .helpers import run_distributed
 
 VOCAB = 67  # odd: uneven FSDP and vocabulary shards
 MODEL = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 32, "model.block_size": 16,
-         "model.vocab_size": VOCAB, "training.micro_batch_size": 4}
+         "model.vocab_size": VOCAB, "training.micro_batch_size": 4, "training.precision": "fp32"}
 CASES = [
     ("ddp", 2, {"parallel.data_parallel": "ddp"}),
     ("zero3", 2, {"parallel.data_parallel": "zero3"}),

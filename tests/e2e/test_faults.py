@@ -51,7 +51,7 @@ def test_a_preempted_run_resumes_bit_for_bit(data_dir, tmp_path):  # noqa: F811
     values = {"data.dir": str(data_dir), "training.steps": 40, "model.n_layer": 2, "model.n_head": 2,
               "model.n_embd": 32, "model.block_size": 16, "training.micro_batch_size": 2,
               "training.eval_interval": 0, "metrics.progress": "none", "metrics.tensorboard": False,
-              "metrics.plot": False, "metrics.peak_flops": 1e12, "checkpoint.interval": 0}
+              "metrics.plot": False, "metrics.peak_flops": 1e12, "checkpoint.interval": 0, "training.precision": "fp32"}
     train(build_config(None, {**values, "training.out_dir": str(tmp_path / "whole")}))
     out = tmp_path / "preempted"
     job = _start(["train", *(f"--{k}={v}" for k, v in values.items()), f"--training.out_dir={out}",

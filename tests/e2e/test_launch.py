@@ -14,7 +14,8 @@ from clusterlm.parallel.mesh import resolve_degrees
 
 TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
         "--training.micro_batch_size", "2", "--training.eval_batches", "2", "--training.eval_interval", "0",
-        "--metrics.progress", "lines", "--metrics.tensorboard", "false", "--metrics.peak_flops", "1e12"]
+        "--metrics.progress", "lines", "--metrics.tensorboard", "false", "--metrics.peak_flops", "1e12",
+        "--training.precision", "fp32"]  # the equivalence checks are fp32 (auto picks bf16 on some CPUs)
 
 
 def clusterlm(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

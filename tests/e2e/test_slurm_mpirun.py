@@ -24,7 +24,7 @@ COMMON = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32",
           "--training.steps", str(STEPS), "--training.eval_batches", "2", "--training.eval_interval", "0",
           "--training.log_interval", "1", "--optim.warmup_steps", "3", "--optim.lr", "3e-3",
           "--metrics.progress", "lines", "--metrics.tensorboard", "false", "--metrics.plot", "false",
-          "--metrics.peak_flops", "1e12", "--training.threads", "1"]
+          "--metrics.peak_flops", "1e12", "--training.threads", "1", "--training.precision", "fp32"]
 TWO_RANKS = [*COMMON, "--training.micro_batch_size", "2", "--parallel.data_parallel", "ddp"]
 
 

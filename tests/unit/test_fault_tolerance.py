@@ -61,7 +61,6 @@ def test_a_grace_period_shorter_than_a_step_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"parallel.hang_timeout_s": 700}, "must be below parallel.timeout_s"),
     ({"checkpoint.preempt_grace_s": 0}, "preempt_grace_s must be positive"),
 ])
 def test_bad_fault_settings_are_one_line(overrides, message):

@@ -122,7 +122,8 @@ class ParallelConfig:
     outer_lr: float = opt(0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient")
     outer_momentum: float = opt(0.9, "diloco: momentum of the outer Nesterov SGD")
     hang_timeout_s: float = opt(300.0, "watchdog: a rank without progress for this long is reported by phase "
-                                "and step and the job ends (0 = off)")
+                                "and step and the job ends (0 = off); keep it below parallel.timeout_s, whose "
+                                "collective timeout otherwise ends a hang first, without the report")
 
 
 @dataclass

@@ -164,6 +164,11 @@ class TokenLoader:
         """Passes over the split so far (fractional)."""
         return self.samples_consumed / self.windows_per_epoch
 
+    @property
+    def micro_batches(self) -> int:
+        """This rank's micro-batches per step: ``grad_accum``, unless assigned otherwise."""
+        return len(self._slots)
+
     def sample_indices(self, micro_step: int) -> range:
         """The global sample indices this rank reads at ``micro_step`` of the current step."""
         start = self.samples_consumed + self._slots[micro_step] * self.micro_batch_size
@@ -183,7 +188,7 @@ class TokenLoader:
         """This rank's micro-batches (x, y) of the next step (``grad_accum`` of them unless
         assigned otherwise); advances the state."""
         start = time.perf_counter()
-        batches = [self._batch(self.sample_indices(m)) for m in range(len(self._slots))]
+        batches = [self._batch(self.sample_indices(m)) for m in range(self.micro_batches)]
         self.samples_consumed += self.global_batch_size
         self.loading_seconds += time.perf_counter() - start
         return batches

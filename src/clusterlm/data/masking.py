@@ -69,7 +69,7 @@ class MaskedLoader:
         self.loader, self.rule = loader, rule
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        samples = [self.loader.sample_indices(m) for m in range(self.loader.grad_accum)]
+        samples = [self.loader.sample_indices(m) for m in range(self.loader.micro_batches)]
         batches = self.loader.next_step()
         return [self.rule.apply(x, ids) for (x, _), ids in zip(batches, samples, strict=True)]
 
@@ -78,3 +78,7 @@ class MaskedLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.loader.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest (assignment, timings, position) is the wrapped loader's.
+        return getattr(self.loader, name)

@@ -91,7 +91,7 @@ class Monitor:
         # The own step time, waiting for other ranks excluded, where a clock measured it.
         mine = {"step_s": wall if math.isnan(own) else own, "data_wait_share": loading / (steps * wall), **sample}
         values = [mine.get(key, math.nan) for key in RANK_KEYS]
-        if s.runtime.world_size == 1:
+        if s.runtime.world_size == 1 or not s.runtime.lockstep:  # a parameter server's ranks share no group
             rows = [values]
         elif s.model.clock is not None:
             rows = s.model.clock.wait(lambda: all_gather_floats(values, s.runtime.device))

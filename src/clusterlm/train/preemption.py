@@ -50,7 +50,7 @@ class Preemption:
                   "checkpoint.preempt_grace_s (and the scheduler's grace period) above the step time",
                   file=sys.stderr, flush=True)
         flag = 1 if self.signal_name else 0
-        if runtime.world_size > 1:
+        if runtime.world_size > 1 and runtime.lockstep:  # a parameter server's ranks share no group
             box = torch.tensor([flag], device=runtime.device)
             dist.all_reduce(box, op=dist.ReduceOp.MAX)
             flag = int(box.item())

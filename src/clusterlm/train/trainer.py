@@ -74,9 +74,15 @@ def _due(before: int, step: int, interval: int, last: int) -> bool:
 
 def train(cfg: Config) -> dict[str, Any]:
     preemption = Preemption(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGUSR1: save and stop at a step boundary
+    fresh = not Path(cfg.training.out_dir).exists()
     watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
     try:
         return _train(cfg, preemption)
+    except UserError:
+        watchdog.stop()
+        if fresh:  # bad input leaves the disk as it was: only the heartbeats were written
+            watchdog.remove_heartbeats(cfg.training.out_dir)
+        raise
     finally:
         watchdog.stop()
         preemption.close()

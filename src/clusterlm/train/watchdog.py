@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -167,6 +168,13 @@ def start(out_dir: str, timeout_s: float) -> Watchdog | None:
     _current = Watchdog(Path(out_dir) / "heartbeat", rank, world_size, timeout_s)
     _current.start()
     return _current
+
+
+def remove_heartbeats(out_dir: str) -> None:
+    """Remove the heartbeat directory, and ``out_dir`` when nothing else is in it."""
+    shutil.rmtree(Path(out_dir) / "heartbeat", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        Path(out_dir).rmdir()
 
 
 def stop() -> None:
