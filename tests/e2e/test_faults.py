@@ -54,8 +54,9 @@ def test_a_preempted_run_resumes_bit_for_bit(data_dir, tmp_path):  # noqa: F811
               "metrics.plot": False, "metrics.peak_flops": 1e12, "checkpoint.interval": 0, "training.precision": "fp32"}
     train(build_config(None, {**values, "training.out_dir": str(tmp_path / "whole")}))
     out = tmp_path / "preempted"
+    # Slowed (numerics untouched) so that the signal lands well before the last step.
     job = _start(["train", *(f"--{k}={v}" for k, v in values.items()), f"--training.out_dir={out}",
-                  "--metrics.progress=lines", "--training.steps=100000"], tmp_path / "log")
+                  "--metrics.progress=lines", "--training.slow_ranks=0:50"], tmp_path / "log")
     _pid_of_rank(out, 0)
     job.send_signal(signal.SIGUSR1)
     assert job.wait(timeout=120) == 75, (tmp_path / "log").read_text()[-2000:]
@@ -110,7 +111,8 @@ def test_a_stopped_rank_is_reported_by_rank_and_phase(data_dir, tmp_path):  # no
 def test_chaos_two_kills_recover_to_identical_weights(data_dir, tmp_path):  # noqa: F811
     result = clusterlm("chaos", "--nproc", "2", "--kills", "2", "--max-delay", "0.5", "--data.dir", str(data_dir),
                        "--training.out_dir", str(tmp_path), "--training.steps", "150", "--checkpoint.interval", "10",
-                       *TINY, "--metrics.progress", "none", "--training.log_interval", "50", timeout=280)
+                       *TINY, "--metrics.progress", "none", "--training.log_interval", "50",
+                       "--training.slow_ranks", "0:6,1:6", timeout=280)  # slowed: both kills land before the end
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith("2/2 recovered, final weights identical: yes, steps recomputed: "), summary
