@@ -21,6 +21,7 @@ from clusterlm.config.sections import (
     CommConfig,
     Config,
     DataConfig,
+    FinetuneConfig,
     MetricsConfig,
     ModelConfig,
     OptimConfig,
@@ -31,7 +32,7 @@ from clusterlm.config.sections import (
 from clusterlm.config.validate import validate
 
 __all__ = [
-    "CheckpointConfig", "CommConfig", "Config", "DataConfig", "MetricsConfig", "ModelConfig",
+    "CheckpointConfig", "CommConfig", "Config", "DataConfig", "FinetuneConfig", "MetricsConfig", "ModelConfig",
     "OptimConfig", "ParallelConfig", "TrainingConfig", "all_keys", "apply_overrides", "build_config",
     "config_from_dict", "grad_accum_steps", "load_toml", "opt", "resolve_model_args", "validate",
 ]

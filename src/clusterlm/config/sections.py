@@ -165,6 +165,17 @@ class MetricsConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    task: str = opt("", "a labelled task directory (`clusterlm prepare --task`): the run fine-tunes a classifier "
+                    "on it (`clusterlm finetune`)")
+    init_from: str = opt("", "the pretrained model: a run directory (its newest checkpoint) or a checkpoint "
+                         "directory, whose config supplies the model.* values (empty = model.init_from, or random)")
+    freeze_layers: int = opt(0, "freeze the embeddings and this many of the lowest blocks (0 = train everything)")
+    head_lr: float = opt(0.0, "peak learning rate of the classification head (0 = optim.lr); the schedule "
+                         "scales it like optim.lr")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +185,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -134,6 +134,8 @@ def _fault_tolerance(cfg: Config) -> None:
 
 
 def _objective(cfg: Config) -> None:
+    if cfg.finetune.task:  # fine-tuning has its own objective: the labels' cross-entropy
+        return
     encoder, objective = cfg.model.flavour == "bert", cfg.training.objective
     if encoder != (objective == "mlm"):
         raise UserError(f"model.flavour = {cfg.model.flavour} trains with training.objective = "
@@ -145,8 +147,26 @@ def _objective(cfg: Config) -> None:
                         "and parallel.sequence_parallel = false (data and tensor parallelism work)")
 
 
+def _finetune(cfg: Config) -> None:
+    f, p = cfg.finetune, cfg.parallel
+    if not f.task:
+        if f.init_from:
+            raise UserError("finetune.init_from needs finetune.task: run `clusterlm finetune --task DIR --init-from RUN`")
+        return
+    if p.tp > 1 or p.pp > 1:
+        raise UserError("fine-tuning runs on data-parallel layouts: set parallel.tp = 1 and parallel.pp = 1")
+    if f.init_from and cfg.model.init_from:
+        raise UserError("give the pretrained model once: finetune.init_from (a run or checkpoint) or model.init_from "
+                        "(hf:DIR), not both")
+    if not 0 <= f.freeze_layers <= cfg.model.n_layer:
+        raise UserError(f"finetune.freeze_layers must be in 0..{cfg.model.n_layer} (model.n_layer), got {f.freeze_layers}")
+    if f.head_lr < 0:
+        raise UserError(f"finetune.head_lr must be >= 0 (0 = optim.lr), got {f.head_lr}")
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments,
-                                                _init_from, _monitoring, _async, _fault_tolerance, _objective)
+                                                _init_from, _monitoring, _async, _fault_tolerance, _objective,
+                                                _finetune)
 
 
 def validate(cfg: Config) -> None:

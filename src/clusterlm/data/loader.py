@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +83,10 @@ class TokenStream:
             self._read(int(k) * block_size, out[row])
         return out
 
+    def batch(self, indices: Sequence[int], block_size: int, device: torch.device) -> Batch:
+        """(x, y) of windows ``indices``: inputs and next-token targets."""
+        return to_batch(self.windows(indices, block_size), device)
+
     def _read(self, start: int, out: np.ndarray) -> None:
         """Fill ``out`` with the tokens from ``start`` on, across shard boundaries."""
         shard = int(np.searchsorted(self._starts, start, side="right")) - 1
@@ -116,7 +121,11 @@ def to_batch(windows: np.ndarray, device: torch.device) -> Batch:
 
 
 class TokenLoader:
-    """Training batches for one data-parallel rank; its whole state is the samples consumed."""
+    """Training batches for one data-parallel rank; its whole state is the samples consumed.
+
+    The samples are the windows of ``split`` of ``data_dir``, or the items of ``stream``: any
+    object with ``num_windows(block_size)`` and ``batch(indices, block_size, device)``, such as a
+    labelled task's examples (``clusterlm.data.classification``)."""
 
     def __init__(
         self,
@@ -130,6 +139,7 @@ class TokenLoader:
         seed: int = 0,
         device: str | torch.device = "cpu",
         cache_dir: Path | None = None,
+        stream: Any = None,
     ) -> None:
         for name, value in (("block_size", block_size), ("micro_batch_size", micro_batch_size),
                             ("grad_accum", grad_accum), ("dp_size", dp_size)):
@@ -149,7 +159,7 @@ class TokenLoader:
         self.loading_seconds = 0.0  # time spent in next_step, for the data-wait share
         self.assignment: list[int] | None = None  # micro-batches per rank, when load balancing
         self._slots = [m * dp_size + dp_rank for m in range(grad_accum)]
-        self._stream = TokenStream(data_dir, split, cache_dir)
+        self._stream = stream if stream is not None else TokenStream(data_dir, split, cache_dir)
         self.windows_per_epoch = self._stream.num_windows(block_size)
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
@@ -207,8 +217,7 @@ class TokenLoader:
         self.samples_consumed = int(state["samples_consumed"])
 
     def _batch(self, indices: range) -> Batch:
-        windows = [self.window_of(i) for i in indices]
-        return to_batch(self._stream.windows(windows, self.block_size), self.device)
+        return self._stream.batch([self.window_of(i) for i in indices], self.block_size, self.device)
 
     def window_of(self, sample: int) -> int:
         """The window that global sample index ``sample`` reads."""

@@ -109,6 +109,12 @@ class Encoder(nn.Module):
         """tokens [B, T] -> masked-LM logits [B, T, vocab + specials]. ``token_types`` [B, T] (0 or 1)
         default to segment A; ``padding_mask`` [B, T] is True at real tokens: padded positions are
         never attended to (their own outputs are meaningless)."""
+        return self.head(self.features(tokens, token_types, padding_mask))
+
+    def features(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None,
+                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's hidden states [B, T, d], which the masked-LM head (or a fine-tuning
+        head) reads; arguments as for ``forward``."""
         seq = tokens.size(1)
         if seq > self.args.block_size:
             raise ValueError(f"sequence length {seq} exceeds block_size {self.args.block_size}")
@@ -118,7 +124,7 @@ class Encoder(nn.Module):
         attn_mask = None if padding_mask is None else padding_mask[:, None, None, :]
         for layer in self.layers.values():
             h = layer(h, attn_mask)
-        return self.head(h)
+        return h
 
     def num_params(self) -> int:
         """Unique parameters (the tied token table counts once)."""

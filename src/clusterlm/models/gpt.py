@@ -237,6 +237,17 @@ class Transformer(nn.Module):
         is the hidden state [B, T, d] of the previous stage, and without ``norm`` and ``output`` the
         hidden state is returned.
         """
+        h = self._blocks(tokens)
+        if self.output is None:
+            return h
+        return self.output(self.norm(h))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> the normalized last hidden states [B, T, d] the output head reads
+        (what a fine-tuning head reads instead)."""
+        return self.norm(self._blocks(tokens))
+
+    def _blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         seq = tokens.size(1)
         if seq > self.args.block_size:
             raise ValueError(f"sequence length {seq} exceeds block_size {self.args.block_size}")
@@ -250,9 +261,7 @@ class Transformer(nn.Module):
             h = self.dropout(h)
         for layer in self.layers.values():
             h = layer(h, rope)
-        if self.output is None:
-            return h
-        return self.output(self.norm(h))
+        return h
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied matrix counts once). ``exclude_embeddings`` drops the token

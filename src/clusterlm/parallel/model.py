@@ -123,9 +123,14 @@ class WholeModel(ParallelModel):
             self.clock.gradients_reduced()
         return total / divisor
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for a batch, without gradients (a DTensor where split across ranks)."""
+        with torch.no_grad(), self.precision.autocast():
+            return self.parts[0](x)
+
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self.precision.autocast(), loss_context(self.tp_size):
-            logits = self.parts[0](x)
+        logits = self.logits(x)
+        with torch.no_grad(), loss_context(self.tp_size):
             loss = full_value(next_token_loss(logits, y, reduction="sum"))
         # Ignored targets (-100) never equal an argmax, so they never count as right.
         right = torch.tensor(float("nan")) if isinstance(logits, DTensor) else (logits.argmax(-1) == y).sum()

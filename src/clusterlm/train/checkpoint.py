@@ -34,11 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from clusterlm.checkpoint_files import COMPLETE, TRAINER_STATE, list_complete
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json, sha256_file
 
-COMPLETE = "complete.json"
-TRAINER_STATE = "trainer.json"
 LATEST = "latest"
 
 
@@ -148,15 +147,6 @@ def finish_checkpoint(
     atomic_write_json(root / LATEST, {"checkpoint": final.name})
     for old in list_complete(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def list_complete(root: Path) -> list[Path]:
-    """Checkpoint directories that finished writing, oldest first (not yet checksum-verified)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: p.name)
 
 
 def verify(path: Path) -> dict[str, Any]:

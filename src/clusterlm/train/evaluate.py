@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -51,3 +53,12 @@ def evaluate(model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: i
         dist.all_reduce(totals)
     loss, accuracy = (totals[:2] / totals[2].clamp(min=1)).tolist()
     return loss, accuracy
+
+
+def language_model_metrics(model: ParallelModel, cfg: Config, runtime: Runtime, split: str = "val"
+                           ) -> dict[str, float | None]:
+    """The trainer's periodic evaluation of a language model: loss, perplexity and the accuracy of
+    the predicted tokens (None where the logits are split across ranks)."""
+    loss, accuracy = evaluate(model, cfg, runtime, eval_windows(cfg, runtime.dp_size), split)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
+            "accuracy": accuracy if math.isfinite(accuracy) else None}

@@ -3,6 +3,7 @@ optimizers, data loader, and the state resumed from a checkpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from clusterlm.parallel.precision import settle_precision
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint, restarts
 from clusterlm.train.checkpoint_writer import CheckpointWriter
+from clusterlm.train.evaluate import language_model_metrics
 from clusterlm.train.objective import masking_rule
 from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.pretrained import check_pretrained_tokenizer, pretrained_source
@@ -57,6 +59,9 @@ class Session:
     sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
     balancer: LoadBalancer | None = None  # micro-batches per rank (parallel.load_balance)
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # in line, or async (checkpoint.async_save)
+    # split -> metrics, loss first: the periodic evaluation (language-model or task metrics)
+    evaluator: Callable[[str], dict[str, float | None]] | None = None
+    final_splits: tuple[str, ...] = ()  # scored once when the run completes (a task's test split)
 
     @property
     def tokens_per_step(self) -> int:
@@ -76,6 +81,7 @@ def build_model(cfg: Config, vocab_size: int) -> tuple[torch.nn.Module, ParamSou
 
 
 def build_session(cfg: Config) -> Session:
+    """The session of a language-model run: pretraining on ``data.dir`` (next-token or masked)."""
     runtime = setup_runtime(cfg)
     cfg.training.precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
     manifest = load_manifest(cfg.data.dir)
@@ -92,15 +98,28 @@ def build_session(cfg: Config) -> Session:
     )
     if cfg.training.objective == "mlm":
         loader = MaskedLoader(loader, masking_rule(cfg))
-    with fsspec.open(f"{cfg.data.dir.rstrip('/')}/tokenizer.json", "rb") as f:
-        tokenizer = TokenizerFile(manifest.tokenizer.sha256, f.read())
     session = Session(
         cfg, runtime, model, model.build_optimizers(partial(optimizer_recipe, cfg=cfg.optim)), loader, grad_accum,
         training_flops_per_token(plain.args, cfg.seq_len),
-        peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops), tokenizer,
+        peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
+        read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256),
+        evaluator=partial(language_model_metrics, model, cfg, runtime),
     )
+    return start_session(session)
+
+
+def read_tokenizer(data_dir: str, sha256: str) -> TokenizerFile:
+    """The tokenizer of a prepared directory, as the manifest recorded it."""
+    with fsspec.open(f"{data_dir.rstrip('/')}/tokenizer.json", "rb") as f:
+        return TokenizerFile(sha256, f.read())
+
+
+def start_session(session: Session) -> Session:
+    """What every run adds to its model, loader and optimizers: the experiments' rank slowdown, rank
+    timing and load balancing, the checkpoint writer, the resumed state and the sample log."""
+    cfg, runtime = session.cfg, session.runtime
     session.slowdown = rank_factor(cfg.training.slow_ranks, runtime.rank, runtime.world_size)
-    session.balancer = attach_rank_timing(model, loader, cfg, runtime.world_size, runtime.device)
+    session.balancer = attach_rank_timing(session.model, session.loader, cfg, runtime.world_size, runtime.device)
     session.writer = CheckpointWriter(background=cfg.checkpoint.async_save)
     _resume(session)
     session.sample_log = open_sample_log(cfg.metrics.sample_log, cfg.training.out_dir, runtime, session.step)

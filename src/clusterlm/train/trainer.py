@@ -20,7 +20,6 @@ from clusterlm.models import param_count
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.slowdown import slowed
 from clusterlm.train import watchdog
-from clusterlm.train.evaluate import eval_windows, evaluate
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.monitor import Monitor
 from clusterlm.train.optim import lr_at
@@ -36,7 +35,7 @@ def train_step(s: Session) -> torch.Tensor:
     lr = lr_at(s.step, s.cfg.optim, s.cfg.training.steps)
     for optimizer in s.optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a fine-tuning head may run at its own rate
     watchdog.phase("data", s.step)
     if s.sample_log:
         s.sample_log.record(s.step + 1, s.loader)
@@ -123,7 +122,7 @@ def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
             window_seconds, window_steps = 0.0, 0
         if _due(before, s.step, t.eval_interval, t.steps) and s.runtime.reports:
             watchdog.phase("eval", s.step)
-            summary["val_loss"] = _evaluate(s, progress, sinks)
+            summary["val_loss"] = _evaluate(s, progress, sinks)["loss"]
         watchdog.phase("checkpoint", s.step)
         saved = save(s) if _due(before, s.step, cfg.checkpoint.interval, t.steps) and s.runtime.reports else None
         if saved:
@@ -131,8 +130,18 @@ def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
         if preemption.requested(s.runtime, time.perf_counter() - start) and s.step < t.steps:
             summary["preempted"] = str(saved or save(s))
             break
+    _finish(s, summary, preemption, progress, monitor, sinks)
+    return summary
+
+
+def _finish(s: Session, summary: dict[str, Any], preemption: Preemption, progress: ProgressDisplay,
+            monitor: Monitor, sinks: MetricsSinks | None) -> None:
+    """Score the held-out splits of a finished run, wait for a save still writing, report and close."""
+    if "preempted" not in summary and s.step >= s.cfg.training.steps and s.runtime.reports:
+        for split in s.final_splits:  # a fine-tuning task's test split: scored once, at the end
+            summary[split] = _evaluate(s, progress, sinks, split)
     s.writer.close()  # a save still writing in the background finishes first
-    if "preempted" in summary and main_rank:
+    if "preempted" in summary and s.runtime.is_main:
         print(preemption.report(s.step, summary["preempted"]), flush=True)
     progress.close()
     monitor.close()
@@ -141,18 +150,18 @@ def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
         if plot:
             print(f"loss plot: {plot}")
     summary.update(step=s.step, tokens=s.tokens, rank=s.runtime.rank)
-    return summary
 
 
-def _evaluate(s: Session, progress: ProgressDisplay, sinks: MetricsSinks | None) -> float:
-    val, accuracy = evaluate(s.model, s.cfg, s.runtime, eval_windows(s.cfg, s.runtime.dp_size))
-    accuracy = accuracy if math.isfinite(accuracy) else None  # of the masked tokens under mlm, else next tokens
-    shown = f", accuracy {accuracy:.3f}" if accuracy is not None else ""
-    progress.message(f"step {s.step}: val loss {val:.4f}, perplexity {math.exp(val):.2f}{shown}")
+def _evaluate(s: Session, progress: ProgressDisplay, sinks: MetricsSinks | None, split: str = "val"
+              ) -> dict[str, float | None]:
+    """Score ``split`` (the session's own metrics: loss first), show it and log it."""
+    result = s.evaluator(split)
+    shown = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in result.items() if value is not None)
+    progress.message(f"step {s.step}: {split} {shown}")
     if sinks:
-        sinks.log({"kind": "eval", "step": s.step, "tokens": s.tokens, "val_loss": val,
-                   "val_perplexity": math.exp(val), "val_accuracy": accuracy})
-    return val
+        sinks.log({"kind": "eval" if split == "val" else split, "step": s.step, "tokens": s.tokens,
+                   **{f"{split}_{name}": value for name, value in result.items()}})
+    return result
 
 
 def _train_record(s: Session, loss: float, seconds_per_step: float) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""Fine-tuning a pretrained model on a labelled task (`clusterlm finetune`): the session it trains.
+
+The model is the pretrained backbone with a classification head (``clusterlm.models.classifier``),
+built on the meta device and materialized per shard like any model: backbone tensors come from
+the pretrained checkpoint (``finetune.init_from``) or Hugging Face directory (``model.init_from``),
+head tensors from the seeded initialization. Everything else is the trainer's: data-parallel
+layouts, the LR schedule (the head at ``finetune.head_lr``), checkpoints and exact resume, with
+the task's examples drawn like windows and scored by accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clusterlm.checkpoint_files import checkpoint_of
+from clusterlm.config import Config, grad_accum_steps, resolve_model_args
+from clusterlm.data.classification import ExampleStream
+from clusterlm.data.loader import TokenLoader
+from clusterlm.data.task import Task, load_task
+from clusterlm.errors import UserError
+from clusterlm.hardware import peak_flops
+from clusterlm.models import create_model, training_flops_per_token
+from clusterlm.models.bert import special_token_id
+from clusterlm.models.classifier import BACKBONE, SequenceClassifier
+from clusterlm.models.init import ParamSource, seeded_source
+from clusterlm.parallel import parallelize
+from clusterlm.parallel.precision import settle_precision
+from clusterlm.train import checkpoint
+from clusterlm.train.optim import OptimizerRecipe, optimizer_recipe
+from clusterlm.train.pretrained import pretrained_source
+from clusterlm.train.runtime import setup_runtime
+from clusterlm.train.session import Session, read_tokenizer, start_session
+from clusterlm.train.task_metrics import task_metrics
+
+
+def build_finetune_session(cfg: Config) -> Session:
+    runtime = setup_runtime(cfg)
+    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
+    task = load_task(cfg.finetune.task, verify=cfg.data.verify)
+    plain, source = build_classifier(cfg, task)
+    plain.freeze_lower_layers(cfg.finetune.freeze_layers)
+    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source, runtime.ps)
+    cls_id = special_token_id(cfg.model.vocab_size, "[CLS]") if plain.args.is_encoder else None
+    streams = {name: ExampleStream(split, cls_id) for name, split in task.splits.items()}
+    grad_accum = grad_accum_steps(cfg, runtime.dp_size)
+    loader = TokenLoader("", "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
+                         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed,
+                         device=runtime.device, stream=streams["train"])
+    session = Session(
+        cfg, runtime, model, model.build_optimizers(partial(finetune_recipe, cfg=cfg)), loader, grad_accum,
+        training_flops_per_token(plain.args, cfg.seq_len),
+        peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
+        read_tokenizer(cfg.finetune.task, task.manifest.tokenizer.sha256),
+        evaluator=partial(task_metrics, model, cfg, runtime, streams, len(task.labels)),
+        final_splits=("test",),
+    )
+    return start_session(session)
+
+
+def build_classifier(cfg: Config, task: Task) -> tuple[SequenceClassifier, ParamSource]:
+    """The classifier on the meta device, and where its values come from: the pretrained
+    backbone's (checked to match the task's tokenizer), the seeded initialization for the rest."""
+    pretrained = _pretrained_checkpoint(cfg, task)
+    with torch.device("meta"):  # a pretrained model's vocabulary size came with its shape (config)
+        model = SequenceClassifier(create_model(resolve_model_args(cfg, task.manifest.vocab_size)), len(task.labels))
+    seeded = seeded_source(model.init_rule, cfg.training.seed)
+    backbone = checkpoint_source(pretrained.path) if pretrained else pretrained_source(cfg)
+    if backbone is None:
+        return model, seeded
+
+    def source(name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
+        if name.startswith(BACKBONE):
+            return backbone(name[len(BACKBONE):], shape, index)
+        return seeded(name, shape, index)
+
+    return model, source
+
+
+def _pretrained_checkpoint(cfg: Config, task: Task) -> checkpoint.Verified | None:
+    """``finetune.init_from``'s checkpoint, verified (by rank 0), whose tokenizer the task must share."""
+    if not cfg.finetune.init_from:
+        return None
+    path = checkpoint_of(cfg.finetune.init_from)
+    found = checkpoint.resolve_resume_once(str(path), Path(path).parent)
+    if found.state.get("tokenizer_sha256") != task.manifest.tokenizer.sha256:
+        raise UserError(f"{cfg.finetune.task} was prepared with a different tokenizer than {found.path} was trained "
+                        f"on; prepare the task with `--tokenizer {found.path / 'tokenizer.json'}`")
+    return found
+
+
+def checkpoint_source(path: Path) -> ParamSource:
+    """A pretrained checkpoint's model tensors, any layout, as a ``ParamSource``. Each rank reads a
+    whole tensor once and slices it (the slices of one parameter are asked for one after another)."""
+    reader = checkpoint.CheckpointReader(path)
+    saved = reader.model_shapes()
+    if any(name.startswith(BACKBONE) for name in saved):
+        raise UserError(f"{path} is a fine-tuned classifier, not a pretrained model; point finetune.init_from at a "
+                        "pretraining run (or continue this fine-tuning with --resume)")
+    last: dict[str, torch.Tensor] = {}
+
+    def read(name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
+        if saved.get(name) != shape:
+            raise UserError(f"checkpoint {path} holds {name} with shape {saved.get(name)}, the model needs {shape}; "
+                            "it is a checkpoint of another architecture")
+        if name not in last:
+            last.clear()
+            last[name] = reader.model_tensor(name).float()
+        return last[name][index].clone()
+
+    return read
+
+
+def finetune_recipe(part: nn.Module, cfg: Config) -> OptimizerRecipe:
+    """The trainer's optimizer groups, each split into backbone and head parameters; the head's
+    groups run at ``finetune.head_lr`` (a scale of the scheduled LR, applied every step)."""
+    recipe = optimizer_recipe(part, cfg.optim)
+    classifier = next(m for m in part.modules() if isinstance(m, SequenceClassifier))
+    head = {id(p) for p in classifier.head_parameters()}
+    scale = cfg.finetune.head_lr / cfg.optim.lr if cfg.finetune.head_lr else 1.0
+    groups = []
+    for group in recipe.param_groups:
+        body = [p for p in group["params"] if id(p) not in head]
+        top = [p for p in group["params"] if id(p) in head]
+        groups += [{**group, "params": body}, {**group, "params": top, "lr_scale": scale}]
+    recipe.param_groups = [group for group in groups if group["params"]]
+    return recipe
