@@ -24,6 +24,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 SPLITS = ("train", "val")
+# The "kind" of a labelled task's manifest (clusterlm.data.task); a corpus manifest has no kind.
+TASK_KIND = "classification"
 # Smallest first: shards use the first that holds every token id.
 TOKEN_DTYPES = ("uint16", "uint32")
 
@@ -103,7 +105,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         """Parse and validate; raises ValueError naming what is wrong."""
-        return _build(cls, json.loads(text), "manifest")
+        return build_typed(cls, json.loads(text), "manifest")
 
 
 def load_manifest(data_dir: str | os.PathLike[str]) -> Manifest:
@@ -113,7 +115,14 @@ def load_manifest(data_dir: str | os.PathLike[str]) -> Manifest:
     if not fs.isfile(path):
         raise UserError(f"no prepared data at {data_dir}; run `clusterlm prepare --out {data_dir}`")
     try:
-        return Manifest.from_json(fs.cat_file(path).decode("utf-8"))
+        raw = json.loads(fs.cat_file(path).decode("utf-8"))
+        if isinstance(raw, dict) and raw.get("kind") == TASK_KIND:
+            raise UserError(
+                f"{data_dir} is a labelled task, not a language-modelling corpus; fine-tune on it with "
+                f"`clusterlm finetune --task {data_dir}`, or set data.dir to a directory made by "
+                "`clusterlm prepare` without --task"
+            )
+        return build_typed(Manifest, raw, "manifest")
     except ValueError as err:
         raise UserError(
             f"{MANIFEST_NAME} in {data_dir} is malformed ({err}); "
@@ -142,25 +151,26 @@ def verify_shards(data_dir: str | os.PathLike[str]) -> Manifest:
     return manifest
 
 
-def _build(kind: Any, value: Any, where: str) -> Any:
-    """``value`` (parsed JSON) as type ``kind``; raises ValueError at the first mismatch."""
+def build_typed(kind: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed JSON) as type ``kind`` (a dataclass of JSON types); raises ValueError at the first
+    mismatch."""
     origin, args = get_origin(kind), get_args(kind)
     if dataclasses.is_dataclass(kind):
         hints = get_type_hints(kind)
         if not isinstance(value, dict) or set(value) != set(hints):
             raise ValueError(f"{where} must be an object with keys {', '.join(hints)}")
-        return kind(**{k: _build(t, value[k], f"{where}.{k}") for k, t in hints.items()})
+        return kind(**{k: build_typed(t, value[k], f"{where}.{k}") for k, t in hints.items()})
     if origin in (Union, types.UnionType):
         for option in args:
             try:
-                return _build(option, value, where)
+                return build_typed(option, value, where)
             except ValueError:
                 pass
         raise ValueError(f"{where} has the wrong type")
     if origin is tuple and isinstance(value, list):
-        return tuple(_build(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+        return tuple(build_typed(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
     if origin is dict and isinstance(value, dict):
-        return {k: _build(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return {k: build_typed(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if kind is type(None) and value is None:
         return None
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
