@@ -17,6 +17,7 @@ from clusterlm.errors import UserError
 COMMANDS = {
     "prepare": ("clusterlm.cli.prepare", "tokenize a corpus into checksummed token shards"),
     "train": ("clusterlm.cli.train", "train a model from a config (TOML + dotted overrides)"),
+    "finetune": ("clusterlm.cli.finetune", "fine-tune a pretrained model on a labelled task (classification)"),
     "eval": ("clusterlm.cli.evaluate", "validation loss and perplexity of a checkpoint"),
     "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
     "bench": ("clusterlm.cli.bench", "benchmarks: `bench train`, `bench init`, `bench comm`"),

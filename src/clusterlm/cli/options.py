@@ -23,9 +23,11 @@ class JobArguments:
 def parse_job(
     argv: list[str], prog: str, description: str,
     add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+    shorthands: dict[str, tuple[str, str]] | None = None,
 ) -> JobArguments | None:
     """The config and launch options of ``argv``; None when it asked for --help or
-    --print-config, which are printed here. ``add_options`` adds the command's own options."""
+    --print-config, which are printed here. ``add_options`` adds the command's own options;
+    ``shorthands`` maps more options to the config keys they set: {"--task": ("finetune.task", help)}."""
     parser = Parser(
         prog=prog, description=description, add_help=False,
         epilog="config keys (--section.key VALUE, defaults shown):\n" + help_text(),
@@ -33,7 +35,10 @@ def parse_job(
     )
     parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
     parser.add_argument("--config", help="TOML file of settings (see configs/*.toml)")
-    parser.add_argument("--resume", help="shorthand for --checkpoint.resume (none | auto | PATH)")
+    shorthands = {"--resume": ("checkpoint.resume", "none | auto | PATH"), **(shorthands or {})}
+    for option, (key, meaning) in shorthands.items():
+        parser.add_argument(option, dest=f"shorthand:{key}", metavar=key.rpartition(".")[2].upper(),
+                            help=f"{meaning} (shorthand for --{key})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     if add_options is not None:
         add_options(parser)
@@ -43,8 +48,9 @@ def parse_job(
         parser.print_help()
         return None
     overrides = parse_dotted_args(rest)
-    if args.resume:
-        overrides["checkpoint.resume"] = args.resume
+    for key, _ in shorthands.values():
+        if getattr(args, f"shorthand:{key}") is not None:
+            overrides[key] = getattr(args, f"shorthand:{key}")
     cfg = build_config(args.config, overrides)
     if args.print_config:
         print(cfg.to_json())

@@ -52,12 +52,13 @@ class ExampleStream:
 
 
 def evaluation_batches(stream: ExampleStream, block_size: int, batch_size: int, dp_rank: int, dp_size: int,
-                       device: torch.device) -> Iterator[Batch]:
-    """Rank ``dp_rank``'s contiguous share of every example of the split, in batches. Shares are
-    made equal with filler rows, so every rank runs the same number of forward passes (sharded
-    layouts gather parameters in each)."""
+                       device: torch.device, limit: int | None = None) -> Iterator[Batch]:
+    """Rank ``dp_rank``'s contiguous share of the split's examples (every one, or ``limit`` evenly
+    spaced ones), in batches. Shares are made equal with filler rows, so every rank runs the same
+    number of forward passes (sharded layouts gather parameters in each)."""
     total = len(stream.split)
-    share = -(-total // dp_size)
-    mine = [i if i < total else -1 for i in range(dp_rank * share, (dp_rank + 1) * share)]
+    chosen = np.arange(total) if limit is None or limit >= total else np.arange(limit) * total // limit
+    share = -(-len(chosen) // dp_size)
+    mine = [int(chosen[i]) if i < len(chosen) else -1 for i in range(dp_rank * share, (dp_rank + 1) * share)]
     for start in range(0, share, batch_size):
         yield stream.batch(mine[start : start + batch_size], block_size, device)

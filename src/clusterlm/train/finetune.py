@@ -30,6 +30,7 @@ from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.precision import settle_precision
 from clusterlm.train import checkpoint
+from clusterlm.train.evaluate import eval_windows
 from clusterlm.train.optim import OptimizerRecipe, optimizer_recipe
 from clusterlm.train.pretrained import pretrained_source
 from clusterlm.train.runtime import setup_runtime
@@ -55,10 +56,17 @@ def build_finetune_session(cfg: Config) -> Session:
         training_flops_per_token(plain.args, cfg.seq_len),
         peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
         read_tokenizer(cfg.finetune.task, task.manifest.tokenizer.sha256),
-        evaluator=partial(task_metrics, model, cfg, runtime, streams, len(task.labels)),
         final_splits=("test",),
     )
+    session.evaluator = partial(_evaluate, session, streams, len(task.labels))
     return start_session(session)
+
+
+def _evaluate(s: Session, streams: dict[str, ExampleStream], labels: int, split: str) -> dict[str, float | None]:
+    """The periodic evaluation scores the ``training.eval_batches`` global batches of examples spread
+    evenly over the split; the final test scores every example."""
+    limit = None if split in s.final_splits else eval_windows(s.cfg, s.runtime.dp_size)
+    return task_metrics(s.model, s.cfg, s.runtime, streams, labels, split, limit)
 
 
 def build_classifier(cfg: Config, task: Task) -> tuple[SequenceClassifier, ParamSource]:

@@ -26,9 +26,10 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 
 def task_metrics(model: ParallelModel, cfg: Config, runtime: Runtime, streams: dict[str, Any], labels: int,
-                 split: str = "val") -> dict[str, float | None]:
-    """Loss, accuracy and macro-F1 of ``split``: each data-parallel rank scores a contiguous share,
-    and the summed loss and confusion matrix are all-reduced."""
+                 split: str = "val", limit: int | None = None) -> dict[str, float | None]:
+    """Loss, accuracy and macro-F1 of ``split`` (every example, or ``limit`` evenly spaced ones):
+    each data-parallel rank scores a contiguous share, and the summed loss and confusion matrix are
+    all-reduced."""
     was_training = [part.training for part in model.parts]
     for part in model.parts:
         part.eval()
@@ -37,7 +38,7 @@ def task_metrics(model: ParallelModel, cfg: Config, runtime: Runtime, streams: d
     # Lockstep ranks score disjoint shares; a parameter server's rank 0 scores every example alone.
     dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
     for x, y in evaluation_batches(streams[split], cfg.seq_len, cfg.training.micro_batch_size, dp_rank, dp_size,
-                                   runtime.device):
+                                   runtime.device, limit):
         with attention_kernel(cfg.training.attention):
             logits = model.logits(x)
         loss += next_token_loss(logits, y, reduction="sum").double()

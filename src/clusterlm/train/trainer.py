@@ -20,6 +20,7 @@ from clusterlm.models import param_count
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.slowdown import slowed
 from clusterlm.train import watchdog
+from clusterlm.train.finetune import build_finetune_session
 from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
 from clusterlm.train.monitor import Monitor
 from clusterlm.train.optim import lr_at
@@ -88,7 +89,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
-    s = build_session(cfg)
+    s = build_finetune_session(cfg) if cfg.finetune.task else build_session(cfg)
     if s.model.serves:  # a parameter server: it answers the workers instead of training
         return s.model.serve(s.optimizers, cfg.training.steps, s.step)
     t = cfg.training
