@@ -14,7 +14,14 @@ def tiny_hf_model(out: Path, flavour: str, vocab_size: int, tokenizer_json: str 
     """A random GPT2LMHeadModel, LlamaForCausalLM (grouped-query attention: 2 KV heads) or
     BertForMaskedLM (``vocab_size`` tokens, then clusterlm's 4 special tokens, [PAD] last) saved
     to ``out`` as safetensors; returns the model in eval mode. ``options`` go to the HF config."""
-    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if flavour == "gpt2":

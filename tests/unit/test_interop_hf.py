@@ -17,6 +17,7 @@ from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
 from clusterlm.interop import export_hf, hf_model_config, hf_source
 from clusterlm.models import ModelArgs, create_model, param_count
+from clusterlm.models.counting import matmul_params
 from clusterlm.models.init import fill_parameters
 
 FLAVOURS = ("gpt2", "llama", "bert")
@@ -131,7 +132,7 @@ def test_bert_exports_to_bert_for_masked_lm_with_equal_logits_and_counts(tmp_pat
     loaded, info = BertForMaskedLM.from_pretrained(tmp_path / "bert", output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "bert")) is BertForMaskedLM
-    config, specials = loaded.config, args.vocab_size + torch.arange(4)
+    config, specials = loaded.config, [args.vocab_size + i for i in range(4)]
     assert (config.vocab_size, config.pad_token_id, config.hidden_act, config.layer_norm_eps,
             config.max_position_embeddings, config.type_vocab_size) == (args.vocab_size + 4, specials[3], "gelu",
                                                                          1e-6, 16, 2)
@@ -147,11 +148,10 @@ def test_bert_exports_to_bert_for_masked_lm_with_equal_logits_and_counts(tmp_pat
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bert")
     assert hf_tokenizer(TEXT)["input_ids"] == tokenizer.encode(TEXT)
     assert [hf_tokenizer.mask_token_id, hf_tokenizer.cls_token_id, hf_tokenizer.sep_token_id,
-            hf_tokenizer.pad_token_id] == specials.tolist()
+            hf_tokenizer.pad_token_id] == specials
     assert hf_tokenizer("[MASK] be")["input_ids"][0] == specials[0]
     assert Tokenizer.load(f"hf:{tmp_path / 'bert'}").vocab_size == args.vocab_size  # prepare sees the encoder's vocab
     # exact counts: parameters, and the 6N rule's N (HF leaves out every table; the tied one is our head)
-    from clusterlm.models.counting import matmul_params
     assert param_count(args) == loaded.num_parameters() == model.num_params()
     assert matmul_params(args) == loaded.num_parameters(exclude_embeddings=True) + (args.vocab_size + 4) * 32
 

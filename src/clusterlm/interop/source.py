@@ -75,7 +75,7 @@ def _weight_files(root: Path) -> dict[str, Path]:
         return {key: root / SINGLE for key in _open(root / SINGLE).keys()}
     if any(root.glob("pytorch_model*.bin")):
         raise UserError(f"{root} holds only pytorch_model.bin, a pickle clusterlm will not open; convert it: "
-                        "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)")
+                        "AutoModel...from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)")
     raise UserError(f"{root} has no model.safetensors or {INDEX}; save the model with save_pretrained")
 
 
