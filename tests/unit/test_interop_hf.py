@@ -154,6 +154,9 @@ def test_bert_exports_to_bert_for_masked_lm_with_equal_logits_and_counts(tmp_pat
     # exact counts: parameters, and the 6N rule's N (HF leaves out every table; the tied one is our head)
     assert param_count(args) == loaded.num_parameters() == model.num_params()
     assert matmul_params(args) == loaded.num_parameters(exclude_embeddings=True) + (args.vocab_size + 4) * 32
+    wider = ModelArgs(**{**vars(args), "vocab_size": args.vocab_size + 1})  # specials would land off their rows
+    assert "cannot hold [MASK]" in one_line_error(lambda: export_hf(tmp_path / "wider", wider, None, tokenizer.to_json()))
+    assert not (tmp_path / "wider").exists()
 
 
 def test_bert_directories_we_cannot_represent_get_one_line(tmp_path, tokenizer):

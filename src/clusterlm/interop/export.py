@@ -72,9 +72,9 @@ def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str]
         eot_id = Tokenizer(tokenizer_json).eot_id
         config = hf_config(args, eot_id, str(DTYPES[dtype]).removeprefix("torch."))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _tokenizer_files(tmp, Tokenizer(tokenizer_json), args)  # first: a tokenizer misfit reads no weights
         written = write_sharded(tmp, hf_shapes(args), DTYPES[dtype], max_shard_bytes,
                                 lambda key: assemble(args, key, {name: read(name) for name in pieces[key]}))
-        _tokenizer_files(tmp, Tokenizer(tokenizer_json), args)
         check_destination(out)  # still free: nothing else wrote there meanwhile
         if out.exists():
             out.rmdir()
