@@ -1,6 +1,7 @@
 """Hugging Face weights across layouts, on real processes. A meta model materialized from an HF
-directory under tp (GPT-2's fused, transposed and tied tensors, cut by heads and vocabulary)
-and pp (Llama's permuted rows) holds exactly the HF weights, each rank asking only for its shards. Training from
+directory under tp (GPT-2's fused, transposed and tied tensors, cut by heads and vocabulary),
+pp (Llama's permuted rows) and zero3 and tp (a BertForMaskedLM) holds exactly the HF weights,
+each rank asking only for its shards. Training from
 an HF Llama (`model.init_from`) under zero3 equals one process at 1e-5 (see training.py), and
 `export hf` of the checkpoint those ranks wrote in pieces, reading one tensor at a time, equals
 byte for byte the export of that checkpoint loaded whole."""
@@ -16,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from clusterlm.config import build_config
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.interop import export_hf, hf_model_config, hf_source
-from clusterlm.models import ModelArgs, Transformer
+from clusterlm.models import ModelArgs, create_model
 from clusterlm.models.init import fill_parameters
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.materialize import canonical_name
@@ -96,13 +97,15 @@ def _materialize_from(rank: int, world_size: int, values: dict, directory: str) 
 @pytest.mark.parametrize("flavour,world_size,layout", [
     ("gpt2", 2, {"parallel.tp": 2}),
     ("llama", 2, {"parallel.pp": 2, "training.micro_batch_size": 4}),
-], ids=["gpt2-tp2", "llama-pp2"])
+    ("bert", 2, {"parallel.data_parallel": "zero3", "training.objective": "mlm"}),
+    ("bert", 2, {"parallel.tp": 2, "training.objective": "mlm"}),
+], ids=["gpt2-tp2", "llama-pp2", "bert-zero3", "bert-tp2"])
 def test_each_rank_materializes_its_shards_of_the_hf_weights(flavour, world_size, layout, tmp_path):
     tokenizer = Tokenizer.char(["abcdefghijklmnopqrstuvwxyz ,.!?"])
     tiny_hf_model(tmp_path, flavour, tokenizer.vocab_size)
     values = {"model.init_from": f"hf:{tmp_path}", "training.seq_len": 8, **layout}
     ranks = run_distributed(_materialize_from, world_size, values, str(tmp_path), timeout=240)
-    expected = Transformer(ModelArgs(**hf_model_config(tmp_path)))
+    expected = create_model(ModelArgs(**hf_model_config(tmp_path)))
     fill_parameters(expected, hf_source(tmp_path))
     reference = dict(expected.named_parameters())
     total = sum(p.numel() for p in reference.values())

@@ -1,5 +1,6 @@
 """Hugging Face in and out as a user runs it: prepare with a model's tokenizer, train from its
-weights, export the result with `clusterlm export hf` and load it back in transformers."""
+weights, export the result with `clusterlm export hf` and load it back in transformers (a Llama
+decoder, and a bert encoder both ways)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import tiny_hf_model
+from hf_models import reader, tiny_hf_model
+from safetensors import safe_open
 
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
 from clusterlm.data.tokenizer import Tokenizer
-from clusterlm.interop import hf_source
+from clusterlm.interop import export_hf, hf_source
 from clusterlm.models.init import fill_parameters
 from clusterlm.train.loading import find_checkpoint, load_for_inference
 from clusterlm.train.session import build_session
@@ -35,6 +37,14 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     assert cli(["prepare", str(root / "text.txt"), "--out", str(data), "--tokenizer", f"hf:{root / 'llama'}",
                 "--workers", "1"]) == 0
     return {"root": root, "hf": root / "llama", "data": data}
+
+
+def safetensors_bytes(directory: Path) -> dict[str, bytes]:
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out |= {key: f.get_tensor(key).numpy().tobytes() for key in f.keys()}
+    return out
 
 
 def test_training_starts_from_the_pretrained_weights(setup, tmp_path):
@@ -90,3 +100,34 @@ def test_mismatches_get_one_line_and_write_nothing(setup, tmp_path, capsys):
     assert cli([*base, "--data.dir", str(setup["data"]), "--model.init_from", "gpt2"]) == 2
     assert "hf:DIR" in capsys.readouterr().err
     assert not run.exists()
+
+
+BERT = ["--model.flavour", "bert", "--training.objective", "mlm", "--model.n_layer", "2", "--model.n_head", "4",
+        "--model.n_embd", "32", "--model.block_size", "16"]
+
+
+def test_bert_export_import_export_through_the_cli(setup, tmp_path, capsys):
+    """An encoder trained with mlm exports to BertForMaskedLM; data prepared with the exported
+    tokenizer trains an encoder started from the export, and exporting that start again gives the
+    same bytes."""
+    from transformers import BertForMaskedLM
+
+    data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "exported"
+    assert cli(["prepare", str(setup["root"] / "text.txt"), "--out", str(data), "--workers", "1"]) == 0
+    assert cli(["train", *BERT, "--data.dir", str(data), "--training.out_dir", str(run), *TRAIN]) == 0
+    assert cli(["export", "hf", "--run", str(run), "--out", str(out)]) == 0
+    ours = load_for_inference(find_checkpoint(str(run)), device="cpu").model.parts[0]
+    x = torch.randint(0, ours.args.vocab_size + 4, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(BertForMaskedLM.from_pretrained(out).eval()(x).logits, ours(x), rtol=0, atol=1e-5)
+
+    again = tmp_path / "again"
+    assert cli(["prepare", str(setup["root"] / "text.txt"), "--out", str(again), "--workers", "1",
+                "--tokenizer", f"hf:{out}"]) == 0
+    cfg = build_config(None, {"model.init_from": f"hf:{out}", "data.dir": str(again), "training.objective": "mlm",
+                              "training.out_dir": str(tmp_path / "run2")})
+    assert (cfg.model.flavour, cfg.model.vocab_size) == ("bert", ours.args.vocab_size)
+    started = build_session(cfg).model.parts[0]
+    export_hf(tmp_path / "round", started.args, reader(started), Tokenizer.load(f"hf:{out}").to_json())
+    assert safetensors_bytes(tmp_path / "round") == safetensors_bytes(out)
+    capsys.readouterr()

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     hf = formats.add_parser(
         "hf", help="a Hugging Face directory (config.json, safetensors, tokenizer) for transformers",
         description="Write config.json, model.safetensors (sharded with an index past --max-shard-size) and "
-                    "the tokenizer files, loadable with AutoModelForCausalLM and AutoTokenizer.",
+                    "the tokenizer files, loadable with AutoModelForCausalLM (bert: AutoModelForMaskedLM) and "
+                    "AutoTokenizer.",
     )
     hf.add_argument("--run", default="runs/default", help="training.out_dir of the run (its newest checkpoint)")
     hf.add_argument("--checkpoint", help="a checkpoint directory (overrides --run)")

@@ -27,7 +27,7 @@ class ModelConfig:
     dropout: float = opt(0.0, "dropout probability on embeddings, attention and residual outputs")
     norm_eps: float = opt(1e-5, "epsilon of LayerNorm / RMSNorm")
     rope_theta: float = opt(10000.0, "llama: base of the rotary position frequencies")
-    init_from: str = opt("", "start from pretrained weights: hf:DIR, a Hugging Face GPT-2 or Llama directory "
+    init_from: str = opt("", "start from pretrained weights: hf:DIR, a Hugging Face GPT-2, Llama or BERT directory "
                          "whose config.json supplies the model.* values not set here (empty = random init)")
 
 

@@ -3,6 +3,11 @@
 All are Hugging Face ``tokenizers`` objects saved as one ``tokenizer.json``. Both tokenizers built
 here end their vocabulary with the special token ``<|endoftext|>``, which ``prepare`` puts after
 every document so a model sees where one text ends and the next begins.
+
+A BERT exported by ``clusterlm export hf`` ships its tokenizer with the encoder's special tokens
+(``[MASK]``, ``[CLS]``, ``[SEP]``, ``[PAD]``) appended; they are not counted in ``vocab_size``,
+since the encoder's token table appends them itself, so data prepared with that tokenizer trains
+an encoder of the exported shape.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from clusterlm.data.storage import url_to_fs
 from clusterlm.errors import UserError
+from clusterlm.models.bert import SPECIAL_TOKENS
 
 EOT = "<|endoftext|>"
 _BYTE_ALPHABET = 256
@@ -98,7 +104,25 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+        """Ids of the vocabulary, less the encoder's special tokens when they end it (see the module doc)."""
+        size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        first = size - len(SPECIAL_TOKENS)
+        ends_with_specials = first > 0 and all(
+            self._tokenizer.id_to_token(first + i) == token for i, token in enumerate(SPECIAL_TOKENS))
+        return first if ends_with_specials else size
+
+    def token_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """This tokenizer with ``tokens`` added as special tokens after its vocabulary (those it
+        already has keep their ids; with all of them, it is returned unchanged, byte for byte)."""
+        tokens = list(tokens)
+        if all(self.token_id(token) is not None for token in tokens):
+            return self
+        tokenizer = tokenizers.Tokenizer.from_str(self._json)
+        tokenizer.add_special_tokens([tokenizers.AddedToken(token, special=True) for token in tokens])
+        return Tokenizer(tokenizer.to_str(pretty=True))
 
     @property
     def eot_id(self) -> int | None:

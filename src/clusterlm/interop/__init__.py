@@ -1,5 +1,6 @@
 """Hugging Face interoperability: export a clusterlm model as a ``transformers`` directory
-(config.json, safetensors, tokenizer) and start from one (GPT2LMHeadModel, LlamaForCausalLM)."""
+(config.json, safetensors, tokenizer) and start from one (GPT2LMHeadModel,
+LlamaForCausalLM, BertForMaskedLM)."""
 
 from clusterlm.interop.export import export_hf
 from clusterlm.interop.source import hf_model_config, hf_source

@@ -1,8 +1,12 @@
-"""Write a clusterlm model as a Hugging Face directory that ``AutoModelForCausalLM`` and
-``AutoTokenizer`` load: config.json, safetensors weights (sharded with an index past a size) and
+"""Write a clusterlm model as a Hugging Face directory that ``AutoModelForCausalLM`` (decoders) or
+``AutoModelForMaskedLM`` (bert) and ``AutoTokenizer`` load: config.json, safetensors weights (sharded with an index past a size) and
 the tokenizer files. Tensors are pulled one at a time through ``read(name)`` (a checkpoint reader
 or a live model), so the exporter holds one HF tensor and its pieces, never the whole model.
-The directory appears complete or not at all."""
+The directory appears complete or not at all.
+
+A bert's tokenizer gains the encoder's special tokens at the ids after its vocabulary, where the
+encoder's token table has them, and names them as its mask, cls, sep and pad tokens. It adds no
+``[CLS]``/``[SEP]`` when encoding: the encoder is pretrained on plain token streams."""
 
 from __future__ import annotations
 
@@ -21,15 +25,30 @@ from clusterlm.interop.hf_config import hf_config
 from clusterlm.interop.layout import assemble, hf_shapes, hf_tensors
 from clusterlm.interop.writer import write_sharded
 from clusterlm.models import ModelArgs
+from clusterlm.models.bert import SPECIAL_TOKENS, special_token_id
 
 DEFAULT_MAX_SHARD = 5 * 10**9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _tokenizer_files(out: Path, tokenizer_json: str, block_size: int) -> None:
-    (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    special = {"bos_token": EOT, "eos_token": EOT} if Tokenizer(tokenizer_json).eot_id is not None else {}
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size, **special}
+def _encoder_tokenizer(tokenizer: Tokenizer, args: ModelArgs) -> tuple[Tokenizer, dict[str, str]]:
+    """``tokenizer`` with the encoder's special tokens at the ids its token table gives them."""
+    extended = tokenizer.with_special_tokens(SPECIAL_TOKENS)
+    for token in SPECIAL_TOKENS:
+        if extended.token_id(token) != special_token_id(args.vocab_size, token):
+            raise UserError(f"the run's tokenizer cannot hold {token} at id {special_token_id(args.vocab_size, token)} "
+                            f"where the encoder has it (it has {tokenizer.vocab_size} tokens for a model of "
+                            f"{args.vocab_size}); export a run prepared with a tokenizer of its own")
+    return extended, {f"{token.strip('[]').lower()}_token": token for token in SPECIAL_TOKENS}
+
+
+def _tokenizer_files(out: Path, tokenizer: Tokenizer, args: ModelArgs) -> None:
+    special = {"bos_token": EOT, "eos_token": EOT} if tokenizer.eot_id is not None else {}
+    if args.is_encoder:
+        tokenizer, encoder_special = _encoder_tokenizer(tokenizer, args)
+        special |= encoder_special
+    (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": args.block_size, **special}
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
 
@@ -53,9 +72,9 @@ def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str]
         eot_id = Tokenizer(tokenizer_json).eot_id
         config = hf_config(args, eot_id, str(DTYPES[dtype]).removeprefix("torch."))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _tokenizer_files(tmp, Tokenizer(tokenizer_json), args)  # first: a tokenizer misfit reads no weights
         written = write_sharded(tmp, hf_shapes(args), DTYPES[dtype], max_shard_bytes,
                                 lambda key: assemble(args, key, {name: read(name) for name in pieces[key]}))
-        _tokenizer_files(tmp, tokenizer_json, args.block_size)
         check_destination(out)  # still free: nothing else wrote there meanwhile
         if out.exists():
             out.rmdir()

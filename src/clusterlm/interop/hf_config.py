@@ -1,5 +1,5 @@
-"""Hugging Face ``config.json`` <-> clusterlm ``model.*`` values, for GPT2LMHeadModel and
-LlamaForCausalLM. An HF option that changes the computation in a way clusterlm's model does not
+"""Hugging Face ``config.json`` <-> clusterlm ``model.*`` values, for GPT2LMHeadModel,
+LlamaForCausalLM and BertForMaskedLM. An HF option that changes the computation in a way clusterlm's model does not
 reproduce is refused with one line rather than imported into a silently different model."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from typing import Any
 
 from clusterlm.errors import UserError
 from clusterlm.models import ModelArgs
+from clusterlm.models.bert import SPECIAL_TOKENS, TOKEN_TYPES, special_token_id, vocab_rows
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
 
 # option -> the values clusterlm computes identically (absent options take HF's default)
 _GPT2_REQUIRES = {
@@ -21,28 +22,39 @@ _LLAMA_REQUIRES = {
     "hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,), "pretraining_tp": (1,),
     "rope_scaling": (None,),
 }
+_BERT_REQUIRES = {
+    "hidden_act": ("gelu",), "position_embedding_type": ("absolute",), "is_decoder": (False,),
+    "add_cross_attention": (False,), "type_vocab_size": (TOKEN_TYPES,), "tie_word_embeddings": (True,),
+}
+# BERT relatives whose blocks normalize before the residual addition; clusterlm's bert is post-norm.
+_PRE_NORM = ("megatron-bert", "roberta-prelayernorm")
+# Architectures of a BERT directory that hold the masked-LM head (BertForPreTraining's NSP head is left out).
+_BERT_HEADS = ("BertForMaskedLM", "BertForPreTraining")
 
 
 def model_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     """The clusterlm ``model.*`` values of an HF config (flavour, sizes, epsilon, rope base)."""
-    flavour = {"gpt2": "gpt2", "llama": "llama"}.get(config.get("model_type", ""))
-    if flavour is None:
+    model_type = config.get("model_type", "")
+    if model_type in _PRE_NORM:
+        raise UserError(f"{where}: model_type {model_type!r} normalizes before each residual addition (pre-norm); "
+                        "clusterlm's bert is post-norm like the original BERT and cannot represent it")
+    if model_type not in _FLAVOURS:
         supported = " or ".join(ARCHITECTURES.values())
         raise UserError(f"{where}: model_type {config.get('model_type')!r} is not supported; "
                         f"clusterlm reads {supported} checkpoints")
+    values_of, required = _FLAVOURS[model_type]
     try:
-        values = _gpt2_values(config) if flavour == "gpt2" else _llama_values(config, where)
+        values = values_of(config, where)
     except KeyError as err:
         raise UserError(f"{where}: config.json lacks {err.args[0]!r}; save the model again with save_pretrained") from None
-    required = _GPT2_REQUIRES if flavour == "gpt2" else _LLAMA_REQUIRES
     for option, allowed in required.items():
         if option in config and config[option] not in allowed:
             raise UserError(f"{where}: {option} = {config[option]!r} is not supported "
-                            f"(clusterlm's {flavour} computes {allowed[0]!r})")
-    return {"flavour": flavour, **values}
+                            f"(clusterlm's {model_type} computes {allowed[0]!r})")
+    return {"flavour": model_type, **values}
 
 
-def _gpt2_values(config: dict[str, Any]) -> dict[str, Any]:
+def _gpt2_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     n_embd = config["n_embd"]
     return {
         "n_layer": config["n_layer"], "n_head": config["n_head"], "n_kv_head": config["n_head"],
@@ -71,24 +83,75 @@ def _llama_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> dict[str, Any]:
-    """The ``config.json`` transformers builds ``args``' model from (weights of ``dtype``, no dropout)."""
-    special = {"bos_token_id": eot_id, "eos_token_id": eot_id}
-    common = {"architectures": [ARCHITECTURES[args.flavour]], "model_type": args.flavour, "dtype": dtype,
-              "vocab_size": args.vocab_size, **special}
-    if args.is_llama:
-        return {
-            **common, "hidden_size": args.n_embd, "intermediate_size": args.ffn_hidden,
-            "num_hidden_layers": args.n_layer, "num_attention_heads": args.n_head,
-            "num_key_value_heads": args.n_kv_head, "head_dim": args.head_dim,
-            "max_position_embeddings": args.block_size, "rms_norm_eps": args.norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-            "rope_theta": args.rope_theta, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "attention_dropout": 0.0, "tie_word_embeddings": False,
-        }
+def _bert_values(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """BertForMaskedLM's values. Its vocabulary must end with clusterlm's four special tokens, as an
+    exported encoder's does: ``[PAD]`` (``pad_token_id``) is the last id. A BERT whose special tokens
+    sit elsewhere (Google's: ``[PAD]`` = 0, ``[MASK]`` = 103) is refused, since masking would then
+    use another token than the one it was trained with."""
+    architectures = config.get("architectures") or list(_BERT_HEADS)
+    if not set(architectures) & set(_BERT_HEADS):
+        raise UserError(f"{where}: architectures {architectures} has no masked-LM head; clusterlm's bert "
+                        f"imports {' or '.join(_BERT_HEADS)}")
+    rows, n_embd, n_head = config["vocab_size"], config["hidden_size"], config["num_attention_heads"]
+    vocab_size = rows - len(SPECIAL_TOKENS)
+    if vocab_size < 1 or config.get("pad_token_id", 0) != special_token_id(vocab_size, "[PAD]"):
+        raise UserError(f"{where}: pad_token_id {config.get('pad_token_id', 0)} is not the last of the "
+                        f"{rows} ids; clusterlm's bert reserves the last four ids for {', '.join(SPECIAL_TOKENS)} "
+                        "(in that order) and imports only a vocabulary laid out that way")
+    if n_embd % n_head:
+        raise UserError(f"{where}: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
     return {
-        **common, "n_embd": args.n_embd, "n_layer": args.n_layer, "n_head": args.n_head,
+        "n_layer": config["num_hidden_layers"], "n_head": n_head, "n_kv_head": n_head, "n_embd": n_embd,
+        "block_size": config["max_position_embeddings"], "vocab_size": vocab_size,
+        "ffn_hidden": config["intermediate_size"], "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
+        "rope_theta": 10000.0,
+    }
+
+
+# model_type -> (its clusterlm values, the options it must leave at values clusterlm computes)
+_FLAVOURS = {"gpt2": (_gpt2_values, _GPT2_REQUIRES), "llama": (_llama_values, _LLAMA_REQUIRES),
+             "bert": (_bert_values, _BERT_REQUIRES)}
+
+
+def _llama_config(args: ModelArgs) -> dict[str, Any]:
+    return {
+        "hidden_size": args.n_embd, "intermediate_size": args.ffn_hidden,
+        "num_hidden_layers": args.n_layer, "num_attention_heads": args.n_head,
+        "num_key_value_heads": args.n_kv_head, "head_dim": args.head_dim,
+        "max_position_embeddings": args.block_size, "rms_norm_eps": args.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_theta": args.rope_theta, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "tie_word_embeddings": False,
+    }
+
+
+def _gpt2_config(args: ModelArgs) -> dict[str, Any]:
+    return {
+        "n_embd": args.n_embd, "n_layer": args.n_layer, "n_head": args.n_head,
         "n_positions": args.block_size, "n_inner": args.ffn_hidden, "activation_function": "gelu_new",
         "layer_norm_epsilon": args.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "tie_word_embeddings": True,
     }
+
+
+def _bert_config(args: ModelArgs) -> dict[str, Any]:
+    """The encoder's vocabulary is the tokenizer's plus the special tokens; ``[PAD]`` is the pad id."""
+    return {
+        "vocab_size": vocab_rows(args), "hidden_size": args.n_embd, "num_hidden_layers": args.n_layer,
+        "num_attention_heads": args.n_head, "intermediate_size": args.ffn_hidden, "hidden_act": "gelu",
+        "max_position_embeddings": args.block_size, "type_vocab_size": TOKEN_TYPES,
+        "layer_norm_eps": args.norm_eps, "position_embedding_type": "absolute", "is_decoder": False,
+        "add_cross_attention": False, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02, "tie_word_embeddings": True,
+        "pad_token_id": special_token_id(args.vocab_size, "[PAD]"),
+    }
+
+
+_CONFIGS = {"gpt2": _gpt2_config, "llama": _llama_config, "bert": _bert_config}
+
+
+def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> dict[str, Any]:
+    """The ``config.json`` transformers builds ``args``' model from (weights of ``dtype``, no dropout)."""
+    common = {"architectures": [ARCHITECTURES[args.flavour]], "model_type": args.flavour, "dtype": dtype,
+              "vocab_size": args.vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id}
+    return {**common, **_CONFIGS[args.flavour](args)}

@@ -6,7 +6,8 @@ key and value projections into one ``c_attn`` tensor; each of ours is a band of 
 (``row_offset``). clusterlm's rotary embedding turns interleaved pairs (x[2i], x[2i+1]) of every
 head, HF Llama's turns halves (x[i], x[i + d/2]); the query and key rows are therefore permuted
 within each head (``rope_head_dim``), which moves no value across heads, so a slice of whole heads
-reads only those heads.
+reads only those heads. BERT (``BertForMaskedLM``) keeps separate query, key and value tensors,
+and its masked-LM head's projection is the token table, with its own bias.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from clusterlm.models import ModelArgs, Transformer
+from clusterlm.models import ModelArgs, create_model
 
-GPT2_PREFIX, LLAMA_PREFIX = "transformer.", "model."
+GPT2_PREFIX, LLAMA_PREFIX, BERT_PREFIX = "transformer.", "model.", "bert."
+# The output projections that are the token table in a tied model (decoders; the encoder's MLM head).
+TIED_OUTPUTS = {"output.weight", "head.output.weight"}
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,43 @@ def _llama_links(args: ModelArgs) -> list[tuple[str, Link]]:
     return links + [(r"output\.weight", Link("lm_head.weight"))]
 
 
+def _bert_links(args: ModelArgs) -> list[tuple[str, Link]]:
+    layer, hf_layer = r"layers\.(\d+)\.", r"encoder.layer.\1."
+    links = [
+        (r"tok_embeddings\.weight", Link("embeddings.word_embeddings.weight")),
+        (r"pos_embeddings\.weight", Link("embeddings.position_embeddings.weight")),
+        (r"type_embeddings\.weight", Link("embeddings.token_type_embeddings.weight")),
+        (r"emb_norm\.(weight|bias)", Link(r"embeddings.LayerNorm.\1")),
+        (layer + r"attn\.wq\.(weight|bias)", Link(hf_layer + r"attention.self.query.\2")),
+        (layer + r"attn\.wk\.(weight|bias)", Link(hf_layer + r"attention.self.key.\2")),
+        (layer + r"attn\.wv\.(weight|bias)", Link(hf_layer + r"attention.self.value.\2")),
+        (layer + r"attn\.wo\.(weight|bias)", Link(hf_layer + r"attention.output.dense.\2")),
+        (layer + r"attn_norm\.(weight|bias)", Link(hf_layer + r"attention.output.LayerNorm.\2")),
+        (layer + r"mlp\.w1\.(weight|bias)", Link(hf_layer + r"intermediate.dense.\2")),
+        (layer + r"mlp\.w2\.(weight|bias)", Link(hf_layer + r"output.dense.\2")),
+        (layer + r"mlp_norm\.(weight|bias)", Link(hf_layer + r"output.LayerNorm.\2")),
+    ]
+    links = [(pattern, Link(BERT_PREFIX + link.key)) for pattern, link in links]
+    return links + [
+        (r"head\.dense\.(weight|bias)", Link(r"cls.predictions.transform.dense.\1")),
+        (r"head\.norm\.(weight|bias)", Link(r"cls.predictions.transform.LayerNorm.\1")),
+        (r"head\.output\.bias", Link("cls.predictions.bias")),
+    ]
+
+
+_LINKS = {"gpt2": _gpt2_links, "llama": _llama_links, "bert": _bert_links}
+
+
+def stored_name(args: ModelArgs, name: str) -> str:
+    """The name under which a whole model stores parameter ``name``: a tied output projection is
+    the token table."""
+    return "tok_embeddings.weight" if args.tie_embeddings and name in TIED_OUTPUTS else name
+
+
 def link_for(args: ModelArgs, name: str) -> Link:
-    """The HF home of clusterlm parameter ``name`` (gpt2's tied output is its token table)."""
-    if args.tie_embeddings and name == "output.weight":
-        name = "tok_embeddings.weight"
-    for pattern, link in (_llama_links if args.is_llama else _gpt2_links)(args):
+    """The HF home of clusterlm parameter ``name`` (a tied output is the token table)."""
+    name = stored_name(args, name)
+    for pattern, link in _LINKS[args.flavour](args):
         match = re.fullmatch(pattern, name)
         if match:
             return Link(match.expand(link.key), link.conv1d, link.row_offset, link.rope_head_dim)
@@ -87,7 +122,7 @@ def link_for(args: ModelArgs, name: str) -> Link:
 def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every unique parameter of the model and its shape (tied ones once), built on the meta device."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = create_model(args)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 

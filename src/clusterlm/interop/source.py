@@ -27,12 +27,15 @@ from clusterlm.interop.layout import (
     link_for,
     parameter_shapes,
     rope_rows,
+    stored_name,
 )
 from clusterlm.interop.writer import INDEX, SINGLE
 from clusterlm.models import ModelArgs
 from clusterlm.models.init import ParamSource
 
 _FLOATS = {"F32", "F16", "BF16", "F64"}
+# The other name of a tied tensor, under which a directory may store it instead.
+_TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight", "cls.predictions.bias": "cls.predictions.decoder.bias"}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -72,7 +75,7 @@ def _weight_files(root: Path) -> dict[str, Path]:
         return {key: root / SINGLE for key in _open(root / SINGLE).keys()}
     if any(root.glob("pytorch_model*.bin")):
         raise UserError(f"{root} holds only pytorch_model.bin, a pickle clusterlm will not open; convert it: "
-                        "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)")
+                        "AutoModel...from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)")
     raise UserError(f"{root} has no model.safetensors or {INDEX}; save the model with save_pretrained")
 
 
@@ -97,8 +100,8 @@ class _HFWeights:
         """Where ``key`` is stored under this directory's naming."""
         if key not in self.files and key.startswith(GPT2_PREFIX) and key[len(GPT2_PREFIX):] in self.files:
             key = key[len(GPT2_PREFIX):]  # GPT2Model-style names, as in the original gpt2 upload
-        if key == "lm_head.weight" and key not in self.files and self.tied:
-            key = "model.embed_tokens.weight"
+        if key in _TIED_ALIASES and key not in self.files and self.tied:
+            key = _TIED_ALIASES[key]
         if key not in self.files:
             raise UserError(f"{self.root} lacks tensor {key}; the directory is incomplete or of another model")
         return key
@@ -127,7 +130,7 @@ class _HFWeights:
 
 def _check_shape(shapes: dict[str, tuple[int, ...]], args: ModelArgs, root: Path, name: str,
                  shape: tuple[int, ...]) -> None:
-    expected = shapes.get("tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name)
+    expected = shapes.get(stored_name(args, name))
     fits = expected == shape or (name == "pos_embeddings.weight" and expected is not None
                                  and shape[1:] == expected[1:] and shape[0] <= expected[0])
     if not fits:
@@ -147,7 +150,7 @@ def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
     config = hf_config_json(directory)
     values = hf_model_config(directory)
     args = ModelArgs(**values)
-    weights = _HFWeights(Path(directory), args, tied=bool(config.get("tie_word_embeddings", False)))
+    weights = _HFWeights(Path(directory), args, tied=bool(config.get("tie_word_embeddings", args.tie_embeddings)))
     weights.check()
     shapes = parameter_shapes(args)
 
