@@ -204,3 +204,12 @@ def test_jsonl_without_split_fields_is_split_by_label_from_the_seed(tmp_path, tr
     assert [len(task.splits[s]) for s in TASK_SPLITS] == [32, 4, 4]
     assert built["seed0-0"] == built["seed0-1"]
     assert built["seed0-0"]["val_tokens.bin"] != built["seed1-2"]["val_tokens.bin"]
+
+
+def test_jsonl_task_through_fsspec_urls(memory_fs):
+    rows = [{"text": f"line {i}", "label": "ab"[i % 2]} for i in range(10)]
+    memory_fs.pipe_file("/in/t.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    prepare_task(TaskOptions("jsonl:memory://in/t.jsonl", "memory://out/task"))
+    task = load_task("memory://out/task")
+    assert is_task_dir("memory://out/task") and task.labels == ("a", "b")
+    assert task.manifest.sources[0].name.endswith("in/t.jsonl")

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"vocabulary size of a bpe tokenizer (default: {DEFAULT_BPE_VOCAB})")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of every document's tokens held out for validation (default: 0.1)")
+                   help="share of every document's tokens held out for validation; with --task, of every "
+                        "label's scenes (or lines) (default: 0.1)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"most tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

@@ -65,7 +65,7 @@ def _record(name: str, number: int, raw: bytes) -> Record:
     if not isinstance(text, str) or not text:
         raise UserError(f'{where}: "text" must be a non-empty string; {_FIX}')
     if not isinstance(label, (str, int)) or isinstance(label, bool):
-        raise UserError(f'{where}: "label" {label!r} must be a string or an integer; {_FIX}')
+        raise UserError(f'{where}: "label" {json.dumps(label)} must be a string or an integer; {_FIX}')
     if split is not None and split not in TASK_SPLITS:
         raise UserError(f'{where}: "split" {split!r} is not one of {", ".join(TASK_SPLITS)}; fix or drop it')
     return Record(number, text, label, split)

@@ -42,7 +42,7 @@ from clusterlm.data.prepare import (
     read_source,
     scan_sources,
 )
-from clusterlm.data.storage import StagedDir, join, resolve_sources, url_to_fs
+from clusterlm.data.storage import SourceFile, StagedDir, join, resolve_sources, url_to_fs
 from clusterlm.data.task import (
     TASK_FORMAT_VERSION,
     TASK_SPLITS,
@@ -127,7 +127,7 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
     return manifest
 
 
-def _jsonl_source(path: str):
+def _jsonl_source(path: str) -> list[SourceFile]:
     sources = resolve_sources([path])
     if len(sources) != 1:
         raise UserError(f"--task {JSONL_PREFIX}{path} names {len(sources)} files; name one JSONL file")
@@ -191,7 +191,9 @@ def _check_splits(examples: Examples, task: str) -> tuple[str | int, ...]:
             raise UserError(f"the {split} split of {task} is empty; give it examples of every label")
     seen = {split: {label for _, label in items} for split, items in examples.items()}
     labels = tuple(sorted(set().union(*seen.values())))
-    missing = [f"{split} lacks {', '.join(map(repr, sorted(set(labels) - s)))}" for split, s in seen.items() if s != set(labels)]
+    missing = [
+        f"the {split} split lacks {', '.join(map(repr, sorted(set(labels) - s)))}" for split, s in seen.items() if s != set(labels)
+    ]
     if missing:
         raise UserError(
             f"the label set differs between the splits of {task} ({'; '.join(missing)}); "
