@@ -43,6 +43,8 @@ def test_jsonl_task_rerun_and_force(tmp_path, corpus_dir, capsys):
     assert run(corpus_dir, "--out", corpus, "--workers", 1) == 0
     assert run("--task", task, "--out", corpus, "--force") == 0
     assert not list(corpus.glob("train_0*.bin")) and load_task(str(corpus)).manifest.seed == 0
+    assert run(corpus_dir, "--out", corpus, "--workers", 1, "--force") == 0  # and back: no task files
+    assert sorted(p.name for p in corpus.iterdir()) == sorted(["manifest.json", *load_manifest(corpus).files])
 
 
 def bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from clusterlm.data.corpus import clean_text, embedded_corpus
 from clusterlm.data.encode import encode_all, pieces
 from clusterlm.data.encode import split_text as split_text  # re-exported: part of this module's API
 from clusterlm.data.manifest import (
+    DATA_FILE_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
     TOKENIZER_NAME,
@@ -50,7 +50,6 @@ DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 ids
 # Long documents are tokenized in pieces of about this many characters (clusterlm.data.encode),
 # so one big file still spreads over the workers; piecewise encoding equals whole encoding.
 PIECE_CHARS = 1 << 20
-_SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.bin$")
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def prepare(opts: PrepareOptions) -> Manifest:
             f.write(tokenizer.to_json().encode("utf-8"))
         with staged.open(MANIFEST_NAME) as f:
             f.write(manifest.to_json().encode("utf-8"))
-        stale = [name for name in entry_names(fs, root) if _SHARD_NAME.match(name)]
+        stale = [name for name in entry_names(fs, root) if DATA_FILE_NAME.match(name)]
         staged.commit(last=MANIFEST_NAME, remove=stale)
     except BaseException:
         staged.discard()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ from fsspec import AbstractFileSystem
 from clusterlm.data.corpus import embedded_corpus
 from clusterlm.data.jsonl_task import Record, read_jsonl
 from clusterlm.data.manifest import (
+    DATA_FILE_NAME,
     MANIFEST_NAME,
     TASK_KIND,
     TOKENIZER_NAME,
@@ -56,7 +56,6 @@ from clusterlm.errors import UserError
 PLAY_TASK = "play-classification"
 JSONL_PREFIX = "jsonl:"
 SPLIT_RULE = "seeded-group"  # clusterlm.data.task.group_splits; JSONL "split" fields: "given"
-_STALE = re.compile(r"^(train|val|test)_(\d{5}|tokens|offsets|labels)\.bin$")
 
 Examples = dict[str, list[tuple[np.ndarray, str | int]]]  # split -> (token ids, label) in order
 
@@ -239,7 +238,7 @@ def _write(fs: AbstractFileSystem, root: str, tokenizer: Tokenizer, examples: Ex
             f.write(tokenizer.to_json().encode("utf-8"))
         with staged.open(MANIFEST_NAME) as f:
             f.write(manifest.to_json().encode("utf-8"))
-        staged.commit(last=MANIFEST_NAME, remove=[n for n in entry_names(fs, root) if _STALE.match(n)])
+        staged.commit(last=MANIFEST_NAME, remove=[n for n in entry_names(fs, root) if DATA_FILE_NAME.match(n)])
     except BaseException:
         staged.discard()
         if created and not fs.ls(root):
