@@ -7,6 +7,8 @@ import os
 
 from clusterlm.cli.options import Parser
 from clusterlm.data.prepare import DEFAULT_BPE_VOCAB, DEFAULT_SHARD_TOKENS, PrepareOptions, prepare
+from clusterlm.data.task_prepare import JSONL_PREFIX, PLAY_TASK, TaskOptions, prepare_task
+from clusterlm.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"vocabulary size of a bpe tokenizer (default: {DEFAULT_BPE_VOCAB})")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of every document's tokens held out for validation (default: 0.1)")
+                   help="share of every document's tokens held out for validation; with --task, of every "
+                        "label's scenes (or lines) (default: 0.1)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"most tokens per shard file (default: {DEFAULT_SHARD_TOKENS})")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -37,11 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
     p.add_argument("--force", action="store_true",
                    help="replace a different dataset already in --out")
+    task = p.add_argument_group("labelled tasks (for `clusterlm finetune`)")
+    task.add_argument("--task", default=None,
+                      help=f"write a classification task instead of a corpus: {PLAY_TASK} (passages of the "
+                           f"embedded plays, labelled with their play, split by scene) or {JSONL_PREFIX}PATH "
+                           '(JSONL lines {"text", "label"[, "split"]}); takes no INPUT')
+    task.add_argument("--passage-tokens", type=int, default=64,
+                      help=f"{PLAY_TASK}: most tokens per passage of whole lines (default: 64)")
+    task.add_argument("--test-fraction", type=float, default=0.1,
+                      help="share of every label's scenes (or lines) held out for test (default: 0.1)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.task is not None:
+        if args.inputs or args.more_inputs or args.vocab_size is not None:
+            raise UserError("--task takes no INPUT and no --vocab-size; drop them (the task names its own text)")
+        prepare_task(TaskOptions(
+            task=args.task, out=args.out, tokenizer=args.tokenizer, seed=args.seed,
+            passage_tokens=args.passage_tokens, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, force=args.force,
+        ))
+        return 0
     prepare(PrepareOptions(
         inputs=tuple(args.inputs + args.more_inputs), out=args.out, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ TOKENIZER_NAME = "tokenizer.json"
 SPLITS = ("train", "val")
 # The "kind" of a labelled task's manifest (clusterlm.data.task); a corpus manifest has no kind.
 TASK_KIND = "classification"
+# The data files of a corpus (token shards) or a task (clusterlm.data.task), removed when --force
+# replaces one dataset with another.
+DATA_FILE_NAME = re.compile(r"^(train|val|test)_(\d{5}|tokens|offsets|labels)\.bin$")
 # Smallest first: shards use the first that holds every token id.
 TOKEN_DTYPES = ("uint16", "uint32")
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
@@ -30,6 +29,7 @@ from clusterlm.data.corpus import clean_text, embedded_corpus
 from clusterlm.data.encode import encode_all, pieces
 from clusterlm.data.encode import split_text as split_text  # re-exported: part of this module's API
 from clusterlm.data.manifest import (
+    DATA_FILE_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
     TOKENIZER_NAME,
@@ -50,7 +50,6 @@ DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 ids
 # Long documents are tokenized in pieces of about this many characters (clusterlm.data.encode),
 # so one big file still spreads over the workers; piecewise encoding equals whole encoding.
 PIECE_CHARS = 1 << 20
-_SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.bin$")
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def prepare(opts: PrepareOptions) -> Manifest:
     """Prepare ``opts.out`` (or find it up to date) and return its manifest."""
     sources = resolve_sources(opts.inputs) if opts.inputs else embedded_corpus()
     given_tokenizer = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
-    infos, total_chars = _scan(sources)
+    infos, total_chars = scan_sources(sources)
     fingerprint = _fingerprint(opts, infos, given_tokenizer)
 
     fs, root = url_to_fs(opts.out)
@@ -94,11 +93,11 @@ def prepare(opts: PrepareOptions) -> Manifest:
     if same_dataset and _intact(fs, root, existing):
         print(f"{opts.out} is up to date; nothing to do")
         return existing
-    if not same_dataset and not opts.force and _holds_files(fs, root):
+    if not same_dataset and not opts.force and holds_files(fs, root):
         what = "other prepared data" if existing else "other files"
         raise UserError(f"{opts.out} already holds {what}; pass --force to replace it, or choose another --out")
 
-    tokenizer = given_tokenizer or _fit_tokenizer(opts, sources)
+    tokenizer = given_tokenizer or fit_tokenizer(opts.tokenizer, opts.bpe_vocab_size, read_documents(sources))
     dtype = token_dtype(tokenizer.vocab_size)  # before anything is written: a misfit writes nothing
     created = not fs.exists(root)
     fs.makedirs(root, exist_ok=True)
@@ -119,7 +118,7 @@ def prepare(opts: PrepareOptions) -> Manifest:
             f.write(tokenizer.to_json().encode("utf-8"))
         with staged.open(MANIFEST_NAME) as f:
             f.write(manifest.to_json().encode("utf-8"))
-        stale = [name for name in _names(fs, root) if _SHARD_NAME.match(name)]
+        stale = [name for name in entry_names(fs, root) if DATA_FILE_NAME.match(name)]
         staged.commit(last=MANIFEST_NAME, remove=stale)
     except BaseException:
         staged.discard()
@@ -134,11 +133,11 @@ def prepare(opts: PrepareOptions) -> Manifest:
     return manifest
 
 
-def _scan(sources: list[SourceFile]) -> tuple[tuple[SourceInfo, ...], int]:
+def scan_sources(sources: list[SourceFile]) -> tuple[tuple[SourceInfo, ...], int]:
     """Each source's size and hash, and the characters of text they hold; fails on bad input."""
     infos, total_chars = [], 0
     for source in sources:
-        data = _read(source)
+        data = read_source(source)
         total_chars += len(_decode(source, data))
         infos.append(SourceInfo(source.name, len(data), hashlib.sha256(data).hexdigest()))
     if total_chars == 0:
@@ -147,7 +146,7 @@ def _scan(sources: list[SourceFile]) -> tuple[tuple[SourceInfo, ...], int]:
     return tuple(infos), total_chars
 
 
-def _read(source: SourceFile) -> bytes:
+def read_source(source: SourceFile) -> bytes:
     try:
         return source.read_bytes()
     except OSError as err:
@@ -165,10 +164,10 @@ def _decode(source: SourceFile, data: bytes) -> str:
     return clean_text(text.removeprefix("\ufeff"))
 
 
-def _documents(sources: list[SourceFile]) -> Iterator[str]:
+def read_documents(sources: list[SourceFile]) -> Iterator[str]:
     """The cleaned text of every source, in order (empty for a source without text)."""
     for source in sources:
-        yield _decode(source, _read(source))
+        yield _decode(source, read_source(source))
 
 
 def _fingerprint(opts: PrepareOptions, infos: tuple[SourceInfo, ...], given: Tokenizer | None) -> str:
@@ -187,23 +186,24 @@ def _fingerprint(opts: PrepareOptions, infos: tuple[SourceInfo, ...], given: Tok
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _fit_tokenizer(opts: PrepareOptions, sources: list[SourceFile]) -> Tokenizer:
-    if opts.tokenizer == "bpe":
-        print(f"training a byte-level BPE tokenizer with {opts.bpe_vocab_size} tokens")
-        return Tokenizer.bpe(_documents(sources), opts.bpe_vocab_size)
-    return Tokenizer.char(_documents(sources))
+def fit_tokenizer(kind: str, bpe_vocab_size: int, texts: Iterable[str]) -> Tokenizer:
+    """A new tokenizer of ``kind`` ("char" or "bpe") fitted on ``texts``."""
+    if kind == "bpe":
+        print(f"training a byte-level BPE tokenizer with {bpe_vocab_size} tokens")
+        return Tokenizer.bpe(texts, bpe_vocab_size)
+    return Tokenizer.char(texts)
 
 
 # --- the output directory as it is before this run
 
 
-def _names(fs: AbstractFileSystem, root: str) -> list[str]:
+def entry_names(fs: AbstractFileSystem, root: str) -> list[str]:
     return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
 
 
-def _holds_files(fs: AbstractFileSystem, root: str) -> bool:
+def holds_files(fs: AbstractFileSystem, root: str) -> bool:
     """Whether ``root`` holds anything but hidden files (such as a crashed run's temporaries)."""
-    return fs.isdir(root) and any(not name.startswith(".") for name in _names(fs, root))
+    return fs.isdir(root) and any(not name.startswith(".") for name in entry_names(fs, root))
 
 
 def _existing_manifest(fs: AbstractFileSystem, root: str) -> Manifest | None:
@@ -240,7 +240,7 @@ def _write_shards(
         writers = {name: stack.enter_context(ShardWriter(staged, name, dtype, opts.shard_tokens))
                    for name in ("train", "val")}
         parts: list[np.ndarray] = []
-        for piece, ids in encode_all(tokenizer, pieces(_documents(sources), PIECE_CHARS), dtype, opts.workers):
+        for piece, ids in encode_all(tokenizer, pieces(read_documents(sources), PIECE_CHARS), dtype, opts.workers):
             bar.update(len(piece.text))
             parts.append(ids)
             if not piece.last:

@@ -227,3 +227,17 @@ def write_split(staged: StagedDir, name: str, examples: list[np.ndarray], labels
         files.append(FileInfo(file, len(data), hashlib.sha256(data).hexdigest()))
     counts = np.bincount(arrays["labels"], minlength=n_labels)
     return TaskSplitInfo(len(examples), len(tokens), tuple(int(c) for c in counts), *files)
+
+
+def group_splits(n: int, group: int, seed: int, val_fraction: float, test_fraction: float) -> list[str] | None:
+    """The split of each of the n units (scenes, lines) of one group (a label), by the "seeded-group"
+    rule: the units are shuffled by ``numpy.random.default_rng([seed, group])``; the first
+    round(val_fraction * n) (at least 1) go to val, the next round(test_fraction * n) (at least 1) to
+    test, the rest to train. None when n is too small to give train a unit too."""
+    n_val, n_test = max(1, round(val_fraction * n)), max(1, round(test_fraction * n))
+    if n_val + n_test >= n:
+        return None
+    splits = ["train"] * n
+    for rank, unit in enumerate(np.random.default_rng([seed, group]).permutation(n)[: n_val + n_test]):
+        splits[unit] = "val" if rank < n_val else "test"
+    return splits

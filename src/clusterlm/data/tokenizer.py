@@ -133,10 +133,21 @@ class Tokenizer:
         try:
             return self._tokenizer.encode(text, add_special_tokens=False).ids
         except Exception as err:  # e.g. a character the char tokenizer never saw
-            raise UserError(
-                f"cannot encode text ({err}); use text the tokenizer's vocabulary covers "
-                "(a char tokenizer knows only the characters of its training text)"
-            ) from err
+            raise _unencodable(err) from err
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, using the library's threads."""
+        try:
+            return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+        except Exception as err:
+            raise _unencodable(err) from err
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _unencodable(err: Exception) -> UserError:
+    return UserError(
+        f"cannot encode text ({err}); use text the tokenizer's vocabulary covers "
+        "(a char tokenizer knows only the characters of its training text)"
+    )

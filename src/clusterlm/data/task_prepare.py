@@ -1,0 +1,247 @@
+"""Preparing a labelled task (`clusterlm prepare --task`): examples in, a checksummed task directory out.
+
+``play-classification``: passages of the embedded plays, each labelled with its play, split by scene
+(``clusterlm.data.plays``). The default char tokenizer is fitted on the whole embedded corpus
+exactly as `clusterlm prepare` fits it, so its tokenizer.json is the same file and a model
+pretrained on that corpus reads this task. ``jsonl:PATH``: a user's examples
+(``clusterlm.data.jsonl_task``), split by their "split" fields or else by label like the scenes; char
+and bpe tokenizers are fitted on the examples' texts.
+
+As with `prepare`, every check runs before the output directory is touched, files are staged and
+renamed into place with the manifest last, and an identical re-run (same fingerprint) does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from fsspec import AbstractFileSystem
+
+from clusterlm.data.corpus import embedded_corpus
+from clusterlm.data.jsonl_task import Record, read_jsonl
+from clusterlm.data.manifest import (
+    DATA_FILE_NAME,
+    MANIFEST_NAME,
+    TASK_KIND,
+    TOKENIZER_NAME,
+    SourceInfo,
+    TokenizerInfo,
+    build_typed,
+)
+from clusterlm.data.manifest import token_dtype as smallest_token_dtype
+from clusterlm.data.plays import plays, scene_passages
+from clusterlm.data.prepare import (
+    DEFAULT_BPE_VOCAB,
+    entry_names,
+    fit_tokenizer,
+    holds_files,
+    read_documents,
+    read_source,
+    scan_sources,
+)
+from clusterlm.data.storage import SourceFile, StagedDir, join, resolve_sources, url_to_fs
+from clusterlm.data.task import (
+    TASK_FORMAT_VERSION,
+    TASK_SPLITS,
+    TaskManifest,
+    group_splits,
+    write_split,
+)
+from clusterlm.data.tokenizer import Tokenizer
+from clusterlm.errors import UserError
+
+PLAY_TASK = "play-classification"
+JSONL_PREFIX = "jsonl:"
+SPLIT_RULE = "seeded-group"  # clusterlm.data.task.group_splits; JSONL "split" fields: "given"
+
+Examples = dict[str, list[tuple[np.ndarray, str | int]]]  # split -> (token ids, label) in order
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    task: str  # "play-classification" or "jsonl:PATH"
+    out: str
+    tokenizer: str = "char"  # "char", "bpe", the path of a tokenizer.json, or hf:DIR
+    seed: int = 0
+    passage_tokens: int = 64  # play-classification only
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task != PLAY_TASK and not (self.task.startswith(JSONL_PREFIX) and len(self.task) > len(JSONL_PREFIX)):
+            raise UserError(f"unknown --task {self.task!r}; use {PLAY_TASK} or {JSONL_PREFIX}PATH (a JSONL file)")
+        for flag, value in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
+            if not 0 <= value < 1:
+                raise UserError(f"{flag} {value} is out of range; use a value in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UserError("--val-fraction plus --test-fraction leave nothing to train on; make their sum below 1")
+        if self.passage_tokens < 1 or self.seed < 0:
+            raise UserError("--passage-tokens must be positive and --seed not negative; use e.g. 64 and 0")
+
+
+def prepare_task(opts: TaskOptions) -> TaskManifest:
+    """Prepare the task ``opts.task`` in ``opts.out`` (or find it up to date) and return its manifest."""
+    given = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
+    if opts.task == PLAY_TASK:
+        sources = embedded_corpus()
+        infos, _ = scan_sources(sources)
+        texts = list(read_documents(sources))
+        records: list[Record] = []
+    else:
+        sources = _jsonl_source(opts.task.removeprefix(JSONL_PREFIX))
+        data = read_source(sources[0])
+        infos = (SourceInfo(sources[0].name, len(data), hashlib.sha256(data).hexdigest()),)
+        records = read_jsonl(sources[0].name, data)
+        texts = [r.text for r in records]
+    fingerprint = _fingerprint(opts, infos, given)
+    fs, root = url_to_fs(opts.out)
+    existing = _existing_task(fs, root)
+    same_task = existing is not None and existing.fingerprint == fingerprint
+    if same_task and _intact(fs, root, existing):
+        print(f"{opts.out} is up to date; nothing to do")
+        return existing
+    if not same_task and not opts.force and holds_files(fs, root):
+        raise UserError(f"{opts.out} already holds other files; pass --force to replace them, or choose another --out")
+
+    tokenizer = given or fit_tokenizer(opts.tokenizer, DEFAULT_BPE_VOCAB, texts)
+    dtype = smallest_token_dtype(tokenizer.vocab_size)
+    if records:
+        examples, rule = _jsonl_examples(records, sources[0].name, tokenizer, dtype, opts)
+    else:
+        examples, rule = _play_examples(sources, texts, tokenizer, dtype, opts), SPLIT_RULE
+    labels = _check_splits(examples, opts.task)
+    manifest = _write(fs, root, tokenizer, examples, labels, dict(
+        format_version=TASK_FORMAT_VERSION, fingerprint=fingerprint, kind=TASK_KIND, source=opts.task,
+        sources=infos, dtype=dtype.name, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+        tokenizer=TokenizerInfo("file" if given else opts.tokenizer, TOKENIZER_NAME, tokenizer.sha256),
+        labels=labels, split_rule=rule, seed=opts.seed, val_fraction=opts.val_fraction,
+        test_fraction=opts.test_fraction, passage_tokens=opts.passage_tokens if opts.task == PLAY_TASK else None,
+    ))
+    counts = ", ".join(f"{s.examples:,} {name}" for name, s in manifest.splits.items())
+    print(f"prepared {opts.out}: {len(labels)} labels, {counts} examples, vocabulary {tokenizer.vocab_size}")
+    return manifest
+
+
+def _jsonl_source(path: str) -> list[SourceFile]:
+    sources = resolve_sources([path])
+    if len(sources) != 1:
+        raise UserError(f"--task {JSONL_PREFIX}{path} names {len(sources)} files; name one JSONL file")
+    return sources
+
+
+def _fingerprint(opts: TaskOptions, infos: tuple[SourceInfo, ...], given: Tokenizer | None) -> str:
+    """Hash of everything the output depends on."""
+    tokenizer = {"kind": "file", "sha256": given.sha256} if given else {"kind": opts.tokenizer}
+    payload = {
+        "format_version": TASK_FORMAT_VERSION, "kind": TASK_KIND, "task": opts.task.split(":", 1)[0],
+        "sources": [asdict(i) for i in infos], "tokenizer": tokenizer, "bpe_vocab_size": DEFAULT_BPE_VOCAB,
+        "split_rule": SPLIT_RULE, "seed": opts.seed, "val_fraction": opts.val_fraction,
+        "test_fraction": opts.test_fraction, "passage_tokens": opts.passage_tokens,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _play_examples(sources, texts: list[str], tokenizer: Tokenizer, dtype: np.dtype, opts: TaskOptions) -> Examples:
+    """Every play's passages, labelled with the play, its scenes split by ``group_splits``."""
+    examples: Examples = {name: [] for name in TASK_SPLITS}
+    found = sorted(plays(sources, texts), key=lambda p: p.name)
+    for group, play in enumerate(found):
+        splits = group_splits(len(play.scenes), group, opts.seed, opts.val_fraction, opts.test_fraction)
+        if splits is None:
+            raise UserError(f"play {play.name} has only {len(play.scenes)} scenes; lower --val-fraction and --test-fraction")
+        for split, passages in zip(splits, scene_passages(play, tokenizer, opts.passage_tokens, dtype), strict=True):
+            examples[split] += [(ids, play.name) for ids in passages]
+    return examples
+
+
+def _jsonl_examples(records: list[Record], name: str, tokenizer: Tokenizer, dtype: np.dtype,
+                    opts: TaskOptions) -> tuple[Examples, str]:
+    """The records' token ids in their given splits, or else split by label with ``group_splits``."""
+    ids = [np.asarray(e, dtype=dtype) for e in tokenizer.encode_batch([r.text for r in records])]
+    if records[0].split is not None:
+        splits, rule = [r.split for r in records], "given"
+    else:
+        labels = sorted({r.label for r in records})
+        by_label = {label: [i for i, r in enumerate(records) if r.label == label] for label in labels}
+        splits, rule = [""] * len(records), SPLIT_RULE
+        for group, (label, members) in enumerate(by_label.items()):
+            chosen = group_splits(len(members), group, opts.seed, opts.val_fraction, opts.test_fraction)
+            if chosen is None:
+                raise UserError(
+                    f"label {label!r} has only {len(members)} examples in {name}; give every label at least 3 "
+                    '(one per split), or give every line a "split"'
+                )
+            for i, split in zip(members, chosen, strict=True):
+                splits[i] = split
+    examples: Examples = {split: [] for split in TASK_SPLITS}
+    for record, split, example in zip(records, splits, ids, strict=True):
+        examples[split].append((example, record.label))
+    return examples, rule
+
+
+def _check_splits(examples: Examples, task: str) -> tuple[str | int, ...]:
+    """The sorted labels, after checking every split has examples of every label."""
+    for split, items in examples.items():
+        if not items:
+            raise UserError(f"the {split} split of {task} is empty; give it examples of every label")
+    seen = {split: {label for _, label in items} for split, items in examples.items()}
+    labels = tuple(sorted(set().union(*seen.values())))
+    missing = [
+        f"the {split} split lacks {', '.join(map(repr, sorted(set(labels) - s)))}" for split, s in seen.items() if s != set(labels)
+    ]
+    if missing:
+        raise UserError(
+            f"the label set differs between the splits of {task} ({'; '.join(missing)}); "
+            "give every split examples of every label"
+        )
+    return labels
+
+
+def _existing_task(fs: AbstractFileSystem, root: str) -> TaskManifest | None:
+    if fs.isfile(root):
+        raise UserError(f"output {root} is a file; choose a directory for --out")
+    path = join(root, MANIFEST_NAME)
+    try:
+        return build_typed(TaskManifest, json.loads(fs.cat_file(path).decode("utf-8")), "manifest")
+    except (OSError, ValueError):
+        return None
+
+
+def _intact(fs: AbstractFileSystem, root: str, manifest: TaskManifest) -> bool:
+    """Every listed file is present with its recorded size (hashes are `load_task`'s job)."""
+    return all(
+        fs.isfile(join(root, f.file)) and (f.bytes < 0 or fs.size(join(root, f.file)) == f.bytes)
+        for f in manifest.files
+    )
+
+
+def _write(fs: AbstractFileSystem, root: str, tokenizer: Tokenizer, examples: Examples,
+           labels: tuple[str | int, ...], fields: dict) -> TaskManifest:
+    """Stage every file, then publish them with the manifest (``fields`` plus the splits) last."""
+    index = {label: i for i, label in enumerate(labels)}
+    dtype = np.dtype(fields["dtype"])
+    created = not fs.exists(root)
+    fs.makedirs(root, exist_ok=True)
+    staged = StagedDir(fs, root)
+    try:
+        splits = {
+            split: write_split(staged, split, [ids for ids, _ in items],
+                               np.array([index[label] for _, label in items], dtype=np.int64), dtype, len(labels))
+            for split, items in examples.items()
+        }
+        manifest = TaskManifest(**fields, splits=splits)
+        with staged.open(TOKENIZER_NAME) as f:
+            f.write(tokenizer.to_json().encode("utf-8"))
+        with staged.open(MANIFEST_NAME) as f:
+            f.write(manifest.to_json().encode("utf-8"))
+        staged.commit(last=MANIFEST_NAME, remove=[n for n in entry_names(fs, root) if DATA_FILE_NAME.match(n)])
+    except BaseException:
+        staged.discard()
+        if created and not fs.ls(root):
+            fs.rmdir(root)
+        raise
+    return manifest
