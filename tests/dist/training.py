@@ -48,13 +48,18 @@ def _train_rank(rank: int, world_size: int, values: dict) -> dict:
     return train(build_config(None, values))
 
 
-def run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> tuple[dict[int, float], dict]:
+def train_run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> None:
+    """Train BASE with ``overrides`` (``section__key=value``) on ``world_size`` processes."""
     values = {**BASE, "data.dir": str(data_dir), "training.out_dir": str(out_dir)}
     values.update({key.replace("__", "."): value for key, value in overrides.items()})
     if world_size == 1:
         train(build_config(None, values))
     else:
         run_distributed(_train_rank, world_size, values, timeout=240)
+
+
+def run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> tuple[dict[int, float], dict]:
+    train_run(data_dir, out_dir, world_size, **overrides)
     return results(out_dir)
 
 
