@@ -184,7 +184,7 @@ def load_task(directory: str, verify: bool = True) -> Task:
     token_dtype = np.dtype(manifest.dtype).newbyteorder("<")
     splits = {
         name: _split_arrays(directory, name, len(manifest.labels), *(
-            np.frombuffer(contents[f.file], dtype=dtype)
+            np.frombuffer(bytearray(contents[f.file]), dtype=dtype)  # writable, for torch.from_numpy
             for f, dtype in zip(info.files, (token_dtype, _INDEX_DTYPE, _INDEX_DTYPE), strict=True)
         ))
         for name, info in manifest.splits.items()
