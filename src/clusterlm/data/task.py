@@ -179,7 +179,10 @@ def load_task(directory: str, verify: bool = True) -> Task:
             if verify and hashlib.sha256(data).hexdigest() != info.sha256 else None
         )
         if problem:
-            raise UserError(f"{info.file} in {directory} is corrupt: {problem}; rebuild it with {_PREPARE_HINT} --force")
+            raise UserError(
+                f"{info.file} in {directory} is corrupt: {problem}; rebuild it with "
+                f"`clusterlm prepare --task {manifest.source} --out {directory} --force`"
+            )
         contents[info.file] = data
     token_dtype = np.dtype(manifest.dtype).newbyteorder("<")
     splits = {
