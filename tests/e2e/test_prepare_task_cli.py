@@ -39,6 +39,10 @@ def test_jsonl_task_rerun_and_force(tmp_path, corpus_dir, capsys):
     assert "up to date" in capsys.readouterr().out
     assert run("--task", task, "--out", out, "--seed", 3) == 2
     assert "--force" in capsys.readouterr().err
+    reused = tmp_path / "reused"  # a given tokenizer.json is used as is
+    assert run("--task", task, "--out", reused, "--tokenizer", out / "tokenizer.json") == 0
+    assert (reused / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    assert load_task(str(reused)).manifest.tokenizer.kind == "file"
     corpus = tmp_path / "corpus-out"  # a language-modelling corpus replaced by a task: no stale shards
     assert run(corpus_dir, "--out", corpus, "--workers", 1) == 0
     assert run("--task", task, "--out", corpus, "--force") == 0

@@ -179,12 +179,15 @@ def load_task(directory: str, verify: bool = True) -> Task:
             if verify and hashlib.sha256(data).hexdigest() != info.sha256 else None
         )
         if problem:
-            raise UserError(f"{info.file} in {directory} is corrupt: {problem}; rebuild it with {_PREPARE_HINT} --force")
+            raise UserError(
+                f"{info.file} in {directory} is corrupt: {problem}; rebuild it with "
+                f"`clusterlm prepare --task {manifest.source} --out {directory} --force`"
+            )
         contents[info.file] = data
     token_dtype = np.dtype(manifest.dtype).newbyteorder("<")
     splits = {
         name: _split_arrays(directory, name, len(manifest.labels), *(
-            np.frombuffer(contents[f.file], dtype=dtype)
+            np.frombuffer(bytearray(contents[f.file]), dtype=dtype)  # writable, for torch.from_numpy
             for f, dtype in zip(info.files, (token_dtype, _INDEX_DTYPE, _INDEX_DTYPE), strict=True)
         ))
         for name, info in manifest.splits.items()

@@ -137,10 +137,11 @@ def _fingerprint(opts: TaskOptions, infos: tuple[SourceInfo, ...], given: Tokeni
     """Hash of everything the output depends on."""
     tokenizer = {"kind": "file", "sha256": given.sha256} if given else {"kind": opts.tokenizer}
     payload = {
-        "format_version": TASK_FORMAT_VERSION, "kind": TASK_KIND, "task": opts.task.split(":", 1)[0],
+        "format_version": TASK_FORMAT_VERSION, "kind": TASK_KIND, "task": opts.task,
         "sources": [asdict(i) for i in infos], "tokenizer": tokenizer, "bpe_vocab_size": DEFAULT_BPE_VOCAB,
         "split_rule": SPLIT_RULE, "seed": opts.seed, "val_fraction": opts.val_fraction,
-        "test_fraction": opts.test_fraction, "passage_tokens": opts.passage_tokens,
+        "test_fraction": opts.test_fraction,
+        "passage_tokens": opts.passage_tokens if opts.task == PLAY_TASK else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
