@@ -7,18 +7,21 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
 from clusterlm.cli import main as cli
 from clusterlm.errors import UserError
-from clusterlm.hardware import device_kind
+from clusterlm.hardware import device_kind, resolve_device
 from clusterlm.models.counting import training_flops_per_token
-from clusterlm.parallel.pipeline import stage_layer_ranges
+from clusterlm.parallel.pipeline import SCHEDULES, stage_layer_ranges
+from clusterlm.parallel.precision import Precision
 from clusterlm.plan.calibration import Calibration, check_device
 from clusterlm.plan.cluster import load_cluster
 from clusterlm.plan.efficiency import shape_efficiency
 from clusterlm.plan.gpu_data import GPU_MEASUREMENTS, compare_gpu_data
 from clusterlm.plan.layout import Layout, rank_share
 from clusterlm.plan.published import PUBLISHED_RUNS, compare_published
+from clusterlm.plan.search import SEARCHED_SCHEDULES, SKIPPED_SCHEDULES, evaluate
 from clusterlm.plan.timing import step_time
 from clusterlm.plan.workload import Workload, load_model_args
 
@@ -100,3 +103,41 @@ def test_published_runs_print_figure_prediction_and_error(tmp_path, capsys):
     assert cli(["plan", "--published", str(broken)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Megatron 145.6B" in err[0] and "missing field 'reported_tflops'" in err[0]
+
+
+def test_published_runs_are_predicted_within_fifteen_percent():
+    report = compare_published()
+    rows = [line for line in report.splitlines()[2:] if re.search(r"\s[+-]\d+%\s", line)]
+    errors = {line.split("  ")[0]: int(re.search(r"\s([+-]\d+)%\s", line).group(1)) for line in rows}
+    assert len(errors) == 6
+    # The 1T row's remaining gap is the A100's one efficiency constant (see README, planner accuracy):
+    # pinned where it is, so that it can only shrink.
+    known = {"Megatron 1008B": 17}
+    assert all(abs(e) <= known.get(name, 15) for name, e in errors.items()), errors
+
+
+def test_the_search_tries_or_names_every_schedule_the_trainer_accepts():
+    searched = {name for name, _ in SEARCHED_SCHEDULES}
+    assert searched | set(SKIPPED_SCHEDULES) == set(SCHEDULES) and not searched & set(SKIPPED_SCHEDULES)
+    cluster, work = load_cluster("8xH100"), Workload(load_model_args("llama-1b"), 4096, 4096 * 32)
+
+    def predicted(schedule):
+        layout = Layout(pp=4, dp_shard=2, data_parallel="zero2", pp_schedule=schedule, pp_stages_per_rank=2,
+                        micro_batches=16)
+        candidate = evaluate(work, layout, cluster)
+        return candidate.time.total, candidate.memory.total
+
+    (bfs_time, bfs_memory), (interleaved_time, interleaved_memory) = predicted("looped_bfs"), predicted(
+        "interleaved_1f1b")
+    assert bfs_time == pytest.approx(interleaved_time) and bfs_memory > interleaved_memory
+    assert predicted("dualpipev") == pytest.approx(predicted("zbv_zero_bubble"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_gpu_only_options_on_a_cpu_get_one_line():
+    with pytest.raises(UserError, match="no CUDA device is visible; use cpu or auto") as err:
+        resolve_device("cuda")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="fp16 needs a CUDA device; use bf16 on CPU") as err:
+        Precision("fp16", torch.device("cpu"))
+    assert "\n" not in str(err.value)

@@ -94,11 +94,28 @@ def bubble_fraction(layout: Layout) -> float:
     return (p - 1) / ((3 if zero_bubble else 1) * v * m)
 
 
-def busiest_rank_flops(work: Workload, layout: Layout) -> tuple[float, int]:
-    """(training FLOPs per token, layers) of the pipeline rank with the most to compute."""
+def rank_flops(work: Workload, layout: Layout) -> list[tuple[float, int]]:
+    """(training FLOPs per token, layers) of each pipeline rank, busiest first."""
     layer, head = layer_flops_per_token(work), head_flops_per_token(work)
     shares = [rank_share(work.model, layout, r) for r in range(layout.pp)]
-    return max((s.layers * layer + s.head * head, s.layers) for s in shares)
+    return sorted(((s.layers * layer + s.head * head, s.layers) for s in shares), reverse=True)
+
+
+def busiest_rank_flops(work: Workload, layout: Layout) -> tuple[float, int]:
+    """(training FLOPs per token, layers) of the pipeline rank with the most to compute."""
+    return rank_flops(work, layout)[0]
+
+
+def fill_and_drain_share(work: Workload, layout: Layout) -> float:
+    """The pace of the pipeline's fill and drain against the busiest rank's: the steady state runs
+    at the busiest rank's pace, but a micro-batch entering or leaving the pipeline passes every
+    other rank at that rank's own pace (Megatron's last stage, which also runs the output head,
+    is the busiest; the rest hold layers only). The ratio of the other ranks' mean to the busiest."""
+    ranks = rank_flops(work, layout)
+    if len(ranks) == 1:
+        return 1.0
+    others = [flops for flops, _ in ranks[1:]]
+    return sum(others) / len(others) / ranks[0][0]
 
 
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
@@ -121,7 +138,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     return StepTime(
         compute=m * (forward + backward),
         tensor_parallel=m * tensor_parallel,
-        bubble=bubble_fraction(layout) * m * micro_batch,
+        bubble=bubble_fraction(layout) * m * micro_batch * fill_and_drain_share(work, layout),
         pipeline_p2p=_pipeline_p2p(work, layout, cluster, forward + backward + recompute),
         data_parallel=data_parallel,
         offload=offload,
