@@ -34,7 +34,9 @@ Pipeline bubble, as a fraction of the ideal m micro-batches, for the trainer's s
 1F1B (p-1)/m (Huang et al. 2019; Narayanan et al. 2021), interleaved 1F1B and looped BFS with v
 stages per rank (p-1)/(v*m) (Narayanan et al. 2021; Lamy-Poirier 2023), and the zero-bubble
 family (interleaved zero bubble, ZBV, DualPipeV) a third of that, (p-1)/(3*v*m): ZB-H1 of Qi et al.
-2023 with equal forward, input-gradient and weight-gradient times.
+2023 with equal forward, input-gradient and weight-gradient times. The bubble is paid at the pace
+of the ranks a micro-batch fills and drains through (``fill_and_drain_share``), the steady state at
+the busiest rank's.
 The optimizer step itself is not modelled, except through ``host``.
 
 Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
