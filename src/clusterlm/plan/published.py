@@ -16,10 +16,12 @@ from typing import Any
 
 from clusterlm.plan.calibration import Calibration
 from clusterlm.plan.cluster import GB, Cluster, Link, load_cluster
+from clusterlm.plan.efficiency import shape_efficiency
 from clusterlm.plan.fit import fit_efficiency
 from clusterlm.plan.records import DATA_DIR, layout_from, load_rows, model_from
 from clusterlm.plan.report import table
 from clusterlm.plan.search import Candidate, evaluate
+from clusterlm.plan.timing import StepTime
 from clusterlm.plan.workload import Workload
 
 PUBLISHED_RUNS = DATA_DIR / "published-runs.toml"
@@ -48,9 +50,10 @@ def fit_published_efficiency(cluster: str, path: str | Path = PUBLISHED_RUNS) ->
 
 
 def compare_published(path: str | Path = PUBLISHED_RUNS) -> str:
-    rows, errors, notes = [], [], []
+    rows, errors, notes, shares = [], [], [], []
     for run in load_rows(path, "run", FIELDS):
         c, predicted = _predict(run)
+        shares.append(_step_shares(run["name"], c))
         error = predicted / run["reported_tflops"] - 1
         if not run.get("fit"):
             errors.append(abs(error))
@@ -64,4 +67,13 @@ def compare_published(path: str | Path = PUBLISHED_RUNS) -> str:
                f"calibration was fitted to, mean absolute error {sum(errors) / len(errors):.0%}, {within} of "
                f"{len(errors)} within {WITHIN:.0%}; (fit) rows are where a preset's efficiency table came from. "
                f"Runs: {path}")
-    return "\n".join([table(rows, header), summary, *notes])
+    terms = tuple(name.replace("_", " ") for name, _ in StepTime(0, 0, 0, 0, 0, 0).items())
+    breakdown = table(shares, ("run", "matmul eff.", *terms), text_columns=1)
+    return "\n".join([table(rows, header), summary, "", "Where each predicted step goes (% of the step):",
+                      breakdown, "", *notes])
+
+
+def _step_shares(name: str, c: Candidate) -> list[str]:
+    """The run's compute efficiency and each modelled term of its step time, as % of the step."""
+    efficiency = shape_efficiency(c.work, c.layout, c.cluster.calibration)
+    return [name, f"{efficiency:.0%}", *(f"{seconds / c.time.total:.1%}" for _, seconds in c.time.items())]
