@@ -22,7 +22,7 @@ from clusterlm.plan.gpu_data import GPU_MEASUREMENTS, compare_gpu_data, fit_gpu_
 from clusterlm.plan.layout import Layout, rank_share
 from clusterlm.plan.published import PUBLISHED_RUNS, compare_published, fit_published_efficiency
 from clusterlm.plan.search import SEARCHED_SCHEDULES, SKIPPED_SCHEDULES, evaluate
-from clusterlm.plan.timing import step_time
+from clusterlm.plan.timing import BUBBLE_DIVISOR, step_time
 from clusterlm.plan.workload import Workload, load_model_args
 
 GPT2 = Workload(load_model_args("gpt2-124m"), 1024, 16384)
@@ -128,6 +128,7 @@ def test_efficiency_tables_are_what_their_data_refits():
 def test_the_search_tries_or_names_every_schedule_the_trainer_accepts():
     searched = {name for name, _ in SEARCHED_SCHEDULES}
     assert searched | set(SKIPPED_SCHEDULES) == set(SCHEDULES) and not searched & set(SKIPPED_SCHEDULES)
+    assert set(BUBBLE_DIVISOR) == set(SCHEDULES)  # every schedule has its bubble model
     cluster, work = load_cluster("8xH100"), Workload(load_model_args("llama-1b"), 4096, 4096 * 32)
 
     def predicted(schedule):

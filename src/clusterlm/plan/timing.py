@@ -90,10 +90,15 @@ def recompute_flops_per_token(work: Workload, layout: Layout) -> float:
     return 0.0
 
 
+# Each of the trainer's schedules (``clusterlm.parallel.pipeline.SCHEDULES``; a test keeps the two
+# in step) by how much it divides the bubble (p-1)/(v*m): the zero-bubble family by 3 (ZB-H1).
+BUBBLE_DIVISOR = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 1, "looped_bfs": 1,
+                  "interleaved_zero_bubble": 3, "zbv_zero_bubble": 3, "dualpipev": 3}
+
+
 def bubble_fraction(layout: Layout) -> float:
     p, m, v = layout.pp, layout.micro_batches, layout.pp_stages_per_rank
-    zero_bubble = layout.pp_schedule in ("interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev")
-    return (p - 1) / ((3 if zero_bubble else 1) * v * m)
+    return (p - 1) / (BUBBLE_DIVISOR[layout.pp_schedule] * v * m)
 
 
 def rank_flops(work: Workload, layout: Layout) -> list[tuple[float, int]]:
