@@ -10,7 +10,7 @@ import math
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.plan.cluster import GIB, Cluster, Device, Host, Link
 from clusterlm.plan.layout import Layout, layout_config, layout_from_config
-from clusterlm.plan.search import enumerate_layouts
+from clusterlm.plan.search import SEARCHED_SCHEDULES, enumerate_layouts
 from clusterlm.plan.workload import Workload
 from clusterlm.train.session import build_session
 from clusterlm.train.trainer import train_step
@@ -63,7 +63,8 @@ def _train_each(rank: int, world_size: int, layouts: list[Layout], data_dir: str
 def test_every_kind_of_planned_layout_trains(data_dir, tmp_path):
     layouts = covering_layouts()
     kinds = set().union(*map(features, layouts))
-    assert {("schedule", "zbv_zero_bubble"), ("data_parallel", "hsdp"), ("offload", True), ("ac", "selective")} <= kinds
+    assert {("schedule", name) for name, _ in SEARCHED_SCHEDULES} <= kinds
+    assert {("data_parallel", "hsdp"), ("offload", True), ("ac", "selective")} <= kinds
     results = run_distributed(_train_each, 4, layouts, str(data_dir), str(tmp_path), timeout=150)
     for rank_losses in results:
         assert len(rank_losses) == 2 * len(layouts) and all(math.isfinite(x) for x in rank_losses)

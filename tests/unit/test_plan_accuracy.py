@@ -7,19 +7,22 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
 from clusterlm.cli import main as cli
 from clusterlm.errors import UserError
-from clusterlm.hardware import device_kind
+from clusterlm.hardware import device_kind, resolve_device
 from clusterlm.models.counting import training_flops_per_token
-from clusterlm.parallel.pipeline import stage_layer_ranges
+from clusterlm.parallel.pipeline import SCHEDULES, stage_layer_ranges
+from clusterlm.parallel.precision import Precision
 from clusterlm.plan.calibration import Calibration, check_device
 from clusterlm.plan.cluster import load_cluster
 from clusterlm.plan.efficiency import shape_efficiency
-from clusterlm.plan.gpu_data import GPU_MEASUREMENTS, compare_gpu_data
+from clusterlm.plan.gpu_data import GPU_MEASUREMENTS, compare_gpu_data, fit_gpu_efficiency
 from clusterlm.plan.layout import Layout, rank_share
-from clusterlm.plan.published import PUBLISHED_RUNS, compare_published
-from clusterlm.plan.timing import step_time
+from clusterlm.plan.published import PUBLISHED_RUNS, compare_published, fit_published_efficiency
+from clusterlm.plan.search import SEARCHED_SCHEDULES, SKIPPED_SCHEDULES, evaluate
+from clusterlm.plan.timing import BUBBLE_DIVISOR, step_time
 from clusterlm.plan.workload import Workload, load_model_args
 
 GPT2 = Workload(load_model_args("gpt2-124m"), 1024, 16384)
@@ -27,11 +30,13 @@ LLAMA = Workload(load_model_args("llama-1b"), 8192, 16384)
 TABLE = Calibration(compute_efficiency=0.8, efficiency_half_width=1500)
 
 
-def test_efficiency_grows_with_matmul_width_and_is_constant_without_a_table():
+def test_efficiency_grows_with_model_width_and_is_constant_without_a_table():
     narrow, wide = shape_efficiency(GPT2, Layout(micro_batch_size=16), TABLE), shape_efficiency(
         LLAMA, Layout(micro_batch_size=2), TABLE)
     assert 0 < narrow < wide < 0.8
-    assert shape_efficiency(GPT2, Layout(micro_batch_size=16, tp=4), TABLE) < narrow  # tp narrows the GEMMs
+    # tp splits a block's multiplies but not its width d; only the head's vocabulary side narrows
+    split = shape_efficiency(GPT2, Layout(micro_batch_size=16, tp=4), TABLE)
+    assert split == pytest.approx(narrow, rel=0.02) and split <= narrow
     assert shape_efficiency(GPT2, Layout(micro_batch_size=16), Calibration(compute_efficiency=0.5)) == 0.5
 
 
@@ -100,3 +105,49 @@ def test_published_runs_print_figure_prediction_and_error(tmp_path, capsys):
     assert cli(["plan", "--published", str(broken)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Megatron 145.6B" in err[0] and "missing field 'reported_tflops'" in err[0]
+
+
+def test_published_runs_are_predicted_within_fifteen_percent():
+    report = compare_published()
+    rows = [line for line in report.splitlines()[2:] if re.search(r"\s[+-]\d+%\s", line)]
+    errors = {line.split("  ")[0]: int(re.search(r"\s([+-]\d+)%\s", line).group(1)) for line in rows}
+    checks = {name: error for name, error in errors.items() if not name.endswith("(fit)")}
+    assert len(checks) == 6 and len(errors) == 10
+    assert all(abs(error) <= 15 for error in errors.values()), errors
+    assert "6 of 6 within 15%" in report
+
+
+def test_efficiency_tables_are_what_their_data_refits():
+    a100, h200 = fit_published_efficiency("8xA100-80GB"), fit_gpu_efficiency("1xH200")
+    for fitted, preset in ((a100, "8xA100-80GB"), (h200, "1xH200"), (h200, "8xH100")):
+        table = load_cluster(preset).calibration
+        assert fitted.compute_efficiency == pytest.approx(table.compute_efficiency, abs=1e-3)
+        assert fitted.efficiency_half_width == table.efficiency_half_width
+
+
+def test_the_search_tries_or_names_every_schedule_the_trainer_accepts():
+    searched = {name for name, _ in SEARCHED_SCHEDULES}
+    assert searched | set(SKIPPED_SCHEDULES) == set(SCHEDULES) and not searched & set(SKIPPED_SCHEDULES)
+    assert set(BUBBLE_DIVISOR) == set(SCHEDULES)  # every schedule has its bubble model
+    cluster, work = load_cluster("8xH100"), Workload(load_model_args("llama-1b"), 4096, 4096 * 32)
+
+    def predicted(schedule):
+        layout = Layout(pp=4, dp_shard=2, data_parallel="zero2", pp_schedule=schedule, pp_stages_per_rank=2,
+                        micro_batches=16)
+        candidate = evaluate(work, layout, cluster)
+        return candidate.time.total, candidate.memory.total
+
+    (bfs_time, bfs_memory), (interleaved_time, interleaved_memory) = predicted("looped_bfs"), predicted(
+        "interleaved_1f1b")
+    assert bfs_time == pytest.approx(interleaved_time) and bfs_memory > interleaved_memory
+    assert predicted("dualpipev") == pytest.approx(predicted("zbv_zero_bubble"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_gpu_only_options_on_a_cpu_get_one_line():
+    with pytest.raises(UserError, match="no CUDA device is visible; use cpu or auto") as err:
+        resolve_device("cuda")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="fp16 needs a CUDA device; use bf16 on CPU") as err:
+        Precision("fp16", torch.device("cpu"))
+    assert "\n" not in str(err.value)

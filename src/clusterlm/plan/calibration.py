@@ -12,7 +12,7 @@
 - ``step_overhead_s``: fixed seconds per optimizer step that no FLOP or byte count explains
   (framework dispatch, hooks, optimizer launch, data loading). Default 0: negligible against the
   steps of large models, but most of a tiny model's step on a CPU, where ``--validate`` fits it.
-- ``efficiency_half_width``: the matmul output width at which half of ``compute_efficiency`` is
+- ``efficiency_half_width``: the model width d at which half of ``compute_efficiency`` is
   reached (``clusterlm.plan.efficiency``); 0 makes the efficiency one constant.
 - ``tp_exposed``: fraction of tensor-parallel collective time on the critical path. 1 for this
   project's DTensor tensor parallelism, which waits for each collective; an implementation that

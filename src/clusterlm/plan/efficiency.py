@@ -1,18 +1,25 @@
-"""How much of the device's peak a training step's matrix multiplies reach, by their shapes.
+"""How much of the device's peak a training step's compute reaches, by the model's shapes.
 
-A GEMM of M x K by K x N runs near the device's best rate only when its output tile grid is large:
-narrow matrices leave tensor cores or vector units waiting on memory and on tile edges. The
-planner models each multiply's efficiency as
+A Transformer block is its matrix multiplies plus the work between them (norms, residual adds,
+activation functions, the softmax, dropout, kernel launches). Per token, the multiplies grow with
+the model width d squared and the rest with d, so the block's achieved rate rises with d. The
+planner models it as
 
     efficiency(w) = compute_efficiency * w / (w + efficiency_half_width)
 
-with ``w`` the smaller side of its output (tokens of the micro-batch, or the output width on one
-tensor-parallel rank), and the step's compute rate as the FLOP-weighted harmonic mean over the
-block's multiplies (QKV and output projections, the MLP's, the attention core of s x s scores) and
-the output head. ``compute_efficiency`` (the large-GEMM ceiling) and ``efficiency_half_width`` (the
-width at which half of it is reached) form the per-device-kind table: they live in each cluster
-preset's ``[calibration]`` with where they came from. A half-width of 0 is one constant, as on a
-CPU, where ``plan --validate`` fits the constant on this machine.
+with ``w`` = d for every multiply of a block, and for the output head the smaller side of its
+output (tokens of the micro-batch, or the vocabulary on one tensor-parallel rank); the step's rate
+is the FLOP-weighted harmonic mean over the block's multiplies (QKV and output projections, the
+MLP's, the attention core) and the head. Why d and not each multiply's own output width on one
+tensor-parallel rank: Megatron-LM's pipeline-free runs (Narayanan et al. 2021, Table 1: 1.7B to
+18B, tp 1 to 8) fit within 2% by d, but no better than 9% by the per-rank width, which would
+make a tp = 8 block slower than the same block on one GPU (their 18B at tp 8 runs as fast per GPU
+as their 1.7B at tp 1). Tokens per micro-batch do not enter a block's efficiency: every run
+behind the tables has at least 1024. ``compute_efficiency`` (the ceiling) and
+``efficiency_half_width`` (the width at which half of it is reached) form the per-device-kind
+table in each cluster preset's ``[calibration]``, with where they came from (``fit_efficiency``
+refits them). A half-width of 0 is one constant, as on a CPU, where ``plan --validate`` fits the
+constant on this machine.
 """
 
 from __future__ import annotations
@@ -35,21 +42,16 @@ def layer_flops_per_token(work: Workload) -> float:
 
 
 def matmul_shapes(work: Workload, layout: Layout) -> list[tuple[float, float]]:
-    """(FLOPs per token, smaller output side) of each multiply one tensor-parallel rank runs."""
+    """(FLOPs per token, width ``w``) of the blocks' multiplies and of the head's, on one tp rank."""
     args, t = work.model, layout.tp
     d, f, s = args.n_embd, args.ffn_hidden, work.seq_len
     q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
-    tokens = s * layout.micro_batch_size
     mlp_in = (2 if args.is_llama else 1) * f
-    shapes = [  # (forward multiply-adds per token, output width), all on one tp rank
-        (d * (q + 2 * kv) / t, (q + 2 * kv) / t),
-        (q * d / t, d),
-        (d * mlp_in / t, mlp_in / t),
-        (f * d / t, d),
-        (2 * q * s / t, s),  # attention scores and their weighted sum, over the full s x s
-    ]
-    per_layer = [(6.0 * macs * args.n_layer, min(tokens, width)) for macs, width in shapes]
-    return [*per_layer, (head_flops_per_token(work) / t, min(tokens, args.vocab_size / t))]
+    # Forward multiply-adds per token: QKV, output projection, MLP in and out, and the attention
+    # scores with their weighted sum over the full s x s.
+    block = d * (q + 2 * kv) + q * d + d * mlp_in + f * d + 2 * q * s
+    tokens = s * layout.micro_batch_size
+    return [(6.0 * block * args.n_layer / t, d), (head_flops_per_token(work) / t, min(tokens, args.vocab_size / t))]
 
 
 def shape_efficiency(work: Workload, layout: Layout, calibration: Calibration) -> float:

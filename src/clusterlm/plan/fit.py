@@ -6,6 +6,7 @@ the core sharing); the report then shows the error on all of them."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -51,3 +52,21 @@ def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if error < best_error:
             best_x, best_error = x, error
     return best_x
+
+
+def fit_efficiency(ratios: Callable[[Calibration], list[float]], base: Calibration) -> Calibration:
+    """The efficiency table (``compute_efficiency``, ``efficiency_half_width``) minimizing the
+    squared log error of ``ratios`` (predicted / reported, one per row) under ``base``'s other
+    factors: for each half-width on a grid of 10s up to 5000, the ceiling that centres the errors
+    (refined three times, since communication does not scale with it); the best pair wins."""
+    def centred(half: float) -> tuple[float, Calibration]:
+        calibration = replace(base, efficiency_half_width=half, compute_efficiency=0.5)
+        for _ in range(3):
+            logs = np.log(ratios(calibration))
+            ceiling = min(1.0, calibration.compute_efficiency * float(np.exp(-logs.mean())))
+            calibration = replace(calibration, compute_efficiency=ceiling)
+        return float(np.sum(np.log(ratios(calibration)) ** 2)), calibration
+
+    coarse = min(range(0, 5001, 100), key=lambda half: centred(half)[0])
+    fine = [float(h) for h in range(max(0, coarse - 100), coarse + 101, 10)]
+    return min((centred(half) for half in fine), key=lambda pair: pair[0])[1]

@@ -16,10 +16,11 @@ from clusterlm.errors import UserError
 from clusterlm.hardware import device_kind
 from clusterlm.plan.calibration import Calibration, check_device
 from clusterlm.plan.cluster import load_cluster
+from clusterlm.plan.fit import fit_efficiency
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.records import DATA_DIR, build, load_rows
 from clusterlm.plan.report import table
-from clusterlm.plan.search import evaluate
+from clusterlm.plan.search import Candidate, evaluate
 from clusterlm.plan.workload import Workload, load_model_args
 
 GPU_MEASUREMENTS = DATA_DIR / "gpu-measurements.toml"
@@ -33,21 +34,33 @@ def _error(predicted: float, measured: float) -> float:
     return predicted / measured - 1
 
 
+def _predict(row: dict, calibration: Calibration | None = None) -> Candidate:
+    cluster = load_cluster(row["cluster"])
+    if device_kind(row["device"]) != device_kind(cluster.device.name):
+        raise UserError(f"{row['_where']}: measured on {row['device']} but cluster {row['cluster']} has "
+                        f"{cluster.device.name}; name the preset of the device it ran on")
+    if calibration is not None:
+        cluster = dataclasses.replace(cluster, calibration=calibration)
+    layout = build(Layout, {key: row[key] for key in ("micro_batch_size", "micro_batches",
+                                                      "activation_checkpointing")}, row["_where"])
+    work = Workload(load_model_args(row["model"]), row["seq_len"], row["global_batch_tokens"], row["precision"])
+    return evaluate(work, layout, cluster)
+
+
+def fit_gpu_efficiency(cluster: str, path: str | Path = GPU_MEASUREMENTS) -> Calibration:
+    """The efficiency table of preset ``cluster`` refitted on the step times measured on it."""
+    rows = [row for row in load_rows(path, "measurement", FIELDS) if row["cluster"] == cluster]
+    base = load_cluster(cluster).calibration
+    return fit_efficiency(lambda cal: [row["step_ms"] / 1e3 / _predict(row, cal).time.total for row in rows], base)
+
+
 def compare_gpu_data(path: str | Path = GPU_MEASUREMENTS, calibration: Calibration | None = None,
                      calibration_source: str = "") -> str:
     rows, errors = [], []
     for row in load_rows(path, "measurement", FIELDS):
-        cluster = load_cluster(row["cluster"])
-        if device_kind(row["device"]) != device_kind(cluster.device.name):
-            raise UserError(f"{row['_where']}: measured on {row['device']} but cluster {row['cluster']} has "
-                            f"{cluster.device.name}; name the preset of the device it ran on")
         if calibration is not None:
             check_device(calibration, row["device"], calibration_source)
-            cluster = dataclasses.replace(cluster, calibration=calibration)
-        layout = build(Layout, {key: row[key] for key in ("micro_batch_size", "micro_batches",
-                                                          "activation_checkpointing")}, row["_where"])
-        work = Workload(load_model_args(row["model"]), row["seq_len"], row["global_batch_tokens"], row["precision"])
-        c = evaluate(work, layout, cluster)
+        c = _predict(row, calibration)
         measured_s, predicted_s = row["step_ms"] / 1e3, c.time.total
         errors.append(abs(_error(predicted_s, measured_s)))
         memory = (f"{row['peak_gb']:.1f}", f"{c.memory.total / 1e9:.1f}", f"{_error(c.memory.total / 1e9, row['peak_gb']):+.1%}") \

@@ -34,7 +34,9 @@ Pipeline bubble, as a fraction of the ideal m micro-batches, for the trainer's s
 1F1B (p-1)/m (Huang et al. 2019; Narayanan et al. 2021), interleaved 1F1B and looped BFS with v
 stages per rank (p-1)/(v*m) (Narayanan et al. 2021; Lamy-Poirier 2023), and the zero-bubble
 family (interleaved zero bubble, ZBV, DualPipeV) a third of that, (p-1)/(3*v*m): ZB-H1 of Qi et al.
-2023 with equal forward, input-gradient and weight-gradient times.
+2023 with equal forward, input-gradient and weight-gradient times. The bubble is paid at the pace
+of the ranks a micro-batch fills and drains through (``fill_and_drain_share``), the steady state at
+the busiest rank's.
 The optimizer step itself is not modelled, except through ``host``.
 
 Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
@@ -88,17 +90,39 @@ def recompute_flops_per_token(work: Workload, layout: Layout) -> float:
     return 0.0
 
 
+# Each of the trainer's schedules (``clusterlm.parallel.pipeline.SCHEDULES``; a test keeps the two
+# in step) by how much it divides the bubble (p-1)/(v*m): the zero-bubble family by 3 (ZB-H1).
+BUBBLE_DIVISOR = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 1, "looped_bfs": 1,
+                  "interleaved_zero_bubble": 3, "zbv_zero_bubble": 3, "dualpipev": 3}
+
+
 def bubble_fraction(layout: Layout) -> float:
     p, m, v = layout.pp, layout.micro_batches, layout.pp_stages_per_rank
-    zero_bubble = layout.pp_schedule in ("interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev")
-    return (p - 1) / ((3 if zero_bubble else 1) * v * m)
+    return (p - 1) / (BUBBLE_DIVISOR[layout.pp_schedule] * v * m)
+
+
+def rank_flops(work: Workload, layout: Layout) -> list[tuple[float, int]]:
+    """(training FLOPs per token, layers) of each pipeline rank, busiest first."""
+    layer, head = layer_flops_per_token(work), head_flops_per_token(work)
+    shares = [rank_share(work.model, layout, r) for r in range(layout.pp)]
+    return sorted(((s.layers * layer + s.head * head, s.layers) for s in shares), reverse=True)
 
 
 def busiest_rank_flops(work: Workload, layout: Layout) -> tuple[float, int]:
     """(training FLOPs per token, layers) of the pipeline rank with the most to compute."""
-    layer, head = layer_flops_per_token(work), head_flops_per_token(work)
-    shares = [rank_share(work.model, layout, r) for r in range(layout.pp)]
-    return max((s.layers * layer + s.head * head, s.layers) for s in shares)
+    return rank_flops(work, layout)[0]
+
+
+def fill_and_drain_share(work: Workload, layout: Layout) -> float:
+    """The pace of the pipeline's fill and drain against the busiest rank's: the steady state runs
+    at the busiest rank's pace, but a micro-batch entering or leaving the pipeline passes every
+    other rank at that rank's own pace (Megatron's last stage, which also runs the output head,
+    is the busiest; the rest hold layers only). The ratio of the other ranks' mean to the busiest."""
+    ranks = rank_flops(work, layout)
+    if len(ranks) == 1:
+        return 1.0
+    others = [flops for flops, _ in ranks[1:]]
+    return sum(others) / len(others) / ranks[0][0]
 
 
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
@@ -121,7 +145,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     return StepTime(
         compute=m * (forward + backward),
         tensor_parallel=m * tensor_parallel,
-        bubble=bubble_fraction(layout) * m * micro_batch,
+        bubble=bubble_fraction(layout) * m * micro_batch * fill_and_drain_share(work, layout),
         pipeline_p2p=_pipeline_p2p(work, layout, cluster, forward + backward + recompute),
         data_parallel=data_parallel,
         offload=offload,
