@@ -14,6 +14,7 @@ import torch
 from clusterlm.cli import main as cli
 from clusterlm.train.checkpoint import CheckpointReader, list_complete
 
+from .test_local_sgd import SGD
 from .training import BASE, MICRO, STEPS, run, train_run
 
 FINETUNE = {"finetune__freeze_layers": 1, "finetune__head_lr": 1e-2, "training__eval_interval": STEPS // 2}
@@ -63,12 +64,13 @@ def finetune(data_dir, task_dir, pretrained_run, out, world_size, **overrides):
 def reference(data_dir, task_dir, pretrained, tmp_path_factory):
     cache = {}
 
-    def get(**model):
-        key = tuple(sorted(model.items()))
+    def get(**settings):
+        key = tuple(sorted(settings.items()))
         if key not in cache:
             out = tmp_path_factory.mktemp("finetune-ref")
+            model = {name: value for name, value in settings.items() if name in ENCODER}  # what was pretrained
             cache[key] = finetune(data_dir, task_dir, pretrained(**model), out, 1,
-                                  training__micro_batch_size=MICRO * 2, **model)
+                                  training__micro_batch_size=MICRO * 2, **settings)
         return cache[key]
 
     return get
@@ -124,3 +126,21 @@ def test_resume_on_another_world_size_is_exact(data_dir, task_dir, pretrained, r
     for name, tensor in ref["weights"].items():
         if not name.endswith("attn.wk.bias"):
             assert torch.allclose(result[1]["weights"][name], tensor, rtol=1e-4, atol=1e-6), name
+
+
+def test_local_sgd_every_step_equals_single_process(data_dir, task_dir, pretrained, reference, tmp_path):
+    """Averaging parameters after every SGD step equals averaging gradients (see test_local_sgd.py)."""
+    candidate = finetune(data_dir, task_dir, pretrained(), tmp_path, 2, parallel__data_parallel="local_sgd",
+                         parallel__local_steps=1, training__micro_batch_size=MICRO, **SGD)
+    assert_same(reference(**SGD), candidate)
+
+
+def test_parameter_server_workers_fine_tune_and_rank_0_scores_the_test_split(data_dir, task_dir, pretrained,
+                                                                           tmp_path):
+    """Asynchronous training: 1 server and 2 workers; rank 0 scores the splits alone."""
+    from .test_ps import run_ps
+
+    records = run_ps(data_dir, tmp_path, 3, finetune__task=str(task_dir), finetune__init_from=str(pretrained()),
+                     parallel__ps_staleness=1, **FINETUNE)
+    test, = [r for r in records if r["kind"] == "test"]
+    assert 0.0 <= test["test_accuracy"] <= 1.0 and test["step"] == STEPS

@@ -84,3 +84,7 @@ def test_a_fine_tuned_checkpoint_is_no_pretrained_model(setup, tmp_path, capsys)
     assert finetune(setup, tmp_path / "second", "--init-from", str(first), "--training.steps", "2") == 2
     assert "fine-tuned classifier" in capsys.readouterr().err
     assert not (tmp_path / "second" / "checkpoints").exists()
+    for command in (["eval", "--run", str(first)], ["export", "hf", "--run", str(first), "--out", str(tmp_path / "hf")]):
+        assert cli(command) == 2
+        assert "not a language model" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 
 from clusterlm.comm.spawn import SpawnError, run_local
-from clusterlm.config import Config
+from clusterlm.config import Config, resolve_model_args
 from clusterlm.data.loader import TokenLoader
 from clusterlm.data.manifest import load_manifest
 from clusterlm.errors import UserError
+from clusterlm.models import create_model
 from clusterlm.models.loss import next_token_loss
 from clusterlm.train.optim import optimizer_recipe
-from clusterlm.train.session import build_model, build_session
+from clusterlm.train.session import build_session
 from clusterlm.train.trainer import train_step
 
 
@@ -77,7 +78,8 @@ def _deepspeed_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, 
 
     torch.set_num_threads(cfg.training.threads or 1)
     before = _rss()
-    model = build_model(cfg, load_manifest(cfg.data.dir).vocab_size, torch.device("cpu"))
+    model = create_model(resolve_model_args(cfg, load_manifest(cfg.data.dir).vocab_size))
+    model.reset_parameters(cfg.training.seed)  # the values clusterlm's run starts from
     recipe = optimizer_recipe(model, cfg.optim)
     t = cfg.training
     ds_config = {

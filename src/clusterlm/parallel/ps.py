@@ -69,8 +69,9 @@ def join_parameter_server_job(cfg: ParallelConfig, rank: int, world_size: int) -
 
 
 def shard_by_tensor(model: nn.Module, servers: int) -> list[list[nn.Parameter]]:
-    """Each server's parameters: whole tensors, largest first to the least-loaded server."""
-    params = list(model.parameters())
+    """Each server's parameters: whole tensors, largest first to the least-loaded server. Frozen
+    parameters (fine-tuning's lower layers) stay with every rank: nothing ever updates them."""
+    params = [p for p in model.parameters() if p.requires_grad]
     loads, owner = [0] * servers, {}
     for index in sorted(range(len(params)), key=lambda i: -params[i].numel()):
         server = loads.index(min(loads))

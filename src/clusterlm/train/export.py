@@ -10,6 +10,7 @@ from clusterlm.config import config_from_dict, resolve_model_args
 from clusterlm.errors import UserError
 from clusterlm.interop import export_hf
 from clusterlm.train.checkpoint import CheckpointReader, Verified
+from clusterlm.train.loading import refuse_classifier
 
 
 def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard_bytes: int,
@@ -17,6 +18,7 @@ def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard
     """Write ``found``'s model to ``out`` reading one tensor at a time from its (possibly sharded,
     any layout) files; returns the file names written."""
     cfg = config_from_dict(found.state["config"])
+    refuse_classifier(cfg, found.path)
     args = resolve_model_args(cfg, cfg.model.vocab_size)
     reader = CheckpointReader(found.path)
     saved = reader.model_shapes()

@@ -37,12 +37,21 @@ def find_checkpoint(run: str, checkpoint_dir: str | None = None) -> checkpoint.V
     return found
 
 
+def refuse_classifier(cfg: Config, path: Path) -> None:
+    """Evaluation, generation and export read language models; a fine-tuned classifier is scored
+    by `clusterlm finetune` itself."""
+    if cfg.finetune.task:
+        raise UserError(f"{path} is a classifier fine-tuned on {cfg.finetune.task}, not a language model; its "
+                        "validation and test metrics are in its run's metrics.jsonl")
+
+
 def load_for_inference(
     found: checkpoint.Verified, device: str = "auto", data_dir: str | None = None, precision: str | None = None
 ) -> Loaded:
     """The whole model of a verified checkpoint in this process, in eval mode. ``data_dir`` and
     ``precision`` override the run's."""
     cfg = config_from_dict(found.state["config"])
+    refuse_classifier(cfg, found.path)
     cfg.data.dir = data_dir or cfg.data.dir
     cfg.training.precision = precision or cfg.training.precision
     cfg.training.compile = False  # a few forwards: not worth a compilation
