@@ -12,6 +12,7 @@ from clusterlm.data.classification import ExampleStream, evaluation_batches
 from clusterlm.data.masking import IGNORE_INDEX
 from clusterlm.models import ModelArgs, create_model
 from clusterlm.models.classifier import PAD, SequenceClassifier
+from clusterlm.models.counting import classifier_flops_per_token
 from clusterlm.train.finetune import finetune_recipe
 from clusterlm.train.task_metrics import macro_f1
 
@@ -106,3 +107,17 @@ def test_macro_f1_matches_a_worked_example():
     confusion = torch.zeros(4, 4)
     confusion[0, 0] = confusion[1, 1] = 2  # labels 2 and 3 absent from truth and predictions: left out
     assert macro_f1(confusion) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("flavour", ["bert", "gpt2", "llama"])
+def test_flop_count_is_the_classifiers_own(flavour):
+    """6 x every weight used per token (the token tables are lookups once the LM head is gone),
+    the head once per sequence, plus the attention term."""
+    model, seq = _classifier(flavour, labels=5), 16
+    head = {id(p) for p in model.head_parameters()}
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    per_token = sum(p.numel() for p in model.parameters() if id(p) not in head | lookups)
+    per_sequence = sum(p.numel() for p in model.parameters() if id(p) in head)
+    args = model.args
+    expected = 6 * per_token + 6 * per_sequence / seq + 12 * args.n_layer * args.n_embd * seq
+    assert classifier_flops_per_token(args, seq, 5) == pytest.approx(expected)

@@ -76,3 +76,17 @@ def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """
     d_attn = args.n_head * args.head_dim
     return 6.0 * matmul_params(args) + 12.0 * args.n_layer * d_attn * seq_len
+
+
+def classifier_flops_per_token(args: ModelArgs, seq_len: int, labels: int) -> float:
+    """Training FLOPs per token of a sequence classifier (``clusterlm.models.classifier``): the
+    backbone's without its language-model head (the token table is then a lookup only), plus the
+    classification head, which runs once per sequence."""
+    d = args.n_embd
+    if args.is_encoder:
+        rows = vocab_rows(args)
+        lm_head = rows * d + (d * d + d) + 2 * d + rows  # projection, transform, LayerNorm, bias
+        head = (d * d + d) + (d * labels + labels)  # pooler, classifier
+    else:
+        lm_head, head = args.vocab_size * d, d * labels + labels
+    return training_flops_per_token(args, seq_len) - 6.0 * lm_head + 6.0 * head / seq_len

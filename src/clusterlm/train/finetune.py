@@ -23,9 +23,10 @@ from clusterlm.data.loader import TokenLoader
 from clusterlm.data.task import Task, load_task
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
-from clusterlm.models import create_model, training_flops_per_token
+from clusterlm.models import create_model
 from clusterlm.models.bert import special_token_id
 from clusterlm.models.classifier import BACKBONE, SequenceClassifier
+from clusterlm.models.counting import classifier_flops_per_token
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.precision import settle_precision
@@ -53,7 +54,7 @@ def build_finetune_session(cfg: Config) -> Session:
                          device=runtime.device, stream=streams["train"])
     session = Session(
         cfg, runtime, model, model.build_optimizers(partial(finetune_recipe, cfg=cfg)), loader, grad_accum,
-        training_flops_per_token(plain.args, cfg.seq_len),
+        classifier_flops_per_token(plain.args, cfg.seq_len, len(task.labels)),
         peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
         read_tokenizer(cfg.finetune.task, task.manifest.tokenizer.sha256),
         final_splits=("test",),
