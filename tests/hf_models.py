@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 SIZES = {"layers": 2, "width": 32, "heads": 4, "context": 16}
 
@@ -56,3 +57,12 @@ def reader(model: torch.nn.Module):
     """``read(name)`` for ``export_hf`` from a live, whole model."""
     params = dict(model.named_parameters())
     return lambda name: params[name].detach()
+
+
+def safetensors_bytes(directory: Path) -> dict[str, bytes]:
+    """Every tensor of a directory's safetensors files, as raw bytes by name (for byte-identity checks)."""
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out |= {key: f.get_tensor(key).numpy().tobytes() for key in f.keys()}
+    return out

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import reader, tiny_hf_model
-from safetensors import safe_open
+from hf_models import reader, safetensors_bytes, tiny_hf_model
 
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
@@ -37,14 +36,6 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     assert cli(["prepare", str(root / "text.txt"), "--out", str(data), "--tokenizer", f"hf:{root / 'llama'}",
                 "--workers", "1"]) == 0
     return {"root": root, "hf": root / "llama", "data": data}
-
-
-def safetensors_bytes(directory: Path) -> dict[str, bytes]:
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            out |= {key: f.get_tensor(key).numpy().tobytes() for key in f.keys()}
-    return out
 
 
 def test_training_starts_from_the_pretrained_weights(setup, tmp_path):

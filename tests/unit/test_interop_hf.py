@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import SIZES, reader, tiny_hf_model
+from hf_models import SIZES, reader, safetensors_bytes, tiny_hf_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -43,14 +43,6 @@ def imported(directory: Path) -> torch.nn.Module:
 
 def tokens(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, SIZES["context"]), generator=torch.Generator().manual_seed(1))
-
-
-def safetensors_bytes(directory: Path) -> dict[str, bytes]:
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            out |= {key: f.get_tensor(key).numpy().tobytes() for key in f.keys()}
-    return out
 
 
 def test_import_gives_the_logits_of_transformers(hf_dir):

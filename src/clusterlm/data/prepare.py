@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from fsspec import AbstractFileSystem
@@ -89,13 +90,8 @@ def prepare(opts: PrepareOptions) -> Manifest:
 
     fs, root = url_to_fs(opts.out)
     existing = _existing_manifest(fs, root)
-    same_dataset = existing is not None and existing.fingerprint == fingerprint
-    if same_dataset and _intact(fs, root, existing):
-        print(f"{opts.out} is up to date; nothing to do")
+    if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
         return existing
-    if not same_dataset and not opts.force and holds_files(fs, root):
-        what = "other prepared data" if existing else "other files"
-        raise UserError(f"{opts.out} already holds {what}; pass --force to replace it, or choose another --out")
 
     tokenizer = given_tokenizer or fit_tokenizer(opts.tokenizer, opts.bpe_vocab_size, read_documents(sources))
     dtype = token_dtype(tokenizer.vocab_size)  # before anything is written: a misfit writes nothing
@@ -199,6 +195,20 @@ def fit_tokenizer(kind: str, bpe_vocab_size: int, texts: Iterable[str]) -> Token
 
 def entry_names(fs: AbstractFileSystem, root: str) -> list[str]:
     return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
+
+
+def up_to_date(fs: AbstractFileSystem, root: str, out: str, existing: Any, fingerprint: str,
+               intact: Callable[[AbstractFileSystem, str, Any], bool], force: bool) -> bool:
+    """Whether ``out`` already holds this very output, intact (nothing to do). Refuses, unless
+    ``force``, a directory that holds anything else; ``existing`` is its manifest, if any."""
+    same = existing is not None and existing.fingerprint == fingerprint
+    if same and intact(fs, root, existing):
+        print(f"{out} is up to date; nothing to do")
+        return True
+    if not same and not force and holds_files(fs, root):
+        what = "other prepared data" if existing else "other files"
+        raise UserError(f"{out} already holds {what}; pass --force to replace it, or choose another --out")
+    return False
 
 
 def holds_files(fs: AbstractFileSystem, root: str) -> bool:

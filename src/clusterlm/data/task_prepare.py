@@ -37,10 +37,10 @@ from clusterlm.data.prepare import (
     DEFAULT_BPE_VOCAB,
     entry_names,
     fit_tokenizer,
-    holds_files,
     read_documents,
     read_source,
     scan_sources,
+    up_to_date,
 )
 from clusterlm.data.storage import SourceFile, StagedDir, join, resolve_sources, url_to_fs
 from clusterlm.data.task import (
@@ -100,12 +100,8 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
     fingerprint = _fingerprint(opts, infos, given)
     fs, root = url_to_fs(opts.out)
     existing = _existing_task(fs, root)
-    same_task = existing is not None and existing.fingerprint == fingerprint
-    if same_task and _intact(fs, root, existing):
-        print(f"{opts.out} is up to date; nothing to do")
+    if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
         return existing
-    if not same_task and not opts.force and holds_files(fs, root):
-        raise UserError(f"{opts.out} already holds other files; pass --force to replace them, or choose another --out")
 
     tokenizer = given or fit_tokenizer(opts.tokenizer, DEFAULT_BPE_VOCAB, texts)
     dtype = smallest_token_dtype(tokenizer.vocab_size)
