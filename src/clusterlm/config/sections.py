@@ -107,7 +107,8 @@ class ParallelConfig:
     pp_stages_per_rank: int = opt(0, "stages each pipeline rank holds (0 = what the schedule needs: 1, or 2 "
                                   "for interleaved and V schedules)")
     cpu_offload: bool = opt(False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
-    bucket_mb: float = opt(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs)")
+    bucket_mb: float = opt(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs); "
+                           "zero2/zero3/hsdp: consecutive blocks form FSDP units of at least this size")
     timeout_s: float = opt(600.0, "seconds a collective may wait before the job fails as hung")
     load_balance: bool = opt(False, "ddp/zero1-3: give each data-parallel rank a number of the step's micro-batches "
                              "proportional to its measured speed (global batch and losses unchanged)")

@@ -55,10 +55,29 @@ def apply_data_parallel(
     }
     if cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    for block in model.layers.values():
-        fully_shard(block, **options)
+    min_bytes = cfg.bucket_mb * 2**20
+    if 4 * sum(p.numel() for p in model.parameters()) >= min_bytes:  # else the whole model is one unit
+        for unit in fsdp_units(list(model.layers.values()), min_bytes):
+            fully_shard(unit if len(unit) > 1 else unit[0], **options)
     fully_shard(model, **options)  # embeddings, final norm and head form the root unit
     return model, None
+
+
+def fsdp_units(blocks: list[nn.Module], min_bytes: float) -> list[list[nn.Module]]:
+    """Consecutive blocks grouped into FSDP units of at least ``min_bytes`` of fp32 parameters
+    (``parallel.bucket_mb``, the size DDP's buckets use). A unit is one all-gather and one
+    reduce-scatter: blocks of a large model are units of their own, so communication overlaps
+    compute block by block, while a small model's blocks share one, sparing the per-collective
+    latency that dominates there."""
+    units: list[list[nn.Module]] = [[]]
+    size = 0
+    for block in blocks:
+        if size >= min_bytes:
+            units.append([])
+            size = 0
+        units[-1].append(block)
+        size += 4 * sum(p.numel() for p in block.parameters())
+    return [unit for unit in units if unit]
 
 
 def _apply_ddp(
@@ -89,7 +108,10 @@ def build_optimizer(recipe: Any, shard_state: bool) -> torch.optim.Optimizer:
     """The optimizer a recipe describes (``param_groups``, ``optimizer_class``, ``options``);
     ``shard_state`` (ZeRO stage 1) keeps each parameter's state on one data-parallel rank only."""
     if shard_state:
-        return ZeroRedundancyOptimizer(recipe.param_groups, optimizer_class=recipe.optimizer_class, **recipe.options)
+        # Bucket views: after its step each rank broadcasts its parameters as one flat buffer per
+        # rank instead of tensor by tensor, a few collectives instead of hundreds.
+        return ZeroRedundancyOptimizer(recipe.param_groups, optimizer_class=recipe.optimizer_class,
+                                       parameters_as_bucket_view=True, **recipe.options)
     return recipe.build()
 
 
