@@ -38,6 +38,8 @@ def test_unknown_key_suggests_closest():
     ("training.compile", "maybe", "must be true or false"),
     ("model.dropout", "1.5", "model.dropout must be in"),
     ("optim.min_lr", "1", "must not exceed optim.lr"),
+    ("comm.reduce_scatter", "ring", "applies to parallel.data_parallel = zero2, zero3 or hsdp"),
+    ("comm.reduce_scatter", "tree", "must be one of auto, native, ring"),
 ])
 def test_impossible_values_fail_with_one_line(key, value, message):
     with pytest.raises(UserError, match=message) as err:

@@ -132,6 +132,9 @@ class CommConfig:
     allreduce: str = opt("native", "ddp/zero1 gradient all-reduce algorithm (native = the backend's own)",
                          ("native", "ring", "tree", "halving_doubling", "hierarchical", "mesh2d", "parameter_server"))
     compression: str = opt("none", "ddp/zero1 gradient compression", ("none", "fp16", "bf16", "powersgd", "topk"))
+    reduce_scatter: str = opt("auto", "zero2/zero3/hsdp gradient reduce-scatter: native (the backend's own), ring "
+                              "(clusterlm.comm.ring), auto (ring on gloo, where it is the faster, else native)",
+                              ("auto", "native", "ring"))
     powersgd_rank: int = opt(1, "rank of the PowerSGD low-rank approximation")
     topk_ratio: float = opt(0.01, "fraction of gradient entries top-k sparsification sends")
 

@@ -81,6 +81,9 @@ def _comm(cfg: Config) -> None:
     if custom_comm and cfg.parallel.data_parallel not in ("ddp", "zero1"):
         raise UserError("comm.allreduce / comm.compression apply to parallel.data_parallel = ddp or zero1 "
                         "(FSDP reduces through reduce-scatter)")
+    if cfg.comm.reduce_scatter == "ring" and cfg.parallel.data_parallel not in ("zero2", "zero3", "hsdp"):
+        raise UserError("comm.reduce_scatter = ring applies to parallel.data_parallel = zero2, zero3 or hsdp "
+                        "(the others all-reduce; comm.allreduce picks their algorithm)")
     if cfg.comm.powersgd_rank < 1 or not 0 < cfg.comm.topk_ratio <= 1:
         raise UserError("comm.powersgd_rank must be >= 1 and comm.topk_ratio in (0, 1]")
 

@@ -18,12 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
+from clusterlm.comm.fsdp import use_ring_reduce_scatter
 from clusterlm.comm.hooks import CommHookState, register_comm_hook
 from clusterlm.config import CommConfig, ParallelConfig
 from clusterlm.parallel.mesh import REPLICATING
@@ -40,7 +42,8 @@ def apply_data_parallel(
     """Wrap ``model`` for ``cfg.data_parallel``; returns it with the state of its gradient
     communication hook (bytes sent), if ``comm`` asked for one. ``param_dtype`` is the compute
     dtype under mixed precision: FSDP gathers parameters in it and reduces gradients in fp32.
-    ``comm`` picks the all-reduce algorithm and compression of DDP's gradient buckets."""
+    ``comm`` picks the all-reduce algorithm and compression of DDP's gradient buckets, and FSDP's
+    reduce-scatter."""
     if mesh["dp_replicate"].size() * mesh["dp_shard"].size() == 1 or cfg.data_parallel in INDEPENDENT:
         return model, None  # one data-parallel rank, or replicas that synchronize outside backward
     if cfg.data_parallel in REPLICATING:
@@ -60,6 +63,9 @@ def apply_data_parallel(
         for unit in fsdp_units(list(model.layers.values()), min_bytes):
             fully_shard(unit if len(unit) > 1 else unit[0], **options)
     fully_shard(model, **options)  # embeddings, final norm and head form the root unit
+    on_gloo = dist.get_backend(mesh["dp_shard"].get_group()) == "gloo"
+    if comm.reduce_scatter == "ring" or (comm.reduce_scatter == "auto" and on_gloo):
+        use_ring_reduce_scatter(model)
     return model, None
 
 

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from clusterlm.comm.hooks import CommHookState
 from clusterlm.models.loss import next_token_loss
+from clusterlm.parallel.clipping import clip_grad_norm
 from clusterlm.parallel.data_parallel import (
     build_optimizer,
     gathered_for_accumulation,
@@ -137,4 +138,4 @@ class WholeModel(ParallelModel):
         return torch.stack([loss.float(), right.to(loss.device, torch.float32)])
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.parts[0].parameters(), max_norm)
+        return clip_grad_norm(self.parts[0].parameters(), max_norm)

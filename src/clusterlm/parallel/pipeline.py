@@ -47,6 +47,7 @@ from clusterlm.errors import UserError
 from clusterlm.models.counting import embedding_params, head_params, layer_params
 from clusterlm.models.gpt import ModelArgs, Transformer
 from clusterlm.models.loss import next_token_loss
+from clusterlm.parallel.clipping import scale_grads, squared_grad_norm
 
 # name -> (schedule class, placement of stages on ranks: one per rank, round-robin loop, or V)
 SCHEDULES = {
@@ -307,21 +308,16 @@ def clip_grad_norm_across_stages(stages: list[PipelineStage], max_norm: float) -
     """``clip_grad_norm_`` over the whole pipelined model: the global 2-norm of all stages'
     gradients (the tied copy counted once, as in one process), all-reduced over the pp group, and
     every local gradient scaled by ``max_norm / norm`` when that is below 1. Returns the norm."""
-    parameters, counted = [], []
+    grads, counted = [], []
     for stage in stages:
         tied_copy = stage.submod.output.weight if _is_tied_copy(stage.submod) else None
         for param in stage.submod.parameters():
             if param.grad is not None:
-                parameters.append(param)
+                grads.append(param.grad)
                 if param is not tied_copy:
                     counted.append(param.grad)
-    squared = torch.nn.utils.get_total_norm(counted, 2.0).square()
-    if isinstance(squared, DTensor):  # tensor-parallel or FSDP shards: the norm over the mesh first
-        squared = squared.full_tensor()
+    squared = squared_grad_norm(counted)  # over tensor-parallel and FSDP shards already
     dist.all_reduce(squared, group=stages[0].group)
     total_norm = squared.sqrt()
-    # A Python scale factor multiplies plain and DTensor gradients alike.
-    scale = min(1.0, max_norm / (total_norm.item() + 1e-6))
-    if scale < 1.0:
-        torch._foreach_mul_([param.grad for param in parameters], scale)
+    scale_grads(grads, total_norm, max_norm)
     return total_norm

@@ -1,0 +1,66 @@
+"""Gradient clipping by the global 2-norm, on each rank's local shards.
+
+``torch.nn.utils.clip_grad_norm_`` gives the same result on DTensor gradients (FSDP, tensor
+parallel), but sends every per-tensor norm and scaling through DTensor's dispatch: on 4 CPU
+processes that was 11 ms of a 184 ms zero2 step for the nano model's 52 tensors. Here the norms
+and the scaling run on the local tensors with torch's fused (foreach) kernels, and one scalar
+all-reduce per sharded mesh dimension makes the sum of squares global. The clip coefficient stays
+a tensor, so no step waits for the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
+
+# (mesh, mesh dimensions the gradient is sharded on); (None, ()) for plain tensors.
+ShardKey = tuple[object, tuple[int, ...]]
+
+
+def squared_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of every entry of ``grads`` across the ranks that shard them (fp32, plain)."""
+    local: dict[ShardKey, list[torch.Tensor]] = {}
+    meshes = {}
+    device = torch.device("cpu")
+    for grad in grads:
+        device = grad.device
+        if isinstance(grad, DTensor):
+            if any(p.is_partial() for p in grad.placements):  # not reduced yet: reduce a copy
+                grad = grad.redistribute(placements=[Replicate() if p.is_partial() else p for p in grad.placements])
+            # Every other placement splits the tensor (Shard, and FSDP's _StridedShard over tensor
+            # parallelism, which is not a Shard).
+            dims = tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate())
+            key = (id(grad.device_mesh), dims)
+            meshes[key] = grad.device_mesh
+            local.setdefault(key, []).append(grad.to_local())
+        else:
+            local.setdefault((None, ()), []).append(grad)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for key, tensors in local.items():
+        squared = torch.nn.utils.get_total_norm(tensors, 2.0).float().square()
+        for dim in key[1]:
+            dist.all_reduce(squared, group=meshes[key].get_group(dim))
+        total += squared
+    return total
+
+
+def scale_grads(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Multiply every gradient by ``max_norm / total_norm`` where that is below 1."""
+    coefficient = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for grad in grads:
+        tensor = grad.to_local() if isinstance(grad, DTensor) else grad
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    for (device, dtype), tensors in groups.items():  # the fused kernel takes one device and dtype
+        torch._foreach_mul_(tensors, coefficient.to(device, dtype))
+
+
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over parameters that may be sharded across ranks; returns the norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = squared_grad_norm(grads).sqrt()
+    scale_grads(grads, total_norm, max_norm)
+    return total_norm

@@ -1,0 +1,99 @@
+"""The ring reduce-scatter FSDP uses on gloo equals dist.reduce_scatter_tensor, and clipping on
+local shards equals torch's clip_grad_norm_, on 4 real gloo processes (one spawn for both).
+
+Tolerances: reduce-scatter sums 4 terms in another order, within 4 eps of the summed magnitudes
+(float32 1e-6 relative, bfloat16 3e-2); clipping differs from torch's only in summation order,
+relative 1e-6 on the norm and on every gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from clusterlm.comm.fsdp import RingReduceScatter
+from clusterlm.parallel.clipping import clip_grad_norm
+
+from .helpers import run_distributed
+
+
+def _reduce_scatter_mismatches(group: dist.ProcessGroup, seed: int) -> list[str]:
+    n, rank = group.size(), group.rank()
+    generator = torch.Generator().manual_seed(seed * 100 + dist.get_rank())
+    comm, failures = RingReduceScatter(), []
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 3e-2)):
+        for numel in (n, 1001 * n):
+            for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+                x = torch.randn(numel, generator=generator).to(dtype)
+                expected = torch.empty(numel // n, dtype=dtype)
+                dist.reduce_scatter_tensor(expected, x.clone(), group=group)
+                magnitude = x.float().abs()
+                dist.all_reduce(magnitude, group=group)
+                if op == dist.ReduceOp.AVG:
+                    expected = expected / n
+                out = comm.allocate((numel // n,), dtype=dtype, device=x.device)
+                comm(out, x.clone(), group, op)
+                bound = tolerance * magnitude.chunk(n)[rank] / (n if op == dist.ReduceOp.AVG else 1) + 1e-30
+                if ((out.float() - expected.float()).abs() > bound).any():
+                    failures.append(f"{dtype} numel {numel} {op} on ranks {dist.get_process_group_ranks(group)}")
+    return failures
+
+
+def _sharded_grads(seed: int) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    """Parameters with DTensor gradients on a 2x2 (replicate, shard) mesh, on one of its 1-D
+    sub-meshes (sharded and replicated, one left Partial), and plain ones; and the same
+    gradients as whole tensors, for torch's clipping."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    generator = torch.Generator().manual_seed(seed)  # the same whole gradients on every rank
+    wholes = [torch.randn(shape, generator=generator) for shape in ((8, 3), (6,), (5, 2), (8, 4), (3,), (7,))]
+    # FSDP over tensor parallelism shards the tensor-parallel shard again: _StridedShard, not a Shard.
+    layouts = [(mesh, [Replicate(), Shard(0)]), (mesh["dp_shard"], [Shard(0)]), (mesh["dp_shard"], [Replicate()]),
+               (mesh, [_StridedShard(0, split_factor=2), Shard(0)]), (None, None)]
+    params = []
+    for whole, (sub, placements) in zip(wholes[:-1], layouts, strict=True):
+        if sub is None:
+            param, grad = torch.nn.Parameter(torch.zeros_like(whole)), whole.clone()
+        else:
+            param = torch.nn.Parameter(distribute_tensor(torch.zeros_like(whole), sub, placements))
+            grad = distribute_tensor(whole, sub, placements)
+        param.grad = grad
+        params.append(param)
+    # A Partial gradient: each of the 2 shard ranks holds half of the whole.
+    param = torch.nn.Parameter(distribute_tensor(torch.zeros_like(wholes[-1]), mesh["dp_shard"], [Replicate()]))
+    param.grad = DTensor.from_local(wholes[-1] / 2, mesh["dp_shard"], [Partial()])
+    params.append(param)
+    return params, wholes
+
+
+def _clipping_mismatches(seed: int) -> list[str]:
+    failures = []
+    for max_norm in (1e9, 0.5):
+        params, wholes = _sharded_grads(seed)
+        reference = [torch.nn.Parameter(torch.zeros_like(w)) for w in wholes]
+        for param, whole in zip(reference, wholes, strict=True):
+            param.grad = whole.clone()
+        expected = torch.nn.utils.clip_grad_norm_(reference, max_norm)
+        norm = clip_grad_norm(params, max_norm)
+        if not torch.allclose(norm, expected, rtol=1e-6):
+            failures.append(f"max_norm {max_norm}: norm {norm.item()} != torch's {expected.item()}")
+        for i, (param, ref) in enumerate(zip(params, reference, strict=True)):
+            grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+            if not torch.allclose(grad, ref.grad, rtol=1e-6, atol=1e-7):
+                failures.append(f"max_norm {max_norm}: gradient {i} differs from torch's")
+    return failures
+
+
+def _check(rank: int, world_size: int) -> list[str]:
+    failures = _reduce_scatter_mismatches(dist.group.WORLD, seed=1)
+    pair = dist.new_group([1, 3])  # global ranks that are not the group's own numbering
+    if rank in (1, 3):
+        failures += _reduce_scatter_mismatches(pair, seed=2)
+    return failures + _clipping_mismatches(seed=3)
+
+
+def test_ring_reduce_scatter_and_local_shard_clipping_match_torch():
+    results = run_distributed(_check, 4, timeout=90)
+    assert results == [[]] * 4, results
