@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from clusterlm.parallel.data_parallel import fsdp_units
 from clusterlm.train import checkpoint
 
 from .training import BASE, MICRO, STEPS, assert_equivalent, run
@@ -95,3 +96,11 @@ def test_zero3_with_cpu_offload_equals_single_process(data_dir, reference, tmp_p
     candidate = run(data_dir, tmp_path, 2, parallel__data_parallel="zero3", parallel__cpu_offload=True,
                     training__micro_batch_size=MICRO)
     assert_equivalent(reference(MICRO * 2), candidate)
+
+
+def test_fsdp_units_group_consecutive_blocks_up_to_the_bucket_size():
+    """Blocks of 7 bytes with a 25-byte bucket form units of 4; blocks at least that size are
+    units of their own; a model under the bucket is the root unit alone."""
+    assert fsdp_units([7] * 12, 84, 25) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert fsdp_units([30] * 3, 90, 25) == [[0], [1], [2]]
+    assert fsdp_units([7] * 3, 21, 25) == []

@@ -18,7 +18,7 @@ from clusterlm.plan.cluster import Link
 from clusterlm.plan.fit import fit_calibration
 from clusterlm.plan.layout import Layout, layout_from_config
 from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
-from clusterlm.plan.timing import HostCalls, host_calls, step_time
+from clusterlm.plan.timing import HostCalls, host_calls, parameter_tensors, step_time
 from clusterlm.plan.validation import (
     CASES,
     GLOBAL_BATCH,
@@ -120,15 +120,37 @@ def test_layout_from_config_takes_the_trainers_degrees_accumulation_and_micro_ba
                                                       micro_batch_size=2, micro_batches=4)
 
 
-def test_host_calls_count_fsdp_collectives_and_tensor_parallel_modules():
+def test_host_calls_count_fsdp_tensors_tensor_parallel_modules_and_pipeline_actions():
     work = Workload(NANO, 64, 12 * 64, "fp32")
-    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero3")) == HostCalls(3 * 5, 0)
-    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero2")) == HostCalls(2 * 5, 0)
+    tensors = 4 * 16 + 4  # gpt2 blocks: 2 LayerNorms and 6 linears, weights and biases; 2 tables, a norm
+    assert parameter_tensors(NANO) == (16, 4)
+    # zero3 gathers before forward and backward and reduces once; zero2 keeps forward's gather.
+    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero3")) == HostCalls(3 * tensors, 0)
+    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero2")) == HostCalls(2 * tensors, 0)
     assert host_calls(work, Layout(dp_shard=2, data_parallel="zero1")) == HostCalls(0, 0)
-    # pp2: two blocks and a root per stage on each rank; tp: 8 sharded modules per block + 4, twice.
-    assert host_calls(work, Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batches=3)) == HostCalls(3 * (2 * 3 + 1), 0)
+    # pp2 x zero3, 3 micro-batches: a gather per forward and one before the first backward (the
+    # stage keeps them), one reduce-scatter; each micro-batch's forward and backward on the stage.
+    # tp: 8 sharded modules per block + 4, twice.
+    pp_zero3 = Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batches=3)
+    assert host_calls(work, pp_zero3) == HostCalls((2 * 16 + 4) * (3 + 1 + 1), 0, 6)
     assert host_calls(work, Layout(tp=2)) == HostCalls(0, 2 * (4 * 8 + 4))
     assert host_calls(work, Layout(tp=2, sequence_parallel=True)) == HostCalls(0, 2 * (4 * 10 + 4))
+    # ZBV: two stages per rank, the backward split into input and weight gradients.
+    zbv = Layout(pp=2, pp_schedule="zbv_zero_bubble", pp_stages_per_rank=2, micro_batches=4)
+    assert host_calls(work, zbv) == HostCalls(0, 0, 3 * 4 * 2)
+    llama = replace(NANO, flavour="llama")
+    assert parameter_tensors(llama) == (9, 3)
+
+
+def test_sequence_parallel_adds_one_all_reduce_per_norm_tensor():
+    work = Workload(NANO, 64, 12 * 64, "fp32")
+    cluster = replace(local_cluster(2, {"fp32": 5e10, "bf16": 2e11, "fp16": 2e11}, Link(bandwidth=1e9, latency=1e-4),
+                                    cores=2), calibration=Calibration(comm_efficiency=1.0))
+    plain = step_time(work, Layout(tp=2), cluster).tensor_parallel
+    sequence = step_time(work, Layout(tp=2, sequence_parallel=True), cluster).tensor_parallel
+    # Two LayerNorms per block and the final one, a weight and a bias each: 18 ring all-reduces of
+    # 128 floats on 2 ranks, 2 latencies and half the bytes each.
+    assert sequence - plain == pytest.approx(18 * (2 * 1e-4 + 128 * 4 / 1e9), rel=1e-6)
 
 
 def test_zero2_state_is_sharded_like_fsdp2_stores_it():
@@ -154,16 +176,17 @@ def _synthetic_results(truth: Calibration) -> list[ValidationResult]:
 
 
 def test_fit_recovers_efficiency_and_host_costs_from_the_fitted_cases():
-    truth = Calibration(compute_efficiency=0.3, comm_efficiency=1.0, step_overhead_s=0.012, fsdp_call_s=0.003,
-                        tp_module_s=0.001)
+    truth = Calibration(compute_efficiency=0.3, comm_efficiency=1.0, step_overhead_s=0.012, fsdp_tensor_s=1e-4,
+                        tp_module_s=0.001, pp_action_s=0.002)
     results = _synthetic_results(truth)
     fitted = fit_calibration(results)
     assert fitted.compute_efficiency == pytest.approx(0.3, rel=0.03)
     assert fitted.step_overhead_s == pytest.approx(0.012, abs=0.002)
-    assert fitted.fsdp_call_s == pytest.approx(0.003, rel=0.05)
+    assert fitted.fsdp_tensor_s == pytest.approx(1e-4, rel=0.05)
     assert fitted.tp_module_s == pytest.approx(0.001, rel=0.05)
+    assert fitted.pp_action_s == pytest.approx(0.002, rel=0.05)
     report = validation_report(results, fitted, {2: Link(1e9, 1e-4)})
-    assert f"step time within 20%: {len(CASES)} of {len(CASES)} configurations" in report
+    assert f"step time within 10%: {len(CASES)} of {len(CASES)} configurations" in report
     assert "2 processes 100 us + bytes / 1.00 GB/s" in report
 
 

@@ -58,10 +58,11 @@ def apply_data_parallel(
     }
     if cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    min_bytes = cfg.bucket_mb * 2**20
-    if 4 * sum(p.numel() for p in model.parameters()) >= min_bytes:  # else the whole model is one unit
-        for unit in fsdp_units(list(model.layers.values()), min_bytes):
-            fully_shard(unit if len(unit) > 1 else unit[0], **options)
+    blocks = list(model.layers.values())
+    block_bytes = [4 * sum(p.numel() for p in block.parameters()) for block in blocks]
+    model_bytes = 4 * sum(p.numel() for p in model.parameters())
+    for unit in fsdp_units(block_bytes, model_bytes, cfg.bucket_mb * 2**20):
+        fully_shard([blocks[i] for i in unit] if len(unit) > 1 else blocks[unit[0]], **options)
     fully_shard(model, **options)  # embeddings, final norm and head form the root unit
     on_gloo = dist.get_backend(mesh["dp_shard"].get_group()) == "gloo"
     if comm.reduce_scatter == "ring" or (comm.reduce_scatter == "auto" and on_gloo):
@@ -69,20 +70,23 @@ def apply_data_parallel(
     return model, None
 
 
-def fsdp_units(blocks: list[nn.Module], min_bytes: float) -> list[list[nn.Module]]:
-    """Consecutive blocks grouped into FSDP units of at least ``min_bytes`` of fp32 parameters
-    (``parallel.bucket_mb``, the size DDP's buckets use). A unit is one all-gather and one
-    reduce-scatter: blocks of a large model are units of their own, so communication overlaps
-    compute block by block, while a small model's blocks share one, sparing the per-collective
-    latency that dominates there."""
-    units: list[list[nn.Module]] = [[]]
+def fsdp_units(block_bytes: list[int], model_bytes: int, min_bytes: float) -> list[list[int]]:
+    """Which blocks (by index) form each FSDP unit besides the root, from their fp32 parameter
+    bytes: consecutive blocks up to at least ``min_bytes`` (``parallel.bucket_mb``, the size DDP's
+    buckets use). A unit is one all-gather and one reduce-scatter: blocks of a large model are
+    units of their own, so communication overlaps compute block by block, while a model of less
+    than ``min_bytes`` in all is the root unit alone, sparing the per-collective latency that
+    dominates there. The planner counts collectives by the same rule."""
+    if model_bytes < min_bytes:
+        return []
+    units: list[list[int]] = [[]]
     size = 0
-    for block in blocks:
+    for index, nbytes in enumerate(block_bytes):
         if size >= min_bytes:
             units.append([])
             size = 0
-        units[-1].append(block)
-        size += 4 * sum(p.numel() for p in block.parameters())
+        units[-1].append(index)
+        size += nbytes
     return [unit for unit in units if unit]
 
 

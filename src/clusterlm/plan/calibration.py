@@ -19,11 +19,13 @@
   overlaps them with the neighbouring GEMMs (async TP, Transformer Engine) lowers it.
 - ``device``: the device kind the factors were measured on (empty: not recorded). A calibration
   file from another kind of device is refused: its factors describe other hardware.
-- ``fsdp_call_s``: host seconds per FSDP collective call (one unit's all-gather or reduce-scatter:
-  the pre/post hooks, the copy into and out of the flat buffer, the launch).
+- ``fsdp_tensor_s``: host seconds per parameter tensor an FSDP collective passes (copied into and
+  out of the flat buffer, viewed and wrapped as a DTensor, one by one).
 - ``tp_module_s``: host seconds per tensor-parallel module pass (one DTensor-sharded linear, norm
   or embedding, forward or backward: sharding propagation, redistribution, local-tensor wrapping).
-  Both default to 0: on an accelerator the host runs ahead of the device and these costs hide
+- ``pp_action_s``: host seconds per pipeline action (one stage's forward or backward of one
+  micro-batch: the schedule's bookkeeping, posting its sends and receives and waiting on them).
+  All three default to 0: on an accelerator the host runs ahead of the device and these costs hide
   behind the kernels of any model worth sharding; on a CPU the host is the device and they add,
   so ``--validate`` fits them.
 """
@@ -40,7 +42,7 @@ from clusterlm.errors import UserError
 from clusterlm.files import atomic_write
 from clusterlm.hardware import device_kind
 
-HOST_SECONDS = ("step_overhead_s", "fsdp_call_s", "tp_module_s")  # seconds >= 0
+HOST_SECONDS = ("step_overhead_s", "fsdp_tensor_s", "tp_module_s", "pp_action_s")  # seconds >= 0
 NON_NEGATIVE = (*HOST_SECONDS, "efficiency_half_width")  # the rest but ``device`` are fractions
 
 
@@ -50,8 +52,9 @@ class Calibration:
     comm_efficiency: float = 0.8
     overlap: float = 0.8
     step_overhead_s: float = 0.0
-    fsdp_call_s: float = 0.0
+    fsdp_tensor_s: float = 0.0
     tp_module_s: float = 0.0
+    pp_action_s: float = 0.0
     efficiency_half_width: float = 0.0
     tp_exposed: float = 1.0
     device: str = ""

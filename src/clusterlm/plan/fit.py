@@ -1,6 +1,6 @@
 """Fit the calibration (``clusterlm.plan.calibration``) to the step times ``plan --validate``
-measured: the compute efficiency and the host costs per step, per FSDP collective call and per
-tensor-parallel module pass, on the cases marked ``fit`` (one per term, and the 4-process ddp for
+measured: the compute efficiency and the host costs per step, per FSDP collective call, per
+tensor-parallel module pass and per pipeline action, on the cases marked ``fit`` (one per term, and the 4-process ddp for
 the core sharing); the report then shows the error on all of them."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURE
 
 
 def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """argmin ||a x - b|| over x >= 0, by trying every set of free columns (there are three)."""
+    """argmin ||a x - b|| over x >= 0, by trying every set of free columns (there are four)."""
     best_x, best_error = np.zeros(a.shape[1]), float(np.sum(b**2))
     for free in itertools.chain.from_iterable(itertools.combinations(range(a.shape[1]), k)
                                               for k in range(1, a.shape[1] + 1)):

@@ -14,17 +14,20 @@ Communication (``collectives``), per step:
   forward and 2 in backward (2 more when full checkpointing reruns the forward); with sequence
   parallelism each becomes an all-gather plus a reduce-scatter, the same time. The calibration's
   ``tp_exposed`` share of it is on the critical path (1 here: DTensor waits for each collective).
+  Sequence parallelism adds one small all-reduce per norm weight and bias in each micro-batch's
+  backward: a norm sees a slice of the sequence, so their gradients are partial sums.
 - data parallel, on gradients in the weight dtype (2 bytes under mixed precision, as ZeRO counts):
   ddp all-reduces once per step, hidden behind the last micro-batch's backward up to
   ``overlap``: exposed = max(0, comm - overlap * backward). zero1 (torch's
   ZeroRedundancyOptimizer under DDP) all-reduces like ddp, then broadcasts the updated parameters
   from their owners inside the optimizer step: an all-gather, with nothing to hide behind (the
-  broadcasts go out together, so their latencies overlap). zero2 reduce-scatters every
-  micro-batch (only gradient shards are kept) and all-gathers the updated weights, prefetched
-  behind the first forward. zero3 / hsdp (FSDP) all-gather the weights
-  before forward and again before backward and reduce-scatter gradients, every micro-batch, layer
-  by layer with prefetch, hidden behind that pass's compute; hsdp then all-reduces the gradient
-  shard across replicas once per step.
+  broadcasts go out together, so their latencies overlap). zero2 and zero3 / hsdp
+  (FSDP) reduce-scatter gradients every micro-batch, keeping only their shards (ZeRO's gradient
+  sharding, as the published FSDP runs do; this trainer reduces once per step under gradient
+  accumulation and pipelining instead, so with many micro-batches the time is an upper bound), and
+  all-gather the weights before each forward, under zero3 before each backward too
+  (``fsdp_gathers``; a pipeline keeps them longer), layer by layer with prefetch, hidden behind
+  that pass's compute; hsdp then all-reduces the gradient shard across replicas once per step.
 - pipeline: activations forward and gradients backward at every stage boundary. The 2*(p - 1)*v
   messages of the fill and the drain are on the critical path; the 2*m*v of the steady state are
   sent while the next micro-batch computes, hidden up to ``overlap`` of that compute.
@@ -40,17 +43,24 @@ the busiest rank's.
 The optimizer step itself is not modelled, except through ``host``.
 
 Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
-fixed seconds per step, plus seconds per FSDP collective call (per unit, an all-gather each
-micro-batch, again before backward under zero3/hsdp, and one reduce-scatter per step) and per
+fixed seconds per step, plus seconds per parameter tensor FSDP's collectives pass through their
+flat buffers (copied in and out, viewed and wrapped per tensor), per
 tensor-parallel module pass (each DTensor-sharded linear, norm and embedding, forward and
-backward), divided by the device's ``host_share`` of a core. Their defaults are 0; ``plan
+backward) and per pipeline action (one stage's forward or backward of one micro-batch: the
+schedule's bookkeeping and its point-to-point posts and waits), divided by the device's
+``host_share`` of a core. Their defaults are 0; ``plan
 --validate`` fits them on a CPU, where the host is the device and nothing hides them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
+import torch
+
+from clusterlm.models import ModelArgs, create_model
 from clusterlm.plan import collectives
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
@@ -137,7 +147,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     tp_group = collectives.mesh_group(layout, "tp", cluster)
     per_collective = collectives.all_reduce(tokens * args.n_embd * work.activation_bytes, tp_group, cluster)
     tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
-    tensor_parallel = cal.tp_exposed * tp_per_layer * layers
+    tensor_parallel = cal.tp_exposed * (tp_per_layer * layers + _norm_gradient_reductions(work, layout, cluster, layers))
     micro_batch = forward + backward + recompute + tensor_parallel
     m = layout.micro_batches
 
@@ -154,32 +164,77 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     )
 
 
+def _norm_gradient_reductions(work: Workload, layout: Layout, cluster: Cluster, layers: int) -> float:
+    """Under sequence parallelism each norm sees a slice of the sequence, so the gradients of its
+    replicated weights (and biases) are partial sums, all-reduced over the tensor-parallel group in
+    every micro-batch's backward, one small all-reduce per tensor: latency-bound."""
+    if not layout.sequence_parallel:
+        return 0.0
+    per_norm = 1 if work.model.is_llama else 2  # RMSNorm has a weight; LayerNorm a weight and a bias
+    tensors = per_norm * (2 * layers + 1)  # two norms per block, and the final norm
+    group = collectives.mesh_group(layout, "tp", cluster)
+    return tensors * collectives.all_reduce(work.model.n_embd * 4, group, cluster)
+
+
 @dataclass(frozen=True)
 class HostCalls:
-    """Host-side calls per step that cost time beyond their FLOPs and bytes."""
+    """Host-side work per step that costs time beyond the FLOPs and the links' bytes."""
 
-    fsdp_collectives: int
+    fsdp_tensor_passes: int
     tp_module_passes: int
+    pp_actions: int = 0
 
-    def counts(self) -> tuple[float, float, float]:
+    def counts(self) -> tuple[float, float, float, float]:
         """How many times each calibration host cost (``calibration.HOST_SECONDS``) is paid."""
-        return 1.0, self.fsdp_collectives, self.tp_module_passes
+        return 1.0, self.fsdp_tensor_passes, self.tp_module_passes, self.pp_actions
+
+
+def parameter_tensors(args: ModelArgs) -> tuple[int, int]:
+    """(parameter tensors per block, tensors outside the blocks) of the model the trainer builds."""
+    return _parameter_tensors(dataclasses.astuple(args))
+
+
+@lru_cache(maxsize=64)
+def _parameter_tensors(values: tuple) -> tuple[int, int]:
+    args = dataclasses.replace(ModelArgs(*values), n_layer=1)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = create_model(args)
+    block = len(list(next(iter(model.layers.values())).parameters()))
+    return block, len(list(model.parameters())) - block
+
+
+def fsdp_tensor_passes(work: Workload, layout: Layout) -> int:
+    """Parameter tensors FSDP's collectives pass through their flat buffers per step on the pipeline
+    rank with the most: each gathered every micro-batch (again before backward unless zero2), and
+    its gradient reduce-scattered once (accumulation and pipeline schedules both turn the reduction
+    off before the last micro-batch). FSDP copies, views and wraps every tensor on its way."""
+    if layout.dp_shard == 1 or layout.zero_stage < 2:
+        return 0
+    block, outside = parameter_tensors(work.model)
+    tensors = max(rank_share(work.model, layout, r).layers * block + outside for r in range(layout.pp))
+    return tensors * (fsdp_gathers(layout) + 1)
+
+
+def fsdp_gathers(layout: Layout) -> int:
+    """All-gathers of a rank's FSDP weights per step. zero2 keeps them from forward to backward:
+    one per micro-batch. zero3 gathers before each forward and again before each backward, except
+    in a pipeline: torch's pipeline stage keeps the weights a backward gathered until the step's
+    last backward, so after one gather per forward only the first backward gathers (counted with
+    the profiler on pp2 x zero3: 4 gathers for 3 micro-batches). A pipeline's zero2 gathers once."""
+    m = layout.micro_batches
+    if layout.zero_stage == 2:
+        return 1 if layout.pp > 1 else m
+    return m + 1 if layout.pp > 1 else 2 * m
 
 
 def host_calls(work: Workload, layout: Layout) -> HostCalls:
-    """FSDP units are a rank's blocks plus one root per stage (embeddings, final norm, head); a
-    tensor-parallel block shards 6 linears (7 with SwiGLU) and its 2 norms, plus under sequence
-    parallelism the 2 inputs it gathers along the sequence, and the model adds the token and
-    position embeddings, the final norm and the head."""
+    """FSDP's tensor passes (``fsdp_tensor_passes``); a tensor-parallel block shards 6 linears (7
+    with SwiGLU) and its 2 norms, plus under sequence parallelism the 2 inputs it gathers along
+    the sequence, and the model adds the token and position embeddings, the final norm and the
+    head; a pipeline rank runs each micro-batch's forward and backward on each of its stages, the
+    backward in two parts (input and weight gradients) under the zero-bubble schedules."""
     args, m = work.model, layout.micro_batches
     layers = busiest_rank_flops(work, layout)[1]
-    fsdp = 0
-    if layout.dp_shard > 1 and layout.zero_stage >= 2:
-        # Every micro-batch gathers (again before backward unless zero2); gradients are
-        # reduce-scattered once, after the last micro-batch (accumulation and pipeline schedules
-        # both turn the reduction off before it).
-        gathers = 1 if layout.zero_stage == 2 else 2
-        fsdp = (layers + layout.pp_stages_per_rank) * (gathers * m + 1)  # a root per stage
     tp = 0
     if layout.tp > 1:
         per_block = 2 + (7 if args.is_llama else 6)
@@ -187,7 +242,11 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
             per_block += 2
         top = 3 if args.is_llama else 4
         tp = 2 * (layers * per_block + top) * m  # forward and backward
-    return HostCalls(fsdp, tp)
+    pp = 0
+    if layout.pp > 1:
+        passes = 2 + (BUBBLE_DIVISOR[layout.pp_schedule] == 3)  # zero bubble: B split into I and W
+        pp = passes * m * layout.pp_stages_per_rank
+    return HostCalls(fsdp_tensor_passes(work, layout), tp, pp)
 
 
 def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:
@@ -230,15 +289,15 @@ def _data_parallel_and_offload(work: Workload, layout: Layout, cluster: Cluster,
         # each rank steps the parameters it owns and broadcasts them in step(), nothing to hide behind.
         exposed = hidden(collectives.all_reduce(grads, shard, cluster), backward)
         exposed += collectives.all_gather(weights, shard, cluster)
-    elif stage == 2:
-        reduce = collectives.reduce_scatter(grads, shard, cluster)
-        exposed = m * hidden(reduce, backward)
-        exposed += hidden(collectives.all_gather(weights, shard, cluster), forward)
     else:
+        # Weights are gathered before forwards, and under zero3 before backwards too (``fsdp_gathers``).
         gather = collectives.all_gather(weights, shard, cluster)
-        reduce = collectives.reduce_scatter(grads, shard, cluster)
-        exposed = m * (hidden(gather, forward) + hidden(gather + reduce, backward))
-        exposed += hidden(collectives.all_reduce(grads / layout.dp_shard, replicas, cluster), backward)
+        exposed = m * hidden(collectives.reduce_scatter(grads, shard, cluster), backward)
+        forward_gathers = min(m, fsdp_gathers(layout))
+        exposed += forward_gathers * hidden(gather, forward)
+        exposed += (fsdp_gathers(layout) - forward_gathers) * hidden(gather, backward)
+        if stage == 3:
+            exposed += hidden(collectives.all_reduce(grads / layout.dp_shard, replicas, cluster), backward)
 
     offload = 0.0
     if layout.cpu_offload and cluster.host is not None:

@@ -25,7 +25,7 @@ from clusterlm.plan.workload import Workload
 GLOBAL_BATCH = 12  # sequences per optimizer step, as nano-cpu
 NANO_MODEL = {"model.flavour": "gpt2", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128,
               "model.block_size": 64, "model.dropout": 0.0}
-WITHIN = 0.2  # the step-time error the report counts as a good prediction
+WITHIN = 0.1  # the step-time error the report counts as a good prediction (the project's target)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ CASES = (
     ValidationCase("4 zero3", 4, {"data_parallel": "zero3"}),
     ValidationCase("4 hsdp 2x2", 4, {"data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2}),
     ValidationCase("4 tp2 x zero3", 4, {"tp": 2, "data_parallel": "zero3"}),
-    ValidationCase("2 pp2 gpipe", 2, {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}),
+    ValidationCase("2 pp2 gpipe", 2, {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}, fit=True),
     ValidationCase("2 pp2 1f1b", 2, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 4}),
     ValidationCase("4 pp2 x zero3", 4, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3"}),
 )
@@ -134,7 +134,7 @@ def _row(result: ValidationResult, seconds: float) -> list[str]:
 
 
 def validation_report(results: list[ValidationResult], calibration: Calibration, links: dict[int, Link]) -> str:
-    """Measured against predicted per case, how many step times are within 20%, the fitted
+    """Measured against predicted per case, how many step times are within 10%, the fitted
     calibration and the measured links."""
     predicted = [r.predicted_seconds(calibration) for r in results]
     within = sum(abs(seconds / r.measured.step_seconds - 1) <= WITHIN for r, seconds in zip(results, predicted, strict=True))
@@ -146,7 +146,8 @@ def validation_report(results: list[ValidationResult], calibration: Calibration,
         table([_row(r, seconds) for r, seconds in zip(results, predicted, strict=True)], header, text_columns=2),
         f"step time within {WITHIN:.0%}: {within} of {len(results)} configurations (* = fitted on)",
         f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the one-thread matmul peak; host "
-        f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_call_s * 1e3:.2f} ms per FSDP "
-        f"collective call, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass (one core)",
+        f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_tensor_s * 1e6:.0f} us per tensor through "
+        f"FSDP's collectives, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass, "
+        f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core)",
         f"gloo loopback links (ring all-reduce fit): {link_text}",
     ])
