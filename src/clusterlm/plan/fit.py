@@ -1,7 +1,9 @@
 """Fit the calibration (``clusterlm.plan.calibration``) to the step times ``plan --validate``
-measured: the compute efficiency and the host costs per step, per FSDP collective call, per
-tensor-parallel module pass and per pipeline action, on the cases marked ``fit`` (one per term, and the 4-process ddp for
-the core sharing); the report then shows the error on all of them."""
+measured: the compute efficiency and the host costs per step, per parameter tensor through
+FSDP's collectives, per tensor-parallel module pass and per pipeline action, on the cases marked
+``fit`` (one per term, the 4-process ddp for the core sharing, and both pipeline schedules on 2
+processes, whose step times scatter by 10% from run to run); the report then shows the error on
+all of them."""
 
 from __future__ import annotations
 
