@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clusterlm.bench.kernels import relative_kernel_rates
 from clusterlm.bench.probes import model_state_bytes, saved_activation_bytes
 from clusterlm.bench.validate import local_cluster, synthetic_text
 from clusterlm.config import build_config
@@ -15,6 +16,7 @@ from clusterlm.models.counting import param_count
 from clusterlm.models.gpt import ModelArgs, Transformer
 from clusterlm.plan.calibration import Calibration, load_calibration, save_calibration
 from clusterlm.plan.cluster import Link
+from clusterlm.plan.efficiency import compute_rate, kernel_flops_per_token, matmul_shapes
 from clusterlm.plan.fit import fit_calibration
 from clusterlm.plan.layout import Layout, layout_from_config
 from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
@@ -152,6 +154,29 @@ def test_sequence_parallel_adds_one_all_reduce_per_sequence_slice_gradient():
     # attention output and MLP down projections: 26 ring all-reduces of 128 floats on 2 ranks, 2
     # latencies and half the bytes each.
     assert sequence - plain == pytest.approx(26 * (2 * 1e-4 + 128 * 4 / 1e9), rel=1e-6)
+
+
+def test_measured_kernel_rates_time_linear_layers_and_attention_apart():
+    work = Workload(NANO, 64, 12 * 64, "bf16")
+    layout = Layout(micro_batch_size=12)
+    linear, attention = kernel_flops_per_token(work, layout)
+    assert attention == 6 * 2 * 128 * 64 * 4  # the core over the full 64 x 64, 4 layers
+    assert linear + attention == pytest.approx(sum(flops for flops, _ in matmul_shapes(work, layout)))
+    rates = {"bf16": {"linear": 2e11, "attention": 1e10}}
+    cluster = local_cluster(1, {"fp32": 1e11, "bf16": 2e11, "fp16": 2e11}, Link(1e9, 1e-4), cores=2, rates=rates)
+    calibration = Calibration(compute_efficiency=0.5)
+    expected = (linear + attention) / (linear / 2e11 + attention / 1e10) * 0.5
+    assert compute_rate(work, layout, cluster.device, calibration) == pytest.approx(expected)
+    # Without rates for the precision: the peak times the shape efficiency.
+    assert compute_rate(replace(work, precision="fp32"), layout, cluster.device, calibration) == pytest.approx(5e10)
+
+
+def test_relative_kernel_rates_anchor_fp32_linear_layers_at_the_peak():
+    work = Workload(NANO, 64, 12 * 64, "bf16")
+    fp32 = relative_kernel_rates(replace(work, precision="fp32"), 2, fp32_peak=1e11)
+    bf16 = relative_kernel_rates(work, 2, fp32_peak=1e11)
+    assert fp32["linear"] == pytest.approx(1e11, rel=0.5)  # two probes of one kernel, seconds apart
+    assert all(rate > 0 for rate in (*fp32.values(), *bf16.values()))
 
 
 def test_zero2_state_is_sharded_like_fsdp2_stores_it():

@@ -12,8 +12,10 @@ case, on every rank:
 - step time: per step the slowest rank's wall time, median over the timed steps; the cases are
   run in several rounds and each keeps its lowest median (other load only adds time).
 
-This machine is then described as the planner's cluster: a device is one process, its peak the
-one-thread matmul probe times min(1, cores / nproc), since the processes share the cores; its
+This machine is then described as the planner's cluster: a device is one process, its rates one
+thread's on the case's linear layers and attention core at the case's shapes and precision,
+relative to fp32's linear layers at the one-thread matmul peak (``clusterlm.bench.kernels``),
+times min(1, cores / nproc), since the processes share the cores; its
 link the alpha-beta fit of a gloo all-reduce sweep on ``nproc`` local processes
 (``measure_link``).
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from clusterlm.bench.collectives import measure_link
+from clusterlm.bench.kernels import relative_kernel_rates
 from clusterlm.bench.probes import state_after_next_step, step_activation_bytes
 from clusterlm.bench.timer import time_steps
 from clusterlm.comm.spawn import run_local
@@ -119,11 +122,15 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def local_cluster(nproc: int, peaks: dict[str, float], link: Link, cores: int) -> Cluster:
-    """``nproc`` processes on this machine as one node of ``nproc`` devices sharing ``cores``."""
+def local_cluster(nproc: int, peaks: dict[str, float], link: Link, cores: int,
+                  rates: dict[str, dict[str, float]] | None = None) -> Cluster:
+    """``nproc`` processes on this machine as one node of ``nproc`` devices sharing ``cores``;
+    ``rates``: one thread's measured kernel rates per precision (``clusterlm.bench.kernels``)."""
     share = min(1.0, cores / nproc)
+    shared_rates = {precision: {kind: rate * share for kind, rate in kinds.items()}
+                    for precision, kinds in (rates or {}).items()}
     device = Device(name=f"1-thread CPU process ({cores} cores shared by {nproc})", memory_bytes=float("inf"),
-                    peak_flops={k: v * share for k, v in peaks.items()}, host_share=share)
+                    peak_flops={k: v * share for k, v in peaks.items()}, host_share=share, kernel_rates=shared_rates)
     return Cluster(name=f"{nproc} local processes", nodes=1, devices_per_node=nproc, device=device,
                    intra_node=link, inter_node=link)
 
@@ -146,11 +153,14 @@ def run_validation(cases: tuple[ValidationCase, ...] = CASES, warmup: int = 3, s
                 rounds_measured[case.name].append(measured)
                 if progress:
                     progress(f"round {round_index + 1}: {case.name} {measured.step_seconds * 1e3:.1f} ms/step")
-    results = []
+    results, rates = [], {}
     for case in cases:
         args = resolve_model_args(case.config(), vocab_size)
         work = Workload(args, args.block_size, GLOBAL_BATCH * args.block_size, case.precision)
-        cluster = local_cluster(case.nproc, peaks, links[case.nproc], cores)
+        key = (case.precision, case.layout.micro_batch_size)
+        if key not in rates:
+            rates[key] = relative_kernel_rates(work, case.layout.micro_batch_size, peaks["fp32"])
+        cluster = local_cluster(case.nproc, peaks, links[case.nproc], cores, {case.precision: rates[key]})
         least_disturbed = min(rounds_measured[case.name], key=lambda m: m.step_seconds)
         results.append(ValidationResult(case, work, cluster, least_disturbed))
     return results, links
@@ -161,6 +171,7 @@ def evidence(results: list[ValidationResult], calibration: Calibration, links: d
     return {
         "device": f"{available_cores()} CPU cores, one thread per process",
         "one_thread_peak_flops": one_thread_peaks(),
+        "kernel_rates": {r.case.name: r.cluster.device.kernel_rates for r in results},
         "gloo_links": {str(n): {"latency_us": link.latency * 1e6, "bandwidth_gb_s": link.bandwidth / 1e9}
                        for n, link in links.items() if n > 1},
         "fitted_on": [r.case.name for r in results if r.case.fit],

@@ -66,6 +66,9 @@ class Device:
     # Share of a CPU core that drives each device; host-side costs are divided by it (below 1
     # only when processes outnumber cores, as on a CPU machine running several ranks).
     host_share: float = 1.0
+    # Measured FLOP/s per precision of the step's "linear" layers and "attention" core at its own
+    # shapes (``clusterlm.bench.kernels``; a CPU probed by ``plan --validate``); empty: the peak.
+    kernel_rates: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from clusterlm.models.counting import training_flops_per_token
 from clusterlm.plan.calibration import Calibration
+from clusterlm.plan.cluster import Device
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.workload import Workload
 
@@ -62,3 +63,23 @@ def shape_efficiency(work: Workload, layout: Layout, calibration: Calibration) -
     shapes = matmul_shapes(work, layout)
     seconds_per_peak_flop = sum(flops * (width + half) / (ceiling * width) for flops, width in shapes)
     return sum(flops for flops, _ in shapes) / seconds_per_peak_flop
+
+
+def kernel_flops_per_token(work: Workload, layout: Layout) -> tuple[float, float]:
+    """(linear layers', attention core's) training FLOPs per token on one tensor-parallel rank."""
+    args = work.model
+    attention = 6.0 * 2 * args.n_head * args.head_dim * work.seq_len * args.n_layer / layout.tp
+    return sum(flops for flops, _ in matmul_shapes(work, layout)) - attention, attention
+
+
+def compute_rate(work: Workload, layout: Layout, device: Device, calibration: Calibration) -> float:
+    """Achieved FLOP/s of the step's compute. A device with measured kernel rates for the precision
+    (a CPU that ``plan --validate`` probed, ``clusterlm.bench.kernels``) runs each kind of multiply
+    at its own rate, and ``compute_efficiency`` is the share the rest of the step (element-wise
+    work, launches) leaves; any other runs at its peak times the shape efficiency."""
+    rates = device.kernel_rates.get(work.precision)
+    if not rates:
+        return device.peak_flops[work.precision] * shape_efficiency(work, layout, calibration)
+    linear, attention = kernel_flops_per_token(work, layout)
+    seconds = linear / rates["linear"] + attention / rates["attention"]
+    return (linear + attention) / seconds * calibration.compute_efficiency

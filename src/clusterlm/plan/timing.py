@@ -65,7 +65,7 @@ from clusterlm.models import ModelArgs, create_model
 from clusterlm.plan import collectives
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
-from clusterlm.plan.efficiency import head_flops_per_token, layer_flops_per_token, shape_efficiency
+from clusterlm.plan.efficiency import compute_rate, head_flops_per_token, layer_flops_per_token
 from clusterlm.plan.layout import Layout, rank_share
 from clusterlm.plan.memory import stage_params, state_bytes_per_param
 from clusterlm.plan.workload import Workload
@@ -139,7 +139,7 @@ def fill_and_drain_share(work: Workload, layout: Layout) -> float:
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     args, cal = work.model, cluster.calibration
     tokens = work.seq_len * layout.micro_batch_size  # per micro-batch
-    rate = cluster.device.peak_flops[work.precision] * shape_efficiency(work, layout, cal)
+    rate = compute_rate(work, layout, cluster.device, cal)
     flops, layers = busiest_rank_flops(work, layout)
     model_flops = flops * tokens / layout.tp
     forward, backward = model_flops / 3 / rate, 2 * model_flops / 3 / rate

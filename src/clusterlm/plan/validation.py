@@ -145,7 +145,8 @@ def validation_report(results: list[ValidationResult], calibration: Calibration,
     return "\n".join([
         table([_row(r, seconds) for r, seconds in zip(results, predicted, strict=True)], header, text_columns=2),
         f"step time within {WITHIN:.0%}: {within} of {len(results)} configurations (* = fitted on)",
-        f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the one-thread matmul peak; host "
+        f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the measured kernel rates (fp32 linear "
+        f"layers at the one-thread matmul peak); host "
         f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_tensor_s * 1e6:.0f} us per tensor through "
         f"FSDP's collectives, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass, "
         f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core)",
