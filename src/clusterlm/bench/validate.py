@@ -135,7 +135,7 @@ def local_cluster(nproc: int, peaks: dict[str, float], link: Link, cores: int,
                    intra_node=link, inter_node=link)
 
 
-def run_validation(cases: tuple[ValidationCase, ...] = CASES, warmup: int = 3, steps: int = 15, rounds: int = 2,
+def run_validation(cases: tuple[ValidationCase, ...] = CASES, warmup: int = 3, steps: int = 15, rounds: int = 3,
                    progress: Callable[[str], None] | None = None) -> tuple[list[ValidationResult], dict[int, Link]]:
     """Measure every case in ``rounds`` rounds, the order reversed every other round; returns the
     results and the measured link per process count. Other work on the machine only ever adds

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-out", metavar="FILE.json", default="runs/plan-calibration.json",
                    help="with --validate: where to write the fitted calibration (default runs/plan-calibration.json)")
     p.add_argument("--validate-steps", type=int, default=15, help="with --validate: timed steps per layout and round")
-    p.add_argument("--validate-rounds", type=int, default=2,
+    p.add_argument("--validate-rounds", type=int, default=3,
                    help="with --validate: rounds over all layouts; each keeps its least disturbed round")
     return p
 
