@@ -126,23 +126,27 @@ def build_optimizer(recipe: Any, shard_state: bool) -> torch.optim.Optimizer:
 
 
 @contextlib.contextmanager
-def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Gradient-accumulation micro-steps run with ``enabled=False``: gradients accumulate locally
-    and are reduced once, in the last micro-step's backward."""
+def gradient_sync(model: nn.Module, enabled: bool, even: bool = True) -> Iterator[None]:
+    """Gradient-accumulation micro-steps run with ``enabled=False``. DDP's gradients then accumulate
+    locally and are all-reduced once, in the last micro-step's backward. FSDP's are reduce-scattered
+    in every micro-step, so that each rank only ever holds its shard (ZeRO's gradient sharding,
+    which the planner's memory model counts on); only hsdp's all-reduce across replicas waits for
+    the last micro-step. Ranks that run different numbers of micro-steps (``even=False``: load
+    balancing) cannot meet in a collective per micro-step: FSDP then reduces once, at the end."""
     if enabled:
         yield
     elif isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
     elif isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(False)
+        pause = model.set_requires_all_reduce if even else model.set_requires_gradient_sync
+        pause(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            pause(True)
     else:
         yield
-
 
 
 @contextlib.contextmanager

@@ -114,9 +114,10 @@ class WholeModel(ParallelModel):
         total = torch.zeros((), device=micro_batches[0][0].device)
         if self.clock is not None:
             self.clock.step_start()
-        with gathered_for_accumulation(model, enabled=self.balanced_micro_batches is not None):
+        even = self.balanced_micro_batches is None
+        with gathered_for_accumulation(model, enabled=not even):
             for i, (x, y) in enumerate(micro_batches):
-                with gradient_sync(model, enabled=i == count - 1), loss_context(self.tp_size):
+                with gradient_sync(model, enabled=i == count - 1, even=even), loss_context(self.tp_size):
                     loss = self.loss_fn(x, y)
                     self.precision.scale(loss / divisor).backward()
                 total += full_value(loss.detach())

@@ -24,8 +24,8 @@ Communication (``collectives``), per step:
   from their owners inside the optimizer step: an all-gather, with nothing to hide behind (the
   broadcasts go out together, so their latencies overlap). zero2 and zero3 / hsdp
   (FSDP) reduce-scatter gradients every micro-batch, keeping only their shards (ZeRO's gradient
-  sharding, as the published FSDP runs do; this trainer reduces once per step under gradient
-  accumulation and pipelining instead, so with many micro-batches the time is an upper bound), and
+  sharding; torch's pipeline stage reduces once per step instead, so there the time is an upper
+  bound), and
   all-gather the weights before each forward, under zero3 before each backward too
   (``fsdp_gathers``; a pipeline keeps them longer), layer by layer with prefetch, hidden behind
   that pass's compute; hsdp then all-reduces the gradient shard across replicas once per step.
@@ -208,14 +208,15 @@ def _parameter_tensors(values: tuple) -> tuple[int, int]:
 
 def fsdp_tensor_passes(work: Workload, layout: Layout) -> int:
     """Parameter tensors FSDP's collectives pass through their flat buffers per step on the pipeline
-    rank with the most: each gathered every micro-batch (again before backward unless zero2), and
-    its gradient reduce-scattered once (accumulation and pipeline schedules both turn the reduction
-    off before the last micro-batch). FSDP copies, views and wraps every tensor on its way."""
+    rank with the most: each gathered ``fsdp_gathers`` times, and its gradient reduce-scattered
+    every micro-batch (once per step in a pipeline, whose stage turns the reduction off before the
+    last micro-batch). FSDP copies, views and wraps every tensor on its way."""
     if layout.dp_shard == 1 or layout.zero_stage < 2:
         return 0
     block, outside = parameter_tensors(work.model)
     tensors = max(rank_share(work.model, layout, r).layers * block + outside for r in range(layout.pp))
-    return tensors * (fsdp_gathers(layout) + 1)
+    reductions = 1 if layout.pp > 1 else layout.micro_batches
+    return tensors * (fsdp_gathers(layout) + reductions)
 
 
 def fsdp_gathers(layout: Layout) -> int:
