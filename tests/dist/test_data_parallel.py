@@ -31,12 +31,15 @@ def test_strategy_equals_single_process(strategy, world_size, extra, data_dir, r
     assert_equivalent(reference(MICRO * world_size), candidate)
 
 
-def test_gradient_accumulation_equals_one_big_step(data_dir, reference, tmp_path):
-    """4 micro-steps on 2 ranks == 1 step on 1 rank with the 8x batch."""
-    tokens = MICRO * 4 * 2 * BASE["model.block_size"]
-    candidate = run(data_dir, tmp_path, 2, parallel__data_parallel="ddp",
-                    training__micro_batch_size=MICRO, training__tokens_per_step=tokens)
-    assert_equivalent(reference(MICRO * 8), candidate)
+@pytest.mark.parametrize("strategy,world_size,extra", [("ddp", 2, {}), ("zero2", 2, {}),
+                                                      ("hsdp", 4, {"parallel__dp_replicate": 2})])
+def test_gradient_accumulation_equals_one_big_step(strategy, world_size, extra, data_dir, reference, tmp_path):
+    """4 micro-steps on N ranks == 1 step on 1 rank with the 4N x batch: ddp all-reduces once,
+    FSDP reduce-scatters every micro-step and hsdp all-reduces across replicas once."""
+    tokens = MICRO * 4 * world_size * BASE["model.block_size"]
+    candidate = run(data_dir, tmp_path, world_size, parallel__data_parallel=strategy,
+                    training__micro_batch_size=MICRO, training__tokens_per_step=tokens, **extra)
+    assert_equivalent(reference(MICRO * 4 * world_size), candidate)
 
 
 def test_resume_across_world_sizes_and_strategies(data_dir, reference, tmp_path):

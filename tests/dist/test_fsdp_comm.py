@@ -1,5 +1,6 @@
-"""The ring reduce-scatter FSDP uses on gloo equals dist.reduce_scatter_tensor, and clipping on
-local shards equals torch's clip_grad_norm_, on 4 real gloo processes (one spawn for both).
+"""The ring reduce-scatter FSDP uses on gloo equals dist.reduce_scatter_tensor, accumulation
+micro-steps leave FSDP's gradients sharded, and clipping on local shards equals torch's
+clip_grad_norm_, on 4 real gloo processes (one spawn for all).
 
 Tolerances: reduce-scatter sums 4 terms in another order, within 4 eps of the summed magnitudes
 (float32 1e-6 relative, bfloat16 3e-2); clipping differs from torch's only in summation order,
@@ -11,10 +12,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from clusterlm.comm.fsdp import RingReduceScatter
+from clusterlm.parallel.data_parallel import gradient_sync
 from clusterlm.parallel.clipping import clip_grad_norm
 
 from .helpers import run_distributed
@@ -86,8 +89,23 @@ def _clipping_mismatches(seed: int) -> list[str]:
     return failures
 
 
+def _accumulation_failures() -> list[str]:
+    """A micro-step outside gradient sync leaves FSDP's gradients reduce-scattered into shards
+    (ZeRO-2 holds no whole gradient), unless ranks are uneven, where they wait whole for the end."""
+    failures = []
+    mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("dp_shard",))
+    for even in (True, False):
+        model = fully_shard(torch.nn.Linear(8, 8), mesh=mesh)
+        with gradient_sync(model, enabled=False, even=even):
+            model(torch.randn(2, 8)).sum().backward()
+        sharded = model.weight.grad is not None and model.weight.grad.to_local().shape == (2, 8)
+        if sharded != even:
+            failures.append(f"even={even}: gradient after a micro-step is {model.weight.grad!r:.60}")
+    return failures
+
+
 def _check(rank: int, world_size: int) -> list[str]:
-    failures = _reduce_scatter_mismatches(dist.group.WORLD, seed=1)
+    failures = _reduce_scatter_mismatches(dist.group.WORLD, seed=1) + _accumulation_failures()
     pair = dist.new_group([1, 3])  # global ranks that are not the group's own numbering
     if rank in (1, 3):
         failures += _reduce_scatter_mismatches(pair, seed=2)
