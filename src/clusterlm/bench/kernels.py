@@ -57,8 +57,9 @@ def relative_kernel_rates(work: Workload, micro_batch: int, fp32_peak: float) ->
     """``kernel_rates`` scaled so that fp32's linear layers run at ``fp32_peak`` (the matmul probe's):
     an isolated probe reads lower than the same kernels inside a training step (warm caches,
     reused allocations), so only its ratios are used, by kind and precision."""
-    fp32_linear = kernel_rates(dataclasses.replace(work, precision="fp32"), micro_batch)["linear"]
-    return {kind: rate / fp32_linear * fp32_peak for kind, rate in kernel_rates(work, micro_batch).items()}
+    rates = kernel_rates(work, micro_batch)
+    fp32 = rates if work.precision == "fp32" else kernel_rates(dataclasses.replace(work, precision="fp32"), micro_batch)
+    return {kind: rate / fp32["linear"] * fp32_peak for kind, rate in rates.items()}
 
 
 def _linears(shapes: list[tuple[int, int]], tokens: int, compute: torch.dtype) -> Callable[[], None]:
