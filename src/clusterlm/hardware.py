@@ -80,6 +80,14 @@ def device_kind(name: str) -> str:
     return name.split("(")[0].strip().lower()
 
 
+def cpu_identity() -> str:
+    """What a CPU probe's figure depends on: the model, and the instruction set torch and oneDNN may
+    use (``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` narrow it), so a home directory shared by
+    nodes of different CPUs, or a run restricted to AVX2, never reads another's bf16 rate."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower()
+    return f"{cpu_model_name()}|{torch.backends.cpu.get_cpu_capability().lower()}" + (f"|onednn={isa}" if isa else "")
+
+
 def _cache_file() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "clusterlm" / "cpu_peak.json"
@@ -102,7 +110,7 @@ def cpu_peak_flops(dtype: torch.dtype, remeasure: bool = False) -> float:
     """The CPU peak for this processor, thread count and dtype: the best probe seen, cached on
     disk. A probe on a busy machine reads low, so ``remeasure`` (used by benchmarks) probes again
     and keeps the higher figure."""
-    key = f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{dtype}"
+    key = f"{cpu_identity()}|threads={torch.get_num_threads()}|{dtype}"
     path = _cache_file()
     try:
         cache = json.loads(path.read_text())

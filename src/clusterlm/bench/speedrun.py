@@ -11,6 +11,7 @@ with ``rounds`` > 1 alternate, so a busy machine slows both alike.
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import re
 import statistics
@@ -20,8 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from clusterlm.config import Config
 from clusterlm.errors import UserError
+from clusterlm.hardware import cpu_model_name
 from clusterlm.train.evaluate import eval_windows, evaluate
 from clusterlm.train.session import build_session
 from clusterlm.train.trainer import train_step
@@ -77,14 +81,19 @@ def speedrun(cfg: Config, baseline: Config, target: float, rounds: int) -> list[
 
 
 def cpu_description() -> str:
-    """The CPU model and whether it has native bf16 instructions, from /proc/cpuinfo."""
+    """The CPU model and whether it has native bf16 instructions, from /proc/cpuinfo, and the
+    instruction set torch's kernels use (narrower than the flags where ``ATEN_CPU_CAPABILITY`` or
+    ``ONEDNN_MAX_CPU_ISA`` restrict it, as when emulating an AVX2-only CPU)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    model = re.search(r"^model name\s*:\s*(.*)$", info, re.MULTILINE)
     flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if re.search(rf"\b{f}\b", info)})
-    return f"{model.group(1) if model else platform.machine()} (flags: {', '.join(flags) or 'none of avx2/avx512'})"
+    used = torch.backends.cpu.get_cpu_capability().lower()
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        used += f", oneDNN {os.environ['ONEDNN_MAX_CPU_ISA'].lower()}"
+    return (f"{cpu_model_name()} (flags: {', '.join(flags) or 'none of avx2/avx512'}; "
+            f"kernels: {used})")
 
 
 def report(runs: list[Run], target: float) -> list[str]:
