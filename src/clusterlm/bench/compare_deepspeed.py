@@ -1,17 +1,20 @@
 """`clusterlm bench compare-deepspeed`: the same model on the same batches, trained by DeepSpeed's
 ZeRO-k and by clusterlm's zero-k, on N local CPU processes (gloo).
 
-Each (framework, stage) is its own job of fresh processes, so peak memory is that framework's
-alone; jobs alternate per round (DeepSpeed ZeRO-1, clusterlm zero1, DeepSpeed ZeRO-2, ...), so a
-busy machine slows both alike. In a job every rank builds the model with the config's seed, runs
-``warmup`` untimed steps and ``steps`` timed ones (the slowest rank's time per step), and reports
-tokens/s and its resident-memory growth: the peak resident set size minus the size before the model
-was built. DeepSpeed runs in fp32 with torch's AdamW (``DS_BUILD_OPS=0`` installs it on a CPU
-machine without building ops; its first run JIT-compiles its shared-memory collective op into
+Each (framework, stage) first runs as its own job of fresh processes, so peak memory is that
+framework's alone; jobs alternate per round (DeepSpeed ZeRO-1, clusterlm zero1, DeepSpeed ZeRO-2,
+...). In a job every rank builds the model with the config's seed, runs ``warmup`` untimed steps and
+``steps`` timed ones (the slowest rank's time per step), and reports tokens/s and its resident-memory
+growth: the peak resident set size minus the size before the model was built. Jobs seconds apart
+can still meet a shared machine in different moods (a job's step time moves by 20% between rounds
+on 2 cores), so the speed ratio comes from one more job per stage that builds both frameworks in the
+same processes and times them in alternating blocks of steps.
+
+DeepSpeed runs in fp32 with torch's AdamW (``DS_BUILD_OPS=0`` installs it on a CPU machine without
+building ops; its first run JIT-compiles its shared-memory collective op into
 ``~/.cache/torch_extensions``: minutes on a small machine, cached after). clusterlm runs the config
-as its trainer would, with ``parallel.data_parallel = zero{k}``. DeepSpeed is an optional dependency: ``pip install
-'clusterlm[compare]'``.
-"""
+as its trainer would, with ``parallel.data_parallel = zero{k}``. DeepSpeed is an optional
+dependency: ``pip install 'clusterlm[compare]'``."""
 
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,11 +78,10 @@ def _timed(step, steps: int) -> float:
     return statistics.median(seconds.tolist())
 
 
-def _deepspeed_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, steps: int) -> tuple[float, int, int]:
-    import deepspeed  # the optional extra: imported only in a DeepSpeed job
+def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], None], int]:
+    """(one DeepSpeed ZeRO-``stage`` training step, tokens per step)."""
+    import deepspeed  # the optional extra: imported only where DeepSpeed runs
 
-    torch.set_num_threads(cfg.training.threads or 1)
-    before = _rss()
     model = create_model(resolve_model_args(cfg, load_manifest(cfg.data.dir).vocab_size))
     model.reset_parameters(cfg.training.seed)  # the values clusterlm's run starts from
     recipe = optimizer_recipe(model, cfg.optim)
@@ -101,30 +105,56 @@ def _deepspeed_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, 
         engine.step()
         loss.item()
 
-    for _ in range(warmup):
-        step()
-    return _timed(step, steps), t.micro_batch_size * cfg.seq_len * world, _peak_growth(before)
+    return step, t.micro_batch_size * cfg.seq_len * world
 
 
-def _clusterlm_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, steps: int) -> tuple[float, int, int]:
-    torch.set_num_threads(cfg.training.threads or 1)
-    before = _rss()
+def _clusterlm_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], None], int]:
+    """(one clusterlm zero``stage`` training step as the trainer runs it, tokens per step)."""
     cfg = copy.deepcopy(cfg)
     cfg.parallel.data_parallel = f"zero{stage}"
     cfg.parallel.dp_replicate = cfg.parallel.dp_shard = 0
     session = build_session(cfg)
+    return (lambda: train_step(session).item()), session.tokens_per_step
+
+
+STEPPERS = {"deepspeed": _deepspeed_stepper, "clusterlm": _clusterlm_stepper}
+
+
+def _job(rank: int, world: int, framework: str, cfg: Config, stage: int, warmup: int,
+         steps: int) -> tuple[float, int, int]:
+    """One framework alone in fresh processes: (seconds per step, tokens per step, memory growth)."""
+    torch.set_num_threads(cfg.training.threads or 1)
+    before = _rss()
+    step, tokens_per_step = STEPPERS[framework](rank, world, cfg, stage)
     for _ in range(warmup):
-        train_step(session)
-    seconds = _timed(lambda: train_step(session).item(), steps)
-    return seconds, session.tokens_per_step, _peak_growth(before)
+        step()
+    return _timed(step, steps), tokens_per_step, _peak_growth(before)
 
 
-JOBS = {"deepspeed": _deepspeed_job, "clusterlm": _clusterlm_job}
+def _paired_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, steps: int,
+                rounds: int) -> list[float]:
+    """Both frameworks built in the same processes, timed in alternating blocks of ``steps`` steps
+    (the order swapped each round): clusterlm's tokens/s over DeepSpeed's per round. A slower
+    spell of a shared machine then falls on both alike, which separate jobs seconds apart cannot
+    promise."""
+    torch.set_num_threads(cfg.training.threads or 1)
+    steppers = {name: build(rank, world, cfg, stage) for name, build in STEPPERS.items()}
+    for step, _ in steppers.values():
+        for _ in range(warmup):
+            step()
+    ratios = []
+    for index in range(rounds):
+        order = list(steppers) if index % 2 == 0 else list(reversed(steppers))
+        seconds_per_token = {name: _timed(steppers[name][0], steps) / steppers[name][1] for name in order}
+        ratios.append(seconds_per_token["deepspeed"] / seconds_per_token["clusterlm"])
+    return ratios
 
 
 def compare(cfg: Config, nproc: int, stages: list[int], warmup: int, steps: int, rounds: int,
-            timeout: float) -> list[JobResult]:
-    """``rounds`` x, per stage, a DeepSpeed job then a clusterlm job on ``nproc`` processes."""
+            timeout: float, paired_rounds: int = 6) -> tuple[list[JobResult], dict[int, list[float]]]:
+    """Per stage, ``rounds`` x a DeepSpeed job then a clusterlm job on ``nproc`` processes (each
+    framework's tokens/s and memory alone), then one job timing both in ``paired_rounds`` paired
+    rounds (the speed ratio). Returns the jobs' results and, per stage, the paired ratios."""
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -133,18 +163,25 @@ def compare(cfg: Config, nproc: int, stages: list[int], warmup: int, steps: int,
     cfg = copy.deepcopy(cfg)
     cfg.training.precision, cfg.training.compile = "fp32", False  # what both run alike on any CPU
     cfg.checkpoint.resume = "none"
-    results = []
+    results, paired = [], {}
     for _ in range(rounds):
         for stage in stages:
-            for framework, job in JOBS.items():
-                try:
-                    ranks = run_local(job, nproc, cfg, stage, warmup, steps, timeout=timeout)
-                except SpawnError as err:
-                    raise UserError(f"{framework} ZeRO-{stage} on {nproc} processes failed: "
-                                    f"{str(err).strip().splitlines()[-1]}") from None
+            for framework in STEPPERS:
+                ranks = _spawn(f"{framework} ZeRO-{stage}", _job, nproc, framework, cfg, stage, warmup, steps,
+                               timeout=timeout)
                 results.append(JobResult(framework, stage, ranks[0][0], ranks[0][1], tuple(r[2] for r in ranks)))
                 print(_row(results[-1]), file=sys.stderr, flush=True)
-    return results
+    for stage in stages:
+        paired[stage] = _spawn(f"paired ZeRO-{stage}", _paired_job, nproc, cfg, stage, warmup, steps,
+                               paired_rounds, timeout=timeout)[0]
+    return results, paired
+
+
+def _spawn(name: str, job: Callable[..., Any], nproc: int, *args: Any, timeout: float) -> list[Any]:
+    try:
+        return run_local(job, nproc, *args, timeout=timeout)
+    except SpawnError as err:
+        raise UserError(f"{name} on {nproc} processes failed: {str(err).strip().splitlines()[-1]}") from None
 
 
 def _row(r: JobResult) -> str:
@@ -152,12 +189,18 @@ def _row(r: JobResult) -> str:
     return f"{r.framework:<10} {r.stage:>4} {r.tokens_per_s:>10,.0f} {r.seconds_per_step * 1e3:>8.1f}  {memory}"
 
 
-def report(results: list[JobResult], nproc: int) -> list[str]:
+def report(results: list[JobResult], paired: dict[int, list[float]], nproc: int) -> list[str]:
     lines = [f"{'framework':<10} {'ZeRO':>4} {'tokens/s':>10} {'ms/step':>8}  peak memory growth per rank (MiB)"]
     lines += [_row(r) for r in results]
     for stage in sorted({r.stage for r in results}):
         speed = {f: statistics.median(r.tokens_per_s for r in results if r.stage == stage and r.framework == f)
-                 for f in JOBS}
+                 for f in STEPPERS}
+        memory = {f: max(max(r.memory_bytes) for r in results if r.stage == stage and r.framework == f)
+                  for f in STEPPERS}
+        ratios = paired.get(stage, [])
         lines.append(f"ZeRO-{stage} on {nproc} processes: clusterlm / DeepSpeed tokens/s = "
-                     f"{speed['clusterlm'] / speed['deepspeed']:.2f} (median over rounds)")
+                     f"{speed['clusterlm'] / speed['deepspeed']:.2f} (median over separate jobs)"
+                     + (f", {statistics.median(ratios):.2f} (median of {len(ratios)} paired rounds in one job: "
+                        f"{' '.join(f'{r:.2f}' for r in ratios)})" if ratios else "")
+                     + f"; peak memory per rank {memory['clusterlm'] / memory['deepspeed']:.2f}x DeepSpeed's")
     return lines

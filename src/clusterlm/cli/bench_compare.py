@@ -20,7 +20,9 @@ def build_parser() -> Parser:
     parser.add_argument("--micro-batch-size", type=int, help="sequences per rank and step (default: the config's)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per job")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of separate jobs")
+    parser.add_argument("--paired-rounds", type=int, default=6,
+                        help="alternating blocks of --steps steps per framework in the one job that times both")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a job is abandoned")
     return parser
 
@@ -30,11 +32,12 @@ def main(argv: list[str]) -> int:
     stages = sorted({int(s) for s in args.stages.split(",") if s.strip().isdigit()})
     if not stages or not set(stages) <= {1, 2, 3}:
         raise UserError(f"--stages takes ZeRO stages from 1,2,3, got {args.stages!r}")
-    if min(args.nproc, args.steps, args.rounds) < 1 or args.warmup < 0:
-        raise UserError("--nproc, --steps and --rounds must be >= 1 and --warmup >= 0")
+    if min(args.nproc, args.steps, args.rounds, args.paired_rounds) < 1 or args.warmup < 0:
+        raise UserError("--nproc, --steps, --rounds and --paired-rounds must be >= 1 and --warmup >= 0")
     overrides = {"training.micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {}
     cfg = build_config(args.config, overrides)
-    for line in report(compare(cfg, args.nproc, stages, args.warmup, args.steps, args.rounds, args.timeout),
-                       args.nproc):
+    results, paired = compare(cfg, args.nproc, stages, args.warmup, args.steps, args.rounds, args.timeout,
+                              args.paired_rounds)
+    for line in report(results, paired, args.nproc):
         print(line)
     return 0
