@@ -34,3 +34,7 @@ def test_speedrun_reports_time_to_target_for_both_runs(tmp_path, corpus_dir, cap
                 str(tmp_path / "base.toml"), "--data-dir", str(data)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert "same validation windows" in err[-1]
+    (tmp_path / "diverging.toml").write_text(TINY.format(batch=2) + "[optim]\nlr = 1e30\nwarmup_steps = 0\n")
+    assert cli([*args[:2], "--config", str(tmp_path / "diverging.toml"), *args[4:], "--target", "0.1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "config: validation loss became nan at step 3" in err[-1] and "optim.lr" in err[-1]

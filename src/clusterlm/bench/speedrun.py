@@ -11,6 +11,7 @@ with ``rounds`` > 1 alternate, so a busy machine slows both alike.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import platform
 import re
@@ -60,6 +61,9 @@ def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: 
         run.evaluations.append((session.step, time.perf_counter() - start, val))
         print(f"{name}: step {session.step}, val loss {val:.4f} at {run.evaluations[-1][1]:.1f} s",
               file=sys.stderr, flush=True)
+        if not math.isfinite(val):
+            raise UserError(f"{name}: validation loss became {val} at step {session.step}; lower its optim.lr "
+                            "(or, with training.compile, check that the compiler's instruction set matches torch's)")
         if val <= target:
             run.seconds, run.step, run.tokens = run.evaluations[-1][1], session.step, session.tokens
             break
