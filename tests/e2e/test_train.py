@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
+from clusterlm.parallel.parallelize import separate_compile_cache
 from clusterlm.train import checkpoint
 from clusterlm.train.loading import find_checkpoint, load_for_inference
 from clusterlm.train.trainer import train
@@ -198,6 +200,26 @@ def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
     names = final_weights(tmp_path / "compiled").keys()
     assert names == final_weights(tmp_path / "eager").keys()  # the model itself is not wrapped
+
+
+def test_a_run_restricted_to_an_instruction_set_compiles_into_a_cache_of_its_own(monkeypatch, tmp_path):
+    """torch's compiled-graph cache ignores ATEN_CPU_CAPABILITY (an AVX-512 graph reused under
+    AVX2 gave NaN losses), so a compiling run that sets it caches apart; a named cache is kept.
+    (Checked by hand: the speedrun config under ATEN_CPU_CAPABILITY=avx2 then trains like eager.)"""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    separate_compile_cache()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "AVX2")
+    separate_compile_cache()
+    default, own = os.path.split(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert own == "isa-avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)  # what importing torch's compiler writes
+    separate_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(default, own)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    separate_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

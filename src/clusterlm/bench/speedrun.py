@@ -62,8 +62,7 @@ def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: 
         print(f"{name}: step {session.step}, val loss {val:.4f} at {run.evaluations[-1][1]:.1f} s",
               file=sys.stderr, flush=True)
         if not math.isfinite(val):
-            raise UserError(f"{name}: validation loss became {val} at step {session.step}; lower its optim.lr "
-                            "(or, with training.compile, check that the compiler's instruction set matches torch's)")
+            raise UserError(f"{name}: validation loss became {val} at step {session.step}; lower its optim.lr")
         if val <= target:
             run.seconds, run.step, run.tokens = run.evaluations[-1][1], session.step, session.tokens
             break

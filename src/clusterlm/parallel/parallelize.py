@@ -10,6 +10,7 @@ checkpoint state. The loop therefore never asks which strategy it runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -71,6 +72,22 @@ def _model_loss(model: nn.Module, precision: Precision, x: torch.Tensor, y: torc
     return next_token_loss(logits, y)
 
 
+def separate_compile_cache() -> None:
+    """torch's compiled-graph cache does not key on ``ATEN_CPU_CAPABILITY``: a graph generated for
+    AVX-512, reused by a run restricted to AVX2, is built for AVX2 and computes NaN. Such a run
+    caches apart, unless it names its own cache directory (torch writes the default into the
+    environment when first imported, so the default counts as unnamed)."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not capability:
+        return
+    # Imported here: importing the compiler takes seconds, and only such a run needs it.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    if os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR", default)) == default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"isa-{capability.lower()}")
+
+
 def apply_compile(model: nn.Module) -> None:
     """Compile each block separately: every block has the same graph, so it compiles once and
     is reused, and the blocks stay separate modules for wrapping and checkpoint names."""
@@ -97,6 +114,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: 
     is cut (after FSDP, or before DDP, which needs whole tensors), so this rank only ever
     allocates its share, filled from ``source``."""
     p = cfg.parallel
+    if cfg.training.compile:
+        separate_compile_cache()
     sharded = mesh is not None and p.data_parallel in SHARDED
     precision = Precision(cfg.training.precision, device, sharded=sharded)
     comm: list[CommHookState] = []
