@@ -8,6 +8,7 @@ from clusterlm.plan.cluster import load_cluster
 from clusterlm.plan.efficiency import head_flops_per_token
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import (
+    buffer_bytes,
     in_flight_microbatches,
     layer_activation_bytes,
     stage_params,
@@ -65,6 +66,17 @@ def test_pipeline_in_flight_microbatches_per_schedule():
     interleaved = Layout(pp=4, micro_batches=16, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2)
     assert in_flight_microbatches(interleaved, "first") == pytest.approx(4 * (1 + 3 / 8))
     assert in_flight_microbatches(interleaved, "last") == 1
+
+
+def test_a_pipeline_stage_under_fsdp_holds_its_gathered_weights_and_whole_gradients_all_step():
+    """torch's pipeline stage turns FSDP's reshard and reduction off in every backward but the last,
+    so zero2 and zero3 alike hold the stage's weights and gradients whole (bf16: 2 + 2 bytes each)."""
+    work = Workload(load_model_args("llama-8b"), 8192, 8192 * 64)
+    for data_parallel in ("zero2", "zero3"):
+        layout = Layout(pp=4, dp_shard=8, data_parallel=data_parallel, micro_batches=16)
+        assert buffer_bytes(work, layout) == 4 * stage_params(work, layout, "first")
+    without_pipeline = buffer_bytes(work, Layout(dp_shard=8, data_parallel="zero3", micro_batches=16))
+    assert without_pipeline < 4 * stage_params(work, Layout(), "first") / 8  # a unit or two, not the model
 
 
 def test_more_tp_never_increases_parameter_bytes():

@@ -238,7 +238,12 @@ def buffer_bytes(work: Workload, layout: Layout) -> float:
     (zero3, hsdp): the largest FSDP unit (a block, or the embedding or head) gathered twice
     (current + prefetched) in the weight dtype plus its unsharded gradient. zero2 (FSDP2 keeping
     the gathered parameters from forward to backward): every weight of the stage gathered, plus
-    the largest unit's unsharded gradient."""
+    the largest unit's unsharded gradient. In a pipeline, FSDP of any stage keeps every weight of
+    the stage gathered and every gradient unsharded from the first backward to the last, after
+    which it reduces once (torch's pipeline stage)."""
+    if layout.pp > 1 and layout.zero_stage >= 2 and layout.dp_shard > 1:
+        weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
+        return stage_params(work, layout, "first") * (weight + grad)
     if _fsdp_zero2(layout):
         weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
         return stage_params(work, layout, "first") * weight + _largest_unit(work, layout) * grad
