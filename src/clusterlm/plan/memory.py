@@ -41,7 +41,10 @@ really saves (``clusterlm.bench.probes``). Activations are 16-bit under mixed pr
 project's other layouts) the residual stream and norm inputs stay fp32, every matmul keeps its
 own 16-bit copy of its input and weight, and both are counted. Terms scale with 1/t when the
 tensor is split over tp ranks; the norm inputs and outputs are replicated under plain tp and
-split under sequence parallelism.
+split under sequence parallelism, except the matmuls' inputs: torch's sequence parallelism gathers
+the norm's output along the sequence before the column-parallel matmuls and autograd keeps the
+gathered tensor, 2*e*s*b*h*(1 - 1/t) per layer more than Korthikanti's count, which assumes
+Megatron's re-gather in backward (measured: the nano model's tp2+sp step keeps 14.23 MiB).
 
 Pipeline schedules hold several micro-batches' activations at once on the first stage (the
 worst): GPipe all m; 1F1B min(p, m) (Narayanan et al. 2021, section 2.2); interleaved 1F1B with v
@@ -171,7 +174,10 @@ def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None
     # The norms' outputs as the next matmuls' inputs: under autocast every consumer casts its own
     # copy (wq, wk and wv; w1, and w3 in SwiGLU), else they share one.
     consumers = (3 + (2 if args.is_llama else 1)) if autocast else 2
-    replicated = 2 * _norm_bytes(work, layout) + consumers * e * h
+    replicated = 2 * _norm_bytes(work, layout)
+    # Under sequence parallelism torch gathers the norm's output before the column-parallel matmuls
+    # and autograd keeps the gathered tensor (Megatron re-gathers it in backward instead).
+    matmul_inputs = consumers * e * h
     attention = 4 * e * h + (e * h if args.is_llama else 0)
     if work.fused_attention:
         attention += 4 * a
@@ -180,7 +186,7 @@ def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None
     mlp = (4 if args.is_llama else 2) * e * f
     if args.dropout > 0:
         replicated += 2 * h
-    per_token = replicated / replicated_split + (attention + mlp) / t
+    per_token = replicated / replicated_split + matmul_inputs + (attention + mlp) / t
     weight_copies = e * _matmul_weights_per_layer(work) / t if autocast else 0.0
     return per_token * s * layout.micro_batch_size + weight_copies
 
@@ -188,10 +194,11 @@ def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None
 def output_activation_bytes(work: Workload, layout: Layout) -> float:
     """What the output layer keeps, per micro-batch: the final norm, the head's input, the fp32
     log-probabilities over the (tp-split) vocabulary and the int64 targets (and under autocast
-    the head weight's 16-bit copy)."""
+    the head weight's 16-bit copy). Sequence parallelism splits the norm's, not the head's input,
+    which is gathered first."""
     args, t, e = work.model, layout.tp, work.activation_bytes
     split = t if layout.sequence_parallel else 1
-    per_token = (_norm_bytes(work, layout) + e * args.n_embd) / split + LOSS_BYTES * args.vocab_size / t + TOKEN_ID_BYTES
+    per_token = _norm_bytes(work, layout) / split + e * args.n_embd + LOSS_BYTES * args.vocab_size / t + TOKEN_ID_BYTES
     weight_copy = e * args.vocab_size * args.n_embd / t if fp32_weights_under_autocast(work, layout) else 0.0
     return per_token * work.seq_len * layout.micro_batch_size + weight_copy
 
