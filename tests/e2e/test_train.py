@@ -168,11 +168,24 @@ def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
         assert 97 <= sum(map(int, shares.values())) <= 103  # every millisecond of the step, once (rounding)
 
 
-def test_breakdown_on_a_gpu_is_refused_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cli(["bench", "train", "--config", "configs/nano-cpu.toml", "--breakdown"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--breakdown splits the host's time" in err and err.count("\n") == 0
+def test_gpu_breakdown_splits_kernel_time_by_kind_and_counts_the_device_idle_between_kernels():
+    from clusterlm.bench.breakdown import busy_seconds, kernel_breakdown, kernel_kind
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
+    assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
+        == "optimizer"
+    assert kernel_kind("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    assert kernel_kind("Memcpy HtoD (Pinned -> Device)") == "data"
+    assert kernel_kind("triton_per_fused_native_layer_norm_0") == "other kernels"
+    # Two steps of 10 ms: a matmul overlapping an NCCL kernel on another stream counts once as busy.
+    kernels = [(0.000, 0.004, "ampere_bf16_s16816gemm"), (0.003, 0.006, "ncclDevKernel_ReduceScatter"),
+               (0.008, 0.009, "flash_bwd_kernel"), (0.010, 0.014, "ampere_bf16_s16816gemm"),
+               (0.016, 0.017, "Memcpy HtoD (Pageable -> Device)")]
+    assert busy_seconds((start, end) for start, end, _ in kernels) == pytest.approx(0.012)
+    spent = kernel_breakdown(kernels, wall=0.010, steps=2)
+    assert spent == pytest.approx({"matmul": 0.004, "attention": 0.0005, "optimizer": 0.0, "communication": 0.0015,
+                                   "data": 0.0005, "other kernels": 0.0, "idle gaps": 0.004})
 
 
 @pytest.mark.parametrize("op, kind", [
@@ -183,7 +196,7 @@ def test_breakdown_on_a_gpu_is_refused_in_one_line(monkeypatch, capsys):
     ("aten::native_layer_norm", "other ops"),
 ])
 def test_breakdown_sorts_operators_by_kind_of_work(op, kind):
-    from clusterlm.bench.probes import work_kind
+    from clusterlm.bench.breakdown import work_kind
     assert work_kind(op) == kind
 
 

@@ -1,4 +1,4 @@
-"""Probes of what a rank does while it trains: the bytes it keeps, and where a step's time goes.
+"""Probes of what a rank does while it trains: the bytes it keeps, and how long its pipeline waits.
 
 - ``saved_activation_bytes``: the peak bytes autograd keeps for backward while a function runs,
   seen through ``torch.autograd.graph.saved_tensors_hooks`` and counted once per storage from its
@@ -10,7 +10,6 @@
   ``ZeroRedundancyOptimizer`` keeps the AdamW state of the parameters its rank owns in ``.optim``).
 - ``pipeline_bubble``: per pipelined step, the slowest rank's time in the schedule and the most
   loaded rank's compute (its stages' forward and backward chunks).
-- ``step_breakdown``: a CPU step's time by kind of work, from the profiler's operator self times.
 """
 
 from __future__ import annotations
@@ -25,9 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.profiler import ProfilerActivity, profile
 
-from clusterlm.bench.timer import time_steps
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.parallel.parallelize import Pipeline
 from clusterlm.train.session import Session
@@ -262,35 +259,3 @@ def pipeline_bubble(session: Session, steps: int) -> list[BubbleSample]:
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
             samples.append(BubbleSample(*seconds.tolist()))
     return samples
-
-
-# Operators by kind of work, matched on the profiler's names. Each operator's self time counts
-# once, so a compiled graph's fused kernels land on the graph's call and its matmuls on aten::mm.
-WORK_KINDS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"),
-    "attention": ("scaled_dot_product",),
-    "compiled kernels": ("## Call CompiledFxGraph", "graph_"),
-    "optimizer": ("Optimizer.", "adam", "_foreach_", "linalg_vector_norm"),
-}
-
-
-def work_kind(op_name: str) -> str:
-    for kind, patterns in WORK_KINDS.items():
-        if any(pattern in op_name for pattern in patterns):
-            return kind
-    return "other ops"
-
-
-def step_breakdown(session: Session, steps: int) -> tuple[float, dict[str, float]]:
-    """Where a CPU step's time goes: (seconds per step, seconds per step by kind of work). Each
-    operator's self time is summed by kind (``WORK_KINDS``, else "other ops"); the rest of the
-    wall time, "outside ops", is spent outside operators (Python, autograd, the compiler's
-    guards). Profiling adds overhead to every operator, so the profiled step may read slower than
-    the timed one."""
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        wall = sum(time_steps(session, steps)) / steps
-    spent = dict.fromkeys([*WORK_KINDS, "other ops"], 0.0)
-    for event in profiler.key_averages():
-        spent[work_kind(event.key)] += event.self_cpu_time_total / 1e6 / steps
-    spent["outside ops"] = max(0.0, wall - sum(spent.values()))
-    return wall, spent

@@ -17,12 +17,8 @@ import tempfile
 
 import torch
 
-from clusterlm.bench.probes import (
-    BubbleSample,
-    block_activation_bytes,
-    pipeline_bubble,
-    step_breakdown,
-)
+from clusterlm.bench.breakdown import step_breakdown
+from clusterlm.bench.probes import BubbleSample, block_activation_bytes, pipeline_bubble
 from clusterlm.bench.timer import time_steps
 from clusterlm.config import Config, resolve_model_args
 from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
