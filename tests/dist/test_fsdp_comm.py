@@ -18,7 +18,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from clusterlm.comm.fsdp import RingReduceScatter
 from clusterlm.parallel.data_parallel import gradient_sync
-from clusterlm.parallel.clipping import clip_grad_norm
+from clusterlm.parallel.clipping import clip_grad_norm, reduce_partial_grads
 
 from .helpers import run_distributed
 
@@ -89,6 +89,31 @@ def _clipping_mismatches(seed: int) -> list[str]:
     return failures
 
 
+def _partial_reduction_failures(seed: int) -> list[str]:
+    """Partial gradients (sequence parallelism's norms and biases) are reduced together and left
+    replicated, equal to their whole values; the others are left as they were."""
+    params, wholes = _sharded_grads(seed)
+    mesh = params[0].grad.device_mesh
+    whole = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed + 1))
+    split = whole.chunk(2)[mesh.get_local_rank(0)] / 2  # sharded over dp_replicate, half a sum on dp_shard
+    params.append(torch.nn.Parameter(distribute_tensor(torch.zeros_like(whole), mesh, [Shard(0), Replicate()])))
+    params[-1].grad = DTensor.from_local(split, mesh, [Shard(0), Partial()])
+    wholes.append(whole)
+    before = [param.grad for param in params]
+    reduce_partial_grads(params)
+    failures = []
+    for i, (param, whole, old) in enumerate(zip(params, wholes, before, strict=True)):
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+            failures.append(f"gradient {i} is still partial: {grad.placements}")
+        elif not torch.allclose(grad.full_tensor() if isinstance(grad, DTensor) else grad, whole, rtol=1e-6):
+            failures.append(f"gradient {i} differs from its whole value")
+        was_partial = isinstance(old, DTensor) and any(p.is_partial() for p in old.placements)
+        if not was_partial and grad is not old:
+            failures.append(f"gradient {i} was not partial but was replaced")
+    return failures
+
+
 def _accumulation_failures() -> list[str]:
     """A micro-step outside gradient sync leaves FSDP's gradients reduce-scattered into shards
     (ZeRO-2 holds no whole gradient), unless ranks are uneven, where they wait whole for the end."""
@@ -109,9 +134,9 @@ def _check(rank: int, world_size: int) -> list[str]:
     pair = dist.new_group([1, 3])  # global ranks that are not the group's own numbering
     if rank in (1, 3):
         failures += _reduce_scatter_mismatches(pair, seed=2)
-    return failures + _clipping_mismatches(seed=3)
+    return failures + _clipping_mismatches(seed=3) + _partial_reduction_failures(seed=4)
 
 
-def test_ring_reduce_scatter_and_local_shard_clipping_match_torch():
+def test_ring_reduce_scatter_local_shard_clipping_and_partial_reduction_match_torch():
     results = run_distributed(_check, 4, timeout=90)
     assert results == [[]] * 4, results

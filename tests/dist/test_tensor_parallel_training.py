@@ -15,6 +15,7 @@ CASES = [
     ("tp4-sp", 4, 1, {"parallel__tp": 4, "parallel__sequence_parallel": True, "model__n_head": 4}),
     ("tp2-llama", 2, 1, {"parallel__tp": 2, **LLAMA}),
     ("tp2xzero3-2", 4, 2, {"parallel__tp": 2, "parallel__data_parallel": "zero3"}),
+    ("tp2-sp x zero2", 4, 2, {"parallel__tp": 2, "parallel__sequence_parallel": True, "parallel__data_parallel": "zero2"}),
 ]
 
 

@@ -50,8 +50,16 @@ def test_recomputation_and_tensor_parallel_exposure_are_their_own_terms():
     args = work.model
     rerun = 4 * args.n_layer * args.n_embd * 4096 / training_flops_per_token(args, 4096)  # QK^T and AV again
     assert selective.recompute == pytest.approx(plain.compute * rerun)
-    half = dataclasses.replace(cluster, calibration=dataclasses.replace(cluster.calibration, tp_exposed=0.5))
-    assert step_time(work, base, half).tensor_parallel == pytest.approx(plain.tensor_parallel / 2)
+
+    def exposed(share: float) -> float:
+        calibration = dataclasses.replace(cluster.calibration, tp_exposed=share)
+        return step_time(work, base, dataclasses.replace(cluster, calibration=calibration)).tensor_parallel
+
+    # The layers' collectives scale with the exposed share; the sequence-slice gradients' one
+    # all-reduce after backward has nothing to hide behind.
+    assert exposed(1.0) == plain.tensor_parallel
+    assert exposed(1.0) - exposed(0.5) == pytest.approx(2 * (exposed(0.5) - exposed(0.25)))
+    assert exposed(0.5) > plain.tensor_parallel / 2
 
 
 def test_pipeline_messages_of_the_steady_state_hide_behind_compute():

@@ -144,16 +144,16 @@ def test_host_calls_count_fsdp_tensors_tensor_parallel_modules_and_pipeline_acti
     assert parameter_tensors(llama) == (9, 3)
 
 
-def test_sequence_parallel_adds_one_all_reduce_per_sequence_slice_gradient():
+def test_sequence_parallel_adds_one_flat_all_reduce_of_the_sequence_slice_gradients():
     work = Workload(NANO, 64, 12 * 64, "fp32")
     cluster = replace(local_cluster(2, {"fp32": 5e10, "bf16": 2e11, "fp16": 2e11}, Link(bandwidth=1e9, latency=1e-4),
                                     cores=2), calibration=Calibration(comm_efficiency=1.0))
     plain = step_time(work, Layout(tp=2), cluster).tensor_parallel
     sequence = step_time(work, Layout(tp=2, sequence_parallel=True), cluster).tensor_parallel
     # Two LayerNorms per block and the final one, a weight and a bias each, and the biases of the
-    # attention output and MLP down projections: 26 ring all-reduces of 128 floats on 2 ranks, 2
-    # latencies and half the bytes each.
-    assert sequence - plain == pytest.approx(26 * (2 * 1e-4 + 128 * 4 / 1e9), rel=1e-6)
+    # attention output and MLP down projections: 26 gradients of 128 floats, reduced together in one
+    # ring all-reduce on 2 ranks, 2 latencies and the bytes once.
+    assert sequence - plain == pytest.approx(2 * 1e-4 + 26 * 128 * 4 / 1e9, rel=1e-6)
 
 
 def test_measured_kernel_rates_time_linear_layers_and_attention_apart():

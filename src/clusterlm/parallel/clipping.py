@@ -47,6 +47,39 @@ def squared_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def reduce_partial_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Reduce the gradients still partial sums over a mesh dimension (under sequence parallelism,
+    those of the norms and row-parallel biases, which each rank computes from its slice of the
+    sequence) in one flat all-reduce per mesh, dimension and dtype, and mark them replicated.
+    Left partial, the optimizer and the clipping would each reduce them tensor by tensor: 2 x 26
+    collectives a step on the nano model, as Megatron also avoids by reducing them together."""
+    groups: dict[tuple, list[torch.nn.Parameter]] = {}
+    meshes = {}
+    for param in parameters:
+        grad = param.grad
+        if not isinstance(grad, DTensor):
+            continue
+        partial = tuple(i for i, p in enumerate(grad.placements) if p.is_partial())
+        ops = {grad.placements[i].reduce_op for i in partial}
+        if len(ops) != 1 or not ops <= {"sum", "avg"}:
+            continue  # nothing to reduce, or a reduction left to DTensor
+        key = (id(grad.device_mesh), partial, ops.pop(), grad.dtype)
+        meshes[key] = grad.device_mesh
+        groups.setdefault(key, []).append(param)
+    for key, params in groups.items():
+        _, dims, op, _ = key
+        local = [param.grad.to_local() for param in params]
+        flat = torch.cat([tensor.reshape(-1) for tensor in local])
+        for dim in dims:
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG if op == "avg" else dist.ReduceOp.SUM,
+                            group=meshes[key].get_group(dim))
+        for param, reduced in zip(params, flat.split([t.numel() for t in local]), strict=True):
+            grad = param.grad
+            placements = [Replicate() if p.is_partial() else p for p in grad.placements]
+            param.grad = DTensor.from_local(reduced.view(grad.to_local().shape), grad.device_mesh, placements,
+                                            run_check=False, shape=grad.shape, stride=grad.stride())
+
+
 def scale_grads(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     """Multiply every gradient by ``max_norm / total_norm`` where that is below 1."""
     coefficient = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)

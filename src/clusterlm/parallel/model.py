@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from clusterlm.comm.hooks import CommHookState
 from clusterlm.models.loss import next_token_loss
-from clusterlm.parallel.clipping import clip_grad_norm
+from clusterlm.parallel.clipping import clip_grad_norm, reduce_partial_grads
 from clusterlm.parallel.data_parallel import (
     build_optimizer,
     gathered_for_accumulation,
@@ -121,6 +121,7 @@ class WholeModel(ParallelModel):
                     loss = self.loss_fn(x, y)
                     self.precision.scale(loss / divisor).backward()
                 total += full_value(loss.detach())
+        reduce_partial_grads(model.parameters())
         if self.clock is not None:
             self.clock.gradients_reduced()
         return total / divisor

@@ -24,6 +24,7 @@ from clusterlm.config import Config, ParallelConfig
 from clusterlm.models.init import ParamSource
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel.activation_checkpointing import apply_activation_checkpointing
+from clusterlm.parallel.clipping import reduce_partial_grads
 from clusterlm.parallel.data_parallel import SHARDED, apply_data_parallel
 from clusterlm.parallel.local_sgd import LocalSGDModel
 from clusterlm.parallel.materialize import canonical_name, materialize
@@ -54,6 +55,7 @@ class PipelinedModel(ParallelModel):
         p = self.pipeline
         with self.precision.autocast(), loss_context(self.tp_size):
             loss = pipeline_step(p.schedule, p.stages, p.n_microbatches, x, y)
+        reduce_partial_grads(param for stage in p.stages for param in stage.submod.parameters())
         sync_tied_gradients(p.stages)
         return loss
 

@@ -14,9 +14,9 @@ Communication (``collectives``), per step:
   forward and 2 in backward (2 more when full checkpointing reruns the forward); with sequence
   parallelism each becomes an all-gather plus a reduce-scatter, the same time. The calibration's
   ``tp_exposed`` share of it is on the critical path (1 here: DTensor waits for each collective).
-  Sequence parallelism adds one small all-reduce per norm weight and bias and per row-parallel
-  bias in each micro-batch's backward: these see a slice of the sequence, so their gradients are
-  partial sums (counted with the profiler: 26 more all-reduces per step on the nano model).
+  Sequence parallelism adds one all-reduce a step of the norm weights' and biases' and the
+  row-parallel biases' gradients, flat: these see a slice of the sequence, so their gradients are
+  partial sums (26 tensors on the nano model, which DTensor would reduce one by one, twice).
 - data parallel, on gradients in the weight dtype (2 bytes under mixed precision, as ZeRO counts):
   ddp all-reduces once per step, hidden behind the last micro-batch's backward up to
   ``overlap``: exposed = max(0, comm - overlap * backward). zero1 (torch's
@@ -148,14 +148,14 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     tp_group = collectives.mesh_group(layout, "tp", cluster)
     per_collective = collectives.all_reduce(tokens * args.n_embd * work.activation_bytes, tp_group, cluster)
     tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
-    tensor_parallel = cal.tp_exposed * (tp_per_layer * layers + _sequence_slice_gradient_reductions(work, layout, cluster, layers))
+    tensor_parallel = cal.tp_exposed * tp_per_layer * layers
     micro_batch = forward + backward + recompute + tensor_parallel
     m = layout.micro_batches
 
     data_parallel, offload = _data_parallel_and_offload(work, layout, cluster, forward, backward + recompute)
     return StepTime(
         compute=m * (forward + backward),
-        tensor_parallel=m * tensor_parallel,
+        tensor_parallel=m * tensor_parallel + _sequence_slice_gradient_reduction(work, layout, cluster, layers),
         bubble=bubble_fraction(layout) * m * micro_batch * fill_and_drain_share(work, layout),
         pipeline_p2p=_pipeline_p2p(work, layout, cluster, forward + backward + recompute),
         data_parallel=data_parallel,
@@ -165,18 +165,18 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     )
 
 
-def _sequence_slice_gradient_reductions(work: Workload, layout: Layout, cluster: Cluster, layers: int) -> float:
+def _sequence_slice_gradient_reduction(work: Workload, layout: Layout, cluster: Cluster, layers: int) -> float:
     """Under sequence parallelism each norm, and the bias of each row-parallel linear (added after
     the reduce-scatter), sees a slice of the sequence, so the gradients of these replicated
-    tensors are partial sums, all-reduced over the tensor-parallel group in every micro-batch's
-    backward, one small all-reduce per tensor: latency-bound."""
+    tensors are partial sums, all-reduced over the tensor-parallel group together, flat, once a
+    step (``clusterlm.parallel.clipping.reduce_partial_grads``)."""
     if not layout.sequence_parallel:
         return 0.0
     llama = work.model.is_llama
     per_norm = 1 if llama else 2  # RMSNorm has a weight; LayerNorm a weight and a bias
     tensors = per_norm * (2 * layers + 1) + (0 if llama else 2 * layers)  # norms; wo and w2 biases
     group = collectives.mesh_group(layout, "tp", cluster)
-    return tensors * collectives.all_reduce(work.model.n_embd * 4, group, cluster)
+    return collectives.all_reduce(tensors * work.model.n_embd * 4, group, cluster)
 
 
 @dataclass(frozen=True)
