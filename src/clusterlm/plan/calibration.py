@@ -57,6 +57,10 @@ class Calibration:
     pp_action_s: float = 0.0
     efficiency_half_width: float = 0.0
     tp_exposed: float = 1.0
+    # Share of the per-collective host costs (FSDP tensors, tensor-parallel modules, pipeline
+    # actions) that a process spends waiting for its peers, off the core: processes sharing a core
+    # are slowed only in the rest.
+    collective_wait: float = 0.0
     device: str = ""
 
     def __post_init__(self) -> None:
@@ -66,6 +70,9 @@ class Calibration:
             if f.name == "device":
                 if not isinstance(value, str):
                     raise UserError(f"calibration device must be a device name, got {value!r}")
+            elif f.name == "collective_wait":
+                if not number or not 0.0 <= value < 1.0:
+                    raise UserError(f"calibration collective_wait must be a number in [0, 1), got {value!r}")
             elif f.name in NON_NEGATIVE:
                 if not number or not 0.0 <= value < float("inf"):
                     raise UserError(f"calibration {f.name} must be a number >= 0, got {value!r}")

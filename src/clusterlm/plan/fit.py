@@ -1,9 +1,9 @@
 """Fit the calibration (``clusterlm.plan.calibration``) to the step times ``plan --validate``
 measured: the compute efficiency and the host costs per step, per parameter tensor through
 FSDP's collectives, per tensor-parallel module pass and per pipeline action, on the cases marked
-``fit`` (one per term, the 4-process ddp for the core sharing, and both pipeline schedules on 2
-processes, whose step times scatter by 10% from run to run); the report then shows the error on
-all of them."""
+``fit`` (one per term, the 4-process ddp and zero3 for the core sharing, and both pipeline
+schedules on 2 processes, whose step times scatter by 10% from run to run); the report then shows
+the error on all of them."""
 
 from __future__ import annotations
 
@@ -14,29 +14,32 @@ from dataclasses import replace
 import numpy as np
 
 from clusterlm.plan.calibration import HOST_SECONDS, Calibration
-from clusterlm.plan.timing import host_calls
+from clusterlm.plan.timing import host_calls, host_share_scales
 from clusterlm.plan.validation import ValidationResult
 
 MEASURED_LINKS = Calibration(comm_efficiency=1.0)  # the links are fitted to measured collectives
 
 
 def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURED_LINKS) -> Calibration:
-    """Compute efficiency and the host costs minimizing the squared relative step-time error over
-    the cases marked ``fit``. The step time is linear in the host costs, so for each efficiency on
-    a log grid they are the non-negative least-squares solution; the best efficiency wins."""
+    """Compute efficiency, collective wait and the host costs minimizing the squared relative
+    step-time error over the cases marked ``fit``. The step time is linear in the host costs, so for
+    each efficiency on a log grid and each wait share on a linear one they are the non-negative
+    least-squares solution; the best pair wins."""
     fitted = [r for r in results if r.case.fit] or results
     measured = np.array([r.measured.step_seconds for r in fitted])
-    # Host seconds each case spends per unit of each term (divided by its processes' core share).
-    features = np.array([host_calls(r.work, r.case.layout).counts() for r in fitted])
-    features /= np.array([[r.cluster.device.host_share] for r in fitted])
+    counts = np.array([host_calls(r.work, r.case.layout).counts() for r in fitted], dtype=float)
     best = None
     for efficiency in np.geomspace(0.02, 1.0, 200):
         calibration = replace(base, compute_efficiency=float(efficiency), **dict.fromkeys(HOST_SECONDS, 0.0))
         predicted = np.array([r.predicted_seconds(calibration) for r in fitted])
-        costs = _nonnegative_least_squares(features / measured[:, None], 1 - predicted / measured)
-        error = float(np.sum(((predicted + features @ costs) / measured - 1) ** 2))
-        if best is None or error < best[0]:
-            best = (error, replace(calibration, **dict(zip(HOST_SECONDS, map(float, costs), strict=True))))
+        for wait in np.linspace(0.0, 0.9, 10):
+            # Host seconds each case spends per unit of each term, grown by its processes' core share.
+            features = counts * np.array([host_share_scales(r.cluster.device.host_share, wait) for r in fitted])
+            costs = _nonnegative_least_squares(features / measured[:, None], 1 - predicted / measured)
+            error = float(np.sum(((predicted + features @ costs) / measured - 1) ** 2))
+            if best is None or error < best[0]:
+                host = dict(zip(HOST_SECONDS, map(float, costs), strict=True))
+                best = (error, replace(calibration, collective_wait=float(wait), **host))
     return best[1]
 
 

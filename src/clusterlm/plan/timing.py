@@ -48,9 +48,11 @@ fixed seconds per step, plus seconds per parameter tensor FSDP's collectives pas
 flat buffers (copied in and out, viewed and wrapped per tensor), per
 tensor-parallel module pass (each DTensor-sharded linear, norm and embedding, forward and
 backward) and per pipeline action (one stage's forward or backward of one micro-batch: the
-schedule's bookkeeping and its point-to-point posts and waits), divided by the device's
-``host_share`` of a core. Their defaults are 0; ``plan
---validate`` fits them on a CPU, where the host is the device and nothing hides them.
+schedule's bookkeeping and its point-to-point posts and waits). A process with ``host_share`` of
+a core (more processes than cores) takes 1/share as long over the per-step work, but over the
+per-collective costs only in the part it spends on the core: ``collective_wait`` of them is
+waiting for peers, which a shared core does not slow. Their defaults are 0; ``plan --validate``
+fits them on a CPU, where the host is the device and nothing hides them.
 """
 
 from __future__ import annotations
@@ -254,9 +256,17 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
 
 
 def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:
+    scales = host_share_scales(cluster.device.host_share, cluster.calibration.collective_wait)
     counts = host_calls(work, layout).counts()
-    seconds = sum(n * getattr(cluster.calibration, name) for name, n in zip(HOST_SECONDS, counts, strict=True))
-    return seconds / cluster.device.host_share
+    return sum(n * scale * getattr(cluster.calibration, name)
+               for name, n, scale in zip(HOST_SECONDS, counts, scales, strict=True))
+
+
+def host_share_scales(share: float, collective_wait: float) -> tuple[float, ...]:
+    """How much each host cost (``HOST_SECONDS``) grows on a process with ``share`` of a core: the
+    per-step work by 1/share, the per-collective costs only in their part on the core."""
+    collective = (1 - collective_wait) / share + collective_wait
+    return (1 / share, *(collective,) * (len(HOST_SECONDS) - 1))
 
 
 def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster, micro_batch_compute: float) -> float:

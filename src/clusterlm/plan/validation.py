@@ -66,7 +66,7 @@ CASES = (
     ValidationCase("2 tp2", 2, {"tp": 2}, fit=True),
     ValidationCase("2 tp2+sp", 2, {"tp": 2, "sequence_parallel": True}),
     ValidationCase("4 ddp", 4, {"data_parallel": "ddp"}, fit=True),
-    ValidationCase("4 zero3", 4, {"data_parallel": "zero3"}),
+    ValidationCase("4 zero3", 4, {"data_parallel": "zero3"}, fit=True),
     ValidationCase("4 hsdp 2x2", 4, {"data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2}),
     ValidationCase("4 tp2 x zero3", 4, {"tp": 2, "data_parallel": "zero3"}),
     ValidationCase("2 pp2 gpipe", 2, {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}, fit=True),
@@ -149,6 +149,7 @@ def validation_report(results: list[ValidationResult], calibration: Calibration,
         f"layers at the one-thread matmul peak); host "
         f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_tensor_s * 1e6:.0f} us per tensor through "
         f"FSDP's collectives, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass, "
-        f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core)",
+        f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core), {calibration.collective_wait:.0%} of "
+        f"the per-collective ones waiting for peers",
         f"gloo loopback links (ring all-reduce fit): {link_text}",
     ])
