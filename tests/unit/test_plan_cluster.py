@@ -51,6 +51,7 @@ def test_valid_mapping_has_world_size_and_units():
     ({"inter_node": None}, "missing [inter_node] table"),
     ({"calibration": {"compute_efficiency": 2}}, "compute_efficiency must be a number in (0, 1]"),
     ({"calibration": {"speed": 1}}, "unknown calibration key 'speed'"),
+    ({"calibration": {"collective_wait": 1}}, "collective_wait must be a number in [0, 1)"),
 ])
 def test_bad_cluster_values_name_the_key(changes, message):
     with pytest.raises(UserError) as err:

@@ -203,10 +203,11 @@ def _synthetic_results(truth: Calibration) -> list[ValidationResult]:
 
 def test_fit_recovers_efficiency_and_host_costs_from_the_fitted_cases():
     truth = Calibration(compute_efficiency=0.3, comm_efficiency=1.0, step_overhead_s=0.012, fsdp_tensor_s=1e-4,
-                        tp_module_s=0.001, pp_action_s=0.002)
+                        tp_module_s=0.001, pp_action_s=0.002, collective_wait=0.4)
     results = _synthetic_results(truth)
     fitted = fit_calibration(results)
     assert fitted.compute_efficiency == pytest.approx(0.3, rel=0.03)
+    assert fitted.collective_wait == pytest.approx(0.4)
     assert fitted.step_overhead_s == pytest.approx(0.012, abs=0.002)
     assert fitted.fsdp_tensor_s == pytest.approx(1e-4, rel=0.05)
     assert fitted.tp_module_s == pytest.approx(0.001, rel=0.05)

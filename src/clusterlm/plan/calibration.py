@@ -28,6 +28,9 @@
   All three default to 0: on an accelerator the host runs ahead of the device and these costs hide
   behind the kernels of any model worth sharding; on a CPU the host is the device and they add,
   so ``--validate`` fits them.
+- ``collective_wait``: the share of those three per-collective costs a process spends waiting for
+  its peers rather than on a core, in [0, 1). More processes than cores slow a process by
+  1 / its core share, but not while it waits. Default 0; ``--validate`` fits it.
 """
 
 from __future__ import annotations
@@ -57,9 +60,6 @@ class Calibration:
     pp_action_s: float = 0.0
     efficiency_half_width: float = 0.0
     tp_exposed: float = 1.0
-    # Share of the per-collective host costs (FSDP tensors, tensor-parallel modules, pipeline
-    # actions) that a process spends waiting for its peers, off the core: processes sharing a core
-    # are slowed only in the rest.
     collective_wait: float = 0.0
     device: str = ""
 
