@@ -80,12 +80,18 @@ def device_kind(name: str) -> str:
     return name.split("(")[0].strip().lower()
 
 
+def kernel_instruction_sets() -> tuple[str, str]:
+    """(the instruction set torch's CPU kernels use, oneDNN's ceiling or ""): narrower than the
+    CPU's flags where ``ATEN_CPU_CAPABILITY`` or ``ONEDNN_MAX_CPU_ISA`` restrict them."""
+    return torch.backends.cpu.get_cpu_capability().lower(), os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower()
+
+
 def cpu_identity() -> str:
-    """What a CPU probe's figure depends on: the model, and the instruction set torch and oneDNN may
-    use (``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` narrow it), so a home directory shared by
-    nodes of different CPUs, or a run restricted to AVX2, never reads another's bf16 rate."""
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower()
-    return f"{cpu_model_name()}|{torch.backends.cpu.get_cpu_capability().lower()}" + (f"|onednn={isa}" if isa else "")
+    """What a CPU probe's figure depends on: the model and the instruction sets its kernels may use,
+    so a home directory shared by nodes of different CPUs, or a run restricted to AVX2, never reads
+    another's bf16 rate."""
+    aten, onednn = kernel_instruction_sets()
+    return f"{cpu_model_name()}|{aten}" + (f"|onednn={onednn}" if onednn else "")
 
 
 def _cache_file() -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import platform
 import re
 import statistics
@@ -22,11 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from clusterlm.config import Config
 from clusterlm.errors import UserError
-from clusterlm.hardware import cpu_model_name
+from clusterlm.hardware import cpu_model_name, kernel_instruction_sets
 from clusterlm.train.evaluate import eval_windows, evaluate
 from clusterlm.train.session import build_session
 from clusterlm.train.trainer import train_step
@@ -92,9 +89,8 @@ def cpu_description() -> str:
     except OSError:
         return platform.processor() or platform.machine()
     flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if re.search(rf"\b{f}\b", info)})
-    used = torch.backends.cpu.get_cpu_capability().lower()
-    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
-        used += f", oneDNN {os.environ['ONEDNN_MAX_CPU_ISA'].lower()}"
+    aten, onednn = kernel_instruction_sets()
+    used = aten + (f", oneDNN {onednn}" if onednn else "")
     return (f"{cpu_model_name()} (flags: {', '.join(flags) or 'none of avx2/avx512'}; "
             f"kernels: {used})")
 

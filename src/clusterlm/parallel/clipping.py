@@ -1,4 +1,5 @@
-"""Gradient clipping by the global 2-norm, on each rank's local shards.
+"""Gradients across ranks after backward: clipping by the global 2-norm on each rank's local
+shards, and the sequence-parallel partial sums reduced together (``reduce_partial_grads``).
 
 ``torch.nn.utils.clip_grad_norm_`` gives the same result on DTensor gradients (FSDP, tensor
 parallel), but sends every per-tensor norm and scaling through DTensor's dispatch: on 4 CPU
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
 # (mesh, mesh dimensions the gradient is sharded on); (None, ()) for plain tensors.
@@ -53,8 +55,7 @@ def reduce_partial_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
     sequence) in one flat all-reduce per mesh, dimension and dtype, and mark them replicated.
     Left partial, the optimizer and the clipping would each reduce them tensor by tensor: 2 x 26
     collectives a step on the nano model, as Megatron also avoids by reducing them together."""
-    groups: dict[tuple, list[torch.nn.Parameter]] = {}
-    meshes = {}
+    groups: dict[tuple, tuple[DeviceMesh, list[torch.nn.Parameter]]] = {}
     for param in parameters:
         grad = param.grad
         if not isinstance(grad, DTensor):
@@ -64,20 +65,17 @@ def reduce_partial_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
         if len(ops) != 1 or not ops <= {"sum", "avg"}:
             continue  # nothing to reduce, or a reduction left to DTensor
         key = (id(grad.device_mesh), partial, ops.pop(), grad.dtype)
-        meshes[key] = grad.device_mesh
-        groups.setdefault(key, []).append(param)
-    for key, params in groups.items():
-        _, dims, op, _ = key
+        groups.setdefault(key, (grad.device_mesh, []))[1].append(param)
+    for (_, dims, op, _), (mesh, params) in groups.items():
         local = [param.grad.to_local() for param in params]
         flat = torch.cat([tensor.reshape(-1) for tensor in local])
         for dim in dims:
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG if op == "avg" else dist.ReduceOp.SUM,
-                            group=meshes[key].get_group(dim))
-        for param, reduced in zip(params, flat.split([t.numel() for t in local]), strict=True):
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG if op == "avg" else dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        for param, shard, reduced in zip(params, local, flat.split([t.numel() for t in local]), strict=True):
             grad = param.grad
             placements = [Replicate() if p.is_partial() else p for p in grad.placements]
-            param.grad = DTensor.from_local(reduced.view(grad.to_local().shape), grad.device_mesh, placements,
-                                            run_check=False, shape=grad.shape, stride=grad.stride())
+            param.grad = DTensor.from_local(reduced.view(shard.shape), mesh, placements, run_check=False,
+                                            shape=grad.shape, stride=grad.stride())
 
 
 def scale_grads(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:

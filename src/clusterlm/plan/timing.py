@@ -22,10 +22,9 @@ Communication (``collectives``), per step:
   ``overlap``: exposed = max(0, comm - overlap * backward). zero1 (torch's
   ZeroRedundancyOptimizer under DDP) all-reduces like ddp, then broadcasts the updated parameters
   from their owners inside the optimizer step: an all-gather, with nothing to hide behind (the
-  broadcasts go out together, so their latencies overlap). zero2 and zero3 / hsdp
-  (FSDP) reduce-scatter gradients every micro-batch, keeping only their shards (ZeRO's gradient
-  sharding; torch's pipeline stage reduces once per step instead, so there the time is an upper
-  bound), and
+  broadcasts go out together, so their latencies overlap). zero2 and zero3 / hsdp (FSDP)
+  reduce-scatter gradients every micro-batch, keeping only their shards (ZeRO's gradient sharding;
+  torch's pipeline stage reduces once per step instead, so there the time is an upper bound), and
   all-gather the weights before each forward, under zero3 before each backward too
   (``fsdp_gathers``; a pipeline keeps them longer), layer by layer with prefetch, hidden behind
   that pass's compute; hsdp then all-reduces the gradient shard across replicas once per step.
