@@ -218,7 +218,7 @@ def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir
 def test_a_run_restricted_to_an_instruction_set_compiles_into_a_cache_of_its_own(monkeypatch, tmp_path):
     """torch's compiled-graph cache ignores ATEN_CPU_CAPABILITY (an AVX-512 graph reused under
     AVX2 gave NaN losses), so a compiling run that sets it caches apart; a named cache is kept.
-    (Checked by hand: the speedrun config under ATEN_CPU_CAPABILITY=avx2 then trains like eager.)"""
+    (Checked by hand: the speedrun config, compiled, under ATEN_CPU_CAPABILITY=avx2 then trains like eager.)"""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     separate_compile_cache()
