@@ -76,3 +76,46 @@ def test_zero1_keeps_each_optimizer_state_on_one_rank(data_dir, tmp_path):
     assert sharded == 8 * elements + STEP_COUNTER_BYTES * len(params)
     predicted = _predicted_activations(case, cfg, _vocab(data_dir))
     assert [r[1] for r in ranks] == [pytest.approx(predicted, rel=1e-3)] * 2
+
+
+def _fsdp_gathers_rank(rank: int, world_size: int, cfg) -> dict[str, int]:
+    """All-gathers per FSDP unit in one training step, from the profiler: "FSDP::all_gather" for
+    the root, "FSDP::all_gather (layers.i)" for the unit of block i."""
+    from torch.profiler import profile
+
+    from clusterlm.train.session import build_session
+    from clusterlm.train.trainer import train_step
+
+    session = build_session(cfg)
+    train_step(session)
+    with profile() as prof:
+        train_step(session)
+    names = [e.name for e in prof.events() if e.name.startswith("FSDP::all_gather") and "copy" not in e.name]
+    return {name: names.count(name) for name in set(names)}
+
+
+@pytest.mark.parametrize("parallel", [
+    {"data_parallel": "zero3", "bucket_mb": 0.01},
+    {"data_parallel": "zero3"},
+    {"data_parallel": "zero2", "bucket_mb": 0.01},
+    {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3", "bucket_mb": 0.01},
+], ids=["zero3-per-block", "zero3-root", "zero2-per-block", "pp2-zero3-per-block"])
+def test_the_planner_counts_the_gathers_fsdp_makes(parallel, data_dir, tmp_path):
+    """Per unit, the all-gathers of a step the planner counts (``plan.fsdp.gathers``) are those the
+    trainer makes: zero3 keeps the last unit's and the root's weights for backward."""
+    from clusterlm.plan.fsdp import gathers, stage_units
+    from clusterlm.plan.timing import parameter_tensors
+    from clusterlm.plan.validation import ValidationCase
+
+    nproc = 2 * int(parallel.get("pp", 1))
+    case = ValidationCase("gathers", nproc, parallel)
+    cfg = case_config(case, data_dir, str(tmp_path), peak_flops=1e10)
+    ranks = run_distributed(_fsdp_gathers_rank, nproc, cfg, timeout=50)
+    args = resolve_model_args(cfg, _vocab(data_dir))
+    work = Workload(args, cfg.seq_len, GLOBAL_BATCH * cfg.seq_len, "fp32")
+    for rank, counted in enumerate(ranks):
+        pp_rank = rank // 2  # pp is the outermost mesh dimension
+        units = stage_units(work, case.layout, pp_rank, parameter_tensors(args))
+        first_block = pp_rank * (args.n_layer // case.layout.pp)
+        names = [f"FSDP::all_gather (layers.{first_block + i})" for i in range(len(units) - 1)] + ["FSDP::all_gather"]
+        assert {name: sum(gathers(unit, case.layout)) for name, unit in zip(names, units, strict=True)} == counted

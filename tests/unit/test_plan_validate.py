@@ -126,15 +126,22 @@ def test_host_calls_count_fsdp_tensors_tensor_parallel_modules_and_pipeline_acti
     work = Workload(NANO, 64, 12 * 64, "fp32")
     tensors = 4 * 16 + 4  # gpt2 blocks: 2 LayerNorms and 6 linears, weights and biases; 2 tables, a norm
     assert parameter_tensors(NANO) == (16, 4)
-    # zero3 gathers before forward and backward and reduces once; zero2 keeps forward's gather.
-    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero3")) == HostCalls(3 * tensors, 0)
+    # The nano model is below parallel.bucket_mb: one FSDP unit, the root, which keeps forward's
+    # gather for backward under zero3 too; then one reduce-scatter.
+    assert host_calls(work, Layout(dp_shard=2, data_parallel="zero3")) == HostCalls(2 * tensors, 0)
     assert host_calls(work, Layout(dp_shard=2, data_parallel="zero2")) == HostCalls(2 * tensors, 0)
     assert host_calls(work, Layout(dp_shard=2, data_parallel="zero1")) == HostCalls(0, 0)
-    # pp2 x zero3, 3 micro-batches: a gather per forward and one before the first backward (the
-    # stage keeps them), one reduce-scatter; each micro-batch's forward and backward on the stage.
+    # A unit per block: zero3 gathers the first three again before backward, not the last (where
+    # backward starts) nor the root (embeddings, norm, head).
+    per_block = Layout(dp_shard=2, data_parallel="zero3", bucket_mb=0.01)
+    assert host_calls(work, per_block) == HostCalls(3 * 16 * 3 + 16 * 2 + 4 * 2, 0)
+    # pp2 x zero3, 3 micro-batches, a unit per block: a resharded unit gathers per forward and once
+    # before the first backward (the stage keeps them), the rest once a step; one reduce-scatter;
+    # each micro-batch's forward and backward on the stage. The root alone gathers once.
+    pp_zero3 = Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batches=3, bucket_mb=0.01)
+    assert host_calls(work, pp_zero3) == HostCalls(16 * (3 + 1 + 1) + 16 * 2 + 4 * 2, 0, 6)
+    assert host_calls(work, replace(pp_zero3, bucket_mb=25.0)) == HostCalls((2 * 16 + 4) * 2, 0, 6)
     # tp: 8 sharded modules per block + 4, twice.
-    pp_zero3 = Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batches=3)
-    assert host_calls(work, pp_zero3) == HostCalls((2 * 16 + 4) * (3 + 1 + 1), 0, 6)
     assert host_calls(work, Layout(tp=2)) == HostCalls(0, 2 * (4 * 8 + 4))
     assert host_calls(work, Layout(tp=2, sequence_parallel=True)) == HostCalls(0, 2 * (4 * 10 + 4))
     # ZBV: two stages per rank, the backward split into input and weight gradients.

@@ -5,7 +5,8 @@ batch and all ranks apply the same update.
 - ``zero1``: DDP gradients, optimizer state sharded (``ZeroRedundancyOptimizer``; ZeRO stage 1).
 - ``zero2``: FSDP2 ``fully_shard`` keeping parameters gathered between forward and backward
              (``reshard_after_forward=False``): gradients and optimizer state sharded (stage 2).
-- ``zero3``: FSDP2 per block, parameters resharded after forward: everything sharded (stage 3).
+- ``zero3``: FSDP2 per unit of blocks, parameters resharded after forward except where backward
+             starts (the last unit and the root): everything sharded (stage 3).
 - ``hsdp``:  zero3 inside each ``dp_shard`` group, replicated across ``dp_replicate`` groups.
 
 The mesh is ``dp_replicate x dp_shard``; degree 1 everywhere is the single-process case.
@@ -49,25 +50,31 @@ def apply_data_parallel(
     if cfg.data_parallel in REPLICATING:
         return _apply_ddp(model, mesh, cfg, comm)
     dp_mesh = mesh[("dp_replicate", "dp_shard")] if cfg.data_parallel == "hsdp" else mesh["dp_shard"]
-    options = {
-        "mesh": dp_mesh,
-        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
-        # zero2 keeps the gathered parameters from forward to backward: only gradients and
-        # optimizer state stay sharded.
-        "reshard_after_forward": cfg.data_parallel != "zero2",
-    }
+    options = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
     if cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     blocks = list(model.layers.values())
     block_bytes = [4 * sum(p.numel() for p in block.parameters()) for block in blocks]
     model_bytes = 4 * sum(p.numel() for p in model.parameters())
-    for unit in fsdp_units(block_bytes, model_bytes, cfg.bucket_mb * 2**20):
-        fully_shard([blocks[i] for i in unit] if len(unit) > 1 else blocks[unit[0]], **options)
-    fully_shard(model, **options)  # embeddings, final norm and head form the root unit
+    units = fsdp_units(block_bytes, model_bytes, cfg.bucket_mb * 2**20)
+    for index, unit in enumerate(units):
+        fully_shard([blocks[i] for i in unit] if len(unit) > 1 else blocks[unit[0]], **options,
+                    reshard_after_forward=reshards_after_forward(cfg.data_parallel, index, len(units)))
+    # Embeddings, final norm and head form the root unit, which backward needs first: resharded
+    # after forward, it would be gathered again at once (torch's own default for the root).
+    fully_shard(model, **options, reshard_after_forward=False)
     on_gloo = dist.get_backend(mesh["dp_shard"].get_group()) == "gloo"
     if comm.reduce_scatter == "ring" or (comm.reduce_scatter == "auto" and on_gloo):
         use_ring_reduce_scatter(model)
     return model, None
+
+
+def reshards_after_forward(data_parallel: str, unit: int, units: int) -> bool:
+    """Whether FSDP unit ``unit`` of ``units`` (blocks, in forward order) frees its gathered weights
+    after forward and gathers them again for backward. zero2 keeps every unit's: only gradients
+    and optimizer state stay sharded. zero3 frees all but the last unit's, where backward starts
+    (its weights would be gathered again at once), as torchtitan does."""
+    return data_parallel != "zero2" and unit < units - 1
 
 
 def fsdp_units(block_bytes: list[int], model_bytes: int, min_bytes: float) -> list[list[int]]:

@@ -65,6 +65,17 @@ def reduce_scatter(nbytes: float, group: Group, cluster: Cluster) -> float:
 all_gather = reduce_scatter  # the same steps and volume, run in reverse
 
 
+def broadcast_from_each(nbytes: float, group: Group, cluster: Cluster) -> float:
+    """Each rank broadcasts its 1/n of ``nbytes`` in turn (torch's ZeroRedundancyOptimizer after its
+    step): n pipelined broadcasts, each n - 1 hops of latency and its slice's bytes over the slowest
+    link the group spans."""
+    if group.size <= 1:
+        return 0.0
+    link = cluster.inter_node if group.nodes > 1 else cluster.intra_node
+    hops = group.size * (group.size - 1)
+    return hops * link.latency + nbytes / (link.bandwidth * cluster.calibration.comm_efficiency)
+
+
 def point_to_point(nbytes: float, inter_node: bool, cluster: Cluster) -> float:
     link = cluster.inter_node if inter_node else cluster.intra_node
     return link.latency + nbytes / (link.bandwidth * cluster.calibration.comm_efficiency)

@@ -67,6 +67,7 @@ class Layout:
     micro_batches: int = 1
     activation_checkpointing: str = "none"
     cpu_offload: bool = False
+    bucket_mb: float = 25.0  # parallel.bucket_mb: DDP's gradient buckets, the least bytes of an FSDP unit
 
     @property
     def dp(self) -> int:
@@ -152,7 +153,8 @@ def layout_config(layout: Layout, work: Workload) -> Config:
         data_parallel=layout.data_parallel, dp_replicate=replicate, dp_shard=shard, tp=layout.tp,
         sequence_parallel=layout.sequence_parallel, pp=layout.pp, pp_schedule=layout.pp_schedule,
         pp_microbatches=layout.micro_batches if pipelined else 0,
-        pp_stages_per_rank=layout.pp_stages_per_rank if pipelined else 0, cpu_offload=layout.cpu_offload)
+        pp_stages_per_rank=layout.pp_stages_per_rank if pipelined else 0, cpu_offload=layout.cpu_offload,
+        bucket_mb=layout.bucket_mb)
     return Config(model=model, training=training, parallel=parallel)
 
 
@@ -165,7 +167,7 @@ def layout_from_config(cfg: Config, world_size: int) -> Layout:
         replicate, shard = 1, replicate * shard
     common = {"dp_replicate": replicate, "dp_shard": shard, "tp": p.tp, "data_parallel": p.data_parallel,
               "sequence_parallel": p.sequence_parallel, "activation_checkpointing": t.activation_checkpointing,
-              "cpu_offload": p.cpu_offload}
+              "cpu_offload": p.cpu_offload, "bucket_mb": p.bucket_mb}
     if p.pp == 1:
         return Layout(**common, micro_batch_size=t.micro_batch_size,
                       micro_batches=grad_accum_steps(cfg, replicate * shard))

@@ -18,16 +18,14 @@ Communication (``collectives``), per step:
   row-parallel biases' gradients, flat: these see a slice of the sequence, so their gradients are
   partial sums (26 tensors on the nano model, which DTensor would reduce one by one, twice).
 - data parallel, on gradients in the weight dtype (2 bytes under mixed precision, as ZeRO counts):
-  ddp all-reduces once per step, hidden behind the last micro-batch's backward up to
-  ``overlap``: exposed = max(0, comm - overlap * backward). zero1 (torch's
-  ZeroRedundancyOptimizer under DDP) all-reduces like ddp, then broadcasts the updated parameters
-  from their owners inside the optimizer step: an all-gather, with nothing to hide behind (the
-  broadcasts go out together, so their latencies overlap). zero2 and zero3 / hsdp (FSDP)
-  reduce-scatter gradients every micro-batch, keeping only their shards (ZeRO's gradient sharding;
-  torch's pipeline stage reduces once per step instead, so there the time is an upper bound), and
-  all-gather the weights before each forward, under zero3 before each backward too
-  (``fsdp_gathers``; a pipeline keeps them longer), layer by layer with prefetch, hidden behind
-  that pass's compute; hsdp then all-reduces the gradient shard across replicas once per step.
+  ddp all-reduces its buckets (1 MiB, then ``parallel.bucket_mb``) while backward runs, hidden
+  behind up to ``overlap`` of it, all but the last, which backward fills as it ends
+  (``_bucketed_all_reduce``). zero1 (torch's ZeroRedundancyOptimizer under DDP) all-reduces like
+  ddp, then each rank broadcasts the parameters it updated, one rank after the other, with nothing
+  to hide behind. zero2 and zero3 / hsdp (FSDP) gather and reduce-scatter unit by unit
+  (``clusterlm.plan.fsdp``: the trainer's units, the first gather and the last reduce-scatter of
+  each micro-batch exposed, the rest behind up to ``overlap`` of the pass); hsdp then all-reduces
+  the gradient shard across replicas once per step.
 - pipeline: activations forward and gradients backward at every stage boundary. The 2*(p - 1)*v
   messages of the fill and the drain are on the critical path; the 2*m*v of the steady state are
   sent while the next micro-batch computes, hidden up to ``overlap`` of that compute.
@@ -63,12 +61,12 @@ from functools import lru_cache
 import torch
 
 from clusterlm.models import ModelArgs, create_model
-from clusterlm.plan import collectives
+from clusterlm.plan import collectives, fsdp
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.efficiency import compute_rate, head_flops_per_token, layer_flops_per_token
 from clusterlm.plan.layout import Layout, rank_share
-from clusterlm.plan.memory import stage_params, state_bytes_per_param
+from clusterlm.plan.memory import rank_for, stage_params, state_bytes_per_param
 from clusterlm.plan.workload import Workload
 
 
@@ -207,31 +205,6 @@ def _parameter_tensors(values: tuple) -> tuple[int, int]:
     return block, len(list(model.parameters())) - block
 
 
-def fsdp_tensor_passes(work: Workload, layout: Layout) -> int:
-    """Parameter tensors FSDP's collectives pass through their flat buffers per step on the pipeline
-    rank with the most: each gathered ``fsdp_gathers`` times, and its gradient reduce-scattered
-    every micro-batch (once per step in a pipeline, whose stage turns the reduction off before the
-    last micro-batch). FSDP copies, views and wraps every tensor on its way."""
-    if layout.dp_shard == 1 or layout.zero_stage < 2:
-        return 0
-    block, outside = parameter_tensors(work.model)
-    tensors = max(rank_share(work.model, layout, r).layers * block + outside for r in range(layout.pp))
-    reductions = 1 if layout.pp > 1 else layout.micro_batches
-    return tensors * (fsdp_gathers(layout) + reductions)
-
-
-def fsdp_gathers(layout: Layout) -> int:
-    """All-gathers of a rank's FSDP weights per step. zero2 keeps them from forward to backward:
-    one per micro-batch. zero3 gathers before each forward and again before each backward, except
-    in a pipeline: torch's pipeline stage keeps the weights a backward gathered until the step's
-    last backward, so after one gather per forward only the first backward gathers (counted with
-    the profiler on pp2 x zero3: 4 gathers for 3 micro-batches). A pipeline's zero2 gathers once."""
-    m = layout.micro_batches
-    if layout.zero_stage == 2:
-        return 1 if layout.pp > 1 else m
-    return m + 1 if layout.pp > 1 else 2 * m
-
-
 def host_calls(work: Workload, layout: Layout) -> HostCalls:
     """FSDP's tensor passes (``fsdp_tensor_passes``); a tensor-parallel block shards 6 linears (7
     with SwiGLU) and its 2 norms, plus under sequence parallelism the 2 inputs it gathers along
@@ -251,7 +224,7 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
     if layout.pp > 1:
         passes = 2 + (BUBBLE_DIVISOR[layout.pp_schedule] == 3)  # zero bubble: B split into I and W
         pp = passes * m * layout.pp_stages_per_rank
-    return HostCalls(fsdp_tensor_passes(work, layout), tp, pp)
+    return HostCalls(fsdp.tensor_passes(work, layout, parameter_tensors(args)), tp, pp)
 
 
 def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:
@@ -281,10 +254,25 @@ def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster, micro_batch_
     return 2 * (layout.pp - 1) * v * one + m * steady
 
 
+DDP_FIRST_BUCKET_BYTES = 2**20  # torch DDP's first bucket (dist._DEFAULT_FIRST_BUCKET_BYTES)
+
+
+def _bucketed_all_reduce(grads: float, group: collectives.Group, cluster: Cluster, bucket_mb: float,
+                         behind: float) -> float:
+    """DDP's exposed all-reduce: its buckets (1 MiB, then ``bucket_mb`` each, in the order backward
+    produces the gradients) reduce while backward runs, hidden behind up to ``behind`` seconds of
+    it, except the last, the first layers' gradients, ready when backward ends."""
+    first = min(grads, DDP_FIRST_BUCKET_BYTES)
+    full, last = divmod(grads - first, bucket_mb * 2**20)
+    sizes = [first] + [bucket_mb * 2**20] * int(full) + ([last] if last else [])
+    early = sum(collectives.all_reduce(size, group, cluster) for size in sizes[:-1])
+    return collectives.all_reduce(sizes[-1], group, cluster) + max(0.0, early - behind)
+
+
 def _data_parallel_and_offload(work: Workload, layout: Layout, cluster: Cluster,
                                forward: float, backward: float) -> tuple[float, float]:
     """Exposed data-parallel communication and offload time per step (see the module docstring)."""
-    overlap, m = cluster.calibration.overlap, layout.micro_batches
+    overlap = cluster.calibration.overlap
     params = stage_params(work, layout, "first")
     weight_bytes, grad_bytes, _ = state_bytes_per_param(0, 1, work.mixed_precision)
     weights, grads = params * weight_bytes, params * grad_bytes
@@ -296,20 +284,16 @@ def _data_parallel_and_offload(work: Workload, layout: Layout, cluster: Cluster,
 
     stage = layout.zero_stage if layout.dp_shard > 1 else 0
     if stage == 0:
-        exposed = hidden(collectives.all_reduce(grads, replicas, cluster), backward)
+        exposed = _bucketed_all_reduce(grads, replicas, cluster, layout.bucket_mb, overlap * backward)
     elif stage == 1:
         # torch's ZeroRedundancyOptimizer under DDP: gradients are all-reduced in backward, then
         # each rank steps the parameters it owns and broadcasts them in step(), nothing to hide behind.
-        exposed = hidden(collectives.all_reduce(grads, shard, cluster), backward)
-        exposed += collectives.all_gather(weights, shard, cluster)
+        exposed = _bucketed_all_reduce(grads, shard, cluster, layout.bucket_mb, overlap * backward)
+        exposed += collectives.broadcast_from_each(weights, shard, cluster)
     else:
-        # Weights are gathered before forwards, and under zero3 before backwards too (``fsdp_gathers``).
-        gather = collectives.all_gather(weights, shard, cluster)
-        exposed = m * hidden(collectives.reduce_scatter(grads, shard, cluster), backward)
-        forward_gathers = min(m, fsdp_gathers(layout))
-        exposed += forward_gathers * hidden(gather, forward)
-        exposed += (fsdp_gathers(layout) - forward_gathers) * hidden(gather, backward)
-        if stage == 3:
+        units = fsdp.stage_units(work, layout, rank_for(layout, "first"), parameter_tensors(work.model))
+        exposed = fsdp.exposed_seconds(units, layout, cluster, weight_bytes, grad_bytes, forward, backward)
+        if stage == 3:  # hsdp: the gradient shards all-reduced across replicas
             exposed += hidden(collectives.all_reduce(grads / layout.dp_shard, replicas, cluster), backward)
 
     offload = 0.0
