@@ -206,7 +206,7 @@ def _parameter_tensors(values: tuple) -> tuple[int, int]:
 
 
 def host_calls(work: Workload, layout: Layout) -> HostCalls:
-    """FSDP's tensor passes (``fsdp_tensor_passes``); a tensor-parallel block shards 6 linears (7
+    """FSDP's tensor passes (``fsdp.tensor_passes``); a tensor-parallel block shards 6 linears (7
     with SwiGLU) and its 2 norms, plus under sequence parallelism the 2 inputs it gathers along
     the sequence, and the model adds the token and position embeddings, the final norm and the
     head; a pipeline rank runs each micro-batch's forward and backward on each of its stages, the
