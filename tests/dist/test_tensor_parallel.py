@@ -35,7 +35,8 @@ from .helpers import run_distributed
 RTOL = 1e-5
 # Weights after AdamW steps: the update divides by the root of the second moment, so rounding
 # differences in near-zero gradient entries move weights more than losses (as in training.py).
-WEIGHT_RTOL = 2e-5
+# On an Intel Xeon (AVX-512, AMX) llama tp4's w1 differed by 2.95e-5 after 10 steps; losses by < 1e-5.
+WEIGHT_RTOL = 5e-5
 QUERY_BIAS_RTOL = 1e-3
 STEPS = 10
 BATCH = 4
