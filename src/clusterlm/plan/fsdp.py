@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clusterlm.models.counting import embedding_params, head_params, layer_params
+from clusterlm.models.counting import layer_params
 from clusterlm.parallel.data_parallel import fsdp_units, reshards_after_forward
 from clusterlm.plan import collectives
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.memory import rank_params
 from clusterlm.plan.workload import Workload
 
 
@@ -33,9 +34,7 @@ def stage_units(work: Workload, layout: Layout, pp_rank: int, tensors: tuple[int
     args = work.model
     share = rank_share(args, layout, pp_rank)
     block = layer_params(args)
-    outside = share.embedding * embedding_params(args) + share.head * head_params(args)
-    if share.head and layout.pp > 1 and not args.is_llama:
-        outside += args.vocab_size * args.n_embd  # the tied head's own copy on the last stage
+    outside = rank_params(work, layout, pp_rank) * layout.tp - share.layers * block  # embeddings, head
     grouped = fsdp_units([4 * block] * share.layers, 4 * (share.layers * block + outside), layout.bucket_mb * 2**20)
     units = [Unit(len(unit) * block / layout.tp, len(unit) * tensors[0],
                   reshards_after_forward(layout.data_parallel, index, len(grouped)))
@@ -87,10 +86,10 @@ def exposed_seconds(units: list[Unit], layout: Layout, cluster: Cluster, weight_
     def reduced(unit: Unit) -> float:
         return collectives.reduce_scatter(unit.params * grad_bytes, shard, cluster)
 
-    forward_gathers = [(gathers(u, layout)[0], gathered(u)) for u in blocks]
+    forward_gathers = sum(gathers(u, layout)[0] * gathered(u) for u in blocks)
     backward_gathers = sum(gathers(u, layout)[1] * gathered(u) for u in blocks)
     exposed = gathers(root, layout)[0] * gathered(root)
-    exposed += m * max(0.0, sum(n * t for n, t in forward_gathers) / m - overlap * forward)
+    exposed += m * max(0.0, forward_gathers / m - overlap * forward)
     if layout.pp > 1:  # charged per micro-batch, behind its backward: an upper bound (see above)
         return exposed + m * max(0.0, backward_gathers / m + sum(map(reduced, units)) - overlap * backward)
     behind_backward = backward_gathers / m + sum(map(reduced, blocks))

@@ -62,7 +62,6 @@ from clusterlm.models.counting import embedding_params, head_params, layer_param
 from clusterlm.plan.layout import Layout, rank_share
 from clusterlm.plan.workload import Workload
 
-BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb = 25
 TOKEN_ID_BYTES = 8  # int64 token ids (embedding input) and targets (loss input)
 LOSS_BYTES = 4  # the loss's log-probabilities are kept in fp32
 
@@ -104,10 +103,15 @@ def rank_for(layout: Layout, stage: str) -> int:
 
 
 def stage_params(work: Workload, layout: Layout, stage: str) -> float:
-    """Parameters one device of the ``first`` or ``last`` pipeline rank holds before ZeRO, split
-    as the trainer splits them (``rank_share``)."""
+    """Parameters one device of the ``first`` or ``last`` pipeline rank holds before ZeRO."""
+    return rank_params(work, layout, rank_for(layout, stage))
+
+
+def rank_params(work: Workload, layout: Layout, pp_rank: int) -> float:
+    """Parameters one device of pipeline rank ``pp_rank`` holds before ZeRO, split as the trainer
+    splits them (``rank_share``)."""
     args = work.model
-    share = rank_share(args, layout, rank_for(layout, stage))
+    share = rank_share(args, layout, pp_rank)
     count = share.layers * layer_params(args)
     if share.embedding:
         count += embedding_params(args)
@@ -240,7 +244,7 @@ def activation_bytes(work: Workload, layout: Layout, stage: str) -> float:
 
 
 def buffer_bytes(work: Workload, layout: Layout) -> float:
-    """Communication buffers: two 25 MB gradient buckets (one reducing while the next fills;
+    """Communication buffers: two ``parallel.bucket_mb`` gradient buckets (one reducing while the next fills;
     ddp, zero1, assuming gradients are views into the buckets). Fully sharded
     (zero3, hsdp): the largest FSDP unit (a block, or the embedding or head) gathered twice
     (current + prefetched) in the weight dtype plus its unsharded gradient. zero2 (FSDP2 keeping
@@ -255,7 +259,7 @@ def buffer_bytes(work: Workload, layout: Layout) -> float:
         weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
         return stage_params(work, layout, "first") * weight + _largest_unit(work, layout) * grad
     if layout.zero_stage < 3 or layout.dp_shard == 1:
-        return 2 * BUCKET_BYTES
+        return 2 * layout.bucket_mb * 2**20
     weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
     return _largest_unit(work, layout) * (2 * weight + grad)
 

@@ -59,6 +59,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import torch
+import torch.distributed as dist
 
 from clusterlm.models import ModelArgs, create_model
 from clusterlm.plan import collectives, fsdp
@@ -254,15 +255,12 @@ def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster, micro_batch_
     return 2 * (layout.pp - 1) * v * one + m * steady
 
 
-DDP_FIRST_BUCKET_BYTES = 2**20  # torch DDP's first bucket (dist._DEFAULT_FIRST_BUCKET_BYTES)
-
-
 def _bucketed_all_reduce(grads: float, group: collectives.Group, cluster: Cluster, bucket_mb: float,
                          behind: float) -> float:
     """DDP's exposed all-reduce: its buckets (1 MiB, then ``bucket_mb`` each, in the order backward
     produces the gradients) reduce while backward runs, hidden behind up to ``behind`` seconds of
     it, except the last, the first layers' gradients, ready when backward ends."""
-    first = min(grads, DDP_FIRST_BUCKET_BYTES)
+    first = min(grads, dist._DEFAULT_FIRST_BUCKET_BYTES)
     full, last = divmod(grads - first, bucket_mb * 2**20)
     sizes = [first] + [bucket_mb * 2**20] * int(full) + ([last] if last else [])
     early = sum(collectives.all_reduce(size, group, cluster) for size in sizes[:-1])
