@@ -15,6 +15,12 @@ def _rank_and_world(rank: int, world_size: int) -> tuple[int, int, int, str]:
     return rank, dist.get_rank(), dist.get_world_size(), os.environ["MARKER"]
 
 
+def _surroundings(rank: int, world_size: int) -> tuple[str, str, bool]:
+    import sys
+
+    return os.getcwd(), os.environ.get("LATE_MARKER", ""), "clusterlm.train.trainer" in sys.modules
+
+
 def _fail_on_rank_1(rank: int, world_size: int) -> None:
     if rank == 1:
         raise ValueError("deliberate failure on rank 1")
@@ -31,6 +37,15 @@ def _hang(rank: int, world_size: int) -> int:
 
 def test_returns_every_rank_result_with_group_and_env_set():
     assert run_distributed(_rank_and_world, 2, env={"MARKER": "x"}) == [(0, 0, 2, "x"), (1, 1, 2, "x")]
+
+
+def test_workers_see_the_callers_environment_and_directory_as_they_are_now(tmp_path, monkeypatch):
+    """Workers fork from a server started at the first call (with the trainer imported): what
+    the caller changed since then reaches them all the same."""
+    run_distributed(_rank_and_world, 1, env={"MARKER": "x"})  # the server is running
+    monkeypatch.setenv("LATE_MARKER", "set later")
+    monkeypatch.chdir(tmp_path)
+    assert run_distributed(_surroundings, 2) == [(str(tmp_path), "set later", True)] * 2
 
 
 def test_exception_on_one_rank_is_reported_with_its_traceback():
