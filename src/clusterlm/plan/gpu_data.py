@@ -5,6 +5,13 @@ ran on, the cluster preset that describes that device, the model preset, the bat
 in the planner's terms, and what was measured (ms per step, MFU, and the peak memory where it was
 recorded). Each row is predicted on its preset with the preset's calibration, or with a calibration
 file, which must come from the same kind of device.
+
+Where a row records ``activations_vs_korthikanti`` (the bytes one block saved for backward per
+micro-batch over Korthikanti et al.'s 34*s*b*h for 16-bit activations and a fused attention
+kernel), the report sets the planner's itemized count (``layer_activation_bytes``) beside it: the
+formula leaves out what these blocks keep beyond GPT-3's (SwiGLU's four f-wide tensors, RMSNorm in
+fp32 over autocast's fp32 residual stream, autocast's 16-bit copy of a norm's output per consuming
+matmul and of every weight, llama's rotated q), which the planner counts.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from clusterlm.plan.calibration import Calibration, check_device
 from clusterlm.plan.cluster import load_cluster
 from clusterlm.plan.fit import fit_efficiency
 from clusterlm.plan.layout import Layout
+from clusterlm.plan.memory import layer_activation_bytes
 from clusterlm.plan.records import DATA_DIR, build, load_rows
 from clusterlm.plan.report import table
 from clusterlm.plan.search import Candidate, evaluate
@@ -27,11 +35,19 @@ GPU_MEASUREMENTS = DATA_DIR / "gpu-measurements.toml"
 FIELDS = {"name": str, "device": str, "cluster": str, "model": str, "seq_len": int, "global_batch_tokens": int,
           "precision": str, "micro_batch_size": int, "micro_batches": int, "activation_checkpointing": str,
           "step_ms": float, "mfu": float, "command": str, "source": str}
+OPTIONAL = {"peak_gb": float, "activations_vs_korthikanti": float}
 WITHIN = 0.10  # the step-time error the report counts as a good prediction
 
 
 def _error(predicted: float, measured: float) -> float:
     return predicted / measured - 1
+
+
+def _case(row: dict) -> tuple[Workload, Layout]:
+    layout = build(Layout, {key: row[key] for key in ("micro_batch_size", "micro_batches",
+                                                      "activation_checkpointing")}, row["_where"])
+    work = Workload(load_model_args(row["model"]), row["seq_len"], row["global_batch_tokens"], row["precision"])
+    return work, layout
 
 
 def _predict(row: dict, calibration: Calibration | None = None) -> Candidate:
@@ -41,23 +57,33 @@ def _predict(row: dict, calibration: Calibration | None = None) -> Candidate:
                         f"{cluster.device.name}; name the preset of the device it ran on")
     if calibration is not None:
         cluster = dataclasses.replace(cluster, calibration=calibration)
-    layout = build(Layout, {key: row[key] for key in ("micro_batch_size", "micro_batches",
-                                                      "activation_checkpointing")}, row["_where"])
-    work = Workload(load_model_args(row["model"]), row["seq_len"], row["global_batch_tokens"], row["precision"])
-    return evaluate(work, layout, cluster)
+    return evaluate(*_case(row), cluster)
+
+
+def activations_vs_korthikanti(row: dict) -> float:
+    """The planner's bytes one block saves per micro-batch over 34*s*b*h (``activations_vs_korthikanti``)."""
+    work, layout = _case(row)
+    return layer_activation_bytes(work, layout) / (34 * work.seq_len * layout.micro_batch_size * work.model.n_embd)
+
+
+def _activation_lines(rows: list[dict]) -> list[str]:
+    return [f"{row['name']}: saved activations per block {row['activations_vs_korthikanti']:.2f}x Korthikanti's "
+            f"34*s*b*h, planner {activations_vs_korthikanti(row):.2f}x "
+            f"({_error(activations_vs_korthikanti(row), row['activations_vs_korthikanti']):+.1%})"
+            for row in rows if "activations_vs_korthikanti" in row]
 
 
 def fit_gpu_efficiency(cluster: str, path: str | Path = GPU_MEASUREMENTS) -> Calibration:
     """The efficiency table of preset ``cluster`` refitted on the step times measured on it."""
-    rows = [row for row in load_rows(path, "measurement", FIELDS) if row["cluster"] == cluster]
+    rows = [row for row in load_rows(path, "measurement", FIELDS, OPTIONAL) if row["cluster"] == cluster]
     base = load_cluster(cluster).calibration
     return fit_efficiency(lambda cal: [row["step_ms"] / 1e3 / _predict(row, cal).time.total for row in rows], base)
 
 
 def compare_gpu_data(path: str | Path = GPU_MEASUREMENTS, calibration: Calibration | None = None,
                      calibration_source: str = "") -> str:
-    rows, errors = [], []
-    for row in load_rows(path, "measurement", FIELDS):
+    rows, errors, data = [], [], load_rows(path, "measurement", FIELDS, OPTIONAL)
+    for row in data:
         if calibration is not None:
             check_device(calibration, row["device"], calibration_source)
         c = _predict(row, calibration)
@@ -71,4 +97,5 @@ def compare_gpu_data(path: str | Path = GPU_MEASUREMENTS, calibration: Calibrati
     within = sum(e <= WITHIN for e in errors)
     return "\n".join([table(rows, header), f"step time within {WITHIN:.0%}: {within} of {len(errors)} measurements "
                       f"(data: {path}; '-' = not recorded); a preset calibrated on these rows agrees by construction, "
-                      "so its independent checks are the rows added after the fit and `plan --published`"])
+                      "so its independent checks are the rows added after the fit and `plan --published`",
+                      *_activation_lines(data)])

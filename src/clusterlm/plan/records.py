@@ -21,8 +21,10 @@ else:  # pragma: no cover
 DATA_DIR = Path(__file__).resolve().parents[3] / "configs" / "plan"
 
 
-def load_rows(path: str | Path, array: str, fields: dict[str, type]) -> list[dict[str, Any]]:
-    """The ``[[array]]`` tables of a TOML file, each checked to have ``fields`` of their types."""
+def load_rows(path: str | Path, array: str, fields: dict[str, type],
+              optional: dict[str, type] | None = None) -> list[dict[str, Any]]:
+    """The ``[[array]]`` tables of a TOML file, each checked to have ``fields`` of their types, and
+    ``optional`` ones of theirs where present."""
     path = Path(path)
     try:
         rows = tomllib.loads(path.read_text()).get(array)
@@ -34,8 +36,10 @@ def load_rows(path: str | Path, array: str, fields: dict[str, type]) -> list[dic
         raise UserError(f"{path}: no [[{array}]] tables")
     for i, row in enumerate(rows, 1):
         where = f"{path} [[{array}]] #{i} ({row.get('name', 'unnamed')})"
-        for key, kind in fields.items():
+        for key, kind in {**fields, **(optional or {})}.items():
             if key not in row:
+                if key not in fields:
+                    continue
                 raise UserError(f"{where}: missing field {key!r}; every entry needs {', '.join(fields)}")
             number = kind is float and isinstance(row[key], int) and not isinstance(row[key], bool)
             if not (isinstance(row[key], kind) or number):
