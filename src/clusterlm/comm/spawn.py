@@ -34,9 +34,9 @@ import torch.multiprocessing as mp
 # After the first failure, how long the other ranks get to report their own error (often the
 # consequence, sometimes the cause) before they are killed.
 _GRACE_AFTER_FAILURE_S = 2.0
-# What the fork server imports, by name: this module does not depend on the trainer. ``fn``'s
-# own module is added when it can be imported from the installed packages.
-_PRELOAD = ["clusterlm.train.trainer"]
+# What the fork server imports, by name (this module does not depend on the trainer), besides
+# ``fn``'s own module, which Python 3.11's server skips unless the installed packages hold it.
+_PRELOAD = ("clusterlm.train.trainer",)
 
 
 class SpawnError(RuntimeError):

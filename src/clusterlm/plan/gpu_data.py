@@ -67,10 +67,13 @@ def activations_vs_korthikanti(row: dict) -> float:
 
 
 def _activation_lines(rows: list[dict]) -> list[str]:
-    return [f"{row['name']}: saved activations per block {row['activations_vs_korthikanti']:.2f}x Korthikanti's "
-            f"34*s*b*h, planner {activations_vs_korthikanti(row):.2f}x "
-            f"({_error(activations_vs_korthikanti(row), row['activations_vs_korthikanti']):+.1%})"
-            for row in rows if "activations_vs_korthikanti" in row]
+    lines = []
+    for row in rows:
+        if "activations_vs_korthikanti" in row:
+            measured, predicted = row["activations_vs_korthikanti"], activations_vs_korthikanti(row)
+            lines.append(f"{row['name']}: saved activations per block {measured:.2f}x Korthikanti's 34*s*b*h, "
+                         f"planner {predicted:.2f}x ({_error(predicted, measured):+.1%})")
+    return lines
 
 
 def fit_gpu_efficiency(cluster: str, path: str | Path = GPU_MEASUREMENTS) -> Calibration:
