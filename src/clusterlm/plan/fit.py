@@ -1,9 +1,10 @@
 """Fit the calibration (``clusterlm.plan.calibration``) to the step times ``plan --validate``
 measured: the compute efficiency and the host costs per step, per parameter tensor through
 FSDP's collectives, per tensor-parallel module pass and per pipeline action, on the cases marked
-``fit`` (one per term, the 4-process ddp and zero3 for the core sharing, and both pipeline
-schedules on 2 processes, whose step times scatter by 10% from run to run); the report then shows
-the error on all of them."""
+``fit`` (one per term; the 4-process ddp, zero3 and tp2 x zero3 for the core sharing, since the
+share of per-collective costs spent waiting is only determined where 4 processes share 2 cores
+and make tensor-parallel calls as well as FSDP's; both pipeline schedules on 2 processes, whose
+step times scatter by 10% from run to run); the report then shows the error on all of them."""
 
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ CASES = (
     ValidationCase("4 ddp", 4, {"data_parallel": "ddp"}, fit=True),
     ValidationCase("4 zero3", 4, {"data_parallel": "zero3"}, fit=True),
     ValidationCase("4 hsdp 2x2", 4, {"data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2}),
-    ValidationCase("4 tp2 x zero3", 4, {"tp": 2, "data_parallel": "zero3"}),
+    ValidationCase("4 tp2 x zero3", 4, {"tp": 2, "data_parallel": "zero3"}, fit=True),
     ValidationCase("2 pp2 gpipe", 2, {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}, fit=True),
     ValidationCase("2 pp2 1f1b", 2, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 4}, fit=True),
     ValidationCase("4 pp2 x zero3", 4, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3"}),
