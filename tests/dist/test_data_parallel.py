@@ -31,11 +31,15 @@ def test_strategy_equals_single_process(strategy, world_size, extra, data_dir, r
     assert_equivalent(reference(MICRO * world_size), candidate)
 
 
-@pytest.mark.parametrize("strategy,world_size,extra", [("ddp", 2, {}), ("zero2", 2, {}),
-                                                      ("hsdp", 4, {"parallel__dp_replicate": 2})])
+@pytest.mark.parametrize("strategy,world_size,extra", [
+    ("ddp", 2, {}), ("zero2", 2, {}), ("zero3", 2, {"parallel__bucket_mb": 0.01}),
+    ("hsdp", 4, {"parallel__dp_replicate": 2}),
+])
 def test_gradient_accumulation_equals_one_big_step(strategy, world_size, extra, data_dir, reference, tmp_path):
     """4 micro-steps on N ranks == 1 step on 1 rank with the 4N x batch: ddp all-reduces once,
-    FSDP reduce-scatters every micro-step and hsdp all-reduces across replicas once."""
+    FSDP reduce-scatters every micro-step and hsdp all-reduces across replicas once; the FSDP
+    units that keep their weights gathered (zero2's, zero3's root and last unit) keep them from
+    one micro-step to the next, and the optimizer still steps the updated shards."""
     tokens = MICRO * 4 * world_size * BASE["model.block_size"]
     candidate = run(data_dir, tmp_path, world_size, parallel__data_parallel=strategy,
                     training__micro_batch_size=MICRO, training__tokens_per_step=tokens, **extra)

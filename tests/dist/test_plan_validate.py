@@ -94,28 +94,35 @@ def _fsdp_gathers_rank(rank: int, world_size: int, cfg) -> dict[str, int]:
     return {name: names.count(name) for name in set(names)}
 
 
-@pytest.mark.parametrize("parallel", [
-    {"data_parallel": "zero3", "bucket_mb": 0.01},
-    {"data_parallel": "zero3"},
-    {"data_parallel": "zero2", "bucket_mb": 0.01},
-    {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3", "bucket_mb": 0.01},
-], ids=["zero3-per-block", "zero3-root", "zero2-per-block", "pp2-zero3-per-block"])
-def test_the_planner_counts_the_gathers_fsdp_makes(parallel, data_dir, tmp_path):
+@pytest.mark.parametrize("parallel,micro_batch", [
+    ({"data_parallel": "zero3", "bucket_mb": 0.01}, 6),
+    ({"data_parallel": "zero3"}, 6),
+    ({"data_parallel": "zero2", "bucket_mb": 0.01}, 6),
+    ({"data_parallel": "zero3", "bucket_mb": 0.01}, 2),
+    ({"data_parallel": "zero2", "bucket_mb": 0.01}, 2),
+    ({"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3", "bucket_mb": 0.01}, 6),
+], ids=["zero3-per-block", "zero3-root", "zero2-per-block", "zero3-per-block-3-micro-batches",
+        "zero2-per-block-3-micro-batches", "pp2-zero3-per-block"])
+def test_the_planner_counts_the_gathers_fsdp_makes(parallel, micro_batch, data_dir, tmp_path):
     """Per unit, the all-gathers of a step the planner counts (``plan.fsdp.gathers``) are those the
-    trainer makes: zero3 keeps the last unit's and the root's weights for backward."""
+    trainer makes: zero3 keeps the last unit's and the root's weights for backward, and the units
+    that keep them keep them through all of a step's micro-batches."""
     from clusterlm.plan.fsdp import gathers, stage_units
+    from clusterlm.plan.layout import layout_from_config
     from clusterlm.plan.timing import parameter_tensors
     from clusterlm.plan.validation import ValidationCase
 
     nproc = 2 * int(parallel.get("pp", 1))
     case = ValidationCase("gathers", nproc, parallel)
     cfg = case_config(case, data_dir, str(tmp_path), peak_flops=1e10)
+    cfg.training.micro_batch_size, cfg.training.tokens_per_step = micro_batch, GLOBAL_BATCH * cfg.seq_len
+    layout = layout_from_config(cfg, nproc)
     ranks = run_distributed(_fsdp_gathers_rank, nproc, cfg, timeout=50)
     args = resolve_model_args(cfg, _vocab(data_dir))
     work = Workload(args, cfg.seq_len, GLOBAL_BATCH * cfg.seq_len, "fp32")
     for rank, counted in enumerate(ranks):
         pp_rank = rank // 2  # pp is the outermost mesh dimension
-        units = stage_units(work, case.layout, pp_rank, parameter_tensors(args))
-        first_block = pp_rank * (args.n_layer // case.layout.pp)
+        units = stage_units(work, layout, pp_rank, parameter_tensors(args))
+        first_block = pp_rank * (args.n_layer // layout.pp)
         names = [f"FSDP::all_gather (layers.{first_block + i})" for i in range(len(units) - 1)] + ["FSDP::all_gather"]
-        assert {name: sum(gathers(unit, case.layout)) for name, unit in zip(names, units, strict=True)} == counted
+        assert {name: sum(gathers(unit, layout)) for name, unit in zip(names, units, strict=True)} == counted

@@ -15,6 +15,7 @@ The mesh is ``dp_replicate x dp_shard``; degree 1 everywhere is the single-proce
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,9 @@ SHARDED = ("zero2", "zero3", "hsdp")
 # Each rank trains its own replica; they synchronize outside backward (clusterlm.parallel.local_sgd,
 # clusterlm.parallel.ps), so nothing wraps the model.
 INDEPENDENT = ("local_sgd", "diloco", "ps")
+# The FSDP units (one module of each) that keep their gathered weights from forward to backward:
+# they also keep them from one micro-batch to the next (``gradient_sync``).
+_KEPT_GATHERED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def apply_data_parallel(
@@ -58,11 +62,15 @@ def apply_data_parallel(
     model_bytes = 4 * sum(p.numel() for p in model.parameters())
     units = fsdp_units(block_bytes, model_bytes, cfg.bucket_mb * 2**20)
     for index, unit in enumerate(units):
+        resharded = reshards_after_forward(cfg.data_parallel, index, len(units))
         fully_shard([blocks[i] for i in unit] if len(unit) > 1 else blocks[unit[0]], **options,
-                    reshard_after_forward=reshards_after_forward(cfg.data_parallel, index, len(units)))
+                    reshard_after_forward=resharded)
+        if not resharded:
+            _KEPT_GATHERED.add(blocks[unit[0]])  # the unit's blocks share one FSDP state
     # Embeddings, final norm and head form the root unit, which backward needs first: resharded
     # after forward, it would be gathered again at once (torch's own default for the root).
     fully_shard(model, **options, reshard_after_forward=False)
+    _KEPT_GATHERED.add(model)
     on_gloo = dist.get_backend(mesh["dp_shard"].get_group()) == "gloo"
     if comm.reduce_scatter == "ring" or (comm.reduce_scatter == "auto" and on_gloo):
         use_ring_reduce_scatter(model)
@@ -138,22 +146,40 @@ def gradient_sync(model: nn.Module, enabled: bool, even: bool = True) -> Iterato
     locally and are all-reduced once, in the last micro-step's backward. FSDP's are reduce-scattered
     in every micro-step, so that each rank only ever holds its shard (ZeRO's gradient sharding,
     which the planner's memory model counts on); only hsdp's all-reduce across replicas waits for
-    the last micro-step. Ranks that run different numbers of micro-steps (``even=False``: load
-    balancing) cannot meet in a collective per micro-step: FSDP then reduces once, at the end."""
+    the last micro-step. The units that keep their weights from forward to backward (all of
+    zero2's; zero3's root and last unit) keep them until the last micro-step's backward too: one
+    gather a step instead of one per micro-step, at no more peak memory, since every micro-step
+    holds them through its forward and backward anyway. Ranks that run different numbers of
+    micro-steps (``even=False``: load balancing) cannot meet in a collective per micro-step: FSDP
+    then reduces once, at the end (``gathered_for_accumulation``)."""
     if enabled:
         yield
     elif isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
-    elif isinstance(model, FSDPModule):
-        pause = model.set_requires_all_reduce if even else model.set_requires_gradient_sync
-        pause(False)
+    elif isinstance(model, FSDPModule) and even:
+        kept = [unit for unit in model.modules() if unit in _KEPT_GATHERED]
+        _pause_fsdp_sync(model, kept, paused=True)
         try:
             yield
         finally:
-            pause(True)
+            _pause_fsdp_sync(model, kept, paused=False)
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def _pause_fsdp_sync(model: FSDPModule, kept: list[nn.Module], paused: bool) -> None:
+    """Before (``paused``) and after a micro-step that is not the last: hsdp's all-reduce across
+    replicas waits, and the ``kept`` units do not reshard after backward."""
+    model.set_requires_all_reduce(not paused)
+    for unit in kept:
+        unit.set_reshard_after_backward(not paused, recurse=False)
 
 
 @contextlib.contextmanager

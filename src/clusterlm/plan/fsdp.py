@@ -5,7 +5,8 @@ in a step, the parameter tensors its collectives pass, and the communication lef
 The units follow the trainer's rules: consecutive blocks of at least ``parallel.bucket_mb`` form a
 unit (``fsdp_units``), the embeddings, final norm and head (and the blocks of a model too small for
 units) the root; zero3 frees a unit's gathered weights after forward except for the last unit's
-and the root's, where backward starts (``reshards_after_forward``).
+and the root's, where backward starts (``reshards_after_forward``); the units that keep them keep
+them through all of a step's micro-batches (``gradient_sync``).
 """
 
 from __future__ import annotations
@@ -44,15 +45,16 @@ def stage_units(work: Workload, layout: Layout, pp_rank: int, tensors: tuple[int
 
 
 def gathers(unit: Unit, layout: Layout) -> tuple[int, int]:
-    """(forward, backward) all-gathers of ``unit``'s weights per step. Without a pipeline: one
-    before each micro-batch's forward, and a resharded unit one before each backward too. torch's
-    pipeline stage keeps the weights a backward gathered until the step's last backward, and a unit
-    that keeps them after forward gathers once a step: a resharded unit m + 1 times (counted with
-    the profiler on pp2 x zero3)."""
+    """(forward, backward) all-gathers of ``unit``'s weights per step. A unit that keeps its weights
+    from forward to backward keeps them from one micro-batch to the next as well: it gathers once
+    a step. A resharded unit gathers before each micro-batch's forward and again before its
+    backward; in a pipeline only before the first backward, since torch's pipeline stage keeps the
+    weights a backward gathered until the step's last backward (m + 1 a step, counted with the
+    profiler on pp2 x zero3)."""
+    if not unit.resharded:
+        return 1, 0
     m = layout.micro_batches
-    if layout.pp > 1:
-        return (m, 1) if unit.resharded else (1, 0)
-    return (m, m) if unit.resharded else (m, 0)
+    return (m, 1) if layout.pp > 1 else (m, m)
 
 
 def tensor_passes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> int:
