@@ -1,10 +1,11 @@
 """The ring reduce-scatter FSDP uses on gloo equals dist.reduce_scatter_tensor, accumulation
-micro-steps leave FSDP's gradients sharded, and clipping on local shards equals torch's
-clip_grad_norm_, on 4 real gloo processes (one spawn for all).
+micro-steps leave FSDP's gradients sharded, clipping on local shards equals torch's
+clip_grad_norm_, and AdamW on local shards equals torch's AdamW, on 4 real gloo processes (one
+spawn for all).
 
 Tolerances: reduce-scatter sums 4 terms in another order, within 4 eps of the summed magnitudes
 (float32 1e-6 relative, bfloat16 3e-2); clipping differs from torch's only in summation order,
-relative 1e-6 on the norm and on every gradient.
+relative 1e-6 on the norm and on every gradient; AdamW is elementwise: bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from clusterlm.comm.fsdp import RingReduceScatter
 from clusterlm.parallel.data_parallel import gradient_sync
 from clusterlm.parallel.clipping import clip_grad_norm, reduce_partial_grads
+from clusterlm.parallel.local_adamw import LocalAdamW
 
 from .helpers import run_distributed
 
@@ -114,6 +116,35 @@ def _partial_reduction_failures(seed: int) -> list[str]:
     return failures
 
 
+def _local_adamw_mismatches(seed: int) -> list[str]:
+    """Two fused AdamW steps on sharded, strided, replicated and plain parameters give torch's
+    AdamW's parameters and state bit for bit; with a partial gradient among them too (where the
+    step is torch's own)."""
+    failures = []
+    for with_partial in (False, True):
+        stepped = []
+        for optimizer_class in (torch.optim.AdamW, LocalAdamW):
+            params = _sharded_grads(seed)[0][:None if with_partial else -1]
+            with torch.no_grad():
+                for param in params:
+                    param.add_(0.5)
+            # torch's fused AdamW takes one mesh (or plain tensors only) per group.
+            by_mesh = [[params[0], params[3]], params[1:3], [params[4]], params[5:]]
+            optimizer = optimizer_class([{"params": group, "weight_decay": 0.1 * (i % 2 == 0)}
+                                         for i, group in enumerate(by_mesh) if group], lr=0.1, fused=True)
+            for _ in range(2):
+                optimizer.step()
+            states = [optimizer.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq", "step")]
+            stepped.append([*params, *states])
+        for i, (expected, got) in enumerate(zip(*stepped, strict=True)):
+            same_kind = type(expected) is type(got) and getattr(expected, "placements", None) == getattr(
+                got, "placements", None)
+            local = [t.to_local() if isinstance(t, DTensor) else t for t in (expected, got)]
+            if not same_kind or not torch.equal(*local):
+                failures.append(f"partial={with_partial}: tensor {i} differs from torch's AdamW")
+    return failures
+
+
 def _accumulation_failures() -> list[str]:
     """A micro-step outside gradient sync leaves FSDP's gradients reduce-scattered into shards
     (ZeRO-2 holds no whole gradient), unless ranks are uneven, where they wait whole for the end."""
@@ -134,9 +165,10 @@ def _check(rank: int, world_size: int) -> list[str]:
     pair = dist.new_group([1, 3])  # global ranks that are not the group's own numbering
     if rank in (1, 3):
         failures += _reduce_scatter_mismatches(pair, seed=2)
-    return failures + _clipping_mismatches(seed=3) + _partial_reduction_failures(seed=4)
+    return (failures + _clipping_mismatches(seed=3) + _partial_reduction_failures(seed=4)
+            + _local_adamw_mismatches(seed=5))
 
 
-def test_ring_reduce_scatter_local_shard_clipping_and_partial_reduction_match_torch():
+def test_ring_reduce_scatter_local_shard_clipping_adamw_and_partial_reduction_match_torch():
     results = run_distributed(_check, 4, timeout=90)
     assert results == [[]] * 4, results

@@ -6,7 +6,9 @@ parallel), but sends every per-tensor norm and scaling through DTensor's dispatc
 processes that was 11 ms of a 184 ms zero2 step for the nano model's 52 tensors. Here the norms
 and the scaling run on the local tensors with torch's fused (foreach) kernels, and one scalar
 all-reduce per sharded mesh dimension makes the sum of squares global. The clip coefficient stays
-a tensor, so no step waits for the host.
+a tensor, so no step waits for the host. All of it runs without autograd, as torch's clipping
+does: ``DTensor.to_local`` is then an attribute read, where with autograd on it is a function call
+of about 10 us (the 68 tensors of zero2 on the nano model: 3.1 against 1.7 ms a step).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.distributed.tensor import DTensor, Replicate
 ShardKey = tuple[object, tuple[int, ...]]
 
 
+@torch.no_grad()
 def squared_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
     """Sum of squares of every entry of ``grads`` across the ranks that shard them (fp32, plain)."""
     local: dict[ShardKey, list[torch.Tensor]] = {}
@@ -49,6 +52,7 @@ def squared_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+@torch.no_grad()
 def reduce_partial_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Reduce the gradients still partial sums over a mesh dimension (under sequence parallelism,
     those of the norms and row-parallel biases, which each rank computes from its slice of the
@@ -78,6 +82,7 @@ def reduce_partial_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
                                             shape=grad.shape, stride=grad.stride())
 
 
+@torch.no_grad()
 def scale_grads(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     """Multiply every gradient by ``max_norm / total_norm`` where that is below 1."""
     coefficient = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
@@ -89,6 +94,7 @@ def scale_grads(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: f
         torch._foreach_mul_(tensors, coefficient.to(device, dtype))
 
 
+@torch.no_grad()
 def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` over parameters that may be sharded across ranks; returns the norm."""
     grads = [p.grad for p in parameters if p.grad is not None]

@@ -11,6 +11,7 @@ from torch import nn
 
 from clusterlm.config import OptimConfig
 from clusterlm.models import Transformer
+from clusterlm.parallel.local_adamw import LocalAdamW
 
 
 @dataclass
@@ -26,7 +27,8 @@ class OptimizerRecipe:
 
 
 def optimizer_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
-    """AdamW (or SGD, ``optim.optimizer = sgd``) over ``model``'s parameters. Weight decay applies
+    """AdamW (``LocalAdamW``: torch's, stepping DTensors' local tensors) or SGD (``optim.optimizer =
+    sgd``) over ``model``'s parameters. Weight decay applies
     to the weights of linear layers; norms, biases and embedding tables are not decayed (decaying
     them only pulls them towards zero without regularizing). Decided by module type, so it holds
     under any parallel wrapping."""
@@ -53,7 +55,7 @@ def optimizer_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
     if cfg.optimizer == "sgd":
         return OptimizerRecipe(groups, torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum})
     options = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": cfg.fused or None}
-    return OptimizerRecipe(groups, torch.optim.AdamW, options)
+    return OptimizerRecipe(groups, LocalAdamW, options)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
