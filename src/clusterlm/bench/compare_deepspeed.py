@@ -3,9 +3,11 @@ ZeRO-k and by clusterlm's zero-k, on N local CPU processes (gloo).
 
 Each (framework, stage) first runs as its own job of fresh processes, so peak memory is that
 framework's alone; jobs alternate per round (DeepSpeed ZeRO-1, clusterlm zero1, DeepSpeed ZeRO-2,
-...). In a job every rank builds the model with the config's seed, runs ``warmup`` untimed steps and
-``steps`` timed ones (the slowest rank's time per step), and reports tokens/s and its resident-memory
-growth: the peak resident set size minus the size before the model was built. Jobs seconds apart
+...). A step is one or more micro-batches per rank (``accumulation``, DeepSpeed's
+``gradient_accumulation_steps``). In a job every rank builds the model with the config's seed, runs
+``warmup`` untimed steps and ``steps`` timed ones (the slowest rank's time per step), and reports
+tokens/s and its resident-memory growth: the peak resident set size minus the size before the model
+was built. Jobs seconds apart
 can still meet a shared machine in different moods (a job's step time moves by 20% between rounds
 on 2 cores), so the speed ratio comes from one more job per stage that builds both frameworks in the
 same processes and times them in alternating blocks of steps.
@@ -86,8 +88,9 @@ def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[
     model.reset_parameters(cfg.training.seed)  # the values clusterlm's run starts from
     recipe = optimizer_recipe(model, cfg.optim)
     t = cfg.training
+    accumulation = t.tokens_per_step // (t.micro_batch_size * cfg.seq_len * world)
     ds_config = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": accumulation,
         "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2],
                                                   "eps": cfg.optim.eps, "torch_adam": True}},
@@ -95,17 +98,17 @@ def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=recipe.param_groups, config=ds_config,
                                       dist_init_required=False)
-    loader = TokenLoader(cfg.data.dir, "train", cfg.seq_len, t.micro_batch_size, 1, dp_rank=rank, dp_size=world,
-                         seed=t.seed)
+    loader = TokenLoader(cfg.data.dir, "train", cfg.seq_len, t.micro_batch_size, accumulation, dp_rank=rank,
+                         dp_size=world, seed=t.seed)
 
     def step() -> None:
-        (x, y), = loader.next_step()
-        loss = next_token_loss(engine(x), y)
-        engine.backward(loss)
-        engine.step()
+        for x, y in loader.next_step():  # DeepSpeed divides each loss by the accumulation itself
+            loss = next_token_loss(engine(x), y)
+            engine.backward(loss)
+            engine.step()  # steps the optimizer after the last micro-batch only
         loss.item()
 
-    return step, t.micro_batch_size * cfg.seq_len * world
+    return step, t.tokens_per_step
 
 
 def _clusterlm_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], None], int]:
@@ -151,10 +154,12 @@ def _paired_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, ste
 
 
 def compare(cfg: Config, nproc: int, stages: list[int], warmup: int, steps: int, rounds: int,
-            timeout: float, paired_rounds: int = 6) -> tuple[list[JobResult], dict[int, list[float]]]:
+            timeout: float, paired_rounds: int = 6,
+            accumulation: int = 1) -> tuple[list[JobResult], dict[int, list[float]]]:
     """Per stage, ``rounds`` x a DeepSpeed job then a clusterlm job on ``nproc`` processes (each
     framework's tokens/s and memory alone), then one job timing both in ``paired_rounds`` paired
-    rounds (the speed ratio). Returns the jobs' results and, per stage, the paired ratios."""
+    rounds (the speed ratio); a step is ``accumulation`` micro-batches per rank. Returns the jobs'
+    results and, per stage, the paired ratios."""
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -163,6 +168,7 @@ def compare(cfg: Config, nproc: int, stages: list[int], warmup: int, steps: int,
     cfg = copy.deepcopy(cfg)
     cfg.training.precision, cfg.training.compile = "fp32", False  # what both run alike on any CPU
     cfg.checkpoint.resume = "none"
+    cfg.training.tokens_per_step = cfg.training.micro_batch_size * cfg.seq_len * nproc * accumulation
     results, paired = [], {}
     for _ in range(rounds):
         for stage in stages:
@@ -189,7 +195,7 @@ def _row(r: JobResult) -> str:
     return f"{r.framework:<10} {r.stage:>4} {r.tokens_per_s:>10,.0f} {r.seconds_per_step * 1e3:>8.1f}  {memory}"
 
 
-def report(results: list[JobResult], paired: dict[int, list[float]], nproc: int) -> list[str]:
+def report(results: list[JobResult], paired: dict[int, list[float]], nproc: int, accumulation: int = 1) -> list[str]:
     lines = [f"{'framework':<10} {'ZeRO':>4} {'tokens/s':>10} {'ms/step':>8}  peak memory growth per rank (MiB)"]
     lines += [_row(r) for r in results]
     for stage in sorted({r.stage for r in results}):
@@ -198,7 +204,8 @@ def report(results: list[JobResult], paired: dict[int, list[float]], nproc: int)
         memory = {f: max(max(r.memory_bytes) for r in results if r.stage == stage and r.framework == f)
                   for f in STEPPERS}
         ratios = paired.get(stage, [])
-        lines.append(f"ZeRO-{stage} on {nproc} processes: clusterlm / DeepSpeed tokens/s = "
+        steps = f", {accumulation} micro-batches a step" if accumulation > 1 else ""
+        lines.append(f"ZeRO-{stage} on {nproc} processes{steps}: clusterlm / DeepSpeed tokens/s = "
                      f"{speed['clusterlm'] / speed['deepspeed']:.2f} (median over separate jobs)"
                      + (f", {statistics.median(ratios):.2f} (median of {len(ratios)} paired rounds in one job: "
                         f"{' '.join(f'{r:.2f}' for r in ratios)})" if ratios else "")

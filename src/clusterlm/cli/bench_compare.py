@@ -18,6 +18,8 @@ def build_parser() -> Parser:
     parser.add_argument("--nproc", type=int, default=2, help="local processes (default 2)")
     parser.add_argument("--stages", default="1,2,3", help="ZeRO stages to compare, comma list (default 1,2,3)")
     parser.add_argument("--micro-batch-size", type=int, help="sequences per rank and step (default: the config's)")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per rank and step (gradient accumulation; default 1)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per job")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of separate jobs")
@@ -32,12 +34,12 @@ def main(argv: list[str]) -> int:
     stages = sorted({int(s) for s in args.stages.split(",") if s.strip().isdigit()})
     if not stages or not set(stages) <= {1, 2, 3}:
         raise UserError(f"--stages takes ZeRO stages from 1,2,3, got {args.stages!r}")
-    if min(args.nproc, args.steps, args.rounds, args.paired_rounds) < 1 or args.warmup < 0:
-        raise UserError("--nproc, --steps, --rounds and --paired-rounds must be >= 1 and --warmup >= 0")
+    if min(args.nproc, args.steps, args.rounds, args.paired_rounds, args.accumulation) < 1 or args.warmup < 0:
+        raise UserError("--nproc, --accumulation, --steps, --rounds and --paired-rounds must be >= 1 and --warmup >= 0")
     overrides = {"training.micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {}
     cfg = build_config(args.config, overrides)
     results, paired = compare(cfg, args.nproc, stages, args.warmup, args.steps, args.rounds, args.timeout,
-                              args.paired_rounds)
-    for line in report(results, paired, args.nproc):
+                              args.paired_rounds, args.accumulation)
+    for line in report(results, paired, args.nproc, args.accumulation):
         print(line)
     return 0
