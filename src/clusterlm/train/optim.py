@@ -28,10 +28,9 @@ class OptimizerRecipe:
 
 def optimizer_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
     """AdamW (``LocalAdamW``: torch's, stepping DTensors' local tensors) or SGD (``optim.optimizer =
-    sgd``) over ``model``'s parameters. Weight decay applies
-    to the weights of linear layers; norms, biases and embedding tables are not decayed (decaying
-    them only pulls them towards zero without regularizing). Decided by module type, so it holds
-    under any parallel wrapping."""
+    sgd``) over ``model``'s parameters. Weight decay applies to the weights of linear layers; norms,
+    biases and embedding tables are not decayed (decaying them only pulls them towards zero without
+    regularizing). Decided by module type, so it holds under any parallel wrapping."""
     decay_ids = {
         id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)
     }
