@@ -1,5 +1,6 @@
 """training.precision = auto: bf16 only where the CPU computes it natively, a warning for an explicit
-bf16 on a CPU that emulates it, and the resolved precision in checkpoints, metrics and resume."""
+bf16 on a CPU that emulates it, and the resolved precision in checkpoints, metrics and resume; and
+training.attention = auto on a CPU in bf16: the faster of the flash and math kernels, probed once."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 import pytest
 import torch
 
+from clusterlm import hardware
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
 from clusterlm.parallel import precision as precision_module
-from clusterlm.parallel.precision import resolve_precision, settle_precision
+from clusterlm.parallel.precision import resolve_precision, settle_attention, settle_precision
 from clusterlm.train.loading import find_checkpoint, load_for_inference
 from clusterlm.train.trainer import train
 
@@ -61,6 +63,31 @@ def test_a_cpu_restricted_to_avx2_probes_its_own_rates_and_trains_in_fp32(tmp_pa
     assert len(keys) == 4 and sum("|avx2|onednn=avx2|" in key for key in keys) == 2
 
 
+def test_attention_auto_on_a_cpu_in_bf16_takes_the_faster_kernel_probed_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    probed = []
+
+    def seconds(shape, dtype, kernel):
+        probed.append((shape, kernel))
+        return {"flash": 5.5, "math": 1.9}[kernel] * (1 if shape[2] <= 64 else {"flash": 0.2, "math": 1}[kernel])
+
+    monkeypatch.setattr(hardware, "_attention_seconds", seconds)
+    short, longer = (12, 4, 64, 32), (8, 12, 256, 64)
+    assert settle_attention("auto", "bf16", CPU, short) == "math"
+    assert settle_attention("auto", "bf16", CPU, longer) == "flash"
+    assert settle_attention("auto", "bf16", CPU, short) == "math" and len(probed) == 4  # cached on disk
+    # Not probed: fp32 (flash is the faster there), an explicit kernel, a GPU, and scores too large for math.
+    assert settle_attention("auto", "fp32", CPU, short) == "auto"
+    assert settle_attention("math", "bf16", CPU, longer) == "math"
+    assert settle_attention("auto", "bf16", torch.device("cuda"), short) == "auto"
+    assert settle_attention("auto", "bf16", CPU, (4, 12, 1024, 64)) == "flash" and len(probed) == 4
+
+
+def test_the_attention_probe_times_both_kernels():
+    assert 0 < hardware._attention_seconds((2, 2, 16, 8), torch.bfloat16, "math") < 10
+    assert 0 < hardware._attention_seconds((2, 2, 16, 8), torch.bfloat16, "flash") < 10
+
+
 @pytest.mark.parametrize("rates,resolved", [(EMULATED, "fp32"), (NATIVE, "bf16")])
 def test_checkpoints_and_metrics_record_the_resolved_precision_and_auto_resumes(
         rates, resolved, monkeypatch, tmp_path, corpus_dir, capsys):
@@ -75,6 +102,8 @@ def test_checkpoints_and_metrics_record_the_resolved_precision_and_auto_resumes(
     train(build_config(None, values))
     found = find_checkpoint(str(tmp_path / "run"))
     assert found.state["config"]["training"]["precision"] == resolved
+    assert found.state["config"]["training"]["attention"] == ("auto" if resolved == "fp32" else
+                                                              hardware.cpu_attention_kernel((2, 2, 16, 8), torch.bfloat16))
     assert load_for_inference(found, device="cpu").cfg.training.precision == resolved
     summary = train(build_config(None, {**values, "training.steps": 3, "checkpoint.resume": "auto"}))
     assert summary["resumed_from"].endswith("step_00000002")

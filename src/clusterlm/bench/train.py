@@ -103,7 +103,8 @@ def _timing_row(name: str, session: Session, seconds: float) -> str:
     t = session.cfg.training
     return (f"{name:<10} {1000 * seconds:>9.2f} {tokens_per_s:>11,.0f} {100 * mfu:>6.2f}% {peak / 1e12:>13.3f}"
             f"  {describe_layout(session.cfg, session.runtime)}, precision={t.precision} compile={t.compile} "
-            f"ac={t.activation_checkpointing} fused_adamw={session.cfg.optim.fused} threads={torch.get_num_threads()}")
+            f"attention={t.attention} ac={t.activation_checkpointing} fused_adamw={session.cfg.optim.fused} "
+            f"threads={torch.get_num_threads()}")
 
 
 def _activation_line(session: Session, measured: int) -> str:

@@ -50,7 +50,8 @@ class TrainingConfig:
                          ("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile: forward and loss as one graph in a single process, each block "
                         "separately when the model is split or sharded across processes")
-    attention: str = opt("auto", "attention kernel: auto (torch picks), flash, efficient, cudnn, or math (matmuls "
+    attention: str = opt("auto", "attention kernel: auto (torch picks; on a CPU in bf16 the faster of flash and "
+                         "math at the run's shape, timed once and cached), flash, efficient, cudnn, or math (matmuls "
                          "and softmax; compiled on a CPU, faster than the CPU flash kernel at small head sizes)",
                          ("auto", "flash", "efficient", "cudnn", "math"))
     activation_checkpointing: str = opt("none", "recompute activations in backward: full (each block from its "

@@ -46,8 +46,10 @@ class ValidationCase:
 
     def config(self, settings: dict[str, object] | None = None) -> Config:
         """The trainer's config for this case; ``settings`` adds keys such as ``data.dir``."""
+        # Flash attention, torch's CPU choice, is what the planner's fused-attention count and the
+        # kernel-rate probe describe; ``auto`` may pick math for bf16 on a CPU (``settle_attention``).
         overrides = {**NANO_MODEL, "training.micro_batch_size": self.batch_per_rank,
-                     "training.precision": self.precision}
+                     "training.precision": self.precision, "training.attention": "flash"}
         overrides.update({f"parallel.{key}": value for key, value in self.parallel.items()})
         return build_config(None, {**overrides, **(settings or {})})
 

@@ -21,7 +21,7 @@ from clusterlm.models import create_model, training_flops_per_token
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, restore_counts
-from clusterlm.parallel.precision import settle_precision
+from clusterlm.parallel.precision import settle_attention, settle_precision
 from clusterlm.slowdown import rank_factor
 from clusterlm.train import checkpoint, restarts
 from clusterlm.train.checkpoint_writer import CheckpointWriter
@@ -89,6 +89,9 @@ def build_session(cfg: Config) -> Session:
         verify_shards(cfg.data.dir)
     check_pretrained_tokenizer(cfg, manifest)
     plain, source = build_model(cfg, manifest.vocab_size)
+    if not plain.args.is_encoder:  # the kernels are timed on causal attention
+        shape = (cfg.training.micro_batch_size, plain.args.n_head // cfg.parallel.tp, cfg.seq_len, plain.args.head_dim)
+        cfg.training.attention = settle_attention(cfg.training.attention, cfg.training.precision, runtime.device, shape)
     source = pretrained_source(cfg) or source  # model.init_from: pretrained weights, read shard by shard
     model = parallelize(plain, cfg, runtime.mesh, runtime.device, source, runtime.ps)
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
