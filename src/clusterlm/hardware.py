@@ -1,7 +1,9 @@
-"""Which device to run on and what its peak FLOP/s is, for MFU.
+"""Which device to run on and what its peak FLOP/s is, for MFU; on a CPU, which attention kernel
+runs a shape faster.
 
 GPU peaks are the vendors' dense (not 2:4-sparse) 16-bit tensor-core figures. A CPU has no
-datasheet figure we can trust, so its peak is measured once by a short matmul probe and cached.
+datasheet figure we can trust, so its peak is measured once by a short matmul probe and cached;
+the faster of its flash and math attention kernels at a shape is probed and cached alike.
 """
 
 from __future__ import annotations

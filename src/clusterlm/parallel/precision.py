@@ -4,7 +4,8 @@ state; fp16 (CUDA only) scales the loss so small gradients survive the narrow ex
 ``auto`` (the default) is resolved once per run by ``settle_precision``: bf16 where the device
 computes it natively, a GPU with bf16 support or a CPU whose measured bf16 matmul rate beats its
 fp32 rate (AVX512-BF16 or AMX; ``clusterlm.hardware`` probes and caches both), fp32 elsewhere. A
-CPU without those instructions emulates bf16 at a small fraction of its fp32 speed.
+CPU without those instructions emulates bf16 at a small fraction of its fp32 speed. Under 16-bit
+compute on a CPU, ``settle_attention`` resolves ``training.attention = auto`` to the faster kernel.
 """
 
 from __future__ import annotations
