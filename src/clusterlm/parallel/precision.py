@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ def settle_precision(name: str, device: torch.device, announce: bool = True) -> 
     """``resolve_precision``, agreed on by every rank, with its warning printed once."""
     precision, warning = resolve_precision(name, device)
     if name == "auto":
-        precision = _agreed(precision)
+        precision = _agreed(lambda: precision)
     if warning and announce:
         print(warning, file=sys.stderr, flush=True)
     return precision
@@ -55,17 +56,18 @@ def settle_attention(name: str, precision: str, device: torch.device, shape: tup
     x 32 on an Intel Xeon with AMX), and a GPU's ``auto`` is torch's choice."""
     if name != "auto" or device.type != "cpu" or precision == "fp32":
         return name
-    return _agreed(cpu_attention_kernel(shape, DTYPES[precision]))
+    return _agreed(lambda: cpu_attention_kernel(shape, DTYPES[precision]))
 
 
-def _agreed(choice: str) -> str:
-    """Rank 0's ``choice`` on every rank: probes on a busy machine can disagree, and ranks must
-    compute alike."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [choice]
-        dist.broadcast_object_list(box, src=0)
-        choice = box[0]
-    return choice
+def _agreed(choose: Callable[[], str]) -> str:
+    """What ``choose`` returns on rank 0, on every rank: probes on a busy machine can disagree, and
+    ranks must compute alike. Only rank 0 chooses, so a first run's probe is not repeated by every
+    rank at once on shared cores."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return choose()
+    box = [choose() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class Precision:
