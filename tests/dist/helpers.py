@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from clusterlm.comm.spawn import SpawnError, run_local
+from clusterlm.distributed.local_spawn import SpawnError, run_local
 
 
 def run_distributed(

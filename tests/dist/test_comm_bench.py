@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from clusterlm.bench.collectives import measure_link
+from clusterlm.bench.collective_sweep import measure_link
 from clusterlm.cli.bench_comm import main
 from clusterlm.plan.cluster import Link
 

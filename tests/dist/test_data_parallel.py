@@ -12,7 +12,7 @@ import json
 import pytest
 
 from clusterlm.parallel.data_parallel import fsdp_units
-from clusterlm.train import checkpoint
+from clusterlm import checkpoint
 
 from .training import BASE, MICRO, STEPS, assert_equivalent, run
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clusterlm.cli import main as cli
-from clusterlm.train.checkpoint import CheckpointReader, list_complete
+from clusterlm.checkpoint.dcp_io import CheckpointReader, list_complete
 
 from .test_local_sgd import SGD
 from .training import BASE, MICRO, STEPS, run, train_run

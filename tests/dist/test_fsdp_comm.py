@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from clusterlm.comm.fsdp import RingReduceScatter
+from clusterlm.comm.ring_reduce_scatter import RingReduceScatter
 from clusterlm.parallel.data_parallel import gradient_sync
 from clusterlm.parallel.clipping import clip_grad_norm, reduce_partial_grads
 from clusterlm.parallel.local_adamw import LocalAdamW

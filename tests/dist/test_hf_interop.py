@@ -21,10 +21,10 @@ from clusterlm.models import ModelArgs, create_model
 from clusterlm.models.init import fill_parameters
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.materialize import canonical_name
-from clusterlm.train.checkpoint import SafeFileSystemReader
-from clusterlm.train.export import export_checkpoint_hf
-from clusterlm.train.loading import find_checkpoint, load_for_inference
-from clusterlm.train.runtime import setup_runtime
+from clusterlm.checkpoint.dcp_io import SafeFileSystemReader
+from clusterlm.train.export_checkpoint import export_checkpoint_hf
+from clusterlm.train.inference import find_checkpoint, load_for_inference
+from clusterlm.distributed.runtime import setup_runtime
 from clusterlm.train.session import build_model
 
 from .helpers import run_distributed

@@ -9,7 +9,7 @@ from clusterlm.config import build_config
 from clusterlm.models import Transformer
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.materialize import canonical_name
-from clusterlm.train.runtime import setup_runtime
+from clusterlm.distributed.runtime import setup_runtime
 from clusterlm.train.session import build_model
 
 from .helpers import run_distributed

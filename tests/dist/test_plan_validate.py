@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from clusterlm.bench.validate import case_config, measure_rank, prepare_data
+from clusterlm.bench.layout_runs import case_config, measure_rank, prepare_data
 from clusterlm.config import resolve_model_args
 from clusterlm.data.manifest import load_manifest
 from clusterlm.models.gpt import Transformer

@@ -26,7 +26,7 @@ TIMEOUT_S = 240
 
 
 class Job:
-    """``world`` ranks of ``python -m clusterlm.train`` around a store this process hosts."""
+    """``world`` ranks of ``python -m clusterlm train`` around a store this process hosts."""
 
     def __init__(self, values: dict, world: int, tmp: Path):
         self.store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -39,7 +39,7 @@ class Job:
 
     def start(self, rank: int) -> subprocess.Popen:
         with open(self.tmp / f"rank{rank}.{time.monotonic_ns()}.log", "w") as log:  # the child keeps its copy
-            return subprocess.Popen([sys.executable, "-m", "clusterlm.train", *self.args], stdout=log,
+            return subprocess.Popen([sys.executable, "-m", "clusterlm", "train", *self.args], stdout=log,
                                     stderr=subprocess.STDOUT,
                                     env={**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from clusterlm.config import build_config
-from clusterlm.train.loading import find_checkpoint, load_for_inference
+from clusterlm.train.inference import find_checkpoint, load_for_inference
 from clusterlm.train.trainer import train
 
 from .helpers import run_distributed

@@ -16,7 +16,7 @@ from clusterlm.config import build_config
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.interop import export_hf, hf_source
 from clusterlm.models.init import fill_parameters
-from clusterlm.train.loading import find_checkpoint, load_for_inference
+from clusterlm.train.inference import find_checkpoint, load_for_inference
 from clusterlm.train.session import build_session
 
 WORDS = ["thou", "art", "the", "king", "of", "my", "heart", "and", "love", "doth", "speak"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from clusterlm.config import ParallelConfig
+from clusterlm.config.degrees import resolve_degrees
 from clusterlm.errors import UserError
-from clusterlm.parallel.mesh import resolve_degrees
 
 TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
         "--training.micro_batch_size", "2", "--training.eval_batches", "2", "--training.eval_interval", "0",
@@ -53,7 +53,7 @@ def test_train_with_nproc_runs_through_torchrun(data_dir, tmp_path):
 
 def test_plain_torchrun_module_launch_works_the_same(data_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "clusterlm.train",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "clusterlm", "train",
          "--data.dir", str(data_dir), "--training.out_dir", str(tmp_path), "--training.steps", "4",
          "--parallel.data_parallel", "ddp", *TINY],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},

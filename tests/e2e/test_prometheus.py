@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 
 from clusterlm.cli import main as cli
-from clusterlm.train.exporter import exported_names
+from clusterlm.observe.prometheus import exported_names
 
 SCRAPE_S = 1.0
 TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",

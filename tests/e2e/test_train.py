@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from clusterlm import checkpoint
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
-from clusterlm.parallel.parallelize import separate_compile_cache
-from clusterlm.train import checkpoint
-from clusterlm.train.loading import find_checkpoint, load_for_inference
+from clusterlm.parallel.compiling import separate_compile_cache
+from clusterlm.train.inference import find_checkpoint, load_for_inference
 from clusterlm.train.trainer import train
 
 TINY = {
@@ -292,8 +292,8 @@ def test_flash_attention_on_cuda_trains(data_dir, tmp_path):
 
 @cuda
 def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    from clusterlm.distributed.runtime import setup_runtime
     from clusterlm.errors import UserError
-    from clusterlm.train.runtime import setup_runtime
 
     gpus = torch.cuda.device_count()
     monkeypatch.setenv("WORLD_SIZE", str(gpus + 1))

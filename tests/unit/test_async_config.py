@@ -3,8 +3,8 @@
 import pytest
 
 from clusterlm.config import build_config
+from clusterlm.config.degrees import check_layout, resolve_degrees
 from clusterlm.errors import UserError
-from clusterlm.parallel.mesh import check_layout, resolve_degrees
 
 
 @pytest.mark.parametrize("values,message", [

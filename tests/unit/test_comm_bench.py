@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from clusterlm.bench.collectives import (
+from clusterlm.bench.collective_sweep import (
     Measurement,
     fit_alpha_beta,
     fit_two_regimes,

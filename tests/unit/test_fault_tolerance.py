@@ -6,11 +6,11 @@ import signal
 
 import pytest
 
+from clusterlm import checkpoint
 from clusterlm.config import build_config
+from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
-from clusterlm.train import checkpoint
 from clusterlm.train.preemption import Preemption
-from clusterlm.train.runtime import Runtime
 
 
 def _complete(root, step, run_id=None):

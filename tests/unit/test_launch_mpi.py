@@ -2,8 +2,9 @@
 
 import pytest
 
+from clusterlm.distributed import mpi_environment as mpi
 from clusterlm.errors import UserError
-from clusterlm.launch import LaunchOptions, mpi
+from clusterlm.launch import LaunchOptions
 
 OPENMPI = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_MCA_ess_base_jobid": "1234173953"}

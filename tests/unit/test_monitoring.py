@@ -15,10 +15,10 @@ import torch
 from clusterlm.config import build_config
 from clusterlm.data.loader import micro_batch_slots
 from clusterlm.errors import UserError
+from clusterlm.observe.prometheus import PrometheusExporter, exported_names
+from clusterlm.observe.stragglers import straggler_figures
+from clusterlm.observe.system_metrics import SYSTEM_KEYS, SystemSampler
 from clusterlm.parallel.load_balance import LoadBalancer, balanced_counts, restore_counts
-from clusterlm.train.exporter import PrometheusExporter, exported_names
-from clusterlm.train.monitor import _straggler
-from clusterlm.train.system import SYSTEM_KEYS, SystemSampler
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "clusterlm-grafana.json"
 
@@ -56,12 +56,12 @@ def test_system_sample_has_the_cpu_figures():
 
 
 def test_straggler_figures():
-    figures = _straggler([0.05, 0.06, 0.15], threshold=1.5)
+    figures = straggler_figures([0.05, 0.06, 0.15], threshold=1.5)
     assert figures["slowest_rank"] == 2 and figures["straggler"] == 1
     assert figures["straggler_ratio"] == pytest.approx(2.5)
     assert figures["step_ms_min"] == pytest.approx(50) and figures["step_ms_median"] == pytest.approx(60)
-    assert _straggler([0.05, 0.06], threshold=1.5)["straggler"] == 0
-    assert _straggler([0.05, 0.5], threshold=0)["straggler"] == 0  # 0 = not reported
+    assert straggler_figures([0.05, 0.06], threshold=1.5)["straggler"] == 0
+    assert straggler_figures([0.05, 0.5], threshold=0)["straggler"] == 0  # 0 = not reported
 
 
 def test_balanced_counts_minimize_the_slowest_rank():

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from clusterlm.bench.kernels import relative_kernel_rates
+from clusterlm.bench.layout_runs import local_cluster, synthetic_text
 from clusterlm.bench.probes import model_state_bytes, saved_activation_bytes
-from clusterlm.bench.validate import local_cluster, synthetic_text
 from clusterlm.config import build_config
 from clusterlm.errors import UserError
 from clusterlm.models.counting import param_count

@@ -2,8 +2,9 @@ import time
 
 import pytest
 
+from clusterlm.config.slow_ranks import parse_slow_ranks, rank_factor
 from clusterlm.errors import UserError
-from clusterlm.slowdown import parse_slow_ranks, rank_factor, slowed
+from clusterlm.train.injected_slowdown import slowed
 
 
 def test_parse_slow_ranks():

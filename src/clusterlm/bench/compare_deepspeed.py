@@ -33,10 +33,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clusterlm.comm.spawn import SpawnError, run_local
 from clusterlm.config import Config, resolve_model_args
 from clusterlm.data.loader import TokenLoader
 from clusterlm.data.manifest import load_manifest
+from clusterlm.distributed.local_spawn import SpawnError, run_local
 from clusterlm.errors import UserError
 from clusterlm.models import create_model
 from clusterlm.models.loss import next_token_loss

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.config import build_config
+from clusterlm.config.degrees import check_layout
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json, atomic_write_with
 from clusterlm.launch import LaunchOptions
 from clusterlm.launch.torchrun import torchrun_command
-from clusterlm.parallel.mesh import check_layout
 
 # A small but real budget: 240 steps of a 2-layer, 64-wide GPT on 4 x 8 x 64 tokens per step.
 STUDY_DEFAULTS = {

@@ -21,12 +21,12 @@ from clusterlm.bench.breakdown import step_breakdown
 from clusterlm.bench.probes import BubbleSample, block_activation_bytes, pipeline_bubble
 from clusterlm.bench.timer import time_steps
 from clusterlm.config import Config, resolve_model_args
+from clusterlm.distributed.runtime import describe_layout
 from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
 from clusterlm.parallel.precision import DTYPES, resolve_precision
 from clusterlm.plan.layout import layout_from_config
 from clusterlm.plan.memory import layer_activation_bytes
 from clusterlm.plan.workload import Workload
-from clusterlm.train.runtime import describe_layout
 from clusterlm.train.session import Session, build_session
 
 HEADER = f"{'variant':<10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak TFLOP/s':>13}  settings"

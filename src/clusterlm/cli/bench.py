@@ -13,7 +13,7 @@ import argparse
 import copy
 import sys
 
-from clusterlm.bench.init import bench_init
+from clusterlm.bench.init_speed import bench_init
 from clusterlm.bench.train import bench_train
 from clusterlm.cli import (
     bench_checkpoint,
@@ -24,9 +24,9 @@ from clusterlm.cli import (
 )
 from clusterlm.cli.options import parse_job
 from clusterlm.config import Config, apply_overrides, validate
+from clusterlm.distributed.runtime import leave_process_group
 from clusterlm.errors import UserError
 from clusterlm.launch import launch
-from clusterlm.train.runtime import leave_process_group
 
 USAGE = ("usage: clusterlm bench train|init|comm|convergence|checkpoint|speedrun|compare-deepspeed [options]  "
          "(clusterlm bench train --help)")

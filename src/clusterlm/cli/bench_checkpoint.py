@@ -1,16 +1,16 @@
 """`clusterlm bench checkpoint`: the training stall per save, synchronous against asynchronous
-(``clusterlm.bench.checkpoint``)."""
+(``clusterlm.bench.checkpoint_speed``)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from clusterlm.bench.checkpoint import bench_checkpoint
+from clusterlm.bench.checkpoint_speed import bench_checkpoint
 from clusterlm.cli.options import parse_job
+from clusterlm.distributed.runtime import leave_process_group
 from clusterlm.errors import UserError
 from clusterlm.launch import launch
-from clusterlm.train.runtime import leave_process_group
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,17 @@
-"""`clusterlm bench comm`: the command line of ``clusterlm.bench.collectives`` (how it times and fits)."""
+"""`clusterlm bench comm`: the command line of ``clusterlm.bench.collective_sweep`` (how it times and fits)."""
 
 from __future__ import annotations
 
 import argparse
 
-from clusterlm.bench.collectives import fits, format_report, measure, parse_sizes, plot, write_json
+from clusterlm.bench.collective_sweep import (
+    fits,
+    format_report,
+    measure,
+    parse_sizes,
+    plot,
+    write_json,
+)
 from clusterlm.cli.options import Parser
 from clusterlm.comm.allreduce import ALGORITHMS
 from clusterlm.errors import UserError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clusterlm.train.loading import Loaded, find_checkpoint, load_for_inference
+from clusterlm.train.inference import Loaded, find_checkpoint, load_for_inference
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,10 +6,10 @@ import argparse
 import time
 
 from clusterlm.cli.parser import Parser
-from clusterlm.interop.export import DTYPES
+from clusterlm.interop.to_hf import DTYPES
 from clusterlm.interop.writer import parse_size
-from clusterlm.train.export import export_checkpoint_hf
-from clusterlm.train.loading import find_checkpoint
+from clusterlm.train.export_checkpoint import export_checkpoint_hf
+from clusterlm.train.inference import find_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

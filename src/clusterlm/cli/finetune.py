@@ -4,10 +4,10 @@ through torchrun; the run's settings are a training config's (`--config`, dotted
 from __future__ import annotations
 
 from clusterlm.cli.options import parse_job
+from clusterlm.distributed.runtime import leave_process_group
 from clusterlm.errors import UserError
 from clusterlm.launch import launch
 from clusterlm.train.preemption import EXIT_PREEMPTED
-from clusterlm.train.runtime import leave_process_group
 from clusterlm.train.trainer import train
 
 DESCRIPTION = ("Fine-tune a classifier on a labelled task (`clusterlm prepare --task`): an encoder's pooled [CLS] "

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 
-from clusterlm.bench.validate import evidence, run_validation
+from clusterlm.bench.layout_runs import evidence, run_validation
 from clusterlm.cli.options import Parser
 from clusterlm.errors import UserError
 from clusterlm.plan.calibration import check_device, load_calibration, save_calibration

@@ -13,10 +13,10 @@ import shlex
 import sys
 
 from clusterlm.cli.options import Parser, parse_job
+from clusterlm.config.degrees import check_layout
 from clusterlm.errors import UserError
 from clusterlm.launch.slurm import SlurmJob, batch_script, sbatch_command, submit
 from clusterlm.launch.torchrun import LAUNCH_OPTIONS
-from clusterlm.parallel.mesh import check_layout
 
 
 def build_parser() -> Parser:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from clusterlm.cli.options import parse_job
+from clusterlm.distributed.runtime import leave_process_group
 from clusterlm.launch import launch
 from clusterlm.train.preemption import EXIT_PREEMPTED
-from clusterlm.train.runtime import leave_process_group
 from clusterlm.train.trainer import train
 
 

@@ -8,6 +8,7 @@ Sections live in ``sections.py``, loading in ``loading.py``, the checks in ``val
 the values derived from config and data in ``derive.py``.
 """
 
+from clusterlm.config.checks import validate
 from clusterlm.config.derive import grad_accum_steps, resolve_model_args
 from clusterlm.config.loading import (
     all_keys,
@@ -29,7 +30,6 @@ from clusterlm.config.sections import (
     TrainingConfig,
     opt,
 )
-from clusterlm.config.validate import validate
 
 __all__ = [
     "CheckpointConfig", "CommConfig", "Config", "DataConfig", "FinetuneConfig", "MetricsConfig", "ModelConfig",

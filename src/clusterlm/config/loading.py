@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clusterlm.config.checks import validate
 from clusterlm.config.pretrained import adopt_pretrained_shape
 from clusterlm.config.sections import Config
-from clusterlm.config.validate import validate
 from clusterlm.errors import UserError
 
 if sys.version_info >= (3, 11):

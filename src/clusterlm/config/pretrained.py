@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from clusterlm.checkpoint_files import TRAINER_STATE, checkpoint_of
+from clusterlm.checkpoint.directory import TRAINER_STATE, checkpoint_of
 from clusterlm.config.sections import Config
 from clusterlm.errors import UserError
 from clusterlm.interop import hf_model_config

@@ -2,7 +2,7 @@
 (config.json, safetensors, tokenizer) and start from one (GPT2LMHeadModel,
 LlamaForCausalLM, BertForMaskedLM)."""
 
-from clusterlm.interop.export import export_hf
 from clusterlm.interop.source import hf_model_config, hf_source
+from clusterlm.interop.to_hf import export_hf
 
 __all__ = ["export_hf", "hf_model_config", "hf_source"]

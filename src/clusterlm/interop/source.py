@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from clusterlm.errors import UserError
 from clusterlm.interop.hf_config import model_values
-from clusterlm.interop.layout import (
+from clusterlm.interop.hf_mapping import (
     GPT2_PREFIX,
     Link,
     hf_shapes,

@@ -4,7 +4,7 @@
 torchrun with ``--max-restarts K`` (``<out_dir>/chaos``) while it kills a random rank with
 SIGKILL K times: at a random moment once the group trains, and every second kill the moment a
 checkpoint starts writing (its temporary directory appears). The ranks' heartbeat files (see
-``clusterlm.train.watchdog``) say which processes are the current group, where each group
+``clusterlm.observe.watchdog``) say which processes are the current group, where each group
 started, and how far the killed one got. At the end the final weights of both runs are compared
 bitwise.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from clusterlm.errors import UserError
-from clusterlm.train.loading import find_checkpoint, load_for_inference
-from clusterlm.train.watchdog import all_heartbeats
+from clusterlm.observe.watchdog import all_heartbeats
+from clusterlm.train.inference import find_checkpoint, load_for_inference
 
 POLL_S = 0.002  # checkpoint writes of small models last milliseconds
 GROUP_TIMEOUT_S = 600.0

@@ -13,8 +13,8 @@ every size in the range.
 from __future__ import annotations
 
 from clusterlm.config import Config
+from clusterlm.config.degrees import check_layout
 from clusterlm.errors import UserError
-from clusterlm.parallel.mesh import check_layout
 
 
 def node_range(nnodes: str) -> tuple[int, int]:

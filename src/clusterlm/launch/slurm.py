@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clusterlm.distributed.mpi_environment import PORT_BASE, PORT_SPAN
 from clusterlm.errors import UserError
-from clusterlm.launch.mpi import PORT_BASE, PORT_SPAN
 
 JOB_NAME = "clusterlm"
 TIME_PATTERN = re.compile(r"(\d+-)?\d+(:\d+){0,2}")  # Slurm's MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS

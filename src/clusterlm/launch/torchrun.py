@@ -8,9 +8,9 @@ import sys
 from dataclasses import dataclass
 
 from clusterlm.config import Config
+from clusterlm.distributed.mpi_environment import launched_by_mpi
 from clusterlm.errors import UserError
 from clusterlm.launch.elastic import check_sizes, node_range
-from clusterlm.launch.mpi import launched_by_mpi
 from clusterlm.launch.signals import preemption_environment, run_forwarding_preemption
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts", "--rdzv-id", "--local-addr",

@@ -27,10 +27,10 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from clusterlm.comm.fsdp import use_ring_reduce_scatter
 from clusterlm.comm.hooks import CommHookState, register_comm_hook
+from clusterlm.comm.ring_reduce_scatter import use_ring_reduce_scatter
 from clusterlm.config import CommConfig, ParallelConfig
-from clusterlm.parallel.mesh import REPLICATING
+from clusterlm.config.degrees import REPLICATING
 
 SHARDED = ("zero2", "zero3", "hsdp")
 # Each rank trains its own replica; they synchronize outside backward (clusterlm.parallel.local_sgd,

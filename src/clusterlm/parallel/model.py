@@ -1,5 +1,6 @@
-"""What the training loop needs of a parallelized model: ``ParallelModel``, and ``WholeModel``,
-the whole model on each rank (one process, data parallel, and the strategies built on it).
+"""What the training loop needs of a parallelized model: ``ParallelModel``; ``WholeModel``, the
+whole model on each rank (one process, data parallel, and the strategies built on it); and
+``PipelinedModel``, this rank's pipeline stages.
 
 ``parallelize`` (``clusterlm.parallel.parallelize``) builds them; the strategies that add to a
 step what happens outside backward (local SGD, DiLoCo, the parameter server) subclass
@@ -26,6 +27,12 @@ from clusterlm.parallel.data_parallel import (
     gradient_sync,
 )
 from clusterlm.parallel.load_balance import RankClock
+from clusterlm.parallel.pipeline import (
+    clip_grad_norm_across_stages,
+    pipeline_eval_loss,
+    pipeline_step,
+    sync_tied_gradients,
+)
 from clusterlm.parallel.precision import Precision
 from clusterlm.parallel.state_dict import load_training_state, training_state
 from clusterlm.parallel.tensor_parallel import full_value, loss_context
@@ -141,3 +148,28 @@ class WholeModel(ParallelModel):
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm(self.parts[0].parameters(), max_norm)
+
+
+class PipelinedModel(ParallelModel):
+    """This rank's pipeline stages; a step is one batch, split into micro-batches by the schedule."""
+
+    def __init__(self, pipeline: Pipeline, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        (x, y), = micro_batches  # the configuration check allows no accumulation with a pipeline
+        p = self.pipeline
+        with self.precision.autocast(), loss_context(self.tp_size):
+            loss = pipeline_step(p.schedule, p.stages, p.n_microbatches, x, y)
+        reduce_partial_grads(param for stage in p.stages for param in stage.submod.parameters())
+        sync_tied_gradients(p.stages)
+        return loss
+
+    def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast(), loss_context(self.tp_size):
+            loss = full_value(pipeline_eval_loss(self.pipeline.stages, x, y) * y.numel()).float()
+        return torch.stack([loss, torch.tensor(float("nan"), device=loss.device)])
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_across_stages(self.pipeline.stages, max_norm)

@@ -10,7 +10,6 @@ checkpoint state. The loop therefore never asks which strategy it runs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -21,80 +20,28 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from clusterlm.comm.hooks import CommHookState
 from clusterlm.config import Config, ParallelConfig
+from clusterlm.config.degrees import pipeline_microbatches
 from clusterlm.models.init import ParamSource
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel.activation_checkpointing import apply_activation_checkpointing
-from clusterlm.parallel.clipping import reduce_partial_grads
+from clusterlm.parallel.compiling import apply_compile, separate_compile_cache
 from clusterlm.parallel.data_parallel import SHARDED, apply_data_parallel
 from clusterlm.parallel.local_sgd import LocalSGDModel
 from clusterlm.parallel.materialize import canonical_name, materialize
-from clusterlm.parallel.mesh import pipeline_microbatches
-from clusterlm.parallel.model import Batch, ParallelModel, Pipeline, WholeModel
+from clusterlm.parallel.model import ParallelModel, Pipeline, PipelinedModel, WholeModel
 from clusterlm.parallel.pipeline import (
     build_schedule,
-    clip_grad_norm_across_stages,
-    pipeline_eval_loss,
-    pipeline_step,
     split_into_stages,
-    sync_tied_gradients,
 )
 from clusterlm.parallel.precision import Precision
 from clusterlm.parallel.ps import PSRole, parameter_server_model
-from clusterlm.parallel.tensor_parallel import apply_tensor_parallel, full_value, loss_context
-
-
-class PipelinedModel(ParallelModel):
-    """This rank's pipeline stages; a step is one batch, split into micro-batches by the schedule."""
-
-    def __init__(self, pipeline: Pipeline, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.pipeline = pipeline
-
-    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
-        (x, y), = micro_batches  # the configuration check allows no accumulation with a pipeline
-        p = self.pipeline
-        with self.precision.autocast(), loss_context(self.tp_size):
-            loss = pipeline_step(p.schedule, p.stages, p.n_microbatches, x, y)
-        reduce_partial_grads(param for stage in p.stages for param in stage.submod.parameters())
-        sync_tied_gradients(p.stages)
-        return loss
-
-    def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.precision.autocast(), loss_context(self.tp_size):
-            loss = full_value(pipeline_eval_loss(self.pipeline.stages, x, y) * y.numel()).float()
-        return torch.stack([loss, torch.tensor(float("nan"), device=loss.device)])
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_across_stages(self.pipeline.stages, max_norm)
+from clusterlm.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def _model_loss(model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with precision.autocast():
         logits = model(x)
     return next_token_loss(logits, y)
-
-
-def separate_compile_cache() -> None:
-    """torch's compiled-graph cache does not key on ``ATEN_CPU_CAPABILITY``: a graph generated for
-    AVX-512, reused by a run restricted to AVX2, is built for AVX2 and computes NaN. Such a run
-    caches apart, unless it names its own cache directory (torch writes the default into the
-    environment when first imported, so the default counts as unnamed)."""
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if not capability:
-        return
-    # Imported here: importing the compiler takes seconds, and only such a run needs it.
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    default = os.path.abspath(default_cache_dir())
-    if os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR", default)) == default:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"isa-{capability.lower()}")
-
-
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block separately: every block has the same graph, so it compiles once and
-    is reused, and the blocks stay separate modules for wrapping and checkpoint names."""
-    for block in model.layers.children():
-        block.compile()
 
 
 def _whole_model(loss_fn: Callable, part: nn.Module, mesh: DeviceMesh | None, p: ParallelConfig,

@@ -43,62 +43,29 @@ from torch.distributed.pipelining.schedules import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from clusterlm.config.degrees import SCHEDULE_PLACEMENT, schedule_placement, stages_per_rank_for
 from clusterlm.errors import UserError
 from clusterlm.models.counting import embedding_params, head_params, layer_params
 from clusterlm.models.gpt import ModelArgs, Transformer
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel.clipping import scale_grads, squared_grad_norm
 
-# name -> (schedule class, placement of stages on ranks: one per rank, round-robin loop, or V)
+# name -> schedule class; where each places its stages is ``SCHEDULE_PLACEMENT``
 SCHEDULES = {
-    "gpipe": (ScheduleGPipe, "single"),
-    "1f1b": (Schedule1F1B, "single"),
-    "interleaved_1f1b": (ScheduleInterleaved1F1B, "loop"),
-    "looped_bfs": (ScheduleLoopedBFS, "loop"),
-    "interleaved_zero_bubble": (ScheduleInterleavedZeroBubble, "loop"),
-    "zbv_zero_bubble": (ScheduleZBVZeroBubble, "v"),
-    "dualpipev": (ScheduleDualPipeV, "v"),
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "looped_bfs": ScheduleLoopedBFS,
+    "interleaved_zero_bubble": ScheduleInterleavedZeroBubble,
+    "zbv_zero_bubble": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
 }
-
-
-def _placement(schedule: str) -> str:
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[schedule][1]
-
-
-def stages_per_rank_for(schedule: str, stages_per_rank: int | None = None) -> int:
-    """The number of stages each rank holds (default: 1, or 2 for multi-stage schedules), checked
-    against what the schedule needs."""
-    placement = _placement(schedule)
-    wanted = stages_per_rank or (1 if placement == "single" else 2)
-    if placement == "single" and wanted != 1:
-        raise UserError(f"pipeline schedule {schedule} runs one stage per rank, not {wanted}; "
-                        "use interleaved_1f1b, looped_bfs or interleaved_zero_bubble for more")
-    if placement == "loop" and wanted < 2:
-        raise UserError(f"pipeline schedule {schedule} needs at least 2 stages per rank; use gpipe or 1f1b for 1")
-    if placement == "v" and wanted != 2:
-        raise UserError(f"pipeline schedule {schedule} needs exactly 2 stages per rank (a V), not {wanted}")
-    return wanted
-
-
-def check_microbatches(schedule: str, pp: int, n_microbatches: int) -> None:
-    """What the schedule classes require of the micro-batch count, checked before any rank starts:
-    1F1B at least one per stage, DualPipeV one per stage of its V, the interleaved schedules whole
-    rounds of ``pp``."""
-    rounds = max(1, n_microbatches // pp)
-    needs = {"1f1b": (n_microbatches >= pp, f"at least pp = {pp}"),
-             "dualpipev": (n_microbatches >= 2 * pp, f"at least 2 x pp = {2 * pp}"),
-             "interleaved_1f1b": (n_microbatches % rounds == 0, f"a multiple of {rounds} rounds of pp = {pp}"),
-             "interleaved_zero_bubble": (n_microbatches % rounds == 0, f"a multiple of {rounds} rounds of pp = {pp}")}
-    ok, wanted = needs.get(schedule, (True, ""))
-    if not ok:
-        raise UserError(f"pipeline schedule {schedule} needs parallel.pp_microbatches {wanted}, got {n_microbatches}")
+assert set(SCHEDULES) == set(SCHEDULE_PLACEMENT)
 
 
 def stage_indices_on_rank(schedule: str, pp_rank: int, pp_size: int, stages_per_rank: int) -> list[int]:
     """Global indices of the stages rank ``pp_rank`` holds, in the order the schedule expects."""
-    if _placement(schedule) == "v":
+    if schedule_placement(schedule) == "v":
         return [pp_rank, 2 * pp_size - 1 - pp_rank]
     return [pp_rank + k * pp_size for k in range(stages_per_rank)]
 
@@ -200,7 +167,7 @@ def build_schedule(
     mean loss and the accumulated gradients are those of the whole batch.
     """
     stages_per_rank_for(schedule, len(stages))
-    schedule_class, placement = SCHEDULES[schedule]
+    schedule_class, placement = SCHEDULES[schedule], schedule_placement(schedule)
 
     def microbatch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return loss_fn(logits, targets) / n_microbatches

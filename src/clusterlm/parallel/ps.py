@@ -17,16 +17,12 @@ them, however the workers shared the work. Gradients are clipped per push, on th
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from clusterlm.config import ParallelConfig
+from clusterlm.distributed.ps_rendezvous import PSRole
 from clusterlm.parallel.data_parallel import build_optimizer
 from clusterlm.parallel.model import WholeModel
 from clusterlm.parallel.ps_server import (
@@ -40,32 +36,6 @@ from clusterlm.parallel.ps_server import (
     unflatten_into,
 )
 from clusterlm.parallel.state_dict import create_missing_state, load_training_state, training_state
-
-
-@dataclass
-class PSRole:
-    """This rank's place in a parameter-server job and the store workers join servers through."""
-
-    store: dist.Store
-    rank: int
-    workers: int
-    cfg: ParallelConfig
-
-    @property
-    def is_server(self) -> bool:
-        return self.rank >= self.workers
-
-    def prefix(self, server: int) -> str:
-        return f"server{server}"
-
-
-def join_parameter_server_job(cfg: ParallelConfig, rank: int, world_size: int) -> PSRole:
-    """Connect to the job's TCPStore (torchrun's, or hosted by rank 0 as ``env://`` does). Keys
-    carry the launcher's restart count, so that a restarted job ignores the last attempt's."""
-    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
-                                       timeout=timedelta(seconds=cfg.timeout_s)))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return PSRole(dist.PrefixStore(f"clusterlm-ps/{attempt}", store), rank, world_size - cfg.ps_servers, cfg)
 
 
 def shard_by_tensor(model: nn.Module, servers: int) -> list[list[nn.Parameter]]:

@@ -7,7 +7,7 @@
 Modules: ``cluster`` (devices and links), ``workload`` (model, batch, precision), ``layout`` (the
 mesh and placement), ``memory`` (ZeRO + activations), ``collectives`` (alpha-beta costs),
 ``timing`` (step time), ``search``, ``emit`` (config TOML), ``validation`` (the layouts measured
-on this machine and the comparison; ``clusterlm.bench.validate`` measures them), ``fit`` (the
+on this machine and the comparison; ``clusterlm.bench.layout_runs`` measures them), ``fit`` (the
 calibration fitted to them), ``published`` (published runs). Pure arithmetic: nothing here starts
 a process; `clusterlm plan` is ``clusterlm.cli.plan``.
 """

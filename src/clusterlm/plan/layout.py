@@ -2,7 +2,7 @@
 
 The vocabulary is the trainer's: data-parallel strategies, pipeline schedules, stage placement and
 stage balancing (``clusterlm.parallel.pipeline``), degree resolution and every layout check
-(``clusterlm.parallel.mesh``, ``clusterlm.config.validate``). ``layout_config`` turns a layout
+(``clusterlm.config.degrees``, ``clusterlm.config.checks``). ``layout_config`` turns a layout
 into the training config that runs it and ``layout_from_config`` reads a config back; a layout is
 possible exactly when the trainer accepts its config (``layout_problem``).
 
@@ -35,9 +35,9 @@ from clusterlm.config import (
     grad_accum_steps,
     validate,
 )
+from clusterlm.config.degrees import check_layout, pipeline_microbatches, resolve_degrees
 from clusterlm.errors import UserError
 from clusterlm.models.gpt import ModelArgs
-from clusterlm.parallel.mesh import check_layout, pipeline_microbatches, resolve_degrees
 from clusterlm.parallel.pipeline import (
     SCHEDULES,
     stage_indices_on_rank,

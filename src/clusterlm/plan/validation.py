@@ -3,7 +3,7 @@ planner's predictions.
 
 Every case is the nano-cpu shape (gpt2, 4 layers x 128, context 64, 12 sequences per step, a
 character vocabulary) in one parallel layout on ``nproc`` local processes. The measuring lives in
-``clusterlm.bench.validate`` and the calibration fit in ``clusterlm.plan.fit``; this module is
+``clusterlm.bench.layout_runs`` and the calibration fit in ``clusterlm.plan.fit``; this module is
 arithmetic only. The prediction is the planner's own: ``device_memory`` and ``step_time`` for the
 case's ``Layout``, derived from the case's training config by the trainer's rules
 (``layout_from_config``).

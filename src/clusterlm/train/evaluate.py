@@ -10,10 +10,10 @@ import torch.distributed as dist
 from clusterlm.config import Config, grad_accum_steps
 from clusterlm.data.loader import eval_batches
 from clusterlm.data.masking import IGNORE_INDEX
+from clusterlm.distributed.runtime import Runtime
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.parallel import ParallelModel
 from clusterlm.train.objective import masking_rule
-from clusterlm.train.runtime import Runtime
 
 
 def eval_windows(cfg: Config, dp_size: int) -> int:

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clusterlm.checkpoint_files import checkpoint_of
+from clusterlm import checkpoint
+from clusterlm.checkpoint.directory import checkpoint_of
 from clusterlm.config import Config, grad_accum_steps, resolve_model_args
 from clusterlm.data.classification import ExampleStream
 from clusterlm.data.loader import TokenLoader
 from clusterlm.data.task import Task, load_task
+from clusterlm.distributed.runtime import setup_runtime
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
 from clusterlm.models import create_model
@@ -30,11 +32,9 @@ from clusterlm.models.counting import classifier_flops_per_token
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.precision import settle_precision
-from clusterlm.train import checkpoint
 from clusterlm.train.evaluate import eval_windows
 from clusterlm.train.optim import OptimizerRecipe, optimizer_recipe
-from clusterlm.train.pretrained import pretrained_source
-from clusterlm.train.runtime import setup_runtime
+from clusterlm.train.pretrained_weights import pretrained_source
 from clusterlm.train.session import Session, read_tokenizer, start_session
 from clusterlm.train.task_metrics import task_metrics
 

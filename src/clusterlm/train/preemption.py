@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clusterlm.train.runtime import Runtime
+from clusterlm.distributed.runtime import Runtime
 
 # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint saved; run again to continue.
 EXIT_PREEMPTED = 75

@@ -11,26 +11,27 @@ from pathlib import Path
 import fsspec
 import torch
 
+from clusterlm import checkpoint
+from clusterlm.checkpoint.async_writer import CheckpointWriter
 from clusterlm.config import Config, grad_accum_steps, resolve_model_args
+from clusterlm.config.slow_ranks import rank_factor
 from clusterlm.data.loader import TokenLoader
 from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.data.masking import MaskedLoader
+from clusterlm.distributed import restarts
+from clusterlm.distributed.runtime import Runtime, setup_runtime
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
 from clusterlm.models import create_model, training_flops_per_token
 from clusterlm.models.init import ParamSource, seeded_source
+from clusterlm.observe.sample_log import SampleLog, open_sample_log
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, restore_counts
 from clusterlm.parallel.precision import settle_attention, settle_precision
-from clusterlm.slowdown import rank_factor
-from clusterlm.train import checkpoint, restarts
-from clusterlm.train.checkpoint_writer import CheckpointWriter
 from clusterlm.train.evaluate import language_model_metrics
 from clusterlm.train.objective import masking_rule
 from clusterlm.train.optim import optimizer_recipe
-from clusterlm.train.pretrained import check_pretrained_tokenizer, pretrained_source
-from clusterlm.train.runtime import Runtime, setup_runtime
-from clusterlm.train.sample_log import SampleLog, open_sample_log
+from clusterlm.train.pretrained_weights import check_pretrained_tokenizer, pretrained_source
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import torch.distributed as dist
 from clusterlm.config import Config
 from clusterlm.data.classification import evaluation_batches
 from clusterlm.data.masking import IGNORE_INDEX
+from clusterlm.distributed.runtime import Runtime
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel import ParallelModel
-from clusterlm.train.runtime import Runtime
 
 
 def macro_f1(confusion: torch.Tensor) -> float:

@@ -15,17 +15,17 @@ from typing import Any
 import torch
 
 from clusterlm.config import Config, resolve_model_args
+from clusterlm.distributed.runtime import describe_layout
 from clusterlm.errors import UserError
 from clusterlm.models import param_count
 from clusterlm.models.gpt import attention_kernel
-from clusterlm.slowdown import slowed
-from clusterlm.train import watchdog
+from clusterlm.observe import watchdog
+from clusterlm.observe.monitor import Monitor
+from clusterlm.observe.sinks import MetricsSinks, ProgressDisplay
 from clusterlm.train.finetune import build_finetune_session
-from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
-from clusterlm.train.monitor import Monitor
+from clusterlm.train.injected_slowdown import slowed
 from clusterlm.train.optim import lr_at
 from clusterlm.train.preemption import Preemption
-from clusterlm.train.runtime import describe_layout
 from clusterlm.train.session import Session, build_session, save
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from clusterlm.config.sections import Config
+from clusterlm.config.slow_ranks import parse_slow_ranks
 from clusterlm.errors import UserError
-from clusterlm.slowdown import parse_slow_ranks
 
 
 def _signs(cfg: Config) -> None:

@@ -13,23 +13,38 @@ import math
 import os
 import statistics
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
+from clusterlm import checkpoint
+from clusterlm.config import Config
+from clusterlm.distributed.runtime import Runtime, average_across_ranks
+from clusterlm.observe.prometheus import PrometheusExporter
+from clusterlm.observe.sinks import MetricsSinks, ProgressDisplay
+from clusterlm.observe.stragglers import straggler_figures
+from clusterlm.observe.system_metrics import SYSTEM_KEYS, SystemSampler
 from clusterlm.parallel.load_balance import all_gather_floats, typical_seconds
-from clusterlm.train import checkpoint
-from clusterlm.train.exporter import PrometheusExporter
-from clusterlm.train.metrics import MetricsSinks, ProgressDisplay
-from clusterlm.train.runtime import average_across_ranks
-from clusterlm.train.session import Session
-from clusterlm.train.system import SYSTEM_KEYS, SystemSampler
 
 RANK_KEYS = ("step_s", "data_wait_share", *SYSTEM_KEYS)
 
 
+class Run(Protocol):
+    """What the monitor reads of a training session."""
+
+    cfg: Config
+    runtime: Runtime
+    step: int
+    tokens: int
+    checkpoints: Path
+    loader: Any  # its ``loading_seconds``
+    model: Any  # its ``clock``, a ``RankClock`` or None
+    balancer: Any  # a ``LoadBalancer`` or None
+
+
 class Monitor:
-    def __init__(self, s: Session, progress: ProgressDisplay):
+    def __init__(self, s: Run, progress: ProgressDisplay):
         m = s.cfg.metrics
         self.progress = progress
         self.started = time.time()
@@ -45,14 +60,14 @@ class Monitor:
             progress.message(f"Prometheus metrics: http://{host}:{port}/metrics")
         self._loading, self._step, self._counts = s.loader.loading_seconds, s.step, None
 
-    def mean_loss(self, s: Session, loss: torch.Tensor) -> float:
+    def mean_loss(self, s: Run, loss: torch.Tensor) -> float:
         """The loss averaged over ranks; waiting there for a slower rank is timed as waiting."""
         def average() -> float:
             return average_across_ranks(loss, s.runtime).item()
 
         return s.model.clock.wait(average) if s.model.clock is not None else average()
 
-    def observe(self, s: Session, record: dict[str, Any], sinks: MetricsSinks | None) -> None:
+    def observe(self, s: Run, record: dict[str, Any], sinks: MetricsSinks | None) -> None:
         """Add the window's figures to ``record`` and report them; on every rank, at a log step."""
         ranks = self._gather(s, record)
         times = [values["step_s"] for values in ranks.values()]
@@ -60,7 +75,7 @@ class Monitor:
         record["data_wait_share"] = statistics.mean(v["data_wait_share"] for v in ranks.values())
         record["checkpoint_age_s"], record["restarts"] = self._checkpoint_age(s), self.restarts
         if len(times) > 1:
-            record.update(_straggler(times, s.cfg.metrics.straggler_ratio))
+            record.update(straggler_figures(times, s.cfg.metrics.straggler_ratio))
             if record["straggler"]:
                 self.progress.message(
                     f"step {s.step}: straggler: rank {record['slowest_rank']} takes {record['straggler_ratio']:.2f}x "
@@ -80,7 +95,7 @@ class Monitor:
         if self.exporter is not None:
             self.exporter.update(record, {rank: ranks[rank] for rank in self.node_ranks})
 
-    def _gather(self, s: Session, record: dict[str, Any]) -> dict[int, dict[str, float]]:
+    def _gather(self, s: Run, record: dict[str, Any]) -> dict[int, dict[str, float]]:
         """Every rank's figures for the window, keyed by rank."""
         steps = max(s.step - self._step, 1)
         loading = s.loader.loading_seconds - self._loading
@@ -99,7 +114,7 @@ class Monitor:
             rows = all_gather_floats(values, s.runtime.device)
         return {rank: dict(zip(RANK_KEYS, row, strict=True)) for rank, row in enumerate(rows)}
 
-    def _checkpoint_age(self, s: Session) -> float:
+    def _checkpoint_age(self, s: Run) -> float:
         complete = checkpoint.list_complete(s.checkpoints)
         since = complete[-1].stat().st_mtime if complete else self.started
         return time.time() - since
@@ -107,13 +122,3 @@ class Monitor:
     def close(self) -> None:
         if self.exporter is not None:
             self.exporter.close()
-
-
-def _straggler(times: list[float], threshold: float) -> dict[str, Any]:
-    """Min, median and max step time across ranks, the slowest rank and whether it straggles."""
-    median = statistics.median(times)
-    slowest = max(range(len(times)), key=lambda r: times[r])
-    ratio = times[slowest] / median if median > 0 else 1.0
-    return {"step_ms_min": 1000 * min(times), "step_ms_median": 1000 * median, "step_ms_max": 1000 * times[slowest],
-            "slowest_rank": slowest, "straggler_ratio": ratio, "straggler": int(bool(threshold) and ratio > threshold)}
-

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from clusterlm.distributed import restarts
 from clusterlm.files import atomic_write_json
-from clusterlm.train import restarts
 
 EXIT_HUNG = 124  # as timeout(1)
 VERDICT = "hang.json"

@@ -6,11 +6,11 @@ import os
 
 import torch
 
+from clusterlm.checkpoint.dcp_io import CheckpointReader, Verified
 from clusterlm.config import config_from_dict, resolve_model_args
 from clusterlm.errors import UserError
 from clusterlm.interop import export_hf
-from clusterlm.train.checkpoint import CheckpointReader, Verified
-from clusterlm.train.loading import refuse_classifier
+from clusterlm.train.inference import refuse_classifier
 
 
 def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard_bytes: int,

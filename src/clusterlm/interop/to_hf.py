@@ -22,7 +22,7 @@ from clusterlm.data.tokenizer import EOT, Tokenizer
 from clusterlm.errors import UserError
 from clusterlm.files import temporary_sibling
 from clusterlm.interop.hf_config import hf_config
-from clusterlm.interop.layout import assemble, hf_shapes, hf_tensors
+from clusterlm.interop.hf_mapping import assemble, hf_shapes, hf_tensors
 from clusterlm.interop.writer import write_sharded
 from clusterlm.models import ModelArgs
 from clusterlm.models.bert import SPECIAL_TOKENS, special_token_id

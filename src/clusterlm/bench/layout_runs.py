@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from clusterlm.bench.collectives import measure_link
+from clusterlm.bench.collective_sweep import measure_link
 from clusterlm.bench.kernels import relative_kernel_rates
 from clusterlm.bench.probes import state_after_next_step, step_activation_bytes
 from clusterlm.bench.timer import time_steps
-from clusterlm.comm.spawn import run_local
 from clusterlm.config import Config, resolve_model_args
 from clusterlm.data.manifest import load_manifest
 from clusterlm.data.prepare import PrepareOptions, prepare
+from clusterlm.distributed.local_spawn import run_local
 from clusterlm.hardware import cpu_peak_flops
 from clusterlm.plan.calibration import Calibration
 from clusterlm.plan.cluster import Cluster, Device, Link

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from clusterlm.checkpoint_files import COMPLETE, TRAINER_STATE, list_complete
+from clusterlm.checkpoint.directory import COMPLETE, TRAINER_STATE, list_complete
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json, sha256_file
 

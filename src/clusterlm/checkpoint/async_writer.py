@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from clusterlm.train import checkpoint
+from clusterlm.checkpoint import dcp_io
 
 # A single process saves with no process group on purpose; DCP says so from the writer thread,
 # where the caller's warning filters do not reach.
@@ -50,13 +50,13 @@ class CheckpointWriter:
         """Save ``root/step_<step>``; returns its final path (already complete unless background)."""
         self.wait()
         if not self.background:
-            return checkpoint.save_checkpoint(root, step, tensors, trainer_state, keep_last, files)
+            return dcp_io.save_checkpoint(root, step, tensors, trainer_state, keep_last, files)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
             # Collective, so every rank creates it at the same (first) save.
             self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        tmp, final = checkpoint.begin_checkpoint(root, step)
-        with checkpoint.single_process_quiet():
+        tmp, final = dcp_io.begin_checkpoint(root, step)
+        with dcp_io.single_process_quiet():
             upload = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=self._group,
                                     async_stager=self._stager, no_dist=not dist.is_initialized())
         main = not dist.is_initialized() or dist.get_rank() == 0
@@ -67,7 +67,7 @@ class CheckpointWriter:
         started = time.perf_counter()
         upload.result()  # on rank 0 this returns once every rank's share and DCP's metadata are written
         if main:
-            checkpoint.finish_checkpoint(tmp, final, *finish_args)
+            dcp_io.finish_checkpoint(tmp, final, *finish_args)
         self.last_write_s = time.perf_counter() - started
 
     @property

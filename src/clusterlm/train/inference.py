@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusterlm import checkpoint
 from clusterlm.config import Config, config_from_dict
+from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
 from clusterlm.hardware import resolve_device
 from clusterlm.parallel import ParallelModel, parallelize
 from clusterlm.parallel.precision import settle_precision
-from clusterlm.train import checkpoint
-from clusterlm.train.runtime import Runtime
 from clusterlm.train.session import build_model
 
 

@@ -17,11 +17,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from clusterlm.config import Config
+from clusterlm.config.degrees import check_layout
+from clusterlm.distributed.mesh import build_mesh
+from clusterlm.distributed.mpi_environment import adopt_mpi_environment
+from clusterlm.distributed.ps_rendezvous import PSRole, join_parameter_server_job
 from clusterlm.errors import UserError
 from clusterlm.hardware import resolve_device
-from clusterlm.launch.mpi import adopt_mpi_environment
-from clusterlm.parallel.mesh import build_mesh, check_layout
-from clusterlm.parallel.ps import PSRole, join_parameter_server_job
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -96,7 +97,7 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 
 def _parameter_server_runtime(cfg: Config, device: torch.device, world_size: int) -> Runtime:
-    """No process group: workers and servers talk point to point (``clusterlm.parallel.ps``)."""
+    """No process group: workers and servers talk point to point (``clusterlm.distributed.ps_rendezvous``)."""
     rank = int(os.environ.get("RANK", "0"))
     role = join_parameter_server_job(cfg.parallel, rank, world_size)
     return Runtime(device, rank, world_size, dp_rank=min(rank, role.workers - 1), dp_size=role.workers, ps=role)

@@ -14,8 +14,8 @@ import statistics
 import tempfile
 import time
 
+from clusterlm.checkpoint.dcp_io import list_complete
 from clusterlm.config import Config
-from clusterlm.train.checkpoint import list_complete
 from clusterlm.train.session import build_session, save
 from clusterlm.train.trainer import train_step
 

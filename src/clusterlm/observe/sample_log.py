@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from clusterlm.data.loader import TokenLoader
-from clusterlm.train.runtime import Runtime
+from clusterlm.distributed.runtime import Runtime
 
 
 class SampleLog:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from clusterlm.comm.allreduce import ALGORITHMS, all_reduce
-from clusterlm.comm.spawn import run_local
+from clusterlm.distributed.local_spawn import run_local
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json, atomic_write_with
 from clusterlm.plan.cluster import Link

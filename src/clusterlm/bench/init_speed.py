@@ -18,11 +18,11 @@ from torch.distributed.tensor import DTensor
 
 from clusterlm.config import Config
 from clusterlm.data.manifest import load_manifest
+from clusterlm.distributed.runtime import setup_runtime
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.precision import settle_precision
 from clusterlm.train.optim import optimizer_recipe
-from clusterlm.train.pretrained import pretrained_source
-from clusterlm.train.runtime import setup_runtime
+from clusterlm.train.pretrained_weights import pretrained_source
 from clusterlm.train.session import build_model
 
 

@@ -1,5 +1,5 @@
-"""The device mesh ``pp x dp_replicate x dp_shard x tp`` and every check of a layout that needs only
-the config and the world size.
+"""The degrees of the device mesh ``pp x dp_replicate x dp_shard x tp`` and every check of a layout
+that needs only the config and the world size (the mesh itself: ``clusterlm.distributed.mesh``).
 
 ``check_layout`` runs before any worker starts (the launcher calls it with the job's size) and
 again in every worker, so a layout that cannot run fails once, in one line, and never as one
@@ -8,14 +8,18 @@ traceback per rank.
 
 from __future__ import annotations
 
-import torch
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-from clusterlm.config import Config, ParallelConfig, grad_accum_steps
+from clusterlm.config.derive import grad_accum_steps
+from clusterlm.config.sections import Config, ParallelConfig
 from clusterlm.errors import UserError
-from clusterlm.parallel.pipeline import check_microbatches, stages_per_rank_for
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+# pipeline schedule -> placement of its stages on ranks: one per rank, round-robin loop, or V
+# (the classes that run them: ``clusterlm.parallel.pipeline.SCHEDULES``)
+SCHEDULE_PLACEMENT = {
+    "gpipe": "single", "1f1b": "single", "interleaved_1f1b": "loop", "looped_bfs": "loop",
+    "interleaved_zero_bubble": "loop", "zbv_zero_bubble": "v", "dualpipev": "v",
+}
+
+
 # The strategies that keep a whole copy per data-parallel rank; of them, the last three
 # synchronize outside backward (clusterlm.parallel.local_sgd, clusterlm.parallel.ps).
 REPLICATING = ("ddp", "zero1", "local_sgd", "diloco", "ps")
@@ -102,7 +106,36 @@ def pipeline_microbatches(p: ParallelConfig) -> int:
     return p.pp_microbatches or 2 * p.pp
 
 
-def build_mesh(device: torch.device, pp: int, replicate: int, shard: int, tp: int) -> DeviceMesh:
-    """One mesh for every dimension; tp innermost so a tensor-parallel group shares a node, pp
-    outermost so only point-to-point stage traffic crosses the slowest links."""
-    return init_device_mesh(device.type, (pp, replicate, shard, tp), mesh_dim_names=MESH_DIMS)
+def schedule_placement(schedule: str) -> str:
+    if schedule not in SCHEDULE_PLACEMENT:
+        raise UserError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULE_PLACEMENT)}")
+    return SCHEDULE_PLACEMENT[schedule]
+
+
+def stages_per_rank_for(schedule: str, stages_per_rank: int | None = None) -> int:
+    """The number of stages each rank holds (default: 1, or 2 for multi-stage schedules), checked
+    against what the schedule needs."""
+    placement = schedule_placement(schedule)
+    wanted = stages_per_rank or (1 if placement == "single" else 2)
+    if placement == "single" and wanted != 1:
+        raise UserError(f"pipeline schedule {schedule} runs one stage per rank, not {wanted}; "
+                        "use interleaved_1f1b, looped_bfs or interleaved_zero_bubble for more")
+    if placement == "loop" and wanted < 2:
+        raise UserError(f"pipeline schedule {schedule} needs at least 2 stages per rank; use gpipe or 1f1b for 1")
+    if placement == "v" and wanted != 2:
+        raise UserError(f"pipeline schedule {schedule} needs exactly 2 stages per rank (a V), not {wanted}")
+    return wanted
+
+
+def check_microbatches(schedule: str, pp: int, n_microbatches: int) -> None:
+    """What the schedule classes require of the micro-batch count, checked before any rank starts:
+    1F1B at least one per stage, DualPipeV one per stage of its V, the interleaved schedules whole
+    rounds of ``pp``."""
+    rounds = max(1, n_microbatches // pp)
+    needs = {"1f1b": (n_microbatches >= pp, f"at least pp = {pp}"),
+             "dualpipev": (n_microbatches >= 2 * pp, f"at least 2 x pp = {2 * pp}"),
+             "interleaved_1f1b": (n_microbatches % rounds == 0, f"a multiple of {rounds} rounds of pp = {pp}"),
+             "interleaved_zero_bubble": (n_microbatches % rounds == 0, f"a multiple of {rounds} rounds of pp = {pp}")}
+    ok, wanted = needs.get(schedule, (True, ""))
+    if not ok:
+        raise UserError(f"pipeline schedule {schedule} needs parallel.pp_microbatches {wanted}, got {n_microbatches}")
