@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from clusterlm.config import apply_overrides
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.plan.cluster import GIB, Cluster, Device, Host, Link
 from clusterlm.plan.layout import Layout, layout_config, layout_from_config
@@ -51,10 +52,11 @@ def test_layouts_convert_to_configs_and_back():
 def _train_each(rank: int, world_size: int, layouts: list[Layout], data_dir: str, out_dir: str) -> list[float]:
     losses = []
     for i, layout in enumerate(layouts):
-        cfg = layout_config(layout, WORK)
-        cfg.model.vocab_size = 0  # the tokenizer's
-        cfg.data.dir, cfg.training.out_dir = data_dir, f"{out_dir}/{i}"
-        cfg.training.steps, cfg.metrics.peak_flops = 2, 1e12
+        cfg = apply_overrides(layout_config(layout, WORK), {
+            "model.vocab_size": 0,  # the tokenizer's
+            "data.dir": data_dir, "training.out_dir": f"{out_dir}/{i}",
+            "training.steps": 2, "metrics.peak_flops": 1e12,
+        })
         session = build_session(cfg)
         losses += [float(train_step(session)) for _ in range(2)]
     return losses

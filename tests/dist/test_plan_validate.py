@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from clusterlm.bench.layout_runs import case_config, measure_rank, prepare_data
-from clusterlm.config import resolve_model_args
+from clusterlm.config import apply_overrides, resolve_model_args
 from clusterlm.data.manifest import load_manifest
 from clusterlm.models.gpt import Transformer
 from clusterlm.plan.memory import activation_bytes, logits_gradient_bytes
@@ -115,7 +115,8 @@ def test_the_planner_counts_the_gathers_fsdp_makes(parallel, micro_batch, data_d
     nproc = 2 * int(parallel.get("pp", 1))
     case = ValidationCase("gathers", nproc, parallel)
     cfg = case_config(case, data_dir, str(tmp_path), peak_flops=1e10)
-    cfg.training.micro_batch_size, cfg.training.tokens_per_step = micro_batch, GLOBAL_BATCH * cfg.seq_len
+    cfg = apply_overrides(cfg, {"training.micro_batch_size": micro_batch,
+                                "training.tokens_per_step": GLOBAL_BATCH * cfg.seq_len})
     layout = layout_from_config(cfg, nproc)
     ranks = run_distributed(_fsdp_gathers_rank, nproc, cfg, timeout=50)
     args = resolve_model_args(cfg, _vocab(data_dir))

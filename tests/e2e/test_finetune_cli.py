@@ -88,3 +88,17 @@ def test_a_fine_tuned_checkpoint_is_no_pretrained_model(setup, tmp_path, capsys)
         assert cli(command) == 2
         assert "not a language model" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_finetune_settles_the_config_as_pretraining_does(setup, tmp_path, monkeypatch):
+    """One session builder: fine-tuning settles precision and the attention kernel like pretraining,
+    and its checkpoint records the settled values."""
+    from clusterlm.parallel import precision as precision_module
+
+    monkeypatch.setattr(precision_module, "cpu_attention_kernel", lambda shape, dtype: "math")
+    out = tmp_path / "run"
+    assert finetune(setup, out, "--init-from", str(setup["pretrained"]), "--training.steps", "2",
+                    "--training.precision", "bf16") == 0
+    saved = json.loads(next((out / "checkpoints").glob("step_*/trainer.json")).read_text())["config"]
+    assert saved["training"]["precision"] == "bf16" and saved["training"]["attention"] == "math"
+    assert saved["model"]["vocab_size"] > 0 and saved["model"]["ffn_hidden"] == 4 * 32

@@ -106,7 +106,7 @@ def test_checkpoints_and_metrics_record_the_resolved_precision_and_auto_resumes(
                                                               hardware.cpu_attention_kernel((2, 2, 16, 8), torch.bfloat16))
     assert load_for_inference(found, device="cpu").cfg.training.precision == resolved
     summary = train(build_config(None, {**values, "training.steps": 3, "checkpoint.resume": "auto"}))
-    assert summary["resumed_from"].endswith("step_00000002")
+    assert summary.resumed_from.endswith("step_00000002")
     captured = capsys.readouterr()
     described = [line for line in (captured.out + captured.err).splitlines() if "parameters" in line]
     assert described and all(f"cpu, {resolved}, peak" in line for line in described)

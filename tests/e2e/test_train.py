@@ -62,7 +62,7 @@ def test_loss_decreases(data_dir, tmp_path):
     summary = train(config(data_dir, tmp_path, training__steps=60, optim__lr=3e-3))
     curve = losses(tmp_path)
     assert curve[60] < 0.7 * curve[1]
-    assert summary["val_loss"] < math.log(40)
+    assert summary.val_loss < math.log(40)
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
@@ -75,7 +75,7 @@ def test_resume_is_exact(data_dir, tmp_path):
     train(config(data_dir, straight, **common))
     train(config(data_dir, resumed, **{**common, "training__steps": 20}))
     summary = train(config(data_dir, resumed, **common, checkpoint__resume="auto"))
-    assert summary["resumed_from"].endswith("step_00000020")
+    assert summary.resumed_from.endswith("step_00000020")
     assert losses(straight) == losses(resumed)
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys()

@@ -71,3 +71,20 @@ def test_help_lists_every_key_with_default():
         assert f"[{section}]" in text
     assert "--training.steps" in text and "2000" in text
     assert Config().training.steps == 2000
+
+
+def test_a_config_is_a_frozen_value_and_overrides_make_a_new_one():
+    import dataclasses
+
+    from clusterlm.config import Config, apply_overrides, resolve_model_args, settle_model
+
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.steps = 5  # type: ignore[misc]
+    changed = apply_overrides(cfg, {"training.steps": "5", "model.flavour": "llama"})
+    assert (changed.training.steps, changed.model.flavour) == (5, "llama")
+    assert (cfg.training.steps, cfg.model.flavour) == (2000, "gpt2")  # the original is untouched
+    args = resolve_model_args(changed, 65)
+    assert changed.model.vocab_size == 0 and changed.model.ffn_hidden == 0  # no side effects
+    settled = settle_model(changed, 65).model
+    assert (settled.vocab_size, settled.n_kv_head, settled.ffn_hidden) == (65, 4, args.ffn_hidden) == (65, 4, 512)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clusterlm.data.loader import TokenLoader, eval_batches
+from clusterlm.data.loader import TokenLoader, TokenStream, eval_batches
 from clusterlm.data.manifest import load_manifest
 from clusterlm.data.prepare import PrepareOptions, prepare
 from clusterlm.errors import UserError
@@ -28,7 +28,7 @@ def stream_of(data_dir, split="train") -> np.ndarray:
 
 
 def loader(data_dir, **kw) -> TokenLoader:
-    return TokenLoader(data_dir, "train", **{"block_size": BLOCK, "micro_batch_size": 4, **kw})
+    return TokenLoader(TokenStream(data_dir, "train"), **{"block_size": BLOCK, "micro_batch_size": 4, **kw})
 
 
 def steps(lo: TokenLoader, n: int) -> list[torch.Tensor]:
@@ -141,7 +141,7 @@ def test_eval_batches_refuse_an_uneven_split():
 def test_too_short_split_says_how_many_tokens_it_has(data_dir):
     tokens = load_manifest(data_dir).splits["val"].tokens
     with pytest.raises(UserError, match=f"val split .* has {tokens} tokens, fewer than block_size"):
-        TokenLoader(data_dir, "val", block_size=tokens, micro_batch_size=1)
+        TokenLoader(TokenStream(data_dir, "val"), block_size=tokens, micro_batch_size=1)
 
 
 def test_missing_data_dir_says_to_prepare(tmp_path):

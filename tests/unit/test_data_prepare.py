@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clusterlm.data import prepare as prepare_module
-from clusterlm.data.loader import TokenLoader
+from clusterlm.data.loader import TokenLoader, TokenStream
 from clusterlm.data.manifest import load_manifest, token_dtype, verify_shards
 from clusterlm.data.prepare import PrepareOptions, prepare
 from clusterlm.data.shards import ShardWriter
@@ -182,8 +182,8 @@ def test_memory_filesystem_round_trip(corpus_dir, tmp_path, memory_fs):
     assert not [p for p in memory_fs.find("/out") if ".tmp-" in p]
     verify_shards("memory://out")
     cache = tmp_path / "cache"
-    batches = TokenLoader("memory://out", "train", block_size=16, micro_batch_size=4, cache_dir=cache).next_step()
-    expected = TokenLoader(tmp_path / "local", "train", block_size=16, micro_batch_size=4).next_step()
+    batches = TokenLoader(TokenStream("memory://out", "train", cache), block_size=16, micro_batch_size=4).next_step()
+    expected = TokenLoader(TokenStream(tmp_path / "local", "train"), block_size=16, micro_batch_size=4).next_step()
     assert all(a.equal(b) for a, b in zip(batches[0], expected[0], strict=True))
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         f"{s.sha256}.bin" for s in remote.splits["train"].shards

@@ -9,13 +9,12 @@ save, in the background. The wait for the last background save at the end is cou
 
 from __future__ import annotations
 
-import copy
 import statistics
 import tempfile
 import time
 
 from clusterlm.checkpoint.dcp_io import list_complete
-from clusterlm.config import Config
+from clusterlm.config import Config, apply_overrides
 from clusterlm.train.session import build_session, save
 from clusterlm.train.trainer import train_step
 
@@ -48,9 +47,8 @@ def bench_checkpoint(cfg: Config, saves: int, steps: int) -> list[str]:
     lines, sync_stall = [], None
     for background in (False, True):
         with tempfile.TemporaryDirectory(prefix="clusterlm-bench-ckpt-") as scratch:
-            variant = copy.deepcopy(cfg)
-            variant.training.out_dir, variant.checkpoint.resume = scratch, "none"
-            variant.checkpoint.interval, variant.checkpoint.keep_last = 0, 2
+            variant = apply_overrides(cfg, {"training.out_dir": scratch, "checkpoint.resume": "none",
+                                            "checkpoint.interval": 0, "checkpoint.keep_last": 2})
             stalls, step_s, write_s, size = _stalls(variant, background, saves, steps)
         mean = statistics.mean(stalls)
         if sync_stall is None:

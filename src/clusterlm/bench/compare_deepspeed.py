@@ -19,7 +19,6 @@ dependency: ``pip install 'clusterlm[compare]'``."""
 
 from __future__ import annotations
 
-import copy
 import os
 import resource
 import statistics
@@ -33,8 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clusterlm.config import Config, resolve_model_args
-from clusterlm.data.loader import TokenLoader
+from clusterlm.config import Config, apply_overrides, resolve_model_args
+from clusterlm.data.loader import TokenLoader, TokenStream
 from clusterlm.data.manifest import load_manifest
 from clusterlm.distributed.local_spawn import SpawnError, run_local
 from clusterlm.errors import UserError
@@ -97,7 +96,7 @@ def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=recipe.param_groups, config=ds_config,
                                       dist_init_required=False)
-    loader = TokenLoader(cfg.data.dir, "train", cfg.seq_len, t.micro_batch_size, accumulation, dp_rank=rank,
+    loader = TokenLoader(TokenStream(cfg.data.dir, "train"), cfg.seq_len, t.micro_batch_size, accumulation, dp_rank=rank,
                          dp_size=world, seed=t.seed)
 
     def step() -> None:
@@ -112,9 +111,8 @@ def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[
 
 def _clusterlm_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], None], int]:
     """(one clusterlm zero``stage`` training step as the trainer runs it, tokens per step)."""
-    cfg = copy.deepcopy(cfg)
-    cfg.parallel.data_parallel = f"zero{stage}"
-    cfg.parallel.dp_replicate = cfg.parallel.dp_shard = 0
+    cfg = apply_overrides(cfg, {"parallel.data_parallel": f"zero{stage}", "parallel.dp_replicate": 0,
+                                "parallel.dp_shard": 0})
     session = build_session(cfg)
     return (lambda: train_step(session).item()), session.tokens_per_step
 
@@ -164,10 +162,11 @@ def compare(cfg: Config, nproc: int, stages: list[int], warmup: int, steps: int,
     except ImportError:
         raise UserError("DeepSpeed is not installed; install the optional extra: DS_BUILD_OPS=0 pip install "
                         "'clusterlm[compare]'") from None
-    cfg = copy.deepcopy(cfg)
-    cfg.training.precision, cfg.training.compile = "fp32", False  # what both run alike on any CPU
-    cfg.checkpoint.resume = "none"
-    cfg.training.tokens_per_step = cfg.training.micro_batch_size * cfg.seq_len * nproc * accumulation
+    cfg = apply_overrides(cfg, {
+        "training.precision": "fp32", "training.compile": False,  # what both run alike on any CPU
+        "checkpoint.resume": "none",
+        "training.tokens_per_step": cfg.training.micro_batch_size * cfg.seq_len * nproc * accumulation,
+    })
     results, paired = [], {}
     for _ in range(rounds):
         for stage in stages:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from clusterlm.config import Config
+from clusterlm.config import Config, apply_overrides
 from clusterlm.data.manifest import load_manifest
 from clusterlm.distributed.runtime import setup_runtime
 from clusterlm.parallel import parallelize
@@ -43,7 +43,8 @@ def measure_init(cfg: Config) -> dict[str, float]:
     before = _rss_bytes()
     start = time.perf_counter()
     runtime = setup_runtime(cfg)
-    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
+    precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
+    cfg = apply_overrides(cfg, {"training.precision": precision})
     vocab = cfg.model.vocab_size or load_manifest(cfg.data.dir).vocab_size
     plain, source = build_model(cfg, vocab)
     source = pretrained_source(cfg) or source  # model.init_from: measure reading the pretrained shards

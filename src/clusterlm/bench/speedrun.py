@@ -10,7 +10,6 @@ with ``rounds`` > 1 alternate, so a busy machine slows both alike.
 
 from __future__ import annotations
 
-import copy
 import math
 import platform
 import re
@@ -21,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clusterlm.config import Config
+from clusterlm.config import Config, apply_overrides
 from clusterlm.errors import UserError
 from clusterlm.hardware import cpu_model_name, kernel_instruction_sets
 from clusterlm.train.evaluate import eval_windows, evaluate
@@ -42,8 +41,7 @@ class Run:
 
 
 def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: str) -> Run:
-    cfg = copy.deepcopy(cfg)
-    cfg.training.out_dir, cfg.checkpoint.resume = scratch, "none"
+    cfg = apply_overrides(cfg, {"training.out_dir": scratch, "checkpoint.resume": "none"})
     start = time.perf_counter()
     session = build_session(cfg)
     t = session.cfg.training

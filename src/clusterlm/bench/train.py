@@ -11,7 +11,6 @@ asked, where each variant's CPU step goes by kind of work.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import tempfile
 
@@ -20,7 +19,7 @@ import torch
 from clusterlm.bench.breakdown import step_breakdown
 from clusterlm.bench.probes import BubbleSample, block_activation_bytes, pipeline_bubble
 from clusterlm.bench.timer import time_steps
-from clusterlm.config import Config, resolve_model_args
+from clusterlm.config import Config, apply_overrides, resolve_model_args
 from clusterlm.distributed.runtime import describe_layout
 from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
 from clusterlm.parallel.precision import DTYPES, resolve_precision
@@ -54,9 +53,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int, against: Conf
 def _warm_session(cfg: Config, scratch: str, warmup: int) -> Session:
     """A session of a copy of ``cfg`` that writes nothing outside ``scratch``, after ``warmup``
     steps (compilation, caches)."""
-    cfg = copy.deepcopy(cfg)
-    cfg.training.out_dir, cfg.checkpoint.resume = scratch, "none"
-    cfg.training.steps = 10**9  # keep the LR schedule in its steady middle
+    cfg = apply_overrides(cfg, {"training.out_dir": scratch, "checkpoint.resume": "none",
+                                "training.steps": 10**9})  # the LR schedule in its steady middle
     if cfg.training.device != "cuda" and not cfg.metrics.peak_flops and not torch.cuda.is_available():
         # A fresh CPU peak for the MFU: a cached one may have been measured on a busy machine.
         cpu_peak_flops(DTYPES[resolve_precision(cfg.training.precision, torch.device("cpu"))[0]], remeasure=True)

@@ -10,7 +10,6 @@ What it measures and prints is ``clusterlm.bench.train``'s; ``bench comm`` is
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 
 from clusterlm.bench.init_speed import bench_init
@@ -50,7 +49,7 @@ def baseline_config(cfg: Config, spec: str) -> Config:
         if not equals:
             raise UserError(f"--against takes KEY=VALUE[,KEY=VALUE...], got {item!r}")
         overrides[key.strip()] = value.strip()
-    baseline = apply_overrides(copy.deepcopy(cfg), overrides)
+    baseline = apply_overrides(cfg, overrides)
     validate(baseline)
     return baseline
 

@@ -7,6 +7,7 @@ import math
 
 from clusterlm.cli.checkpoints import add_checkpoint_arguments, load
 from clusterlm.cli.options import Parser
+from clusterlm.config import apply_overrides
 from clusterlm.train.evaluate import eval_windows, evaluate
 
 
@@ -17,9 +18,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batches", type=int, default=0, help="batches to score (0 = training.eval_batches)")
     args = parser.parse_args(argv)
     loaded = load(args)
-    cfg = loaded.cfg
-    if args.batches:
-        cfg.training.eval_batches = args.batches
+    cfg = apply_overrides(loaded.cfg, {"training.eval_batches": args.batches}) if args.batches else loaded.cfg
     windows = eval_windows(cfg, loaded.state.get("dp_size", 1))
     loss, accuracy = evaluate(loaded.model, cfg, loaded.runtime, windows, args.split)
     print(f"{args.split} loss {loss:.4f} perplexity {math.exp(loss):.2f} accuracy {accuracy:.4f} "

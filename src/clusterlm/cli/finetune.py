@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
         return launch(job.cfg, job.launch, ["finetune", *argv])
     summary = train(job.cfg)
     leave_process_group()
-    if "test" in summary and summary["rank"] == 0:
-        test = summary["test"]
-        print(f"done: step {summary['step']}, test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+    test = summary.final.get("test")
+    if test is not None and summary.rank == 0:
+        print(f"done: step {summary.step}, test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
               f"loss {test['loss']:.4f}")
-    return EXIT_PREEMPTED if "preempted" in summary else 0
+    return EXIT_PREEMPTED if summary.preempted is not None else 0

@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
         return launch(job.cfg, job.launch, ["train", *argv])
     summary = train(job.cfg)
     leave_process_group()
-    if "val_loss" in summary and summary["rank"] == 0:
-        print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f} "
-              f"(perplexity {math.exp(summary['val_loss']):.2f})")
-    return EXIT_PREEMPTED if "preempted" in summary else 0
+    if summary.val_loss is not None and summary.rank == 0:
+        print(f"done: step {summary.step}, val loss {summary.val_loss:.4f} "
+              f"(perplexity {math.exp(summary.val_loss):.2f})")
+    return EXIT_PREEMPTED if summary.preempted is not None else 0

@@ -4,12 +4,13 @@
 
 Every field carries its meaning in ``help`` metadata, which ``--help`` prints with the default.
 Unknown keys fail with the closest valid key; impossible values fail in ``validate`` with one line.
-Sections live in ``sections.py``, loading in ``loading.py``, the checks in ``validate.py`` and
-the values derived from config and data in ``derive.py``.
+A config is a frozen value: overrides and derived values make a new one (``dataclasses.replace``).
+Sections live in ``sections.py``, loading in ``loading.py``, the checks in ``checks.py``, the
+layout's degrees in ``degrees.py`` and the values derived from config and data in ``derive.py``.
 """
 
 from clusterlm.config.checks import validate
-from clusterlm.config.derive import grad_accum_steps, resolve_model_args
+from clusterlm.config.derive import grad_accum_steps, resolve_model_args, settle_model
 from clusterlm.config.loading import (
     all_keys,
     apply_overrides,
@@ -34,5 +35,5 @@ from clusterlm.config.sections import (
 __all__ = [
     "CheckpointConfig", "CommConfig", "Config", "DataConfig", "FinetuneConfig", "MetricsConfig", "ModelConfig",
     "OptimConfig", "ParallelConfig", "TrainingConfig", "all_keys", "apply_overrides", "build_config",
-    "config_from_dict", "grad_accum_steps", "load_toml", "opt", "resolve_model_args", "validate",
+    "config_from_dict", "grad_accum_steps", "load_toml", "opt", "resolve_model_args", "settle_model", "validate",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from clusterlm.config.sections import Config
@@ -9,20 +10,26 @@ from clusterlm.errors import UserError
 from clusterlm.models.gpt import ModelArgs
 
 
-def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
-    """Fill the config's 'derive it' zeros (vocabulary, KV heads, MLP width) and build ModelArgs."""
+def settle_model(cfg: Config, vocab_size: int) -> Config:
+    """``cfg`` with the model's 'derive it' zeros filled: vocabulary, KV heads, MLP width."""
     m = cfg.model
-    if m.vocab_size == 0:
-        m.vocab_size = vocab_size
-    elif m.vocab_size < vocab_size:
+    if m.vocab_size and m.vocab_size < vocab_size:
         raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's {vocab_size}; "
                         "set it to 0 to take the tokenizer's")
-    m.n_kv_head = m.n_kv_head or m.n_head
-    if m.ffn_hidden == 0:
-        if m.flavour == "llama":
-            m.ffn_hidden = m.ffn_multiple_of * math.ceil(8 * m.n_embd / 3 / m.ffn_multiple_of)
-        else:
-            m.ffn_hidden = 4 * m.n_embd
+    if m.ffn_hidden:
+        ffn_hidden = m.ffn_hidden
+    elif m.flavour == "llama":
+        ffn_hidden = m.ffn_multiple_of * math.ceil(8 * m.n_embd / 3 / m.ffn_multiple_of)
+    else:
+        ffn_hidden = 4 * m.n_embd
+    settled = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size, n_kv_head=m.n_kv_head or m.n_head,
+                                  ffn_hidden=ffn_hidden)
+    return dataclasses.replace(cfg, model=settled)
+
+
+def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
+    """The model's arguments, the config's 'derive it' zeros filled (``settle_model``)."""
+    m = settle_model(cfg, vocab_size).model
     return ModelArgs(
         flavour=m.flavour, vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
         n_head=m.n_head, n_kv_head=m.n_kv_head, n_embd=m.n_embd, ffn_hidden=m.ffn_hidden,

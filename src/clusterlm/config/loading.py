@@ -66,13 +66,16 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new config: ``cfg`` with the dotted ``values`` coerced to their fields' types."""
     keys = all_keys()
+    by_section: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
         if key not in keys:
             raise _unknown_key(key)
         section, name = key.split(".", 1)
-        setattr(getattr(cfg, section), name, _coerce(key, keys[key], value))
-    return cfg
+        by_section.setdefault(section, {})[name] = _coerce(key, keys[key], value)
+    sections = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in by_section.items()}
+    return dataclasses.replace(cfg, **sections)
 
 
 def _flatten_toml(tree: dict[str, Any], source: str) -> dict[str, Any]:
@@ -100,10 +103,9 @@ def build_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
     explicit = set(overrides)
     if config_path:
         from_file = load_toml(config_path)
-        apply_overrides(cfg, from_file)
+        cfg = apply_overrides(cfg, from_file)
         explicit |= set(from_file)
-    apply_overrides(cfg, overrides)
-    adopt_pretrained_shape(cfg, explicit)
+    cfg = adopt_pretrained_shape(apply_overrides(cfg, overrides), explicit)
     validate(cfg)
     return cfg
 

@@ -9,6 +9,7 @@ differ: a ``model.block_size`` below the model's trains on a shorter context, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -26,15 +27,16 @@ def pretrained_dir(cfg: Config) -> str | None:
     return source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) and len(source) > len(HF_PREFIX) else None
 
 
-def adopt_pretrained_shape(cfg: Config, explicit: set[str]) -> None:
-    """Fill ``cfg.model`` from the pretrained model's saved shape; ``explicit`` are the dotted
-    keys the user set."""
+def adopt_pretrained_shape(cfg: Config, explicit: set[str]) -> Config:
+    """``cfg`` with ``model`` filled from the pretrained model's saved shape; ``explicit`` are the
+    dotted keys the user set."""
     directory = pretrained_dir(cfg)
     if directory is not None:
-        _adopt(cfg, explicit, hf_model_config(directory), f"{directory}/config.json")
-    elif cfg.finetune.init_from:
+        return _adopt(cfg, explicit, hf_model_config(directory), f"{directory}/config.json")
+    if cfg.finetune.init_from:
         path, model = pretrained_checkpoint_model(cfg.finetune.init_from)
-        _adopt(cfg, explicit, model, str(path))
+        return _adopt(cfg, explicit, model, str(path))
+    return cfg
 
 
 def pretrained_checkpoint_model(source: str) -> tuple[Any, dict[str, Any]]:
@@ -51,7 +53,8 @@ def pretrained_checkpoint_model(source: str) -> tuple[Any, dict[str, Any]]:
     return path, model
 
 
-def _adopt(cfg: Config, explicit: set[str], values: dict[str, Any], where: str) -> None:
+def _adopt(cfg: Config, explicit: set[str], values: dict[str, Any], where: str) -> Config:
+    adopted = {}
     for key, value in values.items():
         if not hasattr(cfg.model, key):
             raise UserError(f"{where} sets model.{key}, which this version does not know; it comes from another "
@@ -62,4 +65,5 @@ def _adopt(cfg: Config, explicit: set[str], values: dict[str, Any], where: str) 
                 continue
             raise UserError(f"model.{key} = {current!r} contradicts {where}, which gives {value!r}; "
                             f"drop model.{key} to take the pretrained model's")
-        setattr(cfg.model, key, value)
+        adopted[key] = value
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **adopted))

@@ -12,7 +12,7 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     flavour: str = opt("gpt2", "architecture family: gpt2 or llama decoders, or the bert encoder (needs "
                        "training.objective = mlm)", ("gpt2", "llama", "bert"))
@@ -31,13 +31,13 @@ class ModelConfig:
                          "whose config.json supplies the model.* values not set here (empty = random init)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dir: str = opt("data/shakespeare-char", "prepared data directory or fsspec URL (`clusterlm prepare --out`)")
     verify: bool = opt(True, "check every shard's sha256 against the manifest before training")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     steps: int = opt(2000, "optimizer steps to train for")
     micro_batch_size: int = opt(12, "sequences per forward/backward on each data-parallel rank")
@@ -71,7 +71,7 @@ class TrainingConfig:
                           "its compute time)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = opt(1e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "learning rate at the end of the decay")
@@ -88,7 +88,7 @@ class OptimConfig:
     fused: bool = opt(True, "fused AdamW kernel: one pass over all parameters instead of one per tensor")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     data_parallel: str = opt("ddp", "data-parallel strategy: ddp (replicate, all-reduce gradients), zero1 "
                              "(+ shard optimizer state), zero2 (+ gradients), zero3 (+ parameters), hsdp "
@@ -128,7 +128,7 @@ class ParallelConfig:
                                 "collective timeout otherwise ends a hang first, without the report")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CommConfig:
     allreduce: str = opt("native", "ddp/zero1 gradient all-reduce algorithm (native = the backend's own)",
                          ("native", "ring", "tree", "halving_doubling", "hierarchical", "mesh2d", "parameter_server"))
@@ -140,7 +140,7 @@ class CommConfig:
     topk_ratio: float = opt(0.01, "fraction of gradient entries top-k sparsification sends")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     interval: int = opt(500, "save every N steps (0 = only at the end)")
     keep_last: int = opt(2, "complete checkpoints to keep; older ones are deleted")
@@ -151,7 +151,7 @@ class CheckpointConfig:
                                  "saves and exits within them")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricsConfig:
     progress: str = opt("auto", "progress display: bar, lines, none, or auto (bar on a terminal)",
                         ("auto", "bar", "lines", "none"))
@@ -169,7 +169,7 @@ class MetricsConfig:
                                  "times the median (0 = do not time ranks separately)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     task: str = opt("", "a labelled task directory (`clusterlm prepare --task`): the run fine-tunes a classifier "
                     "on it (`clusterlm finetune`)")
@@ -180,7 +180,7 @@ class FinetuneConfig:
                          "scales it like optim.lr")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

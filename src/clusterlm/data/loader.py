@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,15 @@ from clusterlm.data.storage import cached_copy, default_cache_dir, is_local, joi
 from clusterlm.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class SampleStream(Protocol):
+    """What a loader draws samples from: a split's token windows (``TokenStream``) or a labelled
+    task's examples (``clusterlm.data.classification.ExampleStream``)."""
+
+    def num_windows(self, block_size: int) -> int: ...
+
+    def batch(self, indices: Sequence[int], block_size: int, device: torch.device) -> Batch: ...
 
 
 class TokenStream:
@@ -123,14 +132,12 @@ def to_batch(windows: np.ndarray, device: torch.device) -> Batch:
 class TokenLoader:
     """Training batches for one data-parallel rank; its whole state is the samples consumed.
 
-    The samples are the windows of ``split`` of ``data_dir``, or the items of ``stream``: any
-    object with ``num_windows(block_size)`` and ``batch(indices, block_size, device)``, such as a
-    labelled task's examples (``clusterlm.data.classification``)."""
+    The samples are the items of ``stream``: a split's windows (``TokenStream``), or a labelled
+    task's examples (``clusterlm.data.classification``)."""
 
     def __init__(
         self,
-        data_dir: str | os.PathLike[str],
-        split: str,
+        stream: SampleStream,
         block_size: int,
         micro_batch_size: int,
         grad_accum: int = 1,
@@ -138,8 +145,6 @@ class TokenLoader:
         dp_size: int = 1,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        cache_dir: Path | None = None,
-        stream: Any = None,
     ) -> None:
         for name, value in (("block_size", block_size), ("micro_batch_size", micro_batch_size),
                             ("grad_accum", grad_accum), ("dp_size", dp_size)):
@@ -159,7 +164,7 @@ class TokenLoader:
         self.loading_seconds = 0.0  # time spent in next_step, for the data-wait share
         self.assignment: list[int] | None = None  # micro-batches per rank, when load balancing
         self._slots = [m * dp_size + dp_rank for m in range(grad_accum)]
-        self._stream = stream if stream is not None else TokenStream(data_dir, split, cache_dir)
+        self._stream = stream
         self.windows_per_epoch = self._stream.num_windows(block_size)
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)

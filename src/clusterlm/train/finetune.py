@@ -10,7 +10,6 @@ the task's examples drawn like windows and scored by accuracy and macro-F1.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,56 +17,52 @@ from torch import nn
 
 from clusterlm import checkpoint
 from clusterlm.checkpoint.directory import checkpoint_of
-from clusterlm.config import Config, grad_accum_steps, resolve_model_args
+from clusterlm.config import Config, resolve_model_args
 from clusterlm.data.classification import ExampleStream
-from clusterlm.data.loader import TokenLoader
 from clusterlm.data.task import Task, load_task
-from clusterlm.distributed.runtime import setup_runtime
 from clusterlm.errors import UserError
-from clusterlm.hardware import peak_flops
 from clusterlm.models import create_model
 from clusterlm.models.bert import special_token_id
 from clusterlm.models.classifier import BACKBONE, SequenceClassifier
 from clusterlm.models.counting import classifier_flops_per_token
 from clusterlm.models.init import ParamSource, seeded_source
-from clusterlm.parallel import parallelize
-from clusterlm.parallel.precision import settle_precision
 from clusterlm.train.evaluate import eval_windows
 from clusterlm.train.optim import OptimizerRecipe, optimizer_recipe
 from clusterlm.train.pretrained_weights import pretrained_source
-from clusterlm.train.session import Session, read_tokenizer, start_session
+from clusterlm.train.session import Metrics, Session, TaskSpec, read_tokenizer
 from clusterlm.train.task_metrics import task_metrics
 
 
-def build_finetune_session(cfg: Config) -> Session:
-    runtime = setup_runtime(cfg)
-    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
+def finetune_task(cfg: Config) -> TaskSpec:
+    """Classification of ``finetune.task``'s examples by a pretrained backbone with a new head."""
     task = load_task(cfg.finetune.task, verify=cfg.data.verify)
-    plain, source = build_classifier(cfg, task)
-    plain.freeze_lower_layers(cfg.finetune.freeze_layers)
-    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source, runtime.ps)
-    cls_id = special_token_id(cfg.model.vocab_size, "[CLS]") if plain.args.is_encoder else None
+    labels = len(task.labels)
+    # An encoder reads a [CLS] token first; it follows the vocabulary the model settles on.
+    vocab_size = cfg.model.vocab_size or task.manifest.vocab_size
+    cls_id = special_token_id(vocab_size, "[CLS]") if cfg.model.flavour == "bert" else None
     streams = {name: ExampleStream(split, cls_id) for name, split in task.splits.items()}
-    grad_accum = grad_accum_steps(cfg, runtime.dp_size)
-    loader = TokenLoader("", "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
-                         dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed,
-                         device=runtime.device, stream=streams["train"])
-    session = Session(
-        cfg, runtime, model, model.build_optimizers(partial(finetune_recipe, cfg=cfg)), loader, grad_accum,
-        classifier_flops_per_token(plain.args, cfg.seq_len, len(task.labels)),
-        peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
-        read_tokenizer(cfg.finetune.task, task.manifest.tokenizer.sha256),
+
+    def model(settled: Config) -> tuple[nn.Module, ParamSource]:
+        plain, source = build_classifier(settled, task)
+        plain.freeze_lower_layers(settled.finetune.freeze_layers)
+        return plain, source
+
+    def evaluate(s: Session, split: str) -> Metrics:
+        """The periodic evaluation scores the ``training.eval_batches`` global batches of examples
+        spread evenly over the split; the final test scores every example."""
+        limit = None if split in s.task.final_splits else eval_windows(s.cfg, s.runtime.dp_size)
+        return task_metrics(s.model, s.cfg, s.runtime, streams, labels, split, limit)
+
+    return TaskSpec(
+        vocab_size=task.manifest.vocab_size,
+        tokenizer=read_tokenizer(cfg.finetune.task, task.manifest.tokenizer.sha256),
+        stream=streams["train"],
+        model=model,
+        flops_per_token=lambda plain, settled: classifier_flops_per_token(plain.args, settled.seq_len, labels),
+        recipe=finetune_recipe,
+        evaluate=evaluate,
         final_splits=("test",),
     )
-    session.evaluator = partial(_evaluate, session, streams, len(task.labels))
-    return start_session(session)
-
-
-def _evaluate(s: Session, streams: dict[str, ExampleStream], labels: int, split: str) -> dict[str, float | None]:
-    """The periodic evaluation scores the ``training.eval_batches`` global batches of examples spread
-    evenly over the split; the final test scores every example."""
-    limit = None if split in s.final_splits else eval_windows(s.cfg, s.runtime.dp_size)
-    return task_metrics(s.model, s.cfg, s.runtime, streams, labels, split, limit)
 
 
 def build_classifier(cfg: Config, task: Task) -> tuple[SequenceClassifier, ParamSource]:

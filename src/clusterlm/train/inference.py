@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm import checkpoint
-from clusterlm.config import Config, config_from_dict
+from clusterlm.config import Config, apply_overrides, config_from_dict
 from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
 from clusterlm.hardware import resolve_device
@@ -50,14 +50,15 @@ def load_for_inference(
 ) -> Loaded:
     """The whole model of a verified checkpoint in this process, in eval mode. ``data_dir`` and
     ``precision`` override the run's."""
-    cfg = config_from_dict(found.state["config"])
-    refuse_classifier(cfg, found.path)
-    cfg.data.dir = data_dir or cfg.data.dir
-    cfg.training.precision = precision or cfg.training.precision
-    cfg.training.compile = False  # a few forwards: not worth a compilation
-    cfg.training.activation_checkpointing = "none"  # nothing to recompute without a backward
+    saved = config_from_dict(found.state["config"])
+    refuse_classifier(saved, found.path)
     runtime = Runtime(device=resolve_device(device))
-    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device)
+    cfg = apply_overrides(saved, {
+        "data.dir": data_dir or saved.data.dir,
+        "training.precision": settle_precision(precision or saved.training.precision, runtime.device),
+        "training.compile": False,  # a few forwards: not worth a compilation
+        "training.activation_checkpointing": "none",  # nothing to recompute without a backward
+    })
     plain, source = build_model(cfg, cfg.model.vocab_size)
     model = parallelize(plain, cfg, None, runtime.device, source)
     model.load_state_dict(checkpoint.CheckpointReader(found.path))

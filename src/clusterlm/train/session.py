@@ -1,8 +1,16 @@
-"""Everything one rank trains with, built once from the config: runtime, parallelized model,
-optimizers, data loader, and the state resumed from a checkpoint."""
+"""Everything one rank trains with, built once by ``build_session``: the settled config, runtime,
+parallelized model, optimizers, data loader, and the state resumed from a checkpoint.
+
+What a run trains on comes as a ``TaskSpec``: language-model pretraining on ``data.dir``
+(``language_model_task``) by default, or what a caller supplies (fine-tuning's classifier,
+``clusterlm.train.finetune``). The config is settled once, before the model is built: precision,
+attention kernel and the model's derived sizes are filled into a new frozen value, which every
+later step reads and every checkpoint records.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -10,12 +18,13 @@ from pathlib import Path
 
 import fsspec
 import torch
+from torch import nn
 
 from clusterlm import checkpoint
 from clusterlm.checkpoint.async_writer import CheckpointWriter
-from clusterlm.config import Config, grad_accum_steps, resolve_model_args
+from clusterlm.config import Config, grad_accum_steps, resolve_model_args, settle_model
 from clusterlm.config.slow_ranks import rank_factor
-from clusterlm.data.loader import TokenLoader
+from clusterlm.data.loader import SampleStream, TokenLoader, TokenStream
 from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.data.masking import MaskedLoader
 from clusterlm.distributed import restarts
@@ -30,8 +39,10 @@ from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, re
 from clusterlm.parallel.precision import settle_attention, settle_precision
 from clusterlm.train.evaluate import language_model_metrics
 from clusterlm.train.objective import masking_rule
-from clusterlm.train.optim import optimizer_recipe
+from clusterlm.train.optim import OptimizerRecipe, optimizer_recipe
 from clusterlm.train.pretrained_weights import check_pretrained_tokenizer, pretrained_source
+
+Metrics = dict[str, float | None]  # name -> value, the loss first
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,24 @@ class TokenizerFile:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a run trains on: everything of a session that is not built the same way for every run."""
+
+    vocab_size: int
+    tokenizer: TokenizerFile
+    stream: SampleStream  # the training samples
+    model: Callable[[Config], tuple[nn.Module, ParamSource]]  # the plain model on meta, from the settled config
+    flops_per_token: Callable[[nn.Module, Config], float]
+    recipe: Callable[[nn.Module, Config], OptimizerRecipe]
+    evaluate: Callable[[Session, str], Metrics]  # the scores of a split
+    masked: bool = False  # a masked language model: inputs masked and the loss scores those tokens
+    final_splits: tuple[str, ...] = ()  # scored once when the run completes (a task's test split)
+
+
 @dataclass
 class Session:
-    cfg: Config
+    cfg: Config  # settled: what the run trains with, and what its checkpoints record
     runtime: Runtime
     model: ParallelModel  # this rank's share: the whole model, a shard, or pipeline stages
     optimizers: list[torch.optim.Optimizer]  # one per part of the model
@@ -52,7 +78,7 @@ class Session:
     grad_accum: int
     flops_per_token: float
     peak_flops: float | None
-    tokenizer: TokenizerFile
+    task: TaskSpec
     step: int = 0
     tokens: int = 0
     resumed_from: Path | None = None
@@ -60,9 +86,6 @@ class Session:
     sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
     balancer: LoadBalancer | None = None  # micro-batches per rank (parallel.load_balance)
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # in line, or async (checkpoint.async_save)
-    # split -> metrics, loss first: the periodic evaluation (language-model or task metrics)
-    evaluator: Callable[[str], dict[str, float | None]] | None = None
-    final_splits: tuple[str, ...] = ()  # scored once when the run completes (a task's test split)
 
     @property
     def tokens_per_step(self) -> int:
@@ -71,6 +94,13 @@ class Session:
     @property
     def checkpoints(self) -> Path:
         return Path(self.cfg.training.out_dir) / "checkpoints"
+
+    @property
+    def tokenizer(self) -> TokenizerFile:
+        return self.task.tokenizer
+
+    def evaluate(self, split: str) -> Metrics:
+        return self.task.evaluate(self, split)
 
 
 def build_model(cfg: Config, vocab_size: int) -> tuple[torch.nn.Module, ParamSource]:
@@ -81,35 +111,64 @@ def build_model(cfg: Config, vocab_size: int) -> tuple[torch.nn.Module, ParamSou
     return model, seeded_source(model.init_rule, cfg.training.seed)
 
 
-def build_session(cfg: Config) -> Session:
-    """The session of a language-model run: pretraining on ``data.dir`` (next-token or masked)."""
+def build_session(cfg: Config, task: TaskSpec | None = None) -> Session:
+    """The session of a run: language-model pretraining on ``data.dir`` unless ``task`` says otherwise."""
     runtime = setup_runtime(cfg)
-    cfg.training.precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
+    task = task or language_model_task(cfg)
+    cfg = settle_config(cfg, runtime, task.vocab_size)
+    plain, source = task.model(cfg)
+    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source, runtime.ps)
+    grad_accum = grad_accum_steps(cfg, runtime.dp_size)
+    loader: TokenLoader | MaskedLoader = TokenLoader(
+        task.stream, cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
+        dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed, device=runtime.device,
+    )
+    rule = masking_rule(cfg) if task.masked else None
+    if rule is not None:
+        loader = MaskedLoader(loader, rule)
+    session = Session(
+        cfg=cfg, runtime=runtime, model=model, loader=loader, grad_accum=grad_accum, task=task,
+        optimizers=model.build_optimizers(partial(task.recipe, cfg=cfg)),
+        flops_per_token=task.flops_per_token(plain, cfg),
+        peak_flops=peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
+    )
+    return _start_session(session)
+
+
+def settle_config(cfg: Config, runtime: Runtime, vocab_size: int) -> Config:
+    """The run's config with every 'auto' and 'derive it' value decided: the precision, the
+    model's derived sizes, and the attention kernel (timed on causal attention, so decoders only)."""
+    precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
+    cfg = settle_model(cfg, vocab_size)
+    m, attention = cfg.model, cfg.training.attention
+    if m.flavour != "bert":
+        shape = (cfg.training.micro_batch_size, m.n_head // cfg.parallel.tp, cfg.seq_len, m.n_embd // m.n_head)
+        attention = settle_attention(attention, precision, runtime.device, shape)
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, precision=precision, attention=attention))
+
+
+def language_model_task(cfg: Config) -> TaskSpec:
+    """Pretraining on the prepared corpus of ``data.dir``: next-token, or masked for an encoder;
+    from seeded weights, or the pretrained ones ``model.init_from`` names."""
     manifest = load_manifest(cfg.data.dir)
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
     check_pretrained_tokenizer(cfg, manifest)
-    plain, source = build_model(cfg, manifest.vocab_size)
-    if not plain.args.is_encoder:  # the kernels are timed on causal attention
-        shape = (cfg.training.micro_batch_size, plain.args.n_head // cfg.parallel.tp, cfg.seq_len, plain.args.head_dim)
-        cfg.training.attention = settle_attention(cfg.training.attention, cfg.training.precision, runtime.device, shape)
-    source = pretrained_source(cfg) or source  # model.init_from: pretrained weights, read shard by shard
-    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source, runtime.ps)
-    grad_accum = grad_accum_steps(cfg, runtime.dp_size)
-    loader = TokenLoader(
-        cfg.data.dir, "train", cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
-        dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed, device=runtime.device,
+
+    def model(settled: Config) -> tuple[nn.Module, ParamSource]:
+        plain, seeded = build_model(settled, manifest.vocab_size)
+        return plain, pretrained_source(settled) or seeded  # pretrained weights are read shard by shard
+
+    return TaskSpec(
+        vocab_size=manifest.vocab_size,
+        tokenizer=read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256),
+        stream=TokenStream(cfg.data.dir, "train"),
+        model=model,
+        flops_per_token=lambda plain, settled: training_flops_per_token(plain.args, settled.seq_len),
+        recipe=lambda part, cfg: optimizer_recipe(part, cfg.optim),
+        evaluate=lambda s, split: language_model_metrics(s.model, s.cfg, s.runtime, split),
+        masked=cfg.training.objective == "mlm",
     )
-    if cfg.training.objective == "mlm":
-        loader = MaskedLoader(loader, masking_rule(cfg))
-    session = Session(
-        cfg, runtime, model, model.build_optimizers(partial(optimizer_recipe, cfg=cfg.optim)), loader, grad_accum,
-        training_flops_per_token(plain.args, cfg.seq_len),
-        peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
-        read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256),
-        evaluator=partial(language_model_metrics, model, cfg, runtime),
-    )
-    return start_session(session)
 
 
 def read_tokenizer(data_dir: str, sha256: str) -> TokenizerFile:
@@ -118,7 +177,7 @@ def read_tokenizer(data_dir: str, sha256: str) -> TokenizerFile:
         return TokenizerFile(sha256, f.read())
 
 
-def start_session(session: Session) -> Session:
+def _start_session(session: Session) -> Session:
     """What every run adds to its model, loader and optimizers: the experiments' rank slowdown, rank
     timing and load balancing, the checkpoint writer, the resumed state and the sample log."""
     cfg, runtime = session.cfg, session.runtime

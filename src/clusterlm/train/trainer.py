@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,26 @@ from clusterlm.models.gpt import attention_kernel
 from clusterlm.observe import watchdog
 from clusterlm.observe.monitor import Monitor
 from clusterlm.observe.sinks import MetricsSinks, ProgressDisplay
-from clusterlm.train.finetune import build_finetune_session
+from clusterlm.train.finetune import finetune_task
 from clusterlm.train.injected_slowdown import slowed
 from clusterlm.train.optim import lr_at
 from clusterlm.train.preemption import Preemption
-from clusterlm.train.session import Session, build_session, save
+from clusterlm.train.session import Metrics, Session, build_session, save
+
+
+@dataclass
+class TrainSummary:
+    """What a run reports when it ends: finished, preempted, or a parameter server's service done."""
+
+    rank: int = 0
+    step: int = 0
+    tokens: int = 0
+    resumed_from: str | None = None  # the checkpoint the run resumed from
+    train_loss: float | None = None  # the last logged
+    val_loss: float | None = None  # the last evaluated
+    preempted: str | None = None  # the checkpoint a preempted run saved before it stopped
+    final: dict[str, Metrics] = field(default_factory=dict)  # split -> scores at the end (a task's test)
+    served: dict[str, Any] | None = None  # a parameter server's counts (pushes, staleness)
 
 
 def train_step(s: Session) -> torch.Tensor:
@@ -72,7 +88,7 @@ def _due(before: int, step: int, interval: int, last: int) -> bool:
     return step == last or (interval > 0 and before // interval < step // interval)
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config) -> TrainSummary:
     preemption = Preemption(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGUSR1: save and stop at a step boundary
     fresh = not Path(cfg.training.out_dir).exists()
     watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
@@ -88,10 +104,12 @@ def train(cfg: Config) -> dict[str, Any]:
         preemption.close()
 
 
-def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
-    s = build_finetune_session(cfg) if cfg.finetune.task else build_session(cfg)
+def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
+    s = build_session(cfg, finetune_task(cfg) if cfg.finetune.task else None)
+    cfg = s.cfg  # settled
     if s.model.serves:  # a parameter server: it answers the workers instead of training
-        return s.model.serve(s.optimizers, cfg.training.steps, s.step)
+        served = s.model.serve(s.optimizers, cfg.training.steps, s.step)
+        return TrainSummary(rank=s.runtime.rank, step=served["step"], served=served)
     t = cfg.training
     out_dir = Path(t.out_dir)
     main_rank = s.runtime.is_main
@@ -100,7 +118,7 @@ def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     sinks = MetricsSinks(cfg.metrics, out_dir, s.step) if main_rank else None
     if main_rank:
         _describe(s, progress)
-    summary: dict[str, Any] = {"resumed_from": str(s.resumed_from) if s.resumed_from else None}
+    summary = TrainSummary(resumed_from=str(s.resumed_from) if s.resumed_from else None)
     window_seconds, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
     while s.step < t.steps:
         start, before = time.perf_counter(), s.step
@@ -116,47 +134,47 @@ def _train(cfg: Config, preemption: Preemption) -> dict[str, Any]:
                                 "last good checkpoint with --resume auto")
             record = _train_record(s, loss_value, window_seconds / window_steps)
             monitor.observe(s, record, sinks)
-            summary["train_loss"] = loss_value
+            summary.train_loss = loss_value
             progress.update(s.step - 1, record)
             if sinks:
                 sinks.log(record)
             window_seconds, window_steps = 0.0, 0
         if _due(before, s.step, t.eval_interval, t.steps) and s.runtime.reports:
             watchdog.phase("eval", s.step)
-            summary["val_loss"] = _evaluate(s, progress, sinks)["loss"]
+            summary.val_loss = _evaluate(s, progress, sinks)["loss"]
         watchdog.phase("checkpoint", s.step)
         saved = save(s) if _due(before, s.step, cfg.checkpoint.interval, t.steps) and s.runtime.reports else None
         if saved:
             progress.message(f"step {s.step}: saved {saved}")
         if preemption.requested(s.runtime, time.perf_counter() - start) and s.step < t.steps:
-            summary["preempted"] = str(saved or save(s))
+            summary.preempted = str(saved or save(s))
             break
     _finish(s, summary, preemption, progress, monitor, sinks)
     return summary
 
 
-def _finish(s: Session, summary: dict[str, Any], preemption: Preemption, progress: ProgressDisplay,
+def _finish(s: Session, summary: TrainSummary, preemption: Preemption, progress: ProgressDisplay,
             monitor: Monitor, sinks: MetricsSinks | None) -> None:
     """Score the held-out splits of a finished run, wait for a save still writing, report and close."""
-    if "preempted" not in summary and s.step >= s.cfg.training.steps and s.runtime.reports:
-        for split in s.final_splits:  # a fine-tuning task's test split: scored once, at the end
-            summary[split] = _evaluate(s, progress, sinks, split)
+    if summary.preempted is None and s.step >= s.cfg.training.steps and s.runtime.reports:
+        for split in s.task.final_splits:  # a fine-tuning task's test split: scored once, at the end
+            summary.final[split] = _evaluate(s, progress, sinks, split)
     s.writer.close()  # a save still writing in the background finishes first
-    if "preempted" in summary and s.runtime.is_main:
-        print(preemption.report(s.step, summary["preempted"]), flush=True)
+    if summary.preempted is not None and s.runtime.is_main:
+        print(preemption.report(s.step, summary.preempted), flush=True)
     progress.close()
     monitor.close()
     if sinks:
         plot = sinks.close()
         if plot:
             print(f"loss plot: {plot}")
-    summary.update(step=s.step, tokens=s.tokens, rank=s.runtime.rank)
+    summary.step, summary.tokens, summary.rank = s.step, s.tokens, s.runtime.rank
 
 
 def _evaluate(s: Session, progress: ProgressDisplay, sinks: MetricsSinks | None, split: str = "val"
-              ) -> dict[str, float | None]:
+              ) -> Metrics:
     """Score ``split`` (the session's own metrics: loss first), show it and log it."""
-    result = s.evaluator(split)
+    result = s.evaluate(split)
     shown = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in result.items() if value is not None)
     progress.message(f"step {s.step}: {split} {shown}")
     if sinks:
@@ -177,7 +195,7 @@ def _train_record(s: Session, loss: float, seconds_per_step: float) -> dict[str,
 
 
 def _describe(s: Session, progress: ProgressDisplay) -> None:
-    params = param_count(resolve_model_args(s.cfg, s.cfg.model.vocab_size))
+    params = param_count(resolve_model_args(s.cfg, s.cfg.model.vocab_size))  # the settled sizes
     peak = f"{s.peak_flops / 1e12:.2f} TFLOP/s" if s.peak_flops else "unknown"
     r = s.runtime
     layout = describe_layout(s.cfg, r)
