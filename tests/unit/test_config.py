@@ -88,3 +88,14 @@ def test_a_config_is_a_frozen_value_and_overrides_make_a_new_one():
     assert changed.model.vocab_size == 0 and changed.model.ffn_hidden == 0  # no side effects
     settled = settle_model(changed, 65).model
     assert (settled.vocab_size, settled.n_kv_head, settled.ffn_hidden) == (65, 4, args.ffn_hidden) == (65, 4, 512)
+
+
+def test_help_lists_every_command_and_subcommand(capsys):
+    from clusterlm.cli import COMMANDS, SUBCOMMANDS, main
+    from clusterlm.cli.bench import MAINS
+
+    assert set(MAINS) == set(SUBCOMMANDS["bench"])
+    assert main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    assert all(name in shown for name in COMMANDS)
+    assert all(f"{command} {sub} " in shown for command, subs in SUBCOMMANDS.items() for sub in subs)

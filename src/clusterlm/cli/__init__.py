@@ -20,19 +20,35 @@ COMMANDS = {
     "finetune": ("clusterlm.cli.finetune", "fine-tune a pretrained model on a labelled task (classification)"),
     "eval": ("clusterlm.cli.evaluate", "validation loss and perplexity of a checkpoint"),
     "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
-    "bench": ("clusterlm.cli.bench", "benchmarks: `bench train`, `bench init`, `bench comm`"),
+    "bench": ("clusterlm.cli.bench", "benchmarks that print figures (subcommands below)"),
     "plan": ("clusterlm.cli.plan", "predict memory, step time and MFU on a cluster; pick the layout"),
     "submit": ("clusterlm.cli.submit", "submit a training job to Slurm (--dry-run prints the sbatch script)"),
     "jobs": ("clusterlm.cli.jobs", "your clusterlm jobs in Slurm: state, step, loss, ETA"),
     "cancel": ("clusterlm.cli.cancel", "cancel one of your clusterlm jobs in Slurm"),
-    "export": ("clusterlm.cli.export", "export a checkpoint: `export hf` writes a Hugging Face model directory"),
+    "export": ("clusterlm.cli.export", "export a checkpoint (subcommands below)"),
     "chaos": ("clusterlm.cli.chaos", "kill random ranks of a job; check it recovers to the same weights"),
+}
+
+# command -> subcommand -> one-line description
+SUBCOMMANDS = {
+    "bench": {
+        "train": "tokens/s, ms/step, MFU and peak memory of a config; --against times a baseline beside it",
+        "init": "per rank, the time and host memory until the model is parallelized and ready to step",
+        "comm": "all-reduce algorithms timed over a range of sizes on N local processes",
+        "convergence": "one token budget: synchronous, parameter server, local SGD and DiLoCo",
+        "checkpoint": "the stall a save costs the training loop, in line and in the background",
+        "speedrun": "wall time to a target validation loss for a config and a baseline",
+        "compare-deepspeed": "zero1-3 against DeepSpeed's ZeRO on the same model and batches",
+    },
+    "export": {"hf": "a Hugging Face model directory (config.json, safetensors, tokenizer)"},
 }
 
 
 def usage() -> str:
     lines = ["usage: clusterlm <command> [options]   (clusterlm <command> --help for its options)", ""]
-    lines += [f"  {name:<9} {desc}" for name, (_, desc) in COMMANDS.items()]
+    for name, (_, desc) in COMMANDS.items():
+        lines.append(f"  {name:<9} {desc}")
+        lines += [f"    {name} {sub:<18} {text}" for sub, text in SUBCOMMANDS.get(name, {}).items()]
     return "\n".join(lines)
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from clusterlm.bench.init_speed import bench_init
 from clusterlm.bench.train import bench_train
 from clusterlm.cli import (
+    SUBCOMMANDS,
     bench_checkpoint,
     bench_comm,
     bench_compare,
@@ -26,9 +28,6 @@ from clusterlm.config import Config, apply_overrides, validate
 from clusterlm.distributed.runtime import leave_process_group
 from clusterlm.errors import UserError
 from clusterlm.launch import launch
-
-USAGE = ("usage: clusterlm bench train|init|comm|convergence|checkpoint|speedrun|compare-deepspeed [options]  "
-         "(clusterlm bench train --help)")
 
 
 def add_bench_train_options(parser: argparse.ArgumentParser) -> None:
@@ -85,21 +84,20 @@ def init_main(argv: list[str]) -> int:
     return 0
 
 
+MAINS: dict[str, Callable[[list[str]], int]] = {
+    "train": train_main, "init": init_main, "comm": bench_comm.main, "convergence": bench_convergence.main,
+    "checkpoint": bench_checkpoint.main, "speedrun": bench_speedrun.main, "compare-deepspeed": bench_compare.main,
+}
+
+
+def usage() -> str:
+    lines = ["usage: clusterlm bench <subcommand> [options]   (clusterlm bench <subcommand> --help)", ""]
+    return "\n".join(lines + [f"  {name:<18} {text}" for name, text in SUBCOMMANDS["bench"].items()])
+
+
 def main(argv: list[str]) -> int:
-    if argv and argv[0] == "train":
-        return train_main(argv[1:])
-    if argv and argv[0] == "init":
-        return init_main(argv[1:])
-    if argv and argv[0] == "comm":
-        return bench_comm.main(argv[1:])
-    if argv and argv[0] == "convergence":
-        return bench_convergence.main(argv[1:])
-    if argv and argv[0] == "checkpoint":
-        return bench_checkpoint.main(argv[1:])
-    if argv and argv[0] == "speedrun":
-        return bench_speedrun.main(argv[1:])
-    if argv and argv[0] == "compare-deepspeed":
-        return bench_compare.main(argv[1:])
+    if argv and argv[0] in MAINS:
+        return MAINS[argv[0]](argv[1:])
     asked = bool(argv) and argv[0] in ("-h", "--help")
-    print(USAGE, file=sys.stdout if asked else sys.stderr)
+    print(usage(), file=sys.stdout if asked else sys.stderr)
     return 0 if asked else 2

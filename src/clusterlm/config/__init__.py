@@ -29,11 +29,11 @@ from clusterlm.config.sections import (
     OptimConfig,
     ParallelConfig,
     TrainingConfig,
-    opt,
+    setting,
 )
 
 __all__ = [
     "CheckpointConfig", "CommConfig", "Config", "DataConfig", "FinetuneConfig", "MetricsConfig", "ModelConfig",
     "OptimConfig", "ParallelConfig", "TrainingConfig", "all_keys", "apply_overrides", "build_config",
-    "config_from_dict", "grad_accum_steps", "load_toml", "opt", "resolve_model_args", "settle_model", "validate",
+    "config_from_dict", "grad_accum_steps", "load_toml", "resolve_model_args", "setting", "settle_model", "validate",
 ]

@@ -47,11 +47,11 @@ def finetune_task(cfg: Config) -> TaskSpec:
         plain.freeze_lower_layers(settled.finetune.freeze_layers)
         return plain, source
 
-    def evaluate(s: Session, split: str) -> Metrics:
+    def evaluate(session: Session, split: str) -> Metrics:
         """The periodic evaluation scores the ``training.eval_batches`` global batches of examples
         spread evenly over the split; the final test scores every example."""
-        limit = None if split in s.task.final_splits else eval_windows(s.cfg, s.runtime.dp_size)
-        return task_metrics(s.model, s.cfg, s.runtime, streams, labels, split, limit)
+        limit = None if split in session.task.final_splits else eval_windows(session.cfg, session.runtime.dp_size)
+        return task_metrics(session.model, session.cfg, session.runtime, streams, labels, split, limit)
 
     return TaskSpec(
         vocab_size=task.manifest.vocab_size,

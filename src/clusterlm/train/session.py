@@ -203,13 +203,13 @@ def _resume(session: Session) -> None:
     session.step, session.tokens, session.resumed_from = found.state["step"], found.state["tokens"], found.path
 
 
-def save(s: Session) -> Path:
+def save(session: Session) -> Path:
     state = {
-        "step": s.step, "tokens": s.tokens, "loader": s.loader.state_dict(), "dp_size": s.runtime.dp_size,
-        "config": s.cfg.to_dict(), "tokenizer_sha256": s.tokenizer.sha256, "run_id": restarts.run_id(),
-        "micro_batches_per_rank": s.balancer.counts if s.balancer else None,
+        "step": session.step, "tokens": session.tokens, "loader": session.loader.state_dict(), "dp_size": session.runtime.dp_size,
+        "config": session.cfg.to_dict(), "tokenizer_sha256": session.tokenizer.sha256, "run_id": restarts.run_id(),
+        "micro_batches_per_rank": session.balancer.counts if session.balancer else None,
     }
-    return s.writer.save(
-        s.checkpoints, s.step, s.model.state_dict(s.optimizers), state, s.cfg.checkpoint.keep_last,
-        files={"tokenizer.json": s.tokenizer.payload},
+    return session.writer.save(
+        session.checkpoints, session.step, session.model.state_dict(session.optimizers), state, session.cfg.checkpoint.keep_last,
+        files={"tokenizer.json": session.tokenizer.payload},
     )

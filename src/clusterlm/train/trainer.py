@@ -45,41 +45,41 @@ class TrainSummary:
     served: dict[str, Any] | None = None  # a parameter server's counts (pushes, staleness)
 
 
-def train_step(s: Session) -> torch.Tensor:
+def train_step(session: Session) -> torch.Tensor:
     """One optimizer step over ``grad_accum`` micro-batches (or one pipelined batch); returns the
     mean loss (a tensor, so the device is not synchronized unless the caller reads it)."""
-    torch.manual_seed(_dropout_seed(s))
-    lr = lr_at(s.step, s.cfg.optim, s.cfg.training.steps)
-    for optimizer in s.optimizers:
+    torch.manual_seed(_dropout_seed(session))
+    lr = lr_at(session.step, session.cfg.optim, session.cfg.training.steps)
+    for optimizer in session.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # a fine-tuning head may run at its own rate
-    watchdog.phase("data", s.step)
-    if s.sample_log:
-        s.sample_log.record(s.step + 1, s.loader)
-    micro_batches = s.loader.next_step()
-    watchdog.phase("forward_backward", s.step)
-    with attention_kernel(s.cfg.training.attention), slowed(s.slowdown, s.model.clock):
-        loss = s.model.forward_backward(micro_batches)
-    precision = s.model.precision
-    watchdog.phase("optimizer", s.step)
-    for optimizer in s.optimizers:
+    watchdog.phase("data", session.step)
+    if session.sample_log:
+        session.sample_log.record(session.step + 1, session.loader)
+    micro_batches = session.loader.next_step()
+    watchdog.phase("forward_backward", session.step)
+    with attention_kernel(session.cfg.training.attention), slowed(session.slowdown, session.model.clock):
+        loss = session.model.forward_backward(micro_batches)
+    precision = session.model.precision
+    watchdog.phase("optimizer", session.step)
+    for optimizer in session.optimizers:
         precision.unscale(optimizer)
-    if s.cfg.training.grad_clip:
-        s.model.clip_grad_norm(s.cfg.training.grad_clip)
-    precision.step(s.optimizers)
-    for optimizer in s.optimizers:
+    if session.cfg.training.grad_clip:
+        session.model.clip_grad_norm(session.cfg.training.grad_clip)
+    precision.step(session.optimizers)
+    for optimizer in session.optimizers:
         optimizer.zero_grad(set_to_none=True)
-    advanced = s.model.after_step(s.step + 1) - s.step  # a parameter server's workers advance it together
-    s.step += advanced
-    s.tokens += advanced * s.tokens_per_step
+    advanced = session.model.after_step(session.step + 1) - session.step  # a parameter server's workers advance it together
+    session.step += advanced
+    session.tokens += advanced * session.tokens_per_step
     return loss
 
 
-def _dropout_seed(s: Session) -> int:
+def _dropout_seed(session: Session) -> int:
     """Dropout masks are a function of (seed, step, rank). Tensor-parallel ranks hold the same
     residual stream unless it is split along the sequence, so they share a seed then."""
-    tp_rank = s.runtime.tp_rank if s.cfg.parallel.sequence_parallel else 0
-    return hash((s.cfg.training.seed, s.step, s.runtime.dp_rank, tp_rank)) % 2**63
+    tp_rank = session.runtime.tp_rank if session.cfg.parallel.sequence_parallel else 0
+    return hash((session.cfg.training.seed, session.step, session.runtime.dp_rank, tp_rank)) % 2**63
 
 
 def _due(before: int, step: int, interval: int, last: int) -> bool:
@@ -153,56 +153,56 @@ def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
     return summary
 
 
-def _finish(s: Session, summary: TrainSummary, preemption: Preemption, progress: ProgressDisplay,
+def _finish(session: Session, summary: TrainSummary, preemption: Preemption, progress: ProgressDisplay,
             monitor: Monitor, sinks: MetricsSinks | None) -> None:
     """Score the held-out splits of a finished run, wait for a save still writing, report and close."""
-    if summary.preempted is None and s.step >= s.cfg.training.steps and s.runtime.reports:
-        for split in s.task.final_splits:  # a fine-tuning task's test split: scored once, at the end
-            summary.final[split] = _evaluate(s, progress, sinks, split)
-    s.writer.close()  # a save still writing in the background finishes first
-    if summary.preempted is not None and s.runtime.is_main:
-        print(preemption.report(s.step, summary.preempted), flush=True)
+    if summary.preempted is None and session.step >= session.cfg.training.steps and session.runtime.reports:
+        for split in session.task.final_splits:  # a fine-tuning task's test split: scored once, at the end
+            summary.final[split] = _evaluate(session, progress, sinks, split)
+    session.writer.close()  # a save still writing in the background finishes first
+    if summary.preempted is not None and session.runtime.is_main:
+        print(preemption.report(session.step, summary.preempted), flush=True)
     progress.close()
     monitor.close()
     if sinks:
         plot = sinks.close()
         if plot:
             print(f"loss plot: {plot}")
-    summary.step, summary.tokens, summary.rank = s.step, s.tokens, s.runtime.rank
+    summary.step, summary.tokens, summary.rank = session.step, session.tokens, session.runtime.rank
 
 
-def _evaluate(s: Session, progress: ProgressDisplay, sinks: MetricsSinks | None, split: str = "val"
+def _evaluate(session: Session, progress: ProgressDisplay, sinks: MetricsSinks | None, split: str = "val"
               ) -> Metrics:
     """Score ``split`` (the session's own metrics: loss first), show it and log it."""
-    result = s.evaluate(split)
+    result = session.evaluate(split)
     shown = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in result.items() if value is not None)
-    progress.message(f"step {s.step}: {split} {shown}")
+    progress.message(f"step {session.step}: {split} {shown}")
     if sinks:
-        sinks.log({"kind": "eval" if split == "val" else split, "step": s.step, "tokens": s.tokens,
+        sinks.log({"kind": "eval" if split == "val" else split, "step": session.step, "tokens": session.tokens,
                    **{f"{split}_{name}": value for name, value in result.items()}})
     return result
 
 
-def _train_record(s: Session, loss: float, seconds_per_step: float) -> dict[str, Any]:
-    tokens_per_s = s.tokens_per_step / seconds_per_step
-    per_device = tokens_per_s * s.flops_per_token / s.runtime.world_size
+def _train_record(session: Session, loss: float, seconds_per_step: float) -> dict[str, Any]:
+    tokens_per_s = session.tokens_per_step / seconds_per_step
+    per_device = tokens_per_s * session.flops_per_token / session.runtime.world_size
     return {
-        "kind": "train", "step": s.step, "tokens": s.tokens, "loss": loss,
-        "lr": s.optimizers[0].param_groups[0]["lr"], "ms_per_step": 1000 * seconds_per_step,
-        "tokens_per_s": tokens_per_s, "mfu": per_device / s.peak_flops if s.peak_flops else None,
-        **s.model.comm_metrics(),
+        "kind": "train", "step": session.step, "tokens": session.tokens, "loss": loss,
+        "lr": session.optimizers[0].param_groups[0]["lr"], "ms_per_step": 1000 * seconds_per_step,
+        "tokens_per_s": tokens_per_s, "mfu": per_device / session.peak_flops if session.peak_flops else None,
+        **session.model.comm_metrics(),
     }
 
 
-def _describe(s: Session, progress: ProgressDisplay) -> None:
-    params = param_count(resolve_model_args(s.cfg, s.cfg.model.vocab_size))  # the settled sizes
-    peak = f"{s.peak_flops / 1e12:.2f} TFLOP/s" if s.peak_flops else "unknown"
-    r = s.runtime
-    layout = describe_layout(s.cfg, r)
+def _describe(session: Session, progress: ProgressDisplay) -> None:
+    params = param_count(resolve_model_args(session.cfg, session.cfg.model.vocab_size))  # the settled sizes
+    peak = f"{session.peak_flops / 1e12:.2f} TFLOP/s" if session.peak_flops else "unknown"
+    r = session.runtime
+    layout = describe_layout(session.cfg, r)
     progress.message(
-        f"model {s.cfg.model.flavour}: {params / 1e6:.2f}M parameters, {s.flops_per_token / 1e6:.1f} "
-        f"MFLOP/token | {s.tokens_per_step:,} tokens/step ({s.grad_accum} micro-steps) | {layout} | "
-        f"{r.device}, {s.cfg.training.precision}, peak {peak}"
+        f"model {session.cfg.model.flavour}: {params / 1e6:.2f}M parameters, {session.flops_per_token / 1e6:.1f} "
+        f"MFLOP/token | {session.tokens_per_step:,} tokens/step ({session.grad_accum} micro-steps) | {layout} | "
+        f"{r.device}, {session.cfg.training.precision}, peak {peak}"
     )
-    if s.resumed_from:
-        progress.message(f"resumed from {s.resumed_from} at step {s.step}")
+    if session.resumed_from:
+        progress.message(f"resumed from {session.resumed_from} at step {session.step}")
