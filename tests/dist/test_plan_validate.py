@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from clusterlm.bench.layout_runs import case_config, measure_rank, prepare_data
-from clusterlm.config import apply_overrides, resolve_model_args
+from clusterlm.config import apply_overrides
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.data.manifest import load_manifest
 from clusterlm.models.gpt import Transformer
 from clusterlm.plan.memory import activation_bytes, logits_gradient_bytes

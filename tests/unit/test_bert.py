@@ -5,9 +5,9 @@ import torch
 
 from clusterlm.config import build_config
 from clusterlm.data.masking import IGNORE_INDEX, MaskingRule
+from clusterlm.data.special_tokens import SPECIAL_TOKENS, special_token_id
 from clusterlm.errors import UserError
 from clusterlm.models import Encoder, ModelArgs, create_model, param_count, training_flops_per_token
-from clusterlm.models.bert import SPECIAL_TOKENS, special_token_id
 from clusterlm.models.counting import matmul_params
 from clusterlm.models.init import seeded_source
 from clusterlm.parallel.materialize import materialize

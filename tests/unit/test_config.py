@@ -76,7 +76,8 @@ def test_help_lists_every_key_with_default():
 def test_a_config_is_a_frozen_value_and_overrides_make_a_new_one():
     import dataclasses
 
-    from clusterlm.config import Config, apply_overrides, resolve_model_args, settle_model
+    from clusterlm.config import Config, apply_overrides, settle_model
+    from clusterlm.models.from_config import resolve_model_args
 
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -10,8 +10,9 @@ import torch
 from clusterlm.config import build_config
 from clusterlm.data.classification import ExampleStream, evaluation_batches
 from clusterlm.data.masking import IGNORE_INDEX
+from clusterlm.data.special_tokens import PAD
 from clusterlm.models import ModelArgs, create_model
-from clusterlm.models.classifier import PAD, SequenceClassifier
+from clusterlm.models.classifier import SequenceClassifier
 from clusterlm.models.counting import classifier_flops_per_token
 from clusterlm.train.finetune import finetune_recipe
 from clusterlm.train.task_metrics import macro_f1

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clusterlm.config import Config, apply_overrides, resolve_model_args
+from clusterlm.config import Config, apply_overrides
 from clusterlm.data.loader import TokenLoader, TokenStream
 from clusterlm.data.manifest import load_manifest
 from clusterlm.distributed.local_spawn import SpawnError, run_local
 from clusterlm.errors import UserError
 from clusterlm.models import create_model
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.loss import next_token_loss
 from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.session import build_session

@@ -36,11 +36,12 @@ from clusterlm.bench.collective_sweep import measure_link
 from clusterlm.bench.kernels import relative_kernel_rates
 from clusterlm.bench.probes import state_after_next_step, step_activation_bytes
 from clusterlm.bench.timer import time_steps
-from clusterlm.config import Config, resolve_model_args
+from clusterlm.config import Config
 from clusterlm.data.manifest import load_manifest
 from clusterlm.data.prepare import PrepareOptions, prepare
 from clusterlm.distributed.local_spawn import run_local
 from clusterlm.hardware import cpu_peak_flops
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.plan.calibration import Calibration
 from clusterlm.plan.cluster import Cluster, Device, Link
 from clusterlm.plan.validation import (

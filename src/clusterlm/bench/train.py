@@ -19,9 +19,10 @@ import torch
 from clusterlm.bench.breakdown import step_breakdown
 from clusterlm.bench.probes import BubbleSample, block_activation_bytes, pipeline_bubble
 from clusterlm.bench.timer import time_steps
-from clusterlm.config import Config, apply_overrides, resolve_model_args
+from clusterlm.config import Config, apply_overrides
 from clusterlm.distributed.runtime import describe_layout
 from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.parallel.precision import DTYPES, resolve_precision
 from clusterlm.plan.layout import layout_from_config
 from clusterlm.plan.memory import layer_activation_bytes

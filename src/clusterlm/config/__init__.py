@@ -10,7 +10,7 @@ layout's degrees in ``degrees.py`` and the values derived from config and data i
 """
 
 from clusterlm.config.checks import validate
-from clusterlm.config.derive import grad_accum_steps, resolve_model_args, settle_model
+from clusterlm.config.derive import grad_accum_steps, settle_model
 from clusterlm.config.loading import (
     all_keys,
     apply_overrides,
@@ -35,5 +35,5 @@ from clusterlm.config.sections import (
 __all__ = [
     "CheckpointConfig", "CommConfig", "Config", "DataConfig", "FinetuneConfig", "MetricsConfig", "ModelConfig",
     "OptimConfig", "ParallelConfig", "TrainingConfig", "all_keys", "apply_overrides", "build_config",
-    "config_from_dict", "grad_accum_steps", "load_toml", "resolve_model_args", "setting", "settle_model", "validate",
+    "config_from_dict", "grad_accum_steps", "load_toml", "setting", "settle_model", "validate",
 ]

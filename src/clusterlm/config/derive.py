@@ -1,4 +1,4 @@
-"""Values derived from the config and the data: model arguments and gradient accumulation."""
+"""Values derived from the config and the data: the model's sizes and gradient accumulation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 
 from clusterlm.config.sections import Config
 from clusterlm.errors import UserError
-from clusterlm.models.gpt import ModelArgs
 
 
 def settle_model(cfg: Config, vocab_size: int) -> Config:
@@ -25,16 +24,6 @@ def settle_model(cfg: Config, vocab_size: int) -> Config:
     settled = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size, n_kv_head=m.n_kv_head or m.n_head,
                                   ffn_hidden=ffn_hidden)
     return dataclasses.replace(cfg, model=settled)
-
-
-def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
-    """The model's arguments, the config's 'derive it' zeros filled (``settle_model``)."""
-    m = settle_model(cfg, vocab_size).model
-    return ModelArgs(
-        flavour=m.flavour, vocab_size=m.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-        n_head=m.n_head, n_kv_head=m.n_kv_head, n_embd=m.n_embd, ffn_hidden=m.ffn_hidden,
-        dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-    )
 
 
 def grad_accum_steps(cfg: Config, dp_size: int) -> int:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from clusterlm.data.masking import IGNORE_INDEX
+from clusterlm.data.special_tokens import PAD
 from clusterlm.errors import UserError
-from clusterlm.models.classifier import PAD
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from clusterlm.data.special_tokens import SPECIAL_TOKENS
 from clusterlm.data.storage import url_to_fs
 from clusterlm.errors import UserError
-from clusterlm.models.bert import SPECIAL_TOKENS
 
 EOT = "<|endoftext|>"
 _BYTE_ALPHABET = 256

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from clusterlm.data.special_tokens import SPECIAL_TOKENS, special_token_id
 from clusterlm.errors import UserError
 from clusterlm.models import ModelArgs
-from clusterlm.models.bert import SPECIAL_TOKENS, TOKEN_TYPES, special_token_id, vocab_rows
+from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
 

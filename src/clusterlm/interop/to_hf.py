@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from clusterlm.data.special_tokens import SPECIAL_TOKENS, special_token_id
 from clusterlm.data.tokenizer import EOT, Tokenizer
 from clusterlm.errors import UserError
 from clusterlm.files import temporary_sibling
@@ -25,7 +26,6 @@ from clusterlm.interop.hf_config import hf_config
 from clusterlm.interop.hf_mapping import assemble, hf_shapes, hf_tensors
 from clusterlm.interop.writer import write_sharded
 from clusterlm.models import ModelArgs
-from clusterlm.models.bert import SPECIAL_TOKENS, special_token_id
 
 DEFAULT_MAX_SHARD = 5 * 10**9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

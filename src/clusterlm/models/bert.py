@@ -23,21 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clusterlm.data.special_tokens import SPECIAL_TOKENS, special_token_id
 from clusterlm.models.gpt import MLP, Attention, ModelArgs
 from clusterlm.models.init import InitRule, fill_parameters, seeded_source
 
-SPECIAL_TOKENS = ("[MASK]", "[CLS]", "[SEP]", "[PAD]")
 TOKEN_TYPES = 2  # segment A and segment B of a sentence pair
 
 
 def vocab_rows(args: ModelArgs) -> int:
     """Rows of the encoder's token table: the tokenizer's vocabulary, then the special tokens."""
     return args.vocab_size + len(SPECIAL_TOKENS)
-
-
-def special_token_id(vocab_size: int, token: str) -> int:
-    """Id of special ``token`` after a tokenizer vocabulary of ``vocab_size`` tokens."""
-    return vocab_size + SPECIAL_TOKENS.index(token)
 
 
 class EncoderBlock(nn.Module):

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clusterlm.data.special_tokens import PAD
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.models.init import InitRule
 
-PAD = -1
 BACKBONE = "backbone."  # prefix of the pretrained model's parameter names inside the classifier
 HEAD_MODULES = ("pooler", "classifier")
 

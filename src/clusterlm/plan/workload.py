@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterlm.config import build_config, resolve_model_args
+from clusterlm.config import build_config
 from clusterlm.errors import UserError
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.gpt import ModelArgs
 
 PRESET_DIR = Path(__file__).resolve().parents[3] / "configs"

@@ -7,9 +7,10 @@ import os
 import torch
 
 from clusterlm.checkpoint.dcp_io import CheckpointReader, Verified
-from clusterlm.config import config_from_dict, resolve_model_args
+from clusterlm.config import config_from_dict
 from clusterlm.errors import UserError
 from clusterlm.interop import export_hf
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.train.inference import refuse_classifier
 
 

@@ -17,14 +17,15 @@ from torch import nn
 
 from clusterlm import checkpoint
 from clusterlm.checkpoint.directory import checkpoint_of
-from clusterlm.config import Config, resolve_model_args
+from clusterlm.config import Config
 from clusterlm.data.classification import ExampleStream
+from clusterlm.data.special_tokens import special_token_id
 from clusterlm.data.task import Task, load_task
 from clusterlm.errors import UserError
 from clusterlm.models import create_model
-from clusterlm.models.bert import special_token_id
 from clusterlm.models.classifier import BACKBONE, SequenceClassifier
 from clusterlm.models.counting import classifier_flops_per_token
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.train.evaluate import eval_windows
 from clusterlm.train.optim import OptimizerRecipe, optimizer_recipe

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from clusterlm.config import Config
 from clusterlm.data.masking import MaskingRule
-from clusterlm.models.bert import special_token_id
+from clusterlm.data.special_tokens import special_token_id
 
 
 def masking_rule(cfg: Config) -> MaskingRule | None:

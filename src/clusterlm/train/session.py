@@ -22,7 +22,7 @@ from torch import nn
 
 from clusterlm import checkpoint
 from clusterlm.checkpoint.async_writer import CheckpointWriter
-from clusterlm.config import Config, grad_accum_steps, resolve_model_args, settle_model
+from clusterlm.config import Config, grad_accum_steps, settle_model
 from clusterlm.config.slow_ranks import rank_factor
 from clusterlm.data.loader import SampleStream, TokenLoader, TokenStream
 from clusterlm.data.manifest import load_manifest, verify_shards
@@ -32,6 +32,7 @@ from clusterlm.distributed.runtime import Runtime, setup_runtime
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
 from clusterlm.models import create_model, training_flops_per_token
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.observe.sample_log import SampleLog, open_sample_log
 from clusterlm.parallel import ParallelModel, parallelize

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from clusterlm.config import Config, resolve_model_args
+from clusterlm.config import Config
 from clusterlm.distributed.runtime import describe_layout
 from clusterlm.errors import UserError
 from clusterlm.models import param_count
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.observe import watchdog
 from clusterlm.observe.monitor import Monitor
