@@ -7,8 +7,8 @@ framework's alone; jobs alternate per round (DeepSpeed ZeRO-1, clusterlm zero1, 
 ``gradient_accumulation_steps``). In a job every rank builds the model with the config's seed, runs
 ``warmup`` untimed steps and ``steps`` timed ones (the slowest rank's time per step), and reports
 tokens/s and its resident-memory growth: the peak resident set size minus the size before the model
-was built. Jobs seconds apart can still meet a shared machine in different moods (a job's step time
-moves by 20% between rounds on 2 cores), so the speed ratio comes from one more job per stage that
+was built. Jobs seconds apart can still meet a shared machine in different moods (step times move
+between rounds: benchmarks/deepspeed-cpu-xeon-amx-2026-12-01.md), so the speed ratio comes from one more job per stage that
 builds both frameworks in the same processes and times them in alternating blocks of steps.
 
 DeepSpeed runs in fp32 with torch's AdamW (``DS_BUILD_OPS=0`` installs it on a CPU machine without

@@ -3,9 +3,9 @@ shapes and precision: the linear layers (QKV, output projection, MLP, head) and 
 each forward and backward.
 
 ``plan --validate`` describes its local devices by them, because a CPU's large-matrix peak says
-little about a small model's step, and the two kinds part ways by precision: on a Zen 4 core bf16
-runs the nano model's linear layers at 165 GFLOP/s against fp32's 79, while its flash-attention
-backward at sequence 64 reaches 11 against fp32's 46. Rates count the planner's FLOPs
+little about a small model's step, and the two kinds part ways by precision: bf16 may speed the
+linear layers up and slow short-sequence attention down
+(benchmarks/kernel-rates-cpu-epyc-zen4-2026-12-01.md). Rates count the planner's FLOPs
 (``clusterlm.plan.efficiency``: the attention core over the full s x s), so they divide its FLOP
 counts back into seconds; ``relative_kernel_rates`` anchors them to the matmul probe.
 """

@@ -1,9 +1,9 @@
 """The ring reduce-scatter (``clusterlm.comm.ring``) as FSDP2's gradient reduce-scatter.
 
-gloo's own ``reduce_scatter`` is slower than its all-reduce, which moves twice the data: measured
-on 4 local CPU processes with 3.2 MB, 12.0 ms against 10.2 ms, while the ring's first half takes
-4.4 ms (2.2 ms against 5.5 ms on 2). FSDP reduce-scatters every unit's gradients each step, so on
-gloo the sharded strategies use the ring (``comm.reduce_scatter``).
+gloo's own ``reduce_scatter`` is slower than its all-reduce, which moves twice the data, and
+slower than the ring's first half (benchmarks/collectives-cpu-epyc-zen4-2026-12-01.md). FSDP
+reduce-scatters every unit's gradients each step, so on gloo the sharded strategies use the ring
+(``comm.reduce_scatter``).
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def _read_cache() -> dict:
 
 
 # Above this many bytes of one layer's s x s scores the math kernel is not tried: it keeps them for
-# backward in every layer, and flash wins there anyway (4.5x at 4 x 12 heads x 1024 x 64 in bf16).
+# backward in every layer, and flash wins there anyway
+# (benchmarks/attention-kernels-cpu-xeon-amx-2026-12-01.md).
 MATH_ATTENTION_MAX_BYTES = 64 * 2**20
 
 
@@ -72,8 +73,8 @@ def cpu_attention_kernel(shape: tuple[int, int, int, int], dtype: torch.dtype) -
     """``flash`` or ``math``: the faster of torch's two CPU kernels, forward and backward, for causal
     attention of ``shape`` (batch, heads, sequence, head size) in ``dtype`` at this thread count.
     Probed once and cached on disk, so every run here at this shape makes the same choice. In bf16
-    on an Intel Xeon with AMX, flash took 5.5 ms against 1.9 ms for math at 12 x 4 x 64 x 32, and
-    34.2 against 42.0 ms at 8 x 12 x 256 x 64."""
+    math wins at short sequences and flash at long ones
+    (benchmarks/attention-kernels-cpu-xeon-amx-2026-12-01.md)."""
     batch, heads, seq, _ = shape
     if batch * heads * seq * seq * dtype.itemsize > MATH_ATTENTION_MAX_BYTES:
         return "flash"

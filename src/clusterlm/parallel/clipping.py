@@ -2,13 +2,13 @@
 shards, and the sequence-parallel partial sums reduced together (``reduce_partial_grads``).
 
 ``torch.nn.utils.clip_grad_norm_`` gives the same result on DTensor gradients (FSDP, tensor
-parallel), but sends every per-tensor norm and scaling through DTensor's dispatch: on 4 CPU
-processes that was 11 ms of a 184 ms zero2 step for the nano model's 52 tensors. Here the norms
+parallel), but sends every per-tensor norm and scaling through DTensor's dispatch, a cost per
+tensor (benchmarks/collectives-cpu-epyc-zen4-2026-12-01.md). Here the norms
 and the scaling run on the local tensors with torch's fused (foreach) kernels, and one scalar
 all-reduce per sharded mesh dimension makes the sum of squares global. The clip coefficient stays
 a tensor, so no step waits for the host. All of it runs without autograd, as torch's clipping
 does: ``DTensor.to_local`` is then an attribute read, where with autograd on it is a function call
-of about 10 us (the 68 tensors of zero2 on the nano model: 3.1 against 1.7 ms a step).
+(benchmarks/sharded-optimizer-cpu-xeon-amx-2026-12-01.md).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 FSDP and tensor parallelism leave parameters, gradients and AdamW's moments as DTensors, and
 torch's AdamW sends its one fused (or foreach) call per parameter group through DTensor's
-dispatch, which unwraps every tensor of every list: zero2 on 2 CPU processes, the nano model's 68
-tensors, took 3.4 ms a step that way against 1.1 ms on the local tensors. AdamW is elementwise, so
+dispatch, which unwraps every tensor of every list, a cost that grows with the tensor count
+(benchmarks/sharded-optimizer-cpu-xeon-amx-2026-12-01.md). AdamW is elementwise, so
 on each rank's shard or replica it computes what the dispatch would whenever every gradient is laid
 out like its parameter, as FSDP's and tensor parallelism's are once ``reduce_partial_grads`` has
 run; otherwise (a partial sum, say) the step is torch's own. The state is torch's, DTensors

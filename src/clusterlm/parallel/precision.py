@@ -52,8 +52,8 @@ def settle_precision(name: str, device: torch.device, announce: bool = True) -> 
 def settle_attention(name: str, precision: str, device: torch.device, shape: tuple[int, int, int, int]) -> str:
     """``training.attention = auto`` on a CPU computing in 16 bits: the faster of the flash and math
     kernels for causal attention of ``shape`` (``cpu_attention_kernel``), agreed on by every rank;
-    otherwise ``name``. In fp32 flash was the faster at every shape measured (1.4x at 12 x 4 x 64
-    x 32 on an Intel Xeon with AMX), and a GPU's ``auto`` is torch's choice."""
+    otherwise ``name``. In fp32 flash was the faster at every shape measured
+    (benchmarks/attention-kernels-cpu-xeon-amx-2026-12-01.md), and a GPU's ``auto`` is torch's choice."""
     if name != "auto" or device.type != "cpu" or precision == "fp32":
         return name
     return _agreed(lambda: cpu_attention_kernel(shape, DTYPES[precision]))

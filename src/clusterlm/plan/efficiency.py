@@ -12,7 +12,8 @@ output (tokens of the micro-batch, or the vocabulary on one tensor-parallel rank
 is the FLOP-weighted harmonic mean over the block's multiplies (QKV and output projections, the
 MLP's, the attention core) and the head. Why d and not each multiply's own output width on one
 tensor-parallel rank: Megatron-LM's pipeline-free runs (Narayanan et al. 2021, Table 1: 1.7B to
-18B, tp 1 to 8) fit within 2% by d, but no better than 9% by the per-rank width, which would
+18B, tp 1 to 8) fit closely by d, and worse by the per-rank width
+(benchmarks/planner-published-runs-2026-12-01.md), which would
 make a tp = 8 block slower than the same block on one GPU (their 18B at tp 8 runs as fast per GPU
 as their 1.7B at tp 1). Tokens per micro-batch do not enter a block's efficiency: every run
 behind the tables has at least 1024. ``compute_efficiency`` (the ceiling) and

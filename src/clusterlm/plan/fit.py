@@ -4,7 +4,8 @@ FSDP's collectives, per tensor-parallel module pass and per pipeline action, on 
 ``fit`` (one per term; the 4-process ddp, zero3 and tp2 x zero3 for the core sharing, since the
 share of per-collective costs spent waiting is only determined where 4 processes share 2 cores
 and make tensor-parallel calls as well as FSDP's; both pipeline schedules on 2 processes, whose
-step times scatter by 10% from run to run); the report then shows the error on all of them."""
+step times scatter from run to run: benchmarks/planner-validation-cpu-epyc-zen4-2026-12-01.md);
+the report then shows the error on all of them."""
 
 from __future__ import annotations
 

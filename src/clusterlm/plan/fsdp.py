@@ -77,7 +77,8 @@ def exposed_seconds(units: list[Unit], layout: Layout, cluster: Cluster, weight_
     computed after it; the rest hide behind up to ``overlap`` of the backward. torch's pipeline
     stage reduces once, after the step's last backward; its reductions are charged as if each
     micro-batch's backward reduced, hidden behind it, as ZeRO-2 implementations that keep gradients
-    sharded do (Llama 3 405B's published throughput matches that within 15%, once-a-step not)."""
+    sharded do (Llama 3 405B's published throughput matches that, once-a-step not:
+    benchmarks/planner-published-runs-2026-12-01.md)."""
     overlap, m = cluster.calibration.overlap, layout.micro_batches
     shard = collectives.mesh_group(layout, "dp_shard", cluster)
     *blocks, root = units

@@ -44,7 +44,8 @@ tensor is split over tp ranks; the norm inputs and outputs are replicated under 
 split under sequence parallelism, except the matmuls' inputs: torch's sequence parallelism gathers
 the norm's output along the sequence before the column-parallel matmuls and autograd keeps the
 gathered tensor, 2*e*s*b*h*(1 - 1/t) per layer more than Korthikanti's count, which assumes
-Megatron's re-gather in backward (measured: the nano model's tp2+sp step keeps 14.23 MiB).
+Megatron's re-gather in backward (measured:
+benchmarks/planner-validation-cpu-epyc-zen4-2026-12-01.md#activations-under-sequence-parallelism).
 
 Pipeline schedules hold several micro-batches' activations at once on the first stage (the
 worst): GPipe all m; 1F1B min(p, m) (Narayanan et al. 2021, section 2.2); interleaved 1F1B with v
