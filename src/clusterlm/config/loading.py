@@ -21,11 +21,9 @@ else:  # pragma: no cover
 
 def all_keys() -> dict[str, dataclasses.Field]:
     """Every dotted key ('training.steps') with its dataclass field."""
-    keys = {}
-    for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.default_factory()):
-            keys[f"{section.name}.{f.name}"] = f
-    return keys
+    defaults = Config()
+    return {f"{section.name}.{f.name}": f for section in dataclasses.fields(Config)
+            for f in dataclasses.fields(getattr(defaults, section.name))}
 
 
 def _unknown_key(key: str) -> UserError:

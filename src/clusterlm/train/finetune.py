@@ -59,7 +59,7 @@ def finetune_task(cfg: Config) -> TaskSpec:
         tokenizer=read_tokenizer(cfg.finetune.task, task.manifest.tokenizer.sha256),
         stream=streams["train"],
         model=model,
-        flops_per_token=lambda plain, settled: classifier_flops_per_token(plain.args, settled.seq_len, labels),
+        flops_per_token=lambda args, settled: classifier_flops_per_token(args, settled.seq_len, labels),
         recipe=finetune_recipe,
         evaluate=evaluate,
         final_splits=("test",),
@@ -90,7 +90,10 @@ def _pretrained_checkpoint(cfg: Config, task: Task) -> checkpoint.Verified | Non
     if not cfg.finetune.init_from:
         return None
     path = checkpoint_of(cfg.finetune.init_from)
-    found = checkpoint.resolve_resume_once(str(path), Path(path).parent)
+    found = checkpoint.resolve_resume_once(str(path), path.parent) if path is not None else None
+    if found is None:  # the config's loading checked it; the directory changed since
+        raise UserError(f"finetune.init_from {cfg.finetune.init_from!r} holds no complete checkpoint any more; "
+                        "point it at a training run's out_dir or one of its checkpoints/step_* directories")
     if found.state.get("tokenizer_sha256") != task.manifest.tokenizer.sha256:
         raise UserError(f"{cfg.finetune.task} was prepared with a different tokenizer than {found.path} was trained "
                         f"on; prepare the task with `--tokenizer {found.path / 'tokenizer.json'}`")

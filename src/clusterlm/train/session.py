@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import fsspec
@@ -31,7 +30,7 @@ from clusterlm.distributed import restarts
 from clusterlm.distributed.runtime import Runtime, setup_runtime
 from clusterlm.errors import UserError
 from clusterlm.hardware import peak_flops
-from clusterlm.models import create_model, training_flops_per_token
+from clusterlm.models import ModelArgs, create_model, training_flops_per_token
 from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.observe.sample_log import SampleLog, open_sample_log
@@ -62,7 +61,7 @@ class TaskSpec:
     tokenizer: TokenizerFile
     stream: SampleStream  # the training samples
     model: Callable[[Config], tuple[nn.Module, ParamSource]]  # the plain model on meta, from the settled config
-    flops_per_token: Callable[[nn.Module, Config], float]
+    flops_per_token: Callable[[ModelArgs, Config], float]  # of the settled model, at the run's length
     recipe: Callable[[nn.Module, Config], OptimizerRecipe]
     evaluate: Callable[[Session, str], Metrics]  # the scores of a split
     masked: bool = False  # a masked language model: inputs masked and the loss scores those tokens
@@ -129,8 +128,8 @@ def build_session(cfg: Config, task: TaskSpec | None = None) -> Session:
         loader = MaskedLoader(loader, rule)
     session = Session(
         cfg=cfg, runtime=runtime, model=model, loader=loader, grad_accum=grad_accum, task=task,
-        optimizers=model.build_optimizers(partial(task.recipe, cfg=cfg)),
-        flops_per_token=task.flops_per_token(plain, cfg),
+        optimizers=model.build_optimizers(lambda part: task.recipe(part, cfg)),
+        flops_per_token=task.flops_per_token(resolve_model_args(cfg, task.vocab_size), cfg),
         peak_flops=peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
     )
     return _start_session(session)
@@ -165,7 +164,7 @@ def language_model_task(cfg: Config) -> TaskSpec:
         tokenizer=read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256),
         stream=TokenStream(cfg.data.dir, "train"),
         model=model,
-        flops_per_token=lambda plain, settled: training_flops_per_token(plain.args, settled.seq_len),
+        flops_per_token=lambda args, settled: training_flops_per_token(args, settled.seq_len),
         recipe=lambda part, cfg: optimizer_recipe(part, cfg.optim),
         evaluate=lambda s, split: language_model_metrics(s.model, s.cfg, s.runtime, split),
         masked=cfg.training.objective == "mlm",
