@@ -21,7 +21,7 @@ from clusterlm.models import ModelArgs, create_model
 from clusterlm.models.init import fill_parameters
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.materialize import canonical_name
-from clusterlm.checkpoint.dcp_io import SafeFileSystemReader
+from clusterlm.checkpoint.tensor_storage import SafeFileSystemReader
 from clusterlm.train.export_checkpoint import export_checkpoint_hf
 from clusterlm.train.inference import find_checkpoint, load_for_inference
 from clusterlm.distributed.runtime import setup_runtime

@@ -1,6 +1,7 @@
 """Checkpoints: what a checkpoint directory holds (``directory``), saving and loading it through
-``torch.distributed.checkpoint`` with verification (``dcp_io``), saving while training goes on
-(``async_writer``), and choosing the checkpoint a run resumes from."""
+``torch.distributed.checkpoint`` with verification (``dcp_io``), the tensors stored as raw bytes
+with a JSON index checked before anything is read (``tensor_storage``, ``tensor_index``), saving
+while training goes on (``async_writer``), and choosing the checkpoint a run resumes from."""
 
 from clusterlm.checkpoint.async_writer import CheckpointWriter
 from clusterlm.checkpoint.dcp_io import (

@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from clusterlm.checkpoint import dcp_io
+from clusterlm.checkpoint.tensor_storage import TensorWriter
 
 # A single process saves with no process group on purpose; DCP says so from the writer thread,
 # where the caller's warning filters do not reach.
@@ -57,7 +58,7 @@ class CheckpointWriter:
             self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         tmp, final = dcp_io.begin_checkpoint(root, step)
         with dcp_io.single_process_quiet():
-            upload = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=self._group,
+            upload = dcp.async_save(tensors, storage_writer=TensorWriter(tmp), process_group=self._group,
                                     async_stager=self._stager, no_dist=not dist.is_initialized())
         main = not dist.is_initialized() or dist.get_rank() == 0
         self._pending = self._executor.submit(self._finish, upload, main, tmp, final, trainer_state, keep_last, files)

@@ -3,16 +3,28 @@
 Layout under ``<out_dir>/checkpoints``::
 
     step_00000040/            one complete checkpoint
-        *.distcp, .metadata   model and optimizer tensors, written by DCP (sharded across ranks)
+        __<rank>_0.distcp     model and optimizer tensors: each rank's chunks as raw bytes
+        tensors.json          the index of those tensors: dtype, shape, chunks, byte ranges
         trainer.json          step, tokens seen, data-loader position, config (plain JSON)
         tokenizer.json        so generation needs nothing but the checkpoint
         complete.json         sha256 of every file above; written last, so its presence means complete
     latest                    name of the newest complete checkpoint; updated after the rename
 
 A checkpoint is written into a hidden temporary directory and renamed when complete, so a crash
-leaves the previous checkpoints untouched. Loading verifies every checksum first. Only tensors go
-through DCP (its non-tensor values are unpickled on load) and DCP's metadata file is read with an
-unpickler that admits only DCP's own metadata classes: nothing in a checkpoint can run code.
+leaves the previous checkpoints untouched. Loading verifies every checksum first.
+
+What loading trusts: nothing in the checkpoint. Its files are data, and a checksum only detects
+damage (whoever can write a checkpoint can write its complete.json too). Nothing is unpickled:
+no ``pickle`` and no ``torch.load`` reads any of its files. The JSON files are parsed into plain
+values; ``tensors.json`` becomes DCP's metadata by constructing only DCP's tensor metadata
+classes from values checked against an allow-list (``tensor_index``): dtypes from a
+fixed table, bounded non-negative integers, chunks inside their tensor, byte ranges inside plain
+files of the checkpoint directory, exactly as long as their chunk. Only tensors are saved and
+loaded (every non-tensor state is in trainer.json); before any tensor is read, each tensor to
+load must be in the index with its shape and dtype, and a whole state must account for every
+saved tensor of its sections. DCP then copies the bytes into the tensors allocated for the
+model and optimizers (``tensor_storage``). A checkpoint whose index is DCP's pickled
+``.metadata`` (written before this format) is refused. The refusals are ``UserError``s.
 """
 
 from __future__ import annotations
@@ -20,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import shutil
 import sys
 import uuid
@@ -33,44 +44,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 
 from clusterlm.checkpoint.directory import COMPLETE, TRAINER_STATE, list_complete
+from clusterlm.checkpoint.tensor_storage import (
+    CheckedLoadPlanner,
+    SafeFileSystemReader,
+    TensorWriter,
+    read_index,
+)
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json, sha256_file
 
 LATEST = "latest"
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Reads DCP's pickled ``.metadata`` admitting only the plain types it is made of."""
-
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.",)
-    ALLOWED = {
-        ("torch", "Size"), ("torch", "float32"), ("torch", "bfloat16"), ("torch", "float16"),
-        ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "uint8"),
-        ("torch", "int8"), ("torch", "int16"), ("torch", "bool"), ("torch", "strided"),
-        ("torch", "contiguous_format"), ("torch", "preserve_format"), ("collections", "OrderedDict"),
-        ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "getattr"),
-        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED or (
-            module.startswith(self.ALLOWED_MODULES) and name.lstrip("_")[:1].isupper()
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
-
-
-class SafeFileSystemReader(dcp.FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        rank = kwargs.get("rank")
-        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as stream:
-            metadata = _MetadataUnpickler(stream).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp.metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 def _is_main() -> bool:
@@ -108,7 +95,7 @@ def save_checkpoint(
     (e.g. the tokenizer) that make the checkpoint self-contained."""
     tmp, final = begin_checkpoint(root, step)
     with single_process_quiet():
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
+        dcp.save(tensors, storage_writer=TensorWriter(tmp),
                  no_dist=not dist.is_initialized())
     if _is_main():
         finish_checkpoint(tmp, final, trainer_state, keep_last, files)
@@ -150,20 +137,33 @@ def finish_checkpoint(
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """Check every file against complete.json; returns the trainer state. Raises UserError."""
+    """Check every file against complete.json; returns the trainer state. Raises UserError. The
+    names in complete.json must be plain file names of the checkpoint, trainer.json among them."""
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise UserError(f"{path} is not a complete checkpoint (no {COMPLETE}); pick another or start fresh")
+    unreadable = UserError(f"checkpoint {path} has an unreadable {COMPLETE} or {TRAINER_STATE}")
     try:
         sums = json.loads((path / COMPLETE).read_text())["sha256"]
-        for name, expected in sums.items():
-            if not (path / name).is_file():
-                raise UserError(f"checkpoint {path} is missing {name}; it is damaged, pick another")
-            if sha256_file(path / name) != expected:
-                raise UserError(f"checkpoint {path} is corrupt ({name} fails its sha256); pick another")
-        return json.loads((path / TRAINER_STATE).read_text())
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"checkpoint {path} has an unreadable {COMPLETE} or {TRAINER_STATE}") from None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise unreadable from None
+    if not isinstance(sums, dict) or TRAINER_STATE not in sums:
+        raise unreadable
+    for name, expected in sums.items():
+        if name in ("", ".", "..") or "\0" in name or Path(name).name != name or not isinstance(expected, str):
+            raise UserError(f"checkpoint {path} lists {ascii(name)[:60]} in {COMPLETE}, which is not a file name; "
+                            "it is damaged or not a clusterlm checkpoint")
+        if not (path / name).is_file():
+            raise UserError(f"checkpoint {path} is missing {name}; it is damaged, pick another")
+        if sha256_file(path / name) != expected:
+            raise UserError(f"checkpoint {path} is corrupt ({name} fails its sha256); pick another")
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (ValueError, RecursionError):
+        raise unreadable from None
+    if not isinstance(state, dict):
+        raise unreadable
+    return state
 
 
 @dataclass(frozen=True)
@@ -219,33 +219,55 @@ def resolve_resume_once(resume: str, root: Path, own_run: str | None = None) -> 
 
 
 class CheckpointReader:
-    """Reads a verified checkpoint's tensors into a state of this rank's layout (DCP reshards)."""
+    """Reads a verified checkpoint's tensors into a state of this rank's layout (DCP reshards),
+    after checking its tensor index against that state (``CheckedLoadPlanner``)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._metadata: Metadata | None = None
+
+    @property
+    def metadata(self) -> Metadata:
+        """The checked tensor index, parsed once."""
+        if self._metadata is None:
+            self._metadata = read_index(self.path)
+        return self._metadata
 
     @property
     def keys(self) -> set[str]:
         """The saved tensors' flattened names ("model.<name>", "optim.<name>.<entry>")."""
-        return set(SafeFileSystemReader(self.path).read_metadata().state_dict_metadata)
+        return set(self.metadata.state_dict_metadata)
 
     def read(self, state: dict[str, Any]) -> None:
-        with single_process_quiet():
-            dcp.load(state, storage_reader=SafeFileSystemReader(self.path), no_dist=not dist.is_initialized())
+        """Fill ``state``, which with the other ranks' states is a whole training state: each
+        tensor must be saved with its shape and dtype, and nothing else saved in its sections."""
+        self._load(state, whole=True, no_dist=not dist.is_initialized())
 
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
         """The saved model tensors (without the "model." prefix) and their full shapes."""
-        metadata = SafeFileSystemReader(self.path).read_metadata().state_dict_metadata
-        return {key[len("model."):]: tuple(meta.size) for key, meta in metadata.items() if key.startswith("model.")}
+        saved = self.metadata.state_dict_metadata
+        return {key[len("model."):]: tuple(meta.size) for key, meta in saved.items() if key.startswith("model.")}
 
     def model_tensor(self, name: str) -> torch.Tensor:
         """One whole model tensor, assembled from whatever shards the layout saved, in this
         process alone: reading a checkpoint one tensor at a time holds only that tensor."""
-        meta = SafeFileSystemReader(self.path).read_metadata().state_dict_metadata[f"model.{name}"]
+        meta = self.metadata.state_dict_metadata.get(f"model.{name}")
+        if meta is None:
+            raise UserError(f"checkpoint {self.path} has no tensor {name}; it is not a complete model")
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        with single_process_quiet():
-            dcp.load({"model": {name: tensor}}, storage_reader=SafeFileSystemReader(self.path), no_dist=True)
+        self._load({"model": {name: tensor}}, whole=False, no_dist=True)
         return tensor
+
+    def _load(self, state: dict[str, Any], whole: bool, no_dist: bool) -> None:
+        reader = SafeFileSystemReader(self.path, self.metadata)
+        try:
+            with single_process_quiet():
+                dcp.load(state, storage_reader=reader, planner=CheckedLoadPlanner(self.path, whole), no_dist=no_dist)
+        except CheckpointException as err:  # raised on every rank when one rank refused the checkpoint
+            refused = [exc for exc, _ in err.failures.values() if isinstance(exc, UserError)]
+            if refused:
+                raise UserError(str(refused[0])) from None
+            raise
 
 
 def check_compatible(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
