@@ -42,7 +42,7 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], object]) -> Path
     return path
 
 
-def atomic_write_json(path: str | Path, payload: Any, indent: int = 1) -> Path:
+def atomic_write_json(path: str | Path, payload: Any, indent: int | None = 1) -> Path:
     return atomic_write(path, json.dumps(payload, indent=indent, sort_keys=True) + "\n")
 
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,13 +148,14 @@ def fit_two_regimes(points: list[tuple[int, float]]) -> tuple[int, tuple[float, 
     best = None
     for split in range(3, len(points) - 2):
         small, large = fit_alpha_beta(points[:split]), fit_alpha_beta(points[split:])
+        assert small is not None and large is not None  # each has three sizes or more
         error = max(small[2], large[2])
         if best is None or error < best[3]:
             best = (points[split - 1][0], small[:2], large[:2], error)
     return best
 
 
-def _options_for(algorithm: str, options: Mapping[str, int]) -> dict[str, int]:
+def _options_for(algorithm: str, options: Mapping[str, int]) -> dict[str, Any]:
     accepted = inspect.signature(ALGORITHMS[algorithm]).parameters
     return {key: value for key, value in options.items() if key in accepted}
 
@@ -326,6 +328,8 @@ def measure_link(nproc: int, iters: int = 10) -> Link:
     if nproc < 2:
         raise ValueError(f"measure_link needs at least 2 processes, got {nproc}")
     measured = measure(nproc, ["native"], LINK_SWEEP_BYTES, iters, warmup=1, timeout=120)
-    alpha, beta, _ = fit_alpha_beta(_points(measured, "native"))
+    fitted = fit_alpha_beta(_points(measured, "native"))
+    assert fitted is not None  # LINK_SWEEP_BYTES holds several sizes
+    alpha, beta, _ = fitted
     steps = 2 * (nproc - 1)
     return Link(bandwidth=steps / nproc / max(beta, 1e-15), latency=max(alpha, 0.0) / steps)

@@ -79,7 +79,7 @@ def _timed(step, steps: int) -> float:
     return statistics.median(seconds.tolist())
 
 
-def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], None], int]:
+def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], object], int]:
     """(one DeepSpeed ZeRO-``stage`` training step, tokens per step)."""
     import deepspeed  # the optional extra: imported only where DeepSpeed runs
 
@@ -110,7 +110,7 @@ def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[
     return step, t.tokens_per_step
 
 
-def _clusterlm_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], None], int]:
+def _clusterlm_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], object], int]:
     """(one clusterlm zero``stage`` training step as the trainer runs it, tokens per step)."""
     cfg = apply_overrides(cfg, {"parallel.data_parallel": f"zero{stage}", "parallel.dp_replicate": 0,
                                 "parallel.dp_shard": 0})

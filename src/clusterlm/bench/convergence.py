@@ -108,6 +108,7 @@ def run_variant(config: str | None, values: dict[str, str], processes: int, name
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "job.log", "w") as log:
+        code: int | str
         try:
             code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -133,12 +134,12 @@ def compare_to_synchronous(results: list[dict[str, Any]]) -> dict[str, Any]:
     if sync is None:
         return {}
     target = sync["final_val_loss"] + TARGET_NATS
-    ratios = {}
+    ratios: dict[str, float | None] = {}
     for r in results:
         reached = [p["seconds"] for p in r["curve"] if p["val_loss"] <= target]
         ratios[r["name"]] = reached[0] / sync["wall_s"] if reached else None
     candidates = {n: q for n, q in ratios.items() if n != "ddp" and q is not None}
-    best = min(candidates, key=candidates.get) if candidates else None
+    best = min(candidates, key=candidates.__getitem__) if candidates else None
     return {"target_val_loss": target, "time_to_target_vs_ddp": ratios, "best": best,
             "met_0.7x": best is not None and candidates[best] <= 0.7}
 

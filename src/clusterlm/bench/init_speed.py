@@ -11,6 +11,7 @@ from __future__ import annotations
 import resource
 import time
 from functools import partial
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -62,8 +63,9 @@ def bench_init(cfg: Config) -> list[str]:
     mine = measure_init(cfg)
     ranks = [mine]
     if dist.is_initialized():
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
+        gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        ranks = cast(list[dict[str, float]], gathered)  # every rank's figures, filled in
     if mine["rank"] != 0:
         return []
     gib = 2**30

@@ -34,11 +34,11 @@ def kernel_rates(work: Workload, micro_batch: int) -> dict[str, float]:
     block = [(args.n_embd, q + 2 * kv), (q, args.n_embd), (args.n_embd, mlp_in), (args.ffn_hidden, args.n_embd)]
     head = [(args.n_embd, args.vocab_size)]
     # Attention sees the QKV projection's output, already in the compute dtype.
-    qkv = [torch.randn(micro_batch, args.n_head, s, args.head_dim, dtype=compute, requires_grad=True)
-           for _ in range(3)]
+    query, key, value = (torch.randn(micro_batch, args.n_head, s, args.head_dim, dtype=compute, requires_grad=True)
+                         for _ in range(3))
 
     def attention() -> None:
-        out = F.scaled_dot_product_attention(*qkv, is_causal=True)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
         out.backward(torch.ones_like(out))
 
     threads = torch.get_num_threads()

@@ -20,11 +20,13 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from clusterlm.models import model_layers
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.parallel.parallelize import Pipeline
 from clusterlm.train.session import Session
@@ -106,8 +108,11 @@ class _Saved:
         self.tensor = tensor
 
 
-def saved_activation_bytes(model: torch.nn.Module | list[torch.nn.Module], run: Callable[[], object],
-                           within: torch.nn.Module | None = None) -> tuple[int, object]:
+_Returned = TypeVar("_Returned")
+
+
+def saved_activation_bytes(model: torch.nn.Module | list[torch.nn.Module], run: Callable[[], _Returned],
+                           within: torch.nn.Module | None = None) -> tuple[int, _Returned]:
     """The peak bytes autograd keeps for backward while ``run()`` runs ``model`` (forward, or whole
     training steps), once per storage, parameters and buffers excluded; returns it with what
     ``run`` returned. A storage counts from its first save until autograd releases its last saved
@@ -124,7 +129,7 @@ def saved_activation_bytes(model: torch.nn.Module | list[torch.nn.Module], run: 
 
     with _parameter_storages(model if isinstance(model, list) else [model]) as params, \
             _inside_forward(within) as inside:
-        def pack(tensor: torch.Tensor) -> object:
+        def pack(tensor: torch.Tensor) -> torch.Tensor | _Saved:
             nonlocal total, peak
             key = _storage_key(tensor)
             if key in params or not inside[0]:
@@ -141,7 +146,7 @@ def saved_activation_bytes(model: torch.nn.Module | list[torch.nn.Module], run: 
             weakref.finalize(saved, release, key)
             return saved
 
-        def unpack(saved: object) -> torch.Tensor:
+        def unpack(saved: torch.Tensor | _Saved) -> torch.Tensor:
             return saved.tensor if isinstance(saved, _Saved) else saved
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -164,7 +169,7 @@ def block_activation_bytes(session: Session) -> int:
     whose stages take activations from their neighbours."""
     cfg, model = session.cfg, session.model
     part = getattr(model.parts[0], "module", model.parts[0])
-    first_block = next(iter(part.layers.values()))
+    first_block = next(iter(model_layers(part).values()))
     torch.manual_seed(0)  # the same tokens on every tensor-parallel rank
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.training.micro_batch_size, cfg.seq_len),
                            device=session.runtime.device)
@@ -251,7 +256,9 @@ class BubbleSample:
 def pipeline_bubble(session: Session, steps: int) -> list[BubbleSample]:
     """Time ``steps`` pipelined training steps inside the schedule; collective, every rank runs it."""
     samples = []
-    with _pipeline_timer(session.model.pipeline) as spent:
+    pipeline = session.model.pipeline
+    assert pipeline is not None  # a pipelined run
+    with _pipeline_timer(pipeline) as spent:
         for _ in range(steps):
             spent.update(schedule=0.0, busy=0.0)
             train_step(session).item()

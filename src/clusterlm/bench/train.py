@@ -126,7 +126,9 @@ def _bubble_line(session: Session, samples: list[BubbleSample]) -> str:
     al. 2023, ZB-H1; ZB-V aims lower). Point-to-point transfers and the schedule's own work count
     as bubble: the formula assumes them free."""
     schedule, p = session.cfg.parallel.pp_schedule, session.cfg.parallel.pp
-    m, v = session.model.pipeline.n_microbatches, len(session.model.pipeline.stages)
+    pipeline = session.model.pipeline
+    assert pipeline is not None  # a pipelined run
+    m, v = pipeline.n_microbatches, len(pipeline.stages)
     if "zero_bubble" in schedule:
         # Qi et al. 2023: splitting the weight gradient off cuts 1F1B's bubble to at most a third.
         name, formula = "(p-1)/(3*v*m), the ZB-H1 bound", (p - 1) / (3 * v * m)

@@ -60,6 +60,7 @@ class CheckpointWriter:
         with dcp_io.single_process_quiet():
             upload = dcp.async_save(tensors, storage_writer=TensorWriter(tmp), process_group=self._group,
                                     async_stager=self._stager, no_dist=not dist.is_initialized())
+        assert isinstance(upload, Future)  # staging is synchronous: no AsyncSaveResponse
         main = not dist.is_initialized() or dist.get_rank() == 0
         self._pending = self._executor.submit(self._finish, upload, main, tmp, final, trainer_state, keep_last, files)
         return final

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from clusterlm.checkpoint.directory import COMPLETE, TRAINER_STATE, list_complete
+from clusterlm.checkpoint.tensor_index import tensor_entries
 from clusterlm.checkpoint.tensor_storage import (
     CheckedLoadPlanner,
     SafeFileSystemReader,
@@ -187,7 +188,7 @@ def resolve_resume(resume: str, root: Path, own_run: str | None = None) -> Verif
     if resume == "none":
         return None
     if resume != "auto":
-        return Verified(Path(resume), verify(resume))
+        return Verified(Path(resume), verify(Path(resume)))
     for candidate in reversed(list_complete(root)):
         try:
             return Verified(candidate, verify(candidate))
@@ -245,13 +246,13 @@ class CheckpointReader:
 
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
         """The saved model tensors (without the "model." prefix) and their full shapes."""
-        saved = self.metadata.state_dict_metadata
+        saved = tensor_entries(self.metadata)
         return {key[len("model."):]: tuple(meta.size) for key, meta in saved.items() if key.startswith("model.")}
 
     def model_tensor(self, name: str) -> torch.Tensor:
         """One whole model tensor, assembled from whatever shards the layout saved, in this
         process alone: reading a checkpoint one tensor at a time holds only that tensor."""
-        meta = self.metadata.state_dict_metadata.get(f"model.{name}")
+        meta = tensor_entries(self.metadata).get(f"model.{name}")
         if meta is None:
             raise UserError(f"checkpoint {self.path} has no tensor {name}; it is not a complete model")
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)

@@ -22,7 +22,7 @@ import re
 import sys
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
@@ -181,3 +181,10 @@ def _show(value: Any) -> str:
     """A value from the file as one short line: ``ascii`` escapes newlines and control characters."""
     text = ascii(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def tensor_entries(metadata: Metadata | None) -> dict[str, TensorStorageMetadata]:
+    """The entries of an index ``decode`` read: tensors alone, which it admits and nothing else."""
+    if metadata is None or not all(isinstance(m, TensorStorageMetadata) for m in metadata.state_dict_metadata.values()):
+        raise TypeError("a checkpoint index holds tensors alone, read through read_index")
+    return cast(dict[str, TensorStorageMetadata], metadata.state_dict_metadata)

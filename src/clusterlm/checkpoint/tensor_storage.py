@@ -35,7 +35,13 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from clusterlm.checkpoint.tensor_index import TENSOR_INDEX, TensorIndexError, decode, encode
+from clusterlm.checkpoint.tensor_index import (
+    TENSOR_INDEX,
+    TensorIndexError,
+    decode,
+    encode,
+    tensor_entries,
+)
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json
 
@@ -52,9 +58,11 @@ class TensorWriter(dcp.FileSystemWriter):
             for item in plan.items:
                 if item.type == WriteItemType.BYTE_IO:
                     raise TypeError(f"checkpoint entry {item.index.fqn} is not a tensor; save it in trainer.json")
-                tensor = planner.resolve_data(item).detach().cpu().contiguous()
+                data = planner.resolve_data(item)
+                assert isinstance(data, torch.Tensor)  # a BYTE_IO item is refused above
+                tensor = data.detach().cpu().contiguous()
                 offset = stream.tell()
-                stream.write(tensor.reshape(-1).view(torch.uint8).numpy())
+                stream.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
                 length = stream.tell() - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))
@@ -104,7 +112,7 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         return self.metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        saved = self.read_metadata().state_dict_metadata
+        saved = tensor_entries(self.read_metadata())
         per_file: dict[str, list[Any]] = {}
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
@@ -147,7 +155,7 @@ class CheckedLoadPlanner(DefaultLoadPlanner):
         self.path, self.whole = path, whole
 
     def create_local_plan(self) -> LoadPlan:
-        saved = self.metadata.state_dict_metadata
+        saved = tensor_entries(self.metadata)
         for key, value in self.state_dict.items():
             meta = saved.get(key)
             if meta is None:
@@ -165,7 +173,7 @@ class CheckedLoadPlanner(DefaultLoadPlanner):
         if self.whole:
             wanted = {key for plan in global_plan for key in plan.planner_data or ()}
             sections = {key.split(".", 1)[0] for key in wanted}
-            extra = sorted(key for key in self.metadata.state_dict_metadata
+            extra = sorted(key for key in tensor_entries(self.metadata)
                            if key.split(".", 1)[0] in sections and key not in wanted)
             if extra:
                 more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""

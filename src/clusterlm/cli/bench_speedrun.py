@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     if args.rounds < 1 or args.target <= 0:
         raise UserError(f"--rounds must be >= 1 and --target > 0, got {args.rounds} and {args.target}")
     overrides = {"data.dir": args.data_dir} if args.data_dir else {}
-    configs = [build_config(path, overrides) for path in (args.config, args.against)]
-    for line in report(speedrun(*configs, args.target, args.rounds), args.target):
+    cfg, baseline = (build_config(path, overrides) for path in (args.config, args.against))
+    for line in report(speedrun(cfg, baseline, args.target, args.rounds), args.target):
         print(line)
     return 0

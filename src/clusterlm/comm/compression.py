@@ -10,7 +10,7 @@ per-buffer memory. Each compressor counts the bytes it hands to the network per 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -41,7 +41,8 @@ class Compressor:
     def __init__(self, algorithm: str = "native", group: dist.ProcessGroup | None = None, **algorithm_options: Any):
         self.group = group
         self.world_size = dist.get_world_size(group)
-        self.sum = partial(all_reduce, op="sum", algorithm=algorithm, group=group, **algorithm_options)
+        self.sum: Callable[[torch.Tensor], torch.Tensor] = partial(
+            all_reduce, op="sum", algorithm=algorithm, group=group, **algorithm_options)
         self.stats = CompressionStats()
 
     def reduce(self, buffer: torch.Tensor, shapes: Sequence[torch.Size] = (), key: int = 0) -> None:
@@ -194,7 +195,7 @@ def _unflatten(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torc
     return [part.view(shape) for part, shape in zip(flat.split([math.prod(s) for s in shapes]), shapes, strict=True)]
 
 
-COMPRESSIONS = {
+COMPRESSIONS: dict[str, Callable[..., Compressor]] = {
     "none": Compressor,
     "fp16": partial(CastCompressor, torch.float16),
     "bf16": partial(CastCompressor, torch.bfloat16),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,8 @@ class Peers:
 
     @classmethod
     def of_group(cls, group: dist.ProcessGroup | None) -> Peers:
-        group = group or dist.group.WORLD
+        # WORLD is None only before init_process_group, where get_rank below raises.
+        group = cast(dist.ProcessGroup, group or dist.group.WORLD)
         index = dist.get_rank(group)
         if index < 0:
             raise ValueError("this process is not a member of the process group it reduces over")

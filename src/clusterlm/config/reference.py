@@ -59,7 +59,14 @@ The presets are described in [Models and interoperability](models-and-interop.md
 
 def sections() -> list[tuple[str, Any]]:
     """(name, default instance) of every section of ``Config``, in declaration order."""
-    return [(f.name, f.default_factory()) for f in dataclasses.fields(Config)]
+    return [(f.name, _default(f)) for f in dataclasses.fields(Config)]
+
+
+def _default(section: dataclasses.Field) -> Any:
+    """A section's default instance, which its ``default_factory`` builds."""
+    factory = section.default_factory
+    assert callable(factory)  # every section of Config has one
+    return factory()
 
 
 def render_value(value: Any) -> str:

@@ -159,7 +159,7 @@ def build_typed(kind: Any, value: Any, where: str) -> Any:
     """``value`` (parsed JSON) as type ``kind`` (a dataclass of JSON types); raises ValueError at the first
     mismatch."""
     origin, args = get_origin(kind), get_args(kind)
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         hints = get_type_hints(kind)
         if not isinstance(value, dict) or set(value) != set(hints):
             raise ValueError(f"{where} must be an object with keys {', '.join(hints)}")

@@ -91,6 +91,7 @@ def prepare(opts: PrepareOptions) -> Manifest:
     fs, root = url_to_fs(opts.out)
     existing = _existing_manifest(fs, root)
     if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
+        assert existing is not None  # its fingerprint matched
         return existing
 
     tokenizer = given_tokenizer or fit_tokenizer(opts.tokenizer, opts.bpe_vocab_size, read_documents(sources))

@@ -168,7 +168,7 @@ def load_task(directory: str, verify: bool = True) -> Task:
             f"rebuild it with {_PREPARE_HINT} --force"
         ) from err
     fs, root = url_to_fs(directory)
-    contents = {}
+    contents: dict[str, bytes] = {}
     for info in manifest.files:
         path = join(root, info.file)
         data = fs.cat_file(path) if fs.isfile(path) else None
@@ -183,6 +183,7 @@ def load_task(directory: str, verify: bool = True) -> Task:
                 f"{info.file} in {directory} is corrupt: {problem}; rebuild it with "
                 f"`clusterlm prepare --task {manifest.source} --out {directory} --force`"
             )
+        assert data is not None  # a missing file was a problem, raised above
         contents[info.file] = data
     token_dtype = np.dtype(manifest.dtype).newbyteorder("<")
     splits = {

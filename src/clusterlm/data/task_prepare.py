@@ -101,6 +101,7 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
     fs, root = url_to_fs(opts.out)
     existing = _existing_task(fs, root)
     if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
+        assert existing is not None  # its fingerprint matched
         return existing
 
     tokenizer = given or fit_tokenizer(opts.tokenizer, DEFAULT_BPE_VOCAB, texts)
@@ -159,8 +160,9 @@ def _jsonl_examples(records: list[Record], name: str, tokenizer: Tokenizer, dtyp
                     opts: TaskOptions) -> tuple[Examples, str]:
     """The records' token ids in their given splits, or else split by label with ``group_splits``."""
     ids = [np.asarray(e, dtype=dtype) for e in tokenizer.encode_batch([r.text for r in records])]
-    if records[0].split is not None:
-        splits, rule = [r.split for r in records], "given"
+    given = [r.split for r in records if r.split is not None]
+    if given:  # on every line or on none (``read_jsonl``)
+        splits, rule = given, "given"
     else:
         labels = sorted({r.label for r in records})
         by_label = {label: [i for i, r in enumerate(records) if r.label == label] for label in labels}

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -96,7 +96,8 @@ def _collect(processes: list[Any], readers: list[Connection], timeout: float) ->
         now = time.monotonic()
         if now >= deadline:
             break
-        for reader in wait(list(pending.values()), timeout=deadline - now):
+        for ready in wait(list(pending.values()), timeout=deadline - now):
+            reader = cast(Connection, ready)  # wait returns some of the connections it was given
             rank = readers.index(reader)
             del pending[rank]
             try:
@@ -153,6 +154,7 @@ def _worker(
     )
     os.environ.update(env)
     torch.set_num_threads(1)
+    message: tuple[str, bytes | str]  # ("ok", the pickled result) or ("error", the traceback)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())

@@ -88,13 +88,13 @@ def cpu_attention_kernel(shape: tuple[int, int, int, int], dtype: torch.dtype) -
 
 def _attention_seconds(shape: tuple[int, int, int, int], dtype: torch.dtype, kernel: str, rounds: int = 3) -> float:
     """Best seconds of a causal attention's forward and backward with ``kernel``."""
-    qkv = [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3)]
+    q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     backend = SDPBackend.FLASH_ATTENTION if kernel == "flash" else SDPBackend.MATH
     best = float("inf")
     for index in range(rounds + 1):  # the first call picks kernels and allocates: not timed
         start = time.perf_counter()
         with sdpa_kernel([backend]):
-            out = torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         out.backward(torch.ones_like(out))
         best = best if index == 0 else min(best, time.perf_counter() - start)
     return best

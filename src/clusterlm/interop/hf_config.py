@@ -14,16 +14,16 @@ from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
 
 # option -> the values clusterlm computes identically (absent options take HF's default)
-_GPT2_REQUIRES = {
+_GPT2_REQUIRES: dict[str, tuple[Any, ...]] = {
     "activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_weights": (True,),
     "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,),
     "tie_word_embeddings": (True,), "add_cross_attention": (False,),
 }
-_LLAMA_REQUIRES = {
+_LLAMA_REQUIRES: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,), "pretraining_tp": (1,),
     "rope_scaling": (None,),
 }
-_BERT_REQUIRES = {
+_BERT_REQUIRES: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("gelu",), "position_embedding_type": ("absolute",), "is_decoder": (False,),
     "add_cross_attention": (False,), "type_vocab_size": (TOKEN_TYPES,), "tie_word_embeddings": (True,),
 }

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from clusterlm.errors import UserError
 from clusterlm.launch.slurm import JOB_NAME, TIMEOUT_S, no_answer, require_command
@@ -50,17 +51,18 @@ def _start(argv: list[str]) -> subprocess.Popen:
 
 def _rows(process: subprocess.Popen, required: bool) -> dict[str, tuple[str, str]]:
     """job id -> (state, comment) from 'id|state|comment' lines (the comment may hold '|')."""
+    program = cast(list[str], process.args)[0]  # the argv ``_start`` was given
     try:
         out, err = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
         if required:
-            raise no_answer(process.args[0]) from None
+            raise no_answer(program) from None
         return {}
     if process.returncode != 0:
         if required:
-            raise UserError(f"{process.args[0]} failed: {(err.strip().splitlines() or ['?'])[0]}")
+            raise UserError(f"{program} failed: {(err.strip().splitlines() or ['?'])[0]}")
         return {}
     rows = {}
     for line in out.splitlines():
@@ -73,10 +75,11 @@ def _rows(process: subprocess.Popen, required: bool) -> dict[str, tuple[str, str
 def _status(job_id: str, state: str, comment: str) -> JobStatus:
     try:
         about = json.loads(comment)
-        job = JobStatus(job_id, state, str(about["run"]), int(about["steps"]))
+        run_dir = str(about["run"])
+        job = JobStatus(job_id, state, run_dir, int(about["steps"]))
     except (ValueError, KeyError, TypeError):
         return JobStatus(job_id, state)  # not submitted by clusterlm submit, or accounting keeps no comment
-    record = last_train_record(Path(job.run_dir) / "metrics.jsonl")
+    record = last_train_record(Path(run_dir) / "metrics.jsonl")
     if record:
         job.step, job.loss = record.get("step"), record.get("loss")
         if state == "RUNNING" and job.step is not None and record.get("ms_per_step"):

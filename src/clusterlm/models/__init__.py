@@ -1,5 +1,7 @@
 """Plain ``nn.Module`` models and their exact parameter and FLOP counts."""
 
+from typing import cast
+
 from torch import nn
 
 from clusterlm.models.bert import Encoder
@@ -7,9 +9,23 @@ from clusterlm.models.counting import param_count, training_flops_per_token
 from clusterlm.models.gpt import ModelArgs, Transformer
 
 
-def create_model(args: ModelArgs) -> nn.Module:
+def create_model(args: ModelArgs) -> Encoder | Transformer:
     """The model ``args.flavour`` names: the ``bert`` encoder or a decoder."""
     return Encoder(args) if args.is_encoder else Transformer(args)
 
 
-__all__ = ["Encoder", "ModelArgs", "Transformer", "create_model", "param_count", "training_flops_per_token"]
+def model_args(model: nn.Module) -> ModelArgs:
+    """The ``ModelArgs`` of a model (a decoder, an encoder, a classifier, a pipeline stage)."""
+    # A plain attribute (a property on the classifier); nn.Module's stubs type any as Tensor | Module.
+    return cast(ModelArgs, model.args)
+
+
+def model_layers(model: nn.Module) -> nn.ModuleDict:
+    """A model's blocks, keyed by layer index: what the parallelisms wrap one by one."""
+    layers = model.layers
+    assert isinstance(layers, nn.ModuleDict)
+    return layers
+
+
+__all__ = ["Encoder", "ModelArgs", "Transformer", "create_model", "model_args", "model_layers", "param_count",
+           "training_flops_per_token"]

@@ -75,7 +75,8 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
         # A ModuleDict keyed by layer index, like the decoder's: data parallelism wraps each block.
         self.layers = nn.ModuleDict({str(i): EncoderBlock(args) for i in range(args.n_layer)})
-        self.head = MaskedLMHead(args)
+        # None under a fine-tuning head (``clusterlm.models.classifier``), which reads ``features``.
+        self.head: MaskedLMHead | None = MaskedLMHead(args)
         self.head.output.weight = self.tok_embeddings.weight
         if not self.tok_embeddings.weight.is_meta:  # on the meta device, values come per shard later
             self.reset_parameters()
@@ -104,6 +105,7 @@ class Encoder(nn.Module):
         """tokens [B, T] -> masked-LM logits [B, T, vocab + specials]. ``token_types`` [B, T] (0 or 1)
         default to segment A; ``padding_mask`` [B, T] is True at real tokens: padded positions are
         never attended to (their own outputs are meaningless)."""
+        assert self.head is not None, "the masked-LM head was removed for a classifier"
         return self.head(self.features(tokens, token_types, padding_mask))
 
     def features(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None,

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from clusterlm.data.special_tokens import PAD
-from clusterlm.models.gpt import ModelArgs
+from clusterlm.models.bert import Encoder
+from clusterlm.models.gpt import ModelArgs, Transformer
 from clusterlm.models.init import InitRule
 
 BACKBONE = "backbone."  # prefix of the pretrained model's parameter names inside the classifier
@@ -30,14 +31,17 @@ HEAD_MODULES = ("pooler", "classifier")
 
 
 class SequenceClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, n_labels: int):
+    def __init__(self, backbone: Encoder | Transformer, n_labels: int):
         super().__init__()
-        args: ModelArgs = backbone.args
+        args = backbone.args
         self.backbone = backbone
+        self.pooler: nn.Sequential | None
         if args.is_encoder:
+            assert isinstance(backbone, Encoder)
             backbone.head = None
             self.pooler = nn.Sequential(nn.Linear(args.n_embd, args.n_embd), nn.Tanh())
         else:
+            assert isinstance(backbone, Transformer)
             backbone.output = None
             self.pooler = None
         self.dropout = nn.Dropout(args.dropout)
@@ -78,6 +82,7 @@ class SequenceClassifier(nn.Module):
         real = tokens != PAD
         ids = tokens.masked_fill(~real, 0)
         if self.args.is_encoder:
+            assert isinstance(self.backbone, Encoder) and self.pooler is not None
             hidden = self.backbone.features(ids, padding_mask=real)
             pooled = self.pooler(hidden[:, 0])  # the [CLS] position
         else:

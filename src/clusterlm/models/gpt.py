@@ -101,7 +101,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=bias)
         self.wv = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=bias)
         self.wo = nn.Linear(args.n_head * args.head_dim, args.n_embd, bias=bias)
-        self.wo.residual_projection = True
+        self.wo.residual_projection = True  # type: ignore[assignment]  # torch types only tensors, modules
         self.dropout = args.dropout
         self.causal = not args.is_encoder
         self.resid_dropout = nn.Dropout(args.dropout)
@@ -145,7 +145,7 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(args.n_embd, args.ffn_hidden, bias=bias)
         self.w3 = nn.Linear(args.n_embd, args.ffn_hidden, bias=False) if args.is_llama else None
         self.w2 = nn.Linear(args.ffn_hidden, args.n_embd, bias=bias)
-        self.w2.residual_projection = True
+        self.w2.residual_projection = True  # type: ignore[assignment]  # torch types only tensors, modules
         self.exact_gelu = args.is_encoder
         self.dropout = nn.Dropout(args.dropout)
 
@@ -183,16 +183,21 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor  # llama's rotary tables: buffers, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.n_embd)
+        # A pipeline stage drops the embeddings (all but the first) or norm and output (all but the
+        # last): None there (``clusterlm.parallel.pipeline.stage_module``).
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.n_embd)
         self.pos_embeddings = None if args.is_llama else nn.Embedding(args.block_size, args.n_embd)
         self.dropout = nn.Dropout(args.dropout)
         # A ModuleDict keyed by layer index keeps names stable when pipeline stages drop layers.
         self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layer)})
-        self.norm = norm_layer(args)
-        self.output = nn.Linear(args.n_embd, args.vocab_size, bias=False)
+        self.norm: nn.Module | None = norm_layer(args)
+        self.output: nn.Linear | None = nn.Linear(args.n_embd, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if args.is_llama:
@@ -240,11 +245,13 @@ class Transformer(nn.Module):
         h = self._blocks(tokens)
         if self.output is None:
             return h
+        assert self.norm is not None, "a last stage keeps the final norm with the output"
         return self.output(self.norm(h))
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> the normalized last hidden states [B, T, d] the output head reads
         (what a fine-tuning head reads instead)."""
+        assert self.norm is not None, "features of the whole model, not of a pipeline stage"
         return self.norm(self._blocks(tokens))
 
     def _blocks(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -268,6 +275,7 @@ class Transformer(nn.Module):
         and position tables, the N of the 6N FLOP rule, unless they double as the output head."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
+            assert self.tok_embeddings is not None and self.output is not None, "the whole model, not a stage"
             if self.pos_embeddings is not None:
                 n -= self.pos_embeddings.weight.numel()
             if self.output.weight is not self.tok_embeddings.weight:

@@ -68,7 +68,8 @@ def seeded_source(rule_of: Callable[[str], InitRule], seed: int) -> ParamSource:
             size = [len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)]
             return torch.ones(size) if rule.kind == "ones" else torch.zeros(size)
         rows = _normal_rows(seed, name, shape, index[0], rule.std)
-        return rows[(slice(None), *index[1:])] if len(index) > 1 else rows
+        key = (slice(None), *index[1:])  # every row drawn, the columns ``index`` asks for
+        return rows[key] if len(index) > 1 else rows
 
     return source
 

@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -37,10 +37,12 @@ class Run(Protocol):
     runtime: Runtime
     step: int
     tokens: int
-    checkpoints: Path
     loader: Any  # its ``loading_seconds``
     model: Any  # its ``clock``, a ``RankClock`` or None
     balancer: Any  # a ``LoadBalancer`` or None
+
+    @property
+    def checkpoints(self) -> Path: ...
 
 
 class Monitor:
@@ -56,9 +58,10 @@ class Monitor:
         serves = m.prometheus_port and os.environ.get("LOCAL_RANK", "0") == "0"
         self.exporter = PrometheusExporter(m.prometheus_host, m.prometheus_port) if serves else None
         if self.exporter is not None:
-            host, port = self.exporter.server.server_address[:2]
+            host, port = cast(tuple[str, int], self.exporter.server.server_address[:2])  # an INET server's
             progress.message(f"Prometheus metrics: http://{host}:{port}/metrics")
-        self._loading, self._step, self._counts = session.loader.loading_seconds, session.step, None
+        self._loading, self._step = session.loader.loading_seconds, session.step
+        self._counts: list[int] | None = None  # the load balancer's last assignment
 
     def mean_loss(self, session: Run, loss: torch.Tensor) -> float:
         """The loss averaged over ranks; waiting there for a slower rank is timed as waiting."""

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from clusterlm.data.loader import TokenLoader
+from clusterlm.data.masking import MaskedLoader
 from clusterlm.distributed.runtime import Runtime
 
 
@@ -24,7 +25,7 @@ class SampleLog:
         # Line-buffered: a worker killed mid-run leaves every step it began.
         self._file = (folder / name).open("w", buffering=1)
 
-    def record(self, step: int, loader: TokenLoader) -> None:
+    def record(self, step: int, loader: TokenLoader | MaskedLoader) -> None:
         """The samples ``loader`` is about to read for ``step`` (before ``next_step``)."""
         samples = [i for micro_step in range(loader.grad_accum) for i in loader.sample_indices(micro_step)]
         self._file.write(json.dumps({"step": step, "samples": samples}) + "\n")

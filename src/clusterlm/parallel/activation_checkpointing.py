@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from clusterlm.models import model_layers
 
 # Outputs worth keeping under selective checkpointing: the matmuls and attention, whose recompute
 # costs FLOPs. Norms, activations, dropout and adds are recomputed: cheap, and most of the memory
@@ -42,8 +45,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """``full``: keep only each block's input and recompute the block in backward (one more
     forward per block). ``selective``: keep the outputs of matmuls and attention, recompute the
     element-wise rest."""
-    options = {}
+    options: dict[str, Any] = {}  # for torch.utils.checkpoint.checkpoint
     if mode == "selective":
         options["context_fn"] = partial(create_selective_checkpoint_contexts, _save_expensive_ops)
-    for name, block in model.layers.named_children():
-        model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=True, **options))
+    layers = model_layers(model)
+    for name, block in layers.named_children():
+        layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=True, **options))

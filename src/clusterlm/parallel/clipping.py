@@ -14,11 +14,12 @@ does: ``DTensor.to_local`` is then an attribute read, where with autograd on it 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 # (mesh, mesh dimensions the gradient is sharded on); (None, ()) for plain tensors.
 ShardKey = tuple[object, tuple[int, ...]]
@@ -28,7 +29,7 @@ ShardKey = tuple[object, tuple[int, ...]]
 def squared_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
     """Sum of squares of every entry of ``grads`` across the ranks that shard them (fp32, plain)."""
     local: dict[ShardKey, list[torch.Tensor]] = {}
-    meshes = {}
+    meshes: dict[ShardKey, DeviceMesh] = {}
     device = torch.device("cpu")
     for grad in grads:
         device = grad.device
@@ -38,7 +39,7 @@ def squared_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
             # Every other placement splits the tensor (Shard, and FSDP's _StridedShard over tensor
             # parallelism, which is not a Shard).
             dims = tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate())
-            key = (id(grad.device_mesh), dims)
+            key: ShardKey = (id(grad.device_mesh), dims)
             meshes[key] = grad.device_mesh
             local.setdefault(key, []).append(grad.to_local())
         else:
@@ -59,24 +60,23 @@ def reduce_partial_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
     sequence) in one flat all-reduce per mesh, dimension and dtype, and mark them replicated.
     Left partial, the optimizer and the clipping would each reduce them tensor by tensor: 2 x 26
     collectives a step on the nano model, as Megatron also avoids by reducing them together."""
-    groups: dict[tuple, tuple[DeviceMesh, list[torch.nn.Parameter]]] = {}
+    groups: dict[tuple, tuple[DeviceMesh, list[tuple[torch.nn.Parameter, DTensor]]]] = {}
     for param in parameters:
         grad = param.grad
         if not isinstance(grad, DTensor):
             continue
         partial = tuple(i for i, p in enumerate(grad.placements) if p.is_partial())
-        ops = {grad.placements[i].reduce_op for i in partial}
+        ops = {cast(Partial, grad.placements[i]).reduce_op for i in partial}  # is_partial(): a Partial
         if len(ops) != 1 or not ops <= {"sum", "avg"}:
             continue  # nothing to reduce, or a reduction left to DTensor
         key = (id(grad.device_mesh), partial, ops.pop(), grad.dtype)
-        groups.setdefault(key, (grad.device_mesh, []))[1].append(param)
-    for (_, dims, op, _), (mesh, params) in groups.items():
-        local = [param.grad.to_local() for param in params]
+        groups.setdefault(key, (grad.device_mesh, []))[1].append((param, grad))
+    for (_, dims, op, _), (mesh, pairs) in groups.items():
+        local = [grad.to_local() for _, grad in pairs]
         flat = torch.cat([tensor.reshape(-1) for tensor in local])
         for dim in dims:
             dist.all_reduce(flat, op=dist.ReduceOp.AVG if op == "avg" else dist.ReduceOp.SUM, group=mesh.get_group(dim))
-        for param, shard, reduced in zip(params, local, flat.split([t.numel() for t in local]), strict=True):
-            grad = param.grad
+        for (param, grad), shard, reduced in zip(pairs, local, flat.split([t.numel() for t in local]), strict=True):
             placements = [Replicate() if p.is_partial() else p for p in grad.placements]
             param.grad = DTensor.from_local(reduced.view(shard.shape), mesh, placements, run_check=False,
                                             shape=grad.shape, stride=grad.stride())

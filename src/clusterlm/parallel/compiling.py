@@ -7,6 +7,8 @@ import os
 
 from torch import nn
 
+from clusterlm.models import model_layers
+
 
 def separate_compile_cache() -> None:
     """torch's compiled-graph cache does not key on ``ATEN_CPU_CAPABILITY``: a graph generated for
@@ -27,5 +29,5 @@ def separate_compile_cache() -> None:
 def apply_compile(model: nn.Module) -> None:
     """Compile each block separately: every block has the same graph, so it compiles once and
     is reused, and the blocks stay separate modules for wrapping and checkpoint names."""
-    for block in model.layers.children():
+    for block in model_layers(model).children():
         block.compile()

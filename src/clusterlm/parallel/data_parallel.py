@@ -17,13 +17,19 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,6 +37,7 @@ from clusterlm.comm.hooks import CommHookState, register_comm_hook
 from clusterlm.comm.ring_reduce_scatter import use_ring_reduce_scatter
 from clusterlm.config import CommConfig, ParallelConfig
 from clusterlm.config.degrees import REPLICATING
+from clusterlm.models import model_layers
 
 SHARDED = ("zero2", "zero3", "hsdp")
 # Each rank trains its own replica; they synchronize outside backward (clusterlm.parallel.local_sgd,
@@ -39,6 +46,14 @@ INDEPENDENT = ("local_sgd", "diloco", "ps")
 # The FSDP units (one module of each) that keep their gathered weights from forward to backward:
 # they also keep them from one micro-batch to the next (``gradient_sync``).
 _KEPT_GATHERED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class _ShardOptions(TypedDict, total=False):
+    """What every ``fully_shard`` call of a model is given besides its resharding."""
+
+    mesh: DeviceMesh
+    mp_policy: MixedPrecisionPolicy
+    offload_policy: OffloadPolicy
 
 
 def apply_data_parallel(
@@ -54,10 +69,11 @@ def apply_data_parallel(
     if cfg.data_parallel in REPLICATING:
         return _apply_ddp(model, mesh, cfg, comm)
     dp_mesh = mesh[("dp_replicate", "dp_shard")] if cfg.data_parallel == "hsdp" else mesh["dp_shard"]
-    options = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
+    options: _ShardOptions = {
+        "mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
     if cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    blocks = list(model.layers.values())
+    blocks = list(model_layers(model).values())
     block_bytes = [4 * sum(p.numel() for p in block.parameters()) for block in blocks]
     model_bytes = 4 * sum(p.numel() for p in model.parameters())
     units = fsdp_units(block_bytes, model_bytes, cfg.bucket_mb * 2**20)
@@ -85,7 +101,7 @@ def reshards_after_forward(data_parallel: str, unit: int, units: int) -> bool:
     return data_parallel != "zero2" and unit < units - 1
 
 
-def fsdp_units(block_bytes: list[int], model_bytes: int, min_bytes: float) -> list[list[int]]:
+def fsdp_units(block_bytes: list[int], model_bytes: float, min_bytes: float) -> list[list[int]]:
     """Which blocks (by index) form each FSDP unit besides the root, from their fp32 parameter
     bytes: consecutive blocks up to at least ``min_bytes`` (``parallel.bucket_mb``, the size DDP's
     buckets use). A unit is one all-gather and one reduce-scatter: blocks of a large model are
@@ -115,7 +131,9 @@ def _apply_ddp(
     _settle_buckets(ddp)
     if comm.allreduce == "native" and comm.compression == "none":
         return ddp, None
-    options = {"powersgd": {"rank": comm.powersgd_rank}, "topk": {"ratio": comm.topk_ratio}}.get(comm.compression, {})
+    presets: dict[str, dict[str, Any]] = {"powersgd": {"rank": comm.powersgd_rank},
+                                          "topk": {"ratio": comm.topk_ratio}}
+    options = presets.get(comm.compression, {})
     return ddp, register_comm_hook(ddp, comm.allreduce, comm.compression, compression_options=options)
 
 
@@ -158,7 +176,9 @@ def gradient_sync(model: nn.Module, enabled: bool, even: bool = True) -> Iterato
         with model.no_sync():
             yield
     elif isinstance(model, FSDPModule) and even:
-        kept = [unit for unit in model.modules() if unit in _KEPT_GATHERED]
+        # Every unit kept gathered was sharded when it was added.
+        kept: list[FSDPModule] = [unit for unit in model.modules()
+                                  if isinstance(unit, FSDPModule) and unit in _KEPT_GATHERED]
         _pause_fsdp_sync(model, kept, paused=True)
         try:
             yield
@@ -174,7 +194,7 @@ def gradient_sync(model: nn.Module, enabled: bool, even: bool = True) -> Iterato
         yield
 
 
-def _pause_fsdp_sync(model: FSDPModule, kept: list[nn.Module], paused: bool) -> None:
+def _pause_fsdp_sync(model: FSDPModule, kept: list[FSDPModule], paused: bool) -> None:
     """Before (``paused``) and after a micro-step that is not the last: hsdp's all-reduce across
     replicas waits, and the ``kept`` units do not reshard after backward."""
     model.set_requires_all_reduce(not paused)
@@ -191,6 +211,7 @@ def gathered_for_accumulation(model: nn.Module, enabled: bool) -> Iterator[None]
     if not units:
         yield
         return
+    assert isinstance(model, FSDPModule)  # the root is a unit of its own (``apply_data_parallel``)
     model.set_reshard_after_forward(False)  # for the rest of the run: resharding is done here
     model.set_reshard_after_backward(False)
     for unit in units:

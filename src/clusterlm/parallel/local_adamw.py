@@ -13,6 +13,7 @@ included, so checkpoints are unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import overload
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -20,6 +21,12 @@ from torch.optim.adam import adam
 
 
 class LocalAdamW(torch.optim.AdamW):
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         pairs = [(p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -33,7 +40,9 @@ class LocalAdamW(torch.optim.AdamW):
             tensors: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])  # as Adam.step gathers them
             has_complex = self._init_group(group, *tensors)
             beta1, beta2 = group["betas"]
-            adam(*([_local(t) for t in listed] for listed in tensors), has_complex=has_complex,
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (
+                [_local(t) for t in listed] for listed in tensors)
+            adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, has_complex=has_complex,
                  amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
                  foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],

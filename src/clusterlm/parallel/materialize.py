@@ -92,12 +92,14 @@ def _tied_parameters(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, source: ParamSource, device: torch.device,
+def materialize(module: nn.Module, source: ParamSource | None, device: torch.device,
                 canonical: Callable[[str], str] = str) -> None:
     """Allocate ``module``'s meta parameters on ``device`` (this rank's shards only) and fill them
-    from ``source``; rebuild computed buffers. A module already materialized is left alone."""
+    from ``source``; rebuild computed buffers. A module already materialized is left alone (and
+    needs no ``source``)."""
     if not any(param.is_meta for param in module.parameters()):
         return
+    assert source is not None, "a module on the meta device takes its values from a source"
     ties = _tied_parameters(module)
     module.to_empty(device=device)
     for user, name, owner, owner_name in ties:  # to_empty allocates each occurrence separately

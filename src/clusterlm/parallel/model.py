@@ -91,6 +91,11 @@ class ParallelModel:
         """Fill the parts (and optimizers) from a checkpoint ``reader`` (``.keys``, ``.read(state)``)."""
         load_training_state(self.parts, optimizers, reader.read, reader.keys)
 
+    def serve(self, optimizers: list[torch.optim.Optimizer], total_steps: int, start_step: int) -> dict[str, Any]:
+        """A server rank's part of the job (where ``serves``): answer the workers until the servers
+        applied ``total_steps``; returns what it did (``clusterlm.parallel.ps``)."""
+        raise NotImplementedError
+
     def after_step(self, step: int) -> int:
         """Called after every optimizer step with the step reached; returns the job's step. The
         strategies that synchronize outside backward do it here (local SGD, DiLoCo), and a
@@ -152,6 +157,8 @@ class WholeModel(ParallelModel):
 
 class PipelinedModel(ParallelModel):
     """This rank's pipeline stages; a step is one batch, split into micro-batches by the schedule."""
+
+    pipeline: Pipeline
 
     def __init__(self, pipeline: Pipeline, **kwargs: Any):
         super().__init__(**kwargs)

@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from clusterlm.comm.hooks import CommHookState
 from clusterlm.config import Config, ParallelConfig
 from clusterlm.config.degrees import pipeline_microbatches
+from clusterlm.models import Encoder, Transformer, model_args
 from clusterlm.models.init import ParamSource
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -69,10 +70,11 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: 
     precision = Precision(cfg.training.precision, device, sharded=sharded)
     comm: list[CommHookState] = []
     init_device = torch.device("cpu") if sharded and p.cpu_offload else device
-    canonical = partial(canonical_name, tied_embeddings=model.args.tie_embeddings)
+    canonical = partial(canonical_name, tied_embeddings=model_args(model).tie_embeddings)
 
     def parallelize_part(part: nn.Module) -> nn.Module:
         if mesh is not None and p.tp > 1:
+            assert isinstance(part, (Transformer, Encoder))  # fine-tuning runs no tensor parallel
             apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
         if not sharded:
             materialize(part, source, init_device, canonical)
@@ -91,12 +93,13 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: 
               "shard_optimizer": mesh is not None and p.data_parallel == "zero1"}
     if mesh is None or p.pp == 1:
         part = parallelize_part(model)
-        loss_fn = partial(_model_loss, part, precision)
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = partial(_model_loss, part, precision)
         if cfg.training.compile and mesh is None:
             # One graph from tokens to loss: the compiler fuses across blocks, the embeddings, the
             # head and the loss. Across processes each block is compiled instead.
             loss_fn = torch.compile(loss_fn)
         return _whole_model(loss_fn, part, mesh, p, common, ps)
+    assert isinstance(model, Transformer)  # the configuration checks allow decoders only in a pipeline
     stages = split_into_stages(model, mesh["pp"].get_group(), p.pp_schedule, p.pp_stages_per_rank or None,
                                parallelize_stage=parallelize_part, device=device)
     micro_batches = pipeline_microbatches(p)

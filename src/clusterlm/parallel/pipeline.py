@@ -147,7 +147,7 @@ def split_into_stages(
     device = device or next(model.parameters()).device
     stages = []
     for index in stage_indices_on_rank(schedule, pp_rank, pp_size, per_rank):
-        module = stage_module(model, ranges[index], index == 0, index == num_stages - 1)
+        module: nn.Module = stage_module(model, ranges[index], index == 0, index == num_stages - 1)
         if parallelize_stage is not None:
             module = parallelize_stage(module)
         stages.append(PipelineStage(module, index, num_stages, device, group=pp_group))
@@ -221,7 +221,7 @@ def pipeline_eval_loss(
     """
     group, rank = stages[0].group, stages[0].group_rank
     owner = stages[0].stage_index_to_group_rank
-    local = {stage.stage_index: stage.submod for stage in stages}
+    local = {stage.stage_index: _stage_model(stage) for stage in stages}
     modes = {index: module.training for index, module in local.items()}
     hidden = x
     try:
@@ -241,21 +241,30 @@ def pipeline_eval_loss(
     return _loss_on_every_rank(loss_fn(hidden, y) if holds_last else None, stages)
 
 
-def _is_tied_copy(module: Transformer) -> bool:
-    """True for a last stage whose output projection copies the first stage's token table."""
-    return module.args.tie_embeddings and module.output is not None and module.tok_embeddings is None
+def _stage_model(stage: PipelineStage) -> Transformer:
+    """The module of ``stage``: a ``Transformer`` cut by ``stage_module`` (FSDP wraps it in place)."""
+    module = stage.submod
+    assert isinstance(module, Transformer)
+    return module
+
+
+def _tied_copy(module: Transformer) -> torch.Tensor | None:
+    """A last stage's output projection where it copies the first stage's token table; else None."""
+    if module.args.tie_embeddings and module.output is not None and module.tok_embeddings is None:
+        return module.output.weight
+    return None
 
 
 def sync_tied_gradients(stages: list[PipelineStage]) -> None:
     """Sum the gradients of the tied token table and its output-projection copy across the pp
     group, so both copies take the update of the single tied matrix. Call on every pp rank after
     the backward and before clipping and the optimizer step; a no-op for untied models."""
-    modules = [stage.submod for stage in stages]
+    modules = [_stage_model(stage) for stage in stages]
     args = modules[0].args
     if not args.tie_embeddings or stages[0].num_stages == 1:
         return
     copies = [m.tok_embeddings.weight for m in modules if m.tok_embeddings is not None]
-    copies += [m.output.weight for m in modules if _is_tied_copy(m)]
+    copies += [tied for m in modules if (tied := _tied_copy(m)) is not None]
     total = torch.zeros(args.vocab_size, args.n_embd, device=stages[0].device)
     for weight in copies:
         if weight.grad is not None:
@@ -277,7 +286,7 @@ def clip_grad_norm_across_stages(stages: list[PipelineStage], max_norm: float) -
     every local gradient scaled by ``max_norm / norm`` when that is below 1. Returns the norm."""
     grads, counted = [], []
     for stage in stages:
-        tied_copy = stage.submod.output.weight if _is_tied_copy(stage.submod) else None
+        tied_copy = _tied_copy(_stage_model(stage))
         for param in stage.submod.parameters():
             if param.grad is not None:
                 grads.append(param.grad)

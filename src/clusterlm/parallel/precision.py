@@ -67,7 +67,9 @@ def _agreed(choose: Callable[[], str]) -> str:
         return choose()
     box = [choose() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    chosen = box[0]
+    assert isinstance(chosen, str)  # rank 0's choice, on every rank
+    return chosen
 
 
 class Precision:

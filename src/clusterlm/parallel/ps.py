@@ -60,7 +60,8 @@ class ServerLinks:
             number = role.store.add(f"{prefix}/joins", 1)
             role.store.set(f"{prefix}/join/{number}", str(role.rank))
             self.groups.append(pair_group(role.store, f"{prefix}/pair/{number}", 1, role.cfg.timeout_s))
-        self.step, self.metrics = 0, {}
+        self.step = 0
+        self.metrics: dict[str, float] = {}
         self._exchange(JOIN, 0.0, None)
 
     @torch.no_grad()
@@ -105,7 +106,7 @@ class ServerLinks:
             group.recv([size], 0, 0).wait()
             flat = torch.empty(int(size[0]), dtype=torch.float64)
             group.recv([flat], 0, 0).wait()
-            tensors = list(shard)
+            tensors: list[torch.Tensor] = list(shard)
             for param in shard:
                 tensors += [value for _, value in sorted(optimizer.state[param].items())]
             unflatten_into(flat, tensors)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -34,15 +36,17 @@ JOIN, PUSH, SNAPSHOT = 0.0, 1.0, 2.0
 
 def pair_group(store: dist.Store, key: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
     """A two-rank gloo group (server rank 0, worker rank 1) of its own, outside the job's group."""
-    return dist.ProcessGroupGloo(dist.PrefixStore(key, store), rank, 2, timedelta(seconds=timeout_s))
+    group = dist.ProcessGroupGloo(dist.PrefixStore(key, store), rank, 2, timedelta(seconds=timeout_s))
+    # A gloo Backend, used for its send and recv, which ProcessGroup's stubs declare and Backend's omit.
+    return cast(dist.ProcessGroup, group)
 
 
-def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One fp32 CPU tensor (the pair groups are gloo's, which sends host memory)."""
     return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]) if tensors else torch.zeros(0)
 
 
-def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -75,7 +79,7 @@ class ParameterServer:
     parameters: only those with a gradient are stepped) until the job's budget of ``total_steps``
     global batches of ``workers`` pushes is spent and every worker has left."""
 
-    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, staleness: int,
+    def __init__(self, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, staleness: int,
                  workers: int, total_steps: int, start_step: int):
         self.params, self.optimizer, self.staleness = params, optimizer, staleness
         self.workers, self.total_steps = workers, total_steps
@@ -186,9 +190,10 @@ class ParameterServer:
 
     def _optimizer_step(self, grads: torch.Tensor, lr: float) -> None:
         start = time.perf_counter()
-        for param in self.params:
-            param.grad = torch.empty_like(param)
-        unflatten_into(grads, [p.grad for p in self.params])
+        fresh = [torch.empty_like(param) for param in self.params]
+        for param, grad in zip(self.params, fresh, strict=True):
+            param.grad = grad
+        unflatten_into(grads, fresh)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

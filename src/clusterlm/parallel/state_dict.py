@@ -10,7 +10,7 @@ token table, which a checkpoint of the whole model stores once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,26 +23,38 @@ from torch.nn.parallel import DistributedDataParallel
 TIED_COPIES = {"output.weight": "tok_embeddings.weight"}
 
 
-def _part_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+def _part_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One model part's tensors and its optimizer's state, keyed by parameter name."""
     if optimizer is None:
         return get_state_dict(model, [])[0], {}
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         return get_state_dict(model, [])[0], _owned_optimizer_state(model, optimizer)
     model_state, optim_state = get_state_dict(model, optimizer)
-    return model_state, optim_state["state"]
+    return model_state, _by_parameter(optim_state)
+
+
+def _by_parameter(optim_state: dict[str, Any]) -> dict[str, Any]:
+    """The per-parameter entries of an optimizer state dict, keyed by parameter name."""
+    return cast(dict[str, Any], optim_state["state"])  # a dict; its "param_groups" are the list
 
 
 def training_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> dict[str, Any]:
     """``{"model": ..., "optim": ...}``: ``parts`` are this rank's pieces of the model (pipeline
     stages, or the one whole model), each with its optimizer. Optimizer hyper-parameters are
     left out: they come from the config and the step."""
-    model_state, optim_state = {}, {}
-    for part, optimizer in zip(parts, optimizers or [None] * len(parts), strict=True):
+    model_state: dict[str, Any] = {}
+    optim_state: dict[str, Any] = {}
+    for part, optimizer in zip(parts, _each_part(parts, optimizers), strict=True):
         part_model, part_optim = _part_state(part, optimizer)
         model_state.update(part_model)
         optim_state.update(part_optim)
     return {"model": model_state, "optim": optim_state} if optimizers else {"model": model_state}
+
+
+def _each_part(parts: list[nn.Module],
+               optimizers: list[torch.optim.Optimizer] | None) -> list[torch.optim.Optimizer | None]:
+    """Each part's optimizer: ``optimizers``, or None for every part when there are none."""
+    return list(optimizers) if optimizers else [None] * len(parts)
 
 
 def _owned_optimizer_state(model: nn.Module, optimizer: ZeroRedundancyOptimizer) -> dict[str, Any]:
@@ -92,7 +104,7 @@ def load_training_state(
         else:  # this rank holds both: the source was loaded, the copy takes its values
             torch.utils._pytree.tree_map(lambda dst, src: dst.copy_(src), value, loaded)
             state[section][copy_name] = value
-    for part, optimizer in zip(parts, optimizers or [None] * len(parts), strict=True):
+    for part, optimizer in zip(parts, _each_part(parts, optimizers), strict=True):
         _set_part_state(part, optimizer, state)
 
 
@@ -105,7 +117,7 @@ def _set_part_state(part: nn.Module, optimizer: torch.optim.Optimizer | None, st
     _, template = get_state_dict(part, optimizer)
     set_state_dict(
         part, optimizer, model_state_dict=model_state,
-        optim_state_dict={"state": {name: state["optim"][name] for name in template["state"]},
+        optim_state_dict={"state": {name: state["optim"][name] for name in _by_parameter(template)},
                           "param_groups": template["param_groups"]},
     )
 

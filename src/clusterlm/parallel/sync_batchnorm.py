@@ -166,9 +166,11 @@ class SyncBatchNorm(_BatchNorm):
         # Same running-average factor as nn.BatchNorm: momentum, or 1/t for momentum=None.
         average_factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
+            tracked = self.num_batches_tracked
+            assert tracked is not None  # a buffer wherever running statistics are tracked
+            tracked.add_(1)
             if self.momentum is None:
-                average_factor = 1.0 / float(self.num_batches_tracked)
+                average_factor = 1.0 / float(tracked)
         return _SyncBatchNormFunction.apply(
             input,
             self.weight,

@@ -85,7 +85,7 @@ def apply_tensor_parallel(model: Transformer | Encoder, tp_mesh: DeviceMesh, seq
     ``torch.distributed.tensor.parallel.loss_parallel()``.
     """
     check_divisible(model, tp_mesh.size())
-    if model.args.is_encoder:
+    if isinstance(model, Encoder):  # model.args.is_encoder
         _apply_to_encoder(model, tp_mesh)
         return
     residual = Shard(1) if sequence_parallel else Replicate()
@@ -93,7 +93,8 @@ def apply_tensor_parallel(model: Transformer | Encoder, tp_mesh: DeviceMesh, seq
     norm_style = SequenceParallel() if sequence_parallel else ReplicateParallel()
     # A pipeline stage may lack the embeddings (not the first stage) or the head (not the last).
     first, last = model.tok_embeddings is not None, model.output is not None
-    tied = first and last and model.output.weight is model.tok_embeddings.weight
+    tied = (model.tok_embeddings is not None and model.output is not None
+            and model.output.weight is model.tok_embeddings.weight)
 
     top_plan: dict[str, ParallelStyle] = {}
     if first:
@@ -110,6 +111,7 @@ def apply_tensor_parallel(model: Transformer | Encoder, tp_mesh: DeviceMesh, seq
         # Each style distributed its own copy of the shared matrix; both are Shard(0) on the
         # vocabulary, so pointing the head back at the embedding's DTensor restores the tie and
         # both uses accumulate into one gradient.
+        assert model.output is not None and model.tok_embeddings is not None
         model.output.weight = model.tok_embeddings.weight
 
     for block in model.layers.values():
@@ -133,7 +135,7 @@ def _block_plan(block: nn.Module, residual: Placement, norm_style: ParallelStyle
         "mlp.w1": ColwiseParallel(),
         "mlp.w2": RowwiseParallel(output_layouts=residual),
     }
-    if block.mlp.w3 is not None:
+    if block.get_submodule("mlp").w3 is not None:
         plan["mlp.w3"] = ColwiseParallel()
     return plan
 
@@ -152,6 +154,7 @@ def _apply_to_encoder(model: Encoder, tp_mesh: DeviceMesh) -> None:
         "head.norm": ReplicateParallel(),
         "head.output": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False),
     })
+    assert model.head is not None, "tensor parallel applies to the masked-LM encoder, not a classifier's"
     model.head.output.weight = model.tok_embeddings.weight  # both Shard(0): one parameter again
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block, Replicate(), ReplicateParallel()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +31,11 @@ def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURE
     fitted = [r for r in results if r.case.fit] or results
     measured = np.array([r.measured.step_seconds for r in fitted])
     counts = np.array([host_calls(r.work, r.case.layout).counts() for r in fitted], dtype=float)
-    best = None
+    best: tuple[float, Calibration] | None = None
+    # The host costs by name (floats; Any, since ``replace`` matches ** against every field).
+    no_host: dict[str, Any] = dict.fromkeys(HOST_SECONDS, 0.0)
     for efficiency in np.geomspace(0.02, 1.0, 200):
-        calibration = replace(base, compute_efficiency=float(efficiency), **dict.fromkeys(HOST_SECONDS, 0.0))
+        calibration = replace(base, compute_efficiency=float(efficiency), **no_host)
         predicted = np.array([r.predicted_seconds(calibration) for r in fitted])
         for wait in np.linspace(0.0, 0.9, 10):
             # Host seconds each case spends per unit of each term, grown by its processes' core share.
@@ -40,8 +43,9 @@ def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURE
             costs = _nonnegative_least_squares(features / measured[:, None], 1 - predicted / measured)
             error = float(np.sum(((predicted + features @ costs) / measured - 1) ** 2))
             if best is None or error < best[0]:
-                host = dict(zip(HOST_SECONDS, map(float, costs), strict=True))
+                host: dict[str, Any] = dict(zip(HOST_SECONDS, map(float, costs), strict=True))
                 best = (error, replace(calibration, collective_wait=float(wait), **host))
+    assert best is not None  # the grids are not empty
     return best[1]
 
 

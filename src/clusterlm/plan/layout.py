@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypedDict
 
 from clusterlm.config import (
     Config,
@@ -158,6 +159,19 @@ def layout_config(layout: Layout, work: Workload) -> Config:
     return Config(model=model, training=training, parallel=parallel)
 
 
+class _Shared(TypedDict):
+    """The ``Layout`` fields a config gives alike with and without a pipeline."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    data_parallel: str
+    sequence_parallel: bool
+    activation_checkpointing: str
+    cpu_offload: bool
+    bucket_mb: float
+
+
 def layout_from_config(cfg: Config, world_size: int) -> Layout:
     """The layout a training config runs on ``world_size`` processes, with the degrees the trainer
     derives (``resolve_degrees``). The inverse of ``layout_config``."""
@@ -165,9 +179,10 @@ def layout_from_config(cfg: Config, world_size: int) -> Layout:
     replicate, shard = resolve_degrees(p, world_size)
     if p.data_parallel == "zero1":
         replicate, shard = 1, replicate * shard
-    common = {"dp_replicate": replicate, "dp_shard": shard, "tp": p.tp, "data_parallel": p.data_parallel,
-              "sequence_parallel": p.sequence_parallel, "activation_checkpointing": t.activation_checkpointing,
-              "cpu_offload": p.cpu_offload, "bucket_mb": p.bucket_mb}
+    common: _Shared = {
+        "dp_replicate": replicate, "dp_shard": shard, "tp": p.tp, "data_parallel": p.data_parallel,
+        "sequence_parallel": p.sequence_parallel, "activation_checkpointing": t.activation_checkpointing,
+        "cpu_offload": p.cpu_offload, "bucket_mb": p.bucket_mb}
     if p.pp == 1:
         return Layout(**common, micro_batch_size=t.micro_batch_size,
                       micro_batches=grad_accum_steps(cfg, replicate * shard))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ else:  # pragma: no cover
 DATA_DIR = Path(__file__).resolve().parents[3] / "configs" / "plan"
 
 
-def load_rows(path: str | Path, array: str, fields: dict[str, type],
-              optional: dict[str, type] | None = None) -> list[dict[str, Any]]:
+def load_rows(path: str | Path, array: str, fields: Mapping[str, type],
+              optional: Mapping[str, type] | None = None) -> list[dict[str, Any]]:
     """The ``[[array]]`` tables of a TOML file, each checked to have ``fields`` of their types, and
     ``optional`` ones of theirs where present."""
     path = Path(path)

@@ -34,7 +34,7 @@ class ValidationCase:
 
     name: str
     nproc: int
-    parallel: dict[str, object] = field(default_factory=dict)
+    parallel: dict[str, int | str | bool] = field(default_factory=dict)
     precision: str = "fp32"
     fit: bool = False  # the calibration is fitted on the cases marked here
 

@@ -33,7 +33,8 @@ def evaluate(model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: i
     for part in model.parts:
         part.eval()
     total = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, right predictions
-    count, rule = 0, masking_rule(cfg)
+    count: int | torch.Tensor = 0
+    rule = masking_rule(cfg)
     # Lockstep ranks score disjoint shares; a parameter server's rank 0 scores every window alone.
     dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
     batch_size, first = cfg.training.micro_batch_size, dp_rank * (num_windows // dp_size)

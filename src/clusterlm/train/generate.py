@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clusterlm.models import model_args
+
 
 @torch.no_grad()
 def sample(
@@ -14,7 +16,7 @@ def sample(
     """Autoregressive sampling; the context is cropped to the model's block size."""
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
-    block = model.args.block_size
+    block = model_args(model).block_size
     for _ in range(max_new_tokens):
         logits = model(tokens[:, -block:])[:, -1, :].float()
         if temperature == 0:

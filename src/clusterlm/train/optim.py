@@ -41,7 +41,8 @@ def optimizer_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
         id(m.output.weight) for m in model.modules()
         if isinstance(m, Transformer) and m.args.tie_embeddings and m.output is not None
     }
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():  # parameters() yields a tied matrix once
         if not param.requires_grad:
             continue

@@ -14,6 +14,7 @@ from clusterlm.distributed.runtime import Runtime
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel import ParallelModel
+from clusterlm.parallel.model import WholeModel
 
 
 def macro_f1(confusion: torch.Tensor) -> float:
@@ -30,6 +31,7 @@ def task_metrics(model: ParallelModel, cfg: Config, runtime: Runtime, streams: d
     """Loss, accuracy and macro-F1 of ``split`` (every example, or ``limit`` evenly spaced ones):
     each data-parallel rank scores a contiguous share, and the summed loss and confusion matrix are
     all-reduced."""
+    assert isinstance(model, WholeModel)  # fine-tuning runs no pipeline
     was_training = [part.training for part in model.parts]
     for part in model.parts:
         part.eval()

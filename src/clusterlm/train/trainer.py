@@ -126,7 +126,7 @@ def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
         loss = train_step(s)
         logging = _due(before, s.step, t.log_interval, t.steps)
         # Reading the loss waits for the device, so only when it is logged.
-        loss_value = monitor.mean_loss(s, loss) if logging else None
+        loss_value = monitor.mean_loss(s, loss) if logging else math.nan
         window_seconds += time.perf_counter() - start
         window_steps += s.step - before  # 1, or for a parameter server's worker the job's steps meanwhile
         if logging:
