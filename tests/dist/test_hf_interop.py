@@ -23,7 +23,8 @@ from clusterlm.parallel import parallelize
 from clusterlm.parallel.materialize import canonical_name
 from clusterlm.checkpoint.tensor_storage import SafeFileSystemReader
 from clusterlm.train.export_checkpoint import export_checkpoint_hf
-from clusterlm.train.inference import find_checkpoint, load_for_inference
+from clusterlm.checkpoint.resume import find_checkpoint
+from clusterlm.train.inference import load_for_inference
 from clusterlm.distributed.runtime import setup_runtime
 from clusterlm.train.session import build_model
 

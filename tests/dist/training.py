@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from clusterlm.config import build_config
-from clusterlm.train.inference import find_checkpoint, load_for_inference
+from clusterlm.checkpoint.resume import find_checkpoint
+from clusterlm.train.inference import load_for_inference
 from clusterlm.train.trainer import train
 
 from .helpers import run_distributed

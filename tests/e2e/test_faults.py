@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from test_launch import TINY, clusterlm, data_dir  # noqa: F401 - its corpus fixture
 
+from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.config import build_config
-from clusterlm.train.inference import find_checkpoint, load_for_inference
+from clusterlm.train.inference import load_for_inference
 from clusterlm.train.trainer import train
 
 FAST = [*TINY, "--training.log_interval", "1", "--metrics.plot", "false"]

@@ -11,12 +11,13 @@ import pytest
 import torch
 from hf_models import reader, safetensors_bytes, tiny_hf_model
 
+from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.interop import export_hf, hf_source
 from clusterlm.models.init import fill_parameters
-from clusterlm.train.inference import find_checkpoint, load_for_inference
+from clusterlm.train.inference import load_for_inference
 from clusterlm.train.session import build_session
 
 WORDS = ["thou", "art", "the", "king", "of", "my", "heart", "and", "love", "doth", "speak"]

@@ -12,12 +12,13 @@ import sys
 import pytest
 import torch
 
+from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
 from clusterlm.hardware import rates as hardware
 from clusterlm.parallel import precision as precision_module
 from clusterlm.parallel.precision import resolve_precision, settle_attention, settle_precision
-from clusterlm.train.inference import find_checkpoint, load_for_inference
+from clusterlm.train.inference import load_for_inference
 from clusterlm.train.trainer import train
 
 CPU = torch.device("cpu")

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from clusterlm import checkpoint
+from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
 from clusterlm.parallel.compiling import separate_compile_cache
-from clusterlm.train.inference import find_checkpoint, load_for_inference
+from clusterlm.train.inference import load_for_inference
 from clusterlm.train.trainer import train
 
 TINY = {

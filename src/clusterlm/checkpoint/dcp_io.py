@@ -33,11 +33,9 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +59,7 @@ from clusterlm.files import atomic_write_json, sha256_file
 LATEST = "latest"
 
 
-def _is_main() -> bool:
+def is_main_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -70,7 +68,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast(value: Any) -> Any:
+def broadcast_from_main(value: Any) -> Any:
     """Rank 0's value on every rank (paths and names chosen once)."""
     if not dist.is_initialized():
         return value
@@ -98,7 +96,7 @@ def save_checkpoint(
     with single_process_quiet():
         dcp.save(tensors, storage_writer=TensorWriter(tmp),
                  no_dist=not dist.is_initialized())
-    if _is_main():
+    if is_main_rank():
         finish_checkpoint(tmp, final, trainer_state, keep_last, files)
     _barrier()
     return final
@@ -109,8 +107,8 @@ def begin_checkpoint(root: Path, step: int) -> tuple[Path, Path]:
     also removes what an interrupted save left behind (only one save is ever in flight)."""
     root = Path(root)
     final = root / f"step_{step:08d}"
-    tmp = root / _broadcast(f".{final.name}.{uuid.uuid4().hex}.tmp")
-    if _is_main():
+    tmp = root / broadcast_from_main(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    if is_main_rank():
         for stale in root.glob(".step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -165,58 +163,6 @@ def verify(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise unreadable
     return state
-
-
-@dataclass(frozen=True)
-class Verified:
-    """A checkpoint whose every file matched its sha256, and its trainer state."""
-
-    path: Path
-    state: dict[str, Any]
-
-
-def resolve_resume(resume: str, root: Path, own_run: str | None = None) -> Verified | None:
-    """'none' -> None; 'auto' -> newest checkpoint that verifies (damaged ones are skipped with a
-    warning); a path -> that checkpoint, which must verify. Each file is hashed once. With
-    ``own_run`` (a restarted job), the newest checkpoint this run saved comes first, whatever
-    ``resume`` says: a restart continues where the job was, not where it began."""
-    if own_run is not None:
-        for candidate in reversed(list_complete(root)):
-            if _run_of(candidate) == own_run:
-                with contextlib.suppress(UserError):
-                    return Verified(candidate, verify(candidate))
-    if resume == "none":
-        return None
-    if resume != "auto":
-        return Verified(Path(resume), verify(Path(resume)))
-    for candidate in reversed(list_complete(root)):
-        try:
-            return Verified(candidate, verify(candidate))
-        except UserError as err:
-            print(f"warning: skipping {candidate.name}: {err}", file=sys.stderr)
-    return None
-
-
-def _run_of(path: Path) -> str | None:
-    try:
-        return json.loads((path / TRAINER_STATE).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def resolve_resume_once(resume: str, root: Path, own_run: str | None = None) -> Verified | None:
-    """``resolve_resume`` run by rank 0 alone, its answer (or its error) given to every rank: the
-    ranks read one shared checkpoint, so hashing it once is enough."""
-    answer: tuple[str, Any] = ("ok", None)
-    if _is_main():
-        try:
-            answer = ("ok", resolve_resume(resume, root, own_run))
-        except UserError as err:
-            answer = ("error", str(err))
-    kind, value = _broadcast(answer)
-    if kind == "error":
-        raise UserError(value)
-    return value
 
 
 class CheckpointReader:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from clusterlm.train.inference import Loaded, find_checkpoint, load_for_inference
+from clusterlm.checkpoint.resume import find_checkpoint
+from clusterlm.train.inference import Loaded, load_for_inference
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import time
 
+from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.cli.parser import Parser
 from clusterlm.interop.to_hf import DTYPES
 from clusterlm.interop.writer import parse_size
 from clusterlm.train.export_checkpoint import export_checkpoint_hf
-from clusterlm.train.inference import find_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

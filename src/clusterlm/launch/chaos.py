@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.errors import UserError
 from clusterlm.observe.watchdog import all_heartbeats
-from clusterlm.train.inference import find_checkpoint, load_for_inference
+from clusterlm.train.inference import load_for_inference
 
 POLL_S = 0.002  # checkpoint writes of small models last milliseconds
 GROUP_TIMEOUT_S = 600.0

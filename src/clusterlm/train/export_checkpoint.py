@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from clusterlm.checkpoint.dcp_io import CheckpointReader, Verified
+from clusterlm.checkpoint.dcp_io import CheckpointReader
+from clusterlm.checkpoint.resume import Verified
 from clusterlm.config import config_from_dict
 from clusterlm.errors import UserError
 from clusterlm.interop import export_hf

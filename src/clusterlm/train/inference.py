@@ -29,14 +29,6 @@ class Loaded:
         return self.state["step"]
 
 
-def find_checkpoint(run: str, checkpoint_dir: str | None = None) -> checkpoint.Verified:
-    """The checkpoint ``checkpoint_dir`` or else the newest complete one of the run, verified."""
-    found = checkpoint.resolve_resume(checkpoint_dir or "auto", Path(run) / "checkpoints")
-    if found is None:
-        raise UserError(f"no complete checkpoint in {run}/checkpoints; train first or pass --checkpoint")
-    return found
-
-
 def refuse_classifier(cfg: Config, path: Path) -> None:
     """Evaluation, generation and export read language models; a fine-tuned classifier is scored
     by `clusterlm finetune` itself."""
