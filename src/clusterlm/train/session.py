@@ -63,6 +63,7 @@ class Session:
     # split -> metrics, loss first: the periodic evaluation (language-model or task metrics)
     evaluator: Callable[[str], dict[str, float | None]] | None = None
     final_splits: tuple[str, ...] = ()  # scored once when the run completes (a task's test split)
+    skipped_steps: int = 0  # steps not applied: their loss or gradient norm was not finite (training.skip_nonfinite)
 
     @property
     def tokens_per_step(self) -> int:
