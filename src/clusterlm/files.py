@@ -46,6 +46,30 @@ def atomic_write_json(path: str | Path, payload: Any, indent: int | None = 1) ->
     return atomic_write(path, json.dumps(payload, indent=indent, sort_keys=True) + "\n")
 
 
+def exclusive_write_json(path: str | Path, payload: Any) -> bool:
+    """Create ``path`` holding ``payload`` only if no file is there; True when this call created
+    it. The JSON is written whole to a temporary sibling first and then hard-linked into place,
+    so the file appears complete or not at all, and of two writers exactly one succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive creation, then the bytes
+            try:
+                with open(path, "x") as f:
+                    f.write(tmp.read_text())
+            except FileExistsError:
+                return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from clusterlm.checkpoint import dcp_io
+from clusterlm.checkpoint.finite import check_finite
 from clusterlm.checkpoint.tensor_storage import TensorWriter
 
 # A single process saves with no process group on purpose; DCP says so from the writer thread,
@@ -48,8 +49,10 @@ class CheckpointWriter:
         self, root: Path, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
         files: dict[str, bytes] | None = None,
     ) -> Path:
-        """Save ``root/step_<step>``; returns its final path (already complete unless background)."""
+        """Save ``root/step_<step>``; returns its final path (already complete unless background).
+        State holding NaN or infinities is refused before anything is written (``finite``)."""
         self.wait()
+        check_finite(tensors, step)
         if not self.background:
             return dcp_io.save_checkpoint(root, step, tensors, trainer_state, keep_last, files)
         if self._executor is None:

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from clusterlm.checkpoint.directory import COMPLETE, TRAINER_STATE, list_complete
+from clusterlm.checkpoint.out_dir_lock import run_token
 from clusterlm.checkpoint.tensor_index import tensor_entries
 from clusterlm.checkpoint.tensor_storage import (
     CheckedLoadPlanner,
@@ -104,16 +105,29 @@ def save_checkpoint(
 
 def begin_checkpoint(root: Path, step: int) -> tuple[Path, Path]:
     """The temporary directory every rank writes into and the final name it is renamed to. Rank 0
-    also removes what an interrupted save left behind (only one save is ever in flight)."""
+    also removes what an interrupted save of this run left behind (only one save is ever in
+    flight): the temporaries carrying its out_dir lock's token, never another run's."""
     root = Path(root)
     final = root / f"step_{step:08d}"
-    tmp = root / broadcast_from_main(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    token = run_token()
+    tmp = root / broadcast_from_main(temporary_name(final.name, token))
     if is_main_rank():
-        for stale in root.glob(".step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        if token:
+            remove_temporaries(root, token)
         tmp.mkdir(parents=True)
     _barrier()
     return tmp, final
+
+
+def temporary_name(name: str, token: str | None) -> str:
+    """The hidden directory a checkpoint ``name`` is written into: it carries the run's token."""
+    return f".{name}.{token}.{uuid.uuid4().hex}.tmp" if token else f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def remove_temporaries(root: Path, token: str) -> None:
+    """Remove the unfinished saves of the run whose lock token is ``token``."""
+    for stale in Path(root).glob(f".step_*.{token}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def finish_checkpoint(

@@ -3,7 +3,7 @@ through torchrun; the run's settings are a training config's (`--config`, dotted
 
 from __future__ import annotations
 
-from clusterlm.cli.options import parse_job
+from clusterlm.cli.options import OVERWRITE, parse_job
 from clusterlm.distributed.runtime import leave_process_group
 from clusterlm.errors import UserError
 from clusterlm.launch import launch
@@ -23,7 +23,7 @@ SHORTHANDS = {
 
 
 def main(argv: list[str]) -> int:
-    job = parse_job(argv, "clusterlm finetune", DESCRIPTION, shorthands=SHORTHANDS)
+    job = parse_job(argv, "clusterlm finetune", DESCRIPTION, shorthands=SHORTHANDS, flags=OVERWRITE)
     if job is None:
         return 0
     if not job.cfg.finetune.task:

@@ -24,10 +24,12 @@ def parse_job(
     argv: list[str], prog: str, description: str,
     add_options: Callable[[argparse.ArgumentParser], None] | None = None,
     shorthands: dict[str, tuple[str, str]] | None = None,
+    flags: dict[str, tuple[str, str]] | None = None,
 ) -> JobArguments | None:
     """The config and launch options of ``argv``; None when it asked for --help or
     --print-config, which are printed here. ``add_options`` adds the command's own options;
-    ``shorthands`` maps more options to the config keys they set: {"--task": ("finetune.task", help)}."""
+    ``shorthands`` maps more options to the config keys they set: {"--task": ("finetune.task", help)};
+    ``flags`` maps options without a value to the boolean keys they set true."""
     parser = Parser(
         prog=prog, description=description, add_help=False,
         epilog="config keys (--section.key VALUE, defaults shown):\n" + help_text(),
@@ -39,6 +41,8 @@ def parse_job(
     for option, (key, meaning) in shorthands.items():
         parser.add_argument(option, dest=f"shorthand:{key}", metavar=key.rpartition(".")[2].upper(),
                             help=f"{meaning} (shorthand for --{key})")
+    for option, (key, meaning) in (flags or {}).items():
+        parser.add_argument(option, dest=f"flag:{key}", action="store_true", help=f"{meaning} (--{key} true)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     if add_options is not None:
         add_options(parser)
@@ -51,6 +55,7 @@ def parse_job(
     for key, _ in shorthands.values():
         if getattr(args, f"shorthand:{key}") is not None:
             overrides[key] = getattr(args, f"shorthand:{key}")
+    overrides.update({key: "true" for key, _ in (flags or {}).values() if getattr(args, f"flag:{key}")})
     cfg = build_config(args.config, overrides)
     if args.print_config:
         print(cfg.to_json())
@@ -74,6 +79,10 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rdzv-conf", default="",
                        help="torchrun rendezvous settings KEY=VALUE,... e.g. last_call_timeout=5,join_timeout=120")
 
+
+
+OVERWRITE = {"--overwrite": ("checkpoint.overwrite", "start afresh in an out_dir holding an earlier run's "
+                                                    "checkpoints, deleting them")}
 
 
 def parse_dotted_args(args: list[str]) -> dict[str, str]:

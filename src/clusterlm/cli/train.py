@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from clusterlm.cli.options import parse_job
+from clusterlm.cli.options import OVERWRITE, parse_job
 from clusterlm.distributed.runtime import leave_process_group
 from clusterlm.launch import launch
 from clusterlm.train.preemption import EXIT_PREEMPTED
@@ -12,7 +12,7 @@ from clusterlm.train.trainer import train
 
 
 def main(argv: list[str]) -> int:
-    job = parse_job(argv, "clusterlm train", "Train a language model.")
+    job = parse_job(argv, "clusterlm train", "Train a language model.", flags=OVERWRITE)
     if job is None:
         return 0
     if job.launch.launches:

@@ -1,45 +1,18 @@
 """Impossible values fail at start with one line naming the key.
 
-Each area of the config has its own check; ``validate`` runs them all in order. A new feature
-adds its check to ``CHECKS`` rather than growing one long function.
+Every numeric key is first held to its range (``ranges``: finite, sign, bounds); then each area
+of the config has its own check of how keys combine; ``validate`` runs them all in order. A new
+feature adds its check to ``CHECKS`` rather than growing one long function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from clusterlm.config.ranges import check_ranges
 from clusterlm.config.sections import Config
 from clusterlm.config.slow_ranks import parse_slow_ranks
 from clusterlm.errors import UserError
-
-
-def _signs(cfg: Config) -> None:
-    m, t, o, c, p = cfg.model, cfg.training, cfg.optim, cfg.checkpoint, cfg.parallel
-    positive = {
-        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-        "model.block_size": m.block_size, "training.steps": t.steps,
-        "training.micro_batch_size": t.micro_batch_size, "training.eval_batches": t.eval_batches,
-        "training.log_interval": t.log_interval, "optim.lr": o.lr, "checkpoint.keep_last": c.keep_last,
-        "model.ffn_multiple_of": m.ffn_multiple_of, "model.norm_eps": m.norm_eps,
-        "parallel.bucket_mb": p.bucket_mb, "parallel.timeout_s": p.timeout_s,
-        "parallel.tp": p.tp, "parallel.pp": p.pp,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key} must be positive, got {value}")
-    non_negative = {
-        "model.n_kv_head": m.n_kv_head, "model.vocab_size": m.vocab_size, "model.ffn_hidden": m.ffn_hidden,
-        "training.seq_len": t.seq_len, "training.tokens_per_step": t.tokens_per_step,
-        "training.grad_clip": t.grad_clip, "training.eval_interval": t.eval_interval,
-        "training.threads": t.threads, "optim.min_lr": o.min_lr, "optim.warmup_steps": o.warmup_steps,
-        "optim.decay_steps": o.decay_steps, "optim.weight_decay": o.weight_decay,
-        "checkpoint.interval": c.interval, "metrics.peak_flops": cfg.metrics.peak_flops,
-        "parallel.dp_replicate": p.dp_replicate, "parallel.dp_shard": p.dp_shard,
-        "parallel.pp_microbatches": p.pp_microbatches, "parallel.pp_stages_per_rank": p.pp_stages_per_rank,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{key} must be >= 0, got {value}")
 
 
 def _model(cfg: Config) -> None:
@@ -52,8 +25,6 @@ def _model(cfg: Config) -> None:
         raise UserError("model.n_kv_head != n_head (grouped-query attention) needs model.flavour = llama")
     if (m.n_embd // m.n_head) % 2 and m.flavour == "llama":
         raise UserError(f"llama needs an even head size for rotary positions; n_embd/n_head = {m.n_embd // m.n_head}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if cfg.seq_len > m.block_size:
         raise UserError(f"training.seq_len ({cfg.training.seq_len}) exceeds the model's context "
                         f"model.block_size ({m.block_size})")
@@ -63,9 +34,6 @@ def _optim(cfg: Config) -> None:
     o = cfg.optim
     if o.min_lr > o.lr:
         raise UserError(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
-    for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise UserError(f"{key} must be in [0, 1), got {beta}")
 
 
 def _parallel(cfg: Config) -> None:
@@ -84,8 +52,6 @@ def _comm(cfg: Config) -> None:
     if cfg.comm.reduce_scatter == "ring" and cfg.parallel.data_parallel not in ("zero2", "zero3", "hsdp"):
         raise UserError("comm.reduce_scatter = ring applies to parallel.data_parallel = zero2, zero3 or hsdp "
                         "(the others all-reduce; comm.allreduce picks their algorithm)")
-    if cfg.comm.powersgd_rank < 1 or not 0 < cfg.comm.topk_ratio <= 1:
-        raise UserError("comm.powersgd_rank must be >= 1 and comm.topk_ratio in (0, 1]")
 
 
 def _experiments(cfg: Config) -> None:
@@ -94,12 +60,6 @@ def _experiments(cfg: Config) -> None:
 
 def _async(cfg: Config) -> None:
     p = cfg.parallel
-    if p.local_steps < 1:
-        raise UserError(f"parallel.local_steps must be >= 1, got {p.local_steps}")
-    if p.ps_staleness < -1:
-        raise UserError(f"parallel.ps_staleness is -1 (fully asynchronous) or a bound >= 0, got {p.ps_staleness}")
-    if p.ps_servers < 1 or p.ps_lease_s <= 0 or p.outer_lr <= 0 or not 0 <= p.outer_momentum < 1:
-        raise UserError("parallel.ps_servers must be >= 1, ps_lease_s and outer_lr > 0, outer_momentum in [0, 1)")
     if p.data_parallel == "ps" and (p.tp > 1 or p.pp > 1):
         raise UserError("parallel.data_parallel = ps keeps a whole model per worker; set parallel.tp = 1 and "
                         "parallel.pp = 1")
@@ -118,8 +78,6 @@ def _init_from(cfg: Config) -> None:
 
 def _monitoring(cfg: Config) -> None:
     m, p = cfg.metrics, cfg.parallel
-    if not 0 <= m.prometheus_port <= 65535:
-        raise UserError(f"metrics.prometheus_port must be a port number in 0..65535 (0 = off), got {m.prometheus_port}")
     if m.straggler_ratio and m.straggler_ratio < 1:
         raise UserError(f"metrics.straggler_ratio compares the slowest rank with the median: use >= 1 (or 0 = off), "
                         f"got {m.straggler_ratio}")
@@ -130,12 +88,6 @@ def _monitoring(cfg: Config) -> None:
         raise UserError("parallel.load_balance_counts needs parallel.load_balance = true")
 
 
-def _fault_tolerance(cfg: Config) -> None:
-    c, p = cfg.checkpoint, cfg.parallel
-    if c.preempt_grace_s <= 0 or p.hang_timeout_s < 0:
-        raise UserError("checkpoint.preempt_grace_s must be positive and parallel.hang_timeout_s >= 0 (0 = off)")
-
-
 def _objective(cfg: Config) -> None:
     if cfg.finetune.task:  # fine-tuning has its own objective: the labels' cross-entropy
         return
@@ -143,8 +95,6 @@ def _objective(cfg: Config) -> None:
     if encoder != (objective == "mlm"):
         raise UserError(f"model.flavour = {cfg.model.flavour} trains with training.objective = "
                         f"{'mlm' if encoder else 'clm'}, not {objective}")
-    if not 0.0 < cfg.training.mlm_probability < 1.0:
-        raise UserError(f"training.mlm_probability must be in (0, 1), got {cfg.training.mlm_probability}")
     if encoder and (cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel):
         raise UserError("model.flavour = bert has no pipeline or sequence-parallel plan yet; use parallel.pp = 1 "
                         "and parallel.sequence_parallel = false (data and tensor parallelism work)")
@@ -163,13 +113,10 @@ def _finetune(cfg: Config) -> None:
                         "(hf:DIR), not both")
     if not 0 <= f.freeze_layers <= cfg.model.n_layer:
         raise UserError(f"finetune.freeze_layers must be in 0..{cfg.model.n_layer} (model.n_layer), got {f.freeze_layers}")
-    if f.head_lr < 0:
-        raise UserError(f"finetune.head_lr must be >= 0 (0 = optim.lr), got {f.head_lr}")
 
 
-CHECKS: tuple[Callable[[Config], None], ...] = (_signs, _model, _optim, _parallel, _comm, _checkpoint, _experiments,
-                                                _init_from, _monitoring, _async, _fault_tolerance, _objective,
-                                                _finetune)
+CHECKS: tuple[Callable[[Config], None], ...] = (check_ranges, _model, _optim, _parallel, _comm, _checkpoint,
+                                                _experiments, _init_from, _monitoring, _async, _objective, _finetune)
 
 
 def validate(cfg: Config) -> None:

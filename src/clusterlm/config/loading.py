@@ -54,7 +54,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             value = float(value)
         else:
             value = str(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer key given 1e999
         expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
         raise UserError(f"{key} must be {expected}, got {value!r}") from None
     choices = f.metadata.get("choices")

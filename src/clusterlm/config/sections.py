@@ -71,6 +71,9 @@ class TrainingConfig:
     mlm_probability: float = setting(0.15, "mlm: share of each sequence's tokens to predict (BERT's 80/10/10 rule)")
     slow_ranks: str = setting("", "make ranks slower for experiments: RANK:FACTOR[,...], e.g. '1:3' (rank 1 takes 3x "
                           "its compute time)")
+    skip_nonfinite: bool = setting(False, "skip a step whose loss or gradient norm is not finite (no optimizer step, "
+                               "gradients zeroed, counted in the metrics as skipped_steps) instead of stopping "
+                               "the run with an error")
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class CheckpointConfig:
                            "training continues")
     preempt_grace_s: float = setting(60.0, "seconds between a SIGTERM/SIGUSR1 and the kill that follows: the job "
                                  "saves and exits within them")
+    overwrite: bool = setting(False, "let a fresh run (resume = none) start in an out_dir that holds complete "
+                          "checkpoints, deleting them first (default: refuse; --resume auto continues them)")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from clusterlm.distributed.mpi_environment import launched_by_mpi
 from clusterlm.errors import UserError
 from clusterlm.launch.elastic import check_sizes, node_range
 from clusterlm.launch.signals import preemption_environment, run_forwarding_preemption
+from clusterlm.train.out_dir import launcher_claim
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts", "--rdzv-id", "--local-addr",
                   "--rdzv-conf")
@@ -87,4 +89,9 @@ def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
     # One intra-op thread per process unless the user chose: N processes share the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // opts.nproc)))
     preemption_environment(env, cfg.checkpoint.preempt_grace_s)
-    return run_forwarding_preemption(torchrun_command(opts, command_argv), env)
+    command = torchrun_command(opts, command_argv)
+    # A training job on one node: this process holds its out_dir for every rank and restart. Across
+    # nodes the launchers cannot tell which of them starts rank 0, so rank 0 takes it.
+    trains = command_argv[:1] in (["train"], ["finetune"]) and opts.nnodes == "1"
+    with launcher_claim(cfg, env) if trains else contextlib.nullcontext():
+        return run_forwarding_preemption(command, env)

@@ -105,3 +105,9 @@ class Precision:
                 optimizer.step()
         if self.scaler:
             self.scaler.update()
+
+    def skip(self) -> None:
+        """A step not taken (``training.skip_nonfinite``): the loss scaler still closes its
+        iteration, lowering the scale when the gradients overflowed."""
+        if self.scaler:
+            self.scaler.update()

@@ -86,6 +86,7 @@ class Session:
     sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
     balancer: LoadBalancer | None = None  # micro-batches per rank (parallel.load_balance)
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # in line, or async (checkpoint.async_save)
+    skipped_steps: int = 0  # steps not applied: their loss or gradient norm was not finite (training.skip_nonfinite)
 
     @property
     def tokens_per_step(self) -> int:

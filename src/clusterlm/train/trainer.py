@@ -26,7 +26,9 @@ from clusterlm.observe.monitor import Monitor
 from clusterlm.observe.sinks import MetricsSinks, ProgressDisplay
 from clusterlm.train.finetune import finetune_task
 from clusterlm.train.injected_slowdown import slowed
+from clusterlm.train.nonfinite import step_is_finite
 from clusterlm.train.optim import lr_at
+from clusterlm.train.out_dir import claim_out_dir, release, untouched
 from clusterlm.train.preemption import Preemption
 from clusterlm.train.session import Metrics, Session, build_session, save
 
@@ -65,9 +67,11 @@ def train_step(session: Session) -> torch.Tensor:
     watchdog.phase("optimizer", session.step)
     for optimizer in session.optimizers:
         precision.unscale(optimizer)
-    if session.cfg.training.grad_clip:
-        session.model.clip_grad_norm(session.cfg.training.grad_clip)
-    precision.step(session.optimizers)
+    grad_norm = session.model.clip_grad_norm(session.cfg.training.grad_clip or math.inf)  # inf: measured, not clipped
+    if step_is_finite(session, loss, grad_norm):  # else stopped, or skipped (training.skip_nonfinite)
+        precision.step(session.optimizers)
+    else:
+        precision.skip()
     for optimizer in session.optimizers:
         optimizer.zero_grad(set_to_none=True)
     advanced = session.model.after_step(session.step + 1) - session.step  # a parameter server's workers advance it together
@@ -90,19 +94,22 @@ def _due(before: int, step: int, interval: int, last: int) -> bool:
 
 
 def train(cfg: Config) -> TrainSummary:
+    fresh = untouched(cfg.training.out_dir)
+    lock = claim_out_dir(cfg)  # one run per out_dir: taken, or refused, before anything is written
     preemption = Preemption(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGUSR1: save and stop at a step boundary
-    fresh = not Path(cfg.training.out_dir).exists()
     watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
     try:
         return _train(cfg, preemption)
     except UserError:
         watchdog.stop()
-        if fresh:  # bad input leaves the disk as it was: only the heartbeats were written
+        release(lock)
+        if fresh:  # bad input leaves the disk as it was: only the heartbeats (and the lock) were written
             watchdog.remove_heartbeats(cfg.training.out_dir)
         raise
     finally:
         watchdog.stop()
         preemption.close()
+        release(lock)
 
 
 def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
@@ -129,10 +136,7 @@ def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
         loss_value = monitor.mean_loss(s, loss) if logging else math.nan
         window_seconds += time.perf_counter() - start
         window_steps += s.step - before  # 1, or for a parameter server's worker the job's steps meanwhile
-        if logging:
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss became {loss_value} at step {s.step}; lower optim.lr and resume from the "
-                                "last good checkpoint with --resume auto")
+        if logging and math.isfinite(loss_value):  # not finite: a skipped step, logged with the next window
             record = _train_record(s, loss_value, window_seconds / window_steps)
             monitor.observe(s, record, sinks)
             summary.train_loss = loss_value
@@ -191,7 +195,7 @@ def _train_record(session: Session, loss: float, seconds_per_step: float) -> dic
         "kind": "train", "step": session.step, "tokens": session.tokens, "loss": loss,
         "lr": session.optimizers[0].param_groups[0]["lr"], "ms_per_step": 1000 * seconds_per_step,
         "tokens_per_s": tokens_per_s, "mfu": per_device / session.peak_flops if session.peak_flops else None,
-        **session.model.comm_metrics(),
+        **session.model.comm_metrics(), **({"skipped_steps": session.skipped_steps} if session.cfg.training.skip_nonfinite else {}),
     }
 
 

@@ -12,7 +12,7 @@ from clusterlm.errors import UserError
     ({"parallel.local_steps": "0"}, "parallel.local_steps must be >= 1, got 0"),
     ({"parallel.data_parallel": "ps", "parallel.tp": "2"}, "ps keeps a whole model per worker; set parallel.tp = 1"),
     ({"parallel.data_parallel": "ps", "parallel.pp": "2"}, "ps keeps a whole model per worker"),
-    ({"parallel.outer_momentum": "1"}, "outer_momentum in \\[0, 1\\)"),
+    ({"parallel.outer_momentum": "1"}, "parallel.outer_momentum must be in \\[0, 1\\)"),
 ])
 def test_bad_async_settings_are_one_line(values, message):
     with pytest.raises(UserError, match=message) as err:

@@ -7,6 +7,7 @@ import signal
 import pytest
 
 from clusterlm import checkpoint
+from clusterlm.checkpoint.out_dir_lock import take, this_process
 from clusterlm.config import build_config
 from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
@@ -22,8 +23,11 @@ def _complete(root, step, run_id=None):
 
 def test_what_a_failure_leaves_behind_is_never_resumed(tmp_path):
     root = tmp_path / "checkpoints"
+    lock = take(tmp_path, this_process())  # the run's token names its temporaries
     good = _complete(root, 4)
-    killed_in_write = root / ".step_00000008.0123abcd.tmp"  # a save killed while DCP wrote
+    killed_in_write = root / f".step_00000008.{lock.holder.token}.0123abcd.tmp"  # a save killed while DCP wrote
+    another_runs = root / ".step_00000008.ffffffffffffffffffffffffffffffff.0123abcd.tmp"
+    another_runs.mkdir(parents=True)
     killed_in_write.mkdir()
     (killed_in_write / "__0_0.distcp").write_bytes(b"half")
     unfinished = root / "step_00000012"  # a directory that never got complete.json
@@ -34,8 +38,10 @@ def test_what_a_failure_leaves_behind_is_never_resumed(tmp_path):
     assert checkpoint.resolve_resume("auto", root).path == good
     with pytest.raises(UserError, match="corrupt"):
         checkpoint.resolve_resume(str(damaged), root)
-    _complete(root, 20)  # the next save clears what the killed one left
-    assert not killed_in_write.exists()
+    _complete(root, 20)  # the next save clears what the killed one left, and only that
+    lock.release()
+    assert not killed_in_write.exists() and another_runs.is_dir()
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_a_restart_resumes_its_own_run_first(tmp_path):
