@@ -22,26 +22,26 @@ from clusterlm.train.session import Session
 INDEPENDENT_REPLICAS = ("local_sgd", "diloco", "ps")
 
 
-def _agreed(s: Session, probe: torch.Tensor) -> torch.Tensor:
+def _agreed(session: Session, probe: torch.Tensor) -> torch.Tensor:
     """``probe`` summed over the ranks that step together: a NaN or infinity anywhere stays one."""
-    if (dist.is_initialized() and dist.get_world_size() > 1 and s.runtime.lockstep
-            and s.cfg.parallel.data_parallel not in INDEPENDENT_REPLICAS):
+    if (dist.is_initialized() and dist.get_world_size() > 1 and session.runtime.lockstep
+            and session.cfg.parallel.data_parallel not in INDEPENDENT_REPLICAS):
         probe = probe.clone()
         dist.all_reduce(probe)
     return probe
 
 
-def step_is_finite(s: Session, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+def step_is_finite(session: Session, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
     """True when the step may be applied; False when it is to be skipped; raises UserError to stop."""
     values = [loss.detach().float().reshape(())]
-    if s.model.precision.scaler is None:  # fp16: overflowing gradients are the scaler's to skip
+    if session.model.precision.scaler is None:  # fp16: overflowing gradients are the scaler's to skip
         values.append(grad_norm.detach().float().reshape(()).to(values[0].device))
-    probe = _agreed(s, torch.stack(values)).tolist()
+    probe = _agreed(session, torch.stack(values)).tolist()
     if all(math.isfinite(value) for value in probe):
         return True
-    step = s.step + 1
-    if s.cfg.training.skip_nonfinite:
-        s.skipped_steps += 1
+    step = session.step + 1
+    if session.cfg.training.skip_nonfinite:
+        session.skipped_steps += 1
         return False
     names = ("loss", "gradient norm")
     found = ", ".join(f"{name} {value}" for name, value in zip(names, probe, strict=False) if not math.isfinite(value))
