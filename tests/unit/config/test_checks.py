@@ -23,3 +23,11 @@ def test_impossible_values_fail_with_one_line(key, value, message):
     with pytest.raises(UserError, match=message) as err:
         build_config("configs/nano-cpu.toml", {key: value})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"checkpoint.preempt_grace_s": 0}, "preempt_grace_s must be positive"),
+])
+def test_bad_fault_settings_are_one_line(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_config(None, overrides)

@@ -1,17 +1,12 @@
-"""Single-process pieces of fault tolerance: what resume may pick, restarts, the grace warning."""
+"""Which checkpoint a run resumes from: never what a failure left behind, and a restarted job's own first."""
 
 import json
-import os
-import signal
 
 import pytest
 
 from clusterlm import checkpoint
 from clusterlm.checkpoint.out_dir_lock import take, this_process
-from clusterlm.config import build_config
-from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
-from clusterlm.train.preemption import Preemption
 
 
 def _complete(root, step, run_id=None):
@@ -51,24 +46,3 @@ def test_a_restart_resumes_its_own_run_first(tmp_path):
     assert checkpoint.resolve_resume("none", root, own_run="job-a").path == mine
     assert checkpoint.resolve_resume("none", root, own_run="job-b") is None  # nothing of its own yet: as asked
     assert checkpoint.resolve_resume("auto", root).path.name == "step_00000090"
-
-
-def test_a_grace_period_shorter_than_a_step_is_one_line(capsys):
-    preemption = Preemption(grace_s=0.5)
-    try:
-        assert not preemption.requested(Runtime(device="cpu"), step_seconds=2.0)
-        preemption.requested(Runtime(device="cpu"), step_seconds=2.0)
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert preemption.requested(Runtime(device="cpu"), step_seconds=0.1)
-    finally:
-        preemption.close()
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "checkpoint.preempt_grace_s" in err
-
-
-@pytest.mark.parametrize("overrides,message", [
-    ({"checkpoint.preempt_grace_s": 0}, "preempt_grace_s must be positive"),
-])
-def test_bad_fault_settings_are_one_line(overrides, message):
-    with pytest.raises(UserError, match=message):
-        build_config(None, overrides)
