@@ -18,6 +18,7 @@ import torch
 from clusterlm.config import Config
 from clusterlm.distributed.runtime import describe_layout
 from clusterlm.errors import UserError
+from clusterlm.files import check_output_path
 from clusterlm.models import param_count
 from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.gpt import attention_kernel
@@ -90,14 +91,15 @@ def _due(before: int, step: int, interval: int, last: int) -> bool:
 
 
 def train(cfg: Config) -> TrainSummary:
+    check_output_path(cfg.training.out_dir, "training.out_dir")
     preemption = Preemption(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGUSR1: save and stop at a step boundary
-    fresh = not Path(cfg.training.out_dir).exists()
+    fresh = watchdog.holds_only_heartbeats(cfg.training.out_dir)
     watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
     try:
         return _train(cfg, preemption)
-    except UserError:
+    except (UserError, KeyboardInterrupt):
         watchdog.stop()
-        if fresh:  # bad input leaves the disk as it was: only the heartbeats were written
+        if fresh:  # bad input (or an interrupt before any output) leaves the disk as it was: the heartbeats go
             watchdog.remove_heartbeats(cfg.training.out_dir)
         raise
     finally:
