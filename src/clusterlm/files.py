@@ -16,6 +16,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from clusterlm.errors import UserError
+
+
+def check_output_path(path: str | Path, what: str, directory: bool = True) -> None:
+    """Fail with one line naming ``what`` (the option) when ``path``, a directory (or with
+    ``directory=False`` a file) to be written, cannot be: it is a file (a directory), or a file
+    stands where one of its parent directories should be."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise UserError(f"{what} {path} is a {'file' if directory else 'directory'}; choose a new path")
+    for parent in path.parents:
+        if parent.is_dir():
+            return
+        if parent.exists() or parent.is_symlink():
+            raise UserError(f"{what} {path} lies under {parent}, which is a file; choose a path in a directory")
+
 
 def temporary_sibling(path: str | Path) -> Path:
     """A unique hidden name in ``path``'s directory (same file system, so the rename is atomic)."""

@@ -3,7 +3,8 @@
 ``clusterlm <command>`` dispatches to ``clusterlm.cli.<module>``; each exposes ``main(argv) -> int``
 with its own argparse parser and calls library functions that take typed arguments, so
 ``clusterlm train --help`` lists exactly that command's options. Bad input raises ``UserError``,
-printed here as one line with exit status 2.
+printed here as one line with exit status 2; a worker of the launcher's agent hands the line to the
+agent instead, which prints it once for the job (``clusterlm.launch.worker_errors``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 
 from clusterlm.errors import UserError
+from clusterlm.launch.worker_errors import EXIT_USER_ERROR, report_to_agent
 
 # subcommand -> (module with main(argv), one-line description)
 COMMANDS = {
@@ -65,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(rest) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if not report_to_agent(str(err)):
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,6 @@ What it measures and prints is ``clusterlm.bench.train``'s; ``bench comm`` is
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 
 from clusterlm.bench.init_speed import bench_init
@@ -98,6 +97,10 @@ def usage() -> str:
 def main(argv: list[str]) -> int:
     if argv and argv[0] in MAINS:
         return MAINS[argv[0]](argv[1:])
-    asked = bool(argv) and argv[0] in ("-h", "--help")
-    print(usage(), file=sys.stdout if asked else sys.stderr)
-    return 0 if asked else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv:
+        raise UserError(f"clusterlm bench needs a subcommand: {', '.join(MAINS)}; `clusterlm bench --help` says "
+                        "what each measures")
+    raise UserError(f"unknown bench subcommand {argv[0]!r}; choose one of: {', '.join(MAINS)}")

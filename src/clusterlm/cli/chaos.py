@@ -9,6 +9,7 @@ from pathlib import Path
 from clusterlm.cli.options import parse_job
 from clusterlm.errors import UserError
 from clusterlm.launch.chaos import run_chaos
+from clusterlm.launch.preflight import preflight
 
 
 def add_chaos_options(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def main(argv: list[str]) -> int:
         raise UserError("chaos needs --nproc N (N >= 1) and --kills K (K >= 1)")
     if job.cfg.parallel.hang_timeout_s <= 0:
         raise UserError("chaos follows the ranks through their heartbeats; leave parallel.hang_timeout_s above 0")
+    preflight(job.cfg, job.launch.nproc, job.launch.nnodes)  # the reference run would fail on the same input
     train_argv = _without(argv, {"--nproc": 1, "--max-restarts": 1, "--kills": 1, "--seed": 1,
                                         "--max-delay": 1, "--no-write-kills": 0, "--training.out_dir": 1})
     report = run_chaos(job.launch.nproc, args.kills, train_argv, Path(job.cfg.training.out_dir), args.seed,

@@ -8,6 +8,7 @@ import math
 from clusterlm.cli.checkpoints import add_checkpoint_arguments, load
 from clusterlm.cli.options import Parser
 from clusterlm.config import apply_overrides
+from clusterlm.errors import UserError
 from clusterlm.train.evaluate import eval_windows, evaluate
 
 
@@ -17,6 +18,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", default="val", choices=("train", "val"), help="which split to score")
     parser.add_argument("--batches", type=int, default=0, help="batches to score (0 = training.eval_batches)")
     args = parser.parse_args(argv)
+    if args.batches < 0:
+        raise UserError(f"--batches must be >= 0 (0 = the run's training.eval_batches), got {args.batches}")
     loaded = load(args)
     cfg = apply_overrides(loaded.cfg, {"training.eval_batches": args.batches}) if args.batches else loaded.cfg
     windows = eval_windows(cfg, loaded.state.get("dp_size", 1))

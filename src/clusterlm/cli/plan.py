@@ -16,6 +16,7 @@ import sys
 from clusterlm.bench.layout_runs import evidence, run_validation
 from clusterlm.cli.options import Parser
 from clusterlm.errors import UserError
+from clusterlm.files import check_output_path
 from clusterlm.plan.calibration import check_device, load_calibration, save_calibration
 from clusterlm.plan.cluster import Cluster, load_cluster, preset_names
 from clusterlm.plan.emit import write_config
@@ -73,13 +74,7 @@ def main(argv: list[str]) -> int:
         return 0
     if args.validate:
         return _validate(args.calibration_out, args.validate_steps, args.validate_rounds)
-    if not args.model:
-        raise UserError("--model is required; e.g. --model llama-8b (or --published / --validate)")
-    if not 0 < args.headroom <= 1:
-        raise UserError(f"--headroom must be in (0, 1], got {args.headroom}")
-    if args.top <= 0:
-        raise UserError(f"--top must be positive, got {args.top}")
-
+    _check_options(args)
     model = load_model_args(args.model, args.vocab_size)
     cluster = load_cluster(args.cluster)
     if args.nodes is not None:
@@ -118,6 +113,17 @@ def main(argv: list[str]) -> int:
         write_config(args.emit_config, best)
         print(f"wrote {args.emit_config}")
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if not args.model:
+        raise UserError("--model is required; e.g. --model llama-8b (or --published / --validate)")
+    if not 0 < args.headroom <= 1:
+        raise UserError(f"--headroom must be in (0, 1], got {args.headroom}")
+    if args.top <= 0:
+        raise UserError(f"--top must be positive, got {args.top}")
+    if args.emit_config:
+        check_output_path(args.emit_config, "--emit-config", directory=False)  # before the search, not after
 
 
 def _validate(calibration_out: str, steps: int, rounds: int) -> int:

@@ -36,6 +36,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Convert a TOML or command-line value to the field's type, or fail naming the key."""
     kind = type(f.default)
     try:
+        if not isinstance(value, (str, int, float)):  # TOML arrays, tables, dates and times
+            raise ValueError
         if kind is bool:
             if isinstance(value, str):
                 lowered = value.lower()
@@ -54,7 +56,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             value = float(value)
         else:
             value = str(value)
-    except (ValueError, OverflowError):  # OverflowError: an integer key given 1e999
+    except (ValueError, OverflowError):  # OverflowError: an integer key given inf or 1e999
         expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
         raise UserError(f"{key} must be {expected}, got {value!r}") from None
     choices = f.metadata.get("choices")
@@ -91,7 +93,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found; presets live in configs/*.toml")
     try:
-        return _flatten_toml(tomllib.loads(path.read_text()), str(path))
+        return _flatten_toml(tomllib.loads(path.read_bytes().decode("utf-8")), str(path))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: invalid TOML ({err})") from None
 

@@ -47,7 +47,7 @@ def pretrained_checkpoint_model(source: str) -> tuple[Any, dict[str, Any]]:
                         "one; point it at a training run's out_dir or one of its checkpoints/step_* directories")
     try:
         model = dict(json.loads((path / TRAINER_STATE).read_text())["config"]["model"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise UserError(f"checkpoint {path} has no readable {TRAINER_STATE}; it is damaged, pick another") from None
     model.pop("init_from", None)  # where the pretrained run began is not this run's concern
     return path, model

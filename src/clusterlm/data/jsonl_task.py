@@ -56,6 +56,8 @@ def _record(name: str, number: int, raw: bytes) -> Record:
         raise UserError(f"{where} is not UTF-8 (bad byte at offset {err.start}); convert the file to UTF-8") from err
     except json.JSONDecodeError as err:
         raise UserError(f"{where} is not valid JSON ({err.msg} at column {err.colno}); {_FIX}") from err
+    except RecursionError:
+        raise UserError(f"{where} nests arrays or objects too deeply to read; {_FIX}") from None
     if not isinstance(value, dict):
         raise UserError(f"{where} is not a JSON object; {_FIX}")
     for key in ("text", "label"):

@@ -127,7 +127,7 @@ def load_manifest(data_dir: str | os.PathLike[str]) -> Manifest:
                 "`clusterlm prepare` without --task"
             )
         return build_typed(Manifest, raw, "manifest")
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: JSON nested too deeply to parse
         raise UserError(
             f"{MANIFEST_NAME} in {data_dir} is malformed ({err}); "
             f"run `clusterlm prepare --out {data_dir} --force` to rebuild it"
@@ -148,11 +148,30 @@ def verify_shards(data_dir: str | os.PathLike[str]) -> Manifest:
             else None
         )
         if problem:
-            raise UserError(
-                f"{name} in {data_dir} is corrupt: {problem}; "
-                f"run `clusterlm prepare --out {data_dir} --force` to rebuild it"
-            )
+            raise _corrupt(name, data_dir, problem)
     return manifest
+
+
+def check_files_present(data_dir: str | os.PathLike[str]) -> Manifest:
+    """Check that every file the manifest lists is there, each shard at its recorded size
+    (quick: nothing is hashed); returns the manifest."""
+    manifest = load_manifest(data_dir)
+    fs, root = url_to_fs(data_dir)
+    itemsize = np.dtype(manifest.dtype).itemsize
+    sizes: dict[str, int | None] = {manifest.tokenizer.file: None}
+    sizes |= {s.file: s.tokens * itemsize for split in manifest.splits.values() for s in split.shards}
+    for name, size in sizes.items():
+        path = join(root, name)
+        if not fs.isfile(path):
+            raise _corrupt(name, data_dir, "it is missing")
+        if size is not None and fs.size(path) != size:
+            raise _corrupt(name, data_dir, f"it holds {fs.size(path)} bytes where the manifest records {size}")
+    return manifest
+
+
+def _corrupt(name: str, data_dir: str | os.PathLike[str], problem: str) -> UserError:
+    return UserError(f"{name} in {data_dir} is corrupt: {problem}; run `clusterlm prepare --out {data_dir} --force` "
+                     "to rebuild it")
 
 
 def build_typed(kind: Any, value: Any, where: str) -> Any:

@@ -41,9 +41,10 @@ from clusterlm.data.manifest import (
     token_dtype,
 )
 from clusterlm.data.shards import ShardWriter
-from clusterlm.data.storage import SourceFile, StagedDir, join, resolve_sources, url_to_fs
+from clusterlm.data.storage import SourceFile, StagedDir, is_local, join, resolve_sources, url_to_fs
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
+from clusterlm.files import check_output_path
 
 SPLIT_RULE = "seeded-span"
 DEFAULT_BPE_VOCAB = 4096
@@ -89,6 +90,8 @@ def prepare(opts: PrepareOptions) -> Manifest:
     fingerprint = _fingerprint(opts, infos, given_tokenizer)
 
     fs, root = url_to_fs(opts.out)
+    if is_local(fs):
+        check_output_path(root, "--out")
     existing = _existing_manifest(fs, root)
     if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
         assert existing is not None  # its fingerprint matched
@@ -226,7 +229,7 @@ def _existing_manifest(fs: AbstractFileSystem, root: str) -> Manifest | None:
         return None
     try:
         return Manifest.from_json(fs.cat_file(path).decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

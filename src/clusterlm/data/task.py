@@ -139,7 +139,7 @@ def _raw_manifest(directory: str) -> dict | None:
         return None
     try:
         raw = json.loads(fs.cat_file(path).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON (or UTF-8), or nested too deeply to parse
         return None
     return raw if isinstance(raw, dict) else None
 

@@ -42,7 +42,7 @@ from clusterlm.data.prepare import (
     scan_sources,
     up_to_date,
 )
-from clusterlm.data.storage import SourceFile, StagedDir, join, resolve_sources, url_to_fs
+from clusterlm.data.storage import SourceFile, StagedDir, is_local, join, resolve_sources, url_to_fs
 from clusterlm.data.task import (
     TASK_FORMAT_VERSION,
     TASK_SPLITS,
@@ -52,6 +52,7 @@ from clusterlm.data.task import (
 )
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
+from clusterlm.files import check_output_path
 
 PLAY_TASK = "play-classification"
 JSONL_PREFIX = "jsonl:"
@@ -99,6 +100,8 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
         texts = [r.text for r in records]
     fingerprint = _fingerprint(opts, infos, given)
     fs, root = url_to_fs(opts.out)
+    if is_local(fs):
+        check_output_path(root, "--out")
     existing = _existing_task(fs, root)
     if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
         assert existing is not None  # its fingerprint matched
@@ -206,7 +209,7 @@ def _existing_task(fs: AbstractFileSystem, root: str) -> TaskManifest | None:
     path = join(root, MANIFEST_NAME)
     try:
         return build_typed(TaskManifest, json.loads(fs.cat_file(path).decode("utf-8")), "manifest")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from clusterlm.config import Config
 from clusterlm.config.degrees import check_layout
+from clusterlm.distributed.launch_variables import launch_position
 from clusterlm.distributed.mesh import build_mesh
 from clusterlm.distributed.mpi_environment import adopt_mpi_environment
 from clusterlm.distributed.ps_rendezvous import PSRole, join_parameter_server_job
@@ -75,14 +76,15 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
     adopt_mpi_environment()  # an mpirun rank: torchrun's variables from OpenMPI's or PMI's
-    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    _, world_size, local_rank = launch_position()
+    world_size = dist.get_world_size() if dist.is_initialized() else world_size
     replicate, shard = check_layout(cfg, world_size)  # before any process waits for another
     if cfg.parallel.data_parallel == "ps":
         return _parameter_server_runtime(cfg, device, world_size)
     if world_size == 1 and not dist.is_initialized():
         return Runtime(device=device)
     if device.type == "cuda":
-        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        gpus = torch.cuda.device_count()
         if local_rank >= gpus:
             raise UserError(f"local rank {local_rank} has no GPU of its own: this node has {gpus}; launch at most "
                             f"{gpus} processes per node (--nproc {gpus}) or train on CPU (--training.device cpu)")
@@ -98,7 +100,7 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 def _parameter_server_runtime(cfg: Config, device: torch.device, world_size: int) -> Runtime:
     """No process group: workers and servers talk point to point (``clusterlm.distributed.ps_rendezvous``)."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_position()[0]
     role = join_parameter_server_job(cfg.parallel, rank, world_size)
     return Runtime(device, rank, world_size, dp_rank=min(rank, role.workers - 1), dp_size=role.workers, ps=role)
 

@@ -40,9 +40,13 @@ _TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight", "cls.predictions
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply for the parser
         raise UserError(f"{path} is unreadable ({err}); save the model again with save_pretrained") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; save the model again with "
+                        "save_pretrained")
+    return value
 
 
 def hf_config_json(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 from clusterlm.data.special_tokens import SPECIAL_TOKENS, special_token_id
 from clusterlm.data.tokenizer import EOT, Tokenizer
 from clusterlm.errors import UserError
-from clusterlm.files import temporary_sibling
+from clusterlm.files import check_output_path, temporary_sibling
 from clusterlm.interop.hf_config import hf_config
 from clusterlm.interop.hf_mapping import assemble, hf_shapes, hf_tensors
 from clusterlm.interop.writer import write_sharded
@@ -64,6 +64,7 @@ def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str]
     clusterlm name, stored as ``dtype`` (fp32, bf16, fp16); returns the file names written. ``out``
     must be absent or empty."""
     out = Path(out)
+    check_output_path(out, "--out")
     check_destination(out)
     pieces = hf_tensors(args)
     tmp = temporary_sibling(out)

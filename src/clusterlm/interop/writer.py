@@ -34,8 +34,8 @@ def parse_size(text: str) -> int:
         value = float(number) * _UNITS[unit]
     except (KeyError, ValueError):
         raise UserError(f"size {text!r} is not understood; write e.g. 5GB, 500MB, 2GiB or a byte count") from None
-    if value <= 0:
-        raise UserError(f"size {text!r} must be positive")
+    if not value > 0 or math.isinf(value):  # nan compares false both ways
+        raise UserError(f"size {text!r} must be a positive, finite number of bytes")
     return int(value)
 
 

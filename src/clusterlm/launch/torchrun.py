@@ -1,5 +1,6 @@
 """Start a multi-process job through torchrun, the real launcher: every rank runs
-`python -m clusterlm <command> ...` with the same arguments, minus the launcher's own options."""
+`python -m clusterlm <command> ...` with the same arguments, minus the launcher's own options.
+torchrun runs inside ``clusterlm.launch.agent``, which turns a worker's bad input into one line."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from dataclasses import dataclass
 from clusterlm.config import Config
 from clusterlm.distributed.mpi_environment import launched_by_mpi
 from clusterlm.errors import UserError
-from clusterlm.launch.elastic import check_sizes, node_range
+from clusterlm.launch.elastic import node_range
+from clusterlm.launch.preflight import preflight
 from clusterlm.launch.signals import preemption_environment, run_forwarding_preemption
+from clusterlm.launch.worker_errors import EXIT_USER_ERROR
+from clusterlm.observe.watchdog import holds_only_heartbeats, remove_heartbeats
 from clusterlm.train.out_dir import launcher_claim
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts", "--rdzv-id", "--local-addr",
@@ -28,6 +32,15 @@ class LaunchOptions:
     rdzv_id: str = "clusterlm"  # the job's name at the rendezvous: the same on every node
     local_addr: str = ""  # this node's address as the others reach it; "" = its hostname
     rdzv_conf: str = ""  # torchrun's KEY=VALUE,... rendezvous settings (timeouts)
+
+    def __post_init__(self) -> None:
+        if self.nproc < 0:
+            raise UserError(f"--nproc must be >= 0 (processes per node; 0 = this process only), got {self.nproc}")
+        if self.max_restarts < 0:
+            raise UserError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        malformed = [item for item in self.rdzv_conf.split(",") if item and "=" not in item]
+        if malformed:
+            raise UserError(f"--rdzv-conf takes KEY=VALUE[,KEY=VALUE...], e.g. join_timeout=120; got {malformed[0]!r}")
 
     @property
     def launches(self) -> bool:
@@ -69,7 +82,7 @@ def torchrun_command(opts: LaunchOptions, command_argv: list[str]) -> list[str]:
     """``command_argv`` is the clusterlm command line, e.g. ['train', '--config', ...]."""
     if opts.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {opts.nproc}")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={opts.nproc}",
+    command = [sys.executable, "-m", "clusterlm.launch.agent", f"--nproc-per-node={opts.nproc}",
                f"--nnodes={opts.nnodes}", f"--max-restarts={opts.max_restarts}"]
     node_range(opts.nnodes)
     if not opts.standalone and opts.rdzv_endpoint.endswith(":0"):
@@ -80,18 +93,22 @@ def torchrun_command(opts: LaunchOptions, command_argv: list[str]) -> list[str]:
 
 
 def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
-    """Check the layout for every size the job can have (each of an elastic range), then run it through torchrun; returns
-    the launcher's exit status. A layout that cannot run fails here, once, before any worker."""
-    check_sizes(cfg, opts.nproc, opts.nnodes)
+    """Check the job's inputs and its layout for every size it can have (each of an elastic range), then run
+    it through torchrun; returns the launcher's exit status. Bad input fails here, once, before any worker."""
+    preflight(cfg, opts.nproc, opts.nnodes)
+    command = torchrun_command(opts, command_argv)
     env = dict(os.environ)
     # Restarted groups reuse the agent's store otherwise, and their gloo setup then often fails.
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # One intra-op thread per process unless the user chose: N processes share the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // opts.nproc)))
     preemption_environment(env, cfg.checkpoint.preempt_grace_s)
-    command = torchrun_command(opts, command_argv)
     # A training job on one node: this process holds its out_dir for every rank and restart. Across
     # nodes the launchers cannot tell which of them starts rank 0, so rank 0 takes it.
     trains = command_argv[:1] in (["train"], ["finetune"]) and opts.nnodes == "1"
+    fresh = holds_only_heartbeats(cfg.training.out_dir)
     with launcher_claim(cfg, env) if trains else contextlib.nullcontext():
-        return run_forwarding_preemption(command, env)
+        status = run_forwarding_preemption(command, env)
+    if status == EXIT_USER_ERROR and fresh:  # a worker's bad input: the disk as it was, as in one process
+        remove_heartbeats(cfg.training.out_dir)  # what a rank stopped before it cleaned up left behind
+    return status

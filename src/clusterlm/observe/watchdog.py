@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from clusterlm.distributed import restarts
+from clusterlm.distributed.launch_variables import launch_position
 from clusterlm.files import atomic_write_json
 
 EXIT_HUNG = 124  # as timeout(1)
@@ -38,6 +39,8 @@ VERDICT = "hang.json"
 WATCHERS = 2  # ranks 0 and 1 watch, so a stopped rank 0 is reported too
 PHASES = ("setup", "data", "forward_backward", "optimizer", "checkpoint", "eval", "done")
 _current: Watchdog | None = None
+
+HEARTBEATS = "heartbeat"  # the directory in out_dir where every rank beats
 
 
 def phase(name: str, step: int) -> None:
@@ -164,15 +167,23 @@ def start(out_dir: str, timeout_s: float) -> Watchdog | None:
         return None
     if torch.cuda.is_available():
         os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    _current = Watchdog(Path(out_dir) / "heartbeat", rank, world_size, timeout_s)
+    rank, world_size, _ = launch_position()
+    _current = Watchdog(Path(out_dir) / HEARTBEATS, rank, world_size, timeout_s)
     _current.start()
     return _current
 
 
+def holds_only_heartbeats(out_dir: str) -> bool:
+    """Whether ``out_dir`` is absent or holds nothing but heartbeats: a run that fails to start there
+    may then remove them (``remove_heartbeats``). The other ranks of a job that start at the same
+    time find one another's heartbeats, so they decide alike."""
+    path = Path(out_dir)
+    return not path.exists() or (path.is_dir() and {p.name for p in path.iterdir()} <= {HEARTBEATS})
+
+
 def remove_heartbeats(out_dir: str) -> None:
     """Remove the heartbeat directory, and ``out_dir`` when nothing else is in it."""
-    shutil.rmtree(Path(out_dir) / "heartbeat", ignore_errors=True)
+    shutil.rmtree(Path(out_dir) / HEARTBEATS, ignore_errors=True)
     with contextlib.suppress(OSError):
         Path(out_dir).rmdir()
 

@@ -40,6 +40,7 @@ from clusterlm.config import Config
 from clusterlm.distributed import restarts
 from clusterlm.distributed.mpi_environment import torch_variables
 from clusterlm.errors import UserError
+from clusterlm.observe.watchdog import HEARTBEATS
 
 ENV_TOKEN = "CLUSTERLM_OUT_DIR_LOCK"  # the launcher's lock token, for the ranks it starts
 POLL_S = 0.05
@@ -85,14 +86,21 @@ def launcher_claim(cfg: Config, env: MutableMapping[str, str]) -> Iterator[None]
 
 
 def untouched(out_dir: str) -> bool:
-    """Whether no run has written into ``out_dir``: it does not exist, or it holds only the lock
-    this job's launcher took."""
+    """Whether no run has written into ``out_dir``: it does not exist, or it holds only heartbeats
+    (of a run that failed to start) and the lock this job's launcher took."""
     path = Path(out_dir)
     if not path.exists():
         return True
-    token = os.environ.get(ENV_TOKEN)
-    if not token or [p.name for p in path.iterdir()] != [LOCK]:
+    names = {p.name for p in path.iterdir()}
+    if not names <= {LOCK, HEARTBEATS}:
         return False
+    if LOCK not in names:
+        return True
+    token = os.environ.get(ENV_TOKEN)
+    with contextlib.suppress(UserError):
+        holder = read_holder(path / LOCK)
+        return bool(token) and holder is not None and holder.token == token
+    return False
     with contextlib.suppress(UserError):
         holder = read_holder(path / LOCK)
         return holder is not None and holder.token == token

@@ -174,8 +174,12 @@ def language_model_task(cfg: Config) -> TaskSpec:
 
 def read_tokenizer(data_dir: str, sha256: str) -> TokenizerFile:
     """The tokenizer of a prepared directory, as the manifest recorded it."""
-    with fsspec.open(f"{data_dir.rstrip('/')}/tokenizer.json", "rb") as f:
-        return TokenizerFile(sha256, f.read())
+    try:
+        with fsspec.open(f"{data_dir.rstrip('/')}/tokenizer.json", "rb") as f:
+            return TokenizerFile(sha256, f.read())
+    except FileNotFoundError:
+        raise UserError(f"tokenizer.json is missing from {data_dir}; run `clusterlm prepare --out {data_dir} --force` "
+                        "to rebuild it") from None
 
 
 def _start_session(session: Session) -> Session:

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from clusterlm.config import Config
+from clusterlm.distributed.launch_variables import launch_position
 from clusterlm.distributed.runtime import describe_layout
 from clusterlm.errors import UserError
+from clusterlm.files import check_output_path
 from clusterlm.models import param_count
 from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.gpt import attention_kernel
@@ -94,16 +96,18 @@ def _due(before: int, step: int, interval: int, last: int) -> bool:
 
 
 def train(cfg: Config) -> TrainSummary:
+    check_output_path(cfg.training.out_dir, "training.out_dir")
+    launch_position()  # a bad launch environment is one line before the out_dir is claimed
     fresh = untouched(cfg.training.out_dir)
     lock = claim_out_dir(cfg)  # one run per out_dir: taken, or refused, before anything is written
     preemption = Preemption(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGUSR1: save and stop at a step boundary
     watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
     try:
         return _train(cfg, preemption)
-    except UserError:
+    except (UserError, KeyboardInterrupt):
         watchdog.stop()
         release(lock)
-        if fresh:  # bad input leaves the disk as it was: only the heartbeats (and the lock) were written
+        if fresh:  # bad input (or an interrupt before any output) leaves the disk as it was: the heartbeats go
             watchdog.remove_heartbeats(cfg.training.out_dir)
         raise
     finally:
