@@ -62,6 +62,12 @@ class Cluster:
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
+    def listening(self, node: int) -> set[str]:
+        """The local addresses of every TCP socket listening in node's namespace (only the job's run there)."""
+        result = subprocess.run(["ip", "netns", "exec", self.net.name(node), "ss", "-Hltn"], capture_output=True,
+                                text=True, timeout=30)
+        return {line.split()[3] for line in result.stdout.splitlines() if line.strip()}
+
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, cluster: Cluster | None = None) -> float:
     """Poll until ``condition`` holds; returns the seconds waited."""

@@ -109,8 +109,8 @@ class NetworkNamespaces:
         _ip("-n", self.name(node), "link", "set", "eth0", "up" if up else "down")
 
     def popen(self, node: int, command: list[str], log, env: dict[str, str]) -> subprocess.Popen:
-        """``command`` inside node's namespace, gloo on its veth, in its own process group."""
-        env = {**env, "GLOO_SOCKET_IFNAME": "eth0"}
+        """``command`` inside node's namespace, in its own process group. (`clusterlm train
+        --local-addr` puts gloo on the veth that holds the address.)"""
         return subprocess.Popen(["ip", "netns", "exec", self.name(node), *command], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
 

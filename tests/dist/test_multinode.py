@@ -5,6 +5,8 @@ since a namespace's loopback reaches no other node. Needs root (skips without; f
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from .multinode import Cluster, committed_steps, train_arguments, wait_for
@@ -37,13 +39,24 @@ def _progress(out_dir, dp_size: int) -> int:
 
 @pytest.mark.timeout(240)
 def test_two_nodes_of_two_processes_equal_one_process(net, data_dir, reference, tmp_path):
+    """Also where they listen: each node only on the address it was given (--local-addr), the
+    rendezvous store (node 0's agent) and rank 0's store included, never on every interface."""
     cluster = Cluster(net, tmp_path / "logs", "2", NPROC, train_arguments(data_dir, tmp_path / "run"))
     for node in (0, 1):
         cluster.start(node)
+    listening: dict[int, set[str]] = {0: set(), 1: set()}
+    deadline = time.monotonic() + 200
+    while any(cluster.launchers[node].poll() is None for node in (0, 1)) and time.monotonic() < deadline:
+        for node in (0, 1):
+            listening[node] |= cluster.listening(node)
+        time.sleep(0.2)
     for node in (0, 1):
-        assert cluster.wait(node, timeout=200) == 0, cluster.output(node)[-3000:]
+        assert cluster.wait(node, timeout=10) == 0, cluster.output(node)[-3000:]
     assert "4 processes" in cluster.output(0)
     assert_equivalent(reference(2 * NPROC * MICRO), results(tmp_path / "run"))
+    assert f"{net.address(0)}:{cluster.port}" in listening[0]  # the rendezvous store, on node 0's address
+    for node in (0, 1):
+        assert listening[node] and {local.rsplit(":", 1)[0] for local in listening[node]} == {net.address(node)}
 
 
 def _newest_checkpoint(out_dir) -> int:

@@ -1,11 +1,15 @@
 """Multi-process jobs through the real launcher (torchrun), and bad launch environments."""
 
+import ipaddress
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from clusterlm.config import ParallelConfig
@@ -49,6 +53,53 @@ def test_train_with_nproc_runs_through_torchrun(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done: step 6") == 1  # reported once, by rank 0
     assert (tmp_path / "checkpoints" / "step_00000006" / "complete.json").is_file()
+
+
+def _listeners(pids: set[int]) -> dict[str, str]:
+    """The listening TCP sockets of ``pids``, by local address: ``ss -ltnp``'s line for each."""
+    found = {}
+    for line in subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, timeout=30).stdout.splitlines():
+        if pids & {int(pid) for pid in re.findall(r"pid=(\d+)", line)}:
+            found[line.split()[3]] = line
+    return found
+
+
+def _on_loopback(local: str) -> bool:
+    host = local.rsplit(":", 1)[0].strip("[]").split("%")[0]
+    return host not in ("*", "0.0.0.0", "::") and ipaddress.ip_address(host).is_loopback
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy,nproc", [("ddp", 2), ("ps", 3)])
+def test_a_single_node_job_listens_on_loopback_only(data_dir, tmp_path, strategy, nproc):
+    """While a default `train --nproc` job runs, every TCP socket that it (the launcher, torchrun's
+    agent, every rank) listens on is on 127.0.0.1 or ::1: the rendezvous store, rank 0's store,
+    gloo's pairs and, with a parameter server, each worker's connection to it."""
+    if shutil.which("ss") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ss (iproute2) is missing under CI=true")
+        pytest.skip("ss (iproute2) is missing; `make system-packages` installs it")
+    job = subprocess.Popen([sys.executable, "-m", "clusterlm", "train", "--nproc", str(nproc), "--data.dir",
+                            str(data_dir), "--training.out_dir", str(tmp_path), "--training.steps", "60",
+                            "--parallel.data_parallel", strategy, *TINY], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    seen, owners = {}, set()
+    try:
+        while job.poll() is None:
+            try:
+                tree = psutil.Process(job.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            found = _listeners({job.pid, *(p.pid for p in tree)})
+            seen.update(found)
+            owners |= {int(pid) for line in found.values() for pid in re.findall(r"pid=(\d+)", line)}
+            time.sleep(0.1)
+        output = job.communicate(timeout=240)[0]
+    finally:
+        job.kill()
+    assert job.returncode == 0, output[-3000:]
+    assert len(owners) >= nproc + 1, seen  # the agent's rendezvous store and every rank's own were seen
+    assert [line for local, line in seen.items() if not _on_loopback(local)] == []
 
 
 def test_plain_torchrun_module_launch_works_the_same(data_dir, tmp_path):

@@ -24,7 +24,7 @@ from clusterlm.config.degrees import check_layout
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json, atomic_write_with
 from clusterlm.launch import LaunchOptions
-from clusterlm.launch.torchrun import torchrun_command
+from clusterlm.launch.torchrun import job_environment, torchrun_command
 
 # A small but real budget: 240 steps of a 2-layer, 64-wide GPT on 4 x 8 x 64 tokens per step.
 STUDY_DEFAULTS = {
@@ -105,7 +105,8 @@ def run_variant(config: str | None, values: dict[str, str], processes: int, name
     argv = ["train", *(["--config", config] if config else []),
             *[a for key, value in values.items() for a in (f"--{key}", value)]]
     command = torchrun_command(LaunchOptions(nproc=processes), argv)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = job_environment(LaunchOptions(nproc=processes), {**os.environ, "OMP_NUM_THREADS": "1"},
+                          values.get("parallel.data_parallel") == "ps")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "job.log", "w") as log:
         code: int | str

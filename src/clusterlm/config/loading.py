@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ def _unknown_key(key: str) -> UserError:
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Convert a TOML or command-line value to the field's type, or fail naming the key."""
     kind = type(f.default)
+    if kind is str and isinstance(value, os.PathLike):  # a path given from Python
+        value = os.fspath(value)
     try:
         if not isinstance(value, (str, int, float)):  # TOML arrays, tables, dates and times
             raise ValueError

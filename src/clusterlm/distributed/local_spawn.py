@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -30,6 +29,8 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from clusterlm.distributed.listeners import loopback_interface
 
 # After the first failure, how long the other ranks get to report their own error (often the
 # consequence, sometimes the cause) before they are killed.
@@ -124,11 +125,6 @@ def _collect(processes: list[Any], readers: list[Connection], timeout: float) ->
     raise SpawnError("\n".join(report))
 
 
-def _loopback_interface() -> str:
-    names = [name for _, name in socket.if_nameindex()]
-    return next((name for name in ("lo", "lo0") if name in names), names[0])
-
-
 def _worker(
     fn: Callable[..., Any],
     rank: int,
@@ -150,7 +146,7 @@ def _worker(
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
-        GLOO_SOCKET_IFNAME=_loopback_interface(),
+        GLOO_SOCKET_IFNAME=loopback_interface(),
     )
     os.environ.update(env)
     torch.set_num_threads(1)

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from clusterlm.config import Config
 from clusterlm.config.degrees import check_layout
 from clusterlm.distributed.launch_variables import launch_position
+from clusterlm.distributed.listeners import confine_to_node, job_store
 from clusterlm.distributed.mesh import build_mesh
 from clusterlm.distributed.mpi_environment import adopt_mpi_environment
 from clusterlm.distributed.ps_rendezvous import PSRole, join_parameter_server_job
@@ -58,17 +59,25 @@ class Runtime:
         return self.lockstep or self.is_main
 
 
-def _join_process_group(device: torch.device, timeout_s: float) -> None:
-    if dist.is_initialized():  # already joined by the caller (tests, notebooks)
-        return
+def _check_launch_environment() -> None:
     missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
     if missing:
         raise UserError(
             f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with torchrun, mpirun or "
             "`clusterlm train --nproc N`"
         )
+
+
+def _join_process_group(device: torch.device, timeout_s: float) -> None:
+    """``env://``'s rendezvous, through a store whose listener binds as ``listeners`` says."""
+    if dist.is_initialized():  # already joined by the caller (tests, notebooks)
+        return
+    _check_launch_environment()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = job_store(rank, world_size, timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def setup_runtime(cfg: Config) -> Runtime:
@@ -76,6 +85,7 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
     adopt_mpi_environment()  # an mpirun rank: torchrun's variables from OpenMPI's or PMI's
+    confine_to_node()  # every rank on this node: the store, gloo and NCCL on loopback
     _, world_size, local_rank = launch_position()
     world_size = dist.get_world_size() if dist.is_initialized() else world_size
     replicate, shard = check_layout(cfg, world_size)  # before any process waits for another
@@ -100,6 +110,8 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 def _parameter_server_runtime(cfg: Config, device: torch.device, world_size: int) -> Runtime:
     """No process group: workers and servers talk point to point (``clusterlm.distributed.ps_rendezvous``)."""
+    if world_size > 1:
+        _check_launch_environment()
     rank = launch_position()[0]
     role = join_parameter_server_job(cfg.parallel, rank, world_size)
     return Runtime(device, rank, world_size, dp_rank=min(rank, role.workers - 1), dp_size=role.workers, ps=role)

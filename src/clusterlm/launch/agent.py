@@ -1,5 +1,6 @@
-"""The launcher's agent: torchrun itself (``torch.distributed.run``) run in this process, so that
-a job whose workers fail on bad input ends with one line instead of torchrun's report.
+"""The launcher's agent: torchrun itself (``torch.distributed.run``) run in this process, with a
+rendezvous store bound where it should listen (``clusterlm.launch.rendezvous``), and so that a job
+whose workers fail on bad input ends with one line instead of torchrun's report.
 
 ``clusterlm train --nproc N`` starts ``python -m clusterlm.launch.agent <torchrun's options> -m
 clusterlm ...`` where it used to start ``python -m torch.distributed.run`` with the same options.
@@ -27,6 +28,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import parse_args, run
 
+from clusterlm.launch.rendezvous import register_bound_backend
 from clusterlm.launch.worker_errors import AGENT_VARIABLE, EXIT_USER_ERROR, user_error
 
 PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"  # logs each failed and stopped worker
@@ -63,6 +65,10 @@ def reported_line(err: ChildFailedError) -> str | None:
 @record
 def main(argv: list[str] | None = None) -> None:
     os.environ[AGENT_VARIABLE] = "1"  # the workers inherit it: they report a UserError to this process
+    # Rank 0 hosts the ranks' store, bound (clusterlm.distributed.listeners): torchrun's shared
+    # agent store would listen on every interface.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    register_bound_backend()
     logger = logging.getLogger(PROCESS_LOGGER)
     held = HeldBack()
     logger.addFilter(held)

@@ -1,8 +1,11 @@
 """Slurm as the launcher: an sbatch script that runs one torchrun per node, submitted with sbatch,
 listed with squeue (and sacct where accounting is on), cancelled with scancel.
 
-Every node's torchrun meets the others (c10d rendezvous) on the first host of the allocation, on
-a port derived from the job id. The job trains with ``--resume auto``, so when it is requeued it
+Every node's torchrun meets the others (c10d rendezvous, through ``clusterlm.launch.agent``, whose
+store binds the first host's address) on the first host of the allocation, on a port derived
+from the job id. The script draws the job's secret from /dev/urandom when it starts (each run,
+requeues included, gets a new one) and exports it to every node's ranks, without printing it or
+writing it into the script that Slurm keeps. The job trains with ``--resume auto``, so when it is requeued it
 continues from the newest checkpoint in its run directory. Before the time limit Slurm sends
 USR1 to the batch script (``--signal=B:USR1@GRACE``), which passes it to the ranks (they
 checkpoint and exit), waits for them, and puts the job back in the queue.
@@ -24,6 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clusterlm.distributed.job_secret import SECRET_VARIABLE
 from clusterlm.distributed.mpi_environment import PORT_BASE, PORT_SPAN
 from clusterlm.errors import UserError
 
@@ -31,6 +35,7 @@ JOB_NAME = "clusterlm"
 TIME_PATTERN = re.compile(r"(\d+-)?\d+(:\d+){0,2}")  # Slurm's MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS
 PARTITION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 JOB_ID_PATTERN = re.compile(r"\d+(_\d+)?")
+BACKEND = "clusterlm"  # clusterlm.launch.agent's rendezvous backend (not imported: `jobs` and `cancel` stay light)
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun passes these on to its workers
 TIMEOUT_S = 10  # for Slurm's client commands; a live controller answers in well under a second
 
@@ -99,8 +104,8 @@ def batch_script(job: SlurmJob) -> str:
     directives += [f"--time={job.time}"] * bool(job.time) + [f"--partition={job.partition}"] * bool(job.partition)
     directives += [f"--gpus-per-node={job.gpus_per_node}"] * bool(job.gpus_per_node)
     torchrun = [
-        shlex.quote(job.python), "-m", "torch.distributed.run", '--nnodes="$SLURM_JOB_NUM_NODES"',
-        f"--nproc-per-node={job.procs_per_node}", "--rdzv-backend=c10d", '--rdzv-endpoint="$head_node:$port"',
+        shlex.quote(job.python), "-m", "clusterlm.launch.agent", '--nnodes="$SLURM_JOB_NUM_NODES"',
+        f"--nproc-per-node={job.procs_per_node}", f"--rdzv-backend={BACKEND}", '--rdzv-endpoint="$head_node:$port"',
         '--rdzv-id="$SLURM_JOB_ID"', f"--signals-to-handle={TORCHRUN_SIGNALS}",
         f"--shutdown-timeout={job.grace_s - 10}", "-m", "clusterlm", "train",
         *map(shlex.quote, job.train_argv), "--resume", "auto",
@@ -112,6 +117,10 @@ def batch_script(job: SlurmJob) -> str:
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f'port=${{MASTER_PORT:-$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))}}',
         "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # restarted groups set up gloo reliably",
+        "# The job's secret, new for every run of the script; srun passes it on. Never print it.",
+        f"{SECRET_VARIABLE}=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')",
+        f'[ "${{#{SECRET_VARIABLE}}}" -eq 64 ] || {{ echo "clusterlm: cannot read /dev/urandom" >&2; exit 1; }}',
+        f"export {SECRET_VARIABLE}",
         f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{job.procs_per_node}}} / {job.procs_per_node} ))",
         'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"',
         "",

@@ -1,6 +1,11 @@
 """Start a multi-process job through torchrun, the real launcher: every rank runs
 `python -m clusterlm <command> ...` with the same arguments, minus the launcher's own options.
-torchrun runs inside ``clusterlm.launch.agent``, which turns a worker's bad input into one line."""
+
+torchrun runs as ``python -m clusterlm.launch.agent``: with its ``clusterlm`` rendezvous backend,
+so that the rendezvous store binds loopback on one node and the endpoint's host on several
+(``clusterlm.launch.rendezvous``), and turning a worker's bad input into one line. The ranks bind
+their store as ``clusterlm.distributed.listeners`` says. Every job gets a secret of its own in its
+environment (``clusterlm.distributed.job_secret``)."""
 
 from __future__ import annotations
 
@@ -10,10 +15,13 @@ import sys
 from dataclasses import dataclass
 
 from clusterlm.config import Config
+from clusterlm.distributed.job_secret import SECRET_VARIABLE, new_secret
+from clusterlm.distributed.listeners import LOOPBACK, interface_of
 from clusterlm.distributed.mpi_environment import launched_by_mpi
 from clusterlm.errors import UserError
 from clusterlm.launch.elastic import node_range
 from clusterlm.launch.preflight import preflight
+from clusterlm.launch.rendezvous import BACKEND
 from clusterlm.launch.signals import preemption_environment, run_forwarding_preemption
 from clusterlm.launch.worker_errors import EXIT_USER_ERROR
 from clusterlm.observe.watchdog import holds_only_heartbeats, remove_heartbeats
@@ -53,9 +61,13 @@ class LaunchOptions:
         return self.nnodes == "1" and self.rdzv_endpoint.endswith(":0")
 
     def rendezvous_arguments(self) -> list[str]:
-        """torchrun's c10d rendezvous options. The node whose --local-addr is the endpoint's host
-        hosts the rendezvous store (torchrun's own guess compares only hostnames)."""
-        arguments = ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"]
+        """torchrun's rendezvous options (c10d's, through the ``clusterlm`` backend). On one node
+        the store, and MASTER_ADDR, are on loopback; on several, the node whose --local-addr is
+        the endpoint's host hosts the rendezvous store (torchrun's own guess compares only hostnames)."""
+        if self.standalone:
+            return [f"--rdzv-backend={BACKEND}", f"--rdzv-endpoint={LOOPBACK}:0", f"--rdzv-id={self.rdzv_id}",
+                    f"--local-addr={LOOPBACK}"]
+        arguments = [f"--rdzv-backend={BACKEND}", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"]
         conf = [item for item in self.rdzv_conf.split(",") if item]
         if self.local_addr:
             arguments.append(f"--local-addr={self.local_addr}")
@@ -88,8 +100,26 @@ def torchrun_command(opts: LaunchOptions, command_argv: list[str]) -> list[str]:
     if not opts.standalone and opts.rdzv_endpoint.endswith(":0"):
         raise UserError(f"--nnodes {opts.nnodes} needs --rdzv-endpoint HOST:PORT with a port every node can reach "
                         "(port 0 picks a free one only for a single node)")
-    command += ["--standalone"] if opts.standalone else opts.rendezvous_arguments()
-    return [*command, "-m", "clusterlm", *without_launch_arguments(command_argv)]
+    return [*command, *opts.rendezvous_arguments(), "-m", "clusterlm", *without_launch_arguments(command_argv)]
+
+
+def job_environment(opts: LaunchOptions, env: dict[str, str], parameter_server: bool) -> dict[str, str]:
+    """The launcher's environment for the job: its secret (the one exported, which every node of
+    a multi-node job must share, or a new one), gloo on the interface of --local-addr, rank 0
+    hosting the ranks' store (never the agent, whose store torchrun binds to every interface)."""
+    if not env.get(SECRET_VARIABLE):
+        if not opts.standalone and parameter_server:
+            raise UserError(f"a parameter-server job on several nodes needs the same {SECRET_VARIABLE} on every node: "
+                            f"export {SECRET_VARIABLE}=<the same random value> on each before `clusterlm train`, e.g. "
+                            "from `python3 -c 'import secrets; print(secrets.token_hex(32))'`")
+        env[SECRET_VARIABLE] = new_secret()
+    if opts.local_addr and not opts.standalone and "GLOO_SOCKET_IFNAME" not in env:
+        interface = interface_of(opts.local_addr)
+        if interface:
+            env["GLOO_SOCKET_IFNAME"] = interface
+    # Restarted groups reuse the agent's store otherwise, and their gloo setup then often fails.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
 
 
 def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
@@ -97,9 +127,7 @@ def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
     it through torchrun; returns the launcher's exit status. Bad input fails here, once, before any worker."""
     preflight(cfg, opts.nproc, opts.nnodes)
     command = torchrun_command(opts, command_argv)
-    env = dict(os.environ)
-    # Restarted groups reuse the agent's store otherwise, and their gloo setup then often fails.
-    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    env = job_environment(opts, dict(os.environ), cfg.parallel.data_parallel == "ps")
     # One intra-op thread per process unless the user chose: N processes share the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // opts.nproc)))
     preemption_environment(env, cfg.checkpoint.preempt_grace_s)

@@ -22,7 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from clusterlm.distributed.job_secret import SECRET_VARIABLE
 from clusterlm.distributed.ps_rendezvous import PSRole
+from clusterlm.distributed.signing import answer_challenge
+from clusterlm.errors import UserError
 from clusterlm.parallel.data_parallel import build_optimizer
 from clusterlm.parallel.model import WholeModel
 from clusterlm.parallel.ps_server import (
@@ -32,6 +35,7 @@ from clusterlm.parallel.ps_server import (
     SNAPSHOT,
     ParameterServer,
     flatten,
+    message,
     pair_group,
     unflatten_into,
 )
@@ -59,7 +63,12 @@ class ServerLinks:
             prefix = role.prefix(server)
             number = role.store.add(f"{prefix}/joins", 1)
             role.store.set(f"{prefix}/join/{number}", str(role.rank))
-            self.groups.append(pair_group(role.store, f"{prefix}/pair/{number}", 1, role.cfg.timeout_s))
+            key = f"{prefix}/pair/{number}"
+            group = pair_group(role.store, key, 1, role.cfg.timeout_s)
+            if not answer_challenge(group, role.secret, key):
+                raise UserError(f"parameter server {server} refused this worker, or could not prove it holds the job's "
+                                f"secret: every rank of the job needs the same {SECRET_VARIABLE}")
+            self.groups.append(group)
         self.step = 0
         self.metrics: dict[str, float] = {}
         self._exchange(JOIN, 0.0, None)
@@ -68,10 +77,10 @@ class ServerLinks:
     def _exchange(self, kind: float, lr: float, payload: list[torch.Tensor] | None) -> None:
         """Send to every server, then read each one's reply: its step and statistics, and the
         current values of its shard, written into this worker's parameters."""
-        header = torch.tensor([kind, lr, 0, 0, 0, 0], dtype=torch.float64)
-        sends = []
+        sizes = [0] * len(self.groups) if payload is None else [part.numel() for part in payload]
+        headers, sends = [message(kind, lr, size) for size in sizes], []  # each server checks its shard's size
         for server, group in enumerate(self.groups):
-            sends.append(group.send([header], 0, 0))
+            sends.append(group.send([headers[server]], 0, 0))
             if payload is not None:
                 sends.append(group.send([payload[server]], 0, 0))
         replies = []
@@ -87,7 +96,8 @@ class ServerLinks:
         pushes = replies[0][1]
         self.metrics = {"ps_pushes": pushes, "staleness_max": max(r[2] for r in replies),
                         "staleness_mean": replies[0][3] / pushes if pushes else 0.0, "ps_live_workers": replies[0][4],
-                        "ps_server_busy_s": max(r[5] for r in replies)}
+                        "ps_server_busy_s": max(r[5] for r in replies), "ps_rejected_pushes": max(r[6] for r in replies),
+                        "ps_refused_peers": max(r[7] for r in replies)}
 
     def push(self, lr: float) -> None:
         grads = [flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in shard])
@@ -99,9 +109,8 @@ class ServerLinks:
         """The servers' parameters and optimizer state, into this worker's model and ``optimizer``
         (a replica of the servers' optimizer kept for checkpoints)."""
         create_missing_state(optimizer)
-        request = torch.tensor([SNAPSHOT, 0, 0, 0, 0, 0], dtype=torch.float64)
         for group, shard in zip(self.groups, self.shards, strict=True):
-            group.send([request], 0, 0).wait()
+            group.send([message(SNAPSHOT)], 0, 0).wait()
             size = torch.zeros(HEADER, dtype=torch.float64)
             group.recv([size], 0, 0).wait()
             flat = torch.empty(int(size[0]), dtype=torch.float64)
@@ -172,7 +181,8 @@ class PSServerModel(WholeModel):
         server = ParameterServer(shard, optimizers[0], p.ps_staleness, role.workers, total_steps, start_step)
         server.serve(role.store, role.prefix(index), p.timeout_s, p.ps_lease_s)
         return {"rank": role.rank, "step": server.step, "pushes": server.stats.pushes,
-                "staleness_max": server.stats.staleness_max}
+                "staleness_max": server.stats.staleness_max, "rejected_pushes": server.stats.rejected,
+                "refused_peers": server.stats.refused}
 
 
 def parameter_server_model(role: PSRole, **kwargs: Any) -> WholeModel:

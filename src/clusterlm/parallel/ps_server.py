@@ -14,10 +14,20 @@ is its clock minus the slowest live worker's clock when the worker read the para
 computed on: the rounds of updates its gradient may have missed, at most s under SSP. With
 s = 0 the server sums a round's gradients and applies their mean once every live worker pushed
 (bulk-synchronous), so that with the same global batch a run equals synchronous data parallel.
+
+Peers and pushes (``clusterlm.distributed.signing``): a join must be signed with the job's
+secret and the worker must answer the server's challenge before the server sends or applies
+anything; a peer that fails either is refused. A push whose gradients are not finite or not the
+shard's size, or whose learning rate is not finite or is negative, is rejected: it counts
+against the budget like any push but changes nothing. Each refusal and rejection names the
+worker on stderr and is counted in the metrics every reply carries (``ps_refused_peers``,
+``ps_rejected_pushes``).
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -28,13 +38,21 @@ from typing import cast
 import torch
 import torch.distributed as dist
 
+from clusterlm.distributed.signing import SignedStore, UnsignedValue, challenge
 from clusterlm.parallel.state_dict import create_missing_state
 
-HEADER = 6  # float64 values that open every message
+HEADER = 8  # float64 values that open every message
 JOIN, PUSH, SNAPSHOT = 0.0, 1.0, 2.0
 
 
-def pair_group(store: dist.Store, key: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
+def message(*values: float) -> torch.Tensor:
+    """A header: ``values`` then zeros. A worker's is (kind, learning rate, gradient values)."""
+    header = torch.zeros(HEADER, dtype=torch.float64)
+    header[:len(values)] = torch.tensor(values, dtype=torch.float64)
+    return header
+
+
+def pair_group(store: SignedStore, key: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
     """A two-rank gloo group (server rank 0, worker rank 1) of its own, outside the job's group."""
     group = dist.ProcessGroupGloo(dist.PrefixStore(key, store), rank, 2, timedelta(seconds=timeout_s))
     # A gloo Backend, used for its send and recv, which ProcessGroup's stubs declare and Backend's omit.
@@ -53,12 +71,18 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+class Unreadable(Exception):
+    """A push the server does not read: empty, larger than the shard, or of no whole size."""
+
+
 @dataclass
 class Stats:
     pushes: int = 0  # gradients applied (or summed into a round)
     staleness_sum: int = 0
     staleness_max: int = 0
     busy_s: float = 0.0  # time spent applying the optimizer: what bounds the pushes a server can take
+    rejected: int = 0  # pushes refused: non-finite or wrongly sized gradients, a bad learning rate
+    refused: int = 0  # peers refused: an unsigned join, a failed challenge
 
 
 @dataclass
@@ -86,7 +110,10 @@ class ParameterServer:
         self.applied = start_step * workers  # pushes the budget has counted, resumed runs included
         self.rounds = start_step  # with s = 0: rounds applied
         self.round_sum: torch.Tensor | None = None
-        self.round_count, self.lr = 0, 0.0
+        self.round_count, self.lr = 0, 0.0  # gradients summed into this round, and their learning rate
+        self.round_pushed: set[int] = set()  # workers that pushed (accepted or not) in this round
+        self.size = sum(p.numel() for p in params)
+        self.name = "parameter server"
         self.clocks, self.stats = Clocks(), Stats()
         self.changed = threading.Condition()
         self.joined, self.started = 0, False
@@ -97,9 +124,10 @@ class ParameterServer:
         done = self.rounds if self.staleness == 0 else self.applied // self.workers
         return min(done, self.total_steps)
 
-    def serve(self, store: dist.Store, prefix: str, timeout_s: float, lease_s: float) -> None:
+    def serve(self, store: SignedStore, prefix: str, timeout_s: float, lease_s: float) -> None:
         """Accept workers (joins are numbered in the store) until the budget is spent and no worker
         is connected; every worker gets a thread."""
+        self.name = f"parameter server {prefix.removeprefix('server')}"
         threads: list[threading.Thread] = []
         idle_since = time.monotonic()
         accepting = True
@@ -119,20 +147,37 @@ class ParameterServer:
                                    f"{time.monotonic() - idle_since:.0f}s before the job's steps were done")
             time.sleep(0.01)
 
-    def _accept(self, store: dist.Store, prefix: str, timeout_s: float) -> list[threading.Thread]:
+    def _accept(self, store: SignedStore, prefix: str, timeout_s: float) -> list[threading.Thread]:
         key = f"{prefix}/join/{self.joined + 1}"
         if not store.check([key]):
             return []
-        worker = int(store.get(key))
         self.joined += 1
+        try:
+            worker = int(store.get(key))
+        except (UnsignedValue, ValueError):
+            self._refuse(f"join {self.joined}: not signed with the job's secret")
+            return []
         thread = threading.Thread(target=self._connection, daemon=True,
                                   args=(worker, self.joined, store, f"{prefix}/pair/{self.joined}", timeout_s))
         thread.start()
         return [thread]
 
-    def _connection(self, worker: int, number: int, store: dist.Store, key: str, timeout_s: float) -> None:
+    def _refuse(self, what: str) -> None:
+        with self.changed:
+            self.stats.refused += 1
+        print(f"warning: {self.name} refused a peer: {what}; it gets nothing and training goes on",
+              file=sys.stderr, flush=True)
+
+    def _connection(self, worker: int, number: int, store: SignedStore, key: str, timeout_s: float) -> None:
         """Serve one worker's connection (its ``number``-th join) until it closes."""
-        group = pair_group(store, key, 0, timeout_s)
+        try:
+            group = pair_group(store, key, 0, timeout_s)
+            if not challenge(group, store.secret, key):
+                self._refuse(f"worker {worker} (join {number}) did not prove it holds the job's secret")
+                return
+        except RuntimeError as exc:  # an unsigned address in the store, or the peer went away
+            self._refuse(f"worker {worker} (join {number}) could not connect: {str(exc).splitlines()[0][:200]}")
+            return
         header = torch.zeros(HEADER, dtype=torch.float64)
         try:
             while True:
@@ -141,18 +186,44 @@ class ParameterServer:
                     self._send_snapshot(group)
                     continue
                 if header[0] == PUSH:
-                    grads = torch.empty(sum(p.numel() for p in self.params))
-                    group.recv([grads], 1, 0).wait()
+                    grads, problem = self._receive_push(group, header)
+                    if problem:
+                        self._reject(worker, number, problem)
                     self._apply(worker, grads, float(header[1]))
                 else:
                     self._join(worker, number)
                 self._reply(worker, group)
-        except RuntimeError:  # the worker closed its group: it finished, or it died
+        except (RuntimeError, Unreadable) as exc:  # the worker closed its group (finished or died), or we did
+            if isinstance(exc, Unreadable):
+                self._reject(worker, number, f"{exc}; its connection is closed")
             with self.changed:
                 if self.clocks.connection.get(worker) == number:  # not yet replaced by a restarted worker
                     self.clocks.live.pop(worker, None)
                 self._maybe_apply_round()
                 self.changed.notify_all()
+
+    def _receive_push(self, group: dist.ProcessGroup, header: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+        """A push's gradients, or None and what is wrong with the push. A push that is empty,
+        larger than the shard or of no whole size is not read at all: the connection is closed."""
+        declared, lr = float(header[2]), float(header[1])
+        if declared != self.size:
+            if not (1 <= declared < self.size and declared.is_integer()):
+                raise Unreadable(f"{declared:g} gradient values for a shard of {self.size}")
+            group.recv([torch.empty(int(declared))], 1, 0).wait()
+            return None, f"{declared:g} gradient values for a shard of {self.size}"
+        grads = torch.empty(self.size)
+        group.recv([grads], 1, 0).wait()
+        if not math.isfinite(lr) or lr < 0:
+            return None, f"learning rate {lr:g}"
+        if not bool(torch.isfinite(grads).all()):
+            return None, f"{int((~torch.isfinite(grads)).sum())} non-finite gradient values"
+        return grads, ""
+
+    def _reject(self, worker: int, number: int, problem: str) -> None:
+        with self.changed:
+            self.stats.rejected += 1
+        print(f"warning: {self.name} rejected a push from worker {worker} (join {number}): {problem}; it changes "
+              "nothing and training goes on", file=sys.stderr, flush=True)
 
     def _join(self, worker: int, number: int) -> None:
         with self.changed:  # a (re)joining worker starts at the slowest clock: it waits for no one
@@ -161,31 +232,38 @@ class ParameterServer:
             self.clocks.connection[worker] = number
             self.changed.notify_all()
 
-    def _apply(self, worker: int, grads: torch.Tensor, lr: float) -> None:
+    def _apply(self, worker: int, grads: torch.Tensor | None, lr: float) -> None:
+        """One push: its gradients (None: rejected) are applied, or summed into the round; a
+        rejected push still counts against the budget and moves the worker's clock."""
         with self.changed:
             clock = self.clocks.live[worker]
             if self.step < self.total_steps:
-                stale = clock - self.clocks.read_at.get(worker, clock)
-                self.stats.pushes += 1
-                self.stats.staleness_sum += stale
-                self.stats.staleness_max = max(self.stats.staleness_max, stale)
+                if grads is not None:
+                    stale = clock - self.clocks.read_at.get(worker, clock)
+                    self.stats.pushes += 1
+                    self.stats.staleness_sum += stale
+                    self.stats.staleness_max = max(self.stats.staleness_max, stale)
                 if self.staleness == 0:
-                    self.round_sum = grads if self.round_sum is None else self.round_sum + grads
-                    self.round_count += 1
-                    self.lr = lr
+                    self.round_pushed.add(worker)
+                    if grads is not None:
+                        self.round_sum = grads if self.round_sum is None else self.round_sum + grads
+                        self.round_count += 1
+                        self.lr = lr
                 else:
-                    self._optimizer_step(grads, lr)
+                    if grads is not None:
+                        self._optimizer_step(grads, lr)
                     self.applied += 1
             self.clocks.live[worker] = clock + 1
             self._maybe_apply_round()
             self.changed.notify_all()
 
     def _maybe_apply_round(self) -> None:
-        """s = 0: once every live worker pushed this round, apply the round's mean gradient."""
-        if self.round_sum is None or self.round_count < len(self.clocks.live):
+        """s = 0: once every live worker pushed this round, apply the mean of its accepted gradients."""
+        if not self.round_pushed or not set(self.clocks.live) <= self.round_pushed:
             return
-        self._optimizer_step(self.round_sum / self.round_count, self.lr)
-        self.round_sum, self.round_count = None, 0
+        if self.round_sum is not None:
+            self._optimizer_step(self.round_sum / self.round_count, self.lr)
+        self.round_sum, self.round_count, self.round_pushed = None, 0, set()
         self.rounds += 1
 
     def _optimizer_step(self, grads: torch.Tensor, lr: float) -> None:
@@ -215,8 +293,8 @@ class ParameterServer:
                 self.changed.wait(timeout=1.0)
             self.clocks.read_at[worker] = self.clocks.slowest
             s = self.stats
-            header = torch.tensor([self.step, s.pushes, s.staleness_max, s.staleness_sum, len(self.clocks.live),
-                                   s.busy_s], dtype=torch.float64)
+            header = message(self.step, s.pushes, s.staleness_max, s.staleness_sum, len(self.clocks.live), s.busy_s,
+                             s.rejected, s.refused)
             values = flatten(self.params)
         group.send([header], 1, 0).wait()
         group.send([values], 1, 0).wait()
@@ -229,5 +307,5 @@ class ParameterServer:
             for param in self.params:
                 tensors += [value for _, value in sorted(self.optimizer.state[param].items())]
             flat = torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors])
-        group.send([torch.tensor([flat.numel(), 0, 0, 0, 0, 0], dtype=torch.float64)], 1, 0).wait()
+        group.send([message(flat.numel())], 1, 0).wait()
         group.send([flat], 1, 0).wait()

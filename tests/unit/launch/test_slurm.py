@@ -49,9 +49,28 @@ def test_every_user_value_reaches_the_trainer_verbatim_and_inert(fake_slurm, tmp
     assert not (tmp_path / "pwned").exists()
     (hostnames,), (srun,) = ([c for c in calls(tmp_path) if c[0] == name] for name in ("scontrol", "srun"))
     assert hostnames == ["scontrol", "show", "hostnames", "n[1-2]"]
-    assert srun[srun.index("-m") + 1:srun.index("-m") + 3] == ["torch.distributed.run", "--nnodes=2"]
+    assert srun[srun.index("-m") + 1:srun.index("-m") + 3] == ["clusterlm.launch.agent", "--nnodes=2"]
+    assert "--rdzv-backend=clusterlm" in srun
     assert "--rdzv-endpoint=:14321" in srun  # the fake scontrol names no host; the port is 10000 + id % 20000
     assert srun[-len(INJECTION) - 2:] == [*INJECTION, "--resume", "auto"]
+
+
+def test_every_run_of_the_script_exports_a_new_secret_that_no_command_line_or_log_shows(fake_slurm, tmp_path):
+    """The secret comes from /dev/urandom when the script runs (Slurm keeps the script, so it is not
+    in it), reaches srun (and so every node's ranks) through the environment only, and is never printed."""
+    (fake_slurm / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$CLUSTERLM_JOB_SECRET" >> "$SECRETS"\n'
+                                       + RECORD_ARGV.split("\n", 1)[1])
+    script = batch_script(job())
+    env = {**os.environ, "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1",
+           "SECRETS": str(tmp_path / "secrets")}
+    outputs = [subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+               for _ in range(2)]
+    assert all(result.returncode == 0 for result in outputs), outputs[0].stderr
+    secrets = (tmp_path / "secrets").read_text().split()
+    assert len(secrets) == 2 and secrets[0] != secrets[1]
+    assert all(len(secret) == 64 and int(secret, 16) >= 0 for secret in secrets)
+    shown = script + json.dumps(calls(tmp_path)) + "".join(result.stdout + result.stderr for result in outputs)
+    assert not any(secret in shown for secret in secrets)
 
 
 def test_directives_signal_and_requeue():
