@@ -7,13 +7,20 @@ write is done on every rank, rank 0 finishes the checkpoint exactly as a synchro
 save is in flight: the next one, and the end of training, wait for it. The background writes
 coordinate through a process group of their own, so they never interleave with the training
 loop's collectives.
+
+A save that fails, in line or in the background, removes its temporary directory, so the earlier
+checkpoints and ``latest`` are as they were; when the disk refused it (full, over quota,
+read-only, not permitted) the error is one line naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from clusterlm.checkpoint import dcp_io
 from clusterlm.checkpoint.finite import check_finite
 from clusterlm.checkpoint.tensor_storage import TensorWriter
+from clusterlm.files import DISK_ERRNOS, disk_error
 
 # A single process saves with no process group on purpose; DCP says so from the writer thread,
 # where the caller's warning filters do not reach.
@@ -53,8 +61,16 @@ class CheckpointWriter:
         State holding NaN or infinities is refused before anything is written (``finite``)."""
         self.wait()
         check_finite(tensors, step)
-        if not self.background:
-            return dcp_io.save_checkpoint(root, step, tensors, trainer_state, keep_last, files)
+        with failing_cleanly(root):
+            if not self.background:
+                return dcp_io.save_checkpoint(root, step, tensors, trainer_state, keep_last, files)
+            return self._start(root, step, tensors, trainer_state, keep_last, files)
+
+    def _start(
+        self, root: Path, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
+        files: dict[str, bytes] | None,
+    ) -> Path:
+        """Stage this rank's tensors and hand the writing to the background thread."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
             # Collective, so every rank creates it at the same (first) save.
@@ -70,9 +86,10 @@ class CheckpointWriter:
 
     def _finish(self, upload: Future, main: bool, tmp: Path, final: Path, *finish_args: Any) -> None:
         started = time.perf_counter()
-        upload.result()  # on rank 0 this returns once every rank's share and DCP's metadata are written
-        if main:
-            dcp_io.finish_checkpoint(tmp, final, *finish_args)
+        with failing_cleanly(final.parent):
+            upload.result()  # on rank 0 this returns once every rank's share and DCP's metadata are written
+            if main:
+                dcp_io.finish_checkpoint(tmp, final, *finish_args)
         self.last_write_s = time.perf_counter() - started
 
     @property
@@ -91,3 +108,39 @@ class CheckpointWriter:
             self._executor.shutdown()
             self._executor = None
             self._stager.close()
+
+
+@contextmanager
+def failing_cleanly(root: Path) -> Iterator[None]:
+    """A save that fails in the block leaves no temporary directory under ``root`` (rank 0 removes
+    it: only one save is ever in flight), and a refusal of the disk is one line."""
+    try:
+        yield
+    except BaseException as err:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for partial in Path(root).glob(".step_*.tmp"):
+                shutil.rmtree(partial, ignore_errors=True)
+        cause = disk_cause(err)
+        mapped = disk_error(cause, root, "training.out_dir") if cause is not None else None
+        if mapped is None:
+            raise
+        raise mapped from err
+
+
+def disk_cause(err: BaseException) -> OSError | None:
+    """The refused write behind a failed save: ``err`` itself, an exception it was raised from,
+    or one a rank reported through DCP's ``CheckpointException``."""
+    pending: list[BaseException | None] = [err]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_ERRNOS:
+            return current
+        pending += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return None

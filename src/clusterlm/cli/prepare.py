@@ -6,6 +6,7 @@ import argparse
 import os
 
 from clusterlm.cli.options import Parser
+from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES
 from clusterlm.data.prepare import DEFAULT_BPE_VOCAB, DEFAULT_SHARD_TOKENS, PrepareOptions, prepare
 from clusterlm.data.task_prepare import JSONL_PREFIX, PLAY_TASK, TaskOptions, prepare_task
 from clusterlm.errors import UserError
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
     p.add_argument("--force", action="store_true",
                    help="replace a different dataset already in --out")
+    p.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                   help="refuse an input line (of a text file, or of --task jsonl:PATH) longer than this many "
+                        f"bytes; inputs are read a line at a time (default: {DEFAULT_MAX_LINE_BYTES}, 1 MiB)")
     task = p.add_argument_group("labelled tasks (for `clusterlm finetune`)")
     task.add_argument("--task", default=None,
                       help=f"write a classification task instead of a corpus: {PLAY_TASK} (passages of the "
@@ -60,12 +64,12 @@ def main(argv: list[str]) -> int:
         prepare_task(TaskOptions(
             task=args.task, out=args.out, tokenizer=args.tokenizer, seed=args.seed,
             passage_tokens=args.passage_tokens, val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction, force=args.force,
+            test_fraction=args.test_fraction, force=args.force, max_line_bytes=args.max_line_bytes,
         ))
         return 0
     prepare(PrepareOptions(
         inputs=tuple(args.inputs + args.more_inputs), out=args.out, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-        workers=args.workers, seed=args.seed, force=args.force,
+        workers=args.workers, seed=args.seed, force=args.force, max_line_bytes=args.max_line_bytes,
     ))
     return 0

@@ -21,13 +21,13 @@ EMBEDDED_SUFFIX = "_gut.txt"
 
 # Everything up to and including the start marker is header: "*** START OF THIS PROJECT GUTENBERG
 # EBOOK HAMLET ***" (newer files), "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*..." (older).
-_HEADER_END = re.compile(
+HEADER_END = re.compile(
     r"^.*(?:\*{3}\s*START OF (?:THIS|THE) PROJECT GUTENBERG|\*END\*THE SMALL PRINT!).*$",
     re.IGNORECASE | re.MULTILINE,
 )
 # Everything from the first footer line on is footer: "*** END OF THIS PROJECT GUTENBERG EBOOK",
 # "End of the Project Gutenberg EBook of ...", "End of this Etext of ...".
-_FOOTER_START = re.compile(
+FOOTER_START = re.compile(
     r"^[ \t]*(?:\*{3}\s*)?END OF (?:THE |THIS )?(?:PROJECT GUTENBERG|E-?TEXT)",
     re.IGNORECASE | re.MULTILINE,
 )
@@ -38,9 +38,9 @@ _NOTICE_BLOCK = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>[ \t]*\n*", re.DOTALL
 def strip_gutenberg(text: str) -> str:
     """The text without Project Gutenberg header, footer and licence notices (others unchanged)."""
     # The footer is found first: some old files put the small print after the text, not before.
-    footer = _FOOTER_START.search(text)
+    footer = FOOTER_START.search(text)
     body_end = footer.start() if footer else len(text)
-    headers = list(_HEADER_END.finditer(text, 0, body_end))
+    headers = list(HEADER_END.finditer(text, 0, body_end))
     body_start = headers[-1].end() if headers else 0
     text = text[body_start:body_end]
     return _NOTICE_BLOCK.sub("", text)

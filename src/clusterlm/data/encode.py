@@ -40,12 +40,39 @@ def split_text(text: str, max_chars: int) -> list[str]:
     return parts
 
 
-def pieces(documents: Iterable[str], max_chars: int) -> Iterator[Piece]:
-    """Every document's text in pieces of about ``max_chars``; an empty document gives none."""
+def pieces(documents: Iterable[Iterable[str]], max_chars: int) -> Iterator[Piece]:
+    """Every document's text (given in any pieces, e.g. lines) in the parts ``split_text`` cuts
+    it into, without holding more of it than the part being cut; an empty document gives none."""
     for index, text in enumerate(documents):
-        parts = split_text(text, max_chars) if text else []
-        for j, part in enumerate(parts):
-            yield Piece(index, j == len(parts) - 1, part)
+        part = None
+        for following in _cut(text, max_chars):
+            if part is not None:
+                yield Piece(index, False, part)
+            part = following
+        if part is not None:
+            yield Piece(index, True, part)
+
+
+def _cut(text: Iterable[str], max_chars: int) -> Iterator[str]:
+    """``split_text("".join(text), max_chars)`` (less a final empty part) as the text streams in.
+    A part ends at the first break at least ``max_chars`` into it; a break depends only on the two
+    characters before it and the one after, so each piece is searched once, with the two
+    characters before it in front."""
+    held: list[str] = []  # the current part so far
+    size, before = 0, ""  # its length; the two characters before the next piece
+    for piece in text:
+        while piece:
+            window = before + piece
+            cut = _PIECE_BOUNDARY.search(window, len(before) + max(0, max_chars - size))
+            if cut is None:
+                held.append(piece)
+                size, before = size + len(piece), window[-2:]
+                break
+            end = cut.start() - len(before)
+            yield "".join(held) + piece[:end]
+            held, size, before, piece = [], 0, window[cut.start() - 2 : cut.start()], piece[end:]
+    if size:
+        yield "".join(held)
 
 
 def encode_all(

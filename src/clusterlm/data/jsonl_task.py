@@ -6,6 +6,7 @@ skipped. Every problem is reported with its line number.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from clusterlm.data.task import TASK_SPLITS
@@ -22,10 +23,11 @@ class Record:
     split: str | None
 
 
-def read_jsonl(name: str, data: bytes) -> list[Record]:
-    """The records of JSONL file ``name`` (its bytes ``data``); bad input raises UserError."""
+def read_jsonl(name: str, lines: Iterable[bytes]) -> list[Record]:
+    """The records of JSONL file ``name`` (its ``lines``, e.g. ``clusterlm.data.lines.bounded_lines``);
+    bad input raises UserError."""
     records = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in enumerate(lines, start=1):
         if raw.strip():
             records.append(_record(name, number, raw))
     if not records:

@@ -20,6 +20,7 @@ import numpy as np
 
 from clusterlm.data.storage import join, sha256_of_file, url_to_fs
 from clusterlm.errors import UserError
+from clusterlm.files import is_plain_name, is_sha256
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -46,11 +47,24 @@ def token_dtype(vocab_size: int, candidates: Sequence[str] = TOKEN_DTYPES) -> np
     )
 
 
+def check_listed_file(file: str, sha256: str) -> None:
+    """A file a manifest lists: a plain name inside the directory (``clusterlm.files.plain_name``)
+    and a sha256 of 64 hex digits (it names cached copies); raises ValueError."""
+    if not is_plain_name(file):
+        raise ValueError(f"it names the file {file!r}, which is not a plain name inside the directory "
+                         "(no /, \\, .., NUL or absolute path)")
+    if not is_sha256(sha256):
+        raise ValueError(f"the sha256 {sha256!r} of {file} is not 64 lowercase hex digits")
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     file: str
     tokens: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        check_listed_file(self.file, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,9 @@ class TokenizerInfo:
     kind: str  # "char", "bpe" or "file" (an existing tokenizer.json)
     file: str
     sha256: str
+
+    def __post_init__(self) -> None:
+        check_listed_file(self.file, self.sha256)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
 """Preparing a dataset (`clusterlm prepare`): text in, checksummed token shards and a manifest out.
 
-Steps: resolve the inputs; read each one, checking it is UTF-8 and that there is text at all;
-fingerprint inputs and options (equal to the existing manifest's: nothing to do); fit the
-tokenizer; tokenize in a process pool (``clusterlm.data.encode``); split; write shards under
-temporary names; rename them into place, the manifest last. Bad input fails before the output
-directory is touched.
+Steps: resolve the inputs; read each one, checking it is UTF-8, that no line is over
+``--max-line-bytes`` and that there is text at all; fingerprint inputs and options (equal to the
+existing manifest's: nothing to do); fit the tokenizer; tokenize in a process pool
+(``clusterlm.data.encode``); split; write shards under temporary names; rename them into place,
+the manifest last. Bad input fails before the output directory is touched. Inputs are streamed
+(``clusterlm.data.documents``) and a long document's ids wait for their split on a temporary
+file, so memory stays bounded by the shard size and the tokenizer whatever the input (a document
+with no line break between two non-space characters is tokenized in one piece). A disk that is
+full or read-only fails with one line, the temporary files removed and the previous data intact.
 
 Split rule ("seeded-span"): a document of n tokens gives its v = round(val_fraction * n)
 consecutive tokens starting at an offset drawn from ``numpy.random.default_rng([seed, d])`` (d is
@@ -18,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,9 +30,11 @@ import numpy as np
 from fsspec import AbstractFileSystem
 from tqdm import tqdm
 
-from clusterlm.data.corpus import clean_text, embedded_corpus
+from clusterlm.data.corpus import embedded_corpus
+from clusterlm.data.documents import Document, scan_document
 from clusterlm.data.encode import encode_all, pieces
 from clusterlm.data.encode import split_text as split_text  # re-exported: part of this module's API
+from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES
 from clusterlm.data.manifest import (
     DATA_FILE_NAME,
     FORMAT_VERSION,
@@ -40,18 +46,21 @@ from clusterlm.data.manifest import (
     TokenizerInfo,
     token_dtype,
 )
-from clusterlm.data.shards import ShardWriter
+from clusterlm.data.shards import DocumentIds, ShardWriter
 from clusterlm.data.storage import SourceFile, StagedDir, is_local, join, resolve_sources, url_to_fs
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
-from clusterlm.files import check_output_path
+from clusterlm.files import check_output_path, disk_errors
 
 SPLIT_RULE = "seeded-span"
 DEFAULT_BPE_VOCAB = 4096
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 ids
 # Long documents are tokenized in pieces of about this many characters (clusterlm.data.encode),
-# so one big file still spreads over the workers; piecewise encoding equals whole encoding.
-PIECE_CHARS = 1 << 20
+# so one big file still spreads over the workers and the tokenizer's working memory stays small
+# (encoding a piece costs a few hundred bytes a character); piecewise encoding equals whole encoding.
+PIECE_CHARS = 1 << 16
+# A document's ids beyond this many (or the shard size, if smaller) wait for its split on a file.
+HELD_TOKENS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,13 @@ class PrepareOptions:
     workers: int = 1
     seed: int = 0
     force: bool = False
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer input line is refused
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction {self.val_fraction} is out of range; use a value in [0, 1)")
-        for flag, value in (("--shard-tokens", self.shard_tokens), ("--workers", self.workers)):
+        for flag, value in (("--shard-tokens", self.shard_tokens), ("--workers", self.workers),
+                            ("--max-line-bytes", self.max_line_bytes)):
             if value < 1:
                 raise UserError(f"{flag} {value} must be positive; use 1 or more")
         if self.seed < 0:
@@ -86,7 +97,8 @@ def prepare(opts: PrepareOptions) -> Manifest:
     """Prepare ``opts.out`` (or find it up to date) and return its manifest."""
     sources = resolve_sources(opts.inputs) if opts.inputs else embedded_corpus()
     given_tokenizer = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
-    infos, total_chars = scan_sources(sources)
+    documents = scan_sources(sources, opts.max_line_bytes)
+    infos = tuple(d.info for d in documents)
     fingerprint = _fingerprint(opts, infos, given_tokenizer)
 
     fs, root = url_to_fs(opts.out)
@@ -97,34 +109,33 @@ def prepare(opts: PrepareOptions) -> Manifest:
         assert existing is not None  # its fingerprint matched
         return existing
 
-    tokenizer = given_tokenizer or fit_tokenizer(opts.tokenizer, opts.bpe_vocab_size, read_documents(sources))
+    tokenizer = given_tokenizer or fit_tokenizer(opts.tokenizer, opts.bpe_vocab_size, document_pieces(documents))
     dtype = token_dtype(tokenizer.vocab_size)  # before anything is written: a misfit writes nothing
-    created = not fs.exists(root)
-    fs.makedirs(root, exist_ok=True)
-    staged = StagedDir(fs, root)
-    try:
-        splits = _write_shards(staged, tokenizer, dtype, sources, total_chars, opts)
-        manifest = Manifest(
-            format_version=FORMAT_VERSION, fingerprint=fingerprint, dtype=dtype.name,
-            vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
-            tokenizer=TokenizerInfo(
-                kind="file" if given_tokenizer else opts.tokenizer,
-                file=TOKENIZER_NAME, sha256=tokenizer.sha256,
-            ),
-            sources=infos, split_rule=SPLIT_RULE, val_fraction=opts.val_fraction, seed=opts.seed,
-            shard_tokens=opts.shard_tokens, splits=splits,
-        )
-        with staged.open(TOKENIZER_NAME) as f:
-            f.write(tokenizer.to_json().encode("utf-8"))
-        with staged.open(MANIFEST_NAME) as f:
-            f.write(manifest.to_json().encode("utf-8"))
-        stale = [name for name in entry_names(fs, root) if DATA_FILE_NAME.match(name)]
-        staged.commit(last=MANIFEST_NAME, remove=stale)
-    except BaseException:
-        staged.discard()
-        if created and not fs.ls(root):
-            fs.rmdir(root)
-        raise
+    with disk_errors(opts.out, "--out"):
+        created = not fs.exists(root)
+        fs.makedirs(root, exist_ok=True)
+        staged = StagedDir(fs, root)
+        try:
+            splits = _write_shards(staged, tokenizer, dtype, documents, opts)
+            manifest = Manifest(
+                format_version=FORMAT_VERSION, fingerprint=fingerprint, dtype=dtype.name,
+                vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+                tokenizer=TokenizerInfo(
+                    kind="file" if given_tokenizer else opts.tokenizer,
+                    file=TOKENIZER_NAME, sha256=tokenizer.sha256,
+                ),
+                sources=infos, split_rule=SPLIT_RULE, val_fraction=opts.val_fraction, seed=opts.seed,
+                shard_tokens=opts.shard_tokens, splits=splits,
+            )
+            with staged.open(TOKENIZER_NAME) as f:
+                f.write(tokenizer.to_json().encode("utf-8"))
+            with staged.open(MANIFEST_NAME) as f:
+                f.write(manifest.to_json().encode("utf-8"))
+            stale = [name for name in entry_names(fs, root) if DATA_FILE_NAME.match(name)]
+            staged.commit(last=MANIFEST_NAME, remove=stale)
+        except BaseException:
+            discard(fs, root, staged, created)
+            raise
     shards = sum(len(s.shards) for s in splits.values())
     print(
         f"prepared {opts.out}: {splits['train'].tokens:,} train and {splits['val'].tokens:,} val tokens "
@@ -133,41 +144,33 @@ def prepare(opts: PrepareOptions) -> Manifest:
     return manifest
 
 
-def scan_sources(sources: list[SourceFile]) -> tuple[tuple[SourceInfo, ...], int]:
-    """Each source's size and hash, and the characters of text they hold; fails on bad input."""
-    infos, total_chars = [], 0
-    for source in sources:
-        data = read_source(source)
-        total_chars += len(_decode(source, data))
-        infos.append(SourceInfo(source.name, len(data), hashlib.sha256(data).hexdigest()))
-    if total_chars == 0:
+def discard(fs: AbstractFileSystem, root: str, staged: StagedDir, created: bool) -> None:
+    """After a failed write: remove the temporary files, and ``root`` if this run made it."""
+    with suppress(OSError):  # a read-only disk refuses even this; the original error is the one to see
+        staged.discard()
+        if created and not fs.ls(root):
+            fs.rmdir(root)
+
+
+def scan_sources(sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Document]:
+    """Each source checked and measured (``clusterlm.data.documents``); fails on bad input."""
+    documents = [scan_document(source, max_line_bytes) for source in sources]
+    if not any(d.chars for d in documents):
         names = ", ".join(s.name for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
         raise UserError(f"the inputs ({names}) hold no text; pass files that contain text")
-    return tuple(infos), total_chars
+    return documents
 
 
-def read_source(source: SourceFile) -> bytes:
-    try:
-        return source.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read {source.name}: {err}; check that it is a readable file") from err
-
-
-def _decode(source: SourceFile, data: bytes) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"{source.name} is not UTF-8 text (bad byte at offset {err.start}); "
-            "convert it to UTF-8 or leave it out"
-        ) from err
-    return clean_text(text.removeprefix("\ufeff"))
-
-
-def read_documents(sources: list[SourceFile]) -> Iterator[str]:
-    """The cleaned text of every source, in order (empty for a source without text)."""
+def read_documents(sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[str]:
+    """The cleaned text of every source, whole, in order (empty for a source without text)."""
     for source in sources:
-        yield _decode(source, read_source(source))
+        yield "".join(scan_document(source, max_line_bytes).text())
+
+
+def document_pieces(documents: list[Document]) -> Iterator[str]:
+    """The documents' texts in the pieces they are tokenized in (for fitting a tokenizer: neither
+    kind merges across the boundaries, so the pieces train what the whole texts would)."""
+    return (piece.text for piece in pieces((d.text() for d in documents), PIECE_CHARS))
 
 
 def _fingerprint(opts: PrepareOptions, infos: tuple[SourceInfo, ...], given: Tokenizer | None) -> str:
@@ -246,24 +249,29 @@ def _intact(fs: AbstractFileSystem, root: str, manifest: Manifest) -> bool:
 
 
 def _write_shards(
-    staged: StagedDir, tokenizer: Tokenizer, dtype: np.dtype, sources: list[SourceFile],
-    total_chars: int, opts: PrepareOptions,
+    staged: StagedDir, tokenizer: Tokenizer, dtype: np.dtype, documents: list[Document], opts: PrepareOptions,
 ) -> dict[str, SplitInfo]:
     eot = np.array([] if tokenizer.eot_id is None else [tokenizer.eot_id], dtype=dtype)
+    total_chars = sum(d.chars for d in documents)
+    held_tokens = min(opts.shard_tokens, HELD_TOKENS)
     with ExitStack() as stack, tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing") as bar:
         writers = {name: stack.enter_context(ShardWriter(staged, name, dtype, opts.shard_tokens))
                    for name in ("train", "val")}
-        parts: list[np.ndarray] = []
-        for piece, ids in encode_all(tokenizer, pieces(read_documents(sources), PIECE_CHARS), dtype, opts.workers):
+        held = DocumentIds(dtype, held_tokens)
+        stack.callback(lambda: held.close())
+        texts = (d.text() for d in documents)
+        for piece, ids in encode_all(tokenizer, pieces(texts, PIECE_CHARS), dtype, opts.workers):
             bar.update(len(piece.text))
-            parts.append(ids)
+            held.append(ids)
             if not piece.last:
                 continue
-            document, parts = np.concatenate(parts), []
-            for name, spans in zip(("train", "val"), _split(document, piece.document, opts), strict=True):
-                for span in spans:
-                    writers[name].write(span)
+            for name, spans in zip(("train", "val"), _split(held.count, piece.document, opts), strict=True):
+                for start, stop in spans:
+                    for chunk in held.read(start, stop):
+                        writers[name].write(chunk)
                     writers[name].write(eot)
+            held.close()
+            held = DocumentIds(dtype, held_tokens)
         splits = {name: writer.finish() for name, writer in writers.items()}
     if splits["train"].tokens == 0:
         raise UserError(
@@ -273,12 +281,14 @@ def _write_shards(
     return splits
 
 
-def _split(ids: np.ndarray, document: int, opts: PrepareOptions) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(train spans, val spans) of one document by the seeded-span rule (module docstring)."""
-    n = len(ids)
+Span = tuple[int, int]
+
+
+def _split(n: int, document: int, opts: PrepareOptions) -> tuple[list[Span], list[Span]]:
+    """(train spans, val spans) of a document of n tokens by the seeded-span rule (module docstring)."""
     held_out = round(opts.val_fraction * n)
     if held_out == 0:
-        return [ids], []
+        return [(0, n)], []
     start = int(np.random.default_rng([opts.seed, document]).integers(0, n - held_out + 1))
-    train = [span for span in (ids[:start], ids[start + held_out :]) if len(span)]
-    return train, [ids[start : start + held_out]]
+    train = [(a, b) for a, b in ((0, start), (start + held_out, n)) if b > a]
+    return train, [(start, start + held_out)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +19,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from clusterlm.errors import UserError
+from clusterlm.files import disk_errors, fsync_path, is_sha256
 
 _HASH_CHUNK = 1 << 20
 _GLOB_CHARS = frozenset("*?[")
@@ -53,14 +54,12 @@ def sha256_of_file(fs: AbstractFileSystem, path: str) -> str:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One input file; ``name`` is how the manifest records it."""
+    """One input file, read through ``clusterlm.data.lines`` (a bounded line at a time, never
+    whole); ``name`` is how the manifest records it."""
 
     fs: AbstractFileSystem
     path: str
     name: str
-
-    def read_bytes(self) -> bytes:
-        return self.fs.cat_file(self.path)
 
 
 def resolve_sources(specs: Iterable[str]) -> list[SourceFile]:
@@ -136,6 +135,8 @@ class StagedDir:
                 self.fs.rm_file(self.path(name))
         self._publish(self._staged[last], self.path(last))
         self._staged.clear()
+        if is_local(self.fs):
+            fsync_path(self.root)  # the renames are on disk before anyone is told the data is ready
 
     def discard(self) -> None:
         for tmp in self._staged.values():
@@ -156,18 +157,23 @@ def default_cache_dir() -> Path:
 
 
 def cached_copy(fs: AbstractFileSystem, path: str, sha256: str, cache_dir: Path) -> Path:
-    """A verified local copy of a remote file, named by its content hash so copies never go stale."""
+    """A verified local copy of a remote file, named by its content hash so copies never go stale
+    (``sha256`` is a manifest's, checked to be one, so the name stays inside ``cache_dir``)."""
+    if not is_sha256(sha256):
+        raise UserError(f"the manifest gives shard {display_name(fs, path)} the sha256 {sha256!r}, which is not "
+                        "64 hex digits; prepare the data again with `clusterlm prepare --force`")
     target = cache_dir / f"{sha256}.bin"
     if target.exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{sha256}.tmp-{os.getpid()}"
     digest = hashlib.sha256()
     try:
-        with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(_HASH_CHUNK):
-                digest.update(chunk)
-                dst.write(chunk)
+        with disk_errors(cache_dir, "$CLUSTERLM_CACHE"):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_HASH_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
         if digest.hexdigest() != sha256:
             raise UserError(
                 f"shard {display_name(fs, path)} is corrupt (sha256 differs from the manifest); "
@@ -175,5 +181,6 @@ def cached_copy(fs: AbstractFileSystem, path: str, sha256: str, cache_dir: Path)
             )
         os.replace(tmp, target)  # concurrent readers of the same shard write identical bytes
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return target

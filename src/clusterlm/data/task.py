@@ -23,6 +23,7 @@ from clusterlm.data.manifest import (
     SourceInfo,
     TokenizerInfo,
     build_typed,
+    check_listed_file,
 )
 from clusterlm.data.storage import StagedDir, join, url_to_fs
 from clusterlm.errors import UserError
@@ -38,6 +39,9 @@ class FileInfo:
     file: str
     bytes: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        check_listed_file(self.file, self.sha256)
 
 
 @dataclass(frozen=True)

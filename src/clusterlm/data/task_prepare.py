@@ -22,6 +22,7 @@ from fsspec import AbstractFileSystem
 
 from clusterlm.data.corpus import embedded_corpus
 from clusterlm.data.jsonl_task import Record, read_jsonl
+from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES, Reading, bounded_lines, open_source
 from clusterlm.data.manifest import (
     DATA_FILE_NAME,
     MANIFEST_NAME,
@@ -35,10 +36,9 @@ from clusterlm.data.manifest import token_dtype as smallest_token_dtype
 from clusterlm.data.plays import plays, scene_passages
 from clusterlm.data.prepare import (
     DEFAULT_BPE_VOCAB,
+    discard,
     entry_names,
     fit_tokenizer,
-    read_documents,
-    read_source,
     scan_sources,
     up_to_date,
 )
@@ -52,7 +52,7 @@ from clusterlm.data.task import (
 )
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
-from clusterlm.files import check_output_path
+from clusterlm.files import check_output_path, disk_errors
 
 PLAY_TASK = "play-classification"
 JSONL_PREFIX = "jsonl:"
@@ -71,6 +71,7 @@ class TaskOptions:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     force: bool = False
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer line of the JSONL file is refused
 
     def __post_init__(self) -> None:
         if self.task != PLAY_TASK and not (self.task.startswith(JSONL_PREFIX) and len(self.task) > len(JSONL_PREFIX)):
@@ -82,6 +83,8 @@ class TaskOptions:
             raise UserError("--val-fraction plus --test-fraction leave nothing to train on; make their sum below 1")
         if self.passage_tokens < 1 or self.seed < 0:
             raise UserError("--passage-tokens must be positive and --seed not negative; use e.g. 64 and 0")
+        if self.max_line_bytes < 1:
+            raise UserError(f"--max-line-bytes {self.max_line_bytes} must be positive; use 1 or more")
 
 
 def prepare_task(opts: TaskOptions) -> TaskManifest:
@@ -89,14 +92,13 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
     given = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
     if opts.task == PLAY_TASK:
         sources = embedded_corpus()
-        infos, _ = scan_sources(sources)
-        texts = list(read_documents(sources))
+        documents = scan_sources(sources, opts.max_line_bytes)
+        infos = tuple(d.info for d in documents)
+        texts = ["".join(d.text()) for d in documents]
         records: list[Record] = []
     else:
         sources = _jsonl_source(opts.task.removeprefix(JSONL_PREFIX))
-        data = read_source(sources[0])
-        infos = (SourceInfo(sources[0].name, len(data), hashlib.sha256(data).hexdigest()),)
-        records = read_jsonl(sources[0].name, data)
+        infos, records = _read_jsonl_source(sources[0], opts.max_line_bytes)
         texts = [r.text for r in records]
     fingerprint = _fingerprint(opts, infos, given)
     fs, root = url_to_fs(opts.out)
@@ -131,6 +133,14 @@ def _jsonl_source(path: str) -> list[SourceFile]:
     if len(sources) != 1:
         raise UserError(f"--task {JSONL_PREFIX}{path} names {len(sources)} files; name one JSONL file")
     return sources
+
+
+def _read_jsonl_source(source: SourceFile, max_line_bytes: int) -> tuple[tuple[SourceInfo, ...], list[Record]]:
+    """The records of a JSONL file read line by line, and its size and hash."""
+    with open_source(source) as stream:
+        reading = Reading(stream)
+        records = read_jsonl(source.name, bounded_lines(reading, source.name, max_line_bytes))
+    return (SourceInfo(source.name, reading.size, reading.hexdigest()),), records
 
 
 def _fingerprint(opts: TaskOptions, infos: tuple[SourceInfo, ...], given: Tokenizer | None) -> str:
@@ -226,24 +236,23 @@ def _write(fs: AbstractFileSystem, root: str, tokenizer: Tokenizer, examples: Ex
     """Stage every file, then publish them with the manifest (``fields`` plus the splits) last."""
     index = {label: i for i, label in enumerate(labels)}
     dtype = np.dtype(fields["dtype"])
-    created = not fs.exists(root)
-    fs.makedirs(root, exist_ok=True)
-    staged = StagedDir(fs, root)
-    try:
-        splits = {
-            split: write_split(staged, split, [ids for ids, _ in items],
-                               np.array([index[label] for _, label in items], dtype=np.int64), dtype, len(labels))
-            for split, items in examples.items()
-        }
-        manifest = TaskManifest(**fields, splits=splits)
-        with staged.open(TOKENIZER_NAME) as f:
-            f.write(tokenizer.to_json().encode("utf-8"))
-        with staged.open(MANIFEST_NAME) as f:
-            f.write(manifest.to_json().encode("utf-8"))
-        staged.commit(last=MANIFEST_NAME, remove=[n for n in entry_names(fs, root) if DATA_FILE_NAME.match(n)])
-    except BaseException:
-        staged.discard()
-        if created and not fs.ls(root):
-            fs.rmdir(root)
-        raise
+    with disk_errors(root, "--out"):
+        created = not fs.exists(root)
+        fs.makedirs(root, exist_ok=True)
+        staged = StagedDir(fs, root)
+        try:
+            splits = {
+                split: write_split(staged, split, [ids for ids, _ in items],
+                                   np.array([index[label] for _, label in items], dtype=np.int64), dtype, len(labels))
+                for split, items in examples.items()
+            }
+            manifest = TaskManifest(**fields, splits=splits)
+            with staged.open(TOKENIZER_NAME) as f:
+                f.write(tokenizer.to_json().encode("utf-8"))
+            with staged.open(MANIFEST_NAME) as f:
+                f.write(manifest.to_json().encode("utf-8"))
+            staged.commit(last=MANIFEST_NAME, remove=[n for n in entry_names(fs, root) if DATA_FILE_NAME.match(n)])
+        except BaseException:
+            discard(fs, root, staged, created)
+            raise
     return manifest

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from clusterlm.errors import UserError
+from clusterlm.files import plain_name
 from clusterlm.interop.hf_config import model_values
 from clusterlm.interop.hf_mapping import (
     GPT2_PREFIX,
@@ -70,6 +71,10 @@ def _weight_files(root: Path) -> dict[str, Path]:
     """Each tensor name -> the safetensors file holding it (through the index when sharded)."""
     if (root / INDEX).is_file():
         weight_map = _read_json(root / INDEX).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{root / INDEX} has no weight_map object; download or save the model again")
+        for name in weight_map.values():  # each a file beside the index, never a path out of the directory
+            plain_name(name, f"{root / INDEX}", "download or save the model again")
         missing = sorted({name for name in weight_map.values() if not (root / name).is_file()})
         if missing:
             raise UserError(f"{root / INDEX} names {missing[0]}, which is missing: the directory is "

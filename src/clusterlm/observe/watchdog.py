@@ -11,6 +11,10 @@ exits), ends the stuck processes on its host, and exits ``EXIT_HUNG``: well befo
 collective timeout. On NCCL each exiting rank first dumps its flight recorder
 (``nccl_trace_rank<N>.pkl``). Heartbeats carry the run id and restart count, so files left by
 an earlier group are ignored; they also tell ``clusterlm chaos`` which processes are the ranks.
+
+The watchdog is never silently off: a heartbeat it cannot write (a full or read-only disk) stops
+its thread with the error recorded, and the rank's next ``phase`` call raises it as one line, so
+the job fails instead of running unwatched.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.distributed as dist
 
 from clusterlm.distributed import restarts
 from clusterlm.distributed.launch_variables import launch_position
+from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json
 
 EXIT_HUNG = 124  # as timeout(1)
@@ -44,11 +49,18 @@ HEARTBEATS = "heartbeat"  # the directory in out_dir where every rank beats
 
 
 def phase(name: str, step: int) -> None:
-    """Record that this rank entered ``name`` at ``step`` (nothing when the watchdog is off)."""
+    """Record that this rank entered ``name`` at ``step`` (nothing when the watchdog is off);
+    raises the watchdog's failure to write its heartbeat, if it had one."""
     if _current is not None:
-        _current.state = (name, step, time.time())
-        if _current.start_step is None and name != "setup":
-            _current.start_step = step  # where training (re)started: resumed step or 0
+        if _current.failure is not None:
+            raise _current.failure
+        _record(_current, name, step)
+
+
+def _record(watchdog: Watchdog, name: str, step: int) -> None:
+    watchdog.state = (name, step, time.time())
+    if watchdog.start_step is None and name != "setup":
+        watchdog.start_step = step  # where training (re)started: resumed step or 0
 
 
 def generation() -> str:
@@ -82,23 +94,35 @@ class Watchdog(threading.Thread):
         self.interval = min(1.0, timeout_s / 4)
         self._stopping = threading.Event()
         self._seen: dict[int, tuple[Any, Any, float, float]] = {}  # rank -> (beat, progress, changed at, moved at)
+        self.failure: UserError | None = None  # why the heartbeat stopped, raised by the next ``phase``
 
     def run(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        while not self._stopping.wait(self.interval):
-            self._beat()
-            verdict = _read(self.directory / VERDICT)
-            if verdict.get("generation") == generation() and verdict.get("time", 0) >= self.started:
-                self._end({}, [])
-            if self.rank < WATCHERS:
-                self._watch()
-        self._beat()  # the last one says "done": a finished rank is not a silent one
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            while not self._stopping.wait(self.interval):
+                self._beat()
+                verdict = _read(self.directory / VERDICT)
+                if verdict.get("generation") == generation() and verdict.get("time", 0) >= self.started:
+                    self._end({}, [])
+                if self.rank < WATCHERS:
+                    self._watch()
+            self._beat()  # the last one says "done": a finished rank is not a silent one
+        except Exception as err:  # the training thread raises it: never a silent end of the watch
+            self.failure = self._failure(err)
+
+    def _failure(self, err: Exception) -> UserError:
+        off = "or set parallel.hang_timeout_s = 0 to run without the watchdog"
+        if isinstance(err, (OSError, UserError)):  # UserError: a full or read-only disk (atomic_write)
+            return UserError(f"the hang watchdog of rank {self.rank} cannot write its heartbeat in "
+                             f"{self.directory} ({err}); fix that disk, {off}")
+        return UserError(f"the hang watchdog of rank {self.rank} stopped ({type(err).__name__}: {err}); {off}")
 
     def _beat(self) -> None:
         name, step, since = self.state
         atomic_write_json(self.directory / f"rank_{self.rank:05d}.json", {
             "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "phase": name, "step": step,
-            "since": since, "beat": time.time(), "generation": generation(), "start_step": self.start_step})
+            "since": since, "beat": time.time(), "generation": generation(), "start_step": self.start_step},
+            setting="training.out_dir")
 
     def _watch(self) -> None:
         # Files of an earlier run in this out_dir (same ranks, or more) are old: ignored.
@@ -124,7 +148,10 @@ class Watchdog(threading.Thread):
         if self.rank != min(r for r in range(min(WATCHERS, self.world_size)) if r not in silent):
             return  # the lowest responsive watcher reports
         print(describe_hang(beats, stuck, silent, self.timeout_s), file=sys.stderr, flush=True)
-        atomic_write_json(self.directory / VERDICT, {"generation": generation(), "time": time.time(), "stuck": stuck})
+        try:  # the other ranks' threads see it and exit; if it cannot be written, this rank still ends the job
+            atomic_write_json(self.directory / VERDICT, {"generation": generation(), "time": time.time(), "stuck": stuck})
+        except (OSError, UserError) as err:
+            print(f"hang: cannot write {self.directory / VERDICT} ({err})", file=sys.stderr, flush=True)
         self._end(beats, stuck)
 
     def _end(self, beats: dict[int, dict[str, Any]], stuck: list[int]) -> None:
@@ -191,7 +218,7 @@ def remove_heartbeats(out_dir: str) -> None:
 def stop() -> None:
     global _current
     if _current is not None:
-        phase("done", _current.state[1])
+        _record(_current, "done", _current.state[1])
         _current.stop()
         _current.join()
         _current = None
