@@ -55,7 +55,7 @@ from clusterlm.checkpoint.tensor_storage import (
     read_index,
 )
 from clusterlm.errors import UserError
-from clusterlm.files import atomic_write_json, sha256_file
+from clusterlm.files import atomic_write, atomic_write_json, sha256_file
 
 LATEST = "latest"
 
@@ -138,7 +138,7 @@ def finish_checkpoint(
     root = final.parent
     atomic_write_json(tmp / TRAINER_STATE, trainer_state)
     for name, payload in (files or {}).items():
-        (tmp / name).write_bytes(payload)
+        atomic_write(tmp / name, payload)  # durable, like every file the checksums cover
     sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     atomic_write_json(tmp / COMPLETE, {"step": trainer_state["step"], "sha256": sums})
     if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
