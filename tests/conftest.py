@@ -9,8 +9,10 @@ import pytest
 
 # Three short documents with blank lines, tabs, runs of spaces and non-ASCII text.
 TINY_DOCUMENTS = {
-    "a.txt": "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 6,
-    "b.txt": "ROMEO:\n\tBut soft, what light through yonder window breaks?\n  It is the east.\n" * 8,
+    "a.txt": "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    * 6,
+    "b.txt": "ROMEO:\n\tBut soft, what light through yonder window breaks?\n  It is the east.\n"
+    * 8,
     "sub/c.txt": "Ünïcödé — naïve café, 日本語 and emoji 😀.\nLast line without much.\n" * 5,
 }
 
@@ -39,7 +41,9 @@ def read_tree(root: Path) -> dict[str, bytes] | None:
     """Every file under ``root`` by relative path, or None if ``root`` does not exist."""
     if not root.exists():
         return None
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture

@@ -10,8 +10,14 @@ from safetensors import safe_open
 SIZES = {"layers": 2, "width": 32, "heads": 4, "context": 16}
 
 
-def tiny_hf_model(out: Path, flavour: str, vocab_size: int, tokenizer_json: str | None = None, seed: int = 0,
-                  **options):
+def tiny_hf_model(
+    out: Path,
+    flavour: str,
+    vocab_size: int,
+    tokenizer_json: str | None = None,
+    seed: int = 0,
+    **options,
+):
     """A random GPT2LMHeadModel, LlamaForCausalLM (grouped-query attention: 2 KV heads) or
     BertForMaskedLM (``vocab_size`` tokens, then clusterlm's 4 special tokens, [PAD] last) saved
     to ``out`` as safetensors; returns the model in eval mode. ``options`` go to the HF config."""
@@ -26,24 +32,51 @@ def tiny_hf_model(out: Path, flavour: str, vocab_size: int, tokenizer_json: str 
 
     torch.manual_seed(seed)
     if flavour == "gpt2":
-        config = GPT2Config(n_layer=SIZES["layers"], n_embd=SIZES["width"], n_head=SIZES["heads"],
-                            n_positions=SIZES["context"], vocab_size=vocab_size, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, **options)
+        config = GPT2Config(
+            n_layer=SIZES["layers"],
+            n_embd=SIZES["width"],
+            n_head=SIZES["heads"],
+            n_positions=SIZES["context"],
+            vocab_size=vocab_size,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+            **options,
+        )
         model = GPT2LMHeadModel(config)
     elif flavour == "bert":
-        config = BertConfig(num_hidden_layers=SIZES["layers"], hidden_size=SIZES["width"],
-                            num_attention_heads=SIZES["heads"], intermediate_size=72,
-                            max_position_embeddings=SIZES["context"], vocab_size=vocab_size + 4,
-                            pad_token_id=vocab_size + 3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                            **options)
+        config = BertConfig(
+            num_hidden_layers=SIZES["layers"],
+            hidden_size=SIZES["width"],
+            num_attention_heads=SIZES["heads"],
+            intermediate_size=72,
+            max_position_embeddings=SIZES["context"],
+            vocab_size=vocab_size + 4,
+            pad_token_id=vocab_size + 3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **options,
+        )
         model = BertForMaskedLM(config)
     else:
-        config = LlamaConfig(num_hidden_layers=SIZES["layers"], hidden_size=SIZES["width"],
-                             num_attention_heads=SIZES["heads"], num_key_value_heads=2, intermediate_size=72,
-                             max_position_embeddings=SIZES["context"], vocab_size=vocab_size, rope_theta=500.0,
-                             rms_norm_eps=1e-5, **options)
+        config = LlamaConfig(
+            num_hidden_layers=SIZES["layers"],
+            hidden_size=SIZES["width"],
+            num_attention_heads=SIZES["heads"],
+            num_key_value_heads=2,
+            intermediate_size=72,
+            max_position_embeddings=SIZES["context"],
+            vocab_size=vocab_size,
+            rope_theta=500.0,
+            rms_norm_eps=1e-5,
+            **options,
+        )
         model = LlamaForCausalLM(config)
-    with torch.no_grad():  # norms start at one and biases at zero; make them matter for the comparisons
+    with (
+        torch.no_grad()
+    ):  # norms start at one and biases at zero; make them matter for the comparisons
         for param in model.parameters():
             if param.dim() == 1:
                 param.add_(0.2 * torch.randn_like(param))

@@ -33,12 +33,18 @@ def check_output_path(path: str | Path, what: str, directory: bool = True) -> No
     stands where one of its parent directories should be."""
     path = Path(path)
     if path.exists() and path.is_dir() != directory:
-        raise UserError(f"{what} {path} is a {'file' if directory else 'directory'}; choose a new path")
+        raise UserError(
+            f"{what} {path} is a {'file' if directory else 'directory'}; choose a new path"
+        )
     for parent in path.parents:
         if parent.is_dir():
             return
         if parent.exists() or parent.is_symlink():
-            raise UserError(f"{what} {path} lies under {parent}, which is a file; choose a path in a directory")
+            raise UserError(
+                f"{what} {path} lies under {parent}, which is a file; choose a path in a directory"
+            )
+
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -65,7 +71,7 @@ def atomic_write(path: str | Path, data: bytes | str, setting: str = "the output
         try:
             view = memoryview(payload)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -73,13 +79,17 @@ def atomic_write(path: str | Path, data: bytes | str, setting: str = "the output
     return _replace_with(Path(path), write, setting, synced=True)
 
 
-def atomic_write_with(path: str | Path, write: Callable[[Path], object], setting: str = "the output") -> Path:
+def atomic_write_with(
+    path: str | Path, write: Callable[[Path], object], setting: str = "the output"
+) -> Path:
     """``write(tmp)`` fills a temporary file (a library that writes by path: savefig, ...), which
     is synced and then replaces ``path``; the temporary file is removed if anything fails."""
     return _replace_with(Path(path), write, setting, synced=False)
 
 
-def atomic_write_json(path: str | Path, payload: Any, indent: int | None = 1, setting: str = "the output") -> Path:
+def atomic_write_json(
+    path: str | Path, payload: Any, indent: int | None = 1, setting: str = "the output"
+) -> Path:
     return atomic_write(path, json.dumps(payload, indent=indent, sort_keys=True) + "\n", setting)
 
 
@@ -99,8 +109,6 @@ def _replace_with(path: Path, write: Callable[[Path], object], setting: str, syn
     return path
 
 
-
-
 def fsync_path(path: str | Path) -> None:
     """Flush a file's bytes, or a directory's entries (a rename in it), to the disk. A file system
     that cannot sync a directory (some network and FUSE ones) is left to its own guarantees."""
@@ -108,7 +116,9 @@ def fsync_path(path: str | Path) -> None:
     try:
         os.fsync(fd)
     except OSError as err:
-        if not (os.path.isdir(path) and err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)):
+        if not (
+            os.path.isdir(path) and err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+        ):
             raise
     finally:
         os.close(fd)
@@ -122,7 +132,9 @@ _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
 DISK_ERRNOS = frozenset({*_FULL, *_DENIED})
 
 
-def disk_error(err: BaseException, path: str | Path, setting: str = "the output") -> DiskError | None:
+def disk_error(
+    err: BaseException, path: str | Path, setting: str = "the output"
+) -> DiskError | None:
     """``err`` as one line naming ``path`` (what the user asked to write: the target, not a
     temporary beside it), the device and the fix when the disk refused a write (full, over quota,
     read-only, not permitted), else None. ``setting`` is what the user points elsewhere
@@ -130,8 +142,10 @@ def disk_error(err: BaseException, path: str | Path, setting: str = "the output"
     if not isinstance(err, OSError) or err.errno not in DISK_ERRNOS:
         return None
     if err.errno in _FULL:
-        message = (f"{_FULL[err.errno]} on {mount_point(path)} writing {path}; "
-                   f"free space there or point {setting} elsewhere")
+        message = (
+            f"{_FULL[err.errno]} on {mount_point(path)} writing {path}; "
+            f"free space there or point {setting} elsewhere"
+        )
     elif err.errno == errno.EROFS:
         message = f"{path} is on a read-only file system ({mount_point(path)}); point {setting} at a writable directory"
     else:
@@ -176,16 +190,21 @@ def mount_point(path: str | Path) -> str:
 def is_plain_name(name: object) -> bool:
     """Whether ``name`` names a file directly inside a directory: a non-empty string without
     ``/``, ``\\`` or NUL that is not ``.`` or ``..`` (so never absolute and never outside)."""
-    return (isinstance(name, str) and name not in ("", ".", "..")
-            and not any(c in name for c in "/\\\0"))
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+    )
 
 
 def plain_name(name: object, where: str, fix: str) -> str:
     """``name`` if it is a plain file name (``is_plain_name``); else a ``UserError`` saying that
     ``where`` (the file that holds the name) names it, and ``fix``."""
     if not is_plain_name(name):
-        raise UserError(f"{where} names the file {name!r}, which is not a plain name inside its directory "
-                        f"(no /, \\, .., NUL or absolute path); {fix}")
+        raise UserError(
+            f"{where} names the file {name!r}, which is not a plain name inside its directory "
+            f"(no /, \\, .., NUL or absolute path); {fix}"
+        )
     return name  # type: ignore[return-value]
 
 

@@ -23,14 +23,51 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LAUNCH_PREFIXES = ("WORLD_SIZE", "RANK", "LOCAL_", "GROUP_", "ROLE_", "MASTER_", "TORCHELASTIC_", "OMPI_",
-                   "PMI_", "PMIX_", "MPI_LOCAL", "SLURM_", "CLUSTERLM_")
+LAUNCH_PREFIXES = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_",
+    "GROUP_",
+    "ROLE_",
+    "MASTER_",
+    "TORCHELASTIC_",
+    "OMPI_",
+    "PMI_",
+    "PMIX_",
+    "MPI_LOCAL",
+    "SLURM_",
+    "CLUSTERLM_",
+)
 
 # The smallest model and run the commands accept quickly: one layer, eight positions.
-TINY = ("--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "16", "--model.block_size", "16",
-        "--training.micro_batch_size", "2", "--training.eval_batches", "1", "--training.eval_interval", "0",
-        "--training.steps", "2", "--metrics.progress", "none", "--metrics.tensorboard", "false",
-        "--metrics.plot", "false", "--metrics.peak_flops", "1e12", "--training.precision", "fp32")
+TINY = (
+    "--model.n_layer",
+    "1",
+    "--model.n_head",
+    "2",
+    "--model.n_embd",
+    "16",
+    "--model.block_size",
+    "16",
+    "--training.micro_batch_size",
+    "2",
+    "--training.eval_batches",
+    "1",
+    "--training.eval_interval",
+    "0",
+    "--training.steps",
+    "2",
+    "--metrics.progress",
+    "none",
+    "--metrics.tensorboard",
+    "false",
+    "--metrics.plot",
+    "false",
+    "--metrics.peak_flops",
+    "1e12",
+    "--training.precision",
+    "fp32",
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +105,14 @@ def case(id: str, *argv: str, **options) -> Case:
 
 
 def fill(argv: tuple[str, ...], tmp: Path, shared: Shared) -> list[str]:
-    names = {"tmp": tmp, "data": shared.data, "run": shared.run, "ckpt": shared.ckpt, "task": shared.task,
-             "hf": shared.hf}
+    names = {
+        "tmp": tmp,
+        "data": shared.data,
+        "run": shared.run,
+        "ckpt": shared.ckpt,
+        "task": shared.task,
+        "hf": shared.hf,
+    }
     return [arg.format(**{k: str(v) for k, v in names.items()}) for arg in argv]
 
 
@@ -85,7 +128,9 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return found
 
 
-def changed(before: dict[str, tuple], after: dict[str, tuple], allowed: tuple[str, ...]) -> list[str]:
+def changed(
+    before: dict[str, tuple], after: dict[str, tuple], allowed: tuple[str, ...]
+) -> list[str]:
     paths = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
     return sorted(p for p in paths if not any(fnmatch.fnmatch(p, pattern) for pattern in allowed))
 
@@ -97,11 +142,20 @@ def clean_environment(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra}
 
 
-def run_subprocess(entry: Case, argv: list[str], env: dict[str, str], tmp: Path) -> tuple[int, str, str]:
+def run_subprocess(
+    entry: Case, argv: list[str], env: dict[str, str], tmp: Path
+) -> tuple[int, str, str]:
     """(status, stdout, stderr) of ``python -m clusterlm ARGV`` started in ``tmp`` with ``env`` added."""
     command = [sys.executable, "-m", "clusterlm", *argv]
-    proc = subprocess.Popen(command, cwd=tmp, env=clean_environment(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp,
+        env=clean_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         if entry.signal_after:
             _interrupt_once_present(proc, tmp / entry.signal_after, entry.timeout)
@@ -109,7 +163,9 @@ def run_subprocess(entry: Case, argv: list[str], env: dict[str, str], tmp: Path)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{entry.id}: no answer within {entry.timeout} s; stderr:\n{err}") from None
+        raise AssertionError(
+            f"{entry.id}: no answer within {entry.timeout} s; stderr:\n{err}"
+        ) from None
     return proc.returncode, out, err
 
 
@@ -126,20 +182,24 @@ def _interrupt_once_present(proc: subprocess.Popen, path: Path, timeout: float) 
 
 def write(name: str, content: str | bytes) -> Setup:
     """A setup that writes ``content`` to ``{tmp}/name``."""
+
     def setup(tmp: Path, shared: Shared) -> None:
         path = tmp / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
     return setup
 
 
 def copy_of(source: str, name: str, change: Callable[[Path], None] | None = None) -> Setup:
     """A setup that copies a shared input (``data``, ``run``, ``ckpt``, ``task``, ``hf``) to
     ``{tmp}/name`` and then applies ``change`` to the copy."""
+
     def setup(tmp: Path, shared: Shared) -> None:
         shutil.copytree(getattr(shared, source), tmp / name)
         if change is not None:
             change(tmp / name)
+
     return setup
 
 
@@ -147,6 +207,7 @@ def both(*setups: Setup) -> Setup:
     def setup(tmp: Path, shared: Shared) -> None:
         for one in setups:
             one(tmp, shared)
+
     return setup
 
 
@@ -156,41 +217,51 @@ def remove(pattern: str) -> Callable[[Path], None]:
         assert found, f"nothing matches {pattern} in {root}"
         for path in found:
             path.unlink()
+
     return change
 
 
 def replace(name: str, content: str | bytes) -> Callable[[Path], None]:
     def change(root: Path) -> None:
         (root / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+
     return change
 
 
 def truncate(name: str) -> Callable[[Path], None]:
     """Cut a file to half its length (an interrupted write)."""
+
     def change(root: Path) -> None:
         data = (root / name).read_bytes()
         (root / name).write_bytes(data[: len(data) // 2])
+
     return change
 
 
 def flip_byte(pattern: str) -> Callable[[Path], None]:
     """Flip one byte in the middle of the first file matching ``pattern`` (same size, other bytes)."""
+
     def change(root: Path) -> None:
         path = sorted(root.glob(pattern))[0]
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
+
     return change
 
 
 def edit_json(name: str, edit: Callable[[dict], object]) -> Callable[[Path], None]:
     """Rewrite the JSON file ``name`` after ``edit`` changed its value in place."""
+
     def change(root: Path) -> None:
         value = json.loads((root / name).read_text())
         edit(value)
         (root / name).write_text(json.dumps(value))
+
     return change
 
 
 def jsonl(*rows: object) -> bytes:
-    return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows).encode()
+    return "".join(
+        (row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows
+    ).encode()

@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
-SLURM_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
+SLURM_COMMANDS = (
+    "munged",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "squeue",
+    "scontrol",
+    "sinfo",
+    "scancel",
+)
 
 
 def require_real_system(what: str, commands: tuple[str, ...]) -> None:
@@ -71,9 +80,19 @@ class PrivateSlurm:
         key = munge / "key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self._spawn("munged", [_sbin("munged"), "--foreground", "--force", f"--socket={self.socket}",
-                               f"--key-file={key}", f"--pid-file={munge / 'pid'}", f"--seed-file={munge / 'seed'}",
-                               f"--log-file={munge / 'log'}"])
+        self._spawn(
+            "munged",
+            [
+                _sbin("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={self.socket}",
+                f"--key-file={key}",
+                f"--pid-file={munge / 'pid'}",
+                f"--seed-file={munge / 'seed'}",
+                f"--log-file={munge / 'log'}",
+            ],
+        )
         self._wait(lambda: self.socket.exists(), "munged's socket")
 
     def _config(self) -> str:
@@ -114,8 +133,11 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / f"{name}.out", "w")
-        self.processes.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                               start_new_session=True))
+        self.processes.append(
+            subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        )
         log.close()
 
     def _wait_until_idle(self) -> None:
@@ -130,8 +152,10 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         while not ready():
             dead = [p.args[0] for p in self.processes if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"private Slurm: no {what} ({'exited: ' + ', '.join(dead) if dead else 'timeout'})"
-                                   f"\n{self.logs()}")
+                raise RuntimeError(
+                    f"private Slurm: no {what} ({'exited: ' + ', '.join(dead) if dead else 'timeout'})"
+                    f"\n{self.logs()}"
+                )
             time.sleep(0.2)
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -145,15 +169,24 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         if self.run("squeue", "--noheader", active, "--format=%i", check=False).stdout.split():
             self.run("scancel", "--user=root", check=False)
             try:
-                self._wait(lambda: not self.run("squeue", "--noheader", active, "--format=%i",
-                                                check=False).stdout.split(), "end of the cancelled jobs")
+                self._wait(
+                    lambda: (
+                        not self.run(
+                            "squeue", "--noheader", active, "--format=%i", check=False
+                        ).stdout.split()
+                    ),
+                    "end of the cancelled jobs",
+                )
             except RuntimeError:
                 pass  # stop the daemons regardless
 
     def logs(self, lines: int = 15) -> str:
         parts = []
         for path in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.out")):
-            parts.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+            parts.append(
+                f"--- {path.name}\n"
+                + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            )
         return "\n".join(parts)
 
     def stop(self) -> None:

@@ -17,8 +17,11 @@ from bad_inputs_table import CASES
 from clusterlm.cli import main as cli
 
 CORPUS = "".join(f"now is the winter of our discontent {i}\n" for i in range(300))
-TASK = "".join(f'{{"text": "{word} {i}", "label": "{label}"}}\n'
-               for i in range(40) for word, label in (("winter", "cold"), ("discontent", "warm")))
+TASK = "".join(
+    f'{{"text": "{word} {i}", "label": "{label}"}}\n'
+    for i in range(40)
+    for word, label in (("winter", "cold"), ("discontent", "warm"))
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +29,42 @@ def shared(tmp_path_factory) -> Shared:
     root = tmp_path_factory.mktemp("shared")
     (root / "corpus.txt").write_text(CORPUS)
     (root / "task.jsonl").write_text(TASK)
-    inputs = Shared(root, root / "data", root / "run", root / "run" / "checkpoints" / "step_00000002",
-                    root / "task", root / "hf")
-    assert cli(["prepare", str(root / "corpus.txt"), "--out", str(inputs.data), "--workers", "1"]) == 0
-    assert cli(["train", *TINY, "--data.dir", str(inputs.data), "--training.out_dir", str(inputs.run)]) == 0
-    assert cli(["prepare", "--task", f"jsonl:{root / 'task.jsonl'}", "--out", str(inputs.task),
-                "--tokenizer", str(inputs.data / "tokenizer.json")]) == 0
+    inputs = Shared(
+        root,
+        root / "data",
+        root / "run",
+        root / "run" / "checkpoints" / "step_00000002",
+        root / "task",
+        root / "hf",
+    )
+    assert (
+        cli(["prepare", str(root / "corpus.txt"), "--out", str(inputs.data), "--workers", "1"]) == 0
+    )
+    assert (
+        cli(["train", *TINY, "--data.dir", str(inputs.data), "--training.out_dir", str(inputs.run)])
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "prepare",
+                "--task",
+                f"jsonl:{root / 'task.jsonl'}",
+                "--out",
+                str(inputs.task),
+                "--tokenizer",
+                str(inputs.data / "tokenizer.json"),
+            ]
+        )
+        == 0
+    )
     assert cli(["export", "hf", "--run", str(inputs.run), "--out", str(inputs.hf)]) == 0
     return inputs
 
 
-def _run(entry: Case, argv: list[str], env: dict[str, str], tmp_path, capsys, monkeypatch) -> tuple[int, str, str]:
+def _run(
+    entry: Case, argv: list[str], env: dict[str, str], tmp_path, capsys, monkeypatch
+) -> tuple[int, str, str]:
     if entry.subprocess:
         return run_subprocess(entry, argv, env, tmp_path)
     for name, value in env.items():
@@ -48,9 +76,16 @@ def _run(entry: Case, argv: list[str], env: dict[str, str], tmp_path, capsys, mo
     return status, out, err
 
 
-@pytest.mark.parametrize("entry", [pytest.param(entry, id=entry.id, marks=[pytest.mark.slow] if entry.subprocess else [])
-                                   for entry in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(entry: Case, shared, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param(entry, id=entry.id, marks=[pytest.mark.slow] if entry.subprocess else [])
+        for entry in CASES
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(
+    entry: Case, shared, tmp_path, capsys, monkeypatch
+):
     if entry.setup is not None:
         entry.setup(tmp_path, shared)
     argv = fill(entry.argv, tmp_path, shared)

@@ -24,17 +24,45 @@ def test_speedrun_reports_time_to_target_for_both_runs(tmp_path, corpus_dir, cap
     assert cli(["prepare", str(corpus_dir), "--out", str(data), "--workers", "1"]) == 0
     (tmp_path / "base.toml").write_text(TINY.format(batch=2))
     (tmp_path / "fast.toml").write_text(TINY.format(batch=4))
-    args = ["bench", "speedrun", "--config", str(tmp_path / "fast.toml"), "--against", str(tmp_path / "base.toml"),
-            "--data-dir", str(data)]
+    args = [
+        "bench",
+        "speedrun",
+        "--config",
+        str(tmp_path / "fast.toml"),
+        "--against",
+        str(tmp_path / "base.toml"),
+        "--data-dir",
+        str(data),
+    ]
     assert cli([*args, "--target", "100"]) == 0
     out = capsys.readouterr().out
     assert "CPU:" in out and out.count("s at step 3") == 2 and "config / baseline wall time" in out
-    (tmp_path / "long.toml").write_text(TINY.format(batch=2).replace("block_size = 16", "block_size = 32"))
-    assert cli(["bench", "speedrun", "--config", str(tmp_path / "long.toml"), "--against",
-                str(tmp_path / "base.toml"), "--data-dir", str(data)]) != 0
+    (tmp_path / "long.toml").write_text(
+        TINY.format(batch=2).replace("block_size = 16", "block_size = 32")
+    )
+    assert (
+        cli(
+            [
+                "bench",
+                "speedrun",
+                "--config",
+                str(tmp_path / "long.toml"),
+                "--against",
+                str(tmp_path / "base.toml"),
+                "--data-dir",
+                str(data),
+            ]
+        )
+        != 0
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert "same validation windows" in err[-1]
-    (tmp_path / "diverging.toml").write_text(TINY.format(batch=2) + "[optim]\nlr = 1e30\nwarmup_steps = 0\n")
-    assert cli([*args[:2], "--config", str(tmp_path / "diverging.toml"), *args[4:], "--target", "0.1"]) != 0
+    (tmp_path / "diverging.toml").write_text(
+        TINY.format(batch=2) + "[optim]\nlr = 1e30\nwarmup_steps = 0\n"
+    )
+    assert (
+        cli([*args[:2], "--config", str(tmp_path / "diverging.toml"), *args[4:], "--target", "0.1"])
+        != 0
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert "config: validation loss became nan at step 3" in err[-1] and "optim.lr" in err[-1]

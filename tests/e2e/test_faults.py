@@ -29,8 +29,12 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "clusterlm", *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "clusterlm", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _wait_for(condition, timeout: float = 120) -> None:
@@ -49,15 +53,35 @@ def _pid_of_rank(out: Path, rank: int) -> int:
 def test_a_preempted_run_resumes_bit_for_bit(data_dir, tmp_path):  # noqa: F811
     """SIGUSR1 to the process: it saves at the next step boundary, exits 75, and the resumed run
     ends with exactly the weights of an uninterrupted one."""
-    values = {"data.dir": str(data_dir), "training.steps": 40, "model.n_layer": 2, "model.n_head": 2,
-              "model.n_embd": 32, "model.block_size": 16, "training.micro_batch_size": 2,
-              "training.eval_interval": 0, "metrics.progress": "none", "metrics.tensorboard": False,
-              "metrics.plot": False, "metrics.peak_flops": 1e12, "checkpoint.interval": 0, "training.precision": "fp32"}
+    values = {
+        "data.dir": str(data_dir),
+        "training.steps": 40,
+        "model.n_layer": 2,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "model.block_size": 16,
+        "training.micro_batch_size": 2,
+        "training.eval_interval": 0,
+        "metrics.progress": "none",
+        "metrics.tensorboard": False,
+        "metrics.plot": False,
+        "metrics.peak_flops": 1e12,
+        "checkpoint.interval": 0,
+        "training.precision": "fp32",
+    }
     train(build_config(None, {**values, "training.out_dir": str(tmp_path / "whole")}))
     out = tmp_path / "preempted"
     # Slowed (numerics untouched) so that the signal lands well before the last step.
-    job = _start(["train", *(f"--{k}={v}" for k, v in values.items()), f"--training.out_dir={out}",
-                  "--metrics.progress=lines", "--training.slow_ranks=0:50"], tmp_path / "log")
+    job = _start(
+        [
+            "train",
+            *(f"--{k}={v}" for k, v in values.items()),
+            f"--training.out_dir={out}",
+            "--metrics.progress=lines",
+            "--training.slow_ranks=0:50",
+        ],
+        tmp_path / "log",
+    )
     _pid_of_rank(out, 0)
     job.send_signal(signal.SIGUSR1)
     assert job.wait(timeout=120) == 75, (tmp_path / "log").read_text()[-2000:]
@@ -70,8 +94,23 @@ def test_a_preempted_run_resumes_bit_for_bit(data_dir, tmp_path):  # noqa: F811
 
 def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_75(data_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    job = _start(["train", "--nproc", "2", "--data.dir", str(data_dir), "--training.out_dir", str(out),
-                  "--training.steps", "100000", "--checkpoint.interval", "0", *FAST], tmp_path / "log")
+    job = _start(
+        [
+            "train",
+            "--nproc",
+            "2",
+            "--data.dir",
+            str(data_dir),
+            "--training.out_dir",
+            str(out),
+            "--training.steps",
+            "100000",
+            "--checkpoint.interval",
+            "0",
+            *FAST,
+        ],
+        tmp_path / "log",
+    )
     _pid_of_rank(out, 1)
     signalled = time.monotonic()
     job.send_signal(signal.SIGTERM)
@@ -86,9 +125,25 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_75(data_dir, tmp_
 
 def test_a_stopped_rank_is_reported_by_rank_and_phase(data_dir, tmp_path):  # noqa: F811
     out, timeout = tmp_path / "run", 4
-    job = _start(["train", "--nproc", "2", "--data.dir", str(data_dir), "--training.out_dir", str(out),
-                  "--training.steps", "100000", "--checkpoint.interval", "0", "--parallel.hang_timeout_s",
-                  str(timeout), *FAST], tmp_path / "log")
+    job = _start(
+        [
+            "train",
+            "--nproc",
+            "2",
+            "--data.dir",
+            str(data_dir),
+            "--training.out_dir",
+            str(out),
+            "--training.steps",
+            "100000",
+            "--checkpoint.interval",
+            "0",
+            "--parallel.hang_timeout_s",
+            str(timeout),
+            *FAST,
+        ],
+        tmp_path / "log",
+    )
     stopped = _pid_of_rank(out, 1)
     try:
         os.kill(stopped, signal.SIGSTOP)
@@ -110,19 +165,60 @@ def test_a_stopped_rank_is_reported_by_rank_and_phase(data_dir, tmp_path):  # no
 
 
 def test_chaos_two_kills_recover_to_identical_weights(data_dir, tmp_path):  # noqa: F811
-    result = clusterlm("chaos", "--nproc", "2", "--kills", "2", "--max-delay", "0.5", "--data.dir", str(data_dir),
-                       "--training.out_dir", str(tmp_path), "--training.steps", "150", "--checkpoint.interval", "10",
-                       *TINY, "--metrics.progress", "none", "--training.log_interval", "50",
-                       "--training.slow_ranks", "0:6,1:6", timeout=280)  # slowed: both kills land before the end
+    result = clusterlm(
+        "chaos",
+        "--nproc",
+        "2",
+        "--kills",
+        "2",
+        "--max-delay",
+        "0.5",
+        "--data.dir",
+        str(data_dir),
+        "--training.out_dir",
+        str(tmp_path),
+        "--training.steps",
+        "150",
+        "--checkpoint.interval",
+        "10",
+        *TINY,
+        "--metrics.progress",
+        "none",
+        "--training.log_interval",
+        "50",
+        "--training.slow_ranks",
+        "0:6,1:6",
+        timeout=280,
+    )  # slowed: both kills land before the end
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith("2/2 recovered, final weights identical: yes, steps recomputed: "), summary
+    assert summary.startswith("2/2 recovered, final weights identical: yes, steps recomputed: "), (
+        summary
+    )
     assert "kills during checkpoint writes: 1" in result.stdout
 
 
 def test_bench_checkpoint_prints_the_stall_of_both_modes(data_dir, capsys):  # noqa: F811
     from clusterlm.cli import main
 
-    assert main(["bench", "checkpoint", "--data.dir", str(data_dir), *TINY, "--saves", "1", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "checkpoint",
+                "--data.dir",
+                str(data_dir),
+                *TINY,
+                "--saves",
+                "1",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "synchronous:  stall per save" in out and "% of synchronous; written in the background in" in out
+    assert (
+        "synchronous:  stall per save" in out
+        and "% of synchronous; written in the background in" in out
+    )

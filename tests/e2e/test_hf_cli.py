@@ -21,9 +21,24 @@ from clusterlm.train.inference import load_for_inference
 from clusterlm.train.session import build_session
 
 WORDS = ["thou", "art", "the", "king", "of", "my", "heart", "and", "love", "doth", "speak"]
-TRAIN = ["--training.micro_batch_size", "2", "--training.eval_batches", "1", "--training.log_interval", "1",
-         "--optim.warmup_steps", "1", "--metrics.progress", "none", "--metrics.tensorboard", "false",
-         "--metrics.plot", "false", "--training.steps", "2"]
+TRAIN = [
+    "--training.micro_batch_size",
+    "2",
+    "--training.eval_batches",
+    "1",
+    "--training.log_interval",
+    "1",
+    "--optim.warmup_steps",
+    "1",
+    "--metrics.progress",
+    "none",
+    "--metrics.tensorboard",
+    "false",
+    "--metrics.plot",
+    "false",
+    "--training.steps",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +47,50 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     rng = random.Random(0)
     text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(800)) + "\n"
     (root / "text.txt").write_text(text)
-    tiny_hf_model(root / "llama", "llama", Tokenizer.char([text]).vocab_size, Tokenizer.char([text]).to_json())
+    tiny_hf_model(
+        root / "llama", "llama", Tokenizer.char([text]).vocab_size, Tokenizer.char([text]).to_json()
+    )
     data = root / "data"
-    assert cli(["prepare", str(root / "text.txt"), "--out", str(data), "--tokenizer", f"hf:{root / 'llama'}",
-                "--workers", "1"]) == 0
+    assert (
+        cli(
+            [
+                "prepare",
+                str(root / "text.txt"),
+                "--out",
+                str(data),
+                "--tokenizer",
+                f"hf:{root / 'llama'}",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return {"root": root, "hf": root / "llama", "data": data}
 
 
 def test_training_starts_from_the_pretrained_weights(setup, tmp_path):
-    cfg = build_config(None, {"model.init_from": f"hf:{setup['hf']}", "data.dir": str(setup["data"]),
-                              "training.out_dir": str(tmp_path), "model.block_size": 8})
-    assert (cfg.model.flavour, cfg.model.n_layer, cfg.model.n_kv_head, cfg.model.block_size) == ("llama", 2, 2, 8)
+    cfg = build_config(
+        None,
+        {
+            "model.init_from": f"hf:{setup['hf']}",
+            "data.dir": str(setup["data"]),
+            "training.out_dir": str(tmp_path),
+            "model.block_size": 8,
+        },
+    )
+    assert (cfg.model.flavour, cfg.model.n_layer, cfg.model.n_kv_head, cfg.model.block_size) == (
+        "llama",
+        2,
+        2,
+        8,
+    )
     plain = build_session(cfg).model.parts[0]
     expected = type(plain)(plain.args)
     fill_parameters(expected, hf_source(setup["hf"]))
-    for (name, param), reference in zip(plain.named_parameters(), expected.parameters(), strict=True):
+    for (name, param), reference in zip(
+        plain.named_parameters(), expected.parameters(), strict=True
+    ):
         assert torch.equal(param.detach(), reference.detach()), name
 
 
@@ -54,8 +98,21 @@ def test_train_then_export_loads_in_transformers(setup, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run, out = tmp_path / "run", tmp_path / "exported"
-    assert cli(["train", "--model.init_from", f"hf:{setup['hf']}", "--data.dir", str(setup["data"]),
-                "--training.out_dir", str(run), *TRAIN]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--model.init_from",
+                f"hf:{setup['hf']}",
+                "--data.dir",
+                str(setup["data"]),
+                "--training.out_dir",
+                str(run),
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
     assert cli(["export", "hf", "--run", str(run), "--out", str(out)]) == 0
     assert "exported" in capsys.readouterr().out
     ours = load_for_inference(find_checkpoint(str(run)), device="cpu").model.parts[0]
@@ -63,9 +120,13 @@ def test_train_then_export_loads_in_transformers(setup, tmp_path, capsys):
     x = torch.randint(0, ours.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours(x), rtol=0, atol=1e-5)
-    assert AutoTokenizer.from_pretrained(out)("thou art")["input_ids"] == Tokenizer.load(f"hf:{setup['hf']}").encode(
-        "thou art")
-    assert cli(["export", "hf", "--run", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert AutoTokenizer.from_pretrained(out)("thou art")["input_ids"] == Tokenizer.load(
+        f"hf:{setup['hf']}"
+    ).encode("thou art")
+    assert (
+        cli(["export", "hf", "--run", str(run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"])
+        == 0
+    )
     half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").eval()
     assert half.dtype == torch.bfloat16
     with torch.no_grad():
@@ -78,14 +139,25 @@ def test_train_then_export_loads_in_transformers(setup, tmp_path, capsys):
 
 def test_mismatches_get_one_line_and_write_nothing(setup, tmp_path, capsys):
     other = tmp_path / "other"
-    (tmp_path / "other.txt").write_text("a different corpus with other letters: xyzzy QUUX 123\n" * 50)
+    (tmp_path / "other.txt").write_text(
+        "a different corpus with other letters: xyzzy QUUX 123\n" * 50
+    )
     assert cli(["prepare", str(tmp_path / "other.txt"), "--out", str(other), "--workers", "1"]) == 0
     capsys.readouterr()
     run = tmp_path / "run"
-    base = ["train", "--model.init_from", f"hf:{setup['hf']}", "--training.out_dir", str(run), *TRAIN]
+    base = [
+        "train",
+        "--model.init_from",
+        f"hf:{setup['hf']}",
+        "--training.out_dir",
+        str(run),
+        *TRAIN,
+    ]
     assert cli([*base, "--data.dir", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "different tokenizer" in err and "prepare --tokenizer hf:" in err and err.count("\n") == 1
+    assert (
+        "different tokenizer" in err and "prepare --tokenizer hf:" in err and err.count("\n") == 1
+    )
     assert cli([*base, "--data.dir", str(setup["data"]), "--model.n_layer", "3"]) == 2
     err = capsys.readouterr().err
     assert "contradicts" in err and err.count("\n") == 1
@@ -94,8 +166,20 @@ def test_mismatches_get_one_line_and_write_nothing(setup, tmp_path, capsys):
     assert not run.exists()
 
 
-BERT = ["--model.flavour", "bert", "--training.objective", "mlm", "--model.n_layer", "2", "--model.n_head", "4",
-        "--model.n_embd", "32", "--model.block_size", "16"]
+BERT = [
+    "--model.flavour",
+    "bert",
+    "--training.objective",
+    "mlm",
+    "--model.n_layer",
+    "2",
+    "--model.n_head",
+    "4",
+    "--model.n_embd",
+    "32",
+    "--model.block_size",
+    "16",
+]
 
 
 def test_bert_export_import_export_through_the_cli(setup, tmp_path, capsys):
@@ -105,21 +189,51 @@ def test_bert_export_import_export_through_the_cli(setup, tmp_path, capsys):
     from transformers import BertForMaskedLM
 
     data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "exported"
-    assert cli(["prepare", str(setup["root"] / "text.txt"), "--out", str(data), "--workers", "1"]) == 0
-    assert cli(["train", *BERT, "--data.dir", str(data), "--training.out_dir", str(run), *TRAIN]) == 0
+    assert (
+        cli(["prepare", str(setup["root"] / "text.txt"), "--out", str(data), "--workers", "1"]) == 0
+    )
+    assert (
+        cli(["train", *BERT, "--data.dir", str(data), "--training.out_dir", str(run), *TRAIN]) == 0
+    )
     assert cli(["export", "hf", "--run", str(run), "--out", str(out)]) == 0
     ours = load_for_inference(find_checkpoint(str(run)), device="cpu").model.parts[0]
-    x = torch.randint(0, ours.args.vocab_size + 4, (2, 16), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(
+        0, ours.args.vocab_size + 4, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
-        torch.testing.assert_close(BertForMaskedLM.from_pretrained(out).eval()(x).logits, ours(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            BertForMaskedLM.from_pretrained(out).eval()(x).logits, ours(x), rtol=0, atol=1e-5
+        )
 
     again = tmp_path / "again"
-    assert cli(["prepare", str(setup["root"] / "text.txt"), "--out", str(again), "--workers", "1",
-                "--tokenizer", f"hf:{out}"]) == 0
-    cfg = build_config(None, {"model.init_from": f"hf:{out}", "data.dir": str(again), "training.objective": "mlm",
-                              "training.out_dir": str(tmp_path / "run2")})
+    assert (
+        cli(
+            [
+                "prepare",
+                str(setup["root"] / "text.txt"),
+                "--out",
+                str(again),
+                "--workers",
+                "1",
+                "--tokenizer",
+                f"hf:{out}",
+            ]
+        )
+        == 0
+    )
+    cfg = build_config(
+        None,
+        {
+            "model.init_from": f"hf:{out}",
+            "data.dir": str(again),
+            "training.objective": "mlm",
+            "training.out_dir": str(tmp_path / "run2"),
+        },
+    )
     assert (cfg.model.flavour, cfg.model.vocab_size) == ("bert", ours.args.vocab_size)
     started = build_session(cfg).model.parts[0]
-    export_hf(tmp_path / "round", started.args, reader(started), Tokenizer.load(f"hf:{out}").to_json())
+    export_hf(
+        tmp_path / "round", started.args, reader(started), Tokenizer.load(f"hf:{out}").to_json()
+    )
     assert safetensors_bytes(tmp_path / "round") == safetensors_bytes(out)
     capsys.readouterr()

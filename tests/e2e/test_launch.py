@@ -16,31 +16,86 @@ from clusterlm.config import ParallelConfig
 from clusterlm.config.degrees import resolve_degrees
 from clusterlm.errors import UserError
 
-TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
-        "--training.micro_batch_size", "2", "--training.eval_batches", "2", "--training.eval_interval", "0",
-        "--metrics.progress", "lines", "--metrics.tensorboard", "false", "--metrics.peak_flops", "1e12",
-        "--training.precision", "fp32"]  # the equivalence checks are fp32 (auto picks bf16 on some CPUs)
+TINY = [
+    "--model.n_layer",
+    "2",
+    "--model.n_head",
+    "2",
+    "--model.n_embd",
+    "32",
+    "--model.block_size",
+    "16",
+    "--training.micro_batch_size",
+    "2",
+    "--training.eval_batches",
+    "2",
+    "--training.eval_interval",
+    "0",
+    "--metrics.progress",
+    "lines",
+    "--metrics.tensorboard",
+    "false",
+    "--metrics.peak_flops",
+    "1e12",
+    "--training.precision",
+    "fp32",
+]  # the equivalence checks are fp32 (auto picks bf16 on some CPUs)
 
 
-def clusterlm(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clusterlm", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def clusterlm(
+    *args: str, env: dict | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "clusterlm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("launch")
-    (root / "a.txt").write_text("".join(f"now is the winter of our discontent {i}\n" for i in range(2000)))
-    assert clusterlm("prepare", str(root / "a.txt"), "--out", str(root / "data"), "--workers", "1").returncode == 0
+    (root / "a.txt").write_text(
+        "".join(f"now is the winter of our discontent {i}\n" for i in range(2000))
+    )
+    assert (
+        clusterlm(
+            "prepare", str(root / "a.txt"), "--out", str(root / "data"), "--workers", "1"
+        ).returncode
+        == 0
+    )
     return root / "data"
 
 
 def test_bench_train_reports_the_pipeline_bubble_next_to_the_formula(data_dir):
     """Also the step breakdown: every rank runs the profiled steps (they hold the pipeline's
     transfers), so the job finishes, and rank 0 alone prints it."""
-    result = clusterlm("bench", "train", "--nproc", "2", "--steps", "2", "--rounds", "1", "--warmup", "1",
-                       "--data.dir", str(data_dir), "--parallel.pp", "2", "--parallel.pp_microbatches", "4",
-                       "--parallel.pp_schedule", "1f1b", *TINY, "--training.micro_batch_size", "4", "--breakdown")
+    result = clusterlm(
+        "bench",
+        "train",
+        "--nproc",
+        "2",
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--data.dir",
+        str(data_dir),
+        "--parallel.pp",
+        "2",
+        "--parallel.pp_microbatches",
+        "4",
+        "--parallel.pp_schedule",
+        "1f1b",
+        *TINY,
+        "--training.micro_batch_size",
+        "4",
+        "--breakdown",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pipeline bubble (1f1b, p=2, m=4, v=1): measured" in result.stdout
     assert "formula (p-1)/(v*m) = 0.250" in result.stdout
@@ -48,8 +103,20 @@ def test_bench_train_reports_the_pipeline_bubble_next_to_the_formula(data_dir):
 
 
 def test_train_with_nproc_runs_through_torchrun(data_dir, tmp_path):
-    result = clusterlm("train", "--nproc", "2", "--data.dir", str(data_dir), "--training.out_dir", str(tmp_path),
-                       "--training.steps", "6", "--parallel.data_parallel", "zero3", *TINY)
+    result = clusterlm(
+        "train",
+        "--nproc",
+        "2",
+        "--data.dir",
+        str(data_dir),
+        "--training.out_dir",
+        str(tmp_path),
+        "--training.steps",
+        "6",
+        "--parallel.data_parallel",
+        "zero3",
+        *TINY,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done: step 6") == 1  # reported once, by rank 0
     assert (tmp_path / "checkpoints" / "step_00000006" / "complete.json").is_file()
@@ -58,7 +125,9 @@ def test_train_with_nproc_runs_through_torchrun(data_dir, tmp_path):
 def _listeners(pids: set[int]) -> dict[str, str]:
     """The listening TCP sockets of ``pids``, by local address: ``ss -ltnp``'s line for each."""
     found = {}
-    for line in subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, timeout=30).stdout.splitlines():
+    for line in subprocess.run(
+        ["ss", "-Hltnp"], capture_output=True, text=True, timeout=30
+    ).stdout.splitlines():
         if pids & {int(pid) for pid in re.findall(r"pid=(\d+)", line)}:
             found[line.split()[3]] = line
     return found
@@ -79,10 +148,28 @@ def test_a_single_node_job_listens_on_loopback_only(data_dir, tmp_path, strategy
         if os.environ.get("CI") == "true":
             pytest.fail("ss (iproute2) is missing under CI=true")
         pytest.skip("ss (iproute2) is missing; `make system-packages` installs it")
-    job = subprocess.Popen([sys.executable, "-m", "clusterlm", "train", "--nproc", str(nproc), "--data.dir",
-                            str(data_dir), "--training.out_dir", str(tmp_path), "--training.steps", "60",
-                            "--parallel.data_parallel", strategy, *TINY], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clusterlm",
+            "train",
+            "--nproc",
+            str(nproc),
+            "--data.dir",
+            str(data_dir),
+            "--training.out_dir",
+            str(tmp_path),
+            "--training.steps",
+            "60",
+            "--parallel.data_parallel",
+            strategy,
+            *TINY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen, owners = {}, set()
     try:
         while job.poll() is None:
@@ -92,22 +179,45 @@ def test_a_single_node_job_listens_on_loopback_only(data_dir, tmp_path, strategy
                 break
             found = _listeners({job.pid, *(p.pid for p in tree)})
             seen.update(found)
-            owners |= {int(pid) for line in found.values() for pid in re.findall(r"pid=(\d+)", line)}
+            owners |= {
+                int(pid) for line in found.values() for pid in re.findall(r"pid=(\d+)", line)
+            }
             time.sleep(0.1)
         output = job.communicate(timeout=240)[0]
     finally:
         job.kill()
     assert job.returncode == 0, output[-3000:]
-    assert len(owners) >= nproc + 1, seen  # the agent's rendezvous store and every rank's own were seen
+    assert len(owners) >= nproc + 1, (
+        seen
+    )  # the agent's rendezvous store and every rank's own were seen
     assert [line for local, line in seen.items() if not _on_loopback(local)] == []
 
 
 def test_plain_torchrun_module_launch_works_the_same(data_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "clusterlm", "train",
-         "--data.dir", str(data_dir), "--training.out_dir", str(tmp_path), "--training.steps", "4",
-         "--parallel.data_parallel", "ddp", *TINY],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "clusterlm",
+            "train",
+            "--data.dir",
+            str(data_dir),
+            "--training.out_dir",
+            str(tmp_path),
+            "--training.steps",
+            "4",
+            "--parallel.data_parallel",
+            "ddp",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done: step 4") == 1
@@ -117,8 +227,17 @@ def test_a_failing_rank_ends_the_job_with_its_traceback():
     script = Path(__file__).with_name("fail_one_rank.py")
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "rank 1 fails on purpose" in result.stdout + result.stderr
@@ -135,41 +254,79 @@ def test_incomplete_launch_environment_is_one_line(data_dir, monkeypatch):
     assert "MASTER_ADDR" in result.stderr and "torchrun" in result.stderr
 
 
-@pytest.mark.parametrize("strategy,replicate,shard,world,expected", [
-    ("ddp", 0, 0, 4, (4, 1)), ("zero1", 0, 0, 2, (2, 1)), ("zero2", 0, 0, 4, (1, 4)),
-    ("zero3", 0, 0, 8, (1, 8)), ("hsdp", 2, 0, 8, (2, 4)), ("hsdp", 0, 2, 8, (4, 2)),
-])
+@pytest.mark.parametrize(
+    "strategy,replicate,shard,world,expected",
+    [
+        ("ddp", 0, 0, 4, (4, 1)),
+        ("zero1", 0, 0, 2, (2, 1)),
+        ("zero2", 0, 0, 4, (1, 4)),
+        ("zero3", 0, 0, 8, (1, 8)),
+        ("hsdp", 2, 0, 8, (2, 4)),
+        ("hsdp", 0, 2, 8, (4, 2)),
+    ],
+)
 def test_mesh_degrees_are_derived(strategy, replicate, shard, world, expected):
     cfg = ParallelConfig(data_parallel=strategy, dp_replicate=replicate, dp_shard=shard)
     assert resolve_degrees(cfg, world) == expected
 
 
-@pytest.mark.parametrize("strategy,replicate,shard,world,message", [
-    ("ddp", 3, 0, 4, "multiply to the world size"),
-    ("zero3", 0, 3, 4, "multiply to the world size"),
-    ("ddp", 0, 2, 4, "replicates only"),
-    ("zero2", 2, 0, 4, "use hsdp"),
-    ("hsdp", 0, 0, 4, "needs parallel.dp_replicate"),
-])
+@pytest.mark.parametrize(
+    "strategy,replicate,shard,world,message",
+    [
+        ("ddp", 3, 0, 4, "multiply to the world size"),
+        ("zero3", 0, 3, 4, "multiply to the world size"),
+        ("ddp", 0, 2, 4, "replicates only"),
+        ("zero2", 2, 0, 4, "use hsdp"),
+        ("hsdp", 0, 0, 4, "needs parallel.dp_replicate"),
+    ],
+)
 def test_bad_degrees_fail_with_one_line(strategy, replicate, shard, world, message):
     with pytest.raises(UserError, match=message):
-        resolve_degrees(ParallelConfig(data_parallel=strategy, dp_replicate=replicate, dp_shard=shard), world)
+        resolve_degrees(
+            ParallelConfig(data_parallel=strategy, dp_replicate=replicate, dp_shard=shard), world
+        )
 
 
-@pytest.mark.parametrize("options,message", [
-    (["--parallel.data_parallel", "hsdp"], "hsdp needs parallel.dp_replicate"),
-    (["--parallel.tp", "4", "--model.n_head", "2"], "parallel.tp (4) must divide model.n_head (2)"),
-    (["--parallel.pp", "4", "--parallel.data_parallel", "zero3"], "needs at least 4 layers"),
-    (["--parallel.pp", "2", "--parallel.data_parallel", "zero3", "--parallel.pp_microbatches", "3"],
-     "does not split into parallel.pp_microbatches (3)"),
-    (["--training.tokens_per_step", "100"], "must be a multiple of micro_batch_size"),
-    (["--nnodes", "0:2"], "a job needs at least 1 node"),
-    (["--nnodes", "1:3", "--rdzv-endpoint", "127.0.0.1:29999", "--training.tokens_per_step", "384"],
-     "lets the group run on 8 processes"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--parallel.data_parallel", "hsdp"], "hsdp needs parallel.dp_replicate"),
+        (
+            ["--parallel.tp", "4", "--model.n_head", "2"],
+            "parallel.tp (4) must divide model.n_head (2)",
+        ),
+        (["--parallel.pp", "4", "--parallel.data_parallel", "zero3"], "needs at least 4 layers"),
+        (
+            [
+                "--parallel.pp",
+                "2",
+                "--parallel.data_parallel",
+                "zero3",
+                "--parallel.pp_microbatches",
+                "3",
+            ],
+            "does not split into parallel.pp_microbatches (3)",
+        ),
+        (["--training.tokens_per_step", "100"], "must be a multiple of micro_batch_size"),
+        (["--nnodes", "0:2"], "a job needs at least 1 node"),
+        (
+            [
+                "--nnodes",
+                "1:3",
+                "--rdzv-endpoint",
+                "127.0.0.1:29999",
+                "--training.tokens_per_step",
+                "384",
+            ],
+            "lets the group run on 8 processes",
+        ),
+    ],
+)
 def test_a_bad_layout_under_nproc_is_one_line_before_any_worker_starts(data_dir, options, message):
     start = time.monotonic()
-    result = clusterlm("train", "--nproc", "4", "--data.dir", str(data_dir), *TINY, *options, timeout=60)
+    result = clusterlm(
+        "train", "--nproc", "4", "--data.dir", str(data_dir), *TINY, *options, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr

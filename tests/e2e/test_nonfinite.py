@@ -19,8 +19,21 @@ ARGS = [f"--{key}={value}" for key, value in TINY.items()] + ["--metrics.plot=fa
 
 
 def _train(data_dir, out, *extra):  # noqa: F811
-    return cli(["train", "--data.dir", str(data_dir), "--training.out_dir", str(out), "--training.steps", "6",
-                "--checkpoint.interval", "2", *ARGS, *extra])
+    return cli(
+        [
+            "train",
+            "--data.dir",
+            str(data_dir),
+            "--training.out_dir",
+            str(out),
+            "--training.steps",
+            "6",
+            "--checkpoint.interval",
+            "2",
+            *ARGS,
+            *extra,
+        ]
+    )
 
 
 def _poison(monkeypatch, losses=(), grads=()):
@@ -47,27 +60,51 @@ def _newest(out):
     return checkpoint.resolve_resume("auto", out / "checkpoints")
 
 
-@pytest.mark.parametrize("poison,found", [({"losses": (3,)}, "loss nan"), ({"grads": (3,)}, "gradient norm nan")])
-def test_a_nonfinite_step_stops_the_run_with_one_line(poison, found, data_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+@pytest.mark.parametrize(
+    "poison,found", [({"losses": (3,)}, "loss nan"), ({"grads": (3,)}, "gradient norm nan")]
+)
+def test_a_nonfinite_step_stops_the_run_with_one_line(
+    poison, found, data_dir, tmp_path, monkeypatch, capsys
+):  # noqa: F811
     _poison(monkeypatch, **poison)
     assert _train(data_dir, tmp_path) == 2
     errors = _error_lines(capsys)
     assert len(errors) == 1, errors
-    assert errors[0].startswith(f"error: training stopped at step 3: {found}") and "--resume auto" not in errors[0]
+    assert (
+        errors[0].startswith(f"error: training stopped at step 3: {found}")
+        and "--resume auto" not in errors[0]
+    )
     assert [p.name for p in checkpoint.list_complete(tmp_path / "checkpoints")] == ["step_00000002"]
-    assert json.loads((tmp_path / "checkpoints" / "latest").read_text()) == {"checkpoint": "step_00000002"}
+    assert json.loads((tmp_path / "checkpoints" / "latest").read_text()) == {
+        "checkpoint": "step_00000002"
+    }
     assert not list((tmp_path / "checkpoints").glob(".step_*"))
     assert _newest(tmp_path).state["step"] == 2
 
 
-def test_a_runaway_learning_rate_stops_before_anything_nonfinite_is_saved(data_dir, tmp_path, capsys):  # noqa: F811
-    assert _train(data_dir, tmp_path, "--optim.lr", "1e30", "--optim.warmup_steps", "0",
-                  "--checkpoint.interval", "1") == 2
+def test_a_runaway_learning_rate_stops_before_anything_nonfinite_is_saved(
+    data_dir, tmp_path, capsys
+):  # noqa: F811
+    assert (
+        _train(
+            data_dir,
+            tmp_path,
+            "--optim.lr",
+            "1e30",
+            "--optim.warmup_steps",
+            "0",
+            "--checkpoint.interval",
+            "1",
+        )
+        == 2
+    )
     errors = _error_lines(capsys)
     assert len(errors) == 1 and errors[0].startswith("error: training stopped at step "), errors
     stopped = int(errors[0].split("step ")[1].split(":")[0])
     saved = checkpoint.list_complete(tmp_path / "checkpoints")
-    assert [p.name for p in saved] == [f"step_{step:08d}" for step in range(max(1, stopped - 2), stopped)]
+    assert [p.name for p in saved] == [
+        f"step_{step:08d}" for step in range(max(1, stopped - 2), stopped)
+    ]
     for path in saved:  # every checkpoint that exists holds finite weights
         reader = checkpoint.CheckpointReader(path)
         for name in reader.model_shapes():
@@ -77,11 +114,19 @@ def test_a_runaway_learning_rate_stops_before_anything_nonfinite_is_saved(data_d
 def test_skipped_steps_are_not_applied_and_are_counted(data_dir, tmp_path, monkeypatch):  # noqa: F811
     _poison(monkeypatch, losses=(3,), grads=(4,))
     original, applied = Precision.step, []
-    monkeypatch.setattr(Precision, "step", lambda self, optimizers: (applied.append(1), original(self, optimizers)))
+    monkeypatch.setattr(
+        Precision, "step", lambda self, optimizers: (applied.append(1), original(self, optimizers))
+    )
     assert _train(data_dir, tmp_path, "--training.skip_nonfinite", "true") == 0
     assert len(applied) == 4  # 6 steps, 2 skipped: the optimizer never saw them
     train = records(tmp_path, "train")
-    assert [r["step"] for r in train] == [1, 2, 4, 5, 6]  # a NaN loss is not logged; step 4's loss was finite
+    assert [r["step"] for r in train] == [
+        1,
+        2,
+        4,
+        5,
+        6,
+    ]  # a NaN loss is not logged; step 4's loss was finite
     assert [r["skipped_steps"] for r in train] == [0, 0, 2, 2, 2]
     assert all(math.isfinite(r["loss"]) for r in train)
     assert _newest(tmp_path).state["step"] == 6
@@ -91,11 +136,16 @@ def test_a_checkpoint_of_nonfinite_weights_is_never_written(tmp_path):
     root = tmp_path / "checkpoints"
     good = {"model": {"w": torch.ones(3)}, "optim": {"w": {"exp_avg": torch.zeros(3)}}}
     CheckpointWriter().save(root, 2, good, {"step": 2}, keep_last=2)
-    bad = {"model": {"w": torch.tensor([1.0, math.inf, 0.0])}, "optim": {"w": {"exp_avg": torch.zeros(3)}}}
+    bad = {
+        "model": {"w": torch.tensor([1.0, math.inf, 0.0])},
+        "optim": {"w": {"exp_avg": torch.zeros(3)}},
+    }
     for background in (False, True):
         writer = CheckpointWriter(background=background)
-        with pytest.raises(UserError, match="step 4: model.w holds NaN or infinite values; the checkpoint was not "
-                                            "saved") as err:
+        with pytest.raises(
+            UserError,
+            match="step 4: model.w holds NaN or infinite values; the checkpoint was not saved",
+        ) as err:
             writer.save(root, 4, bad, {"step": 4}, keep_last=2)
         writer.close()
         assert "\n" not in str(err.value) and "--resume auto" not in str(err.value)

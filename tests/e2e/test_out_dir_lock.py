@@ -22,8 +22,21 @@ ARGS = [f"--{key}={value}" for key, value in TINY.items()] + ["--metrics.plot=fa
 
 
 def _train(data_dir, out, *extra):  # noqa: F811
-    return cli(["train", "--data.dir", str(data_dir), "--training.out_dir", str(out), "--training.steps", "4",
-                "--checkpoint.interval", "2", *ARGS, *extra])
+    return cli(
+        [
+            "train",
+            "--data.dir",
+            str(data_dir),
+            "--training.out_dir",
+            str(out),
+            "--training.steps",
+            "4",
+            "--checkpoint.interval",
+            "2",
+            *ARGS,
+            *extra,
+        ]
+    )
 
 
 def _dead_pid() -> int:
@@ -44,13 +57,31 @@ def _one_error_line(capsys) -> str:
     return errors[0]
 
 
-def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(data_dir, tmp_path, capsys):  # noqa: F811
+def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(
+    data_dir, tmp_path, capsys
+):  # noqa: F811
     out, log = tmp_path / "run", tmp_path / "first.log"
     with open(log, "w") as sink:
         first = subprocess.Popen(
-            [sys.executable, "-m", "clusterlm", "train", "--data.dir", str(data_dir), "--training.out_dir", str(out),
-             "--training.steps", "100000", "--checkpoint.interval", "0", *ARGS],
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "clusterlm",
+                "train",
+                "--data.dir",
+                str(data_dir),
+                "--training.out_dir",
+                str(out),
+                "--training.steps",
+                "100000",
+                "--checkpoint.interval",
+                "0",
+                *ARGS,
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         lock = out / LOCK
         deadline = time.monotonic() + 120
@@ -61,10 +92,28 @@ def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(data
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
         assert _train(data_dir, out) == 2
         line = _one_error_line(capsys)
-        assert f"is in use by another run (pid {first.pid} on {socket.gethostname()}, started {holder['started']})" \
+        assert (
+            f"is in use by another run (pid {first.pid} on {socket.gethostname()}, started {holder['started']})"
             in line
-        assert cli(["train", "--nproc", "2", "--data.dir", str(data_dir), "--training.out_dir", str(out), *ARGS]) == 2
-        assert f"pid {first.pid}" in _one_error_line(capsys)  # the launcher refuses before any rank starts
+        )
+        assert (
+            cli(
+                [
+                    "train",
+                    "--nproc",
+                    "2",
+                    "--data.dir",
+                    str(data_dir),
+                    "--training.out_dir",
+                    str(out),
+                    *ARGS,
+                ]
+            )
+            == 2
+        )
+        assert f"pid {first.pid}" in _one_error_line(
+            capsys
+        )  # the launcher refuses before any rank starts
         assert json.loads(lock.read_text()) == holder
     finally:
         first.send_signal(signal.SIGTERM)  # saves at the next step and exits 75
@@ -74,7 +123,8 @@ def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(data
 
 
 def test_a_dead_runs_lock_is_taken_over_with_a_warning_and_only_its_temporaries_go(
-        data_dir, tmp_path, capsys):  # noqa: F811
+    data_dir, tmp_path, capsys
+):  # noqa: F811
     out = tmp_path / "run"
     stale = _lock_of(_dead_pid())
     assert exclusive_write_json(out / LOCK, stale)
@@ -86,7 +136,9 @@ def test_a_dead_runs_lock_is_taken_over_with_a_warning_and_only_its_temporaries_
         (path / "__0_0.distcp").write_bytes(b"half")
     assert _train(data_dir, out) == 0
     err = capsys.readouterr().err
-    assert f"warning: taking over {out / LOCK} from a run that is gone (pid {stale['pid']} on " in err
+    assert (
+        f"warning: taking over {out / LOCK} from a run that is gone (pid {stale['pid']} on " in err
+    )
     assert not its_unfinished_save.exists()
     assert (another_runs / "__0_0.distcp").read_bytes() == b"half"  # never touched
     assert (checkpoints / "step_00000004" / "complete.json").is_file()
@@ -96,7 +148,9 @@ def test_a_dead_runs_lock_is_taken_over_with_a_warning_and_only_its_temporaries_
 def test_a_reused_pid_does_not_keep_a_dead_runs_lock(tmp_path):
     """The pid is alive (this test's own), but the process that wrote the lock started earlier."""
     me = this_process()
-    assert exclusive_write_json(tmp_path / LOCK, {**asdict(me), "pid_start": (me.pid_start or 0) - 1})
+    assert exclusive_write_json(
+        tmp_path / LOCK, {**asdict(me), "pid_start": (me.pid_start or 0) - 1}
+    )
     lock = take(tmp_path, this_process())
     assert lock.replaced.pid == os.getpid()
     lock.release()
@@ -104,8 +158,10 @@ def test_a_reused_pid_does_not_keep_a_dead_runs_lock(tmp_path):
 
 def test_a_holder_on_another_host_is_refused_with_the_way_out(tmp_path):
     assert exclusive_write_json(tmp_path / LOCK, _lock_of(4242, host="node-7"))
-    with pytest.raises(UserError, match=f"pid 4242 on node-7, started .*; if that run is gone, delete "
-                                        f"{tmp_path / LOCK}"):
+    with pytest.raises(
+        UserError,
+        match=f"pid 4242 on node-7, started .*; if that run is gone, delete {tmp_path / LOCK}",
+    ):
         take(tmp_path, this_process())
 
 
@@ -119,11 +175,15 @@ def test_a_restarted_job_takes_over_its_earlier_attempt_and_keeps_its_token(tmp_
     assert exclusive_write_json(tmp_path / LOCK, earlier)
     with pytest.raises(UserError, match="in use by another run"):  # another job
         take(tmp_path, this_process(job="job-18", attempt=(0, 1)))
-    with pytest.raises(UserError, match="in use by another run"):  # a job sharing the id, at the same attempt
+    with pytest.raises(
+        UserError, match="in use by another run"
+    ):  # a job sharing the id, at the same attempt
         take(tmp_path, this_process(job="job-17", attempt=(0, 0)))
 
 
-def test_a_fresh_run_into_checkpoints_is_refused_unless_it_resumes_or_overwrites(data_dir, tmp_path, capsys, tree):  # noqa: F811
+def test_a_fresh_run_into_checkpoints_is_refused_unless_it_resumes_or_overwrites(
+    data_dir, tmp_path, capsys, tree
+):  # noqa: F811
     out = tmp_path / "run"
     assert _train(data_dir, out) == 0
     capsys.readouterr()
@@ -138,5 +198,7 @@ def test_a_fresh_run_into_checkpoints_is_refused_unless_it_resumes_or_overwrites
     for flag in (["--overwrite"], ["--checkpoint.overwrite", "true"]):
         assert _train(data_dir, out, "--training.steps", "2", *flag) == 0
         assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002"]
-        assert json.loads((out / "checkpoints" / "latest").read_text()) == {"checkpoint": "step_00000002"}
+        assert json.loads((out / "checkpoints" / "latest").read_text()) == {
+            "checkpoint": "step_00000002"
+        }
     assert not (out / LOCK).exists()

@@ -31,14 +31,26 @@ def test_embedded_corpus_with_char_tokenizer(tmp_path, capsys):
 
 def test_positional_and_option_inputs_and_globs(tmp_path, corpus_dir):
     out = tmp_path / "out"
-    assert run(corpus_dir / "a.txt", "--input", f"{corpus_dir}/**/c.txt", "--out", out, "--workers", 1) == 0
-    assert [s.name for s in load_manifest(out).sources] == [str(corpus_dir / "a.txt"), str(corpus_dir / "sub/c.txt")]
+    assert (
+        run(corpus_dir / "a.txt", "--input", f"{corpus_dir}/**/c.txt", "--out", out, "--workers", 1)
+        == 0
+    )
+    assert [s.name for s in load_manifest(out).sources] == [
+        str(corpus_dir / "a.txt"),
+        str(corpus_dir / "sub/c.txt"),
+    ]
 
 
 def test_bpe_tokenizer_and_reusing_its_tokenizer_json(tmp_path, corpus_dir):
     first, second = tmp_path / "first", tmp_path / "second"
-    assert run(corpus_dir, "--out", first, "--tokenizer", "bpe", "--vocab-size", 300, "--workers", 1) == 0
-    assert run(corpus_dir, "--out", second, "--tokenizer", first / "tokenizer.json", "--workers", 1) == 0
+    assert (
+        run(corpus_dir, "--out", first, "--tokenizer", "bpe", "--vocab-size", 300, "--workers", 1)
+        == 0
+    )
+    assert (
+        run(corpus_dir, "--out", second, "--tokenizer", first / "tokenizer.json", "--workers", 1)
+        == 0
+    )
     a, b = load_manifest(first), load_manifest(second)
     assert (a.tokenizer.kind, b.tokenizer.kind) == ("bpe", "file")
     assert a.tokenizer.sha256 == b.tokenizer.sha256 and a.splits == b.splits
@@ -71,11 +83,22 @@ def bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize(
-    "case", ["empty input", "not utf-8", "missing path", "glob matching nothing",
-             "unknown tokenizer", "vocab size without bpe", "bad val fraction", "usage mistake"],
+    "case",
+    [
+        "empty input",
+        "not utf-8",
+        "missing path",
+        "glob matching nothing",
+        "unknown tokenizer",
+        "vocab size without bpe",
+        "bad val fraction",
+        "usage mistake",
+    ],
 )
 @pytest.mark.parametrize("out_state", ["absent", "prepared"])
-def test_bad_input_is_one_error_line_and_leaves_out_as_it_was(case, out_state, tmp_path, corpus_dir, capsys, tree):
+def test_bad_input_is_one_error_line_and_leaves_out_as_it_was(
+    case, out_state, tmp_path, corpus_dir, capsys, tree
+):
     out = tmp_path / "out"
     if out_state == "prepared":
         assert run(corpus_dir, "--out", out, "--workers", 1) == 0
@@ -89,9 +112,14 @@ def test_bad_input_is_one_error_line_and_leaves_out_as_it_was(case, out_state, t
 
 
 def test_vocabulary_too_large_for_the_token_dtype(tmp_path, corpus_dir, monkeypatch, capsys):
-    monkeypatch.setattr(prepare_module, "token_dtype", functools.partial(token_dtype, candidates=("uint8",)))
+    monkeypatch.setattr(
+        prepare_module, "token_dtype", functools.partial(token_dtype, candidates=("uint8",))
+    )
     out = tmp_path / "out"
-    assert run(corpus_dir, "--out", out, "--tokenizer", "bpe", "--vocab-size", 300, "--workers", 1) == 2
+    assert (
+        run(corpus_dir, "--out", out, "--tokenizer", "bpe", "--vocab-size", 300, "--workers", 1)
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not fit in uint8" in err
     assert not out.exists()

@@ -23,7 +23,9 @@ sys.stderr.write(done.stderr)
 
 def peak_and_error(*args: str) -> tuple[int, int, str]:
     """(exit status, peak resident MiB, stderr) of `clusterlm ARGS`."""
-    done = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, *args], capture_output=True, text=True, timeout=240
+    )
     status, peak = map(int, done.stdout.split())
     return status, peak, done.stderr
 
@@ -48,19 +50,38 @@ def test_a_64_mib_line_is_refused_in_bounded_memory(tmp_path, kind):
         one_line_file(path, b"", b"\n")
         args = ["prepare", str(path), "--out", str(tmp_path / "out"), "--workers", "1"]
     status, peak, err = peak_and_error(*args)
-    assert status == 2 and err == (f"error: line 1 of {path} is over --max-line-bytes (1048576 bytes); "
-                                   "split it or raise the limit\n")
+    assert status == 2 and err == (
+        f"error: line 1 of {path} is over --max-line-bytes (1048576 bytes); "
+        "split it or raise the limit\n"
+    )
     assert peak < LIMIT_MIB, f"peak {peak} MiB"
     assert not (tmp_path / "out").exists()
 
 
 def test_the_limit_can_be_raised(tmp_path):
-    rows = [{"text": "x" * 3000, "label": i % 2, "split": ("train", "val", "test")[i % 3]} for i in range(6)]
+    rows = [
+        {"text": "x" * 3000, "label": i % 2, "split": ("train", "val", "test")[i % 3]}
+        for i in range(6)
+    ]
     path = tmp_path / "wide.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    status, _, err = peak_and_error("prepare", "--task", f"jsonl:{path}", "--out", str(tmp_path / "a"),
-                                    "--max-line-bytes", "2048")
+    status, _, err = peak_and_error(
+        "prepare",
+        "--task",
+        f"jsonl:{path}",
+        "--out",
+        str(tmp_path / "a"),
+        "--max-line-bytes",
+        "2048",
+    )
     assert status == 2 and "line 1 of" in err
-    status, _, err = peak_and_error("prepare", "--task", f"jsonl:{path}", "--out", str(tmp_path / "b"),
-                                    "--max-line-bytes", "4096")
+    status, _, err = peak_and_error(
+        "prepare",
+        "--task",
+        f"jsonl:{path}",
+        "--out",
+        str(tmp_path / "b"),
+        "--max-line-bytes",
+        "4096",
+    )
     assert status == 0, err

@@ -28,10 +28,32 @@ from clusterlm.cli import main as cli
 from clusterlm.observe.prometheus import exported_names
 
 SCRAPE_S = 1.0
-TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
-        "--training.micro_batch_size", "2", "--training.eval_interval", "0", "--metrics.progress", "none",
-        "--metrics.tensorboard", "false", "--metrics.plot", "false", "--metrics.peak_flops", "1e12"]
-NEVER_EXPOSED = {"clusterlm_system_gpu_utilization_percent", "clusterlm_system_gpu_memory_bytes"}  # CPU only here
+TINY = [
+    "--model.n_layer",
+    "2",
+    "--model.n_head",
+    "2",
+    "--model.n_embd",
+    "32",
+    "--model.block_size",
+    "16",
+    "--training.micro_batch_size",
+    "2",
+    "--training.eval_interval",
+    "0",
+    "--metrics.progress",
+    "none",
+    "--metrics.tensorboard",
+    "false",
+    "--metrics.plot",
+    "false",
+    "--metrics.peak_flops",
+    "1e12",
+]
+NEVER_EXPOSED = {
+    "clusterlm_system_gpu_utilization_percent",
+    "clusterlm_system_gpu_memory_bytes",
+}  # CPU only here
 
 
 def _free_port() -> int:
@@ -58,13 +80,30 @@ def prometheus(tmp_path):
         pytest.skip(reason)
     exporter_port, port = _free_port(), _free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({  # YAML is a superset of JSON
-        "global": {"scrape_interval": f"{SCRAPE_S:g}s", "scrape_timeout": f"{SCRAPE_S:g}s"},
-        "scrape_configs": [{"job_name": "clusterlm", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}],
-    }))
+    config.write_text(
+        json.dumps(
+            {  # YAML is a superset of JSON
+                "global": {"scrape_interval": f"{SCRAPE_S:g}s", "scrape_timeout": f"{SCRAPE_S:g}s"},
+                "scrape_configs": [
+                    {
+                        "job_name": "clusterlm",
+                        "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
     log = open(tmp_path / "prometheus.log", "w")
-    server = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                               f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -84,14 +123,24 @@ def prometheus(tmp_path):
 
 
 def _exposed(text: str) -> set[str]:
-    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("clusterlm_")}
+    names = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line.startswith("clusterlm_")
+    }
     return {name for name in names if not name.endswith("_created")}
 
 
 def _visible(url: str) -> set[str]:
     """The clusterlm series names the server can answer a query for now."""
-    answer = _get(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": '{__name__=~"clusterlm_.*"}'}))
-    return {series["metric"]["__name__"] for series in json.loads(answer)["data"]["result"]} if answer else set()
+    answer = _get(
+        f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": '{__name__=~"clusterlm_.*"}'})
+    )
+    return (
+        {series["metric"]["__name__"] for series in json.loads(answer)["data"]["result"]}
+        if answer
+        else set()
+    )
 
 
 def test_every_exported_metric_reaches_prometheus_within_two_scrapes(prometheus, tmp_path):
@@ -100,11 +149,35 @@ def test_every_exported_metric_reaches_prometheus_within_two_scrapes(prometheus,
     data_dir = tmp_path / "data"
     assert cli(["prepare", str(tmp_path / "a.txt"), "--out", str(data_dir), "--workers", "1"]) == 0
     job = subprocess.Popen(
-        [sys.executable, "-m", "clusterlm", "train", "--nproc", "2", "--data.dir", str(data_dir),
-         "--training.out_dir", str(tmp_path / "run"), "--training.steps", "100000", "--training.log_interval", "2",
-         "--metrics.prometheus_port", str(exporter_port), "--metrics.system", "true", *TINY,
-         "--parallel.load_balance", "true", "--training.tokens_per_step", "128"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "train.log", "w"), start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "clusterlm",
+            "train",
+            "--nproc",
+            "2",
+            "--data.dir",
+            str(data_dir),
+            "--training.out_dir",
+            str(tmp_path / "run"),
+            "--training.steps",
+            "100000",
+            "--training.log_interval",
+            "2",
+            "--metrics.prometheus_port",
+            str(exporter_port),
+            "--metrics.system",
+            "true",
+            *TINY,
+            "--parallel.load_balance",
+            "true",
+            "--training.tokens_per_step",
+            "128",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "train.log", "w"),
+        start_new_session=True,
+    )
     expected = exported_names() - NEVER_EXPOSED
     exposed_at: dict[str, float] = {}
     visible_at: dict[str, float] = {}
@@ -123,5 +196,7 @@ def test_every_exported_metric_reaches_prometheus_within_two_scrapes(prometheus,
             os.killpg(job.pid, 15)
         job.wait(timeout=60)
     assert set(exposed_at) == expected
-    late = {name: round(visible_at.get(name, float("inf")) - exposed_at[name], 2) for name in exposed_at}
+    late = {
+        name: round(visible_at.get(name, float("inf")) - exposed_at[name], 2) for name in exposed_at
+    }
     assert all(delay <= 2 * SCRAPE_S for delay in late.values()), late

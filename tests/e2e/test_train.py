@@ -19,9 +19,16 @@ from clusterlm.train.inference import load_for_inference
 from clusterlm.train.trainer import train
 
 TINY = {
-    "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
-    "training.micro_batch_size": 4, "training.eval_batches": 2, "training.log_interval": 1,
-    "optim.warmup_steps": 5, "metrics.progress": "none", "metrics.tensorboard": False,
+    "model.n_layer": 2,
+    "model.n_head": 2,
+    "model.n_embd": 32,
+    "model.block_size": 32,
+    "training.micro_batch_size": 4,
+    "training.eval_batches": 2,
+    "training.log_interval": 1,
+    "optim.warmup_steps": 5,
+    "metrics.progress": "none",
+    "metrics.tensorboard": False,
     "training.precision": "fp32",
 }
 
@@ -70,8 +77,13 @@ def test_loss_decreases(data_dir, tmp_path):
 def test_resume_is_exact(data_dir, tmp_path):
     """40 steps straight == 20 steps, stop, resume for 20: every loss and every weight, bit for bit.
     Dropout and gradient accumulation are on, so RNG and loader state are both exercised."""
-    common = dict(training__steps=40, model__dropout=0.1, training__tokens_per_step=2 * 4 * 32,
-                  checkpoint__interval=20, optim__decay_steps=40)  # the stopped run has the same LR schedule
+    common = dict(
+        training__steps=40,
+        model__dropout=0.1,
+        training__tokens_per_step=2 * 4 * 32,
+        checkpoint__interval=20,
+        optim__decay_steps=40,
+    )  # the stopped run has the same LR schedule
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(config(data_dir, straight, **common))
     train(config(data_dir, resumed, **{**common, "training__steps": 20}))
@@ -88,21 +100,32 @@ def test_resume_is_exact(data_dir, tmp_path):
 def test_activation_checkpointing_matches(mode, data_dir, tmp_path):
     """Recomputation replays dropout masks and gives the same losses (up to matmul reordering)."""
     train(config(data_dir, tmp_path / "plain", training__steps=5, model__dropout=0.1))
-    train(config(data_dir, tmp_path / "ac", training__steps=5, model__dropout=0.1,
-                 training__activation_checkpointing=mode))
+    train(
+        config(
+            data_dir,
+            tmp_path / "ac",
+            training__steps=5,
+            model__dropout=0.1,
+            training__activation_checkpointing=mode,
+        )
+    )
     plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
     for step in plain:
         assert ac[step] == pytest.approx(plain[step], rel=1e-6)
 
 
 def test_bf16_trains(data_dir, tmp_path):
-    train(config(data_dir, tmp_path, training__steps=30, training__precision="bf16", optim__lr=3e-3))
+    train(
+        config(data_dir, tmp_path, training__steps=30, training__precision="bf16", optim__lr=3e-3)
+    )
     curve = losses(tmp_path)
     assert curve[30] < 0.8 * curve[1]
 
 
 def test_corrupt_and_partial_checkpoints_are_never_loaded(data_dir, tmp_path, capsys):
-    cfg = config(data_dir, tmp_path, training__steps=4, checkpoint__interval=2, checkpoint__keep_last=3)
+    cfg = config(
+        data_dir, tmp_path, training__steps=4, checkpoint__interval=2, checkpoint__keep_last=3
+    )
     train(cfg)
     root = tmp_path / "checkpoints"
     newest = root / "step_00000004"
@@ -119,9 +142,23 @@ def test_corrupt_and_partial_checkpoints_are_never_loaded(data_dir, tmp_path, ca
 
 def test_incompatible_checkpoint_names_the_setting(data_dir, tmp_path, capsys):
     train(config(data_dir, tmp_path, training__steps=2))
-    args = ["train", "--data.dir", str(data_dir), "--training.out_dir", str(tmp_path), "--resume", "auto",
-            "--training.steps", "4", "--metrics.progress", "none"]
-    args += [f"--{k}={v}" for k, v in TINY.items() if k != "model.n_layer"] + ["--model.n_layer", "3"]
+    args = [
+        "train",
+        "--data.dir",
+        str(data_dir),
+        "--training.out_dir",
+        str(tmp_path),
+        "--resume",
+        "auto",
+        "--training.steps",
+        "4",
+        "--metrics.progress",
+        "none",
+    ]
+    args += [f"--{k}={v}" for k, v in TINY.items() if k != "model.n_layer"] + [
+        "--model.n_layer",
+        "3",
+    ]
     assert cli(args) == 2
     err = capsys.readouterr().err.strip()
     assert "model.n_layer = 2" in err and "\n" not in err
@@ -132,7 +169,17 @@ def test_eval_and_generate_from_a_run(data_dir, tmp_path, capsys):
     assert cli(["eval", "--run", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "val loss" in out and "perplexity" in out
-    args = ["generate", "--run", str(tmp_path), "--prompt", "thou", "--max-new-tokens", "40", "--seed", "3"]
+    args = [
+        "generate",
+        "--run",
+        str(tmp_path),
+        "--prompt",
+        "thou",
+        "--max-new-tokens",
+        "40",
+        "--seed",
+        "3",
+    ]
     assert cli(args) == 0
     first = capsys.readouterr().out
     assert first.startswith("thou") and len(first) > 40
@@ -140,13 +187,16 @@ def test_eval_and_generate_from_a_run(data_dir, tmp_path, capsys):
     assert capsys.readouterr().out == first  # same seed, same sample
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--training.stepz", "3"], "did you mean 'training.steps'"),
-    (["train", "--data.dir", "/nonexistent/data"], "no prepared data"),
-    (["train", "--config", "missing.toml"], "not found"),
-    (["train", "--optim.lr", "-1"], "optim.lr must be positive"),
-    (["eval", "--run", "/nonexistent/run"], "no complete checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--training.stepz", "3"], "did you mean 'training.steps'"),
+        (["train", "--data.dir", "/nonexistent/data"], "no prepared data"),
+        (["train", "--config", "missing.toml"], "not found"),
+        (["train", "--optim.lr", "-1"], "optim.lr must be positive"),
+        (["eval", "--run", "/nonexistent/run"], "no complete checkpoint"),
+    ],
+)
 def test_bad_input_is_one_line(argv, message, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -154,50 +204,104 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 
 def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
-    args = ["bench", "train", "--steps", "2", "--rounds", "1", "--warmup", "1", "--data.dir", str(data_dir),
-            "--against", "optim.fused=false", "--breakdown"] + [f"--{k}={v}" for k, v in TINY.items()]
+    args = [
+        "bench",
+        "train",
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--data.dir",
+        str(data_dir),
+        "--against",
+        "optim.fused=false",
+        "--breakdown",
+    ] + [f"--{k}={v}" for k, v in TINY.items()]
     assert cli(args) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "config" in out and "speed-up over baseline" in out
     assert "tokens/s" in out and "activations per layer" in out
     for variant in ("baseline", "config"):
-        line = next(line for line in out.splitlines() if line.startswith(f"step breakdown, {variant} "))
-        shares = dict(re.fullmatch(r"([a-z ]+) [0-9.]+ \(([0-9]+)%\)", part).groups()
-                      for part in line.split(": ", 1)[1].split(" | "))
-        assert set(shares) == {"matmul", "attention", "compiled kernels", "optimizer", "other ops", "outside ops"}
+        line = next(
+            line for line in out.splitlines() if line.startswith(f"step breakdown, {variant} ")
+        )
+        shares = dict(
+            re.fullmatch(r"([a-z ]+) [0-9.]+ \(([0-9]+)%\)", part).groups()
+            for part in line.split(": ", 1)[1].split(" | ")
+        )
+        assert set(shares) == {
+            "matmul",
+            "attention",
+            "compiled kernels",
+            "optimizer",
+            "other ops",
+            "outside ops",
+        }
         assert int(shares["matmul"]) > 0 and int(shares["optimizer"]) > 0
-        assert 97 <= sum(map(int, shares.values())) <= 103  # every millisecond of the step, once (rounding)
+        assert (
+            97 <= sum(map(int, shares.values())) <= 103
+        )  # every millisecond of the step, once (rounding)
 
 
 def test_gpu_breakdown_splits_kernel_time_by_kind_and_counts_the_device_idle_between_kernels():
     from clusterlm.bench.breakdown import busy_seconds, kernel_breakdown, kernel_kind
+
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
     assert kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
-    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
-    assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
+    assert (
+        kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>")
+        == "attention"
+    )
+    assert (
+        kernel_kind(
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>"
+        )
         == "optimizer"
+    )
     assert kernel_kind("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
     assert kernel_kind("Memcpy HtoD (Pinned -> Device)") == "data"
     assert kernel_kind("triton_per_fused_native_layer_norm_0") == "other kernels"
     # Two steps of 10 ms: a matmul overlapping an NCCL kernel on another stream counts once as busy.
-    kernels = [(0.000, 0.004, "ampere_bf16_s16816gemm"), (0.003, 0.006, "ncclDevKernel_ReduceScatter"),
-               (0.008, 0.009, "flash_bwd_kernel"), (0.010, 0.014, "ampere_bf16_s16816gemm"),
-               (0.016, 0.017, "Memcpy HtoD (Pageable -> Device)")]
+    kernels = [
+        (0.000, 0.004, "ampere_bf16_s16816gemm"),
+        (0.003, 0.006, "ncclDevKernel_ReduceScatter"),
+        (0.008, 0.009, "flash_bwd_kernel"),
+        (0.010, 0.014, "ampere_bf16_s16816gemm"),
+        (0.016, 0.017, "Memcpy HtoD (Pageable -> Device)"),
+    ]
     assert busy_seconds((start, end) for start, end, _ in kernels) == pytest.approx(0.012)
     spent = kernel_breakdown(kernels, wall=0.010, steps=2)
-    assert spent == pytest.approx({"matmul": 0.004, "attention": 0.0005, "optimizer": 0.0, "communication": 0.0015,
-                                   "data": 0.0005, "other kernels": 0.0, "idle gaps": 0.004})
+    assert spent == pytest.approx(
+        {
+            "matmul": 0.004,
+            "attention": 0.0005,
+            "optimizer": 0.0,
+            "communication": 0.0015,
+            "data": 0.0005,
+            "other kernels": 0.0,
+            "idle gaps": 0.004,
+        }
+    )
 
 
-@pytest.mark.parametrize("op, kind", [
-    ("aten::addmm", "matmul"), ("aten::bmm", "matmul"),
-    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
-    ("## Call CompiledFxGraph fotvqkoae36bx", "compiled kernels"), ("graph_0_cpp_fused_add_0", "compiled kernels"),
-    ("aten::_fused_adamw_", "optimizer"), ("Optimizer.step#AdamW.step", "optimizer"),
-    ("aten::native_layer_norm", "other ops"),
-])
+@pytest.mark.parametrize(
+    "op, kind",
+    [
+        ("aten::addmm", "matmul"),
+        ("aten::bmm", "matmul"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+        ("## Call CompiledFxGraph fotvqkoae36bx", "compiled kernels"),
+        ("graph_0_cpp_fused_add_0", "compiled kernels"),
+        ("aten::_fused_adamw_", "optimizer"),
+        ("Optimizer.step#AdamW.step", "optimizer"),
+        ("aten::native_layer_norm", "other ops"),
+    ],
+)
 def test_breakdown_sorts_operators_by_kind_of_work(op, kind):
     from clusterlm.bench.breakdown import work_kind
+
     assert work_kind(op) == kind
 
 
@@ -206,8 +310,15 @@ def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir
     compiler fuses the softmax. Same losses as eager fp32 up to the compiler's reordering of
     float sums (relative 1e-4)."""
     train(config(data_dir, tmp_path / "eager", training__steps=4))
-    train(config(data_dir, tmp_path / "compiled", training__steps=4, training__compile=True,
-                 training__attention="math"))
+    train(
+        config(
+            data_dir,
+            tmp_path / "compiled",
+            training__steps=4,
+            training__compile=True,
+            training__attention="math",
+        )
+    )
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert compiled.keys() == eager.keys()
     for step in eager:
@@ -216,7 +327,9 @@ def test_compiled_forward_and_loss_with_math_attention_train_like_eager(data_dir
     assert names == final_weights(tmp_path / "eager").keys()  # the model itself is not wrapped
 
 
-def test_a_run_restricted_to_an_instruction_set_compiles_into_a_cache_of_its_own(monkeypatch, tmp_path):
+def test_a_run_restricted_to_an_instruction_set_compiles_into_a_cache_of_its_own(
+    monkeypatch, tmp_path
+):
     """torch's compiled-graph cache ignores ATEN_CPU_CAPABILITY (an AVX-512 graph reused under
     AVX2 gave NaN losses), so a compiling run that sets it caches apart; a named cache is kept.
     (Checked by hand: the speedrun config, compiled, under ATEN_CPU_CAPABILITY=avx2 then trains like eager.)"""
@@ -252,6 +365,7 @@ def test_mixed_precision_on_cuda_tracks_fp32(precision, data_dir, tmp_path):
     for step in reference:
         assert mixed[step] == pytest.approx(reference[step], rel=3e-2), step
     from clusterlm.hardware import gpu_peak_flops
+
     if gpu_peak_flops(torch.cuda.get_device_name()):
         assert all(r["mfu"] > 0 for r in records(tmp_path / precision, "train"))
 
@@ -285,8 +399,17 @@ def test_compiled_training_on_cuda_matches_eager(data_dir, tmp_path):
 
 @cuda
 def test_flash_attention_on_cuda_trains(data_dir, tmp_path):
-    train(config(data_dir, tmp_path, training__steps=30, optim__lr=3e-3, training__device="cuda",
-                 training__precision="bf16", training__attention="flash"))
+    train(
+        config(
+            data_dir,
+            tmp_path,
+            training__steps=30,
+            optim__lr=3e-3,
+            training__device="cuda",
+            training__precision="bf16",
+            training__attention="flash",
+        )
+    )
     curve = losses(tmp_path)
     assert curve[30] < 0.8 * curve[1]
 

@@ -90,30 +90,46 @@ def broken(path: Path, target: str) -> str | None:
 def test_readme_is_short():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES, (
-        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move detail into docs/")
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move detail into docs/"
+    )
 
 
 @pytest.mark.parametrize("path", documents(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(path):
-    problems = [f"{path.relative_to(ROOT)}:{number}: {target}: {why}"
-                for number, target in links(path) if (why := broken(path, target))]
+    problems = [
+        f"{path.relative_to(ROOT)}:{number}: {target}: {why}"
+        for number, target in links(path)
+        if (why := broken(path, target))
+    ]
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
 def test_docs_and_benchmarks_exist():
     names = {path.relative_to(ROOT).as_posix() for path in documents()}
-    assert {"README.md", "CONTRIBUTING.md", "docs/configuration.md", "benchmarks/README.md"} <= names
+    assert {
+        "README.md",
+        "CONTRIBUTING.md",
+        "docs/configuration.md",
+        "benchmarks/README.md",
+    } <= names
 
 
 def test_configuration_reference_is_generated():
     page = ROOT / "docs" / "configuration.md"
     assert page.read_text(encoding="utf-8") == render_reference(), (
-        f"docs/configuration.md differs from the config dataclasses; regenerate it with `{REGENERATE}`")
+        f"docs/configuration.md differs from the config dataclasses; regenerate it with `{REGENERATE}`"
+    )
 
 
 def test_slugs_follow_github():
     assert slug("Hugging Face in and out") == "hugging-face-in-and-out"
     assert slug("`finetune`") == "finetune"
-    assert slug("Tensor, sequence and pipeline parallelism") == "tensor-sequence-and-pipeline-parallelism"
-    assert slug("Sequence parallelism's partial gradients") == "sequence-parallelisms-partial-gradients"
+    assert (
+        slug("Tensor, sequence and pipeline parallelism")
+        == "tensor-sequence-and-pipeline-parallelism"
+    )
+    assert (
+        slug("Sequence parallelism's partial gradients")
+        == "sequence-parallelisms-partial-gradients"
+    )
     assert slug("CPU or GPU: bf16 -> fp32") == "cpu-or-gpu-bf16---fp32"

@@ -34,20 +34,31 @@ def test_atomic_write_syncs_the_file_and_then_its_directory(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "fsync", fsync)
     atomic_write(tmp_path / "a.json", "{}")
-    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".a.json.")) and synced[1] == str(tmp_path)
+    assert (
+        len(synced) == 2
+        and synced[0].startswith(str(tmp_path / ".a.json."))
+        and synced[1] == str(tmp_path)
+    )
     synced.clear()
     atomic_write_json(tmp_path / "b.json", {"x": 1})
     atomic_write_with(tmp_path / "c.png", lambda tmp: tmp.write_bytes(b"png"))
     assert synced[1::2] == [str(tmp_path)] * 2 and len(synced) == 4
-    assert (tmp_path / "c.png").read_bytes() == b"png" and sorted(os.listdir(tmp_path)) == ["a.json", "b.json", "c.png"]
+    assert (tmp_path / "c.png").read_bytes() == b"png" and sorted(os.listdir(tmp_path)) == [
+        "a.json",
+        "b.json",
+        "c.png",
+    ]
 
 
-@pytest.mark.parametrize("code, words", [
-    (errno.ENOSPC, "no space left on"),
-    (errno.EDQUOT, "disk quota exceeded on"),
-    (errno.EROFS, "read-only file system"),
-    (errno.EACCES, "permission denied writing"),
-])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.ENOSPC, "no space left on"),
+        (errno.EDQUOT, "disk quota exceeded on"),
+        (errno.EROFS, "read-only file system"),
+        (errno.EACCES, "permission denied writing"),
+    ],
+)
 def test_a_refused_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, code, words):
     target = tmp_path / "calibration.json"
     atomic_write(target, "old\n")
@@ -57,7 +68,9 @@ def test_a_refused_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatc
     monkeypatch.undo()
     message = one_line(caught.value)
     assert words in message and str(target) in message and "--out" in message
-    assert isinstance(caught.value, OSError) and caught.value.errno == code  # still an OSError to callers
+    assert (
+        isinstance(caught.value, OSError) and caught.value.errno == code
+    )  # still an OSError to callers
     assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["calibration.json"]
 
 

@@ -66,13 +66,17 @@ def busy_seconds(intervals: Iterable[tuple[float, float]]) -> float:
     return busy
 
 
-def kernel_breakdown(kernels: list[tuple[float, float, str]], wall: float, steps: int) -> dict[str, float]:
+def kernel_breakdown(
+    kernels: list[tuple[float, float, str]], wall: float, steps: int
+) -> dict[str, float]:
     """Seconds per step by kind of kernel from ``(start_s, end_s, name)`` device events over
     ``steps`` steps of ``wall`` seconds each, and the idle gaps: wall time with no kernel running."""
     spent = dict.fromkeys([*KERNEL_KINDS, "other kernels"], 0.0)
     for start, end, name in kernels:
         spent[kernel_kind(name)] += (end - start) / steps
-    spent["idle gaps"] = max(0.0, wall - busy_seconds((start, end) for start, end, _ in kernels) / steps)
+    spent["idle gaps"] = max(
+        0.0, wall - busy_seconds((start, end) for start, end, _ in kernels) / steps
+    )
     return spent
 
 
@@ -83,8 +87,11 @@ def step_breakdown(session: Session, steps: int) -> tuple[float, dict[str, float
     with profile(activities=activities) as profiler:
         wall = sum(time_steps(session, steps)) / steps
     if on_gpu:
-        kernels = [(e.time_range.start / 1e6, e.time_range.end / 1e6, e.name)
-                   for e in profiler.events() if e.device_type == DeviceType.CUDA]
+        kernels = [
+            (e.time_range.start / 1e6, e.time_range.end / 1e6, e.name)
+            for e in profiler.events()
+            if e.device_type == DeviceType.CUDA
+        ]
         return wall, kernel_breakdown(kernels, wall, steps)
     spent = dict.fromkeys([*WORK_KINDS, "other ops"], 0.0)
     for event in profiler.key_averages():

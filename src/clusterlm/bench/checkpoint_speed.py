@@ -19,7 +19,9 @@ from clusterlm.train.session import build_session, save
 from clusterlm.train.trainer import train_step
 
 
-def _stalls(cfg: Config, background: bool, saves: int, steps: int) -> tuple[list[float], float, float, int]:
+def _stalls(
+    cfg: Config, background: bool, saves: int, steps: int
+) -> tuple[list[float], float, float, int]:
     """(stall of each save, seconds per training step, background write seconds, checkpoint bytes)."""
     s = build_session(cfg)
     s.writer.background = background
@@ -47,17 +49,30 @@ def bench_checkpoint(cfg: Config, saves: int, steps: int) -> list[str]:
     lines, sync_stall = [], None
     for background in (False, True):
         with tempfile.TemporaryDirectory(prefix="clusterlm-bench-ckpt-") as scratch:
-            variant = apply_overrides(cfg, {"training.out_dir": scratch, "checkpoint.resume": "none",
-                                            "checkpoint.interval": 0, "checkpoint.keep_last": 2})
+            variant = apply_overrides(
+                cfg,
+                {
+                    "training.out_dir": scratch,
+                    "checkpoint.resume": "none",
+                    "checkpoint.interval": 0,
+                    "checkpoint.keep_last": 2,
+                },
+            )
             stalls, step_s, write_s, size = _stalls(variant, background, saves, steps)
         mean = statistics.mean(stalls)
         if sync_stall is None:
             sync_stall = mean
-            lines.append(f"checkpoint {size / 2**20:.0f} MiB per save, {saves} saves, {steps} training steps "
-                         f"of {step_s:.2f} s between saves")
-            lines.append(f"synchronous:  stall per save {mean:.2f} s (min {min(stalls):.2f}, max {max(stalls):.2f})")
+            lines.append(
+                f"checkpoint {size / 2**20:.0f} MiB per save, {saves} saves, {steps} training steps "
+                f"of {step_s:.2f} s between saves"
+            )
+            lines.append(
+                f"synchronous:  stall per save {mean:.2f} s (min {min(stalls):.2f}, max {max(stalls):.2f})"
+            )
         else:
-            lines.append(f"asynchronous: stall per save {mean:.2f} s (min {min(stalls):.2f}, max {max(stalls):.2f})"
-                         f" = {100 * mean / sync_stall:.0f}% of synchronous; written in the background in "
-                         f"{write_s:.2f} s")
+            lines.append(
+                f"asynchronous: stall per save {mean:.2f} s (min {min(stalls):.2f}, max {max(stalls):.2f})"
+                f" = {100 * mean / sync_stall:.0f}% of synchronous; written in the background in "
+                f"{write_s:.2f} s"
+            )
     return lines

@@ -77,7 +77,9 @@ def parse_size(text: str) -> int:
     """'4096', '64K', '256M', '1G' (binary units) -> bytes."""
     match = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip().upper())
     if not match or int(match.group(1)) == 0:
-        raise UserError(f"bad size {text!r}; use a positive number of bytes with an optional K, M or G suffix")
+        raise UserError(
+            f"bad size {text!r}; use a positive number of bytes with an optional K, M or G suffix"
+        )
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
@@ -139,7 +141,9 @@ def fit_alpha_beta(points: list[tuple[int, float]]) -> tuple[float, float, float
     return best
 
 
-def fit_two_regimes(points: list[tuple[int, float]]) -> tuple[int, tuple[float, float], tuple[float, float], float] | None:
+def fit_two_regimes(
+    points: list[tuple[int, float]],
+) -> tuple[int, tuple[float, float], tuple[float, float], float] | None:
     """Alpha-beta lines for small and large messages, split where the maximum relative error of
     the pair is smallest: (largest size of the small regime, (alpha, beta) small, (alpha, beta)
     large, max relative error). On a host the per-byte cost changes when the buffers stop fitting
@@ -170,11 +174,18 @@ def _group_length(run, iters: int) -> int:
     estimate[0] = time.perf_counter() - start
     dist.all_reduce(estimate, op=dist.ReduceOp.MAX)
     seconds = estimate.item()
-    return max(1, min(max(iters, math.ceil(MIN_GROUP_SECONDS / seconds)), int(GROUP_SECONDS / seconds)))
+    return max(
+        1, min(max(iters, math.ceil(MIN_GROUP_SECONDS / seconds)), int(GROUP_SECONDS / seconds))
+    )
 
 
 def _time_all_reduces(
-    rank: int, world_size: int, algorithms: list[str], sizes: list[int], iters: int, warmup: int,
+    rank: int,
+    world_size: int,
+    algorithms: list[str],
+    sizes: list[int],
+    iters: int,
+    warmup: int,
     options: dict[str, int],
 ) -> list[tuple[str, int, list[float]]]:
     """(algorithm, bytes, each repeat's seconds at the slowest rank) for every combination."""
@@ -188,7 +199,13 @@ def _time_all_reduces(
     # the points it meets, and their medians drop it.
     for r in range(REPEATS):
         for i, (size, algorithm) in enumerate(points):
-            run = partial(all_reduce, largest[: size // 4], "sum", algorithm, **_options_for(algorithm, options))
+            run = partial(
+                all_reduce,
+                largest[: size // 4],
+                "sum",
+                algorithm,
+                **_options_for(algorithm, options),
+            )
             if r == 0:
                 for _ in range(warmup):
                     run()
@@ -203,20 +220,35 @@ def _time_all_reduces(
 
 
 def measure(
-    nproc: int, algorithms: Sequence[str], sizes: Sequence[int], iters: int = 10, warmup: int = 2,
-    options: Mapping[str, int] | None = None, timeout: float = 1800,
+    nproc: int,
+    algorithms: Sequence[str],
+    sizes: Sequence[int],
+    iters: int = 10,
+    warmup: int = 2,
+    options: Mapping[str, int] | None = None,
+    timeout: float = 1800,
 ) -> list[Measurement]:
     """Time every (algorithm, size) on ``nproc`` local gloo processes (module docstring);
     ``options`` (chunk_bytes, pipeline_depth) go to the algorithms that accept them."""
-    raw = run_local(_time_all_reduces, nproc, list(algorithms), list(sizes), iters, warmup, dict(options or {}),
-                    timeout=timeout)[0]
+    raw = run_local(
+        _time_all_reduces,
+        nproc,
+        list(algorithms),
+        list(sizes),
+        iters,
+        warmup,
+        dict(options or {}),
+        timeout=timeout,
+    )[0]
     bus_factor = 2 * (nproc - 1) / nproc
     measurements = []
     for algorithm, size, repeats in raw:
         seconds, middle = statistics.median(repeats), sorted(repeats)[1:-1]
         algbw = size / seconds / 1e9
         spread = (middle[-1] - middle[0]) / seconds
-        measurements.append(Measurement(algorithm, size, seconds * 1e6, algbw, algbw * bus_factor, spread))
+        measurements.append(
+            Measurement(algorithm, size, seconds * 1e6, algbw, algbw * bus_factor, spread)
+        )
     return measurements
 
 
@@ -224,9 +256,15 @@ def _bandwidth_gbps(beta: float) -> float:
     return 1 / beta / 1e9 if beta > 0 else math.inf
 
 
-def _points(measurements: list[Measurement], algorithm: str, min_bytes: int = 0) -> list[tuple[int, float]]:
+def _points(
+    measurements: list[Measurement], algorithm: str, min_bytes: int = 0
+) -> list[tuple[int, float]]:
     """(bytes, seconds) of ``algorithm``'s measurements of at least ``min_bytes``."""
-    return [(m.bytes, m.time_us * 1e-6) for m in measurements if m.algorithm == algorithm and m.bytes >= min_bytes]
+    return [
+        (m.bytes, m.time_us * 1e-6)
+        for m in measurements
+        if m.algorithm == algorithm and m.bytes >= min_bytes
+    ]
 
 
 def fits(measurements: list[Measurement]) -> list[Fit]:
@@ -243,8 +281,12 @@ def fits(measurements: list[Measurement]) -> list[Fit]:
         if regimes is not None:
             split, (small_alpha, small_beta), (large_alpha, large_beta), regime_error = regimes
             fit = replace(
-                fit, split_bytes=split, small_alpha_us=small_alpha * 1e6, small_inverse_beta_gbps=_bandwidth_gbps(small_beta),
-                large_alpha_us=large_alpha * 1e6, large_inverse_beta_gbps=_bandwidth_gbps(large_beta),
+                fit,
+                split_bytes=split,
+                small_alpha_us=small_alpha * 1e6,
+                small_inverse_beta_gbps=_bandwidth_gbps(small_beta),
+                large_alpha_us=large_alpha * 1e6,
+                large_inverse_beta_gbps=_bandwidth_gbps(large_beta),
                 two_regime_max_relative_error=regime_error,
             )
         result.append(fit)
@@ -252,27 +294,39 @@ def fits(measurements: list[Measurement]) -> list[Fit]:
 
 
 def format_report(measurements: list[Measurement], fitted: list[Fit], nproc: int) -> str:
-    lines = [f"all-reduce of float32 on {nproc} processes (gloo); time = median of {REPEATS} passes over the sweep, each a "
-             "group of back-to-back iterations at the slowest rank; spread = (4th - 2nd of the sorted passes) / time"]
-    lines.append(f"{'size':>8} {'algorithm':<17} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}"
-                 f" {'spread':>7}")
+    lines = [
+        f"all-reduce of float32 on {nproc} processes (gloo); time = median of {REPEATS} passes over the sweep, each a "
+        "group of back-to-back iterations at the slowest rank; spread = (4th - 2nd of the sorted passes) / time"
+    ]
+    lines.append(
+        f"{'size':>8} {'algorithm':<17} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}"
+        f" {'spread':>7}"
+    )
     for m in sorted(measurements, key=lambda m: m.bytes):
         lines.append(
             f"{human_bytes(m.bytes):>8} {m.algorithm:<17} {m.time_us:>11.1f} {m.algbw_gbps:>13.3f} {m.busbw_gbps:>13.3f}"
             f" {m.spread:>7.1%}"
         )
     lines.append("")
-    lines.append(f"alpha-beta fit t = alpha + beta * bytes over sizes >= {human_bytes(FIT_MIN_BYTES)} "
-                 "(minimax relative error), one line and two regimes (small | large messages)")
-    lines.append(f"{'algorithm':<17} {'alpha (us)':>11} {'1/beta (GB/s)':>14} {'max rel err':>12} {'sizes':>6}"
-                 f"   {'split':>6} {'small: alpha, 1/beta':>22} {'large: alpha, 1/beta':>22} {'max rel err':>12}")
+    lines.append(
+        f"alpha-beta fit t = alpha + beta * bytes over sizes >= {human_bytes(FIT_MIN_BYTES)} "
+        "(minimax relative error), one line and two regimes (small | large messages)"
+    )
+    lines.append(
+        f"{'algorithm':<17} {'alpha (us)':>11} {'1/beta (GB/s)':>14} {'max rel err':>12} {'sizes':>6}"
+        f"   {'split':>6} {'small: alpha, 1/beta':>22} {'large: alpha, 1/beta':>22} {'max rel err':>12}"
+    )
     for f in fitted:
-        line = (f"{f.algorithm:<17} {f.alpha_us:>11.1f} {f.inverse_beta_gbps:>14.3f} {f.max_relative_error:>12.1%}"
-                f" {f.sizes_fitted:>6}")
+        line = (
+            f"{f.algorithm:<17} {f.alpha_us:>11.1f} {f.inverse_beta_gbps:>14.3f} {f.max_relative_error:>12.1%}"
+            f" {f.sizes_fitted:>6}"
+        )
         if f.split_bytes is not None:
-            line += (f"   {human_bytes(f.split_bytes):>6} {f.small_alpha_us:>12.1f} us {f.small_inverse_beta_gbps:>6.3f}"
-                     f" {f.large_alpha_us:>12.1f} us {f.large_inverse_beta_gbps:>6.3f}"
-                     f" {f.two_regime_max_relative_error:>12.1%}")
+            line += (
+                f"   {human_bytes(f.split_bytes):>6} {f.small_alpha_us:>12.1f} us {f.small_inverse_beta_gbps:>6.3f}"
+                f" {f.large_alpha_us:>12.1f} us {f.large_inverse_beta_gbps:>6.3f}"
+                f" {f.two_regime_max_relative_error:>12.1%}"
+            )
         lines.append(line)
     if not fitted:
         lines.append(f"(no fit: needs at least two sizes >= {human_bytes(FIT_MIN_BYTES)})")
@@ -280,7 +334,12 @@ def format_report(measurements: list[Measurement], fitted: list[Fit], nproc: int
 
 
 def write_json(
-    path: str | Path, nproc: int, iters: int, warmup: int, measurements: list[Measurement], fitted: list[Fit]
+    path: str | Path,
+    nproc: int,
+    iters: int,
+    warmup: int,
+    measurements: list[Measurement],
+    fitted: list[Fit],
 ) -> Path:
     """The measurements and fits as JSON, written atomically; returns the path."""
     report = {

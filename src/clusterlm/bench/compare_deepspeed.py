@@ -79,7 +79,9 @@ def _timed(step, steps: int) -> float:
     return statistics.median(seconds.tolist())
 
 
-def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], object], int]:
+def _deepspeed_stepper(
+    rank: int, world: int, cfg: Config, stage: int
+) -> tuple[Callable[[], object], int]:
     """(one DeepSpeed ZeRO-``stage`` training step, tokens per step)."""
     import deepspeed  # the optional extra: imported only where DeepSpeed runs
 
@@ -89,16 +91,37 @@ def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[
     t = cfg.training
     accumulation = t.tokens_per_step // (t.micro_batch_size * cfg.seq_len * world)
     ds_config = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2],
-                                                  "eps": cfg.optim.eps, "torch_adam": True}},
-        "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": [cfg.optim.beta1, cfg.optim.beta2],
+                "eps": cfg.optim.eps,
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
     }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=recipe.param_groups, config=ds_config,
-                                      dist_init_required=False)
-    loader = TokenLoader(TokenStream(cfg.data.dir, "train"), cfg.seq_len, t.micro_batch_size, accumulation, dp_rank=rank,
-                         dp_size=world, seed=t.seed)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=recipe.param_groups,
+        config=ds_config,
+        dist_init_required=False,
+    )
+    loader = TokenLoader(
+        TokenStream(cfg.data.dir, "train"),
+        cfg.seq_len,
+        t.micro_batch_size,
+        accumulation,
+        dp_rank=rank,
+        dp_size=world,
+        seed=t.seed,
+    )
 
     def step() -> None:
         for x, y in loader.next_step():  # DeepSpeed divides each loss by the accumulation itself
@@ -110,10 +133,18 @@ def _deepspeed_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[
     return step, t.tokens_per_step
 
 
-def _clusterlm_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[Callable[[], object], int]:
+def _clusterlm_stepper(
+    rank: int, world: int, cfg: Config, stage: int
+) -> tuple[Callable[[], object], int]:
     """(one clusterlm zero``stage`` training step as the trainer runs it, tokens per step)."""
-    cfg = apply_overrides(cfg, {"parallel.data_parallel": f"zero{stage}", "parallel.dp_replicate": 0,
-                                "parallel.dp_shard": 0})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "parallel.data_parallel": f"zero{stage}",
+            "parallel.dp_replicate": 0,
+            "parallel.dp_shard": 0,
+        },
+    )
     session = build_session(cfg)
     return (lambda: train_step(session).item()), session.tokens_per_step
 
@@ -121,8 +152,9 @@ def _clusterlm_stepper(rank: int, world: int, cfg: Config, stage: int) -> tuple[
 STEPPERS = {"deepspeed": _deepspeed_stepper, "clusterlm": _clusterlm_stepper}
 
 
-def _job(rank: int, world: int, framework: str, cfg: Config, stage: int, warmup: int,
-         steps: int) -> tuple[float, int, int]:
+def _job(
+    rank: int, world: int, framework: str, cfg: Config, stage: int, warmup: int, steps: int
+) -> tuple[float, int, int]:
     """One framework alone in fresh processes: (seconds per step, tokens per step, memory growth)."""
     torch.set_num_threads(cfg.training.threads or 1)
     before = _rss()
@@ -132,8 +164,9 @@ def _job(rank: int, world: int, framework: str, cfg: Config, stage: int, warmup:
     return _timed(step, steps), tokens_per_step, _peak_growth(before)
 
 
-def _paired_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, steps: int,
-                rounds: int) -> list[float]:
+def _paired_job(
+    rank: int, world: int, cfg: Config, stage: int, warmup: int, steps: int, rounds: int
+) -> list[float]:
     """Both frameworks built in the same processes, timed in alternating blocks of ``steps`` steps
     (the order swapped each round): clusterlm's tokens/s over DeepSpeed's per round. A slower
     spell of a shared machine then falls on both alike, which separate jobs seconds apart cannot
@@ -146,14 +179,24 @@ def _paired_job(rank: int, world: int, cfg: Config, stage: int, warmup: int, ste
     ratios = []
     for index in range(rounds):
         order = list(steppers) if index % 2 == 0 else list(reversed(steppers))
-        seconds_per_token = {name: _timed(steppers[name][0], steps) / steppers[name][1] for name in order}
+        seconds_per_token = {
+            name: _timed(steppers[name][0], steps) / steppers[name][1] for name in order
+        }
         ratios.append(seconds_per_token["deepspeed"] / seconds_per_token["clusterlm"])
     return ratios
 
 
-def compare(cfg: Config, nproc: int, stages: list[int], warmup: int, steps: int, rounds: int,
-            timeout: float, paired_rounds: int = 6,
-            accumulation: int = 1) -> tuple[list[JobResult], dict[int, list[float]]]:
+def compare(
+    cfg: Config,
+    nproc: int,
+    stages: list[int],
+    warmup: int,
+    steps: int,
+    rounds: int,
+    timeout: float,
+    paired_rounds: int = 6,
+    accumulation: int = 1,
+) -> tuple[list[JobResult], dict[int, list[float]]]:
     """Per stage, ``rounds`` x a DeepSpeed job then a clusterlm job on ``nproc`` processes (each
     framework's tokens/s and memory alone), then one job timing both in ``paired_rounds`` paired
     rounds (the speed ratio); a step is ``accumulation`` micro-batches per rank. Returns the jobs'
@@ -161,24 +204,55 @@ def compare(cfg: Config, nproc: int, stages: list[int], warmup: int, steps: int,
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise UserError("DeepSpeed is not installed; install the optional extra: DS_BUILD_OPS=0 pip install "
-                        "'clusterlm[compare]'") from None
-    cfg = apply_overrides(cfg, {
-        "training.precision": "fp32", "training.compile": False,  # what both run alike on any CPU
-        "checkpoint.resume": "none",
-        "training.tokens_per_step": cfg.training.micro_batch_size * cfg.seq_len * nproc * accumulation,
-    })
+        raise UserError(
+            "DeepSpeed is not installed; install the optional extra: DS_BUILD_OPS=0 pip install "
+            "'clusterlm[compare]'"
+        ) from None
+    cfg = apply_overrides(
+        cfg,
+        {
+            "training.precision": "fp32",
+            "training.compile": False,  # what both run alike on any CPU
+            "checkpoint.resume": "none",
+            "training.tokens_per_step": cfg.training.micro_batch_size
+            * cfg.seq_len
+            * nproc
+            * accumulation,
+        },
+    )
     results, paired = [], {}
     for _ in range(rounds):
         for stage in stages:
             for framework in STEPPERS:
-                ranks = _spawn(f"{framework} ZeRO-{stage}", _job, nproc, framework, cfg, stage, warmup, steps,
-                               timeout=timeout)
-                results.append(JobResult(framework, stage, ranks[0][0], ranks[0][1], tuple(r[2] for r in ranks)))
+                ranks = _spawn(
+                    f"{framework} ZeRO-{stage}",
+                    _job,
+                    nproc,
+                    framework,
+                    cfg,
+                    stage,
+                    warmup,
+                    steps,
+                    timeout=timeout,
+                )
+                results.append(
+                    JobResult(
+                        framework, stage, ranks[0][0], ranks[0][1], tuple(r[2] for r in ranks)
+                    )
+                )
                 print(_row(results[-1]), file=sys.stderr, flush=True)
     for stage in stages:
-        paired[stage] = _spawn(f"paired ZeRO-{stage}", _paired_job, nproc, cfg, stage, warmup, steps,
-                               paired_rounds, timeout=timeout)[0]
+        paired[stage] = _spawn(
+            f"paired ZeRO-{stage}",
+            _paired_job,
+            nproc,
+            cfg,
+            stage,
+            warmup,
+            steps,
+            paired_rounds,
+            timeout=timeout,
+        )[0]
     return results, paired
 
 
@@ -186,7 +260,9 @@ def _spawn(name: str, job: Callable[..., Any], nproc: int, *args: Any, timeout: 
     try:
         return run_local(job, nproc, *args, timeout=timeout)
     except SpawnError as err:
-        raise UserError(f"{name} on {nproc} processes failed: {str(err).strip().splitlines()[-1]}") from None
+        raise UserError(
+            f"{name} on {nproc} processes failed: {str(err).strip().splitlines()[-1]}"
+        ) from None
 
 
 def _row(r: JobResult) -> str:
@@ -194,19 +270,35 @@ def _row(r: JobResult) -> str:
     return f"{r.framework:<10} {r.stage:>4} {r.tokens_per_s:>10,.0f} {r.seconds_per_step * 1e3:>8.1f}  {memory}"
 
 
-def report(results: list[JobResult], paired: dict[int, list[float]], nproc: int, accumulation: int = 1) -> list[str]:
-    lines = [f"{'framework':<10} {'ZeRO':>4} {'tokens/s':>10} {'ms/step':>8}  peak memory growth per rank (MiB)"]
+def report(
+    results: list[JobResult], paired: dict[int, list[float]], nproc: int, accumulation: int = 1
+) -> list[str]:
+    lines = [
+        f"{'framework':<10} {'ZeRO':>4} {'tokens/s':>10} {'ms/step':>8}  peak memory growth per rank (MiB)"
+    ]
     lines += [_row(r) for r in results]
     for stage in sorted({r.stage for r in results}):
-        speed = {f: statistics.median(r.tokens_per_s for r in results if r.stage == stage and r.framework == f)
-                 for f in STEPPERS}
-        memory = {f: max(max(r.memory_bytes) for r in results if r.stage == stage and r.framework == f)
-                  for f in STEPPERS}
+        speed = {
+            f: statistics.median(
+                r.tokens_per_s for r in results if r.stage == stage and r.framework == f
+            )
+            for f in STEPPERS
+        }
+        memory = {
+            f: max(max(r.memory_bytes) for r in results if r.stage == stage and r.framework == f)
+            for f in STEPPERS
+        }
         ratios = paired.get(stage, [])
         steps = f", {accumulation} micro-batches a step" if accumulation > 1 else ""
-        lines.append(f"ZeRO-{stage} on {nproc} processes{steps}: clusterlm / DeepSpeed tokens/s = "
-                     f"{speed['clusterlm'] / speed['deepspeed']:.2f} (median over separate jobs)"
-                     + (f", {statistics.median(ratios):.2f} (median of {len(ratios)} paired rounds in one job: "
-                        f"{' '.join(f'{r:.2f}' for r in ratios)})" if ratios else "")
-                     + f"; peak memory per rank {memory['clusterlm'] / memory['deepspeed']:.2f}x DeepSpeed's")
+        lines.append(
+            f"ZeRO-{stage} on {nproc} processes{steps}: clusterlm / DeepSpeed tokens/s = "
+            f"{speed['clusterlm'] / speed['deepspeed']:.2f} (median over separate jobs)"
+            + (
+                f", {statistics.median(ratios):.2f} (median of {len(ratios)} paired rounds in one job: "
+                f"{' '.join(f'{r:.2f}' for r in ratios)})"
+                if ratios
+                else ""
+            )
+            + f"; peak memory per rank {memory['clusterlm'] / memory['deepspeed']:.2f}x DeepSpeed's"
+        )
     return lines

@@ -48,14 +48,27 @@ def measure_init(cfg: Config) -> dict[str, float]:
     cfg = apply_overrides(cfg, {"training.precision": precision})
     vocab = cfg.model.vocab_size or load_manifest(cfg.data.dir).vocab_size
     plain, source = build_model(cfg, vocab)
-    source = pretrained_source(cfg) or source  # model.init_from: measure reading the pretrained shards
+    source = (
+        pretrained_source(cfg) or source
+    )  # model.init_from: measure reading the pretrained shards
     model = parallelize(plain, cfg, runtime.mesh, runtime.device, source)
     model.build_optimizers(partial(optimizer_recipe, cfg=cfg.optim))
     seconds = time.perf_counter() - start
-    share = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for part in model.parts
-                for p in part.parameters()) * 4
-    return {"rank": runtime.rank, "seconds": seconds, "rss_before": before, "peak_rss": _peak_rss_bytes(),
-            "param_share": share}
+    share = (
+        sum(
+            (p.to_local() if isinstance(p, DTensor) else p).numel()
+            for part in model.parts
+            for p in part.parameters()
+        )
+        * 4
+    )
+    return {
+        "rank": runtime.rank,
+        "seconds": seconds,
+        "rss_before": before,
+        "peak_rss": _peak_rss_bytes(),
+        "param_share": share,
+    }
 
 
 def bench_init(cfg: Config) -> list[str]:
@@ -69,12 +82,20 @@ def bench_init(cfg: Config) -> list[str]:
     if mine["rank"] != 0:
         return []
     gib = 2**30
-    lines = [f"init: {cfg.model.flavour} {cfg.model.n_layer}x{cfg.model.n_embd}, "
-             f"{cfg.parallel.data_parallel} tp{cfg.parallel.tp} pp{cfg.parallel.pp}, {len(ranks)} rank(s), "
-             f"device {torch.device(cfg.training.device) if cfg.training.device != 'auto' else 'auto'}",
-             "rank  ready s  RSS before GiB  peak RSS GiB  fp32 share GiB  (peak - before) / share"]
+    lines = [
+        f"init: {cfg.model.flavour} {cfg.model.n_layer}x{cfg.model.n_embd}, "
+        f"{cfg.parallel.data_parallel} tp{cfg.parallel.tp} pp{cfg.parallel.pp}, {len(ranks)} rank(s), "
+        f"device {torch.device(cfg.training.device) if cfg.training.device != 'auto' else 'auto'}",
+        "rank  ready s  RSS before GiB  peak RSS GiB  fp32 share GiB  (peak - before) / share",
+    ]
     for r in ranks:
-        growth = (r["peak_rss"] - r["rss_before"]) / r["param_share"] if r["param_share"] else float("nan")
-        lines.append(f"{r['rank']:>4}  {r['seconds']:>7.2f}  {r['rss_before'] / gib:>14.2f}  "
-                     f"{r['peak_rss'] / gib:>12.2f}  {r['param_share'] / gib:>14.2f}  {growth:>8.2f}x")
+        growth = (
+            (r["peak_rss"] - r["rss_before"]) / r["param_share"]
+            if r["param_share"]
+            else float("nan")
+        )
+        lines.append(
+            f"{r['rank']:>4}  {r['seconds']:>7.2f}  {r['rss_before'] / gib:>14.2f}  "
+            f"{r['peak_rss'] / gib:>12.2f}  {r['param_share'] / gib:>14.2f}  {growth:>8.2f}x"
+        )
     return lines

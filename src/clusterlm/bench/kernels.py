@@ -31,11 +31,18 @@ def kernel_rates(work: Workload, micro_batch: int) -> dict[str, float]:
     compute = DTYPES[work.precision]
     q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
     mlp_in = (2 if args.is_llama else 1) * args.ffn_hidden
-    block = [(args.n_embd, q + 2 * kv), (q, args.n_embd), (args.n_embd, mlp_in), (args.ffn_hidden, args.n_embd)]
+    block = [
+        (args.n_embd, q + 2 * kv),
+        (q, args.n_embd),
+        (args.n_embd, mlp_in),
+        (args.ffn_hidden, args.n_embd),
+    ]
     head = [(args.n_embd, args.vocab_size)]
     # Attention sees the QKV projection's output, already in the compute dtype.
-    query, key, value = (torch.randn(micro_batch, args.n_head, s, args.head_dim, dtype=compute, requires_grad=True)
-                         for _ in range(3))
+    query, key, value = (
+        torch.randn(micro_batch, args.n_head, s, args.head_dim, dtype=compute, requires_grad=True)
+        for _ in range(3)
+    )
 
     def attention() -> None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
@@ -44,13 +51,23 @@ def kernel_rates(work: Workload, micro_batch: int) -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        block_s, head_s = _seconds(_linears(block, tokens, compute)), _seconds(_linears(head, tokens, compute))
+        block_s, head_s = (
+            _seconds(_linears(block, tokens, compute)),
+            _seconds(_linears(head, tokens, compute)),
+        )
         attention_s = _seconds(attention)
     finally:
         torch.set_num_threads(threads)
-    linear_flops = 6 * tokens * (args.n_layer * sum(k * n for k, n in block) + sum(k * n for k, n in head))
-    attention_flops = 6 * tokens * 2 * q * s  # one layer's, as the planner counts it: the full s x s
-    return {"linear": linear_flops / (args.n_layer * block_s + head_s), "attention": attention_flops / attention_s}
+    linear_flops = (
+        6 * tokens * (args.n_layer * sum(k * n for k, n in block) + sum(k * n for k, n in head))
+    )
+    attention_flops = (
+        6 * tokens * 2 * q * s
+    )  # one layer's, as the planner counts it: the full s x s
+    return {
+        "linear": linear_flops / (args.n_layer * block_s + head_s),
+        "attention": attention_flops / attention_s,
+    }
 
 
 def relative_kernel_rates(work: Workload, micro_batch: int, fp32_peak: float) -> dict[str, float]:
@@ -58,14 +75,23 @@ def relative_kernel_rates(work: Workload, micro_batch: int, fp32_peak: float) ->
     an isolated probe reads lower than the same kernels inside a training step (warm caches,
     reused allocations), so only its ratios are used, by kind and precision."""
     rates = kernel_rates(work, micro_batch)
-    fp32 = rates if work.precision == "fp32" else kernel_rates(dataclasses.replace(work, precision="fp32"), micro_batch)
+    fp32 = (
+        rates
+        if work.precision == "fp32"
+        else kernel_rates(dataclasses.replace(work, precision="fp32"), micro_batch)
+    )
     return {kind: rate / fp32["linear"] * fp32_peak for kind, rate in rates.items()}
 
 
-def _linears(shapes: list[tuple[int, int]], tokens: int, compute: torch.dtype) -> Callable[[], None]:
+def _linears(
+    shapes: list[tuple[int, int]], tokens: int, compute: torch.dtype
+) -> Callable[[], None]:
     """Forward and backward of ``tokens`` rows through linear layers of (in, out) ``shapes`` as the
     trainer's mixed precision runs them: fp32 weights and inputs, the matmul under autocast."""
-    pairs = [(torch.randn(tokens, k, requires_grad=True), torch.randn(n, k, requires_grad=True)) for k, n in shapes]
+    pairs = [
+        (torch.randn(tokens, k, requires_grad=True), torch.randn(n, k, requires_grad=True))
+        for k, n in shapes
+    ]
 
     def run() -> None:
         for x, w in pairs:

@@ -63,11 +63,17 @@ def synthetic_text(chars: int, seed: int = 0) -> str:
     letters = "etaoinshrdlucmfwypvbgkjqxz"
     lines, size = [], 0
     while size < chars:
-        words = ["".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(rng.randint(4, 12))]
+        words = [
+            "".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(rng.randint(4, 12))
+        ]
         words[0] = words[0].capitalize()
         if rng.random() < 0.3:
             words[rng.randrange(len(words))] = rng.choice(["I", "O", "A", "KING", "QUEEN", "LORD"])
-        line = " ".join(words) + rng.choice(".,;:!?-'") + ("" if rng.random() < 0.7 else str(rng.randint(0, 9)))
+        line = (
+            " ".join(words)
+            + rng.choice(".,;:!?-'")
+            + ("" if rng.random() < 0.7 else str(rng.randint(0, 9)))
+        )
         lines.append(line)
         size += len(line) + 1
     return "\n".join(lines) + "\n"
@@ -84,11 +90,21 @@ def prepare_data(root: Path, chars: int = 200_000) -> str:
 
 def case_config(case: ValidationCase, data_dir: str, out_dir: str, peak_flops: float) -> Config:
     """The trainer's config for a case; ``peak_flops`` only spares every rank its own probe."""
-    return case.config({"data.dir": data_dir, "training.out_dir": out_dir, "training.steps": 10**9,
-                        "training.threads": 1, "metrics.peak_flops": peak_flops, "optim.warmup_steps": 1})
+    return case.config(
+        {
+            "data.dir": data_dir,
+            "training.out_dir": out_dir,
+            "training.steps": 10**9,
+            "training.threads": 1,
+            "metrics.peak_flops": peak_flops,
+            "optim.warmup_steps": 1,
+        }
+    )
 
 
-def measure_rank(rank: int, world_size: int, cfg: Config, warmup: int, steps: int) -> tuple[int, int, list[float]]:
+def measure_rank(
+    rank: int, world_size: int, cfg: Config, warmup: int, steps: int
+) -> tuple[int, int, list[float]]:
     """Run on every rank: (model-state bytes, activation bytes, per-step seconds of the slowest rank)."""
     session = build_session(cfg)
     activations = step_activation_bytes(session)
@@ -98,14 +114,24 @@ def measure_rank(rank: int, world_size: int, cfg: Config, warmup: int, steps: in
     return state, activations, time_steps(session, steps, slowest_rank=True) if steps else []
 
 
-def measure_case(case: ValidationCase, data_dir: str, peak_flops: float, warmup: int, steps: int,
-                 timeout: float = 300) -> Measurement:
+def measure_case(
+    case: ValidationCase,
+    data_dir: str,
+    peak_flops: float,
+    warmup: int,
+    steps: int,
+    timeout: float = 300,
+) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="clusterlm-validate-") as out:
         cfg = case_config(case, data_dir, out, peak_flops)
         ranks = run_local(measure_rank, case.nproc, cfg, warmup, steps, timeout=timeout)
     times = ranks[0][2]
-    return Measurement(state_bytes=max(r[0] for r in ranks), activation_bytes=max(r[1] for r in ranks),
-                       step_seconds=statistics.median(times) if times else 0.0, step_times=tuple(times))
+    return Measurement(
+        state_bytes=max(r[0] for r in ranks),
+        activation_bytes=max(r[1] for r in ranks),
+        step_seconds=statistics.median(times) if times else 0.0,
+        step_times=tuple(times),
+    )
 
 
 def one_thread_peaks() -> dict[str, float]:
@@ -123,27 +149,52 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def local_cluster(nproc: int, peaks: dict[str, float], link: Link, cores: int,
-                  rates: dict[str, dict[str, float]] | None = None) -> Cluster:
+def local_cluster(
+    nproc: int,
+    peaks: dict[str, float],
+    link: Link,
+    cores: int,
+    rates: dict[str, dict[str, float]] | None = None,
+) -> Cluster:
     """``nproc`` processes on this machine as one node of ``nproc`` devices sharing ``cores``;
     ``rates``: one thread's measured kernel rates per precision (``clusterlm.bench.kernels``)."""
     share = min(1.0, cores / nproc)
-    shared_rates = {precision: {kind: rate * share for kind, rate in kinds.items()}
-                    for precision, kinds in (rates or {}).items()}
-    device = Device(name=f"1-thread CPU process ({cores} cores shared by {nproc})", memory_bytes=float("inf"),
-                    peak_flops={k: v * share for k, v in peaks.items()}, host_share=share, kernel_rates=shared_rates)
-    return Cluster(name=f"{nproc} local processes", nodes=1, devices_per_node=nproc, device=device,
-                   intra_node=link, inter_node=link)
+    shared_rates = {
+        precision: {kind: rate * share for kind, rate in kinds.items()}
+        for precision, kinds in (rates or {}).items()
+    }
+    device = Device(
+        name=f"1-thread CPU process ({cores} cores shared by {nproc})",
+        memory_bytes=float("inf"),
+        peak_flops={k: v * share for k, v in peaks.items()},
+        host_share=share,
+        kernel_rates=shared_rates,
+    )
+    return Cluster(
+        name=f"{nproc} local processes",
+        nodes=1,
+        devices_per_node=nproc,
+        device=device,
+        intra_node=link,
+        inter_node=link,
+    )
 
 
-def run_validation(cases: tuple[ValidationCase, ...] = CASES, warmup: int = 3, steps: int = 15, rounds: int = 3,
-                   progress: Callable[[str], None] | None = None) -> tuple[list[ValidationResult], dict[int, Link]]:
+def run_validation(
+    cases: tuple[ValidationCase, ...] = CASES,
+    warmup: int = 3,
+    steps: int = 15,
+    rounds: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[ValidationResult], dict[int, Link]]:
     """Measure every case in ``rounds`` rounds, the order reversed every other round; returns the
     results and the measured link per process count. Other work on the machine only ever adds
     time, so each case keeps its least disturbed round: the lowest median step time."""
     peaks, cores = one_thread_peaks(), available_cores()
-    links = {n: measure_link(n) if n > 1 else Link(bandwidth=math.inf, latency=0.0)
-             for n in sorted({c.nproc for c in cases})}
+    links = {
+        n: measure_link(n) if n > 1 else Link(bandwidth=math.inf, latency=0.0)
+        for n in sorted({c.nproc for c in cases})
+    }
     rounds_measured: dict[str, list[Measurement]] = {case.name: [] for case in cases}
     with tempfile.TemporaryDirectory(prefix="clusterlm-validate-data-") as root:
         data_dir = prepare_data(Path(root))
@@ -153,7 +204,9 @@ def run_validation(cases: tuple[ValidationCase, ...] = CASES, warmup: int = 3, s
                 measured = measure_case(case, data_dir, peaks[case.precision], warmup, steps)
                 rounds_measured[case.name].append(measured)
                 if progress:
-                    progress(f"round {round_index + 1}: {case.name} {measured.step_seconds * 1e3:.1f} ms/step")
+                    progress(
+                        f"round {round_index + 1}: {case.name} {measured.step_seconds * 1e3:.1f} ms/step"
+                    )
     results, rates = [], {}
     for case in cases:
         args = resolve_model_args(case.config(), vocab_size)
@@ -161,20 +214,27 @@ def run_validation(cases: tuple[ValidationCase, ...] = CASES, warmup: int = 3, s
         key = (case.precision, case.layout.micro_batch_size)
         if key not in rates:
             rates[key] = relative_kernel_rates(work, case.layout.micro_batch_size, peaks["fp32"])
-        cluster = local_cluster(case.nproc, peaks, links[case.nproc], cores, {case.precision: rates[key]})
+        cluster = local_cluster(
+            case.nproc, peaks, links[case.nproc], cores, {case.precision: rates[key]}
+        )
         least_disturbed = min(rounds_measured[case.name], key=lambda m: m.step_seconds)
         results.append(ValidationResult(case, work, cluster, least_disturbed))
     return results, links
 
 
-def evidence(results: list[ValidationResult], calibration: Calibration, links: dict[int, Link]) -> dict:
+def evidence(
+    results: list[ValidationResult], calibration: Calibration, links: dict[int, Link]
+) -> dict:
     """What the calibration was fitted from, saved beside it for people to check."""
     return {
         "device": f"{available_cores()} CPU cores, one thread per process",
         "one_thread_peak_flops": one_thread_peaks(),
         "kernel_rates": {r.case.name: r.cluster.device.kernel_rates for r in results},
-        "gloo_links": {str(n): {"latency_us": link.latency * 1e6, "bandwidth_gb_s": link.bandwidth / 1e9}
-                       for n, link in links.items() if n > 1},
+        "gloo_links": {
+            str(n): {"latency_us": link.latency * 1e6, "bandwidth_gb_s": link.bandwidth / 1e9}
+            for n, link in links.items()
+            if n > 1
+        },
         "fitted_on": [r.case.name for r in results if r.case.fit],
         "points": [r.as_dict(calibration) for r in results],
     }

@@ -51,7 +51,9 @@ def model_state_bytes(parts: list[torch.nn.Module], optimizers: list[torch.optim
     tensors = params + [p.grad for p in params if p.grad is not None]
     for optimizer in optimizers:
         state = getattr(optimizer, "optim", optimizer).state
-        tensors += [v for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+        tensors += [
+            v for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)
+        ]
     return sum(tensor_bytes(t) for t in tensors)
 
 
@@ -87,10 +89,14 @@ def _parameter_storages(models: list[torch.nn.Module]) -> Iterator[set[int]]:
 def _inside_forward(module: torch.nn.Module | None) -> Iterator[list[bool]]:
     """A flag that is true while ``module``'s forward runs (always true without a module)."""
     inside = [module is None]
-    handles = [] if module is None else [
-        module.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
-        module.register_forward_hook(lambda *_: inside.__setitem__(0, False)),
-    ]
+    handles = (
+        []
+        if module is None
+        else [
+            module.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+            module.register_forward_hook(lambda *_: inside.__setitem__(0, False)),
+        ]
+    )
     try:
         yield inside
     finally:
@@ -111,8 +117,11 @@ class _Saved:
 _Returned = TypeVar("_Returned")
 
 
-def saved_activation_bytes(model: torch.nn.Module | list[torch.nn.Module], run: Callable[[], _Returned],
-                           within: torch.nn.Module | None = None) -> tuple[int, _Returned]:
+def saved_activation_bytes(
+    model: torch.nn.Module | list[torch.nn.Module],
+    run: Callable[[], _Returned],
+    within: torch.nn.Module | None = None,
+) -> tuple[int, _Returned]:
     """The peak bytes autograd keeps for backward while ``run()`` runs ``model`` (forward, or whole
     training steps), once per storage, parameters and buffers excluded; returns it with what
     ``run`` returned. A storage counts from its first save until autograd releases its last saved
@@ -127,8 +136,11 @@ def saved_activation_bytes(model: torch.nn.Module | list[torch.nn.Module], run: 
         if live[key][1] == 0:
             total -= live.pop(key)[0]
 
-    with _parameter_storages(model if isinstance(model, list) else [model]) as params, \
-            _inside_forward(within) as inside:
+    with (
+        _parameter_storages(model if isinstance(model, list) else [model]) as params,
+        _inside_forward(within) as inside,
+    ):
+
         def pack(tensor: torch.Tensor) -> torch.Tensor | _Saved:
             nonlocal total, peak
             key = _storage_key(tensor)
@@ -171,8 +183,12 @@ def block_activation_bytes(session: Session) -> int:
     part = getattr(model.parts[0], "module", model.parts[0])
     first_block = next(iter(model_layers(part).values()))
     torch.manual_seed(0)  # the same tokens on every tensor-parallel rank
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.training.micro_batch_size, cfg.seq_len),
-                           device=session.runtime.device)
+    tokens = torch.randint(
+        0,
+        cfg.model.vocab_size,
+        (cfg.training.micro_batch_size, cfg.seq_len),
+        device=session.runtime.device,
+    )
 
     def forward() -> None:
         with model.precision.autocast(), attention_kernel(cfg.training.attention):
@@ -217,6 +233,7 @@ def _pipeline_timer(pipeline: Pipeline) -> Iterator[dict[str, float]]:
                 return function(*args, **kwargs)
             finally:
                 spent[key] += time.perf_counter() - start
+
         return run
 
     schedule = pipeline.schedule

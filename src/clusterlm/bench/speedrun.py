@@ -37,7 +37,9 @@ class Run:
     seconds: float | None = None
     step: int = 0
     tokens: int = 0
-    evaluations: list[tuple[int, float, float]] = field(default_factory=list)  # (step, seconds, val loss)
+    evaluations: list[tuple[int, float, float]] = field(
+        default_factory=list
+    )  # (step, seconds, val loss)
 
 
 def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: str) -> Run:
@@ -45,8 +47,11 @@ def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: 
     start = time.perf_counter()
     session = build_session(cfg)
     t = session.cfg.training
-    run = Run(name, f"{t.precision}, compile={t.compile}, attention={t.attention}, "
-                    f"batch {session.tokens_per_step} tokens, lr {cfg.optim.lr:g}, {t.steps} steps max")
+    run = Run(
+        name,
+        f"{t.precision}, compile={t.compile}, attention={t.attention}, "
+        f"batch {session.tokens_per_step} tokens, lr {cfg.optim.lr:g}, {t.steps} steps max",
+    )
     interval = t.eval_interval or t.steps
     while session.step < t.steps:
         train_step(session)
@@ -54,10 +59,15 @@ def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: 
             continue
         val, _ = evaluate(session.model, session.cfg, session.runtime, windows)
         run.evaluations.append((session.step, time.perf_counter() - start, val))
-        print(f"{name}: step {session.step}, val loss {val:.4f} at {run.evaluations[-1][1]:.1f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name}: step {session.step}, val loss {val:.4f} at {run.evaluations[-1][1]:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         if not math.isfinite(val):
-            raise UserError(f"{name}: validation loss became {val} at step {session.step}; lower its optim.lr")
+            raise UserError(
+                f"{name}: validation loss became {val} at step {session.step}; lower its optim.lr"
+            )
         if val <= target:
             run.seconds, run.step, run.tokens = run.evaluations[-1][1], session.step, session.tokens
             break
@@ -67,8 +77,10 @@ def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: 
 def speedrun(cfg: Config, baseline: Config, target: float, rounds: int) -> list[Run]:
     """``rounds`` x (baseline, config) runs to ``target``, alternating."""
     if cfg.seq_len != baseline.seq_len:
-        raise UserError(f"both runs are scored on the same validation windows: give the config the baseline's "
-                        f"sequence length ({baseline.seq_len}), not {cfg.seq_len}")
+        raise UserError(
+            f"both runs are scored on the same validation windows: give the config the baseline's "
+            f"sequence length ({baseline.seq_len}), not {cfg.seq_len}"
+        )
     windows = eval_windows(baseline, 1)
     runs = []
     with tempfile.TemporaryDirectory(prefix="clusterlm-speedrun-") as scratch:
@@ -86,21 +98,35 @@ def cpu_description() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if re.search(rf"\b{f}\b", info)})
+    flags = sorted(
+        {f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if re.search(rf"\b{f}\b", info)}
+    )
     aten, onednn = kernel_instruction_sets()
     used = aten + (f", oneDNN {onednn}" if onednn else "")
-    return (f"{cpu_model_name()} (flags: {', '.join(flags) or 'none of avx2/avx512'}; "
-            f"kernels: {used})")
+    return (
+        f"{cpu_model_name()} (flags: {', '.join(flags) or 'none of avx2/avx512'}; kernels: {used})"
+    )
 
 
 def report(runs: list[Run], target: float) -> list[str]:
-    lines = [f"time to val loss <= {target} (same {len(runs) and 'fixed'} validation windows), CPU: {cpu_description()}"]
+    lines = [
+        f"time to val loss <= {target} (same {len(runs) and 'fixed'} validation windows), CPU: {cpu_description()}"
+    ]
     for run in runs:
-        reached = (f"{run.seconds:7.1f} s at step {run.step} ({run.tokens:,} tokens)" if run.seconds is not None
-                   else f"not reached (best {min(v for _, _, v in run.evaluations):.4f})")
+        reached = (
+            f"{run.seconds:7.1f} s at step {run.step} ({run.tokens:,} tokens)"
+            if run.seconds is not None
+            else f"not reached (best {min(v for _, _, v in run.evaluations):.4f})"
+        )
         lines.append(f"  {run.name:<9} {reached}  [{run.settings}]")
-        lines.append("            evals: " + ", ".join(f"{s}:{v:.3f}@{t:.0f}s" for s, t, v in run.evaluations))
-    times = {name: [r.seconds for r in runs if r.name == name and r.seconds is not None] for name in ("baseline", "config")}
+        lines.append(
+            "            evals: "
+            + ", ".join(f"{s}:{v:.3f}@{t:.0f}s" for s, t, v in run.evaluations)
+        )
+    times = {
+        name: [r.seconds for r in runs if r.name == name and r.seconds is not None]
+        for name in ("baseline", "config")
+    }
     if times["baseline"] and times["config"]:
         ratio = statistics.median(times["config"]) / statistics.median(times["baseline"])
         lines.append(f"config / baseline wall time: {ratio:.2f} (median over rounds)")

@@ -29,18 +29,28 @@ from clusterlm.plan.memory import layer_activation_bytes
 from clusterlm.plan.workload import Workload
 from clusterlm.train.session import Session, build_session
 
-HEADER = f"{'variant':<10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak TFLOP/s':>13}  settings"
+HEADER = (
+    f"{'variant':<10} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak TFLOP/s':>13}  settings"
+)
 
 
-def bench_train(cfg: Config, steps: int, warmup: int, rounds: int, against: Config | None = None,
-                breakdown: bool = False) -> list[str]:
+def bench_train(
+    cfg: Config,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    against: Config | None = None,
+    breakdown: bool = False,
+) -> list[str]:
     """Time ``rounds`` x ``steps`` training steps of ``cfg`` (and of the baseline ``against``,
     alternating) after ``warmup`` untimed ones, then probe the config; ``breakdown`` also
     profiles ``steps`` more steps of each variant (CPU only). Every rank of a job runs it, since
     steps and probes hold collectives; rank 0 gets the report's lines, the other ranks none."""
     variants = {"config": cfg} if against is None else {"baseline": against, "config": cfg}
     with tempfile.TemporaryDirectory(prefix="clusterlm-bench-") as scratch:
-        sessions = {name: _warm_session(variant, scratch, warmup) for name, variant in variants.items()}
+        sessions = {
+            name: _warm_session(variant, scratch, warmup) for name, variant in variants.items()
+        }
         times: dict[str, list[float]] = {name: [] for name in sessions}
         for _ in range(rounds):
             for name, session in sessions.items():
@@ -54,11 +64,19 @@ def bench_train(cfg: Config, steps: int, warmup: int, rounds: int, against: Conf
 def _warm_session(cfg: Config, scratch: str, warmup: int) -> Session:
     """A session of a copy of ``cfg`` that writes nothing outside ``scratch``, after ``warmup``
     steps (compilation, caches)."""
-    cfg = apply_overrides(cfg, {"training.out_dir": scratch, "checkpoint.resume": "none",
-                                "training.steps": 10**9})  # the LR schedule in its steady middle
-    if cfg.training.device != "cuda" and not cfg.metrics.peak_flops and not torch.cuda.is_available():
+    cfg = apply_overrides(
+        cfg, {"training.out_dir": scratch, "checkpoint.resume": "none", "training.steps": 10**9}
+    )  # the LR schedule in its steady middle
+    if (
+        cfg.training.device != "cuda"
+        and not cfg.metrics.peak_flops
+        and not torch.cuda.is_available()
+    ):
         # A fresh CPU peak for the MFU: a cached one may have been measured on a busy machine.
-        cpu_peak_flops(DTYPES[resolve_precision(cfg.training.precision, torch.device("cpu"))[0]], remeasure=True)
+        cpu_peak_flops(
+            DTYPES[resolve_precision(cfg.training.precision, torch.device("cpu"))[0]],
+            remeasure=True,
+        )
     session = build_session(cfg)
     time_steps(session, warmup)
     return session
@@ -72,11 +90,16 @@ def _probe_lines(sessions: dict[str, Session], steps: int, breakdown: bool) -> l
     else:
         lines = [_bubble_line(config, pipeline_bubble(config, steps))]
     if breakdown:
-        lines += [_breakdown_line(name, *step_breakdown(session, steps)) for name, session in sessions.items()]
+        lines += [
+            _breakdown_line(name, *step_breakdown(session, steps))
+            for name, session in sessions.items()
+        ]
     return lines
 
 
-def _timing_lines(sessions: dict[str, Session], times: dict[str, list[float]], steps: int, rounds: int) -> list[str]:
+def _timing_lines(
+    sessions: dict[str, Session], times: dict[str, list[float]], steps: int, rounds: int
+) -> list[str]:
     lines, tokens_per_s = [HEADER], {}
     for name, session in sessions.items():
         seconds = statistics.median(times[name])
@@ -84,14 +107,22 @@ def _timing_lines(sessions: dict[str, Session], times: dict[str, list[float]], s
         lines.append(_timing_row(name, session, seconds))
     config = sessions["config"]
     device = config.runtime.device
-    whose = "both variants together" if len(sessions) > 1 else "this process"  # one process holds both
-    lines.append(f"device {device}; {config.tokens_per_step:,} tokens/step; median of {rounds} x {steps} steps; "
-                 f"peak memory (rank 0, {whose}) {peak_memory_bytes(device) / 2**20:.0f} MiB")
+    whose = (
+        "both variants together" if len(sessions) > 1 else "this process"
+    )  # one process holds both
+    lines.append(
+        f"device {device}; {config.tokens_per_step:,} tokens/step; median of {rounds} x {steps} steps; "
+        f"peak memory (rank 0, {whose}) {peak_memory_bytes(device) / 2**20:.0f} MiB"
+    )
     for name, session in sessions.items():
         if session.balancer is not None:
-            lines.append(f"load balance ({name}): micro-batches per rank {','.join(map(str, session.balancer.counts))}")
+            lines.append(
+                f"load balance ({name}): micro-batches per rank {','.join(map(str, session.balancer.counts))}"
+            )
     if "baseline" in tokens_per_s:
-        lines.append(f"speed-up over baseline: {tokens_per_s['config'] / tokens_per_s['baseline']:.2f}x")
+        lines.append(
+            f"speed-up over baseline: {tokens_per_s['config'] / tokens_per_s['baseline']:.2f}x"
+        )
     return lines
 
 
@@ -100,10 +131,12 @@ def _timing_row(name: str, session: Session, seconds: float) -> str:
     peak = session.peak_flops or float("nan")
     mfu = tokens_per_s * session.flops_per_token / session.runtime.world_size / peak
     t = session.cfg.training
-    return (f"{name:<10} {1000 * seconds:>9.2f} {tokens_per_s:>11,.0f} {100 * mfu:>6.2f}% {peak / 1e12:>13.3f}"
-            f"  {describe_layout(session.cfg, session.runtime)}, precision={t.precision} compile={t.compile} "
-            f"attention={t.attention} ac={t.activation_checkpointing} fused_adamw={session.cfg.optim.fused} "
-            f"threads={torch.get_num_threads()}")
+    return (
+        f"{name:<10} {1000 * seconds:>9.2f} {tokens_per_s:>11,.0f} {100 * mfu:>6.2f}% {peak / 1e12:>13.3f}"
+        f"  {describe_layout(session.cfg, session.runtime)}, precision={t.precision} compile={t.compile} "
+        f"attention={t.attention} ac={t.activation_checkpointing} fused_adamw={session.cfg.optim.fused} "
+        f"threads={torch.get_num_threads()}"
+    )
 
 
 def _activation_line(session: Session, measured: int) -> str:
@@ -111,12 +144,19 @@ def _activation_line(session: Session, measured: int) -> str:
     for the layout the trainer derived from the config (``layout_from_config``)."""
     cfg, runtime = session.cfg, session.runtime
     layout = layout_from_config(cfg, runtime.world_size)
-    work = Workload(resolve_model_args(cfg, cfg.model.vocab_size), cfg.seq_len, session.tokens_per_step,
-                    cfg.training.precision, fused_attention=cfg.training.attention != "math")
+    work = Workload(
+        resolve_model_args(cfg, cfg.model.vocab_size),
+        cfg.seq_len,
+        session.tokens_per_step,
+        cfg.training.precision,
+        fused_attention=cfg.training.attention != "math",
+    )
     predicted = layer_activation_bytes(work, layout)
-    return (f"activations per layer per micro-batch (rank {runtime.rank}): measured {measured / 2**10:.1f} KiB, "
-            f"planner {predicted / 2**10:.1f} KiB ({layout.describe()}, {cfg.training.precision}): "
-            f"ratio {measured / predicted:.2f}")
+    return (
+        f"activations per layer per micro-batch (rank {runtime.rank}): measured {measured / 2**10:.1f} KiB, "
+        f"planner {predicted / 2**10:.1f} KiB ({layout.describe()}, {cfg.training.precision}): "
+        f"ratio {measured / predicted:.2f}"
+    )
 
 
 def _bubble_line(session: Session, samples: list[BubbleSample]) -> str:
@@ -136,11 +176,16 @@ def _bubble_line(session: Session, samples: list[BubbleSample]) -> str:
         name, formula = "(p-1)/(v*m)", (p - 1) / (v * m)
     measured = statistics.median(sample.bubble for sample in samples)
     middle = sorted(samples, key=lambda s: (s.schedule_s, s.compute_s))[len(samples) // 2]
-    return (f"pipeline bubble ({schedule}, p={p}, m={m}, v={v}): measured {measured:.3f} "
-            f"(median of {len(samples)} steps; schedule {1000 * middle.schedule_s:.1f} ms, "
-            f"compute {1000 * middle.compute_s:.1f} ms), formula {name} = {formula:.3f}, ratio {measured / formula:.2f}")
+    return (
+        f"pipeline bubble ({schedule}, p={p}, m={m}, v={v}): measured {measured:.3f} "
+        f"(median of {len(samples)} steps; schedule {1000 * middle.schedule_s:.1f} ms, "
+        f"compute {1000 * middle.compute_s:.1f} ms), formula {name} = {formula:.3f}, ratio {measured / formula:.2f}"
+    )
 
 
 def _breakdown_line(name: str, wall: float, spent: dict[str, float]) -> str:
-    parts = " | ".join(f"{kind} {1000 * seconds:.2f} ({100 * seconds / wall:.0f}%)" for kind, seconds in spent.items())
+    parts = " | ".join(
+        f"{kind} {1000 * seconds:.2f} ({100 * seconds / wall:.0f}%)"
+        for kind, seconds in spent.items()
+    )
     return f"step breakdown, {name} (profiled, {1000 * wall:.2f} ms/step): {parts}"

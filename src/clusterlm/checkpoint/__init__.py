@@ -24,7 +24,21 @@ from clusterlm.checkpoint.resume import (
 )
 
 __all__ = [
-    "COMPLETE", "LATEST", "TRAINER_STATE", "CheckpointReader", "CheckpointWriter", "Verified",
-    "begin_checkpoint", "check_compatible", "checkpoint_of", "find_checkpoint", "finish_checkpoint", "list_complete",
-    "resolve_resume", "resolve_resume_once", "save_checkpoint", "single_process_quiet", "verify",
+    "COMPLETE",
+    "LATEST",
+    "TRAINER_STATE",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "Verified",
+    "begin_checkpoint",
+    "check_compatible",
+    "checkpoint_of",
+    "find_checkpoint",
+    "finish_checkpoint",
+    "list_complete",
+    "resolve_resume",
+    "resolve_resume_once",
+    "save_checkpoint",
+    "single_process_quiet",
+    "verify",
 ]

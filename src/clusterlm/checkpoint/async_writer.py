@@ -49,12 +49,23 @@ class CheckpointWriter:
         # only the first save pays for allocating them.
         # Staging is synchronous: training must not change a tensor before its copy is taken.
         cuda = torch.cuda.is_available()
-        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                    use_async_staging=False, use_non_blocking_copy=cuda))
+        self._stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=cuda,
+                use_shared_memory=False,
+                use_async_staging=False,
+                use_non_blocking_copy=cuda,
+            )
+        )
         self.last_write_s = 0.0  # how long the last background save took from start to visible
 
     def save(
-        self, root: Path, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
+        self,
+        root: Path,
+        step: int,
+        tensors: dict[str, Any],
+        trainer_state: dict[str, Any],
+        keep_last: int,
         files: dict[str, bytes] | None = None,
     ) -> Path:
         """Save ``root/step_<step>``; returns its final path (already complete unless background).
@@ -67,7 +78,12 @@ class CheckpointWriter:
             return self._start(root, step, tensors, trainer_state, keep_last, files)
 
     def _start(
-        self, root: Path, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
+        self,
+        root: Path,
+        step: int,
+        tensors: dict[str, Any],
+        trainer_state: dict[str, Any],
+        keep_last: int,
         files: dict[str, bytes] | None,
     ) -> Path:
         """Stage this rank's tensors and hand the writing to the background thread."""
@@ -77,14 +93,23 @@ class CheckpointWriter:
             self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         tmp, final = dcp_io.begin_checkpoint(root, step)
         with dcp_io.single_process_quiet():
-            upload = dcp.async_save(tensors, storage_writer=TensorWriter(tmp), process_group=self._group,
-                                    async_stager=self._stager, no_dist=not dist.is_initialized())
+            upload = dcp.async_save(
+                tensors,
+                storage_writer=TensorWriter(tmp),
+                process_group=self._group,
+                async_stager=self._stager,
+                no_dist=not dist.is_initialized(),
+            )
         assert isinstance(upload, Future)  # staging is synchronous: no AsyncSaveResponse
         main = not dist.is_initialized() or dist.get_rank() == 0
-        self._pending = self._executor.submit(self._finish, upload, main, tmp, final, trainer_state, keep_last, files)
+        self._pending = self._executor.submit(
+            self._finish, upload, main, tmp, final, trainer_state, keep_last, files
+        )
         return final
 
-    def _finish(self, upload: Future, main: bool, tmp: Path, final: Path, *finish_args: Any) -> None:
+    def _finish(
+        self, upload: Future, main: bool, tmp: Path, final: Path, *finish_args: Any
+    ) -> None:
         started = time.perf_counter()
         with failing_cleanly(final.parent):
             upload.result()  # on rank 0 this returns once every rank's share and DCP's metadata are written

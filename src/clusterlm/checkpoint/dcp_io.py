@@ -87,7 +87,11 @@ def single_process_quiet() -> Iterator[None]:
 
 
 def save_checkpoint(
-    root: Path, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
+    root: Path,
+    step: int,
+    tensors: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep_last: int,
     files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write ``root/step_<step>`` atomically on every rank; returns its path. ``tensors`` is this
@@ -95,8 +99,7 @@ def save_checkpoint(
     (e.g. the tokenizer) that make the checkpoint self-contained."""
     tmp, final = begin_checkpoint(root, step)
     with single_process_quiet():
-        dcp.save(tensors, storage_writer=TensorWriter(tmp),
-                 no_dist=not dist.is_initialized())
+        dcp.save(tensors, storage_writer=TensorWriter(tmp), no_dist=not dist.is_initialized())
     if is_main_rank():
         finish_checkpoint(tmp, final, trainer_state, keep_last, files)
     _barrier()
@@ -131,7 +134,11 @@ def remove_temporaries(root: Path, token: str) -> None:
 
 
 def finish_checkpoint(
-    tmp: Path, final: Path, trainer_state: dict[str, Any], keep_last: int, files: dict[str, bytes] | None,
+    tmp: Path,
+    final: Path,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    files: dict[str, bytes] | None,
 ) -> None:
     """Rank 0, once every rank's tensors are in ``tmp``: checksums, complete.json, the rename that
     makes the checkpoint visible, ``latest``, and the rotation of old checkpoints."""
@@ -154,7 +161,9 @@ def verify(path: Path) -> dict[str, Any]:
     names in complete.json must be plain file names of the checkpoint, trainer.json among them."""
     path = Path(path)
     if not (path / COMPLETE).is_file():
-        raise UserError(f"{path} is not a complete checkpoint (no {COMPLETE}); pick another or start fresh")
+        raise UserError(
+            f"{path} is not a complete checkpoint (no {COMPLETE}); pick another or start fresh"
+        )
     unreadable = UserError(f"checkpoint {path} has an unreadable {COMPLETE} or {TRAINER_STATE}")
     try:
         sums = json.loads((path / COMPLETE).read_text())["sha256"]
@@ -163,9 +172,16 @@ def verify(path: Path) -> dict[str, Any]:
     if not isinstance(sums, dict) or TRAINER_STATE not in sums:
         raise unreadable
     for name, expected in sums.items():
-        if name in ("", ".", "..") or "\0" in name or Path(name).name != name or not isinstance(expected, str):
-            raise UserError(f"checkpoint {path} lists {ascii(name)[:60]} in {COMPLETE}, which is not a file name; "
-                            "it is damaged or not a clusterlm checkpoint")
+        if (
+            name in ("", ".", "..")
+            or "\0" in name
+            or Path(name).name != name
+            or not isinstance(expected, str)
+        ):
+            raise UserError(
+                f"checkpoint {path} lists {ascii(name)[:60]} in {COMPLETE}, which is not a file name; "
+                "it is damaged or not a clusterlm checkpoint"
+            )
         if not (path / name).is_file():
             raise UserError(f"checkpoint {path} is missing {name}; it is damaged, pick another")
         if sha256_file(path / name) != expected:
@@ -207,14 +223,20 @@ class CheckpointReader:
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
         """The saved model tensors (without the "model." prefix) and their full shapes."""
         saved = tensor_entries(self.metadata)
-        return {key[len("model."):]: tuple(meta.size) for key, meta in saved.items() if key.startswith("model.")}
+        return {
+            key[len("model.") :]: tuple(meta.size)
+            for key, meta in saved.items()
+            if key.startswith("model.")
+        }
 
     def model_tensor(self, name: str) -> torch.Tensor:
         """One whole model tensor, assembled from whatever shards the layout saved, in this
         process alone: reading a checkpoint one tensor at a time holds only that tensor."""
         meta = tensor_entries(self.metadata).get(f"model.{name}")
         if meta is None:
-            raise UserError(f"checkpoint {self.path} has no tensor {name}; it is not a complete model")
+            raise UserError(
+                f"checkpoint {self.path} has no tensor {name}; it is not a complete model"
+            )
         tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         self._load({"model": {name: tensor}}, whole=False, no_dist=True)
         return tensor
@@ -223,8 +245,15 @@ class CheckpointReader:
         reader = SafeFileSystemReader(self.path, self.metadata)
         try:
             with single_process_quiet():
-                dcp.load(state, storage_reader=reader, planner=CheckedLoadPlanner(self.path, whole), no_dist=no_dist)
-        except CheckpointException as err:  # raised on every rank when one rank refused the checkpoint
+                dcp.load(
+                    state,
+                    storage_reader=reader,
+                    planner=CheckedLoadPlanner(self.path, whole),
+                    no_dist=no_dist,
+                )
+        except (
+            CheckpointException
+        ) as err:  # raised on every rank when one rank refused the checkpoint
             refused = [exc for exc, _ in err.failures.values() if isinstance(exc, UserError)]
             if refused:
                 raise UserError(str(refused[0])) from None
@@ -234,7 +263,9 @@ class CheckpointReader:
 def check_compatible(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose architecture differs, naming the first differing setting."""
     saved_model, model = saved_config.get("model", {}), config.get("model", {})
-    for key in sorted((set(saved_model) | set(model)) - {"init_from"}):  # where the weights began: not architecture
+    for key in sorted(
+        (set(saved_model) | set(model)) - {"init_from"}
+    ):  # where the weights began: not architecture
         if saved_model.get(key) != model.get(key):
             raise UserError(
                 f"checkpoint {path} was trained with model.{key} = {saved_model.get(key)!r}, this config "

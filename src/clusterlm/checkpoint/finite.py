@@ -49,5 +49,7 @@ def check_finite(state: Mapping[str, Any], step: int) -> None:
         if count.item() and name is None:
             name = "a tensor of another rank"
     if name is not None:
-        raise UserError(f"step {step}: {name} holds NaN or infinite values; the checkpoint was not saved, so the "
-                        "newest complete one is from before; lower optim.lr or set training.skip_nonfinite = true")
+        raise UserError(
+            f"step {step}: {name} holds NaN or infinite values; the checkpoint was not saved, so the "
+            "newest complete one is from before; lower optim.lr or set training.skip_nonfinite = true"
+        )

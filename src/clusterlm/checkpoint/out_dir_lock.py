@@ -53,10 +53,19 @@ class Holder:
         return f"pid {self.pid} on {self.host}, started {self.started}"
 
 
-def this_process(job: str | None = None, attempt: tuple[int, ...] = (), group: str | None = None) -> Holder:
+def this_process(
+    job: str | None = None, attempt: tuple[int, ...] = (), group: str | None = None
+) -> Holder:
     pid = os.getpid()
-    return Holder(pid, socket.gethostname(), datetime.now().astimezone().isoformat(timespec="seconds"),
-                  job=job, attempt=attempt, group=group, pid_start=_process_start(pid))
+    return Holder(
+        pid,
+        socket.gethostname(),
+        datetime.now().astimezone().isoformat(timespec="seconds"),
+        job=job,
+        attempt=attempt,
+        group=group,
+        pid_start=_process_start(pid),
+    )
 
 
 def _process_start(pid: int) -> int | None:
@@ -91,8 +100,10 @@ def read_holder(path: Path) -> Holder | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"{path} is not a readable lock ({type(err).__name__}); if no run uses this out_dir, "
-                        "delete it") from None
+        raise UserError(
+            f"{path} is not a readable lock ({type(err).__name__}); if no run uses this out_dir, "
+            "delete it"
+        ) from None
 
 
 @dataclass
@@ -114,7 +125,11 @@ class OutDirLock:
         self.owned = False
         with contextlib.suppress(UserError):
             current = read_holder(self.path)
-            if current is not None and current.token == self.holder.token and current.pid == self.holder.pid:
+            if (
+                current is not None
+                and current.token == self.holder.token
+                and current.pid == self.holder.pid
+            ):
                 self.path.unlink(missing_ok=True)
 
 
@@ -128,7 +143,9 @@ def take(out_dir: str | Path, me: Holder) -> OutDirLock:
     global _held_token
     path = Path(out_dir) / LOCK
     replaced = None
-    for _ in range(8):  # each pass either creates the lock or removes a stale one that was in the way
+    for _ in range(
+        8
+    ):  # each pass either creates the lock or removes a stale one that was in the way
         if exclusive_write_json(path, asdict(me)):
             _held_token = me.token
             return OutDirLock(path, me, replaced=replaced)
@@ -139,8 +156,11 @@ def take(out_dir: str | Path, me: Holder) -> OutDirLock:
             me = replace(me, token=holder.token)
         else:
             _refuse_if_alive(holder, out_dir, path)
-            print(f"warning: taking over {path} from a run that is gone ({holder.describe()})", file=sys.stderr,
-                  flush=True)
+            print(
+                f"warning: taking over {path} from a run that is gone ({holder.describe()})",
+                file=sys.stderr,
+                flush=True,
+            )
             replaced = holder
         _remove_if_unchanged(path, holder)
     raise UserError(f"could not take {path}: other runs keep taking it; start one run per out_dir")
@@ -161,18 +181,26 @@ def _earlier_attempt(holder: Holder, me: Holder) -> bool:
     """Whether ``holder`` is another attempt of this job, not running here. The restart counts
     differ between attempts (a node that joins an elastic job later counts from 0), and are
     equal for two jobs that share an id, which are thus not mistaken for one."""
-    return (holder.job is not None and holder.job == me.job and holder.attempt != me.attempt
-            and alive(holder) is not True)
+    return (
+        holder.job is not None
+        and holder.job == me.job
+        and holder.attempt != me.attempt
+        and alive(holder) is not True
+    )
 
 
 def _refuse_if_alive(holder: Holder, out_dir: str | Path, path: Path) -> None:
     state = alive(holder)
     if state is True:
-        raise UserError(f"{out_dir} is in use by another run ({holder.describe()}); wait for it to end or choose "
-                        "another training.out_dir")
+        raise UserError(
+            f"{out_dir} is in use by another run ({holder.describe()}); wait for it to end or choose "
+            "another training.out_dir"
+        )
     if state is None:
-        raise UserError(f"{out_dir} is in use by another run ({holder.describe()}); if that run is gone, delete "
-                        f"{path}, else choose another training.out_dir")
+        raise UserError(
+            f"{out_dir} is in use by another run ({holder.describe()}); if that run is gone, delete "
+            f"{path}, else choose another training.out_dir"
+        )
 
 
 def _remove_if_unchanged(path: Path, holder: Holder) -> None:

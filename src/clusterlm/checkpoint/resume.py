@@ -71,5 +71,7 @@ def find_checkpoint(run: str, checkpoint_dir: str | None = None) -> Verified:
     """The checkpoint ``checkpoint_dir`` or else the newest complete one of the run, verified."""
     found = resolve_resume(checkpoint_dir or "auto", Path(run) / "checkpoints")
     if found is None:
-        raise UserError(f"no complete checkpoint in {run}/checkpoints; train first or pass --checkpoint")
+        raise UserError(
+            f"no complete checkpoint in {run}/checkpoints; train first or pass --checkpoint"
+        )
     return found

@@ -57,15 +57,22 @@ class TensorWriter(dcp.FileSystemWriter):
         with open(Path(self.path) / name, "wb") as stream:
             for item in plan.items:
                 if item.type == WriteItemType.BYTE_IO:
-                    raise TypeError(f"checkpoint entry {item.index.fqn} is not a tensor; save it in trainer.json")
+                    raise TypeError(
+                        f"checkpoint entry {item.index.fqn} is not a tensor; save it in trainer.json"
+                    )
                 data = planner.resolve_data(item)
                 assert isinstance(data, torch.Tensor)  # a BYTE_IO item is refused above
                 tensor = data.detach().cpu().contiguous()
                 offset = stream.tell()
                 stream.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
                 length = stream.tell() - offset
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(name, offset, length)))
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=length,
+                        storage_data=_StorageInfo(name, offset, length),
+                    )
+                )
             if self.sync_files:
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -84,13 +91,19 @@ def read_index(path: Path) -> Metadata:
     index = path / TENSOR_INDEX
     if not index.is_file():
         if (path / PICKLED_METADATA).exists():
-            raise UserError(f"checkpoint {path} predates clusterlm's pickle-free checkpoint format (its tensor index "
-                            "is a pickle, which is never opened); use a newer checkpoint or train anew")
-        raise UserError(f"checkpoint {path} has no {TENSOR_INDEX}; it is damaged or not a clusterlm checkpoint")
+            raise UserError(
+                f"checkpoint {path} predates clusterlm's pickle-free checkpoint format (its tensor index "
+                "is a pickle, which is never opened); use a newer checkpoint or train anew"
+            )
+        raise UserError(
+            f"checkpoint {path} has no {TENSOR_INDEX}; it is damaged or not a clusterlm checkpoint"
+        )
     try:
         payload = json.loads(index.read_text(encoding="utf-8"))
     except (ValueError, RecursionError):
-        raise UserError(f"checkpoint {path} has an unreadable {TENSOR_INDEX}; it is damaged, pick another") from None
+        raise UserError(
+            f"checkpoint {path} has an unreadable {TENSOR_INDEX}; it is damaged, pick another"
+        ) from None
     try:
         return decode(payload, path)
     except TensorIndexError as err:
@@ -116,33 +129,47 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         per_file: dict[str, list[Any]] = {}
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
-                raise UserError(f"checkpoint {self.path}: entry {item.storage_index.fqn} is not a tensor")
-            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+                raise UserError(
+                    f"checkpoint {self.path}: entry {item.storage_index.fqn} is not a tensor"
+                )
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(
+                item
+            )
         for name, items in per_file.items():
             with open(Path(self.path) / name, "rb") as stream:
                 for item in items:
                     meta = saved[item.storage_index.fqn]
-                    sizes = next(c.sizes for c in meta.chunks if c.offsets == item.storage_index.offset)
-                    chunk = self._chunk(stream, self.storage_data[item.storage_index], meta.properties.dtype, sizes)
+                    sizes = next(
+                        c.sizes for c in meta.chunks if c.offsets == item.storage_index.offset
+                    )
+                    chunk = self._chunk(
+                        stream, self.storage_data[item.storage_index], meta.properties.dtype, sizes
+                    )
                     chunk = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
                     target = planner.resolve_tensor(item).detach()
                     if target.size() != chunk.size():
-                        raise UserError(f"checkpoint {self.path}: entry {item.storage_index.fqn} does not fit "
-                                        f"the tensor it is loaded into")
+                        raise UserError(
+                            f"checkpoint {self.path}: entry {item.storage_index.fqn} does not fit "
+                            f"the tensor it is loaded into"
+                        )
                     target.copy_(chunk)
                     planner.commit_tensor(item, target)
         done: Future[None] = Future()
         done.set_result(None)
         return done
 
-    def _chunk(self, stream: Any, info: _StorageInfo, dtype: torch.dtype, sizes: torch.Size) -> torch.Tensor:
+    def _chunk(
+        self, stream: Any, info: _StorageInfo, dtype: torch.dtype, sizes: torch.Size
+    ) -> torch.Tensor:
         """One saved chunk, from exactly the byte range the (checked) index gives."""
         if info.length == 0:
             return torch.empty(sizes, dtype=dtype)
         buffer = bytearray(info.length)
         stream.seek(info.offset)
         if stream.readinto(buffer) != info.length:
-            raise UserError(f"checkpoint {self.path} has a truncated {info.relative_path}; it is damaged")
+            raise UserError(
+                f"checkpoint {self.path} has a truncated {info.relative_path}; it is damaged"
+            )
         return torch.frombuffer(buffer, dtype=dtype).reshape(sizes)
 
 
@@ -159,26 +186,39 @@ class CheckedLoadPlanner(DefaultLoadPlanner):
         for key, value in self.state_dict.items():
             meta = saved.get(key)
             if meta is None:
-                raise UserError(f"checkpoint {self.path} has no {key}, which this model needs; it is a checkpoint "
-                                "of another model or training setup")
+                raise UserError(
+                    f"checkpoint {self.path} has no {key}, which this model needs; it is a checkpoint "
+                    "of another model or training setup"
+                )
             if not isinstance(value, torch.Tensor):
-                raise UserError(f"checkpoint {self.path}: this model's {key} is not a tensor, which is never loaded")
+                raise UserError(
+                    f"checkpoint {self.path}: this model's {key} is not a tensor, which is never loaded"
+                )
             if tuple(value.size()) != tuple(meta.size) or value.dtype != meta.properties.dtype:
-                raise UserError(f"checkpoint {self.path} holds {key} as {_describe(meta.properties.dtype, meta.size)}"
-                                f", this model needs {_describe(value.dtype, value.size())}; it is a checkpoint "
-                                "of another architecture")
-        return dataclasses.replace(super().create_local_plan(), planner_data=sorted(self.state_dict))
+                raise UserError(
+                    f"checkpoint {self.path} holds {key} as {_describe(meta.properties.dtype, meta.size)}"
+                    f", this model needs {_describe(value.dtype, value.size())}; it is a checkpoint "
+                    "of another architecture"
+                )
+        return dataclasses.replace(
+            super().create_local_plan(), planner_data=sorted(self.state_dict)
+        )
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
         if self.whole:
             wanted = {key for plan in global_plan for key in plan.planner_data or ()}
             sections = {key.split(".", 1)[0] for key in wanted}
-            extra = sorted(key for key in tensor_entries(self.metadata)
-                           if key.split(".", 1)[0] in sections and key not in wanted)
+            extra = sorted(
+                key
+                for key in tensor_entries(self.metadata)
+                if key.split(".", 1)[0] in sections and key not in wanted
+            )
             if extra:
                 more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-                raise UserError(f"checkpoint {self.path} holds {extra[0]}{more}, which this model does not have; "
-                                "it is a checkpoint of another model or training setup")
+                raise UserError(
+                    f"checkpoint {self.path} holds {extra[0]}{more}, which this model does not have; "
+                    "it is a checkpoint of another model or training setup"
+                )
         plans = [dataclasses.replace(plan, planner_data=None) for plan in global_plan]
         return super().create_global_plan(plans)
 

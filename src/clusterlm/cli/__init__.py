@@ -19,16 +19,28 @@ from clusterlm.launch.worker_errors import EXIT_USER_ERROR, report_to_agent
 COMMANDS = {
     "prepare": ("clusterlm.cli.prepare", "tokenize a corpus into checksummed token shards"),
     "train": ("clusterlm.cli.train", "train a model from a config (TOML + dotted overrides)"),
-    "finetune": ("clusterlm.cli.finetune", "fine-tune a pretrained model on a labelled task (classification)"),
+    "finetune": (
+        "clusterlm.cli.finetune",
+        "fine-tune a pretrained model on a labelled task (classification)",
+    ),
     "eval": ("clusterlm.cli.evaluate", "validation loss and perplexity of a checkpoint"),
     "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
     "bench": ("clusterlm.cli.bench", "benchmarks that print figures (subcommands below)"),
-    "plan": ("clusterlm.cli.plan", "predict memory, step time and MFU on a cluster; pick the layout"),
-    "submit": ("clusterlm.cli.submit", "submit a training job to Slurm (--dry-run prints the sbatch script)"),
+    "plan": (
+        "clusterlm.cli.plan",
+        "predict memory, step time and MFU on a cluster; pick the layout",
+    ),
+    "submit": (
+        "clusterlm.cli.submit",
+        "submit a training job to Slurm (--dry-run prints the sbatch script)",
+    ),
     "jobs": ("clusterlm.cli.jobs", "your clusterlm jobs in Slurm: state, step, loss, ETA"),
     "cancel": ("clusterlm.cli.cancel", "cancel one of your clusterlm jobs in Slurm"),
     "export": ("clusterlm.cli.export", "export a checkpoint (subcommands below)"),
-    "chaos": ("clusterlm.cli.chaos", "kill random ranks of a job; check it recovers to the same weights"),
+    "chaos": (
+        "clusterlm.cli.chaos",
+        "kill random ranks of a job; check it recovers to the same weights",
+    ),
 }
 
 # command -> subcommand -> one-line description
@@ -47,7 +59,10 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: clusterlm <command> [options]   (clusterlm <command> --help for its options)", ""]
+    lines = [
+        "usage: clusterlm <command> [options]   (clusterlm <command> --help for its options)",
+        "",
+    ]
     for name, (_, desc) in COMMANDS.items():
         lines.append(f"  {name:<9} {desc}")
         lines += [f"    {name} {sub:<18} {text}" for sub, text in SUBCOMMANDS.get(name, {}).items()]
@@ -61,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     try:

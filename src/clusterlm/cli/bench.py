@@ -31,12 +31,19 @@ from clusterlm.launch import launch
 
 def add_bench_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, caches)")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps first (compilation, caches)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant")
-    parser.add_argument("--against", default=None, help="baseline variant: KEY=VALUE[,KEY=VALUE...]")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="after timing, profile one more round of each variant and split its step by kind of "
-                             "work (on a GPU: kernels by kind, and the gaps in which the device sat idle)")
+    parser.add_argument(
+        "--against", default=None, help="baseline variant: KEY=VALUE[,KEY=VALUE...]"
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="after timing, profile one more round of each variant and split its step by kind of "
+        "work (on a GPU: kernels by kind, and the gaps in which the device sat idle)",
+    )
 
 
 def baseline_config(cfg: Config, spec: str) -> Config:
@@ -53,7 +60,9 @@ def baseline_config(cfg: Config, spec: str) -> Config:
 
 
 def train_main(argv: list[str]) -> int:
-    job = parse_job(argv, "clusterlm bench train", "Time training steps of a config.", add_bench_train_options)
+    job = parse_job(
+        argv, "clusterlm bench train", "Time training steps of a config.", add_bench_train_options
+    )
     if job is None:
         return 0
     args = job.args
@@ -70,8 +79,11 @@ def train_main(argv: list[str]) -> int:
 
 
 def init_main(argv: list[str]) -> int:
-    job = parse_job(argv, "clusterlm bench init", "Time and host memory until the model is ready for its "
-                    "first step, per rank.")
+    job = parse_job(
+        argv,
+        "clusterlm bench init",
+        "Time and host memory until the model is ready for its first step, per rank.",
+    )
     if job is None:
         return 0
     if job.launch.launches:
@@ -84,14 +96,24 @@ def init_main(argv: list[str]) -> int:
 
 
 MAINS: dict[str, Callable[[list[str]], int]] = {
-    "train": train_main, "init": init_main, "comm": bench_comm.main, "convergence": bench_convergence.main,
-    "checkpoint": bench_checkpoint.main, "speedrun": bench_speedrun.main, "compare-deepspeed": bench_compare.main,
+    "train": train_main,
+    "init": init_main,
+    "comm": bench_comm.main,
+    "convergence": bench_convergence.main,
+    "checkpoint": bench_checkpoint.main,
+    "speedrun": bench_speedrun.main,
+    "compare-deepspeed": bench_compare.main,
 }
 
 
 def usage() -> str:
-    lines = ["usage: clusterlm bench <subcommand> [options]   (clusterlm bench <subcommand> --help)", ""]
-    return "\n".join(lines + [f"  {name:<18} {text}" for name, text in SUBCOMMANDS["bench"].items()])
+    lines = [
+        "usage: clusterlm bench <subcommand> [options]   (clusterlm bench <subcommand> --help)",
+        "",
+    ]
+    return "\n".join(
+        lines + [f"  {name:<18} {text}" for name, text in SUBCOMMANDS["bench"].items()]
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -101,6 +123,8 @@ def main(argv: list[str]) -> int:
         print(usage())
         return 0
     if not argv:
-        raise UserError(f"clusterlm bench needs a subcommand: {', '.join(MAINS)}; `clusterlm bench --help` says "
-                        "what each measures")
+        raise UserError(
+            f"clusterlm bench needs a subcommand: {', '.join(MAINS)}; `clusterlm bench --help` says "
+            "what each measures"
+        )
     raise UserError(f"unknown bench subcommand {argv[0]!r}; choose one of: {', '.join(MAINS)}")

@@ -19,8 +19,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str]) -> int:
-    job = parse_job(argv, "clusterlm bench checkpoint", "Training stall per checkpoint save, sync vs async.",
-                    add_options)
+    job = parse_job(
+        argv,
+        "clusterlm bench checkpoint",
+        "Training stall per checkpoint save, sync vs async.",
+        add_options,
+    )
     if job is None:
         return 0
     if job.args.saves < 1 or job.args.steps < 0:

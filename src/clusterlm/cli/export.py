@@ -16,18 +16,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="clusterlm export", description="Export a trained model to another format.")
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     hf = formats.add_parser(
-        "hf", help="a Hugging Face directory (config.json, safetensors, tokenizer) for transformers",
+        "hf",
+        help="a Hugging Face directory (config.json, safetensors, tokenizer) for transformers",
         description="Write config.json, model.safetensors (sharded with an index past --max-shard-size) and "
-                    "the tokenizer files, loadable with AutoModelForCausalLM (bert: AutoModelForMaskedLM) and "
-                    "AutoTokenizer.",
+        "the tokenizer files, loadable with AutoModelForCausalLM (bert: AutoModelForMaskedLM) and "
+        "AutoTokenizer.",
     )
-    hf.add_argument("--run", default="runs/default", help="training.out_dir of the run (its newest checkpoint)")
+    hf.add_argument(
+        "--run", default="runs/default", help="training.out_dir of the run (its newest checkpoint)"
+    )
     hf.add_argument("--checkpoint", help="a checkpoint directory (overrides --run)")
     hf.add_argument("--out", required=True, help="output directory; must not exist or be empty")
-    hf.add_argument("--max-shard-size", default="5GB",
-                    help="largest safetensors file before the weights are split, e.g. 5GB, 500MB (default: 5GB)")
-    hf.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
-                    help="precision of the saved weights (default: fp32, the trained master weights)")
+    hf.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file before the weights are split, e.g. 5GB, 500MB (default: 5GB)",
+    )
+    hf.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=tuple(DTYPES),
+        help="precision of the saved weights (default: fp32, the trained master weights)",
+    )
     return p
 
 
@@ -37,5 +47,7 @@ def main(argv: list[str]) -> int:
     found = find_checkpoint(args.run, args.checkpoint)
     started = time.perf_counter()
     written = export_checkpoint_hf(found, args.out, max_shard, args.dtype)
-    print(f"exported {found.path} to {args.out} in {time.perf_counter() - started:.1f}s: {', '.join(written)}")
+    print(
+        f"exported {found.path} to {args.out} in {time.perf_counter() - started:.1f}s: {', '.join(written)}"
+    )
     return 0

@@ -10,15 +10,20 @@ from clusterlm.launch import launch
 from clusterlm.train.preemption import EXIT_PREEMPTED
 from clusterlm.train.trainer import train
 
-DESCRIPTION = ("Fine-tune a classifier on a labelled task (`clusterlm prepare --task`): an encoder's pooled [CLS] "
-               "state or a decoder's last token feeds a linear head. Reports accuracy and macro-F1 on the "
-               "validation split while training and on the test split once at the end.")
+DESCRIPTION = (
+    "Fine-tune a classifier on a labelled task (`clusterlm prepare --task`): an encoder's pooled [CLS] "
+    "state or a decoder's last token feeds a linear head. Reports accuracy and macro-F1 on the "
+    "validation split while training and on the test split once at the end."
+)
 
 
 SHORTHANDS = {
     "--task": ("finetune.task", "the labelled task directory"),
-    "--init-from": ("finetune.init_from", "the pretrained run or checkpoint directory; without it (or "
-                    "model.init_from) the model starts from random weights"),
+    "--init-from": (
+        "finetune.init_from",
+        "the pretrained run or checkpoint directory; without it (or "
+        "model.init_from) the model starts from random weights",
+    ),
 }
 
 
@@ -27,13 +32,17 @@ def main(argv: list[str]) -> int:
     if job is None:
         return 0
     if not job.cfg.finetune.task:
-        raise UserError("clusterlm finetune needs --task DIR, a directory made by `clusterlm prepare --task ...`")
+        raise UserError(
+            "clusterlm finetune needs --task DIR, a directory made by `clusterlm prepare --task ...`"
+        )
     if job.launch.launches:
         return launch(job.cfg, job.launch, ["finetune", *argv])
     summary = train(job.cfg)
     leave_process_group()
     test = summary.final.get("test")
     if test is not None and summary.rank == 0:
-        print(f"done: step {summary.step}, test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
-              f"loss {test['loss']:.4f}")
+        print(
+            f"done: step {summary.step}, test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+            f"loss {test['loss']:.4f}"
+        )
     return EXIT_PREEMPTED if summary.preempted is not None else 0

@@ -14,22 +14,35 @@ def main(argv: list[str]) -> int:
     add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", default="\n", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens (0 = all)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=200, help="sample among the k likeliest tokens (0 = all)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise UserError("--max-new-tokens, --temperature and --top-k must be >= 0")
     loaded = load(args)
     if loaded.cfg.model.flavour == "bert":
-        raise UserError(f"{loaded.path} is a bert encoder, which predicts masked tokens and does not generate "
-                        "text; generate from a gpt2 or llama run")
+        raise UserError(
+            f"{loaded.path} is a bert encoder, which predicts masked tokens and does not generate "
+            "text; generate from a gpt2 or llama run"
+        )
     tokenizer = Tokenizer.load(loaded.path / "tokenizer.json")
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise UserError("--prompt encodes to no tokens; give some text")
     with loaded.model.precision.autocast():
-        out = sample(loaded.model.parts[0], prompt, args.max_new_tokens, args.temperature, args.top_k,
-                     args.seed, loaded.runtime.device)
+        out = sample(
+            loaded.model.parts[0],
+            prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.seed,
+            loaded.runtime.device,
+        )
     print(args.prompt + tokenizer.decode(out))
     return 0

@@ -7,8 +7,11 @@ from clusterlm.launch.jobs import JobStatus, user_jobs
 
 
 def main(argv: list[str]) -> int:
-    Parser(prog="clusterlm jobs", description="List your clusterlm jobs in Slurm with their progress, "
-           "read from each run directory's metrics.jsonl.").parse_args(argv)
+    Parser(
+        prog="clusterlm jobs",
+        description="List your clusterlm jobs in Slurm with their progress, "
+        "read from each run directory's metrics.jsonl.",
+    ).parse_args(argv)
     jobs = user_jobs()
     if not jobs:
         print("no clusterlm jobs")
@@ -16,7 +19,11 @@ def main(argv: list[str]) -> int:
     rows = [("JOB", "STATE", "STEP", "LOSS", "ETA", "RUN")] + [_row(job) for job in jobs]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)) + "  " + row[5])
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
+            + "  "
+            + row[5]
+        )
     return 0
 
 
@@ -31,4 +38,6 @@ def _duration(seconds: float | None) -> str:
         return "-"
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    return (
+        f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    )

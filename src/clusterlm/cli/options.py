@@ -21,7 +21,9 @@ class JobArguments:
 
 
 def parse_job(
-    argv: list[str], prog: str, description: str,
+    argv: list[str],
+    prog: str,
+    description: str,
     add_options: Callable[[argparse.ArgumentParser], None] | None = None,
     shorthands: dict[str, tuple[str, str]] | None = None,
     flags: dict[str, tuple[str, str]] | None = None,
@@ -31,19 +33,31 @@ def parse_job(
     ``shorthands`` maps more options to the config keys they set: {"--task": ("finetune.task", help)};
     ``flags`` maps options without a value to the boolean keys they set true."""
     parser = Parser(
-        prog=prog, description=description, add_help=False,
+        prog=prog,
+        description=description,
+        add_help=False,
         epilog="config keys (--section.key VALUE, defaults shown):\n" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
+    parser.add_argument(
+        "-h", "--help", action="store_true", help="show this help and every config key"
+    )
     parser.add_argument("--config", help="TOML file of settings (see configs/*.toml)")
     shorthands = {"--resume": ("checkpoint.resume", "none | auto | PATH"), **(shorthands or {})}
     for option, (key, meaning) in shorthands.items():
-        parser.add_argument(option, dest=f"shorthand:{key}", metavar=key.rpartition(".")[2].upper(),
-                            help=f"{meaning} (shorthand for --{key})")
+        parser.add_argument(
+            option,
+            dest=f"shorthand:{key}",
+            metavar=key.rpartition(".")[2].upper(),
+            help=f"{meaning} (shorthand for --{key})",
+        )
     for option, (key, meaning) in (flags or {}).items():
-        parser.add_argument(option, dest=f"flag:{key}", action="store_true", help=f"{meaning} (--{key} true)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        parser.add_argument(
+            option, dest=f"flag:{key}", action="store_true", help=f"{meaning} (--{key} true)"
+        )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     if add_options is not None:
         add_options(parser)
     _add_launch_arguments(parser)
@@ -55,34 +69,63 @@ def parse_job(
     for key, _ in shorthands.values():
         if getattr(args, f"shorthand:{key}") is not None:
             overrides[key] = getattr(args, f"shorthand:{key}")
-    overrides.update({key: "true" for key, _ in (flags or {}).values() if getattr(args, f"flag:{key}")})
+    overrides.update(
+        {key: "true" for key, _ in (flags or {}).values() if getattr(args, f"flag:{key}")}
+    )
     cfg = build_config(args.config, overrides)
     if args.print_config:
         print(cfg.to_json())
         return None
-    launch = LaunchOptions(args.nproc, args.nnodes, args.rdzv_endpoint, args.max_restarts, args.rdzv_id,
-                           args.local_addr, args.rdzv_conf)
+    launch = LaunchOptions(
+        args.nproc,
+        args.nnodes,
+        args.rdzv_endpoint,
+        args.max_restarts,
+        args.rdzv_id,
+        args.local_addr,
+        args.rdzv_conf,
+    )
     return JobArguments(cfg, launch, args)
 
 
 def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("launch (through torchrun)")
-    group.add_argument("--nproc", type=int, default=0, help="processes per node (0 = this process only)")
+    group.add_argument(
+        "--nproc", type=int, default=0, help="processes per node (0 = this process only)"
+    )
     group.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for an elastic job")
-    group.add_argument("--rdzv-endpoint", default="127.0.0.1:0",
-                       help="HOST:PORT of the rendezvous (port 0 = pick a free one; single node)")
-    group.add_argument("--max-restarts", type=int, default=0, help="restart the whole group this often on failure")
-    group.add_argument("--rdzv-id", default="clusterlm", help="the job's name at the rendezvous, the same on every node")
-    group.add_argument("--local-addr", default="",
-                       help="this node's address as the other nodes reach it (default: its hostname); the node "
-                            "whose address is the rendezvous host hosts the rendezvous")
-    group.add_argument("--rdzv-conf", default="",
-                       help="torchrun rendezvous settings KEY=VALUE,... e.g. last_call_timeout=5,join_timeout=120")
+    group.add_argument(
+        "--rdzv-endpoint",
+        default="127.0.0.1:0",
+        help="HOST:PORT of the rendezvous (port 0 = pick a free one; single node)",
+    )
+    group.add_argument(
+        "--max-restarts", type=int, default=0, help="restart the whole group this often on failure"
+    )
+    group.add_argument(
+        "--rdzv-id",
+        default="clusterlm",
+        help="the job's name at the rendezvous, the same on every node",
+    )
+    group.add_argument(
+        "--local-addr",
+        default="",
+        help="this node's address as the other nodes reach it (default: its hostname); the node "
+        "whose address is the rendezvous host hosts the rendezvous",
+    )
+    group.add_argument(
+        "--rdzv-conf",
+        default="",
+        help="torchrun rendezvous settings KEY=VALUE,... e.g. last_call_timeout=5,join_timeout=120",
+    )
 
 
-
-OVERWRITE = {"--overwrite": ("checkpoint.overwrite", "start afresh in an out_dir holding an earlier run's "
-                                                    "checkpoints, deleting them")}
+OVERWRITE = {
+    "--overwrite": (
+        "checkpoint.overwrite",
+        "start afresh in an out_dir holding an earlier run's checkpoints, deleting them",
+    )
+}
 
 
 def parse_dotted_args(args: list[str]) -> dict[str, str]:
@@ -117,5 +160,3 @@ def help_text() -> str:
         meaning = f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "")
         lines.append(f"  --{key:<34} {f.default!r:<24} {meaning}")
     return "\n".join(lines)
-
-

@@ -1,10 +1,10 @@
 """`clusterlm plan`: memory, time and the fastest parallel layout for a model on a cluster.
 
-    clusterlm plan --model llama-8b --cluster 8xH100 --nodes 4 --global-batch-tokens 4M --seq 8192
-    clusterlm plan --published                  # predictions against published large runs
-    clusterlm plan --validate         # train tiny models in 1-4 process layouts here, fit, compare
-    clusterlm plan --validate --gpu-data        # predictions against the stored GPU measurements
-    clusterlm plan --model nano-cpu --vocab-size 65 --cluster cpu --calibration runs/plan-calibration.json
+clusterlm plan --model llama-8b --cluster 8xH100 --nodes 4 --global-batch-tokens 4M --seq 8192
+clusterlm plan --published                  # predictions against published large runs
+clusterlm plan --validate         # train tiny models in 1-4 process layouts here, fit, compare
+clusterlm plan --validate --gpu-data        # predictions against the stored GPU measurements
+clusterlm plan --model nano-cpu --vocab-size 65 --cluster cpu --calibration runs/plan-calibration.json
 """
 
 from __future__ import annotations
@@ -31,33 +31,91 @@ from clusterlm.plan.workload import PRECISIONS, Workload, load_model_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="clusterlm plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model preset (configs/NAME.toml, e.g. llama-8b) or config TOML path")
-    p.add_argument("--vocab-size", type=int, default=0, help="vocabulary size where the config leaves it 0")
-    p.add_argument("--cluster", default="8xH100", help=f"cluster preset or TOML path; presets: {', '.join(preset_names())}")
+    p = Parser(
+        prog="clusterlm plan",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", help="model preset (configs/NAME.toml, e.g. llama-8b) or config TOML path"
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=0, help="vocabulary size where the config leaves it 0"
+    )
+    p.add_argument(
+        "--cluster",
+        default="8xH100",
+        help=f"cluster preset or TOML path; presets: {', '.join(preset_names())}",
+    )
     p.add_argument("--nodes", type=int, help="number of nodes (default: the cluster file's)")
-    p.add_argument("--global-batch-tokens", default="4M", help="tokens per optimizer step; binary suffixes (4M = 4*2^20)")
+    p.add_argument(
+        "--global-batch-tokens",
+        default="4M",
+        help="tokens per optimizer step; binary suffixes (4M = 4*2^20)",
+    )
     p.add_argument("--seq", type=int, help="sequence length (default: the model's block_size)")
     p.add_argument("--precision", default="bf16", choices=PRECISIONS)
-    p.add_argument("--unfused-attention", action="store_true",
-                   help="assume attention stores its s x s scores (no FlashAttention/SDPA kernel)")
-    p.add_argument("--headroom", type=float, default=0.9, help="fraction of device memory a layout may use")
-    p.add_argument("--calibration", help="JSON calibration file (from --validate --calibration-out)")
-    p.add_argument("--efficiency", type=float, help="compute efficiency (achieved/peak FLOP/s), overrides calibration")
+    p.add_argument(
+        "--unfused-attention",
+        action="store_true",
+        help="assume attention stores its s x s scores (no FlashAttention/SDPA kernel)",
+    )
+    p.add_argument(
+        "--headroom", type=float, default=0.9, help="fraction of device memory a layout may use"
+    )
+    p.add_argument(
+        "--calibration", help="JSON calibration file (from --validate --calibration-out)"
+    )
+    p.add_argument(
+        "--efficiency",
+        type=float,
+        help="compute efficiency (achieved/peak FLOP/s), overrides calibration",
+    )
     p.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
-    p.add_argument("--train-tokens", help="training run length for time and device-hours (decimal suffixes: 15T)")
-    p.add_argument("--emit-config", metavar="OUT.toml", help="write the best layout as a clusterlm config")
-    p.add_argument("--published", nargs="?", const=str(PUBLISHED_RUNS), metavar="RUNS.toml",
-                   help="compare predictions with published training runs (default: the project's list)")
-    p.add_argument("--validate", action="store_true",
-                   help="train a tiny GPT in 1-4 process layouts on this machine and compare with the planner")
-    p.add_argument("--gpu-data", nargs="?", const=str(GPU_MEASUREMENTS), metavar="MEASUREMENTS.toml",
-                   help="with --validate: compare with stored GPU measurements instead of training here")
-    p.add_argument("--calibration-out", metavar="FILE.json", default="runs/plan-calibration.json",
-                   help="with --validate: where to write the fitted calibration (default runs/plan-calibration.json)")
-    p.add_argument("--validate-steps", type=int, default=15, help="with --validate: timed steps per layout and round")
-    p.add_argument("--validate-rounds", type=int, default=3,
-                   help="with --validate: rounds over all layouts; each keeps its least disturbed round")
+    p.add_argument(
+        "--train-tokens",
+        help="training run length for time and device-hours (decimal suffixes: 15T)",
+    )
+    p.add_argument(
+        "--emit-config", metavar="OUT.toml", help="write the best layout as a clusterlm config"
+    )
+    p.add_argument(
+        "--published",
+        nargs="?",
+        const=str(PUBLISHED_RUNS),
+        metavar="RUNS.toml",
+        help="compare predictions with published training runs (default: the project's list)",
+    )
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="train a tiny GPT in 1-4 process layouts on this machine and compare with the planner",
+    )
+    p.add_argument(
+        "--gpu-data",
+        nargs="?",
+        const=str(GPU_MEASUREMENTS),
+        metavar="MEASUREMENTS.toml",
+        help="with --validate: compare with stored GPU measurements instead of training here",
+    )
+    p.add_argument(
+        "--calibration-out",
+        metavar="FILE.json",
+        default="runs/plan-calibration.json",
+        help="with --validate: where to write the fitted calibration (default runs/plan-calibration.json)",
+    )
+    p.add_argument(
+        "--validate-steps",
+        type=int,
+        default=15,
+        help="with --validate: timed steps per layout and round",
+    )
+    p.add_argument(
+        "--validate-rounds",
+        type=int,
+        default=3,
+        help="with --validate: rounds over all layouts; each keeps its least disturbed round",
+    )
     return p
 
 
@@ -67,7 +125,9 @@ def main(argv: list[str]) -> int:
         print(compare_published(args.published))
         return 0
     if args.gpu_data and not args.validate:
-        raise UserError("--gpu-data goes with --validate: clusterlm plan --validate --gpu-data [FILE]")
+        raise UserError(
+            "--gpu-data goes with --validate: clusterlm plan --validate --gpu-data [FILE]"
+        )
     if args.gpu_data:
         calibration = load_calibration(args.calibration) if args.calibration else None
         print(compare_gpu_data(args.gpu_data, calibration, args.calibration or ""))
@@ -87,14 +147,21 @@ def main(argv: list[str]) -> int:
         calibration = dataclasses.replace(calibration, compute_efficiency=args.efficiency)
     cluster = dataclasses.replace(cluster, calibration=calibration)
     seq = args.seq or model.block_size
-    work = Workload(model, seq, parse_batch_tokens(args.global_batch_tokens), args.precision,
-                    fused_attention=not args.unfused_attention)
+    work = Workload(
+        model,
+        seq,
+        parse_batch_tokens(args.global_batch_tokens),
+        args.precision,
+        fused_attention=not args.unfused_attention,
+    )
 
     result = search(work, cluster, args.headroom)
-    print(f"{args.model} on {cluster.nodes} x {cluster.name} ({cluster.world_size} x {cluster.device.name}, "
-          f"{cluster.device.memory_bytes / GIB:.0f} GiB): {work.global_batch_tokens:,} tokens/step = "
-          f"{work.sequences} x {seq}, {work.precision}; {result.considered} layouts considered, "
-          f"{len(result.ranked)} fit in {args.headroom:.0%} of memory")
+    print(
+        f"{args.model} on {cluster.nodes} x {cluster.name} ({cluster.world_size} x {cluster.device.name}, "
+        f"{cluster.device.memory_bytes / GIB:.0f} GiB): {work.global_batch_tokens:,} tokens/step = "
+        f"{work.sequences} x {seq}, {work.precision}; {result.considered} layouts considered, "
+        f"{len(result.ranked)} fit in {args.headroom:.0%} of memory"
+    )
     if not result.ranked:
         print(_nothing_fits(work, cluster, result, args.headroom))
         return 1
@@ -107,8 +174,10 @@ def main(argv: list[str]) -> int:
     if args.train_tokens:
         tokens = parse_train_tokens(args.train_tokens)
         seconds = tokens / best.tokens_per_s
-        print(f"{human(tokens)} training tokens: {seconds / 86400:,.1f} days, "
-              f"{seconds / 3600 * cluster.world_size:,.0f} device-hours")
+        print(
+            f"{human(tokens)} training tokens: {seconds / 86400:,.1f} days, "
+            f"{seconds / 3600 * cluster.world_size:,.0f} device-hours"
+        )
     if args.emit_config:
         write_config(args.emit_config, best)
         print(f"wrote {args.emit_config}")
@@ -123,15 +192,23 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.top <= 0:
         raise UserError(f"--top must be positive, got {args.top}")
     if args.emit_config:
-        check_output_path(args.emit_config, "--emit-config", directory=False)  # before the search, not after
+        check_output_path(
+            args.emit_config, "--emit-config", directory=False
+        )  # before the search, not after
 
 
 def _validate(calibration_out: str, steps: int, rounds: int) -> int:
     """Measure, fit the calibration on the cases marked for fitting, print the comparison, save."""
     if steps < 1 or rounds < 1:
-        raise UserError(f"--validate-steps and --validate-rounds must be positive, got {steps} and {rounds}")
-    results, links = run_validation(steps=steps, rounds=rounds, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    calibration = dataclasses.replace(fit_calibration(results), device=results[0].cluster.device.name)
+        raise UserError(
+            f"--validate-steps and --validate-rounds must be positive, got {steps} and {rounds}"
+        )
+    results, links = run_validation(
+        steps=steps, rounds=rounds, progress=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+    calibration = dataclasses.replace(
+        fit_calibration(results), device=results[0].cluster.device.name
+    )
     print(validation_report(results, calibration, links))
     save_calibration(calibration_out, calibration, evidence(results, calibration, links))
     print(f"wrote {calibration_out}")
@@ -140,12 +217,16 @@ def _validate(calibration_out: str, steps: int, rounds: int) -> int:
 
 def _nothing_fits(work: Workload, cluster: Cluster, result: SearchResult, headroom: float) -> str:
     if result.smallest is None:
-        return ("no layout can run this: check that the global batch splits over the devices and that "
-                "heads and layers divide by the parallel degrees")
+        return (
+            "no layout can run this: check that the global batch splits over the devices and that "
+            "heads and layers divide by the parallel degrees"
+        )
     need = result.smallest.memory.total + cluster.device.reserved_bytes
     have = headroom * cluster.device.memory_bytes
     nodes = nodes_needed(work, cluster, headroom)
     more = f"use {nodes} nodes" if nodes else "use devices with more memory"
-    return (f"nothing fits: the smallest need is {need / GIB:.1f} GiB per device "
-            f"(`{result.smallest.layout.describe()}`) against {have / GIB:.1f} GiB available; "
-            f"{more}, or a shorter --seq / smaller --global-batch-tokens")
+    return (
+        f"nothing fits: the smallest need is {need / GIB:.1f} GiB per device "
+        f"(`{result.smallest.layout.describe()}`) against {have / GIB:.1f} GiB available; "
+        f"{more}, or a shorter --seq / smaller --global-batch-tokens"
+    )

@@ -20,6 +20,8 @@ def main(argv: list[str]) -> int:
     summary = train(job.cfg)
     leave_process_group()
     if summary.val_loss is not None and summary.rank == 0:
-        print(f"done: step {summary.step}, val loss {summary.val_loss:.4f} "
-              f"(perplexity {math.exp(summary.val_loss):.2f})")
+        print(
+            f"done: step {summary.step}, val loss {summary.val_loss:.4f} "
+            f"(perplexity {math.exp(summary.val_loss):.2f})"
+        )
     return EXIT_PREEMPTED if summary.preempted is not None else 0

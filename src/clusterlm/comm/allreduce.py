@@ -48,7 +48,9 @@ def all_reduce(
     Every rank of the group must call it with the same shape, dtype, op, algorithm and options.
     """
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
+        raise ValueError(
+            f"unknown all-reduce algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}"
+        )
     if op not in OPS:
         raise ValueError(f"unknown reduce op {op!r}; choose one of: {', '.join(OPS)}")
     if op == "avg" and not tensor.is_floating_point():

@@ -24,7 +24,9 @@ from clusterlm.comm.allreduce import all_reduce
 @dataclass
 class CompressionStats:
     bytes_uncompressed: int = 0  # what a plain all-reduce of the same buffers would contribute
-    bytes_sent: int = 0  # what this compressor contributed (per rank, before the algorithm's own factor)
+    bytes_sent: int = (
+        0  # what this compressor contributed (per rank, before the algorithm's own factor)
+    )
 
     @property
     def compression_ratio(self) -> float:
@@ -38,11 +40,17 @@ class CompressionStats:
 class Compressor:
     """No compression: average the buffer with the chosen all-reduce algorithm."""
 
-    def __init__(self, algorithm: str = "native", group: dist.ProcessGroup | None = None, **algorithm_options: Any):
+    def __init__(
+        self,
+        algorithm: str = "native",
+        group: dist.ProcessGroup | None = None,
+        **algorithm_options: Any,
+    ):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.sum: Callable[[torch.Tensor], torch.Tensor] = partial(
-            all_reduce, op="sum", algorithm=algorithm, group=group, **algorithm_options)
+            all_reduce, op="sum", algorithm=algorithm, group=group, **algorithm_options
+        )
         self.stats = CompressionStats()
 
     def reduce(self, buffer: torch.Tensor, shapes: Sequence[torch.Size] = (), key: int = 0) -> None:
@@ -77,7 +85,9 @@ class ErrorFeedbackCompressor(Compressor):
         super().__init__(**kwargs)
         self.memory: dict[int, tuple[tuple[torch.Size, ...], dict[str, Any]]] = {}
 
-    def memory_for(self, key: int, buffer: torch.Tensor, shapes: Sequence[torch.Size]) -> dict[str, Any]:
+    def memory_for(
+        self, key: int, buffer: torch.Tensor, shapes: Sequence[torch.Size]
+    ) -> dict[str, Any]:
         layout = (buffer.shape, *shapes)
         if key not in self.memory or self.memory[key][0] != layout:
             self.memory[key] = (layout, {"error": torch.zeros_like(buffer)})
@@ -94,7 +104,9 @@ class PowerSGDCompressor(ErrorFeedbackCompressor):
     all-reduce. Both all-reduces use the chosen algorithm.
     """
 
-    def __init__(self, rank: int = 1, min_compression_rate: float = 2.0, seed: int = 0, **kwargs: Any):
+    def __init__(
+        self, rank: int = 1, min_compression_rate: float = 2.0, seed: int = 0, **kwargs: Any
+    ):
         super().__init__(**kwargs)
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be >= 1, got {rank}")
@@ -111,13 +123,18 @@ class PowerSGDCompressor(ErrorFeedbackCompressor):
         if "qs" not in memory:
             # Drawn on the CPU generator, so every rank and device starts from the same Q.
             memory["qs"] = [
-                torch.randn(m.shape[1], r, generator=self.generator).to(m.device, m.dtype) for m, r in matrices
+                torch.randn(m.shape[1], r, generator=self.generator).to(m.device, m.dtype)
+                for m, r in matrices
             ]
         qs = memory["qs"]
 
-        p_message = _flatten([m @ q for (m, _), q in zip(matrices, qs, strict=True)] + dense, buffer)
+        p_message = _flatten(
+            [m @ q for (m, _), q in zip(matrices, qs, strict=True)] + dense, buffer
+        )
         self.sum(p_message)
-        p_sums = _unflatten(p_message, [(m.shape[0], r) for m, r in matrices] + [d.shape for d in dense])
+        p_sums = _unflatten(
+            p_message, [(m.shape[0], r) for m, r in matrices] + [d.shape for d in dense]
+        )
         for piece, total in zip(dense, p_sums[len(matrices) :], strict=True):
             piece.copy_(total)
         ps = [_orthonormal_columns(p) for p in p_sums[: len(matrices)]]
@@ -126,7 +143,9 @@ class PowerSGDCompressor(ErrorFeedbackCompressor):
             torch.matmul(m.t(), p, out=q)
         q_message = _flatten(qs, buffer)
         self.sum(q_message)
-        for q, q_sum, (m, _), p in zip(qs, _unflatten(q_message, [q.shape for q in qs]), matrices, ps, strict=True):
+        for q, q_sum, (m, _), p in zip(
+            qs, _unflatten(q_message, [q.shape for q in qs]), matrices, ps, strict=True
+        ):
             q.copy_(q_sum)  # the warm start for the next step
             torch.matmul(p, q.t(), out=m)
 
@@ -192,7 +211,10 @@ def _flatten(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tenso
 
 
 def _unflatten(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    return [part.view(shape) for part, shape in zip(flat.split([math.prod(s) for s in shapes]), shapes, strict=True)]
+    return [
+        part.view(shape)
+        for part, shape in zip(flat.split([math.prod(s) for s in shapes]), shapes, strict=True)
+    ]
 
 
 COMPRESSIONS: dict[str, Callable[..., Compressor]] = {
@@ -213,5 +235,9 @@ def make_compressor(
 ) -> Compressor:
     """The compressor named ``compression``, reducing with ``algorithm`` over ``group``."""
     if compression not in COMPRESSIONS:
-        raise ValueError(f"unknown compression {compression!r}; choose one of: {', '.join(COMPRESSIONS)}")
-    return COMPRESSIONS[compression](algorithm=algorithm, group=group, **(compression_options or {}), **algorithm_options)
+        raise ValueError(
+            f"unknown compression {compression!r}; choose one of: {', '.join(COMPRESSIONS)}"
+        )
+    return COMPRESSIONS[compression](
+        algorithm=algorithm, group=group, **(compression_options or {}), **algorithm_options
+    )

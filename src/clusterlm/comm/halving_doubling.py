@@ -69,7 +69,9 @@ def _halving_doubling_power_of_two(buf: torch.Tensor, peers: Peers) -> None:
         partner = peers.ranks[me ^ distance]
         mid = (lo + hi) // 2
         keep_lower = me & distance == 0
-        (keep_lo, keep_hi), (give_lo, give_hi) = ((lo, mid), (mid, hi)) if keep_lower else ((mid, hi), (lo, mid))
+        (keep_lo, keep_hi), (give_lo, give_hi) = (
+            ((lo, mid), (mid, hi)) if keep_lower else ((mid, hi), (lo, mid))
+        )
         incoming = staging[: keep_hi - keep_lo]
         transfer(peers.group, sends=[(buf[give_lo:give_hi], partner)], recvs=[(incoming, partner)])
         accumulate(buf[keep_lo:keep_hi], incoming)

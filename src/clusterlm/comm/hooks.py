@@ -41,7 +41,9 @@ def register_comm_hook(
     the remaining keywords go to the algorithm. The returned state reports bytes sent.
     """
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
+        raise ValueError(
+            f"unknown all-reduce algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}"
+        )
     compressor = make_compressor(
         compression, algorithm, ddp_model.process_group, compression_options, **algorithm_options
     )
@@ -50,7 +52,9 @@ def register_comm_hook(
     return state
 
 
-def _reduce_bucket(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _reduce_bucket(
+    state: CommHookState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
     # The point-to-point algorithms run synchronously here and hand DDP a completed future. On
     # gloo that costs no overlap DDP would otherwise get, since gloo runs one collective at a
     # time per group anyway; the backward pass still overlaps with the buckets not yet ready.

@@ -30,8 +30,11 @@ def parameter_server(buf: torch.Tensor, peers: Peers, *, num_servers: int = 1) -
     transfer(
         peers.group,
         sends=[(shards[s], peers.ranks[s]) for s in range(servers) if s != me],
-        recvs=([(row, peers.ranks[w]) for row, w in zip(contributions, workers, strict=True)]
-               if contributions is not None else []),
+        recvs=(
+            [(row, peers.ranks[w]) for row, w in zip(contributions, workers, strict=True)]
+            if contributions is not None
+            else []
+        ),
     )
     if contributions is not None:  # serving
         accumulate(shards[me], *contributions)

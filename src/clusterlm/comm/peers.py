@@ -47,7 +47,9 @@ class Peers:
 
     def subset(self, positions: Sequence[int]) -> Peers:
         """The peers at ``positions`` (which must include this process), in that order."""
-        return Peers(self.group, tuple(self.ranks[p] for p in positions), list(positions).index(self.index))
+        return Peers(
+            self.group, tuple(self.ranks[p] for p in positions), list(positions).index(self.index)
+        )
 
 
 def start_transfers(
@@ -65,7 +67,9 @@ def finish(works: Sequence[dist.Work]) -> None:
         work.wait()
 
 
-def transfer(group: dist.ProcessGroup, sends: Sequence[Transfer] = (), recvs: Sequence[Transfer] = ()) -> None:
+def transfer(
+    group: dist.ProcessGroup, sends: Sequence[Transfer] = (), recvs: Sequence[Transfer] = ()
+) -> None:
     finish(start_transfers(group, sends, recvs))
 
 

@@ -39,7 +39,10 @@ def ring(
 
 
 def reduce_scatter(
-    buf: torch.Tensor, peers: Peers, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline_depth: int = DEFAULT_PIPELINE_DEPTH
+    buf: torch.Tensor,
+    peers: Peers,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
 ) -> torch.Tensor:
     """The first half of the ring; returns the segment of ``buf`` this rank now holds fully reduced."""
     _ring_steps(buf, peers, range(peers.size - 1), chunk_bytes, pipeline_depth)
@@ -47,22 +50,31 @@ def reduce_scatter(
 
 
 def all_gather(
-    buf: torch.Tensor, peers: Peers, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline_depth: int = DEFAULT_PIPELINE_DEPTH
+    buf: torch.Tensor,
+    peers: Peers,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
 ) -> None:
     """The second half of the ring: every rank contributes ``owned_segment`` and receives the rest."""
-    _ring_steps(buf, peers, range(peers.size - 1, 2 * (peers.size - 1)), chunk_bytes, pipeline_depth)
+    _ring_steps(
+        buf, peers, range(peers.size - 1, 2 * (peers.size - 1)), chunk_bytes, pipeline_depth
+    )
 
 
 def owned_segment(buf: torch.Tensor, peers: Peers) -> torch.Tensor:
     return torch.tensor_split(buf, peers.size)[(peers.index + 1) % peers.size]
 
 
-def _ring_steps(buf: torch.Tensor, peers: Peers, steps: range, chunk_bytes: int, pipeline_depth: int) -> None:
+def _ring_steps(
+    buf: torch.Tensor, peers: Peers, steps: range, chunk_bytes: int, pipeline_depth: int
+) -> None:
     n, me = peers.size, peers.index
     if n == 1 or buf.numel() == 0:
         return
     if chunk_bytes < 1 or pipeline_depth < 1:
-        raise ValueError(f"chunk_bytes and pipeline_depth must be >= 1, got {chunk_bytes}, {pipeline_depth}")
+        raise ValueError(
+            f"chunk_bytes and pipeline_depth must be >= 1, got {chunk_bytes}, {pipeline_depth}"
+        )
     segments = torch.tensor_split(buf, n)
     largest = segments[0].numel()
     chunks_per_segment = max(1, math.ceil(largest * buf.element_size() / chunk_bytes))

@@ -26,10 +26,18 @@ class RingReduceScatter(ReduceScatter):
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
-    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
-                 op, async_op: bool = False) -> None:
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op,
+        async_op: bool = False,
+    ) -> None:
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) or async_op:
-            raise ValueError(f"the ring reduce-scatter sums synchronously; FSDP asked for {op} (async {async_op})")
+            raise ValueError(
+                f"the ring reduce-scatter sums synchronously; FSDP asked for {op} (async {async_op})"
+            )
         output_tensor.copy_(reduce_scatter(input_tensor, self._ring(group)))
         if op == dist.ReduceOp.AVG:
             output_tensor.div_(group.size())

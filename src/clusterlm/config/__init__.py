@@ -33,7 +33,23 @@ from clusterlm.config.sections import (
 )
 
 __all__ = [
-    "CheckpointConfig", "CommConfig", "Config", "DataConfig", "FinetuneConfig", "MetricsConfig", "ModelConfig",
-    "OptimConfig", "ParallelConfig", "TrainingConfig", "all_keys", "apply_overrides", "build_config",
-    "config_from_dict", "grad_accum_steps", "load_toml", "setting", "settle_model", "validate",
+    "CheckpointConfig",
+    "CommConfig",
+    "Config",
+    "DataConfig",
+    "FinetuneConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "TrainingConfig",
+    "all_keys",
+    "apply_overrides",
+    "build_config",
+    "config_from_dict",
+    "grad_accum_steps",
+    "load_toml",
+    "setting",
+    "settle_model",
+    "validate",
 ]

@@ -22,12 +22,18 @@ def _model(cfg: Config) -> None:
     if m.n_kv_head and m.n_head % m.n_kv_head:
         raise UserError(f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
     if m.n_kv_head and m.n_kv_head != m.n_head and m.flavour != "llama":
-        raise UserError("model.n_kv_head != n_head (grouped-query attention) needs model.flavour = llama")
+        raise UserError(
+            "model.n_kv_head != n_head (grouped-query attention) needs model.flavour = llama"
+        )
     if (m.n_embd // m.n_head) % 2 and m.flavour == "llama":
-        raise UserError(f"llama needs an even head size for rotary positions; n_embd/n_head = {m.n_embd // m.n_head}")
+        raise UserError(
+            f"llama needs an even head size for rotary positions; n_embd/n_head = {m.n_embd // m.n_head}"
+        )
     if cfg.seq_len > m.block_size:
-        raise UserError(f"training.seq_len ({cfg.training.seq_len}) exceeds the model's context "
-                        f"model.block_size ({m.block_size})")
+        raise UserError(
+            f"training.seq_len ({cfg.training.seq_len}) exceeds the model's context "
+            f"model.block_size ({m.block_size})"
+        )
 
 
 def _optim(cfg: Config) -> None:
@@ -47,11 +53,19 @@ def _parallel(cfg: Config) -> None:
 def _comm(cfg: Config) -> None:
     custom_comm = cfg.comm.allreduce != "native" or cfg.comm.compression != "none"
     if custom_comm and cfg.parallel.data_parallel not in ("ddp", "zero1"):
-        raise UserError("comm.allreduce / comm.compression apply to parallel.data_parallel = ddp or zero1 "
-                        "(FSDP reduces through reduce-scatter)")
-    if cfg.comm.reduce_scatter == "ring" and cfg.parallel.data_parallel not in ("zero2", "zero3", "hsdp"):
-        raise UserError("comm.reduce_scatter = ring applies to parallel.data_parallel = zero2, zero3 or hsdp "
-                        "(the others all-reduce; comm.allreduce picks their algorithm)")
+        raise UserError(
+            "comm.allreduce / comm.compression apply to parallel.data_parallel = ddp or zero1 "
+            "(FSDP reduces through reduce-scatter)"
+        )
+    if cfg.comm.reduce_scatter == "ring" and cfg.parallel.data_parallel not in (
+        "zero2",
+        "zero3",
+        "hsdp",
+    ):
+        raise UserError(
+            "comm.reduce_scatter = ring applies to parallel.data_parallel = zero2, zero3 or hsdp "
+            "(the others all-reduce; comm.allreduce picks their algorithm)"
+        )
 
 
 def _experiments(cfg: Config) -> None:
@@ -61,8 +75,10 @@ def _experiments(cfg: Config) -> None:
 def _async(cfg: Config) -> None:
     p = cfg.parallel
     if p.data_parallel == "ps" and (p.tp > 1 or p.pp > 1):
-        raise UserError("parallel.data_parallel = ps keeps a whole model per worker; set parallel.tp = 1 and "
-                        "parallel.pp = 1")
+        raise UserError(
+            "parallel.data_parallel = ps keeps a whole model per worker; set parallel.tp = 1 and "
+            "parallel.pp = 1"
+        )
 
 
 def _checkpoint(cfg: Config) -> None:
@@ -73,17 +89,25 @@ def _checkpoint(cfg: Config) -> None:
 def _init_from(cfg: Config) -> None:
     source = cfg.model.init_from
     if source and (not source.startswith("hf:") or len(source) == 3):
-        raise UserError(f"model.init_from must be empty or hf:DIR (a Hugging Face model directory), got {source!r}")
+        raise UserError(
+            f"model.init_from must be empty or hf:DIR (a Hugging Face model directory), got {source!r}"
+        )
 
 
 def _monitoring(cfg: Config) -> None:
     m, p = cfg.metrics, cfg.parallel
     if m.straggler_ratio and m.straggler_ratio < 1:
-        raise UserError(f"metrics.straggler_ratio compares the slowest rank with the median: use >= 1 (or 0 = off), "
-                        f"got {m.straggler_ratio}")
-    if p.load_balance and (p.data_parallel not in ("ddp", "zero1", "zero2", "zero3") or p.tp > 1 or p.pp > 1):
-        raise UserError("parallel.load_balance works with parallel.data_parallel = ddp, zero1, zero2 or zero3 "
-                        "and no tensor or pipeline parallelism (tp = pp = 1)")
+        raise UserError(
+            f"metrics.straggler_ratio compares the slowest rank with the median: use >= 1 (or 0 = off), "
+            f"got {m.straggler_ratio}"
+        )
+    if p.load_balance and (
+        p.data_parallel not in ("ddp", "zero1", "zero2", "zero3") or p.tp > 1 or p.pp > 1
+    ):
+        raise UserError(
+            "parallel.load_balance works with parallel.data_parallel = ddp, zero1, zero2 or zero3 "
+            "and no tensor or pipeline parallelism (tp = pp = 1)"
+        )
     if p.load_balance_counts and not p.load_balance:
         raise UserError("parallel.load_balance_counts needs parallel.load_balance = true")
 
@@ -93,30 +117,54 @@ def _objective(cfg: Config) -> None:
         return
     encoder, objective = cfg.model.flavour == "bert", cfg.training.objective
     if encoder != (objective == "mlm"):
-        raise UserError(f"model.flavour = {cfg.model.flavour} trains with training.objective = "
-                        f"{'mlm' if encoder else 'clm'}, not {objective}")
+        raise UserError(
+            f"model.flavour = {cfg.model.flavour} trains with training.objective = "
+            f"{'mlm' if encoder else 'clm'}, not {objective}"
+        )
     if encoder and (cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel):
-        raise UserError("model.flavour = bert has no pipeline or sequence-parallel plan yet; use parallel.pp = 1 "
-                        "and parallel.sequence_parallel = false (data and tensor parallelism work)")
+        raise UserError(
+            "model.flavour = bert has no pipeline or sequence-parallel plan yet; use parallel.pp = 1 "
+            "and parallel.sequence_parallel = false (data and tensor parallelism work)"
+        )
 
 
 def _finetune(cfg: Config) -> None:
     f, p = cfg.finetune, cfg.parallel
     if not f.task:
         if f.init_from:
-            raise UserError("finetune.init_from needs finetune.task: run `clusterlm finetune --task DIR --init-from RUN`")
+            raise UserError(
+                "finetune.init_from needs finetune.task: run `clusterlm finetune --task DIR --init-from RUN`"
+            )
         return
     if p.tp > 1 or p.pp > 1:
-        raise UserError("fine-tuning runs on data-parallel layouts: set parallel.tp = 1 and parallel.pp = 1")
+        raise UserError(
+            "fine-tuning runs on data-parallel layouts: set parallel.tp = 1 and parallel.pp = 1"
+        )
     if f.init_from and cfg.model.init_from:
-        raise UserError("give the pretrained model once: finetune.init_from (a run or checkpoint) or model.init_from "
-                        "(hf:DIR), not both")
+        raise UserError(
+            "give the pretrained model once: finetune.init_from (a run or checkpoint) or model.init_from "
+            "(hf:DIR), not both"
+        )
     if not 0 <= f.freeze_layers <= cfg.model.n_layer:
-        raise UserError(f"finetune.freeze_layers must be in 0..{cfg.model.n_layer} (model.n_layer), got {f.freeze_layers}")
+        raise UserError(
+            f"finetune.freeze_layers must be in 0..{cfg.model.n_layer} (model.n_layer), got {f.freeze_layers}"
+        )
 
 
-CHECKS: tuple[Callable[[Config], None], ...] = (check_ranges, _model, _optim, _parallel, _comm, _checkpoint,
-                                                _experiments, _init_from, _monitoring, _async, _objective, _finetune)
+CHECKS: tuple[Callable[[Config], None], ...] = (
+    check_ranges,
+    _model,
+    _optim,
+    _parallel,
+    _comm,
+    _checkpoint,
+    _experiments,
+    _init_from,
+    _monitoring,
+    _async,
+    _objective,
+    _finetune,
+)
 
 
 def validate(cfg: Config) -> None:

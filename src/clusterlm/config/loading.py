@@ -23,13 +23,18 @@ else:  # pragma: no cover
 def all_keys() -> dict[str, dataclasses.Field]:
     """Every dotted key ('training.steps') with its dataclass field."""
     defaults = Config()
-    return {f"{section.name}.{f.name}": f for section in dataclasses.fields(Config)
-            for f in dataclasses.fields(getattr(defaults, section.name))}
+    return {
+        f"{section.name}.{f.name}": f
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(getattr(defaults, section.name))
+    }
 
 
 def _unknown_key(key: str) -> UserError:
     close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else "; `clusterlm train --help` lists every key"
+    hint = (
+        f"; did you mean {close[0]!r}?" if close else "; `clusterlm train --help` lists every key"
+    )
     return UserError(f"unknown config key {key!r}{hint}")
 
 
@@ -52,7 +57,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         elif kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            value = int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            value = (
+                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            )
         elif kind is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -60,7 +67,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         else:
             value = str(value)
     except (ValueError, OverflowError):  # OverflowError: an integer key given inf or 1e999
-        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(
+            kind, "a string"
+        )
         raise UserError(f"{key} must be {expected}, got {value!r}") from None
     choices = f.metadata.get("choices")
     if choices and value not in choices:
@@ -77,7 +86,10 @@ def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
             raise _unknown_key(key)
         section, name = key.split(".", 1)
         by_section.setdefault(section, {})[name] = _coerce(key, keys[key], value)
-    sections = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in by_section.items()}
+    sections = {
+        name: dataclasses.replace(getattr(cfg, name), **fields)
+        for name, fields in by_section.items()
+    }
     return dataclasses.replace(cfg, **sections)
 
 
@@ -98,8 +110,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     try:
         return _flatten_toml(tomllib.loads(path.read_bytes().decode("utf-8")), str(path))
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
-                        "save the config as UTF-8") from None
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save the config as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: invalid TOML ({err})") from None
 

@@ -24,7 +24,11 @@ HF_PREFIX = "hf:"
 def pretrained_dir(cfg: Config) -> str | None:
     """The Hugging Face directory the model starts from, if any."""
     source = cfg.model.init_from
-    return source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) and len(source) > len(HF_PREFIX) else None
+    return (
+        source[len(HF_PREFIX) :]
+        if source.startswith(HF_PREFIX) and len(source) > len(HF_PREFIX)
+        else None
+    )
 
 
 def adopt_pretrained_shape(cfg: Config, explicit: set[str]) -> Config:
@@ -43,12 +47,16 @@ def pretrained_checkpoint_model(source: str) -> tuple[Any, dict[str, Any]]:
     """(checkpoint directory, its run's ``model`` settings) of a run or checkpoint directory."""
     path = checkpoint_of(source)
     if path is None:
-        raise UserError(f"finetune.init_from {source!r} is neither a complete checkpoint nor a run directory with "
-                        "one; point it at a training run's out_dir or one of its checkpoints/step_* directories")
+        raise UserError(
+            f"finetune.init_from {source!r} is neither a complete checkpoint nor a run directory with "
+            "one; point it at a training run's out_dir or one of its checkpoints/step_* directories"
+        )
     try:
         model = dict(json.loads((path / TRAINER_STATE).read_text())["config"]["model"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise UserError(f"checkpoint {path} has no readable {TRAINER_STATE}; it is damaged, pick another") from None
+        raise UserError(
+            f"checkpoint {path} has no readable {TRAINER_STATE}; it is damaged, pick another"
+        ) from None
     model.pop("init_from", None)  # where the pretrained run began is not this run's concern
     return path, model
 
@@ -57,13 +65,17 @@ def _adopt(cfg: Config, explicit: set[str], values: dict[str, Any], where: str) 
     adopted = {}
     for key, value in values.items():
         if not hasattr(cfg.model, key):
-            raise UserError(f"{where} sets model.{key}, which this version does not know; it comes from another "
-                            "version of clusterlm")
+            raise UserError(
+                f"{where} sets model.{key}, which this version does not know; it comes from another "
+                "version of clusterlm"
+            )
         current = getattr(cfg.model, key)
         if f"model.{key}" in explicit and current not in (0, value):
             if (key == "block_size" and current < value) or key == "dropout":
                 continue
-            raise UserError(f"model.{key} = {current!r} contradicts {where}, which gives {value!r}; "
-                            f"drop model.{key} to take the pretrained model's")
+            raise UserError(
+                f"model.{key} = {current!r} contradicts {where}, which gives {value!r}; "
+                f"drop model.{key} to take the pretrained model's"
+            )
         adopted[key] = value
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **adopted))

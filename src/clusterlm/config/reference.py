@@ -20,22 +20,22 @@ REGENERATE = "python -m clusterlm.config.reference > docs/configuration.md"
 # One line per section for the page; a section without one is listed with its keys only.
 SECTION_NOTES = {
     "model": "The architecture and its shape. `model.init_from` starts from a Hugging Face "
-             "model's weights and shape.",
+    "model's weights and shape.",
     "data": "Which prepared dataset to read (`clusterlm prepare --out`), and whether to verify it.",
     "training": "The run: steps, batch, sequence, precision, kernels, evaluation, logging and "
-                "where it all goes.",
+    "where it all goes.",
     "optim": "The optimizer and its learning-rate schedule (linear warm-up, then the decay).",
     "parallel": "How the job is laid out on its processes: the data-parallel strategy, tensor "
-                "and pipeline parallelism, the asynchronous strategies, timeouts and the hang "
-                "watchdog.",
+    "and pipeline parallelism, the asynchronous strategies, timeouts and the hang "
+    "watchdog.",
     "comm": "Gradient communication: clusterlm's own all-reduce algorithms and compression "
-            "(ddp, zero1) and the reduce-scatter the sharded strategies use.",
+    "(ddp, zero1) and the reduce-scatter the sharded strategies use.",
     "checkpoint": "When checkpoints are saved, how many are kept, resuming, background saves "
-                  "and preemption.",
+    "and preemption.",
     "metrics": "What a run reports and where: progress display, metrics.jsonl, TensorBoard, "
-               "Prometheus, system samples, stragglers.",
+    "Prometheus, system samples, stragglers.",
     "finetune": "`clusterlm finetune`: the labelled task, the pretrained model, frozen layers "
-                "and the head's learning rate.",
+    "and the head's learning rate.",
 }
 
 INTRO = """\
@@ -101,7 +101,9 @@ def render_section(name: str, section: Any) -> str:
     for field in dataclasses.fields(section):
         default = f"`{render_value(getattr(section, field.name))}`"
         meaning = _cell(field.metadata.get("help", ""))
-        lines.append(f"| `{name}.{field.name}` | {_cell(render_type(field))} | {default} | {meaning} |")
+        lines.append(
+            f"| `{name}.{field.name}` | {_cell(render_type(field))} | {default} | {meaning} |"
+        )
     return "\n".join(lines) + "\n"
 
 

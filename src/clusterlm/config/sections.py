@@ -16,26 +16,41 @@ def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    flavour: str = setting("gpt2", "architecture family: gpt2 or llama decoders, or the bert encoder (needs "
-                       "training.objective = mlm)", ("gpt2", "llama", "bert"))
+    flavour: str = setting(
+        "gpt2",
+        "architecture family: gpt2 or llama decoders, or the bert encoder (needs "
+        "training.objective = mlm)",
+        ("gpt2", "llama", "bert"),
+    )
     n_layer: int = setting(4, "number of Transformer blocks")
     n_head: int = setting(4, "attention heads")
     n_kv_head: int = setting(0, "key/value heads for grouped-query attention (0 = n_head)")
     n_embd: int = setting(128, "model width")
     block_size: int = setting(64, "maximum context length (positions the model knows)")
     vocab_size: int = setting(0, "vocabulary size (0 = take it from the prepared data's tokenizer)")
-    ffn_hidden: int = setting(0, "MLP hidden width (0 = 4*n_embd for gpt2, 8/3*n_embd rounded up for llama)")
-    ffn_multiple_of: int = setting(256, "llama: round the default MLP width up to a multiple of this")
-    dropout: float = setting(0.0, "dropout probability on embeddings, attention and residual outputs")
+    ffn_hidden: int = setting(
+        0, "MLP hidden width (0 = 4*n_embd for gpt2, 8/3*n_embd rounded up for llama)"
+    )
+    ffn_multiple_of: int = setting(
+        256, "llama: round the default MLP width up to a multiple of this"
+    )
+    dropout: float = setting(
+        0.0, "dropout probability on embeddings, attention and residual outputs"
+    )
     norm_eps: float = setting(1e-5, "epsilon of LayerNorm / RMSNorm")
     rope_theta: float = setting(10000.0, "llama: base of the rotary position frequencies")
-    init_from: str = setting("", "start from pretrained weights: hf:DIR, a Hugging Face GPT-2, Llama or BERT directory "
-                         "whose config.json supplies the model.* values not set here (empty = random init)")
+    init_from: str = setting(
+        "",
+        "start from pretrained weights: hf:DIR, a Hugging Face GPT-2, Llama or BERT directory "
+        "whose config.json supplies the model.* values not set here (empty = random init)",
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dir: str = setting("data/shakespeare-char", "prepared data directory or fsspec URL (`clusterlm prepare --out`)")
+    dir: str = setting(
+        "data/shakespeare-char", "prepared data directory or fsspec URL (`clusterlm prepare --out`)"
+    )
     verify: bool = setting(True, "check every shard's sha256 against the manifest before training")
 
 
@@ -44,21 +59,37 @@ class TrainingConfig:
     steps: int = setting(2000, "optimizer steps to train for")
     micro_batch_size: int = setting(12, "sequences per forward/backward on each data-parallel rank")
     seq_len: int = setting(0, "training sequence length (0 = model.block_size)")
-    tokens_per_step: int = setting(0, "global tokens per optimizer step; gradient accumulation makes up the "
-                               "difference (0 = one micro-batch per rank)")
+    tokens_per_step: int = setting(
+        0,
+        "global tokens per optimizer step; gradient accumulation makes up the "
+        "difference (0 = one micro-batch per rank)",
+    )
     seed: int = setting(1337, "seed of initialization, data order and dropout")
-    precision: str = setting("auto", "compute precision (fp16 needs CUDA; master weights stay fp32); auto = bf16 where "
-                         "the device computes it natively (a GPU, a CPU with AVX512-BF16/AMX), else fp32",
-                         ("auto", "fp32", "bf16", "fp16"))
-    compile: bool = setting(False, "torch.compile: forward and loss as one graph in a single process, each block "
-                        "separately when the model is split or sharded across processes")
-    attention: str = setting("auto", "attention kernel: auto (torch picks; on a CPU in bf16 the faster of flash and "
-                         "math at the run's shape, timed once and cached), flash, efficient, cudnn, or math (matmuls "
-                         "and softmax; compiled on a CPU, faster than the CPU flash kernel at small head sizes)",
-                         ("auto", "flash", "efficient", "cudnn", "math"))
-    activation_checkpointing: str = setting("none", "recompute activations in backward: full (each block from its "
-                                        "input) or selective (keep matmul and attention outputs, recompute "
-                                        "the rest)", ("none", "selective", "full"))
+    precision: str = setting(
+        "auto",
+        "compute precision (fp16 needs CUDA; master weights stay fp32); auto = bf16 where "
+        "the device computes it natively (a GPU, a CPU with AVX512-BF16/AMX), else fp32",
+        ("auto", "fp32", "bf16", "fp16"),
+    )
+    compile: bool = setting(
+        False,
+        "torch.compile: forward and loss as one graph in a single process, each block "
+        "separately when the model is split or sharded across processes",
+    )
+    attention: str = setting(
+        "auto",
+        "attention kernel: auto (torch picks; on a CPU in bf16 the faster of flash and "
+        "math at the run's shape, timed once and cached), flash, efficient, cudnn, or math (matmuls "
+        "and softmax; compiled on a CPU, faster than the CPU flash kernel at small head sizes)",
+        ("auto", "flash", "efficient", "cudnn", "math"),
+    )
+    activation_checkpointing: str = setting(
+        "none",
+        "recompute activations in backward: full (each block from its "
+        "input) or selective (keep matmul and attention outputs, recompute "
+        "the rest)",
+        ("none", "selective", "full"),
+    )
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = setting(250, "evaluate every N steps (0 = only at the end)")
     eval_batches: int = setting(20, "validation batches per evaluation")
@@ -66,14 +97,25 @@ class TrainingConfig:
     device: str = setting("auto", "cpu, cuda, or auto (cuda when available)")
     threads: int = setting(0, "CPU threads for intra-op parallelism (0 = torch's default)")
     out_dir: str = setting("runs/default", "where checkpoints, metrics and plots go")
-    objective: str = setting("clm", "clm: next-token prediction (decoders); mlm: masked-language model (bert)",
-                         ("clm", "mlm"))
-    mlm_probability: float = setting(0.15, "mlm: share of each sequence's tokens to predict (BERT's 80/10/10 rule)")
-    slow_ranks: str = setting("", "make ranks slower for experiments: RANK:FACTOR[,...], e.g. '1:3' (rank 1 takes 3x "
-                          "its compute time)")
-    skip_nonfinite: bool = setting(False, "skip a step whose loss or gradient norm is not finite (no optimizer step, "
-                               "gradients zeroed, counted in the metrics as skipped_steps) instead of stopping "
-                               "the run with an error")
+    objective: str = setting(
+        "clm",
+        "clm: next-token prediction (decoders); mlm: masked-language model (bert)",
+        ("clm", "mlm"),
+    )
+    mlm_probability: float = setting(
+        0.15, "mlm: share of each sequence's tokens to predict (BERT's 80/10/10 rule)"
+    )
+    slow_ranks: str = setting(
+        "",
+        "make ranks slower for experiments: RANK:FACTOR[,...], e.g. '1:3' (rank 1 takes 3x "
+        "its compute time)",
+    )
+    skip_nonfinite: bool = setting(
+        False,
+        "skip a step whose loss or gradient norm is not finite (no optimizer step, "
+        "gradients zeroed, counted in the metrics as skipped_steps) instead of stopping "
+        "the run with an error",
+    )
 
 
 @dataclass(frozen=True)
@@ -81,66 +123,145 @@ class OptimConfig:
     lr: float = setting(1e-3, "peak learning rate")
     min_lr: float = setting(1e-4, "learning rate at the end of the decay")
     warmup_steps: int = setting(100, "linear warm-up steps from 0 to lr")
-    decay: str = setting("cosine", "shape of the decay from lr to min_lr after warm-up",
-                     ("cosine", "linear", "constant"))
+    decay: str = setting(
+        "cosine",
+        "shape of the decay from lr to min_lr after warm-up",
+        ("cosine", "linear", "constant"),
+    )
     decay_steps: int = setting(0, "step at which the decay reaches min_lr (0 = training.steps)")
-    weight_decay: float = setting(0.1, "decoupled weight decay on matrices (not norms, biases, embeddings)")
+    weight_decay: float = setting(
+        0.1, "decoupled weight decay on matrices (not norms, biases, embeddings)"
+    )
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     eps: float = setting(1e-8, "AdamW epsilon")
-    optimizer: str = setting("adamw", "optimizer: adamw, or sgd (with optim.momentum)", ("adamw", "sgd"))
+    optimizer: str = setting(
+        "adamw", "optimizer: adamw, or sgd (with optim.momentum)", ("adamw", "sgd")
+    )
     momentum: float = setting(0.0, "sgd: momentum")
-    fused: bool = setting(True, "fused AdamW kernel: one pass over all parameters instead of one per tensor")
+    fused: bool = setting(
+        True, "fused AdamW kernel: one pass over all parameters instead of one per tensor"
+    )
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    data_parallel: str = setting("ddp", "data-parallel strategy: ddp (replicate, all-reduce gradients), zero1 "
-                             "(+ shard optimizer state), zero2 (+ gradients), zero3 (+ parameters), hsdp "
-                             "(zero3 inside a group, replicated across groups), local_sgd (average parameters "
-                             "every local_steps), diloco (outer Nesterov step every local_steps), ps (parameter "
-                             "server, asynchronous)",
-                             ("ddp", "zero1", "zero2", "zero3", "hsdp", "local_sgd", "diloco", "ps"))
-    dp_replicate: int = setting(0, "data-parallel replicas (0 = derive from the world size and strategy)")
-    dp_shard: int = setting(0, "data-parallel sharding degree (0 = derive from the world size and strategy)")
-    tp: int = setting(1, "tensor-parallel degree: attention heads and MLP columns split across this many ranks")
-    sequence_parallel: bool = setting(False, "with tp > 1: split norms, dropout and the residual stream along the "
-                                  "sequence too (activation memory / tp)")
+    data_parallel: str = setting(
+        "ddp",
+        "data-parallel strategy: ddp (replicate, all-reduce gradients), zero1 "
+        "(+ shard optimizer state), zero2 (+ gradients), zero3 (+ parameters), hsdp "
+        "(zero3 inside a group, replicated across groups), local_sgd (average parameters "
+        "every local_steps), diloco (outer Nesterov step every local_steps), ps (parameter "
+        "server, asynchronous)",
+        ("ddp", "zero1", "zero2", "zero3", "hsdp", "local_sgd", "diloco", "ps"),
+    )
+    dp_replicate: int = setting(
+        0, "data-parallel replicas (0 = derive from the world size and strategy)"
+    )
+    dp_shard: int = setting(
+        0, "data-parallel sharding degree (0 = derive from the world size and strategy)"
+    )
+    tp: int = setting(
+        1, "tensor-parallel degree: attention heads and MLP columns split across this many ranks"
+    )
+    sequence_parallel: bool = setting(
+        False,
+        "with tp > 1: split norms, dropout and the residual stream along the "
+        "sequence too (activation memory / tp)",
+    )
     pp: int = setting(1, "pipeline-parallel degree: the layers cut into stages on this many ranks")
-    pp_schedule: str = setting("1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs",
-                                                         "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"))
-    pp_microbatches: int = setting(0, "micro-batches a pipeline step splits the batch into (0 = 2 x pp)")
-    pp_stages_per_rank: int = setting(0, "stages each pipeline rank holds (0 = what the schedule needs: 1, or 2 "
-                                  "for interleaved and V schedules)")
-    cpu_offload: bool = setting(False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
-    bucket_mb: float = setting(25.0, "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs); "
-                           "zero2/zero3/hsdp: consecutive blocks form FSDP units of at least this size")
+    pp_schedule: str = setting(
+        "1f1b",
+        "pipeline schedule",
+        (
+            "gpipe",
+            "1f1b",
+            "interleaved_1f1b",
+            "looped_bfs",
+            "interleaved_zero_bubble",
+            "zbv_zero_bubble",
+            "dualpipev",
+        ),
+    )
+    pp_microbatches: int = setting(
+        0, "micro-batches a pipeline step splits the batch into (0 = 2 x pp)"
+    )
+    pp_stages_per_rank: int = setting(
+        0,
+        "stages each pipeline rank holds (0 = what the schedule needs: 1, or 2 "
+        "for interleaved and V schedules)",
+    )
+    cpu_offload: bool = setting(
+        False, "zero3/hsdp: keep sharded parameters, gradients and optimizer state in CPU memory"
+    )
+    bucket_mb: float = setting(
+        25.0,
+        "ddp/zero1: gradient bucket size in MiB (buckets reduce while backward runs); "
+        "zero2/zero3/hsdp: consecutive blocks form FSDP units of at least this size",
+    )
     timeout_s: float = setting(600.0, "seconds a collective may wait before the job fails as hung")
-    load_balance: bool = setting(False, "ddp/zero1-3: give each data-parallel rank a number of the step's micro-batches "
-                             "proportional to its measured speed (global batch and losses unchanged)")
-    load_balance_counts: str = setting("", "with load_balance: fixed micro-batches per rank, e.g. '3,1' (empty = "
-                                   "measure the ranks' speeds every log interval)")
-    ps_servers: int = setting(1, "ps: parameter-server ranks (the last ranks of the job; the others are workers)")
-    ps_staleness: int = setting(-1, "ps: -1 fully asynchronous; s >= 0 bounded staleness (SSP): a worker at clock c "
-                            "waits until the slowest has reached c - s; 0 applies each round's mean gradient")
-    ps_lease_s: float = setting(30.0, "ps: seconds a server waits with no worker connected (all lost) before it fails; "
-                            "a worker that dies is counted lost at once, one that hangs after timeout_s")
-    local_steps: int = setting(16, "local_sgd/diloco: optimizer steps each replica takes between synchronizations")
-    outer_lr: float = setting(0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient")
+    load_balance: bool = setting(
+        False,
+        "ddp/zero1-3: give each data-parallel rank a number of the step's micro-batches "
+        "proportional to its measured speed (global batch and losses unchanged)",
+    )
+    load_balance_counts: str = setting(
+        "",
+        "with load_balance: fixed micro-batches per rank, e.g. '3,1' (empty = "
+        "measure the ranks' speeds every log interval)",
+    )
+    ps_servers: int = setting(
+        1, "ps: parameter-server ranks (the last ranks of the job; the others are workers)"
+    )
+    ps_staleness: int = setting(
+        -1,
+        "ps: -1 fully asynchronous; s >= 0 bounded staleness (SSP): a worker at clock c "
+        "waits until the slowest has reached c - s; 0 applies each round's mean gradient",
+    )
+    ps_lease_s: float = setting(
+        30.0,
+        "ps: seconds a server waits with no worker connected (all lost) before it fails; "
+        "a worker that dies is counted lost at once, one that hangs after timeout_s",
+    )
+    local_steps: int = setting(
+        16, "local_sgd/diloco: optimizer steps each replica takes between synchronizations"
+    )
+    outer_lr: float = setting(
+        0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged pseudo-gradient"
+    )
     outer_momentum: float = setting(0.9, "diloco: momentum of the outer Nesterov SGD")
-    hang_timeout_s: float = setting(300.0, "watchdog: a rank without progress for this long is reported by phase "
-                                "and step and the job ends (0 = off); keep it below parallel.timeout_s, whose "
-                                "collective timeout otherwise ends a hang first, without the report")
+    hang_timeout_s: float = setting(
+        300.0,
+        "watchdog: a rank without progress for this long is reported by phase "
+        "and step and the job ends (0 = off); keep it below parallel.timeout_s, whose "
+        "collective timeout otherwise ends a hang first, without the report",
+    )
 
 
 @dataclass(frozen=True)
 class CommConfig:
-    allreduce: str = setting("native", "ddp/zero1 gradient all-reduce algorithm (native = the backend's own)",
-                         ("native", "ring", "tree", "halving_doubling", "hierarchical", "mesh2d", "parameter_server"))
-    compression: str = setting("none", "ddp/zero1 gradient compression", ("none", "fp16", "bf16", "powersgd", "topk"))
-    reduce_scatter: str = setting("auto", "zero2/zero3/hsdp gradient reduce-scatter: native (the backend's own), ring "
-                              "(clusterlm.comm.ring), auto (ring on gloo, where it is the faster, else native)",
-                              ("auto", "native", "ring"))
+    allreduce: str = setting(
+        "native",
+        "ddp/zero1 gradient all-reduce algorithm (native = the backend's own)",
+        (
+            "native",
+            "ring",
+            "tree",
+            "halving_doubling",
+            "hierarchical",
+            "mesh2d",
+            "parameter_server",
+        ),
+    )
+    compression: str = setting(
+        "none", "ddp/zero1 gradient compression", ("none", "fp16", "bf16", "powersgd", "topk")
+    )
+    reduce_scatter: str = setting(
+        "auto",
+        "zero2/zero3/hsdp gradient reduce-scatter: native (the backend's own), ring "
+        "(clusterlm.comm.ring), auto (ring on gloo, where it is the faster, else native)",
+        ("auto", "native", "ring"),
+    )
     powersgd_rank: int = setting(1, "rank of the PowerSGD low-rank approximation")
     topk_ratio: float = setting(0.01, "fraction of gradient entries top-k sparsification sends")
 
@@ -149,42 +270,82 @@ class CommConfig:
 class CheckpointConfig:
     interval: int = setting(500, "save every N steps (0 = only at the end)")
     keep_last: int = setting(2, "complete checkpoints to keep; older ones are deleted")
-    resume: str = setting("none", "none, auto (newest complete checkpoint in out_dir), or a checkpoint path")
-    async_save: bool = setting(False, "stage checkpoints in host memory and write them in the background while "
-                           "training continues")
-    preempt_grace_s: float = setting(60.0, "seconds between a SIGTERM/SIGUSR1 and the kill that follows: the job "
-                                 "saves and exits within them")
-    overwrite: bool = setting(False, "let a fresh run (resume = none) start in an out_dir that holds complete "
-                          "checkpoints, deleting them first (default: refuse; --resume auto continues them)")
+    resume: str = setting(
+        "none", "none, auto (newest complete checkpoint in out_dir), or a checkpoint path"
+    )
+    async_save: bool = setting(
+        False,
+        "stage checkpoints in host memory and write them in the background while "
+        "training continues",
+    )
+    preempt_grace_s: float = setting(
+        60.0,
+        "seconds between a SIGTERM/SIGUSR1 and the kill that follows: the job "
+        "saves and exits within them",
+    )
+    overwrite: bool = setting(
+        False,
+        "let a fresh run (resume = none) start in an out_dir that holds complete "
+        "checkpoints, deleting them first (default: refuse; --resume auto continues them)",
+    )
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    progress: str = setting("auto", "progress display: bar, lines, none, or auto (bar on a terminal)",
-                        ("auto", "bar", "lines", "none"))
+    progress: str = setting(
+        "auto",
+        "progress display: bar, lines, none, or auto (bar on a terminal)",
+        ("auto", "bar", "lines", "none"),
+    )
     jsonl: bool = setting(True, "write metrics.jsonl in out_dir")
     tensorboard: bool = setting(True, "write TensorBoard event files in out_dir/tensorboard")
     plot: bool = setting(True, "write loss.png (train and val loss against tokens) at the end")
-    peak_flops: float = setting(0.0, "device peak FLOP/s for MFU (0 = GPU table, or a measured CPU probe)")
-    sample_log: bool = setting(False, "each data-parallel rank writes the sample indices it reads per step to "
-                                  "out_dir/samples/ (data accounting across restarts and elastic changes)")
-    prometheus_port: int = setting(0, "serve Prometheus metrics on this port from each node's local rank 0 (0 = off)")
-    prometheus_host: str = setting("127.0.0.1", "address the Prometheus exporter binds to (loopback by default)")
-    system: bool = setting(False, "sample each rank's CPU %, memory, network and disk bytes (and GPU utilization and "
-                       "memory) every log interval")
-    straggler_ratio: float = setting(1.5, "report a straggler when the slowest rank's step time exceeds this many "
-                                 "times the median (0 = do not time ranks separately)")
+    peak_flops: float = setting(
+        0.0, "device peak FLOP/s for MFU (0 = GPU table, or a measured CPU probe)"
+    )
+    sample_log: bool = setting(
+        False,
+        "each data-parallel rank writes the sample indices it reads per step to "
+        "out_dir/samples/ (data accounting across restarts and elastic changes)",
+    )
+    prometheus_port: int = setting(
+        0, "serve Prometheus metrics on this port from each node's local rank 0 (0 = off)"
+    )
+    prometheus_host: str = setting(
+        "127.0.0.1", "address the Prometheus exporter binds to (loopback by default)"
+    )
+    system: bool = setting(
+        False,
+        "sample each rank's CPU %, memory, network and disk bytes (and GPU utilization and "
+        "memory) every log interval",
+    )
+    straggler_ratio: float = setting(
+        1.5,
+        "report a straggler when the slowest rank's step time exceeds this many "
+        "times the median (0 = do not time ranks separately)",
+    )
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    task: str = setting("", "a labelled task directory (`clusterlm prepare --task`): the run fine-tunes a classifier "
-                    "on it (`clusterlm finetune`)")
-    init_from: str = setting("", "the pretrained model: a run directory (its newest checkpoint) or a checkpoint "
-                         "directory, whose config supplies the model.* values (empty = model.init_from, or random)")
-    freeze_layers: int = setting(0, "freeze the embeddings and this many of the lowest blocks (0 = train everything)")
-    head_lr: float = setting(0.0, "peak learning rate of the classification head (0 = optim.lr); the schedule "
-                         "scales it like optim.lr")
+    task: str = setting(
+        "",
+        "a labelled task directory (`clusterlm prepare --task`): the run fine-tunes a classifier "
+        "on it (`clusterlm finetune`)",
+    )
+    init_from: str = setting(
+        "",
+        "the pretrained model: a run directory (its newest checkpoint) or a checkpoint "
+        "directory, whose config supplies the model.* values (empty = model.init_from, or random)",
+    )
+    freeze_layers: int = setting(
+        0, "freeze the embeddings and this many of the lowest blocks (0 = train everything)"
+    )
+    head_lr: float = setting(
+        0.0,
+        "peak learning rate of the classification head (0 = optim.lr); the schedule "
+        "scales it like optim.lr",
+    )
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ class ExampleStream:
     def num_windows(self, block_size: int) -> int:
         """Examples in the split (each is one sample, whatever ``block_size``)."""
         if len(self.split) == 0:
-            raise UserError("the task's training split has no examples; prepare the task again with more data")
+            raise UserError(
+                "the task's training split has no examples; prepare the task again with more data"
+            )
         return len(self.split)
 
     def batch(self, indices: Sequence[int], block_size: int, device: torch.device) -> Batch:
@@ -51,14 +53,26 @@ class ExampleStream:
         return torch.from_numpy(rows).to(device), torch.from_numpy(labels).to(device)
 
 
-def evaluation_batches(stream: ExampleStream, block_size: int, batch_size: int, dp_rank: int, dp_size: int,
-                       device: torch.device, limit: int | None = None) -> Iterator[Batch]:
+def evaluation_batches(
+    stream: ExampleStream,
+    block_size: int,
+    batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    device: torch.device,
+    limit: int | None = None,
+) -> Iterator[Batch]:
     """Rank ``dp_rank``'s contiguous share of the split's examples (every one, or ``limit`` evenly
     spaced ones), in batches. Shares are made equal with filler rows, so every rank runs the same
     number of forward passes (sharded layouts gather parameters in each)."""
     total = len(stream.split)
-    chosen = np.arange(total) if limit is None or limit >= total else np.arange(limit) * total // limit
+    chosen = (
+        np.arange(total) if limit is None or limit >= total else np.arange(limit) * total // limit
+    )
     share = -(-len(chosen) // dp_size)
-    mine = [int(chosen[i]) if i < len(chosen) else -1 for i in range(dp_rank * share, (dp_rank + 1) * share)]
+    mine = [
+        int(chosen[i]) if i < len(chosen) else -1
+        for i in range(dp_rank * share, (dp_rank + 1) * share)
+    ]
     for start in range(0, share, batch_size):
         yield stream.batch(mine[start : start + batch_size], block_size, device)

@@ -22,7 +22,9 @@ from clusterlm.data.corpus import FOOTER_START, HEADER_END
 NOTICE_OPEN = "<<THIS ELECTRONIC VERSION"
 NOTICE_CLOSE = ">>"
 # The rest of a footer or header marker whose "***" ended an earlier line.
-_FOOTER_RUNS_ON = re.compile(r"\s*END OF (?:THE |THIS )?(?:PROJECT GUTENBERG|E-?TEXT)", re.IGNORECASE)
+_FOOTER_RUNS_ON = re.compile(
+    r"\s*END OF (?:THE |THIS )?(?:PROJECT GUTENBERG|E-?TEXT)", re.IGNORECASE
+)
 _HEADER_RUNS_ON = re.compile(r"\s*START OF (?:THIS|THE) PROJECT GUTENBERG", re.IGNORECASE)
 _FOOTER_STARS = re.compile(r"[ \t]*\*{3}\s*")  # a whole line: a footer's "***" alone
 _CHUNK = 1 << 20
@@ -46,7 +48,9 @@ class LayoutScan:
         self._footer: tuple[int, tuple[int | None, Position | None]] | None = None
         self._header: int | None = None  # the last line a header match ended on
         self._open_header: tuple[int, bool] | None = None  # (line ending in "***", matches alone)
-        self._stars: tuple[int, tuple[int | None, Position | None]] | None = None  # footer "***" line
+        self._stars: tuple[int, tuple[int | None, Position | None]] | None = (
+            None  # footer "***" line
+        )
         self._close: Position | None = None
 
     def feed(self, number: int, line: str) -> None:
@@ -101,13 +105,16 @@ def cleaned(lines: Iterable[str], layout: Layout) -> Iterator[str]:
     """The text between header and footer without licence notices and without line breaks at
     either end (``clean_text`` less its final ``\\n``), in pieces."""
     body = (
-        (number, line) for number, line in enumerate(lines)
+        (number, line)
+        for number, line in enumerate(lines)
         if number >= layout.first and (layout.stop is None or number < layout.stop)
     )
     return _strip_line_breaks(_without_notices(body, layout.last_close))
 
 
-def _without_notices(lines: Iterable[tuple[int, str]], last_close: Position | None) -> Iterator[str]:
+def _without_notices(
+    lines: Iterable[tuple[int, str]], last_close: Position | None
+) -> Iterator[str]:
     """The lines without ``<<THIS ELECTRONIC VERSION...>>[ \\t]*\\n*`` (``_NOTICE_BLOCK``)."""
     inside, after, verbatim = False, False, False
     for number, line in lines:
@@ -127,7 +134,11 @@ def _without_notices(lines: Iterable[tuple[int, str]], last_close: Position | No
                     break
                 continue
             found = -1 if verbatim else line.find(NOTICE_OPEN, start)
-            if found >= 0 and last_close is not None and last_close >= (number, found + len(NOTICE_OPEN)):
+            if (
+                found >= 0
+                and last_close is not None
+                and last_close >= (number, found + len(NOTICE_OPEN))
+            ):
                 if found > start:
                     yield line[start:found]
                 inside, start = True, found + len(NOTICE_OPEN)

@@ -37,7 +37,9 @@ class Document:
         yield "\n"
 
     def _lines(self, stream) -> Iterator[str]:
-        return decoded_lines(bounded_lines(stream, self.source.name, self.max_line_bytes), self.source.name)
+        return decoded_lines(
+            bounded_lines(stream, self.source.name, self.max_line_bytes), self.source.name
+        )
 
 
 def scan_document(source: SourceFile, max_line_bytes: int) -> Document:
@@ -45,7 +47,9 @@ def scan_document(source: SourceFile, max_line_bytes: int) -> Document:
     scan = LayoutScan()
     with open_source(source) as stream:
         reading = Reading(stream)
-        for number, line in enumerate(decoded_lines(bounded_lines(reading, source.name, max_line_bytes), source.name)):
+        for number, line in enumerate(
+            decoded_lines(bounded_lines(reading, source.name, max_line_bytes), source.name)
+        ):
             scan.feed(number, line)
     info = SourceInfo(source.name, reading.size, reading.hexdigest())
     measured = Document(source, info, scan.layout(), chars=1, max_line_bytes=max_line_bytes)

@@ -85,8 +85,9 @@ def encode_all(
         return
     # "spawn": a forked child would inherit the tokenizer library's thread pool in an unknown state.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(tokenizer.to_json(),)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(tokenizer.to_json(),)
+    ) as pool:
         pending: deque[tuple[Piece, Future[np.ndarray]]] = deque()
         for piece in pieces:
             pending.append((piece, pool.submit(_encode_in_worker, piece.text, dtype.str)))

@@ -55,9 +55,13 @@ def _record(name: str, number: int, raw: bytes) -> Record:
     try:
         value = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise UserError(f"{where} is not UTF-8 (bad byte at offset {err.start}); convert the file to UTF-8") from err
+        raise UserError(
+            f"{where} is not UTF-8 (bad byte at offset {err.start}); convert the file to UTF-8"
+        ) from err
     except json.JSONDecodeError as err:
-        raise UserError(f"{where} is not valid JSON ({err.msg} at column {err.colno}); {_FIX}") from err
+        raise UserError(
+            f"{where} is not valid JSON ({err.msg} at column {err.colno}); {_FIX}"
+        ) from err
     except RecursionError:
         raise UserError(f"{where} nests arrays or objects too deeply to read; {_FIX}") from None
     if not isinstance(value, dict):
@@ -69,7 +73,11 @@ def _record(name: str, number: int, raw: bytes) -> Record:
     if not isinstance(text, str) or not text:
         raise UserError(f'{where}: "text" must be a non-empty string; {_FIX}')
     if not isinstance(label, (str, int)) or isinstance(label, bool):
-        raise UserError(f'{where}: "label" {json.dumps(label)} must be a string or an integer; {_FIX}')
+        raise UserError(
+            f'{where}: "label" {json.dumps(label)} must be a string or an integer; {_FIX}'
+        )
     if split is not None and split not in TASK_SPLITS:
-        raise UserError(f'{where}: "split" {split!r} is not one of {", ".join(TASK_SPLITS)}; fix or drop it')
+        raise UserError(
+            f'{where}: "split" {split!r} is not one of {", ".join(TASK_SPLITS)}; fix or drop it'
+        )
     return Record(number, text, label, split)

@@ -21,7 +21,9 @@ _BLOCK = 1 << 20
 
 
 def line_too_long(number: int, name: str, limit: int) -> UserError:
-    return UserError(f"line {number} of {name} is over --max-line-bytes ({limit} bytes); split it or raise the limit")
+    return UserError(
+        f"line {number} of {name} is over --max-line-bytes ({limit} bytes); split it or raise the limit"
+    )
 
 
 def bounded_lines(stream: BinaryIO | Reading, name: str, limit: int) -> Iterator[bytes]:
@@ -75,4 +77,6 @@ def open_source(source: SourceFile) -> Iterator[BinaryIO]:
         with source.fs.open(source.path, "rb") as stream:
             yield stream
     except OSError as err:
-        raise UserError(f"cannot read {source.name}: {err}; check that it is a readable file") from err
+        raise UserError(
+            f"cannot read {source.name}: {err}; check that it is a readable file"
+        ) from err

@@ -50,10 +50,14 @@ class TokenStream:
     sha256); local shards are mapped where they are, after a size check.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], split: str, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], split: str, cache_dir: Path | None = None
+    ) -> None:
         manifest = load_manifest(data_dir)
         if split not in manifest.splits:
-            raise UserError(f"{data_dir} has no {split!r} split; use one of {', '.join(manifest.splits)}")
+            raise UserError(
+                f"{data_dir} has no {split!r} split; use one of {', '.join(manifest.splits)}"
+            )
         fs, root = url_to_fs(data_dir)
         dtype = np.dtype(manifest.dtype).newbyteorder("<")
         self.split = split
@@ -117,7 +121,9 @@ def micro_batch_slots(counts: Sequence[int], rank: int) -> list[int]:
 
 def _check_rank(dp_rank: int, dp_size: int) -> None:
     if not 0 <= dp_rank < dp_size:
-        raise UserError(f"dp_rank {dp_rank} is outside [0, {dp_size}); check the launch environment")
+        raise UserError(
+            f"dp_rank {dp_rank} is outside [0, {dp_size}); check the launch environment"
+        )
 
 
 def to_batch(windows: np.ndarray, device: torch.device) -> Batch:
@@ -125,7 +131,9 @@ def to_batch(windows: np.ndarray, device: torch.device) -> Batch:
     tokens = torch.from_numpy(windows)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     if device.type == "cuda":  # pinned pages let the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+            device, non_blocking=True
+        )
     return x.to(device), y.to(device)
 
 
@@ -146,8 +154,12 @@ class TokenLoader:
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
-        for name, value in (("block_size", block_size), ("micro_batch_size", micro_batch_size),
-                            ("grad_accum", grad_accum), ("dp_size", dp_size)):
+        for name, value in (
+            ("block_size", block_size),
+            ("micro_batch_size", micro_batch_size),
+            ("grad_accum", grad_accum),
+            ("dp_size", dp_size),
+        ):
             if value < 1:
                 raise UserError(f"{name} is {value}; it must be at least 1")
         if seed < 0:
@@ -191,7 +203,11 @@ class TokenLoader:
 
     def assign(self, counts: Sequence[int]) -> None:
         """From the next step on, rank r reads ``counts[r]`` of the step's micro-batches."""
-        if len(counts) != self.dp_size or sum(counts) != self.grad_accum * self.dp_size or min(counts) < 1:
+        if (
+            len(counts) != self.dp_size
+            or sum(counts) != self.grad_accum * self.dp_size
+            or min(counts) < 1
+        ):
             raise UserError(
                 f"micro-batches per rank {','.join(map(str, counts))} must be {self.dp_size} counts of at least "
                 f"1 adding up to the step's {self.grad_accum * self.dp_size} micro-batches"
@@ -209,7 +225,11 @@ class TokenLoader:
         return batches
 
     def state_dict(self) -> dict[str, int]:
-        return {"samples_consumed": self.samples_consumed, "seed": self.seed, "block_size": self.block_size}
+        return {
+            "samples_consumed": self.samples_consumed,
+            "seed": self.seed,
+            "block_size": self.block_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume; batch sizes and dp_size may differ from the saved run's (the counter is global)."""
@@ -222,13 +242,17 @@ class TokenLoader:
         self.samples_consumed = int(state["samples_consumed"])
 
     def _batch(self, indices: range) -> Batch:
-        return self._stream.batch([self.window_of(i) for i in indices], self.block_size, self.device)
+        return self._stream.batch(
+            [self.window_of(i) for i in indices], self.block_size, self.device
+        )
 
     def window_of(self, sample: int) -> int:
         """The window that global sample index ``sample`` reads."""
         epoch, position = divmod(sample, self.windows_per_epoch)
         if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.windows_per_epoch)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(
+                self.windows_per_epoch
+            )
             self._order_epoch = epoch
         return int(self._order[position])
 

@@ -51,8 +51,10 @@ def check_listed_file(file: str, sha256: str) -> None:
     """A file a manifest lists: a plain name inside the directory (``clusterlm.files.plain_name``)
     and a sha256 of 64 hex digits (it names cached copies); raises ValueError."""
     if not is_plain_name(file):
-        raise ValueError(f"it names the file {file!r}, which is not a plain name inside the directory "
-                         "(no /, \\, .., NUL or absolute path)")
+        raise ValueError(
+            f"it names the file {file!r}, which is not a plain name inside the directory "
+            "(no /, \\, .., NUL or absolute path)"
+        )
     if not is_sha256(sha256):
         raise ValueError(f"the sha256 {sha256!r} of {file} is not 64 lowercase hex digits")
 
@@ -160,8 +162,10 @@ def verify_shards(data_dir: str | os.PathLike[str]) -> Manifest:
     for name, sha256 in expected.items():
         path = join(root, name)
         problem = (
-            "it is missing" if not fs.isfile(path)
-            else "its sha256 differs from the manifest" if sha256_of_file(fs, path) != sha256
+            "it is missing"
+            if not fs.isfile(path)
+            else "its sha256 differs from the manifest"
+            if sha256_of_file(fs, path) != sha256
             else None
         )
         if problem:
@@ -176,19 +180,25 @@ def check_files_present(data_dir: str | os.PathLike[str]) -> Manifest:
     fs, root = url_to_fs(data_dir)
     itemsize = np.dtype(manifest.dtype).itemsize
     sizes: dict[str, int | None] = {manifest.tokenizer.file: None}
-    sizes |= {s.file: s.tokens * itemsize for split in manifest.splits.values() for s in split.shards}
+    sizes |= {
+        s.file: s.tokens * itemsize for split in manifest.splits.values() for s in split.shards
+    }
     for name, size in sizes.items():
         path = join(root, name)
         if not fs.isfile(path):
             raise _corrupt(name, data_dir, "it is missing")
         if size is not None and fs.size(path) != size:
-            raise _corrupt(name, data_dir, f"it holds {fs.size(path)} bytes where the manifest records {size}")
+            raise _corrupt(
+                name, data_dir, f"it holds {fs.size(path)} bytes where the manifest records {size}"
+            )
     return manifest
 
 
 def _corrupt(name: str, data_dir: str | os.PathLike[str], problem: str) -> UserError:
-    return UserError(f"{name} in {data_dir} is corrupt: {problem}; run `clusterlm prepare --out {data_dir} --force` "
-                     "to rebuild it")
+    return UserError(
+        f"{name} in {data_dir} is corrupt: {problem}; run `clusterlm prepare --out {data_dir} --force` "
+        "to rebuild it"
+    )
 
 
 def build_typed(kind: Any, value: Any, where: str) -> Any:

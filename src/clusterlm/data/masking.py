@@ -40,11 +40,14 @@ class MaskingRule:
         return max(1, round(self.probability * seq_len))
 
     def _generator(self, namespace: str, sample: int) -> torch.Generator:
-        digest = hashlib.blake2b(f"{self.seed}/{namespace}/{sample}".encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(
+            f"{self.seed}/{namespace}/{sample}".encode(), digest_size=8
+        ).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
-    def apply(self, tokens: torch.Tensor, samples: Iterable[int], namespace: str = "train"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(
+        self, tokens: torch.Tensor, samples: Iterable[int], namespace: str = "train"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels) for ``tokens`` [B, T], row b being sample ``samples[b]``."""
         cpu = tokens.cpu()
         inputs, labels = cpu.clone(), torch.full_like(cpu, IGNORE_INDEX)

@@ -49,7 +49,9 @@ def plays(sources: list[SourceFile], texts: list[str]) -> list[Play]:
     return [play for play in found if play.scenes]
 
 
-def passages(line_ids: list[list[int]], passage_tokens: int, dtype: np.dtype) -> Iterator[np.ndarray]:
+def passages(
+    line_ids: list[list[int]], passage_tokens: int, dtype: np.dtype
+) -> Iterator[np.ndarray]:
     """Consecutive whole lines packed into passages of at most ``passage_tokens`` tokens; a longer
     line is cut into pieces of that size."""
     current: list[int] = []
@@ -65,7 +67,9 @@ def passages(line_ids: list[list[int]], passage_tokens: int, dtype: np.dtype) ->
         yield np.asarray(current, dtype=dtype)
 
 
-def scene_passages(play: Play, tokenizer: Tokenizer, passage_tokens: int, dtype: np.dtype) -> list[list[np.ndarray]]:
+def scene_passages(
+    play: Play, tokenizer: Tokenizer, passage_tokens: int, dtype: np.dtype
+) -> list[list[np.ndarray]]:
     """Every scene of ``play`` as its list of token passages."""
     lines = [line for scene in play.scenes for line in scene]
     encoded = iter(tokenizer.encode_batch(lines))

@@ -67,7 +67,9 @@ HELD_TOKENS = 1 << 24
 class PrepareOptions:
     inputs: tuple[str, ...]  # empty: the embedded corpus
     out: str
-    tokenizer: str = "char"  # "char", "bpe", the path of a tokenizer.json, or hf:DIR (its tokenizer.json)
+    tokenizer: str = (
+        "char"  # "char", "bpe", the path of a tokenizer.json, or hf:DIR (its tokenizer.json)
+    )
     vocab_size: int | None = None  # bpe only
     val_fraction: float = 0.1
     shard_tokens: int = DEFAULT_SHARD_TOKENS
@@ -78,9 +80,14 @@ class PrepareOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
-            raise UserError(f"--val-fraction {self.val_fraction} is out of range; use a value in [0, 1)")
-        for flag, value in (("--shard-tokens", self.shard_tokens), ("--workers", self.workers),
-                            ("--max-line-bytes", self.max_line_bytes)):
+            raise UserError(
+                f"--val-fraction {self.val_fraction} is out of range; use a value in [0, 1)"
+            )
+        for flag, value in (
+            ("--shard-tokens", self.shard_tokens),
+            ("--workers", self.workers),
+            ("--max-line-bytes", self.max_line_bytes),
+        ):
             if value < 1:
                 raise UserError(f"{flag} {value} must be positive; use 1 or more")
         if self.seed < 0:
@@ -109,7 +116,9 @@ def prepare(opts: PrepareOptions) -> Manifest:
         assert existing is not None  # its fingerprint matched
         return existing
 
-    tokenizer = given_tokenizer or fit_tokenizer(opts.tokenizer, opts.bpe_vocab_size, document_pieces(documents))
+    tokenizer = given_tokenizer or fit_tokenizer(
+        opts.tokenizer, opts.bpe_vocab_size, document_pieces(documents)
+    )
     dtype = token_dtype(tokenizer.vocab_size)  # before anything is written: a misfit writes nothing
     with disk_errors(opts.out, "--out"):
         created = not fs.exists(root)
@@ -118,14 +127,22 @@ def prepare(opts: PrepareOptions) -> Manifest:
         try:
             splits = _write_shards(staged, tokenizer, dtype, documents, opts)
             manifest = Manifest(
-                format_version=FORMAT_VERSION, fingerprint=fingerprint, dtype=dtype.name,
-                vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
+                format_version=FORMAT_VERSION,
+                fingerprint=fingerprint,
+                dtype=dtype.name,
+                vocab_size=tokenizer.vocab_size,
+                eot_id=tokenizer.eot_id,
                 tokenizer=TokenizerInfo(
                     kind="file" if given_tokenizer else opts.tokenizer,
-                    file=TOKENIZER_NAME, sha256=tokenizer.sha256,
+                    file=TOKENIZER_NAME,
+                    sha256=tokenizer.sha256,
                 ),
-                sources=infos, split_rule=SPLIT_RULE, val_fraction=opts.val_fraction, seed=opts.seed,
-                shard_tokens=opts.shard_tokens, splits=splits,
+                sources=infos,
+                split_rule=SPLIT_RULE,
+                val_fraction=opts.val_fraction,
+                seed=opts.seed,
+                shard_tokens=opts.shard_tokens,
+                splits=splits,
             )
             with staged.open(TOKENIZER_NAME) as f:
                 f.write(tokenizer.to_json().encode("utf-8"))
@@ -146,13 +163,17 @@ def prepare(opts: PrepareOptions) -> Manifest:
 
 def discard(fs: AbstractFileSystem, root: str, staged: StagedDir, created: bool) -> None:
     """After a failed write: remove the temporary files, and ``root`` if this run made it."""
-    with suppress(OSError):  # a read-only disk refuses even this; the original error is the one to see
+    with suppress(
+        OSError
+    ):  # a read-only disk refuses even this; the original error is the one to see
         staged.discard()
         if created and not fs.ls(root):
             fs.rmdir(root)
 
 
-def scan_sources(sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Document]:
+def scan_sources(
+    sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> list[Document]:
     """Each source checked and measured (``clusterlm.data.documents``); fails on bad input."""
     documents = [scan_document(source, max_line_bytes) for source in sources]
     if not any(d.chars for d in documents):
@@ -161,7 +182,9 @@ def scan_sources(sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LI
     return documents
 
 
-def read_documents(sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[str]:
+def read_documents(
+    sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[str]:
     """The cleaned text of every source, whole, in order (empty for a source without text)."""
     for source in sources:
         yield "".join(scan_document(source, max_line_bytes).text())
@@ -173,7 +196,9 @@ def document_pieces(documents: list[Document]) -> Iterator[str]:
     return (piece.text for piece in pieces((d.text() for d in documents), PIECE_CHARS))
 
 
-def _fingerprint(opts: PrepareOptions, infos: tuple[SourceInfo, ...], given: Tokenizer | None) -> str:
+def _fingerprint(
+    opts: PrepareOptions, infos: tuple[SourceInfo, ...], given: Tokenizer | None
+) -> str:
     """Hash of everything the output depends on (not --workers, which changes nothing)."""
     if given is not None:
         tokenizer: dict[str, object] = {"kind": "file", "sha256": given.sha256}
@@ -182,9 +207,13 @@ def _fingerprint(opts: PrepareOptions, infos: tuple[SourceInfo, ...], given: Tok
     else:
         tokenizer = {"kind": "char"}
     payload = {
-        "format_version": FORMAT_VERSION, "sources": [asdict(i) for i in infos],
-        "tokenizer": tokenizer, "split_rule": SPLIT_RULE, "val_fraction": opts.val_fraction,
-        "seed": opts.seed, "shard_tokens": opts.shard_tokens,
+        "format_version": FORMAT_VERSION,
+        "sources": [asdict(i) for i in infos],
+        "tokenizer": tokenizer,
+        "split_rule": SPLIT_RULE,
+        "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "shard_tokens": opts.shard_tokens,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -204,8 +233,15 @@ def entry_names(fs: AbstractFileSystem, root: str) -> list[str]:
     return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)]
 
 
-def up_to_date(fs: AbstractFileSystem, root: str, out: str, existing: Any, fingerprint: str,
-               intact: Callable[[AbstractFileSystem, str, Any], bool], force: bool) -> bool:
+def up_to_date(
+    fs: AbstractFileSystem,
+    root: str,
+    out: str,
+    existing: Any,
+    fingerprint: str,
+    intact: Callable[[AbstractFileSystem, str, Any], bool],
+    force: bool,
+) -> bool:
     """Whether ``out`` already holds this very output, intact (nothing to do). Refuses, unless
     ``force``, a directory that holds anything else; ``existing`` is its manifest, if any."""
     same = existing is not None and existing.fingerprint == fingerprint
@@ -214,7 +250,9 @@ def up_to_date(fs: AbstractFileSystem, root: str, out: str, existing: Any, finge
         return True
     if not same and not force and holds_files(fs, root):
         what = "other prepared data" if existing else "other files"
-        raise UserError(f"{out} already holds {what}; pass --force to replace it, or choose another --out")
+        raise UserError(
+            f"{out} already holds {what}; pass --force to replace it, or choose another --out"
+        )
     return False
 
 
@@ -239,9 +277,12 @@ def _existing_manifest(fs: AbstractFileSystem, root: str) -> Manifest | None:
 def _intact(fs: AbstractFileSystem, root: str, manifest: Manifest) -> bool:
     """Every listed file is present with its recorded size (hashes are `verify_shards`' job)."""
     itemsize = np.dtype(manifest.dtype).itemsize
-    sizes = {s.file: s.tokens * itemsize for split in manifest.splits.values() for s in split.shards}
+    sizes = {
+        s.file: s.tokens * itemsize for split in manifest.splits.values() for s in split.shards
+    }
     return fs.isfile(join(root, manifest.tokenizer.file)) and all(
-        fs.isfile(join(root, name)) and fs.size(join(root, name)) == size for name, size in sizes.items()
+        fs.isfile(join(root, name)) and fs.size(join(root, name)) == size
+        for name, size in sizes.items()
     )
 
 
@@ -249,14 +290,23 @@ def _intact(fs: AbstractFileSystem, root: str, manifest: Manifest) -> bool:
 
 
 def _write_shards(
-    staged: StagedDir, tokenizer: Tokenizer, dtype: np.dtype, documents: list[Document], opts: PrepareOptions,
+    staged: StagedDir,
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    documents: list[Document],
+    opts: PrepareOptions,
 ) -> dict[str, SplitInfo]:
     eot = np.array([] if tokenizer.eot_id is None else [tokenizer.eot_id], dtype=dtype)
     total_chars = sum(d.chars for d in documents)
     held_tokens = min(opts.shard_tokens, HELD_TOKENS)
-    with ExitStack() as stack, tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing") as bar:
-        writers = {name: stack.enter_context(ShardWriter(staged, name, dtype, opts.shard_tokens))
-                   for name in ("train", "val")}
+    with (
+        ExitStack() as stack,
+        tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing") as bar,
+    ):
+        writers = {
+            name: stack.enter_context(ShardWriter(staged, name, dtype, opts.shard_tokens))
+            for name in ("train", "val")
+        }
         held = DocumentIds(dtype, held_tokens)
         stack.callback(lambda: held.close())
         texts = (d.text() for d in documents)
@@ -265,7 +315,9 @@ def _write_shards(
             held.append(ids)
             if not piece.last:
                 continue
-            for name, spans in zip(("train", "val"), _split(held.count, piece.document, opts), strict=True):
+            for name, spans in zip(
+                ("train", "val"), _split(held.count, piece.document, opts), strict=True
+            ):
                 for start, stop in spans:
                     for chunk in held.read(start, stop):
                         writers[name].write(chunk)

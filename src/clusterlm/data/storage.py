@@ -77,7 +77,9 @@ def resolve_sources(specs: Iterable[str]) -> list[SourceFile]:
         elif fs.isdir(path):
             paths = sorted(p for p in fs.find(path) if not _is_hidden(p[len(path) :]))
             if not paths:
-                raise UserError(f"input directory {spec} holds no files; add text files or pass others")
+                raise UserError(
+                    f"input directory {spec} holds no files; add text files or pass others"
+                )
         elif fs.isfile(path):
             paths = [path]
         else:
@@ -160,8 +162,10 @@ def cached_copy(fs: AbstractFileSystem, path: str, sha256: str, cache_dir: Path)
     """A verified local copy of a remote file, named by its content hash so copies never go stale
     (``sha256`` is a manifest's, checked to be one, so the name stays inside ``cache_dir``)."""
     if not is_sha256(sha256):
-        raise UserError(f"the manifest gives shard {display_name(fs, path)} the sha256 {sha256!r}, which is not "
-                        "64 hex digits; prepare the data again with `clusterlm prepare --force`")
+        raise UserError(
+            f"the manifest gives shard {display_name(fs, path)} the sha256 {sha256!r}, which is not "
+            "64 hex digits; prepare the data again with `clusterlm prepare --force`"
+        )
     target = cache_dir / f"{sha256}.bin"
     if target.exists():
         return target

@@ -79,17 +79,22 @@ class TaskManifest:
 
     def __post_init__(self) -> None:
         if self.format_version != TASK_FORMAT_VERSION or self.kind != TASK_KIND:
-            raise ValueError(f"format {self.format_version}/{self.kind}, expected {TASK_FORMAT_VERSION}/{TASK_KIND}")
+            raise ValueError(
+                f"format {self.format_version}/{self.kind}, expected {TASK_FORMAT_VERSION}/{TASK_KIND}"
+            )
         if self.dtype not in TOKEN_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
-        if len({type(label) for label in self.labels}) > 1 or list(self.labels) != sorted(set(self.labels)):
+        if len({type(label) for label in self.labels}) > 1 or list(self.labels) != sorted(
+            set(self.labels)
+        ):
             raise ValueError("labels must be unique, sorted and of one type")
         if tuple(self.splits) != TASK_SPLITS:
             raise ValueError(f"splits must be {', '.join(TASK_SPLITS)}")
         itemsize = np.dtype(self.dtype).itemsize
         for name, split in self.splits.items():
             consistent = (
-                len(split.label_counts) == len(self.labels) and sum(split.label_counts) == split.examples
+                len(split.label_counts) == len(self.labels)
+                and sum(split.label_counts) == split.examples
                 and split.token_file.bytes == split.tokens * itemsize
                 and split.offset_file.bytes == (split.examples + 1) * _INDEX_DTYPE.itemsize
                 and split.label_file.bytes == split.examples * _INDEX_DTYPE.itemsize
@@ -158,7 +163,9 @@ def load_task(directory: str, verify: bool = True) -> Task:
     """The task in ``directory`` (local path or URL); ``verify`` checks every file's sha256."""
     raw = _raw_manifest(directory)
     if raw is None:
-        raise UserError(f"no labelled task at {directory} (no readable {MANIFEST_NAME}); run {_PREPARE_HINT}")
+        raise UserError(
+            f"no labelled task at {directory} (no readable {MANIFEST_NAME}); run {_PREPARE_HINT}"
+        )
     if "kind" not in raw and "shard_tokens" in raw:
         raise UserError(
             f"{directory} is a language-modelling corpus, not a labelled task; run {_PREPARE_HINT} "
@@ -177,10 +184,13 @@ def load_task(directory: str, verify: bool = True) -> Task:
         path = join(root, info.file)
         data = fs.cat_file(path) if fs.isfile(path) else None
         problem = (
-            "it is missing" if data is None
-            else "its size differs from the manifest" if info.bytes >= 0 and len(data) != info.bytes
+            "it is missing"
+            if data is None
+            else "its size differs from the manifest"
+            if info.bytes >= 0 and len(data) != info.bytes
             else "its sha256 differs from the manifest"
-            if verify and hashlib.sha256(data).hexdigest() != info.sha256 else None
+            if verify and hashlib.sha256(data).hexdigest() != info.sha256
+            else None
         )
         if problem:
             raise UserError(
@@ -191,20 +201,37 @@ def load_task(directory: str, verify: bool = True) -> Task:
         contents[info.file] = data
     token_dtype = np.dtype(manifest.dtype).newbyteorder("<")
     splits = {
-        name: _split_arrays(directory, name, len(manifest.labels), *(
-            np.frombuffer(bytearray(contents[f.file]), dtype=dtype)  # writable, for torch.from_numpy
-            for f, dtype in zip(info.files, (token_dtype, _INDEX_DTYPE, _INDEX_DTYPE), strict=True)
-        ))
+        name: _split_arrays(
+            directory,
+            name,
+            len(manifest.labels),
+            *(
+                np.frombuffer(
+                    bytearray(contents[f.file]), dtype=dtype
+                )  # writable, for torch.from_numpy
+                for f, dtype in zip(
+                    info.files, (token_dtype, _INDEX_DTYPE, _INDEX_DTYPE), strict=True
+                )
+            ),
+        )
         for name, info in manifest.splits.items()
     }
     return Task(manifest, splits)
 
 
-def _split_arrays(directory: str, name: str, n_labels: int, tokens: np.ndarray, offsets: np.ndarray,
-                  labels: np.ndarray) -> TaskSplit:
+def _split_arrays(
+    directory: str,
+    name: str,
+    n_labels: int,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    labels: np.ndarray,
+) -> TaskSplit:
     """One split's arrays in native byte order, after checking offsets and labels are in range."""
     sane = (
-        offsets[0] == 0 and offsets[-1] == len(tokens) and bool(np.all(np.diff(offsets) >= 0))
+        offsets[0] == 0
+        and offsets[-1] == len(tokens)
+        and bool(np.all(np.diff(offsets) >= 0))
         and (len(labels) == 0 or (labels.min() >= 0 and labels.max() < n_labels))
     )
     if not sane:
@@ -216,8 +243,14 @@ def _split_arrays(directory: str, name: str, n_labels: int, tokens: np.ndarray, 
     return TaskSplit(*native)
 
 
-def write_split(staged: StagedDir, name: str, examples: list[np.ndarray], labels: np.ndarray,
-                dtype: np.dtype, n_labels: int) -> TaskSplitInfo:
+def write_split(
+    staged: StagedDir,
+    name: str,
+    examples: list[np.ndarray],
+    labels: np.ndarray,
+    dtype: np.dtype,
+    n_labels: int,
+) -> TaskSplitInfo:
     """Stage one split's three files; ``labels`` are indices into the task's label list."""
     tokens = np.concatenate(examples) if examples else np.zeros(0, dtype)
     offsets = np.concatenate([[0], np.cumsum([len(e) for e in examples], dtype=np.int64)])
@@ -237,7 +270,9 @@ def write_split(staged: StagedDir, name: str, examples: list[np.ndarray], labels
     return TaskSplitInfo(len(examples), len(tokens), tuple(int(c) for c in counts), *files)
 
 
-def group_splits(n: int, group: int, seed: int, val_fraction: float, test_fraction: float) -> list[str] | None:
+def group_splits(
+    n: int, group: int, seed: int, val_fraction: float, test_fraction: float
+) -> list[str] | None:
     """The split of each of the n units (scenes, lines) of one group (a label), by the "seeded-group"
     rule: the units are shuffled by ``numpy.random.default_rng([seed, group])``; the first
     round(val_fraction * n) (at least 1) go to val, the next round(test_fraction * n) (at least 1) to
@@ -246,6 +281,8 @@ def group_splits(n: int, group: int, seed: int, val_fraction: float, test_fracti
     if n_val + n_test >= n:
         return None
     splits = ["train"] * n
-    for rank, unit in enumerate(np.random.default_rng([seed, group]).permutation(n)[: n_val + n_test]):
+    for rank, unit in enumerate(
+        np.random.default_rng([seed, group]).permutation(n)[: n_val + n_test]
+    ):
         splits[unit] = "val" if rank < n_val else "test"
     return splits

@@ -74,17 +74,30 @@ class TaskOptions:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer line of the JSONL file is refused
 
     def __post_init__(self) -> None:
-        if self.task != PLAY_TASK and not (self.task.startswith(JSONL_PREFIX) and len(self.task) > len(JSONL_PREFIX)):
-            raise UserError(f"unknown --task {self.task!r}; use {PLAY_TASK} or {JSONL_PREFIX}PATH (a JSONL file)")
-        for flag, value in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
+        if self.task != PLAY_TASK and not (
+            self.task.startswith(JSONL_PREFIX) and len(self.task) > len(JSONL_PREFIX)
+        ):
+            raise UserError(
+                f"unknown --task {self.task!r}; use {PLAY_TASK} or {JSONL_PREFIX}PATH (a JSONL file)"
+            )
+        for flag, value in (
+            ("--val-fraction", self.val_fraction),
+            ("--test-fraction", self.test_fraction),
+        ):
             if not 0 <= value < 1:
                 raise UserError(f"{flag} {value} is out of range; use a value in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
-            raise UserError("--val-fraction plus --test-fraction leave nothing to train on; make their sum below 1")
+            raise UserError(
+                "--val-fraction plus --test-fraction leave nothing to train on; make their sum below 1"
+            )
         if self.passage_tokens < 1 or self.seed < 0:
-            raise UserError("--passage-tokens must be positive and --seed not negative; use e.g. 64 and 0")
+            raise UserError(
+                "--passage-tokens must be positive and --seed not negative; use e.g. 64 and 0"
+            )
         if self.max_line_bytes < 1:
-            raise UserError(f"--max-line-bytes {self.max_line_bytes} must be positive; use 1 or more")
+            raise UserError(
+                f"--max-line-bytes {self.max_line_bytes} must be positive; use 1 or more"
+            )
 
 
 def prepare_task(opts: TaskOptions) -> TaskManifest:
@@ -116,26 +129,51 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
     else:
         examples, rule = _play_examples(sources, texts, tokenizer, dtype, opts), SPLIT_RULE
     labels = _check_splits(examples, opts.task)
-    manifest = _write(fs, root, tokenizer, examples, labels, dict(
-        format_version=TASK_FORMAT_VERSION, fingerprint=fingerprint, kind=TASK_KIND, source=opts.task,
-        sources=infos, dtype=dtype.name, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id,
-        tokenizer=TokenizerInfo("file" if given else opts.tokenizer, TOKENIZER_NAME, tokenizer.sha256),
-        labels=labels, split_rule=rule, seed=opts.seed, val_fraction=opts.val_fraction,
-        test_fraction=opts.test_fraction, passage_tokens=opts.passage_tokens if opts.task == PLAY_TASK else None,
-    ))
+    manifest = _write(
+        fs,
+        root,
+        tokenizer,
+        examples,
+        labels,
+        dict(
+            format_version=TASK_FORMAT_VERSION,
+            fingerprint=fingerprint,
+            kind=TASK_KIND,
+            source=opts.task,
+            sources=infos,
+            dtype=dtype.name,
+            vocab_size=tokenizer.vocab_size,
+            eot_id=tokenizer.eot_id,
+            tokenizer=TokenizerInfo(
+                "file" if given else opts.tokenizer, TOKENIZER_NAME, tokenizer.sha256
+            ),
+            labels=labels,
+            split_rule=rule,
+            seed=opts.seed,
+            val_fraction=opts.val_fraction,
+            test_fraction=opts.test_fraction,
+            passage_tokens=opts.passage_tokens if opts.task == PLAY_TASK else None,
+        ),
+    )
     counts = ", ".join(f"{s.examples:,} {name}" for name, s in manifest.splits.items())
-    print(f"prepared {opts.out}: {len(labels)} labels, {counts} examples, vocabulary {tokenizer.vocab_size}")
+    print(
+        f"prepared {opts.out}: {len(labels)} labels, {counts} examples, vocabulary {tokenizer.vocab_size}"
+    )
     return manifest
 
 
 def _jsonl_source(path: str) -> list[SourceFile]:
     sources = resolve_sources([path])
     if len(sources) != 1:
-        raise UserError(f"--task {JSONL_PREFIX}{path} names {len(sources)} files; name one JSONL file")
+        raise UserError(
+            f"--task {JSONL_PREFIX}{path} names {len(sources)} files; name one JSONL file"
+        )
     return sources
 
 
-def _read_jsonl_source(source: SourceFile, max_line_bytes: int) -> tuple[tuple[SourceInfo, ...], list[Record]]:
+def _read_jsonl_source(
+    source: SourceFile, max_line_bytes: int
+) -> tuple[tuple[SourceInfo, ...], list[Record]]:
     """The records of a JSONL file read line by line, and its size and hash."""
     with open_source(source) as stream:
         reading = Reading(stream)
@@ -147,30 +185,45 @@ def _fingerprint(opts: TaskOptions, infos: tuple[SourceInfo, ...], given: Tokeni
     """Hash of everything the output depends on."""
     tokenizer = {"kind": "file", "sha256": given.sha256} if given else {"kind": opts.tokenizer}
     payload = {
-        "format_version": TASK_FORMAT_VERSION, "kind": TASK_KIND, "task": opts.task,
-        "sources": [asdict(i) for i in infos], "tokenizer": tokenizer, "bpe_vocab_size": DEFAULT_BPE_VOCAB,
-        "split_rule": SPLIT_RULE, "seed": opts.seed, "val_fraction": opts.val_fraction,
+        "format_version": TASK_FORMAT_VERSION,
+        "kind": TASK_KIND,
+        "task": opts.task,
+        "sources": [asdict(i) for i in infos],
+        "tokenizer": tokenizer,
+        "bpe_vocab_size": DEFAULT_BPE_VOCAB,
+        "split_rule": SPLIT_RULE,
+        "seed": opts.seed,
+        "val_fraction": opts.val_fraction,
         "test_fraction": opts.test_fraction,
         "passage_tokens": opts.passage_tokens if opts.task == PLAY_TASK else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _play_examples(sources, texts: list[str], tokenizer: Tokenizer, dtype: np.dtype, opts: TaskOptions) -> Examples:
+def _play_examples(
+    sources, texts: list[str], tokenizer: Tokenizer, dtype: np.dtype, opts: TaskOptions
+) -> Examples:
     """Every play's passages, labelled with the play, its scenes split by ``group_splits``."""
     examples: Examples = {name: [] for name in TASK_SPLITS}
     found = sorted(plays(sources, texts), key=lambda p: p.name)
     for group, play in enumerate(found):
-        splits = group_splits(len(play.scenes), group, opts.seed, opts.val_fraction, opts.test_fraction)
+        splits = group_splits(
+            len(play.scenes), group, opts.seed, opts.val_fraction, opts.test_fraction
+        )
         if splits is None:
-            raise UserError(f"play {play.name} has only {len(play.scenes)} scenes; lower --val-fraction and --test-fraction")
-        for split, passages in zip(splits, scene_passages(play, tokenizer, opts.passage_tokens, dtype), strict=True):
+            raise UserError(
+                f"play {play.name} has only {len(play.scenes)} scenes; lower --val-fraction and --test-fraction"
+            )
+        for split, passages in zip(
+            splits, scene_passages(play, tokenizer, opts.passage_tokens, dtype), strict=True
+        ):
             examples[split] += [(ids, play.name) for ids in passages]
     return examples
 
 
-def _jsonl_examples(records: list[Record], name: str, tokenizer: Tokenizer, dtype: np.dtype,
-                    opts: TaskOptions) -> tuple[Examples, str]:
+def _jsonl_examples(
+    records: list[Record], name: str, tokenizer: Tokenizer, dtype: np.dtype, opts: TaskOptions
+) -> tuple[Examples, str]:
     """The records' token ids in their given splits, or else split by label with ``group_splits``."""
     ids = [np.asarray(e, dtype=dtype) for e in tokenizer.encode_batch([r.text for r in records])]
     given = [r.split for r in records if r.split is not None]
@@ -178,10 +231,14 @@ def _jsonl_examples(records: list[Record], name: str, tokenizer: Tokenizer, dtyp
         splits, rule = given, "given"
     else:
         labels = sorted({r.label for r in records})
-        by_label = {label: [i for i, r in enumerate(records) if r.label == label] for label in labels}
+        by_label = {
+            label: [i for i, r in enumerate(records) if r.label == label] for label in labels
+        }
         splits, rule = [""] * len(records), SPLIT_RULE
         for group, (label, members) in enumerate(by_label.items()):
-            chosen = group_splits(len(members), group, opts.seed, opts.val_fraction, opts.test_fraction)
+            chosen = group_splits(
+                len(members), group, opts.seed, opts.val_fraction, opts.test_fraction
+            )
             if chosen is None:
                 raise UserError(
                     f"label {label!r} has only {len(members)} examples in {name}; give every label at least 3 "
@@ -199,11 +256,15 @@ def _check_splits(examples: Examples, task: str) -> tuple[str | int, ...]:
     """The sorted labels, after checking every split has examples of every label."""
     for split, items in examples.items():
         if not items:
-            raise UserError(f"the {split} split of {task} is empty; give it examples of every label")
+            raise UserError(
+                f"the {split} split of {task} is empty; give it examples of every label"
+            )
     seen = {split: {label for _, label in items} for split, items in examples.items()}
     labels = tuple(sorted(set().union(*seen.values())))
     missing = [
-        f"the {split} split lacks {', '.join(map(repr, sorted(set(labels) - s)))}" for split, s in seen.items() if s != set(labels)
+        f"the {split} split lacks {', '.join(map(repr, sorted(set(labels) - s)))}"
+        for split, s in seen.items()
+        if s != set(labels)
     ]
     if missing:
         raise UserError(
@@ -231,8 +292,14 @@ def _intact(fs: AbstractFileSystem, root: str, manifest: TaskManifest) -> bool:
     )
 
 
-def _write(fs: AbstractFileSystem, root: str, tokenizer: Tokenizer, examples: Examples,
-           labels: tuple[str | int, ...], fields: dict) -> TaskManifest:
+def _write(
+    fs: AbstractFileSystem,
+    root: str,
+    tokenizer: Tokenizer,
+    examples: Examples,
+    labels: tuple[str | int, ...],
+    fields: dict,
+) -> TaskManifest:
     """Stage every file, then publish them with the manifest (``fields`` plus the splits) last."""
     index = {label: i for i, label in enumerate(labels)}
     dtype = np.dtype(fields["dtype"])
@@ -242,8 +309,14 @@ def _write(fs: AbstractFileSystem, root: str, tokenizer: Tokenizer, examples: Ex
         staged = StagedDir(fs, root)
         try:
             splits = {
-                split: write_split(staged, split, [ids for ids, _ in items],
-                                   np.array([index[label] for _, label in items], dtype=np.int64), dtype, len(labels))
+                split: write_split(
+                    staged,
+                    split,
+                    [ids for ids, _ in items],
+                    np.array([index[label] for _, label in items], dtype=np.int64),
+                    dtype,
+                    len(labels),
+                )
                 for split, items in examples.items()
             }
             manifest = TaskManifest(**fields, splits=splits)
@@ -251,7 +324,10 @@ def _write(fs: AbstractFileSystem, root: str, tokenizer: Tokenizer, examples: Ex
                 f.write(tokenizer.to_json().encode("utf-8"))
             with staged.open(MANIFEST_NAME) as f:
                 f.write(manifest.to_json().encode("utf-8"))
-            staged.commit(last=MANIFEST_NAME, remove=[n for n in entry_names(fs, root) if DATA_FILE_NAME.match(n)])
+            staged.commit(
+                last=MANIFEST_NAME,
+                remove=[n for n in entry_names(fs, root) if DATA_FILE_NAME.match(n)],
+            )
         except BaseException:
             discard(fs, root, staged, created)
             raise

@@ -108,7 +108,9 @@ class Tokenizer:
         size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         first = size - len(SPECIAL_TOKENS)
         ends_with_specials = first > 0 and all(
-            self._tokenizer.id_to_token(first + i) == token for i, token in enumerate(SPECIAL_TOKENS))
+            self._tokenizer.id_to_token(first + i) == token
+            for i, token in enumerate(SPECIAL_TOKENS)
+        )
         return first if ends_with_specials else size
 
     def token_id(self, token: str) -> int | None:
@@ -121,7 +123,9 @@ class Tokenizer:
         if all(self.token_id(token) is not None for token in tokens):
             return self
         tokenizer = tokenizers.Tokenizer.from_str(self._json)
-        tokenizer.add_special_tokens([tokenizers.AddedToken(token, special=True) for token in tokens])
+        tokenizer.add_special_tokens(
+            [tokenizers.AddedToken(token, special=True) for token in tokens]
+        )
         return Tokenizer(tokenizer.to_str(pretty=True))
 
     @property

@@ -27,9 +27,11 @@ def job_secret(env: Mapping[str, str] | None = None) -> bytes:
     value = (os.environ if env is None else env).get(SECRET_VARIABLE, "")
     if len(value) < MIN_LENGTH:
         state = "is not set" if not value else f"is shorter than {MIN_LENGTH} characters"
-        raise UserError(f"{SECRET_VARIABLE} {state}: a parameter-server job authenticates its ranks with it. "
-                        "`clusterlm train --nproc` and `clusterlm submit` set it; under torchrun or mpirun, export the "
-                        f"same random value on every node first, e.g. `export {SECRET_VARIABLE}=$(python3 -c "
-                        "'import secrets; print(secrets.token_hex(32))')` (and `mpirun -x "
-                        f"{SECRET_VARIABLE} ...`)")
+        raise UserError(
+            f"{SECRET_VARIABLE} {state}: a parameter-server job authenticates its ranks with it. "
+            "`clusterlm train --nproc` and `clusterlm submit` set it; under torchrun or mpirun, export the "
+            f"same random value on every node first, e.g. `export {SECRET_VARIABLE}=$(python3 -c "
+            "'import secrets; print(secrets.token_hex(32))')` (and `mpirun -x "
+            f"{SECRET_VARIABLE} ...`)"
+        )
     return value.encode()

@@ -20,13 +20,19 @@ def launch_position() -> tuple[int, int, int]:
         try:
             values.append(default if text is None else int(text))
         except ValueError:
-            raise UserError(f"{name}={text!r} in the environment is not a whole number; {LAUNCHERS}") from None
+            raise UserError(
+                f"{name}={text!r} in the environment is not a whole number; {LAUNCHERS}"
+            ) from None
     rank, world_size, local_rank = values
     if world_size < 1:
-        raise UserError(f"WORLD_SIZE={world_size} in the environment: a job has at least 1 process; {LAUNCHERS}")
+        raise UserError(
+            f"WORLD_SIZE={world_size} in the environment: a job has at least 1 process; {LAUNCHERS}"
+        )
     if not 0 <= rank < world_size:
-        raise UserError(f"RANK={rank} in the environment is outside 0..{world_size - 1} (WORLD_SIZE={world_size}); "
-                        f"{LAUNCHERS}")
+        raise UserError(
+            f"RANK={rank} in the environment is outside 0..{world_size - 1} (WORLD_SIZE={world_size}); "
+            f"{LAUNCHERS}"
+        )
     if local_rank < 0:
         raise UserError(f"LOCAL_RANK={local_rank} in the environment is negative; {LAUNCHERS}")
     return rank, world_size, local_rank

@@ -86,18 +86,26 @@ def bind_host(host: str, spans_nodes: bool) -> str | None:
     interface) for a host name that resolves to loopback here while other nodes must reach it."""
     if not spans_nodes or _is_ip(host) or _literal_loopback(host) or not is_loopback(host):
         return host
-    print(f"warning: {host} resolves to a loopback address on this node, but ranks on other nodes reach it "
-          "elsewhere: its store listens on every interface; give --local-addr (or MASTER_ADDR) as an address "
-          "the other nodes use", file=sys.stderr, flush=True)
+    print(
+        f"warning: {host} resolves to a loopback address on this node, but ranks on other nodes reach it "
+        "elsewhere: its store listens on every interface; give --local-addr (or MASTER_ADDR) as an address "
+        "the other nodes use",
+        file=sys.stderr,
+        flush=True,
+    )
     return None
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host``:``port`` (0: a free port) and listening."""
-    family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM
+    )[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore's own: a restart rebinds at once
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as TCPStore's own: a restart rebinds at once
         sock.bind(address)
         sock.listen(socket.SOMAXCONN)
     except OSError:
@@ -111,16 +119,30 @@ def use_libuv() -> bool:
     return os.environ.get("USE_LIBUV", "1") == "1"
 
 
-def hosted_store(host: str, port: int, bind: str | None, timeout_s: float, world_size: int | None = None,
-                 wait_for_workers: bool = True) -> dist.TCPStore:
+def hosted_store(
+    host: str,
+    port: int,
+    bind: str | None,
+    timeout_s: float,
+    world_size: int | None = None,
+    wait_for_workers: bool = True,
+) -> dist.TCPStore:
     """A TCPStore server that clients reach at ``host``:``port``, listening on ``bind`` only
     (every interface when None, as TCPStore does by itself). The store owns the socket."""
     fd = None
     if bind is not None:
         sock = listening_socket(bind, port)
         host, port, fd = bind.strip("[]"), sock.getsockname()[1], sock.detach()
-    return dist.TCPStore(host, port, world_size, True, timedelta(seconds=timeout_s),
-                         wait_for_workers=wait_for_workers, master_listen_fd=fd, use_libuv=use_libuv())
+    return dist.TCPStore(
+        host,
+        port,
+        world_size,
+        True,
+        timedelta(seconds=timeout_s),
+        wait_for_workers=wait_for_workers,
+        master_listen_fd=fd,
+        use_libuv=use_libuv(),
+    )
 
 
 def single_node(env: MutableMapping[str, str]) -> bool:
@@ -148,8 +170,11 @@ def job_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
     by the launcher's agent), but with rank 0's listener bound as this module says."""
     env = os.environ
     if rank != 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
-                                           timeout=timedelta(seconds=timeout_s)))
+        store, _, _ = next(
+            dist.rendezvous(
+                "env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            )
+        )
         return store
     host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
     spans_nodes = not single_node(env) and not _literal_loopback(host)

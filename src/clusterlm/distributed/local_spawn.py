@@ -70,7 +70,18 @@ def run_local(
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_worker,
-                args=(fn, rank, world_size, args, store_path, backend, caller, dict(env or {}), timeout, writer),
+                args=(
+                    fn,
+                    rank,
+                    world_size,
+                    args,
+                    store_path,
+                    backend,
+                    caller,
+                    dict(env or {}),
+                    timeout,
+                    writer,
+                ),
                 daemon=True,
             )
             proc.start()

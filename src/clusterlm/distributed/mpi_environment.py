@@ -32,8 +32,14 @@ class MpiFamily:
 
 
 FAMILIES = (
-    MpiFamily("OpenMPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-              "OMPI_COMM_WORLD_LOCAL_SIZE", ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE")),
+    MpiFamily(
+        "OpenMPI",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE"),
+    ),
     MpiFamily("PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", ("PMI_JOBID",)),
 )
 # Ports below Linux's ephemeral range (32768 and up), so a derived port does not meet a client socket.
@@ -72,10 +78,16 @@ def torch_variables(env: Mapping[str, str]) -> dict[str, str]:
         return {}
     missing = [name for name in family.markers if name not in env]
     if missing:
-        raise UserError(f"started by an MPI launcher ({family.name}) but {', '.join(missing)} is not set; "
-                        "launch with OpenMPI's mpirun (OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK) or a PMI launcher "
-                        "(PMI_RANK, PMI_SIZE, MPI_LOCALRANKID), or with torchrun")
-    values = {"RANK": env[family.rank], "WORLD_SIZE": env[family.size], "LOCAL_RANK": env[family.local_rank]}
+        raise UserError(
+            f"started by an MPI launcher ({family.name}) but {', '.join(missing)} is not set; "
+            "launch with OpenMPI's mpirun (OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK) or a PMI launcher "
+            "(PMI_RANK, PMI_SIZE, MPI_LOCALRANKID), or with torchrun"
+        )
+    values = {
+        "RANK": env[family.rank],
+        "WORLD_SIZE": env[family.size],
+        "LOCAL_RANK": env[family.local_rank],
+    }
     if family.local_size in env:
         values["LOCAL_WORLD_SIZE"] = env[family.local_size]
     values["MASTER_ADDR"] = _master_addr(env, family)
@@ -90,17 +102,21 @@ def _master_addr(env: Mapping[str, str], family: MpiFamily) -> str:
         return "127.0.0.1"  # every rank on this node
     # Across nodes nothing in the environment names rank 0's host for sure (the mapping policy
     # places it), so the user says it.
-    raise UserError(f"mpirun started {env[family.size]} ranks on several nodes (or did not say how many are on this "
-                    "one) and MASTER_ADDR is not set: pass rank 0's host, e.g. `mpirun -x MASTER_ADDR=<host of "
-                    "rank 0> ...` (OpenMPI) or `-genv MASTER_ADDR <host>` (Hydra)")
+    raise UserError(
+        f"mpirun started {env[family.size]} ranks on several nodes (or did not say how many are on this "
+        "one) and MASTER_ADDR is not set: pass rank 0's host, e.g. `mpirun -x MASTER_ADDR=<host of "
+        "rank 0> ...` (OpenMPI) or `-genv MASTER_ADDR <host>` (Hydra)"
+    )
 
 
 def _job_id(env: Mapping[str, str], family: MpiFamily) -> str:
     for name in family.job_id:
         if env.get(name):
             return env[name]
-    raise UserError(f"started by {family.name}'s launcher, which names no job ({' or '.join(family.job_id)}) to derive "
-                    "a rendezvous port from: set MASTER_PORT for every rank, e.g. `mpirun -x MASTER_PORT=29500`")
+    raise UserError(
+        f"started by {family.name}'s launcher, which names no job ({' or '.join(family.job_id)}) to derive "
+        "a rendezvous port from: set MASTER_PORT for every rank, e.g. `mpirun -x MASTER_PORT=29500`"
+    )
 
 
 def adopt_mpi_environment(env: MutableMapping[str, str] | None = None) -> bool:

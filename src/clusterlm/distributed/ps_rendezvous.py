@@ -43,4 +43,9 @@ def join_parameter_server_job(cfg: ParallelConfig, rank: int, world_size: int) -
     secret = job_secret()  # before any connection: a job without one fails here, on every rank
     store = job_store(rank, world_size, cfg.timeout_s)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return PSRole(SignedStore(store, secret, f"clusterlm-ps/{attempt}/"), rank, world_size - cfg.ps_servers, cfg)
+    return PSRole(
+        SignedStore(store, secret, f"clusterlm-ps/{attempt}/"),
+        rank,
+        world_size - cfg.ps_servers,
+        cfg,
+    )

@@ -76,8 +76,9 @@ def _join_process_group(device: torch.device, timeout_s: float) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = job_store(rank, world_size, timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
 
 
 def setup_runtime(cfg: Config) -> Runtime:
@@ -96,16 +97,28 @@ def setup_runtime(cfg: Config) -> Runtime:
     if device.type == "cuda":
         gpus = torch.cuda.device_count()
         if local_rank >= gpus:
-            raise UserError(f"local rank {local_rank} has no GPU of its own: this node has {gpus}; launch at most "
-                            f"{gpus} processes per node (--nproc {gpus}) or train on CPU (--training.device cpu)")
+            raise UserError(
+                f"local rank {local_rank} has no GPU of its own: this node has {gpus}; launch at most "
+                f"{gpus} processes per node (--nproc {gpus}) or train on CPU (--training.device cpu)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     _join_process_group(device, cfg.parallel.timeout_s)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     mesh = build_mesh(device, pp, replicate, shard, tp)
     dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
-    return Runtime(device, dist.get_rank(), dist.get_world_size(), dp_rank, replicate * shard, mesh,
-                   tp_rank=mesh.get_local_rank("tp"), tp_size=tp, pp_rank=mesh.get_local_rank("pp"), pp_size=pp)
+    return Runtime(
+        device,
+        dist.get_rank(),
+        dist.get_world_size(),
+        dp_rank,
+        replicate * shard,
+        mesh,
+        tp_rank=mesh.get_local_rank("tp"),
+        tp_size=tp,
+        pp_rank=mesh.get_local_rank("pp"),
+        pp_size=pp,
+    )
 
 
 def _parameter_server_runtime(cfg: Config, device: torch.device, world_size: int) -> Runtime:
@@ -114,7 +127,9 @@ def _parameter_server_runtime(cfg: Config, device: torch.device, world_size: int
         _check_launch_environment()
     rank = launch_position()[0]
     role = join_parameter_server_job(cfg.parallel, rank, world_size)
-    return Runtime(device, rank, world_size, dp_rank=min(rank, role.workers - 1), dp_size=role.workers, ps=role)
+    return Runtime(
+        device, rank, world_size, dp_rank=min(rank, role.workers - 1), dp_size=role.workers, ps=role
+    )
 
 
 def describe_layout(cfg: Config, runtime: Runtime) -> str:

@@ -57,7 +57,9 @@ class SignedStore(dist.Store):
         raw = self.store.get(self.prefix + key)
         value = raw[TAG:]
         if len(raw) < TAG or not hmac.compare_digest(raw, self._signed(key, value)):
-            raise UnsignedValue(f"store key {self.prefix + key!r} is not signed with this job's {SECRET_VARIABLE}")
+            raise UnsignedValue(
+                f"store key {self.prefix + key!r} is not signed with this job's {SECRET_VARIABLE}"
+            )
         return value
 
     def add(self, key: str, amount: int) -> int:
@@ -98,7 +100,11 @@ def challenge(group: dist.ProcessGroup, secret: bytes, context: str) -> bool:
     answer = _recv(group, 2 * TAG, 1)
     theirs, proof = answer[:TAG], answer[TAG:]
     accepted = hmac.compare_digest(proof, _tag(secret, b"worker", context.encode(), ours, theirs))
-    _send(group, _tag(secret, b"server", context.encode(), ours, theirs) if accepted else bytes(TAG), 1)
+    _send(
+        group,
+        _tag(secret, b"server", context.encode(), ours, theirs) if accepted else bytes(TAG),
+        1,
+    )
     return accepted
 
 

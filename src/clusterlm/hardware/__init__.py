@@ -19,7 +19,16 @@ from clusterlm.hardware.rates import (
 )
 
 __all__ = [
-    "GPU_PEAK_FLOPS", "cpu_attention_kernel", "cpu_identity", "cpu_model_name", "cpu_peak_flops",
-    "device_kind", "gpu_peak_flops", "kernel_instruction_sets", "measure_cpu_peak", "peak_flops",
-    "peak_memory_bytes", "resolve_device",
+    "GPU_PEAK_FLOPS",
+    "cpu_attention_kernel",
+    "cpu_identity",
+    "cpu_model_name",
+    "cpu_peak_flops",
+    "device_kind",
+    "gpu_peak_flops",
+    "kernel_instruction_sets",
+    "measure_cpu_peak",
+    "peak_flops",
+    "peak_memory_bytes",
+    "resolve_device",
 ]

@@ -47,7 +47,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"training.device {name!r} is not a device; use cpu, cuda or auto") from None
+        raise UserError(
+            f"training.device {name!r} is not a device; use cpu, cuda or auto"
+        ) from None
 
 
 def gpu_peak_flops(device_name: str) -> float | None:
@@ -80,7 +82,9 @@ def device_kind(name: str) -> str:
 def kernel_instruction_sets() -> tuple[str, str]:
     """(the instruction set torch's CPU kernels use, oneDNN's ceiling or ""): narrower than the
     CPU's flags where ``ATEN_CPU_CAPABILITY`` or ``ONEDNN_MAX_CPU_ISA`` restrict them."""
-    return torch.backends.cpu.get_cpu_capability().lower(), os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower()
+    return torch.backends.cpu.get_cpu_capability().lower(), os.environ.get(
+        "ONEDNN_MAX_CPU_ISA", ""
+    ).lower()
 
 
 def cpu_identity() -> str:

@@ -81,12 +81,16 @@ def cpu_attention_kernel(shape: tuple[int, int, int, int], dtype: torch.dtype) -
     key = f"{cpu_identity()}|threads={torch.get_num_threads()}|attention {'x'.join(map(str, shape))}|{dtype}"
     cache = _read_cache()
     if key not in cache:
-        cache[key] = min(("flash", "math"), key=lambda kernel: _attention_seconds(shape, dtype, kernel))
+        cache[key] = min(
+            ("flash", "math"), key=lambda kernel: _attention_seconds(shape, dtype, kernel)
+        )
         atomic_write(_cache_file(), json.dumps(cache, indent=1))
     return str(cache[key])
 
 
-def _attention_seconds(shape: tuple[int, int, int, int], dtype: torch.dtype, kernel: str, rounds: int = 3) -> float:
+def _attention_seconds(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, kernel: str, rounds: int = 3
+) -> float:
     """Best seconds of a causal attention's forward and backward with ``kernel``."""
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     backend = SDPBackend.FLASH_ATTENTION if kernel == "flash" else SDPBackend.MATH

@@ -51,10 +51,22 @@ def _gpt2_links(args: ModelArgs) -> list[tuple[str, Link]]:
         (r"layers\.(\d+)\.mlp\.w2\.bias", Link(r"h.\1.mlp.c_proj.bias")),
     ]
     for band, proj in enumerate("qkv"):
-        links.append((rf"layers\.(\d+)\.attn\.w{proj}\.weight",
-                      Link(r"h.\1.attn.c_attn.weight", conv1d=True, row_offset=band * d)))
-        links.append((rf"layers\.(\d+)\.attn\.w{proj}\.bias", Link(r"h.\1.attn.c_attn.bias", row_offset=band * d)))
-    return [(pattern, Link(GPT2_PREFIX + link.key, link.conv1d, link.row_offset)) for pattern, link in links]
+        links.append(
+            (
+                rf"layers\.(\d+)\.attn\.w{proj}\.weight",
+                Link(r"h.\1.attn.c_attn.weight", conv1d=True, row_offset=band * d),
+            )
+        )
+        links.append(
+            (
+                rf"layers\.(\d+)\.attn\.w{proj}\.bias",
+                Link(r"h.\1.attn.c_attn.bias", row_offset=band * d),
+            )
+        )
+    return [
+        (pattern, Link(GPT2_PREFIX + link.key, link.conv1d, link.row_offset))
+        for pattern, link in links
+    ]
 
 
 def _llama_links(args: ModelArgs) -> list[tuple[str, Link]]:
@@ -64,15 +76,24 @@ def _llama_links(args: ModelArgs) -> list[tuple[str, Link]]:
         (r"norm\.weight", Link("norm.weight")),
         (layer + r"attn_norm\.weight", Link(r"layers.\1.input_layernorm.weight")),
         (layer + r"mlp_norm\.weight", Link(r"layers.\1.post_attention_layernorm.weight")),
-        (layer + r"attn\.wq\.weight", Link(r"layers.\1.self_attn.q_proj.weight", rope_head_dim=args.head_dim)),
-        (layer + r"attn\.wk\.weight", Link(r"layers.\1.self_attn.k_proj.weight", rope_head_dim=args.head_dim)),
+        (
+            layer + r"attn\.wq\.weight",
+            Link(r"layers.\1.self_attn.q_proj.weight", rope_head_dim=args.head_dim),
+        ),
+        (
+            layer + r"attn\.wk\.weight",
+            Link(r"layers.\1.self_attn.k_proj.weight", rope_head_dim=args.head_dim),
+        ),
         (layer + r"attn\.wv\.weight", Link(r"layers.\1.self_attn.v_proj.weight")),
         (layer + r"attn\.wo\.weight", Link(r"layers.\1.self_attn.o_proj.weight")),
         (layer + r"mlp\.w1\.weight", Link(r"layers.\1.mlp.gate_proj.weight")),
         (layer + r"mlp\.w3\.weight", Link(r"layers.\1.mlp.up_proj.weight")),
         (layer + r"mlp\.w2\.weight", Link(r"layers.\1.mlp.down_proj.weight")),
     ]
-    links = [(pattern, Link(LLAMA_PREFIX + link.key, rope_head_dim=link.rope_head_dim)) for pattern, link in links]
+    links = [
+        (pattern, Link(LLAMA_PREFIX + link.key, rope_head_dim=link.rope_head_dim))
+        for pattern, link in links
+    ]
     return links + [(r"output\.weight", Link("lm_head.weight"))]
 
 

@@ -36,28 +36,43 @@ from clusterlm.models.init import ParamSource
 
 _FLOATS = {"F32", "F16", "BF16", "F64"}
 # The other name of a tied tensor, under which a directory may store it instead.
-_TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight", "cls.predictions.bias": "cls.predictions.decoder.bias"}
+_TIED_ALIASES = {
+    "lm_head.weight": "model.embed_tokens.weight",
+    "cls.predictions.bias": "cls.predictions.decoder.bias",
+}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply for the parser
-        raise UserError(f"{path} is unreadable ({err}); save the model again with save_pretrained") from None
+    except (
+        OSError,
+        ValueError,
+        RecursionError,
+    ) as err:  # RecursionError: nested too deeply for the parser
+        raise UserError(
+            f"{path} is unreadable ({err}); save the model again with save_pretrained"
+        ) from None
     if not isinstance(value, dict):
-        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; save the model again with "
-                        "save_pretrained")
+        raise UserError(
+            f"{path} holds a JSON {type(value).__name__}, not an object; save the model again with "
+            "save_pretrained"
+        )
     return value
 
 
 def hf_config_json(directory: str | os.PathLike[str]) -> dict[str, Any]:
     root = Path(directory)
     if not root.is_dir():
-        raise UserError(f"Hugging Face model directory {root} does not exist; pass a directory written by "
-                        "save_pretrained or `clusterlm export hf`")
+        raise UserError(
+            f"Hugging Face model directory {root} does not exist; pass a directory written by "
+            "save_pretrained or `clusterlm export hf`"
+        )
     if not (root / "config.json").is_file():
-        raise UserError(f"{root} has no config.json, so it is not a complete Hugging Face model directory; "
-                        "save it again with save_pretrained")
+        raise UserError(
+            f"{root} has no config.json, so it is not a complete Hugging Face model directory; "
+            "save it again with save_pretrained"
+        )
     return _read_json(root / "config.json")
 
 
@@ -72,28 +87,40 @@ def _weight_files(root: Path) -> dict[str, Path]:
     if (root / INDEX).is_file():
         weight_map = _read_json(root / INDEX).get("weight_map", {})
         if not isinstance(weight_map, dict):
-            raise UserError(f"{root / INDEX} has no weight_map object; download or save the model again")
-        for name in weight_map.values():  # each a file beside the index, never a path out of the directory
+            raise UserError(
+                f"{root / INDEX} has no weight_map object; download or save the model again"
+            )
+        for (
+            name
+        ) in weight_map.values():  # each a file beside the index, never a path out of the directory
             plain_name(name, f"{root / INDEX}", "download or save the model again")
         missing = sorted({name for name in weight_map.values() if not (root / name).is_file()})
         if missing:
-            raise UserError(f"{root / INDEX} names {missing[0]}, which is missing: the directory is "
-                            "incomplete; download or save it again")
+            raise UserError(
+                f"{root / INDEX} names {missing[0]}, which is missing: the directory is "
+                "incomplete; download or save it again"
+            )
         return {key: root / name for key, name in weight_map.items()}
     if (root / SINGLE).is_file():
         return {key: root / SINGLE for key in _open(root / SINGLE).keys()}
     if any(root.glob("pytorch_model*.bin")):
-        raise UserError(f"{root} holds only pytorch_model.bin, a pickle clusterlm will not open; convert it: "
-                        "AutoModel...from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)")
-    raise UserError(f"{root} has no model.safetensors or {INDEX}; save the model with save_pretrained")
+        raise UserError(
+            f"{root} holds only pytorch_model.bin, a pickle clusterlm will not open; convert it: "
+            "AutoModel...from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)"
+        )
+    raise UserError(
+        f"{root} has no model.safetensors or {INDEX}; save the model with save_pretrained"
+    )
 
 
 def _open(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError) as err:
-        raise UserError(f"{path} is not a readable safetensors file ({err}); it may be half-written, "
-                        "download or save it again") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({err}); it may be half-written, "
+            "download or save it again"
+        ) from None
 
 
 class _HFWeights:
@@ -107,12 +134,18 @@ class _HFWeights:
 
     def key(self, key: str) -> str:
         """Where ``key`` is stored under this directory's naming."""
-        if key not in self.files and key.startswith(GPT2_PREFIX) and key[len(GPT2_PREFIX):] in self.files:
-            key = key[len(GPT2_PREFIX):]  # GPT2Model-style names, as in the original gpt2 upload
+        if (
+            key not in self.files
+            and key.startswith(GPT2_PREFIX)
+            and key[len(GPT2_PREFIX) :] in self.files
+        ):
+            key = key[len(GPT2_PREFIX) :]  # GPT2Model-style names, as in the original gpt2 upload
         if key in _TIED_ALIASES and key not in self.files and self.tied:
             key = _TIED_ALIASES[key]
         if key not in self.files:
-            raise UserError(f"{self.root} lacks tensor {key}; the directory is incomplete or of another model")
+            raise UserError(
+                f"{self.root} lacks tensor {key}; the directory is incomplete or of another model"
+            )
         return key
 
     def check(self) -> None:
@@ -123,11 +156,15 @@ class _HFWeights:
                 stored = f.get_slice(key)
                 dtype, shape = stored.get_dtype(), tuple(stored.get_shape())
             if dtype not in _FLOATS:
-                raise UserError(f"{self.root}: tensor {key} is {dtype}, not a floating-point type; "
-                                "this is not a model's weights")
+                raise UserError(
+                    f"{self.root}: tensor {key} is {dtype}, not a floating-point type; "
+                    "this is not a model's weights"
+                )
             if shape != expected:
-                raise UserError(f"{self.root}: tensor {key} has shape {list(shape)} but its config.json implies "
-                                f"{list(expected)}; the weights and config.json belong to different models")
+                raise UserError(
+                    f"{self.root}: tensor {key} has shape {list(shape)} but its config.json implies "
+                    f"{list(expected)}; the weights and config.json belong to different models"
+                )
 
     def read(self, key: str, index: tuple[slice, ...], transpose: bool) -> torch.Tensor:
         """``stored[index]`` (transposed), copied out of the file as a contiguous float32 tensor."""
@@ -137,17 +174,30 @@ class _HFWeights:
             return torch.empty(view.shape, dtype=torch.float32).copy_(view)
 
 
-def _check_shape(shapes: dict[str, tuple[int, ...]], args: ModelArgs, root: Path, name: str,
-                 shape: tuple[int, ...]) -> None:
+def _check_shape(
+    shapes: dict[str, tuple[int, ...]],
+    args: ModelArgs,
+    root: Path,
+    name: str,
+    shape: tuple[int, ...],
+) -> None:
     expected = shapes.get(stored_name(args, name))
-    fits = expected == shape or (name == "pos_embeddings.weight" and expected is not None
-                                 and shape[1:] == expected[1:] and shape[0] <= expected[0])
+    fits = expected == shape or (
+        name == "pos_embeddings.weight"
+        and expected is not None
+        and shape[1:] == expected[1:]
+        and shape[0] <= expected[0]
+    )
     if not fits:
-        raise UserError(f"parameter {name} has shape {list(shape)} here but {list(expected or [])} in "
-                        f"{root}; use the model settings of its config.json")
+        raise UserError(
+            f"parameter {name} has shape {list(shape)} here but {list(expected or [])} in "
+            f"{root}; use the model settings of its config.json"
+        )
 
 
-def _read_rows(weights: _HFWeights, link: Link, start: int, stop: int, rest: tuple[slice, ...]) -> torch.Tensor:
+def _read_rows(
+    weights: _HFWeights, link: Link, start: int, stop: int, rest: tuple[slice, ...]
+) -> torch.Tensor:
     """Rows [start, stop) of the HF tensor in [out, in] orientation, columns ``rest``."""
     if link.conv1d:
         return weights.read(weights.key(link.key), (*rest, slice(start, stop)), transpose=True)
@@ -159,7 +209,9 @@ def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
     config = hf_config_json(directory)
     values = hf_model_config(directory)
     args = ModelArgs(**values)
-    weights = _HFWeights(Path(directory), args, tied=bool(config.get("tie_word_embeddings", args.tie_embeddings)))
+    weights = _HFWeights(
+        Path(directory), args, tied=bool(config.get("tie_word_embeddings", args.tie_embeddings))
+    )
     weights.check()
     shapes = parameter_shapes(args)
 
@@ -176,8 +228,10 @@ def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
             d = link.rope_head_dim
             first, last = start // d * d, math.ceil(stop / d) * d
             heads = _read_rows(weights, link, first, last, rest)
-            order = (torch.arange(first, last).unflatten(0, (-1, d)) // d * d + rope_rows(d) - first).flatten()
-            block = heads[order[start - first:stop - first]]
+            order = (
+                torch.arange(first, last).unflatten(0, (-1, d)) // d * d + rope_rows(d) - first
+            ).flatten()
+            block = heads[order[start - first : stop - first]]
         return block
 
     return read

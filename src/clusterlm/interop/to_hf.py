@@ -36,9 +36,11 @@ def _encoder_tokenizer(tokenizer: Tokenizer, args: ModelArgs) -> tuple[Tokenizer
     extended = tokenizer.with_special_tokens(SPECIAL_TOKENS)
     for token in SPECIAL_TOKENS:
         if extended.token_id(token) != special_token_id(args.vocab_size, token):
-            raise UserError(f"the run's tokenizer cannot hold {token} at id {special_token_id(args.vocab_size, token)} "
-                            f"where the encoder has it (it has {tokenizer.vocab_size} tokens for a model of "
-                            f"{args.vocab_size}); export a run prepared with a tokenizer of its own")
+            raise UserError(
+                f"the run's tokenizer cannot hold {token} at id {special_token_id(args.vocab_size, token)} "
+                f"where the encoder has it (it has {tokenizer.vocab_size} tokens for a model of "
+                f"{args.vocab_size}); export a run prepared with a tokenizer of its own"
+            )
     return extended, {f"{token.strip('[]').lower()}_token": token for token in SPECIAL_TOKENS}
 
 
@@ -48,9 +50,17 @@ def _tokenizer_files(out: Path, tokenizer: Tokenizer, args: ModelArgs) -> None:
         tokenizer, encoder_special = _encoder_tokenizer(tokenizer, args)
         special |= encoder_special
     (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": args.block_size, **special}
-    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": args.block_size,
+        **special,
+    }
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(settings, indent=2, sort_keys=True) + "\n"
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(special, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def check_destination(out: Path) -> None:
@@ -58,8 +68,14 @@ def check_destination(out: Path) -> None:
         raise UserError(f"{out} exists and is not empty; choose a new --out directory or remove it")
 
 
-def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str], torch.Tensor],
-              tokenizer_json: str, max_shard_bytes: int = DEFAULT_MAX_SHARD, dtype: str = "fp32") -> list[str]:
+def export_hf(
+    out: str | os.PathLike[str],
+    args: ModelArgs,
+    read: Callable[[str], torch.Tensor],
+    tokenizer_json: str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD,
+    dtype: str = "fp32",
+) -> list[str]:
     """Write the HF directory ``out`` of a model of ``args`` whose full tensors ``read`` returns by
     clusterlm name, stored as ``dtype`` (fp32, bf16, fp16); returns the file names written. ``out``
     must be absent or empty."""
@@ -73,9 +89,16 @@ def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str]
         eot_id = Tokenizer(tokenizer_json).eot_id
         config = hf_config(args, eot_id, str(DTYPES[dtype]).removeprefix("torch."))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _tokenizer_files(tmp, Tokenizer(tokenizer_json), args)  # first: a tokenizer misfit reads no weights
-        written = write_sharded(tmp, hf_shapes(args), DTYPES[dtype], max_shard_bytes,
-                                lambda key: assemble(args, key, {name: read(name) for name in pieces[key]}))
+        _tokenizer_files(
+            tmp, Tokenizer(tokenizer_json), args
+        )  # first: a tokenizer misfit reads no weights
+        written = write_sharded(
+            tmp,
+            hf_shapes(args),
+            DTYPES[dtype],
+            max_shard_bytes,
+            lambda key: assemble(args, key, {name: read(name) for name in pieces[key]}),
+        )
         check_destination(out)  # still free: nothing else wrote there meanwhile
         if out.exists():
             out.rmdir()
@@ -83,4 +106,10 @@ def export_hf(out: str | os.PathLike[str], args: ModelArgs, read: Callable[[str]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ["config.json", *written, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    return [
+        "config.json",
+        *written,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]

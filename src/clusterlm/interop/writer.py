@@ -22,18 +22,29 @@ from clusterlm.errors import UserError
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str) -> int:
     """'5GB', '500MiB', '1000000' -> bytes."""
     stripped = text.strip().upper()
     number = stripped.rstrip("KMGIB")
-    unit = stripped[len(number):]
+    unit = stripped[len(number) :]
     try:
         value = float(number) * _UNITS[unit]
     except (KeyError, ValueError):
-        raise UserError(f"size {text!r} is not understood; write e.g. 5GB, 500MB, 2GiB or a byte count") from None
+        raise UserError(
+            f"size {text!r} is not understood; write e.g. 5GB, 500MB, 2GiB or a byte count"
+        ) from None
     if not value > 0 or math.isinf(value):  # nan compares false both ways
         raise UserError(f"size {text!r} must be a positive, finite number of bytes")
     return int(value)
@@ -52,15 +63,23 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
-def write_file(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-               produce: Callable[[str], torch.Tensor]) -> None:
+def write_file(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    produce: Callable[[str], torch.Tensor],
+) -> None:
     """One safetensors file of ``shapes`` (in that order); ``produce(key)`` gives each tensor."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, shape in shapes.items():
         size = math.prod(shape) * itemsize
-        header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": _DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
@@ -73,8 +92,13 @@ def write_file(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtyp
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def write_sharded(out: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_shard_bytes: int,
-                  produce: Callable[[str], torch.Tensor]) -> list[str]:
+def write_sharded(
+    out: Path,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    produce: Callable[[str], torch.Tensor],
+) -> list[str]:
     """``model.safetensors``, or numbered shards and their index when the total exceeds
     ``max_shard_bytes``; returns the file names written."""
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -31,7 +31,9 @@ from torch.distributed.run import parse_args, run
 from clusterlm.launch.rendezvous import register_bound_backend
 from clusterlm.launch.worker_errors import AGENT_VARIABLE, EXIT_USER_ERROR, user_error
 
-PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"  # logs each failed and stopped worker
+PROCESS_LOGGER = (
+    "torch.distributed.elastic.multiprocessing.api"  # logs each failed and stopped worker
+)
 
 
 class HeldBack(logging.Filter):
@@ -53,18 +55,27 @@ class HeldBack(logging.Filter):
 
 def reported_line(err: ChildFailedError) -> str | None:
     """The line to print for a failed group, or None when it failed for another reason first."""
-    reported = {rank: (line, failure.timestamp) for rank, failure in err.failures.items()
-                if (line := user_error(failure.error_file_data)) is not None}
+    reported = {
+        rank: (line, failure.timestamp)
+        for rank, failure in err.failures.items()
+        if (line := user_error(failure.error_file_data)) is not None
+    }
     if not reported:
         return None
     first = min(timestamp for _, timestamp in reported.values())
-    earlier = [rank for rank, failure in err.failures.items() if rank not in reported and failure.timestamp < first]
+    earlier = [
+        rank
+        for rank, failure in err.failures.items()
+        if rank not in reported and failure.timestamp < first
+    ]
     return None if earlier else reported[min(reported)][0]
 
 
 @record
 def main(argv: list[str] | None = None) -> None:
-    os.environ[AGENT_VARIABLE] = "1"  # the workers inherit it: they report a UserError to this process
+    os.environ[AGENT_VARIABLE] = (
+        "1"  # the workers inherit it: they report a UserError to this process
+    )
     # Rank 0 hosts the ranks' store, bound (clusterlm.distributed.listeners): torchrun's shared
     # agent store would listen on every interface.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"

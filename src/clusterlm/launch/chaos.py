@@ -42,24 +42,44 @@ class ChaosReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.recovered}/{self.kills} recovered, final weights identical: "
-                f"{'yes' if self.identical else 'no'}, steps recomputed: {self.recomputed}, "
-                f"wall time overhead: {100 * self.overhead:.0f}%")
+        return (
+            f"{self.recovered}/{self.kills} recovered, final weights identical: "
+            f"{'yes' if self.identical else 'no'}, steps recomputed: {self.recomputed}, "
+            f"wall time overhead: {100 * self.overhead:.0f}%"
+        )
 
 
-def _train_command(nproc: int, train_argv: list[str], out_dir: Path, max_restarts: int) -> list[str]:
-    return [sys.executable, "-m", "clusterlm", "train", *train_argv, "--nproc", str(nproc),
-            "--max-restarts", str(max_restarts), "--training.out_dir", str(out_dir)]
+def _train_command(
+    nproc: int, train_argv: list[str], out_dir: Path, max_restarts: int
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "clusterlm",
+        "train",
+        *train_argv,
+        "--nproc",
+        str(nproc),
+        "--max-restarts",
+        str(max_restarts),
+        "--training.out_dir",
+        str(out_dir),
+    ]
 
 
 def _group(out_dir: Path, restart: int, nproc: int) -> dict[int, dict] | None:
     """The heartbeats of group ``restart`` once all its ranks train, else None."""
-    beats = {b["rank"]: b for b in all_heartbeats(out_dir / "heartbeat")
-             if b["generation"].endswith(f":{restart}") and b.get("start_step") is not None}
+    beats = {
+        b["rank"]: b
+        for b in all_heartbeats(out_dir / "heartbeat")
+        if b["generation"].endswith(f":{restart}") and b.get("start_step") is not None
+    }
     return beats if len(beats) == nproc else None
 
 
-def _wait_for_group(job: subprocess.Popen, out_dir: Path, restart: int, nproc: int) -> dict[int, dict] | None:
+def _wait_for_group(
+    job: subprocess.Popen, out_dir: Path, restart: int, nproc: int
+) -> dict[int, dict] | None:
     deadline = time.monotonic() + GROUP_TIMEOUT_S
     while time.monotonic() < deadline and job.poll() is None:
         group = _group(out_dir, restart, nproc)
@@ -69,7 +89,9 @@ def _wait_for_group(job: subprocess.Popen, out_dir: Path, restart: int, nproc: i
     return None
 
 
-def _wait_for_write(job: subprocess.Popen, checkpoints: Path, seen: set[str], limit_s: float) -> bool:
+def _wait_for_write(
+    job: subprocess.Popen, checkpoints: Path, seen: set[str], limit_s: float
+) -> bool:
     """Poll until a checkpoint's temporary directory appears that was not there before."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline and job.poll() is None:
@@ -79,8 +101,16 @@ def _wait_for_write(job: subprocess.Popen, checkpoints: Path, seen: set[str], li
     return False
 
 
-def _kill_one(job, out_dir: Path, restart: int, nproc: int, rng: random.Random, during_write: bool,
-              max_delay_s: float, report: ChaosReport) -> int | None:
+def _kill_one(
+    job,
+    out_dir: Path,
+    restart: int,
+    nproc: int,
+    rng: random.Random,
+    during_write: bool,
+    max_delay_s: float,
+    report: ChaosReport,
+) -> int | None:
     """Kill a random rank of group ``restart``; returns the step it had reached (None: job over)."""
     group = _wait_for_group(job, out_dir, restart, nproc)
     if group is None:
@@ -104,29 +134,53 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_for_inference(find_checkpoint(str(run)), device="cpu").model.parts[0].state_dict()
 
 
-def run_chaos(nproc: int, kills: int, train_argv: list[str], out_root: Path, seed: int = 0,
-              max_delay_s: float = 3.0, write_kills: bool = True) -> ChaosReport:
+def run_chaos(
+    nproc: int,
+    kills: int,
+    train_argv: list[str],
+    out_root: Path,
+    seed: int = 0,
+    max_delay_s: float = 3.0,
+    write_kills: bool = True,
+) -> ChaosReport:
     reference, chaos = out_root / "reference", out_root / "chaos"
     for run in (reference, chaos):
         if run.exists():
-            raise UserError(f"{run} exists; chaos writes a fresh reference and chaos run, choose a new "
-                            "--training.out_dir")
+            raise UserError(
+                f"{run} exists; chaos writes a fresh reference and chaos run, choose a new "
+                "--training.out_dir"
+            )
     out_root.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(out_root / "reference.log", "w") as log:
-        status = subprocess.call(_train_command(nproc, train_argv, reference, 0), stdout=log, stderr=log)
+        status = subprocess.call(
+            _train_command(nproc, train_argv, reference, 0), stdout=log, stderr=log
+        )
     reference_s = time.monotonic() - start
     if status != 0:
-        raise UserError(f"the uninterrupted reference run failed with status {status}; see {out_root}/reference.log")
+        raise UserError(
+            f"the uninterrupted reference run failed with status {status}; see {out_root}/reference.log"
+        )
     rng, report = random.Random(seed), ChaosReport(kills)
     start = time.monotonic()
     log = open(out_root / "chaos.log", "w")  # noqa: SIM115 - open while the job runs
     job = subprocess.Popen(_train_command(nproc, train_argv, chaos, kills), stdout=log, stderr=log)
     try:
         for restart in range(kills):
-            step = _kill_one(job, chaos, restart, nproc, rng, write_kills and restart % 2 == 1, max_delay_s, report)
+            step = _kill_one(
+                job,
+                chaos,
+                restart,
+                nproc,
+                rng,
+                write_kills and restart % 2 == 1,
+                max_delay_s,
+                report,
+            )
             if step is None:
-                report.notes.append(f"the job ended before kill {restart + 1}; give it more --training.steps")
+                report.notes.append(
+                    f"the job ended before kill {restart + 1}; give it more --training.steps"
+                )
                 break
             resumed = _wait_for_group(job, chaos, restart + 1, nproc)
             if resumed is not None:
@@ -144,5 +198,7 @@ def run_chaos(nproc: int, kills: int, train_argv: list[str], out_root: Path, see
         report.recovered = min(report.recovered, kills - 1)
         return report
     ours, theirs = _final_weights(chaos), _final_weights(reference)
-    report.identical = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    report.identical = ours.keys() == theirs.keys() and all(
+        torch.equal(ours[k], theirs[k]) for k in ours
+    )
     return report

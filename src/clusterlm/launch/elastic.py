@@ -27,8 +27,10 @@ def node_range(nnodes: str) -> tuple[int, int]:
     if lowest < 1:
         raise UserError(f"--nnodes {nnodes}: a job needs at least 1 node; use MIN >= 1")
     if lowest > highest:
-        raise UserError(f"--nnodes {nnodes}: MIN is larger than MAX; use MIN:MAX with MIN <= MAX, "
-                        f"e.g. {highest}:{lowest}")
+        raise UserError(
+            f"--nnodes {nnodes}: MIN is larger than MAX; use MIN:MAX with MIN <= MAX, "
+            f"e.g. {highest}:{lowest}"
+        )
     return lowest, highest
 
 
@@ -38,15 +40,19 @@ def check_sizes(cfg: Config, nproc: int, nnodes: str) -> list[int]:
     lowest, highest = node_range(nnodes)
     sizes = [nodes * nproc for nodes in range(lowest, highest + 1)]
     if len(sizes) > 1 and not cfg.training.tokens_per_step:
-        raise UserError(f"an elastic job (--nnodes {nnodes}) needs training.tokens_per_step, so the global "
-                        "batch stays the same when the group changes size; set it to a multiple of micro_batch_size "
-                        f"x seq_len x each data-parallel size of {sizes} processes")
+        raise UserError(
+            f"an elastic job (--nnodes {nnodes}) needs training.tokens_per_step, so the global "
+            "batch stays the same when the group changes size; set it to a multiple of micro_batch_size "
+            f"x seq_len x each data-parallel size of {sizes} processes"
+        )
     for world_size in sizes:
         try:
             check_layout(cfg, world_size)
         except UserError as exc:
             if len(sizes) == 1:
                 raise
-            raise UserError(f"--nnodes {nnodes} lets the group run on {world_size} processes, where {exc}; "
-                            "choose a range whose every size fits the layout") from None
+            raise UserError(
+                f"--nnodes {nnodes} lets the group run on {world_size} processes, where {exc}; "
+                "choose a range whose every size fits the layout"
+            ) from None
     return sizes

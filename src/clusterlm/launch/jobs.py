@@ -35,12 +35,36 @@ def user_jobs(user: str | None = None) -> list[JobStatus]:
     """The user's clusterlm jobs, oldest first, each with its progress."""
     require_command("squeue")
     user = user or getpass.getuser()
-    squeue = _start(["squeue", "--noheader", "--states=all", f"--user={user}", f"--name={JOB_NAME}",
-                     "--format=%i|%T|%k"])
-    sacct = _start(["sacct", "--noheader", "--parsable2", "--allocations", f"--user={user}", f"--name={JOB_NAME}",
-                    "--starttime=now-7days", "--format=JobID,State,Comment"]) if shutil.which("sacct") else None
+    squeue = _start(
+        [
+            "squeue",
+            "--noheader",
+            "--states=all",
+            f"--user={user}",
+            f"--name={JOB_NAME}",
+            "--format=%i|%T|%k",
+        ]
+    )
+    sacct = (
+        _start(
+            [
+                "sacct",
+                "--noheader",
+                "--parsable2",
+                "--allocations",
+                f"--user={user}",
+                f"--name={JOB_NAME}",
+                "--starttime=now-7days",
+                "--format=JobID,State,Comment",
+            ]
+        )
+        if shutil.which("sacct")
+        else None
+    )
     queued = _rows(squeue, required=True)
-    finished = _rows(sacct, required=False) if sacct else {}  # no accounting: only what squeue still holds
+    finished = (
+        _rows(sacct, required=False) if sacct else {}
+    )  # no accounting: only what squeue still holds
     jobs = [_status(job_id, *fields) for job_id, fields in {**finished, **queued}.items()]
     return sorted(jobs, key=lambda job: [int(part) for part in re.findall(r"\d+", job.job_id)])
 
@@ -78,7 +102,9 @@ def _status(job_id: str, state: str, comment: str) -> JobStatus:
         run_dir = str(about["run"])
         job = JobStatus(job_id, state, run_dir, int(about["steps"]))
     except (ValueError, KeyError, TypeError):
-        return JobStatus(job_id, state)  # not submitted by clusterlm submit, or accounting keeps no comment
+        return JobStatus(
+            job_id, state
+        )  # not submitted by clusterlm submit, or accounting keeps no comment
     record = last_train_record(Path(run_dir) / "metrics.jsonl")
     if record:
         job.step, job.loss = record.get("step"), record.get("loss")

@@ -30,7 +30,9 @@ def preflight(cfg: Config, nproc: int, nnodes: str) -> None:
     check_sizes(cfg, nproc, nnodes)
     check_output_path(cfg.training.out_dir, "training.out_dir")
     if cfg.finetune.task:
-        load_task(cfg.finetune.task, verify=False)  # the manifest, and each file at its recorded size
+        load_task(
+            cfg.finetune.task, verify=False
+        )  # the manifest, and each file at its recorded size
     else:
         check_files_present(cfg.data.dir)
     directory = pretrained_dir(cfg)
@@ -40,5 +42,7 @@ def preflight(cfg: Config, nproc: int, nnodes: str) -> None:
         pretrained_checkpoint_model(cfg.finetune.init_from)
     resume = cfg.checkpoint.resume
     if resume not in ("none", "auto") and not (Path(resume) / COMPLETE).is_file():
-        raise UserError(f"checkpoint.resume {resume} is not a complete checkpoint (no {COMPLETE}); give a "
-                        "checkpoints/step_* directory, auto for the newest in training.out_dir, or none")
+        raise UserError(
+            f"checkpoint.resume {resume} is not a complete checkpoint (no {COMPLETE}); give a "
+            "checkpoints/step_* directory, auto for the newest in training.out_dir, or none"
+        )

@@ -42,13 +42,25 @@ def rendezvous_store(params: RendezvousParameters) -> dist.TCPStore:
     for index, serve in enumerate(attempts):
         try:
             if serve:
-                return hosted_store(host, port, bind_host(host, params.max_nodes > 1), timeout_s,
-                                    wait_for_workers=False)
-            return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s),
-                                 use_libuv=use_libuv())
+                return hosted_store(
+                    host,
+                    port,
+                    bind_host(host, params.max_nodes > 1),
+                    timeout_s,
+                    wait_for_workers=False,
+                )
+            return dist.TCPStore(
+                host,
+                port,
+                is_master=False,
+                timeout=timedelta(seconds=timeout_s),
+                use_libuv=use_libuv(),
+            )
         except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
             if index == len(attempts) - 1:
-                raise RendezvousConnectionError(f"cannot reach or host the rendezvous store at {host}:{port}") from exc
+                raise RendezvousConnectionError(
+                    f"cannot reach or host the rendezvous store at {host}:{port}"
+                ) from exc
     raise AssertionError("unreachable")
 
 

@@ -32,11 +32,15 @@ from clusterlm.distributed.mpi_environment import PORT_BASE, PORT_SPAN
 from clusterlm.errors import UserError
 
 JOB_NAME = "clusterlm"
-TIME_PATTERN = re.compile(r"(\d+-)?\d+(:\d+){0,2}")  # Slurm's MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS
+TIME_PATTERN = re.compile(
+    r"(\d+-)?\d+(:\d+){0,2}"
+)  # Slurm's MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS
 PARTITION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 JOB_ID_PATTERN = re.compile(r"\d+(_\d+)?")
 BACKEND = "clusterlm"  # clusterlm.launch.agent's rendezvous backend (not imported: `jobs` and `cancel` stay light)
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun passes these on to its workers
+TORCHRUN_SIGNALS = (
+    "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun passes these on to its workers
+)
 TIMEOUT_S = 10  # for Slurm's client commands; a live controller answers in well under a second
 
 
@@ -61,19 +65,31 @@ class SlurmJob:
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a whole number of at least 1, got {value!r}")
         if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
-            raise UserError(f"--gpus-per-node must be a whole number of at least 0, got {self.gpus_per_node!r}")
+            raise UserError(
+                f"--gpus-per-node must be a whole number of at least 0, got {self.gpus_per_node!r}"
+            )
         if self.time and not TIME_PATTERN.fullmatch(self.time):
-            raise UserError(f"--time takes Slurm's MINUTES, H:MM:SS, D-H or D-H:MM:SS, got {self.time!r}")
+            raise UserError(
+                f"--time takes Slurm's MINUTES, H:MM:SS, D-H or D-H:MM:SS, got {self.time!r}"
+            )
         if self.partition and not PARTITION_PATTERN.fullmatch(self.partition):
-            raise UserError(f"--partition takes a partition name (letters, digits, _ . -), got {self.partition!r}")
+            raise UserError(
+                f"--partition takes a partition name (letters, digits, _ . -), got {self.partition!r}"
+            )
         if not 15 <= self.grace_s <= 65535:
-            raise UserError(f"--grace must be 15 to 65535 seconds (time to checkpoint and requeue), got {self.grace_s}")
+            raise UserError(
+                f"--grace must be 15 to 65535 seconds (time to checkpoint and requeue), got {self.grace_s}"
+            )
         if self.time and time_limit_s(self.time) <= self.grace_s:
-            raise UserError(f"--time {self.time} is not longer than --grace {self.grace_s} s: the job would be told to "
-                            "stop before it starts; give more time or a shorter --grace")
+            raise UserError(
+                f"--time {self.time} is not longer than --grace {self.grace_s} s: the job would be told to "
+                "stop before it starts; give more time or a shorter --grace"
+            )
         if "%" in self.run_dir:
-            raise UserError(f"training.out_dir {self.run_dir!r} contains '%', which Slurm reads as a file name "
-                            "pattern; choose a directory without it")
+            raise UserError(
+                f"training.out_dir {self.run_dir!r} contains '%', which Slurm reads as a file name "
+                "pattern; choose a directory without it"
+            )
 
     @property
     def comment(self) -> str:
@@ -99,57 +115,84 @@ def time_limit_s(text: str) -> int:
 def batch_script(job: SlurmJob) -> str:
     """The sbatch script: directives, then one torchrun per node under srun, with the signal
     handling that checkpoints and requeues before the time limit."""
-    directives = [f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={job.procs_per_node}",
-                  f"--signal=B:USR1@{job.grace_s}", "--requeue", "--open-mode=append"]
-    directives += [f"--time={job.time}"] * bool(job.time) + [f"--partition={job.partition}"] * bool(job.partition)
+    directives = [
+        f"--nodes={job.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={job.procs_per_node}",
+        f"--signal=B:USR1@{job.grace_s}",
+        "--requeue",
+        "--open-mode=append",
+    ]
+    directives += [f"--time={job.time}"] * bool(job.time) + [f"--partition={job.partition}"] * bool(
+        job.partition
+    )
     directives += [f"--gpus-per-node={job.gpus_per_node}"] * bool(job.gpus_per_node)
     torchrun = [
-        shlex.quote(job.python), "-m", "clusterlm.launch.agent", '--nnodes="$SLURM_JOB_NUM_NODES"',
-        f"--nproc-per-node={job.procs_per_node}", f"--rdzv-backend={BACKEND}", '--rdzv-endpoint="$head_node:$port"',
-        '--rdzv-id="$SLURM_JOB_ID"', f"--signals-to-handle={TORCHRUN_SIGNALS}",
-        f"--shutdown-timeout={job.grace_s - 10}", "-m", "clusterlm", "train",
-        *map(shlex.quote, job.train_argv), "--resume", "auto",
+        shlex.quote(job.python),
+        "-m",
+        "clusterlm.launch.agent",
+        '--nnodes="$SLURM_JOB_NUM_NODES"',
+        f"--nproc-per-node={job.procs_per_node}",
+        f"--rdzv-backend={BACKEND}",
+        '--rdzv-endpoint="$head_node:$port"',
+        '--rdzv-id="$SLURM_JOB_ID"',
+        f"--signals-to-handle={TORCHRUN_SIGNALS}",
+        f"--shutdown-timeout={job.grace_s - 10}",
+        "-m",
+        "clusterlm",
+        "train",
+        *map(shlex.quote, job.train_argv),
+        "--resume",
+        "auto",
     ]
-    return "\n".join([
-        "#!/bin/bash",
-        *(f"#SBATCH {d}" for d in directives),
-        "# One torchrun per node; they meet on the first node. A requeued job resumes from the newest checkpoint.",
-        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        f'port=${{MASTER_PORT:-$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))}}',
-        "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # restarted groups set up gloo reliably",
-        "# The job's secret, new for every run of the script; srun passes it on. Never print it.",
-        f"{SECRET_VARIABLE}=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')",
-        f'[ "${{#{SECRET_VARIABLE}}}" -eq 64 ] || {{ echo "clusterlm: cannot read /dev/urandom" >&2; exit 1; }}',
-        f"export {SECRET_VARIABLE}",
-        f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{job.procs_per_node}}} / {job.procs_per_node} ))",
-        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"',
-        "",
-        "# USR1: the time limit is near (or someone sent it): the ranks checkpoint and exit, then the job requeues.",
-        "checkpoint_and_requeue() {",
-        '    echo "clusterlm: USR1 at $(date +%FT%T): the ranks checkpoint; then job $SLURM_JOB_ID is requeued" >&2',
-        '    scancel --signal=USR1 "$SLURM_JOB_ID"',
-        '    wait "$ranks"',
-        '    scontrol requeue "$SLURM_JOB_ID"',
-        "    exit 0",
-        "}",
-        "trap checkpoint_and_requeue USR1",
-        "# TERM (cancelled, preempted): Slurm signals the ranks itself; let them finish saving.",
-        """trap 'echo "clusterlm: TERM: waiting for the ranks to stop" >&2' TERM""",
-        "",
-        # srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 and later): every CPU to the node's torchrun.
-        'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
-        "    " + " ".join(torchrun) + " &",
-        "ranks=$!",
-        'wait "$ranks"; status=$?',
-        'while kill -0 "$ranks" 2>/dev/null; do wait "$ranks"; status=$?; done  # a trap ended the wait early',
-        'exit "$status"',
-        "",
-    ])
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            *(f"#SBATCH {d}" for d in directives),
+            "# One torchrun per node; they meet on the first node. A requeued job resumes from the newest checkpoint.",
+            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            f"port=${{MASTER_PORT:-$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))}}",
+            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # restarted groups set up gloo reliably",
+            "# The job's secret, new for every run of the script; srun passes it on. Never print it.",
+            f"{SECRET_VARIABLE}=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')",
+            f'[ "${{#{SECRET_VARIABLE}}}" -eq 64 ] || {{ echo "clusterlm: cannot read /dev/urandom" >&2; exit 1; }}',
+            f"export {SECRET_VARIABLE}",
+            f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{job.procs_per_node}}} / {job.procs_per_node} ))",
+            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"',
+            "",
+            "# USR1: the time limit is near (or someone sent it): the ranks checkpoint and exit, then the job requeues.",
+            "checkpoint_and_requeue() {",
+            '    echo "clusterlm: USR1 at $(date +%FT%T): the ranks checkpoint; then job $SLURM_JOB_ID is requeued" >&2',
+            '    scancel --signal=USR1 "$SLURM_JOB_ID"',
+            '    wait "$ranks"',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "    exit 0",
+            "}",
+            "trap checkpoint_and_requeue USR1",
+            "# TERM (cancelled, preempted): Slurm signals the ranks itself; let them finish saving.",
+            """trap 'echo "clusterlm: TERM: waiting for the ranks to stop" >&2' TERM""",
+            "",
+            # srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 and later): every CPU to the node's torchrun.
+            'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
+            "    " + " ".join(torchrun) + " &",
+            "ranks=$!",
+            'wait "$ranks"; status=$?',
+            'while kill -0 "$ranks" 2>/dev/null; do wait "$ranks"; status=$?; done  # a trap ended the wait early',
+            'exit "$status"',
+            "",
+        ]
+    )
 
 
 def sbatch_command(job: SlurmJob) -> list[str]:
     """sbatch's argument vector; the script comes on its standard input."""
-    return ["sbatch", "--parsable", f"--job-name={JOB_NAME}", f"--comment={job.comment}", f"--output={job.log_path}"]
+    return [
+        "sbatch",
+        "--parsable",
+        f"--job-name={JOB_NAME}",
+        f"--comment={job.comment}",
+        f"--output={job.log_path}",
+    ]
 
 
 def submit(job: SlurmJob) -> str:
@@ -166,7 +209,11 @@ def check_partition(name: str) -> None:
     require_command("scontrol")
     result = _call(["scontrol", "show", "partition", name])
     if result.returncode != 0:
-        known = _call(["sinfo", "--noheader", "--format=%R"]).stdout.split() if shutil.which("sinfo") else []
+        known = (
+            _call(["sinfo", "--noheader", "--format=%R"]).stdout.split()
+            if shutil.which("sinfo")
+            else []
+        )
         choices = f"; this cluster has: {', '.join(sorted(set(known)))}" if known else ""
         raise UserError(f"Slurm has no partition {name!r}{choices}")
 
@@ -176,9 +223,13 @@ def cancel(job_id: str) -> None:
     if not JOB_ID_PATTERN.fullmatch(job_id):
         raise UserError(f"a Slurm job id is a number such as 1234, got {job_id!r}")
     require_command("squeue")
-    found = _call(["squeue", "--noheader", "--states=all", f"--jobs={job_id}", "--format=%j|%u"]).stdout.split()
+    found = _call(
+        ["squeue", "--noheader", "--states=all", f"--jobs={job_id}", "--format=%j|%u"]
+    ).stdout.split()
     if f"{JOB_NAME}|{getpass.getuser()}" not in found:
-        raise UserError(f"job {job_id} is not one of your clusterlm jobs in Slurm's queue; `clusterlm jobs` lists them")
+        raise UserError(
+            f"job {job_id} is not one of your clusterlm jobs in Slurm's queue; `clusterlm jobs` lists them"
+        )
     run_slurm(["scancel", job_id])
 
 
@@ -187,7 +238,9 @@ def run_slurm(argv: list[str], input: str | None = None) -> str:
     result = _call(argv, input)
     if result.returncode != 0:
         lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-        raise UserError(f"{argv[0]} failed: {lines[0] if lines else f'exit status {result.returncode}'}")
+        raise UserError(
+            f"{argv[0]} failed: {lines[0] if lines else f'exit status {result.returncode}'}"
+        )
     return result.stdout
 
 
@@ -199,10 +252,14 @@ def _call(argv: list[str], input: str | None = None) -> subprocess.CompletedProc
 
 
 def no_answer(command: str) -> UserError:
-    return UserError(f"{command} did not answer in {TIMEOUT_S} s: is slurmctld up, and SLURM_CONF right if it is set?")
+    return UserError(
+        f"{command} did not answer in {TIMEOUT_S} s: is slurmctld up, and SLURM_CONF right if it is set?"
+    )
 
 
 def require_command(command: str) -> None:
     if shutil.which(command) is None:
-        raise UserError(f"Slurm is not installed here ({command} is not on PATH): run on the cluster's login node, "
-                        "or install Slurm's client commands (Debian: apt-get install slurm-client)")
+        raise UserError(
+            f"Slurm is not installed here ({command} is not on PATH): run on the cluster's login node, "
+            "or install Slurm's client commands (Debian: apt-get install slurm-client)"
+        )

@@ -27,8 +27,15 @@ from clusterlm.launch.worker_errors import EXIT_USER_ERROR
 from clusterlm.observe.watchdog import holds_only_heartbeats, remove_heartbeats
 from clusterlm.train.out_dir import launcher_claim
 
-LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts", "--rdzv-id", "--local-addr",
-                  "--rdzv-conf")
+LAUNCH_OPTIONS = (
+    "--nproc",
+    "--nnodes",
+    "--rdzv-endpoint",
+    "--max-restarts",
+    "--rdzv-id",
+    "--local-addr",
+    "--rdzv-conf",
+)
 
 
 @dataclass(frozen=True)
@@ -43,12 +50,16 @@ class LaunchOptions:
 
     def __post_init__(self) -> None:
         if self.nproc < 0:
-            raise UserError(f"--nproc must be >= 0 (processes per node; 0 = this process only), got {self.nproc}")
+            raise UserError(
+                f"--nproc must be >= 0 (processes per node; 0 = this process only), got {self.nproc}"
+            )
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         malformed = [item for item in self.rdzv_conf.split(",") if item and "=" not in item]
         if malformed:
-            raise UserError(f"--rdzv-conf takes KEY=VALUE[,KEY=VALUE...], e.g. join_timeout=120; got {malformed[0]!r}")
+            raise UserError(
+                f"--rdzv-conf takes KEY=VALUE[,KEY=VALUE...], e.g. join_timeout=120; got {malformed[0]!r}"
+            )
 
     @property
     def launches(self) -> bool:
@@ -65,14 +76,23 @@ class LaunchOptions:
         the store, and MASTER_ADDR, are on loopback; on several, the node whose --local-addr is
         the endpoint's host hosts the rendezvous store (torchrun's own guess compares only hostnames)."""
         if self.standalone:
-            return [f"--rdzv-backend={BACKEND}", f"--rdzv-endpoint={LOOPBACK}:0", f"--rdzv-id={self.rdzv_id}",
-                    f"--local-addr={LOOPBACK}"]
-        arguments = [f"--rdzv-backend={BACKEND}", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"]
+            return [
+                f"--rdzv-backend={BACKEND}",
+                f"--rdzv-endpoint={LOOPBACK}:0",
+                f"--rdzv-id={self.rdzv_id}",
+                f"--local-addr={LOOPBACK}",
+            ]
+        arguments = [
+            f"--rdzv-backend={BACKEND}",
+            f"--rdzv-endpoint={self.rdzv_endpoint}",
+            f"--rdzv-id={self.rdzv_id}",
+        ]
         conf = [item for item in self.rdzv_conf.split(",") if item]
         if self.local_addr:
             arguments.append(f"--local-addr={self.local_addr}")
             if self.local_addr == self.rdzv_endpoint.rpartition(":")[0] and not any(
-                    item.startswith("is_host=") for item in conf):
+                item.startswith("is_host=") for item in conf
+            ):
                 conf.append("is_host=1")
         return arguments + ([f"--rdzv-conf={','.join(conf)}"] if conf else [])
 
@@ -94,24 +114,42 @@ def torchrun_command(opts: LaunchOptions, command_argv: list[str]) -> list[str]:
     """``command_argv`` is the clusterlm command line, e.g. ['train', '--config', ...]."""
     if opts.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {opts.nproc}")
-    command = [sys.executable, "-m", "clusterlm.launch.agent", f"--nproc-per-node={opts.nproc}",
-               f"--nnodes={opts.nnodes}", f"--max-restarts={opts.max_restarts}"]
+    command = [
+        sys.executable,
+        "-m",
+        "clusterlm.launch.agent",
+        f"--nproc-per-node={opts.nproc}",
+        f"--nnodes={opts.nnodes}",
+        f"--max-restarts={opts.max_restarts}",
+    ]
     node_range(opts.nnodes)
     if not opts.standalone and opts.rdzv_endpoint.endswith(":0"):
-        raise UserError(f"--nnodes {opts.nnodes} needs --rdzv-endpoint HOST:PORT with a port every node can reach "
-                        "(port 0 picks a free one only for a single node)")
-    return [*command, *opts.rendezvous_arguments(), "-m", "clusterlm", *without_launch_arguments(command_argv)]
+        raise UserError(
+            f"--nnodes {opts.nnodes} needs --rdzv-endpoint HOST:PORT with a port every node can reach "
+            "(port 0 picks a free one only for a single node)"
+        )
+    return [
+        *command,
+        *opts.rendezvous_arguments(),
+        "-m",
+        "clusterlm",
+        *without_launch_arguments(command_argv),
+    ]
 
 
-def job_environment(opts: LaunchOptions, env: dict[str, str], parameter_server: bool) -> dict[str, str]:
+def job_environment(
+    opts: LaunchOptions, env: dict[str, str], parameter_server: bool
+) -> dict[str, str]:
     """The launcher's environment for the job: its secret (the one exported, which every node of
     a multi-node job must share, or a new one), gloo on the interface of --local-addr, rank 0
     hosting the ranks' store (never the agent, whose store torchrun binds to every interface)."""
     if not env.get(SECRET_VARIABLE):
         if not opts.standalone and parameter_server:
-            raise UserError(f"a parameter-server job on several nodes needs the same {SECRET_VARIABLE} on every node: "
-                            f"export {SECRET_VARIABLE}=<the same random value> on each before `clusterlm train`, e.g. "
-                            "from `python3 -c 'import secrets; print(secrets.token_hex(32))'`")
+            raise UserError(
+                f"a parameter-server job on several nodes needs the same {SECRET_VARIABLE} on every node: "
+                f"export {SECRET_VARIABLE}=<the same random value> on each before `clusterlm train`, e.g. "
+                "from `python3 -c 'import secrets; print(secrets.token_hex(32))'`"
+            )
         env[SECRET_VARIABLE] = new_secret()
     if opts.local_addr and not opts.standalone and "GLOO_SOCKET_IFNAME" not in env:
         interface = interface_of(opts.local_addr)
@@ -137,6 +175,10 @@ def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
     fresh = holds_only_heartbeats(cfg.training.out_dir)
     with launcher_claim(cfg, env) if trains else contextlib.nullcontext():
         status = run_forwarding_preemption(command, env)
-    if status == EXIT_USER_ERROR and fresh:  # a worker's bad input: the disk as it was, as in one process
-        remove_heartbeats(cfg.training.out_dir)  # what a rank stopped before it cleaned up left behind
+    if (
+        status == EXIT_USER_ERROR and fresh
+    ):  # a worker's bad input: the disk as it was, as in one process
+        remove_heartbeats(
+            cfg.training.out_dir
+        )  # what a rank stopped before it cleaned up left behind
     return status

@@ -29,7 +29,14 @@ def report_to_agent(message: str) -> bool:
         return False
     try:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"message": f"UserError: {message}", "timestamp": int(time.time()), USER_ERROR: message}, f)
+            json.dump(
+                {
+                    "message": f"UserError: {message}",
+                    "timestamp": int(time.time()),
+                    USER_ERROR: message,
+                },
+                f,
+            )
     except OSError:
         return False
     return True

@@ -27,5 +27,13 @@ def model_layers(model: nn.Module) -> nn.ModuleDict:
     return layers
 
 
-__all__ = ["Encoder", "ModelArgs", "Transformer", "create_model", "model_args", "model_layers", "param_count",
-           "training_flops_per_token"]
+__all__ = [
+    "Encoder",
+    "ModelArgs",
+    "Transformer",
+    "create_model",
+    "model_args",
+    "model_layers",
+    "param_count",
+    "training_flops_per_token",
+]

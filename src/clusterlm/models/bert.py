@@ -78,7 +78,9 @@ class Encoder(nn.Module):
         # None under a fine-tuning head (``clusterlm.models.classifier``), which reads ``features``.
         self.head: MaskedLMHead | None = MaskedLMHead(args)
         self.head.output.weight = self.tok_embeddings.weight
-        if not self.tok_embeddings.weight.is_meta:  # on the meta device, values come per shard later
+        if (
+            not self.tok_embeddings.weight.is_meta
+        ):  # on the meta device, values come per shard later
             self.reset_parameters()
 
     @property
@@ -100,23 +102,35 @@ class Encoder(nn.Module):
             seed = int(torch.randint(0, 2**62, ()).item())
         fill_parameters(self, seeded_source(self.init_rule, seed))
 
-    def forward(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        token_types: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens [B, T] -> masked-LM logits [B, T, vocab + specials]. ``token_types`` [B, T] (0 or 1)
         default to segment A; ``padding_mask`` [B, T] is True at real tokens: padded positions are
         never attended to (their own outputs are meaningless)."""
         assert self.head is not None, "the masked-LM head was removed for a classifier"
         return self.head(self.features(tokens, token_types, padding_mask))
 
-    def features(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None,
-                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self,
+        tokens: torch.Tensor,
+        token_types: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The last block's hidden states [B, T, d], which the masked-LM head (or a fine-tuning
         head) reads; arguments as for ``forward``."""
         seq = tokens.size(1)
         if seq > self.args.block_size:
             raise ValueError(f"sequence length {seq} exceeds block_size {self.args.block_size}")
-        h = self.tok_embeddings(tokens) + self.pos_embeddings(torch.arange(seq, device=tokens.device))
-        h = h + self.type_embeddings(torch.zeros_like(tokens) if token_types is None else token_types)
+        h = self.tok_embeddings(tokens) + self.pos_embeddings(
+            torch.arange(seq, device=tokens.device)
+        )
+        h = h + self.type_embeddings(
+            torch.zeros_like(tokens) if token_types is None else token_types
+        )
         h = self.dropout(self.emb_norm(h))
         attn_mask = None if padding_mask is None else padding_mask[:, None, None, :]
         for layer in self.layers.values():

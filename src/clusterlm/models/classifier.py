@@ -58,13 +58,17 @@ class SequenceClassifier(nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The parameters fine-tuning adds (pooler and classifier), which may take their own LR."""
-        return [p for name in HEAD_MODULES if getattr(self, name) is not None
-                for p in getattr(self, name).parameters()]
+        return [
+            p
+            for name in HEAD_MODULES
+            if getattr(self, name) is not None
+            for p in getattr(self, name).parameters()
+        ]
 
     def init_rule(self, name: str) -> InitRule:
         """The backbone's own rule for its parameters; N(0, 0.02) weights and zero biases for the head."""
         if name.startswith(BACKBONE):
-            return self.backbone.init_rule(name[len(BACKBONE):])
+            return self.backbone.init_rule(name[len(BACKBONE) :])
         return InitRule("zeros") if name.endswith("bias") else InitRule("normal", 0.02)
 
     def freeze_lower_layers(self, count: int) -> None:

@@ -106,8 +106,12 @@ class Attention(nn.Module):
         self.causal = not args.is_encoder
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``attn_mask`` (encoder only): [B, 1, 1, T] boolean, True where a key may be attended."""
         batch, seq, _ = x.shape
         # -1 rather than n_head: under tensor parallelism each rank holds a slice of the heads.
@@ -116,18 +120,27 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if k.size(1) != q.size(1):  # grouped-query attention: each KV head serves a group of Q heads
+        if k.size(1) != q.size(
+            1
+        ):  # grouped-query attention: each KV head serves a group of Q heads
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=self.causal,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(batch, seq, -1)))
 
 
 ATTENTION_KERNELS = {
-    "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
 }
 
 
@@ -177,7 +190,9 @@ class Block(nn.Module):
         self.mlp_norm = norm_layer(args)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -201,9 +216,15 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if args.is_llama:
-            self.register_buffer("rope_cos", torch.empty(args.block_size, args.head_dim // 2), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(args.block_size, args.head_dim // 2), persistent=False)
-        if not self.tok_embeddings.weight.is_meta:  # on the meta device, values come per shard later
+            self.register_buffer(
+                "rope_cos", torch.empty(args.block_size, args.head_dim // 2), persistent=False
+            )
+            self.register_buffer(
+                "rope_sin", torch.empty(args.block_size, args.head_dim // 2), persistent=False
+            )
+        if (
+            not self.tok_embeddings.weight.is_meta
+        ):  # on the meta device, values come per shard later
             self.init_buffers()
             self.reset_parameters()
 
@@ -225,7 +246,11 @@ class Transformer(nn.Module):
             return InitRule("ones" if kind == "weight" else "zeros")
         if kind == "bias":
             return InitRule("zeros")
-        scale = 1 / math.sqrt(2 * self.args.n_layer) if getattr(module, "residual_projection", False) else 1.0
+        scale = (
+            1 / math.sqrt(2 * self.args.n_layer)
+            if getattr(module, "residual_projection", False)
+            else 1.0
+        )
         return InitRule("normal", 0.02 * scale)
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -275,7 +300,9 @@ class Transformer(nn.Module):
         and position tables, the N of the 6N FLOP rule, unless they double as the output head."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            assert self.tok_embeddings is not None and self.output is not None, "the whole model, not a stage"
+            assert self.tok_embeddings is not None and self.output is not None, (
+                "the whole model, not a stage"
+            )
             if self.pos_embeddings is not None:
                 n -= self.pos_embeddings.weight.numel()
             if self.output.weight is not self.tok_embeddings.weight:

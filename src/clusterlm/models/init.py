@@ -41,7 +41,9 @@ def _block_seed(seed: int, name: str, block: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def _normal_rows(seed: int, name: str, shape: tuple[int, ...], rows: slice, std: float) -> torch.Tensor:
+def _normal_rows(
+    seed: int, name: str, shape: tuple[int, ...], rows: slice, std: float
+) -> torch.Tensor:
     """Rows ``rows`` of the full normal matrix ``name`` (later dimensions whole), block by block
     into one tensor, so at most one block is held beyond the result."""
     width = 1
@@ -53,9 +55,11 @@ def _normal_rows(seed: int, name: str, shape: tuple[int, ...], rows: slice, std:
     for block in range(start // per_block, (stop - 1) // per_block + 1 if stop > start else 0):
         first = block * per_block
         generator = torch.Generator().manual_seed(_block_seed(seed, name, block))
-        values = torch.empty(min(per_block, shape[0] - first), *shape[1:]).normal_(0.0, std, generator=generator)
+        values = torch.empty(min(per_block, shape[0] - first), *shape[1:]).normal_(
+            0.0, std, generator=generator
+        )
         lo, hi = max(start, first), min(stop, first + len(values))
-        out[lo - start:hi - start] = values[lo - first:hi - first]
+        out[lo - start : hi - start] = values[lo - first : hi - first]
     return out
 
 
@@ -75,7 +79,9 @@ def seeded_source(rule_of: Callable[[str], InitRule], seed: int) -> ParamSource:
 
 
 @torch.no_grad()
-def fill_parameters(module: nn.Module, source: ParamSource, canonical: Callable[[str], str] = str) -> None:
+def fill_parameters(
+    module: nn.Module, source: ParamSource, canonical: Callable[[str], str] = str
+) -> None:
     """Fill every (whole, local) parameter of ``module`` from ``source``; ``canonical`` maps a
     parameter's name in ``module`` to its name in the full model."""
     for name, param in module.named_parameters():

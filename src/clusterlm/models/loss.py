@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def next_token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """Cross-entropy of the next tokens: ``logits`` [B, T, V], ``targets`` [B, T]. The log-softmax
     is taken in fp32 whatever the compute precision: in 16-bit it loses the small probabilities.
     Targets equal to -100 (cross_entropy's ``ignore_index``) are left out of the sum and the mean:

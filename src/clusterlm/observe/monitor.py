@@ -53,18 +53,23 @@ class Monitor:
         self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         self.system = SystemSampler(session.runtime.device) if m.system else None
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", session.runtime.world_size))
-        self.node_ranks = range(session.runtime.rank - session.runtime.rank % local_world,
-                                session.runtime.rank - session.runtime.rank % local_world + local_world)
+        self.node_ranks = range(
+            session.runtime.rank - session.runtime.rank % local_world,
+            session.runtime.rank - session.runtime.rank % local_world + local_world,
+        )
         serves = m.prometheus_port and os.environ.get("LOCAL_RANK", "0") == "0"
         self.exporter = PrometheusExporter(m.prometheus_host, m.prometheus_port) if serves else None
         if self.exporter is not None:
-            host, port = cast(tuple[str, int], self.exporter.server.server_address[:2])  # an INET server's
+            host, port = cast(
+                tuple[str, int], self.exporter.server.server_address[:2]
+            )  # an INET server's
             progress.message(f"Prometheus metrics: http://{host}:{port}/metrics")
         self._loading, self._step = session.loader.loading_seconds, session.step
         self._counts: list[int] | None = None  # the load balancer's last assignment
 
     def mean_loss(self, session: Run, loss: torch.Tensor) -> float:
         """The loss averaged over ranks; waiting there for a slower rank is timed as waiting."""
+
         def average() -> float:
             return average_across_ranks(loss, session.runtime).item()
 
@@ -76,25 +81,41 @@ class Monitor:
         times = [values["step_s"] for values in ranks.values()]
         record["rank_step_ms"] = [1000 * t for t in times]
         record["data_wait_share"] = statistics.mean(v["data_wait_share"] for v in ranks.values())
-        record["checkpoint_age_s"], record["restarts"] = self._checkpoint_age(session), self.restarts
+        record["checkpoint_age_s"], record["restarts"] = (
+            self._checkpoint_age(session),
+            self.restarts,
+        )
         if len(times) > 1:
             record.update(straggler_figures(times, session.cfg.metrics.straggler_ratio))
             if record["straggler"]:
                 self.progress.message(
                     f"step {session.step}: straggler: rank {record['slowest_rank']} takes {record['straggler_ratio']:.2f}x "
-                    f"the median step time ({record['step_ms_max']:.1f} ms against {record['step_ms_median']:.1f} ms)")
+                    f"the median step time ({record['step_ms_max']:.1f} ms against {record['step_ms_median']:.1f} ms)"
+                )
         if session.balancer is not None:
             record["micro_batches_per_rank"] = list(session.balancer.counts)
             for rank, count in enumerate(session.balancer.counts):
                 ranks[rank]["micro_batches"] = count
             if session.balancer.counts != self._counts:
                 self._counts = list(session.balancer.counts)
-                self.progress.message(f"step {session.step}: load balance: micro-batches per rank "
-                                      f"{','.join(map(str, self._counts))}")
+                self.progress.message(
+                    f"step {session.step}: load balance: micro-batches per rank "
+                    f"{','.join(map(str, self._counts))}"
+                )
         if sinks is not None and self.system is not None:
-            sinks.log({"kind": "system", "step": session.step, "tokens": session.tokens,
-                            **{f"{key}_rank{rank}": value for rank, values in ranks.items()
-                               for key, value in values.items() if key in SYSTEM_KEYS and not math.isnan(value)}})
+            sinks.log(
+                {
+                    "kind": "system",
+                    "step": session.step,
+                    "tokens": session.tokens,
+                    **{
+                        f"{key}_rank{rank}": value
+                        for rank, values in ranks.items()
+                        for key, value in values.items()
+                        if key in SYSTEM_KEYS and not math.isnan(value)
+                    },
+                }
+            )
         if self.exporter is not None:
             self.exporter.update(record, {rank: ranks[rank] for rank in self.node_ranks})
 
@@ -104,15 +125,27 @@ class Monitor:
         loading = session.loader.loading_seconds - self._loading
         self._loading, self._step = session.loader.loading_seconds, session.step
         wall = record["ms_per_step"] / 1000
-        own = typical_seconds(session.model.clock.take_own()) if session.model.clock is not None else math.nan
+        own = (
+            typical_seconds(session.model.clock.take_own())
+            if session.model.clock is not None
+            else math.nan
+        )
         sample = self.system.sample() if self.system is not None else {}
         # The own step time, waiting for other ranks excluded, where a clock measured it.
-        mine = {"step_s": wall if math.isnan(own) else own, "data_wait_share": loading / (steps * wall), **sample}
+        mine = {
+            "step_s": wall if math.isnan(own) else own,
+            "data_wait_share": loading / (steps * wall),
+            **sample,
+        }
         values = [mine.get(key, math.nan) for key in RANK_KEYS]
-        if session.runtime.world_size == 1 or not session.runtime.lockstep:  # a parameter server's ranks share no group
+        if (
+            session.runtime.world_size == 1 or not session.runtime.lockstep
+        ):  # a parameter server's ranks share no group
             rows = [values]
         elif session.model.clock is not None:
-            rows = session.model.clock.wait(lambda: all_gather_floats(values, session.runtime.device))
+            rows = session.model.clock.wait(
+                lambda: all_gather_floats(values, session.runtime.device)
+            )
         else:
             rows = all_gather_floats(values, session.runtime.device)
         return {rank: dict(zip(RANK_KEYS, row, strict=True)) for rank, row in enumerate(rows)}

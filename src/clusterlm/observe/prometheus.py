@@ -19,29 +19,67 @@ JOB_GAUGES = {
     "clusterlm_step": ("step", "optimizer steps done"),
     "clusterlm_tokens": ("tokens", "tokens trained on"),
     "clusterlm_loss": ("loss", "training loss (mean over ranks) at the last log step"),
-    "clusterlm_tokens_per_second": ("tokens_per_s", "training tokens per second over the last log window"),
+    "clusterlm_tokens_per_second": (
+        "tokens_per_s",
+        "training tokens per second over the last log window",
+    ),
     "clusterlm_mfu": ("mfu", "model FLOPs utilization over the last log window"),
-    "clusterlm_straggler_ratio": ("straggler_ratio", "slowest rank's step time over the median rank's"),
-    "clusterlm_straggler": ("straggler", "1 when the straggler ratio exceeds metrics.straggler_ratio"),
+    "clusterlm_straggler_ratio": (
+        "straggler_ratio",
+        "slowest rank's step time over the median rank's",
+    ),
+    "clusterlm_straggler": (
+        "straggler",
+        "1 when the straggler ratio exceeds metrics.straggler_ratio",
+    ),
     "clusterlm_slowest_rank": ("slowest_rank", "the rank with the longest own step time"),
-    "clusterlm_checkpoint_age_seconds": ("checkpoint_age_s", "seconds since the newest checkpoint was written "
-                                         "(since the start when there is none)"),
-    "clusterlm_restarts": ("restarts", "times the launcher restarted the job (TORCHELASTIC_RESTART_COUNT)"),
+    "clusterlm_checkpoint_age_seconds": (
+        "checkpoint_age_s",
+        "seconds since the newest checkpoint was written (since the start when there is none)",
+    ),
+    "clusterlm_restarts": (
+        "restarts",
+        "times the launcher restarted the job (TORCHELASTIC_RESTART_COUNT)",
+    ),
 }
 RANK_GAUGES = {
-    "clusterlm_rank_step_seconds": ("step_s", "the rank's own step time, waiting for other ranks excluded"),
-    "clusterlm_rank_data_wait_share": ("data_wait_share", "share of the rank's step time spent loading data"),
-    "clusterlm_rank_micro_batches": ("micro_batches", "micro-batches per step the rank is assigned"),
-    "clusterlm_system_cpu_percent": ("cpu_percent", "the rank's process CPU use, percent of one core"),
+    "clusterlm_rank_step_seconds": (
+        "step_s",
+        "the rank's own step time, waiting for other ranks excluded",
+    ),
+    "clusterlm_rank_data_wait_share": (
+        "data_wait_share",
+        "share of the rank's step time spent loading data",
+    ),
+    "clusterlm_rank_micro_batches": (
+        "micro_batches",
+        "micro-batches per step the rank is assigned",
+    ),
+    "clusterlm_system_cpu_percent": (
+        "cpu_percent",
+        "the rank's process CPU use, percent of one core",
+    ),
     "clusterlm_system_rss_bytes": ("rss_bytes", "the rank's resident memory"),
-    "clusterlm_system_gpu_utilization_percent": ("gpu_utilization", "the rank's GPU utilization (NVML)"),
-    "clusterlm_system_gpu_memory_bytes": ("gpu_memory_bytes", "memory used on the rank's GPU (NVML)"),
+    "clusterlm_system_gpu_utilization_percent": (
+        "gpu_utilization",
+        "the rank's GPU utilization (NVML)",
+    ),
+    "clusterlm_system_gpu_memory_bytes": (
+        "gpu_memory_bytes",
+        "memory used on the rank's GPU (NVML)",
+    ),
 }
 RANK_COUNTERS = {
     "clusterlm_system_network_receive_bytes": ("net_recv_bytes", "bytes the rank's host received"),
     "clusterlm_system_network_transmit_bytes": ("net_sent_bytes", "bytes the rank's host sent"),
-    "clusterlm_system_disk_read_bytes": ("disk_read_bytes", "bytes the rank's process read from storage"),
-    "clusterlm_system_disk_write_bytes": ("disk_write_bytes", "bytes the rank's process wrote to storage"),
+    "clusterlm_system_disk_read_bytes": (
+        "disk_read_bytes",
+        "bytes the rank's process read from storage",
+    ),
+    "clusterlm_system_disk_write_bytes": (
+        "disk_write_bytes",
+        "bytes the rank's process wrote to storage",
+    ),
 }
 
 
@@ -56,16 +94,22 @@ class PrometheusExporter:
         # Registered when first set: a gauge without labels would otherwise read 0 before it has a value.
         self.job = {key: Gauge(name, doc, registry=None) for name, (key, doc) in JOB_GAUGES.items()}
         self._unset = set(self.job)
-        self.ranks = {key: Gauge(name, doc, ["rank"], registry=self.registry)
-                      for name, (key, doc) in RANK_GAUGES.items()}
-        self.counters = {key: Counter(name, doc, ["rank"], registry=self.registry)
-                         for name, (key, doc) in RANK_COUNTERS.items()}
+        self.ranks = {
+            key: Gauge(name, doc, ["rank"], registry=self.registry)
+            for name, (key, doc) in RANK_GAUGES.items()
+        }
+        self.counters = {
+            key: Counter(name, doc, ["rank"], registry=self.registry)
+            for name, (key, doc) in RANK_COUNTERS.items()
+        }
         self._last: dict[tuple[str, int], float] = {}
         try:
             self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as err:
-            raise UserError(f"metrics.prometheus_port: cannot serve on {host}:{port} ({err.strerror}); choose "
-                            "a free port, or 0 to turn the exporter off") from None
+            raise UserError(
+                f"metrics.prometheus_port: cannot serve on {host}:{port} ({err.strerror}); choose "
+                "a free port, or 0 to turn the exporter off"
+            ) from None
 
     def update(self, job: dict[str, Any], ranks: dict[int, dict[str, float]]) -> None:
         """Set the job's figures and, per rank, its figures (cumulative ones as counters)."""

@@ -27,11 +27,15 @@ class SampleLog:
 
     def record(self, step: int, loader: TokenLoader | MaskedLoader) -> None:
         """The samples ``loader`` is about to read for ``step`` (before ``next_step``)."""
-        samples = [i for micro_step in range(loader.grad_accum) for i in loader.sample_indices(micro_step)]
+        samples = [
+            i for micro_step in range(loader.grad_accum) for i in loader.sample_indices(micro_step)
+        ]
         self._file.write(json.dumps({"step": step, "samples": samples}) + "\n")
 
 
-def open_sample_log(enabled: bool, out_dir: str, runtime: Runtime, start_step: int) -> SampleLog | None:
+def open_sample_log(
+    enabled: bool, out_dir: str, runtime: Runtime, start_step: int
+) -> SampleLog | None:
     """One log per data-parallel rank (tensor- and pipeline-parallel peers read the same samples)."""
     if not enabled or runtime.tp_rank or runtime.pp_rank:
         return None

@@ -33,7 +33,8 @@ class ProgressDisplay:
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         summary = {
-            "loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+            "loss": f"{record['loss']:.4f}",
+            "lr": f"{record['lr']:.2e}",
             "tok/s": f"{record['tokens_per_s']:,.0f}",
         }
         if record.get("mfu") is not None:
@@ -45,7 +46,9 @@ class ProgressDisplay:
             done = step + 1 - self.start_step
             eta = (time.perf_counter() - self.start_time) / max(done, 1) * (self.total - step - 1)
             fields = " ".join(f"{k} {v}" for k, v in summary.items())
-            print(f"step {step + 1}/{self.total} {fields} eta {eta:.0f}s", file=sys.stderr, flush=True)
+            print(
+                f"step {step + 1}/{self.total} {fields} eta {eta:.0f}s", file=sys.stderr, flush=True
+            )
 
     def message(self, text: str) -> None:
         if self.bar is not None:
@@ -71,13 +74,17 @@ class MetricsSinks:
             self._rewrite_jsonl()
             self.jsonl = open(self.jsonl_path, "a")
             # When training (re)started: wall-clock times of later records are measured from here.
-            self.jsonl.write(json.dumps({"kind": "start", "step": start_step, "time": time.time()}) + "\n")
+            self.jsonl.write(
+                json.dumps({"kind": "start", "step": start_step, "time": time.time()}) + "\n"
+            )
         self.tensorboard = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events after the resumed step in TensorBoard's view.
-            self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
+            self.tensorboard = SummaryWriter(
+                str(self.out_dir / "tensorboard"), purge_step=start_step + 1
+            )
 
     def _records_before(self, start_step: int) -> list[dict[str, Any]]:
         if start_step == 0 or not self.jsonl_path.is_file():
@@ -127,10 +134,17 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", linewidth=1)
+        ax.plot(
+            [r["tokens"] for r in train], [r["loss"] for r in train], label="train", linewidth=1
+        )
     if val:
-        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], label="val", marker="o",
-                linewidth=1.5)
+        ax.plot(
+            [r["tokens"] for r in val],
+            [r["val_loss"] for r in val],
+            label="val",
+            marker="o",
+            linewidth=1.5,
+        )
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy loss (nats)")
     ax.grid(alpha=0.3)

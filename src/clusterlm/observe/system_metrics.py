@@ -10,8 +10,16 @@ from __future__ import annotations
 import psutil
 import torch
 
-SYSTEM_KEYS = ("cpu_percent", "rss_bytes", "net_recv_bytes", "net_sent_bytes", "disk_read_bytes",
-               "disk_write_bytes", "gpu_utilization", "gpu_memory_bytes")
+SYSTEM_KEYS = (
+    "cpu_percent",
+    "rss_bytes",
+    "net_recv_bytes",
+    "net_sent_bytes",
+    "disk_read_bytes",
+    "disk_write_bytes",
+    "gpu_utilization",
+    "gpu_memory_bytes",
+)
 
 
 class SystemSampler:
@@ -27,9 +35,12 @@ class SystemSampler:
         except (psutil.AccessDenied, AttributeError):  # not reported per process here
             disk = psutil.disk_io_counters()
         values = {
-            "cpu_percent": self.process.cpu_percent(None), "rss_bytes": float(self.process.memory_info().rss),
-            "net_recv_bytes": float(net.bytes_recv), "net_sent_bytes": float(net.bytes_sent),
-            "disk_read_bytes": float(disk.read_bytes), "disk_write_bytes": float(disk.write_bytes),
+            "cpu_percent": self.process.cpu_percent(None),
+            "rss_bytes": float(self.process.memory_info().rss),
+            "net_recv_bytes": float(net.bytes_recv),
+            "net_sent_bytes": float(net.bytes_sent),
+            "disk_read_bytes": float(disk.read_bytes),
+            "disk_write_bytes": float(disk.write_bytes),
         }
         if self.gpu is not None:
             # torch maps the device to its NVML index (CUDA_VISIBLE_DEVICES) and imports pynvml

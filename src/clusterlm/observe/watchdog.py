@@ -81,20 +81,33 @@ def all_heartbeats(directory: Path) -> list[dict[str, Any]]:
 
 def read_heartbeats(directory: Path) -> dict[int, dict[str, Any]]:
     """Each rank's last heartbeat written by this process's group."""
-    return {beat["rank"]: beat for beat in all_heartbeats(directory) if beat.get("generation") == generation()}
+    return {
+        beat["rank"]: beat
+        for beat in all_heartbeats(directory)
+        if beat.get("generation") == generation()
+    }
 
 
 class Watchdog(threading.Thread):
     def __init__(self, directory: Path, rank: int, world_size: int, timeout_s: float):
         super().__init__(name="watchdog", daemon=True)
-        self.directory, self.rank, self.world_size, self.timeout_s = directory, rank, world_size, timeout_s
+        self.directory, self.rank, self.world_size, self.timeout_s = (
+            directory,
+            rank,
+            world_size,
+            timeout_s,
+        )
         self.state: tuple[str, int, float] = ("setup", 0, time.time())
         self.start_step: int | None = None
         self.started = time.time()
         self.interval = min(1.0, timeout_s / 4)
         self._stopping = threading.Event()
-        self._seen: dict[int, tuple[Any, Any, float, float]] = {}  # rank -> (beat, progress, changed at, moved at)
-        self.failure: UserError | None = None  # why the heartbeat stopped, raised by the next ``phase``
+        self._seen: dict[
+            int, tuple[Any, Any, float, float]
+        ] = {}  # rank -> (beat, progress, changed at, moved at)
+        self.failure: UserError | None = (
+            None  # why the heartbeat stopped, raised by the next ``phase``
+        )
 
     def run(self) -> None:
         try:
@@ -102,7 +115,10 @@ class Watchdog(threading.Thread):
             while not self._stopping.wait(self.interval):
                 self._beat()
                 verdict = _read(self.directory / VERDICT)
-                if verdict.get("generation") == generation() and verdict.get("time", 0) >= self.started:
+                if (
+                    verdict.get("generation") == generation()
+                    and verdict.get("time", 0) >= self.started
+                ):
                     self._end({}, [])
                 if self.rank < WATCHERS:
                     self._watch()
@@ -112,30 +128,52 @@ class Watchdog(threading.Thread):
 
     def _failure(self, err: Exception) -> UserError:
         off = "or set parallel.hang_timeout_s = 0 to run without the watchdog"
-        if isinstance(err, (OSError, UserError)):  # UserError: a full or read-only disk (atomic_write)
-            return UserError(f"the hang watchdog of rank {self.rank} cannot write its heartbeat in "
-                             f"{self.directory} ({err}); fix that disk, {off}")
-        return UserError(f"the hang watchdog of rank {self.rank} stopped ({type(err).__name__}: {err}); {off}")
+        if isinstance(
+            err, (OSError, UserError)
+        ):  # UserError: a full or read-only disk (atomic_write)
+            return UserError(
+                f"the hang watchdog of rank {self.rank} cannot write its heartbeat in "
+                f"{self.directory} ({err}); fix that disk, {off}"
+            )
+        return UserError(
+            f"the hang watchdog of rank {self.rank} stopped ({type(err).__name__}: {err}); {off}"
+        )
 
     def _beat(self) -> None:
         name, step, since = self.state
-        atomic_write_json(self.directory / f"rank_{self.rank:05d}.json", {
-            "rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "phase": name, "step": step,
-            "since": since, "beat": time.time(), "generation": generation(), "start_step": self.start_step},
-            setting="training.out_dir")
+        atomic_write_json(
+            self.directory / f"rank_{self.rank:05d}.json",
+            {
+                "rank": self.rank,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "phase": name,
+                "step": step,
+                "since": since,
+                "beat": time.time(),
+                "generation": generation(),
+                "start_step": self.start_step,
+            },
+            setting="training.out_dir",
+        )
 
     def _watch(self) -> None:
         # Files of an earlier run in this out_dir (same ranks, or more) are old: ignored.
         now = time.monotonic()
-        beats = {r: b for r, b in read_heartbeats(self.directory).items()
-                 if r < self.world_size and b["beat"] >= self.started}
+        beats = {
+            r: b
+            for r, b in read_heartbeats(self.directory).items()
+            if r < self.world_size and b["beat"] >= self.started
+        }
         for rank, beat in beats.items():
             progress = (beat["phase"], beat["step"], beat["since"])
             old = self._seen.get(rank)
             changed = now if old is None or old[0] != beat["beat"] else old[2]
             moved = now if old is None or old[1] != progress else old[3]
             self._seen[rank] = (beat["beat"], progress, changed, moved)
-        running = {r: seen for r, seen in self._seen.items() if r in beats and beats[r]["phase"] != "done"}
+        running = {
+            r: seen for r, seen in self._seen.items() if r in beats and beats[r]["phase"] != "done"
+        }
         silent = [r for r, seen in running.items() if now - seen[2] > self.timeout_s]
         still = [r for r, seen in running.items() if now - seen[3] > self.timeout_s]
         if not silent and (not still or len(still) < len(running)):
@@ -149,9 +187,16 @@ class Watchdog(threading.Thread):
             return  # the lowest responsive watcher reports
         print(describe_hang(beats, stuck, silent, self.timeout_s), file=sys.stderr, flush=True)
         try:  # the other ranks' threads see it and exit; if it cannot be written, this rank still ends the job
-            atomic_write_json(self.directory / VERDICT, {"generation": generation(), "time": time.time(), "stuck": stuck})
+            atomic_write_json(
+                self.directory / VERDICT,
+                {"generation": generation(), "time": time.time(), "stuck": stuck},
+            )
         except (OSError, UserError) as err:
-            print(f"hang: cannot write {self.directory / VERDICT} ({err})", file=sys.stderr, flush=True)
+            print(
+                f"hang: cannot write {self.directory / VERDICT} ({err})",
+                file=sys.stderr,
+                flush=True,
+            )
         self._end(beats, stuck)
 
     def _end(self, beats: dict[int, dict[str, Any]], stuck: list[int]) -> None:
@@ -168,13 +213,20 @@ class Watchdog(threading.Thread):
         self._stopping.set()
 
 
-def describe_hang(beats: dict[int, dict[str, Any]], stuck: list[int], silent: list[int], timeout_s: float) -> str:
-    where = "; ".join(f"rank {r} in phase {beats[r]['phase']} at step {beats[r]['step']} (pid {beats[r]['pid']} "
-                      f"on {beats[r]['host']}{', not responding' if r in silent else ''})" for r in sorted(stuck))
+def describe_hang(
+    beats: dict[int, dict[str, Any]], stuck: list[int], silent: list[int], timeout_s: float
+) -> str:
+    where = "; ".join(
+        f"rank {r} in phase {beats[r]['phase']} at step {beats[r]['step']} (pid {beats[r]['pid']} "
+        f"on {beats[r]['host']}{', not responding' if r in silent else ''})"
+        for r in sorted(stuck)
+    )
     waiting = sorted(set(beats) - set(stuck))
     others = f"; ranks {', '.join(map(str, waiting))} wait for it" if waiting else ""
-    return (f"hang: no progress for {timeout_s:g} s (parallel.hang_timeout_s): {where}{others}; "
-            f"ending the job with status {EXIT_HUNG}")
+    return (
+        f"hang: no progress for {timeout_s:g} s (parallel.hang_timeout_s): {where}{others}; "
+        f"ending the job with status {EXIT_HUNG}"
+    )
 
 
 def dump_flight_recorder(directory: Path, rank: int) -> None:

@@ -16,7 +16,9 @@ from clusterlm.models import model_layers
 # costs FLOPs. Norms, activations, dropout and adds are recomputed: cheap, and most of the memory
 # (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models").
 SAVED_OPS = {
-    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,

@@ -35,7 +35,9 @@ def squared_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
         device = grad.device
         if isinstance(grad, DTensor):
             if any(p.is_partial() for p in grad.placements):  # not reduced yet: reduce a copy
-                grad = grad.redistribute(placements=[Replicate() if p.is_partial() else p for p in grad.placements])
+                grad = grad.redistribute(
+                    placements=[Replicate() if p.is_partial() else p for p in grad.placements]
+                )
             # Every other placement splits the tensor (Shard, and FSDP's _StridedShard over tensor
             # parallelism, which is not a Shard).
             dims = tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate())
@@ -66,7 +68,9 @@ def reduce_partial_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
         if not isinstance(grad, DTensor):
             continue
         partial = tuple(i for i, p in enumerate(grad.placements) if p.is_partial())
-        ops = {cast(Partial, grad.placements[i]).reduce_op for i in partial}  # is_partial(): a Partial
+        ops = {
+            cast(Partial, grad.placements[i]).reduce_op for i in partial
+        }  # is_partial(): a Partial
         if len(ops) != 1 or not ops <= {"sum", "avg"}:
             continue  # nothing to reduce, or a reduction left to DTensor
         key = (id(grad.device_mesh), partial, ops.pop(), grad.dtype)
@@ -75,11 +79,23 @@ def reduce_partial_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
         local = [grad.to_local() for _, grad in pairs]
         flat = torch.cat([tensor.reshape(-1) for tensor in local])
         for dim in dims:
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG if op == "avg" else dist.ReduceOp.SUM, group=mesh.get_group(dim))
-        for (param, grad), shard, reduced in zip(pairs, local, flat.split([t.numel() for t in local]), strict=True):
+            dist.all_reduce(
+                flat,
+                op=dist.ReduceOp.AVG if op == "avg" else dist.ReduceOp.SUM,
+                group=mesh.get_group(dim),
+            )
+        for (param, grad), shard, reduced in zip(
+            pairs, local, flat.split([t.numel() for t in local]), strict=True
+        ):
             placements = [Replicate() if p.is_partial() else p for p in grad.placements]
-            param.grad = DTensor.from_local(reduced.view(shard.shape), mesh, placements, run_check=False,
-                                            shape=grad.shape, stride=grad.stride())
+            param.grad = DTensor.from_local(
+                reduced.view(shard.shape),
+                mesh,
+                placements,
+                run_check=False,
+                shape=grad.shape,
+                stride=grad.stride(),
+            )
 
 
 @torch.no_grad()

@@ -57,20 +57,31 @@ class _ShardOptions(TypedDict, total=False):
 
 
 def apply_data_parallel(
-    model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, comm: CommConfig, param_dtype: torch.dtype | None
+    model: nn.Module,
+    mesh: DeviceMesh,
+    cfg: ParallelConfig,
+    comm: CommConfig,
+    param_dtype: torch.dtype | None,
 ) -> tuple[nn.Module, CommHookState | None]:
     """Wrap ``model`` for ``cfg.data_parallel``; returns it with the state of its gradient
     communication hook (bytes sent), if ``comm`` asked for one. ``param_dtype`` is the compute
     dtype under mixed precision: FSDP gathers parameters in it and reduces gradients in fp32.
     ``comm`` picks the all-reduce algorithm and compression of DDP's gradient buckets, and FSDP's
     reduce-scatter."""
-    if mesh["dp_replicate"].size() * mesh["dp_shard"].size() == 1 or cfg.data_parallel in INDEPENDENT:
+    if (
+        mesh["dp_replicate"].size() * mesh["dp_shard"].size() == 1
+        or cfg.data_parallel in INDEPENDENT
+    ):
         return model, None  # one data-parallel rank, or replicas that synchronize outside backward
     if cfg.data_parallel in REPLICATING:
         return _apply_ddp(model, mesh, cfg, comm)
-    dp_mesh = mesh[("dp_replicate", "dp_shard")] if cfg.data_parallel == "hsdp" else mesh["dp_shard"]
+    dp_mesh = (
+        mesh[("dp_replicate", "dp_shard")] if cfg.data_parallel == "hsdp" else mesh["dp_shard"]
+    )
     options: _ShardOptions = {
-        "mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
+        "mesh": dp_mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+    }
     if cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     blocks = list(model_layers(model).values())
@@ -79,8 +90,11 @@ def apply_data_parallel(
     units = fsdp_units(block_bytes, model_bytes, cfg.bucket_mb * 2**20)
     for index, unit in enumerate(units):
         resharded = reshards_after_forward(cfg.data_parallel, index, len(units))
-        fully_shard([blocks[i] for i in unit] if len(unit) > 1 else blocks[unit[0]], **options,
-                    reshard_after_forward=resharded)
+        fully_shard(
+            [blocks[i] for i in unit] if len(unit) > 1 else blocks[unit[0]],
+            **options,
+            reshard_after_forward=resharded,
+        )
         if not resharded:
             _KEPT_GATHERED.add(blocks[unit[0]])  # the unit's blocks share one FSDP state
     # Embeddings, final norm and head form the root unit, which backward needs first: resharded
@@ -126,15 +140,22 @@ def _apply_ddp(
 ) -> tuple[nn.Module, CommHookState | None]:
     device_ids = [torch.cuda.current_device()] if mesh.device_type == "cuda" else None
     ddp = DistributedDataParallel(
-        model, device_ids=device_ids, process_group=mesh["dp_replicate"].get_group(), bucket_cap_mb=cfg.bucket_mb,
+        model,
+        device_ids=device_ids,
+        process_group=mesh["dp_replicate"].get_group(),
+        bucket_cap_mb=cfg.bucket_mb,
     )
     _settle_buckets(ddp)
     if comm.allreduce == "native" and comm.compression == "none":
         return ddp, None
-    presets: dict[str, dict[str, Any]] = {"powersgd": {"rank": comm.powersgd_rank},
-                                          "topk": {"ratio": comm.topk_ratio}}
+    presets: dict[str, dict[str, Any]] = {
+        "powersgd": {"rank": comm.powersgd_rank},
+        "topk": {"ratio": comm.topk_ratio},
+    }
     options = presets.get(comm.compression, {})
-    return ddp, register_comm_hook(ddp, comm.allreduce, comm.compression, compression_options=options)
+    return ddp, register_comm_hook(
+        ddp, comm.allreduce, comm.compression, compression_options=options
+    )
 
 
 def _settle_buckets(ddp: DistributedDataParallel) -> None:
@@ -153,8 +174,12 @@ def build_optimizer(recipe: Any, shard_state: bool) -> torch.optim.Optimizer:
     if shard_state:
         # Bucket views: after its step each rank broadcasts its parameters as one flat buffer per
         # rank instead of tensor by tensor, a few collectives instead of hundreds.
-        return ZeroRedundancyOptimizer(recipe.param_groups, optimizer_class=recipe.optimizer_class,
-                                       parameters_as_bucket_view=True, **recipe.options)
+        return ZeroRedundancyOptimizer(
+            recipe.param_groups,
+            optimizer_class=recipe.optimizer_class,
+            parameters_as_bucket_view=True,
+            **recipe.options,
+        )
     return recipe.build()
 
 
@@ -177,8 +202,11 @@ def gradient_sync(model: nn.Module, enabled: bool, even: bool = True) -> Iterato
             yield
     elif isinstance(model, FSDPModule) and even:
         # Every unit kept gathered was sharded when it was added.
-        kept: list[FSDPModule] = [unit for unit in model.modules()
-                                  if isinstance(unit, FSDPModule) and unit in _KEPT_GATHERED]
+        kept: list[FSDPModule] = [
+            unit
+            for unit in model.modules()
+            if isinstance(unit, FSDPModule) and unit in _KEPT_GATHERED
+        ]
         _pause_fsdp_sync(model, kept, paused=True)
         try:
             yield

@@ -37,7 +37,9 @@ class RankClock:
     """This rank's own seconds per step and forward/backward seconds, measured at every step
     start of a whole (not pipelined) model ``part``."""
 
-    def __init__(self, part: nn.Module, device: torch.device, on_step: Callable[[float], None] | None = None):
+    def __init__(
+        self, part: nn.Module, device: torch.device, on_step: Callable[[float], None] | None = None
+    ):
         self.device = device
         self.on_step = on_step  # called with each step's forward/backward seconds
         self.own: list[float] = []  # own seconds per step, until taken
@@ -131,7 +133,9 @@ def parse_counts(text: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",")]
     except ValueError:
-        raise UserError(f"parallel.load_balance_counts takes micro-batches per rank, e.g. '3,1'; got {text!r}") from None
+        raise UserError(
+            f"parallel.load_balance_counts takes micro-batches per rank, e.g. '3,1'; got {text!r}"
+        ) from None
 
 
 class LoadBalancer:
@@ -139,9 +143,20 @@ class LoadBalancer:
     steps; a new assignment is taken only when it predicts a step at least 5% shorter, so that
     measurement noise does not move micro-batches back and forth."""
 
-    def __init__(self, assign: Callable[[list[int]], None], counts: list[int], interval: int, fixed: bool,
-                 gather: Callable[[float], list[float]] | None = None):
-        self.assign, self.interval, self.fixed, self.gather = assign, max(interval, 1), fixed, gather
+    def __init__(
+        self,
+        assign: Callable[[list[int]], None],
+        counts: list[int],
+        interval: int,
+        fixed: bool,
+        gather: Callable[[float], list[float]] | None = None,
+    ):
+        self.assign, self.interval, self.fixed, self.gather = (
+            assign,
+            max(interval, 1),
+            fixed,
+            gather,
+        )
         self.counts: list[int] = []
         self._window: list[float] = []
         self.set_counts(counts)
@@ -173,25 +188,37 @@ class LoadBalancer:
             self.set_counts(proposal)
 
 
-def attach_rank_timing(model: Any, loader: Any, cfg: Any, world_size: int, device: torch.device) -> LoadBalancer | None:
+def attach_rank_timing(
+    model: Any, loader: Any, cfg: Any, world_size: int, device: torch.device
+) -> LoadBalancer | None:
     """Give a whole (not pipelined) model of a multi-process job a ``RankClock`` when stragglers
     are watched or the load balanced; returns the balancer, which starts from equal counts (or
     ``parallel.load_balance_counts``)."""
     p = cfg.parallel
-    if world_size == 1 or model.pipeline is not None or not (p.load_balance or cfg.metrics.straggler_ratio):
+    if (
+        world_size == 1
+        or model.pipeline is not None
+        or not (p.load_balance or cfg.metrics.straggler_ratio)
+    ):
         return None
     balancer = None
     if p.load_balance:
         if loader.grad_accum < 2:
-            raise UserError("parallel.load_balance moves micro-batches between ranks, so each needs several: raise "
-                            "training.tokens_per_step to at least 2 micro-batches per rank")
+            raise UserError(
+                "parallel.load_balance moves micro-batches between ranks, so each needs several: raise "
+                "training.tokens_per_step to at least 2 micro-batches per rank"
+            )
         fixed = bool(p.load_balance_counts)
-        counts = parse_counts(p.load_balance_counts) if fixed else [loader.grad_accum] * loader.dp_size
+        counts = (
+            parse_counts(p.load_balance_counts) if fixed else [loader.grad_accum] * loader.dp_size
+        )
         balancer = LoadBalancer(loader.assign, counts, cfg.training.log_interval, fixed)
         model.balanced_micro_batches = loader.grad_accum
     model.clock = clock = RankClock(model.parts[0], device, balancer.observe if balancer else None)
     if balancer is not None:
-        balancer.gather = lambda mine: [row[0] for row in clock.wait(lambda: all_gather_floats([mine], device))]
+        balancer.gather = lambda mine: [
+            row[0] for row in clock.wait(lambda: all_gather_floats([mine], device))
+        ]
     return balancer
 
 

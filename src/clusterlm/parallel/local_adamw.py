@@ -29,7 +29,12 @@ class LocalAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        pairs = [(p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        pairs = [
+            (p, p.grad)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
         if not all(_laid_out_alike(param, grad) for param, grad in pairs):
             return super().step(closure)
         loss = None
@@ -37,17 +42,42 @@ class LocalAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            tensors: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])  # as Adam.step gathers them
+            tensors: tuple[list[torch.Tensor], ...] = (
+                [],
+                [],
+                [],
+                [],
+                [],
+                [],
+            )  # as Adam.step gathers them
             has_complex = self._init_group(group, *tensors)
             beta1, beta2 = group["betas"]
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (
-                [_local(t) for t in listed] for listed in tensors)
-            adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, has_complex=has_complex,
-                 amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                 foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
-                 fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
-                 found_inf=getattr(self, "found_inf", None), decoupled_weight_decay=group["decoupled_weight_decay"])
+                [_local(t) for t in listed] for listed in tensors
+            )
+            adam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                has_complex=has_complex,
+                amsgrad=group["amsgrad"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                capturable=group["capturable"],
+                differentiable=group["differentiable"],
+                fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+            )
         return loss
 
 
@@ -56,8 +86,11 @@ def _laid_out_alike(param: torch.Tensor, grad: torch.Tensor) -> bool:
     whole tensors: both plain, or both DTensors on one mesh with the same placements, none partial."""
     if not isinstance(param, DTensor) or not isinstance(grad, DTensor):
         return not isinstance(param, DTensor) and not isinstance(grad, DTensor)
-    return (param.device_mesh == grad.device_mesh and param.placements == grad.placements
-            and not any(p.is_partial() for p in grad.placements))
+    return (
+        param.device_mesh == grad.device_mesh
+        and param.placements == grad.placements
+        and not any(p.is_partial() for p in grad.placements)
+    )
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

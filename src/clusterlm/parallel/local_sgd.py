@@ -36,15 +36,22 @@ def _average(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> li
     if group is not None:
         dist.all_reduce(flat, group=group)
         flat /= dist.get_world_size(group)
-    return [piece.view_as(t).to(t.dtype) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors,
-                                                                 strict=True)]
+    return [
+        piece.view_as(t).to(t.dtype)
+        for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+    ]
 
 
 class LocalSGDModel(WholeModel):
     """A replica per rank, synchronized every ``local_steps`` steps (see the module docstring)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, local_steps: int, outer: dict[str, float] | None,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        local_steps: int,
+        outer: dict[str, float] | None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.group, self.local_steps = group, local_steps
         self.rank = dist.get_rank(group) if group is not None else 0
@@ -54,7 +61,9 @@ class LocalSGDModel(WholeModel):
         self.synchronizations = 0
         if outer is not None:
             self.anchor = [nn.Parameter(p.detach().clone()) for p in self.params]
-            self.outer = torch.optim.SGD(self.anchor, lr=outer["lr"], momentum=outer["momentum"], nesterov=True)
+            self.outer = torch.optim.SGD(
+                self.anchor, lr=outer["lr"], momentum=outer["momentum"], nesterov=True
+            )
             for a in self.anchor:  # a zero buffer steps exactly like SGD's first-step copy
                 self.outer.state[a]["momentum_buffer"] = torch.zeros_like(a)
 
@@ -83,20 +92,30 @@ class LocalSGDModel(WholeModel):
     def _outer_state(self) -> dict[str, Any]:
         if self.outer is None:
             return {}
-        return {"anchor": dict(zip(self.names, self.anchor, strict=True)),
-                "momentum": {n: self.outer.state[a]["momentum_buffer"] for n, a in zip(self.names, self.anchor,
-                                                                                         strict=True)}}
+        return {
+            "anchor": dict(zip(self.names, self.anchor, strict=True)),
+            "momentum": {
+                n: self.outer.state[a]["momentum_buffer"]
+                for n, a in zip(self.names, self.anchor, strict=True)
+            },
+        }
 
     def state_dict(self, optimizers: list[torch.optim.Optimizer] | None = None) -> dict[str, Any]:
         own = training_state(self.parts, optimizers)
         names = list(own["model"])
-        state = {"model": dict(zip(names, _average([own["model"][n] for n in names], self.group), strict=True)),
-                 "replica": {str(self.rank): own}}
+        state = {
+            "model": dict(
+                zip(names, _average([own["model"][n] for n in names], self.group), strict=True)
+            ),
+            "replica": {str(self.rank): own},
+        }
         if self.outer is not None:
             state["outer"] = self._outer_state()
         return state
 
-    def load_state_dict(self, reader: Any, optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+    def load_state_dict(
+        self, reader: Any, optimizers: list[torch.optim.Optimizer] | None = None
+    ) -> None:
         keys = reader.keys
         saved = {int(k.split(".")[1]) for k in keys if k.startswith("replica.")}
         if not saved or optimizers is None:  # a synchronous layout's checkpoint, or inference
@@ -106,8 +125,10 @@ class LocalSGDModel(WholeModel):
                     anchor.data.copy_(param.detach())
             return
         if saved != set(range(self.replicas)):
-            raise UserError(f"the checkpoint holds {len(saved)} local replicas but this job has {self.replicas}; "
-                            f"resume it on {len(saved)} data-parallel ranks")
+            raise UserError(
+                f"the checkpoint holds {len(saved)} local replicas but this job has {self.replicas}; "
+                f"resume it on {len(saved)} data-parallel ranks"
+            )
         prefix = f"replica.{self.rank}."
         own_keys = {k.removeprefix(prefix) for k in keys if k.startswith(prefix)}
         outer = self._outer_state()

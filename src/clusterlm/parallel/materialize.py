@@ -46,8 +46,12 @@ def _runs(indices: torch.Tensor) -> list[tuple[slice, slice]]:
 def _global_indices(param: DTensor) -> list[torch.Tensor]:
     """For each dimension, the global indices this rank's local tensor holds, in order."""
     shape, placements = tuple(param.shape), param.placements
-    if all(type(p) in (Shard, Replicate) for p in placements):  # not a subclass such as a strided shard
-        local_shape, offset = compute_local_shape_and_global_offset(shape, param.device_mesh, placements)
+    if all(
+        type(p) in (Shard, Replicate) for p in placements
+    ):  # not a subclass such as a strided shard
+        local_shape, offset = compute_local_shape_and_global_offset(
+            shape, param.device_mesh, placements
+        )
         return [torch.arange(o, o + n) for o, n in zip(offset, local_shape, strict=True)]
     # Strided shards (FSDP over tensor-parallel slices) are not contiguous: let DTensor place an
     # index tensor the way it places the parameter. Which indices of dimension d a rank holds does
@@ -59,9 +63,13 @@ def _global_indices(param: DTensor) -> list[torch.Tensor]:
         skinny = [size if d == dim else ranks for d in range(len(shape))]
         view = [size if d == dim else 1 for d in range(len(shape))]
         positions = torch.arange(size, dtype=torch.int32).view(view).expand(skinny)
-        local = distribute_tensor(positions, param.device_mesh, placements, src_data_rank=None).to_local()
+        local = distribute_tensor(
+            positions, param.device_mesh, placements, src_data_rank=None
+        ).to_local()
         first = tuple(slice(None) if d == dim else 0 for d in range(len(shape)))
-        indices.append(local[first].to(torch.int64) if local.numel() else torch.empty(0, dtype=torch.int64))
+        indices.append(
+            local[first].to(torch.int64) if local.numel() else torch.empty(0, dtype=torch.int64)
+        )
     return indices
 
 
@@ -92,8 +100,12 @@ def _tied_parameters(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, source: ParamSource | None, device: torch.device,
-                canonical: Callable[[str], str] = str) -> None:
+def materialize(
+    module: nn.Module,
+    source: ParamSource | None,
+    device: torch.device,
+    canonical: Callable[[str], str] = str,
+) -> None:
     """Allocate ``module``'s meta parameters on ``device`` (this rank's shards only) and fill them
     from ``source``; rebuild computed buffers. A module already materialized is left alone (and
     needs no ``source``)."""

@@ -60,8 +60,14 @@ class ParallelModel:
     balanced_micro_batches: int | None = None
     serves = False  # a parameter server's server rank: ``serve`` instead of the training loop
 
-    def __init__(self, parts: list[nn.Module], precision: Precision, tp_size: int, shard_optimizer: bool,
-                 comm: list[CommHookState]):
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        precision: Precision,
+        tp_size: int,
+        shard_optimizer: bool,
+        comm: list[CommHookState],
+    ):
         self.parts, self.precision, self.tp_size = parts, precision, tp_size
         self.shard_optimizer, self.comm = shard_optimizer, comm
 
@@ -87,11 +93,15 @@ class ParallelModel:
         """This rank's tensors under the full model's names (``clusterlm.parallel.state_dict``)."""
         return training_state(self.parts, optimizers)
 
-    def load_state_dict(self, reader: Any, optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+    def load_state_dict(
+        self, reader: Any, optimizers: list[torch.optim.Optimizer] | None = None
+    ) -> None:
         """Fill the parts (and optimizers) from a checkpoint ``reader`` (``.keys``, ``.read(state)``)."""
         load_training_state(self.parts, optimizers, reader.read, reader.keys)
 
-    def serve(self, optimizers: list[torch.optim.Optimizer], total_steps: int, start_step: int) -> dict[str, Any]:
+    def serve(
+        self, optimizers: list[torch.optim.Optimizer], total_steps: int, start_step: int
+    ) -> dict[str, Any]:
         """A server rank's part of the job (where ``serves``): answer the workers until the servers
         applied ``total_steps``; returns what it did (``clusterlm.parallel.ps``)."""
         raise NotImplementedError
@@ -108,13 +118,18 @@ class ParallelModel:
             return {}
         sent = sum(state.stats.bytes_sent for state in self.comm)
         whole = sum(state.stats.bytes_uncompressed for state in self.comm)
-        return {"comm_bytes_sent": float(sent), "comm_compression_ratio": whole / sent if sent else 1.0}
+        return {
+            "comm_bytes_sent": float(sent),
+            "comm_compression_ratio": whole / sent if sent else 1.0,
+        }
 
 
 class WholeModel(ParallelModel):
     """The whole model on each rank of its tensor-parallel group (data parallel or one process)."""
 
-    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **kwargs: Any):
+    def __init__(
+        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **kwargs: Any
+    ):
         super().__init__(**kwargs)
         self.loss_fn = loss_fn
 
@@ -129,7 +144,10 @@ class WholeModel(ParallelModel):
         even = self.balanced_micro_batches is None
         with gathered_for_accumulation(model, enabled=not even):
             for i, (x, y) in enumerate(micro_batches):
-                with gradient_sync(model, enabled=i == count - 1, even=even), loss_context(self.tp_size):
+                with (
+                    gradient_sync(model, enabled=i == count - 1, even=even),
+                    loss_context(self.tp_size),
+                ):
                     loss = self.loss_fn(x, y)
                     self.precision.scale(loss / divisor).backward()
                 total += full_value(loss.detach())
@@ -148,7 +166,11 @@ class WholeModel(ParallelModel):
         with torch.no_grad(), loss_context(self.tp_size):
             loss = full_value(next_token_loss(logits, y, reduction="sum"))
         # Ignored targets (-100) never equal an argmax, so they never count as right.
-        right = torch.tensor(float("nan")) if isinstance(logits, DTensor) else (logits.argmax(-1) == y).sum()
+        right = (
+            torch.tensor(float("nan"))
+            if isinstance(logits, DTensor)
+            else (logits.argmax(-1) == y).sum()
+        )
         return torch.stack([loss.float(), right.to(loss.device, torch.float32)])
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -165,7 +187,7 @@ class PipelinedModel(ParallelModel):
         self.pipeline = pipeline
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
-        (x, y), = micro_batches  # the configuration check allows no accumulation with a pipeline
+        ((x, y),) = micro_batches  # the configuration check allows no accumulation with a pipeline
         p = self.pipeline
         with self.precision.autocast(), loss_context(self.tp_size):
             loss = pipeline_step(p.schedule, p.stages, p.n_microbatches, x, y)

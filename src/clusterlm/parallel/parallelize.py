@@ -39,25 +39,43 @@ from clusterlm.parallel.ps import PSRole, parameter_server_model
 from clusterlm.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def _model_loss(model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _model_loss(
+    model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     with precision.autocast():
         logits = model(x)
     return next_token_loss(logits, y)
 
 
-def _whole_model(loss_fn: Callable, part: nn.Module, mesh: DeviceMesh | None, p: ParallelConfig,
-                 common: dict[str, Any], ps: PSRole | None) -> ParallelModel:
+def _whole_model(
+    loss_fn: Callable,
+    part: nn.Module,
+    mesh: DeviceMesh | None,
+    p: ParallelConfig,
+    common: dict[str, Any],
+    ps: PSRole | None,
+) -> ParallelModel:
     if ps is not None:
         return parameter_server_model(ps, loss_fn=loss_fn, parts=[part], **common)
     if p.data_parallel in ("local_sgd", "diloco"):
         group = mesh["dp_replicate"].get_group() if mesh is not None else None
-        outer = {"lr": p.outer_lr, "momentum": p.outer_momentum} if p.data_parallel == "diloco" else None
+        outer = (
+            {"lr": p.outer_lr, "momentum": p.outer_momentum}
+            if p.data_parallel == "diloco"
+            else None
+        )
         return LocalSGDModel(group, p.local_steps, outer, loss_fn=loss_fn, parts=[part], **common)
     return WholeModel(loss_fn, parts=[part], **common)
 
 
-def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: torch.device,
-                source: ParamSource | None = None, ps: PSRole | None = None) -> ParallelModel:
+def parallelize(
+    model: nn.Module,
+    cfg: Config,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+    source: ParamSource | None = None,
+    ps: PSRole | None = None,
+) -> ParallelModel:
     """This rank's share of ``model``, parallelized for ``cfg`` on ``mesh`` (None in a single
     process and in a parameter-server job, where ``ps`` is this rank's role). ``model`` is either
     on ``device`` and initialized, or on the meta device: then each part is materialized once it
@@ -83,25 +101,41 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: 
         if cfg.training.compile and mesh is not None:  # one process compiles forward and loss whole
             apply_compile(part)
         if mesh is not None:
-            param_dtype = None if precision.compute_dtype == torch.float32 else precision.compute_dtype
+            param_dtype = (
+                None if precision.compute_dtype == torch.float32 else precision.compute_dtype
+            )
             part, state = apply_data_parallel(part, mesh, p, cfg.comm, param_dtype)
             comm.extend(filter(None, [state]))
         materialize(part, source, init_device, canonical)
         return part
 
-    common = {"precision": precision, "tp_size": p.tp if mesh is not None else 1, "comm": comm,
-              "shard_optimizer": mesh is not None and p.data_parallel == "zero1"}
+    common = {
+        "precision": precision,
+        "tp_size": p.tp if mesh is not None else 1,
+        "comm": comm,
+        "shard_optimizer": mesh is not None and p.data_parallel == "zero1",
+    }
     if mesh is None or p.pp == 1:
         part = parallelize_part(model)
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = partial(_model_loss, part, precision)
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = partial(
+            _model_loss, part, precision
+        )
         if cfg.training.compile and mesh is None:
             # One graph from tokens to loss: the compiler fuses across blocks, the embeddings, the
             # head and the loss. Across processes each block is compiled instead.
             loss_fn = torch.compile(loss_fn)
         return _whole_model(loss_fn, part, mesh, p, common, ps)
-    assert isinstance(model, Transformer)  # the configuration checks allow decoders only in a pipeline
-    stages = split_into_stages(model, mesh["pp"].get_group(), p.pp_schedule, p.pp_stages_per_rank or None,
-                               parallelize_stage=parallelize_part, device=device)
+    assert isinstance(
+        model, Transformer
+    )  # the configuration checks allow decoders only in a pipeline
+    stages = split_into_stages(
+        model,
+        mesh["pp"].get_group(),
+        p.pp_schedule,
+        p.pp_stages_per_rank or None,
+        parallelize_stage=parallelize_part,
+        device=device,
+    )
     micro_batches = pipeline_microbatches(p)
     schedule = build_schedule(stages, p.pp_schedule, micro_batches)
     pipeline = Pipeline(schedule, stages, micro_batches)

@@ -63,7 +63,9 @@ SCHEDULES = {
 assert set(SCHEDULES) == set(SCHEDULE_PLACEMENT)
 
 
-def stage_indices_on_rank(schedule: str, pp_rank: int, pp_size: int, stages_per_rank: int) -> list[int]:
+def stage_indices_on_rank(
+    schedule: str, pp_rank: int, pp_size: int, stages_per_rank: int
+) -> list[int]:
     """Global indices of the stages rank ``pp_rank`` holds, in the order the schedule expects."""
     if schedule_placement(schedule) == "v":
         return [pp_rank, 2 * pp_size - 1 - pp_rank]
@@ -79,8 +81,10 @@ def stage_layer_ranges(args: ModelArgs, num_stages: int) -> list[range]:
     those are large. Every stage gets at least one layer.
     """
     if args.n_layer < num_stages:
-        raise UserError(f"a pipeline of {num_stages} stages needs at least {num_stages} layers but "
-                        f"model.n_layer = {args.n_layer}; use fewer stages or more layers")
+        raise UserError(
+            f"a pipeline of {num_stages} stages needs at least {num_stages} layers but "
+            f"model.n_layer = {args.n_layer}; use fewer stages or more layers"
+        )
     per_layer = layer_params(args)
     extra = [0] * num_stages
     extra[0] += embedding_params(args)
@@ -98,7 +102,9 @@ def stage_layer_ranges(args: ModelArgs, num_stages: int) -> list[range]:
         options = []
         for count in range(1, layers_left - stages_left + 2):
             rest_cost, rest_counts = best(stage + 1, first_layer + count)
-            options.append((max(count * per_layer + extra[stage], rest_cost), (count, *rest_counts)))
+            options.append(
+                (max(count * per_layer + extra[stage], rest_cost), (count, *rest_counts))
+            )
         return min(options)
 
     ranges, start = [], 0
@@ -173,10 +179,16 @@ def build_schedule(
         return loss_fn(logits, targets) / n_microbatches
 
     try:
-        return schedule_class(stages[0] if placement == "single" else stages, n_microbatches,
-                              loss_fn=microbatch_loss, scale_grads=False)
+        return schedule_class(
+            stages[0] if placement == "single" else stages,
+            n_microbatches,
+            loss_fn=microbatch_loss,
+            scale_grads=False,
+        )
     except ValueError as err:
-        raise UserError(f"pipeline schedule {schedule} with {n_microbatches} micro-batches: {err}") from None
+        raise UserError(
+            f"pipeline schedule {schedule} with {n_microbatches} micro-batches: {err}"
+        ) from None
 
 
 def _loss_on_every_rank(loss: torch.Tensor | None, stages: list[PipelineStage]) -> torch.Tensor:
@@ -195,13 +207,19 @@ def pipeline_step(
     stages, accumulating into the stage parameters' ``.grad``; returns the batch's mean loss on
     every rank. Every rank passes the same batch; only the first and last stage read it."""
     if x.size(0) % n_microbatches:  # unequal micro-batches would weight tokens unequally
-        raise UserError(f"a batch of {x.size(0)} sequences does not split into {n_microbatches} equal "
-                        "micro-batches; make the batch a multiple of the micro-batch count")
+        raise UserError(
+            f"a batch of {x.size(0)} sequences does not split into {n_microbatches} equal "
+            "micro-batches; make the batch a multiple of the micro-batch count"
+        )
     holds_first = any(stage.is_first for stage in stages)
     holds_last = any(stage.is_last for stage in stages)
     losses: list[torch.Tensor] = []
-    schedule.step(*((x,) if holds_first else ()), target=y if holds_last else None, losses=losses,
-                  return_outputs=False)
+    schedule.step(
+        *((x,) if holds_first else ()),
+        target=y if holds_last else None,
+        losses=losses,
+        return_outputs=False,
+    )
     return _loss_on_every_rank(torch.stack(losses).sum() if holds_last else None, stages)
 
 
@@ -275,7 +293,9 @@ def sync_tied_gradients(stages: list[PipelineStage]) -> None:
     dist.all_reduce(total, group=stages[0].group)
     for weight in copies:
         if isinstance(weight, DTensor):  # every rank holds the whole sum: each keeps its own shard
-            weight.grad = distribute_tensor(total, weight.device_mesh, weight.placements, src_data_rank=None)
+            weight.grad = distribute_tensor(
+                total, weight.device_mesh, weight.placements, src_data_rank=None
+            )
         else:
             weight.grad = total.clone()
 

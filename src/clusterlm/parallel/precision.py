@@ -27,7 +27,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_precision(name: str, device: torch.device) -> tuple[str, str | None]:
     """(the precision to train in for ``name`` on ``device``, a warning line or None)."""
     if device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp32") if name == "auto" else name, None
+        return (
+            "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        ) if name == "auto" else name, None
     if device.type != "cpu" or name not in ("auto", "bf16"):
         return ("fp32" if name == "auto" else name), None
     fp32, bf16 = cpu_peak_flops(torch.float32), cpu_peak_flops(torch.bfloat16)
@@ -35,8 +37,10 @@ def resolve_precision(name: str, device: torch.device) -> tuple[str, str | None]
         return "bf16", None
     if name == "auto":
         return "fp32", None
-    return "bf16", (f"warning: training.precision = bf16 on a CPU that emulates it: bf16 matmul "
-                    f"{bf16 / 1e9:.1f} GFLOP/s against fp32 {fp32 / 1e9:.1f} GFLOP/s; fp32 (or auto) trains faster here")
+    return "bf16", (
+        f"warning: training.precision = bf16 on a CPU that emulates it: bf16 matmul "
+        f"{bf16 / 1e9:.1f} GFLOP/s against fp32 {fp32 / 1e9:.1f} GFLOP/s; fp32 (or auto) trains faster here"
+    )
 
 
 def settle_precision(name: str, device: torch.device, announce: bool = True) -> str:
@@ -49,7 +53,9 @@ def settle_precision(name: str, device: torch.device, announce: bool = True) -> 
     return precision
 
 
-def settle_attention(name: str, precision: str, device: torch.device, shape: tuple[int, int, int, int]) -> str:
+def settle_attention(
+    name: str, precision: str, device: torch.device, shape: tuple[int, int, int, int]
+) -> str:
     """``training.attention = auto`` on a CPU computing in 16 bits: the faster of the flash and math
     kernels for causal attention of ``shape`` (``cpu_attention_kernel``), agreed on by every rank;
     otherwise ``name``. In fp32 flash was the faster at every shape measured
@@ -81,7 +87,9 @@ class Precision:
         self.scaler = None
         if name == "fp16":
             # Sharded gradients need the overflow check agreed across ranks.
-            self.scaler = ShardedGradScaler(device.type) if sharded else torch.amp.GradScaler(device.type)
+            self.scaler = (
+                ShardedGradScaler(device.type) if sharded else torch.amp.GradScaler(device.type)
+            )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":

@@ -66,8 +66,10 @@ class ServerLinks:
             key = f"{prefix}/pair/{number}"
             group = pair_group(role.store, key, 1, role.cfg.timeout_s)
             if not answer_challenge(group, role.secret, key):
-                raise UserError(f"parameter server {server} refused this worker, or could not prove it holds the job's "
-                                f"secret: every rank of the job needs the same {SECRET_VARIABLE}")
+                raise UserError(
+                    f"parameter server {server} refused this worker, or could not prove it holds the job's "
+                    f"secret: every rank of the job needs the same {SECRET_VARIABLE}"
+                )
             self.groups.append(group)
         self.step = 0
         self.metrics: dict[str, float] = {}
@@ -78,14 +80,20 @@ class ServerLinks:
         """Send to every server, then read each one's reply: its step and statistics, and the
         current values of its shard, written into this worker's parameters."""
         sizes = [0] * len(self.groups) if payload is None else [part.numel() for part in payload]
-        headers, sends = [message(kind, lr, size) for size in sizes], []  # each server checks its shard's size
+        headers, sends = (
+            [message(kind, lr, size) for size in sizes],
+            [],
+        )  # each server checks its shard's size
         for server, group in enumerate(self.groups):
             sends.append(group.send([headers[server]], 0, 0))
             if payload is not None:
                 sends.append(group.send([payload[server]], 0, 0))
         replies = []
         for group, shard in zip(self.groups, self.shards, strict=True):
-            reply, values = torch.zeros(HEADER, dtype=torch.float64), torch.empty(sum(p.numel() for p in shard))
+            reply, values = (
+                torch.zeros(HEADER, dtype=torch.float64),
+                torch.empty(sum(p.numel() for p in shard)),
+            )
             group.recv([reply], 0, 0).wait()
             group.recv([values], 0, 0).wait()
             unflatten_into(values, shard)
@@ -94,14 +102,21 @@ class ServerLinks:
             work.wait()
         self.step = int(min(r[0] for r in replies))
         pushes = replies[0][1]
-        self.metrics = {"ps_pushes": pushes, "staleness_max": max(r[2] for r in replies),
-                        "staleness_mean": replies[0][3] / pushes if pushes else 0.0, "ps_live_workers": replies[0][4],
-                        "ps_server_busy_s": max(r[5] for r in replies), "ps_rejected_pushes": max(r[6] for r in replies),
-                        "ps_refused_peers": max(r[7] for r in replies)}
+        self.metrics = {
+            "ps_pushes": pushes,
+            "staleness_max": max(r[2] for r in replies),
+            "staleness_mean": replies[0][3] / pushes if pushes else 0.0,
+            "ps_live_workers": replies[0][4],
+            "ps_server_busy_s": max(r[5] for r in replies),
+            "ps_rejected_pushes": max(r[6] for r in replies),
+            "ps_refused_peers": max(r[7] for r in replies),
+        }
 
     def push(self, lr: float) -> None:
-        grads = [flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in shard])
-                 for shard in self.shards]
+        grads = [
+            flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in shard])
+            for shard in self.shards
+        ]
         self._exchange(PUSH, lr, grads)
 
     @torch.no_grad()
@@ -174,15 +189,24 @@ class PSServerModel(WholeModel):
         super().__init__(**kwargs)
         self.role = role
 
-    def serve(self, optimizers: list[torch.optim.Optimizer], total_steps: int, start_step: int) -> dict[str, Any]:
+    def serve(
+        self, optimizers: list[torch.optim.Optimizer], total_steps: int, start_step: int
+    ) -> dict[str, Any]:
         role, p = self.role, self.role.cfg
         index = role.rank - role.workers
         shard = shard_by_tensor(self.parts[0], p.ps_servers)[index]
-        server = ParameterServer(shard, optimizers[0], p.ps_staleness, role.workers, total_steps, start_step)
+        server = ParameterServer(
+            shard, optimizers[0], p.ps_staleness, role.workers, total_steps, start_step
+        )
         server.serve(role.store, role.prefix(index), p.timeout_s, p.ps_lease_s)
-        return {"rank": role.rank, "step": server.step, "pushes": server.stats.pushes,
-                "staleness_max": server.stats.staleness_max, "rejected_pushes": server.stats.rejected,
-                "refused_peers": server.stats.refused}
+        return {
+            "rank": role.rank,
+            "step": server.step,
+            "pushes": server.stats.pushes,
+            "staleness_max": server.stats.staleness_max,
+            "rejected_pushes": server.stats.rejected,
+            "refused_peers": server.stats.refused,
+        }
 
 
 def parameter_server_model(role: PSRole, **kwargs: Any) -> WholeModel:

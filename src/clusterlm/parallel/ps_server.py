@@ -48,26 +48,32 @@ JOIN, PUSH, SNAPSHOT = 0.0, 1.0, 2.0
 def message(*values: float) -> torch.Tensor:
     """A header: ``values`` then zeros. A worker's is (kind, learning rate, gradient values)."""
     header = torch.zeros(HEADER, dtype=torch.float64)
-    header[:len(values)] = torch.tensor(values, dtype=torch.float64)
+    header[: len(values)] = torch.tensor(values, dtype=torch.float64)
     return header
 
 
 def pair_group(store: SignedStore, key: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
     """A two-rank gloo group (server rank 0, worker rank 1) of its own, outside the job's group."""
-    group = dist.ProcessGroupGloo(dist.PrefixStore(key, store), rank, 2, timedelta(seconds=timeout_s))
+    group = dist.ProcessGroupGloo(
+        dist.PrefixStore(key, store), rank, 2, timedelta(seconds=timeout_s)
+    )
     # A gloo Backend, used for its send and recv, which ProcessGroup's stubs declare and Backend's omit.
     return cast(dist.ProcessGroup, group)
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One fp32 CPU tensor (the pair groups are gloo's, which sends host memory)."""
-    return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]) if tensors else torch.zeros(0)
+    return (
+        torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
+        if tensors
+        else torch.zeros(0)
+    )
 
 
 def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
@@ -80,7 +86,9 @@ class Stats:
     pushes: int = 0  # gradients applied (or summed into a round)
     staleness_sum: int = 0
     staleness_max: int = 0
-    busy_s: float = 0.0  # time spent applying the optimizer: what bounds the pushes a server can take
+    busy_s: float = (
+        0.0  # time spent applying the optimizer: what bounds the pushes a server can take
+    )
     rejected: int = 0  # pushes refused: non-finite or wrongly sized gradients, a bad learning rate
     refused: int = 0  # peers refused: an unsigned join, a failed challenge
 
@@ -103,14 +111,24 @@ class ParameterServer:
     parameters: only those with a gradient are stepped) until the job's budget of ``total_steps``
     global batches of ``workers`` pushes is spent and every worker has left."""
 
-    def __init__(self, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, staleness: int,
-                 workers: int, total_steps: int, start_step: int):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        staleness: int,
+        workers: int,
+        total_steps: int,
+        start_step: int,
+    ):
         self.params, self.optimizer, self.staleness = params, optimizer, staleness
         self.workers, self.total_steps = workers, total_steps
         self.applied = start_step * workers  # pushes the budget has counted, resumed runs included
         self.rounds = start_step  # with s = 0: rounds applied
         self.round_sum: torch.Tensor | None = None
-        self.round_count, self.lr = 0, 0.0  # gradients summed into this round, and their learning rate
+        self.round_count, self.lr = (
+            0,
+            0.0,
+        )  # gradients summed into this round, and their learning rate
         self.round_pushed: set[int] = set()  # workers that pushed (accepted or not) in this round
         self.size = sum(p.numel() for p in params)
         self.name = "parameter server"
@@ -135,7 +153,9 @@ class ParameterServer:
             try:  # no joins once the budget is spent: rank 0 may end, and its store with it
                 if accepting and self.step < self.total_steps:
                     threads += self._accept(store, prefix, timeout_s)
-            except dist.DistNetworkError:  # the store's host (rank 0, unless the launcher) has ended
+            except (
+                dist.DistNetworkError
+            ):  # the store's host (rank 0, unless the launcher) has ended
                 accepting = False
             threads = [t for t in threads if t.is_alive()]
             if threads:
@@ -143,8 +163,10 @@ class ParameterServer:
             elif self.joined and (self.step >= self.total_steps or not accepting):
                 return
             elif time.monotonic() - idle_since > (lease_s if self.joined else timeout_s):
-                raise TimeoutError(f"no worker connected to the parameter server for "
-                                   f"{time.monotonic() - idle_since:.0f}s before the job's steps were done")
+                raise TimeoutError(
+                    f"no worker connected to the parameter server for "
+                    f"{time.monotonic() - idle_since:.0f}s before the job's steps were done"
+                )
             time.sleep(0.01)
 
     def _accept(self, store: SignedStore, prefix: str, timeout_s: float) -> list[threading.Thread]:
@@ -157,26 +179,38 @@ class ParameterServer:
         except (UnsignedValue, ValueError):
             self._refuse(f"join {self.joined}: not signed with the job's secret")
             return []
-        thread = threading.Thread(target=self._connection, daemon=True,
-                                  args=(worker, self.joined, store, f"{prefix}/pair/{self.joined}", timeout_s))
+        thread = threading.Thread(
+            target=self._connection,
+            daemon=True,
+            args=(worker, self.joined, store, f"{prefix}/pair/{self.joined}", timeout_s),
+        )
         thread.start()
         return [thread]
 
     def _refuse(self, what: str) -> None:
         with self.changed:
             self.stats.refused += 1
-        print(f"warning: {self.name} refused a peer: {what}; it gets nothing and training goes on",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: {self.name} refused a peer: {what}; it gets nothing and training goes on",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    def _connection(self, worker: int, number: int, store: SignedStore, key: str, timeout_s: float) -> None:
+    def _connection(
+        self, worker: int, number: int, store: SignedStore, key: str, timeout_s: float
+    ) -> None:
         """Serve one worker's connection (its ``number``-th join) until it closes."""
         try:
             group = pair_group(store, key, 0, timeout_s)
             if not challenge(group, store.secret, key):
-                self._refuse(f"worker {worker} (join {number}) did not prove it holds the job's secret")
+                self._refuse(
+                    f"worker {worker} (join {number}) did not prove it holds the job's secret"
+                )
                 return
         except RuntimeError as exc:  # an unsigned address in the store, or the peer went away
-            self._refuse(f"worker {worker} (join {number}) could not connect: {str(exc).splitlines()[0][:200]}")
+            self._refuse(
+                f"worker {worker} (join {number}) could not connect: {str(exc).splitlines()[0][:200]}"
+            )
             return
         header = torch.zeros(HEADER, dtype=torch.float64)
         try:
@@ -193,16 +227,23 @@ class ParameterServer:
                 else:
                     self._join(worker, number)
                 self._reply(worker, group)
-        except (RuntimeError, Unreadable) as exc:  # the worker closed its group (finished or died), or we did
+        except (
+            RuntimeError,
+            Unreadable,
+        ) as exc:  # the worker closed its group (finished or died), or we did
             if isinstance(exc, Unreadable):
                 self._reject(worker, number, f"{exc}; its connection is closed")
             with self.changed:
-                if self.clocks.connection.get(worker) == number:  # not yet replaced by a restarted worker
+                if (
+                    self.clocks.connection.get(worker) == number
+                ):  # not yet replaced by a restarted worker
                     self.clocks.live.pop(worker, None)
                 self._maybe_apply_round()
                 self.changed.notify_all()
 
-    def _receive_push(self, group: dist.ProcessGroup, header: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    def _receive_push(
+        self, group: dist.ProcessGroup, header: torch.Tensor
+    ) -> tuple[torch.Tensor | None, str]:
         """A push's gradients, or None and what is wrong with the push. A push that is empty,
         larger than the shard or of no whole size is not read at all: the connection is closed."""
         declared, lr = float(header[2]), float(header[1])
@@ -222,8 +263,12 @@ class ParameterServer:
     def _reject(self, worker: int, number: int, problem: str) -> None:
         with self.changed:
             self.stats.rejected += 1
-        print(f"warning: {self.name} rejected a push from worker {worker} (join {number}): {problem}; it changes "
-              "nothing and training goes on", file=sys.stderr, flush=True)
+        print(
+            f"warning: {self.name} rejected a push from worker {worker} (join {number}): {problem}; it changes "
+            "nothing and training goes on",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _join(self, worker: int, number: int) -> None:
         with self.changed:  # a (re)joining worker starts at the slowest clock: it waits for no one
@@ -288,13 +333,24 @@ class ParameterServer:
                 if not self.started:
                     self.changed.wait(timeout=1.0)
             clock = self.clocks.live[worker]
-            while self.staleness >= 0 and self.step < self.total_steps and \
-                    self.clocks.slowest < clock - self.staleness:
+            while (
+                self.staleness >= 0
+                and self.step < self.total_steps
+                and self.clocks.slowest < clock - self.staleness
+            ):
                 self.changed.wait(timeout=1.0)
             self.clocks.read_at[worker] = self.clocks.slowest
             s = self.stats
-            header = message(self.step, s.pushes, s.staleness_max, s.staleness_sum, len(self.clocks.live), s.busy_s,
-                             s.rejected, s.refused)
+            header = message(
+                self.step,
+                s.pushes,
+                s.staleness_max,
+                s.staleness_sum,
+                len(self.clocks.live),
+                s.busy_s,
+                s.rejected,
+                s.refused,
+            )
             values = flatten(self.params)
         group.send([header], 1, 0).wait()
         group.send([values], 1, 0).wait()

@@ -23,7 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 TIED_COPIES = {"output.weight": "tok_embeddings.weight"}
 
 
-def _part_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _part_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One model part's tensors and its optimizer's state, keyed by parameter name."""
     if optimizer is None:
         return get_state_dict(model, [])[0], {}
@@ -38,7 +40,9 @@ def _by_parameter(optim_state: dict[str, Any]) -> dict[str, Any]:
     return cast(dict[str, Any], optim_state["state"])  # a dict; its "param_groups" are the list
 
 
-def training_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> dict[str, Any]:
+def training_state(
+    parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None
+) -> dict[str, Any]:
     """``{"model": ..., "optim": ...}``: ``parts`` are this rank's pieces of the model (pipeline
     stages, or the one whole model), each with its optimizer. Optimizer hyper-parameters are
     left out: they come from the config and the step."""
@@ -51,8 +55,9 @@ def training_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimize
     return {"model": model_state, "optim": optim_state} if optimizers else {"model": model_state}
 
 
-def _each_part(parts: list[nn.Module],
-               optimizers: list[torch.optim.Optimizer] | None) -> list[torch.optim.Optimizer | None]:
+def _each_part(
+    parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None
+) -> list[torch.optim.Optimizer | None]:
     """Each part's optimizer: ``optimizers``, or None for every part when there are none."""
     return list(optimizers) if optimizers else [None] * len(parts)
 
@@ -66,11 +71,17 @@ def _owned_optimizer_state(model: nn.Module, optimizer: ZeroRedundancyOptimizer)
     names = {id(param): name for name, param in unwrapped.named_parameters()}
     local = optimizer.optim
     create_missing_state(local)
-    return {names[id(param)]: local.state[param] for group in local.param_groups for param in group["params"]}
+    return {
+        names[id(param)]: local.state[param]
+        for group in local.param_groups
+        for param in group["params"]
+    }
 
 
 def create_missing_state(optimizer: torch.optim.Optimizer) -> None:
-    params = [p for group in optimizer.param_groups for p in group["params"] if not optimizer.state[p]]
+    params = [
+        p for group in optimizer.param_groups for p in group["params"] if not optimizer.state[p]
+    ]
     if not params:
         return
     saved = [(p.grad, p.detach().clone()) for p in params]
@@ -88,8 +99,10 @@ def create_missing_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def load_training_state(
-    parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
-    read: Callable[[dict[str, Any]], None], saved_keys: set[str],
+    parts: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer] | None,
+    read: Callable[[dict[str, Any]], None],
+    saved_keys: set[str],
 ) -> None:
     """Fill ``parts`` (and ``optimizers``) from a checkpoint: ``read(state)`` loads the saved
     tensors into the tensors of ``state`` in place, resharding them; ``saved_keys`` are the
@@ -108,17 +121,25 @@ def load_training_state(
         _set_part_state(part, optimizer, state)
 
 
-def _set_part_state(part: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+def _set_part_state(
+    part: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]
+) -> None:
     part_model, _ = _part_state(part, None)
     model_state = {name: state["model"][name] for name in part_model}
-    if optimizer is None or isinstance(optimizer, ZeroRedundancyOptimizer):  # ZeRO-1 was loaded in place
+    if optimizer is None or isinstance(
+        optimizer, ZeroRedundancyOptimizer
+    ):  # ZeRO-1 was loaded in place
         set_state_dict(part, [], model_state_dict=model_state, optim_state_dict={})
         return
     _, template = get_state_dict(part, optimizer)
     set_state_dict(
-        part, optimizer, model_state_dict=model_state,
-        optim_state_dict={"state": {name: state["optim"][name] for name in _by_parameter(template)},
-                          "param_groups": template["param_groups"]},
+        part,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict={
+            "state": {name: state["optim"][name] for name in _by_parameter(template)},
+            "param_groups": template["param_groups"],
+        },
     )
 
 
@@ -129,7 +150,9 @@ def _read_tied_copies_from_their_source(state: dict[str, Any], saved_keys: set[s
     for section in ("model", "optim"):
         entries = state.get(section, {})
         for copy_name, source_name in TIED_COPIES.items():
-            if copy_name not in entries or any(key.startswith(f"{section}.{copy_name}") for key in saved_keys):
+            if copy_name not in entries or any(
+                key.startswith(f"{section}.{copy_name}") for key in saved_keys
+            ):
                 continue
             value = entries.pop(copy_name)
             if source_name in entries:

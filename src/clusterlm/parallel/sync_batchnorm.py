@@ -68,11 +68,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         else:  # an empty batch contributes nothing but must still join the collective
             local_mean = local_var = x.new_zeros(input.size(1), dtype=torch.float64)
         count = torch.tensor([float(local_count)], dtype=torch.float64, device=input.device)
-        sums = torch.cat([count, local_count * local_mean, local_count * (local_var + local_mean**2)])
+        sums = torch.cat(
+            [count, local_count * local_mean, local_count * (local_var + local_mean**2)]
+        )
         dist.all_reduce(sums, group=group)
         total = int(sums[0].item())
         if total == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got 1 across the process group")
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got 1 across the process group"
+            )
         mean, sum_squares = (sums[1:] / total).chunk(2)
         var = (sum_squares - mean**2).clamp_(min=0)
 
@@ -80,7 +84,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if running_mean is not None and running_var is not None and total > 0:
             unbiased_var = var * (total / (total - 1))
             running_mean.mul_(1 - average_factor).add_(average_factor * mean.to(running_mean.dtype))
-            running_var.mul_(1 - average_factor).add_(average_factor * unbiased_var.to(running_var.dtype))
+            running_var.mul_(1 - average_factor).add_(
+                average_factor * unbiased_var.to(running_var.dtype)
+            )
 
         mean, invstd = mean.float(), torch.rsqrt(var + eps).float()
         out = (x - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())

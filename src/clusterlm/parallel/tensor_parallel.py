@@ -58,14 +58,18 @@ class ReplicateParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def replicate_inputs(_module, inputs, mesh):
             return tuple(
-                DTensor.from_local(x, mesh, (Replicate(),), run_check=False) if isinstance(x, torch.Tensor) else x
+                DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+                if isinstance(x, torch.Tensor)
+                else x
                 for x in inputs
             )
 
         def local_output(_module, output, mesh):
             return output.redistribute(mesh, (self.output_layout,)).to_local()
 
-        return distribute_module(module, device_mesh, input_fn=replicate_inputs, output_fn=local_output)
+        return distribute_module(
+            module, device_mesh, input_fn=replicate_inputs, output_fn=local_output
+        )
 
 
 def check_divisible(model: Transformer | Encoder, tp: int) -> None:
@@ -73,11 +77,15 @@ def check_divisible(model: Transformer | Encoder, tp: int) -> None:
     args = model.args
     for name, count in (("n_head", args.n_head), ("n_kv_head", args.n_kv_head)):
         if count % tp:
-            raise UserError(f"model.{name} = {count} is not divisible by parallel.tp = {tp}; "
-                            f"choose a tp that divides model.{name}")
+            raise UserError(
+                f"model.{name} = {count} is not divisible by parallel.tp = {tp}; "
+                f"choose a tp that divides model.{name}"
+            )
 
 
-def apply_tensor_parallel(model: Transformer | Encoder, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+def apply_tensor_parallel(
+    model: Transformer | Encoder, tp_mesh: DeviceMesh, sequence_parallel: bool = False
+) -> None:
     """Shard ``model`` in place over the 1-D ``tp_mesh``; see the module docstring for the plan.
 
     Afterwards every parameter is a DTensor, and ``model(tokens)`` (tokens replicated on the mesh)
@@ -93,19 +101,28 @@ def apply_tensor_parallel(model: Transformer | Encoder, tp_mesh: DeviceMesh, seq
     norm_style = SequenceParallel() if sequence_parallel else ReplicateParallel()
     # A pipeline stage may lack the embeddings (not the first stage) or the head (not the last).
     first, last = model.tok_embeddings is not None, model.output is not None
-    tied = (model.tok_embeddings is not None and model.output is not None
-            and model.output.weight is model.tok_embeddings.weight)
+    tied = (
+        model.tok_embeddings is not None
+        and model.output is not None
+        and model.output.weight is model.tok_embeddings.weight
+    )
 
     top_plan: dict[str, ParallelStyle] = {}
     if first:
-        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+        top_plan["tok_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=residual
+        )
     if last:
         top_plan["norm"] = norm_style
-        top_plan["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+        top_plan["output"] = ColwiseParallel(
+            input_layouts=residual, output_layouts=Shard(-1), use_local_output=False
+        )
     if first and model.pos_embeddings is not None:
         # Replicated table; under SP each rank keeps the positions of its own sequence slice. The
         # slice is taken by a DTensor redistribute so backward all-gathers the position gradient.
-        top_plan["pos_embeddings"] = ReplicateParallel(output_layout=Shard(0) if sequence_parallel else Replicate())
+        top_plan["pos_embeddings"] = ReplicateParallel(
+            output_layout=Shard(0) if sequence_parallel else Replicate()
+        )
     parallelize_module(model, tp_mesh, top_plan)
     if tied:
         # Each style distributed its own copy of the shared matrix; both are Shard(0) on the
@@ -118,11 +135,15 @@ def apply_tensor_parallel(model: Transformer | Encoder, tp_mesh: DeviceMesh, seq
         parallelize_module(block, tp_mesh, _block_plan(block, residual, norm_style))
 
 
-def _block_plan(block: nn.Module, residual: Placement, norm_style: ParallelStyle) -> dict[str, ParallelStyle]:
+def _block_plan(
+    block: nn.Module, residual: Placement, norm_style: ParallelStyle
+) -> dict[str, ParallelStyle]:
     """Heads and MLP columns split across the mesh; the same for pre-norm and post-norm blocks."""
     # One entry point per column-parallel group: the sequence is gathered once (SP), and in
     # backward the input gradients of wq/wk/wv (w1/w3) are summed before a single reduction.
-    gather_sequence = PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None))
+    gather_sequence = PrepareModuleInput(
+        input_layouts=(residual, None), desired_input_layouts=(Replicate(), None)
+    )
     plan: dict[str, ParallelStyle] = {
         "attn_norm": norm_style,
         "attn": gather_sequence,
@@ -145,16 +166,26 @@ def _apply_to_encoder(model: Encoder, tp_mesh: DeviceMesh) -> None:
     parallelism), token table split on the vocabulary and tied to the masked-LM head's output,
     which is column-parallel with its bias; the small tables, norms and the head's transform are
     replicated."""
-    parallelize_module(model, tp_mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "pos_embeddings": ReplicateParallel(),
-        "type_embeddings": ReplicateParallel(),
-        "emb_norm": ReplicateParallel(),
-        "head.dense": ReplicateParallel(),
-        "head.norm": ReplicateParallel(),
-        "head.output": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False),
-    })
-    assert model.head is not None, "tensor parallel applies to the masked-LM encoder, not a classifier's"
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=Replicate()
+            ),
+            "pos_embeddings": ReplicateParallel(),
+            "type_embeddings": ReplicateParallel(),
+            "emb_norm": ReplicateParallel(),
+            "head.dense": ReplicateParallel(),
+            "head.norm": ReplicateParallel(),
+            "head.output": ColwiseParallel(
+                input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False
+            ),
+        },
+    )
+    assert model.head is not None, (
+        "tensor parallel applies to the masked-LM encoder, not a classifier's"
+    )
     model.head.output.weight = model.tok_embeddings.weight  # both Shard(0): one parameter again
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block, Replicate(), ReplicateParallel()))

@@ -21,7 +21,22 @@ from clusterlm.plan.timing import StepTime, step_time
 from clusterlm.plan.workload import Workload, load_model_args
 
 __all__ = [
-    "Calibration", "Candidate", "Cluster", "Device", "Layout", "Link", "MemoryBreakdown", "SearchResult",
-    "StepTime", "Workload", "device_memory", "evaluate", "layout_problem", "load_calibration", "load_cluster",
-    "load_model_args", "search", "step_time",
+    "Calibration",
+    "Candidate",
+    "Cluster",
+    "Device",
+    "Layout",
+    "Link",
+    "MemoryBreakdown",
+    "SearchResult",
+    "StepTime",
+    "Workload",
+    "device_memory",
+    "evaluate",
+    "layout_problem",
+    "load_calibration",
+    "load_cluster",
+    "load_model_args",
+    "search",
+    "step_time",
 ]

@@ -72,7 +72,9 @@ class Calibration:
                     raise UserError(f"calibration device must be a device name, got {value!r}")
             elif f.name == "collective_wait":
                 if not number or not 0.0 <= value < 1.0:
-                    raise UserError(f"calibration collective_wait must be a number in [0, 1), got {value!r}")
+                    raise UserError(
+                        f"calibration collective_wait must be a number in [0, 1), got {value!r}"
+                    )
             elif f.name in NON_NEGATIVE:
                 if not number or not 0.0 <= value < float("inf"):
                     raise UserError(f"calibration {f.name} must be a number >= 0, got {value!r}")
@@ -84,7 +86,9 @@ class Calibration:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UserError(f"{source}: unknown calibration key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+            raise UserError(
+                f"{source}: unknown calibration key {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
         try:
             return cls(**values)
         except UserError as err:
@@ -98,8 +102,10 @@ def load_calibration(path: str | Path) -> Calibration:
     try:
         data = json.loads(path.read_text())
     except OSError:
-        raise UserError(f"calibration file {str(path)!r} not found; write one with `clusterlm plan --validate "
-                        "--calibration-out FILE`") from None
+        raise UserError(
+            f"calibration file {str(path)!r} not found; write one with `clusterlm plan --validate "
+            "--calibration-out FILE`"
+        ) from None
     except ValueError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     factors = {f.name: data[f.name] for f in dataclasses.fields(Calibration) if f.name in data}
@@ -109,8 +115,10 @@ def load_calibration(path: str | Path) -> Calibration:
 def check_device(calibration: Calibration, device_name: str, source: str) -> None:
     """Refuse factors measured on another kind of device than ``device_name``."""
     if calibration.device and device_kind(calibration.device) != device_kind(device_name):
-        raise UserError(f"{source} was measured on {calibration.device}, not on this cluster's {device_name}: its "
-                        "factors describe other hardware; calibrate on this kind of device or leave it out")
+        raise UserError(
+            f"{source} was measured on {calibration.device}, not on this cluster's {device_name}: its "
+            "factors describe other hardware; calibrate on this kind of device or leave it out"
+        )
 
 
 def save_calibration(path: str | Path, calibration: Calibration, evidence: dict[str, Any]) -> None:

@@ -45,7 +45,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PRESET_DIRS = (Path("configs/clusters"), Path(__file__).resolve().parents[3] / "configs" / "clusters")
+PRESET_DIRS = (
+    Path("configs/clusters"),
+    Path(__file__).resolve().parents[3] / "configs" / "clusters",
+)
 GB, GIB = 1e9, 2**30
 
 
@@ -101,7 +104,9 @@ class Cluster:
         return replace(self, nodes=nodes)
 
 
-def _number(table: dict[str, Any], key: str, where: str, minimum: float = 0.0, strict: bool = True) -> float:
+def _number(
+    table: dict[str, Any], key: str, where: str, minimum: float = 0.0, strict: bool = True
+) -> float:
     if key not in table:
         raise UserError(f"{where}: missing key {key!r}")
     value = table[key]
@@ -121,8 +126,10 @@ def _table(tree: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 def _link(tree: dict[str, Any], key: str, where: str) -> Link:
     table = _table(tree, key, where)
-    return Link(bandwidth=_number(table, "bandwidth_gb_s", f"{where} [{key}]") * GB,
-                latency=_number(table, "latency_us", f"{where} [{key}]", strict=False) * 1e-6)
+    return Link(
+        bandwidth=_number(table, "bandwidth_gb_s", f"{where} [{key}]") * GB,
+        latency=_number(table, "latency_us", f"{where} [{key}]", strict=False) * 1e-6,
+    )
 
 
 def cluster_from_mapping(tree: dict[str, Any], source: str) -> Cluster:
@@ -130,14 +137,18 @@ def cluster_from_mapping(tree: dict[str, Any], source: str) -> Cluster:
     device = _table(tree, "device", source)
     peaks = device.get("peak_tflops")
     if not isinstance(peaks, dict) or not peaks:
-        raise UserError(f"{source} [device]: peak_tflops must be a table like {{ bf16 = 989, fp32 = 67 }}")
+        raise UserError(
+            f"{source} [device]: peak_tflops must be a table like {{ bf16 = 989, fp32 = 67 }}"
+        )
     where = f"{source} [device]"
     host = None
     if "host" in tree:
         table = _table(tree, "host", source)
-        host = Host(memory_bytes=_number(table, "memory_gib", f"{source} [host]") * GIB,
-                    link=Link(_number(table, "link_gb_s", f"{source} [host]") * GB, 0.0),
-                    adam_params_per_s=_number(table, "adam_params_per_s", f"{source} [host]"))
+        host = Host(
+            memory_bytes=_number(table, "memory_gib", f"{source} [host]") * GIB,
+            link=Link(_number(table, "link_gb_s", f"{source} [host]") * GB, 0.0),
+            adam_params_per_s=_number(table, "adam_params_per_s", f"{source} [host]"),
+        )
     nodes = _number(tree, "nodes", source, minimum=1, strict=False)
     per_node = _number(tree, "devices_per_node", source, minimum=1, strict=False)
     if not (nodes.is_integer() and per_node.is_integer()):
@@ -151,12 +162,15 @@ def cluster_from_mapping(tree: dict[str, Any], source: str) -> Cluster:
             memory_bytes=_number(device, "memory_gib", where) * GIB,
             peak_flops={str(k): _number(peaks, k, f"{where} peak_tflops") * 1e12 for k in peaks},
             reserved_bytes=_number(device, "reserved_gib", where, strict=False) * GIB
-            if "reserved_gib" in device else 0.0,
+            if "reserved_gib" in device
+            else 0.0,
         ),
         intra_node=_link(tree, "intra_node", source),
         inter_node=_link(tree, "inter_node", source),
         host=host,
-        calibration=Calibration.from_mapping(tree.get("calibration", {}), f"{source} [calibration]"),
+        calibration=Calibration.from_mapping(
+            tree.get("calibration", {}), f"{source} [calibration]"
+        ),
     )
 
 
@@ -172,7 +186,9 @@ def load_cluster(name_or_path: str) -> Cluster:
     candidates = [Path(name_or_path)] + [d / f"{name_or_path}.toml" for d in PRESET_DIRS]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise UserError(f"cluster {name_or_path!r} not found; use a TOML path or one of: {', '.join(preset_names())}")
+        raise UserError(
+            f"cluster {name_or_path!r} not found; use a TOML path or one of: {', '.join(preset_names())}"
+        )
     try:
         tree = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
@@ -193,8 +209,12 @@ def probe_cpu_cluster() -> Cluster:
         name="cpu",
         nodes=1,
         devices_per_node=1,
-        device=Device(name=f"CPU {cpu_model_name()} ({torch.get_num_threads()} threads)", memory_bytes=physical_memory_bytes(),
-                      peak_flops={"fp32": fp32, "bf16": bf16, "fp16": bf16}, reserved_bytes=0.5 * GIB),
+        device=Device(
+            name=f"CPU {cpu_model_name()} ({torch.get_num_threads()} threads)",
+            memory_bytes=physical_memory_bytes(),
+            peak_flops={"fp32": fp32, "bf16": bf16, "fp16": bf16},
+            reserved_bytes=0.5 * GIB,
+        ),
         intra_node=Link(bandwidth=5 * GB, latency=20e-6),
         inter_node=Link(bandwidth=1.25 * GB, latency=50e-6),
     )

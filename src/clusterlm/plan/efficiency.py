@@ -40,7 +40,9 @@ def head_flops_per_token(work: Workload) -> float:
 def layer_flops_per_token(work: Workload) -> float:
     """One block's share of ``training_flops_per_token``: the rest after the head, per layer."""
     args = work.model
-    return (training_flops_per_token(args, work.seq_len) - head_flops_per_token(work)) / args.n_layer
+    return (
+        training_flops_per_token(args, work.seq_len) - head_flops_per_token(work)
+    ) / args.n_layer
 
 
 def matmul_shapes(work: Workload, layout: Layout) -> list[tuple[float, float]]:
@@ -53,7 +55,10 @@ def matmul_shapes(work: Workload, layout: Layout) -> list[tuple[float, float]]:
     # scores with their weighted sum over the full s x s.
     block = d * (q + 2 * kv) + q * d + d * mlp_in + f * d + 2 * q * s
     tokens = s * layout.micro_batch_size
-    return [(6.0 * block * args.n_layer / t, d), (head_flops_per_token(work) / t, min(tokens, args.vocab_size / t))]
+    return [
+        (6.0 * block * args.n_layer / t, d),
+        (head_flops_per_token(work) / t, min(tokens, args.vocab_size / t)),
+    ]
 
 
 def shape_efficiency(work: Workload, layout: Layout, calibration: Calibration) -> float:
@@ -62,7 +67,9 @@ def shape_efficiency(work: Workload, layout: Layout, calibration: Calibration) -
     if half == 0:
         return ceiling
     shapes = matmul_shapes(work, layout)
-    seconds_per_peak_flop = sum(flops * (width + half) / (ceiling * width) for flops, width in shapes)
+    seconds_per_peak_flop = sum(
+        flops * (width + half) / (ceiling * width) for flops, width in shapes
+    )
     return sum(flops for flops, _ in shapes) / seconds_per_peak_flop
 
 

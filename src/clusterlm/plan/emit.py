@@ -12,11 +12,38 @@ from clusterlm.files import atomic_write
 from clusterlm.plan.layout import layout_config
 from clusterlm.plan.search import Candidate
 
-MODEL_KEYS = ("flavour", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "vocab_size",
-              "dropout", "norm_eps", "rope_theta")
-TRAINING_KEYS = ("micro_batch_size", "seq_len", "tokens_per_step", "activation_checkpointing", "precision")
-PARALLEL_KEYS = ("pp", "dp_replicate", "dp_shard", "tp", "data_parallel", "sequence_parallel", "pp_schedule",
-                 "pp_microbatches", "pp_stages_per_rank", "cpu_offload")
+MODEL_KEYS = (
+    "flavour",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "ffn_hidden",
+    "block_size",
+    "vocab_size",
+    "dropout",
+    "norm_eps",
+    "rope_theta",
+)
+TRAINING_KEYS = (
+    "micro_batch_size",
+    "seq_len",
+    "tokens_per_step",
+    "activation_checkpointing",
+    "precision",
+)
+PARALLEL_KEYS = (
+    "pp",
+    "dp_replicate",
+    "dp_shard",
+    "tp",
+    "data_parallel",
+    "sequence_parallel",
+    "pp_schedule",
+    "pp_microbatches",
+    "pp_stages_per_rank",
+    "cpu_offload",
+)
 
 
 def _value(value: Any) -> str:
@@ -36,11 +63,16 @@ def config_toml(best: Candidate) -> str:
     """The layout's config (``layout_config``, the trainer's conventions) as TOML."""
     layout = best.layout
     cfg = layout_config(layout, best.work)
-    header = (f"# Chosen by `clusterlm plan` for {best.cluster.nodes} x {best.cluster.name}: {layout.describe()}\n"
-              f"# predicted {best.time.total:.3f} s/step, {best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.1%}, "
-              f"{best.memory.total / 2**30:.1f} GiB per device\n")
-    sections = [_section("model", cfg.model, MODEL_KEYS), _section("training", cfg.training, TRAINING_KEYS),
-                _section("parallel", cfg.parallel, PARALLEL_KEYS)]
+    header = (
+        f"# Chosen by `clusterlm plan` for {best.cluster.nodes} x {best.cluster.name}: {layout.describe()}\n"
+        f"# predicted {best.time.total:.3f} s/step, {best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.1%}, "
+        f"{best.memory.total / 2**30:.1f} GiB per device\n"
+    )
+    sections = [
+        _section("model", cfg.model, MODEL_KEYS),
+        _section("training", cfg.training, TRAINING_KEYS),
+        _section("parallel", cfg.parallel, PARALLEL_KEYS),
+    ]
     return header + "\n\n".join(sections) + "\n"
 
 

@@ -23,7 +23,9 @@ from clusterlm.plan.validation import ValidationResult
 MEASURED_LINKS = Calibration(comm_efficiency=1.0)  # the links are fitted to measured collectives
 
 
-def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURED_LINKS) -> Calibration:
+def fit_calibration(
+    results: list[ValidationResult], base: Calibration = MEASURED_LINKS
+) -> Calibration:
     """Compute efficiency, collective wait and the host costs minimizing the squared relative
     step-time error over the cases marked ``fit``. The step time is linear in the host costs, so for
     each efficiency on a log grid and each wait share on a linear one they are the non-negative
@@ -39,8 +41,12 @@ def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURE
         predicted = np.array([r.predicted_seconds(calibration) for r in fitted])
         for wait in np.linspace(0.0, 0.9, 10):
             # Host seconds each case spends per unit of each term, grown by its processes' core share.
-            features = counts * np.array([host_share_scales(r.cluster.device.host_share, wait) for r in fitted])
-            costs = _nonnegative_least_squares(features / measured[:, None], 1 - predicted / measured)
+            features = counts * np.array(
+                [host_share_scales(r.cluster.device.host_share, wait) for r in fitted]
+            )
+            costs = _nonnegative_least_squares(
+                features / measured[:, None], 1 - predicted / measured
+            )
             error = float(np.sum(((predicted + features @ costs) / measured - 1) ** 2))
             if best is None or error < best[0]:
                 host: dict[str, Any] = dict(zip(HOST_SECONDS, map(float, costs), strict=True))
@@ -52,8 +58,9 @@ def fit_calibration(results: list[ValidationResult], base: Calibration = MEASURE
 def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """argmin ||a x - b|| over x >= 0, by trying every set of free columns (there are four)."""
     best_x, best_error = np.zeros(a.shape[1]), float(np.sum(b**2))
-    for free in itertools.chain.from_iterable(itertools.combinations(range(a.shape[1]), k)
-                                              for k in range(1, a.shape[1] + 1)):
+    for free in itertools.chain.from_iterable(
+        itertools.combinations(range(a.shape[1]), k) for k in range(1, a.shape[1] + 1)
+    ):
         solution, *_ = np.linalg.lstsq(a[:, free], b, rcond=None)
         if (solution < 0).any():
             continue
@@ -70,6 +77,7 @@ def fit_efficiency(ratios: Callable[[Calibration], list[float]], base: Calibrati
     squared log error of ``ratios`` (predicted / reported, one per row) under ``base``'s other
     factors: for each half-width on a grid of 10s up to 5000, the ceiling that centres the errors
     (refined three times, since communication does not scale with it); the best pair wins."""
+
     def centred(half: float) -> tuple[float, Calibration]:
         calibration = replace(base, efficiency_half_width=half, compute_efficiency=0.5)
         for _ in range(3):

@@ -29,19 +29,33 @@ class Unit:
     resharded: bool  # frees its gathered weights after forward and gathers them again for backward
 
 
-def stage_units(work: Workload, layout: Layout, pp_rank: int, tensors: tuple[int, int]) -> list[Unit]:
+def stage_units(
+    work: Workload, layout: Layout, pp_rank: int, tensors: tuple[int, int]
+) -> list[Unit]:
     """The FSDP units of pipeline rank ``pp_rank``'s stage (its stages as one, under a virtual
     pipeline), the root last; ``tensors``: parameter tensors per block and outside the blocks."""
     args = work.model
     share = rank_share(args, layout, pp_rank)
     block = layer_params(args)
-    outside = rank_params(work, layout, pp_rank) * layout.tp - share.layers * block  # embeddings, head
-    grouped = fsdp_units([4 * block] * share.layers, 4 * (share.layers * block + outside), layout.bucket_mb * 2**20)
-    units = [Unit(len(unit) * block / layout.tp, len(unit) * tensors[0],
-                  reshards_after_forward(layout.data_parallel, index, len(grouped)))
-             for index, unit in enumerate(grouped)]
+    outside = (
+        rank_params(work, layout, pp_rank) * layout.tp - share.layers * block
+    )  # embeddings, head
+    grouped = fsdp_units(
+        [4 * block] * share.layers, 4 * (share.layers * block + outside), layout.bucket_mb * 2**20
+    )
+    units = [
+        Unit(
+            len(unit) * block / layout.tp,
+            len(unit) * tensors[0],
+            reshards_after_forward(layout.data_parallel, index, len(grouped)),
+        )
+        for index, unit in enumerate(grouped)
+    ]
     in_root = share.layers - sum(map(len, grouped))
-    return [*units, Unit((in_root * block + outside) / layout.tp, in_root * tensors[0] + tensors[1], False)]
+    return [
+        *units,
+        Unit((in_root * block + outside) / layout.tp, in_root * tensors[0] + tensors[1], False),
+    ]
 
 
 def gathers(unit: Unit, layout: Layout) -> tuple[int, int]:
@@ -64,12 +78,24 @@ def tensor_passes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> i
     if layout.dp_shard == 1 or layout.zero_stage < 2:
         return 0
     reductions = 1 if layout.pp > 1 else layout.micro_batches
-    return max(sum(unit.tensors * (sum(gathers(unit, layout)) + reductions)
-                   for unit in stage_units(work, layout, rank, tensors)) for rank in range(layout.pp))
+    return max(
+        sum(
+            unit.tensors * (sum(gathers(unit, layout)) + reductions)
+            for unit in stage_units(work, layout, rank, tensors)
+        )
+        for rank in range(layout.pp)
+    )
 
 
-def exposed_seconds(units: list[Unit], layout: Layout, cluster: Cluster, weight_bytes: float, grad_bytes: float,
-                    forward: float, backward: float) -> float:
+def exposed_seconds(
+    units: list[Unit],
+    layout: Layout,
+    cluster: Cluster,
+    weight_bytes: float,
+    grad_bytes: float,
+    forward: float,
+    backward: float,
+) -> float:
     """FSDP's communication on the critical path per step. A forward gathers the root first, with
     nothing computed before it to hide behind, then each unit while the one before computes: hidden
     up to ``overlap`` of the forward. A backward gathers the resharded units again and
@@ -94,6 +120,8 @@ def exposed_seconds(units: list[Unit], layout: Layout, cluster: Cluster, weight_
     exposed = gathers(root, layout)[0] * gathered(root)
     exposed += m * max(0.0, forward_gathers / m - overlap * forward)
     if layout.pp > 1:  # charged per micro-batch, behind its backward: an upper bound (see above)
-        return exposed + m * max(0.0, backward_gathers / m + sum(map(reduced, units)) - overlap * backward)
+        return exposed + m * max(
+            0.0, backward_gathers / m + sum(map(reduced, units)) - overlap * backward
+        )
     behind_backward = backward_gathers / m + sum(map(reduced, blocks))
     return exposed + m * (reduced(root) + max(0.0, behind_backward - overlap * backward))

@@ -68,7 +68,9 @@ class Layout:
     micro_batches: int = 1
     activation_checkpointing: str = "none"
     cpu_offload: bool = False
-    bucket_mb: float = 25.0  # parallel.bucket_mb: DDP's gradient buckets, the least bytes of an FSDP unit
+    bucket_mb: float = (
+        25.0  # parallel.bucket_mb: DDP's gradient buckets, the least bytes of an FSDP unit
+    )
 
     @property
     def dp(self) -> int:
@@ -85,15 +87,22 @@ class Layout:
     @property
     def stride(self) -> dict[str, int]:
         """Distance between neighbouring ranks of each mesh dimension (tp innermost)."""
-        return {"tp": 1, "dp_shard": self.tp, "dp_replicate": self.tp * self.dp_shard, "pp": self.tp * self.dp}
+        return {
+            "tp": 1,
+            "dp_shard": self.tp,
+            "dp_replicate": self.tp * self.dp_shard,
+            "pp": self.tp * self.dp,
+        }
 
     def describe(self) -> str:
         parts = [f"tp{self.tp}{'+sp' if self.sequence_parallel else ''}"]
         if self.pp > 1:
             v = f"v{self.pp_stages_per_rank}" if self.pp_stages_per_rank > 1 else ""
             parts.append(f"pp{self.pp}({self.pp_schedule}{v})")
-        dp = {"ddp": f"ddp{self.dp_replicate}", "hsdp": f"hsdp{self.dp_replicate}x{self.dp_shard}"}.get(
-            self.data_parallel, f"{self.data_parallel}:{self.dp_shard}")
+        dp = {
+            "ddp": f"ddp{self.dp_replicate}",
+            "hsdp": f"hsdp{self.dp_replicate}x{self.dp_shard}",
+        }.get(self.data_parallel, f"{self.data_parallel}:{self.dp_shard}")
         parts += [dp, f"mb{self.micro_batch_size}x{self.micro_batches}"]
         if self.activation_checkpointing != "none":
             parts.append(f"ac={self.activation_checkpointing}")
@@ -139,23 +148,43 @@ def layout_config(layout: Layout, work: Workload) -> Config:
     trainer's micro-batch is the rank's whole batch, split by the schedule; otherwise the rest of
     the batch is gradient accumulation. The inverse of ``layout_from_config``."""
     m = work.model
-    model = ModelConfig(flavour=m.flavour, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
-                        n_embd=m.n_embd, block_size=m.block_size, vocab_size=m.vocab_size,
-                        ffn_hidden=m.ffn_hidden, dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta)
+    model = ModelConfig(
+        flavour=m.flavour,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_kv_head=m.n_kv_head,
+        n_embd=m.n_embd,
+        block_size=m.block_size,
+        vocab_size=m.vocab_size,
+        ffn_hidden=m.ffn_hidden,
+        dropout=m.dropout,
+        norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+    )
     pipelined = layout.pp > 1
     training = TrainingConfig(
         micro_batch_size=layout.micro_batch_size * (layout.micro_batches if pipelined else 1),
-        seq_len=work.seq_len, tokens_per_step=work.global_batch_tokens, precision=work.precision,
-        activation_checkpointing=layout.activation_checkpointing)
+        seq_len=work.seq_len,
+        tokens_per_step=work.global_batch_tokens,
+        precision=work.precision,
+        activation_checkpointing=layout.activation_checkpointing,
+    )
     replicate, shard = layout.dp_replicate, layout.dp_shard
     if layout.data_parallel == "zero1":  # the trainer's zero1 replicates the model over its group
         replicate, shard = replicate * shard, 1
     parallel = ParallelConfig(
-        data_parallel=layout.data_parallel, dp_replicate=replicate, dp_shard=shard, tp=layout.tp,
-        sequence_parallel=layout.sequence_parallel, pp=layout.pp, pp_schedule=layout.pp_schedule,
+        data_parallel=layout.data_parallel,
+        dp_replicate=replicate,
+        dp_shard=shard,
+        tp=layout.tp,
+        sequence_parallel=layout.sequence_parallel,
+        pp=layout.pp,
+        pp_schedule=layout.pp_schedule,
         pp_microbatches=layout.micro_batches if pipelined else 0,
-        pp_stages_per_rank=layout.pp_stages_per_rank if pipelined else 0, cpu_offload=layout.cpu_offload,
-        bucket_mb=layout.bucket_mb)
+        pp_stages_per_rank=layout.pp_stages_per_rank if pipelined else 0,
+        cpu_offload=layout.cpu_offload,
+        bucket_mb=layout.bucket_mb,
+    )
     return Config(model=model, training=training, parallel=parallel)
 
 
@@ -180,41 +209,90 @@ def layout_from_config(cfg: Config, world_size: int) -> Layout:
     if p.data_parallel == "zero1":
         replicate, shard = 1, replicate * shard
     common: _Shared = {
-        "dp_replicate": replicate, "dp_shard": shard, "tp": p.tp, "data_parallel": p.data_parallel,
-        "sequence_parallel": p.sequence_parallel, "activation_checkpointing": t.activation_checkpointing,
-        "cpu_offload": p.cpu_offload, "bucket_mb": p.bucket_mb}
+        "dp_replicate": replicate,
+        "dp_shard": shard,
+        "tp": p.tp,
+        "data_parallel": p.data_parallel,
+        "sequence_parallel": p.sequence_parallel,
+        "activation_checkpointing": t.activation_checkpointing,
+        "cpu_offload": p.cpu_offload,
+        "bucket_mb": p.bucket_mb,
+    }
     if p.pp == 1:
-        return Layout(**common, micro_batch_size=t.micro_batch_size,
-                      micro_batches=grad_accum_steps(cfg, replicate * shard))
+        return Layout(
+            **common,
+            micro_batch_size=t.micro_batch_size,
+            micro_batches=grad_accum_steps(cfg, replicate * shard),
+        )
     micro_batches = pipeline_microbatches(p)
-    return Layout(**common, pp=p.pp, pp_schedule=p.pp_schedule,
-                  pp_stages_per_rank=stages_per_rank_for(p.pp_schedule, p.pp_stages_per_rank or None),
-                  micro_batch_size=t.micro_batch_size // micro_batches, micro_batches=micro_batches)
+    return Layout(
+        **common,
+        pp=p.pp,
+        pp_schedule=p.pp_schedule,
+        pp_stages_per_rank=stages_per_rank_for(p.pp_schedule, p.pp_stages_per_rank or None),
+        micro_batch_size=t.micro_batch_size // micro_batches,
+        micro_batches=micro_batches,
+    )
 
 
 def layout_problem(layout: Layout, work: Workload, cluster: Cluster) -> str | None:
     """Why this layout cannot run this workload on this cluster, or None when it can: the
     cluster's constraints first, then whatever the trainer refuses in the layout's config."""
     checks = [
-        (layout.data_parallel in DATA_PARALLEL, f"data_parallel must be one of {', '.join(DATA_PARALLEL)}"),
-        (layout.pp_schedule in PP_SCHEDULES, f"pp_schedule must be one of {', '.join(PP_SCHEDULES)}"),
-        (layout.activation_checkpointing in CHECKPOINTING,
-         f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}"),
-        (min(layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp, layout.pp_stages_per_rank,
-             layout.micro_batch_size, layout.micro_batches) >= 1, "every degree and batch count must be >= 1"),
-        (layout.world_size == cluster.world_size,
-         f"pp x dp_replicate x dp_shard x tp = {layout.world_size}, but the cluster has {cluster.world_size} devices"),
-        (layout.data_parallel != "ddp" or layout.dp_shard == 1, "ddp does not shard: dp_shard must be 1"),
-        (layout.data_parallel not in ("zero1", "zero2", "zero3") or layout.dp_replicate == 1,
-         "zero1-3 shard over all data-parallel ranks: dp_replicate must be 1 (use hsdp to replicate)"),
-        (work.model.n_head % layout.tp == 0 and work.model.n_kv_head % layout.tp == 0,
-         f"tp {layout.tp} must divide n_head {work.model.n_head} and n_kv_head {work.model.n_kv_head}"),
-        (cluster.devices_per_node % layout.tp == 0, f"tp {layout.tp} must stay inside a node of "
-         f"{cluster.devices_per_node} devices"),
-        (layout.dp * layout.micro_batch_size * layout.micro_batches == work.sequences,
-         f"dp x micro_batch_size x micro_batches = {layout.dp * layout.micro_batch_size * layout.micro_batches} "
-         f"must equal the global batch of {work.sequences} sequences"),
-        (not layout.cpu_offload or cluster.host is not None, "cpu_offload needs a [host] in the cluster"),
+        (
+            layout.data_parallel in DATA_PARALLEL,
+            f"data_parallel must be one of {', '.join(DATA_PARALLEL)}",
+        ),
+        (
+            layout.pp_schedule in PP_SCHEDULES,
+            f"pp_schedule must be one of {', '.join(PP_SCHEDULES)}",
+        ),
+        (
+            layout.activation_checkpointing in CHECKPOINTING,
+            f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}",
+        ),
+        (
+            min(
+                layout.pp,
+                layout.dp_replicate,
+                layout.dp_shard,
+                layout.tp,
+                layout.pp_stages_per_rank,
+                layout.micro_batch_size,
+                layout.micro_batches,
+            )
+            >= 1,
+            "every degree and batch count must be >= 1",
+        ),
+        (
+            layout.world_size == cluster.world_size,
+            f"pp x dp_replicate x dp_shard x tp = {layout.world_size}, but the cluster has {cluster.world_size} devices",
+        ),
+        (
+            layout.data_parallel != "ddp" or layout.dp_shard == 1,
+            "ddp does not shard: dp_shard must be 1",
+        ),
+        (
+            layout.data_parallel not in ("zero1", "zero2", "zero3") or layout.dp_replicate == 1,
+            "zero1-3 shard over all data-parallel ranks: dp_replicate must be 1 (use hsdp to replicate)",
+        ),
+        (
+            work.model.n_head % layout.tp == 0 and work.model.n_kv_head % layout.tp == 0,
+            f"tp {layout.tp} must divide n_head {work.model.n_head} and n_kv_head {work.model.n_kv_head}",
+        ),
+        (
+            cluster.devices_per_node % layout.tp == 0,
+            f"tp {layout.tp} must stay inside a node of {cluster.devices_per_node} devices",
+        ),
+        (
+            layout.dp * layout.micro_batch_size * layout.micro_batches == work.sequences,
+            f"dp x micro_batch_size x micro_batches = {layout.dp * layout.micro_batch_size * layout.micro_batches} "
+            f"must equal the global batch of {work.sequences} sequences",
+        ),
+        (
+            not layout.cpu_offload or cluster.host is not None,
+            "cpu_offload needs a [host] in the cluster",
+        ),
     ]
     problem = next((message for ok, message in checks if not ok), None)
     return problem or trainer_refusal(layout, work)

@@ -87,7 +87,9 @@ class MemoryBreakdown:
         return self.parameters + self.gradients + self.optimizer
 
 
-def state_bytes_per_param(zero_stage: int, shard_degree: int, mixed_precision: bool) -> tuple[float, float, float]:
+def state_bytes_per_param(
+    zero_stage: int, shard_degree: int, mixed_precision: bool
+) -> tuple[float, float, float]:
     """(weights, gradients, optimizer state) bytes per parameter on one rank, per ZeRO stage."""
     weights, grads, optimizer = (2.0, 2.0, 12.0) if mixed_precision else (4.0, 4.0, 8.0)
     n = shard_degree
@@ -203,8 +205,15 @@ def output_activation_bytes(work: Workload, layout: Layout) -> float:
     which is gathered first."""
     args, t, e = work.model, layout.tp, work.activation_bytes
     split = t if layout.sequence_parallel else 1
-    per_token = _norm_bytes(work, layout) / split + e * args.n_embd + LOSS_BYTES * args.vocab_size / t + TOKEN_ID_BYTES
-    weight_copy = e * args.vocab_size * args.n_embd / t if fp32_weights_under_autocast(work, layout) else 0.0
+    per_token = (
+        _norm_bytes(work, layout) / split
+        + e * args.n_embd
+        + LOSS_BYTES * args.vocab_size / t
+        + TOKEN_ID_BYTES
+    )
+    weight_copy = (
+        e * args.vocab_size * args.n_embd / t if fp32_weights_under_autocast(work, layout) else 0.0
+    )
     return per_token * work.seq_len * layout.micro_batch_size + weight_copy
 
 
@@ -232,15 +241,25 @@ def activation_bytes(work: Workload, layout: Layout, stage: str) -> float:
     """Activations a device of the ``first`` or ``last`` stage holds at its peak: the saved
     tensors of its in-flight micro-batches plus, on the last stage, the logits' gradient."""
     share = rank_share(work.model, layout, rank_for(layout, stage))
-    stored = share.layers * layer_activation_bytes(work, layout) * in_flight_microbatches(layout, stage)
+    stored = (
+        share.layers * layer_activation_bytes(work, layout) * in_flight_microbatches(layout, stage)
+    )
     if layout.activation_checkpointing == "full":
-        stored += layer_activation_bytes(work, layout, recompute="none")  # the block being recomputed
+        stored += layer_activation_bytes(
+            work, layout, recompute="none"
+        )  # the block being recomputed
     tokens = work.seq_len * layout.micro_batch_size
     if share.embedding:
         stored += TOKEN_ID_BYTES * tokens
     if share.head:
-        outputs = layout.micro_batches if layout.pp_schedule in ("gpipe", "looped_bfs") and layout.pp > 1 else 1
-        stored += output_activation_bytes(work, layout) * outputs + logits_gradient_bytes(work, layout)
+        outputs = (
+            layout.micro_batches
+            if layout.pp_schedule in ("gpipe", "looped_bfs") and layout.pp > 1
+            else 1
+        )
+        stored += output_activation_bytes(work, layout) * outputs + logits_gradient_bytes(
+            work, layout
+        )
     return stored
 
 
@@ -278,19 +297,22 @@ def _fsdp_zero2(layout: Layout) -> bool:
 def device_memory(work: Workload, layout: Layout) -> MemoryBreakdown:
     """Memory of the most loaded device (first or last pipeline stage)."""
     zero_stage = 3 if _fsdp_zero2(layout) else layout.zero_stage
-    weights, grads, optimizer = state_bytes_per_param(zero_stage, layout.dp_shard, work.mixed_precision)
+    weights, grads, optimizer = state_bytes_per_param(
+        zero_stage, layout.dp_shard, work.mixed_precision
+    )
     buffers = buffer_bytes(work, layout)
     candidates = []
     for stage in ("first", "last"):
         params = stage_params(work, layout, stage)
         on_host = params * optimizer if layout.cpu_offload else 0.0
-        candidates.append(MemoryBreakdown(
-            parameters=params * weights,
-            gradients=params * grads,
-            optimizer=0.0 if layout.cpu_offload else params * optimizer,
-            activations=activation_bytes(work, layout, stage),
-            buffers=buffers,
-            host_optimizer=on_host,
-        ))
+        candidates.append(
+            MemoryBreakdown(
+                parameters=params * weights,
+                gradients=params * grads,
+                optimizer=0.0 if layout.cpu_offload else params * optimizer,
+                activations=activation_bytes(work, layout, stage),
+                buffers=buffers,
+                host_optimizer=on_host,
+            )
+        )
     return max(candidates, key=lambda m: m.total)
-

@@ -25,28 +25,50 @@ from clusterlm.plan.timing import StepTime
 from clusterlm.plan.workload import Workload
 
 PUBLISHED_RUNS = DATA_DIR / "published-runs.toml"
-FIELDS = {"name": str, "source": str, "cluster": str, "nodes": int, "seq_len": int, "global_batch_sequences": int,
-          "reported_tflops": float, "counts_recompute": bool, "model": dict, "layout": dict}
+FIELDS = {
+    "name": str,
+    "source": str,
+    "cluster": str,
+    "nodes": int,
+    "seq_len": int,
+    "global_batch_sequences": int,
+    "reported_tflops": float,
+    "counts_recompute": bool,
+    "model": dict,
+    "layout": dict,
+}
 WITHIN = 0.15  # the error the report counts as a good prediction
 
 
-def _predict(run: dict[str, Any], calibration: Calibration | None = None) -> tuple[Candidate, float]:
+def _predict(
+    run: dict[str, Any], calibration: Calibration | None = None
+) -> tuple[Candidate, float]:
     """The run's predicted candidate and TF/s per device in the source's convention."""
     cluster: Cluster = load_cluster(run["cluster"]).with_nodes(run["nodes"])
     if run.get("inter_node_gb_s"):
-        cluster = dataclasses.replace(cluster, inter_node=Link(run["inter_node_gb_s"] * GB, cluster.inter_node.latency))
+        cluster = dataclasses.replace(
+            cluster, inter_node=Link(run["inter_node_gb_s"] * GB, cluster.inter_node.latency)
+        )
     if calibration is not None:
         cluster = dataclasses.replace(cluster, calibration=calibration)
-    work = Workload(model_from(run), run["seq_len"], run["global_batch_sequences"] * run["seq_len"], "bf16")
+    work = Workload(
+        model_from(run), run["seq_len"], run["global_batch_sequences"] * run["seq_len"], "bf16"
+    )
     c = evaluate(work, layout_from(run), cluster)
     return c, (c.hardware_flops_per_s if run["counts_recompute"] else c.model_flops_per_s) / 1e12
 
 
 def fit_published_efficiency(cluster: str, path: str | Path = PUBLISHED_RUNS) -> Calibration:
     """The efficiency table of preset ``cluster`` refitted on its rows marked ``fit``."""
-    rows = [run for run in load_rows(path, "run", FIELDS) if run.get("fit") and run["cluster"] == cluster]
+    rows = [
+        run
+        for run in load_rows(path, "run", FIELDS)
+        if run.get("fit") and run["cluster"] == cluster
+    ]
     base = load_cluster(cluster).calibration
-    return fit_efficiency(lambda cal: [_predict(run, cal)[1] / run["reported_tflops"] for run in rows], base)
+    return fit_efficiency(
+        lambda cal: [_predict(run, cal)[1] / run["reported_tflops"] for run in rows], base
+    )
 
 
 def compare_published(path: str | Path = PUBLISHED_RUNS) -> str:
@@ -57,23 +79,59 @@ def compare_published(path: str | Path = PUBLISHED_RUNS) -> str:
         error = predicted / run["reported_tflops"] - 1
         if not run.get("fit"):
             errors.append(abs(error))
-        rows.append([run["name"] + (" (fit)" if run.get("fit") else ""), c.layout.describe(),
-                     f"{run['reported_tflops']:.0f}", f"{predicted:.0f}", f"{error:+.0%}", f"{c.mfu:.0%}",
-                     f"{c.memory.total / 2**30:.0f}", "yes" if c.fits(1.0) else "no"])
-        notes.append(f"  {run['name']}: {run['source']}" + (f"; assumed {run['assumed']}" if run.get("assumed") else ""))
-    header = ("run", "layout", "reported TF/s", "predicted TF/s", "error", "pred. MFU", "GiB/dev", "fits")
+        rows.append(
+            [
+                run["name"] + (" (fit)" if run.get("fit") else ""),
+                c.layout.describe(),
+                f"{run['reported_tflops']:.0f}",
+                f"{predicted:.0f}",
+                f"{error:+.0%}",
+                f"{c.mfu:.0%}",
+                f"{c.memory.total / 2**30:.0f}",
+                "yes" if c.fits(1.0) else "no",
+            ]
+        )
+        notes.append(
+            f"  {run['name']}: {run['source']}"
+            + (f"; assumed {run['assumed']}" if run.get("assumed") else "")
+        )
+    header = (
+        "run",
+        "layout",
+        "reported TF/s",
+        "predicted TF/s",
+        "error",
+        "pred. MFU",
+        "GiB/dev",
+        "fits",
+    )
     within = sum(e <= WITHIN for e in errors)
-    summary = (f"TF/s per device, counting recomputed FLOPs where the source does; on the {len(errors)} runs no "
-               f"calibration was fitted to, mean absolute error {sum(errors) / len(errors):.0%}, {within} of "
-               f"{len(errors)} within {WITHIN:.0%}; (fit) rows are where a preset's efficiency table came from. "
-               f"Runs: {path}")
+    summary = (
+        f"TF/s per device, counting recomputed FLOPs where the source does; on the {len(errors)} runs no "
+        f"calibration was fitted to, mean absolute error {sum(errors) / len(errors):.0%}, {within} of "
+        f"{len(errors)} within {WITHIN:.0%}; (fit) rows are where a preset's efficiency table came from. "
+        f"Runs: {path}"
+    )
     terms = tuple(name.replace("_", " ") for name, _ in StepTime(0, 0, 0, 0, 0, 0).items())
     breakdown = table(shares, ("run", "matmul eff.", *terms), text_columns=1)
-    return "\n".join([table(rows, header), summary, "", "Where each predicted step goes (% of the step):",
-                      breakdown, "", *notes])
+    return "\n".join(
+        [
+            table(rows, header),
+            summary,
+            "",
+            "Where each predicted step goes (% of the step):",
+            breakdown,
+            "",
+            *notes,
+        ]
+    )
 
 
 def _step_shares(name: str, c: Candidate) -> list[str]:
     """The run's compute efficiency and each modelled term of its step time, as % of the step."""
     efficiency = shape_efficiency(c.work, c.layout, c.cluster.calibration)
-    return [name, f"{efficiency:.0%}", *(f"{seconds / c.time.total:.1%}" for _, seconds in c.time.items())]
+    return [
+        name,
+        f"{efficiency:.0%}",
+        *(f"{seconds / c.time.total:.1%}" for _, seconds in c.time.items()),
+    ]

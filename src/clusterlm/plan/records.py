@@ -22,8 +22,12 @@ else:  # pragma: no cover
 DATA_DIR = Path(__file__).resolve().parents[3] / "configs" / "plan"
 
 
-def load_rows(path: str | Path, array: str, fields: Mapping[str, type],
-              optional: Mapping[str, type] | None = None) -> list[dict[str, Any]]:
+def load_rows(
+    path: str | Path,
+    array: str,
+    fields: Mapping[str, type],
+    optional: Mapping[str, type] | None = None,
+) -> list[dict[str, Any]]:
     """The ``[[array]]`` tables of a TOML file, each checked to have ``fields`` of their types, and
     ``optional`` ones of theirs where present."""
     path = Path(path)
@@ -41,7 +45,9 @@ def load_rows(path: str | Path, array: str, fields: Mapping[str, type],
             if key not in row:
                 if key not in fields:
                     continue
-                raise UserError(f"{where}: missing field {key!r}; every entry needs {', '.join(fields)}")
+                raise UserError(
+                    f"{where}: missing field {key!r}; every entry needs {', '.join(fields)}"
+                )
             number = kind is float and isinstance(row[key], int) and not isinstance(row[key], bool)
             if not (isinstance(row[key], kind) or number):
                 raise UserError(f"{where}: {key} must be a {kind.__name__}, got {row[key]!r}")
@@ -54,7 +60,9 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UserError(f"{where}: unknown {cls.__name__} key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        raise UserError(
+            f"{where}: unknown {cls.__name__} key {unknown[0]!r}; known: {', '.join(sorted(known))}"
+        )
     return cls(**values)
 
 

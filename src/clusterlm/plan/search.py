@@ -61,7 +61,9 @@ class Candidate:
         device, host = self.cluster.device, self.cluster.host
         host_need = self.memory.host_optimizer * self.cluster.devices_per_node
         host_ok = host is None or host_need <= headroom * host.memory_bytes
-        return self.memory.total + device.reserved_bytes <= headroom * device.memory_bytes and host_ok
+        return (
+            self.memory.total + device.reserved_bytes <= headroom * device.memory_bytes and host_ok
+        )
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ class SearchResult:
 
 
 def evaluate(work: Workload, layout: Layout, cluster: Cluster) -> Candidate:
-    return Candidate(work, cluster, layout, device_memory(work, layout), step_time(work, layout, cluster))
+    return Candidate(
+        work, cluster, layout, device_memory(work, layout), step_time(work, layout, cluster)
+    )
 
 
 def _divisors(n: int) -> list[int]:
@@ -93,13 +97,18 @@ def _data_parallel_options(dp: int) -> Iterator[dict]:
 # each multi-stage family (round-robin and V). Every other schedule the trainer accepts is in
 # SKIPPED_SCHEDULES with the reason; the time and memory models cover them all (``plan
 # --published`` and ``--emit-config`` take any), but the search would never rank them first.
-SEARCHED_SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zero_bubble", 2),
-                      ("zbv_zero_bubble", 2))
+SEARCHED_SCHEDULES = (
+    ("gpipe", 1),
+    ("1f1b", 1),
+    ("interleaved_1f1b", 2),
+    ("interleaved_zero_bubble", 2),
+    ("zbv_zero_bubble", 2),
+)
 SKIPPED_SCHEDULES = {
     "looped_bfs": "interleaved 1F1B's bubble at GPipe's activation memory (all m micro-batches of each stage): "
-                  "never better than interleaved_1f1b",
+    "never better than interleaved_1f1b",
     "dualpipev": "what it adds to ZBV is overlapping one micro-batch's compute with another's communication "
-                 "(MoE all-to-all), which this dense model does not have; modelled as ZBV it only ties",
+    "(MoE all-to-all), which this dense model does not have; modelled as ZBV it only ties",
 }
 
 
@@ -130,16 +139,26 @@ def enumerate_layouts(work: Workload, cluster: Cluster) -> Iterator[Layout]:
                     for pipeline in _pipeline_options(pp):
                         for ac in checkpointing:
                             for off in offload:
-                                layout = Layout(pp=pp, tp=tp, sequence_parallel=tp > 1, micro_batch_size=micro_batch,
-                                                micro_batches=micro_batches, activation_checkpointing=ac,
-                                                cpu_offload=off, **data_parallel, **pipeline)
+                                layout = Layout(
+                                    pp=pp,
+                                    tp=tp,
+                                    sequence_parallel=tp > 1,
+                                    micro_batch_size=micro_batch,
+                                    micro_batches=micro_batches,
+                                    activation_checkpointing=ac,
+                                    cpu_offload=off,
+                                    **data_parallel,
+                                    **pipeline,
+                                )
                                 if layout_problem(layout, work, cluster) is None:
                                     yield layout
 
 
 def search(work: Workload, cluster: Cluster, headroom: float = 0.9) -> SearchResult:
     candidates = [evaluate(work, layout, cluster) for layout in enumerate_layouts(work, cluster)]
-    fitting = sorted((c for c in candidates if c.fits(headroom)), key=lambda c: (c.time.total, c.memory.total))
+    fitting = sorted(
+        (c for c in candidates if c.fits(headroom)), key=lambda c: (c.time.total, c.memory.total)
+    )
     smallest = min(candidates, key=lambda c: c.memory.total, default=None)
     return SearchResult(fitting, smallest, len(candidates))
 
@@ -170,14 +189,29 @@ def runner_up(result: SearchResult) -> Candidate | None:
 def explain(best: Candidate, other: Candidate) -> str:
     """Why ``best`` beats ``other``: the step-time components where it saves most, and memory."""
     gain = other.time.total - best.time.total
-    savings = sorted(((o - b, name) for (name, b), (_, o) in zip(best.time.items(), other.time.items(), strict=True)),
-                     reverse=True)
-    reasons = [f"{seconds * 1e3:.0f} ms less {name.replace('_', ' ')}" for seconds, name in savings[:2]
-               if seconds > 0.01 * gain]
-    if other.layout.activation_checkpointing != "none" and best.layout.activation_checkpointing == "none":
+    savings = sorted(
+        (
+            (o - b, name)
+            for (name, b), (_, o) in zip(best.time.items(), other.time.items(), strict=True)
+        ),
+        reverse=True,
+    )
+    reasons = [
+        f"{seconds * 1e3:.0f} ms less {name.replace('_', ' ')}"
+        for seconds, name in savings[:2]
+        if seconds > 0.01 * gain
+    ]
+    if (
+        other.layout.activation_checkpointing != "none"
+        and best.layout.activation_checkpointing == "none"
+    ):
         reasons.append("it fits without recomputing activations")
     if best.memory.total < other.memory.total:
-        reasons.append(f"{(other.memory.total - best.memory.total) / 2**30:.1f} GiB less memory per device")
+        reasons.append(
+            f"{(other.memory.total - best.memory.total) / 2**30:.1f} GiB less memory per device"
+        )
     percent = 100 * gain / other.time.total
-    return (f"best `{best.layout.describe()}` is {percent:.1f}% faster than the runner-up "
-            f"`{other.layout.describe()}`: {', '.join(reasons) or 'equal components'}.")
+    return (
+        f"best `{best.layout.describe()}` is {percent:.1f}% faster than the runner-up "
+        f"`{other.layout.describe()}`: {', '.join(reasons) or 'equal components'}."
+    )

@@ -103,8 +103,15 @@ def recompute_flops_per_token(work: Workload, layout: Layout) -> float:
 
 # Each of the trainer's schedules (``clusterlm.parallel.pipeline.SCHEDULES``; a test keeps the two
 # in step) by how much it divides the bubble (p-1)/(v*m): the zero-bubble family by 3 (ZB-H1).
-BUBBLE_DIVISOR = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 1, "looped_bfs": 1,
-                  "interleaved_zero_bubble": 3, "zbv_zero_bubble": 3, "dualpipev": 3}
+BUBBLE_DIVISOR = {
+    "gpipe": 1,
+    "1f1b": 1,
+    "interleaved_1f1b": 1,
+    "looped_bfs": 1,
+    "interleaved_zero_bubble": 3,
+    "zbv_zero_bubble": 3,
+    "dualpipev": 3,
+}
 
 
 def bubble_fraction(layout: Layout) -> float:
@@ -143,19 +150,26 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     flops, layers = busiest_rank_flops(work, layout)
     model_flops = flops * tokens / layout.tp
     forward, backward = model_flops / 3 / rate, 2 * model_flops / 3 / rate
-    recompute = recompute_flops_per_token(work, layout) * layers / args.n_layer * tokens / layout.tp / rate
+    recompute = (
+        recompute_flops_per_token(work, layout) * layers / args.n_layer * tokens / layout.tp / rate
+    )
 
     tp_group = collectives.mesh_group(layout, "tp", cluster)
-    per_collective = collectives.all_reduce(tokens * args.n_embd * work.activation_bytes, tp_group, cluster)
+    per_collective = collectives.all_reduce(
+        tokens * args.n_embd * work.activation_bytes, tp_group, cluster
+    )
     tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
     tensor_parallel = cal.tp_exposed * tp_per_layer * layers
     micro_batch = forward + backward + recompute + tensor_parallel
     m = layout.micro_batches
 
-    data_parallel, offload = _data_parallel_and_offload(work, layout, cluster, forward, backward + recompute)
+    data_parallel, offload = _data_parallel_and_offload(
+        work, layout, cluster, forward, backward + recompute
+    )
     return StepTime(
         compute=m * (forward + backward),
-        tensor_parallel=m * tensor_parallel + _sequence_slice_gradient_reduction(work, layout, cluster, layers),
+        tensor_parallel=m * tensor_parallel
+        + _sequence_slice_gradient_reduction(work, layout, cluster, layers),
         bubble=bubble_fraction(layout) * m * micro_batch * fill_and_drain_share(work, layout),
         pipeline_p2p=_pipeline_p2p(work, layout, cluster, forward + backward + recompute),
         data_parallel=data_parallel,
@@ -165,7 +179,9 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     )
 
 
-def _sequence_slice_gradient_reduction(work: Workload, layout: Layout, cluster: Cluster, layers: int) -> float:
+def _sequence_slice_gradient_reduction(
+    work: Workload, layout: Layout, cluster: Cluster, layers: int
+) -> float:
     """Under sequence parallelism each norm, and the bias of each row-parallel linear (added after
     the reduce-scatter), sees a slice of the sequence, so the gradients of these replicated
     tensors are partial sums, all-reduced over the tensor-parallel group together, flat, once a
@@ -231,8 +247,10 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
 def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:
     scales = host_share_scales(cluster.device.host_share, cluster.calibration.collective_wait)
     counts = host_calls(work, layout).counts()
-    return sum(n * scale * getattr(cluster.calibration, name)
-               for name, n, scale in zip(HOST_SECONDS, counts, scales, strict=True))
+    return sum(
+        n * scale * getattr(cluster.calibration, name)
+        for name, n, scale in zip(HOST_SECONDS, counts, scales, strict=True)
+    )
 
 
 def host_share_scales(share: float, collective_wait: float) -> tuple[float, ...]:
@@ -242,12 +260,16 @@ def host_share_scales(share: float, collective_wait: float) -> tuple[float, ...]
     return (1 / share, *(collective,) * (len(HOST_SECONDS) - 1))
 
 
-def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster, micro_batch_compute: float) -> float:
+def _pipeline_p2p(
+    work: Workload, layout: Layout, cluster: Cluster, micro_batch_compute: float
+) -> float:
     """Fill and drain messages in full; steady-state ones behind ``overlap`` of the compute."""
     if layout.pp == 1:
         return 0.0
     split = layout.tp if layout.sequence_parallel else 1
-    message = work.seq_len * layout.micro_batch_size * work.model.n_embd * work.activation_bytes / split
+    message = (
+        work.seq_len * layout.micro_batch_size * work.model.n_embd * work.activation_bytes / split
+    )
     inter_node = layout.stride["pp"] >= cluster.devices_per_node
     one = collectives.point_to_point(message, inter_node, cluster)
     v, m = layout.pp_stages_per_rank, layout.micro_batches
@@ -255,8 +277,9 @@ def _pipeline_p2p(work: Workload, layout: Layout, cluster: Cluster, micro_batch_
     return 2 * (layout.pp - 1) * v * one + m * steady
 
 
-def _bucketed_all_reduce(grads: float, group: collectives.Group, cluster: Cluster, bucket_mb: float,
-                         behind: float) -> float:
+def _bucketed_all_reduce(
+    grads: float, group: collectives.Group, cluster: Cluster, bucket_mb: float, behind: float
+) -> float:
     """DDP's exposed all-reduce: its buckets (1 MiB, then ``bucket_mb`` each, in the order backward
     produces the gradients) reduce while backward runs, hidden behind up to ``behind`` seconds of
     it, except the last, the first layers' gradients, ready when backward ends."""
@@ -267,8 +290,9 @@ def _bucketed_all_reduce(grads: float, group: collectives.Group, cluster: Cluste
     return collectives.all_reduce(sizes[-1], group, cluster) + max(0.0, early - behind)
 
 
-def _data_parallel_and_offload(work: Workload, layout: Layout, cluster: Cluster,
-                               forward: float, backward: float) -> tuple[float, float]:
+def _data_parallel_and_offload(
+    work: Workload, layout: Layout, cluster: Cluster, forward: float, backward: float
+) -> tuple[float, float]:
     """Exposed data-parallel communication and offload time per step (see the module docstring)."""
     overlap = cluster.calibration.overlap
     params = stage_params(work, layout, "first")
@@ -282,17 +306,25 @@ def _data_parallel_and_offload(work: Workload, layout: Layout, cluster: Cluster,
 
     stage = layout.zero_stage if layout.dp_shard > 1 else 0
     if stage == 0:
-        exposed = _bucketed_all_reduce(grads, replicas, cluster, layout.bucket_mb, overlap * backward)
+        exposed = _bucketed_all_reduce(
+            grads, replicas, cluster, layout.bucket_mb, overlap * backward
+        )
     elif stage == 1:
         # torch's ZeroRedundancyOptimizer under DDP: gradients are all-reduced in backward, then
         # each rank steps the parameters it owns and broadcasts them in step(), nothing to hide behind.
         exposed = _bucketed_all_reduce(grads, shard, cluster, layout.bucket_mb, overlap * backward)
         exposed += collectives.broadcast_from_each(weights, shard, cluster)
     else:
-        units = fsdp.stage_units(work, layout, rank_for(layout, "first"), parameter_tensors(work.model))
-        exposed = fsdp.exposed_seconds(units, layout, cluster, weight_bytes, grad_bytes, forward, backward)
+        units = fsdp.stage_units(
+            work, layout, rank_for(layout, "first"), parameter_tensors(work.model)
+        )
+        exposed = fsdp.exposed_seconds(
+            units, layout, cluster, weight_bytes, grad_bytes, forward, backward
+        )
         if stage == 3:  # hsdp: the gradient shards all-reduced across replicas
-            exposed += hidden(collectives.all_reduce(grads / layout.dp_shard, replicas, cluster), backward)
+            exposed += hidden(
+                collectives.all_reduce(grads / layout.dp_shard, replicas, cluster), backward
+            )
 
     offload = 0.0
     if layout.cpu_offload and cluster.host is not None:

@@ -23,8 +23,14 @@ from clusterlm.plan.timing import step_time
 from clusterlm.plan.workload import Workload
 
 GLOBAL_BATCH = 12  # sequences per optimizer step, as nano-cpu
-NANO_MODEL = {"model.flavour": "gpt2", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128,
-              "model.block_size": 64, "model.dropout": 0.0}
+NANO_MODEL = {
+    "model.flavour": "gpt2",
+    "model.n_layer": 4,
+    "model.n_head": 4,
+    "model.n_embd": 128,
+    "model.block_size": 64,
+    "model.dropout": 0.0,
+}
 WITHIN = 0.1  # the step-time error the report counts as a good prediction (the project's target)
 
 
@@ -48,8 +54,12 @@ class ValidationCase:
         """The trainer's config for this case; ``settings`` adds keys such as ``data.dir``."""
         # Flash attention, torch's CPU choice, is what the planner's fused-attention count and the
         # kernel-rate probe describe; ``auto`` may pick math for bf16 on a CPU (``settle_attention``).
-        overrides = {**NANO_MODEL, "training.micro_batch_size": self.batch_per_rank,
-                     "training.precision": self.precision, "training.attention": "flash"}
+        overrides = {
+            **NANO_MODEL,
+            "training.micro_batch_size": self.batch_per_rank,
+            "training.precision": self.precision,
+            "training.attention": "flash",
+        }
         overrides.update({f"parallel.{key}": value for key, value in self.parallel.items()})
         return build_config(None, {**overrides, **(settings or {})})
 
@@ -71,9 +81,17 @@ CASES = (
     ValidationCase("4 zero3", 4, {"data_parallel": "zero3"}, fit=True),
     ValidationCase("4 hsdp 2x2", 4, {"data_parallel": "hsdp", "dp_replicate": 2, "dp_shard": 2}),
     ValidationCase("4 tp2 x zero3", 4, {"tp": 2, "data_parallel": "zero3"}, fit=True),
-    ValidationCase("2 pp2 gpipe", 2, {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}, fit=True),
-    ValidationCase("2 pp2 1f1b", 2, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 4}, fit=True),
-    ValidationCase("4 pp2 x zero3", 4, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3"}),
+    ValidationCase(
+        "2 pp2 gpipe", 2, {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}, fit=True
+    ),
+    ValidationCase(
+        "2 pp2 1f1b", 2, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 4}, fit=True
+    ),
+    ValidationCase(
+        "4 pp2 x zero3",
+        4,
+        {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3"},
+    ),
 )
 
 
@@ -91,7 +109,9 @@ class Measurement:
 class ValidationResult:
     case: ValidationCase
     work: Workload
-    cluster: Cluster  # with the default calibration; the fitted one is applied by ``predicted_seconds``
+    cluster: (
+        Cluster  # with the default calibration; the fitted one is applied by ``predicted_seconds``
+    )
     measured: Measurement
 
     @property
@@ -106,7 +126,9 @@ class ValidationResult:
 
         def saved(stage: str) -> float:
             holds_logits = stage == "last" or layout.pp == 1
-            return activation_bytes(self.work, layout, stage) - holds_logits * logits_gradient_bytes(self.work, layout)
+            return activation_bytes(
+                self.work, layout, stage
+            ) - holds_logits * logits_gradient_bytes(self.work, layout)
 
         return max(saved("first"), saved("last"))
 
@@ -115,10 +137,17 @@ class ValidationResult:
         return step_time(self.work, self.case.layout, cluster).total
 
     def as_dict(self, calibration: Calibration) -> dict:
-        return {"case": self.case.name, "nproc": self.case.nproc, "layout": self.case.layout.describe(),
-                "precision": self.case.precision, "fitted_on": self.case.fit, **asdict(self.measured),
-                "state_predicted": self.state_predicted, "activations_predicted": self.activations_predicted,
-                "step_seconds_predicted": self.predicted_seconds(calibration)}
+        return {
+            "case": self.case.name,
+            "nproc": self.case.nproc,
+            "layout": self.case.layout.describe(),
+            "precision": self.case.precision,
+            "fitted_on": self.case.fit,
+            **asdict(self.measured),
+            "state_predicted": self.state_predicted,
+            "activations_predicted": self.activations_predicted,
+            "step_seconds_predicted": self.predicted_seconds(calibration),
+        }
 
 
 def _error(predicted: float, measured: float) -> str:
@@ -127,31 +156,63 @@ def _error(predicted: float, measured: float) -> str:
 
 def _row(result: ValidationResult, seconds: float) -> list[str]:
     m = result.measured
-    return [result.case.name + (" *" if result.case.fit else ""), result.case.layout.describe(),
-            f"{m.state_bytes / 2**20:.3f}", f"{result.state_predicted / 2**20:.3f}",
-            _error(result.state_predicted, m.state_bytes),
-            f"{m.activation_bytes / 2**20:.2f}", f"{result.activations_predicted / 2**20:.2f}",
-            _error(result.activations_predicted, m.activation_bytes),
-            f"{m.step_seconds * 1e3:.1f}", f"{seconds * 1e3:.1f}", _error(seconds, m.step_seconds)]
+    return [
+        result.case.name + (" *" if result.case.fit else ""),
+        result.case.layout.describe(),
+        f"{m.state_bytes / 2**20:.3f}",
+        f"{result.state_predicted / 2**20:.3f}",
+        _error(result.state_predicted, m.state_bytes),
+        f"{m.activation_bytes / 2**20:.2f}",
+        f"{result.activations_predicted / 2**20:.2f}",
+        _error(result.activations_predicted, m.activation_bytes),
+        f"{m.step_seconds * 1e3:.1f}",
+        f"{seconds * 1e3:.1f}",
+        _error(seconds, m.step_seconds),
+    ]
 
 
-def validation_report(results: list[ValidationResult], calibration: Calibration, links: dict[int, Link]) -> str:
+def validation_report(
+    results: list[ValidationResult], calibration: Calibration, links: dict[int, Link]
+) -> str:
     """Measured against predicted per case, how many step times are within 10%, the fitted
     calibration and the measured links."""
     predicted = [r.predicted_seconds(calibration) for r in results]
-    within = sum(abs(seconds / r.measured.step_seconds - 1) <= WITHIN for r, seconds in zip(results, predicted, strict=True))
-    header = ("config", "layout", "state MiB", "pred.", "error", "activ MiB", "pred.", "error",
-              "step ms", "pred.", "error")
-    link_text = ", ".join(f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s"
-                          for n, link in links.items() if n > 1)
-    return "\n".join([
-        table([_row(r, seconds) for r, seconds in zip(results, predicted, strict=True)], header, text_columns=2),
-        f"step time within {WITHIN:.0%}: {within} of {len(results)} configurations (* = fitted on)",
-        f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the measured kernel rates (fp32 linear "
-        f"layers at the one-thread matmul peak); host "
-        f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_tensor_s * 1e6:.0f} us per tensor through "
-        f"FSDP's collectives, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass, "
-        f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core), {calibration.collective_wait:.0%} of "
-        f"the per-collective ones waiting for peers",
-        f"gloo loopback links (ring all-reduce fit): {link_text}",
-    ])
+    within = sum(
+        abs(seconds / r.measured.step_seconds - 1) <= WITHIN
+        for r, seconds in zip(results, predicted, strict=True)
+    )
+    header = (
+        "config",
+        "layout",
+        "state MiB",
+        "pred.",
+        "error",
+        "activ MiB",
+        "pred.",
+        "error",
+        "step ms",
+        "pred.",
+        "error",
+    )
+    link_text = ", ".join(
+        f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s"
+        for n, link in links.items()
+        if n > 1
+    )
+    return "\n".join(
+        [
+            table(
+                [_row(r, seconds) for r, seconds in zip(results, predicted, strict=True)],
+                header,
+                text_columns=2,
+            ),
+            f"step time within {WITHIN:.0%}: {within} of {len(results)} configurations (* = fitted on)",
+            f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the measured kernel rates (fp32 linear "
+            f"layers at the one-thread matmul peak); host "
+            f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_tensor_s * 1e6:.0f} us per tensor through "
+            f"FSDP's collectives, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass, "
+            f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core), {calibration.collective_wait:.0%} of "
+            f"the per-collective ones waiting for peers",
+            f"gloo loopback links (ring all-reduce fit): {link_text}",
+        ]
+    )

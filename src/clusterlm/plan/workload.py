@@ -20,15 +20,23 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 def load_model_args(name_or_path: str, vocab_size: int = 0) -> ModelArgs:
     """Model section of a preset or config file; ``vocab_size`` fills a vocabulary of 0."""
-    candidates = [Path(name_or_path), Path("configs") / f"{name_or_path}.toml", PRESET_DIR / f"{name_or_path}.toml"]
+    candidates = [
+        Path(name_or_path),
+        Path("configs") / f"{name_or_path}.toml",
+        PRESET_DIR / f"{name_or_path}.toml",
+    ]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise UserError(f"model {name_or_path!r} not found; give a config TOML path or a preset name "
-                        "from configs/ (nano-cpu, gpt2-124m, llama-1b, llama-8b)")
+        raise UserError(
+            f"model {name_or_path!r} not found; give a config TOML path or a preset name "
+            "from configs/ (nano-cpu, gpt2-124m, llama-1b, llama-8b)"
+        )
     cfg = build_config(str(path), {})
     if cfg.model.vocab_size <= 0 and vocab_size <= 0:
-        raise UserError(f"{path} leaves model.vocab_size = 0 (taken from the tokenizer when training); "
-                        "pass --vocab-size")
+        raise UserError(
+            f"{path} leaves model.vocab_size = 0 (taken from the tokenizer when training); "
+            "pass --vocab-size"
+        )
     return resolve_model_args(cfg, vocab_size)
 
 
@@ -49,15 +57,21 @@ class Workload:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+            raise UserError(
+                f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
+            )
         if self.seq_len <= 0:
             raise UserError(f"--seq must be positive, got {self.seq_len}")
         if self.seq_len > self.model.block_size:
-            raise UserError(f"--seq {self.seq_len} exceeds the model's context block_size {self.model.block_size}; "
-                            "lower --seq")
+            raise UserError(
+                f"--seq {self.seq_len} exceeds the model's context block_size {self.model.block_size}; "
+                "lower --seq"
+            )
         if self.global_batch_tokens % self.seq_len:
-            raise UserError(f"--global-batch-tokens {self.global_batch_tokens} is not a multiple of --seq "
-                            f"{self.seq_len}; use a multiple such as {self.seq_len * max(1, self.sequences)}")
+            raise UserError(
+                f"--global-batch-tokens {self.global_batch_tokens} is not a multiple of --seq "
+                f"{self.seq_len}; use a multiple such as {self.seq_len * max(1, self.sequences)}"
+            )
 
     @property
     def sequences(self) -> int:

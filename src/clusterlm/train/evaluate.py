@@ -23,8 +23,9 @@ def eval_windows(cfg: Config, dp_size: int) -> int:
     return global_batch * cfg.training.eval_batches
 
 
-def evaluate(model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: int, split: str = "val"
-             ) -> tuple[float, float]:
+def evaluate(
+    model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: int, split: str = "val"
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of the predicted tokens (next tokens, or the masked ones of
     a masked LM) over ``num_windows`` fixed windows, the same for every layout: each data-parallel
     rank scores a disjoint share and the sums are all-reduced. Accuracy is NaN where the logits
@@ -32,34 +33,54 @@ def evaluate(model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: i
     was_training = [part.training for part in model.parts]
     for part in model.parts:
         part.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, right predictions
+    total = torch.zeros(
+        2, dtype=torch.float64, device=runtime.device
+    )  # loss sum, right predictions
     count: int | torch.Tensor = 0
     rule = masking_rule(cfg)
     # Lockstep ranks score disjoint shares; a parameter server's rank 0 scores every window alone.
     dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
     batch_size, first = cfg.training.micro_batch_size, dp_rank * (num_windows // dp_size)
-    for i, (x, y) in enumerate(eval_batches(
-        cfg.data.dir, split, cfg.seq_len, num_windows, batch_size, dp_rank=dp_rank, dp_size=dp_size,
-    )):
+    for i, (x, y) in enumerate(
+        eval_batches(
+            cfg.data.dir,
+            split,
+            cfg.seq_len,
+            num_windows,
+            batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+    ):
         if rule is not None:  # masked by position in the evaluation set: the same in every layout
-            x, y = rule.apply(x, range(first + i * batch_size, first + i * batch_size + len(x)), namespace=split)
+            x, y = rule.apply(
+                x, range(first + i * batch_size, first + i * batch_size + len(x)), namespace=split
+            )
         x, y = x.to(runtime.device), y.to(runtime.device)
         with attention_kernel(cfg.training.attention):
             total += model.eval_sums(x, y).double()
         count += (y != IGNORE_INDEX).sum()  # a tensor: no device sync per batch
     for part, mode in zip(model.parts, was_training, strict=True):
         part.train(mode)
-    totals = torch.cat([total, torch.as_tensor(count, dtype=torch.float64, device=runtime.device).view(1)])
-    if runtime.world_size > 1 and runtime.lockstep:  # tensor-parallel copies scale sums and count alike
+    totals = torch.cat(
+        [total, torch.as_tensor(count, dtype=torch.float64, device=runtime.device).view(1)]
+    )
+    if (
+        runtime.world_size > 1 and runtime.lockstep
+    ):  # tensor-parallel copies scale sums and count alike
         dist.all_reduce(totals)
     loss, accuracy = (totals[:2] / totals[2].clamp(min=1)).tolist()
     return loss, accuracy
 
 
-def language_model_metrics(model: ParallelModel, cfg: Config, runtime: Runtime, split: str = "val"
-                           ) -> dict[str, float | None]:
+def language_model_metrics(
+    model: ParallelModel, cfg: Config, runtime: Runtime, split: str = "val"
+) -> dict[str, float | None]:
     """The trainer's periodic evaluation of a language model: loss, perplexity and the accuracy of
     the predicted tokens (None where the logits are split across ranks)."""
     loss, accuracy = evaluate(model, cfg, runtime, eval_windows(cfg, runtime.dp_size), split)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
-            "accuracy": accuracy if math.isfinite(accuracy) else None}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
+        "accuracy": accuracy if math.isfinite(accuracy) else None,
+    }

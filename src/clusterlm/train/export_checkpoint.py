@@ -15,8 +15,9 @@ from clusterlm.models.from_config import resolve_model_args
 from clusterlm.train.inference import refuse_classifier
 
 
-def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard_bytes: int,
-                         dtype: str = "fp32") -> list[str]:
+def export_checkpoint_hf(
+    found: Verified, out: str | os.PathLike[str], max_shard_bytes: int, dtype: str = "fp32"
+) -> list[str]:
     """Write ``found``'s model to ``out`` reading one tensor at a time from its (possibly sharded,
     any layout) files; returns the file names written."""
     cfg = config_from_dict(found.state["config"])
@@ -27,7 +28,9 @@ def export_checkpoint_hf(found: Verified, out: str | os.PathLike[str], max_shard
 
     def read(name: str) -> torch.Tensor:
         if name not in saved:
-            raise UserError(f"checkpoint {found.path} has no tensor {name}; it is not a complete model")
+            raise UserError(
+                f"checkpoint {found.path} has no tensor {name}; it is not a complete model"
+            )
         return reader.model_tensor(name)
 
     tokenizer = (found.path / "tokenizer.json").read_text(encoding="utf-8")

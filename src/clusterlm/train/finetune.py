@@ -51,15 +51,23 @@ def finetune_task(cfg: Config) -> TaskSpec:
     def evaluate(session: Session, split: str) -> Metrics:
         """The periodic evaluation scores the ``training.eval_batches`` global batches of examples
         spread evenly over the split; the final test scores every example."""
-        limit = None if split in session.task.final_splits else eval_windows(session.cfg, session.runtime.dp_size)
-        return task_metrics(session.model, session.cfg, session.runtime, streams, labels, split, limit)
+        limit = (
+            None
+            if split in session.task.final_splits
+            else eval_windows(session.cfg, session.runtime.dp_size)
+        )
+        return task_metrics(
+            session.model, session.cfg, session.runtime, streams, labels, split, limit
+        )
 
     return TaskSpec(
         vocab_size=task.manifest.vocab_size,
         tokenizer=read_tokenizer(cfg.finetune.task, task.manifest.tokenizer.sha256),
         stream=streams["train"],
         model=model,
-        flops_per_token=lambda args, settled: classifier_flops_per_token(args, settled.seq_len, labels),
+        flops_per_token=lambda args, settled: classifier_flops_per_token(
+            args, settled.seq_len, labels
+        ),
         recipe=finetune_recipe,
         evaluate=evaluate,
         final_splits=("test",),
@@ -71,7 +79,9 @@ def build_classifier(cfg: Config, task: Task) -> tuple[SequenceClassifier, Param
     backbone's (checked to match the task's tokenizer), the seeded initialization for the rest."""
     pretrained = _pretrained_checkpoint(cfg, task)
     with torch.device("meta"):  # a pretrained model's vocabulary size came with its shape (config)
-        model = SequenceClassifier(create_model(resolve_model_args(cfg, task.manifest.vocab_size)), len(task.labels))
+        model = SequenceClassifier(
+            create_model(resolve_model_args(cfg, task.manifest.vocab_size)), len(task.labels)
+        )
     seeded = seeded_source(model.init_rule, cfg.training.seed)
     backbone = checkpoint_source(pretrained.path) if pretrained else pretrained_source(cfg)
     if backbone is None:
@@ -79,7 +89,7 @@ def build_classifier(cfg: Config, task: Task) -> tuple[SequenceClassifier, Param
 
     def source(name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
         if name.startswith(BACKBONE):
-            return backbone(name[len(BACKBONE):], shape, index)
+            return backbone(name[len(BACKBONE) :], shape, index)
         return seeded(name, shape, index)
 
     return model, source
@@ -92,11 +102,15 @@ def _pretrained_checkpoint(cfg: Config, task: Task) -> checkpoint.Verified | Non
     path = checkpoint_of(cfg.finetune.init_from)
     found = checkpoint.resolve_resume_once(str(path), path.parent) if path is not None else None
     if found is None:  # the config's loading checked it; the directory changed since
-        raise UserError(f"finetune.init_from {cfg.finetune.init_from!r} holds no complete checkpoint any more; "
-                        "point it at a training run's out_dir or one of its checkpoints/step_* directories")
+        raise UserError(
+            f"finetune.init_from {cfg.finetune.init_from!r} holds no complete checkpoint any more; "
+            "point it at a training run's out_dir or one of its checkpoints/step_* directories"
+        )
     if found.state.get("tokenizer_sha256") != task.manifest.tokenizer.sha256:
-        raise UserError(f"{cfg.finetune.task} was prepared with a different tokenizer than {found.path} was trained "
-                        f"on; prepare the task with `--tokenizer {found.path / 'tokenizer.json'}`")
+        raise UserError(
+            f"{cfg.finetune.task} was prepared with a different tokenizer than {found.path} was trained "
+            f"on; prepare the task with `--tokenizer {found.path / 'tokenizer.json'}`"
+        )
     return found
 
 
@@ -106,14 +120,18 @@ def checkpoint_source(path: Path) -> ParamSource:
     reader = checkpoint.CheckpointReader(path)
     saved = reader.model_shapes()
     if any(name.startswith(BACKBONE) for name in saved):
-        raise UserError(f"{path} is a fine-tuned classifier, not a pretrained model; point finetune.init_from at a "
-                        "pretraining run (or continue this fine-tuning with --resume)")
+        raise UserError(
+            f"{path} is a fine-tuned classifier, not a pretrained model; point finetune.init_from at a "
+            "pretraining run (or continue this fine-tuning with --resume)"
+        )
     last: dict[str, torch.Tensor] = {}
 
     def read(name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
         if saved.get(name) != shape:
-            raise UserError(f"checkpoint {path} holds {name} with shape {saved.get(name)}, the model needs {shape}; "
-                            "it is a checkpoint of another architecture")
+            raise UserError(
+                f"checkpoint {path} holds {name} with shape {saved.get(name)}, the model needs {shape}; "
+                "it is a checkpoint of another architecture"
+            )
         if name not in last:
             last.clear()
             last[name] = reader.model_tensor(name).float()

@@ -10,8 +10,13 @@ from clusterlm.models import model_args
 
 @torch.no_grad()
 def sample(
-    model: nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
-    top_k: int = 0, seed: int = 0, device: torch.device | str = "cpu",
+    model: nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> list[int]:
     """Autoregressive sampling; the context is cropped to the model's block size."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -28,4 +33,4 @@ def sample(
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             next_token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
         tokens = torch.cat([tokens, next_token], dim=1)
-    return tokens[0, len(prompt):].tolist()
+    return tokens[0, len(prompt) :].tolist()

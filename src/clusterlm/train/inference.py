@@ -33,24 +33,34 @@ def refuse_classifier(cfg: Config, path: Path) -> None:
     """Evaluation, generation and export read language models; a fine-tuned classifier is scored
     by `clusterlm finetune` itself."""
     if cfg.finetune.task:
-        raise UserError(f"{path} is a classifier fine-tuned on {cfg.finetune.task}, not a language model; its "
-                        "validation and test metrics are in its run's metrics.jsonl")
+        raise UserError(
+            f"{path} is a classifier fine-tuned on {cfg.finetune.task}, not a language model; its "
+            "validation and test metrics are in its run's metrics.jsonl"
+        )
 
 
 def load_for_inference(
-    found: checkpoint.Verified, device: str = "auto", data_dir: str | None = None, precision: str | None = None
+    found: checkpoint.Verified,
+    device: str = "auto",
+    data_dir: str | None = None,
+    precision: str | None = None,
 ) -> Loaded:
     """The whole model of a verified checkpoint in this process, in eval mode. ``data_dir`` and
     ``precision`` override the run's."""
     saved = config_from_dict(found.state["config"])
     refuse_classifier(saved, found.path)
     runtime = Runtime(device=resolve_device(device))
-    cfg = apply_overrides(saved, {
-        "data.dir": data_dir or saved.data.dir,
-        "training.precision": settle_precision(precision or saved.training.precision, runtime.device),
-        "training.compile": False,  # a few forwards: not worth a compilation
-        "training.activation_checkpointing": "none",  # nothing to recompute without a backward
-    })
+    cfg = apply_overrides(
+        saved,
+        {
+            "data.dir": data_dir or saved.data.dir,
+            "training.precision": settle_precision(
+                precision or saved.training.precision, runtime.device
+            ),
+            "training.compile": False,  # a few forwards: not worth a compilation
+            "training.activation_checkpointing": "none",  # nothing to recompute without a backward
+        },
+    )
     plain, source = build_model(cfg, cfg.model.vocab_size)
     model = parallelize(plain, cfg, None, runtime.device, source)
     model.load_state_dict(checkpoint.CheckpointReader(found.path))

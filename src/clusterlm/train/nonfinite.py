@@ -24,8 +24,12 @@ INDEPENDENT_REPLICAS = ("local_sgd", "diloco", "ps")
 
 def _agreed(session: Session, probe: torch.Tensor) -> torch.Tensor:
     """``probe`` summed over the ranks that step together: a NaN or infinity anywhere stays one."""
-    if (dist.is_initialized() and dist.get_world_size() > 1 and session.runtime.lockstep
-            and session.cfg.parallel.data_parallel not in INDEPENDENT_REPLICAS):
+    if (
+        dist.is_initialized()
+        and dist.get_world_size() > 1
+        and session.runtime.lockstep
+        and session.cfg.parallel.data_parallel not in INDEPENDENT_REPLICAS
+    ):
         probe = probe.clone()
         dist.all_reduce(probe)
     return probe
@@ -34,7 +38,9 @@ def _agreed(session: Session, probe: torch.Tensor) -> torch.Tensor:
 def step_is_finite(session: Session, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
     """True when the step may be applied; False when it is to be skipped; raises UserError to stop."""
     values = [loss.detach().float().reshape(())]
-    if session.model.precision.scaler is None:  # fp16: overflowing gradients are the scaler's to skip
+    if (
+        session.model.precision.scaler is None
+    ):  # fp16: overflowing gradients are the scaler's to skip
         values.append(grad_norm.detach().float().reshape(()).to(values[0].device))
     probe = _agreed(session, torch.stack(values)).tolist()
     if all(math.isfinite(value) for value in probe):
@@ -44,7 +50,13 @@ def step_is_finite(session: Session, loss: torch.Tensor, grad_norm: torch.Tensor
         session.skipped_steps += 1
         return False
     names = ("loss", "gradient norm")
-    found = ", ".join(f"{name} {value}" for name, value in zip(names, probe, strict=False) if not math.isfinite(value))
-    raise UserError(f"training stopped at step {step}: {found}; the step was not applied and the checkpoints saved "
-                    "so far hold finite weights; lower optim.lr, or set training.skip_nonfinite = true to skip "
-                    "such steps")
+    found = ", ".join(
+        f"{name} {value}"
+        for name, value in zip(names, probe, strict=False)
+        if not math.isfinite(value)
+    )
+    raise UserError(
+        f"training stopped at step {step}: {found}; the step was not applied and the checkpoints saved "
+        "so far hold finite weights; lower optim.lr, or set training.skip_nonfinite = true to skip "
+        "such steps"
+    )

@@ -16,4 +16,6 @@ def masking_rule(cfg: Config) -> MaskingRule | None:
     if cfg.training.objective != "mlm":
         return None
     vocab = cfg.model.vocab_size
-    return MaskingRule(cfg.training.seed, cfg.training.mlm_probability, special_token_id(vocab, "[MASK]"), vocab)
+    return MaskingRule(
+        cfg.training.seed, cfg.training.mlm_probability, special_token_id(vocab, "[MASK]"), vocab
+    )

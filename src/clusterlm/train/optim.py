@@ -31,14 +31,13 @@ def optimizer_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
     sgd``) over ``model``'s parameters. Weight decay applies to the weights of linear layers; norms,
     biases and embedding tables are not decayed (decaying them only pulls them towards zero without
     regularizing). Decided by module type, so it holds under any parallel wrapping."""
-    decay_ids = {
-        id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)
-    }
+    decay_ids = {id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)}
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     # A last pipeline stage of a tied model holds its own copy of the token table as the output
     # projection: it must be treated like the table it copies.
     embedding_ids |= {
-        id(m.output.weight) for m in model.modules()
+        id(m.output.weight)
+        for m in model.modules()
         if isinstance(m, Transformer) and m.args.tie_embeddings and m.output is not None
     }
     decay: list[nn.Parameter] = []
@@ -54,7 +53,12 @@ def optimizer_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
     ]
     if cfg.optimizer == "sgd":
         return OptimizerRecipe(groups, torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum})
-    options = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": cfg.fused or None}
+    options = {
+        "lr": cfg.lr,
+        "betas": (cfg.beta1, cfg.beta2),
+        "eps": cfg.eps,
+        "fused": cfg.fused or None,
+    }
     return OptimizerRecipe(groups, LocalAdamW, options)
 
 

@@ -59,7 +59,11 @@ def claim_out_dir(cfg: Config) -> OutDirLock | None:
     rank = int(env.get("RANK", "0") or 0)
     # The group's store address: the same on all its ranks (their restart counts may differ after an
     # elastic change), and no other live job's.
-    group = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}" if "MASTER_ADDR" in env and "MASTER_PORT" in env else None
+    group = (
+        f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        if "MASTER_ADDR" in env and "MASTER_PORT" in env
+        else None
+    )
     if rank != 0:
         _wait_for_rank_zero(out_dir, group, rank, cfg.parallel.timeout_s)
         return None
@@ -132,7 +136,9 @@ def _wait_for_rank_zero(out_dir: str, group: str | None, rank: int, timeout_s: f
             if holder is not None and holder.group == group:
                 return
         time.sleep(POLL_S)
-    raise UserError(f"rank {rank}: rank 0 did not take {path} within parallel.timeout_s = {timeout_s:g} s")
+    raise UserError(
+        f"rank {rank}: rank 0 did not take {path} within parallel.timeout_s = {timeout_s:g} s"
+    )
 
 
 def _prepared(cfg: Config, lock: OutDirLock) -> OutDirLock:
@@ -155,10 +161,16 @@ def _check_fresh_run(cfg: Config, lock: OutDirLock) -> None:
     if not found:
         return
     if not cfg.checkpoint.overwrite:
-        raise UserError(f"{cfg.training.out_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); "
-                        "continue it with --resume auto, replace it with --overwrite (deletes them), or choose "
-                        "another training.out_dir")
+        raise UserError(
+            f"{cfg.training.out_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); "
+            "continue it with --resume auto, replace it with --overwrite (deletes them), or choose "
+            "another training.out_dir"
+        )
     for path in found:
         shutil.rmtree(path)
     (root / LATEST).unlink(missing_ok=True)
-    print(f"overwrite: deleted {len(found)} checkpoint(s) of an earlier run from {root}", file=sys.stderr, flush=True)
+    print(
+        f"overwrite: deleted {len(found)} checkpoint(s) of an earlier run from {root}",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -34,7 +34,9 @@ class Preemption:
         self.signalled_at: float | None = None
         self._warned = False
         self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        if (
+            threading.current_thread() is threading.main_thread()
+        ):  # Python allows handlers only there
             self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -45,10 +47,13 @@ class Preemption:
         """Whether any rank was signalled; every rank calls this at the same step boundary."""
         if step_seconds > self.grace_s and not self._warned and self.announce:
             self._warned = True
-            print(f"warning: one step took {step_seconds:.1f} s, longer than checkpoint.preempt_grace_s "
-                  f"({self.grace_s:g} s): a preempted job may be killed before it saves; raise "
-                  "checkpoint.preempt_grace_s (and the scheduler's grace period) above the step time",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: one step took {step_seconds:.1f} s, longer than checkpoint.preempt_grace_s "
+                f"({self.grace_s:g} s): a preempted job may be killed before it saves; raise "
+                "checkpoint.preempt_grace_s (and the scheduler's grace period) above the step time",
+                file=sys.stderr,
+                flush=True,
+            )
         flag = 1 if self.signal_name else 0
         if runtime.world_size > 1 and runtime.lockstep:  # a parameter server's ranks share no group
             box = torch.tensor([flag], device=runtime.device)
@@ -57,9 +62,15 @@ class Preemption:
         return bool(flag)
 
     def report(self, step: int, saved: str) -> str:
-        waited = f" {time.monotonic() - self.signalled_at:.1f} s after {self.signal_name}" if self.signalled_at else ""
-        return (f"preempted at step {step}: saved {saved}{waited}; exiting with status {EXIT_PREEMPTED}, "
-                "continue with --resume auto")
+        waited = (
+            f" {time.monotonic() - self.signalled_at:.1f} s after {self.signal_name}"
+            if self.signalled_at
+            else ""
+        )
+        return (
+            f"preempted at step {step}: saved {saved}{waited}; exiting with status {EXIT_PREEMPTED}, "
+            "continue with --resume auto"
+        )
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

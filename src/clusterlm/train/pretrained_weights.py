@@ -22,10 +22,14 @@ def check_pretrained_tokenizer(cfg: Config, manifest: Manifest) -> None:
     fix = f"prepare the data with `clusterlm prepare --tokenizer hf:{directory}`"
     shipped = Path(directory) / "tokenizer.json"
     if shipped.is_file() and sha256_file(shipped) != manifest.tokenizer.sha256:
-        raise UserError(f"{data_dir} was tokenized with a different tokenizer than {shipped}; {fix}")
+        raise UserError(
+            f"{data_dir} was tokenized with a different tokenizer than {shipped}; {fix}"
+        )
     if manifest.vocab_size > vocab_size:
-        raise UserError(f"{data_dir}'s tokenizer has {manifest.vocab_size} tokens but the weights in {directory} "
-                        f"know {vocab_size}; {fix}")
+        raise UserError(
+            f"{data_dir}'s tokenizer has {manifest.vocab_size} tokens but the weights in {directory} "
+            f"know {vocab_size}; {fix}"
+        )
 
 
 def pretrained_source(cfg: Config) -> ParamSource | None:

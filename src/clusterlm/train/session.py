@@ -60,8 +60,12 @@ class TaskSpec:
     vocab_size: int
     tokenizer: TokenizerFile
     stream: SampleStream  # the training samples
-    model: Callable[[Config], tuple[nn.Module, ParamSource]]  # the plain model on meta, from the settled config
-    flops_per_token: Callable[[ModelArgs, Config], float]  # of the settled model, at the run's length
+    model: Callable[
+        [Config], tuple[nn.Module, ParamSource]
+    ]  # the plain model on meta, from the settled config
+    flops_per_token: Callable[
+        [ModelArgs, Config], float
+    ]  # of the settled model, at the run's length
     recipe: Callable[[nn.Module, Config], OptimizerRecipe]
     evaluate: Callable[[Session, str], Metrics]  # the scores of a split
     masked: bool = False  # a masked language model: inputs masked and the loss scores those tokens
@@ -85,12 +89,21 @@ class Session:
     slowdown: float = 1.0  # this rank's factor from training.slow_ranks (experiments)
     sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
     balancer: LoadBalancer | None = None  # micro-batches per rank (parallel.load_balance)
-    writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # in line, or async (checkpoint.async_save)
-    skipped_steps: int = 0  # steps not applied: their loss or gradient norm was not finite (training.skip_nonfinite)
+    writer: CheckpointWriter = field(
+        default_factory=CheckpointWriter
+    )  # in line, or async (checkpoint.async_save)
+    skipped_steps: int = (
+        0  # steps not applied: their loss or gradient norm was not finite (training.skip_nonfinite)
+    )
 
     @property
     def tokens_per_step(self) -> int:
-        return self.grad_accum * self.cfg.training.micro_batch_size * self.cfg.seq_len * self.runtime.dp_size
+        return (
+            self.grad_accum
+            * self.cfg.training.micro_batch_size
+            * self.cfg.seq_len
+            * self.runtime.dp_size
+        )
 
     @property
     def checkpoints(self) -> Path:
@@ -121,17 +134,30 @@ def build_session(cfg: Config, task: TaskSpec | None = None) -> Session:
     model = parallelize(plain, cfg, runtime.mesh, runtime.device, source, runtime.ps)
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader: TokenLoader | MaskedLoader = TokenLoader(
-        task.stream, cfg.seq_len, cfg.training.micro_batch_size, grad_accum,
-        dp_rank=runtime.dp_rank, dp_size=runtime.dp_size, seed=cfg.training.seed, device=runtime.device,
+        task.stream,
+        cfg.seq_len,
+        cfg.training.micro_batch_size,
+        grad_accum,
+        dp_rank=runtime.dp_rank,
+        dp_size=runtime.dp_size,
+        seed=cfg.training.seed,
+        device=runtime.device,
     )
     rule = masking_rule(cfg) if task.masked else None
     if rule is not None:
         loader = MaskedLoader(loader, rule)
     session = Session(
-        cfg=cfg, runtime=runtime, model=model, loader=loader, grad_accum=grad_accum, task=task,
+        cfg=cfg,
+        runtime=runtime,
+        model=model,
+        loader=loader,
+        grad_accum=grad_accum,
+        task=task,
         optimizers=model.build_optimizers(lambda part: task.recipe(part, cfg)),
         flops_per_token=task.flops_per_token(resolve_model_args(cfg, task.vocab_size), cfg),
-        peak_flops=peak_flops(runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops),
+        peak_flops=peak_flops(
+            runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops
+        ),
     )
     return _start_session(session)
 
@@ -143,9 +169,16 @@ def settle_config(cfg: Config, runtime: Runtime, vocab_size: int) -> Config:
     cfg = settle_model(cfg, vocab_size)
     m, attention = cfg.model, cfg.training.attention
     if m.flavour != "bert":
-        shape = (cfg.training.micro_batch_size, m.n_head // cfg.parallel.tp, cfg.seq_len, m.n_embd // m.n_head)
+        shape = (
+            cfg.training.micro_batch_size,
+            m.n_head // cfg.parallel.tp,
+            cfg.seq_len,
+            m.n_embd // m.n_head,
+        )
         attention = settle_attention(attention, precision, runtime.device, shape)
-    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, precision=precision, attention=attention))
+    return dataclasses.replace(
+        cfg, training=dataclasses.replace(cfg.training, precision=precision, attention=attention)
+    )
 
 
 def language_model_task(cfg: Config) -> TaskSpec:
@@ -158,7 +191,9 @@ def language_model_task(cfg: Config) -> TaskSpec:
 
     def model(settled: Config) -> tuple[nn.Module, ParamSource]:
         plain, seeded = build_model(settled, manifest.vocab_size)
-        return plain, pretrained_source(settled) or seeded  # pretrained weights are read shard by shard
+        return plain, pretrained_source(
+            settled
+        ) or seeded  # pretrained weights are read shard by shard
 
     return TaskSpec(
         vocab_size=manifest.vocab_size,
@@ -178,8 +213,10 @@ def read_tokenizer(data_dir: str, sha256: str) -> TokenizerFile:
         with fsspec.open(f"{data_dir.rstrip('/')}/tokenizer.json", "rb") as f:
             return TokenizerFile(sha256, f.read())
     except FileNotFoundError:
-        raise UserError(f"tokenizer.json is missing from {data_dir}; run `clusterlm prepare --out {data_dir} --force` "
-                        "to rebuild it") from None
+        raise UserError(
+            f"tokenizer.json is missing from {data_dir}; run `clusterlm prepare --out {data_dir} --force` "
+            "to rebuild it"
+        ) from None
 
 
 def _start_session(session: Session) -> Session:
@@ -187,34 +224,55 @@ def _start_session(session: Session) -> Session:
     timing and load balancing, the checkpoint writer, the resumed state and the sample log."""
     cfg, runtime = session.cfg, session.runtime
     session.slowdown = rank_factor(cfg.training.slow_ranks, runtime.rank, runtime.world_size)
-    session.balancer = attach_rank_timing(session.model, session.loader, cfg, runtime.world_size, runtime.device)
+    session.balancer = attach_rank_timing(
+        session.model, session.loader, cfg, runtime.world_size, runtime.device
+    )
     session.writer = CheckpointWriter(background=cfg.checkpoint.async_save)
     _resume(session)
-    session.sample_log = open_sample_log(cfg.metrics.sample_log, cfg.training.out_dir, runtime, session.step)
+    session.sample_log = open_sample_log(
+        cfg.metrics.sample_log, cfg.training.out_dir, runtime, session.step
+    )
     return session
 
 
 def _resume(session: Session) -> None:
     cfg = session.cfg
-    found = checkpoint.resolve_resume_once(cfg.checkpoint.resume, session.checkpoints, restarts.own_run())
+    found = checkpoint.resolve_resume_once(
+        cfg.checkpoint.resume, session.checkpoints, restarts.own_run()
+    )
     if found is None:
         return
     checkpoint.check_compatible(found.state["config"], cfg.to_dict(), found.path)
     if found.state.get("tokenizer_sha256") != session.tokenizer.sha256:
-        raise UserError(f"checkpoint {found.path} was trained on data with a different tokenizer than {cfg.data.dir}")
+        raise UserError(
+            f"checkpoint {found.path} was trained on data with a different tokenizer than {cfg.data.dir}"
+        )
     session.model.load_state_dict(checkpoint.CheckpointReader(found.path), session.optimizers)
     session.loader.load_state_dict(found.state["loader"])
     restore_counts(session.balancer, found.state.get("micro_batches_per_rank"))
-    session.step, session.tokens, session.resumed_from = found.state["step"], found.state["tokens"], found.path
+    session.step, session.tokens, session.resumed_from = (
+        found.state["step"],
+        found.state["tokens"],
+        found.path,
+    )
 
 
 def save(session: Session) -> Path:
     state = {
-        "step": session.step, "tokens": session.tokens, "loader": session.loader.state_dict(), "dp_size": session.runtime.dp_size,
-        "config": session.cfg.to_dict(), "tokenizer_sha256": session.tokenizer.sha256, "run_id": restarts.run_id(),
+        "step": session.step,
+        "tokens": session.tokens,
+        "loader": session.loader.state_dict(),
+        "dp_size": session.runtime.dp_size,
+        "config": session.cfg.to_dict(),
+        "tokenizer_sha256": session.tokenizer.sha256,
+        "run_id": restarts.run_id(),
         "micro_batches_per_rank": session.balancer.counts if session.balancer else None,
     }
     return session.writer.save(
-        session.checkpoints, session.step, session.model.state_dict(session.optimizers), state, session.cfg.checkpoint.keep_last,
+        session.checkpoints,
+        session.step,
+        session.model.state_dict(session.optimizers),
+        state,
+        session.cfg.checkpoint.keep_last,
         files={"tokenizer.json": session.tokenizer.payload},
     )

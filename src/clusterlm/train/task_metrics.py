@@ -26,8 +26,15 @@ def macro_f1(confusion: torch.Tensor) -> float:
     return float((2 * right[present] / occurring[present]).mean()) if present.any() else 0.0
 
 
-def task_metrics(model: ParallelModel, cfg: Config, runtime: Runtime, streams: dict[str, Any], labels: int,
-                 split: str = "val", limit: int | None = None) -> dict[str, float | None]:
+def task_metrics(
+    model: ParallelModel,
+    cfg: Config,
+    runtime: Runtime,
+    streams: dict[str, Any],
+    labels: int,
+    split: str = "val",
+    limit: int | None = None,
+) -> dict[str, float | None]:
     """Loss, accuracy and macro-F1 of ``split`` (every example, or ``limit`` evenly spaced ones):
     each data-parallel rank scores a contiguous share, and the summed loss and confusion matrix are
     all-reduced."""
@@ -39,8 +46,15 @@ def task_metrics(model: ParallelModel, cfg: Config, runtime: Runtime, streams: d
     loss = torch.zeros(1, dtype=torch.float64, device=runtime.device)
     # Lockstep ranks score disjoint shares; a parameter server's rank 0 scores every example alone.
     dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
-    for x, y in evaluation_batches(streams[split], cfg.seq_len, cfg.training.micro_batch_size, dp_rank, dp_size,
-                                   runtime.device, limit):
+    for x, y in evaluation_batches(
+        streams[split],
+        cfg.seq_len,
+        cfg.training.micro_batch_size,
+        dp_rank,
+        dp_size,
+        runtime.device,
+        limit,
+    ):
         with attention_kernel(cfg.training.attention):
             logits = model.logits(x)
         loss += next_token_loss(logits, y, reduction="sum").double()
@@ -54,5 +68,8 @@ def task_metrics(model: ParallelModel, cfg: Config, runtime: Runtime, streams: d
         dist.all_reduce(totals)
     matrix = totals[1:].view(labels, labels).cpu()
     count = float(matrix.sum())
-    return {"loss": float(totals[0]) / max(count, 1.0), "accuracy": float(matrix.diag().sum()) / max(count, 1.0),
-            "macro_f1": macro_f1(matrix)}
+    return {
+        "loss": float(totals[0]) / max(count, 1.0),
+        "accuracy": float(matrix.diag().sum()) / max(count, 1.0),
+        "macro_f1": macro_f1(matrix),
+    }

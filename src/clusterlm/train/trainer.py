@@ -46,7 +46,9 @@ class TrainSummary:
     train_loss: float | None = None  # the last logged
     val_loss: float | None = None  # the last evaluated
     preempted: str | None = None  # the checkpoint a preempted run saved before it stopped
-    final: dict[str, Metrics] = field(default_factory=dict)  # split -> scores at the end (a task's test)
+    final: dict[str, Metrics] = field(
+        default_factory=dict
+    )  # split -> scores at the end (a task's test)
     served: dict[str, Any] | None = None  # a parameter server's counts (pushes, staleness)
 
 
@@ -57,26 +59,37 @@ def train_step(session: Session) -> torch.Tensor:
     lr = lr_at(session.step, session.cfg.optim, session.cfg.training.steps)
     for optimizer in session.optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # a fine-tuning head may run at its own rate
+            group["lr"] = lr * group.get(
+                "lr_scale", 1.0
+            )  # a fine-tuning head may run at its own rate
     watchdog.phase("data", session.step)
     if session.sample_log:
         session.sample_log.record(session.step + 1, session.loader)
     micro_batches = session.loader.next_step()
     watchdog.phase("forward_backward", session.step)
-    with attention_kernel(session.cfg.training.attention), slowed(session.slowdown, session.model.clock):
+    with (
+        attention_kernel(session.cfg.training.attention),
+        slowed(session.slowdown, session.model.clock),
+    ):
         loss = session.model.forward_backward(micro_batches)
     precision = session.model.precision
     watchdog.phase("optimizer", session.step)
     for optimizer in session.optimizers:
         precision.unscale(optimizer)
-    grad_norm = session.model.clip_grad_norm(session.cfg.training.grad_clip or math.inf)  # inf: measured, not clipped
-    if step_is_finite(session, loss, grad_norm):  # else stopped, or skipped (training.skip_nonfinite)
+    grad_norm = session.model.clip_grad_norm(
+        session.cfg.training.grad_clip or math.inf
+    )  # inf: measured, not clipped
+    if step_is_finite(
+        session, loss, grad_norm
+    ):  # else stopped, or skipped (training.skip_nonfinite)
         precision.step(session.optimizers)
     else:
         precision.skip()
     for optimizer in session.optimizers:
         optimizer.zero_grad(set_to_none=True)
-    advanced = session.model.after_step(session.step + 1) - session.step  # a parameter server's workers advance it together
+    advanced = (
+        session.model.after_step(session.step + 1) - session.step
+    )  # a parameter server's workers advance it together
     session.step += advanced
     session.tokens += advanced * session.tokens_per_step
     return loss
@@ -100,7 +113,9 @@ def train(cfg: Config) -> TrainSummary:
     launch_position()  # a bad launch environment is one line before the out_dir is claimed
     fresh = untouched(cfg.training.out_dir)
     lock = claim_out_dir(cfg)  # one run per out_dir: taken, or refused, before anything is written
-    preemption = Preemption(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGUSR1: save and stop at a step boundary
+    preemption = Preemption(
+        cfg.checkpoint.preempt_grace_s
+    )  # SIGTERM / SIGUSR1: save and stop at a step boundary
     watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
     try:
         return _train(cfg, preemption)
@@ -139,8 +154,12 @@ def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
         # Reading the loss waits for the device, so only when it is logged.
         loss_value = monitor.mean_loss(s, loss) if logging else math.nan
         window_seconds += time.perf_counter() - start
-        window_steps += s.step - before  # 1, or for a parameter server's worker the job's steps meanwhile
-        if logging and math.isfinite(loss_value):  # not finite: a skipped step, logged with the next window
+        window_steps += (
+            s.step - before
+        )  # 1, or for a parameter server's worker the job's steps meanwhile
+        if logging and math.isfinite(
+            loss_value
+        ):  # not finite: a skipped step, logged with the next window
             record = _train_record(s, loss_value, window_seconds / window_steps)
             monitor.observe(s, record, sinks)
             summary.train_loss = loss_value
@@ -152,7 +171,11 @@ def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
             watchdog.phase("eval", s.step)
             summary.val_loss = _evaluate(s, progress, sinks)["loss"]
         watchdog.phase("checkpoint", s.step)
-        saved = save(s) if _due(before, s.step, cfg.checkpoint.interval, t.steps) and s.runtime.reports else None
+        saved = (
+            save(s)
+            if _due(before, s.step, cfg.checkpoint.interval, t.steps) and s.runtime.reports
+            else None
+        )
         if saved:
             progress.message(f"step {s.step}: saved {saved}")
         if preemption.requested(s.runtime, time.perf_counter() - start) and s.step < t.steps:
@@ -162,11 +185,23 @@ def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
     return summary
 
 
-def _finish(session: Session, summary: TrainSummary, preemption: Preemption, progress: ProgressDisplay,
-            monitor: Monitor, sinks: MetricsSinks | None) -> None:
+def _finish(
+    session: Session,
+    summary: TrainSummary,
+    preemption: Preemption,
+    progress: ProgressDisplay,
+    monitor: Monitor,
+    sinks: MetricsSinks | None,
+) -> None:
     """Score the held-out splits of a finished run, wait for a save still writing, report and close."""
-    if summary.preempted is None and session.step >= session.cfg.training.steps and session.runtime.reports:
-        for split in session.task.final_splits:  # a fine-tuning task's test split: scored once, at the end
+    if (
+        summary.preempted is None
+        and session.step >= session.cfg.training.steps
+        and session.runtime.reports
+    ):
+        for (
+            split
+        ) in session.task.final_splits:  # a fine-tuning task's test split: scored once, at the end
             summary.final[split] = _evaluate(session, progress, sinks, split)
     session.writer.close()  # a save still writing in the background finishes first
     if summary.preempted is not None and session.runtime.is_main:
@@ -180,15 +215,26 @@ def _finish(session: Session, summary: TrainSummary, preemption: Preemption, pro
     summary.step, summary.tokens, summary.rank = session.step, session.tokens, session.runtime.rank
 
 
-def _evaluate(session: Session, progress: ProgressDisplay, sinks: MetricsSinks | None, split: str = "val"
-              ) -> Metrics:
+def _evaluate(
+    session: Session, progress: ProgressDisplay, sinks: MetricsSinks | None, split: str = "val"
+) -> Metrics:
     """Score ``split`` (the session's own metrics: loss first), show it and log it."""
     result = session.evaluate(split)
-    shown = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in result.items() if value is not None)
+    shown = ", ".join(
+        f"{name.replace('_', ' ')} {value:.4f}"
+        for name, value in result.items()
+        if value is not None
+    )
     progress.message(f"step {session.step}: {split} {shown}")
     if sinks:
-        sinks.log({"kind": "eval" if split == "val" else split, "step": session.step, "tokens": session.tokens,
-                   **{f"{split}_{name}": value for name, value in result.items()}})
+        sinks.log(
+            {
+                "kind": "eval" if split == "val" else split,
+                "step": session.step,
+                "tokens": session.tokens,
+                **{f"{split}_{name}": value for name, value in result.items()},
+            }
+        )
     return result
 
 
@@ -196,15 +242,23 @@ def _train_record(session: Session, loss: float, seconds_per_step: float) -> dic
     tokens_per_s = session.tokens_per_step / seconds_per_step
     per_device = tokens_per_s * session.flops_per_token / session.runtime.world_size
     return {
-        "kind": "train", "step": session.step, "tokens": session.tokens, "loss": loss,
-        "lr": session.optimizers[0].param_groups[0]["lr"], "ms_per_step": 1000 * seconds_per_step,
-        "tokens_per_s": tokens_per_s, "mfu": per_device / session.peak_flops if session.peak_flops else None,
-        **session.model.comm_metrics(), **({"skipped_steps": session.skipped_steps} if session.cfg.training.skip_nonfinite else {}),
+        "kind": "train",
+        "step": session.step,
+        "tokens": session.tokens,
+        "loss": loss,
+        "lr": session.optimizers[0].param_groups[0]["lr"],
+        "ms_per_step": 1000 * seconds_per_step,
+        "tokens_per_s": tokens_per_s,
+        "mfu": per_device / session.peak_flops if session.peak_flops else None,
+        **session.model.comm_metrics(),
+        **({"skipped_steps": session.skipped_steps} if session.cfg.training.skip_nonfinite else {}),
     }
 
 
 def _describe(session: Session, progress: ProgressDisplay) -> None:
-    params = param_count(resolve_model_args(session.cfg, session.cfg.model.vocab_size))  # the settled sizes
+    params = param_count(
+        resolve_model_args(session.cfg, session.cfg.model.vocab_size)
+    )  # the settled sizes
     peak = f"{session.peak_flops / 1e12:.2f} TFLOP/s" if session.peak_flops else "unknown"
     r = session.runtime
     layout = describe_layout(session.cfg, r)

@@ -68,7 +68,9 @@ def test_alpha_beta_fit_minimizes_the_largest_relative_error():
     assert max_error == pytest.approx(max(abs((alpha + beta * s) / t - 1) for s, t in points))
     # No line does better: least squares on relative error (the previous fit) and random nudges.
     sizes_a, times_a = np.array(sizes, float), np.array([t for _, t in points])
-    (ls_alpha, ls_beta), *_ = np.linalg.lstsq(np.stack([1 / times_a, sizes_a / times_a], 1), np.ones(len(sizes)), rcond=None)
+    (ls_alpha, ls_beta), *_ = np.linalg.lstsq(
+        np.stack([1 / times_a, sizes_a / times_a], 1), np.ones(len(sizes)), rcond=None
+    )
     assert max_error <= np.abs((ls_alpha + ls_beta * sizes_a) / times_a - 1).max() + 1e-12
     for _ in range(200):
         a, b = alpha * (1 + rng.normal(0, 0.05)), beta * (1 + rng.normal(0, 0.05))
@@ -89,8 +91,16 @@ def test_two_regime_fit_finds_where_the_per_byte_cost_changes():
 def fake_measurements() -> list[Measurement]:
     """Two algorithms on an exact alpha-beta line: 20 us + bytes / 1 GB/s and / 2 GB/s."""
     return [
-        Measurement(algorithm, size, 20 + size / gbps / 1e3, size / (20e3 + size / gbps), size / (20e3 + size / gbps), 0.01)
-        for algorithm, gbps in (("native", 1.0), ("ring", 2.0)) for size in (64 << 10, 256 << 10, 1 << 20, 4 << 20)
+        Measurement(
+            algorithm,
+            size,
+            20 + size / gbps / 1e3,
+            size / (20e3 + size / gbps),
+            size / (20e3 + size / gbps),
+            0.01,
+        )
+        for algorithm, gbps in (("native", 1.0), ("ring", 2.0))
+        for size in (64 << 10, 256 << 10, 1 << 20, 4 << 20)
     ]
 
 
@@ -104,7 +114,14 @@ def test_fits_recover_each_algorithm_and_the_report_files_are_written_whole(tmp_
     report = write_json(tmp_path / "out" / "comm.json", 2, 3, 1, measurements, fitted)
     data = json.loads(report.read_text())
     assert (data["world_size"], data["iters"], data["warmup"]) == (2, 3, 1)
-    assert len(data["measurements"]) == 8 and [f["algorithm"] for f in data["fits"]] == ["native", "ring"]
+    assert len(data["measurements"]) == 8 and [f["algorithm"] for f in data["fits"]] == [
+        "native",
+        "ring",
+    ]
     figure = plot(tmp_path / "comm.png", measurements, 2)
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["comm.json", "comm.png", "out"]  # no temporaries left
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "comm.json",
+        "comm.png",
+        "out",
+    ]  # no temporaries left

@@ -18,7 +18,9 @@ from clusterlm.files import DiskError
 
 def save(writer: CheckpointWriter, root, step: int, size: int = 1000):
     tensors = {"model": {"w": torch.full((size,), float(step))}}
-    path = writer.save(root, step, tensors, {"step": step}, keep_last=5, files={"tokenizer.json": b"{}"})
+    path = writer.save(
+        root, step, tensors, {"step": step}, keep_last=5, files={"tokenizer.json": b"{}"}
+    )
     writer.wait()
     return path
 
@@ -41,7 +43,9 @@ def assert_only_the_first_checkpoint(root, first) -> None:
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["in-line", "background"])
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on"), (errno.EROFS, "read-only file system")])
+@pytest.mark.parametrize(
+    "code, words", [(errno.ENOSPC, "no space left on"), (errno.EROFS, "read-only file system")]
+)
 def test_metadata_refused(tmp_path, monkeypatch, background, code, words):
     root = tmp_path / "checkpoints"
     writer = CheckpointWriter(background)

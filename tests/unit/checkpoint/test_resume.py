@@ -12,7 +12,9 @@ from clusterlm.errors import UserError
 def _complete(root, step, run_id=None):
     tmp, final = checkpoint.begin_checkpoint(root, step)
     (tmp / "data.distcp").write_bytes(b"tensor bytes %d" % step)
-    checkpoint.finish_checkpoint(tmp, final, {"step": step, "run_id": run_id}, keep_last=10, files=None)
+    checkpoint.finish_checkpoint(
+        tmp, final, {"step": step, "run_id": run_id}, keep_last=10, files=None
+    )
     return final
 
 
@@ -20,7 +22,9 @@ def test_what_a_failure_leaves_behind_is_never_resumed(tmp_path):
     root = tmp_path / "checkpoints"
     lock = take(tmp_path, this_process())  # the run's token names its temporaries
     good = _complete(root, 4)
-    killed_in_write = root / f".step_00000008.{lock.holder.token}.0123abcd.tmp"  # a save killed while DCP wrote
+    killed_in_write = (
+        root / f".step_00000008.{lock.holder.token}.0123abcd.tmp"
+    )  # a save killed while DCP wrote
     another_runs = root / ".step_00000008.ffffffffffffffffffffffffffffffff.0123abcd.tmp"
     another_runs.mkdir(parents=True)
     killed_in_write.mkdir()
@@ -44,5 +48,7 @@ def test_a_restart_resumes_its_own_run_first(tmp_path):
     mine = _complete(root, 3, run_id="job-a")
     _complete(root, 90, run_id="an-earlier-job")
     assert checkpoint.resolve_resume("none", root, own_run="job-a").path == mine
-    assert checkpoint.resolve_resume("none", root, own_run="job-b") is None  # nothing of its own yet: as asked
+    assert (
+        checkpoint.resolve_resume("none", root, own_run="job-b") is None
+    )  # nothing of its own yet: as asked
     assert checkpoint.resolve_resume("auto", root).path.name == "step_00000090"

@@ -7,13 +7,19 @@ from clusterlm.config.degrees import check_layout, resolve_degrees
 from clusterlm.errors import UserError
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"parallel.ps_staleness": "-2"}, "parallel.ps_staleness is -1 .* or a bound >= 0, got -2"),
-    ({"parallel.local_steps": "0"}, "parallel.local_steps must be >= 1, got 0"),
-    ({"parallel.data_parallel": "ps", "parallel.tp": "2"}, "ps keeps a whole model per worker; set parallel.tp = 1"),
-    ({"parallel.data_parallel": "ps", "parallel.pp": "2"}, "ps keeps a whole model per worker"),
-    ({"parallel.outer_momentum": "1"}, "parallel.outer_momentum must be in \\[0, 1\\)"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"parallel.ps_staleness": "-2"}, "parallel.ps_staleness is -1 .* or a bound >= 0, got -2"),
+        ({"parallel.local_steps": "0"}, "parallel.local_steps must be >= 1, got 0"),
+        (
+            {"parallel.data_parallel": "ps", "parallel.tp": "2"},
+            "ps keeps a whole model per worker; set parallel.tp = 1",
+        ),
+        ({"parallel.data_parallel": "ps", "parallel.pp": "2"}, "ps keeps a whole model per worker"),
+        ({"parallel.outer_momentum": "1"}, "parallel.outer_momentum must be in \\[0, 1\\)"),
+    ],
+)
 def test_bad_async_settings_are_one_line(values, message):
     with pytest.raises(UserError, match=message) as err:
         build_config(None, values)
@@ -22,7 +28,9 @@ def test_bad_async_settings_are_one_line(values, message):
 
 def test_ps_needs_a_worker():
     cfg = build_config(None, {"parallel.data_parallel": "ps", "parallel.ps_servers": "2"})
-    with pytest.raises(UserError, match="leaves no worker among the 2 processes; launch more processes"):
+    with pytest.raises(
+        UserError, match="leaves no worker among the 2 processes; launch more processes"
+    ):
         check_layout(cfg, 2)
     assert check_layout(cfg, 5) == (3, 1)  # the mesh spans the three workers
 

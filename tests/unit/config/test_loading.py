@@ -20,14 +20,14 @@ def test_every_preset_is_valid(name):
 
 def test_dotted_args_both_spellings():
     assert parse_dotted_args(["--training.steps", "5", "--optim.lr=1e-3"]) == {
-        "training.steps": "5", "optim.lr": "1e-3"}
+        "training.steps": "5",
+        "optim.lr": "1e-3",
+    }
 
 
 def test_unknown_key_suggests_closest():
     with pytest.raises(UserError, match="did you mean 'training.steps'"):
         build_config(None, {"training.step": "5"})
-
-
 
 
 def test_bad_toml_and_missing_file(tmp_path):
@@ -71,4 +71,8 @@ def test_a_config_is_a_frozen_value_and_overrides_make_a_new_one():
     args = resolve_model_args(changed, 65)
     assert changed.model.vocab_size == 0 and changed.model.ffn_hidden == 0  # no side effects
     settled = settle_model(changed, 65).model
-    assert (settled.vocab_size, settled.n_kv_head, settled.ffn_hidden) == (65, 4, args.ffn_hidden) == (65, 4, 512)
+    assert (
+        (settled.vocab_size, settled.n_kv_head, settled.ffn_hidden)
+        == (65, 4, args.ffn_hidden)
+        == (65, 4, 512)
+    )

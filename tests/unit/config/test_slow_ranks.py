@@ -1,4 +1,3 @@
-
 import pytest
 
 from clusterlm.config.slow_ranks import parse_slow_ranks, rank_factor

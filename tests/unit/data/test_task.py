@@ -35,18 +35,39 @@ def write_tiny_task(out) -> TaskManifest:
     staged = StagedDir(fs, root)
     dtype = np.dtype("uint16")
     splits = {
-        name: write_split(staged, name, [np.arange(1 + i % 3, dtype=dtype) + k for i in range(4)],
-                          np.array([0, 1, 0, 1]), dtype, 2)
+        name: write_split(
+            staged,
+            name,
+            [np.arange(1 + i % 3, dtype=dtype) + k for i in range(4)],
+            np.array([0, 1, 0, 1]),
+            dtype,
+            2,
+        )
         for k, name in enumerate(TASK_SPLITS)
     }
     with staged.open("tokenizer.json") as f:
         f.write(b"{}")
     manifest = TaskManifest(
-        format_version=TASK_FORMAT_VERSION, fingerprint="x", kind=TASK_KIND, source="test", sources=(),
-        dtype="uint16", vocab_size=10, eot_id=None,
-        tokenizer=TokenizerInfo("file", "tokenizer.json", "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"),
-        labels=("a", "b"), split_rule="test", seed=0, val_fraction=0.1, test_fraction=0.1,
-        passage_tokens=None, splits=splits,
+        format_version=TASK_FORMAT_VERSION,
+        fingerprint="x",
+        kind=TASK_KIND,
+        source="test",
+        sources=(),
+        dtype="uint16",
+        vocab_size=10,
+        eot_id=None,
+        tokenizer=TokenizerInfo(
+            "file",
+            "tokenizer.json",
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+        ),
+        labels=("a", "b"),
+        split_rule="test",
+        seed=0,
+        val_fraction=0.1,
+        test_fraction=0.1,
+        passage_tokens=None,
+        splits=splits,
     )
     with staged.open("manifest.json") as f:
         f.write(manifest.to_json().encode())
@@ -57,7 +78,11 @@ def write_tiny_task(out) -> TaskManifest:
 def test_reader_round_trip(tmp_path):
     manifest = write_tiny_task(tmp_path / "task")
     task = load_task(str(tmp_path / "task"))
-    assert task.manifest == manifest and task.labels == ("a", "b") and is_task_dir(str(tmp_path / "task"))
+    assert (
+        task.manifest == manifest
+        and task.labels == ("a", "b")
+        and is_task_dir(str(tmp_path / "task"))
+    )
     assert list(task.splits) == list(TASK_SPLITS)
     val = task.splits["val"]
     assert len(val) == 4 and val.offsets.dtype == np.int64 and val.labels.tolist() == [0, 1, 0, 1]
@@ -87,7 +112,10 @@ def test_corpus_and_task_directories_are_not_confused(tmp_path):
     corpus.mkdir()
     (corpus / "manifest.json").write_text(json.dumps({"format_version": 1, "shard_tokens": 5}))
     assert not is_task_dir(str(corpus)) and not is_task_dir(str(tmp_path / "nothing"))
-    with pytest.raises(UserError, match="is a language-modelling corpus, not a labelled task; run `clusterlm prepare --task"):
+    with pytest.raises(
+        UserError,
+        match="is a language-modelling corpus, not a labelled task; run `clusterlm prepare --task",
+    ):
         load_task(str(corpus))
     with pytest.raises(UserError, match="no labelled task at"):
         load_task(str(tmp_path / "nothing"))
@@ -105,10 +133,14 @@ def play_task(tmp_path_factory):
 
 
 def test_scenes_are_cut_at_their_headings():
-    text = ("THE TEMPEST\nPersons of the play\n\nACT I.\nSCENE I. A ship at sea.\nMaster. Boatswain!\n\n"
-            "  Boatswain. Here.\nACT 2\nScene 2.--An island\nProspero. Miranda.\nSCENE: Naples\nSCENE III.\n")
-    assert scenes(text) == [("Master. Boatswain!\n", "  Boatswain. Here.\n"),
-                            ("Prospero. Miranda.\n", "SCENE: Naples\n")]
+    text = (
+        "THE TEMPEST\nPersons of the play\n\nACT I.\nSCENE I. A ship at sea.\nMaster. Boatswain!\n\n"
+        "  Boatswain. Here.\nACT 2\nScene 2.--An island\nProspero. Miranda.\nSCENE: Naples\nSCENE III.\n"
+    )
+    assert scenes(text) == [
+        ("Master. Boatswain!\n", "  Boatswain. Here.\n"),
+        ("Prospero. Miranda.\n", "SCENE: Naples\n"),
+    ]
 
 
 def test_passages_pack_whole_lines_and_cut_long_ones():
@@ -122,7 +154,9 @@ def test_play_task_labels_and_splits(play_task):
     assert len(task.labels) == 37 and "hamlet" in task.labels and "sonnets" not in task.labels
     assert task.manifest.split_rule == "seeded-group" and task.manifest.passage_tokens == 64
     for name, split in task.splits.items():
-        assert set(split.labels.tolist()) == set(range(len(task.labels))), name  # every play in every split
+        assert set(split.labels.tolist()) == set(range(len(task.labels))), (
+            name
+        )  # every play in every split
         assert np.diff(split.offsets).max() <= 64 and np.diff(split.offsets).min() >= 1
     sizes = {name: len(split) for name, split in task.splits.items()}
     assert sizes["train"] > 6 * sizes["val"] > 0 and sizes["test"] > 0
@@ -143,14 +177,23 @@ def test_no_scene_is_split_across_splits(play_task):
         by_scene = scene_passages(play, tokenizer, 64, np.dtype(task.manifest.dtype))
         for name, split in task.splits.items():
             mine = [split.example(i).tolist() for i in np.flatnonzero(split.labels == label)]
-            whole_scenes = [p.tolist() for j, scene in enumerate(by_scene) if scene_splits[j] == name for p in scene]
+            whole_scenes = [
+                p.tolist()
+                for j, scene in enumerate(by_scene)
+                if scene_splits[j] == name
+                for p in scene
+            ]
             assert mine == whole_scenes, (play.name, name)
 
 
 def test_play_task_is_deterministic_and_seeded(tmp_path, tree, monkeypatch):
     """Byte-identical output for the same options (on four plays and the sonnets, to be quick), and a
     different scene split for another seed."""
-    files = [s for s in embedded_corpus() if s.name.rsplit("/", 1)[-1].startswith(("ham", "mac", "oth", "lea", "son"))]
+    files = [
+        s
+        for s in embedded_corpus()
+        if s.name.rsplit("/", 1)[-1].startswith(("ham", "mac", "oth", "lea", "son"))
+    ]
     monkeypatch.setattr(task_prepare, "embedded_corpus", lambda: files)
     trees = []
     for seed, name in ((0, "first"), (0, "again"), (1, "other")):
@@ -181,8 +224,13 @@ def write_jsonl(path, rows) -> str:
 
 def test_jsonl_with_split_fields(tmp_path):
     splits = ["train"] * 6 + ["val"] * 3 + ["test"] * 3
-    rows = [{"text": f"text {i} {'xyz'[i % 3]}", "label": i % 3, "split": split} for i, split in enumerate(splits)]
-    manifest = prepare_task(TaskOptions(write_jsonl(tmp_path / "a.jsonl", rows), str(tmp_path / "out")))
+    rows = [
+        {"text": f"text {i} {'xyz'[i % 3]}", "label": i % 3, "split": split}
+        for i, split in enumerate(splits)
+    ]
+    manifest = prepare_task(
+        TaskOptions(write_jsonl(tmp_path / "a.jsonl", rows), str(tmp_path / "out"))
+    )
     task = load_task(str(tmp_path / "out"))
     assert task.labels == (0, 1, 2) and manifest.split_rule == "given"
     assert [len(task.splits[s]) for s in TASK_SPLITS] == [6, 3, 3]

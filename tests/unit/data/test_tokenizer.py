@@ -41,7 +41,9 @@ def test_char_rejects_unseen_characters():
         Tokenizer.char([TRAINING]).encode(UNSEEN_BY_CHAR)
 
 
-@pytest.mark.parametrize("text", [TRAINING, UNSEEN_BY_CHAR, "  leading and trailing  \n", "a\r\nb\n\n\n"])
+@pytest.mark.parametrize(
+    "text", [TRAINING, UNSEEN_BY_CHAR, "  leading and trailing  \n", "a\r\nb\n\n\n"]
+)
 def test_bpe_round_trip_is_exact(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
 
@@ -80,7 +82,9 @@ def test_load_rejects_missing_and_invalid_files(tmp_path):
         Tokenizer.load(bad)
 
 
-@pytest.mark.parametrize("make", [lambda: Tokenizer.char([TRAINING]), lambda: Tokenizer.bpe([TRAINING], 300)])
+@pytest.mark.parametrize(
+    "make", [lambda: Tokenizer.char([TRAINING]), lambda: Tokenizer.bpe([TRAINING], 300)]
+)
 def test_piecewise_encoding_equals_whole_encoding(make):
     tok = make()
     parts = split_text(TRAINING, max_chars=50)

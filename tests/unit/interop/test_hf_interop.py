@@ -42,7 +42,9 @@ def imported(directory: Path) -> torch.nn.Module:
 
 
 def tokens(vocab_size: int) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (2, SIZES["context"]), generator=torch.Generator().manual_seed(1))
+    return torch.randint(
+        0, vocab_size, (2, SIZES["context"]), generator=torch.Generator().manual_seed(1)
+    )
 
 
 def test_import_gives_the_logits_of_transformers(hf_dir):
@@ -54,7 +56,9 @@ def test_import_gives_the_logits_of_transformers(hf_dir):
 
 def test_original_gpt2_names_tied_llama_and_a_shorter_context(tmp_path, tokenizer):
     gpt2 = tiny_hf_model(tmp_path / "gpt2", "gpt2", tokenizer.vocab_size)
-    with safe_open(str(tmp_path / "gpt2" / "model.safetensors"), "pt") as f:  # GPT2Model names, as uploaded
+    with safe_open(
+        str(tmp_path / "gpt2" / "model.safetensors"), "pt"
+    ) as f:  # GPT2Model names, as uploaded
         stripped = {key.removeprefix("transformer."): f.get_tensor(key) for key in f.keys()}
     save_file(stripped, str(tmp_path / "gpt2" / "model.safetensors"))
     tied = tiny_hf_model(tmp_path / "tied", "llama", tokenizer.vocab_size, tie_word_embeddings=True)
@@ -63,7 +67,9 @@ def test_original_gpt2_names_tied_llama_and_a_shorter_context(tmp_path, tokenize
     x = tokens(tokenizer.vocab_size)
     for directory, reference in ((tmp_path / "gpt2", gpt2), (tmp_path / "tied", tied)):
         with torch.no_grad():
-            torch.testing.assert_close(imported(directory)(x), reference(x).logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                imported(directory)(x), reference(x).logits, rtol=0, atol=1e-5
+            )
     short = create_model(ModelArgs(**hf_model_config(tmp_path / "gpt2") | {"block_size": 8}))
     fill_parameters(short, hf_source(tmp_path / "gpt2"))  # the first 8 learned positions
     with torch.no_grad():
@@ -91,12 +97,24 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer):
 
     for flavour in ("gpt2", "llama"):
         torch.manual_seed(3)
-        args = ModelArgs(flavour=flavour, vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=4,
-                         n_kv_head=2 if flavour == "llama" else 4, n_embd=32, ffn_hidden=48, rope_theta=500.0)
+        args = ModelArgs(
+            flavour=flavour,
+            vocab_size=tokenizer.vocab_size,
+            block_size=16,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2 if flavour == "llama" else 4,
+            n_embd=32,
+            ffn_hidden=48,
+            rope_theta=500.0,
+        )
         model = create_model(args).eval()
         export_hf(tmp_path / flavour, args, reader(model), tokenizer.to_json())
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / flavour).eval()
-        assert type(loaded).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[flavour]
+        assert (
+            type(loaded).__name__
+            == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[flavour]
+        )
         x = tokens(args.vocab_size)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x).logits, model(x), rtol=0, atol=1e-5)
@@ -117,17 +135,31 @@ def test_bert_exports_to_bert_for_masked_lm_with_equal_logits_and_counts(tmp_pat
     from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 
     torch.manual_seed(3)
-    args = ModelArgs(flavour="bert", vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=4,
-                     n_kv_head=4, n_embd=32, ffn_hidden=48, norm_eps=1e-6)
+    args = ModelArgs(
+        flavour="bert",
+        vocab_size=tokenizer.vocab_size,
+        block_size=16,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=4,
+        n_embd=32,
+        ffn_hidden=48,
+        norm_eps=1e-6,
+    )
     model = with_random_vectors(create_model(args))
     export_hf(tmp_path / "bert", args, reader(model), tokenizer.to_json())
     loaded, info = BertForMaskedLM.from_pretrained(tmp_path / "bert", output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "bert")) is BertForMaskedLM
     config, specials = loaded.config, [args.vocab_size + i for i in range(4)]
-    assert (config.vocab_size, config.pad_token_id, config.hidden_act, config.layer_norm_eps,
-            config.max_position_embeddings, config.type_vocab_size) == (args.vocab_size + 4, specials[3], "gelu",
-                                                                         1e-6, 16, 2)
+    assert (
+        config.vocab_size,
+        config.pad_token_id,
+        config.hidden_act,
+        config.layer_norm_eps,
+        config.max_position_embeddings,
+        config.type_vocab_size,
+    ) == (args.vocab_size + 4, specials[3], "gelu", 1e-6, 16, 2)
     x = tokens(args.vocab_size + 4)  # the special tokens too
     types = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(2))
     real = torch.ones(x.shape, dtype=torch.bool)
@@ -135,19 +167,36 @@ def test_bert_exports_to_bert_for_masked_lm_with_equal_logits_and_counts(tmp_pat
     with torch.no_grad():
         loaded.eval()
         torch.testing.assert_close(loaded(x).logits, model(x), rtol=0, atol=1e-5)
-        torch.testing.assert_close(loaded(x, attention_mask=real.long(), token_type_ids=types).logits,
-                                   model(x, types, real), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            loaded(x, attention_mask=real.long(), token_type_ids=types).logits,
+            model(x, types, real),
+            rtol=0,
+            atol=1e-5,
+        )
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bert")
     assert hf_tokenizer(TEXT)["input_ids"] == tokenizer.encode(TEXT)
-    assert [hf_tokenizer.mask_token_id, hf_tokenizer.cls_token_id, hf_tokenizer.sep_token_id,
-            hf_tokenizer.pad_token_id] == specials
+    assert [
+        hf_tokenizer.mask_token_id,
+        hf_tokenizer.cls_token_id,
+        hf_tokenizer.sep_token_id,
+        hf_tokenizer.pad_token_id,
+    ] == specials
     assert hf_tokenizer("[MASK] be")["input_ids"][0] == specials[0]
-    assert Tokenizer.load(f"hf:{tmp_path / 'bert'}").vocab_size == args.vocab_size  # prepare sees the encoder's vocab
+    assert (
+        Tokenizer.load(f"hf:{tmp_path / 'bert'}").vocab_size == args.vocab_size
+    )  # prepare sees the encoder's vocab
     # exact counts: parameters, and the 6N rule's N (HF leaves out every table; the tied one is our head)
     assert param_count(args) == loaded.num_parameters() == model.num_params()
-    assert matmul_params(args) == loaded.num_parameters(exclude_embeddings=True) + (args.vocab_size + 4) * 32
-    wider = ModelArgs(**{**vars(args), "vocab_size": args.vocab_size + 1})  # specials would land off their rows
-    assert "cannot hold [MASK]" in one_line_error(lambda: export_hf(tmp_path / "wider", wider, None, tokenizer.to_json()))
+    assert (
+        matmul_params(args)
+        == loaded.num_parameters(exclude_embeddings=True) + (args.vocab_size + 4) * 32
+    )
+    wider = ModelArgs(
+        **{**vars(args), "vocab_size": args.vocab_size + 1}
+    )  # specials would land off their rows
+    assert "cannot hold [MASK]" in one_line_error(
+        lambda: export_hf(tmp_path / "wider", wider, None, tokenizer.to_json())
+    )
     assert not (tmp_path / "wider").exists()
 
 
@@ -172,17 +221,27 @@ def test_round_trip_is_byte_identical(hf_dir, tmp_path, tokenizer):
     root, _ = hf_dir
     first = imported(root)
     export_hf(tmp_path / "a", first.args, reader(first), tokenizer.to_json())
-    export_hf(tmp_path / "b", first.args, reader(imported(tmp_path / "a")), tokenizer.to_json(),
-              max_shard_bytes=20_000)  # sharded this time, with an index
+    export_hf(
+        tmp_path / "b",
+        first.args,
+        reader(imported(tmp_path / "a")),
+        tokenizer.to_json(),
+        max_shard_bytes=20_000,
+    )  # sharded this time, with an index
     assert (tmp_path / "b" / "model.safetensors.index.json").is_file()
-    assert safetensors_bytes(tmp_path / "a") == safetensors_bytes(tmp_path / "b") == safetensors_bytes(root)
+    assert (
+        safetensors_bytes(tmp_path / "a")
+        == safetensors_bytes(tmp_path / "b")
+        == safetensors_bytes(root)
+    )
 
 
 def test_a_sharded_export_loads_in_transformers(hf_dir, tmp_path, tokenizer):
     root, reference = hf_dir
     model = imported(root)
-    written = export_hf(tmp_path / "out", model.args, reader(model), tokenizer.to_json(),
-                        max_shard_bytes=30_000)
+    written = export_hf(
+        tmp_path / "out", model.args, reader(model), tokenizer.to_json(), max_shard_bytes=30_000
+    )
     assert sum(name.endswith(".safetensors") for name in written) > 1
     x = tokens(model.args.vocab_size)
     with torch.no_grad():
@@ -213,18 +272,29 @@ def test_bad_directories_get_one_line(tmp_path, hf_dir):
         return copy
 
     def set_config(**values):
-        return lambda d: (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | values))
+        return lambda d: (d / "config.json").write_text(
+            json.dumps(json.loads((d / "config.json").read_text()) | values)
+        )
 
     t5 = variant("t5", set_config(model_type="t5"))
     assert "not supported" in one_line_error(lambda: hf_source(t5))
     relu = variant("relu", set_config(activation_function="relu", hidden_act="relu"))
     assert "not supported" in one_line_error(lambda: hf_source(relu))
-    pickled = variant("pickled", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"))
+    pickled = variant(
+        "pickled", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    )
     assert "safe_serialization=True" in one_line_error(lambda: hf_source(pickled))
-    half = variant("half", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]))
+    half = variant(
+        "half",
+        lambda d: (d / "model.safetensors").write_bytes(
+            (d / "model.safetensors").read_bytes()[:1000]
+        ),
+    )
     assert "half-written" in one_line_error(lambda: hf_source(half))
     index = {"weight_map": {"x": "model-00002-of-00002.safetensors"}}
-    unindexed = variant("unindexed", lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(index)))
+    unindexed = variant(
+        "unindexed", lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    )
     assert "missing" in one_line_error(lambda: hf_source(unindexed))
 
 
@@ -237,13 +307,19 @@ def test_shape_and_dtype_surprises_get_one_line(tmp_path, hf_dir):
     ints.mkdir()
     (ints / "config.json").write_bytes((root / "config.json").read_bytes())
     with safe_open(str(root / "model.safetensors"), "pt") as f:
-        save_file({key: f.get_tensor(key).to(torch.int32) for key in f.keys()}, str(ints / "model.safetensors"))
+        save_file(
+            {key: f.get_tensor(key).to(torch.int32) for key in f.keys()},
+            str(ints / "model.safetensors"),
+        )
     assert "not a floating-point" in one_line_error(lambda: hf_source(ints))
     narrow = tmp_path / "narrow"
     narrow.mkdir()
     (narrow / "config.json").write_bytes((root / "config.json").read_bytes())
     with safe_open(str(root / "model.safetensors"), "pt") as f:
-        save_file({key: f.get_tensor(key)[..., :8].contiguous() for key in f.keys()}, str(narrow / "model.safetensors"))
+        save_file(
+            {key: f.get_tensor(key)[..., :8].contiguous() for key in f.keys()},
+            str(narrow / "model.safetensors"),
+        )
     assert "different models" in one_line_error(lambda: hf_source(narrow))
 
 
@@ -253,4 +329,6 @@ def test_export_refuses_a_non_empty_directory_and_writes_nothing(tmp_path, token
     (out / "keep.txt").write_text("mine")
     args = ModelArgs(vocab_size=tokenizer.vocab_size)
     assert "not empty" in one_line_error(lambda: export_hf(out, args, None, tokenizer.to_json()))
-    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and [
+        p.name for p in out.iterdir()
+    ] == ["keep.txt"]

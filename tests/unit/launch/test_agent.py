@@ -21,9 +21,19 @@ def _crashed(tmp_path, rank: int, timestamp: int | None = None) -> ProcessFailur
     """A worker that failed otherwise: with a recorded exception (and its time), or with none."""
     path = tmp_path / f"crash_{rank}.json"
     if timestamp is not None:
-        path.write_text(json.dumps({"message": {"message": "RuntimeError: boom",
-                                                "extraInfo": {"py_callstack": "", "timestamp": str(timestamp)}}}))
-    return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=1 if timestamp else -15, error_file=str(path))
+        path.write_text(
+            json.dumps(
+                {
+                    "message": {
+                        "message": "RuntimeError: boom",
+                        "extraInfo": {"py_callstack": "", "timestamp": str(timestamp)},
+                    }
+                }
+            )
+        )
+    return ProcessFailure(
+        local_rank=rank, pid=100 + rank, exitcode=1 if timestamp else -15, error_file=str(path)
+    )
 
 
 def test_a_worker_prints_its_line_itself_unless_the_agent_started_it(tmp_path, monkeypatch):
@@ -39,11 +49,15 @@ def test_a_worker_prints_its_line_itself_unless_the_agent_started_it(tmp_path, m
 
 def test_the_lowest_reporting_rank_gives_the_line(tmp_path, monkeypatch):
     monkeypatch.setenv(AGENT_VARIABLE, "1")
-    failures = {1: _reported(tmp_path, monkeypatch, 1, "line of rank 1"),
-                0: _reported(tmp_path, monkeypatch, 0, "line of rank 0")}
+    failures = {
+        1: _reported(tmp_path, monkeypatch, 1, "line of rank 1"),
+        0: _reported(tmp_path, monkeypatch, 0, "line of rank 0"),
+    }
     assert reported_line(ChildFailedError("train", failures)) == "line of rank 0"
     stopped = {0: _crashed(tmp_path, 0), 1: _reported(tmp_path, monkeypatch, 1, "line of rank 1")}
-    assert reported_line(ChildFailedError("train", stopped)) == "line of rank 1"  # rank 0: stopped by torchrun
+    assert (
+        reported_line(ChildFailedError("train", stopped)) == "line of rank 1"
+    )  # rank 0: stopped by torchrun
 
 
 def test_a_failure_before_the_bad_input_keeps_torchruns_report(tmp_path, monkeypatch):

@@ -12,8 +12,16 @@ from clusterlm.models.counting import matmul_params
 from clusterlm.models.init import seeded_source
 from clusterlm.parallel.materialize import materialize
 
-ARGS = ModelArgs(flavour="bert", vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
-                 ffn_hidden=128)
+ARGS = ModelArgs(
+    flavour="bert",
+    vocab_size=50,
+    block_size=16,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=4,
+    n_embd=32,
+    ffn_hidden=128,
+)
 ROWS = ARGS.vocab_size + len(SPECIAL_TOKENS)
 
 
@@ -56,14 +64,25 @@ def test_param_and_flop_counts_are_exact():
     lookups = (ARGS.block_size + 2) * ARGS.n_embd  # positions and token types
     assert matmul_params(ARGS) == param_count(ARGS) - lookups
     seq = ARGS.block_size
-    assert training_flops_per_token(ARGS, seq) == 6 * matmul_params(ARGS) + 12 * ARGS.n_layer * ARGS.n_embd * seq
+    assert (
+        training_flops_per_token(ARGS, seq)
+        == 6 * matmul_params(ARGS) + 12 * ARGS.n_layer * ARGS.n_embd * seq
+    )
 
 
 def test_bert_base_parameter_count():
     """BERT-base (uncased, 30,522 tokens) has 109,482,240 parameters without its pooler and with
     the masked-LM head's transform and bias; here the four special tokens add 4 rows + 4 biases."""
-    args = ModelArgs(flavour="bert", vocab_size=30522 - 4, block_size=512, n_layer=12, n_head=12, n_kv_head=12,
-                     n_embd=768, ffn_hidden=3072)
+    args = ModelArgs(
+        flavour="bert",
+        vocab_size=30522 - 4,
+        block_size=512,
+        n_layer=12,
+        n_head=12,
+        n_kv_head=12,
+        n_embd=768,
+        ffn_hidden=3072,
+    )
     pooler = 768 * 768 + 768
     mlm_head = 768 * 768 + 768 + 2 * 768 + 30522
     assert param_count(args) == 109_482_240 - pooler + mlm_head
@@ -91,7 +110,9 @@ def test_masking_follows_berts_80_10_10_rule():
     torch.testing.assert_close(labels[chosen], tokens[chosen])
     assert torch.equal(inputs[~chosen], tokens[~chosen])
     masked = (inputs[chosen] == 50).float().mean().item()
-    kept = (inputs[chosen] == tokens[chosen]).float().mean().item()  # 10% kept + 1/50 of the random 10%
+    kept = (
+        (inputs[chosen] == tokens[chosen]).float().mean().item()
+    )  # 10% kept + 1/50 of the random 10%
     assert masked == pytest.approx(0.8, abs=0.01)
     assert kept == pytest.approx(0.1 + 0.1 / 50, abs=0.01)
     assert inputs.max() <= 50
@@ -108,12 +129,21 @@ def test_mask_is_a_function_of_seed_and_sample_only():
     assert not torch.equal(whole[1], RULE.apply(tokens, range(108, 116))[1])
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"model.flavour": "bert"}, "bert trains with training.objective = mlm"),
-    ({"training.objective": "mlm"}, "gpt2 trains with training.objective = clm"),
-    ({"model.flavour": "bert", "training.objective": "mlm", "parallel.pp": 2}, "no pipeline or sequence-parallel"),
-    ({"model.flavour": "bert", "training.objective": "mlm", "training.mlm_probability": 1.5}, "mlm_probability"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"model.flavour": "bert"}, "bert trains with training.objective = mlm"),
+        ({"training.objective": "mlm"}, "gpt2 trains with training.objective = clm"),
+        (
+            {"model.flavour": "bert", "training.objective": "mlm", "parallel.pp": 2},
+            "no pipeline or sequence-parallel",
+        ),
+        (
+            {"model.flavour": "bert", "training.objective": "mlm", "training.mlm_probability": 1.5},
+            "mlm_probability",
+        ),
+    ],
+)
 def test_objective_and_flavour_must_agree(values, message):
     with pytest.raises(UserError, match=message):
         build_config(None, values)

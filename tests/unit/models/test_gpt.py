@@ -9,10 +9,26 @@ from clusterlm.models import ModelArgs, Transformer, param_count, training_flops
 from clusterlm.models.counting import matmul_params
 
 FLAVOURS = {
-    "gpt2": ModelArgs(flavour="gpt2", vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=4,
-                      n_embd=32, ffn_hidden=128),
-    "llama": ModelArgs(flavour="llama", vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2,
-                       n_embd=32, ffn_hidden=96),
+    "gpt2": ModelArgs(
+        flavour="gpt2",
+        vocab_size=50,
+        block_size=16,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=4,
+        n_embd=32,
+        ffn_hidden=128,
+    ),
+    "llama": ModelArgs(
+        flavour="llama",
+        vocab_size=50,
+        block_size=16,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        ffn_hidden=96,
+    ),
 }
 
 
@@ -55,12 +71,28 @@ def test_param_count_formula_matches_real_parameters(args):
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_param_count_of_known_models(flavour):
     if flavour == "gpt2":  # GPT-2 small: 124,439,808 parameters with the 50,257-token vocabulary
-        args = ModelArgs(flavour="gpt2", vocab_size=50257, block_size=1024, n_layer=12, n_head=12,
-                         n_kv_head=12, n_embd=768, ffn_hidden=3072)
+        args = ModelArgs(
+            flavour="gpt2",
+            vocab_size=50257,
+            block_size=1024,
+            n_layer=12,
+            n_head=12,
+            n_kv_head=12,
+            n_embd=768,
+            ffn_hidden=3072,
+        )
         assert param_count(args) == 124_439_808
     else:  # Llama-3-8B: 8,030,261,248 parameters
-        args = ModelArgs(flavour="llama", vocab_size=128256, block_size=8192, n_layer=32, n_head=32,
-                         n_kv_head=8, n_embd=4096, ffn_hidden=14336)
+        args = ModelArgs(
+            flavour="llama",
+            vocab_size=128256,
+            block_size=8192,
+            n_layer=32,
+            n_head=32,
+            n_kv_head=8,
+            n_embd=4096,
+            ffn_hidden=14336,
+        )
         assert param_count(args) == 8_030_261_248
 
 
@@ -78,8 +110,16 @@ def test_flops_per_token_is_6n_plus_attention(args):
 
 
 def test_residual_projections_are_scaled_at_init():
-    args = ModelArgs(flavour="gpt2", vocab_size=64, block_size=8, n_layer=8, n_head=4, n_kv_head=4,
-                     n_embd=256, ffn_hidden=1024)
+    args = ModelArgs(
+        flavour="gpt2",
+        vocab_size=64,
+        block_size=8,
+        n_layer=8,
+        n_head=4,
+        n_kv_head=4,
+        n_embd=256,
+        ffn_hidden=1024,
+    )
     torch.manual_seed(0)
     model = Transformer(args)
     block = model.layers["0"]
@@ -119,7 +159,9 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
 def test_attention_kernels_agree(kernel):
     from clusterlm.models.gpt import attention_kernel
 
-    args = ModelArgs(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, ffn_hidden=64)
+    args = ModelArgs(
+        vocab_size=50, block_size=16, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, ffn_hidden=64
+    )
     torch.manual_seed(0)
     model, tokens = Transformer(args), torch.randint(0, 50, (2, 16))
     reference = model(tokens)

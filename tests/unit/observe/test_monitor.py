@@ -12,12 +12,18 @@ from clusterlm.errors import UserError
 from clusterlm.observe.prometheus import PrometheusExporter
 
 
-@pytest.mark.parametrize("override,message", [
-    ({"parallel.load_balance": True, "parallel.data_parallel": "hsdp"}, "parallel.load_balance works with"),
-    ({"parallel.load_balance_counts": "3,1"}, "needs parallel.load_balance"),
-    ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),
-    ({"metrics.straggler_ratio": 0.5}, "metrics.straggler_ratio"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            {"parallel.load_balance": True, "parallel.data_parallel": "hsdp"},
+            "parallel.load_balance works with",
+        ),
+        ({"parallel.load_balance_counts": "3,1"}, "needs parallel.load_balance"),
+        ({"metrics.prometheus_port": 70000}, "metrics.prometheus_port"),
+        ({"metrics.straggler_ratio": 0.5}, "metrics.straggler_ratio"),
+    ],
+)
 def test_bad_monitoring_config_is_one_line(override, message):
     with pytest.raises(UserError, match=message):
         build_config(None, override)

@@ -27,12 +27,21 @@ def test_exporter_serves_and_a_busy_port_is_one_clear_line():
     exporter = PrometheusExporter("127.0.0.1", 0)
     port = exporter.server.server_port
     try:
-        exporter.update({"step": 7, "loss": 2.5, "mfu": float("nan")},
-                        {0: {"step_s": 0.05, "net_recv_bytes": 100.0}, 1: {"step_s": 0.1, "net_recv_bytes": 50.0}})
+        exporter.update(
+            {"step": 7, "loss": 2.5, "mfu": float("nan")},
+            {
+                0: {"step_s": 0.05, "net_recv_bytes": 100.0},
+                1: {"step_s": 0.1, "net_recv_bytes": 50.0},
+            },
+        )
         exporter.update({"step": 8}, {0: {"net_recv_bytes": 160.0}})
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
         assert "clusterlm_step 8.0" in text and "clusterlm_loss 2.5" in text
-        assert "clusterlm_mfu" not in text and "clusterlm_restarts" not in text  # never set: not exposed as 0
+        assert (
+            "clusterlm_mfu" not in text and "clusterlm_restarts" not in text
+        )  # never set: not exposed as 0
         assert 'clusterlm_rank_step_seconds{rank="1"} 0.1' in text
         assert 'clusterlm_system_network_receive_bytes_total{rank="0"} 160.0' in text
         with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}.*free port"):

@@ -38,7 +38,11 @@ def test_a_failed_heartbeat_is_raised_by_the_next_phase(tmp_path, monkeypatch, b
         with pytest.raises(UserError) as caught:  # ... and said so
             watchdog.phase("forward_backward", 1)
         message = str(caught.value)
-        assert "\n" not in message and "cannot write its heartbeat" in message and "No space left" in message
+        assert (
+            "\n" not in message
+            and "cannot write its heartbeat" in message
+            and "No space left" in message
+        )
         assert "parallel.hang_timeout_s = 0" in message
     finally:
         watchdog.stop()  # does not raise: stopping is how every ending path leaves
@@ -49,12 +53,26 @@ def test_training_fails_with_one_line(tmp_path, corpus_dir, monkeypatch):
     data = tmp_path / "data"
     prepare(PrepareOptions(inputs=(str(corpus_dir),), out=str(data), workers=1))
     monkeypatch.setattr(watchdog, "atomic_write_json", failing_after(0))
-    cfg = build_config(None, {
-        "data.dir": str(data), "training.out_dir": str(tmp_path / "run"), "training.steps": 10_000,
-        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 8,
-        "training.micro_batch_size": 2, "training.eval_interval": 0, "checkpoint.interval": 0,
-        "metrics.progress": "none", "metrics.tensorboard": False, "metrics.plot": False,
-        "metrics.peak_flops": 1e12, "training.precision": "fp32", "parallel.hang_timeout_s": 0.4,
-    })
+    cfg = build_config(
+        None,
+        {
+            "data.dir": str(data),
+            "training.out_dir": str(tmp_path / "run"),
+            "training.steps": 10_000,
+            "model.n_layer": 1,
+            "model.n_head": 2,
+            "model.n_embd": 16,
+            "model.block_size": 8,
+            "training.micro_batch_size": 2,
+            "training.eval_interval": 0,
+            "checkpoint.interval": 0,
+            "metrics.progress": "none",
+            "metrics.tensorboard": False,
+            "metrics.plot": False,
+            "metrics.peak_flops": 1e12,
+            "training.precision": "fp32",
+            "parallel.hang_timeout_s": 0.4,
+        },
+    )
     with pytest.raises(UserError, match=r"^the hang watchdog of rank 0 cannot write its heartbeat"):
         train(cfg)

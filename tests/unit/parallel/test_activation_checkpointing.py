@@ -28,8 +28,18 @@ class CountOps(TorchDispatchMode):
 
 def backward_ops(mode: str) -> Counter:
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(flavour="llama", vocab_size=64, block_size=32, n_layer=2, n_head=4,
-                                  n_kv_head=2, n_embd=64, ffn_hidden=192))
+    model = Transformer(
+        ModelArgs(
+            flavour="llama",
+            vocab_size=64,
+            block_size=32,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            n_embd=64,
+            ffn_hidden=192,
+        )
+    )
     if mode != "none":
         apply_activation_checkpointing(model, mode)
     loss = model(torch.randint(0, 64, (4, 32))).logsumexp(-1).mean()
@@ -54,13 +64,27 @@ def test_gradients_unchanged(mode, device):
     grads = {}
     for m in ("none", mode):
         torch.manual_seed(0)
-        model = Transformer(ModelArgs(flavour="gpt2", vocab_size=64, block_size=16, n_layer=2, n_head=2,
-                                      n_kv_head=2, n_embd=32, ffn_hidden=64, dropout=0.1)).to(device)
+        model = Transformer(
+            ModelArgs(
+                flavour="gpt2",
+                vocab_size=64,
+                block_size=16,
+                n_layer=2,
+                n_head=2,
+                n_kv_head=2,
+                n_embd=32,
+                ffn_hidden=64,
+                dropout=0.1,
+            )
+        ).to(device)
         if m != "none":
             apply_activation_checkpointing(model, m)
         torch.manual_seed(1)
         model(torch.randint(0, 64, (2, 16), device=device)).square().mean().backward()
-        grads[m] = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
+        grads[m] = {
+            n.replace("._checkpoint_wrapped_module", ""): p.grad
+            for n, p in model.named_parameters()
+        }
     for name, grad in grads["none"].items():
         torch.testing.assert_close(grads[mode][name], grad, rtol=1e-5, atol=1e-7)
 

@@ -14,14 +14,19 @@ def test_balanced_counts_minimize_the_slowest_rank():
 
 
 def test_dealt_micro_batches_cover_the_step_once():
-    assert [micro_batch_slots([2, 2], r) for r in (0, 1)] == [[0, 2], [1, 3]]  # the unbalanced layout
+    assert [micro_batch_slots([2, 2], r) for r in (0, 1)] == [
+        [0, 2],
+        [1, 3],
+    ]  # the unbalanced layout
     slots = [micro_batch_slots([5, 2, 1], r) for r in range(3)]
     assert sorted(s for rank in slots for s in rank) == list(range(8))
 
 
 def test_balancer_moves_only_for_a_clear_gain_and_restores_saved_counts():
     assigned = []
-    balancer = LoadBalancer(assigned.append, [4, 4], interval=2, fixed=False, gather=lambda mine: [0.04, mine])
+    balancer = LoadBalancer(
+        assigned.append, [4, 4], interval=2, fixed=False, gather=lambda mine: [0.04, mine]
+    )
     for _ in range(2):
         balancer.observe(0.041)  # rank 1 within noise of rank 0: stays
     assert balancer.counts == [4, 4]

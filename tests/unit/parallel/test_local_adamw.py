@@ -8,8 +8,11 @@ from clusterlm.parallel.local_adamw import LocalAdamW
 from clusterlm.train.optim import optimizer_recipe
 
 
-@pytest.mark.parametrize("kernel", [{"fused": True}, {"foreach": True}, {"foreach": False}, {"amsgrad": True}],
-                         ids=["fused", "foreach", "single-tensor", "amsgrad"])
+@pytest.mark.parametrize(
+    "kernel",
+    [{"fused": True}, {"foreach": True}, {"foreach": False}, {"amsgrad": True}],
+    ids=["fused", "foreach", "single-tensor", "amsgrad"],
+)
 def test_local_adamw_is_torchs_adamw_on_plain_tensors(kernel):
     generator = torch.Generator().manual_seed(0)
     start = [torch.randn(5, 3, generator=generator) for _ in range(4)]
@@ -17,8 +20,9 @@ def test_local_adamw_is_torchs_adamw_on_plain_tensors(kernel):
     stepped = []
     for optimizer_class in (torch.optim.AdamW, LocalAdamW):
         params = [torch.nn.Parameter(t.clone()) for t in start]
-        optimizer = optimizer_class([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:]}],
-                                    lr=1e-2, **kernel)
+        optimizer = optimizer_class(
+            [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:]}], lr=1e-2, **kernel
+        )
         losses = []
         for step_grads in grads:
             for param, grad in zip(params, step_grads, strict=True):

@@ -16,7 +16,9 @@ def _train_then_eval(norm: nn.Module, shape: tuple[int, ...]) -> list[torch.Tens
     seen = []
     for step in range(4):
         norm.train(step < 3)
-        x = (torch.randn(shape, generator=torch.Generator().manual_seed(step)) * 2 + 1).requires_grad_()
+        x = (
+            torch.randn(shape, generator=torch.Generator().manual_seed(step)) * 2 + 1
+        ).requires_grad_()
         out = norm(x)
         out.pow(2).sum().backward()
         seen += [out.detach(), x.grad, *(p.grad.clone() for p in norm.parameters())]
@@ -32,7 +34,9 @@ def _train_then_eval(norm: nn.Module, shape: tuple[int, ...]) -> list[torch.Tens
         (nn.BatchNorm3d, (2, 4, 3, 2, 2), {"affine": False, "track_running_stats": False}),
     ],
 )
-def test_single_process_equals_batchnorm(reference: type[nn.Module], shape: tuple[int, ...], options: dict[str, Any]) -> None:
+def test_single_process_equals_batchnorm(
+    reference: type[nn.Module], shape: tuple[int, ...], options: dict[str, Any]
+) -> None:
     expected = _train_then_eval(reference(4, **options), shape)
     actual = _train_then_eval(SyncBatchNorm(4, **options), shape)
     assert len(actual) == len(expected)
@@ -64,8 +68,16 @@ def test_convert_swaps_every_batchnorm_and_keeps_its_state() -> None:
     assert converted.state_dict().keys() == keys
     for old, new in zip(originals, [model[1], model[2][1], model[3]], strict=True):
         assert type(new) is SyncBatchNorm and new.process_group is None
-        assert (new.num_features, new.eps, new.momentum) == (old.num_features, old.eps, old.momentum)
-        assert (new.affine, new.track_running_stats, new.training) == (old.affine, old.track_running_stats, False)
+        assert (new.num_features, new.eps, new.momentum) == (
+            old.num_features,
+            old.eps,
+            old.momentum,
+        )
+        assert (new.affine, new.track_running_stats, new.training) == (
+            old.affine,
+            old.track_running_stats,
+            False,
+        )
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             assert getattr(new, name) is getattr(old, name)  # shared, not copied
     assert not model[1].weight.requires_grad and model[1].bias.requires_grad

@@ -12,10 +12,14 @@ from clusterlm.plan.workload import load_model_args
 
 
 def _tree(**changes):
-    tree = {"name": "t", "nodes": 2, "devices_per_node": 8,
-            "device": {"name": "gpu", "memory_gib": 80, "peak_tflops": {"bf16": 989}},
-            "intra_node": {"bandwidth_gb_s": 450, "latency_us": 3},
-            "inter_node": {"bandwidth_gb_s": 50, "latency_us": 10}}
+    tree = {
+        "name": "t",
+        "nodes": 2,
+        "devices_per_node": 8,
+        "device": {"name": "gpu", "memory_gib": 80, "peak_tflops": {"bf16": 989}},
+        "intra_node": {"bandwidth_gb_s": 450, "latency_us": 3},
+        "inter_node": {"bandwidth_gb_s": 50, "latency_us": 10},
+    }
     for key, value in changes.items():
         section, _, name = key.partition("__")
         if name:
@@ -34,25 +38,39 @@ def test_presets_load(name):
 
 def test_cpu_is_probed():
     cluster = load_cluster("cpu")
-    assert cluster.world_size == 1 and cluster.device.peak_flops["fp32"] > 0 and cluster.device.memory_bytes > 2**28
+    assert (
+        cluster.world_size == 1
+        and cluster.device.peak_flops["fp32"] > 0
+        and cluster.device.memory_bytes > 2**28
+    )
 
 
 def test_valid_mapping_has_world_size_and_units():
     cluster = cluster_from_mapping(_tree(), "t.toml")
-    assert cluster.world_size == 16 and cluster.inter_node.bandwidth == 50e9 and cluster.intra_node.latency == 3e-6
+    assert (
+        cluster.world_size == 16
+        and cluster.inter_node.bandwidth == 50e9
+        and cluster.intra_node.latency == 3e-6
+    )
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"intra_node__bandwidth_gb_s": -1}, "[intra_node]: bandwidth_gb_s must be a number > 0"),
-    ({"device__memory_gib": "lots"}, "[device]: memory_gib must be a number > 0"),
-    ({"device__peak_tflops": {}}, "peak_tflops must be a table"),
-    ({"nodes": 0}, "nodes must be a number >= 1"),
-    ({"devices_per_node": 1.5}, "must be whole numbers"),
-    ({"inter_node": None}, "missing [inter_node] table"),
-    ({"calibration": {"compute_efficiency": 2}}, "compute_efficiency must be a number in (0, 1]"),
-    ({"calibration": {"speed": 1}}, "unknown calibration key 'speed'"),
-    ({"calibration": {"collective_wait": 1}}, "collective_wait must be a number in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"intra_node__bandwidth_gb_s": -1}, "[intra_node]: bandwidth_gb_s must be a number > 0"),
+        ({"device__memory_gib": "lots"}, "[device]: memory_gib must be a number > 0"),
+        ({"device__peak_tflops": {}}, "peak_tflops must be a table"),
+        ({"nodes": 0}, "nodes must be a number >= 1"),
+        ({"devices_per_node": 1.5}, "must be whole numbers"),
+        ({"inter_node": None}, "missing [inter_node] table"),
+        (
+            {"calibration": {"compute_efficiency": 2}},
+            "compute_efficiency must be a number in (0, 1]",
+        ),
+        ({"calibration": {"speed": 1}}, "unknown calibration key 'speed'"),
+        ({"calibration": {"collective_wait": 1}}, "collective_wait must be a number in [0, 1)"),
+    ],
+)
 def test_bad_cluster_values_name_the_key(changes, message):
     with pytest.raises(UserError) as err:
         cluster_from_mapping(_tree(**changes), "t.toml")
@@ -68,7 +86,12 @@ def test_bad_toml_file(tmp_path):
 
 def test_model_presets_derive_like_the_trainer():
     args = load_model_args("llama-8b")
-    assert (args.n_layer, args.n_kv_head, args.ffn_hidden, args.vocab_size) == (32, 8, 14336, 128256)
+    assert (args.n_layer, args.n_kv_head, args.ffn_hidden, args.vocab_size) == (
+        32,
+        8,
+        14336,
+        128256,
+    )
     nano = load_model_args("nano-cpu", vocab_size=65)
     assert nano.ffn_hidden == 4 * 128 and nano.n_kv_head == 4
 

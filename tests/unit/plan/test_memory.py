@@ -33,15 +33,33 @@ def test_fp32_training_is_16_bytes_split_4_4_8():
 # A GPT-3-style block (4h MLP, multi-head attention, dropout) in 16-bit, where Korthikanti et al.'s
 # formulas apply exactly; our count adds the LayerNorms' fp32 mean and rstd, 16 bytes per token.
 S, B, H, A, T = 2048, 2, 1024, 16, 4
-GPT3_BLOCK = ModelArgs(flavour="gpt2", vocab_size=51200, block_size=S, n_layer=4, n_head=A, n_kv_head=A,
-                       n_embd=H, ffn_hidden=4 * H, dropout=0.1)
+GPT3_BLOCK = ModelArgs(
+    flavour="gpt2",
+    vocab_size=51200,
+    block_size=S,
+    n_layer=4,
+    n_head=A,
+    n_kv_head=A,
+    n_embd=H,
+    ffn_hidden=4 * H,
+    dropout=0.1,
+)
 UNFUSED = Workload(GPT3_BLOCK, S, S * B * 8, "bf16", fused_attention=False)
 
 
 def _layer(tp=1, sp=False, ac="none", work=UNFUSED):
     # 16-bit weights as in Megatron: FSDP's param_dtype (autocast over fp32 weights keeps more).
-    return layer_activation_bytes(work, Layout(tp=tp, sequence_parallel=sp, activation_checkpointing=ac,
-                                               micro_batch_size=B, dp_shard=2, data_parallel="zero3"))
+    return layer_activation_bytes(
+        work,
+        Layout(
+            tp=tp,
+            sequence_parallel=sp,
+            activation_checkpointing=ac,
+            micro_batch_size=B,
+            dp_shard=2,
+            data_parallel="zero3",
+        ),
+    )
 
 
 def test_activations_match_korthikanti_equations():
@@ -51,8 +69,12 @@ def test_activations_match_korthikanti_equations():
     # torch keeps the sequence-gathered inputs of the column-parallel matmuls (2 of them, 16-bit),
     # which Megatron's sequence parallelism re-gathers in backward.
     gathered = 2 * 2 * sbh * (1 - 1 / T)
-    assert _layer(tp=T, sp=True) == pytest.approx(sbh / T * (34 + 5 * A * S / H) + stats / T + gathered)
-    assert _layer(tp=T, sp=True, ac="selective") == pytest.approx(sbh / T * 34 + stats / T + gathered)
+    assert _layer(tp=T, sp=True) == pytest.approx(
+        sbh / T * (34 + 5 * A * S / H) + stats / T + gathered
+    )
+    assert _layer(tp=T, sp=True, ac="selective") == pytest.approx(
+        sbh / T * 34 + stats / T + gathered
+    )
     assert _layer(ac="full") == 2 * sbh
 
 
@@ -63,10 +85,14 @@ def test_fused_attention_keeps_no_scores_so_selective_saves_nothing():
 
 
 def test_pipeline_in_flight_microbatches_per_schedule():
-    assert in_flight_microbatches(Layout(pp=4, micro_batches=16, pp_schedule="gpipe"), "first") == 16
+    assert (
+        in_flight_microbatches(Layout(pp=4, micro_batches=16, pp_schedule="gpipe"), "first") == 16
+    )
     assert in_flight_microbatches(Layout(pp=4, micro_batches=16, pp_schedule="1f1b"), "first") == 4
     assert in_flight_microbatches(Layout(pp=4, micro_batches=2, pp_schedule="1f1b"), "first") == 2
-    interleaved = Layout(pp=4, micro_batches=16, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2)
+    interleaved = Layout(
+        pp=4, micro_batches=16, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2
+    )
     assert in_flight_microbatches(interleaved, "first") == pytest.approx(4 * (1 + 3 / 8))
     assert in_flight_microbatches(interleaved, "last") == 1
 
@@ -78,8 +104,12 @@ def test_a_pipeline_stage_under_fsdp_holds_its_gathered_weights_and_whole_gradie
     for data_parallel in ("zero2", "zero3"):
         layout = Layout(pp=4, dp_shard=8, data_parallel=data_parallel, micro_batches=16)
         assert buffer_bytes(work, layout) == 4 * stage_params(work, layout, "first")
-    without_pipeline = buffer_bytes(work, Layout(dp_shard=8, data_parallel="zero3", micro_batches=16))
-    assert without_pipeline < 4 * stage_params(work, Layout(), "first") / 8  # a unit or two, not the model
+    without_pipeline = buffer_bytes(
+        work, Layout(dp_shard=8, data_parallel="zero3", micro_batches=16)
+    )
+    assert (
+        without_pipeline < 4 * stage_params(work, Layout(), "first") / 8
+    )  # a unit or two, not the model
 
 
 def test_more_tp_never_increases_parameter_bytes():
@@ -90,20 +120,31 @@ def test_more_tp_never_increases_parameter_bytes():
 
 def test_more_microbatches_never_increase_the_bubble():
     for schedule in ("gpipe", "1f1b", "zbv_zero_bubble"):
-        fractions = [bubble_fraction(Layout(pp=8, micro_batches=m, pp_schedule=schedule)) for m in range(1, 65)]
+        fractions = [
+            bubble_fraction(Layout(pp=8, micro_batches=m, pp_schedule=schedule))
+            for m in range(1, 65)
+        ]
         assert fractions == sorted(fractions, reverse=True)
     assert bubble_fraction(Layout(pp=8, micro_batches=16, pp_schedule="gpipe")) == 7 / 16
-    assert bubble_fraction(Layout(pp=8, micro_batches=16, pp_schedule="interleaved_1f1b",
-                                  pp_stages_per_rank=2)) == 7 / 32
+    assert (
+        bubble_fraction(
+            Layout(pp=8, micro_batches=16, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2)
+        )
+        == 7 / 32
+    )
 
 
 def test_full_recompute_costs_a_third_more_compute_and_cross_node_dp_costs_more():
     cluster = load_cluster("8xH100").with_nodes(2)
     work = Workload(load_model_args("llama-1b"), 4096, 4096 * 64)
     plain = step_time(work, Layout(dp_replicate=16, micro_batches=4), cluster)
-    full = step_time(work, Layout(dp_replicate=16, micro_batches=4, activation_checkpointing="full"), cluster)
+    full = step_time(
+        work, Layout(dp_replicate=16, micro_batches=4, activation_checkpointing="full"), cluster
+    )
     assert full.compute == plain.compute
     blocks = 1 - head_flops_per_token(work) / training_flops_per_token(work.model, 4096)
-    assert full.recompute == pytest.approx(plain.compute * blocks / 3)  # the blocks' forward, not the head's
+    assert full.recompute == pytest.approx(
+        plain.compute * blocks / 3
+    )  # the blocks' forward, not the head's
     one_node = step_time(work, Layout(dp_replicate=8, micro_batches=8), load_cluster("8xH100"))
     assert plain.data_parallel >= one_node.data_parallel

@@ -50,18 +50,40 @@ def test_layout_problems_are_named():
     work = Workload(load_model_args("llama-8b"), 8192, 8192 * 32)
     cluster = load_cluster("8xH100")
     assert "tp 16 must divide n_head 32 and n_kv_head 8" in layout_problem(
-        Layout(tp=16, micro_batches=32), work, cluster.with_nodes(2))
+        Layout(tp=16, micro_batches=32), work, cluster.with_nodes(2)
+    )
     assert "tp 4 must stay inside a node" in layout_problem(
-        Layout(tp=4, dp_replicate=2, micro_batches=16), work, load_cluster("1xH100").with_nodes(8))
+        Layout(tp=4, dp_replicate=2, micro_batches=16), work, load_cluster("1xH100").with_nodes(8)
+    )
     assert "has 8 devices" in layout_problem(Layout(micro_batches=32), work, cluster)
-    assert "must equal the global batch" in layout_problem(Layout(dp_replicate=8, micro_batches=3), work, cluster)
-    assert "ddp does not shard" in layout_problem(Layout(dp_shard=8, micro_batches=4), work, cluster)
+    assert "must equal the global batch" in layout_problem(
+        Layout(dp_replicate=8, micro_batches=3), work, cluster
+    )
+    assert "ddp does not shard" in layout_problem(
+        Layout(dp_shard=8, micro_batches=4), work, cluster
+    )
 
 
 def test_cli_prints_table_and_emits_a_loadable_config(tmp_path, capsys):
     out = tmp_path / "best.toml"
-    code = main(["--model", "llama-1b", "--cluster", "8xH100", "--global-batch-tokens", "512K", "--seq", "4096",
-                 "--top", "3", "--train-tokens", "1T", "--emit-config", str(out)])
+    code = main(
+        [
+            "--model",
+            "llama-1b",
+            "--cluster",
+            "8xH100",
+            "--global-batch-tokens",
+            "512K",
+            "--seq",
+            "4096",
+            "--top",
+            "3",
+            "--train-tokens",
+            "1T",
+            "--emit-config",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "tokens/s" in printed and "MFU" in printed and "faster than the runner-up" in printed
@@ -75,31 +97,61 @@ def test_cli_prints_table_and_emits_a_loadable_config(tmp_path, capsys):
     assert training["activation_checkpointing"] in ("none", "selective", "full")
     cfg = build_config(str(out), {})  # the trainer accepts it as it is
     dp = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
-    assert dp * cfg.training.micro_batch_size * grad_accum_steps(cfg, dp) * 4096 == training["tokens_per_step"]
+    assert (
+        dp * cfg.training.micro_batch_size * grad_accum_steps(cfg, dp) * 4096
+        == training["tokens_per_step"]
+    )
     assert cfg.parallel.pp == 1 or grad_accum_steps(cfg, dp) == 1
 
 
 def test_nothing_fits_says_the_smallest_need_and_what_to_add(tmp_path, capsys):
     small = tmp_path / "small.toml"  # one 24 GiB device per node, no host to offload to
-    small.write_text('nodes = 1\ndevices_per_node = 1\n[device]\nmemory_gib = 24\npeak_tflops = { bf16 = 165 }\n'
-                     '[intra_node]\nbandwidth_gb_s = 32\nlatency_us = 5\n'
-                     '[inter_node]\nbandwidth_gb_s = 12.5\nlatency_us = 20\n')
-    code = main(["--model", "llama-8b", "--cluster", str(small), "--global-batch-tokens", "64K", "--seq", "8192"])
+    small.write_text(
+        "nodes = 1\ndevices_per_node = 1\n[device]\nmemory_gib = 24\npeak_tflops = { bf16 = 165 }\n"
+        "[intra_node]\nbandwidth_gb_s = 32\nlatency_us = 5\n"
+        "[inter_node]\nbandwidth_gb_s = 12.5\nlatency_us = 20\n"
+    )
+    code = main(
+        [
+            "--model",
+            "llama-8b",
+            "--cluster",
+            str(small),
+            "--global-batch-tokens",
+            "64K",
+            "--seq",
+            "8192",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 1
-    assert re.search(r"nothing fits: the smallest need is [\d.]+ GiB per device .* use \d+ nodes", printed)
+    assert re.search(
+        r"nothing fits: the smallest need is [\d.]+ GiB per device .* use \d+ nodes", printed
+    )
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model", "no-such-model"], "model 'no-such-model' not found"),
-    (["--model", "nano-cpu"], "pass --vocab-size"),
-    (["--model", "llama-1b", "--cluster", "no-such-cluster"], "cluster 'no-such-cluster' not found"),
-    (["--model", "llama-1b", "--global-batch-tokens", "1000", "--seq", "4096"], "not a multiple of --seq"),
-    (["--model", "llama-1b", "--seq", "100000"], "exceeds the model's context"),
-    (["--model", "llama-1b", "--global-batch-tokens", "lots"], "is not a number"),
-    (["--model", "llama-1b", "--efficiency", "1.5"], "compute_efficiency must be a number in (0, 1]"),
-    ([], "--model is required"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "no-such-model"], "model 'no-such-model' not found"),
+        (["--model", "nano-cpu"], "pass --vocab-size"),
+        (
+            ["--model", "llama-1b", "--cluster", "no-such-cluster"],
+            "cluster 'no-such-cluster' not found",
+        ),
+        (
+            ["--model", "llama-1b", "--global-batch-tokens", "1000", "--seq", "4096"],
+            "not a multiple of --seq",
+        ),
+        (["--model", "llama-1b", "--seq", "100000"], "exceeds the model's context"),
+        (["--model", "llama-1b", "--global-batch-tokens", "lots"], "is not a number"),
+        (
+            ["--model", "llama-1b", "--efficiency", "1.5"],
+            "compute_efficiency must be a number in (0, 1]",
+        ),
+        ([], "--model is required"),
+    ],
+)
 def test_bad_input_is_one_user_error_line(argv, message):
     with pytest.raises(UserError) as err:
         main(argv)

@@ -31,13 +31,37 @@ from clusterlm.plan.validation import (
 from clusterlm.plan.workload import Workload
 
 SMALL = {
-    "gpt2": ModelArgs(flavour="gpt2", vocab_size=256, block_size=128, n_layer=3, n_head=4, n_kv_head=4,
-                      n_embd=128, ffn_hidden=512),
-    "llama": ModelArgs(flavour="llama", vocab_size=256, block_size=128, n_layer=3, n_head=4, n_kv_head=2,
-                       n_embd=128, ffn_hidden=384),
+    "gpt2": ModelArgs(
+        flavour="gpt2",
+        vocab_size=256,
+        block_size=128,
+        n_layer=3,
+        n_head=4,
+        n_kv_head=4,
+        n_embd=128,
+        ffn_hidden=512,
+    ),
+    "llama": ModelArgs(
+        flavour="llama",
+        vocab_size=256,
+        block_size=128,
+        n_layer=3,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=128,
+        ffn_hidden=384,
+    ),
 }
-NANO = ModelArgs(flavour="gpt2", vocab_size=73, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
-                 ffn_hidden=512)
+NANO = ModelArgs(
+    flavour="gpt2",
+    vocab_size=73,
+    block_size=64,
+    n_layer=4,
+    n_head=4,
+    n_kv_head=4,
+    n_embd=128,
+    ffn_hidden=512,
+)
 
 
 def _loss(model, tokens):
@@ -93,7 +117,9 @@ def test_model_state_is_16_bytes_per_parameter_in_fp32_adamw():
     optimizer.step()
     tensors = len(list(model.parameters()))
     assert model_state_bytes([model], [optimizer]) == 16 * param_count(NANO) + 4 * tensors
-    predicted = device_memory(Workload(NANO, 64, 12 * 64, "fp32"), Layout(micro_batch_size=12)).model_state
+    predicted = device_memory(
+        Workload(NANO, 64, 12 * 64, "fp32"), Layout(micro_batch_size=12)
+    ).model_state
     assert predicted == pytest.approx(16 * param_count(NANO))
 
 
@@ -103,28 +129,54 @@ def test_cases_cover_the_layouts_with_the_global_batch():
     for case in CASES:
         assert case.layout.world_size == case.nproc
         assert case.layout.dp * case.batch_per_rank == GLOBAL_BATCH
-    assert layouts["4 hsdp 2x2"] == Layout(dp_replicate=2, dp_shard=2, data_parallel="hsdp", micro_batch_size=3)
-    assert layouts["4 tp2 x zero3"] == Layout(dp_shard=2, tp=2, data_parallel="zero3", micro_batch_size=6)
+    assert layouts["4 hsdp 2x2"] == Layout(
+        dp_replicate=2, dp_shard=2, data_parallel="hsdp", micro_batch_size=3
+    )
+    assert layouts["4 tp2 x zero3"] == Layout(
+        dp_shard=2, tp=2, data_parallel="zero3", micro_batch_size=6
+    )
     assert layouts["2 zero1"].dp_shard == 2 and layouts["4 ddp"].dp_replicate == 4
     assert layouts["2 tp2+sp"].sequence_parallel
-    assert layouts["4 pp2 x zero3"] == Layout(pp=2, dp_shard=2, data_parallel="zero3", micro_batch_size=2,
-                                              micro_batches=3)
+    assert layouts["4 pp2 x zero3"] == Layout(
+        pp=2, dp_shard=2, data_parallel="zero3", micro_batch_size=2, micro_batches=3
+    )
 
 
 def test_layout_from_config_takes_the_trainers_degrees_accumulation_and_micro_batches():
-    accumulating = build_config(None, {"model.block_size": 64, "training.micro_batch_size": 2,
-                                       "training.tokens_per_step": 2 * 64 * 2 * 4, "parallel.data_parallel": "zero1"})
-    assert layout_from_config(accumulating, 2) == Layout(dp_shard=2, data_parallel="zero1", micro_batch_size=2,
-                                                         micro_batches=4)
-    pipelined = build_config(None, {"training.micro_batch_size": 8, "parallel.pp": 2,
-                                    "parallel.pp_schedule": "zbv_zero_bubble"})
-    assert layout_from_config(pipelined, 2) == Layout(pp=2, pp_schedule="zbv_zero_bubble", pp_stages_per_rank=2,
-                                                      micro_batch_size=2, micro_batches=4)
+    accumulating = build_config(
+        None,
+        {
+            "model.block_size": 64,
+            "training.micro_batch_size": 2,
+            "training.tokens_per_step": 2 * 64 * 2 * 4,
+            "parallel.data_parallel": "zero1",
+        },
+    )
+    assert layout_from_config(accumulating, 2) == Layout(
+        dp_shard=2, data_parallel="zero1", micro_batch_size=2, micro_batches=4
+    )
+    pipelined = build_config(
+        None,
+        {
+            "training.micro_batch_size": 8,
+            "parallel.pp": 2,
+            "parallel.pp_schedule": "zbv_zero_bubble",
+        },
+    )
+    assert layout_from_config(pipelined, 2) == Layout(
+        pp=2,
+        pp_schedule="zbv_zero_bubble",
+        pp_stages_per_rank=2,
+        micro_batch_size=2,
+        micro_batches=4,
+    )
 
 
 def test_host_calls_count_fsdp_tensors_tensor_parallel_modules_and_pipeline_actions():
     work = Workload(NANO, 64, 12 * 64, "fp32")
-    tensors = 4 * 16 + 4  # gpt2 blocks: 2 LayerNorms and 6 linears, weights and biases; 2 tables, a norm
+    tensors = (
+        4 * 16 + 4
+    )  # gpt2 blocks: 2 LayerNorms and 6 linears, weights and biases; 2 tables, a norm
     assert parameter_tensors(NANO) == (16, 4)
     # The nano model is below parallel.bucket_mb: one FSDP unit, the root, which keeps forward's
     # gather for backward under zero3 too; then one reduce-scatter.
@@ -153,8 +205,15 @@ def test_host_calls_count_fsdp_tensors_tensor_parallel_modules_and_pipeline_acti
 
 def test_sequence_parallel_adds_one_flat_all_reduce_of_the_sequence_slice_gradients():
     work = Workload(NANO, 64, 12 * 64, "fp32")
-    cluster = replace(local_cluster(2, {"fp32": 5e10, "bf16": 2e11, "fp16": 2e11}, Link(bandwidth=1e9, latency=1e-4),
-                                    cores=2), calibration=Calibration(comm_efficiency=1.0))
+    cluster = replace(
+        local_cluster(
+            2,
+            {"fp32": 5e10, "bf16": 2e11, "fp16": 2e11},
+            Link(bandwidth=1e9, latency=1e-4),
+            cores=2,
+        ),
+        calibration=Calibration(comm_efficiency=1.0),
+    )
     plain = step_time(work, Layout(tp=2), cluster).tensor_parallel
     sequence = step_time(work, Layout(tp=2, sequence_parallel=True), cluster).tensor_parallel
     # Two LayerNorms per block and the final one, a weight and a bias each, and the biases of the
@@ -168,14 +227,20 @@ def test_measured_kernel_rates_time_linear_layers_and_attention_apart():
     layout = Layout(micro_batch_size=12)
     linear, attention = kernel_flops_per_token(work, layout)
     assert attention == 6 * 2 * 128 * 64 * 4  # the core over the full 64 x 64, 4 layers
-    assert linear + attention == pytest.approx(sum(flops for flops, _ in matmul_shapes(work, layout)))
+    assert linear + attention == pytest.approx(
+        sum(flops for flops, _ in matmul_shapes(work, layout))
+    )
     rates = {"bf16": {"linear": 2e11, "attention": 1e10}}
-    cluster = local_cluster(1, {"fp32": 1e11, "bf16": 2e11, "fp16": 2e11}, Link(1e9, 1e-4), cores=2, rates=rates)
+    cluster = local_cluster(
+        1, {"fp32": 1e11, "bf16": 2e11, "fp16": 2e11}, Link(1e9, 1e-4), cores=2, rates=rates
+    )
     calibration = Calibration(compute_efficiency=0.5)
     expected = (linear + attention) / (linear / 2e11 + attention / 1e10) * 0.5
     assert compute_rate(work, layout, cluster.device, calibration) == pytest.approx(expected)
     # Without rates for the precision: the peak times the shape efficiency.
-    assert compute_rate(replace(work, precision="fp32"), layout, cluster.device, calibration) == pytest.approx(5e10)
+    assert compute_rate(
+        replace(work, precision="fp32"), layout, cluster.device, calibration
+    ) == pytest.approx(5e10)
 
 
 def test_relative_kernel_rates_anchor_fp32_linear_layers_at_the_peak():
@@ -204,13 +269,22 @@ def _synthetic_results(truth: Calibration) -> list[ValidationResult]:
         work = Workload(NANO, 64, GLOBAL_BATCH * 64, case.precision)
         cluster = local_cluster(case.nproc, peaks, Link(bandwidth=1e9, latency=1e-4), cores=2)
         seconds = step_time(work, case.layout, replace(cluster, calibration=truth)).total
-        results.append(ValidationResult(case, work, cluster, Measurement(1, 1, seconds, (seconds,))))
+        results.append(
+            ValidationResult(case, work, cluster, Measurement(1, 1, seconds, (seconds,)))
+        )
     return results
 
 
 def test_fit_recovers_efficiency_and_host_costs_from_the_fitted_cases():
-    truth = Calibration(compute_efficiency=0.3, comm_efficiency=1.0, step_overhead_s=0.012, fsdp_tensor_s=1e-4,
-                        tp_module_s=0.001, pp_action_s=0.002, collective_wait=0.4)
+    truth = Calibration(
+        compute_efficiency=0.3,
+        comm_efficiency=1.0,
+        step_overhead_s=0.012,
+        fsdp_tensor_s=1e-4,
+        tp_module_s=0.001,
+        pp_action_s=0.002,
+        collective_wait=0.4,
+    )
     results = _synthetic_results(truth)
     fitted = fit_calibration(results)
     assert fitted.compute_efficiency == pytest.approx(0.3, rel=0.03)
@@ -228,13 +302,19 @@ def test_step_overhead_is_part_of_the_calibration_file_and_the_step_time(tmp_pat
     with pytest.raises(UserError, match="step_overhead_s"):
         Calibration(step_overhead_s=-1.0)
     path = tmp_path / "calibration.json"
-    save_calibration(path, Calibration(compute_efficiency=0.4, step_overhead_s=0.02), {"points": []})
+    save_calibration(
+        path, Calibration(compute_efficiency=0.4, step_overhead_s=0.02), {"points": []}
+    )
     loaded = load_calibration(path)
     assert loaded.step_overhead_s == 0.02
     work, layout = Workload(NANO, 64, 12 * 64, "fp32"), Layout(micro_batch_size=12)
     cluster = local_cluster(1, {"fp32": 5e10}, Link(1e9, 0.0), cores=2)
-    without = step_time(work, layout, replace(cluster, calibration=replace(loaded, step_overhead_s=0.0))).total
-    assert step_time(work, layout, replace(cluster, calibration=loaded)).total == pytest.approx(without + 0.02)
+    without = step_time(
+        work, layout, replace(cluster, calibration=replace(loaded, step_overhead_s=0.0))
+    ).total
+    assert step_time(work, layout, replace(cluster, calibration=loaded)).total == pytest.approx(
+        without + 0.02
+    )
 
 
 def test_synthetic_text_is_deterministic_with_a_small_alphabet():

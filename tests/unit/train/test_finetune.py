@@ -20,15 +20,25 @@ from clusterlm.train.task_metrics import macro_f1
 
 def _classifier(flavour: str, labels: int = 3) -> SequenceClassifier:
     torch.manual_seed(0)
-    args = ModelArgs(flavour=flavour, vocab_size=20, block_size=16, n_layer=2, n_head=2, n_kv_head=2, n_embd=16,
-                     ffn_hidden=32)
+    args = ModelArgs(
+        flavour=flavour,
+        vocab_size=20,
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        n_kv_head=2,
+        n_embd=16,
+        ffn_hidden=32,
+    )
     return SequenceClassifier(create_model(args), labels).eval()
 
 
 @pytest.mark.parametrize("flavour", ["bert", "gpt2", "llama"])
 def test_logits_do_not_depend_on_padding(flavour):
     model = _classifier(flavour)
-    example = torch.tensor([[21 if flavour == "bert" else 3, 5, 7, 9, 4]])  # an encoder's rows start with [CLS]
+    example = torch.tensor(
+        [[21 if flavour == "bert" else 3, 5, 7, 9, 4]]
+    )  # an encoder's rows start with [CLS]
     padded = torch.cat([example, torch.full((1, 11), PAD)], dim=1)
     batch = torch.cat([padded, torch.randint(0, 20, (1, 16))])
     with torch.no_grad():
@@ -40,7 +50,9 @@ def test_logits_do_not_depend_on_padding(flavour):
 def test_language_model_head_is_removed_and_head_parameters_are_the_new_ones():
     encoder, decoder = _classifier("bert"), _classifier("gpt2")
     assert encoder.backbone.head is None and decoder.backbone.output is None
-    assert {id(p) for p in decoder.head_parameters()} == {id(p) for p in decoder.classifier.parameters()}
+    assert {id(p) for p in decoder.head_parameters()} == {
+        id(p) for p in decoder.classifier.parameters()
+    }
     assert len(encoder.head_parameters()) == 4  # pooler weight and bias, classifier weight and bias
 
 
@@ -48,8 +60,18 @@ def test_freezing_stops_the_embeddings_and_lowest_blocks():
     model = _classifier("bert")
     model.freeze_lower_layers(1)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    assert frozen and all(n.startswith(("backbone.tok_", "backbone.pos_", "backbone.type_", "backbone.emb_norm",
-                                        "backbone.layers.0.")) for n in frozen)
+    assert frozen and all(
+        n.startswith(
+            (
+                "backbone.tok_",
+                "backbone.pos_",
+                "backbone.type_",
+                "backbone.emb_norm",
+                "backbone.layers.0.",
+            )
+        )
+        for n in frozen
+    )
     assert all(p.requires_grad for p in model.backbone.layers["1"].parameters())
     assert all(p.requires_grad for p in model.head_parameters())
 
@@ -78,13 +100,17 @@ class _Split:
         return len(self.labels)
 
     def example(self, i):
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
 def test_example_rows_start_with_cls_are_cut_to_fit_and_padded():
     split = _Split([np.arange(1, 4), np.arange(1, 10)], [1, 0])
     x, y = ExampleStream(split, cls_id=99).batch([0, 1, -1], 6, torch.device("cpu"))
-    assert x.tolist() == [[99, 1, 2, 3, PAD, PAD], [99, 1, 2, 3, 4, 5], [99, PAD, PAD, PAD, PAD, PAD]]
+    assert x.tolist() == [
+        [99, 1, 2, 3, PAD, PAD],
+        [99, 1, 2, 3, 4, 5],
+        [99, PAD, PAD, PAD, PAD, PAD],
+    ]
     assert y.tolist() == [[1], [0], [IGNORE_INDEX]]  # the filler row counts for nothing
 
 
@@ -106,7 +132,9 @@ def test_macro_f1_matches_a_worked_example():
         confusion[true, predicted] += 1
     assert macro_f1(confusion) == pytest.approx((1 / 2 + 4 / 5 + 0) / 3)
     confusion = torch.zeros(4, 4)
-    confusion[0, 0] = confusion[1, 1] = 2  # labels 2 and 3 absent from truth and predictions: left out
+    confusion[0, 0] = confusion[1, 1] = (
+        2  # labels 2 and 3 absent from truth and predictions: left out
+    )
     assert macro_f1(confusion) == pytest.approx(1.0)
 
 

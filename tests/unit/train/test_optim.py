@@ -10,14 +10,26 @@ from clusterlm.train.optim import lr_at, optimizer_recipe
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_only_linear_weights_are_decayed(flavour):
-    model = Transformer(ModelArgs(flavour=flavour, vocab_size=20, block_size=8, n_layer=2, n_head=2,
-                                  n_kv_head=2, n_embd=16, ffn_hidden=32))
+    model = Transformer(
+        ModelArgs(
+            flavour=flavour,
+            vocab_size=20,
+            block_size=8,
+            n_layer=2,
+            n_head=2,
+            n_kv_head=2,
+            n_embd=16,
+            ffn_hidden=32,
+        )
+    )
     decay, no_decay = optimizer_recipe(model, OptimConfig(weight_decay=0.1)).build().param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(n.endswith(".weight") and ("attn.w" in n or "mlp.w" in n or n == "output.weight")
-               for n in decayed)
+    assert all(
+        n.endswith(".weight") and ("attn.w" in n or "mlp.w" in n or n == "output.weight")
+        for n in decayed
+    )
     assert not any("norm" in n or "embeddings" in n or n.endswith(".bias") for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
