@@ -45,6 +45,7 @@ test: $(VENV) system-packages
 
 lint: $(VENV)
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
 
 clean:

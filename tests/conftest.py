@@ -9,7 +9,9 @@ import pytest
 
 # Three short documents with blank lines, tabs, runs of spaces and non-ASCII text.
 TINY_DOCUMENTS = {
-    "a.txt": "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    "a.txt": (
+        "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    )
     * 6,
     "b.txt": "ROMEO:\n\tBut soft, what light through yonder window breaks?\n  It is the east.\n"
     * 8,

@@ -93,7 +93,8 @@ def reader(model: torch.nn.Module):
 
 
 def safetensors_bytes(directory: Path) -> dict[str, bytes]:
-    """Every tensor of a directory's safetensors files, as raw bytes by name (for byte-identity checks)."""
+    """Every tensor of a directory's safetensors files, as raw bytes by name (for byte-identity
+    checks)."""
     out = {}
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:

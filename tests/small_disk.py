@@ -48,7 +48,8 @@ def make_read_only(path: Path) -> None:
 
 
 def failing_os_write(monkeypatch, code: int = errno.ENOSPC, allowed: int = 0) -> None:
-    """``os.write`` writes ``allowed`` bytes, then a partial write, then raises ``OSError(code)``."""
+    """``os.write`` writes ``allowed`` bytes, then a partial write, then raises
+    ``OSError(code)``."""
     real_write, written = os.write, [0]
 
     def write(fd: int, data) -> int:

@@ -147,9 +147,15 @@ def disk_error(
             f"free space there or point {setting} elsewhere"
         )
     elif err.errno == errno.EROFS:
-        message = f"{path} is on a read-only file system ({mount_point(path)}); point {setting} at a writable directory"
+        message = (
+            f"{path} is on a read-only file system ({mount_point(path)}); "
+            f"point {setting} at a writable directory"
+        )
     else:
-        message = f"permission denied writing {path}; make its directory writable or point {setting} elsewhere"
+        message = (
+            f"permission denied writing {path}; "
+            f"make its directory writable or point {setting} elsewhere"
+        )
     error = DiskError(message)
     error.errno, error.path = err.errno, str(path)
     return error

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from clusterlm.distributed.job_secret import job_secret
 from clusterlm.distributed.signing import SignedStore, answer_challenge
-from clusterlm.parallel.ps_server import HEADER, JOIN, PUSH, message, pair_group
+from clusterlm.parallel.ps_wire import HEADER, JOIN, PUSH, message, pair_group
 
 ATTEMPTS = {"pull": (JOIN, 0.0, 1.0), "nan-gradient": (PUSH, 0.1, float("nan")),
             "nan-lr": (PUSH, float("nan"), 1.0), "wrong-shape": (PUSH, 0.1, 1.0)}

@@ -145,7 +145,8 @@ def clean_environment(extra: dict[str, str]) -> dict[str, str]:
 def run_subprocess(
     entry: Case, argv: list[str], env: dict[str, str], tmp: Path
 ) -> tuple[int, str, str]:
-    """(status, stdout, stderr) of ``python -m clusterlm ARGV`` started in ``tmp`` with ``env`` added."""
+    """(status, stdout, stderr) of ``python -m clusterlm ARGV`` started in ``tmp``, with ``env``
+    added."""
     command = [sys.executable, "-m", "clusterlm", *argv]
     proc = subprocess.Popen(
         command,
@@ -239,7 +240,8 @@ def truncate(name: str) -> Callable[[Path], None]:
 
 
 def flip_byte(pattern: str) -> Callable[[Path], None]:
-    """Flip one byte in the middle of the first file matching ``pattern`` (same size, other bytes)."""
+    """Flip one byte in the middle of the first file matching ``pattern`` (same size, other
+    bytes)."""
 
     def change(root: Path) -> None:
         path = sorted(root.glob(pattern))[0]

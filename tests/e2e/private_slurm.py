@@ -38,7 +38,10 @@ def require_real_system(what: str, commands: tuple[str, ...]) -> None:
     if os.geteuid() != 0:
         reason = f"{what} needs root (its daemons run as root here)"
     elif missing:
-        reason = f"{what} is not installed ({', '.join(missing)} missing): `make test` installs it as root"
+        reason = (
+            f"{what} is not installed ({', '.join(missing)} missing): "
+            "`make test` installs it as root"
+        )
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(reason + " (CI=true: a skip is a failure)")
@@ -153,7 +156,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             dead = [p.args[0] for p in self.processes if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"private Slurm: no {what} ({'exited: ' + ', '.join(dead) if dead else 'timeout'})"
+                    f"private Slurm: no {what} "
+                    f"({'exited: ' + ', '.join(dead) if dead else 'timeout'})"
                     f"\n{self.logs()}"
                 )
             time.sleep(0.2)

@@ -1,5 +1,6 @@
-"""`clusterlm bench speedrun` on a tiny corpus: both runs scored on the same windows, the time to the
-target reported with the CPU; bad input in one line. (A benchmark command: nothing here is timed.)"""
+"""`clusterlm bench speedrun` on a tiny corpus: both runs scored on the same windows, the time to
+the target reported with the CPU; bad input in one line. (A benchmark command: nothing here is
+timed.)"""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from test_launch import TINY, clusterlm, data_dir  # noqa: F401 - its corpus fixture
+from launch_helpers import TINY, clusterlm
 
 from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.config import build_config
@@ -50,11 +50,11 @@ def _pid_of_rank(out: Path, rank: int) -> int:
     return json.loads(path.read_text())["pid"]
 
 
-def test_a_preempted_run_resumes_bit_for_bit(data_dir, tmp_path):  # noqa: F811
+def test_a_preempted_run_resumes_bit_for_bit(launch_data_dir, tmp_path):
     """SIGUSR1 to the process: it saves at the next step boundary, exits 75, and the resumed run
     ends with exactly the weights of an uninterrupted one."""
     values = {
-        "data.dir": str(data_dir),
+        "data.dir": str(launch_data_dir),
         "training.steps": 40,
         "model.n_layer": 2,
         "model.n_head": 2,
@@ -92,7 +92,7 @@ def test_a_preempted_run_resumes_bit_for_bit(data_dir, tmp_path):  # noqa: F811
     assert all(torch.equal(ours[name], reference[name]) for name in reference)
 
 
-def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_75(data_dir, tmp_path):  # noqa: F811
+def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_75(launch_data_dir, tmp_path):
     out = tmp_path / "run"
     job = _start(
         [
@@ -100,7 +100,7 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_75(data_dir, tmp_
             "--nproc",
             "2",
             "--data.dir",
-            str(data_dir),
+            str(launch_data_dir),
             "--training.out_dir",
             str(out),
             "--training.steps",
@@ -123,7 +123,7 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_75(data_dir, tmp_
     assert find_checkpoint(str(out)).state["step"] == step
 
 
-def test_a_stopped_rank_is_reported_by_rank_and_phase(data_dir, tmp_path):  # noqa: F811
+def test_a_stopped_rank_is_reported_by_rank_and_phase(launch_data_dir, tmp_path):
     out, timeout = tmp_path / "run", 4
     job = _start(
         [
@@ -131,7 +131,7 @@ def test_a_stopped_rank_is_reported_by_rank_and_phase(data_dir, tmp_path):  # no
             "--nproc",
             "2",
             "--data.dir",
-            str(data_dir),
+            str(launch_data_dir),
             "--training.out_dir",
             str(out),
             "--training.steps",
@@ -164,7 +164,7 @@ def test_a_stopped_rank_is_reported_by_rank_and_phase(data_dir, tmp_path):  # no
     assert detected <= 2 * timeout, f"reported after {detected:.1f} s"
 
 
-def test_chaos_two_kills_recover_to_identical_weights(data_dir, tmp_path):  # noqa: F811
+def test_chaos_two_kills_recover_to_identical_weights(launch_data_dir, tmp_path):
     result = clusterlm(
         "chaos",
         "--nproc",
@@ -174,7 +174,7 @@ def test_chaos_two_kills_recover_to_identical_weights(data_dir, tmp_path):  # no
         "--max-delay",
         "0.5",
         "--data.dir",
-        str(data_dir),
+        str(launch_data_dir),
         "--training.out_dir",
         str(tmp_path),
         "--training.steps",
@@ -198,7 +198,7 @@ def test_chaos_two_kills_recover_to_identical_weights(data_dir, tmp_path):  # no
     assert "kills during checkpoint writes: 1" in result.stdout
 
 
-def test_bench_checkpoint_prints_the_stall_of_both_modes(data_dir, capsys):  # noqa: F811
+def test_bench_checkpoint_prints_the_stall_of_both_modes(launch_data_dir, capsys):
     from clusterlm.cli import main
 
     assert (
@@ -207,7 +207,7 @@ def test_bench_checkpoint_prints_the_stall_of_both_modes(data_dir, capsys):  # n
                 "bench",
                 "checkpoint",
                 "--data.dir",
-                str(data_dir),
+                str(launch_data_dir),
                 *TINY,
                 "--saves",
                 "1",

@@ -38,7 +38,8 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
-    """A corpus, a decoder pretrained on it for a few steps, and a two-label task sharing its tokenizer."""
+    """A corpus, a decoder pretrained on it for a few steps, and a two-label task sharing its
+    tokenizer."""
     root = tmp_path_factory.mktemp("finetune")
     rng = random.Random(0)
     texts = [

@@ -11,65 +11,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from launch_helpers import TINY, clusterlm
 
 from clusterlm.config import ParallelConfig
 from clusterlm.config.degrees import resolve_degrees
 from clusterlm.errors import UserError
 
-TINY = [
-    "--model.n_layer",
-    "2",
-    "--model.n_head",
-    "2",
-    "--model.n_embd",
-    "32",
-    "--model.block_size",
-    "16",
-    "--training.micro_batch_size",
-    "2",
-    "--training.eval_batches",
-    "2",
-    "--training.eval_interval",
-    "0",
-    "--metrics.progress",
-    "lines",
-    "--metrics.tensorboard",
-    "false",
-    "--metrics.peak_flops",
-    "1e12",
-    "--training.precision",
-    "fp32",
-]  # the equivalence checks are fp32 (auto picks bf16 on some CPUs)
 
-
-def clusterlm(
-    *args: str, env: dict | None = None, timeout: float = 240
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "clusterlm", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("launch")
-    (root / "a.txt").write_text(
-        "".join(f"now is the winter of our discontent {i}\n" for i in range(2000))
-    )
-    assert (
-        clusterlm(
-            "prepare", str(root / "a.txt"), "--out", str(root / "data"), "--workers", "1"
-        ).returncode
-        == 0
-    )
-    return root / "data"
-
-
-def test_bench_train_reports_the_pipeline_bubble_next_to_the_formula(data_dir):
+def test_bench_train_reports_the_pipeline_bubble_next_to_the_formula(launch_data_dir):
     """Also the step breakdown: every rank runs the profiled steps (they hold the pipeline's
     transfers), so the job finishes, and rank 0 alone prints it."""
     result = clusterlm(
@@ -84,7 +33,7 @@ def test_bench_train_reports_the_pipeline_bubble_next_to_the_formula(data_dir):
         "--warmup",
         "1",
         "--data.dir",
-        str(data_dir),
+        str(launch_data_dir),
         "--parallel.pp",
         "2",
         "--parallel.pp_microbatches",
@@ -102,13 +51,13 @@ def test_bench_train_reports_the_pipeline_bubble_next_to_the_formula(data_dir):
     assert result.stdout.count("step breakdown, config") == 1
 
 
-def test_train_with_nproc_runs_through_torchrun(data_dir, tmp_path):
+def test_train_with_nproc_runs_through_torchrun(launch_data_dir, tmp_path):
     result = clusterlm(
         "train",
         "--nproc",
         "2",
         "--data.dir",
-        str(data_dir),
+        str(launch_data_dir),
         "--training.out_dir",
         str(tmp_path),
         "--training.steps",
@@ -140,7 +89,7 @@ def _on_loopback(local: str) -> bool:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy,nproc", [("ddp", 2), ("ps", 3)])
-def test_a_single_node_job_listens_on_loopback_only(data_dir, tmp_path, strategy, nproc):
+def test_a_single_node_job_listens_on_loopback_only(launch_data_dir, tmp_path, strategy, nproc):
     """While a default `train --nproc` job runs, every TCP socket that it (the launcher, torchrun's
     agent, every rank) listens on is on 127.0.0.1 or ::1: the rendezvous store, rank 0's store,
     gloo's pairs and, with a parameter server, each worker's connection to it."""
@@ -157,7 +106,7 @@ def test_a_single_node_job_listens_on_loopback_only(data_dir, tmp_path, strategy
             "--nproc",
             str(nproc),
             "--data.dir",
-            str(data_dir),
+            str(launch_data_dir),
             "--training.out_dir",
             str(tmp_path),
             "--training.steps",
@@ -193,7 +142,7 @@ def test_a_single_node_job_listens_on_loopback_only(data_dir, tmp_path, strategy
     assert [line for local, line in seen.items() if not _on_loopback(local)] == []
 
 
-def test_plain_torchrun_module_launch_works_the_same(data_dir, tmp_path):
+def test_plain_torchrun_module_launch_works_the_same(launch_data_dir, tmp_path):
     result = subprocess.run(
         [
             sys.executable,
@@ -205,7 +154,7 @@ def test_plain_torchrun_module_launch_works_the_same(data_dir, tmp_path):
             "clusterlm",
             "train",
             "--data.dir",
-            str(data_dir),
+            str(launch_data_dir),
             "--training.out_dir",
             str(tmp_path),
             "--training.steps",
@@ -244,11 +193,11 @@ def test_a_failing_rank_ends_the_job_with_its_traceback():
     assert time.monotonic() - start < 90
 
 
-def test_incomplete_launch_environment_is_one_line(data_dir, monkeypatch):
+def test_incomplete_launch_environment_is_one_line(launch_data_dir, monkeypatch):
     env = {"WORLD_SIZE": "2", "RANK": "0"}
     for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    result = clusterlm("train", "--data.dir", str(data_dir), *TINY, env=env, timeout=60)
+    result = clusterlm("train", "--data.dir", str(launch_data_dir), *TINY, env=env, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "MASTER_ADDR" in result.stderr and "torchrun" in result.stderr
@@ -322,10 +271,12 @@ def test_bad_degrees_fail_with_one_line(strategy, replicate, shard, world, messa
         ),
     ],
 )
-def test_a_bad_layout_under_nproc_is_one_line_before_any_worker_starts(data_dir, options, message):
+def test_a_bad_layout_under_nproc_is_one_line_before_any_worker_starts(
+    launch_data_dir, options, message
+):
     start = time.monotonic()
     result = clusterlm(
-        "train", "--nproc", "4", "--data.dir", str(data_dir), *TINY, *options, timeout=60
+        "train", "--nproc", "4", "--data.dir", str(launch_data_dir), *TINY, *options, timeout=60
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_train import TINY, data_dir, records  # noqa: F401 - its corpus fixture
+from train_helpers import TINY, records
 
 from clusterlm import checkpoint
 from clusterlm.checkpoint import CheckpointWriter
@@ -18,7 +18,7 @@ from clusterlm.parallel.precision import Precision
 ARGS = [f"--{key}={value}" for key, value in TINY.items()] + ["--metrics.plot=false"]
 
 
-def _train(data_dir, out, *extra):  # noqa: F811
+def _train(data_dir, out, *extra):
     return cli(
         [
             "train",
@@ -65,7 +65,7 @@ def _newest(out):
 )
 def test_a_nonfinite_step_stops_the_run_with_one_line(
     poison, found, data_dir, tmp_path, monkeypatch, capsys
-):  # noqa: F811
+):
     _poison(monkeypatch, **poison)
     assert _train(data_dir, tmp_path) == 2
     errors = _error_lines(capsys)
@@ -84,7 +84,7 @@ def test_a_nonfinite_step_stops_the_run_with_one_line(
 
 def test_a_runaway_learning_rate_stops_before_anything_nonfinite_is_saved(
     data_dir, tmp_path, capsys
-):  # noqa: F811
+):
     assert (
         _train(
             data_dir,
@@ -111,7 +111,7 @@ def test_a_runaway_learning_rate_stops_before_anything_nonfinite_is_saved(
             assert torch.isfinite(reader.model_tensor(name)).all(), (path, name)
 
 
-def test_skipped_steps_are_not_applied_and_are_counted(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_skipped_steps_are_not_applied_and_are_counted(data_dir, tmp_path, monkeypatch):
     _poison(monkeypatch, losses=(3,), grads=(4,))
     original, applied = Precision.step, []
     monkeypatch.setattr(

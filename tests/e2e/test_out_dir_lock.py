@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, replace
 
 import pytest
-from test_train import TINY, data_dir  # noqa: F401 - its corpus fixture
+from train_helpers import TINY
 
 from clusterlm.checkpoint.out_dir_lock import LOCK, take, this_process
 from clusterlm.cli import main as cli
@@ -21,7 +21,7 @@ from clusterlm.files import exclusive_write_json
 ARGS = [f"--{key}={value}" for key, value in TINY.items()] + ["--metrics.plot=false"]
 
 
-def _train(data_dir, out, *extra):  # noqa: F811
+def _train(data_dir, out, *extra):
     return cli(
         [
             "train",
@@ -59,7 +59,7 @@ def _one_error_line(capsys) -> str:
 
 def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(
     data_dir, tmp_path, capsys
-):  # noqa: F811
+):
     out, log = tmp_path / "run", tmp_path / "first.log"
     with open(log, "w") as sink:
         first = subprocess.Popen(
@@ -93,8 +93,8 @@ def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(
         assert _train(data_dir, out) == 2
         line = _one_error_line(capsys)
         assert (
-            f"is in use by another run (pid {first.pid} on {socket.gethostname()}, started {holder['started']})"
-            in line
+            f"is in use by another run (pid {first.pid} on {socket.gethostname()}, "
+            f"started {holder['started']})" in line
         )
         assert (
             cli(
@@ -124,7 +124,7 @@ def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(
 
 def test_a_dead_runs_lock_is_taken_over_with_a_warning_and_only_its_temporaries_go(
     data_dir, tmp_path, capsys
-):  # noqa: F811
+):
     out = tmp_path / "run"
     stale = _lock_of(_dead_pid())
     assert exclusive_write_json(out / LOCK, stale)
@@ -183,7 +183,7 @@ def test_a_restarted_job_takes_over_its_earlier_attempt_and_keeps_its_token(tmp_
 
 def test_a_fresh_run_into_checkpoints_is_refused_unless_it_resumes_or_overwrites(
     data_dir, tmp_path, capsys, tree
-):  # noqa: F811
+):
     out = tmp_path / "run"
     assert _train(data_dir, out) == 0
     capsys.readouterr()

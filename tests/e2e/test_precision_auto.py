@@ -1,6 +1,7 @@
-"""training.precision = auto: bf16 only where the CPU computes it natively, a warning for an explicit
-bf16 on a CPU that emulates it, and the resolved precision in checkpoints, metrics and resume; and
-training.attention = auto on a CPU in bf16: the faster of the flash and math kernels, probed once."""
+"""training.precision = auto: bf16 only where the CPU computes it natively, a warning for an
+explicit bf16 on a CPU that emulates it, and the resolved precision in checkpoints, metrics and
+resume; and training.attention = auto on a CPU in bf16: the faster of the flash and math kernels,
+probed once."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_once_with_both_rates(monkeypatc
 
 
 def test_a_cpu_restricted_to_avx2_probes_its_own_rates_and_trains_in_fp32(tmp_path):
-    """The probe cache is keyed by CPU model and allowed instruction set: a run that narrows torch and
-    oneDNN to AVX2 (as on a Zen 3, which emulates bf16) measures afresh, beside another CPU's
+    """The probe cache is keyed by CPU model and allowed instruction set: a run that narrows torch
+    and oneDNN to AVX2 (as on a Zen 3, which emulates bf16) measures afresh, beside another CPU's
     figures, and resolves auto to fp32."""
     cache = tmp_path / "clusterlm" / "cpu_peak.json"
     cache.parent.mkdir()
@@ -100,7 +101,8 @@ def test_attention_auto_on_a_cpu_in_bf16_takes_the_faster_kernel_probed_once(mon
     assert (
         settle_attention("auto", "bf16", CPU, short) == "math" and len(probed) == 4
     )  # cached on disk
-    # Not probed: fp32 (flash is the faster there), an explicit kernel, a GPU, and scores too large for math.
+    # Not probed: fp32 (flash is the faster there), an explicit kernel, a GPU, and scores too
+    # large for math.
     assert settle_attention("auto", "fp32", CPU, short) == "auto"
     assert settle_attention("math", "bf16", CPU, longer) == "math"
     assert settle_attention("auto", "bf16", torch.device("cuda"), short) == "auto"

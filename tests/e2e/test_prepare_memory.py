@@ -14,7 +14,8 @@ LIMIT_MIB = 512
 # Runs the command as a child of its own, so the peak is that command's alone.
 MEASURE = """
 import resource, subprocess, sys
-done = subprocess.run([sys.executable, "-m", "clusterlm", *sys.argv[1:]], capture_output=True, text=True)
+done = subprocess.run([sys.executable, "-m", "clusterlm", *sys.argv[1:]], \
+capture_output=True, text=True)
 print(done.returncode)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
 sys.stderr.write(done.stderr)

@@ -1,5 +1,5 @@
-"""`clusterlm prepare --task` as a user runs it: a JSONL task, re-runs, and one-line errors that leave
---out as it was; task and corpus directories are never mistaken for each other."""
+"""`clusterlm prepare --task` as a user runs it: a JSONL task, re-runs, and one-line errors that
+leave --out as it was; task and corpus directories are never mistaken for each other."""
 
 from __future__ import annotations
 

@@ -1,14 +1,13 @@
 """The trainer as a user runs it: learning, exact resume, checkpoint safety, eval and generate."""
 
-import json
 import math
 import os
-import random
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import TINY, records
 
 from clusterlm import checkpoint
 from clusterlm.checkpoint.resume import find_checkpoint
@@ -18,43 +17,11 @@ from clusterlm.parallel.compiling import separate_compile_cache
 from clusterlm.train.inference import load_for_inference
 from clusterlm.train.trainer import train
 
-TINY = {
-    "model.n_layer": 2,
-    "model.n_head": 2,
-    "model.n_embd": 32,
-    "model.block_size": 32,
-    "training.micro_batch_size": 4,
-    "training.eval_batches": 2,
-    "training.log_interval": 1,
-    "optim.warmup_steps": 5,
-    "metrics.progress": "none",
-    "metrics.tensorboard": False,
-    "training.precision": "fp32",
-}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A small deterministic corpus, prepared once for the module with the char tokenizer."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["thou", "art", "the", "king", "of", "my", "heart", "and", "love", "doth", "speak"]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(6000)]
-    (root / "text.txt").write_text("\n".join(lines) + "\n")
-    out = root / "prepared"
-    assert cli(["prepare", str(root / "text.txt"), "--out", str(out), "--workers", "1"]) == 0
-    return out
-
 
 def config(data_dir: Path, out_dir: Path, **overrides):
     values = {**TINY, "data.dir": str(data_dir), "training.out_dir": str(out_dir)}
     values.update({key.replace("__", "."): value for key, value in overrides.items()})
     return build_config(None, values)
-
-
-def records(out_dir: Path, kind: str) -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def losses(out_dir: Path) -> dict[int, float]:
@@ -256,7 +223,8 @@ def test_gpu_breakdown_splits_kernel_time_by_kind_and_counts_the_device_idle_bet
     )
     assert (
         kernel_kind(
-            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>"
+            "void at::native::(anonymous namespace)::"
+            "multi_tensor_apply_kernel<FusedAdamMathFunctor>"
         )
         == "optimizer"
     )
@@ -332,7 +300,8 @@ def test_a_run_restricted_to_an_instruction_set_compiles_into_a_cache_of_its_own
 ):
     """torch's compiled-graph cache ignores ATEN_CPU_CAPABILITY (an AVX-512 graph reused under
     AVX2 gave NaN losses), so a compiling run that sets it caches apart; a named cache is kept.
-    (Checked by hand: the speedrun config, compiled, under ATEN_CPU_CAPABILITY=avx2 then trains like eager.)"""
+    (Checked by hand: the speedrun config, compiled, under ATEN_CPU_CAPABILITY=avx2 then trains
+    like eager.)"""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     separate_compile_cache()

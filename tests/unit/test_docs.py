@@ -74,7 +74,8 @@ def links(path: Path) -> list[tuple[int, str]]:
 
 
 def broken(path: Path, target: str) -> str | None:
-    """Why a relative link does not resolve, or None when it does (absolute URLs are not checked)."""
+    """Why a relative link does not resolve, or None when it does (absolute URLs are not
+    checked)."""
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target):
         return None
     file_part, _, fragment = target.partition("#")
@@ -117,7 +118,8 @@ def test_docs_and_benchmarks_exist():
 def test_configuration_reference_is_generated():
     page = ROOT / "docs" / "configuration.md"
     assert page.read_text(encoding="utf-8") == render_reference(), (
-        f"docs/configuration.md differs from the config dataclasses; regenerate it with `{REGENERATE}`"
+        "docs/configuration.md differs from the config dataclasses; "
+        f"regenerate it with `{REGENERATE}`"
     )
 
 

@@ -1,7 +1,8 @@
 """Where a training step's time goes, by kind of work (``bench train --breakdown``).
 
-- On a CPU the operators' self times from the profiler, summed by kind (``WORK_KINDS``); the rest of
-  the wall time, "outside ops", is spent outside operators (Python, autograd, the compiler's guards).
+- On a CPU the operators' self times from the profiler, summed by kind (``WORK_KINDS``); the rest
+  of the wall time, "outside ops", is spent outside operators (Python, autograd, the compiler's
+  guards).
 - On a GPU the device's own timeline: each kernel's duration summed by kind (``KERNEL_KINDS``,
   host-to-device copies as "data"), and "idle gaps", the wall time in which no kernel ran: the
   device waiting for the host (launch overhead, synchronizations, the loader).
@@ -70,7 +71,8 @@ def kernel_breakdown(
     kernels: list[tuple[float, float, str]], wall: float, steps: int
 ) -> dict[str, float]:
     """Seconds per step by kind of kernel from ``(start_s, end_s, name)`` device events over
-    ``steps`` steps of ``wall`` seconds each, and the idle gaps: wall time with no kernel running."""
+    ``steps`` steps of ``wall`` seconds each, and the idle gaps: wall time with no kernel
+    running."""
     spent = dict.fromkeys([*KERNEL_KINDS, "other kernels"], 0.0)
     for start, end, name in kernels:
         spent[kernel_kind(name)] += (end - start) / steps

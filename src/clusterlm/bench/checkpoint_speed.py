@@ -22,7 +22,8 @@ from clusterlm.train.trainer import train_step
 def _stalls(
     cfg: Config, background: bool, saves: int, steps: int
 ) -> tuple[list[float], float, float, int]:
-    """(stall of each save, seconds per training step, background write seconds, checkpoint bytes)."""
+    """(stall of each save, seconds per training step, background write seconds, checkpoint
+    bytes)."""
     s = build_session(cfg)
     s.writer.background = background
     train_step(s)
@@ -63,15 +64,17 @@ def bench_checkpoint(cfg: Config, saves: int, steps: int) -> list[str]:
         if sync_stall is None:
             sync_stall = mean
             lines.append(
-                f"checkpoint {size / 2**20:.0f} MiB per save, {saves} saves, {steps} training steps "
-                f"of {step_s:.2f} s between saves"
+                f"checkpoint {size / 2**20:.0f} MiB per save, {saves} saves, "
+                f"{steps} training steps of {step_s:.2f} s between saves"
             )
             lines.append(
-                f"synchronous:  stall per save {mean:.2f} s (min {min(stalls):.2f}, max {max(stalls):.2f})"
+                f"synchronous:  stall per save {mean:.2f} s "
+                f"(min {min(stalls):.2f}, max {max(stalls):.2f})"
             )
         else:
             lines.append(
-                f"asynchronous: stall per save {mean:.2f} s (min {min(stalls):.2f}, max {max(stalls):.2f})"
+                f"asynchronous: stall per save {mean:.2f} s "
+                f"(min {min(stalls):.2f}, max {max(stalls):.2f})"
                 f" = {100 * mean / sync_stall:.0f}% of synchronous; written in the background in "
                 f"{write_s:.2f} s"
             )

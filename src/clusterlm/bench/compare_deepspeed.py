@@ -8,8 +8,9 @@ framework's alone; jobs alternate per round (DeepSpeed ZeRO-1, clusterlm zero1, 
 ``warmup`` untimed steps and ``steps`` timed ones (the slowest rank's time per step), and reports
 tokens/s and its resident-memory growth: the peak resident set size minus the size before the model
 was built. Jobs seconds apart can still meet a shared machine in different moods (step times move
-between rounds: benchmarks/deepspeed-cpu-xeon-amx-2026-12-01.md), so the speed ratio comes from one more job per stage that
-builds both frameworks in the same processes and times them in alternating blocks of steps.
+between rounds: benchmarks/deepspeed-cpu-xeon-amx-2026-12-01.md), so the speed ratio comes from one
+more job per stage that builds both frameworks in the same processes and times them in alternating
+blocks of steps.
 
 DeepSpeed runs in fp32 with torch's AdamW (``DS_BUILD_OPS=0`` installs it on a CPU machine without
 building ops; its first run JIT-compiles its shared-memory collective op into
@@ -155,7 +156,8 @@ STEPPERS = {"deepspeed": _deepspeed_stepper, "clusterlm": _clusterlm_stepper}
 def _job(
     rank: int, world: int, framework: str, cfg: Config, stage: int, warmup: int, steps: int
 ) -> tuple[float, int, int]:
-    """One framework alone in fresh processes: (seconds per step, tokens per step, memory growth)."""
+    """One framework alone in fresh processes: (seconds per step, tokens per step, memory
+    growth)."""
     torch.set_num_threads(cfg.training.threads or 1)
     before = _rss()
     step, tokens_per_step = STEPPERS[framework](rank, world, cfg, stage)
@@ -208,18 +210,7 @@ def compare(
             "DeepSpeed is not installed; install the optional extra: DS_BUILD_OPS=0 pip install "
             "'clusterlm[compare]'"
         ) from None
-    cfg = apply_overrides(
-        cfg,
-        {
-            "training.precision": "fp32",
-            "training.compile": False,  # what both run alike on any CPU
-            "checkpoint.resume": "none",
-            "training.tokens_per_step": cfg.training.micro_batch_size
-            * cfg.seq_len
-            * nproc
-            * accumulation,
-        },
-    )
+    cfg = _shared_config(cfg, nproc, accumulation)
     results, paired = [], {}
     for _ in range(rounds):
         for stage in stages:
@@ -256,6 +247,21 @@ def compare(
     return results, paired
 
 
+def _shared_config(cfg: Config, nproc: int, accumulation: int) -> Config:
+    """``cfg`` as both frameworks run it: fp32, not compiled, not resumed, each step
+    ``accumulation`` micro-batches on each of ``nproc`` ranks."""
+    tokens_per_step = cfg.training.micro_batch_size * cfg.seq_len * nproc * accumulation
+    return apply_overrides(
+        cfg,
+        {
+            "training.precision": "fp32",
+            "training.compile": False,  # what both run alike on any CPU
+            "checkpoint.resume": "none",
+            "training.tokens_per_step": tokens_per_step,
+        },
+    )
+
+
 def _spawn(name: str, job: Callable[..., Any], nproc: int, *args: Any, timeout: float) -> list[Any]:
     try:
         return run_local(job, nproc, *args, timeout=timeout)
@@ -267,14 +273,18 @@ def _spawn(name: str, job: Callable[..., Any], nproc: int, *args: Any, timeout: 
 
 def _row(r: JobResult) -> str:
     memory = " ".join(f"{b / 2**20:7.1f}" for b in r.memory_bytes)
-    return f"{r.framework:<10} {r.stage:>4} {r.tokens_per_s:>10,.0f} {r.seconds_per_step * 1e3:>8.1f}  {memory}"
+    return (
+        f"{r.framework:<10} {r.stage:>4} {r.tokens_per_s:>10,.0f} "
+        f"{r.seconds_per_step * 1e3:>8.1f}  {memory}"
+    )
 
 
 def report(
     results: list[JobResult], paired: dict[int, list[float]], nproc: int, accumulation: int = 1
 ) -> list[str]:
     lines = [
-        f"{'framework':<10} {'ZeRO':>4} {'tokens/s':>10} {'ms/step':>8}  peak memory growth per rank (MiB)"
+        f"{'framework':<10} {'ZeRO':>4} {'tokens/s':>10} {'ms/step':>8}  "
+        "peak memory growth per rank (MiB)"
     ]
     lines += [_row(r) for r in results]
     for stage in sorted({r.stage for r in results}):
@@ -294,7 +304,8 @@ def report(
             f"ZeRO-{stage} on {nproc} processes{steps}: clusterlm / DeepSpeed tokens/s = "
             f"{speed['clusterlm'] / speed['deepspeed']:.2f} (median over separate jobs)"
             + (
-                f", {statistics.median(ratios):.2f} (median of {len(ratios)} paired rounds in one job: "
+                f", {statistics.median(ratios):.2f} "
+                f"(median of {len(ratios)} paired rounds in one job: "
                 f"{' '.join(f'{r:.2f}' for r in ratios)})"
                 if ratios
                 else ""

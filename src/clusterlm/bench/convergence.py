@@ -81,7 +81,8 @@ class Outcome:
             "staleness_max": self.last.get("staleness_max"),
             "staleness_mean": self.last.get("staleness_mean"),
             "pushes_per_s_per_server": pushes / seconds if pushes and servers else None,
-            # the busiest server's time applying updates, over the run's: 1.0 would make it the bottleneck
+            # the busiest server's time applying updates, over the run's: 1.0 would make it the
+            # bottleneck
             "server_utilization": self.last["ps_server_busy_s"] / seconds
             if pushes and servers
             else None,
@@ -285,13 +286,14 @@ def format_row(run: dict[str, Any]) -> str:
         return format(run[key], f">{width}{spec}") if run[key] is not None else f"{'-':>{width}}"
 
     return (
-        f"{run['name']:<15} {run['processes']:>5} {run['final_val_loss']:>8.4f} {run['wall_s']:>7.1f} "
-        f"{run['tokens_per_s']:>9,.0f} {number('staleness_max', 6, '.0f')} {number('staleness_mean', 7, '.2f')} "
+        f"{run['name']:<15} {run['processes']:>5} {run['final_val_loss']:>8.4f} "
+        f"{run['wall_s']:>7.1f} {run['tokens_per_s']:>9,.0f} "
+        f"{number('staleness_max', 6, '.0f')} {number('staleness_mean', 7, '.2f')} "
         f"{number('pushes_per_s_per_server', 15, '.1f')} {number('server_utilization', 11, '.0%')}"
     )
 
 
 HEADER = (
-    f"{'run':<15} {'procs':>5} {'val loss':>8} {'wall s':>7} {'tokens/s':>9} {'st max':>6} {'st mean':>7} "
-    f"{'pushes/s/server':>15} {'server busy':>11}"
+    f"{'run':<15} {'procs':>5} {'val loss':>8} {'wall s':>7} {'tokens/s':>9} "
+    f"{'st max':>6} {'st mean':>7} {'pushes/s/server':>15} {'server busy':>11}"
 )

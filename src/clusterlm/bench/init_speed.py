@@ -84,7 +84,8 @@ def bench_init(cfg: Config) -> list[str]:
     gib = 2**30
     lines = [
         f"init: {cfg.model.flavour} {cfg.model.n_layer}x{cfg.model.n_embd}, "
-        f"{cfg.parallel.data_parallel} tp{cfg.parallel.tp} pp{cfg.parallel.pp}, {len(ranks)} rank(s), "
+        f"{cfg.parallel.data_parallel} tp{cfg.parallel.tp} pp{cfg.parallel.pp}, "
+        f"{len(ranks)} rank(s), "
         f"device {torch.device(cfg.training.device) if cfg.training.device != 'auto' else 'auto'}",
         "rank  ready s  RSS before GiB  peak RSS GiB  fp32 share GiB  (peak - before) / share",
     ]

@@ -71,9 +71,9 @@ def kernel_rates(work: Workload, micro_batch: int) -> dict[str, float]:
 
 
 def relative_kernel_rates(work: Workload, micro_batch: int, fp32_peak: float) -> dict[str, float]:
-    """``kernel_rates`` scaled so that fp32's linear layers run at ``fp32_peak`` (the matmul probe's):
-    an isolated probe reads lower than the same kernels inside a training step (warm caches,
-    reused allocations), so only its ratios are used, by kind and precision."""
+    """``kernel_rates`` scaled so that fp32's linear layers run at ``fp32_peak`` (the matmul
+    probe's): an isolated probe reads lower than the same kernels inside a training step (warm
+    caches, reused allocations), so only its ratios are used, by kind and precision."""
     rates = kernel_rates(work, micro_batch)
     fp32 = (
         rates

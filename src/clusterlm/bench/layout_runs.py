@@ -105,7 +105,8 @@ def case_config(case: ValidationCase, data_dir: str, out_dir: str, peak_flops: f
 def measure_rank(
     rank: int, world_size: int, cfg: Config, warmup: int, steps: int
 ) -> tuple[int, int, list[float]]:
-    """Run on every rank: (model-state bytes, activation bytes, per-step seconds of the slowest rank)."""
+    """Run on every rank: (model-state bytes, activation bytes, per-step seconds of the slowest
+    rank)."""
     session = build_session(cfg)
     activations = step_activation_bytes(session)
     state = state_after_next_step(session)
@@ -205,7 +206,8 @@ def run_validation(
                 rounds_measured[case.name].append(measured)
                 if progress:
                     progress(
-                        f"round {round_index + 1}: {case.name} {measured.step_seconds * 1e3:.1f} ms/step"
+                        f"round {round_index + 1}: {case.name} "
+                        f"{measured.step_seconds * 1e3:.1f} ms/step"
                     )
     results, rates = [], {}
     for case in cases:

@@ -271,7 +271,8 @@ class BubbleSample:
 
 
 def pipeline_bubble(session: Session, steps: int) -> list[BubbleSample]:
-    """Time ``steps`` pipelined training steps inside the schedule; collective, every rank runs it."""
+    """Time ``steps`` pipelined training steps inside the schedule; collective, every rank runs
+    it."""
     samples = []
     pipeline = session.model.pipeline
     assert pipeline is not None  # a pipelined run

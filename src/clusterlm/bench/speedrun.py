@@ -30,7 +30,8 @@ from clusterlm.train.trainer import train_step
 
 @dataclass
 class Run:
-    """One run to the target: seconds to it (None when ``steps`` ran out first) and each evaluation."""
+    """One run to the target: seconds to it (None when ``steps`` ran out first) and each
+    evaluation."""
 
     name: str
     settings: str
@@ -110,7 +111,8 @@ def cpu_description() -> str:
 
 def report(runs: list[Run], target: float) -> list[str]:
     lines = [
-        f"time to val loss <= {target} (same {len(runs) and 'fixed'} validation windows), CPU: {cpu_description()}"
+        f"time to val loss <= {target} (same {len(runs) and 'fixed'} validation windows), "
+        f"CPU: {cpu_description()}"
     ]
     for run in runs:
         reached = (

@@ -111,14 +111,14 @@ def _timing_lines(
         "both variants together" if len(sessions) > 1 else "this process"
     )  # one process holds both
     lines.append(
-        f"device {device}; {config.tokens_per_step:,} tokens/step; median of {rounds} x {steps} steps; "
+        f"device {device}; {config.tokens_per_step:,} tokens/step; "
+        f"median of {rounds} x {steps} steps; "
         f"peak memory (rank 0, {whose}) {peak_memory_bytes(device) / 2**20:.0f} MiB"
     )
     for name, session in sessions.items():
         if session.balancer is not None:
-            lines.append(
-                f"load balance ({name}): micro-batches per rank {','.join(map(str, session.balancer.counts))}"
-            )
+            counts = ",".join(map(str, session.balancer.counts))
+            lines.append(f"load balance ({name}): micro-batches per rank {counts}")
     if "baseline" in tokens_per_s:
         lines.append(
             f"speed-up over baseline: {tokens_per_s['config'] / tokens_per_s['baseline']:.2f}x"
@@ -132,16 +132,18 @@ def _timing_row(name: str, session: Session, seconds: float) -> str:
     mfu = tokens_per_s * session.flops_per_token / session.runtime.world_size / peak
     t = session.cfg.training
     return (
-        f"{name:<10} {1000 * seconds:>9.2f} {tokens_per_s:>11,.0f} {100 * mfu:>6.2f}% {peak / 1e12:>13.3f}"
-        f"  {describe_layout(session.cfg, session.runtime)}, precision={t.precision} compile={t.compile} "
-        f"attention={t.attention} ac={t.activation_checkpointing} fused_adamw={session.cfg.optim.fused} "
+        f"{name:<10} {1000 * seconds:>9.2f} {tokens_per_s:>11,.0f} {100 * mfu:>6.2f}% "
+        f"{peak / 1e12:>13.3f}  {describe_layout(session.cfg, session.runtime)}, "
+        f"precision={t.precision} compile={t.compile} attention={t.attention} "
+        f"ac={t.activation_checkpointing} fused_adamw={session.cfg.optim.fused} "
         f"threads={torch.get_num_threads()}"
     )
 
 
 def _activation_line(session: Session, measured: int) -> str:
-    """The first block's saved bytes per micro-batch next to the planner's ``layer_activation_bytes``
-    for the layout the trainer derived from the config (``layout_from_config``)."""
+    """The first block's saved bytes per micro-batch next to the planner's
+    ``layer_activation_bytes`` for the layout the trainer derived from the config
+    (``layout_from_config``)."""
     cfg, runtime = session.cfg, session.runtime
     layout = layout_from_config(cfg, runtime.world_size)
     work = Workload(
@@ -153,7 +155,8 @@ def _activation_line(session: Session, measured: int) -> str:
     )
     predicted = layer_activation_bytes(work, layout)
     return (
-        f"activations per layer per micro-batch (rank {runtime.rank}): measured {measured / 2**10:.1f} KiB, "
+        f"activations per layer per micro-batch (rank {runtime.rank}): "
+        f"measured {measured / 2**10:.1f} KiB, "
         f"planner {predicted / 2**10:.1f} KiB ({layout.describe()}, {cfg.training.precision}): "
         f"ratio {measured / predicted:.2f}"
     )
@@ -179,7 +182,8 @@ def _bubble_line(session: Session, samples: list[BubbleSample]) -> str:
     return (
         f"pipeline bubble ({schedule}, p={p}, m={m}, v={v}): measured {measured:.3f} "
         f"(median of {len(samples)} steps; schedule {1000 * middle.schedule_s:.1f} ms, "
-        f"compute {1000 * middle.compute_s:.1f} ms), formula {name} = {formula:.3f}, ratio {measured / formula:.2f}"
+        f"compute {1000 * middle.compute_s:.1f} ms), formula {name} = {formula:.3f}, "
+        f"ratio {measured / formula:.2f}"
     )
 
 

@@ -112,7 +112,8 @@ class CheckpointWriter:
     ) -> None:
         started = time.perf_counter()
         with failing_cleanly(final.parent):
-            upload.result()  # on rank 0 this returns once every rank's share and DCP's metadata are written
+            # On rank 0 this returns once every rank's share and DCP's metadata are written.
+            upload.result()
             if main:
                 dcp_io.finish_checkpoint(tmp, final, *finish_args)
         self.last_write_s = time.perf_counter() - started

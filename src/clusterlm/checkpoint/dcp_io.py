@@ -7,7 +7,8 @@ Layout under ``<out_dir>/checkpoints``::
         tensors.json          the index of those tensors: dtype, shape, chunks, byte ranges
         trainer.json          step, tokens seen, data-loader position, config (plain JSON)
         tokenizer.json        so generation needs nothing but the checkpoint
-        complete.json         sha256 of every file above; written last, so its presence means complete
+        complete.json         sha256 of every file above; written last, so its presence
+                              means complete
     latest                    name of the newest complete checkpoint; updated after the rename
 
 A checkpoint is written into a hidden temporary directory and renamed when complete, so a crash
@@ -179,8 +180,8 @@ def verify(path: Path) -> dict[str, Any]:
             or not isinstance(expected, str)
         ):
             raise UserError(
-                f"checkpoint {path} lists {ascii(name)[:60]} in {COMPLETE}, which is not a file name; "
-                "it is damaged or not a clusterlm checkpoint"
+                f"checkpoint {path} lists {ascii(name)[:60]} in {COMPLETE}, "
+                "which is not a file name; it is damaged or not a clusterlm checkpoint"
             )
         if not (path / name).is_file():
             raise UserError(f"checkpoint {path} is missing {name}; it is damaged, pick another")
@@ -263,11 +264,11 @@ class CheckpointReader:
 def check_compatible(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose architecture differs, naming the first differing setting."""
     saved_model, model = saved_config.get("model", {}), config.get("model", {})
-    for key in sorted(
-        (set(saved_model) | set(model)) - {"init_from"}
-    ):  # where the weights began: not architecture
+    # init_from is where the weights began: not architecture.
+    for key in sorted((set(saved_model) | set(model)) - {"init_from"}):
         if saved_model.get(key) != model.get(key):
             raise UserError(
-                f"checkpoint {path} was trained with model.{key} = {saved_model.get(key)!r}, this config "
-                f"has {model.get(key)!r}; use the same model settings or a new training.out_dir"
+                f"checkpoint {path} was trained with model.{key} = {saved_model.get(key)!r}, "
+                f"this config has {model.get(key)!r}; use the same model settings or a new "
+                "training.out_dir"
             )

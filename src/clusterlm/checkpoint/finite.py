@@ -50,6 +50,7 @@ def check_finite(state: Mapping[str, Any], step: int) -> None:
             name = "a tensor of another rank"
     if name is not None:
         raise UserError(
-            f"step {step}: {name} holds NaN or infinite values; the checkpoint was not saved, so the "
-            "newest complete one is from before; lower optim.lr or set training.skip_nonfinite = true"
+            f"step {step}: {name} holds NaN or infinite values; the checkpoint was not saved, "
+            "so the newest complete one is from before; lower optim.lr or set "
+            "training.skip_nonfinite = true"
         )

@@ -143,9 +143,8 @@ def take(out_dir: str | Path, me: Holder) -> OutDirLock:
     global _held_token
     path = Path(out_dir) / LOCK
     replaced = None
-    for _ in range(
-        8
-    ):  # each pass either creates the lock or removes a stale one that was in the way
+    # Each pass either creates the lock or removes a stale one that was in the way.
+    for _ in range(8):
         if exclusive_write_json(path, asdict(me)):
             _held_token = me.token
             return OutDirLock(path, me, replaced=replaced)
@@ -193,13 +192,13 @@ def _refuse_if_alive(holder: Holder, out_dir: str | Path, path: Path) -> None:
     state = alive(holder)
     if state is True:
         raise UserError(
-            f"{out_dir} is in use by another run ({holder.describe()}); wait for it to end or choose "
-            "another training.out_dir"
+            f"{out_dir} is in use by another run ({holder.describe()}); wait for it to end or "
+            "choose another training.out_dir"
         )
     if state is None:
         raise UserError(
-            f"{out_dir} is in use by another run ({holder.describe()}); if that run is gone, delete "
-            f"{path}, else choose another training.out_dir"
+            f"{out_dir} is in use by another run ({holder.describe()}); if that run is gone, "
+            f"delete {path}, else choose another training.out_dir"
         )
 
 

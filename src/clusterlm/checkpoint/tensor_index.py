@@ -244,7 +244,8 @@ def _ints(value: Any, what: str, length: int | None) -> tuple[int, ...]:
 
 
 def _show(value: Any) -> str:
-    """A value from the file as one short line: ``ascii`` escapes newlines and control characters."""
+    """A value from the file as one short line: ``ascii`` escapes newlines and control
+    characters."""
     text = ascii(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

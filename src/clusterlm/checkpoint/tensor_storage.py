@@ -1,9 +1,10 @@
 """How DCP writes and reads a checkpoint's tensors here: raw bytes and a JSON index, no pickle.
 
 DCP's own ``FileSystemWriter`` stores each tensor with ``torch.save`` and its metadata with
-``pickle``, and its reader unpickles both (and non-tensor entries with no restriction). ``TensorWriter``
-writes each rank's tensor chunks as their raw bytes, one file per rank, and the coordinator
-writes ``tensors.json`` (``clusterlm.checkpoint.tensor_index``) in place of ``.metadata``.
+``pickle``, and its reader unpickles both (and non-tensor entries with no restriction).
+``TensorWriter`` writes each rank's tensor chunks as their raw bytes, one file per rank, and the
+coordinator writes ``tensors.json`` (``clusterlm.checkpoint.tensor_index``) in place of
+``.metadata``.
 ``SafeFileSystemReader`` reads that index and copies each chunk's bytes into the tensors being
 loaded. ``CheckedLoadPlanner`` compares the index with the state being loaded before anything
 is read: every tensor wanted must be saved with its shape and dtype, and, for a whole state,
@@ -58,7 +59,8 @@ class TensorWriter(dcp.FileSystemWriter):
             for item in plan.items:
                 if item.type == WriteItemType.BYTE_IO:
                     raise TypeError(
-                        f"checkpoint entry {item.index.fqn} is not a tensor; save it in trainer.json"
+                        f"checkpoint entry {item.index.fqn} is not a tensor; "
+                        "save it in trainer.json"
                     )
                 data = planner.resolve_data(item)
                 assert isinstance(data, torch.Tensor)  # a BYTE_IO item is refused above
@@ -92,8 +94,9 @@ def read_index(path: Path) -> Metadata:
     if not index.is_file():
         if (path / PICKLED_METADATA).exists():
             raise UserError(
-                f"checkpoint {path} predates clusterlm's pickle-free checkpoint format (its tensor index "
-                "is a pickle, which is never opened); use a newer checkpoint or train anew"
+                f"checkpoint {path} predates clusterlm's pickle-free checkpoint format "
+                "(its tensor index is a pickle, which is never opened); use a newer checkpoint "
+                "or train anew"
             )
         raise UserError(
             f"checkpoint {path} has no {TENSOR_INDEX}; it is damaged or not a clusterlm checkpoint"
@@ -187,17 +190,19 @@ class CheckedLoadPlanner(DefaultLoadPlanner):
             meta = saved.get(key)
             if meta is None:
                 raise UserError(
-                    f"checkpoint {self.path} has no {key}, which this model needs; it is a checkpoint "
-                    "of another model or training setup"
+                    f"checkpoint {self.path} has no {key}, which this model needs; "
+                    "it is a checkpoint of another model or training setup"
                 )
             if not isinstance(value, torch.Tensor):
                 raise UserError(
-                    f"checkpoint {self.path}: this model's {key} is not a tensor, which is never loaded"
+                    f"checkpoint {self.path}: this model's {key} is not a tensor, "
+                    "which is never loaded"
                 )
             if tuple(value.size()) != tuple(meta.size) or value.dtype != meta.properties.dtype:
+                saved_as = _describe(meta.properties.dtype, meta.size)
                 raise UserError(
-                    f"checkpoint {self.path} holds {key} as {_describe(meta.properties.dtype, meta.size)}"
-                    f", this model needs {_describe(value.dtype, value.size())}; it is a checkpoint "
+                    f"checkpoint {self.path} holds {key} as {saved_as}, this model needs "
+                    f"{_describe(value.dtype, value.size())}; it is a checkpoint "
                     "of another architecture"
                 )
         return dataclasses.replace(
@@ -216,7 +221,8 @@ class CheckedLoadPlanner(DefaultLoadPlanner):
             if extra:
                 more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
                 raise UserError(
-                    f"checkpoint {self.path} holds {extra[0]}{more}, which this model does not have; "
+                    f"checkpoint {self.path} holds {extra[0]}{more}, "
+                    "which this model does not have; "
                     "it is a checkpoint of another model or training setup"
                 )
         plans = [dataclasses.replace(plan, planner_data=None) for plan in global_plan]

@@ -46,8 +46,13 @@ COMMANDS = {
 # command -> subcommand -> one-line description
 SUBCOMMANDS = {
     "bench": {
-        "train": "tokens/s, ms/step, MFU and peak memory of a config; --against times a baseline beside it",
-        "init": "per rank, the time and host memory until the model is parallelized and ready to step",
+        "train": (
+            "tokens/s, ms/step, MFU and peak memory of a config; --against times a baseline "
+            "beside it"
+        ),
+        "init": (
+            "per rank, the time and host memory until the model is parallelized and ready to step"
+        ),
         "comm": "all-reduce algorithms timed over a range of sizes on N local processes",
         "convergence": "one token budget: synchronous, parameter server, local SGD and DiLoCo",
         "checkpoint": "the stall a save costs the training loop, in line and in the background",

@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
         return 0
     if not argv:
         raise UserError(
-            f"clusterlm bench needs a subcommand: {', '.join(MAINS)}; `clusterlm bench --help` says "
-            "what each measures"
+            f"clusterlm bench needs a subcommand: {', '.join(MAINS)}; "
+            "`clusterlm bench --help` says what each measures"
         )
     raise UserError(f"unknown bench subcommand {argv[0]!r}; choose one of: {', '.join(MAINS)}")

@@ -1,17 +1,12 @@
-"""`clusterlm bench comm`: the command line of ``clusterlm.bench.collective_sweep`` (how it times and fits)."""
+"""`clusterlm bench comm`: the command line of ``clusterlm.bench.collective_sweep`` (how it times
+and fits)."""
 
 from __future__ import annotations
 
 import argparse
 
-from clusterlm.bench.collective_sweep import (
-    fits,
-    format_report,
-    measure,
-    parse_sizes,
-    plot,
-    write_json,
-)
+from clusterlm.bench.collective_sweep import fits, measure, parse_sizes
+from clusterlm.bench.sweep_report import format_report, plot, write_json
 from clusterlm.cli.options import Parser
 from clusterlm.comm.allreduce import ALGORITHMS
 from clusterlm.errors import UserError
@@ -45,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--iters",
         type=int,
         default=10,
-        help="back-to-back iterations per timed group; more when a group would last under 20 ms, fewer past 0.25 s (default 10)",
+        help="back-to-back iterations per timed group; more when a group would last under 20 ms, "
+        "fewer past 0.25 s (default 10)",
     )
     parser.add_argument(
         "--warmup", type=int, default=2, help="untimed iterations first (default 2)"

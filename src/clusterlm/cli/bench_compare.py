@@ -1,4 +1,5 @@
-"""`clusterlm bench compare-deepspeed`: the command line of ``clusterlm.bench.compare_deepspeed``."""
+"""`clusterlm bench compare-deepspeed`: the command line of
+``clusterlm.bench.compare_deepspeed``."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def main(argv: list[str]) -> int:
         or args.warmup < 0
     ):
         raise UserError(
-            "--nproc, --accumulation, --steps, --rounds and --paired-rounds must be >= 1 and --warmup >= 0"
+            "--nproc, --accumulation, --steps, --rounds and --paired-rounds must be >= 1 and "
+            "--warmup >= 0"
         )
     overrides = (
         {"training.micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {}

@@ -10,10 +10,10 @@ from clusterlm.cli.options import Parser, parse_dotted_args
 from clusterlm.errors import UserError
 
 DESCRIPTION = (
-    "`clusterlm bench convergence`: train one model on one token budget synchronously (ddp), through a "
-    "parameter server (async, SSP s=1 and s=4), with local SGD (H=4, 16) and DiLoCo, one worker slowed; "
-    "write convergence.json and convergence.png. Dotted --section.key VALUE overrides change the "
-    "study's small default budget (model, steps, batch) for every run."
+    "`clusterlm bench convergence`: train one model on one token budget synchronously (ddp), "
+    "through a parameter server (async, SSP s=1 and s=4), with local SGD (H=4, 16) and DiLoCo, "
+    "one worker slowed; write convergence.json and convergence.png. Dotted --section.key VALUE "
+    "overrides change the study's small default budget (model, steps, batch) for every run."
 )
 
 
@@ -70,8 +70,9 @@ def main(argv: list[str]) -> int:
             f"{name} {ratio:.2f}x" if ratio is not None else f"{name} never"
             for name, ratio in comparison["time_to_target_vs_ddp"].items()
         )
+        target = comparison["target_val_loss"]
         print(
-            f"time to reach ddp's final val loss + 0.05 ({comparison['target_val_loss']:.4f}), as a fraction of "
+            f"time to reach ddp's final val loss + 0.05 ({target:.4f}), as a fraction of "
             f"ddp's wall time: {ratios}"
         )
         print(f"best: {comparison['best']}; 0.7x target met: {comparison['met_0.7x']}")

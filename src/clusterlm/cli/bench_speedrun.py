@@ -8,8 +8,8 @@ from clusterlm.config import build_config
 from clusterlm.errors import UserError
 
 DESCRIPTION = (
-    "`clusterlm bench speedrun`: wall time to a target validation loss for a config and a baseline, "
-    "trained one after the other in this process, compilation and evaluations included."
+    "`clusterlm bench speedrun`: wall time to a target validation loss for a config and a "
+    "baseline, trained one after the other in this process, compilation and evaluations included."
 )
 
 

@@ -58,11 +58,11 @@ def main(argv: list[str]) -> int:
         raise UserError("chaos needs --nproc N (N >= 1) and --kills K (K >= 1)")
     if job.cfg.parallel.hang_timeout_s <= 0:
         raise UserError(
-            "chaos follows the ranks through their heartbeats; leave parallel.hang_timeout_s above 0"
+            "chaos follows the ranks through their heartbeats; "
+            "leave parallel.hang_timeout_s above 0"
         )
-    preflight(
-        job.cfg, job.launch.nproc, job.launch.nnodes
-    )  # the reference run would fail on the same input
+    # the reference run would fail on the same input
+    preflight(job.cfg, job.launch.nproc, job.launch.nnodes)
     train_argv = _without(
         argv,
         {

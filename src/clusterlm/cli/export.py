@@ -18,9 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     hf = formats.add_parser(
         "hf",
         help="a Hugging Face directory (config.json, safetensors, tokenizer) for transformers",
-        description="Write config.json, model.safetensors (sharded with an index past --max-shard-size) and "
-        "the tokenizer files, loadable with AutoModelForCausalLM (bert: AutoModelForMaskedLM) and "
-        "AutoTokenizer.",
+        description="Write config.json, model.safetensors (sharded with an index past "
+        "--max-shard-size) and the tokenizer files, loadable with AutoModelForCausalLM "
+        "(bert: AutoModelForMaskedLM) and AutoTokenizer.",
     )
     hf.add_argument(
         "--run", default="runs/default", help="training.out_dir of the run (its newest checkpoint)"
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument(
         "--max-shard-size",
         default="5GB",
-        help="largest safetensors file before the weights are split, e.g. 5GB, 500MB (default: 5GB)",
+        help="largest safetensors file before the weights are split, e.g. 5GB, 500MB "
+        "(default: 5GB)",
     )
     hf.add_argument(
         "--dtype",
@@ -47,7 +48,6 @@ def main(argv: list[str]) -> int:
     found = find_checkpoint(args.run, args.checkpoint)
     started = time.perf_counter()
     written = export_checkpoint_hf(found, args.out, max_shard, args.dtype)
-    print(
-        f"exported {found.path} to {args.out} in {time.perf_counter() - started:.1f}s: {', '.join(written)}"
-    )
+    elapsed = time.perf_counter() - started
+    print(f"exported {found.path} to {args.out} in {elapsed:.1f}s: {', '.join(written)}")
     return 0

@@ -11,9 +11,9 @@ from clusterlm.train.preemption import EXIT_PREEMPTED
 from clusterlm.train.trainer import train
 
 DESCRIPTION = (
-    "Fine-tune a classifier on a labelled task (`clusterlm prepare --task`): an encoder's pooled [CLS] "
-    "state or a decoder's last token feeds a linear head. Reports accuracy and macro-F1 on the "
-    "validation split while training and on the test split once at the end."
+    "Fine-tune a classifier on a labelled task (`clusterlm prepare --task`): an encoder's pooled "
+    "[CLS] state or a decoder's last token feeds a linear head. Reports accuracy and macro-F1 on "
+    "the validation split while training and on the test split once at the end."
 )
 
 
@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
         return 0
     if not job.cfg.finetune.task:
         raise UserError(
-            "clusterlm finetune needs --task DIR, a directory made by `clusterlm prepare --task ...`"
+            "clusterlm finetune needs --task DIR, "
+            "a directory made by `clusterlm prepare --task ...`"
         )
     if job.launch.launches:
         return launch(job.cfg, job.launch, ["finetune", *argv])
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
     test = summary.final.get("test")
     if test is not None and summary.rank == 0:
         print(
-            f"done: step {summary.step}, test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
-            f"loss {test['loss']:.4f}"
+            f"done: step {summary.step}, test accuracy {test['accuracy']:.4f}, "
+            f"macro-F1 {test['macro_f1']:.4f}, loss {test['loss']:.4f}"
         )
     return EXIT_PREEMPTED if summary.preempted is not None else 0

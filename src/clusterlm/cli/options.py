@@ -30,49 +30,17 @@ def parse_job(
 ) -> JobArguments | None:
     """The config and launch options of ``argv``; None when it asked for --help or
     --print-config, which are printed here. ``add_options`` adds the command's own options;
-    ``shorthands`` maps more options to the config keys they set: {"--task": ("finetune.task", help)};
-    ``flags`` maps options without a value to the boolean keys they set true."""
-    parser = Parser(
-        prog=prog,
-        description=description,
-        add_help=False,
-        epilog="config keys (--section.key VALUE, defaults shown):\n" + help_text(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "-h", "--help", action="store_true", help="show this help and every config key"
-    )
-    parser.add_argument("--config", help="TOML file of settings (see configs/*.toml)")
+    ``shorthands`` maps more options to the config keys they set:
+    {"--task": ("finetune.task", help)}; ``flags`` maps options without a value to the boolean
+    keys they set true."""
     shorthands = {"--resume": ("checkpoint.resume", "none | auto | PATH"), **(shorthands or {})}
-    for option, (key, meaning) in shorthands.items():
-        parser.add_argument(
-            option,
-            dest=f"shorthand:{key}",
-            metavar=key.rpartition(".")[2].upper(),
-            help=f"{meaning} (shorthand for --{key})",
-        )
-    for option, (key, meaning) in (flags or {}).items():
-        parser.add_argument(
-            option, dest=f"flag:{key}", action="store_true", help=f"{meaning} (--{key} true)"
-        )
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config and exit"
-    )
-    if add_options is not None:
-        add_options(parser)
-    _add_launch_arguments(parser)
+    flags = flags or {}
+    parser = _job_parser(prog, description, shorthands, flags, add_options)
     args, rest = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()
         return None
-    overrides = parse_dotted_args(rest)
-    for key, _ in shorthands.values():
-        if getattr(args, f"shorthand:{key}") is not None:
-            overrides[key] = getattr(args, f"shorthand:{key}")
-    overrides.update(
-        {key: "true" for key, _ in (flags or {}).values() if getattr(args, f"flag:{key}")}
-    )
-    cfg = build_config(args.config, overrides)
+    cfg = build_config(args.config, _overrides(args, rest, shorthands, flags))
     if args.print_config:
         print(cfg.to_json())
         return None
@@ -86,6 +54,62 @@ def parse_job(
         args.rdzv_conf,
     )
     return JobArguments(cfg, launch, args)
+
+
+def _job_parser(
+    prog: str,
+    description: str,
+    shorthands: dict[str, tuple[str, str]],
+    flags: dict[str, tuple[str, str]],
+    add_options: Callable[[argparse.ArgumentParser], None] | None,
+) -> Parser:
+    """The parser of a job's command line: config, shorthands, flags, the command's own options
+    and the launcher's; --help lists every config key after them."""
+    parser = Parser(
+        prog=prog,
+        description=description,
+        add_help=False,
+        epilog="config keys (--section.key VALUE, defaults shown):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-h", "--help", action="store_true", help="show this help and every config key"
+    )
+    parser.add_argument("--config", help="TOML file of settings (see configs/*.toml)")
+    for option, (key, meaning) in shorthands.items():
+        parser.add_argument(
+            option,
+            dest=f"shorthand:{key}",
+            metavar=key.rpartition(".")[2].upper(),
+            help=f"{meaning} (shorthand for --{key})",
+        )
+    for option, (key, meaning) in flags.items():
+        parser.add_argument(
+            option, dest=f"flag:{key}", action="store_true", help=f"{meaning} (--{key} true)"
+        )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    if add_options is not None:
+        add_options(parser)
+    _add_launch_arguments(parser)
+    return parser
+
+
+def _overrides(
+    args: argparse.Namespace,
+    rest: list[str],
+    shorthands: dict[str, tuple[str, str]],
+    flags: dict[str, tuple[str, str]],
+) -> dict[str, str]:
+    """The dotted overrides left in ``rest``, plus the config keys its shorthands and flags set."""
+    overrides = parse_dotted_args(rest)
+    for key, _ in shorthands.values():
+        value = getattr(args, f"shorthand:{key}")
+        if value is not None:
+            overrides[key] = value
+    overrides.update({key: "true" for key, _ in flags.values() if getattr(args, f"flag:{key}")})
+    return overrides
 
 
 def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,7 +153,8 @@ OVERWRITE = {
 
 
 def parse_dotted_args(args: list[str]) -> dict[str, str]:
-    """['--training.steps', '200', '--optim.lr=3e-4'] -> {'training.steps': '200', 'optim.lr': '3e-4'}."""
+    """['--training.steps', '200', '--optim.lr=3e-4']
+    -> {'training.steps': '200', 'optim.lr': '3e-4'}."""
     values, i = {}, 0
     while i < len(args):
         arg = args[i]

@@ -4,7 +4,8 @@ clusterlm plan --model llama-8b --cluster 8xH100 --nodes 4 --global-batch-tokens
 clusterlm plan --published                  # predictions against published large runs
 clusterlm plan --validate         # train tiny models in 1-4 process layouts here, fit, compare
 clusterlm plan --validate --gpu-data        # predictions against the stored GPU measurements
-clusterlm plan --model nano-cpu --vocab-size 65 --cluster cpu --calibration runs/plan-calibration.json
+clusterlm plan --model nano-cpu --vocab-size 65 --cluster cpu \
+--calibration runs/plan-calibration.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_workload_arguments(p)
+    _add_search_arguments(p)
+    _add_validation_arguments(p)
+    return p
+
+
+def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """What is trained on what: the model, the cluster, the batch and the precision."""
     p.add_argument(
         "--model", help="model preset (configs/NAME.toml, e.g. llama-8b) or config TOML path"
     )
@@ -60,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="assume attention stores its s x s scores (no FlashAttention/SDPA kernel)",
     )
+
+
+def _add_search_arguments(p: argparse.ArgumentParser) -> None:
+    """How layouts are judged and ranked, and what is done with the best one."""
     p.add_argument(
         "--headroom", type=float, default=0.9, help="fraction of device memory a layout may use"
     )
@@ -79,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--emit-config", metavar="OUT.toml", help="write the best layout as a clusterlm config"
     )
+
+
+def _add_validation_arguments(p: argparse.ArgumentParser) -> None:
+    """The planner's predictions against published runs, stored measurements or runs here."""
     p.add_argument(
         "--published",
         nargs="?",
@@ -102,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-out",
         metavar="FILE.json",
         default="runs/plan-calibration.json",
-        help="with --validate: where to write the fitted calibration (default runs/plan-calibration.json)",
+        help="with --validate: where to write the fitted calibration "
+        "(default runs/plan-calibration.json)",
     )
     p.add_argument(
         "--validate-steps",
@@ -116,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="with --validate: rounds over all layouts; each keeps its least disturbed round",
     )
-    return p
 
 
 def main(argv: list[str]) -> int:
@@ -134,18 +151,14 @@ def main(argv: list[str]) -> int:
         return 0
     if args.validate:
         return _validate(args.calibration_out, args.validate_steps, args.validate_rounds)
+    return _plan(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Search the layouts of one model on one cluster; print the ranking and the best layout."""
     _check_options(args)
     model = load_model_args(args.model, args.vocab_size)
-    cluster = load_cluster(args.cluster)
-    if args.nodes is not None:
-        cluster = cluster.with_nodes(args.nodes)
-    calibration = cluster.calibration
-    if args.calibration:
-        calibration = load_calibration(args.calibration)
-        check_device(calibration, cluster.device.name, args.calibration)
-    if args.efficiency is not None:
-        calibration = dataclasses.replace(calibration, compute_efficiency=args.efficiency)
-    cluster = dataclasses.replace(cluster, calibration=calibration)
+    cluster = _cluster(args)
     seq = args.seq or model.block_size
     work = Workload(
         model,
@@ -157,7 +170,8 @@ def main(argv: list[str]) -> int:
 
     result = search(work, cluster, args.headroom)
     print(
-        f"{args.model} on {cluster.nodes} x {cluster.name} ({cluster.world_size} x {cluster.device.name}, "
+        f"{args.model} on {cluster.nodes} x {cluster.name} "
+        f"({cluster.world_size} x {cluster.device.name}, "
         f"{cluster.device.memory_bytes / GIB:.0f} GiB): {work.global_batch_tokens:,} tokens/step = "
         f"{work.sequences} x {seq}, {work.precision}; {result.considered} layouts considered, "
         f"{len(result.ranked)} fit in {args.headroom:.0%} of memory"
@@ -184,6 +198,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace) -> Cluster:
+    """The cluster of --cluster and --nodes, with the calibration of --calibration and
+    --efficiency where given."""
+    cluster = load_cluster(args.cluster)
+    if args.nodes is not None:
+        cluster = cluster.with_nodes(args.nodes)
+    calibration = cluster.calibration
+    if args.calibration:
+        calibration = load_calibration(args.calibration)
+        check_device(calibration, cluster.device.name, args.calibration)
+    if args.efficiency is not None:
+        calibration = dataclasses.replace(calibration, compute_efficiency=args.efficiency)
+    return dataclasses.replace(cluster, calibration=calibration)
+
+
 def _check_options(args: argparse.Namespace) -> None:
     if not args.model:
         raise UserError("--model is required; e.g. --model llama-8b (or --published / --validate)")
@@ -192,9 +221,8 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.top <= 0:
         raise UserError(f"--top must be positive, got {args.top}")
     if args.emit_config:
-        check_output_path(
-            args.emit_config, "--emit-config", directory=False
-        )  # before the search, not after
+        # before the search, not after
+        check_output_path(args.emit_config, "--emit-config", directory=False)
 
 
 def _validate(calibration_out: str, steps: int, rounds: int) -> int:

@@ -16,10 +16,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="clusterlm prepare",
         description="Tokenize text into checksummed token shards.",
-        epilog="Inputs are read as UTF-8; \\r\\n becomes \\n and Project Gutenberg headers, footers "
-        "and licence notices are removed. Validation data is a seeded span of --val-fraction "
-        "of every document's tokens.",
+        epilog="Inputs are read as UTF-8; \\r\\n becomes \\n and Project Gutenberg headers, "
+        "footers and licence notices are removed. Validation data is a seeded span of "
+        "--val-fraction of every document's tokens.",
     )
+    _add_io_arguments(p)
+    _add_corpus_arguments(p)
+    _add_task_arguments(p)
+    return p
+
+
+def _add_io_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the text comes from and where the dataset goes."""
     p.add_argument(
         "inputs",
         nargs="*",
@@ -36,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more input, like a positional INPUT (repeatable)",
     )
     p.add_argument("--out", required=True, help="output directory: local path or fsspec URL")
+
+
+def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
+    """How the text is read, tokenized, split into train and validation, and sharded."""
     p.add_argument(
         "--tokenizer",
         default="char",
@@ -78,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse an input line (of a text file, or of --task jsonl:PATH) longer than this many "
         f"bytes; inputs are read a line at a time (default: {DEFAULT_MAX_LINE_BYTES}, 1 MiB)",
     )
+
+
+def _add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """A labelled classification task written instead of a corpus."""
     task = p.add_argument_group("labelled tasks (for `clusterlm finetune`)")
     task.add_argument(
         "--task",
@@ -98,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="share of every label's scenes (or lines) held out for test (default: 0.1)",
     )
-    return p
 
 
 def main(argv: list[str]) -> int:

@@ -23,9 +23,11 @@ def build_parser() -> Parser:
     parser = Parser(
         prog="clusterlm submit",
         description="Submit a training job to a scheduler; prints the job id.",
-        usage="clusterlm submit --scheduler slurm --nodes N --procs-per-node P [options] -- <train options>",
-        epilog="Everything after -- is `clusterlm train`'s options (see `clusterlm train --help`). The job "
-        "trains with --resume auto, so when requeued it continues from its newest checkpoint.",
+        usage="clusterlm submit --scheduler slurm --nodes N --procs-per-node P [options] "
+        "-- <train options>",
+        epilog="Everything after -- is `clusterlm train`'s options (see `clusterlm train --help`). "
+        "The job trains with --resume auto, so when requeued it continues from its newest "
+        "checkpoint.",
     )
     parser.add_argument(
         "--scheduler", choices=["slurm"], required=True, help="the cluster's scheduler"
@@ -50,7 +52,8 @@ def build_parser() -> Parser:
         "--grace",
         type=int,
         default=120,
-        help="seconds before the time limit at which the job checkpoints and requeues (default 120)",
+        help="seconds before the time limit at which the job checkpoints and requeues "
+        "(default 120)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the batch script instead of submitting it"
@@ -94,10 +97,11 @@ def _refuse_own_launch_options(train_argv: list[str]) -> None:
         name = arg.split("=", 1)[0]
         if name in LAUNCH_OPTIONS:
             raise UserError(
-                f"{name} is torchrun's option; with submit give --nodes and --procs-per-node before `--`"
+                f"{name} is torchrun's option; with submit give --nodes and --procs-per-node "
+                "before `--`"
             )
         if name in ("--resume", "--checkpoint.resume"):
             raise UserError(
-                f"submit always trains with --resume auto (a requeued job continues from the newest "
-                f"checkpoint in training.out_dir); drop {name}"
+                "submit always trains with --resume auto (a requeued job continues from the "
+                f"newest checkpoint in training.out_dir); drop {name}"
             )

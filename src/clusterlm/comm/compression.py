@@ -24,9 +24,8 @@ from clusterlm.comm.allreduce import all_reduce
 @dataclass
 class CompressionStats:
     bytes_uncompressed: int = 0  # what a plain all-reduce of the same buffers would contribute
-    bytes_sent: int = (
-        0  # what this compressor contributed (per rank, before the algorithm's own factor)
-    )
+    # What this compressor contributed (per rank, before the algorithm's own factor).
+    bytes_sent: int = 0
 
     @property
     def compression_ratio(self) -> float:
@@ -95,7 +94,8 @@ class ErrorFeedbackCompressor(Compressor):
 
 
 class PowerSGDCompressor(ErrorFeedbackCompressor):
-    """PowerSGD (Vogels et al. 2019), as torch's ``powerSGD_hook`` with error feedback and warm start.
+    """PowerSGD (Vogels et al. 2019), as torch's ``powerSGD_hook`` with error feedback and warm
+    start.
 
     Each gradient with two or more dimensions, viewed as an n x m matrix M, is sent as
     P = M Q (n x r) and Q = M^T P (m x r) with P orthogonalized in between; the average is

@@ -16,7 +16,8 @@ from clusterlm.comm.peers import Peers, accumulate, transfer
 
 
 def parameter_server(buf: torch.Tensor, peers: Peers, *, num_servers: int = 1) -> None:
-    """Sum ``buf`` (flat, contiguous) over ``peers`` in place; more servers than peers are clamped."""
+    """Sum ``buf`` (flat, contiguous) over ``peers`` in place; more servers than peers are
+    clamped."""
     if num_servers < 1:
         raise ValueError(f"num_servers must be >= 1, got {num_servers}")
     n, me = peers.size, peers.index

@@ -21,8 +21,9 @@ import torch
 
 from clusterlm.comm.peers import Peers, accumulate, finish, start_transfers
 
-# Large chunks: each message costs a fixed overhead (hundreds of microseconds on gloo over loopback),
-# so 4 MiB chunks (4 in flight) beat 1 MiB ones on every measurement at 64 MiB with 4 processes.
+# Large chunks: each message costs a fixed overhead (hundreds of microseconds on gloo over
+# loopback), so 4 MiB chunks (4 in flight) beat 1 MiB ones on every measurement at 64 MiB with 4
+# processes.
 DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_PIPELINE_DEPTH = 4
 
@@ -44,7 +45,8 @@ def reduce_scatter(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
 ) -> torch.Tensor:
-    """The first half of the ring; returns the segment of ``buf`` this rank now holds fully reduced."""
+    """The first half of the ring; returns the segment of ``buf`` this rank now holds fully
+    reduced."""
     _ring_steps(buf, peers, range(peers.size - 1), chunk_bytes, pipeline_depth)
     return owned_segment(buf, peers)
 
@@ -55,7 +57,8 @@ def all_gather(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
 ) -> None:
-    """The second half of the ring: every rank contributes ``owned_segment`` and receives the rest."""
+    """The second half of the ring: every rank contributes ``owned_segment`` and receives the
+    rest."""
     _ring_steps(
         buf, peers, range(peers.size - 1, 2 * (peers.size - 1)), chunk_bytes, pipeline_depth
     )

@@ -36,7 +36,8 @@ class RingReduceScatter(ReduceScatter):
     ) -> None:
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) or async_op:
             raise ValueError(
-                f"the ring reduce-scatter sums synchronously; FSDP asked for {op} (async {async_op})"
+                "the ring reduce-scatter sums synchronously; "
+                f"FSDP asked for {op} (async {async_op})"
             )
         output_tensor.copy_(reduce_scatter(input_tensor, self._ring(group)))
         if op == dist.ReduceOp.AVG:

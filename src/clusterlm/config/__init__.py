@@ -5,8 +5,9 @@
 Every field carries its meaning in ``help`` metadata, which ``--help`` prints with the default.
 Unknown keys fail with the closest valid key; impossible values fail in ``validate`` with one line.
 A config is a frozen value: overrides and derived values make a new one (``dataclasses.replace``).
-Sections live in ``sections.py``, loading in ``loading.py``, the checks in ``checks.py``, the
-layout's degrees in ``degrees.py`` and the values derived from config and data in ``derive.py``.
+Sections live in ``sections.py`` (those of the parallel layout in ``parallelism.py``), loading in
+``loading.py``, the checks in ``checks.py``, the layout's degrees in ``degrees.py`` and the values
+derived from config and data in ``derive.py``.
 """
 
 from clusterlm.config.checks import validate
@@ -18,19 +19,18 @@ from clusterlm.config.loading import (
     config_from_dict,
     load_toml,
 )
+from clusterlm.config.parallelism import CommConfig, ParallelConfig
 from clusterlm.config.sections import (
     CheckpointConfig,
-    CommConfig,
     Config,
     DataConfig,
     FinetuneConfig,
     MetricsConfig,
     ModelConfig,
     OptimConfig,
-    ParallelConfig,
     TrainingConfig,
-    setting,
 )
+from clusterlm.config.setting import setting
 
 __all__ = [
     "CheckpointConfig",

@@ -27,7 +27,8 @@ def _model(cfg: Config) -> None:
         )
     if (m.n_embd // m.n_head) % 2 and m.flavour == "llama":
         raise UserError(
-            f"llama needs an even head size for rotary positions; n_embd/n_head = {m.n_embd // m.n_head}"
+            "llama needs an even head size for rotary positions; "
+            f"n_embd/n_head = {m.n_embd // m.n_head}"
         )
     if cfg.seq_len > m.block_size:
         raise UserError(
@@ -90,7 +91,8 @@ def _init_from(cfg: Config) -> None:
     source = cfg.model.init_from
     if source and (not source.startswith("hf:") or len(source) == 3):
         raise UserError(
-            f"model.init_from must be empty or hf:DIR (a Hugging Face model directory), got {source!r}"
+            "model.init_from must be empty or hf:DIR (a Hugging Face model directory), "
+            f"got {source!r}"
         )
 
 
@@ -98,8 +100,8 @@ def _monitoring(cfg: Config) -> None:
     m, p = cfg.metrics, cfg.parallel
     if m.straggler_ratio and m.straggler_ratio < 1:
         raise UserError(
-            f"metrics.straggler_ratio compares the slowest rank with the median: use >= 1 (or 0 = off), "
-            f"got {m.straggler_ratio}"
+            "metrics.straggler_ratio compares the slowest rank with the median: "
+            f"use >= 1 (or 0 = off), got {m.straggler_ratio}"
         )
     if p.load_balance and (
         p.data_parallel not in ("ddp", "zero1", "zero2", "zero3") or p.tp > 1 or p.pp > 1
@@ -123,8 +125,9 @@ def _objective(cfg: Config) -> None:
         )
     if encoder and (cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel):
         raise UserError(
-            "model.flavour = bert has no pipeline or sequence-parallel plan yet; use parallel.pp = 1 "
-            "and parallel.sequence_parallel = false (data and tensor parallelism work)"
+            "model.flavour = bert has no pipeline or sequence-parallel plan yet; "
+            "use parallel.pp = 1 and parallel.sequence_parallel = false "
+            "(data and tensor parallelism work)"
         )
 
 
@@ -133,7 +136,8 @@ def _finetune(cfg: Config) -> None:
     if not f.task:
         if f.init_from:
             raise UserError(
-                "finetune.init_from needs finetune.task: run `clusterlm finetune --task DIR --init-from RUN`"
+                "finetune.init_from needs finetune.task: "
+                "run `clusterlm finetune --task DIR --init-from RUN`"
             )
         return
     if p.tp > 1 or p.pp > 1:
@@ -142,12 +146,13 @@ def _finetune(cfg: Config) -> None:
         )
     if f.init_from and cfg.model.init_from:
         raise UserError(
-            "give the pretrained model once: finetune.init_from (a run or checkpoint) or model.init_from "
-            "(hf:DIR), not both"
+            "give the pretrained model once: finetune.init_from (a run or checkpoint) or "
+            "model.init_from (hf:DIR), not both"
         )
     if not 0 <= f.freeze_layers <= cfg.model.n_layer:
         raise UserError(
-            f"finetune.freeze_layers must be in 0..{cfg.model.n_layer} (model.n_layer), got {f.freeze_layers}"
+            f"finetune.freeze_layers must be in 0..{cfg.model.n_layer} (model.n_layer), "
+            f"got {f.freeze_layers}"
         )
 
 

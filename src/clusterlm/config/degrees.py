@@ -9,7 +9,8 @@ traceback per rank.
 from __future__ import annotations
 
 from clusterlm.config.derive import grad_accum_steps
-from clusterlm.config.sections import Config, ParallelConfig
+from clusterlm.config.parallelism import ParallelConfig
+from clusterlm.config.sections import Config
 from clusterlm.errors import UserError
 
 # pipeline schedule -> placement of its stages on ranks: one per rank, round-robin loop, or V
@@ -35,13 +36,13 @@ def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
     pp x dp_replicate x dp_shard x tp is the world size."""
     model_parallel = cfg.pp * cfg.tp
     if cfg.data_parallel == "ps":
-        world_size -= (
-            cfg.ps_servers
-        )  # the servers hold no model replica: the mesh spans the workers
+        # the servers hold no model replica: the mesh spans the workers
+        world_size -= cfg.ps_servers
         if world_size < 1:
             raise UserError(
-                f"parallel.data_parallel = ps with parallel.ps_servers = {cfg.ps_servers} leaves no "
-                f"worker among the {world_size + cfg.ps_servers} processes; launch more processes"
+                f"parallel.data_parallel = ps with parallel.ps_servers = {cfg.ps_servers} leaves "
+                f"no worker among the {world_size + cfg.ps_servers} processes; "
+                "launch more processes"
             )
     if world_size % model_parallel:
         raise UserError(
@@ -52,9 +53,9 @@ def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
     replicate, shard = _data_parallel_degrees(cfg, data_parallel)
     if replicate * shard != data_parallel:
         raise UserError(
-            f"parallel.pp ({cfg.pp}) x dp_replicate ({replicate}) x dp_shard ({shard}) x tp ({cfg.tp}) = "
-            f"{replicate * shard * model_parallel} but the job has {world_size} processes; "
-            "make the degrees multiply to the world size"
+            f"parallel.pp ({cfg.pp}) x dp_replicate ({replicate}) x dp_shard ({shard}) "
+            f"x tp ({cfg.tp}) = {replicate * shard * model_parallel} "
+            f"but the job has {world_size} processes; make the degrees multiply to the world size"
         )
     if model_parallel > 1 and replicate * shard > 1 and cfg.data_parallel in REPLICATING:
         raise UserError(
@@ -153,7 +154,8 @@ def stages_per_rank_for(schedule: str, stages_per_rank: int | None = None) -> in
         )
     if placement == "loop" and wanted < 2:
         raise UserError(
-            f"pipeline schedule {schedule} needs at least 2 stages per rank; use gpipe or 1f1b for 1"
+            f"pipeline schedule {schedule} needs at least 2 stages per rank; "
+            "use gpipe or 1f1b for 1"
         )
     if placement == "v" and wanted != 2:
         raise UserError(
@@ -182,5 +184,6 @@ def check_microbatches(schedule: str, pp: int, n_microbatches: int) -> None:
     ok, wanted = needs.get(schedule, (True, ""))
     if not ok:
         raise UserError(
-            f"pipeline schedule {schedule} needs parallel.pp_microbatches {wanted}, got {n_microbatches}"
+            f"pipeline schedule {schedule} needs parallel.pp_microbatches {wanted}, "
+            f"got {n_microbatches}"
         )

@@ -37,7 +37,7 @@ def grad_accum_steps(cfg: Config, dp_size: int) -> int:
     target = cfg.training.tokens_per_step or per_micro_step
     if target % per_micro_step:
         raise UserError(
-            f"training.tokens_per_step ({target}) must be a multiple of micro_batch_size x seq_len x "
-            f"data-parallel ranks = {per_micro_step}"
+            f"training.tokens_per_step ({target}) must be a multiple of "
+            f"micro_batch_size x seq_len x data-parallel ranks = {per_micro_step}"
         )
     return target // per_micro_step

@@ -48,8 +48,9 @@ def pretrained_checkpoint_model(source: str) -> tuple[Any, dict[str, Any]]:
     path = checkpoint_of(source)
     if path is None:
         raise UserError(
-            f"finetune.init_from {source!r} is neither a complete checkpoint nor a run directory with "
-            "one; point it at a training run's out_dir or one of its checkpoints/step_* directories"
+            f"finetune.init_from {source!r} is neither a complete checkpoint nor a run directory "
+            "with one; point it at a training run's out_dir or one of its checkpoints/step_* "
+            "directories"
         )
     try:
         model = dict(json.loads((path / TRAINER_STATE).read_text())["config"]["model"])
@@ -66,8 +67,8 @@ def _adopt(cfg: Config, explicit: set[str], values: dict[str, Any], where: str) 
     for key, value in values.items():
         if not hasattr(cfg.model, key):
             raise UserError(
-                f"{where} sets model.{key}, which this version does not know; it comes from another "
-                "version of clusterlm"
+                f"{where} sets model.{key}, which this version does not know; "
+                "it comes from another version of clusterlm"
             )
         current = getattr(cfg.model, key)
         if f"model.{key}" in explicit and current not in (0, value):

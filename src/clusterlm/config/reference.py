@@ -5,7 +5,7 @@
 Every section of ``Config`` and every key in it, with its type, default and the meaning its
 ``help`` metadata gives (the text ``clusterlm train --help`` prints). A test checks that the
 committed page equals what this prints, so a new key, default or help text is one edit in
-``sections.py`` followed by regenerating the page.
+``sections.py`` (or ``parallelism.py``) followed by regenerating the page.
 """
 
 from __future__ import annotations
@@ -112,7 +112,10 @@ def render_reference() -> str:
     parts = [
         "# Configuration reference",
         "",
-        "<!-- Generated from the config dataclasses (src/clusterlm/config/sections.py); do not edit.",
+        (
+            "<!-- Generated from the config dataclasses (src/clusterlm/config/sections.py); "
+            "do not edit."
+        ),
         f"     Regenerate with: {REGENERATE} -->",
         "",
         INTRO,

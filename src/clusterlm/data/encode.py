@@ -1,4 +1,5 @@
-"""Tokenizing for `prepare`: documents cut into pieces, encoded in order, optionally in a process pool.
+"""Tokenizing for `prepare`: documents cut into pieces, encoded in order, optionally in a process
+pool.
 
 Pieces end at a line break between two non-space characters, where neither tokenizer built here
 merges across, so encoding a document piece by piece gives the same ids as encoding it whole, and
@@ -28,7 +29,10 @@ class Piece(NamedTuple):
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
-    """``text`` cut at safe line breaks into parts of about ``max_chars`` (longer if no break fits)."""
+    """``text`` cut at safe line breaks into parts of about ``max_chars``.
+
+    A part runs longer when no break fits.
+    """
     parts, start = [], 0
     while len(text) - start > max_chars:
         cut = _PIECE_BOUNDARY.search(text, start + max_chars)

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from clusterlm.data.task import TASK_SPLITS
 from clusterlm.errors import UserError
 
-_FIX = 'write one JSON object per line: {"text": "...", "label": "..." or 0, optional "split": "train"|"val"|"test"}'
+_FIX = (
+    'write one JSON object per line: {"text": "...", "label": "..." or 0, '
+    'optional "split": "train"|"val"|"test"}'
+)
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,10 @@ class Record:
 
 
 def read_jsonl(name: str, lines: Iterable[bytes]) -> list[Record]:
-    """The records of JSONL file ``name`` (its ``lines``, e.g. ``clusterlm.data.lines.bounded_lines``);
-    bad input raises UserError."""
+    """The records of JSONL file ``name`` from its ``lines``.
+
+    ``lines`` comes e.g. from ``clusterlm.data.lines.bounded_lines``; bad input raises UserError.
+    """
     records = []
     for number, raw in enumerate(lines, start=1):
         if raw.strip():
@@ -37,7 +42,8 @@ def read_jsonl(name: str, lines: Iterable[bytes]) -> list[Record]:
         first_str = next(r for r in records if isinstance(r.label, str))
         first_int = next(r for r in records if isinstance(r.label, int))
         raise UserError(
-            f"labels in {name} mix strings and integers (line {first_str.line}: {first_str.label!r}, "
+            f"labels in {name} mix strings and integers "
+            f"(line {first_str.line}: {first_str.label!r}, "
             f"line {first_int.line}: {first_int.label!r}); use one type for every label"
         )
     with_split = [r for r in records if r.split is not None]

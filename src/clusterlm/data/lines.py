@@ -22,7 +22,8 @@ _BLOCK = 1 << 20
 
 def line_too_long(number: int, name: str, limit: int) -> UserError:
     return UserError(
-        f"line {number} of {name} is over --max-line-bytes ({limit} bytes); split it or raise the limit"
+        f"line {number} of {name} is over --max-line-bytes ({limit} bytes); "
+        "split it or raise the limit"
     )
 
 

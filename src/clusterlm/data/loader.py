@@ -83,8 +83,9 @@ class TokenStream:
         windows = (self.num_tokens - 1) // block_size
         if windows < 1:
             raise UserError(
-                f"the {self.split} split of {self.data_dir} has {self.num_tokens} tokens, fewer than "
-                f"block_size + 1 = {block_size + 1}; use a smaller block_size or prepare more text"
+                f"the {self.split} split of {self.data_dir} has {self.num_tokens} tokens, "
+                f"fewer than block_size + 1 = {block_size + 1}; "
+                "use a smaller block_size or prepare more text"
                 + (" (or a larger --val-fraction)" if self.split == "val" else "")
             )
         return windows
@@ -208,8 +209,9 @@ class TokenLoader:
             or sum(counts) != self.grad_accum * self.dp_size
             or min(counts) < 1
         ):
+            per_rank = ",".join(map(str, counts))
             raise UserError(
-                f"micro-batches per rank {','.join(map(str, counts))} must be {self.dp_size} counts of at least "
+                f"micro-batches per rank {per_rank} must be {self.dp_size} counts of at least "
                 f"1 adding up to the step's {self.grad_accum * self.dp_size} micro-batches"
             )
         self.assignment = [int(c) for c in counts]
@@ -232,7 +234,10 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume; batch sizes and dp_size may differ from the saved run's (the counter is global)."""
+        """Resume; batch sizes and dp_size may differ from the saved run's.
+
+        The counter of samples consumed is global.
+        """
         for key in ("seed", "block_size"):
             if state[key] != getattr(self, key):
                 raise UserError(
@@ -278,8 +283,8 @@ def eval_batches(
     _check_rank(dp_rank, dp_size)
     if batch_size < 1 or num_windows < 1 or num_windows % dp_size:
         raise UserError(
-            f"an evaluation set of {num_windows} windows does not split evenly over {dp_size} ranks; "
-            f"make it a positive multiple of {dp_size}"
+            f"an evaluation set of {num_windows} windows does not split evenly "
+            f"over {dp_size} ranks; make it a positive multiple of {dp_size}"
         )
     stream = TokenStream(data_dir, split, cache_dir)
     windows = np.arange(num_windows, dtype=np.int64) * stream.num_windows(block_size) // num_windows

@@ -141,9 +141,9 @@ def load_manifest(data_dir: str | os.PathLike[str]) -> Manifest:
         raw = json.loads(fs.cat_file(path).decode("utf-8"))
         if isinstance(raw, dict) and raw.get("kind") == TASK_KIND:
             raise UserError(
-                f"{data_dir} is a labelled task, not a language-modelling corpus; fine-tune on it with "
-                f"`clusterlm finetune --task {data_dir}`, or set data.dir to a directory made by "
-                "`clusterlm prepare` without --task"
+                f"{data_dir} is a labelled task, not a language-modelling corpus; "
+                f"fine-tune on it with `clusterlm finetune --task {data_dir}`, "
+                "or set data.dir to a directory made by `clusterlm prepare` without --task"
             )
         return build_typed(Manifest, raw, "manifest")
     except (ValueError, RecursionError) as err:  # RecursionError: JSON nested too deeply to parse
@@ -196,14 +196,16 @@ def check_files_present(data_dir: str | os.PathLike[str]) -> Manifest:
 
 def _corrupt(name: str, data_dir: str | os.PathLike[str], problem: str) -> UserError:
     return UserError(
-        f"{name} in {data_dir} is corrupt: {problem}; run `clusterlm prepare --out {data_dir} --force` "
-        "to rebuild it"
+        f"{name} in {data_dir} is corrupt: {problem}; "
+        f"run `clusterlm prepare --out {data_dir} --force` to rebuild it"
     )
 
 
 def build_typed(kind: Any, value: Any, where: str) -> Any:
-    """``value`` (parsed JSON) as type ``kind`` (a dataclass of JSON types); raises ValueError at the first
-    mismatch."""
+    """``value`` (parsed JSON) as type ``kind`` (a dataclass of JSON types).
+
+    Raises ValueError at the first mismatch.
+    """
     origin, args = get_origin(kind), get_args(kind)
     if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         hints = get_type_hints(kind)

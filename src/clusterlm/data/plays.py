@@ -44,7 +44,10 @@ def scenes(text: str) -> list[tuple[str, ...]]:
 
 
 def plays(sources: list[SourceFile], texts: list[str]) -> list[Play]:
-    """The sources that are plays (have scenes), in source order; ``texts`` are their cleaned texts."""
+    """The sources that are plays (have scenes), in source order.
+
+    ``texts`` are the cleaned texts of ``sources``, in the same order.
+    """
     found = [Play(play_name(s.name), tuple(scenes(t))) for s, t in zip(sources, texts, strict=True)]
     return [play for play in found if play.scenes]
 

@@ -55,9 +55,10 @@ from clusterlm.files import check_output_path, disk_errors
 SPLIT_RULE = "seeded-span"
 DEFAULT_BPE_VOCAB = 4096
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 ids
-# Long documents are tokenized in pieces of about this many characters (clusterlm.data.encode),
-# so one big file still spreads over the workers and the tokenizer's working memory stays small
-# (encoding a piece costs a few hundred bytes a character); piecewise encoding equals whole encoding.
+# Long documents are tokenized in pieces of about this many characters (clusterlm.data.encode), so
+# one big file still spreads over the workers and the tokenizer's working memory stays small
+# (encoding a piece costs a few hundred bytes a character); piecewise encoding equals whole
+# encoding.
 PIECE_CHARS = 1 << 16
 # A document's ids beyond this many (or the shard size, if smaller) wait for its split on a file.
 HELD_TOKENS = 1 << 24
@@ -155,8 +156,9 @@ def prepare(opts: PrepareOptions) -> Manifest:
             raise
     shards = sum(len(s.shards) for s in splits.values())
     print(
-        f"prepared {opts.out}: {splits['train'].tokens:,} train and {splits['val'].tokens:,} val tokens "
-        f"in {shards} shards, vocabulary {tokenizer.vocab_size} ({dtype.name})"
+        f"prepared {opts.out}: {splits['train'].tokens:,} train and "
+        f"{splits['val'].tokens:,} val tokens in {shards} shards, "
+        f"vocabulary {tokenizer.vocab_size} ({dtype.name})"
     )
     return manifest
 
@@ -337,7 +339,7 @@ Span = tuple[int, int]
 
 
 def _split(n: int, document: int, opts: PrepareOptions) -> tuple[list[Span], list[Span]]:
-    """(train spans, val spans) of a document of n tokens by the seeded-span rule (module docstring)."""
+    """(train, val) spans of a document of n tokens by the seeded-span rule (module docstring)."""
     held_out = round(opts.val_fraction * n)
     if held_out == 0:
         return [(0, n)], []

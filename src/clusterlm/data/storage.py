@@ -1,4 +1,5 @@
-"""Storage through fsspec: input sources, staged (atomic) writes, and a local cache for remote shards.
+"""Storage through fsspec: input sources, staged (atomic) writes, and a local cache for remote
+shards.
 
 Every path the data layer takes is a local path or any URL fsspec opens (``memory://``, ``file://``,
 ``s3://`` when its driver is installed, ...).
@@ -163,8 +164,8 @@ def cached_copy(fs: AbstractFileSystem, path: str, sha256: str, cache_dir: Path)
     (``sha256`` is a manifest's, checked to be one, so the name stays inside ``cache_dir``)."""
     if not is_sha256(sha256):
         raise UserError(
-            f"the manifest gives shard {display_name(fs, path)} the sha256 {sha256!r}, which is not "
-            "64 hex digits; prepare the data again with `clusterlm prepare --force`"
+            f"the manifest gives shard {display_name(fs, path)} the sha256 {sha256!r}, "
+            "which is not 64 hex digits; prepare the data again with `clusterlm prepare --force`"
         )
     target = cache_dir / f"{sha256}.bin"
     if target.exists():

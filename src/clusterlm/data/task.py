@@ -80,7 +80,8 @@ class TaskManifest:
     def __post_init__(self) -> None:
         if self.format_version != TASK_FORMAT_VERSION or self.kind != TASK_KIND:
             raise ValueError(
-                f"format {self.format_version}/{self.kind}, expected {TASK_FORMAT_VERSION}/{TASK_KIND}"
+                f"format {self.format_version}/{self.kind}, "
+                f"expected {TASK_FORMAT_VERSION}/{TASK_KIND}"
             )
         if self.dtype not in TOKEN_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
@@ -273,10 +274,13 @@ def write_split(
 def group_splits(
     n: int, group: int, seed: int, val_fraction: float, test_fraction: float
 ) -> list[str] | None:
-    """The split of each of the n units (scenes, lines) of one group (a label), by the "seeded-group"
-    rule: the units are shuffled by ``numpy.random.default_rng([seed, group])``; the first
-    round(val_fraction * n) (at least 1) go to val, the next round(test_fraction * n) (at least 1) to
-    test, the rest to train. None when n is too small to give train a unit too."""
+    """The split of each of the n units (scenes, lines) of one group (a label).
+
+    By the "seeded-group" rule: the units are shuffled by
+    ``numpy.random.default_rng([seed, group])``; the first round(val_fraction * n) (at least 1) go
+    to val, the next round(test_fraction * n) (at least 1) to test, the rest to train. None when n
+    is too small to give train a unit too.
+    """
     n_val, n_test = max(1, round(val_fraction * n)), max(1, round(test_fraction * n))
     if n_val + n_test >= n:
         return None

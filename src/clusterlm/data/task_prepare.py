@@ -1,11 +1,12 @@
-"""Preparing a labelled task (`clusterlm prepare --task`): examples in, a checksummed task directory out.
+"""Preparing a labelled task (`clusterlm prepare --task`): examples in, a checksummed task
+directory out.
 
 ``play-classification``: passages of the embedded plays, each labelled with its play, split by scene
 (``clusterlm.data.plays``). The default char tokenizer is fitted on the whole embedded corpus
 exactly as `clusterlm prepare` fits it, so its tokenizer.json is the same file and a model
 pretrained on that corpus reads this task. ``jsonl:PATH``: a user's examples
-(``clusterlm.data.jsonl_task``), split by their "split" fields or else by label like the scenes; char
-and bpe tokenizers are fitted on the examples' texts.
+(``clusterlm.data.jsonl_task``), split by their "split" fields or else by label like the scenes;
+char and bpe tokenizers are fitted on the examples' texts.
 
 As with `prepare`, every check runs before the output directory is touched, files are staged and
 renamed into place with the manifest last, and an identical re-run (same fingerprint) does nothing.
@@ -78,7 +79,8 @@ class TaskOptions:
             self.task.startswith(JSONL_PREFIX) and len(self.task) > len(JSONL_PREFIX)
         ):
             raise UserError(
-                f"unknown --task {self.task!r}; use {PLAY_TASK} or {JSONL_PREFIX}PATH (a JSONL file)"
+                f"unknown --task {self.task!r}; "
+                f"use {PLAY_TASK} or {JSONL_PREFIX}PATH (a JSONL file)"
             )
         for flag, value in (
             ("--val-fraction", self.val_fraction),
@@ -88,7 +90,8 @@ class TaskOptions:
                 raise UserError(f"{flag} {value} is out of range; use a value in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
             raise UserError(
-                "--val-fraction plus --test-fraction leave nothing to train on; make their sum below 1"
+                "--val-fraction plus --test-fraction leave nothing to train on; "
+                "make their sum below 1"
             )
         if self.passage_tokens < 1 or self.seed < 0:
             raise UserError(
@@ -101,7 +104,7 @@ class TaskOptions:
 
 
 def prepare_task(opts: TaskOptions) -> TaskManifest:
-    """Prepare the task ``opts.task`` in ``opts.out`` (or find it up to date) and return its manifest."""
+    """Prepare ``opts.task`` in ``opts.out`` (or find it up to date) and return its manifest."""
     given = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
     if opts.task == PLAY_TASK:
         sources = embedded_corpus()
@@ -156,9 +159,8 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
         ),
     )
     counts = ", ".join(f"{s.examples:,} {name}" for name, s in manifest.splits.items())
-    print(
-        f"prepared {opts.out}: {len(labels)} labels, {counts} examples, vocabulary {tokenizer.vocab_size}"
-    )
+    vocab = tokenizer.vocab_size
+    print(f"prepared {opts.out}: {len(labels)} labels, {counts} examples, vocabulary {vocab}")
     return manifest
 
 
@@ -212,7 +214,8 @@ def _play_examples(
         )
         if splits is None:
             raise UserError(
-                f"play {play.name} has only {len(play.scenes)} scenes; lower --val-fraction and --test-fraction"
+                f"play {play.name} has only {len(play.scenes)} scenes; "
+                "lower --val-fraction and --test-fraction"
             )
         for split, passages in zip(
             splits, scene_passages(play, tokenizer, opts.passage_tokens, dtype), strict=True
@@ -224,7 +227,7 @@ def _play_examples(
 def _jsonl_examples(
     records: list[Record], name: str, tokenizer: Tokenizer, dtype: np.dtype, opts: TaskOptions
 ) -> tuple[Examples, str]:
-    """The records' token ids in their given splits, or else split by label with ``group_splits``."""
+    """The records' token ids in their given splits, else split by label with ``group_splits``."""
     ids = [np.asarray(e, dtype=dtype) for e in tokenizer.encode_batch([r.text for r in records])]
     given = [r.split for r in records if r.split is not None]
     if given:  # on every line or on none (``read_jsonl``)
@@ -241,7 +244,8 @@ def _jsonl_examples(
             )
             if chosen is None:
                 raise UserError(
-                    f"label {label!r} has only {len(members)} examples in {name}; give every label at least 3 "
+                    f"label {label!r} has only {len(members)} examples in {name}; "
+                    "give every label at least 3 "
                     '(one per split), or give every line a "split"'
                 )
             for i, split in zip(members, chosen, strict=True):

@@ -72,14 +72,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """A saved ``tokenizer.json`` (local path or URL), or ``hf:DIR`` for the one of a Hugging Face
-        model directory; kept byte for byte so its hash is the file's."""
+        """A saved ``tokenizer.json`` (local path or URL), or ``hf:DIR`` for the one of a Hugging
+        Face model directory; kept byte for byte so its hash is the file's."""
         if os.fspath(path).startswith("hf:"):
             path = f"{os.fspath(path)[3:].rstrip('/')}/tokenizer.json"
         fs, fs_path = url_to_fs(path)
         if not fs.isfile(fs_path):
             raise UserError(
-                f"tokenizer {os.fspath(path)} does not exist; pass `char`, `bpe`, the path of a tokenizer.json "
+                f"tokenizer {os.fspath(path)} does not exist; "
+                "pass `char`, `bpe`, the path of a tokenizer.json "
                 "or hf:DIR (a Hugging Face model directory with a tokenizer.json)"
             )
         try:
@@ -104,7 +105,10 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Ids of the vocabulary, less the encoder's special tokens when they end it (see the module doc)."""
+        """Ids of the vocabulary, less the encoder's special tokens when they end it.
+
+        See the module docstring.
+        """
         size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         first = size - len(SPECIAL_TOKENS)
         ends_with_specials = first > 0 and all(

@@ -29,8 +29,9 @@ def job_secret(env: Mapping[str, str] | None = None) -> bytes:
         state = "is not set" if not value else f"is shorter than {MIN_LENGTH} characters"
         raise UserError(
             f"{SECRET_VARIABLE} {state}: a parameter-server job authenticates its ranks with it. "
-            "`clusterlm train --nproc` and `clusterlm submit` set it; under torchrun or mpirun, export the "
-            f"same random value on every node first, e.g. `export {SECRET_VARIABLE}=$(python3 -c "
+            "`clusterlm train --nproc` and `clusterlm submit` set it; under torchrun or mpirun, "
+            "export the same random value on every node first, "
+            f"e.g. `export {SECRET_VARIABLE}=$(python3 -c "
             "'import secrets; print(secrets.token_hex(32))')` (and `mpirun -x "
             f"{SECRET_VARIABLE} ...`)"
         )

@@ -30,8 +30,8 @@ def launch_position() -> tuple[int, int, int]:
         )
     if not 0 <= rank < world_size:
         raise UserError(
-            f"RANK={rank} in the environment is outside 0..{world_size - 1} (WORLD_SIZE={world_size}); "
-            f"{LAUNCHERS}"
+            f"RANK={rank} in the environment is outside 0..{world_size - 1} "
+            f"(WORLD_SIZE={world_size}); {LAUNCHERS}"
         )
     if local_rank < 0:
         raise UserError(f"LOCAL_RANK={local_rank} in the environment is negative; {LAUNCHERS}")

@@ -87,9 +87,9 @@ def bind_host(host: str, spans_nodes: bool) -> str | None:
     if not spans_nodes or _is_ip(host) or _literal_loopback(host) or not is_loopback(host):
         return host
     print(
-        f"warning: {host} resolves to a loopback address on this node, but ranks on other nodes reach it "
-        "elsewhere: its store listens on every interface; give --local-addr (or MASTER_ADDR) as an address "
-        "the other nodes use",
+        f"warning: {host} resolves to a loopback address on this node, but ranks on other nodes "
+        "reach it elsewhere: its store listens on every interface; give --local-addr "
+        "(or MASTER_ADDR) as an address the other nodes use",
         file=sys.stderr,
         flush=True,
     )
@@ -103,9 +103,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # as TCPStore's own: a restart rebinds at once
+        # As TCPStore's own: a restart rebinds at once.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(socket.SOMAXCONN)
     except OSError:

@@ -52,7 +52,8 @@ def run_local(
     backend: str = "gloo",
     env: Mapping[str, str] | None = None,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes; return each rank's result.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes; return each rank's
+    result.
 
     ``fn`` must be a module-level function and its result picklable. When any rank raises or
     dies, or ``timeout`` seconds pass, every process still running is killed and ``SpawnError``

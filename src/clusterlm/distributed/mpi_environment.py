@@ -42,7 +42,8 @@ FAMILIES = (
     ),
     MpiFamily("PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", ("PMI_JOBID",)),
 )
-# Ports below Linux's ephemeral range (32768 and up), so a derived port does not meet a client socket.
+# Ports below Linux's ephemeral range (32768 and up), so a derived port does not meet a client
+# socket.
 PORT_BASE, PORT_SPAN = 10000, 20000
 
 
@@ -103,9 +104,10 @@ def _master_addr(env: Mapping[str, str], family: MpiFamily) -> str:
     # Across nodes nothing in the environment names rank 0's host for sure (the mapping policy
     # places it), so the user says it.
     raise UserError(
-        f"mpirun started {env[family.size]} ranks on several nodes (or did not say how many are on this "
-        "one) and MASTER_ADDR is not set: pass rank 0's host, e.g. `mpirun -x MASTER_ADDR=<host of "
-        "rank 0> ...` (OpenMPI) or `-genv MASTER_ADDR <host>` (Hydra)"
+        f"mpirun started {env[family.size]} ranks on several nodes "
+        "(or did not say how many are on this one) and MASTER_ADDR is not set: pass rank 0's host, "
+        "e.g. `mpirun -x MASTER_ADDR=<host of rank 0> ...` (OpenMPI) "
+        "or `-genv MASTER_ADDR <host>` (Hydra)"
     )
 
 
@@ -114,8 +116,9 @@ def _job_id(env: Mapping[str, str], family: MpiFamily) -> str:
         if env.get(name):
             return env[name]
     raise UserError(
-        f"started by {family.name}'s launcher, which names no job ({' or '.join(family.job_id)}) to derive "
-        "a rendezvous port from: set MASTER_PORT for every rank, e.g. `mpirun -x MASTER_PORT=29500`"
+        f"started by {family.name}'s launcher, which names no job ({' or '.join(family.job_id)}) "
+        "to derive a rendezvous port from: set MASTER_PORT for every rank, "
+        "e.g. `mpirun -x MASTER_PORT=29500`"
     )
 
 

@@ -1,8 +1,8 @@
 """Where this process runs: its device, its rank, the device mesh, and its data-parallel place.
 
-A job launched by torchrun (or `clusterlm train --nproc N`, or mpirun) joins the process group from the
-launcher's environment (gloo on CPU, NCCL on CUDA) and builds one ``DeviceMesh``. A plain
-single-process run has no process group and no mesh; the rest of the code treats it as the
+A job launched by torchrun (or `clusterlm train --nproc N`, or mpirun) joins the process group
+from the launcher's environment (gloo on CPU, NCCL on CUDA) and builds one ``DeviceMesh``. A
+plain single-process run has no process group and no mesh; the rest of the code treats it as the
 degree-1 case of the same layout.
 """
 
@@ -98,8 +98,9 @@ def setup_runtime(cfg: Config) -> Runtime:
         gpus = torch.cuda.device_count()
         if local_rank >= gpus:
             raise UserError(
-                f"local rank {local_rank} has no GPU of its own: this node has {gpus}; launch at most "
-                f"{gpus} processes per node (--nproc {gpus}) or train on CPU (--training.device cpu)"
+                f"local rank {local_rank} has no GPU of its own: this node has {gpus}; "
+                f"launch at most {gpus} processes per node (--nproc {gpus}) "
+                "or train on CPU (--training.device cpu)"
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -122,7 +123,8 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 
 def _parameter_server_runtime(cfg: Config, device: torch.device, world_size: int) -> Runtime:
-    """No process group: workers and servers talk point to point (``clusterlm.distributed.ps_rendezvous``)."""
+    """No process group: workers and servers talk point to point
+    (``clusterlm.distributed.ps_rendezvous``)."""
     if world_size > 1:
         _check_launch_environment()
     rank = launch_position()[0]

@@ -61,7 +61,8 @@ MATH_ATTENTION_MAX_BYTES = 64 * 2**20
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> float | None:
-    """Peak FLOP/s to compute MFU against: the configured figure, the GPU table, or the CPU probe."""
+    """Peak FLOP/s to compute MFU against: the configured figure, the GPU table, or the CPU
+    probe."""
     if configured:
         return configured
     if device.type == "cuda":
@@ -70,15 +71,16 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured: float = 0.0
 
 
 def cpu_attention_kernel(shape: tuple[int, int, int, int], dtype: torch.dtype) -> str:
-    """``flash`` or ``math``: the faster of torch's two CPU kernels, forward and backward, for causal
-    attention of ``shape`` (batch, heads, sequence, head size) in ``dtype`` at this thread count.
-    Probed once and cached on disk, so every run here at this shape makes the same choice. In bf16
-    math wins at short sequences and flash at long ones
+    """``flash`` or ``math``: the faster of torch's two CPU kernels, forward and backward, for
+    causal attention of ``shape`` (batch, heads, sequence, head size) in ``dtype`` at this thread
+    count. Probed once and cached on disk, so every run here at this shape makes the same choice.
+    In bf16 math wins at short sequences and flash at long ones
     (benchmarks/attention-kernels-cpu-xeon-amx-2026-12-01.md)."""
     batch, heads, seq, _ = shape
     if batch * heads * seq * seq * dtype.itemsize > MATH_ATTENTION_MAX_BYTES:
         return "flash"
-    key = f"{cpu_identity()}|threads={torch.get_num_threads()}|attention {'x'.join(map(str, shape))}|{dtype}"
+    dims = "x".join(map(str, shape))
+    key = f"{cpu_identity()}|threads={torch.get_num_threads()}|attention {dims}|{dtype}"
     cache = _read_cache()
     if key not in cache:
         cache[key] = min(

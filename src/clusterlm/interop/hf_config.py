@@ -1,6 +1,7 @@
 """Hugging Face ``config.json`` <-> clusterlm ``model.*`` values, for GPT2LMHeadModel,
-LlamaForCausalLM and BertForMaskedLM. An HF option that changes the computation in a way clusterlm's model does not
-reproduce is refused with one line rather than imported into a silently different model."""
+LlamaForCausalLM and BertForMaskedLM. An HF option that changes the computation in a way
+clusterlm's model does not reproduce is refused with one line rather than imported into a silently
+different model."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ _BERT_REQUIRES: dict[str, tuple[Any, ...]] = {
 }
 # BERT relatives whose blocks normalize before the residual addition; clusterlm's bert is post-norm.
 _PRE_NORM = ("megatron-bert", "roberta-prelayernorm")
-# Architectures of a BERT directory that hold the masked-LM head (BertForPreTraining's NSP head is left out).
+# Architectures of a BERT directory that hold the masked-LM head (BertForPreTraining's NSP head is
+# left out).
 _BERT_HEADS = ("BertForMaskedLM", "BertForPreTraining")
 
 
@@ -48,8 +50,9 @@ def model_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     model_type = config.get("model_type", "")
     if model_type in _PRE_NORM:
         raise UserError(
-            f"{where}: model_type {model_type!r} normalizes before each residual addition (pre-norm); "
-            "clusterlm's bert is post-norm like the original BERT and cannot represent it"
+            f"{where}: model_type {model_type!r} normalizes before each residual addition "
+            "(pre-norm); clusterlm's bert is post-norm like the original BERT "
+            "and cannot represent it"
         )
     if model_type not in _FLAVOURS:
         supported = " or ".join(ARCHITECTURES.values())
@@ -117,9 +120,9 @@ def _llama_values(config: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _bert_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     """BertForMaskedLM's values. Its vocabulary must end with clusterlm's four special tokens, as an
-    exported encoder's does: ``[PAD]`` (``pad_token_id``) is the last id. A BERT whose special tokens
-    sit elsewhere (Google's: ``[PAD]`` = 0, ``[MASK]`` = 103) is refused, since masking would then
-    use another token than the one it was trained with."""
+    exported encoder's does: ``[PAD]`` (``pad_token_id``) is the last id. A BERT whose special
+    tokens sit elsewhere (Google's: ``[PAD]`` = 0, ``[MASK]`` = 103) is refused, since masking would
+    then use another token than the one it was trained with."""
     architectures = config.get("architectures") or list(_BERT_HEADS)
     if not set(architectures) & set(_BERT_HEADS):
         raise UserError(
@@ -135,8 +138,9 @@ def _bert_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     if vocab_size < 1 or config.get("pad_token_id", 0) != special_token_id(vocab_size, "[PAD]"):
         raise UserError(
             f"{where}: pad_token_id {config.get('pad_token_id', 0)} is not the last of the "
-            f"{rows} ids; clusterlm's bert reserves the last four ids for {', '.join(SPECIAL_TOKENS)} "
-            "(in that order) and imports only a vocabulary laid out that way"
+            f"{rows} ids; clusterlm's bert reserves the last four ids "
+            f"for {', '.join(SPECIAL_TOKENS)} (in that order) "
+            "and imports only a vocabulary laid out that way"
         )
     if n_embd % n_head:
         raise UserError(
@@ -200,7 +204,10 @@ def _gpt2_config(args: ModelArgs) -> dict[str, Any]:
 
 
 def _bert_config(args: ModelArgs) -> dict[str, Any]:
-    """The encoder's vocabulary is the tokenizer's plus the special tokens; ``[PAD]`` is the pad id."""
+    """The encoder's vocabulary is the tokenizer's plus the special tokens.
+
+    ``[PAD]`` is the pad id.
+    """
     return {
         "vocab_size": vocab_rows(args),
         "hidden_size": args.n_embd,
@@ -226,7 +233,10 @@ _CONFIGS = {"gpt2": _gpt2_config, "llama": _llama_config, "bert": _bert_config}
 
 
 def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> dict[str, Any]:
-    """The ``config.json`` transformers builds ``args``' model from (weights of ``dtype``, no dropout)."""
+    """The ``config.json`` transformers builds ``args``' model from.
+
+    Weights are of ``dtype``, with no dropout.
+    """
     common = {
         "architectures": [ARCHITECTURES[args.flavour]],
         "model_type": args.flavour,

@@ -20,7 +20,8 @@ import torch
 from clusterlm.models import ModelArgs, create_model
 
 GPT2_PREFIX, LLAMA_PREFIX, BERT_PREFIX = "transformer.", "model.", "bert."
-# The output projections that are the token table in a tied model (decoders; the encoder's MLM head).
+# The output projections that are the token table in a tied model (decoders; the encoder's MLM
+# head).
 TIED_OUTPUTS = {"output.weight", "head.output.weight"}
 
 
@@ -141,7 +142,10 @@ def link_for(args: ModelArgs, name: str) -> Link:
 
 
 def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every unique parameter of the model and its shape (tied ones once), built on the meta device."""
+    """Every unique parameter of the model and its shape (tied ones once).
+
+    The model is built on the meta device.
+    """
     with torch.device("meta"):
         model = create_model(args)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}

@@ -4,7 +4,8 @@ weights as a parameter source that reads only the slice asked for.
 A ``ParamSource`` (``clusterlm.models.init``) takes a clusterlm full-model parameter name, the
 parameter's full shape and one slice per dimension, and returns that slice as a float32 CPU
 tensor; materializing a meta model asks it for each rank's shards only, so each tensor-,
-pipeline- or FSDP-shard reads only its own slice from disk (``safe_open(...).get_slice``). Only JSON and safetensors are read: a pickle is never opened.
+pipeline- or FSDP-shard reads only its own slice from disk (``safe_open(...).get_slice``). Only
+JSON and safetensors are read: a pickle is never opened.
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ class _HFWeights:
                 )
             if shape != expected:
                 raise UserError(
-                    f"{self.root}: tensor {key} has shape {list(shape)} but its config.json implies "
-                    f"{list(expected)}; the weights and config.json belong to different models"
+                    f"{self.root}: tensor {key} has shape {list(shape)} "
+                    f"but its config.json implies {list(expected)}; "
+                    "the weights and config.json belong to different models"
                 )
 
     def read(self, key: str, index: tuple[slice, ...], transpose: bool) -> torch.Tensor:

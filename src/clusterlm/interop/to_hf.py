@@ -1,8 +1,8 @@
 """Write a clusterlm model as a Hugging Face directory that ``AutoModelForCausalLM`` (decoders) or
-``AutoModelForMaskedLM`` (bert) and ``AutoTokenizer`` load: config.json, safetensors weights (sharded with an index past a size) and
-the tokenizer files. Tensors are pulled one at a time through ``read(name)`` (a checkpoint reader
-or a live model), so the exporter holds one HF tensor and its pieces, never the whole model.
-The directory appears complete or not at all.
+``AutoModelForMaskedLM`` (bert) and ``AutoTokenizer`` load: config.json, safetensors weights
+(sharded with an index past a size) and the tokenizer files. Tensors are pulled one at a time
+through ``read(name)`` (a checkpoint reader or a live model), so the exporter holds one HF tensor
+and its pieces, never the whole model. The directory appears complete or not at all.
 
 A bert's tokenizer gains the encoder's special tokens at the ids after its vocabulary, where the
 encoder's token table has them, and names them as its mask, cls, sep and pad tokens. It adds no
@@ -35,9 +35,10 @@ def _encoder_tokenizer(tokenizer: Tokenizer, args: ModelArgs) -> tuple[Tokenizer
     """``tokenizer`` with the encoder's special tokens at the ids its token table gives them."""
     extended = tokenizer.with_special_tokens(SPECIAL_TOKENS)
     for token in SPECIAL_TOKENS:
-        if extended.token_id(token) != special_token_id(args.vocab_size, token):
+        encoder_id = special_token_id(args.vocab_size, token)
+        if extended.token_id(token) != encoder_id:
             raise UserError(
-                f"the run's tokenizer cannot hold {token} at id {special_token_id(args.vocab_size, token)} "
+                f"the run's tokenizer cannot hold {token} at id {encoder_id} "
                 f"where the encoder has it (it has {tokenizer.vocab_size} tokens for a model of "
                 f"{args.vocab_size}); export a run prepared with a tokenizer of its own"
             )

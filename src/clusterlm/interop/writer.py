@@ -51,7 +51,10 @@ def parse_size(text: str) -> int:
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
-    """Tensors in order, grouped into files of at most ``max_shard_bytes`` (a larger tensor alone)."""
+    """Tensors in order, grouped into files of at most ``max_shard_bytes``.
+
+    A tensor larger than that gets a file of its own.
+    """
     shards: list[list[str]] = [[]]
     used = 0
     for key, size in sizes.items():

@@ -14,7 +14,8 @@ __all__ = ["LaunchOptions", "launch"]
 
 def __getattr__(name: str) -> Any:
     """torchrun's names on first use: that module imports the config tree and torch, which
-    `clusterlm jobs` and `cancel` (Slurm's commands and a file tail) do without, to answer at once."""
+    `clusterlm jobs` and `cancel` (Slurm's commands and a file tail) do without, to answer at
+    once."""
     if name in __all__:
         from clusterlm.launch import torchrun
 

@@ -130,6 +130,40 @@ def _kill_one(
     return step
 
 
+def _kill_and_recover(
+    job: subprocess.Popen,
+    out_dir: Path,
+    nproc: int,
+    rng: random.Random,
+    write_kills: bool,
+    max_delay_s: float,
+    report: ChaosReport,
+) -> None:
+    """Kill a rank ``report.kills`` times (every second kill during a checkpoint write when
+    ``write_kills``), each time waiting for the next group; counts in ``report`` the groups that
+    came back and the steps they recomputed."""
+    for restart in range(report.kills):
+        step = _kill_one(
+            job,
+            out_dir,
+            restart,
+            nproc,
+            rng,
+            write_kills and restart % 2 == 1,
+            max_delay_s,
+            report,
+        )
+        if step is None:
+            report.notes.append(
+                f"the job ended before kill {restart + 1}; give it more --training.steps"
+            )
+            return
+        resumed = _wait_for_group(job, out_dir, restart + 1, nproc)
+        if resumed is not None:
+            report.recovered += 1
+            report.recomputed += max(0, step - min(b["start_step"] for b in resumed.values()))
+
+
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_for_inference(find_checkpoint(str(run)), device="cpu").model.parts[0].state_dict()
 
@@ -159,33 +193,15 @@ def run_chaos(
     reference_s = time.monotonic() - start
     if status != 0:
         raise UserError(
-            f"the uninterrupted reference run failed with status {status}; see {out_root}/reference.log"
+            f"the uninterrupted reference run failed with status {status}; "
+            f"see {out_root}/reference.log"
         )
     rng, report = random.Random(seed), ChaosReport(kills)
     start = time.monotonic()
     log = open(out_root / "chaos.log", "w")  # noqa: SIM115 - open while the job runs
     job = subprocess.Popen(_train_command(nproc, train_argv, chaos, kills), stdout=log, stderr=log)
     try:
-        for restart in range(kills):
-            step = _kill_one(
-                job,
-                chaos,
-                restart,
-                nproc,
-                rng,
-                write_kills and restart % 2 == 1,
-                max_delay_s,
-                report,
-            )
-            if step is None:
-                report.notes.append(
-                    f"the job ended before kill {restart + 1}; give it more --training.steps"
-                )
-                break
-            resumed = _wait_for_group(job, chaos, restart + 1, nproc)
-            if resumed is not None:
-                report.recovered += 1
-                report.recomputed += max(0, step - min(b["start_step"] for b in resumed.values()))
+        _kill_and_recover(job, chaos, nproc, rng, write_kills, max_delay_s, report)
         status = job.wait(timeout=GROUP_TIMEOUT_S)
     finally:
         if job.poll() is None:  # torchrun ends its workers on SIGTERM

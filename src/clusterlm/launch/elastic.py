@@ -42,8 +42,8 @@ def check_sizes(cfg: Config, nproc: int, nnodes: str) -> list[int]:
     if len(sizes) > 1 and not cfg.training.tokens_per_step:
         raise UserError(
             f"an elastic job (--nnodes {nnodes}) needs training.tokens_per_step, so the global "
-            "batch stays the same when the group changes size; set it to a multiple of micro_batch_size "
-            f"x seq_len x each data-parallel size of {sizes} processes"
+            "batch stays the same when the group changes size; set it to a multiple of "
+            f"micro_batch_size x seq_len x each data-parallel size of {sizes} processes"
         )
     for world_size in sizes:
         try:

@@ -26,7 +26,8 @@ from clusterlm.launch.elastic import check_sizes
 
 
 def preflight(cfg: Config, nproc: int, nnodes: str) -> None:
-    """Every check of the job's inputs that needs no worker; raises UserError at the first problem."""
+    """Every check of the job's inputs that needs no worker; raises UserError at the first
+    problem."""
     check_sizes(cfg, nproc, nnodes)
     check_output_path(cfg.training.out_dir, "training.out_dir")
     if cfg.finetune.task:

@@ -5,10 +5,10 @@ Every node's torchrun meets the others (c10d rendezvous, through ``clusterlm.lau
 store binds the first host's address) on the first host of the allocation, on a port derived
 from the job id. The script draws the job's secret from /dev/urandom when it starts (each run,
 requeues included, gets a new one) and exports it to every node's ranks, without printing it or
-writing it into the script that Slurm keeps. The job trains with ``--resume auto``, so when it is requeued it
-continues from the newest checkpoint in its run directory. Before the time limit Slurm sends
-USR1 to the batch script (``--signal=B:USR1@GRACE``), which passes it to the ranks (they
-checkpoint and exit), waits for them, and puts the job back in the queue.
+writing it into the script that Slurm keeps. The job trains with ``--resume auto``, so when it is
+requeued it continues from the newest checkpoint in its run directory. Before the time limit
+Slurm sends USR1 to the batch script (``--signal=B:USR1@GRACE``), which passes it to the ranks
+(they checkpoint and exit), waits for them, and puts the job back in the queue.
 
 Every user value in the script is quoted with ``shlex.quote``; the values Slurm reads from
 ``#SBATCH`` lines (which it does not parse as a shell would) are checked against strict patterns,
@@ -32,15 +32,14 @@ from clusterlm.distributed.mpi_environment import PORT_BASE, PORT_SPAN
 from clusterlm.errors import UserError
 
 JOB_NAME = "clusterlm"
-TIME_PATTERN = re.compile(
-    r"(\d+-)?\d+(:\d+){0,2}"
-)  # Slurm's MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS
+# Slurm's MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS
+TIME_PATTERN = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
 PARTITION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 JOB_ID_PATTERN = re.compile(r"\d+(_\d+)?")
-BACKEND = "clusterlm"  # clusterlm.launch.agent's rendezvous backend (not imported: `jobs` and `cancel` stay light)
-TORCHRUN_SIGNALS = (
-    "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun passes these on to its workers
-)
+# clusterlm.launch.agent's rendezvous backend (not imported: `jobs` and `cancel` stay light)
+BACKEND = "clusterlm"
+# torchrun passes these on to its workers
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 TIMEOUT_S = 10  # for Slurm's client commands; a live controller answers in well under a second
 
 
@@ -74,16 +73,18 @@ class SlurmJob:
             )
         if self.partition and not PARTITION_PATTERN.fullmatch(self.partition):
             raise UserError(
-                f"--partition takes a partition name (letters, digits, _ . -), got {self.partition!r}"
+                "--partition takes a partition name (letters, digits, _ . -), "
+                f"got {self.partition!r}"
             )
         if not 15 <= self.grace_s <= 65535:
             raise UserError(
-                f"--grace must be 15 to 65535 seconds (time to checkpoint and requeue), got {self.grace_s}"
+                "--grace must be 15 to 65535 seconds (time to checkpoint and requeue), "
+                f"got {self.grace_s}"
             )
         if self.time and time_limit_s(self.time) <= self.grace_s:
             raise UserError(
-                f"--time {self.time} is not longer than --grace {self.grace_s} s: the job would be told to "
-                "stop before it starts; give more time or a shorter --grace"
+                f"--time {self.time} is not longer than --grace {self.grace_s} s: the job would be "
+                "told to stop before it starts; give more time or a shorter --grace"
             )
         if "%" in self.run_dir:
             raise UserError(
@@ -112,9 +113,60 @@ def time_limit_s(text: str) -> int:
     return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units, strict=True))
 
 
+# The script's traps: USR1 checkpoints and requeues the job, TERM waits for the ranks to stop.
+SIGNAL_TRAPS = (
+    (
+        "# USR1: the time limit is near (or someone sent it): "
+        "the ranks checkpoint and exit, then the job requeues."
+    ),
+    "checkpoint_and_requeue() {",
+    (
+        '    echo "clusterlm: USR1 at $(date +%FT%T): '
+        'the ranks checkpoint; then job $SLURM_JOB_ID is requeued" >&2'
+    ),
+    '    scancel --signal=USR1 "$SLURM_JOB_ID"',
+    '    wait "$ranks"',
+    '    scontrol requeue "$SLURM_JOB_ID"',
+    "    exit 0",
+    "}",
+    "trap checkpoint_and_requeue USR1",
+    "# TERM (cancelled, preempted): Slurm signals the ranks itself; let them finish saving.",
+    """trap 'echo "clusterlm: TERM: waiting for the ranks to stop" >&2' TERM""",
+)
+
+
 def batch_script(job: SlurmJob) -> str:
     """The sbatch script: directives, then one torchrun per node under srun, with the signal
     handling that checkpoints and requeues before the time limit."""
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            *(f"#SBATCH {d}" for d in _directives(job)),
+            *_node_setup(job),
+            "",
+            *SIGNAL_TRAPS,
+            "",
+            # srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 and later): every CPU
+            # to the node's torchrun.
+            (
+                'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" '
+                "--kill-on-bad-exit=1 \\"
+            ),
+            "    " + " ".join(_torchrun_argv(job)) + " &",
+            "ranks=$!",
+            'wait "$ranks"; status=$?',
+            (
+                'while kill -0 "$ranks" 2>/dev/null; do wait "$ranks"; status=$?; done'
+                "  # a trap ended the wait early"
+            ),
+            'exit "$status"',
+            "",
+        ]
+    )
+
+
+def _directives(job: SlurmJob) -> list[str]:
+    """The script's ``#SBATCH`` options: the allocation, the USR1 before the time limit, requeue."""
     directives = [
         f"--nodes={job.nodes}",
         "--ntasks-per-node=1",
@@ -123,11 +175,39 @@ def batch_script(job: SlurmJob) -> str:
         "--requeue",
         "--open-mode=append",
     ]
-    directives += [f"--time={job.time}"] * bool(job.time) + [f"--partition={job.partition}"] * bool(
-        job.partition
-    )
+    directives += [f"--time={job.time}"] * bool(job.time)
+    directives += [f"--partition={job.partition}"] * bool(job.partition)
     directives += [f"--gpus-per-node={job.gpus_per_node}"] * bool(job.gpus_per_node)
-    torchrun = [
+    return directives
+
+
+def _node_setup(job: SlurmJob) -> list[str]:
+    """The script's lines before the traps: the rendezvous host and port, the job's secret and
+    the threads of each rank."""
+    return [
+        (
+            "# One torchrun per node; they meet on the first node. "
+            "A requeued job resumes from the newest checkpoint."
+        ),
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"port=${{MASTER_PORT:-$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))}}",
+        "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # restarted groups set up gloo reliably",
+        ("# The job's secret, new for every run of the script; srun passes it on. Never print it."),
+        f"{SECRET_VARIABLE}=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')",
+        (
+            f'[ "${{#{SECRET_VARIABLE}}}" -eq 64 ] || '
+            '{ echo "clusterlm: cannot read /dev/urandom" >&2; exit 1; }'
+        ),
+        f"export {SECRET_VARIABLE}",
+        f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{job.procs_per_node}}} / {job.procs_per_node} ))",
+        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"',
+    ]
+
+
+def _torchrun_argv(job: SlurmJob) -> list[str]:
+    """Each node's command line, quoted for the shell: clusterlm's torchrun agent, which runs
+    `clusterlm train` in every rank, resuming from the newest checkpoint."""
+    return [
         shlex.quote(job.python),
         "-m",
         "clusterlm.launch.agent",
@@ -145,43 +225,6 @@ def batch_script(job: SlurmJob) -> str:
         "--resume",
         "auto",
     ]
-    return "\n".join(
-        [
-            "#!/bin/bash",
-            *(f"#SBATCH {d}" for d in directives),
-            "# One torchrun per node; they meet on the first node. A requeued job resumes from the newest checkpoint.",
-            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            f"port=${{MASTER_PORT:-$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))}}",
-            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # restarted groups set up gloo reliably",
-            "# The job's secret, new for every run of the script; srun passes it on. Never print it.",
-            f"{SECRET_VARIABLE}=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')",
-            f'[ "${{#{SECRET_VARIABLE}}}" -eq 64 ] || {{ echo "clusterlm: cannot read /dev/urandom" >&2; exit 1; }}',
-            f"export {SECRET_VARIABLE}",
-            f"threads=$(( ${{SLURM_CPUS_PER_TASK:-{job.procs_per_node}}} / {job.procs_per_node} ))",
-            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"',
-            "",
-            "# USR1: the time limit is near (or someone sent it): the ranks checkpoint and exit, then the job requeues.",
-            "checkpoint_and_requeue() {",
-            '    echo "clusterlm: USR1 at $(date +%FT%T): the ranks checkpoint; then job $SLURM_JOB_ID is requeued" >&2',
-            '    scancel --signal=USR1 "$SLURM_JOB_ID"',
-            '    wait "$ranks"',
-            '    scontrol requeue "$SLURM_JOB_ID"',
-            "    exit 0",
-            "}",
-            "trap checkpoint_and_requeue USR1",
-            "# TERM (cancelled, preempted): Slurm signals the ranks itself; let them finish saving.",
-            """trap 'echo "clusterlm: TERM: waiting for the ranks to stop" >&2' TERM""",
-            "",
-            # srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 and later): every CPU to the node's torchrun.
-            'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
-            "    " + " ".join(torchrun) + " &",
-            "ranks=$!",
-            'wait "$ranks"; status=$?',
-            'while kill -0 "$ranks" 2>/dev/null; do wait "$ranks"; status=$?; done  # a trap ended the wait early',
-            'exit "$status"',
-            "",
-        ]
-    )
 
 
 def sbatch_command(job: SlurmJob) -> list[str]:
@@ -228,7 +271,8 @@ def cancel(job_id: str) -> None:
     ).stdout.split()
     if f"{JOB_NAME}|{getpass.getuser()}" not in found:
         raise UserError(
-            f"job {job_id} is not one of your clusterlm jobs in Slurm's queue; `clusterlm jobs` lists them"
+            f"job {job_id} is not one of your clusterlm jobs in Slurm's queue; "
+            "`clusterlm jobs` lists them"
         )
     run_slurm(["scancel", job_id])
 
@@ -253,13 +297,15 @@ def _call(argv: list[str], input: str | None = None) -> subprocess.CompletedProc
 
 def no_answer(command: str) -> UserError:
     return UserError(
-        f"{command} did not answer in {TIMEOUT_S} s: is slurmctld up, and SLURM_CONF right if it is set?"
+        f"{command} did not answer in {TIMEOUT_S} s: "
+        "is slurmctld up, and SLURM_CONF right if it is set?"
     )
 
 
 def require_command(command: str) -> None:
     if shutil.which(command) is None:
         raise UserError(
-            f"Slurm is not installed here ({command} is not on PATH): run on the cluster's login node, "
-            "or install Slurm's client commands (Debian: apt-get install slurm-client)"
+            f"Slurm is not installed here ({command} is not on PATH): "
+            "run on the cluster's login node, or install Slurm's client commands "
+            "(Debian: apt-get install slurm-client)"
         )

@@ -51,14 +51,16 @@ class LaunchOptions:
     def __post_init__(self) -> None:
         if self.nproc < 0:
             raise UserError(
-                f"--nproc must be >= 0 (processes per node; 0 = this process only), got {self.nproc}"
+                "--nproc must be >= 0 (processes per node; 0 = this process only), "
+                f"got {self.nproc}"
             )
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         malformed = [item for item in self.rdzv_conf.split(",") if item and "=" not in item]
         if malformed:
             raise UserError(
-                f"--rdzv-conf takes KEY=VALUE[,KEY=VALUE...], e.g. join_timeout=120; got {malformed[0]!r}"
+                "--rdzv-conf takes KEY=VALUE[,KEY=VALUE...], e.g. join_timeout=120; "
+                f"got {malformed[0]!r}"
             )
 
     @property
@@ -74,7 +76,8 @@ class LaunchOptions:
     def rendezvous_arguments(self) -> list[str]:
         """torchrun's rendezvous options (c10d's, through the ``clusterlm`` backend). On one node
         the store, and MASTER_ADDR, are on loopback; on several, the node whose --local-addr is
-        the endpoint's host hosts the rendezvous store (torchrun's own guess compares only hostnames)."""
+        the endpoint's host hosts the rendezvous store (torchrun's own guess compares only
+        hostnames)."""
         if self.standalone:
             return [
                 f"--rdzv-backend={BACKEND}",
@@ -125,8 +128,8 @@ def torchrun_command(opts: LaunchOptions, command_argv: list[str]) -> list[str]:
     node_range(opts.nnodes)
     if not opts.standalone and opts.rdzv_endpoint.endswith(":0"):
         raise UserError(
-            f"--nnodes {opts.nnodes} needs --rdzv-endpoint HOST:PORT with a port every node can reach "
-            "(port 0 picks a free one only for a single node)"
+            f"--nnodes {opts.nnodes} needs --rdzv-endpoint HOST:PORT with a port every node can "
+            "reach (port 0 picks a free one only for a single node)"
         )
     return [
         *command,
@@ -146,9 +149,11 @@ def job_environment(
     if not env.get(SECRET_VARIABLE):
         if not opts.standalone and parameter_server:
             raise UserError(
-                f"a parameter-server job on several nodes needs the same {SECRET_VARIABLE} on every node: "
-                f"export {SECRET_VARIABLE}=<the same random value> on each before `clusterlm train`, e.g. "
-                "from `python3 -c 'import secrets; print(secrets.token_hex(32))'`"
+                "a parameter-server job on several nodes needs the same "
+                f"{SECRET_VARIABLE} on every node: "
+                f"export {SECRET_VARIABLE}=<the same random value> on each before "
+                "`clusterlm train`, e.g. from "
+                "`python3 -c 'import secrets; print(secrets.token_hex(32))'`"
             )
         env[SECRET_VARIABLE] = new_secret()
     if opts.local_addr and not opts.standalone and "GLOO_SOCKET_IFNAME" not in env:
@@ -161,8 +166,9 @@ def job_environment(
 
 
 def launch(cfg: Config, opts: LaunchOptions, command_argv: list[str]) -> int:
-    """Check the job's inputs and its layout for every size it can have (each of an elastic range), then run
-    it through torchrun; returns the launcher's exit status. Bad input fails here, once, before any worker."""
+    """Check the job's inputs and its layout for every size it can have (each of an elastic
+    range), then run it through torchrun; returns the launcher's exit status. Bad input fails
+    here, once, before any worker."""
     preflight(cfg, opts.nproc, opts.nnodes)
     command = torchrun_command(opts, command_argv)
     env = job_environment(opts, dict(os.environ), cfg.parallel.data_parallel == "ps")

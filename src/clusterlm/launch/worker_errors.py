@@ -43,7 +43,8 @@ def report_to_agent(message: str) -> bool:
 
 
 def user_error(error_file_data: Any) -> str | None:
-    """The line a worker reported (``report_to_agent``), from the data torchrun read of its error file."""
+    """The line a worker reported (``report_to_agent``), from the data torchrun read of its error
+    file."""
     if isinstance(error_file_data, dict) and isinstance(error_file_data.get(USER_ERROR), str):
         return error_file_data[USER_ERROR]
     return None

@@ -16,7 +16,8 @@ def create_model(args: ModelArgs) -> Encoder | Transformer:
 
 def model_args(model: nn.Module) -> ModelArgs:
     """The ``ModelArgs`` of a model (a decoder, an encoder, a classifier, a pipeline stage)."""
-    # A plain attribute (a property on the classifier); nn.Module's stubs type any as Tensor | Module.
+    # A plain attribute (a property on the classifier); nn.Module's stubs type any as
+    # Tensor | Module.
     return cast(ModelArgs, model.args)
 
 

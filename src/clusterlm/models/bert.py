@@ -108,9 +108,11 @@ class Encoder(nn.Module):
         token_types: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B, T] -> masked-LM logits [B, T, vocab + specials]. ``token_types`` [B, T] (0 or 1)
-        default to segment A; ``padding_mask`` [B, T] is True at real tokens: padded positions are
-        never attended to (their own outputs are meaningless)."""
+        """tokens [B, T] -> masked-LM logits [B, T, vocab + specials].
+
+        ``token_types`` [B, T] (0 or 1) default to segment A; ``padding_mask`` [B, T] is True at
+        real tokens: padded positions are never attended to (their own outputs are meaningless).
+        """
         assert self.head is not None, "the masked-LM head was removed for a classifier"
         return self.head(self.features(tokens, token_types, padding_mask))
 

@@ -66,7 +66,10 @@ class SequenceClassifier(nn.Module):
         ]
 
     def init_rule(self, name: str) -> InitRule:
-        """The backbone's own rule for its parameters; N(0, 0.02) weights and zero biases for the head."""
+        """The backbone's own rule for its parameters.
+
+        The head gets N(0, 0.02) weights and zero biases.
+        """
         if name.startswith(BACKBONE):
             return self.backbone.init_rule(name[len(BACKBONE) :])
         return InitRule("zeros") if name.endswith("bias") else InitRule("normal", 0.02)

@@ -25,7 +25,10 @@ from clusterlm.models.init import InitRule, fill_parameters, seeded_source
 
 @dataclass
 class ModelArgs:
-    """Architecture hyper-parameters; ``ModelConfig`` in clusterlm.config validates and builds these."""
+    """Architecture hyper-parameters.
+
+    ``ModelConfig`` in clusterlm.config validates and builds these.
+    """
 
     flavour: str = "gpt2"
     vocab_size: int = 65
@@ -86,7 +89,10 @@ def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tens
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of every head by position-dependent angles; x is [B, H, T, D]."""
+    """Rotate pairs (x[2i], x[2i+1]) of every head by position-dependent angles.
+
+    x is [B, H, T, D].
+    """
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
@@ -150,7 +156,10 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager:
 
 
 class MLP(nn.Module):
-    """GELU MLP (gpt2: tanh approximation; bert: exact erf GELU) or SwiGLU (llama: w2(silu(w1 x) * w3 x))."""
+    """GELU MLP (gpt2: tanh approximation; bert: exact erf GELU) or SwiGLU.
+
+    SwiGLU is llama's: w2(silu(w1 x) * w3 x).
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -230,16 +239,19 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """The rotary tables: computed, not learned, so rebuilt wherever the model is materialized."""
+        """The rotary tables: computed, not learned, so rebuilt wherever the model is
+        materialized."""
         if self.args.is_llama:
             cos, sin = rotary_tables(self.args.head_dim, self.args.block_size, self.args.rope_theta)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
     def init_rule(self, name: str) -> InitRule:
-        """GPT-2 initialisation of parameter ``name``: N(0, 0.02), zero biases, unit norm weights, and
-        residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does
-        not grow with depth."""
+        """GPT-2 initialisation of parameter ``name``.
+
+        N(0, 0.02), zero biases, unit norm weights, and residual projections scaled by
+        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth.
+        """
         module_name, _, kind = name.rpartition(".")
         module = self.get_submodule(module_name)
         if isinstance(module, (nn.LayerNorm, RMSNorm)):

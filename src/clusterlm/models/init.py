@@ -64,7 +64,10 @@ def _normal_rows(
 
 
 def seeded_source(rule_of: Callable[[str], InitRule], seed: int) -> ParamSource:
-    """Initial values by each parameter's rule (``Transformer.init_rule``), drawn per (seed, name)."""
+    """Initial values by each parameter's rule (``Transformer.init_rule``).
+
+    They are drawn per (seed, name).
+    """
 
     def source(name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
         rule = rule_of(name)

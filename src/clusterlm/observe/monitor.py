@@ -89,8 +89,9 @@ class Monitor:
             record.update(straggler_figures(times, session.cfg.metrics.straggler_ratio))
             if record["straggler"]:
                 self.progress.message(
-                    f"step {session.step}: straggler: rank {record['slowest_rank']} takes {record['straggler_ratio']:.2f}x "
-                    f"the median step time ({record['step_ms_max']:.1f} ms against {record['step_ms_median']:.1f} ms)"
+                    f"step {session.step}: straggler: rank {record['slowest_rank']} "
+                    f"takes {record['straggler_ratio']:.2f}x the median step time "
+                    f"({record['step_ms_max']:.1f} ms against {record['step_ms_median']:.1f} ms)"
                 )
         if session.balancer is not None:
             record["micro_batches_per_rank"] = list(session.balancer.counts)

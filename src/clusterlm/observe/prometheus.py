@@ -91,7 +91,8 @@ def exported_names() -> set[str]:
 class PrometheusExporter:
     def __init__(self, host: str, port: int):
         self.registry = CollectorRegistry()
-        # Registered when first set: a gauge without labels would otherwise read 0 before it has a value.
+        # Registered when first set: a gauge without labels would otherwise read 0 before it has a
+        # value.
         self.job = {key: Gauge(name, doc, registry=None) for name, (key, doc) in JOB_GAUGES.items()}
         self._unset = set(self.job)
         self.ranks = {

@@ -36,7 +36,8 @@ class SampleLog:
 def open_sample_log(
     enabled: bool, out_dir: str, runtime: Runtime, start_step: int
 ) -> SampleLog | None:
-    """One log per data-parallel rank (tensor- and pipeline-parallel peers read the same samples)."""
+    """One log per data-parallel rank (tensor- and pipeline-parallel peers read the same
+    samples)."""
     if not enabled or runtime.tp_rank or runtime.pp_rank:
         return None
     return SampleLog(Path(out_dir), runtime, start_step)

@@ -186,7 +186,9 @@ class Watchdog(threading.Thread):
         if self.rank != min(r for r in range(min(WATCHERS, self.world_size)) if r not in silent):
             return  # the lowest responsive watcher reports
         print(describe_hang(beats, stuck, silent, self.timeout_s), file=sys.stderr, flush=True)
-        try:  # the other ranks' threads see it and exit; if it cannot be written, this rank still ends the job
+        # The other ranks' threads see it and exit; if it cannot be written, this rank still ends
+        # the job.
+        try:
             atomic_write_json(
                 self.directory / VERDICT,
                 {"generation": generation(), "time": time.time(), "stuck": stuck},
@@ -253,9 +255,9 @@ def start(out_dir: str, timeout_s: float) -> Watchdog | None:
 
 
 def holds_only_heartbeats(out_dir: str) -> bool:
-    """Whether ``out_dir`` is absent or holds nothing but heartbeats: a run that fails to start there
-    may then remove them (``remove_heartbeats``). The other ranks of a job that start at the same
-    time find one another's heartbeats, so they decide alike."""
+    """Whether ``out_dir`` is absent or holds nothing but heartbeats: a run that fails to start
+    there may then remove them (``remove_heartbeats``). The other ranks of a job that start at the
+    same time find one another's heartbeats, so they decide alike."""
     path = Path(out_dir)
     return not path.exists() or (path.is_dir() and {p.name for p in path.iterdir()} <= {HEARTBEATS})
 

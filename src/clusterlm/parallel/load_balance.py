@@ -76,7 +76,8 @@ class RankClock:
         return result
 
     def stretch(self, factor: float) -> None:
-        """The step's forward/backward was made ``factor`` times as long (``training.slow_ranks``)."""
+        """The step's forward/backward was made ``factor`` times as long
+        (``training.slow_ranks``)."""
         self._compute *= factor
 
     def gradients_reduced(self) -> None:
@@ -177,7 +178,8 @@ class LoadBalancer:
         self.rebalance(self.gather(mine) if self.gather else [mine])
 
     def rebalance(self, seconds: list[float]) -> None:
-        """Take the assignment that the ranks' step times ``seconds`` under the current one imply."""
+        """Take the assignment that the ranks' step times ``seconds`` under the current one
+        imply."""
         speeds = [n / max(t, 1e-9) for n, t in zip(self.counts, seconds, strict=True)]
         proposal = balanced_counts(speeds, sum(self.counts))
 
@@ -205,8 +207,8 @@ def attach_rank_timing(
     if p.load_balance:
         if loader.grad_accum < 2:
             raise UserError(
-                "parallel.load_balance moves micro-batches between ranks, so each needs several: raise "
-                "training.tokens_per_step to at least 2 micro-batches per rank"
+                "parallel.load_balance moves micro-batches between ranks, so each needs several: "
+                "raise training.tokens_per_step to at least 2 micro-batches per rank"
             )
         fixed = bool(p.load_balance_counts)
         counts = (

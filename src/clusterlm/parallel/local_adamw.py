@@ -42,14 +42,8 @@ class LocalAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            tensors: tuple[list[torch.Tensor], ...] = (
-                [],
-                [],
-                [],
-                [],
-                [],
-                [],
-            )  # as Adam.step gathers them
+            # As Adam.step gathers them.
+            tensors: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
             has_complex = self._init_group(group, *tensors)
             beta1, beta2 = group["betas"]
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (
@@ -83,7 +77,8 @@ class LocalAdamW(torch.optim.AdamW):
 
 def _laid_out_alike(param: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether elementwise work on the local tensors of ``param`` and ``grad`` is the work on the
-    whole tensors: both plain, or both DTensors on one mesh with the same placements, none partial."""
+    whole tensors: both plain, or both DTensors on one mesh with the same placements, none
+    partial."""
     if not isinstance(param, DTensor) or not isinstance(grad, DTensor):
         return not isinstance(param, DTensor) and not isinstance(grad, DTensor)
     return (

@@ -126,7 +126,8 @@ class LocalSGDModel(WholeModel):
             return
         if saved != set(range(self.replicas)):
             raise UserError(
-                f"the checkpoint holds {len(saved)} local replicas but this job has {self.replicas}; "
+                f"the checkpoint holds {len(saved)} local replicas "
+                f"but this job has {self.replicas}; "
                 f"resume it on {len(saved)} data-parallel ranks"
             )
         prefix = f"replica.{self.rank}."

@@ -33,7 +33,8 @@ def canonical_name(name: str, tied_embeddings: bool) -> str:
 
 
 def _runs(indices: torch.Tensor) -> list[tuple[slice, slice]]:
-    """Split sorted-in-runs global indices into (local slice, global slice) pairs of consecutive runs."""
+    """Split sorted-in-runs global indices into (local slice, global slice) pairs of consecutive
+    runs."""
     runs, start = [], 0
     values = indices.tolist()
     for i in range(1, len(values) + 1):
@@ -46,9 +47,8 @@ def _runs(indices: torch.Tensor) -> list[tuple[slice, slice]]:
 def _global_indices(param: DTensor) -> list[torch.Tensor]:
     """For each dimension, the global indices this rank's local tensor holds, in order."""
     shape, placements = tuple(param.shape), param.placements
-    if all(
-        type(p) in (Shard, Replicate) for p in placements
-    ):  # not a subclass such as a strided shard
+    # Exact types: not a subclass such as a strided shard.
+    if all(type(p) in (Shard, Replicate) for p in placements):
         local_shape, offset = compute_local_shape_and_global_offset(
             shape, param.device_mesh, placements
         )
@@ -74,7 +74,8 @@ def _global_indices(param: DTensor) -> list[torch.Tensor]:
 
 
 def _index_runs(param: torch.Tensor) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
-    """(local index, global index) pairs whose values together fill this rank's part of ``param``."""
+    """(local index, global index) pairs whose values together fill this rank's part of
+    ``param``."""
     if not isinstance(param, DTensor):
         whole = tuple(slice(0, n) for n in param.shape)
         return [(whole, whole)]

@@ -96,7 +96,8 @@ class ParallelModel:
     def load_state_dict(
         self, reader: Any, optimizers: list[torch.optim.Optimizer] | None = None
     ) -> None:
-        """Fill the parts (and optimizers) from a checkpoint ``reader`` (``.keys``, ``.read(state)``)."""
+        """Fill the parts (and optimizers) from a checkpoint ``reader`` (``.keys``,
+        ``.read(state)``)."""
         load_training_state(self.parts, optimizers, reader.read, reader.keys)
 
     def serve(
@@ -157,7 +158,8 @@ class WholeModel(ParallelModel):
         return total / divisor
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's output for a batch, without gradients (a DTensor where split across ranks)."""
+        """The model's output for a batch, without gradients (a DTensor where split across
+        ranks)."""
         with torch.no_grad(), self.precision.autocast():
             return self.parts[0](x)
 
@@ -178,7 +180,8 @@ class WholeModel(ParallelModel):
 
 
 class PipelinedModel(ParallelModel):
-    """This rank's pipeline stages; a step is one batch, split into micro-batches by the schedule."""
+    """This rank's pipeline stages; a step is one batch, split into micro-batches by the
+    schedule."""
 
     pipeline: Pipeline
 

@@ -47,6 +47,63 @@ def _model_loss(
     return next_token_loss(logits, y)
 
 
+def _wrap_data_parallel(
+    part: nn.Module,
+    mesh: DeviceMesh,
+    cfg: Config,
+    precision: Precision,
+    comm: list[CommHookState],
+) -> nn.Module:
+    """``part`` wrapped for data parallel; its communication hook's state, if any, joins
+    ``comm``."""
+    param_dtype = None if precision.compute_dtype == torch.float32 else precision.compute_dtype
+    part, state = apply_data_parallel(part, mesh, cfg.parallel, cfg.comm, param_dtype)
+    comm.extend(filter(None, [state]))
+    return part
+
+
+def _parallelize_part(
+    part: nn.Module,
+    cfg: Config,
+    mesh: DeviceMesh | None,
+    precision: Precision,
+    comm: list[CommHookState],
+    fill: Callable[[nn.Module], None],
+    sharded: bool,
+) -> nn.Module:
+    """``part`` with, in this order, tensor parallel, activation checkpointing, compile and data
+    parallel applied. ``fill`` materializes it: before data parallel unless ``sharded`` (DDP needs
+    whole tensors), and after it (FSDP has cut the tensors by then)."""
+    p, training = cfg.parallel, cfg.training
+    if mesh is not None and p.tp > 1:
+        assert isinstance(part, (Transformer, Encoder))  # fine-tuning runs no tensor parallel
+        apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
+    if not sharded:
+        fill(part)
+    if training.activation_checkpointing != "none":
+        apply_activation_checkpointing(part, training.activation_checkpointing)
+    if training.compile and mesh is not None:  # one process compiles forward and loss whole
+        apply_compile(part)
+    if mesh is not None:
+        part = _wrap_data_parallel(part, mesh, cfg, precision, comm)
+    fill(part)
+    return part
+
+
+def _whole_loss(
+    part: nn.Module, precision: Precision, compile_whole: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss of ``part`` on a batch; with ``compile_whole``, one graph from tokens to loss: the
+    compiler fuses across blocks, the embeddings, the head and the loss. (Across processes each
+    block is compiled instead.)"""
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = partial(
+        _model_loss, part, precision
+    )
+    if compile_whole:
+        loss_fn = torch.compile(loss_fn)
+    return loss_fn
+
+
 def _whole_model(
     loss_fn: Callable,
     part: nn.Module,
@@ -66,6 +123,31 @@ def _whole_model(
         )
         return LocalSGDModel(group, p.local_steps, outer, loss_fn=loss_fn, parts=[part], **common)
     return WholeModel(loss_fn, parts=[part], **common)
+
+
+def _pipelined_model(
+    model: nn.Module,
+    p: ParallelConfig,
+    mesh: DeviceMesh,
+    device: torch.device,
+    parallelize_part: Callable[[nn.Module], nn.Module],
+    common: dict[str, Any],
+) -> ParallelModel:
+    """This rank's pipeline stages of ``model``, each parallelized by ``parallelize_part``."""
+    # The configuration checks allow decoders only in a pipeline.
+    assert isinstance(model, Transformer)
+    stages = split_into_stages(
+        model,
+        mesh["pp"].get_group(),
+        p.pp_schedule,
+        p.pp_stages_per_rank or None,
+        parallelize_stage=parallelize_part,
+        device=device,
+    )
+    micro_batches = pipeline_microbatches(p)
+    schedule = build_schedule(stages, p.pp_schedule, micro_batches)
+    pipeline = Pipeline(schedule, stages, micro_batches)
+    return PipelinedModel(pipeline, parts=[stage.submod for stage in stages], **common)
 
 
 def parallelize(
@@ -90,24 +172,11 @@ def parallelize(
     init_device = torch.device("cpu") if sharded and p.cpu_offload else device
     canonical = partial(canonical_name, tied_embeddings=model_args(model).tie_embeddings)
 
-    def parallelize_part(part: nn.Module) -> nn.Module:
-        if mesh is not None and p.tp > 1:
-            assert isinstance(part, (Transformer, Encoder))  # fine-tuning runs no tensor parallel
-            apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
-        if not sharded:
-            materialize(part, source, init_device, canonical)
-        if cfg.training.activation_checkpointing != "none":
-            apply_activation_checkpointing(part, cfg.training.activation_checkpointing)
-        if cfg.training.compile and mesh is not None:  # one process compiles forward and loss whole
-            apply_compile(part)
-        if mesh is not None:
-            param_dtype = (
-                None if precision.compute_dtype == torch.float32 else precision.compute_dtype
-            )
-            part, state = apply_data_parallel(part, mesh, p, cfg.comm, param_dtype)
-            comm.extend(filter(None, [state]))
+    def fill(part: nn.Module) -> None:
         materialize(part, source, init_device, canonical)
-        return part
+
+    def parallelize_part(part: nn.Module) -> nn.Module:
+        return _parallelize_part(part, cfg, mesh, precision, comm, fill, sharded)
 
     common = {
         "precision": precision,
@@ -117,26 +186,6 @@ def parallelize(
     }
     if mesh is None or p.pp == 1:
         part = parallelize_part(model)
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = partial(
-            _model_loss, part, precision
-        )
-        if cfg.training.compile and mesh is None:
-            # One graph from tokens to loss: the compiler fuses across blocks, the embeddings, the
-            # head and the loss. Across processes each block is compiled instead.
-            loss_fn = torch.compile(loss_fn)
+        loss_fn = _whole_loss(part, precision, compile_whole=cfg.training.compile and mesh is None)
         return _whole_model(loss_fn, part, mesh, p, common, ps)
-    assert isinstance(
-        model, Transformer
-    )  # the configuration checks allow decoders only in a pipeline
-    stages = split_into_stages(
-        model,
-        mesh["pp"].get_group(),
-        p.pp_schedule,
-        p.pp_stages_per_rank or None,
-        parallelize_stage=parallelize_part,
-        device=device,
-    )
-    micro_batches = pipeline_microbatches(p)
-    schedule = build_schedule(stages, p.pp_schedule, micro_batches)
-    pipeline = Pipeline(schedule, stages, micro_batches)
-    return PipelinedModel(pipeline, parts=[stage.submod for stage in stages], **common)
+    return _pipelined_model(model, p, mesh, device, parallelize_part, common)

@@ -260,7 +260,8 @@ def pipeline_eval_loss(
 
 
 def _stage_model(stage: PipelineStage) -> Transformer:
-    """The module of ``stage``: a ``Transformer`` cut by ``stage_module`` (FSDP wraps it in place)."""
+    """The module of ``stage``: a ``Transformer`` cut by ``stage_module`` (FSDP wraps it in
+    place)."""
     module = stage.submod
     assert isinstance(module, Transformer)
     return module

@@ -39,7 +39,8 @@ def resolve_precision(name: str, device: torch.device) -> tuple[str, str | None]
         return "fp32", None
     return "bf16", (
         f"warning: training.precision = bf16 on a CPU that emulates it: bf16 matmul "
-        f"{bf16 / 1e9:.1f} GFLOP/s against fp32 {fp32 / 1e9:.1f} GFLOP/s; fp32 (or auto) trains faster here"
+        f"{bf16 / 1e9:.1f} GFLOP/s against fp32 {fp32 / 1e9:.1f} GFLOP/s; "
+        "fp32 (or auto) trains faster here"
     )
 
 
@@ -59,7 +60,8 @@ def settle_attention(
     """``training.attention = auto`` on a CPU computing in 16 bits: the faster of the flash and math
     kernels for causal attention of ``shape`` (``cpu_attention_kernel``), agreed on by every rank;
     otherwise ``name``. In fp32 flash was the faster at every shape measured
-    (benchmarks/attention-kernels-cpu-xeon-amx-2026-12-01.md), and a GPU's ``auto`` is torch's choice."""
+    (benchmarks/attention-kernels-cpu-xeon-amx-2026-12-01.md), and a GPU's ``auto`` is torch's
+    choice."""
     if name != "auto" or device.type != "cpu" or precision == "fp32":
         return name
     return _agreed(lambda: cpu_attention_kernel(shape, DTYPES[precision]))
@@ -105,7 +107,8 @@ class Precision:
             self.scaler.unscale_(optimizer)
 
     def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Optimizer steps; with a scaler, skipped when gradients overflowed, and the scale adapts."""
+        """Optimizer steps; with a scaler, skipped when gradients overflowed, and the scale
+        adapts."""
         for optimizer in optimizers:
             if self.scaler:
                 self.scaler.step(optimizer)

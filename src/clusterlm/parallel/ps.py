@@ -28,12 +28,12 @@ from clusterlm.distributed.signing import answer_challenge
 from clusterlm.errors import UserError
 from clusterlm.parallel.data_parallel import build_optimizer
 from clusterlm.parallel.model import WholeModel
-from clusterlm.parallel.ps_server import (
+from clusterlm.parallel.ps_server import ParameterServer
+from clusterlm.parallel.ps_wire import (
     HEADER,
     JOIN,
     PUSH,
     SNAPSHOT,
-    ParameterServer,
     flatten,
     message,
     pair_group,
@@ -67,8 +67,8 @@ class ServerLinks:
             group = pair_group(role.store, key, 1, role.cfg.timeout_s)
             if not answer_challenge(group, role.secret, key):
                 raise UserError(
-                    f"parameter server {server} refused this worker, or could not prove it holds the job's "
-                    f"secret: every rank of the job needs the same {SECRET_VARIABLE}"
+                    f"parameter server {server} refused this worker, or could not prove it holds "
+                    f"the job's secret: every rank of the job needs the same {SECRET_VARIABLE}"
                 )
             self.groups.append(group)
         self.step = 0
@@ -80,10 +80,8 @@ class ServerLinks:
         """Send to every server, then read each one's reply: its step and statistics, and the
         current values of its shard, written into this worker's parameters."""
         sizes = [0] * len(self.groups) if payload is None else [part.numel() for part in payload]
-        headers, sends = (
-            [message(kind, lr, size) for size in sizes],
-            [],
-        )  # each server checks its shard's size
+        # Each server checks its shard's size.
+        headers, sends = [message(kind, lr, size) for size in sizes], []
         for server, group in enumerate(self.groups):
             sends.append(group.send([headers[server]], 0, 0))
             if payload is not None:

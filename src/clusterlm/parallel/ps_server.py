@@ -4,7 +4,8 @@ updated by the gradients workers push, under a staleness bound.
 Each worker talks to each server over its own two-rank gloo group, made through the job's
 TCPStore when the worker joins: a worker that dies breaks only its own groups (the server's
 receive fails at once and the worker is counted lost), and a restarted worker joins again with
-new ones. One thread per worker receives its pushes; updates are applied under one lock.
+new ones. One thread per worker receives its pushes; updates are applied under one lock. What
+travels over a pair group is ``clusterlm.parallel.ps_wire``'s protocol.
 
 Clocks and staleness (Ho et al., "More effective distributed ML via a stale synchronous
 parallel parameter server", 2013): a worker's clock is the number of gradients it pushed. Before
@@ -32,49 +33,21 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import cast
 
 import torch
 import torch.distributed as dist
 
 from clusterlm.distributed.signing import SignedStore, UnsignedValue, challenge
+from clusterlm.parallel.ps_wire import (
+    HEADER,
+    PUSH,
+    SNAPSHOT,
+    flatten,
+    message,
+    pair_group,
+    unflatten_into,
+)
 from clusterlm.parallel.state_dict import create_missing_state
-
-HEADER = 8  # float64 values that open every message
-JOIN, PUSH, SNAPSHOT = 0.0, 1.0, 2.0
-
-
-def message(*values: float) -> torch.Tensor:
-    """A header: ``values`` then zeros. A worker's is (kind, learning rate, gradient values)."""
-    header = torch.zeros(HEADER, dtype=torch.float64)
-    header[: len(values)] = torch.tensor(values, dtype=torch.float64)
-    return header
-
-
-def pair_group(store: SignedStore, key: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
-    """A two-rank gloo group (server rank 0, worker rank 1) of its own, outside the job's group."""
-    group = dist.ProcessGroupGloo(
-        dist.PrefixStore(key, store), rank, 2, timedelta(seconds=timeout_s)
-    )
-    # A gloo Backend, used for its send and recv, which ProcessGroup's stubs declare and Backend's omit.
-    return cast(dist.ProcessGroup, group)
-
-
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One fp32 CPU tensor (the pair groups are gloo's, which sends host memory)."""
-    return (
-        torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
-        if tensors
-        else torch.zeros(0)
-    )
-
-
-def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 class Unreadable(Exception):
@@ -86,9 +59,8 @@ class Stats:
     pushes: int = 0  # gradients applied (or summed into a round)
     staleness_sum: int = 0
     staleness_max: int = 0
-    busy_s: float = (
-        0.0  # time spent applying the optimizer: what bounds the pushes a server can take
-    )
+    # Time spent applying the optimizer: what bounds the pushes a server can take.
+    busy_s: float = 0.0
     rejected: int = 0  # pushes refused: non-finite or wrongly sized gradients, a bad learning rate
     refused: int = 0  # peers refused: an unsigned join, a failed challenge
 
@@ -125,10 +97,8 @@ class ParameterServer:
         self.applied = start_step * workers  # pushes the budget has counted, resumed runs included
         self.rounds = start_step  # with s = 0: rounds applied
         self.round_sum: torch.Tensor | None = None
-        self.round_count, self.lr = (
-            0,
-            0.0,
-        )  # gradients summed into this round, and their learning rate
+        # Gradients summed into this round, and their learning rate.
+        self.round_count, self.lr = 0, 0.0
         self.round_pushed: set[int] = set()  # workers that pushed (accepted or not) in this round
         self.size = sum(p.numel() for p in params)
         self.name = "parameter server"
@@ -153,9 +123,7 @@ class ParameterServer:
             try:  # no joins once the budget is spent: rank 0 may end, and its store with it
                 if accepting and self.step < self.total_steps:
                     threads += self._accept(store, prefix, timeout_s)
-            except (
-                dist.DistNetworkError
-            ):  # the store's host (rank 0, unless the launcher) has ended
+            except dist.DistNetworkError:  # the store's host (rank 0, unless the launcher) ended
                 accepting = False
             threads = [t for t in threads if t.is_alive()]
             if threads:
@@ -208,9 +176,8 @@ class ParameterServer:
                 )
                 return
         except RuntimeError as exc:  # an unsigned address in the store, or the peer went away
-            self._refuse(
-                f"worker {worker} (join {number}) could not connect: {str(exc).splitlines()[0][:200]}"
-            )
+            reason = str(exc).splitlines()[0][:200]
+            self._refuse(f"worker {worker} (join {number}) could not connect: {reason}")
             return
         header = torch.zeros(HEADER, dtype=torch.float64)
         try:
@@ -227,16 +194,13 @@ class ParameterServer:
                 else:
                     self._join(worker, number)
                 self._reply(worker, group)
-        except (
-            RuntimeError,
-            Unreadable,
-        ) as exc:  # the worker closed its group (finished or died), or we did
+        # RuntimeError: the worker closed its group (finished or died), or we did.
+        except (RuntimeError, Unreadable) as exc:
             if isinstance(exc, Unreadable):
                 self._reject(worker, number, f"{exc}; its connection is closed")
             with self.changed:
-                if (
-                    self.clocks.connection.get(worker) == number
-                ):  # not yet replaced by a restarted worker
+                # Unless a restarted worker has replaced this connection already.
+                if self.clocks.connection.get(worker) == number:
                     self.clocks.live.pop(worker, None)
                 self._maybe_apply_round()
                 self.changed.notify_all()
@@ -264,8 +228,8 @@ class ParameterServer:
         with self.changed:
             self.stats.rejected += 1
         print(
-            f"warning: {self.name} rejected a push from worker {worker} (join {number}): {problem}; it changes "
-            "nothing and training goes on",
+            f"warning: {self.name} rejected a push from worker {worker} (join {number}): "
+            f"{problem}; it changes nothing and training goes on",
             file=sys.stderr,
             flush=True,
         )
@@ -303,7 +267,8 @@ class ParameterServer:
             self.changed.notify_all()
 
     def _maybe_apply_round(self) -> None:
-        """s = 0: once every live worker pushed this round, apply the mean of its accepted gradients."""
+        """s = 0: once every live worker pushed this round, apply the mean of its accepted
+        gradients."""
         if not self.round_pushed or not set(self.clocks.live) <= self.round_pushed:
             return
         if self.round_sum is not None:

@@ -126,9 +126,8 @@ def _set_part_state(
 ) -> None:
     part_model, _ = _part_state(part, None)
     model_state = {name: state["model"][name] for name in part_model}
-    if optimizer is None or isinstance(
-        optimizer, ZeroRedundancyOptimizer
-    ):  # ZeRO-1 was loaded in place
+    # No optimizer state to set here: none, or ZeRO-1's, which was loaded in place.
+    if optimizer is None or isinstance(optimizer, ZeroRedundancyOptimizer):
         set_state_dict(part, [], model_state_dict=model_state, optim_state_dict={})
         return
     _, template = get_state_dict(part, optimizer)

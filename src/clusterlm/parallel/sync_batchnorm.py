@@ -75,7 +75,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         total = int(sums[0].item())
         if total == 1:
             raise ValueError(
-                "Expected more than 1 value per channel when training, got 1 across the process group"
+                "Expected more than 1 value per channel when training, "
+                "got 1 across the process group"
             )
         mean, sum_squares = (sums[1:] / total).chunk(2)
         var = (sum_squares - mean**2).clamp_(min=0)

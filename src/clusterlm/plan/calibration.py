@@ -87,7 +87,8 @@ class Calibration:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(
-                f"{source}: unknown calibration key {unknown[0]!r}; known: {', '.join(sorted(known))}"
+                f"{source}: unknown calibration key {unknown[0]!r}; "
+                f"known: {', '.join(sorted(known))}"
             )
         try:
             return cls(**values)
@@ -116,7 +117,8 @@ def check_device(calibration: Calibration, device_name: str, source: str) -> Non
     """Refuse factors measured on another kind of device than ``device_name``."""
     if calibration.device and device_kind(calibration.device) != device_kind(device_name):
         raise UserError(
-            f"{source} was measured on {calibration.device}, not on this cluster's {device_name}: its "
+            f"{source} was measured on {calibration.device}, "
+            f"not on this cluster's {device_name}: its "
             "factors describe other hardware; calibrate on this kind of device or leave it out"
         )
 

@@ -187,7 +187,8 @@ def load_cluster(name_or_path: str) -> Cluster:
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise UserError(
-            f"cluster {name_or_path!r} not found; use a TOML path or one of: {', '.join(preset_names())}"
+            f"cluster {name_or_path!r} not found; "
+            f"use a TOML path or one of: {', '.join(preset_names())}"
         )
     try:
         tree = tomllib.loads(path.read_text())

@@ -46,7 +46,8 @@ def layer_flops_per_token(work: Workload) -> float:
 
 
 def matmul_shapes(work: Workload, layout: Layout) -> list[tuple[float, float]]:
-    """(FLOPs per token, width ``w``) of the blocks' multiplies and of the head's, on one tp rank."""
+    """(FLOPs per token, width ``w``) of the blocks' multiplies and of the head's, on one tp
+    rank."""
     args, t = work.model, layout.tp
     d, f, s = args.n_embd, args.ffn_hidden, work.seq_len
     q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim

@@ -64,8 +64,10 @@ def config_toml(best: Candidate) -> str:
     layout = best.layout
     cfg = layout_config(layout, best.work)
     header = (
-        f"# Chosen by `clusterlm plan` for {best.cluster.nodes} x {best.cluster.name}: {layout.describe()}\n"
-        f"# predicted {best.time.total:.3f} s/step, {best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.1%}, "
+        f"# Chosen by `clusterlm plan` for {best.cluster.nodes} x {best.cluster.name}: "
+        f"{layout.describe()}\n"
+        f"# predicted {best.time.total:.3f} s/step, {best.tokens_per_s:,.0f} tokens/s, "
+        f"MFU {best.mfu:.1%}, "
         f"{best.memory.total / 2**30:.1f} GiB per device\n"
     )
     sections = [

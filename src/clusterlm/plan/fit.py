@@ -40,7 +40,8 @@ def fit_calibration(
         calibration = replace(base, compute_efficiency=float(efficiency), **no_host)
         predicted = np.array([r.predicted_seconds(calibration) for r in fitted])
         for wait in np.linspace(0.0, 0.9, 10):
-            # Host seconds each case spends per unit of each term, grown by its processes' core share.
+            # Host seconds each case spends per unit of each term, grown by its processes' core
+            # share.
             features = counts * np.array(
                 [host_share_scales(r.cluster.device.host_share, wait) for r in fitted]
             )

@@ -84,7 +84,8 @@ def _predict(row: dict, calibration: Calibration | None = None) -> Candidate:
 
 
 def activations_vs_korthikanti(row: dict) -> float:
-    """The planner's bytes one block saves per micro-batch over 34*s*b*h (``activations_vs_korthikanti``)."""
+    """The planner's bytes one block saves per micro-batch over 34*s*b*h
+    (``activations_vs_korthikanti``)."""
     work, layout = _case(row)
     return layer_activation_bytes(work, layout) / (
         34 * work.seq_len * layout.micro_batch_size * work.model.n_embd
@@ -97,7 +98,8 @@ def _activation_lines(rows: list[dict]) -> list[str]:
         if "activations_vs_korthikanti" in row:
             measured, predicted = row["activations_vs_korthikanti"], activations_vs_korthikanti(row)
             lines.append(
-                f"{row['name']}: saved activations per block {measured:.2f}x Korthikanti's 34*s*b*h, "
+                f"{row['name']}: saved activations per block "
+                f"{measured:.2f}x Korthikanti's 34*s*b*h, "
                 f"planner {predicted:.2f}x ({_error(predicted, measured):+.1%})"
             )
     return lines
@@ -164,7 +166,8 @@ def compare_gpu_data(
         [
             table(rows, header),
             f"step time within {WITHIN:.0%}: {within} of {len(errors)} measurements "
-            f"(data: {path}; '-' = not recorded); a preset calibrated on these rows agrees by construction, "
+            f"(data: {path}; '-' = not recorded); "
+            "a preset calibrated on these rows agrees by construction, "
             "so its independent checks are the rows added after the fit and `plan --published`",
             *_activation_lines(data),
         ]

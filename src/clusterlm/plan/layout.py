@@ -239,6 +239,26 @@ def layout_problem(layout: Layout, work: Workload, cluster: Cluster) -> str | No
     """Why this layout cannot run this workload on this cluster, or None when it can: the
     cluster's constraints first, then whatever the trainer refuses in the layout's config."""
     checks = [
+        *_setting_checks(layout),
+        *_degree_checks(layout, work, cluster),
+        *_batch_and_host_checks(layout, work, cluster),
+    ]
+    problem = next((message for ok, message in checks if not ok), None)
+    return problem or trainer_refusal(layout, work)
+
+
+def _setting_checks(layout: Layout) -> list[tuple[bool, str]]:
+    """(passes, message) for the layout's named choices and its degrees and batch counts."""
+    smallest = min(
+        layout.pp,
+        layout.dp_replicate,
+        layout.dp_shard,
+        layout.tp,
+        layout.pp_stages_per_rank,
+        layout.micro_batch_size,
+        layout.micro_batches,
+    )
+    return [
         (
             layout.data_parallel in DATA_PARALLEL,
             f"data_parallel must be one of {', '.join(DATA_PARALLEL)}",
@@ -251,22 +271,18 @@ def layout_problem(layout: Layout, work: Workload, cluster: Cluster) -> str | No
             layout.activation_checkpointing in CHECKPOINTING,
             f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}",
         ),
-        (
-            min(
-                layout.pp,
-                layout.dp_replicate,
-                layout.dp_shard,
-                layout.tp,
-                layout.pp_stages_per_rank,
-                layout.micro_batch_size,
-                layout.micro_batches,
-            )
-            >= 1,
-            "every degree and batch count must be >= 1",
-        ),
+        (smallest >= 1, "every degree and batch count must be >= 1"),
+    ]
+
+
+def _degree_checks(layout: Layout, work: Workload, cluster: Cluster) -> list[tuple[bool, str]]:
+    """(passes, message) for the degrees against the cluster's devices, the data-parallel
+    strategy and the model's attention heads."""
+    return [
         (
             layout.world_size == cluster.world_size,
-            f"pp x dp_replicate x dp_shard x tp = {layout.world_size}, but the cluster has {cluster.world_size} devices",
+            f"pp x dp_replicate x dp_shard x tp = {layout.world_size}, "
+            f"but the cluster has {cluster.world_size} devices",
         ),
         (
             layout.data_parallel != "ddp" or layout.dp_shard == 1,
@@ -274,19 +290,30 @@ def layout_problem(layout: Layout, work: Workload, cluster: Cluster) -> str | No
         ),
         (
             layout.data_parallel not in ("zero1", "zero2", "zero3") or layout.dp_replicate == 1,
-            "zero1-3 shard over all data-parallel ranks: dp_replicate must be 1 (use hsdp to replicate)",
+            "zero1-3 shard over all data-parallel ranks: dp_replicate must be 1 "
+            "(use hsdp to replicate)",
         ),
         (
             work.model.n_head % layout.tp == 0 and work.model.n_kv_head % layout.tp == 0,
-            f"tp {layout.tp} must divide n_head {work.model.n_head} and n_kv_head {work.model.n_kv_head}",
+            f"tp {layout.tp} must divide n_head {work.model.n_head} "
+            f"and n_kv_head {work.model.n_kv_head}",
         ),
         (
             cluster.devices_per_node % layout.tp == 0,
             f"tp {layout.tp} must stay inside a node of {cluster.devices_per_node} devices",
         ),
+    ]
+
+
+def _batch_and_host_checks(
+    layout: Layout, work: Workload, cluster: Cluster
+) -> list[tuple[bool, str]]:
+    """(passes, message) for the global batch the layout runs and the host memory it needs."""
+    batch = layout.dp * layout.micro_batch_size * layout.micro_batches
+    return [
         (
-            layout.dp * layout.micro_batch_size * layout.micro_batches == work.sequences,
-            f"dp x micro_batch_size x micro_batches = {layout.dp * layout.micro_batch_size * layout.micro_batches} "
+            batch == work.sequences,
+            f"dp x micro_batch_size x micro_batches = {batch} "
             f"must equal the global batch of {work.sequences} sequences",
         ),
         (
@@ -294,8 +321,6 @@ def layout_problem(layout: Layout, work: Workload, cluster: Cluster) -> str | No
             "cpu_offload needs a [host] in the cluster",
         ),
     ]
-    problem = next((message for ok, message in checks if not ok), None)
-    return problem or trainer_refusal(layout, work)
 
 
 def trainer_refusal(layout: Layout, work: Workload) -> str | None:

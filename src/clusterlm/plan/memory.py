@@ -264,8 +264,8 @@ def activation_bytes(work: Workload, layout: Layout, stage: str) -> float:
 
 
 def buffer_bytes(work: Workload, layout: Layout) -> float:
-    """Communication buffers: two ``parallel.bucket_mb`` gradient buckets (one reducing while the next fills;
-    ddp, zero1, assuming gradients are views into the buckets). Fully sharded
+    """Communication buffers: two ``parallel.bucket_mb`` gradient buckets (one reducing while the
+    next fills; ddp, zero1, assuming gradients are views into the buckets). Fully sharded
     (zero3, hsdp): the largest FSDP unit (a block, or the embedding or head) gathered twice
     (current + prefetched) in the weight dtype plus its unsharded gradient. zero2 (FSDP2 keeping
     the gathered parameters from forward to backward): every weight of the stage gathered, plus

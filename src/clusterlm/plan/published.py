@@ -107,9 +107,11 @@ def compare_published(path: str | Path = PUBLISHED_RUNS) -> str:
     )
     within = sum(e <= WITHIN for e in errors)
     summary = (
-        f"TF/s per device, counting recomputed FLOPs where the source does; on the {len(errors)} runs no "
-        f"calibration was fitted to, mean absolute error {sum(errors) / len(errors):.0%}, {within} of "
-        f"{len(errors)} within {WITHIN:.0%}; (fit) rows are where a preset's efficiency table came from. "
+        "TF/s per device, counting recomputed FLOPs where the source does; "
+        f"on the {len(errors)} runs no calibration was fitted to, "
+        f"mean absolute error {sum(errors) / len(errors):.0%}, {within} of "
+        f"{len(errors)} within {WITHIN:.0%}; "
+        "(fit) rows are where a preset's efficiency table came from. "
         f"Runs: {path}"
     )
     terms = tuple(name.replace("_", " ") for name, _ in StepTime(0, 0, 0, 0, 0, 0).items())

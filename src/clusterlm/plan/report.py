@@ -21,7 +21,8 @@ COLUMNS = (
 
 
 def table(rows: list[list[str]], header: tuple[str, ...], text_columns: int = 2) -> str:
-    """Columns padded to their widest cell; the first ``text_columns`` left-aligned, numbers right."""
+    """Columns padded to their widest cell; the first ``text_columns`` left-aligned, numbers
+    right."""
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
     lines = [
         "  ".join(

@@ -105,10 +105,15 @@ SEARCHED_SCHEDULES = (
     ("zbv_zero_bubble", 2),
 )
 SKIPPED_SCHEDULES = {
-    "looped_bfs": "interleaved 1F1B's bubble at GPipe's activation memory (all m micro-batches of each stage): "
-    "never better than interleaved_1f1b",
-    "dualpipev": "what it adds to ZBV is overlapping one micro-batch's compute with another's communication "
-    "(MoE all-to-all), which this dense model does not have; modelled as ZBV it only ties",
+    "looped_bfs": (
+        "interleaved 1F1B's bubble at GPipe's activation memory "
+        "(all m micro-batches of each stage): never better than interleaved_1f1b"
+    ),
+    "dualpipev": (
+        "what it adds to ZBV is overlapping one micro-batch's compute with another's "
+        "communication (MoE all-to-all), which this dense model does not have; "
+        "modelled as ZBV it only ties"
+    ),
 }
 
 

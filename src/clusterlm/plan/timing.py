@@ -135,7 +135,8 @@ def fill_and_drain_share(work: Workload, layout: Layout) -> float:
     """The pace of the pipeline's fill and drain against the busiest rank's: the steady state runs
     at the busiest rank's pace, but a micro-batch entering or leaving the pipeline passes every
     other rank at that rank's own pace (Megatron's last stage, which also runs the output head,
-    is the busiest; the rest hold layers only). The ratio of the other ranks' mean to the busiest."""
+    is the busiest; the rest hold layers only). The ratio of the other ranks' mean to the
+    busiest."""
     ranks = rank_flops(work, layout)
     if len(ranks) == 1:
         return 1.0
@@ -311,7 +312,8 @@ def _data_parallel_and_offload(
         )
     elif stage == 1:
         # torch's ZeroRedundancyOptimizer under DDP: gradients are all-reduced in backward, then
-        # each rank steps the parameters it owns and broadcasts them in step(), nothing to hide behind.
+        # each rank steps the parameters it owns and broadcasts them in step(), nothing to hide
+        # behind.
         exposed = _bucketed_all_reduce(grads, shard, cluster, layout.bucket_mb, overlap * backward)
         exposed += collectives.broadcast_from_each(weights, shard, cluster)
     else:

@@ -53,7 +53,8 @@ class ValidationCase:
     def config(self, settings: dict[str, object] | None = None) -> Config:
         """The trainer's config for this case; ``settings`` adds keys such as ``data.dir``."""
         # Flash attention, torch's CPU choice, is what the planner's fused-attention count and the
-        # kernel-rate probe describe; ``auto`` may pick math for bf16 on a CPU (``settle_attention``).
+        # kernel-rate probe describe; ``auto`` may pick math for bf16 on a CPU
+        # (``settle_attention``).
         overrides = {
             **NANO_MODEL,
             "training.micro_batch_size": self.batch_per_rank,
@@ -206,13 +207,15 @@ def validation_report(
                 header,
                 text_columns=2,
             ),
-            f"step time within {WITHIN:.0%}: {within} of {len(results)} configurations (* = fitted on)",
-            f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the measured kernel rates (fp32 linear "
-            f"layers at the one-thread matmul peak); host "
-            f"{calibration.step_overhead_s * 1e3:.1f} ms per step, {calibration.fsdp_tensor_s * 1e6:.0f} us per tensor through "
-            f"FSDP's collectives, {calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass, "
-            f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core), {calibration.collective_wait:.0%} of "
-            f"the per-collective ones waiting for peers",
+            f"step time within {WITHIN:.0%}: {within} of {len(results)} configurations "
+            "(* = fitted on)",
+            f"fitted: compute efficiency {calibration.compute_efficiency:.3f} of the measured "
+            "kernel rates (fp32 linear layers at the one-thread matmul peak); host "
+            f"{calibration.step_overhead_s * 1e3:.1f} ms per step, "
+            f"{calibration.fsdp_tensor_s * 1e6:.0f} us per tensor through FSDP's collectives, "
+            f"{calibration.tp_module_s * 1e3:.2f} ms per tensor-parallel module pass, "
+            f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core), "
+            f"{calibration.collective_wait:.0%} of the per-collective ones waiting for peers",
             f"gloo loopback links (ring all-reduce fit): {link_text}",
         ]
     )

@@ -64,8 +64,8 @@ class Workload:
             raise UserError(f"--seq must be positive, got {self.seq_len}")
         if self.seq_len > self.model.block_size:
             raise UserError(
-                f"--seq {self.seq_len} exceeds the model's context block_size {self.model.block_size}; "
-                "lower --seq"
+                f"--seq {self.seq_len} exceeds the model's context "
+                f"block_size {self.model.block_size}; lower --seq"
             )
         if self.global_batch_tokens % self.seq_len:
             raise UserError(

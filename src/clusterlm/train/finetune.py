@@ -96,41 +96,48 @@ def build_classifier(cfg: Config, task: Task) -> tuple[SequenceClassifier, Param
 
 
 def _pretrained_checkpoint(cfg: Config, task: Task) -> checkpoint.Verified | None:
-    """``finetune.init_from``'s checkpoint, verified (by rank 0), whose tokenizer the task must share."""
+    """``finetune.init_from``'s checkpoint, verified (by rank 0).
+
+    The task must share its tokenizer.
+    """
     if not cfg.finetune.init_from:
         return None
     path = checkpoint_of(cfg.finetune.init_from)
     found = checkpoint.resolve_resume_once(str(path), path.parent) if path is not None else None
     if found is None:  # the config's loading checked it; the directory changed since
         raise UserError(
-            f"finetune.init_from {cfg.finetune.init_from!r} holds no complete checkpoint any more; "
-            "point it at a training run's out_dir or one of its checkpoints/step_* directories"
+            f"finetune.init_from {cfg.finetune.init_from!r} "
+            "holds no complete checkpoint any more; point it at a training run's out_dir "
+            "or one of its checkpoints/step_* directories"
         )
     if found.state.get("tokenizer_sha256") != task.manifest.tokenizer.sha256:
         raise UserError(
-            f"{cfg.finetune.task} was prepared with a different tokenizer than {found.path} was trained "
-            f"on; prepare the task with `--tokenizer {found.path / 'tokenizer.json'}`"
+            f"{cfg.finetune.task} was prepared with a different tokenizer "
+            f"than {found.path} was trained on; "
+            f"prepare the task with `--tokenizer {found.path / 'tokenizer.json'}`"
         )
     return found
 
 
 def checkpoint_source(path: Path) -> ParamSource:
     """A pretrained checkpoint's model tensors, any layout, as a ``ParamSource``. Each rank reads a
-    whole tensor once and slices it (the slices of one parameter are asked for one after another)."""
+    whole tensor once and slices it (the slices of one parameter are asked for one after
+    another)."""
     reader = checkpoint.CheckpointReader(path)
     saved = reader.model_shapes()
     if any(name.startswith(BACKBONE) for name in saved):
         raise UserError(
-            f"{path} is a fine-tuned classifier, not a pretrained model; point finetune.init_from at a "
-            "pretraining run (or continue this fine-tuning with --resume)"
+            f"{path} is a fine-tuned classifier, not a pretrained model; "
+            "point finetune.init_from at a pretraining run "
+            "(or continue this fine-tuning with --resume)"
         )
     last: dict[str, torch.Tensor] = {}
 
     def read(name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
         if saved.get(name) != shape:
             raise UserError(
-                f"checkpoint {path} holds {name} with shape {saved.get(name)}, the model needs {shape}; "
-                "it is a checkpoint of another architecture"
+                f"checkpoint {path} holds {name} with shape {saved.get(name)}, "
+                f"the model needs {shape}; it is a checkpoint of another architecture"
             )
         if name not in last:
             last.clear()

@@ -36,7 +36,10 @@ def _agreed(session: Session, probe: torch.Tensor) -> torch.Tensor:
 
 
 def step_is_finite(session: Session, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    """True when the step may be applied; False when it is to be skipped; raises UserError to stop."""
+    """True when the step may be applied; False when it is to be skipped.
+
+    Raises UserError to stop the run.
+    """
     values = [loss.detach().float().reshape(())]
     if (
         session.model.precision.scaler is None
@@ -56,7 +59,7 @@ def step_is_finite(session: Session, loss: torch.Tensor, grad_norm: torch.Tensor
         if not math.isfinite(value)
     )
     raise UserError(
-        f"training stopped at step {step}: {found}; the step was not applied and the checkpoints saved "
-        "so far hold finite weights; lower optim.lr, or set training.skip_nonfinite = true to skip "
-        "such steps"
+        f"training stopped at step {step}: {found}; the step was not applied "
+        "and the checkpoints saved so far hold finite weights; lower optim.lr, "
+        "or set training.skip_nonfinite = true to skip such steps"
     )

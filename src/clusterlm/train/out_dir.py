@@ -162,9 +162,9 @@ def _check_fresh_run(cfg: Config, lock: OutDirLock) -> None:
         return
     if not cfg.checkpoint.overwrite:
         raise UserError(
-            f"{cfg.training.out_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); "
-            "continue it with --resume auto, replace it with --overwrite (deletes them), or choose "
-            "another training.out_dir"
+            f"{cfg.training.out_dir} holds checkpoints of an earlier run "
+            f"(newest: {found[-1].name}); continue it with --resume auto, "
+            "replace it with --overwrite (deletes them), or choose another training.out_dir"
         )
     for path in found:
         shutil.rmtree(path)

@@ -48,8 +48,9 @@ class Preemption:
         if step_seconds > self.grace_s and not self._warned and self.announce:
             self._warned = True
             print(
-                f"warning: one step took {step_seconds:.1f} s, longer than checkpoint.preempt_grace_s "
-                f"({self.grace_s:g} s): a preempted job may be killed before it saves; raise "
+                f"warning: one step took {step_seconds:.1f} s, "
+                f"longer than checkpoint.preempt_grace_s ({self.grace_s:g} s): "
+                "a preempted job may be killed before it saves; raise "
                 "checkpoint.preempt_grace_s (and the scheduler's grace period) above the step time",
                 file=sys.stderr,
                 flush=True,
@@ -68,8 +69,8 @@ class Preemption:
             else ""
         )
         return (
-            f"preempted at step {step}: saved {saved}{waited}; exiting with status {EXIT_PREEMPTED}, "
-            "continue with --resume auto"
+            f"preempted at step {step}: saved {saved}{waited}; "
+            f"exiting with status {EXIT_PREEMPTED}, continue with --resume auto"
         )
 
     def close(self) -> None:

@@ -27,8 +27,8 @@ def check_pretrained_tokenizer(cfg: Config, manifest: Manifest) -> None:
         )
     if manifest.vocab_size > vocab_size:
         raise UserError(
-            f"{data_dir}'s tokenizer has {manifest.vocab_size} tokens but the weights in {directory} "
-            f"know {vocab_size}; {fix}"
+            f"{data_dir}'s tokenizer has {manifest.vocab_size} tokens "
+            f"but the weights in {directory} know {vocab_size}; {fix}"
         )
 
 

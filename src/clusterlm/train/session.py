@@ -55,7 +55,10 @@ class TokenizerFile:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a run trains on: everything of a session that is not built the same way for every run."""
+    """What a run trains on.
+
+    Everything of a session that is not built the same way for every run.
+    """
 
     vocab_size: int
     tokenizer: TokenizerFile
@@ -126,7 +129,10 @@ def build_model(cfg: Config, vocab_size: int) -> tuple[torch.nn.Module, ParamSou
 
 
 def build_session(cfg: Config, task: TaskSpec | None = None) -> Session:
-    """The session of a run: language-model pretraining on ``data.dir`` unless ``task`` says otherwise."""
+    """The session of a run.
+
+    Language-model pretraining on ``data.dir`` unless ``task`` says otherwise.
+    """
     runtime = setup_runtime(cfg)
     task = task or language_model_task(cfg)
     cfg = settle_config(cfg, runtime, task.vocab_size)
@@ -164,7 +170,8 @@ def build_session(cfg: Config, task: TaskSpec | None = None) -> Session:
 
 def settle_config(cfg: Config, runtime: Runtime, vocab_size: int) -> Config:
     """The run's config with every 'auto' and 'derive it' value decided: the precision, the
-    model's derived sizes, and the attention kernel (timed on causal attention, so decoders only)."""
+    model's derived sizes, and the attention kernel (timed on causal attention, so decoders
+    only)."""
     precision = settle_precision(cfg.training.precision, runtime.device, runtime.is_main)
     cfg = settle_model(cfg, vocab_size)
     m, attention = cfg.model, cfg.training.attention
@@ -214,8 +221,8 @@ def read_tokenizer(data_dir: str, sha256: str) -> TokenizerFile:
             return TokenizerFile(sha256, f.read())
     except FileNotFoundError:
         raise UserError(
-            f"tokenizer.json is missing from {data_dir}; run `clusterlm prepare --out {data_dir} --force` "
-            "to rebuild it"
+            f"tokenizer.json is missing from {data_dir}; "
+            f"run `clusterlm prepare --out {data_dir} --force` to rebuild it"
         ) from None
 
 
@@ -245,7 +252,8 @@ def _resume(session: Session) -> None:
     checkpoint.check_compatible(found.state["config"], cfg.to_dict(), found.path)
     if found.state.get("tokenizer_sha256") != session.tokenizer.sha256:
         raise UserError(
-            f"checkpoint {found.path} was trained on data with a different tokenizer than {cfg.data.dir}"
+            f"checkpoint {found.path} was trained on data with a different tokenizer "
+            f"than {cfg.data.dir}"
         )
     session.model.load_state_dict(checkpoint.CheckpointReader(found.path), session.optimizers)
     session.loader.load_state_dict(found.state["loader"])

@@ -37,7 +37,10 @@ from clusterlm.train.session import Metrics, Session, build_session, save
 
 @dataclass
 class TrainSummary:
-    """What a run reports when it ends: finished, preempted, or a parameter server's service done."""
+    """What a run reports when it ends.
+
+    It finished, was preempted, or a parameter server's service is done.
+    """
 
     rank: int = 0
     step: int = 0
@@ -122,7 +125,9 @@ def train(cfg: Config) -> TrainSummary:
     except (UserError, KeyboardInterrupt):
         watchdog.stop()
         release(lock)
-        if fresh:  # bad input (or an interrupt before any output) leaves the disk as it was: the heartbeats go
+        # Bad input (or an interrupt before any output) leaves the disk as it was, so the
+        # heartbeats go too.
+        if fresh:
             watchdog.remove_heartbeats(cfg.training.out_dir)
         raise
     finally:
@@ -193,7 +198,8 @@ def _finish(
     monitor: Monitor,
     sinks: MetricsSinks | None,
 ) -> None:
-    """Score the held-out splits of a finished run, wait for a save still writing, report and close."""
+    """Score the held-out splits of a finished run, wait for a save still writing, report and
+    close."""
     if (
         summary.preempted is None
         and session.step >= session.cfg.training.steps
@@ -263,8 +269,9 @@ def _describe(session: Session, progress: ProgressDisplay) -> None:
     r = session.runtime
     layout = describe_layout(session.cfg, r)
     progress.message(
-        f"model {session.cfg.model.flavour}: {params / 1e6:.2f}M parameters, {session.flops_per_token / 1e6:.1f} "
-        f"MFLOP/token | {session.tokens_per_step:,} tokens/step ({session.grad_accum} micro-steps) | {layout} | "
+        f"model {session.cfg.model.flavour}: {params / 1e6:.2f}M parameters, "
+        f"{session.flops_per_token / 1e6:.1f} MFLOP/token | "
+        f"{session.tokens_per_step:,} tokens/step ({session.grad_accum} micro-steps) | {layout} | "
         f"{r.device}, {session.cfg.training.precision}, peak {peak}"
     )
     if session.resumed_from:

@@ -1,4 +1,5 @@
-"""Single-process parts of the communication benchmark: argument parsing, the alpha-beta fit, the report files."""
+"""Single-process parts of the communication benchmark: argument parsing, the alpha-beta fit, the
+report files."""
 
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ from clusterlm.bench.collective_sweep import (
     fit_alpha_beta,
     fit_two_regimes,
     fits,
-    format_report,
     human_bytes,
     parse_size,
     parse_sizes,
-    plot,
-    write_json,
 )
+from clusterlm.bench.sweep_report import format_report, plot, write_json
 from clusterlm.cli.bench_comm import main
 from clusterlm.errors import UserError
 

@@ -99,7 +99,8 @@ def config(data_dir: Path, out_dir: Path, **overrides):
 
 @pytest.fixture
 def attacked(run_dir, tmp_path):
-    """A copy of the run whose checkpoint the test tampers with; the payload's marker must not appear."""
+    """A copy of the run whose checkpoint the test tampers with; the payload's marker must not
+    appear."""
     ckpt = checkpoint.list_complete(shutil.copytree(run_dir, tmp_path / "run") / "checkpoints")[-1]
     yield ckpt, tmp_path / "payload-ran"
     assert not (tmp_path / "payload-ran").exists(), "the checkpoint ran code"
@@ -374,7 +375,8 @@ def test_a_shape_unlike_the_models_is_refused(attacked):
     edit_index(ckpt, lambda t: t[EMBEDDING].update({"size": [18, 16], "chunks": [chunk]}))
     refused(
         ckpt,
-        r"holds model.tok_embeddings.weight as float32 \[18, 16\], this model needs float32 \[17, 16\]",
+        r"holds model.tok_embeddings.weight as float32 \[18, 16\], "
+        r"this model needs float32 \[17, 16\]",
     )
 
 

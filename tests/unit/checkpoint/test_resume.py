@@ -1,4 +1,5 @@
-"""Which checkpoint a run resumes from: never what a failure left behind, and a restarted job's own first."""
+"""Which checkpoint a run resumes from: never what a failure left behind, and a restarted job's own
+first."""
 
 import json
 

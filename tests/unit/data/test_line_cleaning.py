@@ -83,7 +83,8 @@ def test_line_by_line_cleanup_of_real_gutenberg_layouts():
     play = "ACT I.\n\nHam.\nTo be, or not to be: that is the question.\n"
     notice = "<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS\nWITH PERMISSION.>>\n\n"
     modern = (
-        "The Project Gutenberg EBook of Hamlet\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***"
+        "The Project Gutenberg EBook of Hamlet\r\n\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***"
         "\r\n\r\n"
         + play.replace("\n", "\r\n")
         + "\r\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n"

@@ -134,8 +134,10 @@ def play_task(tmp_path_factory):
 
 def test_scenes_are_cut_at_their_headings():
     text = (
-        "THE TEMPEST\nPersons of the play\n\nACT I.\nSCENE I. A ship at sea.\nMaster. Boatswain!\n\n"
-        "  Boatswain. Here.\nACT 2\nScene 2.--An island\nProspero. Miranda.\nSCENE: Naples\nSCENE III.\n"
+        "THE TEMPEST\nPersons of the play\n\n"
+        "ACT I.\nSCENE I. A ship at sea.\nMaster. Boatswain!\n\n"
+        "  Boatswain. Here.\nACT 2\nScene 2.--An island\n"
+        "Prospero. Miranda.\nSCENE: Naples\nSCENE III.\n"
     )
     assert scenes(text) == [
         ("Master. Boatswain!\n", "  Boatswain. Here.\n"),
@@ -187,8 +189,8 @@ def test_no_scene_is_split_across_splits(play_task):
 
 
 def test_play_task_is_deterministic_and_seeded(tmp_path, tree, monkeypatch):
-    """Byte-identical output for the same options (on four plays and the sonnets, to be quick), and a
-    different scene split for another seed."""
+    """Byte-identical output for the same options (on four plays and the sonnets, to be quick), and
+    a different scene split for another seed."""
     files = [
         s
         for s in embedded_corpus()

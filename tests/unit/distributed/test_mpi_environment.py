@@ -1,4 +1,5 @@
-"""mpirun's ranks: torchrun's variables from OpenMPI's or PMI's environment, and bad environments."""
+"""mpirun's ranks: torchrun's variables from OpenMPI's or PMI's environment, and bad
+environments."""
 
 import pytest
 

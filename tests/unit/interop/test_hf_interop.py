@@ -185,7 +185,8 @@ def test_bert_exports_to_bert_for_masked_lm_with_equal_logits_and_counts(tmp_pat
     assert (
         Tokenizer.load(f"hf:{tmp_path / 'bert'}").vocab_size == args.vocab_size
     )  # prepare sees the encoder's vocab
-    # exact counts: parameters, and the 6N rule's N (HF leaves out every table; the tied one is our head)
+    # exact counts: parameters, and the 6N rule's N (HF leaves out every table; the tied one is our
+    # head)
     assert param_count(args) == loaded.num_parameters() == model.num_params()
     assert (
         matmul_params(args)

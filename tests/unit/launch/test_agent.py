@@ -1,4 +1,5 @@
-"""The launcher's agent: which worker failures end a job with one line (``clusterlm.launch.agent``)."""
+"""The launcher's agent: which worker failures end a job with one line
+(``clusterlm.launch.agent``)."""
 
 from __future__ import annotations
 

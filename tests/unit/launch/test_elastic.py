@@ -1,4 +1,5 @@
-"""Elastic ranges (--nnodes MIN:MAX) and multi-node rendezvous options, checked before any launch."""
+"""Elastic ranges (--nnodes MIN:MAX) and multi-node rendezvous options, checked before any
+launch."""
 
 import pytest
 

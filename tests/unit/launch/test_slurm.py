@@ -19,7 +19,8 @@ INJECTION = [
     '"$(touch pwned)"`touch pwned`\nfalse',
 ]
 RECORD_ARGV = """#!/bin/sh
-python3 -c 'import json, sys; print(json.dumps([sys.argv[1].rsplit("/", 1)[1]] + sys.argv[2:]))' "$0" "$@" >> "$CALLS"
+python3 -c 'import json, sys; print(json.dumps([sys.argv[1].rsplit("/", 1)[1]] + sys.argv[2:]))' \
+"$0" "$@" >> "$CALLS"
 """
 
 
@@ -80,7 +81,8 @@ def test_every_run_of_the_script_exports_a_new_secret_that_no_command_line_or_lo
     fake_slurm, tmp_path
 ):
     """The secret comes from /dev/urandom when the script runs (Slurm keeps the script, so it is not
-    in it), reaches srun (and so every node's ranks) through the environment only, and is never printed."""
+    in it), reaches srun (and so every node's ranks) through the environment only, and is never
+    printed."""
     (fake_slurm / "srun").write_text(
         '#!/bin/sh\nprintf "%s\\n" "$CLUSTERLM_JOB_SECRET" >> "$SECRETS"\n'
         + RECORD_ARGV.split("\n", 1)[1]

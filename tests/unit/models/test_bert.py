@@ -1,4 +1,5 @@
-"""The bert encoder (shapes, bidirectionality, exact counts, meta-device build) and BERT's masking rule."""
+"""The bert encoder (shapes, bidirectionality, exact counts, meta-device build) and BERT's masking
+rule."""
 
 import pytest
 import torch

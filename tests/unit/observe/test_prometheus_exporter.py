@@ -1,4 +1,5 @@
-"""The Prometheus exporter: the dashboard reads only exported metrics, and a busy port is one line."""
+"""The Prometheus exporter: the dashboard reads only exported metrics, and a busy port is one
+line."""
 
 from __future__ import annotations
 

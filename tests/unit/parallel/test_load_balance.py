@@ -1,4 +1,5 @@
-"""Load balancing's arithmetic: counts that minimize the slowest rank, micro-batches dealt once, and a balancer that moves only for a clear gain."""
+"""Load balancing's arithmetic: counts that minimize the slowest rank, micro-batches dealt once,
+and a balancer that moves only for a clear gain."""
 
 from __future__ import annotations
 

@@ -98,8 +98,9 @@ def test_pipeline_in_flight_microbatches_per_schedule():
 
 
 def test_a_pipeline_stage_under_fsdp_holds_its_gathered_weights_and_whole_gradients_all_step():
-    """torch's pipeline stage turns FSDP's reshard and reduction off in every backward but the last,
-    so zero2 and zero3 alike hold the stage's weights and gradients whole (bf16: 2 + 2 bytes each)."""
+    """torch's pipeline stage turns FSDP's reshard and reduction off in every backward but the
+    last, so zero2 and zero3 alike hold the stage's weights and gradients whole (bf16: 2 + 2 bytes
+    each)."""
     work = Workload(load_model_args("llama-8b"), 8192, 8192 * 64)
     for data_parallel in ("zero2", "zero3"):
         layout = Layout(pp=4, dp_shard=8, data_parallel=data_parallel, micro_batches=16)

@@ -108,7 +108,8 @@ def test_activation_formula_under_bf16_autocast(flavour, weights):
 
 
 def test_model_state_is_16_bytes_per_parameter_in_fp32_adamw():
-    """Weights, gradients, two AdamW moments (4 bytes each) plus AdamW's fp32 step counter per tensor."""
+    """Weights, gradients, two AdamW moments (4 bytes each) plus AdamW's fp32 step counter per
+    tensor."""
     torch.manual_seed(0)
     model = Transformer(NANO)
     optimizer = torch.optim.AdamW(model.parameters())
