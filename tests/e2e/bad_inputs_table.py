@@ -22,6 +22,7 @@ from bad_inputs_harness import (
     truncate,
     write,
 )
+from bad_inputs_table_hardening import HARDENING
 from bad_inputs_table_runs import RUN_CASES
 
 DEEP = "[" * 100_000  # a JSON document nested deeper than any parser's recursion
@@ -623,4 +624,4 @@ DISKS = [
     ),
 ]
 
-CASES = [*CONFIGS, *CORPORA, *PREPARED, *TASKS, *LAUNCH, *SIGNALS, *DISKS, *RUN_CASES]
+CASES = [*CONFIGS, *CORPORA, *PREPARED, *TASKS, *LAUNCH, *SIGNALS, *DISKS, *RUN_CASES, *HARDENING]
