@@ -66,4 +66,4 @@ def test_speedrun_reports_time_to_target_for_both_runs(tmp_path, corpus_dir, cap
         != 0
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert "config: validation loss became nan at step 3" in err[-1] and "optim.lr" in err[-1]
+    assert "config: training stopped at step" in err[-1] and "optim.lr" in err[-1]

@@ -55,7 +55,10 @@ def run_to_target(name: str, cfg: Config, target: float, windows: int, scratch: 
     )
     interval = t.eval_interval or t.steps
     while session.step < t.steps:
-        train_step(session)
+        try:
+            train_step(session)
+        except UserError as err:  # a step gone non-finite: say which of the runs it was
+            raise UserError(f"{name}: {err}") from None
         if session.step % interval and session.step != t.steps:
             continue
         val, _ = evaluate(session.model, session.cfg, session.runtime, windows)
