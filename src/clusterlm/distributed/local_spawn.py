@@ -119,7 +119,7 @@ def _collect(processes: list[Any], readers: list[Connection], timeout: float) ->
                 processes[rank].join(timeout=1.0)
                 failures[rank] = f"died without a result (exit code {processes[rank].exitcode})"
                 continue
-            if status == "ok":
+            if status == "ok":  # a child of this process, over a pipe only the two hold
                 results[rank] = pickle.loads(payload)
             else:
                 failures[rank] = payload
