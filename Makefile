@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 
 train: $(VENV)
 	$(CLM) prepare --out $(DATA)
-	$(CLM) train --nproc $(NPROC) --config $(CONFIG) --data.dir $(DATA)
+	$(CLM) train --nproc $(NPROC) --config $(CONFIG) --data.dir $(DATA) --resume auto  # a second make train continues the run
 	$(CLM) eval --run runs/default
 	$(CLM) generate --run runs/default --prompt "ROMEO:" --max-new-tokens 300
 
