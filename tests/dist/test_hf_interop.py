@@ -14,7 +14,7 @@ from hf_models import reader, tiny_hf_model
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
-from clusterlm.config import build_config
+from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.interop import export_hf, hf_model_config, hf_source
 from clusterlm.models import ModelArgs, create_model
@@ -74,7 +74,7 @@ def test_train_from_pretrained_under_zero3_and_export(pretrained, data_dir, tmp_
 
 def _materialize_from(rank: int, world_size: int, values: dict, directory: str) -> tuple[dict, int]:
     """This rank's parameters as whole tensors, and how many values it asked the source for."""
-    cfg = build_config(None, {**values, "training.precision": "fp32"})
+    cfg = load_config(None, {**values, "training.precision": "fp32"})
     runtime = setup_runtime(cfg)
     plain, _ = build_model(cfg, cfg.model.vocab_size)
     asked = [0]

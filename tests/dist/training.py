@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusterlm.config import build_config
+from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.train.inference import load_for_inference
 from clusterlm.train.trainer import train
@@ -46,7 +46,7 @@ def prepare_corpus(tmp_path_factory) -> Path:
 
 
 def _train_rank(rank: int, world_size: int, values: dict) -> dict:
-    return train(build_config(None, values))
+    return train(load_config(None, values))
 
 
 def train_run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> None:
@@ -54,7 +54,7 @@ def train_run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> No
     values = {**BASE, "data.dir": str(data_dir), "training.out_dir": str(out_dir)}
     values.update({key.replace("__", "."): value for key, value in overrides.items()})
     if world_size == 1:
-        train(build_config(None, values))
+        train(load_config(None, values))
     else:
         run_distributed(_train_rank, world_size, values, timeout=240)
 

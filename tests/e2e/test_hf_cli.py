@@ -13,9 +13,9 @@ from hf_models import reader, safetensors_bytes, tiny_hf_model
 
 from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.cli import main as cli
-from clusterlm.config import build_config
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.interop import export_hf, hf_source
+from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.models.init import fill_parameters
 from clusterlm.train.inference import load_for_inference
 from clusterlm.train.session import build_session
@@ -70,7 +70,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_training_starts_from_the_pretrained_weights(setup, tmp_path):
-    cfg = build_config(
+    cfg = load_config(
         None,
         {
             "model.init_from": f"hf:{setup['hf']}",
@@ -221,7 +221,7 @@ def test_bert_export_import_export_through_the_cli(setup, tmp_path, capsys):
         )
         == 0
     )
-    cfg = build_config(
+    cfg = load_config(
         None,
         {
             "model.init_from": f"hf:{out}",

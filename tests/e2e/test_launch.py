@@ -193,11 +193,21 @@ def test_a_failing_rank_ends_the_job_with_its_traceback():
     assert time.monotonic() - start < 90
 
 
-def test_incomplete_launch_environment_is_one_line(launch_data_dir, monkeypatch):
+def test_incomplete_launch_environment_is_one_line(launch_data_dir, tmp_path, monkeypatch):
     env = {"WORLD_SIZE": "2", "RANK": "0"}
     for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    result = clusterlm("train", "--data.dir", str(launch_data_dir), *TINY, env=env, timeout=60)
+    out = str(tmp_path / "run")
+    result = clusterlm(
+        "train",
+        "--data.dir",
+        str(launch_data_dir),
+        "--training.out_dir",
+        out,
+        *TINY,
+        env=env,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "MASTER_ADDR" in result.stderr and "torchrun" in result.stderr

@@ -164,7 +164,8 @@ def test_eval_and_generate_from_a_run(data_dir, tmp_path, capsys):
         (["eval", "--run", "/nonexistent/run"], "no complete checkpoint"),
     ],
 )
-def test_bad_input_is_one_line(argv, message, capsys):
+def test_bad_input_is_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default out_dir, runs/default, is then the test's own
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0, err

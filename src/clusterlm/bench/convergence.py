@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clusterlm.config import build_config
 from clusterlm.config.degrees import check_layout
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write_json, atomic_write_with
+from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.launch import LaunchOptions
 from clusterlm.launch.torchrun import job_environment, torchrun_command
 
@@ -132,7 +132,7 @@ def run_settings(
         "training.out_dir": str(out / "runs" / variant.slug),
         "parallel.ps_servers": str(max(variant.servers, 1)),
     }
-    check_layout(build_config(config, dict(values)), nproc + variant.servers)
+    check_layout(load_config(config, dict(values)), nproc + variant.servers)
     return values
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from clusterlm.bench.compare_deepspeed import compare, report
 from clusterlm.cli.options import Parser
-from clusterlm.config import build_config
 from clusterlm.errors import UserError
+from clusterlm.interop.pretrained_shape import load_config
 
 DESCRIPTION = (
     "`clusterlm bench compare-deepspeed`: train the same model on the same batches with DeepSpeed "
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     overrides = (
         {"training.micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {}
     )
-    cfg = build_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
     results, paired = compare(
         cfg,
         args.nproc,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from clusterlm.bench.speedrun import report, speedrun
 from clusterlm.cli.options import Parser
-from clusterlm.config import build_config
 from clusterlm.errors import UserError
+from clusterlm.interop.pretrained_shape import load_config
 
 DESCRIPTION = (
     "`clusterlm bench speedrun`: wall time to a target validation loss for a config and a "
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
             f"--rounds must be >= 1 and --target > 0, got {args.rounds} and {args.target}"
         )
     overrides = {"data.dir": args.data_dir} if args.data_dir else {}
-    cfg, baseline = (build_config(path, overrides) for path in (args.config, args.against))
+    cfg, baseline = (load_config(path, overrides) for path in (args.config, args.against))
     for line in report(speedrun(cfg, baseline, args.target, args.rounds), args.target):
         print(line)
     return 0

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clusterlm.cli.parser import Parser
-from clusterlm.config import Config, all_keys, build_config
+from clusterlm.config import Config, all_keys
 from clusterlm.errors import UserError
+from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.launch import LaunchOptions
 
 
@@ -40,7 +41,7 @@ def parse_job(
     if args.help:
         parser.print_help()
         return None
-    cfg = build_config(args.config, _overrides(args, rest, shorthands, flags))
+    cfg = load_config(args.config, _overrides(args, rest, shorthands, flags))
     if args.print_config:
         print(cfg.to_json())
         return None

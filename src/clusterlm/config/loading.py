@@ -6,11 +6,11 @@ import dataclasses
 import difflib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from clusterlm.config.checks import validate
-from clusterlm.config.pretrained import adopt_pretrained_shape
 from clusterlm.config.sections import Config
 from clusterlm.errors import UserError
 
@@ -118,14 +118,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: invalid TOML ({err})") from None
 
 
-def build_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
+def build_config(
+    config_path: str | None,
+    overrides: dict[str, Any],
+    resolve: Callable[[Config, set[str]], Config] | None = None,
+) -> Config:
+    """The TOML file, then the dotted overrides, then ``resolve`` (given the keys the user set:
+    values that come from outside the config, such as a pretrained model's shape, through
+    ``clusterlm.interop.pretrained_shape.load_config``), then every check."""
     cfg = Config()
     explicit = set(overrides)
     if config_path:
         from_file = load_toml(config_path)
         cfg = apply_overrides(cfg, from_file)
         explicit |= set(from_file)
-    cfg = adopt_pretrained_shape(apply_overrides(cfg, overrides), explicit)
+    cfg = apply_overrides(cfg, overrides)
+    if resolve is not None:
+        cfg = resolve(cfg, explicit)
     validate(cfg)
     return cfg
 

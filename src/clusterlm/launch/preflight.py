@@ -16,11 +16,12 @@ from pathlib import Path
 
 from clusterlm.checkpoint.directory import COMPLETE
 from clusterlm.config import Config
-from clusterlm.config.pretrained import pretrained_checkpoint_model, pretrained_dir
+from clusterlm.config.pretrained import pretrained_dir
 from clusterlm.data.manifest import check_files_present
 from clusterlm.data.task import load_task
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path
+from clusterlm.interop.pretrained_shape import pretrained_checkpoint_model
 from clusterlm.interop.source import hf_config_json
 from clusterlm.launch.elastic import check_sizes
 

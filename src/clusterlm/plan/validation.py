@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from clusterlm.config import Config, build_config
+from clusterlm.config import Config
+from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.plan.calibration import Calibration
 from clusterlm.plan.cluster import Cluster, Link
 from clusterlm.plan.layout import Layout, layout_from_config
@@ -62,7 +63,7 @@ class ValidationCase:
             "training.attention": "flash",
         }
         overrides.update({f"parallel.{key}": value for key, value in self.parallel.items()})
-        return build_config(None, {**overrides, **(settings or {})})
+        return load_config(None, {**overrides, **(settings or {})})
 
     @property
     def layout(self) -> Layout:

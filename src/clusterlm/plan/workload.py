@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterlm.config import build_config
 from clusterlm.errors import UserError
+from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.gpt import ModelArgs
 
@@ -31,7 +31,7 @@ def load_model_args(name_or_path: str, vocab_size: int = 0) -> ModelArgs:
             f"model {name_or_path!r} not found; give a config TOML path or a preset name "
             "from configs/ (nano-cpu, gpt2-124m, llama-1b, llama-8b)"
         )
-    cfg = build_config(str(path), {})
+    cfg = load_config(str(path), {})
     if cfg.model.vocab_size <= 0 and vocab_size <= 0:
         raise UserError(
             f"{path} leaves model.vocab_size = 0 (taken from the tokenizer when training); "
