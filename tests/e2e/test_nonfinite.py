@@ -6,34 +6,17 @@ import math
 
 import pytest
 import torch
-from train_helpers import TINY, records
+from train_helpers import records, train_cli
 
 from clusterlm import checkpoint
 from clusterlm.checkpoint import CheckpointWriter
-from clusterlm.cli import main as cli
 from clusterlm.errors import UserError
 from clusterlm.parallel.model import WholeModel
 from clusterlm.parallel.precision import Precision
 
-ARGS = [f"--{key}={value}" for key, value in TINY.items()] + ["--metrics.plot=false"]
-
 
 def _train(data_dir, out, *extra):
-    return cli(
-        [
-            "train",
-            "--data.dir",
-            str(data_dir),
-            "--training.out_dir",
-            str(out),
-            "--training.steps",
-            "6",
-            "--checkpoint.interval",
-            "2",
-            *ARGS,
-            *extra,
-        ]
-    )
+    return train_cli(data_dir, out, 6, *extra)
 
 
 def _poison(monkeypatch, losses=(), grads=()):

@@ -11,32 +11,16 @@ import time
 from dataclasses import asdict, replace
 
 import pytest
-from train_helpers import TINY
+from train_helpers import TINY_ARGS, train_cli
 
 from clusterlm.checkpoint.out_dir_lock import LOCK, take, this_process
 from clusterlm.cli import main as cli
 from clusterlm.errors import UserError
 from clusterlm.files import exclusive_write_json
 
-ARGS = [f"--{key}={value}" for key, value in TINY.items()] + ["--metrics.plot=false"]
-
 
 def _train(data_dir, out, *extra):
-    return cli(
-        [
-            "train",
-            "--data.dir",
-            str(data_dir),
-            "--training.out_dir",
-            str(out),
-            "--training.steps",
-            "4",
-            "--checkpoint.interval",
-            "2",
-            *ARGS,
-            *extra,
-        ]
-    )
+    return train_cli(data_dir, out, 4, *extra)
 
 
 def _dead_pid() -> int:
@@ -76,7 +60,7 @@ def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(
                 "100000",
                 "--checkpoint.interval",
                 "0",
-                *ARGS,
+                *TINY_ARGS,
             ],
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -106,7 +90,7 @@ def test_a_live_run_holds_its_out_dir_and_a_second_run_is_refused_naming_it(
                     str(data_dir),
                     "--training.out_dir",
                     str(out),
-                    *ARGS,
+                    *TINY_ARGS,
                 ]
             )
             == 2

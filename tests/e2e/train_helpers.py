@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from clusterlm.cli import main as cli
+
 TINY = {
     "model.n_layer": 2,
     "model.n_head": 2,
@@ -16,6 +18,16 @@ TINY = {
     "metrics.tensorboard": False,
     "training.precision": "fp32",
 }
+
+TINY_ARGS = [f"--{key}={value}" for key, value in TINY.items()] + ["--metrics.plot=false"]
+
+
+def train_cli(data_dir: Path, out: Path, steps: int, *extra: str) -> int:
+    """`clusterlm train` in this process on the tiny model, saving every 2 steps: its status."""
+    settings = ["--training.steps", str(steps), "--checkpoint.interval", "2", *TINY_ARGS]
+    return cli(
+        ["train", "--data.dir", str(data_dir), "--training.out_dir", str(out), *settings, *extra]
+    )
 
 
 def records(out_dir: Path, kind: str) -> list[dict]:
