@@ -3,7 +3,8 @@
 ``run_chaos`` trains the job once uninterrupted (``<out_dir>/reference``), then again under
 torchrun with ``--max-restarts K`` (``<out_dir>/chaos``) while it kills a random rank with
 SIGKILL K times: at a random moment once the group trains, and every second kill the moment a
-checkpoint starts writing (its temporary directory appears). The ranks' heartbeat files (see
+checkpoint starts writing (its temporary directory appears; a random moment instead when the
+writes are too short to catch). The ranks' heartbeat files (see
 ``clusterlm.observe.watchdog``) say which processes are the current group, where each group
 started, and how far the killed one got. At the end the final weights of both runs are compared
 bitwise.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from clusterlm.checkpoint.directory import list_complete
 from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.errors import UserError
 from clusterlm.observe.watchdog import all_heartbeats
@@ -29,6 +31,7 @@ from clusterlm.train.inference import load_for_inference
 
 POLL_S = 0.002  # checkpoint writes of small models last milliseconds
 GROUP_TIMEOUT_S = 600.0
+MISSED_WRITES = 3
 
 
 @dataclass
@@ -89,14 +92,17 @@ def _wait_for_group(
     return None
 
 
-def _wait_for_write(
-    job: subprocess.Popen, checkpoints: Path, seen: set[str], limit_s: float
-) -> bool:
-    """Poll until a checkpoint's temporary directory appears that was not there before."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline and job.poll() is None:
+def _wait_for_write(job: subprocess.Popen, checkpoints: Path, seen: set[str]) -> bool:
+    """Poll until a checkpoint's temporary directory appears that was not there before. False
+    when the job ends, or when MISSED_WRITES checkpoints finished between two polls (a loaded
+    machine can sleep through a short write), so the kill then falls back to a random moment
+    while steps remain."""
+    finished = {p.name for p in list_complete(checkpoints)}
+    while job.poll() is None:
         if checkpoints.is_dir() and {p.name for p in checkpoints.glob(".step_*.tmp")} - seen:
             return True
+        if len({p.name for p in list_complete(checkpoints)} - finished) >= MISSED_WRITES:
+            return False
         time.sleep(POLL_S)
     return False
 
@@ -117,7 +123,7 @@ def _kill_one(
         return None
     checkpoints = out_dir / "checkpoints"
     seen = {p.name for p in checkpoints.glob(".step_*.tmp")} if checkpoints.is_dir() else set()
-    if during_write and _wait_for_write(job, checkpoints, seen, GROUP_TIMEOUT_S):
+    if during_write and _wait_for_write(job, checkpoints, seen):
         report.during_writes += 1
     else:
         time.sleep(rng.uniform(0.0, max_delay_s))
