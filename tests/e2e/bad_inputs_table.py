@@ -130,6 +130,17 @@ CONFIGS = [
     case("config-override-without-value", *TRAIN, "--training.steps", expect="needs a value"),
     case("config-positional-argument", *TRAIN, "extra", expect="unexpected argument"),
     case("config-init-from-not-hf", *TRAIN, "--model.init_from", "gpt2", expect="hf:DIR"),
+    *[
+        case(f"config-moe-{id}", *TRAIN, "--model.flavour=llama", *argv, expect=expect)
+        for id, argv, expect in [
+            ("top-k-over-experts", ["--model.moe_experts=4", "--model.moe_top_k=5"], "exceeds"),
+            ("key-without-experts", ["--model.moe_top_k=1"], "set model.moe_experts > 0"),
+            ("bad-layers", ["--model.moe_experts=4", "--model.moe_layers=every:x"], "moe_layers"),
+            ("layers-out-of-range", ["--model.moe_experts=4", "--model.moe_layers=7"], "n_layer"),
+            ("with-tp", ["--model.moe_experts=4", "--parallel.tp=2"], "tp = pp = 1"),
+        ]
+    ],
+    case("config-moe-gpt2", *TRAIN, "--model.moe_experts=4", expect="flavour = llama"),
     case(
         "config-layout-in-process", *TRAIN, "--parallel.data_parallel", "hsdp", expect="hsdp needs"
     ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from clusterlm.config.experts import check_experts
 from clusterlm.config.ranges import check_ranges
 from clusterlm.config.sections import Config
 from clusterlm.config.slow_ranks import parse_slow_ranks
@@ -169,6 +170,7 @@ CHECKS: tuple[Callable[[Config], None], ...] = (
     _async,
     _objective,
     _finetune,
+    check_experts,
 )
 
 

@@ -42,6 +42,33 @@ class ModelConfig:
         "start from pretrained weights: hf:DIR, a Hugging Face GPT-2, Llama or BERT directory "
         "whose config.json supplies the model.* values not set here (empty = random init)",
     )
+    moe_experts: int = setting(
+        0, "llama: routed experts of each mixture-of-experts block (0 = a dense model)"
+    )
+    moe_top_k: int = setting(2, "experts each token is routed to")
+    moe_shared_experts: int = setting(0, "experts every token goes through besides its routed ones")
+    moe_ffn_hidden: int = setting(0, "hidden width of each expert (0 = model.ffn_hidden)")
+    moe_layers: str = setting(
+        "all",
+        "which blocks are MoE blocks (from 0): all, every:K (blocks K-1, 2K-1, ...), after:K "
+        "(all but the first K) or a list such as 1,3",
+    )
+    moe_score: str = setting(
+        "sigmoid", "router scores: sigmoid (DeepSeek-V3) or softmax", ("sigmoid", "softmax")
+    )
+    moe_norm_topk: bool = setting(True, "scale each token's chosen experts' weights to sum to 1")
+    moe_balance: str = setting(
+        "aux_free",
+        "load balancing: aux_free (a per-expert routing bias nudged towards even loads after "
+        "each step, DeepSeek-V3), aux_loss (Switch's load-balancing loss) or none",
+        ("aux_free", "aux_loss", "none"),
+    )
+    moe_aux_loss_coeff: float = setting(
+        0.01, "aux_loss: weight of the load-balancing loss in the training loss"
+    )
+    moe_bias_rate: float = setting(
+        0.001, "aux_free: how far each step moves an expert's routing bias"
+    )
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,11 @@ def export_hf(
     out = Path(out)
     check_output_path(out, "--out")
     check_destination(out)
+    if args.moe_experts:
+        raise UserError(
+            "export writes dense gpt2, llama and bert models; a mixture of experts "
+            "(model.moe_experts > 0) has no Hugging Face export yet"
+        )
     pieces = hf_tensors(args)
     tmp = temporary_sibling(out)
     tmp.mkdir(parents=True)

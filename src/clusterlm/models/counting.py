@@ -10,11 +10,16 @@ from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 from clusterlm.models.gpt import ModelArgs
 
 
-def layer_params(args: ModelArgs) -> int:
-    """Parameters of one Transformer block."""
+def layer_params(args: ModelArgs, moe: bool = False, active: bool = False) -> int:
+    """Parameters of one Transformer block; of an MoE block (``moe``) all of them, or with
+    ``active`` those one token uses: the router, its top-k experts and the shared ones."""
     d, hd, f = args.n_embd, args.head_dim, args.ffn_hidden
     q, kv = args.n_head * hd, args.n_kv_head * hd
     attn = d * q + 2 * d * kv + q * d
+    if moe:
+        routed = args.moe_top_k if active else args.moe_experts
+        experts = (routed + args.moe_shared_experts) * 3 * d * (args.moe_ffn_hidden or f)
+        return attn + d * args.moe_experts + experts + 2 * d  # router gate, experts, norms
     if args.is_llama:
         mlp = 3 * d * f  # w1, w3 (gate, up) and w2 (down), no biases
         norms = 2 * d  # two RMSNorm weights
@@ -44,8 +49,12 @@ def head_params(args: ModelArgs) -> int:
     return final_norm + output
 
 
-def param_count(args: ModelArgs) -> int:
-    return embedding_params(args) + args.n_layer * layer_params(args) + head_params(args)
+def param_count(args: ModelArgs, active: bool = False) -> int:
+    """Every parameter, or with ``active`` those one token uses (a mixture of experts' routed
+    experts count top-k of them)."""
+    moe = args.moe_blocks(args.n_layer)
+    blocks = sum(layer_params(args, i in moe, active) for i in range(args.n_layer))
+    return embedding_params(args) + blocks + head_params(args)
 
 
 def matmul_params(args: ModelArgs) -> int:
@@ -53,9 +62,9 @@ def matmul_params(args: ModelArgs) -> int:
 
     The position table and an untied token table are lookups and are excluded; the gpt2 token
     table is included because it doubles as the output head (bert's too, whose position and
-    token-type tables are lookups).
+    token-type tables are lookups). Of a mixture of experts, only the active experts count.
     """
-    n = param_count(args)
+    n = param_count(args, active=True)
     if args.is_encoder:
         n -= (args.block_size + TOKEN_TYPES) * args.n_embd
     elif not args.is_llama:

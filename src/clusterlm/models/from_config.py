@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from clusterlm.config import Config, settle_model
 from clusterlm.models.gpt import ModelArgs
+from clusterlm.models.moe import MoeArgs
 
 
 def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
@@ -21,4 +24,5 @@ def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
         dropout=m.dropout,
         norm_eps=m.norm_eps,
         rope_theta=m.rope_theta,
+        **{f.name: getattr(m, f.name) for f in dataclasses.fields(MoeArgs)},
     )

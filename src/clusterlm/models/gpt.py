@@ -12,6 +12,7 @@ fused kernels of each device are used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,11 +22,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clusterlm.models.init import InitRule, fill_parameters, seeded_source
+from clusterlm.models.moe import MoE, MoeArgs
 
 
 @dataclass
-class ModelArgs:
-    """Architecture hyper-parameters.
+class ModelArgs(MoeArgs):
+    """Architecture hyper-parameters (those of a mixture of experts in ``MoeArgs``).
 
     ``ModelConfig`` in clusterlm.config validates and builds these.
     """
@@ -191,13 +193,21 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return (y * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (y + 0.044715 * y * y * y))).to(x.dtype)
 
 
+def moe_mlp(args: ModelArgs) -> MoE:
+    """A mixture of SwiGLU experts; its shared experts are one MLP as wide as all of them."""
+    hidden = args.moe_ffn_hidden or args.ffn_hidden
+    shared = args.moe_shared_experts * hidden
+    mlp = MLP(dataclasses.replace(args, ffn_hidden=shared)) if shared else None
+    return MoE(args.n_embd, hidden, args, mlp)
+
+
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, moe: bool = False):
         super().__init__()
         self.attn_norm = norm_layer(args)
         self.attn = Attention(args)
         self.mlp_norm = norm_layer(args)
-        self.mlp = MLP(args)
+        self.mlp: nn.Module = moe_mlp(args) if moe else MLP(args)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
@@ -219,7 +229,8 @@ class Transformer(nn.Module):
         self.pos_embeddings = None if args.is_llama else nn.Embedding(args.block_size, args.n_embd)
         self.dropout = nn.Dropout(args.dropout)
         # A ModuleDict keyed by layer index keeps names stable when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layer)})
+        moe = args.moe_blocks(args.n_layer)
+        self.layers = nn.ModuleDict({str(i): Block(args, i in moe) for i in range(args.n_layer)})
         self.norm: nn.Module | None = norm_layer(args)
         self.output: nn.Linear | None = nn.Linear(args.n_embd, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -258,9 +269,10 @@ class Transformer(nn.Module):
             return InitRule("ones" if kind == "weight" else "zeros")
         if kind == "bias":
             return InitRule("zeros")
+        residual = kind in getattr(module, "residual_parameters", ())  # stacked experts' w2
         scale = (
             1 / math.sqrt(2 * self.args.n_layer)
-            if getattr(module, "residual_projection", False)
+            if getattr(module, "residual_projection", False) or residual
             else 1.0
         )
         return InitRule("normal", 0.02 * scale)

@@ -37,6 +37,14 @@ JOB_GAUGES = {
         "checkpoint_age_s",
         "seconds since the newest checkpoint was written (since the start when there is none)",
     ),
+    "clusterlm_moe_load_imbalance": (
+        "moe_load_imbalance",
+        "mixture of experts: max over mean tokens per expert of the worst block, last log window",
+    ),
+    "clusterlm_moe_aux_loss": (
+        "moe_aux_loss",
+        "mixture of experts: mean load-balancing loss (1 = even loads), last log window",
+    ),
     "clusterlm_restarts": (
         "restarts",
         "times the launcher restarted the job (TORCHELASTIC_RESTART_COUNT)",

@@ -24,6 +24,7 @@ from clusterlm.config.degrees import pipeline_microbatches
 from clusterlm.models import Encoder, Transformer, model_args
 from clusterlm.models.init import ParamSource
 from clusterlm.models.loss import next_token_loss
+from clusterlm.models.moe import auxiliary_loss
 from clusterlm.parallel.activation_checkpointing import apply_activation_checkpointing
 from clusterlm.parallel.compiling import apply_compile, separate_compile_cache
 from clusterlm.parallel.data_parallel import SHARDED, apply_data_parallel
@@ -44,7 +45,9 @@ def _model_loss(
 ) -> torch.Tensor:
     with precision.autocast():
         logits = model(x)
-    return next_token_loss(logits, y)
+    balance = auxiliary_loss(model)  # a mixture of experts' load-balancing loss, if it has one
+    loss = next_token_loss(logits, y)
+    return loss if balance is None else loss + balance
 
 
 def _wrap_data_parallel(

@@ -11,6 +11,7 @@ from torch import nn
 
 from clusterlm.config import OptimConfig
 from clusterlm.models import Transformer
+from clusterlm.models.moe import GroupedExperts
 from clusterlm.parallel.local_adamw import LocalAdamW
 
 
@@ -32,6 +33,9 @@ def optimizer_recipe(model: nn.Module, cfg: OptimConfig) -> OptimizerRecipe:
     biases and embedding tables are not decayed (decaying them only pulls them towards zero without
     regularizing). Decided by module type, so it holds under any parallel wrapping."""
     decay_ids = {id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)}
+    decay_ids |= {
+        id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
+    }
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     # A last pipeline stage of a tied model holds its own copy of the token table as the output
     # projection: it must be treated like the table it copies.

@@ -35,6 +35,7 @@ from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.init import ParamSource, seeded_source
 from clusterlm.observe.sample_log import SampleLog, open_sample_log
 from clusterlm.parallel import ParallelModel, parallelize
+from clusterlm.parallel.expert_balance import ExpertLoads, expert_loads
 from clusterlm.parallel.load_balance import LoadBalancer, attach_rank_timing, restore_counts
 from clusterlm.parallel.precision import settle_attention, settle_precision
 from clusterlm.train.evaluate import language_model_metrics
@@ -92,6 +93,7 @@ class Session:
     slowdown: float = 1.0  # this rank's factor from training.slow_ranks (experiments)
     sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
     balancer: LoadBalancer | None = None  # micro-batches per rank (parallel.load_balance)
+    experts: ExpertLoads | None = None  # a mixture of experts' loads and routing-bias updates
     writer: CheckpointWriter = field(
         default_factory=CheckpointWriter
     )  # in line, or async (checkpoint.async_save)
@@ -164,6 +166,7 @@ def build_session(cfg: Config, task: TaskSpec | None = None) -> Session:
         peak_flops=peak_flops(
             runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops
         ),
+        experts=expert_loads(model.parts[0], runtime.mesh, runtime.device),
     )
     return _start_session(session)
 

@@ -82,12 +82,13 @@ def train_step(session: Session) -> torch.Tensor:
     grad_norm = session.model.clip_grad_norm(
         session.cfg.training.grad_clip or math.inf
     )  # inf: measured, not clipped
-    if step_is_finite(
-        session, loss, grad_norm
-    ):  # else stopped, or skipped (training.skip_nonfinite)
+    applied = step_is_finite(session, loss, grad_norm)  # else stopped, or skipped
+    if applied:
         precision.step(session.optimizers)
     else:
         precision.skip()
+    if session.experts is not None:  # aux-free balancing: routing biases moved by the loads
+        session.experts.after_step(applied)
     for optimizer in session.optimizers:
         optimizer.zero_grad(set_to_none=True)
     advanced = (
@@ -257,6 +258,7 @@ def _train_record(session: Session, loss: float, seconds_per_step: float) -> dic
         "tokens_per_s": tokens_per_s,
         "mfu": per_device / session.peak_flops if session.peak_flops else None,
         **session.model.comm_metrics(),
+        **(session.experts.metrics() if session.experts is not None else {}),
         **({"skipped_steps": session.skipped_steps} if session.cfg.training.skip_nonfinite else {}),
     }
 

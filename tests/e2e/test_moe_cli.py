@@ -1,0 +1,58 @@
+"""A mixture of experts trained through the CLI: the preset is valid, a tiny MoE trains, its
+expert loads reach metrics.jsonl, and a resumed run continues exactly (routing biases included)."""
+
+import math
+
+from train_helpers import records, train_cli
+
+from clusterlm.config import build_config
+
+MOE = [
+    "--model.flavour=llama",
+    "--model.moe_experts=4",
+    "--model.moe_top_k=2",
+    "--model.moe_shared_experts=1",
+    "--model.moe_ffn_hidden=16",
+    "--model.moe_layers=after:1",
+    "--model.moe_bias_rate=0.01",
+]
+
+
+def test_the_preset_is_valid():
+    cfg = build_config("configs/moe-cpu.toml", {})
+    assert (cfg.model.moe_experts, cfg.model.moe_top_k, cfg.model.moe_shared_experts) == (8, 2, 1)
+
+
+def test_a_tiny_moe_trains_and_reports_its_experts(data_dir, tmp_path):
+    assert train_cli(data_dir, tmp_path, 6, *MOE) == 0
+    train = records(tmp_path, "train")
+    assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
+    last = train[-1]
+    assert list(last["moe_tokens_per_expert"]) == ["1"]  # block 1 only: after:1
+    # 4 sequences of 32 tokens, 2 experts each, one step per log window.
+    assert sum(last["moe_tokens_per_expert"]["1"]) == 4 * 32 * 2
+    assert last["moe_load_imbalance"] == last["moe_load_imbalance_layer1"] >= 1.0
+    assert last["moe_aux_loss"] > 0
+
+
+def test_aux_loss_balancing_trains_and_resumes_exactly(data_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    aux = [*MOE[:-1], "--model.moe_balance=aux_loss", "--model.moe_aux_loss_coeff=0.1"]
+    common = ["--optim.decay_steps=6"]
+    assert train_cli(data_dir, straight, 6, *aux, *common) == 0
+    assert train_cli(data_dir, resumed, 4, *aux, *common) == 0
+    assert train_cli(data_dir, resumed, 6, *aux, *common, "--checkpoint.resume=auto") == 0
+    loss = {r["step"]: r["loss"] for r in records(straight, "train")}
+    assert loss == {r["step"]: r["loss"] for r in records(resumed, "train")}
+
+
+def test_aux_free_biases_resume_exactly(data_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_cli(data_dir, straight, 6, *MOE, "--optim.decay_steps=6") == 0
+    assert train_cli(data_dir, resumed, 4, *MOE, "--optim.decay_steps=6") == 0
+    assert (
+        train_cli(data_dir, resumed, 6, *MOE, "--optim.decay_steps=6", "--checkpoint.resume=auto")
+        == 0
+    )
+    loss = {r["step"]: r["loss"] for r in records(straight, "train")}
+    assert loss == {r["step"]: r["loss"] for r in records(resumed, "train")}
