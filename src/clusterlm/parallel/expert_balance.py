@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from clusterlm.models.moe import MoE, take_expert_stats, update_router_biases
+from clusterlm.models.moe import MoE, auxiliary_loss, take_expert_stats, update_router_biases
 
 
 def _layer_index(name: str) -> int:
@@ -34,6 +34,9 @@ class ExpertLoads:
         dims = ("dp_replicate", "dp_shard")
         self.groups = [mesh[d].get_group() for d in dims if mesh[d].size() > 1] if mesh else []
         self.window: torch.Tensor | None = None
+        # What forwards before training recorded (DDP settles its buckets with one) is no load.
+        take_expert_stats(model, device)
+        auxiliary_loss(model)
 
     def after_step(self, applied: bool) -> None:
         """Sum the step's loads over the data-parallel ranks; where the optimizer step was
