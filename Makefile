@@ -4,6 +4,8 @@ VENV ?= .venv
 # On CPU machines an exact CPU wheel; for CUDA set e.g. TORCH_SPEC="torch==2.13.0 --index-url <cuda index>".
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.toml
+# Where the preset trains (its training.out_dir): runs/<preset name>.
+RUN ?= runs/$(basename $(notdir $(CONFIG)))
 DATA ?= data/shakespeare-char
 NPROC ?= 2
 PY := $(VENV)/bin/python
@@ -37,8 +39,8 @@ $(VENV)/.installed: pyproject.toml
 train: $(VENV)
 	$(CLM) prepare --out $(DATA)
 	$(CLM) train --nproc $(NPROC) --config $(CONFIG) --data.dir $(DATA) --resume auto  # a second make train continues the run
-	$(CLM) eval --run runs/default
-	$(CLM) generate --run runs/default --prompt "ROMEO:" --max-new-tokens 300
+	$(CLM) eval --run $(RUN)
+	$(CLM) generate --run $(RUN) --prompt "ROMEO:" --max-new-tokens 300
 
 test: $(VENV) system-packages
 	$(PY) -m pytest -q tests

@@ -53,7 +53,9 @@ TINY = [
 NEVER_EXPOSED = {
     "clusterlm_system_gpu_utilization_percent",
     "clusterlm_system_gpu_memory_bytes",
-}  # CPU only here
+    "clusterlm_moe_load_imbalance",
+    "clusterlm_moe_aux_loss",
+}  # CPU only here, and a dense model
 
 
 def _free_port() -> int:

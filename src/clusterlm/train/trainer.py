@@ -264,14 +264,14 @@ def _train_record(session: Session, loss: float, seconds_per_step: float) -> dic
 
 
 def _describe(session: Session, progress: ProgressDisplay) -> None:
-    params = param_count(
-        resolve_model_args(session.cfg, session.cfg.model.vocab_size)
-    )  # the settled sizes
+    args = resolve_model_args(session.cfg, session.cfg.model.vocab_size)  # the settled sizes
+    params, active = param_count(args), param_count(args, active=True)
+    active_part = f" ({active / 1e6:.2f}M active per token)" if active != params else ""
     peak = f"{session.peak_flops / 1e12:.2f} TFLOP/s" if session.peak_flops else "unknown"
     r = session.runtime
     layout = describe_layout(session.cfg, r)
     progress.message(
-        f"model {session.cfg.model.flavour}: {params / 1e6:.2f}M parameters, "
+        f"model {session.cfg.model.flavour}: {params / 1e6:.2f}M parameters{active_part}, "
         f"{session.flops_per_token / 1e6:.1f} MFLOP/token | "
         f"{session.tokens_per_step:,} tokens/step ({session.grad_accum} micro-steps) | {layout} | "
         f"{r.device}, {session.cfg.training.precision}, peak {peak}"
