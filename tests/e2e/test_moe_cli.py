@@ -5,6 +5,7 @@ import math
 
 from train_helpers import records, train_cli
 
+from clusterlm.cli import main as cli
 from clusterlm.config import build_config
 
 MOE = [
@@ -33,6 +34,10 @@ def test_a_tiny_moe_trains_and_reports_its_experts(data_dir, tmp_path):
     assert sum(last["moe_tokens_per_expert"]["1"]) == 4 * 32 * 2
     assert last["moe_load_imbalance"] == last["moe_load_imbalance_layer1"] >= 1.0
     assert last["moe_aux_loss"] > 0
+    sample = ["generate", "--run", str(tmp_path), "--prompt", "the", "--max-new-tokens", "5"]
+    assert cli(sample) == 0
+    assert cli(["export", "hf", "--run", str(tmp_path), "--out", str(tmp_path / "hf")]) != 0
+    assert not (tmp_path / "hf").exists()
 
 
 def test_aux_loss_balancing_trains_and_resumes_exactly(data_dir, tmp_path):

@@ -182,3 +182,15 @@ def test_meta_init_per_shard_equals_direct_init():
         torch.testing.assert_close(a, b, msg=name)
     std = meta.get_parameter("layers.1.mlp.experts.w2").std().item()
     assert std == pytest.approx(0.02 / (2 * 3) ** 0.5, rel=0.1)  # a residual projection
+
+
+def test_bf16_autocast_and_selective_checkpointing_run_the_experts():
+    tokens = torch.randint(0, 50, (2, 16))
+    reference = model()(tokens)
+    checkpointed = model()
+    apply_activation_checkpointing(checkpointed, "selective")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = checkpointed(tokens)
+    logits.float().sum().backward()
+    assert checkpointed.get_parameter("layers.1.mlp.experts.w2").grad is not None
+    torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
