@@ -81,17 +81,16 @@ class Router(nn.Module):
 
 
 def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` runs these operands here: on a CPU in fp32, bf16 or fp16 with
-    rows of whole 16-byte units (eagerly; compiled, its shape functions ask for bf16), on a CUDA
-    device of compute capability 9.0 or newer in bf16."""
+    """Whether ``torch._grouped_mm`` runs these operands here: eagerly on a CPU in fp32, bf16 or
+    fp16 with rows of whole 16-byte units (compiled, its CPU form is not used), on a CUDA device of
+    compute capability 9.0 or newer in bf16."""
     if not hasattr(torch, "_grouped_mm") or a.dtype != b.dtype:
         return False
     if a.device.type == "cuda":
         return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
     aligned = all(size * a.element_size() % 16 == 0 for size in (*a.shape[1:], *b.shape[1:]))
-    eager = a.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    dtype_ok = a.dtype == torch.bfloat16 if torch.compiler.is_compiling() else eager
-    return a.device.type == "cpu" and aligned and dtype_ok
+    dtype_ok = a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return a.device.type == "cpu" and aligned and dtype_ok and not torch.compiler.is_compiling()
 
 
 def looped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

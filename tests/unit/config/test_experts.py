@@ -51,7 +51,6 @@ MOE = {"model.flavour": "llama", "model.moe_experts": "4"}
         ({**MOE, "model.moe_top_k": "0"}, "model.moe_top_k must be >= 1"),
         ({**MOE, "parallel.pp": "2"}, "tp = pp = 1"),
         ({**MOE, "parallel.data_parallel": "local_sgd"}, "tp = pp = 1"),
-        ({**MOE, "training.compile": "true"}, "training.compile = false"),
     ],
 )
 def test_inconsistent_moe_keys_fail_with_one_line(values, message):

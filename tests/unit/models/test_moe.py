@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from clusterlm.models import ModelArgs, Transformer
 from clusterlm.models.counting import param_count, training_flops_per_token
 from clusterlm.models.init import seeded_source
+from clusterlm.models.loss import next_token_loss
 from clusterlm.models.moe import (
     MoE,
     auxiliary_loss,
@@ -194,3 +195,23 @@ def test_bf16_autocast_and_selective_checkpointing_run_the_experts():
     logits.float().sum().backward()
     assert checkpointed.get_parameter("layers.1.mlp.experts.w2").grad is not None
     torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
+
+
+def test_compiled_loss_equals_eager_with_the_same_loads():
+    """torch.compile of forward, balance loss and language-model loss together, as one process
+    trains with training.compile: the same loss and the same recorded loads."""
+    m = model(moe_balance="aux_loss")
+    tokens, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+
+    def loss_fn(x, y):
+        logits = m(x)
+        balance = auxiliary_loss(m)
+        assert balance is not None
+        return next_token_loss(logits, y) + balance
+
+    eager = loss_fn(tokens, targets)
+    eager_loads = take_expert_stats(m, tokens.device)
+    compiled = torch.compile(loss_fn)(tokens, targets)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(take_expert_stats(m, tokens.device), eager_loads)
