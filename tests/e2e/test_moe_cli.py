@@ -3,7 +3,7 @@ expert loads reach metrics.jsonl, and a resumed run continues exactly (routing b
 
 import math
 
-from train_helpers import records, train_cli
+from train_helpers import TINY_ARGS, records, train_cli
 
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
@@ -61,3 +61,14 @@ def test_aux_free_biases_resume_exactly(data_dir, tmp_path):
     )
     loss = {r["step"]: r["loss"] for r in records(straight, "train")}
     assert loss == {r["step"]: r["loss"] for r in records(resumed, "train")}
+
+
+def test_bench_train_reports_the_experts_against_a_dense_baseline(data_dir, capsys):
+    dense = (
+        "model.moe_experts=0,model.moe_shared_experts=0,model.moe_ffn_hidden=0,model.moe_layers=all"
+    )
+    bench = ["bench", "train", "--steps=2", "--rounds=1", "--warmup=1", f"--against={dense}"]
+    assert cli([*bench, "--data.dir", str(data_dir), *TINY_ARGS, *MOE[:-1]]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up over baseline" in out
+    assert "experts (config): load imbalance" in out and "experts (baseline)" not in out

@@ -23,7 +23,14 @@ from clusterlm.train.session import Session
 # Operators by kind of work, matched on the profiler's names. Each operator's self time counts
 # once, so a compiled graph's fused kernels land on the graph's call and its matmuls on aten::mm.
 WORK_KINDS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"),
+    "matmul": (
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_addmm_activation",
+        "aten::_grouped_mm",  # a mixture of experts' experts
+    ),
     "attention": ("scaled_dot_product",),
     "compiled kernels": ("## Call CompiledFxGraph", "graph_"),
     "optimizer": ("Optimizer.", "adam", "_foreach_", "linalg_vector_norm"),

@@ -119,6 +119,13 @@ def _timing_lines(
         if session.balancer is not None:
             counts = ",".join(map(str, session.balancer.counts))
             lines.append(f"load balance ({name}): micro-batches per rank {counts}")
+    for name, session in sessions.items():
+        if session.experts is not None:  # the loads of every step the variant ran
+            moe = session.experts.metrics()
+            lines.append(
+                f"experts ({name}): load imbalance {moe['moe_load_imbalance']:.2f} (max over mean "
+                f"tokens per expert, worst block), balance loss {moe['moe_aux_loss']:.3f}"
+            )
     if "baseline" in tokens_per_s:
         lines.append(
             f"speed-up over baseline: {tokens_per_s['config'] / tokens_per_s['baseline']:.2f}x"
