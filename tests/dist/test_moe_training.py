@@ -67,3 +67,20 @@ def test_moe_strategy_equals_single_process(strategy, world_size, moe, extra, da
         torch.testing.assert_close(biases[name], bias, rtol=0, atol=1e-6, msg=name)
     moved = any(bias.abs().sum() > 0 for bias in biases.values())
     assert moved == ("model__moe_balance" not in moe)  # aux_free moves them; aux_loss leaves them
+
+
+TP_CASES = [
+    ("tp2", 2, 1, {"parallel__tp": 2}),
+    ("tp2xzero3", 4, 2, {"parallel__tp": 2, "parallel__data_parallel": "zero3"}),
+]
+
+
+@pytest.mark.parametrize("name,world_size,dp,settings", TP_CASES, ids=[c[0] for c in TP_CASES])
+def test_moe_under_tensor_parallel_equals_single_process(name, world_size, dp, settings, data_dir, tmp_path_factory, tmp_path):
+    """Attention split over the tp ranks, the mixture of experts whole on each of them."""
+    candidate = run(data_dir, tmp_path, world_size, training__micro_batch_size=MICRO, **AUX_FREE, **settings)
+    expected, expected_biases = split_biases(reference(data_dir, tmp_path_factory, dp, AUX_FREE))
+    got, biases = split_biases(candidate)
+    assert_equivalent(expected, got)
+    for name, bias in expected_biases.items():
+        torch.testing.assert_close(biases[name], bias, rtol=0, atol=1e-6, msg=name)

@@ -137,7 +137,11 @@ CONFIGS = [
             ("key-without-experts", ["--model.moe_top_k=1"], "set model.moe_experts > 0"),
             ("bad-layers", ["--model.moe_experts=4", "--model.moe_layers=every:x"], "moe_layers"),
             ("layers-out-of-range", ["--model.moe_experts=4", "--model.moe_layers=7"], "n_layer"),
-            ("with-tp", ["--model.moe_experts=4", "--parallel.tp=2"], "tp = pp = 1"),
+            (
+                "with-sequence-parallel",
+                ["--model.moe_experts=4", "--parallel.tp=2", "--parallel.sequence_parallel=true"],
+                "sequence_parallel = false",
+            ),
         ]
     ],
     case("config-moe-gpt2", *TRAIN, "--model.moe_experts=4", expect="flavour = llama"),

@@ -83,9 +83,9 @@ def check_experts(cfg: Config) -> None:
     if m.moe_balance != "aux_free" and m.moe_bias_rate != defaults.moe_bias_rate:
         raise UserError("model.moe_bias_rate applies to model.moe_balance = aux_free")
     moe_layer_indices(m.moe_layers, m.n_layer)
-    if p.tp > 1 or p.pp > 1 or p.data_parallel not in MOE_DATA_PARALLEL:
+    if p.pp > 1 or p.sequence_parallel or p.data_parallel not in MOE_DATA_PARALLEL:
         raise UserError(
             "a mixture of experts (model.moe_experts > 0) trains with parallel.data_parallel = "
-            f"{', '.join(MOE_DATA_PARALLEL)} and no tensor or pipeline parallelism "
-            "(tp = pp = 1)"
+            f"{', '.join(MOE_DATA_PARALLEL)}, without pipeline or sequence parallelism "
+            "(pp = 1, sequence_parallel = false)"
         )

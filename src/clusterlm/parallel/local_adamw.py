@@ -4,10 +4,11 @@ FSDP and tensor parallelism leave parameters, gradients and AdamW's moments as D
 torch's AdamW sends its one fused (or foreach) call per parameter group through DTensor's
 dispatch, which unwraps every tensor of every list, a cost that grows with the tensor count
 (benchmarks/sharded-optimizer-cpu-xeon-amx-2026-12-01.md). AdamW is elementwise, so
-on each rank's shard or replica it computes what the dispatch would whenever every gradient is laid
-out like its parameter, as FSDP's and tensor parallelism's are once ``reduce_partial_grads`` has
-run; otherwise (a partial sum, say) the step is torch's own. The state is torch's, DTensors
-included, so checkpoints are unchanged.
+on each rank's shard or replica it computes what the dispatch would once every gradient is laid
+out like its parameter: a gradient that is not (a replicated gradient of a sharded parameter, a
+partial sum) is redistributed first, as the dispatch would. Plain parameters (a mixture of
+experts kept whole under tensor parallelism) step beside DTensor ones. The state is torch's,
+DTensors included, so checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ class LocalAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        pairs = [
-            (p, p.grad)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        if not all(_laid_out_alike(param, grad) for param, grad in pairs):
-            return super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if isinstance(grad, DTensor) and not _laid_out_alike(param, grad):
+                    # As DTensor's dispatch would: a replicated gradient of a sharded parameter
+                    # (a vocabulary-split table's, under tensor parallelism) is cut here.
+                    param.grad = grad.redistribute(param.device_mesh, param.placements)
         loss = None
         if closure is not None:
             with torch.enable_grad():

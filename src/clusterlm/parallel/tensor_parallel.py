@@ -45,6 +45,7 @@ from torch.distributed.tensor.parallel import (
 from clusterlm.errors import UserError
 from clusterlm.models.bert import Encoder
 from clusterlm.models.gpt import Transformer
+from clusterlm.models.moe import MoE
 
 
 class ReplicateParallel(ParallelStyle):
@@ -152,11 +153,19 @@ def _block_plan(
         "attn.wv": ColwiseParallel(),
         "attn.wo": RowwiseParallel(output_layouts=residual),
         "mlp_norm": norm_style,
-        "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-        "mlp.w1": ColwiseParallel(),
-        "mlp.w2": RowwiseParallel(output_layouts=residual),
     }
-    if block.get_submodule("mlp").w3 is not None:
+    mlp = block.get_submodule("mlp")
+    if isinstance(mlp, MoE):
+        # A mixture of experts stays whole on every rank, its parameters plain tensors: it runs
+        # on the replicated residual stream, so every rank computes the same output and the same
+        # gradients. (Expert parallelism is what splits experts across ranks.)
+        return plan
+    plan["mlp"] = PrepareModuleInput(
+        input_layouts=(residual,), desired_input_layouts=(Replicate(),)
+    )
+    plan["mlp.w1"] = ColwiseParallel()
+    plan["mlp.w2"] = RowwiseParallel(output_layouts=residual)
+    if mlp.w3 is not None:
         plan["mlp.w3"] = ColwiseParallel()
     return plan
 

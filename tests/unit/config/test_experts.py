@@ -49,8 +49,9 @@ MOE = {"model.flavour": "llama", "model.moe_experts": "4"}
         ({**MOE, "model.moe_balance": "none", "model.moe_bias_rate": "0.1"}, "aux_free"),
         ({**MOE, "model.moe_layers": "every:x"}, "model.moe_layers must be"),
         ({**MOE, "model.moe_top_k": "0"}, "model.moe_top_k must be >= 1"),
-        ({**MOE, "parallel.pp": "2"}, "tp = pp = 1"),
-        ({**MOE, "parallel.data_parallel": "local_sgd"}, "tp = pp = 1"),
+        ({**MOE, "parallel.pp": "2"}, "pp = 1"),
+        ({**MOE, "parallel.tp": "2", "parallel.sequence_parallel": "true"}, "sequence_parallel"),
+        ({**MOE, "parallel.data_parallel": "local_sgd"}, "parallel.data_parallel = ddp"),
     ],
 )
 def test_inconsistent_moe_keys_fail_with_one_line(values, message):
