@@ -1,0 +1,34 @@
+"""The bad-input corpus, translation tasks: pairs without a side, empty splits, bad split names.
+``CASES`` in ``bad_inputs_table.py`` includes these. (Missing SWORD modules cannot be staged here
+without uninstalling them: tests/unit/data/test_bible.py checks the line names the package.)"""
+
+from __future__ import annotations
+
+from bad_inputs_harness import case, jsonl, write
+
+
+def pairs(id: str, content: bytes | str, expect: str) -> object:
+    return case(
+        id,
+        "prepare",
+        "--task",
+        "translation-jsonl:{tmp}/pairs.jsonl",
+        "--out",
+        "{tmp}/out",
+        setup=write("pairs.jsonl", content),
+        expect=expect,
+    )
+
+
+TRAIN_PAIRS = [{"src": "the house", "tgt": "la casa", "split": "train"}] * 3
+TRANSLATION = [
+    pairs("translation-missing-src", jsonl({"tgt": "la casa"}), 'no "src"'),
+    pairs("translation-missing-tgt", jsonl({"src": "the house"}), 'no "tgt"'),
+    pairs("translation-empty-split", jsonl(*TRAIN_PAIRS), "the val split"),
+    pairs(
+        "translation-bad-split",
+        jsonl({"src": "a", "tgt": "b", "split": "dev"}),
+        '"split" of train, val, test',
+    ),
+    pairs("translation-no-pairs", "\n\n", "holds no pairs"),
+]
