@@ -24,8 +24,6 @@ values until materialized per shard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,33 +68,26 @@ def attend(
     return attn.resid_dropout(attn.wo(y.transpose(1, 2).flatten(2)))
 
 
-@dataclass
 class LayerCache:
     """One decoder block's keys and values while decoding: its own, grown a step at a time, and
     those of the encoder's output for cross-attention, computed once."""
 
-    own: KeysValues | None = None
-    cross: KeysValues | None = None
+    def __init__(self) -> None:
+        self.own: KeysValues | None = None
+        self.cross: KeysValues | None = None
 
 
-@dataclass
 class DecodingCache:
-    """What decoding keeps between steps for a batch of ``source`` rows [B, S] (PAD-padded)."""
+    """What decoding keeps between steps for a batch of ``source`` rows [B, S] (PAD-padded).
 
-    source: torch.Tensor
-    memory: torch.Tensor | None = None  # the encoder's output [B, S, d]
-    length: int = 0  # decoder positions fed so far
-    layers: dict[str, LayerCache] = field(default_factory=dict)
+    A plain class, not a dataclass: wrappers that move or cast a forward's inputs (DDP, FSDP)
+    rebuild the dataclasses among them, and the steps must fill this very object."""
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` (finished rows dropped, or beams reordered)."""
-        self.source = self.source[rows]
-        self.memory = None if self.memory is None else self.memory[rows]
-        for layer in self.layers.values():
-            layer.own = None if layer.own is None else (layer.own[0][rows], layer.own[1][rows])
-            layer.cross = (
-                None if layer.cross is None else (layer.cross[0][rows], layer.cross[1][rows])
-            )
+    def __init__(self, source: torch.Tensor) -> None:
+        self.source = source
+        self.memory: torch.Tensor | None = None  # the encoder's output [B, S, d]
+        self.length = 0  # decoder positions fed so far
+        self.layers: dict[str, LayerCache] = {}
 
 
 class EncoderLayer(nn.Module):

@@ -1,0 +1,31 @@
+"""The encoder-decoder trains on a translation task exactly like one process under data
+parallelism. Each rank's micro-batch loss is its mean over its own target tokens, so the reference
+is one process accumulating the same micro-batches (rank r's is micro-step r there), and the
+tolerances are training.py's."""
+
+from __future__ import annotations
+
+import pytest
+from translation_pairs import MBART, prepare_pairs
+
+from .training import MICRO, assert_equivalent, run
+
+SETTINGS = {**{k.replace(".", "__"): v for k, v in MBART.items()}, "model__block_size": 24}
+ACCUMULATE = {"training__micro_batch_size": MICRO, "training__tokens_per_step": 2 * MICRO * 24}
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return prepare_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def reference(task_dir, tmp_path_factory):
+    return run(task_dir, tmp_path_factory.mktemp("ref"), 1, **SETTINGS, **ACCUMULATE)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_layouts_equal_one_process(task_dir, reference, tmp_path, strategy):
+    candidate = run(task_dir, tmp_path, 2, parallel__data_parallel=strategy,
+                    training__micro_batch_size=MICRO, **SETTINGS)  # fmt: skip
+    assert_equivalent(reference, candidate)
