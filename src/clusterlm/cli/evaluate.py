@@ -8,8 +8,10 @@ import math
 from clusterlm.cli.checkpoints import add_checkpoint_arguments, load
 from clusterlm.cli.options import Parser
 from clusterlm.config import apply_overrides
+from clusterlm.data.translation import is_translation_dir
 from clusterlm.errors import UserError
 from clusterlm.train.evaluate import eval_windows, evaluate
+from clusterlm.train.translation_task import evaluate_translation
 
 
 def main(argv: list[str]) -> int:
@@ -18,7 +20,10 @@ def main(argv: list[str]) -> int:
     )
     add_checkpoint_arguments(parser)
     parser.add_argument(
-        "--split", default="val", choices=("train", "val"), help="which split to score"
+        "--split",
+        default="val",
+        choices=("train", "val", "test"),
+        help="which split to score (test: translation tasks)",
     )
     parser.add_argument(
         "--batches", type=int, default=0, help="batches to score (0 = training.eval_batches)"
@@ -35,6 +40,17 @@ def main(argv: list[str]) -> int:
         else loaded.cfg
     )
     windows = eval_windows(cfg, loaded.state.get("dp_size", 1))
+    if is_translation_dir(cfg.data.dir):
+        limit = windows if args.batches else None  # every pair unless --batches says otherwise
+        scores = evaluate_translation(loaded.model, cfg, loaded.runtime, args.split, limit)
+        print(
+            f"{args.split} loss {scores['loss']:.4f} accuracy {scores['accuracy']:.4f} "
+            f"BLEU {scores['bleu']:.2f} chrF {scores['chrf']:.2f} "
+            f"(greedy, checkpoint step {loaded.step})"
+        )
+        return 0
+    if args.split == "test":
+        raise UserError(f"{cfg.data.dir} is a corpus with train and val splits; use --split val")
     loss, accuracy = evaluate(loaded.model, cfg, loaded.runtime, windows, args.split)
     print(
         f"{args.split} loss {loss:.4f} perplexity {math.exp(loss):.2f} accuracy {accuracy:.4f} "

@@ -21,11 +21,13 @@ from clusterlm.data.masking import IGNORE_INDEX
 from clusterlm.data.pair_batches import PairStream
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.data.translation import load_translation
+from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
 from clusterlm.models import training_flops_per_token
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.models.init import ParamSource
 from clusterlm.models.seq2seq import SEQ2SEQ_FLAVOUR
+from clusterlm.parallel import ParallelModel
 from clusterlm.parallel.model import WholeModel
 from clusterlm.train.decoding import greedy_decode
 from clusterlm.train.evaluate import eval_windows
@@ -44,6 +46,7 @@ def translation_task(cfg: Config) -> TaskSpec:
     manifest = task.manifest
     streams = {name: PairStream(split, manifest.eot_id) for name, split in task.splits.items()}
     tokenizer = read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256)
+    decoder = Tokenizer(tokenizer.payload.decode("utf-8"))
 
     def model(settled: Config) -> tuple[nn.Module, ParamSource]:
         return build_model(settled, manifest.vocab_size)
@@ -51,7 +54,9 @@ def translation_task(cfg: Config) -> TaskSpec:
     def evaluate(session: Session, split: str) -> Metrics:
         final = split in session.task.final_splits
         limit = None if final else eval_windows(session.cfg, session.runtime.dp_size)
-        return translation_metrics(session, streams[split], limit)
+        return translation_metrics(
+            session.model, session.cfg, session.runtime, streams[split], decoder, limit
+        )
 
     return TaskSpec(
         vocab_size=manifest.vocab_size,
@@ -65,11 +70,27 @@ def translation_task(cfg: Config) -> TaskSpec:
     )
 
 
-def translation_metrics(session: Session, stream: PairStream, limit: int | None) -> Metrics:
+def evaluate_translation(
+    model: ParallelModel, cfg: Config, runtime: Runtime, split: str, limit: int | None
+) -> Metrics:
+    """`clusterlm eval` of a run trained on the translation task in ``data.dir``."""
+    task = load_translation(cfg.data.dir, verify=cfg.data.verify)
+    stream = PairStream(task.splits[split], task.manifest.eot_id)
+    tokenizer = Tokenizer.load(f"{cfg.data.dir.rstrip('/')}/tokenizer.json")
+    return translation_metrics(model, cfg, runtime, stream, tokenizer, limit)
+
+
+def translation_metrics(
+    model: ParallelModel,
+    cfg: Config,
+    runtime: Runtime,
+    stream: PairStream,
+    tokenizer: Tokenizer,
+    limit: int | None,
+) -> Metrics:
     """Loss and accuracy per target token, BLEU and chrF of greedy translations, over the split's
     pairs (every one, or ``limit`` evenly spaced ones); each data-parallel rank translates a
     contiguous share and the shares are gathered, so every rank reports the same scores."""
-    model, cfg, runtime = session.model, session.cfg, session.runtime
     assert isinstance(model, WholeModel)  # the encoder-decoder runs no pipeline
     lockstep = runtime.world_size > 1 and runtime.lockstep
     dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
@@ -101,7 +122,6 @@ def translation_metrics(session: Session, stream: PairStream, limit: int | None)
     if lockstep:
         dist.all_reduce(sums)
         hyp, ref = _gathered(hyp), _gathered(ref)
-    tokenizer = Tokenizer(session.task.tokenizer.payload.decode("utf-8"))
     real = (ref != IGNORE_INDEX).any(1)  # filler rows out
     texts = [_text(tokenizer, row, stream.eot_id) for row in hyp[real]]
     truth = [_text(tokenizer, row, stream.eot_id) for row in ref[real]]

@@ -6,6 +6,7 @@ import json
 import pytest
 from translation_pairs import MBART, prepare_pairs
 
+from clusterlm.cli import main as cli
 from clusterlm.errors import UserError
 from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.train.trainer import train
@@ -19,7 +20,7 @@ SETTINGS = {
 }  # fmt: skip
 
 
-def test_training_lowers_the_loss_and_scores_translations(tmp_path):
+def test_training_lowers_the_loss_and_scores_translations(tmp_path, capsys):
     task = prepare_pairs(tmp_path)
     out = tmp_path / "out"
     train(load_config(None, {**SETTINGS, "data.dir": str(task), "training.out_dir": str(out)}))
@@ -31,6 +32,10 @@ def test_training_lowers_the_loss_and_scores_translations(tmp_path):
     for record, split in ((val, "val"), (test, "test")):
         assert 0 <= record[f"{split}_accuracy"] <= 1 and record[f"{split}_loss"] > 0
         assert 0 <= record[f"{split}_bleu"] <= 100 and 0 <= record[f"{split}_chrf"] <= 100
+    capsys.readouterr()
+    assert cli(["eval", "--run", str(out), "--split", "test"]) == 0  # every test pair, again
+    printed = capsys.readouterr().out
+    assert f"BLEU {test['test_bleu']:.2f} chrF {test['test_chrf']:.2f}" in printed
 
 
 def test_a_translation_task_needs_the_encoder_decoder(tmp_path):
