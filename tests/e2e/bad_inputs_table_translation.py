@@ -31,4 +31,6 @@ TRANSLATION = [
         '"split" of train, val, test',
     ),
     pairs("translation-no-pairs", "\n\n", "holds no pairs"),
+    case("translation-beam-zero", "eval", "--run", "{run}", "--beam", "0", expect="--beam"),
+    case("beam-on-a-language-model", "eval", "--run", "{run}", "--beam", "2", expect="--beam"),
 ]

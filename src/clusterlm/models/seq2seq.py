@@ -89,6 +89,15 @@ class DecodingCache:
         self.length = 0  # decoder positions fed so far
         self.layers: dict[str, LayerCache] = {}
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows``, in that order (beam search's surviving beams)."""
+        self.source = self.source[rows]
+        self.memory = None if self.memory is None else self.memory[rows]
+        for layer in self.layers.values():
+            for name in ("own", "cross"):
+                kv = getattr(layer, name)
+                setattr(layer, name, None if kv is None else (kv[0][rows], kv[1][rows]))
+
 
 class EncoderLayer(nn.Module):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)); attention sees the whole source."""

@@ -29,7 +29,7 @@ from clusterlm.models.init import ParamSource
 from clusterlm.models.seq2seq import SEQ2SEQ_FLAVOUR
 from clusterlm.parallel import ParallelModel
 from clusterlm.parallel.model import WholeModel
-from clusterlm.train.decoding import greedy_decode
+from clusterlm.train.decoding import GREEDY, Search
 from clusterlm.train.evaluate import eval_windows
 from clusterlm.train.optim import optimizer_recipe
 from clusterlm.train.session import Metrics, Session, TaskSpec, build_model, read_tokenizer
@@ -71,13 +71,18 @@ def translation_task(cfg: Config) -> TaskSpec:
 
 
 def evaluate_translation(
-    model: ParallelModel, cfg: Config, runtime: Runtime, split: str, limit: int | None
+    model: ParallelModel,
+    cfg: Config,
+    runtime: Runtime,
+    split: str,
+    limit: int | None,
+    search: Search,
 ) -> Metrics:
     """`clusterlm eval` of a run trained on the translation task in ``data.dir``."""
     task = load_translation(cfg.data.dir, verify=cfg.data.verify)
     stream = PairStream(task.splits[split], task.manifest.eot_id)
     tokenizer = Tokenizer.load(f"{cfg.data.dir.rstrip('/')}/tokenizer.json")
-    return translation_metrics(model, cfg, runtime, stream, tokenizer, limit)
+    return translation_metrics(model, cfg, runtime, stream, tokenizer, limit, search)
 
 
 def translation_metrics(
@@ -87,8 +92,10 @@ def translation_metrics(
     stream: PairStream,
     tokenizer: Tokenizer,
     limit: int | None,
+    search: Search = GREEDY,
 ) -> Metrics:
-    """Loss and accuracy per target token, BLEU and chrF of greedy translations, over the split's
+    """Loss and accuracy per target token, BLEU and chrF of translations (greedy, or by beam
+    ``search``), over the split's
     pairs (every one, or ``limit`` evenly spaced ones); each data-parallel rank translates a
     contiguous share and the shares are gathered, so every rank reports the same scores."""
     assert isinstance(model, WholeModel)  # the encoder-decoder runs no pipeline
@@ -107,7 +114,7 @@ def translation_metrics(
             with model.precision.autocast():
                 source = x[:, : cfg.seq_len]
                 hypotheses.append(
-                    greedy_decode(
+                    search.decode(
                         model.parts[0],
                         source,
                         stream.eot_id,

@@ -36,6 +36,8 @@ def test_training_lowers_the_loss_and_scores_translations(tmp_path, capsys):
     assert cli(["eval", "--run", str(out), "--split", "test"]) == 0  # every test pair, again
     printed = capsys.readouterr().out
     assert f"BLEU {test['test_bleu']:.2f} chrF {test['test_chrf']:.2f}" in printed
+    assert cli(["eval", "--run", str(out), "--split", "test", "--beam", "3"]) == 0
+    assert "(beam 3, checkpoint step 24)" in capsys.readouterr().out
 
 
 def test_a_translation_task_needs_the_encoder_decoder(tmp_path):
