@@ -1,5 +1,5 @@
 """The encoder-decoder trains on a translation task exactly like one process under data
-parallelism. Each rank's micro-batch loss is its mean over its own target tokens, so the reference
+parallelism (ddp, zero2, zero3) and under local SGD averaging every step. Each rank's micro-batch loss is its mean over its own target tokens, so the reference
 is one process accumulating the same micro-batches (rank r's is micro-step r there), and the
 tolerances are training.py's."""
 
@@ -28,4 +28,17 @@ def reference(task_dir, tmp_path_factory):
 def test_layouts_equal_one_process(task_dir, reference, tmp_path, strategy):
     candidate = run(task_dir, tmp_path, 2, parallel__data_parallel=strategy,
                     training__micro_batch_size=MICRO, **SETTINGS)  # fmt: skip
+    assert_equivalent(reference, candidate)
+
+
+def test_local_sgd_every_step_equals_one_process(task_dir, tmp_path, tmp_path_factory):
+    """Averaging parameters after every SGD step equals averaging gradients
+    (see test_local_sgd.py)."""
+    from .test_local_sgd import SGD
+
+    reference = run(
+        task_dir, tmp_path_factory.mktemp("ref-sgd"), 1, **SETTINGS, **ACCUMULATE, **SGD
+    )
+    candidate = run(task_dir, tmp_path, 2, parallel__data_parallel="local_sgd",
+                    parallel__local_steps=1, training__micro_batch_size=MICRO, **SETTINGS, **SGD)  # fmt: skip
     assert_equivalent(reference, candidate)
