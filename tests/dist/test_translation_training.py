@@ -1,5 +1,5 @@
 """The encoder-decoder trains on a translation task exactly like one process under data
-parallelism (ddp, zero2, zero3) and under local SGD averaging every step. Each rank's micro-batch loss is its mean over its own target tokens, so the reference
+parallelism (ddp, zero1-3, hsdp) and under local SGD averaging every step. Each rank's micro-batch loss is its mean over its own target tokens, so the reference
 is one process accumulating the same micro-batches (rank r's is micro-step r there), and the
 tolerances are training.py's."""
 
@@ -24,10 +24,20 @@ def reference(task_dir, tmp_path_factory):
     return run(task_dir, tmp_path_factory.mktemp("ref"), 1, **SETTINGS, **ACCUMULATE)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
 def test_layouts_equal_one_process(task_dir, reference, tmp_path, strategy):
     candidate = run(task_dir, tmp_path, 2, parallel__data_parallel=strategy,
                     training__micro_batch_size=MICRO, **SETTINGS)  # fmt: skip
+    assert_equivalent(reference, candidate)
+
+
+def test_hsdp_equals_one_process(task_dir, tmp_path, tmp_path_factory):
+    """2 replicas of 2 shards, one pair per rank: one process accumulating 4 micro-batches."""
+    micro = MICRO // 2
+    reference = run(task_dir, tmp_path_factory.mktemp("ref-hsdp"), 1, **SETTINGS,
+                    training__micro_batch_size=micro, training__tokens_per_step=4 * micro * 24)  # fmt: skip
+    candidate = run(task_dir, tmp_path, 4, parallel__data_parallel="hsdp", parallel__dp_replicate=2,
+                    training__micro_batch_size=micro, **SETTINGS)  # fmt: skip
     assert_equivalent(reference, candidate)
 
 
