@@ -80,12 +80,12 @@ def build_classifier(cfg: Config, task: Task) -> tuple[SequenceClassifier, Param
     pretrained = _pretrained_checkpoint(cfg, task)
     with torch.device("meta"):  # a pretrained model's vocabulary size came with its shape (config)
         body = create_model(resolve_model_args(cfg, task.manifest.vocab_size))
-    if isinstance(body, Seq2SeqTransformer):
-        raise UserError(
-            "fine-tuning a classifier needs model.flavour = gpt2, llama or bert, not mbart "
-            "(the encoder-decoder trains on translation tasks)"
-        )
-    model = SequenceClassifier(body, len(task.labels))
+        if isinstance(body, Seq2SeqTransformer):
+            raise UserError(
+                "fine-tuning a classifier needs model.flavour = gpt2, llama or bert, not mbart "
+                "(the encoder-decoder trains on translation tasks)"
+            )
+        model = SequenceClassifier(body, len(task.labels))
     seeded = seeded_source(model.init_rule, cfg.training.seed)
     backbone = checkpoint_source(pretrained.path) if pretrained else pretrained_source(cfg)
     if backbone is None:
