@@ -1,10 +1,11 @@
-"""The bad-input corpus, translation tasks: pairs without a side, empty splits, bad split names.
+"""The bad-input corpus, translation tasks: pairs without a side, sides of different lengths,
+empty splits, bad split names, beams of 0.
 ``CASES`` in ``bad_inputs_table.py`` includes these. (Missing SWORD modules cannot be staged here
 without uninstalling them: tests/unit/data/test_bible.py checks the line names the package.)"""
 
 from __future__ import annotations
 
-from bad_inputs_harness import case, jsonl, write
+from bad_inputs_harness import both, case, jsonl, write
 
 
 def pairs(id: str, content: bytes | str, expect: str) -> object:
@@ -31,6 +32,16 @@ TRANSLATION = [
         '"split" of train, val, test',
     ),
     pairs("translation-no-pairs", "\n\n", "holds no pairs"),
+    case(
+        "translation-line-counts-differ",
+        "prepare",
+        "--task",
+        "translation-text:{tmp}/en.txt,{tmp}/es.txt",
+        "--out",
+        "{tmp}/out",
+        setup=both(write("en.txt", "a\nb\nc\n"), write("es.txt", "a\nb\n")),
+        expect="has 3 lines but",
+    ),
     case("translation-beam-zero", "eval", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("beam-on-a-language-model", "eval", "--run", "{run}", "--beam", "2", expect="--beam"),
 ]

@@ -13,6 +13,7 @@ from clusterlm.data.task_prepare import (
     JSONL_PREFIX,
     PLAY_TASK,
     TRANSLATION_JSONL_PREFIX,
+    TRANSLATION_TEXT_PREFIX,
     TaskOptions,
     prepare_task,
 )
@@ -110,7 +111,8 @@ def _add_task_arguments(p: argparse.ArgumentParser) -> None:
         f"embedded plays, labelled with their play, split by scene) or {JSONL_PREFIX}PATH "
         '(JSONL lines {"text", "label"[, "split"]}); or a translation task: '
         f"{BIBLE_TASK} (the English-Spanish Bible from Debian's SWORD modules, split by book) "
-        f'or {TRANSLATION_JSONL_PREFIX}PATH (JSONL lines {{"src", "tgt"[, "split"]}}); '
+        f'or {TRANSLATION_JSONL_PREFIX}PATH (JSONL lines {{"src", "tgt"[, "split"]}}) or '
+        f"{TRANSLATION_TEXT_PREFIX}SRC,TGT (two text files, line i of each a pair); "
         "takes no INPUT",
     )
     task.add_argument(

@@ -59,6 +59,7 @@ PLAY_TASK = "play-classification"
 JSONL_PREFIX = "jsonl:"
 BIBLE_TASK = "translation:bible-en-es"  # clusterlm.data.translation_prepare
 TRANSLATION_JSONL_PREFIX = "translation-jsonl:"
+TRANSLATION_TEXT_PREFIX = "translation-text:"  # SRC,TGT: one sentence per line on each side
 SPLIT_RULE = "seeded-group"  # clusterlm.data.task.group_splits; JSONL "split" fields: "given"
 
 Examples = dict[str, list[tuple[np.ndarray, str | int]]]  # split -> (token ids, label) in order
@@ -79,12 +80,13 @@ class TaskOptions:
     def __post_init__(self) -> None:
         prefixed = any(
             self.task.startswith(prefix) and len(self.task) > len(prefix)
-            for prefix in (JSONL_PREFIX, TRANSLATION_JSONL_PREFIX)
+            for prefix in (JSONL_PREFIX, TRANSLATION_JSONL_PREFIX, TRANSLATION_TEXT_PREFIX)
         )
         if self.task not in (PLAY_TASK, BIBLE_TASK) and not prefixed:
             raise UserError(
                 f"unknown --task {self.task!r}; use {PLAY_TASK}, {JSONL_PREFIX}PATH (a JSONL "
-                f"file), {BIBLE_TASK} or {TRANSLATION_JSONL_PREFIX}PATH"
+                f"file), {BIBLE_TASK}, {TRANSLATION_JSONL_PREFIX}PATH or "
+                f"{TRANSLATION_TEXT_PREFIX}SRC,TGT"
             )
         for flag, value in (
             ("--val-fraction", self.val_fraction),

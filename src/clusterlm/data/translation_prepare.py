@@ -41,7 +41,12 @@ from clusterlm.data.prepare import (
 )
 from clusterlm.data.storage import StagedDir, is_local, join, resolve_sources, url_to_fs
 from clusterlm.data.task import TASK_SPLITS, group_splits
-from clusterlm.data.task_prepare import BIBLE_TASK, TRANSLATION_JSONL_PREFIX, TaskOptions
+from clusterlm.data.task_prepare import (
+    BIBLE_TASK,
+    TRANSLATION_JSONL_PREFIX,
+    TRANSLATION_TEXT_PREFIX,
+    TaskOptions,
+)
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.data.translation import (
     TRANSLATION_FILE,
@@ -72,13 +77,21 @@ class Pairs:
 
 
 def is_translation_task(task: str) -> bool:
-    return task == BIBLE_TASK or task.startswith(TRANSLATION_JSONL_PREFIX)
+    return task == BIBLE_TASK or task.startswith(
+        (TRANSLATION_JSONL_PREFIX, TRANSLATION_TEXT_PREFIX)
+    )
 
 
 def prepare_translation(opts: TaskOptions) -> TranslationManifest:
     """Prepare ``opts.task`` in ``opts.out`` (or find it up to date) and return its manifest."""
     given = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
-    found = _bible_pairs() if opts.task == BIBLE_TASK else _jsonl_pairs(opts)
+    found = (
+        _bible_pairs()
+        if opts.task == BIBLE_TASK
+        else _text_pairs(opts)
+        if opts.task.startswith(TRANSLATION_TEXT_PREFIX)
+        else _jsonl_pairs(opts)
+    )
     fingerprint = _fingerprint(opts, found, given)
     fs, root = url_to_fs(opts.out)
     if is_local(fs):
@@ -170,14 +183,57 @@ def _jsonl_pairs(opts: TaskOptions) -> Pairs:
                 f'{where}: give every line a "split" of {", ".join(TASK_SPLITS)}, or none'
             )
     if "split" in rows[0][1]:
-        splits, rule = [row["split"] for _, row in rows], "given"
-    else:
-        drawn = group_splits(len(rows), 0, opts.seed, opts.val_fraction, opts.test_fraction)
-        if drawn is None:
-            raise UserError(f"{sources[0].name} has too few pairs to split; give at least 3")
-        splits, rule = drawn, "seeded-group"
-    pairs = [Pair(row["src"], row["tgt"], s) for (_, row), s in zip(rows, splits, strict=True)]
-    return Pairs(pairs, {}, (info,), rule)
+        pairs = [Pair(row["src"], row["tgt"], row["split"]) for _, row in rows]
+        return Pairs(pairs, {}, (info,), "given")
+    texts = [(row["src"], row["tgt"]) for _, row in rows]
+    return Pairs(_drawn_splits(texts, sources[0].name, opts), {}, (info,), "seeded-group")
+
+
+def _drawn_splits(texts: list[tuple[str, str]], name: str, opts: TaskOptions) -> list[Pair]:
+    """``texts`` split by the seeded-group rule over all of them (``group_splits``)."""
+    drawn = group_splits(len(texts), 0, opts.seed, opts.val_fraction, opts.test_fraction)
+    if drawn is None:
+        raise UserError(f"{name} has too few pairs to split; give at least 3")
+    return [Pair(src, tgt, split) for (src, tgt), split in zip(texts, drawn, strict=True)]
+
+
+def _text_pairs(opts: TaskOptions) -> Pairs:
+    """Line i of the source file with line i of the target file; a pair with an empty side is
+    left out (and counted)."""
+    paths = opts.task.removeprefix(TRANSLATION_TEXT_PREFIX).split(",")
+    if len(paths) != 2 or not all(paths):
+        raise UserError(
+            f"--task {opts.task} must name two files, {TRANSLATION_TEXT_PREFIX}SRC,TGT "
+            "(one sentence per line, line i of each a pair)"
+        )
+    sides = [_text_lines(path, opts.max_line_bytes) for path in paths]
+    (src, src_info), (tgt, tgt_info) = sides
+    if len(src) != len(tgt):
+        raise UserError(
+            f"{src_info.name} has {len(src)} lines but {tgt_info.name} has {len(tgt)}; "
+            "give both sides one sentence per line, line i of each a pair"
+        )
+    texts = [(s, t) for s, t in zip(src, tgt, strict=True) if s and t]
+    lost = len(src) - len(texts)
+    dropped = {f"{lost} lines": "an empty side"} if lost else {}
+    pairs = _drawn_splits(texts, src_info.name, opts)
+    return Pairs(pairs, dropped, (src_info, tgt_info), "seeded-group")
+
+
+def _text_lines(path: str, max_line_bytes: int) -> tuple[list[str], SourceInfo]:
+    """The stripped lines of one UTF-8 text file, and its size and hash."""
+    sources = resolve_sources([path])
+    if len(sources) != 1:
+        raise UserError(f"{path} names {len(sources)} files; name one text file per side")
+    name, lines = sources[0].name, []
+    with open_source(sources[0]) as stream:
+        reading = Reading(stream)
+        for number, raw in enumerate(bounded_lines(reading, name, max_line_bytes), start=1):
+            try:
+                lines.append(raw.decode("utf-8").strip())
+            except UnicodeDecodeError:
+                raise UserError(f"{name} line {number} is not UTF-8; convert the file") from None
+    return lines, SourceInfo(name, reading.size, reading.hexdigest())
 
 
 def _encodable(found: Pairs, tokenizer: Tokenizer, char: bool) -> tuple[list[Pair], dict[str, str]]:

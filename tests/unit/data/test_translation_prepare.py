@@ -90,3 +90,28 @@ def test_the_bible_is_split_by_book(tmp_path):
     ruth_1_1 = tokenizer.decode(task.splits["test"].tgt[0][:-1])  # Ruth comes before John
     assert ruth_1_1.startswith("Y ACONTECIÓ en los días que gobernaban los jueces")
     assert 28_000 < manifest.splits["train"].pairs and np.all(task.splits["train"].tgt[0] >= 0)
+
+
+def test_two_text_files_pair_their_lines(tmp_path):
+    english = [s for s, _, _ in PAIRS] * 4 + ["", "lost"]
+    spanish = [t for _, t, _ in PAIRS] * 4 + ["perdido", ""]
+    (tmp_path / "en.txt").write_text("\n".join(english) + "\n", encoding="utf-8")
+    (tmp_path / "es.txt").write_text("\n".join(spanish) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    task = f"translation-text:{tmp_path / 'en.txt'},{tmp_path / 'es.txt'}"
+    manifest = prepare_translation(TaskOptions(task, str(out), test_fraction=0.2))
+    assert sum(s.pairs for s in manifest.splits.values()) == 20  # two pairs had an empty side
+    assert manifest.dropped == {"2 lines": "an empty side"}
+    loaded = load_translation(str(out))
+    tokenizer = Tokenizer((out / "tokenizer.json").read_text())
+    src, tgt = loaded.splits["train"].src[0], loaded.splits["train"].tgt[0][:-1]
+    assert dict(zip(english, spanish, strict=True))[tokenizer.decode(src)] == tokenizer.decode(tgt)
+
+
+def test_sides_of_different_lengths_are_refused(tmp_path):
+    (tmp_path / "en.txt").write_text("a\nb\nc\n", encoding="utf-8")
+    (tmp_path / "es.txt").write_text("a\nb\n", encoding="utf-8")
+    task = f"translation-text:{tmp_path / 'en.txt'},{tmp_path / 'es.txt'}"
+    with pytest.raises(UserError, match="has 3 lines but .* has 2"):
+        prepare_translation(TaskOptions(task, str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
