@@ -1,10 +1,8 @@
 """Preparing a translation task (`clusterlm prepare --task translation:...`): sentence pairs in,
 a checksummed translation directory out (``clusterlm.data.translation``).
 
-``translation:bible-en-es``: the English–Spanish Bible (``clusterlm.data.bible``), split by book,
-misaligned chapters dropped and listed. ``translation-jsonl:PATH``: a user's pairs, one JSON
-object per line ``{"src", "tgt"[, "split"]}``, split by their "split" fields or else by the
-seeded-group rule over all lines. The tokenizer (char, bpe, or a given tokenizer.json) is one
+The pairs come from ``clusterlm.data.pair_sources``: the English–Spanish Bible split by book,
+misaligned chapters dropped and listed, or a user's JSONL or two text files. The tokenizer (char, bpe, or a given tokenizer.json) is one
 vocabulary for both sides, fitted on the training split only; with a char tokenizer a held-out
 pair holding a character the training split lacks is left out (and counted among the dropped).
 
@@ -16,22 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from clusterlm.data.bible import book_split, read_bible
-from clusterlm.data.jsonl_task import json_object
-from clusterlm.data.lines import Reading, bounded_lines, open_source
 from clusterlm.data.manifest import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
-    SourceInfo,
     TokenizerInfo,
     build_typed,
 )
 from clusterlm.data.manifest import token_dtype as smallest_token_dtype
+from clusterlm.data.pair_sources import Pair, Pairs, read_pairs
 from clusterlm.data.prepare import (
     DEFAULT_BPE_VOCAB,
     discard,
@@ -39,8 +34,8 @@ from clusterlm.data.prepare import (
     fit_tokenizer,
     up_to_date,
 )
-from clusterlm.data.storage import StagedDir, is_local, join, resolve_sources, url_to_fs
-from clusterlm.data.task import TASK_SPLITS, group_splits
+from clusterlm.data.storage import StagedDir, is_local, join, url_to_fs
+from clusterlm.data.task import TASK_SPLITS
 from clusterlm.data.task_prepare import (
     BIBLE_TASK,
     TRANSLATION_JSONL_PREFIX,
@@ -58,23 +53,6 @@ from clusterlm.data.translation import (
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path, disk_errors
 
-_FIX = 'write one JSON object per line: {"src": "...", "tgt": "...", optional "split"}'
-
-
-@dataclass(frozen=True)
-class Pair:
-    src: str
-    tgt: str
-    split: str
-
-
-@dataclass(frozen=True)
-class Pairs:
-    pairs: list[Pair]
-    dropped: dict[str, str]
-    sources: tuple[SourceInfo, ...]
-    split_rule: str
-
 
 def is_translation_task(task: str) -> bool:
     return task == BIBLE_TASK or task.startswith(
@@ -85,13 +63,7 @@ def is_translation_task(task: str) -> bool:
 def prepare_translation(opts: TaskOptions) -> TranslationManifest:
     """Prepare ``opts.task`` in ``opts.out`` (or find it up to date) and return its manifest."""
     given = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
-    found = (
-        _bible_pairs()
-        if opts.task == BIBLE_TASK
-        else _text_pairs(opts)
-        if opts.task.startswith(TRANSLATION_TEXT_PREFIX)
-        else _jsonl_pairs(opts)
-    )
+    found = read_pairs(opts)
     fingerprint = _fingerprint(opts, found, given)
     fs, root = url_to_fs(opts.out)
     if is_local(fs):
@@ -146,94 +118,6 @@ def _report(out: str, manifest: TranslationManifest) -> None:
         print(f"left out {len(manifest.dropped)}:")
     for what, why in manifest.dropped.items():
         print(f"  {what}: {why}")
-
-
-def _bible_pairs() -> Pairs:
-    bible = read_bible()
-    pairs = [Pair(p.english, p.spanish, book_split(p.book)) for p in bible.pairs]
-    return Pairs(pairs, bible.dropped, bible.sources, "book")
-
-
-def _jsonl_pairs(opts: TaskOptions) -> Pairs:
-    path = opts.task.removeprefix(TRANSLATION_JSONL_PREFIX)
-    sources = resolve_sources([path])
-    if len(sources) != 1:
-        raise UserError(f"--task {opts.task} names {len(sources)} files; name one JSONL file")
-    with open_source(sources[0]) as stream:
-        reading = Reading(stream)
-        rows = [
-            (number, json_object(f"{sources[0].name} line {number}", raw, _FIX))
-            for number, raw in enumerate(
-                bounded_lines(reading, sources[0].name, opts.max_line_bytes), start=1
-            )
-            if raw.strip()
-        ]
-    info = SourceInfo(sources[0].name, reading.size, reading.hexdigest())
-    if not rows:
-        raise UserError(f"{sources[0].name} holds no pairs; {_FIX}")
-    for number, row in rows:
-        where = f"{sources[0].name} line {number}"
-        for key in ("src", "tgt"):
-            if not isinstance(row.get(key), str) or not row[key]:
-                raise UserError(f'{where} has no "{key}" (a non-empty string); {_FIX}')
-        if row.get("split", "train") not in TASK_SPLITS or ("split" in row) != (
-            "split" in rows[0][1]
-        ):
-            raise UserError(
-                f'{where}: give every line a "split" of {", ".join(TASK_SPLITS)}, or none'
-            )
-    if "split" in rows[0][1]:
-        pairs = [Pair(row["src"], row["tgt"], row["split"]) for _, row in rows]
-        return Pairs(pairs, {}, (info,), "given")
-    texts = [(row["src"], row["tgt"]) for _, row in rows]
-    return Pairs(_drawn_splits(texts, sources[0].name, opts), {}, (info,), "seeded-group")
-
-
-def _drawn_splits(texts: list[tuple[str, str]], name: str, opts: TaskOptions) -> list[Pair]:
-    """``texts`` split by the seeded-group rule over all of them (``group_splits``)."""
-    drawn = group_splits(len(texts), 0, opts.seed, opts.val_fraction, opts.test_fraction)
-    if drawn is None:
-        raise UserError(f"{name} has too few pairs to split; give at least 3")
-    return [Pair(src, tgt, split) for (src, tgt), split in zip(texts, drawn, strict=True)]
-
-
-def _text_pairs(opts: TaskOptions) -> Pairs:
-    """Line i of the source file with line i of the target file; a pair with an empty side is
-    left out (and counted)."""
-    paths = opts.task.removeprefix(TRANSLATION_TEXT_PREFIX).split(",")
-    if len(paths) != 2 or not all(paths):
-        raise UserError(
-            f"--task {opts.task} must name two files, {TRANSLATION_TEXT_PREFIX}SRC,TGT "
-            "(one sentence per line, line i of each a pair)"
-        )
-    sides = [_text_lines(path, opts.max_line_bytes) for path in paths]
-    (src, src_info), (tgt, tgt_info) = sides
-    if len(src) != len(tgt):
-        raise UserError(
-            f"{src_info.name} has {len(src)} lines but {tgt_info.name} has {len(tgt)}; "
-            "give both sides one sentence per line, line i of each a pair"
-        )
-    texts = [(s, t) for s, t in zip(src, tgt, strict=True) if s and t]
-    lost = len(src) - len(texts)
-    dropped = {f"{lost} lines": "an empty side"} if lost else {}
-    pairs = _drawn_splits(texts, src_info.name, opts)
-    return Pairs(pairs, dropped, (src_info, tgt_info), "seeded-group")
-
-
-def _text_lines(path: str, max_line_bytes: int) -> tuple[list[str], SourceInfo]:
-    """The stripped lines of one UTF-8 text file, and its size and hash."""
-    sources = resolve_sources([path])
-    if len(sources) != 1:
-        raise UserError(f"{path} names {len(sources)} files; name one text file per side")
-    name, lines = sources[0].name, []
-    with open_source(sources[0]) as stream:
-        reading = Reading(stream)
-        for number, raw in enumerate(bounded_lines(reading, name, max_line_bytes), start=1):
-            try:
-                lines.append(raw.decode("utf-8").strip())
-            except UnicodeDecodeError:
-                raise UserError(f"{name} line {number} is not UTF-8; convert the file") from None
-    return lines, SourceInfo(name, reading.size, reading.hexdigest())
 
 
 def _encodable(found: Pairs, tokenizer: Tokenizer, char: bool) -> tuple[list[Pair], dict[str, str]]:
