@@ -13,8 +13,9 @@ WORDS = {"house": "casa", "dog": "perro", "cat": "gato", "sun": "sol", "moon": "
 MBART = {"model.flavour": "mbart"}
 
 
-def prepare_pairs(root: Path, count: int = 400) -> Path:
-    """``count`` pairs as JSONL, prepared with a char tokenizer into ``root / "task"``."""
+def prepare_pairs(root: Path, count: int = 400, separate_vocab: bool = False) -> Path:
+    """``count`` pairs as JSONL, prepared with char tokenizers into ``root / "task"`` (one for
+    both sides, or one per side)."""
     rng = random.Random(0)
     lines = []
     for _ in range(count):

@@ -42,6 +42,16 @@ TRANSLATION = [
         setup=both(write("en.txt", "a\nb\nc\n"), write("es.txt", "a\nb\n")),
         expect="has 3 lines but",
     ),
+    case(
+        "separate-vocab-on-a-classification-task",
+        "prepare",
+        "--task",
+        "play-classification",
+        "--separate-vocab",
+        "--out",
+        "{tmp}/out",
+        expect="--separate-vocab",
+    ),
     case("translation-beam-zero", "eval", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("beam-on-a-language-model", "eval", "--run", "{run}", "--beam", "2", expect="--beam"),
 ]

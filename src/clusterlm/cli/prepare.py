@@ -122,6 +122,11 @@ def _add_task_arguments(p: argparse.ArgumentParser) -> None:
         help=f"{PLAY_TASK}: most tokens per passage of whole lines (default: 64)",
     )
     task.add_argument(
+        "--separate-vocab",
+        action="store_true",
+        help="translation tasks: fit a tokenizer to each side instead of one to both",
+    )
+    task.add_argument(
         "--test-fraction",
         type=float,
         default=0.1,
@@ -146,7 +151,10 @@ def main(argv: list[str]) -> int:
             test_fraction=args.test_fraction,
             force=args.force,
             max_line_bytes=args.max_line_bytes,
+            separate_vocab=args.separate_vocab,
         )
+        if args.separate_vocab and not is_translation_task(args.task):
+            raise UserError("--separate-vocab applies to translation tasks; drop it")
         if is_translation_task(args.task):
             prepare_translation(options)
         else:

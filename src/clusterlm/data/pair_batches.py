@@ -26,10 +26,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class PairStream:
-    """The pairs of one translation split as rows and targets."""
+    """The pairs of one translation split as rows and targets. ``target_offset``: where the
+    target tokenizer's ids start in the model's (``TranslationManifest.target_offset``)."""
 
-    def __init__(self, split: PairSplit, eot_id: int):
-        self.split, self.eot_id = split, eot_id
+    def __init__(self, split: PairSplit, eot_id: int, target_offset: int = 0):
+        self.split, self.eot_id, self.target_offset = split, eot_id, target_offset
 
     def num_windows(self, block_size: int) -> int:
         """Pairs in the split (each is one sample, whatever ``block_size``)."""

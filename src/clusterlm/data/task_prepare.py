@@ -76,6 +76,7 @@ class TaskOptions:
     test_fraction: float = 0.1
     force: bool = False
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer line of the JSONL file is refused
+    separate_vocab: bool = False  # translation tasks: a tokenizer per side
 
     def __post_init__(self) -> None:
         prefixed = any(

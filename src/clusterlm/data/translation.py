@@ -1,11 +1,16 @@
 """A translation task: pairs of token sequences (source, target), its on-disk format and reader.
 
-A translation directory holds ``tokenizer.json`` (one vocabulary shared by both sides), per split
+A translation directory holds ``tokenizer.json`` (one vocabulary shared by both sides; with
+separate vocabularies, the target's, and ``source_tokenizer.json`` the source's), per split
 and side ``{split}_{side}_tokens.bin`` (every sequence's ids, concatenated; raw little-endian in
 the manifest's dtype) and ``{split}_{side}_offsets.bin`` (int64, n + 1 offsets: sequence i is
 ``tokens[offsets[i]:offsets[i + 1]]``), and ``manifest.json``, written last, with
 ``kind = "translation"``, every file's size and sha256, and every chapter (or group) dropped while
 preparing, with its reason. Nothing is pickled.
+
+Separate vocabularies are one id space for the model: the source tokenizer's ids, then the
+target tokenizer's shifted by ``target_offset`` (the source vocabulary's size; 0 when shared), so
+the encoder and the decoder never share a token's row.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ TRANSLATION_KIND = "translation"
 TRANSLATION_FORMAT_VERSION = 1
 SIDES = ("src", "tgt")
 TRANSLATION_FILE = re.compile(r"^(train|val|test)_(src|tgt)_(tokens|offsets)\.bin$")
+SOURCE_TOKENIZER_NAME = "source_tokenizer.json"
 _INDEX_DTYPE = np.dtype("<i8")
 _PREPARE_HINT = (
     "`clusterlm prepare --task translation:bible-en-es|translation-jsonl:PATH --out DIR`"
@@ -55,9 +61,11 @@ class TranslationManifest:
     source: str  # "translation:bible-en-es" or "translation-jsonl:PATH"
     sources: tuple[SourceInfo, ...]
     dtype: str
-    vocab_size: int
+    vocab_size: int  # of both sides together
     eot_id: int  # ends every target sequence, and starts the decoder's input
-    tokenizer: TokenizerInfo
+    tokenizer: TokenizerInfo  # the target's (the only one when shared)
+    source_tokenizer: TokenizerInfo | None  # the source's, when the vocabularies are separate
+    target_offset: int  # added to the target tokenizer's ids (0: one shared vocabulary)
     split_rule: str  # "book" (the Bible) or "given" / "seeded-group" (JSONL)
     dropped: dict[str, str]  # chapter (or group) -> why its pairs were left out
     splits: dict[str, PairSplitInfo]
@@ -84,9 +92,10 @@ class TranslationManifest:
     @property
     def files(self) -> list[FileInfo]:
         """Every file the manifest vouches for, besides itself."""
-        tokenizer = FileInfo(self.tokenizer.file, -1, self.tokenizer.sha256)
+        tokenizers = [self.tokenizer, *filter(None, [self.source_tokenizer])]
+        files = [FileInfo(t.file, -1, t.sha256) for t in tokenizers]  # sizes: not recorded
         sides = [side for split in self.splits.values() for side in (split.src, split.tgt)]
-        return [tokenizer, *(f for side in sides for f in (side.token_file, side.offset_file))]
+        return [*files, *(f for side in sides for f in (side.token_file, side.offset_file))]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

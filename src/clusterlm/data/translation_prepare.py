@@ -2,9 +2,10 @@
 a checksummed translation directory out (``clusterlm.data.translation``).
 
 The pairs come from ``clusterlm.data.pair_sources``: the English–Spanish Bible split by book,
-misaligned chapters dropped and listed, or a user's JSONL or two text files. The tokenizer (char, bpe, or a given tokenizer.json) is one
-vocabulary for both sides, fitted on the training split only; with a char tokenizer a held-out
-pair holding a character the training split lacks is left out (and counted among the dropped).
+misaligned chapters dropped and listed, or a user's JSONL or two text files. The tokenizer (char,
+bpe, or a given tokenizer.json) is one vocabulary for both sides, or one per side
+(``--separate-vocab``), fitted on the training split only; with char tokenizers a held-out pair
+holding a character the training split lacks is left out (and counted among the dropped).
 
 As with every prepare, the checks run before the output directory is touched, files are staged
 and renamed into place with the manifest last, and an identical re-run does nothing.
@@ -44,6 +45,7 @@ from clusterlm.data.task_prepare import (
 )
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.data.translation import (
+    SOURCE_TOKENIZER_NAME,
     TRANSLATION_FILE,
     TRANSLATION_FORMAT_VERSION,
     TRANSLATION_KIND,
@@ -72,25 +74,27 @@ def prepare_translation(opts: TaskOptions) -> TranslationManifest:
     if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
         assert existing is not None  # its fingerprint matched
         return existing
-    train = [p for p in found.pairs if p.split == "train"]
-    tokenizer = given or fit_tokenizer(
-        opts.tokenizer, DEFAULT_BPE_VOCAB, [t for p in train for t in (p.src, p.tgt)]
-    )
-    eot = tokenizer.eot_id
-    if eot is None:
+    source, target = _tokenizers(opts, found, given)
+    offset = source.vocab_size if opts.separate_vocab else 0
+    if target.eot_id is None:
         raise UserError(
             f"tokenizer {opts.tokenizer} has no <|endoftext|> token to end a translation; "
             "use char, bpe or a tokenizer.json built by `clusterlm prepare`"
         )
-    pairs, dropped = _encodable(found, tokenizer, opts.tokenizer == "char" and given is None)
-    dtype = smallest_token_dtype(tokenizer.vocab_size)
-    encoded = {split: _encode(pairs, split, tokenizer, eot, dtype) for split in TASK_SPLITS}
+    eot = offset + target.eot_id
+    pairs, dropped = _encodable(found, source, target, opts.tokenizer == "char" and not given)
+    dtype = smallest_token_dtype(offset + target.vocab_size)
+    encoded = {
+        split: _encode([p for p in pairs if p.split == split], source, target, offset, eot, dtype)
+        for split in TASK_SPLITS
+    }
     for split, (src, _) in encoded.items():
         if not src:
             raise UserError(
                 f"the {split} split of {opts.task} is empty; give it pairs "
                 '(a "split" field, or lower/raise --val-fraction and --test-fraction)'
             )
+    kind = "file" if given else opts.tokenizer
     fields = dict(
         format_version=TRANSLATION_FORMAT_VERSION,
         fingerprint=fingerprint,
@@ -98,17 +102,41 @@ def prepare_translation(opts: TaskOptions) -> TranslationManifest:
         source=opts.task,
         sources=found.sources,
         dtype=dtype.name,
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=offset + target.vocab_size,
         eot_id=eot,
-        tokenizer=TokenizerInfo(
-            "file" if given else opts.tokenizer, TOKENIZER_NAME, tokenizer.sha256
+        tokenizer=TokenizerInfo(kind, TOKENIZER_NAME, target.sha256),
+        source_tokenizer=(
+            TokenizerInfo(kind, SOURCE_TOKENIZER_NAME, source.sha256) if offset else None
         ),
+        target_offset=offset,
         split_rule=found.split_rule,
         dropped=dropped,
     )
-    manifest = _write(fs, root, tokenizer, encoded, fields)
+    manifest = _write(fs, root, source, target, encoded, fields)
     _report(opts.out, manifest)
     return manifest
+
+
+def _tokenizers(
+    opts: TaskOptions, found: Pairs, given: Tokenizer | None
+) -> tuple[Tokenizer, Tokenizer]:
+    """The source's and the target's tokenizer (one and the same unless ``separate_vocab``),
+    fitted on the training pairs."""
+    train = [p for p in found.pairs if p.split == "train"]
+    if not opts.separate_vocab:
+        shared = given or fit_tokenizer(
+            opts.tokenizer, DEFAULT_BPE_VOCAB, [t for p in train for t in (p.src, p.tgt)]
+        )
+        return shared, shared
+    if given is not None:
+        raise UserError(
+            "--separate-vocab fits a char or bpe tokenizer to each side; "
+            "pass --tokenizer char or bpe, or drop --separate-vocab to use that file"
+        )
+    return (
+        fit_tokenizer(opts.tokenizer, DEFAULT_BPE_VOCAB, [p.src for p in train]),
+        fit_tokenizer(opts.tokenizer, DEFAULT_BPE_VOCAB, [p.tgt for p in train]),
+    )
 
 
 def _report(out: str, manifest: TranslationManifest) -> None:
@@ -120,41 +148,48 @@ def _report(out: str, manifest: TranslationManifest) -> None:
         print(f"  {what}: {why}")
 
 
-def _encodable(found: Pairs, tokenizer: Tokenizer, char: bool) -> tuple[list[Pair], dict[str, str]]:
-    """The pairs a char tokenizer fitted on the training split can encode, and what was left out."""
+def _encodable(
+    found: Pairs, source: Tokenizer, target: Tokenizer, char: bool
+) -> tuple[list[Pair], dict[str, str]]:
+    """The pairs char tokenizers fitted on the training split can encode, and what was left out."""
     dropped = dict(found.dropped)
     if not char:
         return found.pairs, dropped
-    seen = {ch for pair in found.pairs for ch in pair.src + pair.tgt}
-    known = {ch for ch in seen if tokenizer.token_id(ch) is not None}
+
+    def known(tokenizer: Tokenizer, texts: list[str]) -> set[str]:
+        return {ch for ch in set("".join(texts)) if tokenizer.token_id(ch) is not None}
+
+    known_src = known(source, [p.src for p in found.pairs])
+    known_tgt = known(target, [p.tgt for p in found.pairs])
     kept: list[Pair] = []
     unseen: dict[str, set[str]] = {}
     for pair in found.pairs:
-        missing = set(pair.src + pair.tgt) - known
+        missing = (set(pair.src) - known_src) | (set(pair.tgt) - known_tgt)
         if missing:
             unseen.setdefault(pair.split, set()).update(missing)
         else:
             kept.append(pair)
     for split, chars in unseen.items():
-        lost = sum(1 for p in found.pairs if p.split == split) - sum(
-            1 for p in kept if p.split == split
-        )
-        dropped[f"{lost} {split} pairs"] = (
-            f"characters unseen in training: {''.join(sorted(chars))!r}"
-        )
+        lost = sum(p.split == split for p in found.pairs) - sum(p.split == split for p in kept)
+        why = f"characters unseen in training: {''.join(sorted(chars))!r}"
+        dropped[f"{lost} {split} pairs"] = why
     return kept, dropped
 
 
 def _encode(
-    pairs: list[Pair], split: str, tokenizer: Tokenizer, eot: int, dtype: np.dtype
+    pairs: list[Pair],
+    source: Tokenizer,
+    target: Tokenizer,
+    offset: int,
+    eot: int,
+    dtype: np.dtype,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The split's source ids, and its target ids ended by the end-of-text token."""
-    chosen = [p for p in pairs if p.split == split]
-    src = tokenizer.encode_batch([p.src for p in chosen])
-    tgt = tokenizer.encode_batch([p.tgt for p in chosen])
+    """The pairs' source ids, and their target ids (shifted by ``offset``) ended by ``eot``."""
+    src = source.encode_batch([p.src for p in pairs])
+    tgt = target.encode_batch([p.tgt for p in pairs])
     return (
         [np.asarray(ids, dtype=dtype) for ids in src],
-        [np.asarray([*ids, eot], dtype=dtype) for ids in tgt],
+        [np.asarray([*(i + offset for i in ids), eot], dtype=dtype) for ids in tgt],
     )
 
 
@@ -171,6 +206,7 @@ def _fingerprint(opts: TaskOptions, found: Pairs, given: Tokenizer | None) -> st
         "seed": opts.seed,
         "val_fraction": opts.val_fraction,
         "test_fraction": opts.test_fraction,
+        "separate_vocab": opts.separate_vocab,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -195,7 +231,8 @@ def _intact(fs: AbstractFileSystem, root: str, manifest: TranslationManifest) ->
 def _write(
     fs: AbstractFileSystem,
     root: str,
-    tokenizer: Tokenizer,
+    source: Tokenizer,
+    target: Tokenizer,
     encoded: dict[str, tuple[list[np.ndarray], list[np.ndarray]]],
     fields: dict,
 ) -> TranslationManifest:
@@ -212,12 +249,19 @@ def _write(
             }
             manifest = TranslationManifest(**fields, splits=splits)
             with staged.open(TOKENIZER_NAME) as f:
-                f.write(tokenizer.to_json().encode("utf-8"))
+                f.write(target.to_json().encode("utf-8"))
+            if manifest.source_tokenizer is not None:
+                with staged.open(SOURCE_TOKENIZER_NAME) as f:
+                    f.write(source.to_json().encode("utf-8"))
             with staged.open(MANIFEST_NAME) as f:
                 f.write(manifest.to_json().encode("utf-8"))
             staged.commit(
                 last=MANIFEST_NAME,
-                remove=[n for n in entry_names(fs, root) if TRANSLATION_FILE.match(n)],
+                remove=[
+                    n
+                    for n in entry_names(fs, root)
+                    if TRANSLATION_FILE.match(n) or n == SOURCE_TOKENIZER_NAME
+                ],
             )
         except BaseException:
             discard(fs, root, staged, created)

@@ -44,7 +44,10 @@ def translation_task(cfg: Config) -> TaskSpec:
             f"model.flavour = {SEQ2SEQ_FLAVOUR} (the encoder-decoder)"
         )
     manifest = task.manifest
-    streams = {name: PairStream(split, manifest.eot_id) for name, split in task.splits.items()}
+    streams = {
+        name: PairStream(split, manifest.eot_id, manifest.target_offset)
+        for name, split in task.splits.items()
+    }
     tokenizer = read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256)
     decoder = Tokenizer(tokenizer.payload.decode("utf-8"))
 
@@ -80,7 +83,7 @@ def evaluate_translation(
 ) -> Metrics:
     """`clusterlm eval` of a run trained on the translation task in ``data.dir``."""
     task = load_translation(cfg.data.dir, verify=cfg.data.verify)
-    stream = PairStream(task.splits[split], task.manifest.eot_id)
+    stream = PairStream(task.splits[split], task.manifest.eot_id, task.manifest.target_offset)
     tokenizer = Tokenizer.load(f"{cfg.data.dir.rstrip('/')}/tokenizer.json")
     return translation_metrics(model, cfg, runtime, stream, tokenizer, limit, search)
 
@@ -130,8 +133,8 @@ def translation_metrics(
         dist.all_reduce(sums)
         hyp, ref = _gathered(hyp), _gathered(ref)
     real = (ref != IGNORE_INDEX).any(1)  # filler rows out
-    texts = [_text(tokenizer, row, stream.eot_id) for row in hyp[real]]
-    truth = [_text(tokenizer, row, stream.eot_id) for row in ref[real]]
+    texts = [_text(tokenizer, row, stream) for row in hyp[real]]
+    truth = [_text(tokenizer, row, stream) for row in ref[real]]
     count = float(sums[2].clamp(min=1))
     return {
         "loss": float(sums[0]) / count,
@@ -155,6 +158,7 @@ def _gathered(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _text(tokenizer: Tokenizer, row: torch.Tensor, eot_id: int) -> str:
-    ids = row[(row >= 0) & (row != eot_id)]
+def _text(tokenizer: Tokenizer, row: torch.Tensor, stream: PairStream) -> str:
+    """The target text of ``row``'s ids (a source-side id a translation may hold has none)."""
+    ids = row[(row >= stream.target_offset) & (row != stream.eot_id)] - stream.target_offset
     return tokenizer.decode(ids.tolist())

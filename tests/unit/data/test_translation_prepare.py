@@ -115,3 +115,35 @@ def test_sides_of_different_lengths_are_refused(tmp_path):
     with pytest.raises(UserError, match="has 3 lines but .* has 2"):
         prepare_translation(TaskOptions(task, str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+def test_separate_vocabularies_follow_each_other_in_one_id_space(tmp_path):
+    # Each side's held-out characters occur in that side's training text.
+    pairs = [*PAIRS[:3], ("the dog house", "la casa perro", "val"), ("a dog", "el perro", "test")]
+    rows = [{"src": s, "tgt": t, "split": split} for s, t, split in pairs]
+    out = tmp_path / "out"
+    task = write_pairs(tmp_path / "p.jsonl", rows)
+    manifest = prepare_translation(TaskOptions(task, str(out), separate_vocab=True))
+    source = Tokenizer((out / "source_tokenizer.json").read_text())
+    target = Tokenizer((out / "tokenizer.json").read_text())
+    offset = manifest.target_offset
+    assert offset == source.vocab_size and manifest.vocab_size == offset + target.vocab_size
+    assert manifest.source_tokenizer is not None and manifest.eot_id == offset + target.eot_id
+    val = load_translation(str(out)).splits["val"]
+    assert source.decode(val.src[0]) == "the dog house"
+    assert (val.tgt[0] >= offset).all()
+    assert target.decode(val.tgt[0][:-1] - offset) == "la casa perro"
+
+
+def test_separate_vocabularies_are_fitted_not_given(tmp_path):
+    rows = [{"src": s, "tgt": t, "split": split} for s, t, split in PAIRS]
+    first = tmp_path / "first"
+    prepare_translation(TaskOptions(write_pairs(tmp_path / "p.jsonl", rows), str(first)))
+    options = TaskOptions(
+        f"translation-jsonl:{tmp_path / 'p.jsonl'}",
+        str(tmp_path / "out"),
+        tokenizer=str(first / "tokenizer.json"),
+        separate_vocab=True,
+    )
+    with pytest.raises(UserError, match="--separate-vocab fits"):
+        prepare_translation(options)

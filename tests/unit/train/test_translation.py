@@ -20,6 +20,16 @@ SETTINGS = {
 }  # fmt: skip
 
 
+def test_separate_vocabularies_train_and_decode_target_text(tmp_path):
+    task = prepare_pairs(tmp_path, separate_vocab=True)
+    out = tmp_path / "out"
+    values = {**SETTINGS, "training.steps": 4, "data.dir": str(task), "training.out_dir": str(out)}
+    train(load_config(None, values))
+    (test,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if '"test"' in line]  # fmt: skip
+    assert 0 <= test["test_chrf"] <= 100
+
+
 def test_training_lowers_the_loss_and_scores_translations(tmp_path, capsys):
     task = prepare_pairs(tmp_path)
     out = tmp_path / "out"
