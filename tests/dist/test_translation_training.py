@@ -1,5 +1,6 @@
 """The encoder-decoder trains on a translation task exactly like one process under data
-parallelism (ddp, zero1-3, hsdp) and under local SGD averaging every step. Each rank's micro-batch loss is its mean over its own target tokens, so the reference
+parallelism (ddp, zero1-3, hsdp) and under local SGD averaging every step, and trains
+asynchronously through a parameter server. Each rank's micro-batch loss is its mean over its own target tokens, so the reference
 is one process accumulating the same micro-batches (rank r's is micro-step r there), and the
 tolerances are training.py's."""
 
@@ -52,3 +53,13 @@ def test_local_sgd_every_step_equals_one_process(task_dir, tmp_path, tmp_path_fa
     candidate = run(task_dir, tmp_path, 2, parallel__data_parallel="local_sgd",
                     parallel__local_steps=1, training__micro_batch_size=MICRO, **SETTINGS, **SGD)  # fmt: skip
     assert_equivalent(reference, candidate)
+
+
+def test_parameter_server_workers_train_and_rank_0_scores_the_test_split(task_dir, tmp_path):
+    """Asynchronous training: 1 server and 2 workers; rank 0 translates the splits alone."""
+    from .test_ps import run_ps
+
+    settings = {**SETTINGS, "parallel__ps_staleness": 1, "training__eval_interval": 10}
+    records = run_ps(task_dir, tmp_path, 3, **settings)
+    (test,) = [r for r in records if r["kind"] == "test"]
+    assert 0 <= test["test_chrf"] <= 100 and test["step"] == 20
