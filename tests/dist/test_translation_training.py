@@ -1,8 +1,8 @@
 """The encoder-decoder trains on a translation task exactly like one process under data
 parallelism (ddp, zero1-3, hsdp) and under local SGD averaging every step, and trains
-asynchronously through a parameter server. Each rank's micro-batch loss is its mean over its own target tokens, so the reference
-is one process accumulating the same micro-batches (rank r's is micro-step r there), and the
-tolerances are training.py's."""
+asynchronously through a parameter server. Each rank's micro-batch loss is its mean over its own
+target tokens, so the reference is one process accumulating the same micro-batches (rank r's is
+micro-step r there), and the tolerances are training.py's."""
 
 from __future__ import annotations
 
