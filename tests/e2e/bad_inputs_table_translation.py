@@ -5,7 +5,7 @@ without uninstalling them: tests/unit/data/test_bible.py checks the line names t
 
 from __future__ import annotations
 
-from bad_inputs_harness import both, case, jsonl, write
+from bad_inputs_harness import TINY, both, case, jsonl, write
 
 
 def pairs(id: str, content: bytes | str, expect: str) -> object:
@@ -51,6 +51,18 @@ TRANSLATION = [
         "--out",
         "{tmp}/out",
         expect="--separate-vocab",
+    ),
+    case(
+        "mbart-on-a-corpus",
+        "train",
+        "--data.dir",
+        "{data}",
+        "--training.out_dir",
+        "{tmp}/out",
+        "--model.flavour",
+        "mbart",
+        *TINY,
+        expect="translation task",
     ),
     case("translation-beam-zero", "eval", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("beam-on-a-language-model", "eval", "--run", "{run}", "--beam", "2", expect="--beam"),
