@@ -16,9 +16,10 @@ from clusterlm.config.setting import setting
 class ModelConfig:
     flavour: str = setting(
         "gpt2",
-        "architecture family: gpt2 or llama decoders, or the bert encoder (needs "
-        "training.objective = mlm)",
-        ("gpt2", "llama", "bert"),
+        "architecture family: gpt2 or llama decoders, the bert encoder (needs "
+        "training.objective = mlm), or the mbart encoder-decoder (needs a translation task "
+        "in data.dir)",
+        ("gpt2", "llama", "bert", "mbart"),
     )
     n_layer: int = setting(4, "number of Transformer blocks")
     n_head: int = setting(4, "attention heads")

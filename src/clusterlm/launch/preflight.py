@@ -19,6 +19,7 @@ from clusterlm.config import Config
 from clusterlm.config.pretrained import pretrained_dir
 from clusterlm.data.manifest import check_files_present
 from clusterlm.data.task import load_task
+from clusterlm.data.translation import is_translation_dir, load_translation
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path
 from clusterlm.interop.pretrained_shape import pretrained_checkpoint_model
@@ -35,6 +36,8 @@ def preflight(cfg: Config, nproc: int, nnodes: str) -> None:
         load_task(
             cfg.finetune.task, verify=False
         )  # the manifest, and each file at its recorded size
+    elif is_translation_dir(cfg.data.dir):
+        load_translation(cfg.data.dir, verify=False)
     else:
         check_files_present(cfg.data.dir)
     directory = pretrained_dir(cfg)

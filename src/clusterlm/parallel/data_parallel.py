@@ -163,7 +163,8 @@ def _settle_buckets(ddp: DistributedDataParallel) -> None:
     that backward here, on zeros, so every training step, the first after a resume included,
     reduces in one layout: with more than two ranks the all-reduce's order of summation depends
     on it, and a resumed run must end with the uninterrupted run's weights bit for bit."""
-    tokens = torch.zeros(1, 1, dtype=torch.long, device=next(ddp.parameters()).device)
+    # Two tokens: the encoder-decoder reads a row as its source's half, then its target's.
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=next(ddp.parameters()).device)
     ddp(tokens).float().sum().mul(0).backward()
     ddp.zero_grad(set_to_none=True)
 

@@ -194,6 +194,12 @@ def settle_config(cfg: Config, runtime: Runtime, vocab_size: int) -> Config:
 def language_model_task(cfg: Config) -> TaskSpec:
     """Pretraining on the prepared corpus of ``data.dir``: next-token, or masked for an encoder;
     from seeded weights, or the pretrained ones ``model.init_from`` names."""
+    if cfg.model.flavour == "mbart":
+        raise UserError(
+            f"model.flavour = mbart trains on a translation task, and {cfg.data.dir} is not one; "
+            "prepare one with `clusterlm prepare --task translation:bible-en-es --out DIR` "
+            "and pass data.dir DIR"
+        )
     manifest = load_manifest(cfg.data.dir)
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
