@@ -23,6 +23,7 @@ from bad_inputs_harness import (
     write,
 )
 from bad_inputs_table_hardening import HARDENING
+from bad_inputs_table_long_context import LONG_CONTEXT
 from bad_inputs_table_runs import RUN_CASES
 
 DEEP = "[" * 100_000  # a JSON document nested deeper than any parser's recursion
@@ -624,4 +625,15 @@ DISKS = [
     ),
 ]
 
-CASES = [*CONFIGS, *CORPORA, *PREPARED, *TASKS, *LAUNCH, *SIGNALS, *DISKS, *RUN_CASES, *HARDENING]
+CASES = [
+    *CONFIGS,
+    *CORPORA,
+    *PREPARED,
+    *TASKS,
+    *LAUNCH,
+    *SIGNALS,
+    *DISKS,
+    *RUN_CASES,
+    *HARDENING,
+    *LONG_CONTEXT,
+]

@@ -68,15 +68,14 @@ def apply_data_parallel(
     dtype under mixed precision: FSDP gathers parameters in it and reduces gradients in fp32.
     ``comm`` picks the all-reduce algorithm and compression of DDP's gradient buckets, and FSDP's
     reduce-scatter."""
-    if (
-        mesh["dp_replicate"].size() * mesh["dp_shard"].size() == 1
-        or cfg.data_parallel in INDEPENDENT
-    ):
+    if mesh["dp_cp"].size() == 1 or cfg.data_parallel in INDEPENDENT:
         return model, None  # one data-parallel rank, or replicas that synchronize outside backward
     if cfg.data_parallel in REPLICATING:
         return _apply_ddp(model, mesh, cfg, comm)
     dp_mesh = (
-        mesh[("dp_replicate", "dp_shard")] if cfg.data_parallel == "hsdp" else mesh["dp_shard"]
+        mesh[("dp_replicate", "dp_shard_cp")]
+        if cfg.data_parallel == "hsdp"
+        else mesh["dp_shard_cp"]
     )
     options: _ShardOptions = {
         "mesh": dp_mesh,
@@ -142,7 +141,7 @@ def _apply_ddp(
     ddp = DistributedDataParallel(
         model,
         device_ids=device_ids,
-        process_group=mesh["dp_replicate"].get_group(),
+        process_group=mesh["dp_cp"].get_group(),  # context-parallel ranks share the weights
         bucket_cap_mb=cfg.bucket_mb,
     )
     _settle_buckets(ddp)
