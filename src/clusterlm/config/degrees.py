@@ -57,10 +57,13 @@ def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
             f"x cp ({cfg.cp}) x tp ({cfg.tp}) = {replicate * shard * model_parallel} "
             f"but the job has {world_size} processes; make the degrees multiply to the world size"
         )
-    if cfg.pp * cfg.tp > 1 and replicate * shard > 1 and cfg.data_parallel in REPLICATING:
+    # Context-parallel ranks reduce gradients like data-parallel ranks.
+    reducing = replicate * shard * cfg.cp > 1
+    if cfg.pp * cfg.tp > 1 and reducing and cfg.data_parallel in REPLICATING:
         raise UserError(
-            f"parallel.tp or parallel.pp > 1 composes with zero2, zero3 or hsdp data parallelism, "
-            f"not {cfg.data_parallel}"
+            f"parallel.tp or parallel.pp > 1 composes with zero2, zero3 or hsdp data parallelism "
+            f"(and with parallel.cp > 1, whose ranks reduce gradients alike), not "
+            f"{cfg.data_parallel}"
         )
     return replicate, shard
 

@@ -79,15 +79,13 @@ def _parallelize_part(
     fill: Callable[[nn.Module], None],
     sharded: bool,
 ) -> nn.Module:
-    """``part`` with, in this order, tensor parallel, activation checkpointing, compile and data
-    parallel applied. ``fill`` materializes it: before data parallel unless ``sharded`` (DDP needs
+    """``part`` with, in this order, tensor parallel, activation checkpointing, compile, data
+    parallel and context parallel applied. ``fill`` materializes it: before data parallel unless ``sharded`` (DDP needs
     whole tensors), and after it (FSDP has cut the tensors by then)."""
     p, training = cfg.parallel, cfg.training
     if mesh is not None and p.tp > 1:
         assert isinstance(part, (Transformer, Encoder))  # fine-tuning runs no tensor parallel
         apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
-    if mesh is not None and p.cp > 1:
-        apply_context_parallel(part, mesh["cp"].get_group(), p.cp_attention)
     if not sharded:
         fill(part)
     if training.activation_checkpointing != "none":
@@ -96,6 +94,8 @@ def _parallelize_part(
         apply_compile(part)
     if mesh is not None:
         part = _wrap_data_parallel(part, mesh, cfg, precision, comm)
+    if mesh is not None and p.cp > 1:  # after DDP's one-token warm-up backward
+        apply_context_parallel(part, mesh["cp"].get_group(), p.cp_attention)
     fill(part)
     return part
 
