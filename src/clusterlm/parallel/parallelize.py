@@ -80,8 +80,8 @@ def _parallelize_part(
     sharded: bool,
 ) -> nn.Module:
     """``part`` with, in this order, tensor parallel, activation checkpointing, compile, data
-    parallel and context parallel applied. ``fill`` materializes it: before data parallel unless ``sharded`` (DDP needs
-    whole tensors), and after it (FSDP has cut the tensors by then)."""
+    parallel and context parallel applied. ``fill`` materializes it: before data parallel unless
+    ``sharded`` (DDP needs whole tensors), and after it (FSDP has cut the tensors by then)."""
     p, training = cfg.parallel, cfg.training
     if mesh is not None and p.tp > 1:
         assert isinstance(part, (Transformer, Encoder))  # fine-tuning runs no tensor parallel
