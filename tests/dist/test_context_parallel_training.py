@@ -25,7 +25,27 @@ CASES = [
     ("cp4-ring-llama-documents", 4, 1, {**LLAMA, **DOCS}, {"parallel__cp": 4, **RING}),
     ("cp4-all_to_all-llama", 4, 1, LLAMA, {"parallel__cp": 4, **A2A}),
     ("cp2xzero3", 4, 2, DOCS, {"parallel__cp": 2, "parallel__data_parallel": "zero3"}),
-    ("cp2xtp2-llama", 4, 1, {**LLAMA, **DOCS}, {"parallel__cp": 2, "parallel__tp": 2, "parallel__data_parallel": "zero3"}),
+    (
+        "cp2xhsdp",
+        4,
+        2,
+        {},
+        {"parallel__cp": 2, "parallel__data_parallel": "hsdp", "parallel__dp_replicate": 2},
+    ),
+    (
+        "cp2xddp2-checkpointing",
+        4,
+        2,
+        LLAMA,
+        {"parallel__cp": 2, "training__activation_checkpointing": "full"},
+    ),
+    (
+        "cp2xtp2-llama",
+        4,
+        1,
+        {**LLAMA, **DOCS},
+        {"parallel__cp": 2, "parallel__tp": 2, "parallel__data_parallel": "zero3"},
+    ),
 ]
 
 
@@ -51,13 +71,25 @@ def references(documents_dir, tmp_path_factory):
         key = (sequences, *sorted(settings.items()))
         if key not in cache:
             out = tmp_path_factory.mktemp("cp-ref")
-            cache[key] = run(documents_dir, out, 1, training__micro_batch_size=sequences, **STEPS, **settings)
+            cache[key] = run(
+                documents_dir, out, 1, training__micro_batch_size=sequences, **STEPS, **settings
+            )
         return cache[key]
 
     return get
 
 
 @pytest.mark.parametrize("name,world_size,dp,shared,cp", CASES, ids=[c[0] for c in CASES])
-def test_context_parallel_equals_single_process(name, world_size, dp, shared, cp, documents_dir, references, tmp_path):
-    candidate = run(documents_dir, tmp_path, world_size, training__micro_batch_size=MICRO, **STEPS, **shared, **cp)
+def test_context_parallel_equals_single_process(
+    name, world_size, dp, shared, cp, documents_dir, references, tmp_path
+):
+    candidate = run(
+        documents_dir,
+        tmp_path,
+        world_size,
+        training__micro_batch_size=MICRO,
+        **STEPS,
+        **shared,
+        **cp,
+    )
     assert_equivalent(references(MICRO * dp, shared), candidate)
