@@ -37,6 +37,7 @@ from clusterlm.comm.hooks import CommHookState, register_comm_hook
 from clusterlm.comm.ring_reduce_scatter import use_ring_reduce_scatter
 from clusterlm.config import CommConfig, ParallelConfig
 from clusterlm.config.degrees import REPLICATING
+from clusterlm.distributed.mesh import context_parallel_size, weight_sharing_dims
 from clusterlm.models import model_layers
 
 SHARDED = ("zero2", "zero3", "hsdp")
@@ -68,15 +69,13 @@ def apply_data_parallel(
     dtype under mixed precision: FSDP gathers parameters in it and reduces gradients in fp32.
     ``comm`` picks the all-reduce algorithm and compression of DDP's gradient buckets, and FSDP's
     reduce-scatter."""
-    if mesh["dp_cp"].size() == 1 or cfg.data_parallel in INDEPENDENT:
+    copies = mesh["dp_replicate"].size() * mesh["dp_shard"].size() * context_parallel_size(mesh)
+    if copies == 1 or cfg.data_parallel in INDEPENDENT:
         return model, None  # one data-parallel rank, or replicas that synchronize outside backward
     if cfg.data_parallel in REPLICATING:
         return _apply_ddp(model, mesh, cfg, comm)
-    dp_mesh = (
-        mesh[("dp_replicate", "dp_shard_cp")]
-        if cfg.data_parallel == "hsdp"
-        else mesh["dp_shard_cp"]
-    )
+    shard_dim = weight_sharing_dims(mesh)[0]
+    dp_mesh = mesh[("dp_replicate", shard_dim)] if cfg.data_parallel == "hsdp" else mesh[shard_dim]
     options: _ShardOptions = {
         "mesh": dp_mesh,
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
@@ -141,7 +140,7 @@ def _apply_ddp(
     ddp = DistributedDataParallel(
         model,
         device_ids=device_ids,
-        process_group=mesh["dp_cp"].get_group(),  # context-parallel ranks share the weights
+        process_group=mesh[weight_sharing_dims(mesh)[1]].get_group(),
         bucket_cap_mb=cfg.bucket_mb,
     )
     _settle_buckets(ddp)
