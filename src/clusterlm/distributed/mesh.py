@@ -4,9 +4,11 @@ tp``. Its degrees are worked out and checked from the config alone (``clusterlm.
 The ranks of a context-parallel group hold the same weights, so they reduce gradients with the
 data-parallel ranks, as torchtitan does: ``dp_shard_cp`` (FSDP shards over dp_shard x cp) and
 ``dp_cp`` (every rank holding a copy of a tensor-parallel shard: DDP's group) are the flattened
-dimensions the data-parallel wrappers use (``weight_sharing_dims``)."""
+dimensions the data-parallel wrappers use (``weight_sharing_mesh``)."""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -22,17 +24,36 @@ def build_mesh(
     attention traffic runs every layer."""
     mesh = init_device_mesh(device.type, (pp, replicate, shard, cp, tp), mesh_dim_names=MESH_DIMS)
     if cp > 1:
-        mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
-        mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
+        # Kept here rather than sliced from the root mesh by name, which torch deprecates for
+        # flattened dimensions.
+        copies = mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
+        _WEIGHT_SHARING[mesh] = {
+            "ddp": copies,
+            "fsdp": mesh[("dp_shard", "cp")]._flatten("dp_shard_cp"),
+            "hsdp": copies._unflatten(0, (replicate, shard * cp), ("dp_replicate", "dp_shard_cp")),
+        }
     return mesh
 
 
-def weight_sharing_dims(mesh: DeviceMesh) -> tuple[str, str]:
-    """(the dimension FSDP shards over, the one DDP reduces over): with context parallelism the
-    flattened ``dp_shard_cp`` and ``dp_cp``, else ``dp_shard`` and ``dp_replicate``."""
-    if context_parallel_size(mesh) > 1:
-        return "dp_shard_cp", "dp_cp"
-    return "dp_shard", "dp_replicate"
+# root mesh -> its meshes of the ranks that share weights, where context parallelism adds ranks
+_WEIGHT_SHARING: weakref.WeakKeyDictionary[DeviceMesh, dict[str, DeviceMesh]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def weight_sharing_mesh(mesh: DeviceMesh, kind: str) -> DeviceMesh:
+    """The ranks that hold copies of the same weights (or shards of them), as ``kind`` of data
+    parallel wraps them: ``ddp`` all copies, ``fsdp`` the ranks one tensor is sharded over,
+    ``hsdp`` replicas x shards (2-D). Context-parallel ranks count as data-parallel ranks."""
+    shared = _WEIGHT_SHARING.get(mesh)
+    if shared is not None:
+        return shared[kind]
+    names: dict[str, str | tuple[str, ...]] = {
+        "ddp": "dp_replicate",
+        "fsdp": "dp_shard",
+        "hsdp": ("dp_replicate", "dp_shard"),
+    }
+    return mesh[names[kind]]
 
 
 def context_parallel_size(mesh: DeviceMesh) -> int:

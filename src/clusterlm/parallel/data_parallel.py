@@ -37,7 +37,7 @@ from clusterlm.comm.hooks import CommHookState, register_comm_hook
 from clusterlm.comm.ring_reduce_scatter import use_ring_reduce_scatter
 from clusterlm.config import CommConfig, ParallelConfig
 from clusterlm.config.degrees import REPLICATING
-from clusterlm.distributed.mesh import context_parallel_size, weight_sharing_dims
+from clusterlm.distributed.mesh import context_parallel_size, weight_sharing_mesh
 from clusterlm.models import model_layers
 
 SHARDED = ("zero2", "zero3", "hsdp")
@@ -74,8 +74,7 @@ def apply_data_parallel(
         return model, None  # one data-parallel rank, or replicas that synchronize outside backward
     if cfg.data_parallel in REPLICATING:
         return _apply_ddp(model, mesh, cfg, comm)
-    shard_dim = weight_sharing_dims(mesh)[0]
-    dp_mesh = mesh[("dp_replicate", shard_dim)] if cfg.data_parallel == "hsdp" else mesh[shard_dim]
+    dp_mesh = weight_sharing_mesh(mesh, "hsdp" if cfg.data_parallel == "hsdp" else "fsdp")
     options: _ShardOptions = {
         "mesh": dp_mesh,
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
@@ -140,7 +139,7 @@ def _apply_ddp(
     ddp = DistributedDataParallel(
         model,
         device_ids=device_ids,
-        process_group=mesh[weight_sharing_dims(mesh)[1]].get_group(),
+        process_group=weight_sharing_mesh(mesh, "ddp").get_group(),
         bucket_cap_mb=cfg.bucket_mb,
     )
     _settle_buckets(ddp)
