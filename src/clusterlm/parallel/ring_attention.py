@@ -29,6 +29,7 @@ import torch.distributed.nn.functional as dist_fn
 from torch.distributed import ProcessGroup
 
 from clusterlm.models.attention import local_attention, repeat_kv
+from clusterlm.parallel.attention_blocks import block_backward, block_forward, wide
 
 
 def zigzag_positions(local_len: int, rank: int, cp: int, device: torch.device) -> torch.Tensor:
@@ -58,14 +59,17 @@ def _work(rank: int, source: int, half: int) -> tuple[slice, slice]:
     return slice(half, None), slice(None)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the precision the softmax accumulates in: fp32, or wider if it is."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _scores(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    s = (_wide(q) @ _wide(repeat_kv(k, q.size(1))).transpose(-2, -1)) * scale
-    return s.masked_fill(~allowed, -math.inf)
+def _visible(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    documents: torch.Tensor | None,
+    diagonal: bool,
+) -> tuple[torch.Tensor | None, bool]:
+    """What of a block the queries read, as ``attention_blocks`` takes it: a document mask, or
+    causally (this rank's own block), or whole (the visible half of another rank's block)."""
+    if documents is None:
+        return None, diagonal
+    return _allowed(q_pos, k_pos, documents), False
 
 
 def _exchange(buffer: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, list[Any]]:
@@ -96,9 +100,9 @@ class _RingAttention(torch.autograd.Function):
         group: ProcessGroup,
     ) -> torch.Tensor:
         rank, cp = dist.get_rank(group), dist.get_world_size(group)
-        scale, half = q.size(-1) ** -0.5, q.size(2) // 2
+        half = q.size(2) // 2
         q_pos = zigzag_positions(q.size(2), rank, cp, q.device)
-        out = torch.zeros_like(_wide(q))
+        out = torch.zeros_like(wide(q))
         lse = torch.full(q.shape[:-1], -math.inf, dtype=out.dtype, device=q.device)
         kv = torch.stack([k, v])
         for step in range(cp):
@@ -107,12 +111,10 @@ class _RingAttention(torch.autograd.Function):
             source = (rank - step) % cp
             rows, cols = _work(rank, source, half)
             k_pos = zigzag_positions(q.size(2), source, cp, q.device)
-            allowed = _allowed(q_pos[rows], k_pos[cols], documents)
-            s = _scores(q[:, :, rows], kv[0][:, :, cols], allowed, scale)
-            block_lse = s.logsumexp(-1)
-            # A row that reads nothing of this block has lse -inf: its weights are exp(-inf) = 0.
-            p = torch.exp(s - block_lse.nan_to_num(neginf=0.0).unsqueeze(-1))
-            block_out = p @ _wide(repeat_kv(kv[1][:, :, cols], q.size(1)))
+            visible = _visible(q_pos[rows], k_pos[cols], documents, source == rank)
+            block_out, block_lse = block_forward(
+                q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], *visible
+            )
             merged = torch.logaddexp(lse[:, :, rows], block_lse)
             out[:, :, rows] = out[:, :, rows] * torch.exp(lse[:, :, rows] - merged).unsqueeze(
                 -1
@@ -130,30 +132,31 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse, documents = ctx.saved_tensors
         group = ctx.group
         rank, cp = dist.get_rank(group), dist.get_world_size(group)
-        scale, half, heads = q.size(-1) ** -0.5, q.size(2) // 2, q.size(1)
+        half = q.size(2) // 2
         q_pos = zigzag_positions(q.size(2), rank, cp, q.device)
-        grad_out = _wide(grad_out)
-        delta = (grad_out * out).sum(-1, keepdim=True)
-        grad_q = torch.zeros_like(_wide(q))
+        grad_out = wide(grad_out)
+        grad_q = torch.zeros_like(wide(q))
         kv = torch.stack([k, v])
-        grad_kv = torch.zeros_like(_wide(kv))
+        grad_kv = torch.zeros_like(wide(kv))
         for step in range(cp):
             if step < cp - 1:
                 arriving, requests = _exchange(kv, group)
             source = (rank - step) % cp
             rows, cols = _work(rank, source, half)
             k_pos = zigzag_positions(q.size(2), source, cp, q.device)
-            allowed = _allowed(q_pos[rows], k_pos[cols], documents)
-            s = _scores(q[:, :, rows], kv[0][:, :, cols], allowed, scale)
-            p = torch.exp(s - lse[:, :, rows].unsqueeze(-1))
-            d_out = grad_out[:, :, rows]
-            grad_v = p.transpose(-2, -1) @ d_out
-            d_p = d_out @ _wide(repeat_kv(kv[1][:, :, cols], heads)).transpose(-2, -1)
-            d_s = p * (d_p - delta[:, :, rows]) * scale
-            grad_q[:, :, rows] += d_s @ _wide(repeat_kv(kv[0][:, :, cols], heads))
-            grad_k = d_s.transpose(-2, -1) @ _wide(q[:, :, rows])
-            grad_kv[0][:, :, cols] += _sum_groups(grad_k, k.size(1))
-            grad_kv[1][:, :, cols] += _sum_groups(grad_v, k.size(1))
+            visible = _visible(q_pos[rows], k_pos[cols], documents, source == rank)
+            block_q, block_k, block_v = block_backward(
+                grad_out[:, :, rows],
+                q[:, :, rows],
+                kv[0][:, :, cols],
+                kv[1][:, :, cols],
+                out[:, :, rows],
+                lse[:, :, rows],
+                *visible,
+            )
+            grad_q[:, :, rows] += block_q
+            grad_kv[0][:, :, cols] += block_k
+            grad_kv[1][:, :, cols] += block_v
             if step < cp - 1:
                 _wait(requests)
                 kv = arriving
@@ -161,12 +164,6 @@ class _RingAttention(torch.autograd.Function):
             grad_kv, requests = _exchange(grad_kv, group)
             _wait(requests)
         return grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype), None, None
-
-
-def _sum_groups(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Gradients of repeated K/V heads [B, H, T, D] summed back onto the kv_heads they copy."""
-    batch, heads, seq, dim = grad.shape
-    return grad.view(batch, kv_heads, heads // kv_heads, seq, dim).sum(2)
 
 
 @torch.compiler.disable  # point-to-point traffic in a loop: nothing for the compiler to fuse
