@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 from torch.distributed import ProcessGroup
 
 from clusterlm.models.attention import local_attention, repeat_kv
@@ -190,13 +190,18 @@ def _gathered_order(local_len: int, cp: int, device: torch.device) -> torch.Tens
     return torch.cat([zigzag_positions(local_len, r, cp, device) for r in range(cp)])
 
 
+def _all_to_all(send: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Block i of ``send`` (dim 0) to rank i; backward is the reverse all-to-all."""
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(send, None, None, group))
+
+
 def _heads_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[B, H, T/cp, D] (this rank's tokens, all heads) -> [B, H/cp, T, D] (every token in natural
     order, this rank's heads)."""
     cp = dist.get_world_size(group)
     batch, heads, local, dim = x.shape
     send = x.view(batch, cp, heads // cp, local, dim).transpose(0, 1).contiguous()
-    received = dist_fn.all_to_all_single(torch.empty_like(send), send, group=group)
+    received = _all_to_all(send, group)
     gathered = received.permute(1, 2, 0, 3, 4).reshape(batch, heads // cp, cp * local, dim)
     natural = torch.argsort(_gathered_order(local, cp, x.device))
     return gathered[:, :, natural]
@@ -209,7 +214,7 @@ def _sequence_to_heads(y: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     local = seq // cp
     gathered = y[:, :, _gathered_order(local, cp, y.device)]
     send = gathered.view(batch, heads, cp, local, dim).permute(2, 0, 1, 3, 4).contiguous()
-    received = dist_fn.all_to_all_single(torch.empty_like(send), send, group=group)
+    received = _all_to_all(send, group)
     return received.transpose(0, 1).reshape(batch, cp * heads, local, dim)
 
 
