@@ -40,6 +40,20 @@ CASES = [
         {"parallel__cp": 2, "training__activation_checkpointing": "full"},
     ),
     (
+        "pp2xcp2-llama",
+        4,
+        1,
+        LLAMA,
+        {"parallel__cp": 2, "parallel__pp": 2, "parallel__pp_microbatches": 2, "parallel__data_parallel": "zero3"},
+    ),
+    (
+        "pp2xcp2-gpt2-all_to_all",
+        4,
+        1,
+        {},
+        {"parallel__cp": 2, "parallel__pp": 2, "parallel__pp_microbatches": 2, "parallel__data_parallel": "zero3", **A2A},
+    ),
+    (
         "cp2xtp2-llama",
         4,
         1,

@@ -184,7 +184,6 @@ def _context_parallel(cfg: Config) -> None:
             "or use parallel.cp_attention = all_to_all"
         )
     unsupported = {
-        "parallel.pp > 1": p.pp > 1,
         "parallel.sequence_parallel": p.sequence_parallel,
         f"parallel.data_parallel = {p.data_parallel}": p.data_parallel
         in ("local_sgd", "diloco", "ps"),

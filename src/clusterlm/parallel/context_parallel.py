@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from clusterlm.config import Config
 from clusterlm.data.packing import Packing
-from clusterlm.models.gpt import Attention
+from clusterlm.models.gpt import Attention, Transformer
 from clusterlm.parallel.packed_inputs import Inputs, ModelInputs
 from clusterlm.parallel.ring_attention import (
     all_to_all_attention,
@@ -35,10 +35,24 @@ ATTENTION = {"ring": ring_attention, "all_to_all": all_to_all_attention}
 
 
 def apply_context_parallel(model: nn.Module, group: ProcessGroup, kind: str) -> None:
-    """Every attention layer of ``model`` attends across ``group`` (``parallel.cp_attention``)."""
+    """Every attention layer of ``model`` attends across ``group`` (``parallel.cp_attention``),
+    and a model (or pipeline stage) called without positions takes its tokens' global ones: a
+    pipeline passes stage to stage only the hidden state."""
+    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+
+    def global_positions(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if kwargs.get("positions") is None:
+            share = zigzag_positions(args[0].size(1), rank, cp, args[0].device)
+            kwargs = {**kwargs, "positions": share}
+        return args, kwargs
+
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = partial(ATTENTION[kind], group=group)
+        if isinstance(module, Transformer):
+            module.register_forward_pre_hook(global_positions, with_kwargs=True)
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,8 @@ class PipelinedModel(ParallelModel):
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         ((x, y),) = micro_batches  # the configuration check allows no accumulation with a pipeline
+        # This rank's share under context parallelism; the stages find their positions themselves.
+        x, y, _ = self.inputs(x, y)
         p = self.pipeline
         with self.precision.autocast(), loss_context(self.tp_size):
             loss = pipeline_step(p.schedule, p.stages, p.n_microbatches, x, y)
@@ -208,9 +210,12 @@ class PipelinedModel(ParallelModel):
         return loss
 
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y, _ = self.inputs(x, y)
         with self.precision.autocast(), loss_context(self.tp_size):
             loss = full_value(pipeline_eval_loss(self.pipeline.stages, x, y) * y.numel()).float()
-        return torch.stack([loss, torch.tensor(float("nan"), device=loss.device)])
+        return self.inputs.combine(
+            torch.stack([loss, torch.tensor(float("nan"), device=loss.device)])
+        )
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_across_stages(self.pipeline.stages, max_norm)

@@ -204,4 +204,6 @@ def parallelize(
         whole = _whole_model(loss_fn, part, mesh, p, common, ps)
         whole.inputs = inputs
         return whole
-    return _pipelined_model(model, p, mesh, device, parallelize_part, common)
+    pipelined = _pipelined_model(model, p, mesh, device, parallelize_part, common)
+    pipelined.inputs = model_inputs(cfg, packing or Packing(), device, mesh)
+    return pipelined

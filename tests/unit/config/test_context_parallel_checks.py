@@ -23,8 +23,8 @@ def test_context_parallel_ranks_are_not_data_parallel_ranks():
     "values,message",
     [
         (
-            {"parallel__cp": "2", "parallel__pp": "2"},
-            "parallel.cp > 1 does not work with parallel.pp",
+            {"parallel__cp": "2", "parallel__tp": "2", "parallel__sequence_parallel": "true"},
+            "parallel.cp > 1 does not work with parallel.sequence_parallel",
         ),
         ({"parallel__cp": "2", "parallel__data_parallel": "diloco"}, "diloco"),
         ({"parallel__cp": "2", "model__dropout": "0.1"}, "ring has no attention dropout"),
