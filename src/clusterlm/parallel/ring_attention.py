@@ -39,16 +39,6 @@ def zigzag_positions(local_len: int, rank: int, cp: int, device: torch.device) -
     return torch.cat([first, first + (2 * cp - 1 - 2 * rank) * chunk])
 
 
-def _allowed(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, documents: torch.Tensor | None
-) -> torch.Tensor:
-    """[B or 1, 1, Tq, Tk]: True where a query may read a key (causal, inside its document)."""
-    allowed = (q_pos.unsqueeze(1) >= k_pos.unsqueeze(0)).unsqueeze(0)
-    if documents is not None:
-        allowed = allowed & (documents[:, q_pos].unsqueeze(2) == documents[:, k_pos].unsqueeze(1))
-    return allowed.unsqueeze(1)
-
-
 def _work(rank: int, source: int, half: int) -> tuple[slice, slice]:
     """The (query rows, key columns) of this rank's block against ``source``'s K/V that any query
     may read; the rest is masked whole (module docstring)."""
@@ -65,11 +55,14 @@ def _visible(
     documents: torch.Tensor | None,
     diagonal: bool,
 ) -> tuple[torch.Tensor | None, bool]:
-    """What of a block the queries read, as ``attention_blocks`` takes it: a document mask, or
-    causally (this rank's own block), or whole (the visible half of another rank's block)."""
+    """What of a block the queries read, as ``attention_blocks`` takes it: a [B, 1, Tq, Tk] mask
+    (earlier keys of the query's own document), or causally (this rank's own block), or whole (the
+    visible half of another rank's block)."""
     if documents is None:
         return None, diagonal
-    return _allowed(q_pos, k_pos, documents), False
+    causal = q_pos.unsqueeze(1) >= k_pos.unsqueeze(0)
+    same = documents[:, q_pos].unsqueeze(2) == documents[:, k_pos].unsqueeze(1)
+    return (causal & same).unsqueeze(1), False
 
 
 def _exchange(buffer: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, list[Any]]:
