@@ -34,6 +34,18 @@ LONG_CONTEXT = [
         expect="make model.n_head / parallel.tp divisible by parallel.cp",
     ),
     case(
+        "cp-tensor-parallel-with-ddp",
+        *TRAIN,
+        "--nproc",
+        "4",
+        "--parallel.cp",
+        "2",
+        "--parallel.tp",
+        "2",
+        expect="composes with zero2, zero3 or hsdp",
+        subprocess=True,
+    ),
+    case(
         "cp-learned-positions-shorter-than-sequence",
         *TRAIN,
         *CP2,
