@@ -107,3 +107,14 @@ def test_context_parallel_equals_single_process(
         **cp,
     )
     assert_equivalent(references(MICRO * dp, shared), candidate)
+
+
+def test_a_context_parallel_run_resumes_on_one_process(documents_dir, tmp_path):
+    """Saved by cp2 at step 3, resumed by one process: the same run as one process throughout."""
+    schedule = {"optim__decay_steps": 6, "training__eval_interval": 3, **DOCS, **LLAMA}
+    first = {"training__micro_batch_size": MICRO, "training__steps": 3, **schedule}
+    run(documents_dir, tmp_path, 2, **first, parallel__cp=2)
+    resumed = run(documents_dir, tmp_path, 1, **{**first, "training__steps": 6}, checkpoint__resume="auto")
+    whole = run(documents_dir, tmp_path / "whole", 1, **{**first, "training__steps": 6})
+    assert sorted(resumed[0]) == list(range(1, 7))  # steps 1-3 by cp2, 4-6 by one process
+    assert_equivalent(whole, resumed)
