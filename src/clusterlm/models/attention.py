@@ -9,11 +9,14 @@ tensor broadcastable to [B, H, T, T] (True where a query may read a key), or a f
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+if TYPE_CHECKING:  # flex attention loads the compiler: imported where a block mask is used
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 def repeat_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -32,21 +35,27 @@ def local_attention(
     """Softmax attention of one process; a given mask already holds causality
     (``document_mask``), so ``causal`` applies only without one."""
     k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
-    if isinstance(mask, BlockMask):
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a flex BlockMask
         return flex(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, dropout_p=dropout_p
     )
 
 
-# Compiled on first use: flex attention's fused kernels come from the compiler.
-_compiled_flex = torch.compile(flex_attention, dynamic=False)
+@functools.cache
+def _compiled_flex() -> Any:
+    """flex attention's fused kernels come from the compiler, compiled once per process."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """flex attention: compiled on a GPU; on a CPU torch runs it eagerly and unfused, without a
     backward (so CPU training takes the boolean mask)."""
-    kernel = _compiled_flex if q.device.type == "cuda" else flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
     out = kernel(q, k, v, block_mask=block_mask)
     assert isinstance(out, torch.Tensor)  # without return_lse it returns the output alone
     return out
@@ -57,6 +66,7 @@ def document_mask(documents: torch.Tensor, use_flex: bool) -> torch.Tensor | Blo
     (``clusterlm.data.packing.document_ids``). A flex ``BlockMask`` skips the blocks no query
     reads; the boolean [B, 1, T, T] mask is the fallback every SDPA kernel takes."""
     if use_flex:
+        from torch.nn.attention.flex_attention import create_block_mask
 
         def same_document(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
             return (q_idx >= kv_idx) & (documents[b, q_idx] == documents[b, kv_idx])
