@@ -23,6 +23,7 @@ from bad_inputs_harness import (
     write,
 )
 from bad_inputs_table_hardening import HARDENING
+from bad_inputs_table_long_context import LONG_CONTEXT
 from bad_inputs_table_runs import RUN_CASES
 from bad_inputs_table_translation import TRANSLATION
 
@@ -651,4 +652,5 @@ CASES = [
     *RUN_CASES,
     *HARDENING,
     *TRANSLATION,
+    *LONG_CONTEXT,
 ]
