@@ -22,6 +22,7 @@ from bad_inputs_harness import (
     truncate,
     write,
 )
+from bad_inputs_table_data import DATA_CASES
 from bad_inputs_table_hardening import HARDENING
 from bad_inputs_table_runs import RUN_CASES
 
@@ -624,4 +625,15 @@ DISKS = [
     ),
 ]
 
-CASES = [*CONFIGS, *CORPORA, *PREPARED, *TASKS, *LAUNCH, *SIGNALS, *DISKS, *RUN_CASES, *HARDENING]
+CASES = [
+    *CONFIGS,
+    *CORPORA,
+    *PREPARED,
+    *TASKS,
+    *LAUNCH,
+    *SIGNALS,
+    *DISKS,
+    *RUN_CASES,
+    *HARDENING,
+    *DATA_CASES,
+]

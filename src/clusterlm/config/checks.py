@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from clusterlm.config.data_mix import parse_mix
 from clusterlm.config.ranges import check_ranges
 from clusterlm.config.sections import Config
 from clusterlm.config.slow_ranks import parse_slow_ranks
@@ -156,8 +157,13 @@ def _finetune(cfg: Config) -> None:
         )
 
 
+def _data(cfg: Config) -> None:
+    parse_mix(cfg.data.mix)  # refuses a malformed mix, a weight <= 0, a dataset named twice
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (
     check_ranges,
+    _data,
     _model,
     _optim,
     _parallel,

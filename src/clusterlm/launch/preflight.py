@@ -18,6 +18,7 @@ from clusterlm.checkpoint.directory import COMPLETE
 from clusterlm.config import Config
 from clusterlm.config.pretrained import pretrained_dir
 from clusterlm.data.manifest import check_files_present
+from clusterlm.data.mixture import same_tokenizer
 from clusterlm.data.task import load_task
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path
@@ -36,7 +37,9 @@ def preflight(cfg: Config, nproc: int, nnodes: str) -> None:
             cfg.finetune.task, verify=False
         )  # the manifest, and each file at its recorded size
     else:
-        check_files_present(cfg.data.dir)
+        for source in cfg.data.sources:
+            check_files_present(source.dir)
+        same_tokenizer([source.dir for source in cfg.data.sources])
     directory = pretrained_dir(cfg)
     if directory is not None:
         hf_config_json(directory)

@@ -1,0 +1,52 @@
+"""The bad-input corpus, data part: mixes of datasets (``data.mix``) and the cleaning and
+deduplication options of `clusterlm prepare`."""
+
+from __future__ import annotations
+
+from bad_inputs_harness import TINY, case, write
+
+from clusterlm.data.prepare import PrepareOptions, prepare
+
+TRAIN = ("train", "--training.out_dir", "{tmp}/out", *TINY)
+
+
+def other_tokenizer(tmp, shared) -> None:
+    """A dataset prepared from other text, so with another char tokenizer."""
+    (tmp / "other.txt").write_text("a different alphabet: xyz XYZ 0123456789\n" * 200)
+    prepare(PrepareOptions(inputs=(str(tmp / "other.txt"),), out=str(tmp / "other")))
+
+
+def mix(id: str, value: str, expect: str, **options) -> object:
+    return case(f"mix-{id}", *TRAIN, "--data.mix", value, expect=expect, **options)
+
+
+def mix_toml(id: str, value: str, expect: str) -> object:
+    text = f"[data]\nmix = {value}\n"
+    return case(
+        f"mix-toml-{id}",
+        *TRAIN,
+        "--config",
+        "{tmp}/mix.toml",
+        setup=write("mix.toml", text),
+        expect=expect,
+    )
+
+
+MIXES = [
+    mix("zero-weight", "{data}=0.5,{tmp}/b=0", "must be a positive number"),
+    mix("negative-weight", "{data}=1,{tmp}/b=-0.5", "must be a positive number"),
+    mix("nan-weight", "{data}=nan", "must be a positive number"),
+    mix("weight-not-a-number", "{data}=half", "is not a number"),
+    mix("no-weight", "{data}", "has no DIR=WEIGHT"),
+    mix("empty-entry", "{data}=1,", "has no DIR=WEIGHT"),
+    mix("same-dir-twice", "{data}=1,{data}=2", "twice"),
+    mix("missing-dir", "{data}=1,{tmp}/missing=1", "no prepared data"),
+    mix("is-a-task", "{data}=1,{task}=1", "labelled task"),
+    mix("other-tokenizer", "{data}=1,{tmp}/other=1", "another tokenizer", setup=other_tokenizer),
+    mix_toml("empty", "[]", "empty list"),
+    mix_toml("zero-weight", '[{dir = "{data}", weight = 0}]', "must be a positive number"),
+    mix_toml("no-weight", '[{dir = "{data}"}]', "must be a table with dir and weight"),
+    mix_toml("not-tables", '["{data}"]', "must be a table with dir and weight"),
+]
+
+DATA_CASES = [*MIXES]
