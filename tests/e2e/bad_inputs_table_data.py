@@ -49,4 +49,41 @@ MIXES = [
     mix_toml("not-tables", '["{data}"]', "must be a table with dir and weight"),
 ]
 
-DATA_CASES = [*MIXES]
+
+def clean(id: str, *options: str, expect: str) -> object:
+    text = "now is the winter of our discontent\n" * 20
+    return case(
+        f"prepare-clean-{id}",
+        "prepare",
+        "{tmp}/a.txt",
+        "--out",
+        "{tmp}/out",
+        *options,
+        setup=write("a.txt", text),
+        expect=expect,
+    )
+
+
+CLEANING = [
+    clean("dedup-unknown", "--dedup", "fuzzy", expect="--dedup"),
+    clean("min-chars-negative", "--min-chars", "-1", expect="must be >= 0"),
+    clean("max-below-min", "--min-chars", "50", "--max-chars", "10", expect="below --min-chars"),
+    clean("non-letter-above-one", "--max-non-letter", "1.5", expect="--max-non-letter"),
+    clean("near-threshold-one", "--near-threshold", "1", expect="--near-threshold"),
+    clean("near-threshold-nan", "--near-threshold", "nan", expect="--near-threshold"),
+    clean("removes-everything", "--min-chars", "100000", expect="removed every document"),
+    clean("nproc-zero", "--nproc", "0", expect="--nproc"),
+    case(
+        "prepare-clean-with-task",
+        "prepare",
+        "--task",
+        "play-classification",
+        "--out",
+        "{tmp}/out",
+        "--dedup",
+        "exact",
+        expect="no cleaning options",
+    ),
+]
+
+DATA_CASES = [*MIXES, *CLEANING]
