@@ -23,12 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_io_arguments(p)
     _add_corpus_arguments(p)
-    _add_cleaning_arguments(p)
+    add_cleaning_arguments(p)
     _add_task_arguments(p)
     return p
 
 
-def _add_cleaning_arguments(p: argparse.ArgumentParser) -> None:
+def add_cleaning_arguments(p: argparse.ArgumentParser) -> None:
     """What is normalised and which documents (input files) are removed before tokenizing."""
     clean = p.add_argument_group(
         "cleaning (a report of what was removed goes to cleaning.json beside the manifest)"
@@ -137,6 +137,18 @@ def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def cleaning_options(args: argparse.Namespace) -> CleaningOptions:
+    """The options ``add_cleaning_arguments`` added, as parsed."""
+    return CleaningOptions(
+        normalize=args.normalize,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        max_non_letter=args.max_non_letter,
+        dedup=args.dedup,
+        near_threshold=args.near_threshold,
+    )
+
+
 def _add_task_arguments(p: argparse.ArgumentParser) -> None:
     """A labelled classification task written instead of a corpus."""
     task = p.add_argument_group("labelled tasks (for `clusterlm finetune`)")
@@ -163,14 +175,7 @@ def _add_task_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    cleaning = CleaningOptions(
-        normalize=args.normalize,
-        min_chars=args.min_chars,
-        max_chars=args.max_chars,
-        max_non_letter=args.max_non_letter,
-        dedup=args.dedup,
-        near_threshold=args.near_threshold,
-    )
+    cleaning = cleaning_options(args)
     if args.task is not None:
         if args.inputs or args.more_inputs or args.vocab_size is not None or cleaning.active:
             raise UserError(

@@ -15,13 +15,11 @@ from dataclasses import asdict
 from functools import partial
 from typing import Any
 
-from fsspec.implementations.memory import MemoryFileSystem
-
 from clusterlm.data.dedup import REASONS, select
 from clusterlm.data.documents import Document, scan_document
 from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES
 from clusterlm.data.quality import CleaningOptions
-from clusterlm.data.storage import SourceFile
+from clusterlm.data.storage import SourceFile, shared_between_processes
 from clusterlm.errors import UserError
 
 REPORT_NAME = "cleaning.json"
@@ -37,7 +35,7 @@ def scan_sources(
     input. Sources are spread over ``nproc`` processes, except those of an in-memory filesystem,
     which another process cannot see."""
     scan = partial(_scan, max_line_bytes=max_line_bytes, cleaning=cleaning)
-    if nproc == 1 or len(sources) < 2 or any(isinstance(s.fs, MemoryFileSystem) for s in sources):
+    if nproc == 1 or len(sources) < 2 or not all(shared_between_processes(s.fs) for s in sources):
         documents = list(map(scan, sources))
     else:
         # "spawn": a forked child would inherit the tokenizer library's threads in an unknown state.

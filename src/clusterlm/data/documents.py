@@ -31,6 +31,7 @@ class Document:
     max_line_bytes: int
     normalize: bool = False  # NFC, control characters removed (``clusterlm.data.quality``)
     profile: Profile | None = None  # measured for cleaning and deduplication
+    alphabet: str = ""  # every character of the text, sorted (what a char tokenizer needs)
 
     def text(self) -> Iterator[str]:
         """The cleaned text, read again from the source, in pieces (none when there is no text)."""
@@ -66,11 +67,12 @@ def scan_document(
     normalize = cleaning is not None and cleaning.normalize
     measured = Document(source, info, scan.layout(), 1, max_line_bytes, normalize)
     profiler = Profiler(signature=cleaning.dedup == "near") if cleaning is not None else None
-    chars, has_text = 0, False
+    chars, has_text, seen = 0, False, {"\n"}
     with open_source(source) as stream:
         for piece in measured._cleaned(stream):
             chars += len(piece)
             has_text = has_text or not piece.isspace()
+            seen.update(piece)
             if profiler is not None:
                 profiler.feed(piece)
     if profiler is not None and has_text:
@@ -79,6 +81,7 @@ def scan_document(
         measured,
         chars=chars + 1 if has_text else 0,
         profile=profiler.profile() if profiler is not None else None,
+        alphabet="".join(sorted(seen)) if has_text else "",
     )
 
 

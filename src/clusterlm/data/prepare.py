@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from clusterlm.data.corpus import embedded_corpus
 from clusterlm.data.curation import REPORT_NAME, curate, report_json, scan_sources, summary
 from clusterlm.data.documents import Document
-from clusterlm.data.encode import encode_all, pieces
+from clusterlm.data.encode import encode_documents, pieces
 from clusterlm.data.encode import split_text as split_text  # re-exported: part of this module's API
 from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES
 from clusterlm.data.manifest import (
@@ -126,7 +126,7 @@ def prepare(opts: PrepareOptions) -> Manifest:
     if report is not None:
         print(summary(report))
     tokenizer = given_tokenizer or fit_tokenizer(
-        opts.tokenizer, opts.bpe_vocab_size, document_pieces(documents)
+        opts.tokenizer, opts.bpe_vocab_size, fitting_texts(opts.tokenizer, documents)
     )
     dtype = token_dtype(tokenizer.vocab_size)  # before anything is written: a misfit writes nothing
     with disk_errors(opts.out, "--out"):
@@ -183,17 +183,17 @@ def _publish(staged: StagedDir, files: dict[str, str], manifest: Manifest) -> No
 
 def discard(fs: AbstractFileSystem, root: str, staged: StagedDir, created: bool) -> None:
     """After a failed write: remove the temporary files, and ``root`` if this run made it."""
-    with suppress(
-        OSError
-    ):  # a read-only disk refuses even this; the original error is the one to see
+    with suppress(OSError):  # a read-only disk refuses even this; the first error is the one
         staged.discard()
         if created and not fs.ls(root):
             fs.rmdir(root)
 
 
-def document_pieces(documents: list[Document]) -> Iterator[str]:
-    """The documents' texts in the pieces they are tokenized in (for fitting a tokenizer: neither
-    kind merges across the boundaries, so the pieces train what the whole texts would)."""
+def fitting_texts(kind: str, documents: list[Document]) -> Iterable[str]:
+    """What a tokenizer of ``kind`` is fitted on: the characters the scan collected (char), or the
+    texts in the pieces they are tokenized in, across which BPE merges nothing."""
+    if kind == "char":
+        return (d.alphabet for d in documents)
     return (piece.text for piece in pieces((d.text() for d in documents), PIECE_CHARS))
 
 
@@ -312,10 +312,10 @@ def _write_shards(
         }
         held = DocumentIds(dtype, held_tokens)
         stack.callback(lambda: held.close())
-        texts = (d.text() for d in documents)
-        for piece, ids in encode_all(tokenizer, pieces(texts, PIECE_CHARS), dtype, opts.workers):
-            bar.update(len(piece.text))
-            held.append(ids)
+        encoded = encode_documents(tokenizer, documents, dtype, opts.workers, PIECE_CHARS)
+        for piece in encoded:
+            bar.update(piece.chars)
+            held.append(piece.ids)
             if not piece.last:
                 continue
             for name, spans in zip(
