@@ -2,10 +2,11 @@
 removed (``clusterlm.data.dedup`` decides).
 
 Normalisation is Unicode NFC with control characters removed (all of category Cc but tab and line
-feed). It runs a line at a time: a line feed composes with nothing, so normalising lines one by one
-gives the normalised whole, and no document is held whole. ``Profiler`` measures a document's
-normalised text as it streams past: characters, letters and other non-space characters, the
-sha256 (exact duplicates), and a MinHash signature of its word 5-grams (near duplicates).
+feed). It runs on whole lines, a run of them at a time: a line feed composes with nothing, so
+normalising runs of lines one by one gives the normalised whole, and no document is held whole.
+``Profiler`` measures a document's normalised text as it streams past: characters, letters and other
+non-space characters, the sha256 (exact duplicates), and a MinHash signature of its word 5-grams
+(near duplicates).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MINHASH_SEED = 1
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _WORD = re.compile(r"\w+")
 _BATCH = 4096  # shingles hashed at a time
+_RUN_CHARS = 1 << 16  # text normalised at a time, at least (whole lines)
 
 
 @dataclass(frozen=True)
@@ -72,17 +74,21 @@ def normalize_text(text: str) -> str:
 
 
 def normalized(pieces: Iterable[str]) -> Iterator[str]:
-    """The pieces' text, normalised a line at a time (module docstring)."""
+    """The pieces' text, normalised in runs of whole lines (module docstring)."""
     held: list[str] = []
+    size = 0
     for piece in pieces:
-        cut = piece.rfind("\n") + 1
-        if not cut:
-            held.append(piece)
+        held.append(piece)
+        size += len(piece)
+        if size < _RUN_CHARS:
             continue
-        text = normalize_text("".join(held) + piece[:cut])
-        held = [piece[cut:]] if cut < len(piece) else []
-        if text:
-            yield text
+        text = "".join(held)
+        cut = text.rfind("\n") + 1
+        if cut:
+            held, size = [text[cut:]], len(text) - cut
+            yield normalize_text(text[:cut])
+        else:
+            held = [text]
     if held and (text := normalize_text("".join(held))):
         yield text
 
@@ -115,7 +121,7 @@ class Profiler:
         )
         self._tail = ""  # a word the last piece may have cut
         self._words: list[str] = []  # the last words, for shingles spanning pieces
-        self._shingles: list[bytes] = []
+        self._shingles: list[bytes] = []  # not yet signed
         self._seen_shingle = False
 
     def feed(self, text: str) -> None:
@@ -130,33 +136,36 @@ class Profiler:
     def profile(self) -> Profile:
         signature = None
         if self._minhash is not None:
-            if self._tail:
-                self._words.append(self._tail)
-                self._push()
+            self._add([self._tail] if self._tail else [])
             if not self._seen_shingle and self._words:  # under 5 words: the words are a shingle
                 self._shingles.append(" ".join(self._words).encode("utf-8"))
-            self._flush()
+            self._flush(self._minhash)
             signature = self._minhash.hashvalues.copy()
         return Profile(self.chars, self.letters, self.others, self._digest.hexdigest(), signature)
 
     def _add_words(self, text: str) -> None:
         words = _WORD.findall(self._tail + text.casefold())
         self._tail = words.pop() if words and _WORD.match(text[-1:]) else ""
-        for word in words:
-            self._words.append(word)
-            self._push()
+        self._add(words)
 
-    def _push(self) -> None:
-        if len(self._words) == SHINGLE_WORDS:
-            self._shingles.append(" ".join(self._words).encode("utf-8"))
-            self._seen_shingle = True
-            del self._words[0]
-            if len(self._shingles) >= _BATCH:
-                self._flush()
+    def _add(self, words: list[str]) -> None:
+        """The shingles ``words`` complete, signed in batches; the last words kept for the next."""
+        words = self._words + words
+        count = len(words) - SHINGLE_WORDS + 1
+        if count <= 0:
+            self._words = words
+            return
+        self._seen_shingle = True
+        self._shingles += [
+            " ".join(words[i : i + SHINGLE_WORDS]).encode("utf-8") for i in range(count)
+        ]
+        self._words = words[count:]
+        if len(self._shingles) >= _BATCH and self._minhash is not None:
+            self._flush(self._minhash)
 
-    def _flush(self) -> None:
-        if self._minhash is not None and self._shingles:
-            self._minhash.update_batch(self._shingles)
+    def _flush(self, minhash: MinHash) -> None:
+        if self._shingles:
+            minhash.update_batch(self._shingles)
         self._shingles = []
 
 

@@ -9,6 +9,7 @@ import unicodedata
 import numpy as np
 import pytest
 
+from clusterlm.data import quality
 from clusterlm.data.quality import CleaningOptions, Profiler, normalize_text, normalized, shingles
 from clusterlm.errors import UserError
 
@@ -29,7 +30,9 @@ def test_normalisation_is_nfc_without_control_characters():
     assert "\u200b" in out  # a format character, not a control character: kept
 
 
-def test_normalising_pieces_equals_normalising_the_whole():
+@pytest.mark.parametrize("run_chars", [1 << 16, 1, 7])
+def test_normalising_pieces_equals_normalising_the_whole(monkeypatch, run_chars):
+    monkeypatch.setattr(quality, "_RUN_CHARS", run_chars)
     rng = random.Random(0)
     for _ in range(200):
         pieces = cut(TEXT * 3, rng)
