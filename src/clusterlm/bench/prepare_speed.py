@@ -85,20 +85,17 @@ def bench_prepare(
 
 def _timed(work: Callable[[], object]) -> tuple[float, float, float]:
     """Wall seconds of ``work``, and the CPU seconds it took here and in child processes."""
-    here, children = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
+    before = [_cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)]
     start = time.perf_counter()
     work()
     wall = time.perf_counter() - start
-    here_after = resource.getrusage(resource.RUSAGE_SELF)
-    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (
-        wall,
-        here_after.ru_utime + here_after.ru_stime - here.ru_utime - here.ru_stime,
-        children_after.ru_utime + children_after.ru_stime - children.ru_utime - children.ru_stime,
-    )
+    here = _cpu_seconds(resource.RUSAGE_SELF) - before[0]
+    return wall, max(0.0, here), max(0.0, _cpu_seconds(resource.RUSAGE_CHILDREN) - before[1])
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _same_files(a: Path, b: Path) -> bool:

@@ -15,7 +15,6 @@ from dataclasses import asdict
 from functools import partial
 from typing import Any
 
-from clusterlm.data.dedup import REASONS, select
 from clusterlm.data.documents import Document, scan_document
 from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES
 from clusterlm.data.quality import CleaningOptions
@@ -65,6 +64,9 @@ def curate(
     documents: list[Document], cleaning: CleaningOptions
 ) -> tuple[list[Document], dict[str, Any]]:
     """The documents kept, in order, and the report of those removed (``REPORT_NAME``)."""
+    # Imported here: the LSH index loads scipy, which the processes that scan never need.
+    from clusterlm.data.dedup import REASONS, select
+
     profiles = [d.profile for d in documents]
     assert all(p is not None for p in profiles), "documents scanned without cleaning options"
     decisions = select([p for p in profiles if p is not None], cleaning)

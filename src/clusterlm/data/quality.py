@@ -17,11 +17,14 @@ import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasketch import MinHash
 
 from clusterlm.errors import UserError
+
+if TYPE_CHECKING:
+    from datasketch import MinHash
 
 DEDUP_MODES = ("none", "exact", "near")
 SHINGLE_WORDS = 5  # near duplicates compare sets of word 5-grams
@@ -114,11 +117,7 @@ class Profiler:
     def __init__(self, signature: bool) -> None:
         self.chars = self.letters = self.others = 0
         self._digest = hashlib.sha256()
-        self._minhash = (
-            MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, hashfunc=zlib.crc32)
-            if signature
-            else None
-        )
+        self._minhash = _new_minhash() if signature else None
         self._tail = ""  # a word the last piece may have cut
         self._words: list[str] = []  # the last words, for shingles spanning pieces
         self._shingles: list[bytes] = []  # not yet signed
@@ -167,6 +166,13 @@ class Profiler:
         if self._shingles:
             minhash.update_batch(self._shingles)
         self._shingles = []
+
+
+def _new_minhash() -> MinHash:
+    # Imported here: datasketch loads scipy, which processes that only tokenize never need.
+    from datasketch import MinHash
+
+    return MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, hashfunc=zlib.crc32)
 
 
 def shingles(text: str) -> set[bytes]:
