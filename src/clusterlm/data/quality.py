@@ -172,7 +172,7 @@ def _new_minhash() -> MinHash:
     # Imported here: datasketch loads scipy, which processes that only tokenize never need.
     from datasketch import MinHash
 
-    return MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, hashfunc=zlib.crc32)
+    return MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, hashfunc=zlib.crc32, scheme="affine32")
 
 
 def shingles(text: str) -> set[bytes]:
