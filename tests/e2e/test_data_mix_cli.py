@@ -45,6 +45,15 @@ def test_a_mixed_run_logs_each_dataset_and_resumes_exactly(mix, tmp_path):
     assert saved["mix_tokens"] == {k: last[k] for k in ("tokens_mix0", "tokens_mix1")}
 
 
+def test_eval_of_a_mixed_run_scores_the_mix_or_one_dataset(mix, data_dir, tmp_path, capsys):
+    assert train_mix(mix, tmp_path, 2) == 0
+    capsys.readouterr()
+    assert cli(["eval", "--run", str(tmp_path), "--batches", "1"]) == 0
+    assert cli(["eval", "--run", str(tmp_path), "--batches", "1", "--data-dir", str(data_dir)]) == 0
+    mixed, alone = (float(line.split()[2]) for line in capsys.readouterr().out.splitlines()[-2:])
+    assert mixed != alone
+
+
 def test_resuming_with_other_weights_is_refused(mix, tmp_path, capsys):
     assert train_mix(mix, tmp_path, 4) == 0
     lighter = mix.replace("=0.7", "=0.6")
