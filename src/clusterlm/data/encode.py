@@ -1,5 +1,5 @@
 """Tokenizing for `prepare`: documents cut into pieces, encoded in order, optionally in a process
-pool.
+pool whose workers read, clean and encode whole documents (``encode_documents``).
 
 Pieces end at a line break between two non-space characters, where neither tokenizer built here
 merges across, so encoding a document piece by piece gives the same ids as encoding it whole, and
