@@ -22,6 +22,7 @@ from bad_inputs_harness import (
     truncate,
     write,
 )
+from bad_inputs_table_data import DATA_CASES
 from bad_inputs_table_hardening import HARDENING
 from bad_inputs_table_long_context import LONG_CONTEXT
 from bad_inputs_table_runs import RUN_CASES
@@ -653,4 +654,5 @@ CASES = [
     *HARDENING,
     *TRANSLATION,
     *LONG_CONTEXT,
+    *DATA_CASES,
 ]

@@ -58,6 +58,7 @@ SUBCOMMANDS = {
         "checkpoint": "the stall a save costs the training loop, in line and in the background",
         "speedrun": "wall time to a target validation loss for a config and a baseline",
         "compare-deepspeed": "zero1-3 against DeepSpeed's ZeRO on the same model and batches",
+        "prepare": "`prepare` at several --nproc on a generated corpus; outputs compared",
     },
     "export": {"hf": "a Hugging Face model directory (config.json, safetensors, tokenizer)"},
 }

@@ -20,6 +20,7 @@ from clusterlm.cli import (
     bench_comm,
     bench_compare,
     bench_convergence,
+    bench_prepare,
     bench_speedrun,
 )
 from clusterlm.cli.options import parse_job
@@ -103,6 +104,7 @@ MAINS: dict[str, Callable[[list[str]], int]] = {
     "checkpoint": bench_checkpoint.main,
     "speedrun": bench_speedrun.main,
     "compare-deepspeed": bench_compare.main,
+    "prepare": bench_prepare.main,
 }
 
 

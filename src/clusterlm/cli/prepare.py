@@ -8,6 +8,7 @@ import os
 from clusterlm.cli.options import Parser
 from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES
 from clusterlm.data.prepare import DEFAULT_BPE_VOCAB, DEFAULT_SHARD_TOKENS, PrepareOptions, prepare
+from clusterlm.data.quality import DEDUP_MODES, CleaningOptions
 from clusterlm.data.task_prepare import (
     BIBLE_TASK,
     JSONL_PREFIX,
@@ -31,8 +32,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_io_arguments(p)
     _add_corpus_arguments(p)
+    add_cleaning_arguments(p)
     _add_task_arguments(p)
     return p
+
+
+def add_cleaning_arguments(p: argparse.ArgumentParser) -> None:
+    """What is normalised and which documents (input files) are removed before tokenizing."""
+    clean = p.add_argument_group(
+        "cleaning (a report of what was removed goes to cleaning.json beside the manifest)"
+    )
+    clean.add_argument(
+        "--normalize", action="store_true", help="Unicode NFC, control characters removed"
+    )
+    clean.add_argument(
+        "--min-chars", type=int, default=0, help="remove documents shorter than this (default: 0)"
+    )
+    clean.add_argument(
+        "--max-chars",
+        type=int,
+        default=0,
+        help="remove documents longer than this (default: 0, no limit)",
+    )
+    clean.add_argument(
+        "--max-non-letter",
+        type=float,
+        default=1.0,
+        help="remove documents whose non-space characters are more than this share not letters "
+        "(default: 1, no limit)",
+    )
+    clean.add_argument(
+        "--dedup",
+        choices=DEDUP_MODES,
+        default="none",
+        help="exact: remove documents identical to an earlier one (after normalising); near: "
+        "also those whose word 5-grams are about --near-threshold alike, found by MinHash "
+        "and LSH (default: none)",
+    )
+    clean.add_argument(
+        "--near-threshold",
+        type=float,
+        default=0.8,
+        help="Jaccard similarity of word 5-grams at which --dedup near removes (default: 0.8)",
+    )
 
 
 def _add_io_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,10 +125,13 @@ def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
         help=f"most tokens per shard file (default: {DEFAULT_SHARD_TOKENS})",
     )
     p.add_argument(
+        "--nproc",
         "--workers",
+        dest="nproc",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="tokenizer processes (default: min(4, CPU count)); output does not depend on it",
+        help="processes that read, clean and tokenize (default: min(4, CPU count)); the output "
+        "does not depend on it",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
     p.add_argument(
@@ -98,6 +143,18 @@ def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_LINE_BYTES,
         help="refuse an input line (of a text file, or of --task jsonl:PATH) longer than this many "
         f"bytes; inputs are read a line at a time (default: {DEFAULT_MAX_LINE_BYTES}, 1 MiB)",
+    )
+
+
+def cleaning_options(args: argparse.Namespace) -> CleaningOptions:
+    """The options ``add_cleaning_arguments`` added, as parsed."""
+    return CleaningOptions(
+        normalize=args.normalize,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        max_non_letter=args.max_non_letter,
+        dedup=args.dedup,
+        near_threshold=args.near_threshold,
     )
 
 
@@ -136,10 +193,12 @@ def _add_task_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    cleaning = cleaning_options(args)
     if args.task is not None:
-        if args.inputs or args.more_inputs or args.vocab_size is not None:
+        if args.inputs or args.more_inputs or args.vocab_size is not None or cleaning.active:
             raise UserError(
-                "--task takes no INPUT and no --vocab-size; drop them (the task names its own text)"
+                "--task takes no INPUT, no --vocab-size and no cleaning options; drop them "
+                "(the task names its own text)"
             )
         options = TaskOptions(
             task=args.task,
@@ -168,10 +227,11 @@ def main(argv: list[str]) -> int:
             vocab_size=args.vocab_size,
             val_fraction=args.val_fraction,
             shard_tokens=args.shard_tokens,
-            workers=args.workers,
+            workers=args.nproc,
             seed=args.seed,
             force=args.force,
             max_line_bytes=args.max_line_bytes,
+            cleaning=cleaning,
         )
     )
     return 0

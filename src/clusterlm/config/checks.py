@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from clusterlm.config.data_mix import parse_mix
 from clusterlm.config.experts import check_experts
 from clusterlm.config.ranges import check_ranges
 from clusterlm.config.sections import Config
@@ -221,9 +222,19 @@ def _refuse_with(unsupported: dict[str, bool], feature: str) -> None:
             raise UserError(f"{feature} does not work with {setting} yet; turn one of them off")
 
 
+def _data(cfg: Config) -> None:
+    parse_mix(cfg.data.mix)  # refuses a malformed mix, a weight <= 0, a dataset named twice
+    if cfg.data.mix and cfg.model.flavour == "mbart":
+        raise UserError(
+            "data.mix mixes language-model corpora; model.flavour = mbart trains on one "
+            "translation task in data.dir: drop data.mix"
+        )
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (
     check_ranges,
     _context_parallel,
+    _data,
     _model,
     _packing,
     _optim,

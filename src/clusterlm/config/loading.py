@@ -41,6 +41,9 @@ def _unknown_key(key: str) -> UserError:
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Convert a TOML or command-line value to the field's type, or fail naming the key."""
     kind = type(f.default)
+    from_list = f.metadata.get("from_list")
+    if from_list is not None and isinstance(value, list):  # a key TOML may give as an array
+        value = from_list(key, value)
     if kind is str and isinstance(value, os.PathLike):  # a path given from Python
         value = os.fspath(value)
     try:

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from clusterlm.config.data_mix import MixSource, mix_text, parse_mix
 from clusterlm.config.parallelism import CommConfig, ParallelConfig
 from clusterlm.config.setting import setting
 
@@ -89,6 +90,18 @@ class DataConfig:
         "end-of-text token): flex attention's block mask on a GPU, else a boolean mask for "
         "SDPA",
     )
+    mix: str = setting(
+        "",
+        "train on several prepared datasets (same tokenizer), each sample drawn from one of them "
+        'in proportion to its weight: "DIR=WEIGHT,DIR=WEIGHT", or in TOML '
+        '[{dir = "...", weight = 0.7}, ...]; replaces dir (empty = dir alone)',
+        from_list=mix_text,
+    )
+
+    @property
+    def sources(self) -> tuple[MixSource, ...]:
+        """The datasets trained on: the mix's, or ``dir`` alone with weight 1."""
+        return parse_mix(self.mix) or (MixSource(self.dir, 1.0),)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ cleaned text; ``Document.text`` yields that text (``clean_text`` of the decoded 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from clusterlm.data.cleaning import Layout, LayoutScan, cleaned
 from clusterlm.data.lines import Reading, bounded_lines, open_source
 from clusterlm.data.manifest import SourceInfo
+from clusterlm.data.quality import CleaningOptions, Profile, Profiler, normalized
 from clusterlm.data.storage import SourceFile
 from clusterlm.errors import UserError
 
@@ -27,14 +29,21 @@ class Document:
     layout: Layout
     chars: int  # characters of cleaned text (0: the document holds no text)
     max_line_bytes: int
+    normalize: bool = False  # NFC, control characters removed (``clusterlm.data.quality``)
+    profile: Profile | None = None  # measured for cleaning and deduplication
+    alphabet: str = ""  # every character of the text, sorted (what a char tokenizer needs)
 
     def text(self) -> Iterator[str]:
         """The cleaned text, read again from the source, in pieces (none when there is no text)."""
         if not self.chars:
             return
         with open_source(self.source) as stream:
-            yield from cleaned(self._lines(stream), self.layout)
+            yield from self._cleaned(stream)
         yield "\n"
+
+    def _cleaned(self, stream) -> Iterator[str]:
+        pieces = cleaned(self._lines(stream), self.layout)
+        return normalized(pieces) if self.normalize else pieces
 
     def _lines(self, stream) -> Iterator[str]:
         return decoded_lines(
@@ -42,8 +51,11 @@ class Document:
         )
 
 
-def scan_document(source: SourceFile, max_line_bytes: int) -> Document:
-    """``source`` checked (readable, UTF-8, no line over ``max_line_bytes``) and measured."""
+def scan_document(
+    source: SourceFile, max_line_bytes: int, cleaning: CleaningOptions | None = None
+) -> Document:
+    """``source`` checked (readable, UTF-8, no line over ``max_line_bytes``) and measured; with
+    ``cleaning``, normalised if it says so and profiled."""
     scan = LayoutScan()
     with open_source(source) as stream:
         reading = Reading(stream)
@@ -52,13 +64,25 @@ def scan_document(source: SourceFile, max_line_bytes: int) -> Document:
         ):
             scan.feed(number, line)
     info = SourceInfo(source.name, reading.size, reading.hexdigest())
-    measured = Document(source, info, scan.layout(), chars=1, max_line_bytes=max_line_bytes)
-    chars, has_text = 0, False
+    normalize = cleaning is not None and cleaning.normalize
+    measured = Document(source, info, scan.layout(), 1, max_line_bytes, normalize)
+    profiler = Profiler(signature=cleaning.dedup == "near") if cleaning is not None else None
+    chars, has_text, seen = 0, False, {"\n"}
     with open_source(source) as stream:
-        for piece in cleaned(measured._lines(stream), measured.layout):
+        for piece in measured._cleaned(stream):
             chars += len(piece)
             has_text = has_text or not piece.isspace()
-    return Document(source, info, measured.layout, chars + 1 if has_text else 0, max_line_bytes)
+            seen.update(piece)
+            if profiler is not None:
+                profiler.feed(piece)
+    if profiler is not None and has_text:
+        profiler.feed("\n")  # the text ends as ``Document.text`` ends it
+    return dataclasses.replace(
+        measured,
+        chars=chars + 1 if has_text else 0,
+        profile=profiler.profile() if profiler is not None else None,
+        alphabet="".join(sorted(seen)) if has_text else "",
+    )
 
 
 def decoded_lines(lines: Iterable[bytes], name: str) -> Iterator[str]:

@@ -3,7 +3,8 @@
 A split's shards form one token stream of N tokens, cut into W = (N - 1) // block_size windows
 that start at k * block_size and hold block_size + 1 tokens (x is the first block_size, y the
 last). Sample i of a run is window ``order(i // W)[i % W]``, where ``order(e)`` is a permutation of
-range(W) seeded by (seed, e). A training step consumes the next G = micro_batch_size * grad_accum
+range(W) seeded by (seed, e) (a mixture of datasets orders its samples itself:
+``clusterlm.data.mixture``). A training step consumes the next G = micro_batch_size * grad_accum
 * dp_size samples; rank r at micro-step m takes samples
 ``counter + m * micro_batch_size * dp_size + r * micro_batch_size + [0, micro_batch_size)``.
 So the loader's state is one integer, ranks read disjoint parts of every global batch, and their
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,6 +42,33 @@ class SampleStream(Protocol):
     def num_windows(self, block_size: int) -> int: ...
 
     def batch(self, indices: Sequence[int], block_size: int, device: torch.device) -> Batch: ...
+
+
+@runtime_checkable
+class OrderedStream(SampleStream, Protocol):
+    """A stream that orders its own samples: global sample i reads item ``sample_order(seed,
+    block_size)(i)`` (a mixture of datasets, ``clusterlm.data.mixture``) instead of the loader's
+    shuffled epochs."""
+
+    def sample_order(self, seed: int, block_size: int) -> Callable[[int], int]: ...
+
+
+class EpochOrder:
+    """Sample i reads item ``order(i // n)[i % n]`` of n items, ``order(e)`` a permutation of
+    range(n) seeded by (*key, e): every item once per epoch, each epoch shuffled anew."""
+
+    def __init__(self, items: int, *key: int) -> None:
+        self.items = items
+        self._key = key
+        self._epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    def __call__(self, sample: int) -> int:
+        epoch, position = divmod(sample, self.items)
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([*self._key, epoch]).permutation(self.items)
+            self._epoch = epoch
+        return int(self._order[position])
 
 
 class TokenStream:
@@ -179,8 +207,11 @@ class TokenLoader:
         self._slots = [m * dp_size + dp_rank for m in range(grad_accum)]
         self._stream = stream
         self.windows_per_epoch = self._stream.num_windows(block_size)
-        self._order_epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self._order = (
+            stream.sample_order(seed, block_size)
+            if isinstance(stream, OrderedStream)
+            else EpochOrder(self.windows_per_epoch, seed)
+        )
 
     @property
     def global_batch_size(self) -> int:
@@ -253,13 +284,7 @@ class TokenLoader:
 
     def window_of(self, sample: int) -> int:
         """The window that global sample index ``sample`` reads."""
-        epoch, position = divmod(sample, self.windows_per_epoch)
-        if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(
-                self.windows_per_epoch
-            )
-            self._order_epoch = epoch
-        return int(self._order[position])
+        return self._order(sample)
 
 
 def eval_batches(

@@ -1,27 +1,28 @@
 """Preparing a dataset (`clusterlm prepare`): text in, checksummed token shards and a manifest out.
 
-Steps: resolve the inputs; read each one, checking it is UTF-8, that no line is over
-``--max-line-bytes`` and that there is text at all; fingerprint inputs and options (equal to the
-existing manifest's: nothing to do); fit the tokenizer; tokenize in a process pool
-(``clusterlm.data.encode``); split; write shards under temporary names; rename them into place,
+Steps: resolve the inputs; read each one (in ``--nproc`` processes), checking it is UTF-8, that no
+line is over ``--max-line-bytes`` and that there is text at all; fingerprint inputs and options
+(equal to the existing manifest's: nothing to do); when cleaning, keep the documents that pass the
+filters and deduplication (``clusterlm.data.curation``); fit the tokenizer; tokenize in a process
+pool (``clusterlm.data.encode``); split; write shards under temporary names; rename them into place,
 the manifest last. Bad input fails before the output directory is touched. Inputs are streamed
-(``clusterlm.data.documents``) and a long document's ids wait for their split on a temporary
-file, so memory stays bounded by the shard size and the tokenizer whatever the input (a document
-with no line break between two non-space characters is tokenized in one piece). A disk that is
-full or read-only fails with one line, the temporary files removed and the previous data intact.
+(``clusterlm.data.documents``) and a long document's ids wait for their split on a temporary file,
+so memory stays bounded by the shard size and the tokenizer whatever the input (a document with no
+line break between two non-space characters is tokenized in one piece). A disk that is full or read-
+only fails with one line, the temporary files removed and the previous data intact.
 
 Split rule ("seeded-span"): a document of n tokens gives its v = round(val_fraction * n)
 consecutive tokens starting at an offset drawn from ``numpy.random.default_rng([seed, d])`` (d is
-the document's position among the inputs) to val, and the rest to train. Every contiguous piece of
+the document's position among those kept) to val, and the rest to train. Every contiguous piece of
 a document is followed by the end-of-text token in its split. The same inputs and options always
-give byte-identical output, whatever the number of workers.
+give byte-identical output, whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,8 +32,9 @@ from fsspec import AbstractFileSystem
 from tqdm import tqdm
 
 from clusterlm.data.corpus import embedded_corpus
-from clusterlm.data.documents import Document, scan_document
-from clusterlm.data.encode import encode_all, pieces
+from clusterlm.data.curation import REPORT_NAME, curate, report_json, scan_sources, summary
+from clusterlm.data.documents import Document
+from clusterlm.data.encode import encode_documents, pieces
 from clusterlm.data.encode import split_text as split_text  # re-exported: part of this module's API
 from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES
 from clusterlm.data.manifest import (
@@ -46,8 +48,9 @@ from clusterlm.data.manifest import (
     TokenizerInfo,
     token_dtype,
 )
+from clusterlm.data.quality import CleaningOptions
 from clusterlm.data.shards import DocumentIds, ShardWriter
-from clusterlm.data.storage import SourceFile, StagedDir, is_local, join, resolve_sources, url_to_fs
+from clusterlm.data.storage import StagedDir, is_local, join, resolve_sources, url_to_fs
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path, disk_errors
@@ -78,6 +81,7 @@ class PrepareOptions:
     seed: int = 0
     force: bool = False
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer input line is refused
+    cleaning: CleaningOptions = CleaningOptions()  # normalisation, filters, deduplication
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -86,7 +90,7 @@ class PrepareOptions:
             )
         for flag, value in (
             ("--shard-tokens", self.shard_tokens),
-            ("--workers", self.workers),
+            ("--nproc/--workers", self.workers),
             ("--max-line-bytes", self.max_line_bytes),
         ):
             if value < 1:
@@ -105,7 +109,8 @@ def prepare(opts: PrepareOptions) -> Manifest:
     """Prepare ``opts.out`` (or find it up to date) and return its manifest."""
     sources = resolve_sources(opts.inputs) if opts.inputs else embedded_corpus()
     given_tokenizer = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
-    documents = scan_sources(sources, opts.max_line_bytes)
+    cleaning = opts.cleaning if opts.cleaning.active else None
+    documents = scan_sources(sources, opts.max_line_bytes, cleaning, opts.workers)
     infos = tuple(d.info for d in documents)
     fingerprint = _fingerprint(opts, infos, given_tokenizer)
 
@@ -117,8 +122,11 @@ def prepare(opts: PrepareOptions) -> Manifest:
         assert existing is not None  # its fingerprint matched
         return existing
 
+    documents, report = curate(documents, cleaning) if cleaning else (documents, None)
+    if report is not None:
+        print(summary(report))
     tokenizer = given_tokenizer or fit_tokenizer(
-        opts.tokenizer, opts.bpe_vocab_size, document_pieces(documents)
+        opts.tokenizer, opts.bpe_vocab_size, fitting_texts(opts.tokenizer, documents)
     )
     dtype = token_dtype(tokenizer.vocab_size)  # before anything is written: a misfit writes nothing
     with disk_errors(opts.out, "--out"):
@@ -145,12 +153,8 @@ def prepare(opts: PrepareOptions) -> Manifest:
                 shard_tokens=opts.shard_tokens,
                 splits=splits,
             )
-            with staged.open(TOKENIZER_NAME) as f:
-                f.write(tokenizer.to_json().encode("utf-8"))
-            with staged.open(MANIFEST_NAME) as f:
-                f.write(manifest.to_json().encode("utf-8"))
-            stale = [name for name in entry_names(fs, root) if DATA_FILE_NAME.match(name)]
-            staged.commit(last=MANIFEST_NAME, remove=stale)
+            extra = {REPORT_NAME: report_json(report)} if report is not None else {}
+            _publish(staged, {TOKENIZER_NAME: tokenizer.to_json(), **extra}, manifest)
         except BaseException:
             discard(fs, root, staged, created)
             raise
@@ -163,45 +167,40 @@ def prepare(opts: PrepareOptions) -> Manifest:
     return manifest
 
 
+def _publish(staged: StagedDir, files: dict[str, str], manifest: Manifest) -> None:
+    """Write ``files`` and the manifest, then publish them with the staged shards, the manifest
+    last; data files of an earlier dataset, and its cleaning report, go."""
+    for name, text in {**files, MANIFEST_NAME: manifest.to_json()}.items():
+        with staged.open(name) as f:
+            f.write(text.encode("utf-8"))
+    stale = [
+        name
+        for name in entry_names(staged.fs, staged.root)
+        if DATA_FILE_NAME.match(name) or name == REPORT_NAME
+    ]
+    staged.commit(last=MANIFEST_NAME, remove=stale)
+
+
 def discard(fs: AbstractFileSystem, root: str, staged: StagedDir, created: bool) -> None:
     """After a failed write: remove the temporary files, and ``root`` if this run made it."""
-    with suppress(
-        OSError
-    ):  # a read-only disk refuses even this; the original error is the one to see
+    with suppress(OSError):  # a read-only disk refuses even this; the first error is the one
         staged.discard()
         if created and not fs.ls(root):
             fs.rmdir(root)
 
 
-def scan_sources(
-    sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-) -> list[Document]:
-    """Each source checked and measured (``clusterlm.data.documents``); fails on bad input."""
-    documents = [scan_document(source, max_line_bytes) for source in sources]
-    if not any(d.chars for d in documents):
-        names = ", ".join(s.name for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
-        raise UserError(f"the inputs ({names}) hold no text; pass files that contain text")
-    return documents
-
-
-def read_documents(
-    sources: list[SourceFile], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-) -> Iterator[str]:
-    """The cleaned text of every source, whole, in order (empty for a source without text)."""
-    for source in sources:
-        yield "".join(scan_document(source, max_line_bytes).text())
-
-
-def document_pieces(documents: list[Document]) -> Iterator[str]:
-    """The documents' texts in the pieces they are tokenized in (for fitting a tokenizer: neither
-    kind merges across the boundaries, so the pieces train what the whole texts would)."""
+def fitting_texts(kind: str, documents: list[Document]) -> Iterable[str]:
+    """What a tokenizer of ``kind`` is fitted on: the characters the scan collected (char), or the
+    texts in the pieces they are tokenized in, across which BPE merges nothing."""
+    if kind == "char":
+        return (d.alphabet for d in documents)
     return (piece.text for piece in pieces((d.text() for d in documents), PIECE_CHARS))
 
 
 def _fingerprint(
     opts: PrepareOptions, infos: tuple[SourceInfo, ...], given: Tokenizer | None
 ) -> str:
-    """Hash of everything the output depends on (not --workers, which changes nothing)."""
+    """Hash of everything the output depends on (not --nproc, which changes nothing)."""
     if given is not None:
         tokenizer: dict[str, object] = {"kind": "file", "sha256": given.sha256}
     elif opts.tokenizer == "bpe":
@@ -217,6 +216,8 @@ def _fingerprint(
         "seed": opts.seed,
         "shard_tokens": opts.shard_tokens,
     }
+    if opts.cleaning.active:  # absent otherwise: data prepared before cleaning existed stays valid
+        payload["cleaning"] = asdict(opts.cleaning)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -311,10 +312,10 @@ def _write_shards(
         }
         held = DocumentIds(dtype, held_tokens)
         stack.callback(lambda: held.close())
-        texts = (d.text() for d in documents)
-        for piece, ids in encode_all(tokenizer, pieces(texts, PIECE_CHARS), dtype, opts.workers):
-            bar.update(len(piece.text))
-            held.append(ids)
+        encoded = encode_documents(tokenizer, documents, dtype, opts.workers, PIECE_CHARS)
+        for piece in encoded:
+            bar.update(piece.chars)
+            held.append(piece.ids)
             if not piece.last:
                 continue
             for name, spans in zip(

@@ -18,6 +18,7 @@ from typing import BinaryIO
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from clusterlm.errors import UserError
 from clusterlm.files import disk_errors, fsync_path, is_sha256
@@ -33,6 +34,11 @@ def url_to_fs(url: str | os.PathLike[str]) -> tuple[AbstractFileSystem, str]:
 
 def is_local(fs: AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def shared_between_processes(fs: AbstractFileSystem) -> bool:
+    """Whether another process sees what this one sees on ``fs`` (not so for ``memory://``)."""
+    return not isinstance(fs, MemoryFileSystem)
 
 
 def display_name(fs: AbstractFileSystem, path: str) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 from fsspec import AbstractFileSystem
 
 from clusterlm.data.corpus import embedded_corpus
+from clusterlm.data.curation import scan_sources
 from clusterlm.data.jsonl_task import Record, read_jsonl
 from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES, Reading, bounded_lines, open_source
 from clusterlm.data.manifest import (
@@ -40,7 +41,6 @@ from clusterlm.data.prepare import (
     discard,
     entry_names,
     fit_tokenizer,
-    scan_sources,
     up_to_date,
 )
 from clusterlm.data.storage import SourceFile, StagedDir, is_local, join, resolve_sources, url_to_fs

@@ -19,6 +19,7 @@ from clusterlm.checkpoint.directory import COMPLETE
 from clusterlm.config import Config
 from clusterlm.config.pretrained import pretrained_dir
 from clusterlm.data.manifest import check_files_present
+from clusterlm.data.mixture import same_tokenizer
 from clusterlm.data.packing import packing_for
 from clusterlm.data.task import load_task
 from clusterlm.data.translation import is_translation_dir, load_translation
@@ -41,7 +42,9 @@ def preflight(cfg: Config, nproc: int, nnodes: str) -> None:
     elif is_translation_dir(cfg.data.dir):
         load_translation(cfg.data.dir, verify=False)
     else:
-        manifest = check_files_present(cfg.data.dir)
+        for source in cfg.data.sources:
+            check_files_present(source.dir)
+        manifest = same_tokenizer([source.dir for source in cfg.data.sources])[0]
         packing_for(manifest.eot_id, cfg.data.document_masking, cfg.model.position_reset)
     directory = pretrained_dir(cfg)
     if directory is not None:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from clusterlm.config import Config, grad_accum_steps
 from clusterlm.data.loader import eval_batches
 from clusterlm.data.masking import IGNORE_INDEX
+from clusterlm.data.mixture import mix_labels
 from clusterlm.distributed.runtime import Runtime
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.parallel import ParallelModel
@@ -25,6 +26,39 @@ def eval_windows(cfg: Config, dp_size: int) -> int:
 
 def evaluate(
     model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: int, split: str = "val"
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``split`` of the data trained on: of ``data.dir``, or
+    the weighted mean of those of every dataset of ``data.mix`` (``evaluate_sources``)."""
+    return weighted_mean(cfg, evaluate_sources(model, cfg, runtime, num_windows, split))
+
+
+def weighted_mean(cfg: Config, scores: list[tuple[float, float]]) -> tuple[float, float]:
+    """The scores of the datasets trained on, weighted as ``data.mix`` weighs them."""
+    sources, total = cfg.data.sources, sum(source.weight for source in cfg.data.sources)
+    loss, accuracy = (
+        sum(source.weight * score[k] for source, score in zip(sources, scores, strict=True)) / total
+        for k in (0, 1)
+    )
+    return loss, accuracy
+
+
+def evaluate_sources(
+    model: ParallelModel, cfg: Config, runtime: Runtime, num_windows: int, split: str = "val"
+) -> list[tuple[float, float]]:
+    """``evaluate_dir`` of each dataset trained on (``data.dir``, or those of ``data.mix``)."""
+    return [
+        evaluate_dir(model, cfg, runtime, num_windows, split, source.dir)
+        for source in cfg.data.sources
+    ]
+
+
+def evaluate_dir(
+    model: ParallelModel,
+    cfg: Config,
+    runtime: Runtime,
+    num_windows: int,
+    split: str,
+    data_dir: str,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of the predicted tokens (next tokens, or the masked ones of
     a masked LM) over ``num_windows`` fixed windows, the same for every layout: each data-parallel
@@ -43,7 +77,7 @@ def evaluate(
     batch_size, first = cfg.training.micro_batch_size, dp_rank * (num_windows // dp_size)
     for i, (x, y) in enumerate(
         eval_batches(
-            cfg.data.dir,
+            data_dir,
             split,
             cfg.seq_len,
             num_windows,
@@ -77,10 +111,14 @@ def language_model_metrics(
     model: ParallelModel, cfg: Config, runtime: Runtime, split: str = "val"
 ) -> dict[str, float | None]:
     """The trainer's periodic evaluation of a language model: loss, perplexity and the accuracy of
-    the predicted tokens (None where the logits are split across ranks)."""
-    loss, accuracy = evaluate(model, cfg, runtime, eval_windows(cfg, runtime.dp_size), split)
+    the predicted tokens (None where the logits are split across ranks); with ``data.mix``, the
+    weighted mean of the datasets' and each one's loss."""
+    scores = evaluate_sources(model, cfg, runtime, eval_windows(cfg, runtime.dp_size), split)
+    loss, accuracy = weighted_mean(cfg, scores)
+    per_source = mix_labels(cfg.data.sources) if cfg.data.mix else []
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
         "accuracy": accuracy if math.isfinite(accuracy) else None,
+        **{f"loss_{label}": score[0] for label, score in zip(per_source, scores, strict=False)},
     }

@@ -54,6 +54,7 @@ def load_for_inference(
         saved,
         {
             "data.dir": data_dir or saved.data.dir,
+            "data.mix": "" if data_dir else saved.data.mix,  # a directory given replaces a mix
             "training.precision": settle_precision(
                 precision or saved.training.precision, runtime.device
             ),

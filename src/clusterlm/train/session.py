@@ -22,10 +22,12 @@ from torch import nn
 from clusterlm import checkpoint
 from clusterlm.checkpoint.async_writer import CheckpointWriter
 from clusterlm.config import Config, grad_accum_steps, settle_model
+from clusterlm.config.data_mix import MixSource, parse_mix
 from clusterlm.config.slow_ranks import rank_factor
 from clusterlm.data.loader import SampleStream, TokenLoader, TokenStream
-from clusterlm.data.manifest import load_manifest, verify_shards
+from clusterlm.data.manifest import verify_shards
 from clusterlm.data.masking import MaskedLoader
+from clusterlm.data.mixture import MixedStream, mix_labels, same_tokenizer
 from clusterlm.data.packing import Packing, packing_for
 from clusterlm.distributed import restarts
 from clusterlm.distributed.runtime import Runtime, setup_runtime
@@ -123,6 +125,16 @@ class Session:
     def evaluate(self, split: str) -> Metrics:
         return self.task.evaluate(self, split)
 
+    def mix_tokens(self) -> dict[str, int]:
+        """Tokens trained on from each dataset of ``data.mix`` so far (none without a mix): a
+        function of the loader's counter, so a resumed run recovers them."""
+        stream = self.task.stream
+        if not isinstance(stream, MixedStream):
+            return {}
+        served = stream.schedule(self.cfg.training.seed).counts(self.loader.samples_consumed)
+        labels = mix_labels(stream.sources)
+        return {f"tokens_{k}": n * self.cfg.seq_len for k, n in zip(labels, served, strict=True)}
+
 
 def build_model(cfg: Config, vocab_size: int) -> tuple[torch.nn.Module, ParamSource]:
     """The plain model on the meta device, and where its initial values come from: drawn per
@@ -204,9 +216,11 @@ def language_model_task(cfg: Config) -> TaskSpec:
             "prepare one with `clusterlm prepare --task translation:bible-en-es --out DIR` "
             "and pass data.dir DIR"
         )
-    manifest = load_manifest(cfg.data.dir)
+    dirs = [source.dir for source in cfg.data.sources]
+    manifest = same_tokenizer(dirs)[0]
     if cfg.data.verify:
-        verify_shards(cfg.data.dir)
+        for directory in dirs:
+            verify_shards(directory)
     check_pretrained_tokenizer(cfg, manifest)
 
     def model(settled: Config) -> tuple[nn.Module, ParamSource]:
@@ -217,8 +231,10 @@ def language_model_task(cfg: Config) -> TaskSpec:
 
     return TaskSpec(
         vocab_size=manifest.vocab_size,
-        tokenizer=read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256),
-        stream=TokenStream(cfg.data.dir, "train"),
+        tokenizer=read_tokenizer(dirs[0], manifest.tokenizer.sha256),
+        stream=MixedStream(cfg.data.sources, "train")
+        if cfg.data.mix
+        else TokenStream(cfg.data.dir, "train"),
         model=model,
         flops_per_token=lambda args, settled: training_flops_per_token(args, settled.seq_len),
         recipe=lambda part, cfg: optimizer_recipe(part, cfg.optim),
@@ -271,12 +287,23 @@ def _resume(session: Session) -> None:
         )
     session.model.load_state_dict(checkpoint.CheckpointReader(found.path), session.optimizers)
     session.loader.load_state_dict(found.state["loader"])
+    saved_mix = parse_mix(found.state["config"].get("data", {}).get("mix", ""))
+    if _shares(saved_mix) != _shares(parse_mix(cfg.data.mix)):
+        raise UserError(
+            f"checkpoint {found.path} was trained on another data.mix (other datasets or "
+            "weights); resume with the mix it was saved with, or start a new training.out_dir"
+        )
     restore_counts(session.balancer, found.state.get("micro_batches_per_rank"))
     session.step, session.tokens, session.resumed_from = (
         found.state["step"],
         found.state["tokens"],
         found.path,
     )
+
+
+def _shares(sources: tuple[MixSource, ...]) -> list[float]:
+    """The share of the samples each dataset of a mix serves (a mix's datasets may move)."""
+    return [source.weight / sum(s.weight for s in sources) for source in sources]
 
 
 def save(session: Session) -> Path:
@@ -289,6 +316,7 @@ def save(session: Session) -> Path:
         "tokenizer_sha256": session.tokenizer.sha256,
         "run_id": restarts.run_id(),
         "micro_batches_per_rank": session.balancer.counts if session.balancer else None,
+        "mix_tokens": session.mix_tokens(),
     }
     return session.writer.save(
         session.checkpoints,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from clusterlm.config import Config
+from clusterlm.data.mixture import describe_mix
 from clusterlm.data.translation import is_translation_dir
 from clusterlm.distributed.launch_variables import launch_position
 from clusterlm.distributed.runtime import describe_layout
@@ -261,6 +262,7 @@ def _train_record(session: Session, loss: float, seconds_per_step: float) -> dic
         "kind": "train",
         "step": session.step,
         "tokens": session.tokens,
+        **session.mix_tokens(),
         "loss": loss,
         "lr": session.optimizers[0].param_groups[0]["lr"],
         "ms_per_step": 1000 * seconds_per_step,
@@ -285,5 +287,7 @@ def _describe(session: Session, progress: ProgressDisplay) -> None:
         f"{session.tokens_per_step:,} tokens/step ({session.grad_accum} micro-steps) | {layout} | "
         f"{r.device}, {session.cfg.training.precision}, peak {peak}"
     )
+    if session.cfg.data.mix:
+        progress.message(f"data mix: {describe_mix(session.cfg.data.sources)}")
     if session.resumed_from:
         progress.message(f"resumed from {session.resumed_from} at step {session.step}")

@@ -10,9 +10,10 @@ import pytest
 
 from clusterlm.data import task_prepare
 from clusterlm.data.corpus import embedded_corpus
+from clusterlm.data.curation import read_documents
 from clusterlm.data.manifest import TASK_KIND, TokenizerInfo, load_manifest
 from clusterlm.data.plays import passages, plays, scene_passages, scenes
-from clusterlm.data.prepare import PrepareOptions, prepare, read_documents
+from clusterlm.data.prepare import PrepareOptions, prepare
 from clusterlm.data.storage import StagedDir, url_to_fs
 from clusterlm.data.task import (
     TASK_FORMAT_VERSION,

@@ -1,0 +1,99 @@
+"""The bad-input corpus, data part: mixes of datasets (``data.mix``) and the cleaning and
+deduplication options of `clusterlm prepare`."""
+
+from __future__ import annotations
+
+from bad_inputs_harness import TINY, case, write
+
+from clusterlm.data.prepare import PrepareOptions, prepare
+
+TRAIN = ("train", "--training.out_dir", "{tmp}/out", *TINY)
+
+
+def other_tokenizer(tmp, shared) -> None:
+    """A dataset prepared from other text, so with another char tokenizer."""
+    (tmp / "other.txt").write_text("a different alphabet: xyz XYZ 0123456789\n" * 200)
+    prepare(PrepareOptions(inputs=(str(tmp / "other.txt"),), out=str(tmp / "other")))
+
+
+def mix(id: str, value: str, expect: str, **options) -> object:
+    return case(f"mix-{id}", *TRAIN, "--data.mix", value, expect=expect, **options)
+
+
+def mix_toml(id: str, value: str, expect: str) -> object:
+    text = f"[data]\nmix = {value}\n"
+    return case(
+        f"mix-toml-{id}",
+        *TRAIN,
+        "--config",
+        "{tmp}/mix.toml",
+        setup=write("mix.toml", text),
+        expect=expect,
+    )
+
+
+MIXES = [
+    mix("zero-weight", "{data}=0.5,{tmp}/b=0", "must be a positive number"),
+    mix("negative-weight", "{data}=1,{tmp}/b=-0.5", "must be a positive number"),
+    mix("nan-weight", "{data}=nan", "must be a positive number"),
+    mix("weight-not-a-number", "{data}=half", "is not a number"),
+    mix("no-weight", "{data}", "has no DIR=WEIGHT"),
+    mix("empty-entry", "{data}=1,", "has no DIR=WEIGHT"),
+    mix("same-dir-twice", "{data}=1,{data}=2", "twice"),
+    mix("missing-dir", "{data}=1,{tmp}/missing=1", "no prepared data"),
+    mix("is-a-task", "{data}=1,{task}=1", "labelled task"),
+    mix("other-tokenizer", "{data}=1,{tmp}/other=1", "another tokenizer", setup=other_tokenizer),
+    case(  # refused by the launcher's checks, before any worker starts
+        "mix-other-tokenizer-launched",
+        *TRAIN,
+        "--nproc",
+        "2",
+        "--data.mix",
+        "{data}=1,{tmp}/other=1",
+        setup=other_tokenizer,
+        expect="another tokenizer",
+    ),
+    mix_toml("empty", "[]", "empty list"),
+    mix_toml("zero-weight", '[{dir = "{data}", weight = 0}]', "must be a positive number"),
+    mix_toml("no-weight", '[{dir = "{data}"}]', "must be a table with dir and weight"),
+    mix_toml("not-tables", '["{data}"]', "must be a table with dir and weight"),
+]
+
+
+def clean(id: str, *options: str, expect: str) -> object:
+    text = "now is the winter of our discontent\n" * 20
+    return case(
+        f"prepare-clean-{id}",
+        "prepare",
+        "{tmp}/a.txt",
+        "--out",
+        "{tmp}/out",
+        *options,
+        setup=write("a.txt", text),
+        expect=expect,
+    )
+
+
+CLEANING = [
+    clean("dedup-unknown", "--dedup", "fuzzy", expect="--dedup"),
+    clean("min-chars-negative", "--min-chars", "-1", expect="must be >= 0"),
+    clean("max-below-min", "--min-chars", "50", "--max-chars", "10", expect="below --min-chars"),
+    clean("non-letter-above-one", "--max-non-letter", "1.5", expect="--max-non-letter"),
+    clean("near-threshold-one", "--near-threshold", "1", expect="--near-threshold"),
+    clean("near-threshold-nan", "--near-threshold", "nan", expect="--near-threshold"),
+    clean("removes-everything", "--min-chars", "100000", expect="removed every document"),
+    clean("nproc-zero", "--nproc", "0", expect="--nproc"),
+    case(
+        "prepare-clean-with-task",
+        "prepare",
+        "--task",
+        "play-classification",
+        "--out",
+        "{tmp}/out",
+        "--dedup",
+        "exact",
+        expect="no cleaning options",
+    ),
+]
+
+DATA_CASES = [*MIXES, *CLEANING]
