@@ -106,6 +106,10 @@ def test_round_trip_is_byte_identical(mixtral, tmp_path, tokenizer):
         == safetensors_bytes(tmp_path / "b")
         == safetensors_bytes(root)
     )
+    assert (tmp_path / "b" / "model.safetensors.index.json").is_file()
+    sharded = dict(imported(tmp_path / "b").named_parameters())  # experts across shard files
+    for name, param in again.named_parameters():
+        assert torch.equal(sharded[name], param), name
 
 
 def test_what_mixtral_cannot_express_is_refused_and_nothing_written(tmp_path, tokenizer):
