@@ -14,9 +14,12 @@ CLM := $(VENV)/bin/clusterlm
 .PHONY: train test lint clean system-packages
 
 # Real systems the tests start privately: a single-node Slurm, OpenMPI's mpirun, a Prometheus server,
-# network namespaces (iproute2) as nodes. Installed with apt when missing and running as root; quick
-# when they are there; without root those tests skip (and fail under CI=true).
-SYSTEM_PACKAGES ?= slurm-wlm munge openmpi-bin prometheus iproute2
+# network namespaces (iproute2) as nodes; and offline data: the English and Spanish Bibles as SWORD
+# modules with their Python binding, and the FreeDict English-Spanish dictionary (translation).
+# Installed with apt when missing and running as root; quick when they are there; without root
+# those tests skip (and fail under CI=true).
+SYSTEM_PACKAGES ?= slurm-wlm munge openmpi-bin prometheus iproute2 \
+	sword-text-kjv sword-text-sparv python3-sword libsword-utils dict-freedict-eng-spa
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

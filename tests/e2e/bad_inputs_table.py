@@ -23,7 +23,9 @@ from bad_inputs_harness import (
     write,
 )
 from bad_inputs_table_hardening import HARDENING
+from bad_inputs_table_long_context import LONG_CONTEXT
 from bad_inputs_table_runs import RUN_CASES
+from bad_inputs_table_translation import TRANSLATION
 
 DEEP = "[" * 100_000  # a JSON document nested deeper than any parser's recursion
 TRAIN = ("train", "--data.dir", "{data}", "--training.out_dir", "{tmp}/out", *TINY)
@@ -639,4 +641,16 @@ DISKS = [
     ),
 ]
 
-CASES = [*CONFIGS, *CORPORA, *PREPARED, *TASKS, *LAUNCH, *SIGNALS, *DISKS, *RUN_CASES, *HARDENING]
+CASES = [
+    *CONFIGS,
+    *CORPORA,
+    *PREPARED,
+    *TASKS,
+    *LAUNCH,
+    *SIGNALS,
+    *DISKS,
+    *RUN_CASES,
+    *HARDENING,
+    *TRANSLATION,
+    *LONG_CONTEXT,
+]

@@ -190,9 +190,12 @@ def block_activation_bytes(session: Session) -> int:
         device=session.runtime.device,
     )
 
+    # This rank's share of the window under context parallelism, with its positions and mask.
+    x, _, inputs = model.inputs(tokens, tokens)
+
     def forward() -> None:
         with model.precision.autocast(), attention_kernel(cfg.training.attention):
-            part(tokens)
+            part(x, **inputs)
 
     return saved_activation_bytes(part, forward, within=first_block)[0]
 

@@ -30,6 +30,11 @@ def main(argv: list[str]) -> int:
             f"{loaded.path} is a bert encoder, which predicts masked tokens and does not generate "
             "text; generate from a gpt2 or llama run"
         )
+    if loaded.cfg.model.flavour == "mbart":
+        raise UserError(
+            f"{loaded.path} is an encoder-decoder trained to translate; score its translations "
+            "with `clusterlm eval`, or generate from a gpt2 or llama run"
+        )
     tokenizer = Tokenizer.load(loaded.path / "tokenizer.json")
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

@@ -8,7 +8,16 @@ import os
 from clusterlm.cli.options import Parser
 from clusterlm.data.lines import DEFAULT_MAX_LINE_BYTES
 from clusterlm.data.prepare import DEFAULT_BPE_VOCAB, DEFAULT_SHARD_TOKENS, PrepareOptions, prepare
-from clusterlm.data.task_prepare import JSONL_PREFIX, PLAY_TASK, TaskOptions, prepare_task
+from clusterlm.data.task_prepare import (
+    BIBLE_TASK,
+    JSONL_PREFIX,
+    PLAY_TASK,
+    TRANSLATION_JSONL_PREFIX,
+    TRANSLATION_TEXT_PREFIX,
+    TaskOptions,
+    prepare_task,
+)
+from clusterlm.data.translation_prepare import is_translation_task, prepare_translation
 from clusterlm.errors import UserError
 
 
@@ -94,19 +103,28 @@ def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_task_arguments(p: argparse.ArgumentParser) -> None:
     """A labelled classification task written instead of a corpus."""
-    task = p.add_argument_group("labelled tasks (for `clusterlm finetune`)")
+    task = p.add_argument_group("labelled and translation tasks")
     task.add_argument(
         "--task",
         default=None,
         help=f"write a classification task instead of a corpus: {PLAY_TASK} (passages of the "
         f"embedded plays, labelled with their play, split by scene) or {JSONL_PREFIX}PATH "
-        '(JSONL lines {"text", "label"[, "split"]}); takes no INPUT',
+        '(JSONL lines {"text", "label"[, "split"]}); or a translation task: '
+        f"{BIBLE_TASK} (the English-Spanish Bible from Debian's SWORD modules, split by book) "
+        f'or {TRANSLATION_JSONL_PREFIX}PATH (JSONL lines {{"src", "tgt"[, "split"]}}) or '
+        f"{TRANSLATION_TEXT_PREFIX}SRC,TGT (two text files, line i of each a pair); "
+        "takes no INPUT",
     )
     task.add_argument(
         "--passage-tokens",
         type=int,
         default=64,
         help=f"{PLAY_TASK}: most tokens per passage of whole lines (default: 64)",
+    )
+    task.add_argument(
+        "--separate-vocab",
+        action="store_true",
+        help="translation tasks: fit a tokenizer to each side instead of one to both",
     )
     task.add_argument(
         "--test-fraction",
@@ -123,19 +141,24 @@ def main(argv: list[str]) -> int:
             raise UserError(
                 "--task takes no INPUT and no --vocab-size; drop them (the task names its own text)"
             )
-        prepare_task(
-            TaskOptions(
-                task=args.task,
-                out=args.out,
-                tokenizer=args.tokenizer,
-                seed=args.seed,
-                passage_tokens=args.passage_tokens,
-                val_fraction=args.val_fraction,
-                test_fraction=args.test_fraction,
-                force=args.force,
-                max_line_bytes=args.max_line_bytes,
-            )
+        options = TaskOptions(
+            task=args.task,
+            out=args.out,
+            tokenizer=args.tokenizer,
+            seed=args.seed,
+            passage_tokens=args.passage_tokens,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            force=args.force,
+            max_line_bytes=args.max_line_bytes,
+            separate_vocab=args.separate_vocab,
         )
+        if args.separate_vocab and not is_translation_task(args.task):
+            raise UserError("--separate-vocab applies to translation tasks; drop it")
+        if is_translation_task(args.task):
+            prepare_translation(options)
+        else:
+            prepare_task(options)
         return 0
     prepare(
         PrepareOptions(

@@ -124,6 +124,13 @@ def _objective(cfg: Config) -> None:
             f"model.flavour = {cfg.model.flavour} trains with training.objective = "
             f"{'mlm' if encoder else 'clm'}, not {objective}"
         )
+    p = cfg.parallel
+    if cfg.model.flavour == "mbart" and (p.pp > 1 or p.tp > 1 or p.sequence_parallel):
+        raise UserError(
+            "model.flavour = mbart has no pipeline or tensor-parallel plan yet; use "
+            "parallel.pp = 1, parallel.tp = 1 and parallel.sequence_parallel = false "
+            "(data-parallel layouts work)"
+        )
     if encoder and (cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel):
         raise UserError(
             "model.flavour = bert has no pipeline or sequence-parallel plan yet; "
@@ -157,9 +164,68 @@ def _finetune(cfg: Config) -> None:
         )
 
 
+def _context_parallel(cfg: Config) -> None:
+    p, m, seq = cfg.parallel, cfg.model, cfg.seq_len
+    if p.cp == 1:
+        return
+    if m.flavour == "gpt2" and seq > m.block_size:
+        raise UserError(
+            f"parallel.cp splits sequences of training.seq_len {seq} tokens, whose global "
+            f"positions gpt2's learned table must hold, but it has model.block_size "
+            f"{m.block_size} rows; raise model.block_size or use model.flavour = llama (rotary)"
+        )
+    if seq % (2 * p.cp):
+        raise UserError(
+            f"training.seq_len ({seq}) must be divisible by 2 x parallel.cp = {2 * p.cp}: each "
+            "context-parallel rank holds two equal chunks of every sequence (zig-zag)"
+        )
+    heads = m.n_head // p.tp
+    if p.cp_attention == "all_to_all" and heads % p.cp:
+        raise UserError(
+            f"parallel.cp_attention = all_to_all splits the {heads} attention heads per "
+            f"tensor-parallel rank over parallel.cp = {p.cp} ranks; make model.n_head / "
+            "parallel.tp divisible by parallel.cp or use parallel.cp_attention = ring"
+        )
+    if p.cp_attention == "ring" and m.dropout:
+        raise UserError(
+            "parallel.cp_attention = ring has no attention dropout; set model.dropout = 0 "
+            "or use parallel.cp_attention = all_to_all"
+        )
+    unsupported = {
+        "parallel.sequence_parallel": p.sequence_parallel,
+        f"parallel.data_parallel = {p.data_parallel}": p.data_parallel
+        in ("local_sgd", "diloco", "ps"),
+        f"model.flavour = {m.flavour}": m.flavour in ("bert", "mbart"),
+        "model.moe_experts > 0": m.moe_experts > 0,
+        "finetune.task": bool(cfg.finetune.task),
+    }
+    _refuse_with(unsupported, "parallel.cp > 1")
+
+
+def _packing(cfg: Config) -> None:
+    if not (cfg.data.document_masking or cfg.model.position_reset):
+        return
+    p = cfg.parallel
+    unsupported = {
+        "parallel.pp > 1": p.pp > 1,
+        "parallel.sequence_parallel": p.sequence_parallel,
+        f"model.flavour = {cfg.model.flavour}": cfg.model.flavour in ("bert", "mbart"),
+        "finetune.task": bool(cfg.finetune.task),
+    }
+    _refuse_with(unsupported, "data.document_masking / model.position_reset")
+
+
+def _refuse_with(unsupported: dict[str, bool], feature: str) -> None:
+    for setting, present in unsupported.items():
+        if present:
+            raise UserError(f"{feature} does not work with {setting} yet; turn one of them off")
+
+
 CHECKS: tuple[Callable[[Config], None], ...] = (
     check_ranges,
+    _context_parallel,
     _model,
+    _packing,
     _optim,
     _parallel,
     _comm,

@@ -34,7 +34,7 @@ REPLICATING = ("ddp", "zero1", "local_sgd", "diloco", "ps")
 def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
     """(dp_replicate, dp_shard) for the strategy; zeros are derived so that
     pp x dp_replicate x dp_shard x tp is the world size."""
-    model_parallel = cfg.pp * cfg.tp
+    model_parallel = cfg.pp * cfg.tp * cfg.cp
     if cfg.data_parallel == "ps":
         # the servers hold no model replica: the mesh spans the workers
         world_size -= cfg.ps_servers
@@ -46,21 +46,24 @@ def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
             )
     if world_size % model_parallel:
         raise UserError(
-            f"parallel.pp x parallel.tp ({cfg.pp} x {cfg.tp}) does not divide the {world_size} "
-            "processes of the job"
+            f"parallel.pp x parallel.tp x parallel.cp ({cfg.pp} x {cfg.tp} x {cfg.cp}) does not "
+            f"divide the {world_size} processes of the job"
         )
     data_parallel = world_size // model_parallel
     replicate, shard = _data_parallel_degrees(cfg, data_parallel)
     if replicate * shard != data_parallel:
         raise UserError(
             f"parallel.pp ({cfg.pp}) x dp_replicate ({replicate}) x dp_shard ({shard}) "
-            f"x tp ({cfg.tp}) = {replicate * shard * model_parallel} "
+            f"x cp ({cfg.cp}) x tp ({cfg.tp}) = {replicate * shard * model_parallel} "
             f"but the job has {world_size} processes; make the degrees multiply to the world size"
         )
-    if model_parallel > 1 and replicate * shard > 1 and cfg.data_parallel in REPLICATING:
+    # Context-parallel ranks reduce gradients like data-parallel ranks.
+    reducing = replicate * shard * cfg.cp > 1
+    if cfg.pp * cfg.tp > 1 and reducing and cfg.data_parallel in REPLICATING:
         raise UserError(
-            f"parallel.tp or parallel.pp > 1 composes with zero2, zero3 or hsdp data parallelism, "
-            f"not {cfg.data_parallel}"
+            f"parallel.tp or parallel.pp > 1 composes with zero2, zero3 or hsdp data parallelism "
+            f"(and with parallel.cp > 1, whose ranks reduce gradients alike), not "
+            f"{cfg.data_parallel}"
         )
     return replicate, shard
 

@@ -34,6 +34,18 @@ class ParallelConfig:
         "with tp > 1: split norms, dropout and the residual stream along the "
         "sequence too (activation memory / tp)",
     )
+    cp: int = setting(
+        1,
+        "context-parallel degree: every sequence split over this many ranks (zig-zag chunks), "
+        "which share the weights like data-parallel ranks",
+    )
+    cp_attention: str = setting(
+        "ring",
+        "context-parallel attention: ring (K/V blocks passed around the ranks, merged by "
+        "online softmax) or all_to_all (heads scattered, the sequence gathered; needs heads "
+        "divisible by cp)",
+        ("ring", "all_to_all"),
+    )
     pp: int = setting(1, "pipeline-parallel degree: the layers cut into stages on this many ranks")
     pp_schedule: str = setting(
         "1f1b",

@@ -16,9 +16,10 @@ from clusterlm.config.setting import setting
 class ModelConfig:
     flavour: str = setting(
         "gpt2",
-        "architecture family: gpt2 or llama decoders, or the bert encoder (needs "
-        "training.objective = mlm)",
-        ("gpt2", "llama", "bert"),
+        "architecture family: gpt2 or llama decoders, the bert encoder (needs "
+        "training.objective = mlm), or the mbart encoder-decoder (needs a translation task "
+        "in data.dir)",
+        ("gpt2", "llama", "bert", "mbart"),
     )
     n_layer: int = setting(4, "number of Transformer blocks")
     n_head: int = setting(4, "attention heads")
@@ -37,6 +38,11 @@ class ModelConfig:
     )
     norm_eps: float = setting(1e-5, "epsilon of LayerNorm / RMSNorm")
     rope_theta: float = setting(10000.0, "llama: base of the rotary position frequencies")
+    position_reset: bool = setting(
+        False,
+        "restart positions at each document of a packed window (rotary angles for llama, the "
+        "learned table's rows for gpt2); documents end at the data's end-of-text token",
+    )
     init_from: str = setting(
         "",
         "start from pretrained weights: hf:DIR, a Hugging Face GPT-2, Llama, Mixtral or "
@@ -78,6 +84,12 @@ class DataConfig:
         "data/shakespeare-char", "prepared data directory or fsspec URL (`clusterlm prepare --out`)"
     )
     verify: bool = setting(True, "check every shard's sha256 against the manifest before training")
+    document_masking: bool = setting(
+        False,
+        "keep attention inside each document of a packed window (documents end at the data's "
+        "end-of-text token): flex attention's block mask on a GPU, else a boolean mask for "
+        "SDPA",
+    )
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ of a split once, each data-parallel rank a contiguous share.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence, Sized
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -53,8 +53,18 @@ class ExampleStream:
         return torch.from_numpy(rows).to(device), torch.from_numpy(labels).to(device)
 
 
+class SplitStream(Protocol):
+    """What evaluation reads: a split's examples (``ExampleStream``) or translation pairs
+    (``clusterlm.data.pair_batches.PairStream``), by index, -1 a filler row."""
+
+    @property
+    def split(self) -> Sized: ...
+
+    def batch(self, indices: Sequence[int], block_size: int, device: torch.device) -> Batch: ...
+
+
 def evaluation_batches(
-    stream: ExampleStream,
+    stream: SplitStream,
     block_size: int,
     batch_size: int,
     dp_rank: int,

@@ -56,8 +56,8 @@ def read_jsonl(name: str, lines: Iterable[bytes]) -> list[Record]:
     return records
 
 
-def _record(name: str, number: int, raw: bytes) -> Record:
-    where = f"{name} line {number}"
+def json_object(where: str, raw: bytes, fix: str) -> dict:
+    """Line ``raw`` (at ``where``) parsed as one JSON object; ``fix`` says what a line should be."""
     try:
         value = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -66,12 +66,18 @@ def _record(name: str, number: int, raw: bytes) -> Record:
         ) from err
     except json.JSONDecodeError as err:
         raise UserError(
-            f"{where} is not valid JSON ({err.msg} at column {err.colno}); {_FIX}"
+            f"{where} is not valid JSON ({err.msg} at column {err.colno}); {fix}"
         ) from err
     except RecursionError:
-        raise UserError(f"{where} nests arrays or objects too deeply to read; {_FIX}") from None
+        raise UserError(f"{where} nests arrays or objects too deeply to read; {fix}") from None
     if not isinstance(value, dict):
-        raise UserError(f"{where} is not a JSON object; {_FIX}")
+        raise UserError(f"{where} is not a JSON object; {fix}")
+    return value
+
+
+def _record(name: str, number: int, raw: bytes) -> Record:
+    where = f"{name} line {number}"
+    value = json_object(where, raw, _FIX)
     for key in ("text", "label"):
         if key not in value:
             raise UserError(f'{where} has no "{key}"; {_FIX}')

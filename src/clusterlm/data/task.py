@@ -141,7 +141,7 @@ class Task:
         return self.manifest.labels
 
 
-def _raw_manifest(directory: str) -> dict | None:
+def raw_manifest(directory: str) -> dict | None:
     """The parsed manifest.json of ``directory``, or None if there is none or it is not JSON."""
     fs, root = url_to_fs(directory)
     path = join(root, MANIFEST_NAME)
@@ -156,13 +156,13 @@ def _raw_manifest(directory: str) -> dict | None:
 
 def is_task_dir(directory: str) -> bool:
     """Whether ``directory`` holds a manifest that says it is a labelled task."""
-    raw = _raw_manifest(directory)
+    raw = raw_manifest(directory)
     return raw is not None and raw.get("kind") == TASK_KIND
 
 
 def load_task(directory: str, verify: bool = True) -> Task:
     """The task in ``directory`` (local path or URL); ``verify`` checks every file's sha256."""
-    raw = _raw_manifest(directory)
+    raw = raw_manifest(directory)
     if raw is None:
         raise UserError(
             f"no labelled task at {directory} (no readable {MANIFEST_NAME}); run {_PREPARE_HINT}"

@@ -57,6 +57,9 @@ from clusterlm.files import check_output_path, disk_errors
 
 PLAY_TASK = "play-classification"
 JSONL_PREFIX = "jsonl:"
+BIBLE_TASK = "translation:bible-en-es"  # clusterlm.data.translation_prepare
+TRANSLATION_JSONL_PREFIX = "translation-jsonl:"
+TRANSLATION_TEXT_PREFIX = "translation-text:"  # SRC,TGT: one sentence per line on each side
 SPLIT_RULE = "seeded-group"  # clusterlm.data.task.group_splits; JSONL "split" fields: "given"
 
 Examples = dict[str, list[tuple[np.ndarray, str | int]]]  # split -> (token ids, label) in order
@@ -73,14 +76,18 @@ class TaskOptions:
     test_fraction: float = 0.1
     force: bool = False
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer line of the JSONL file is refused
+    separate_vocab: bool = False  # translation tasks: a tokenizer per side
 
     def __post_init__(self) -> None:
-        if self.task != PLAY_TASK and not (
-            self.task.startswith(JSONL_PREFIX) and len(self.task) > len(JSONL_PREFIX)
-        ):
+        prefixed = any(
+            self.task.startswith(prefix) and len(self.task) > len(prefix)
+            for prefix in (JSONL_PREFIX, TRANSLATION_JSONL_PREFIX, TRANSLATION_TEXT_PREFIX)
+        )
+        if self.task not in (PLAY_TASK, BIBLE_TASK) and not prefixed:
             raise UserError(
-                f"unknown --task {self.task!r}; "
-                f"use {PLAY_TASK} or {JSONL_PREFIX}PATH (a JSONL file)"
+                f"unknown --task {self.task!r}; use {PLAY_TASK}, {JSONL_PREFIX}PATH (a JSONL "
+                f"file), {BIBLE_TASK}, {TRANSLATION_JSONL_PREFIX}PATH or "
+                f"{TRANSLATION_TEXT_PREFIX}SRC,TGT"
             )
         for flag, value in (
             ("--val-fraction", self.val_fraction),

@@ -106,7 +106,7 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.cuda.set_device(device)
     _join_process_group(device, cfg.parallel.timeout_s)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    mesh = build_mesh(device, pp, replicate, shard, tp)
+    mesh = build_mesh(device, pp, replicate, shard, tp, cfg.parallel.cp)
     dp_rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
     return Runtime(
         device,
@@ -141,7 +141,8 @@ def describe_layout(cfg: Config, runtime: Runtime) -> str:
     dp = f"dp {runtime.dp_size} ({p.data_parallel})" if runtime.dp_size > 1 else "dp 1"
     pp = f"pp {p.pp} ({p.pp_schedule})" if p.pp > 1 else "pp 1"
     tp = f"tp {p.tp}" + (" + sp" if p.sequence_parallel else "")
-    return f"{runtime.world_size} processes: {pp} x {dp} x {tp}"
+    cp = f" x cp {p.cp} ({p.cp_attention})" if p.cp > 1 else ""
+    return f"{runtime.world_size} processes: {pp} x {dp}{cp} x {tp}"
 
 
 def average_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:

@@ -6,7 +6,8 @@ can find (a shard whose bytes changed, seen by its sha256) still ends the job wi
 
 Checked: the prepared corpus (its manifest loads and every file it lists is there at its size)
 or the labelled task of a fine-tuning run, the Hugging Face directory of ``model.init_from``, the
-pretrained run of ``finetune.init_from``, a checkpoint given to ``checkpoint.resume``,
+pretrained run of ``finetune.init_from``, an end-of-text separator where document masking needs
+one, a checkpoint given to ``checkpoint.resume``,
 ``training.out_dir`` (not a file), and the layout on every world size the job can have.
 """
 
@@ -18,7 +19,9 @@ from clusterlm.checkpoint.directory import COMPLETE
 from clusterlm.config import Config
 from clusterlm.config.pretrained import pretrained_dir
 from clusterlm.data.manifest import check_files_present
+from clusterlm.data.packing import packing_for
 from clusterlm.data.task import load_task
+from clusterlm.data.translation import is_translation_dir, load_translation
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path
 from clusterlm.interop.pretrained_shape import pretrained_checkpoint_model
@@ -35,8 +38,11 @@ def preflight(cfg: Config, nproc: int, nnodes: str) -> None:
         load_task(
             cfg.finetune.task, verify=False
         )  # the manifest, and each file at its recorded size
+    elif is_translation_dir(cfg.data.dir):
+        load_translation(cfg.data.dir, verify=False)
     else:
-        check_files_present(cfg.data.dir)
+        manifest = check_files_present(cfg.data.dir)
+        packing_for(manifest.eot_id, cfg.data.document_masking, cfg.model.position_reset)
     directory = pretrained_dir(cfg)
     if directory is not None:
         hf_config_json(directory)

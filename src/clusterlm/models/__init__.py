@@ -7,10 +7,14 @@ from torch import nn
 from clusterlm.models.bert import Encoder
 from clusterlm.models.counting import param_count, training_flops_per_token
 from clusterlm.models.gpt import ModelArgs, Transformer
+from clusterlm.models.seq2seq import Seq2SeqTransformer, is_seq2seq
 
 
-def create_model(args: ModelArgs) -> Encoder | Transformer:
-    """The model ``args.flavour`` names: the ``bert`` encoder or a decoder."""
+def create_model(args: ModelArgs) -> Encoder | Transformer | Seq2SeqTransformer:
+    """The model ``args.flavour`` names: the ``bert`` encoder, the ``mbart`` encoder–decoder or a
+    decoder."""
+    if is_seq2seq(args):
+        return Seq2SeqTransformer(args)
     return Encoder(args) if args.is_encoder else Transformer(args)
 
 
@@ -31,6 +35,7 @@ def model_layers(model: nn.Module) -> nn.ModuleDict:
 __all__ = [
     "Encoder",
     "ModelArgs",
+    "Seq2SeqTransformer",
     "Transformer",
     "create_model",
     "model_args",

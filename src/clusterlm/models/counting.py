@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 from clusterlm.models.gpt import ModelArgs
+from clusterlm.models.seq2seq import is_seq2seq
 
 
 def layer_params(args: ModelArgs, moe: bool = False, active: bool = False) -> int:
@@ -52,9 +53,21 @@ def head_params(args: ModelArgs) -> int:
 def param_count(args: ModelArgs, active: bool = False) -> int:
     """Every parameter, or with ``active`` those one token uses (a mixture of experts' routed
     experts count top-k of them)."""
+    if is_seq2seq(args):
+        return seq2seq_params(args)
     moe = args.moe_blocks(args.n_layer)
     blocks = sum(layer_params(args, i in moe, active) for i in range(args.n_layer))
     return embedding_params(args) + blocks + head_params(args)
+
+
+def seq2seq_params(args: ModelArgs) -> int:
+    """The encoder–decoder (``clusterlm.models.seq2seq``): one token table (also the output
+    projection), each side's positions and embedding LayerNorm, n_layer blocks a side (a decoder
+    block adds cross-attention and its LayerNorm) and each side's final LayerNorm."""
+    d, attention = args.n_embd, 4 * args.n_embd * args.n_embd + 4 * args.n_embd
+    embeddings = args.vocab_size * d + 2 * (args.block_size * d + 2 * d)
+    blocks = args.n_layer * (2 * layer_params(args) + attention + 2 * d)
+    return embeddings + blocks + 2 * 2 * d
 
 
 def matmul_params(args: ModelArgs) -> int:
@@ -65,7 +78,9 @@ def matmul_params(args: ModelArgs) -> int:
     token-type tables are lookups). Of a mixture of experts, only the active experts count.
     """
     n = param_count(args, active=True)
-    if args.is_encoder:
+    if is_seq2seq(args):  # both position tables are lookups; the token table is the head too
+        n -= 2 * args.block_size * args.n_embd
+    elif args.is_encoder:
         n -= (args.block_size + TOKEN_TYPES) * args.n_embd
     elif not args.is_llama:
         n -= args.block_size * args.n_embd
@@ -84,7 +99,10 @@ def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     included: it is overhead, not model FLOPs.
     """
     d_attn = args.n_head * args.head_dim
-    return 6.0 * matmul_params(args) + 12.0 * args.n_layer * d_attn * seq_len
+    # The encoder–decoder: per target token, a source token of the same length through the
+    # encoder; attention over the source in the encoder, over the target, and across.
+    attentions = 3 if is_seq2seq(args) else 1
+    return 6.0 * matmul_params(args) + 12.0 * args.n_layer * d_attn * seq_len * attentions
 
 
 def classifier_flops_per_token(args: ModelArgs, seq_len: int, labels: int) -> float:

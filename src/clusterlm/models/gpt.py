@@ -14,13 +14,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from clusterlm.models.attention import local_attention
 from clusterlm.models.init import InitRule, fill_parameters, seeded_source
 from clusterlm.models.moe import MoE, MoeArgs
 
@@ -112,15 +115,19 @@ class Attention(nn.Module):
         self.wo.residual_projection = True  # type: ignore[assignment]  # torch types only tensors, modules
         self.dropout = args.dropout
         self.causal = not args.is_encoder
+        # q, k, v, mask, causal, dropout -> output: one process's attention unless context
+        # parallelism swaps in its own (``clusterlm.parallel.context_parallel``).
+        self.attend: Callable[..., torch.Tensor] = local_attention
         self.resid_dropout = nn.Dropout(args.dropout)
 
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: Any = None,
     ) -> torch.Tensor:
-        """``attn_mask`` (encoder only): [B, 1, 1, T] boolean, True where a key may be attended."""
+        """``attn_mask``: what ``attend`` reads (``clusterlm.models.attention``): the encoder's
+        [B, 1, 1, T] padding mask, a decoder's document mask, or None."""
         batch, seq, _ = x.shape
         # -1 rather than n_head: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -128,19 +135,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if k.size(1) != q.size(
-            1
-        ):  # grouped-query attention: each KV head serves a group of Q heads
-            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=self.causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        dropout = self.dropout if self.training else 0.0
+        y = self.attend(q, k, v, attn_mask, self.causal, dropout)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(batch, seq, -1)))
 
 
@@ -210,9 +206,9 @@ class Block(nn.Module):
         self.mlp: nn.Module = moe_mlp(args) if moe else MLP(args)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Any = None
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+        x = x + self.attn(self.attn_norm(x), rope, attn_mask=mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -284,14 +280,21 @@ class Transformer(nn.Module):
             seed = int(torch.randint(0, 2**62, ()).item())
         fill_parameters(self, seeded_source(self.init_rule, seed))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: Any = None
+    ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab].
+
+        ``positions`` [B, T]: each token's position (default 0..T-1): restarted at each document
+        of a packed window, or the global positions of a context-parallel rank's share.
+        ``mask``: what the layers' attention reads (``clusterlm.models.attention``), built once
+        per forward from the token ids outside the model; None is plain causal attention.
 
         A pipeline stage is this model with modules removed: without ``tok_embeddings`` the input
         is the hidden state [B, T, d] of the previous stage, and without ``norm`` and ``output`` the
         hidden state is returned.
         """
-        h = self._blocks(tokens)
+        h = self._blocks(tokens, positions, mask)
         if self.output is None:
             return h
         assert self.norm is not None, "a last stage keeps the final norm with the output"
@@ -303,20 +306,28 @@ class Transformer(nn.Module):
         assert self.norm is not None, "features of the whole model, not of a pipeline stage"
         return self.norm(self._blocks(tokens))
 
-    def _blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _blocks(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: Any = None
+    ) -> torch.Tensor:
         seq = tokens.size(1)
-        if seq > self.args.block_size:
-            raise ValueError(f"sequence length {seq} exceeds block_size {self.args.block_size}")
-        rope = (self.rope_cos[:seq], self.rope_sin[:seq]) if self.args.is_llama else None
+        if positions is None:
+            if seq > self.args.block_size:
+                raise ValueError(f"sequence length {seq} exceeds block_size {self.args.block_size}")
+            positions = torch.arange(seq, device=tokens.device)
+        rope = (
+            (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))
+            if self.args.is_llama
+            else None
+        )
         if self.tok_embeddings is None:
             h = tokens
         else:
             h = self.tok_embeddings(tokens)
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(torch.arange(seq, device=tokens.device))
+                h = h + self.pos_embeddings(positions)
             h = self.dropout(h)
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope, mask)
         return h
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

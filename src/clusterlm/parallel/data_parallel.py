@@ -37,6 +37,7 @@ from clusterlm.comm.hooks import CommHookState, register_comm_hook
 from clusterlm.comm.ring_reduce_scatter import use_ring_reduce_scatter
 from clusterlm.config import CommConfig, ParallelConfig
 from clusterlm.config.degrees import REPLICATING
+from clusterlm.distributed.mesh import context_parallel_size, weight_sharing_mesh
 from clusterlm.models import model_layers
 
 SHARDED = ("zero2", "zero3", "hsdp")
@@ -68,16 +69,12 @@ def apply_data_parallel(
     dtype under mixed precision: FSDP gathers parameters in it and reduces gradients in fp32.
     ``comm`` picks the all-reduce algorithm and compression of DDP's gradient buckets, and FSDP's
     reduce-scatter."""
-    if (
-        mesh["dp_replicate"].size() * mesh["dp_shard"].size() == 1
-        or cfg.data_parallel in INDEPENDENT
-    ):
+    copies = mesh["dp_replicate"].size() * mesh["dp_shard"].size() * context_parallel_size(mesh)
+    if copies == 1 or cfg.data_parallel in INDEPENDENT:
         return model, None  # one data-parallel rank, or replicas that synchronize outside backward
     if cfg.data_parallel in REPLICATING:
         return _apply_ddp(model, mesh, cfg, comm)
-    dp_mesh = (
-        mesh[("dp_replicate", "dp_shard")] if cfg.data_parallel == "hsdp" else mesh["dp_shard"]
-    )
+    dp_mesh = weight_sharing_mesh(mesh, "hsdp" if cfg.data_parallel == "hsdp" else "fsdp")
     options: _ShardOptions = {
         "mesh": dp_mesh,
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
@@ -142,7 +139,7 @@ def _apply_ddp(
     ddp = DistributedDataParallel(
         model,
         device_ids=device_ids,
-        process_group=mesh["dp_replicate"].get_group(),
+        process_group=weight_sharing_mesh(mesh, "ddp").get_group(),
         bucket_cap_mb=cfg.bucket_mb,
     )
     _settle_buckets(ddp)
@@ -163,7 +160,8 @@ def _settle_buckets(ddp: DistributedDataParallel) -> None:
     that backward here, on zeros, so every training step, the first after a resume included,
     reduces in one layout: with more than two ranks the all-reduce's order of summation depends
     on it, and a resumed run must end with the uninterrupted run's weights bit for bit."""
-    tokens = torch.zeros(1, 1, dtype=torch.long, device=next(ddp.parameters()).device)
+    # Two tokens: the encoder-decoder reads a row as its source's half, then its target's.
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=next(ddp.parameters()).device)
     ddp(tokens).float().sum().mul(0).backward()
     ddp.zero_grad(set_to_none=True)
 

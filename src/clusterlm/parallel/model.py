@@ -27,6 +27,7 @@ from clusterlm.parallel.data_parallel import (
     gradient_sync,
 )
 from clusterlm.parallel.load_balance import RankClock
+from clusterlm.parallel.packed_inputs import ModelInputs
 from clusterlm.parallel.pipeline import (
     clip_grad_norm_across_stages,
     pipeline_eval_loss,
@@ -59,6 +60,9 @@ class ParallelModel:
     # the mean over all of the step's micro-batches.
     balanced_micro_batches: int | None = None
     serves = False  # a parameter server's server rank: ``serve`` instead of the training loop
+    # What the model reads of a batch besides its tokens (positions, document masks), and this
+    # rank's share of a context-parallel sequence.
+    inputs = ModelInputs()
 
     def __init__(
         self,
@@ -160,11 +164,14 @@ class WholeModel(ParallelModel):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for a batch, without gradients (a DTensor where split across
         ranks)."""
+        x, _, kwargs = self.inputs(x, x)
         with torch.no_grad(), self.precision.autocast():
-            return self.parts[0](x)
+            return self.parts[0](x, **kwargs)
 
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(x)
+        x, y, kwargs = self.inputs(x, y)
+        with torch.no_grad(), self.precision.autocast():
+            logits = self.parts[0](x, **kwargs)
         with torch.no_grad(), loss_context(self.tp_size):
             loss = full_value(next_token_loss(logits, y, reduction="sum"))
         # Ignored targets (-100) never equal an argmax, so they never count as right.
@@ -173,7 +180,9 @@ class WholeModel(ParallelModel):
             if isinstance(logits, DTensor)
             else (logits.argmax(-1) == y).sum()
         )
-        return torch.stack([loss.float(), right.to(loss.device, torch.float32)])
+        return self.inputs.combine(
+            torch.stack([loss.float(), right.to(loss.device, torch.float32)])
+        )
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm(self.parts[0].parameters(), max_norm)
@@ -191,6 +200,8 @@ class PipelinedModel(ParallelModel):
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         ((x, y),) = micro_batches  # the configuration check allows no accumulation with a pipeline
+        # This rank's share under context parallelism; the stages find their positions themselves.
+        x, y, _ = self.inputs(x, y)
         p = self.pipeline
         with self.precision.autocast(), loss_context(self.tp_size):
             loss = pipeline_step(p.schedule, p.stages, p.n_microbatches, x, y)
@@ -199,9 +210,12 @@ class PipelinedModel(ParallelModel):
         return loss
 
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y, _ = self.inputs(x, y)
         with self.precision.autocast(), loss_context(self.tp_size):
             loss = full_value(pipeline_eval_loss(self.pipeline.stages, x, y) * y.numel()).float()
-        return torch.stack([loss, torch.tensor(float("nan"), device=loss.device)])
+        return self.inputs.combine(
+            torch.stack([loss, torch.tensor(float("nan"), device=loss.device)])
+        )
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_across_stages(self.pipeline.stages, max_norm)

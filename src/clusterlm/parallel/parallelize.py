@@ -21,16 +21,19 @@ from torch.distributed.device_mesh import DeviceMesh
 from clusterlm.comm.hooks import CommHookState
 from clusterlm.config import Config, ParallelConfig
 from clusterlm.config.degrees import pipeline_microbatches
+from clusterlm.data.packing import Packing
 from clusterlm.models import Encoder, Transformer, model_args
 from clusterlm.models.init import ParamSource
 from clusterlm.models.loss import next_token_loss
 from clusterlm.models.moe import auxiliary_loss
 from clusterlm.parallel.activation_checkpointing import apply_activation_checkpointing
 from clusterlm.parallel.compiling import apply_compile, separate_compile_cache
+from clusterlm.parallel.context_parallel import apply_context_parallel, model_inputs
 from clusterlm.parallel.data_parallel import SHARDED, apply_data_parallel
 from clusterlm.parallel.local_sgd import LocalSGDModel
 from clusterlm.parallel.materialize import canonical_name, materialize
 from clusterlm.parallel.model import ParallelModel, Pipeline, PipelinedModel, WholeModel
+from clusterlm.parallel.packed_inputs import ModelInputs
 from clusterlm.parallel.pipeline import (
     build_schedule,
     split_into_stages,
@@ -41,10 +44,15 @@ from clusterlm.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def _model_loss(
-    model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    precision: Precision,
+    inputs: ModelInputs,
+    x: torch.Tensor,
+    y: torch.Tensor,
 ) -> torch.Tensor:
+    x, y, kwargs = inputs(x, y)
     with precision.autocast():
-        logits = model(x)
+        logits = model(x, **kwargs)
     balance = auxiliary_loss(model)  # a mixture of experts' load-balancing loss, if it has one
     loss = next_token_loss(logits, y)
     return loss if balance is None else loss + balance
@@ -74,9 +82,9 @@ def _parallelize_part(
     fill: Callable[[nn.Module], None],
     sharded: bool,
 ) -> nn.Module:
-    """``part`` with, in this order, tensor parallel, activation checkpointing, compile and data
-    parallel applied. ``fill`` materializes it: before data parallel unless ``sharded`` (DDP needs
-    whole tensors), and after it (FSDP has cut the tensors by then)."""
+    """``part`` with, in this order, tensor parallel, activation checkpointing, compile, data
+    parallel and context parallel applied. ``fill`` materializes it: before data parallel unless
+    ``sharded`` (DDP needs whole tensors), and after it (FSDP has cut the tensors by then)."""
     p, training = cfg.parallel, cfg.training
     if mesh is not None and p.tp > 1:
         assert isinstance(part, (Transformer, Encoder))  # fine-tuning runs no tensor parallel
@@ -89,18 +97,20 @@ def _parallelize_part(
         apply_compile(part)
     if mesh is not None:
         part = _wrap_data_parallel(part, mesh, cfg, precision, comm)
+    if mesh is not None and p.cp > 1:  # after DDP's one-token warm-up backward
+        apply_context_parallel(part, mesh["cp"].get_group(), p.cp_attention)
     fill(part)
     return part
 
 
 def _whole_loss(
-    part: nn.Module, precision: Precision, compile_whole: bool
+    part: nn.Module, precision: Precision, inputs: ModelInputs, compile_whole: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The loss of ``part`` on a batch; with ``compile_whole``, one graph from tokens to loss: the
     compiler fuses across blocks, the embeddings, the head and the loss. (Across processes each
     block is compiled instead.)"""
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = partial(
-        _model_loss, part, precision
+        _model_loss, part, precision, inputs
     )
     if compile_whole:
         loss_fn = torch.compile(loss_fn)
@@ -160,12 +170,14 @@ def parallelize(
     device: torch.device,
     source: ParamSource | None = None,
     ps: PSRole | None = None,
+    packing: Packing | None = None,
 ) -> ParallelModel:
     """This rank's share of ``model``, parallelized for ``cfg`` on ``mesh`` (None in a single
     process and in a parameter-server job, where ``ps`` is this rank's role). ``model`` is either
     on ``device`` and initialized, or on the meta device: then each part is materialized once it
     is cut (after FSDP, or before DDP, which needs whole tensors), so this rank only ever
-    allocates its share, filled from ``source``."""
+    allocates its share, filled from ``source``. ``packing`` says where the documents of a window
+    end, for document masking and positions that restart at each (``clusterlm.data.packing``)."""
     p = cfg.parallel
     if cfg.training.compile:
         separate_compile_cache()
@@ -189,6 +201,12 @@ def parallelize(
     }
     if mesh is None or p.pp == 1:
         part = parallelize_part(model)
-        loss_fn = _whole_loss(part, precision, compile_whole=cfg.training.compile and mesh is None)
-        return _whole_model(loss_fn, part, mesh, p, common, ps)
-    return _pipelined_model(model, p, mesh, device, parallelize_part, common)
+        inputs = model_inputs(cfg, packing or Packing(), device, mesh)
+        compile_whole = cfg.training.compile and mesh is None
+        loss_fn = _whole_loss(part, precision, inputs, compile_whole)
+        whole = _whole_model(loss_fn, part, mesh, p, common, ps)
+        whole.inputs = inputs
+        return whole
+    pipelined = _pipelined_model(model, p, mesh, device, parallelize_part, common)
+    pipelined.inputs = model_inputs(cfg, packing or Packing(), device, mesh)
+    return pipelined

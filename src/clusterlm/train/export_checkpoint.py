@@ -22,6 +22,11 @@ def export_checkpoint_hf(
     any layout) files; returns the file names written."""
     cfg = config_from_dict(found.state["config"])
     refuse_classifier(cfg, found.path)
+    if cfg.model.flavour == "mbart":
+        raise UserError(
+            f"{found.path} is an encoder-decoder, which has no Hugging Face export yet; "
+            "export a gpt2, llama or bert run"
+        )
     args = resolve_model_args(cfg, cfg.model.vocab_size)
     reader = CheckpointReader(found.path)
     saved = reader.model_shapes()

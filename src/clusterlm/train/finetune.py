@@ -22,7 +22,7 @@ from clusterlm.data.classification import ExampleStream
 from clusterlm.data.special_tokens import special_token_id
 from clusterlm.data.task import Task, load_task
 from clusterlm.errors import UserError
-from clusterlm.models import create_model
+from clusterlm.models import Seq2SeqTransformer, create_model
 from clusterlm.models.classifier import BACKBONE, SequenceClassifier
 from clusterlm.models.counting import classifier_flops_per_token
 from clusterlm.models.from_config import resolve_model_args
@@ -79,9 +79,13 @@ def build_classifier(cfg: Config, task: Task) -> tuple[SequenceClassifier, Param
     backbone's (checked to match the task's tokenizer), the seeded initialization for the rest."""
     pretrained = _pretrained_checkpoint(cfg, task)
     with torch.device("meta"):  # a pretrained model's vocabulary size came with its shape (config)
-        model = SequenceClassifier(
-            create_model(resolve_model_args(cfg, task.manifest.vocab_size)), len(task.labels)
-        )
+        body = create_model(resolve_model_args(cfg, task.manifest.vocab_size))
+        if isinstance(body, Seq2SeqTransformer):
+            raise UserError(
+                "fine-tuning a classifier needs model.flavour = gpt2, llama or bert, not mbart "
+                "(the encoder-decoder trains on translation tasks)"
+            )
+        model = SequenceClassifier(body, len(task.labels))
     seeded = seeded_source(model.init_rule, cfg.training.seed)
     backbone = checkpoint_source(pretrained.path) if pretrained else pretrained_source(cfg)
     if backbone is None:

@@ -26,6 +26,7 @@ from clusterlm.config.slow_ranks import rank_factor
 from clusterlm.data.loader import SampleStream, TokenLoader, TokenStream
 from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.data.masking import MaskedLoader
+from clusterlm.data.packing import Packing, packing_for
 from clusterlm.distributed import restarts
 from clusterlm.distributed.runtime import Runtime, setup_runtime
 from clusterlm.errors import UserError
@@ -74,6 +75,7 @@ class TaskSpec:
     evaluate: Callable[[Session, str], Metrics]  # the scores of a split
     masked: bool = False  # a masked language model: inputs masked and the loss scores those tokens
     final_splits: tuple[str, ...] = ()  # scored once when the run completes (a task's test split)
+    packing: Packing = field(default_factory=Packing)  # where the documents of a window end
 
 
 @dataclass
@@ -139,7 +141,9 @@ def build_session(cfg: Config, task: TaskSpec | None = None) -> Session:
     task = task or language_model_task(cfg)
     cfg = settle_config(cfg, runtime, task.vocab_size)
     plain, source = task.model(cfg)
-    model = parallelize(plain, cfg, runtime.mesh, runtime.device, source, runtime.ps)
+    model = parallelize(
+        plain, cfg, runtime.mesh, runtime.device, source, runtime.ps, packing=task.packing
+    )
     grad_accum = grad_accum_steps(cfg, runtime.dp_size)
     loader: TokenLoader | MaskedLoader = TokenLoader(
         task.stream,
@@ -194,6 +198,12 @@ def settle_config(cfg: Config, runtime: Runtime, vocab_size: int) -> Config:
 def language_model_task(cfg: Config) -> TaskSpec:
     """Pretraining on the prepared corpus of ``data.dir``: next-token, or masked for an encoder;
     from seeded weights, or the pretrained ones ``model.init_from`` names."""
+    if cfg.model.flavour == "mbart":
+        raise UserError(
+            f"model.flavour = mbart trains on a translation task, and {cfg.data.dir} is not one; "
+            "prepare one with `clusterlm prepare --task translation:bible-en-es --out DIR` "
+            "and pass data.dir DIR"
+        )
     manifest = load_manifest(cfg.data.dir)
     if cfg.data.verify:
         verify_shards(cfg.data.dir)
@@ -214,6 +224,7 @@ def language_model_task(cfg: Config) -> TaskSpec:
         recipe=lambda part, cfg: optimizer_recipe(part, cfg.optim),
         evaluate=lambda s, split: language_model_metrics(s.model, s.cfg, s.runtime, split),
         masked=cfg.training.objective == "mlm",
+        packing=packing_for(manifest.eot_id, cfg.data.document_masking, cfg.model.position_reset),
     )
 
 

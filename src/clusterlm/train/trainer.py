@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from clusterlm.config import Config
+from clusterlm.data.translation import is_translation_dir
 from clusterlm.distributed.launch_variables import launch_position
 from clusterlm.distributed.runtime import describe_layout
 from clusterlm.errors import UserError
@@ -33,6 +34,7 @@ from clusterlm.train.optim import lr_at
 from clusterlm.train.out_dir import claim_out_dir, release, untouched
 from clusterlm.train.preemption import Preemption
 from clusterlm.train.session import Metrics, Session, build_session, save
+from clusterlm.train.translation_task import translation_task
 
 
 @dataclass
@@ -138,7 +140,14 @@ def train(cfg: Config) -> TrainSummary:
 
 
 def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
-    s = build_session(cfg, finetune_task(cfg) if cfg.finetune.task else None)
+    task = (
+        finetune_task(cfg)
+        if cfg.finetune.task
+        else translation_task(cfg)
+        if is_translation_dir(cfg.data.dir)
+        else None
+    )
+    s = build_session(cfg, task)
     cfg = s.cfg  # settled
     if s.model.serves:  # a parameter server: it answers the workers instead of training
         served = s.model.serve(s.optimizers, cfg.training.steps, s.step)

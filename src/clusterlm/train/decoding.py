@@ -1,0 +1,143 @@
+"""Greedy decoding of the encoder–decoder, batched: the encoder runs once per batch and the
+decoder feeds one new token per step, reusing its cached keys and values
+(``clusterlm.models.seq2seq.DecodingCache``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clusterlm.data.special_tokens import PAD
+from clusterlm.models.seq2seq import DecodingCache
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: nn.Module,
+    source: torch.Tensor,
+    eot_id: int,
+    max_len: int,
+    all_done: Callable[[bool], bool] = lambda done: done,
+) -> torch.Tensor:
+    """The most likely next token, step by step, for each source row [B, S] (PAD-padded): the
+    tokens [B, max_len] up to and without the end-of-text token, PAD after it. ``model`` is the
+    encoder–decoder, or a data-parallel wrapper of it (its forward takes the cache). Decoding
+    stops when ``all_done(every row of this batch ended)`` says so: under sharded data parallelism
+    every rank must run the same number of forward passes, so it asks the other ranks."""
+    batch = source.size(0)
+    cache = DecodingCache(source)
+    tokens = torch.full((batch, 1), eot_id, dtype=torch.long, device=source.device)
+    out = torch.full((batch, max_len), PAD, dtype=torch.long, device=source.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=source.device)
+    for step in range(max_len):
+        tokens = model(tokens, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        done |= tokens[:, 0] == eot_id
+        out[:, step] = tokens[:, 0].masked_fill(done, PAD)
+        if all_done(bool(done.all())):
+            break
+    return out
+
+
+Finished = list[list[tuple[float, list[int]]]]  # per row: (normalized score, tokens)
+
+
+@torch.no_grad()
+def beam_decode(
+    model: nn.Module,
+    source: torch.Tensor,
+    eot_id: int,
+    max_len: int,
+    beam: int,
+    length_penalty: float = 1.0,
+    all_done: Callable[[bool], bool] = lambda done: done,
+) -> torch.Tensor:
+    """Beam search, batched; returns what ``greedy_decode`` does. Each row keeps ``beam`` live
+    hypotheses, extended by the ``2 * beam`` best tokens of them all; one that ends becomes
+    finished, scored by its log-probability divided by its length (the end-of-text token counted)
+    ** ``length_penalty``, and a row stops when it has ``beam`` finished ones. Hypotheses still
+    live after ``max_len`` tokens are then scored alike. The best scored is the translation."""
+    batch = source.size(0)
+    device = source.device
+    cache = DecodingCache(source.repeat_interleave(beam, 0))
+    scores = torch.full((batch, beam), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # one hypothesis to start from: the others are its copies
+    history = torch.empty(batch * beam, 0, dtype=torch.long, device=device)
+    tokens = torch.full((batch * beam, 1), eot_id, dtype=torch.long, device=device)
+    finished: Finished = [[] for _ in range(batch)]
+    for step in range(max_len):
+        logp = model(tokens, cache=cache)[:, -1].float().log_softmax(-1)
+        candidates = scores[:, :, None] + logp.view(batch, beam, -1)
+        keep, tokens, scores = _advance(candidates, history, finished, eot_id, step, length_penalty)
+        history = torch.cat([history[keep], tokens], 1)
+        if all_done(all(len(f) >= beam for f in finished)) or step == max_len - 1:
+            break
+        cache.reorder(keep)
+    for row in range(batch):  # rows that ran out of length: their live hypotheses count too
+        for j in range(beam):
+            if len(finished[row]) < beam and scores[row, j] > float("-inf"):
+                normalized = float(scores[row, j]) / history.size(1) ** length_penalty
+                finished[row].append((normalized, history[row * beam + j].tolist()))
+    out = torch.full((batch, max_len), PAD, dtype=torch.long, device=device)
+    for row, hypotheses in enumerate(finished):
+        best = max(hypotheses, key=lambda h: h[0])[1]
+        out[row, : len(best)] = torch.tensor(best, dtype=torch.long)
+    return out
+
+
+def _advance(
+    candidates: torch.Tensor,
+    history: torch.Tensor,
+    finished: Finished,
+    eot_id: int,
+    step: int,
+    length_penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of every row: from ``candidates`` [B, beam, V] (each live hypothesis' score plus
+    each next token's log-probability), the hypotheses that end join ``finished`` and the best
+    others stay live. Returns which hypothesis each live slot extends, its token and its score
+    (a row already done, or short of candidates, keeps empty slots of score -inf)."""
+    batch, beam, vocab = candidates.shape
+    keep = torch.arange(batch * beam, device=candidates.device)
+    tokens = torch.full((batch, beam), eot_id, dtype=torch.long, device=candidates.device)
+    scores = torch.full((batch, beam), float("-inf"), device=candidates.device)
+    values, indices = candidates.view(batch, -1).topk(min(2 * beam, beam * vocab), dim=1)
+    for row in range(batch):
+        live = 0
+        for value, index in zip(values[row].tolist(), indices[row].tolist(), strict=True):
+            if len(finished[row]) >= beam or live == beam or value == float("-inf"):
+                break
+            origin, token = divmod(index, vocab)
+            if token == eot_id:
+                sequence = history[row * beam + origin].tolist()
+                finished[row].append((value / (step + 1) ** length_penalty, sequence))
+                continue
+            keep[row * beam + live] = row * beam + origin
+            tokens[row, live], scores[row, live] = token, value
+            live += 1
+    return keep, tokens.view(-1, 1), scores
+
+
+@dataclass(frozen=True)
+class Search:
+    """How translations are decoded: greedy (a beam of 1) or beam search."""
+
+    beam: int = 1
+    length_penalty: float = 1.0
+
+    def decode(
+        self,
+        model: nn.Module,
+        source: torch.Tensor,
+        eot_id: int,
+        max_len: int,
+        all_done: Callable[[bool], bool],
+    ) -> torch.Tensor:
+        if self.beam == 1:
+            return greedy_decode(model, source, eot_id, max_len, all_done)
+        return beam_decode(model, source, eot_id, max_len, self.beam, self.length_penalty, all_done)
+
+
+GREEDY = Search()

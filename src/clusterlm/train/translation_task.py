@@ -1,0 +1,164 @@
+"""Training the encoder–decoder on a translation task (``data.dir`` prepared by
+`clusterlm prepare --task translation:...`): the task it trains on, and how it is scored.
+
+Teacher-forced cross-entropy on the target tokens, padding left out (``clusterlm.data
+.pair_batches``), through the trainer's data-parallel layouts. Each evaluation scores a split's
+pairs (the periodic one ``training.eval_batches`` global batches of them, evenly spaced; the final
+test every pair): loss and accuracy per target token, and BLEU and chrF (sacrebleu, BLEU's 13a
+tokenization) of greedy translations against the references.
+"""
+
+from __future__ import annotations
+
+import sacrebleu
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from clusterlm.config import Config
+from clusterlm.data.classification import evaluation_batches
+from clusterlm.data.masking import IGNORE_INDEX
+from clusterlm.data.pair_batches import PairStream
+from clusterlm.data.tokenizer import Tokenizer
+from clusterlm.data.translation import load_translation
+from clusterlm.distributed.runtime import Runtime
+from clusterlm.errors import UserError
+from clusterlm.models import training_flops_per_token
+from clusterlm.models.gpt import attention_kernel
+from clusterlm.models.init import ParamSource
+from clusterlm.models.seq2seq import SEQ2SEQ_FLAVOUR
+from clusterlm.parallel import ParallelModel
+from clusterlm.parallel.model import WholeModel
+from clusterlm.train.decoding import GREEDY, Search
+from clusterlm.train.evaluate import eval_windows
+from clusterlm.train.optim import optimizer_recipe
+from clusterlm.train.session import Metrics, Session, TaskSpec, build_model, read_tokenizer
+
+
+def translation_task(cfg: Config) -> TaskSpec:
+    """The encoder–decoder trained on the pairs of the translation task in ``data.dir``."""
+    task = load_translation(cfg.data.dir, verify=cfg.data.verify)
+    if cfg.model.flavour != SEQ2SEQ_FLAVOUR:
+        raise UserError(
+            f"{cfg.data.dir} is a translation task: train it with "
+            f"model.flavour = {SEQ2SEQ_FLAVOUR} (the encoder-decoder)"
+        )
+    manifest = task.manifest
+    streams = {
+        name: PairStream(split, manifest.eot_id, manifest.target_offset)
+        for name, split in task.splits.items()
+    }
+    tokenizer = read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256)
+    decoder = Tokenizer(tokenizer.payload.decode("utf-8"))
+
+    def model(settled: Config) -> tuple[nn.Module, ParamSource]:
+        return build_model(settled, manifest.vocab_size)
+
+    def evaluate(session: Session, split: str) -> Metrics:
+        final = split in session.task.final_splits
+        limit = None if final else eval_windows(session.cfg, session.runtime.dp_size)
+        return translation_metrics(
+            session.model, session.cfg, session.runtime, streams[split], decoder, limit
+        )
+
+    return TaskSpec(
+        vocab_size=manifest.vocab_size,
+        tokenizer=tokenizer,
+        stream=streams["train"],
+        model=model,
+        flops_per_token=lambda args, settled: training_flops_per_token(args, settled.seq_len),
+        recipe=lambda part, settled: optimizer_recipe(part, settled.optim),
+        evaluate=evaluate,
+        final_splits=("test",),
+    )
+
+
+def evaluate_translation(
+    model: ParallelModel,
+    cfg: Config,
+    runtime: Runtime,
+    split: str,
+    limit: int | None,
+    search: Search,
+) -> Metrics:
+    """`clusterlm eval` of a run trained on the translation task in ``data.dir``."""
+    task = load_translation(cfg.data.dir, verify=cfg.data.verify)
+    stream = PairStream(task.splits[split], task.manifest.eot_id, task.manifest.target_offset)
+    tokenizer = Tokenizer.load(f"{cfg.data.dir.rstrip('/')}/tokenizer.json")
+    return translation_metrics(model, cfg, runtime, stream, tokenizer, limit, search)
+
+
+def translation_metrics(
+    model: ParallelModel,
+    cfg: Config,
+    runtime: Runtime,
+    stream: PairStream,
+    tokenizer: Tokenizer,
+    limit: int | None,
+    search: Search = GREEDY,
+) -> Metrics:
+    """Loss and accuracy per target token, BLEU and chrF of translations (greedy, or by beam
+    ``search``), over the split's
+    pairs (every one, or ``limit`` evenly spaced ones); each data-parallel rank translates a
+    contiguous share and the shares are gathered, so every rank reports the same scores."""
+    assert isinstance(model, WholeModel)  # the encoder-decoder runs no pipeline
+    lockstep = runtime.world_size > 1 and runtime.lockstep
+    dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
+    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss, right, targets
+    hypotheses, references = [], []
+    was_training = model.parts[0].training
+    model.parts[0].eval()
+    batches = evaluation_batches(
+        stream, cfg.seq_len, cfg.training.micro_batch_size, dp_rank, dp_size, runtime.device, limit
+    )
+    for x, y in batches:
+        with attention_kernel(cfg.training.attention):
+            sums[:2] += model.eval_sums(x, y).double()
+            with model.precision.autocast():
+                source = x[:, : cfg.seq_len]
+                hypotheses.append(
+                    search.decode(
+                        model.parts[0],
+                        source,
+                        stream.eot_id,
+                        cfg.seq_len,
+                        _agreed if lockstep else lambda done: done,
+                    )
+                )
+        references.append(y)
+        sums[2] += (y != IGNORE_INDEX).sum()
+    model.parts[0].train(was_training)
+    hyp, ref = torch.cat(hypotheses), torch.cat(references)
+    if lockstep:
+        dist.all_reduce(sums)
+        hyp, ref = _gathered(hyp), _gathered(ref)
+    real = (ref != IGNORE_INDEX).any(1)  # filler rows out
+    texts = [_text(tokenizer, row, stream) for row in hyp[real]]
+    truth = [_text(tokenizer, row, stream) for row in ref[real]]
+    count = float(sums[2].clamp(min=1))
+    return {
+        "loss": float(sums[0]) / count,
+        "accuracy": float(sums[1]) / count,
+        "bleu": sacrebleu.corpus_bleu(texts, [truth]).score,
+        "chrf": sacrebleu.corpus_chrf(texts, [truth]).score,
+    }
+
+
+def _agreed(done: bool) -> bool:
+    """Whether every rank's batch has finished (so all stop at the same step)."""
+    flag = torch.tensor([float(done)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gathered(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order (the shares are of equal size)."""
+    parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
+def _text(tokenizer: Tokenizer, row: torch.Tensor, stream: PairStream) -> str:
+    """The target text of ``row``'s ids (a source-side id a translation may hold has none)."""
+    ids = row[(row >= stream.target_offset) & (row != stream.eot_id)] - stream.target_offset
+    return tokenizer.decode(ids.tolist())

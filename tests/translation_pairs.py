@@ -1,0 +1,31 @@
+"""A tiny learnable translation task: English words to their Spanish ones, 1 to 3 per pair."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from clusterlm.cli import main as cli
+
+WORDS = {"house": "casa", "dog": "perro", "cat": "gato", "sun": "sol", "moon": "luna",
+         "water": "agua", "fire": "fuego", "earth": "tierra"}  # fmt: skip
+MBART = {"model.flavour": "mbart"}
+
+
+def prepare_pairs(root: Path, count: int = 400, separate_vocab: bool = False) -> Path:
+    """``count`` pairs as JSONL, prepared with char tokenizers into ``root / "task"`` (one for
+    both sides, or one per side)."""
+    rng = random.Random(0)
+    lines = []
+    for _ in range(count):
+        english = rng.sample(sorted(WORDS), rng.randint(1, 3))
+        pair = {"src": " ".join(english), "tgt": " ".join(WORDS[w] for w in english)}
+        lines.append(json.dumps(pair) + "\n")
+    (root / "pairs.jsonl").write_text("".join(lines))
+    task = root / "task"
+    assert (
+        cli(["prepare", "--task", f"translation-jsonl:{root / 'pairs.jsonl'}", "--out", str(task)])
+        == 0
+    )
+    return task
