@@ -220,7 +220,7 @@ def layer_activation_bytes(
         replicated += 2 * h
     per_token = replicated / replicated_split + matmul_inputs + (attention + mlp) / t
     if moe:  # on the replicated residual stream, whole on every tp rank
-        per_token += moe_mlp_activation_bytes(args, e)
+        per_token += moe_mlp_activation_bytes(args, e, _residual_bytes(work, layout))
     weight_copies = _weight_copy_bytes(work, layout, moe) if autocast else 0.0
     return per_token * s * layout.micro_batch_size + weight_copies
 

@@ -10,10 +10,12 @@ dp_shard. Total parameters set the memory; active ones (the router, k routed and
 experts, ``clusterlm.models.counting``) the FLOPs.
 
 Activations (``moe_mlp_activation_bytes``), per token of an MoE block, with e bytes per activation
-element: the router's fp32 logits and scores (8*E); per routed copy (k of them) the gathered input
-in the compute dtype (e*h), the w1 and w3 outputs, the SiLU output and their product (4*e*hm) and
-the expert's output, kept for its weighting (e*h); the shared experts as one SwiGLU MLP of width
-S*hm (4*e*S*hm). None of it is split over tp.
+element and r per residual element: the router's fp32 logits and scores (8*E) and its top-k
+choice (int64 experts, fp32 weights, 12*k); per routed copy (k of them) the gathered input in the
+compute dtype (e*h), the w1 and w3 outputs, the SiLU output and their product (4*e*hm), the
+expert's output, kept for its weighting (e*h), the weighted output in the residual's dtype, kept
+by the scatter back to the tokens (r*h), and the copy's int64 positions and fp32 weight (20); the
+shared experts as one SwiGLU MLP of width S*hm (4*e*S*hm). None of it is split over tp.
 
 All-to-all (``all_to_all_seconds``): with ep > 1 each MoE block sends each token's k copies to
 their experts' ranks and back in forward, and their gradients the same way in backward: 4
@@ -81,11 +83,12 @@ def expert_shard_degree(layout: Layout) -> int:
     return max(1, layout.dp_shard // layout.ep)
 
 
-def moe_mlp_activation_bytes(args: ModelArgs, e: int) -> float:
-    """Bytes an MoE block's MLP keeps per token (module docstring), e bytes per activation."""
-    h, hm = args.n_embd, expert_hidden(args)
-    routed = args.moe_top_k * (2 * e * h + 4 * e * hm)
-    return 8 * args.moe_experts + routed + 4 * e * args.moe_shared_experts * hm
+def moe_mlp_activation_bytes(args: ModelArgs, e: int, r: int) -> float:
+    """Bytes an MoE block's MLP keeps per token (module docstring), e and r bytes per activation
+    and residual element."""
+    h, hm, k = args.n_embd, expert_hidden(args), args.moe_top_k
+    routed = k * ((2 * e + r) * h + 4 * e * hm + 20)
+    return 8 * args.moe_experts + 12 * k + routed + 4 * e * args.moe_shared_experts * hm
 
 
 def mlp_params_on_device(args: ModelArgs, layout: Layout) -> float:
