@@ -144,3 +144,21 @@ def test_other_mixtures_of_experts_and_mixtral_options_get_one_line(mixtral, tmp
     ):
         (tmp_path / "config.json").write_text(json.dumps(config | change))
         assert expected in one_line_error(lambda: hf_model_config(tmp_path))
+
+
+def test_a_slice_of_experts_reads_only_those_experts_tensors(mixtral, monkeypatch):
+    """What a rank holding experts 1 and 2 (an FSDP or expert-parallel shard) reads from disk."""
+    from clusterlm.interop import source as source_module
+
+    root, _ = mixtral
+    read = []
+    original = source_module._HFWeights.read
+
+    def recording(self, key, index, transpose):
+        read.append(key)
+        return original(self, key, index, transpose)
+
+    monkeypatch.setattr(source_module._HFWeights, "read", recording)
+    name, shape = "layers.1.mlp.experts.w2", (4, 24, 32)
+    hf_source(root)(name, shape, (slice(1, 3), slice(None), slice(None)))
+    assert read == [f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight" for e in (1, 2)]
