@@ -47,7 +47,7 @@ def test_the_planners_counts_equal_the_models():
     assert rank_params(WORK, Layout(), 0) == total
     assert rank_param_split(WORK, Layout(), 0) == (total - routed, routed)
     assert routed == 3 * routed_params(MOE)  # blocks 1, 2 and 3
-    preset = load_model_args("configs/moe-cpu.toml", vocab_size=65)
+    preset = load_model_args("moe-cpu", vocab_size=65)
     assert rank_params(Workload(preset, 64, 64 * 12, "fp32"), Layout(), 0) == sum(
         p.numel() for p in built(preset).parameters()
     )
@@ -162,3 +162,12 @@ def test_activation_count_matches_the_bytes_autograd_saves(precision, weights):
     work = Workload(args, 128, 4 * 128 * (2 if fsdp else 1), precision)
     predicted = activation_bytes(work, layout, "first") - logits_gradient_bytes(work, layout)
     assert predicted == pytest.approx(measured, rel=0.03)
+
+
+def test_plan_prints_total_and_active_parameters_of_a_mixture(capsys):
+    from clusterlm.cli import main as cli
+
+    argv = ["plan", "--model", "moe-cpu", "--vocab-size", "65", "--cluster", "8xH100"]
+    assert cli([*argv, "--global-batch-tokens", "8192", "--seq", "64", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "a mixture of experts: 2.05M parameters, 874K active per token" in out
