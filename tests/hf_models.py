@@ -18,8 +18,9 @@ def tiny_hf_model(
     seed: int = 0,
     **options,
 ):
-    """A random GPT2LMHeadModel, LlamaForCausalLM (grouped-query attention: 2 KV heads) or
-    BertForMaskedLM (``vocab_size`` tokens, then clusterlm's 4 special tokens, [PAD] last) saved
+    """A random GPT2LMHeadModel, LlamaForCausalLM (grouped-query attention: 2 KV heads),
+    MixtralForCausalLM (the same, 4 experts, top-2) or BertForMaskedLM (``vocab_size`` tokens,
+    then clusterlm's 4 special tokens, [PAD] last) saved
     to ``out`` as safetensors; returns the model in eval mode. ``options`` go to the HF config."""
     from transformers import (
         BertConfig,
@@ -60,6 +61,24 @@ def tiny_hf_model(
             **options,
         )
         model = BertForMaskedLM(config)
+    elif flavour == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(
+            num_hidden_layers=SIZES["layers"],
+            hidden_size=SIZES["width"],
+            num_attention_heads=SIZES["heads"],
+            num_key_value_heads=2,
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=SIZES["context"],
+            vocab_size=vocab_size,
+            rope_theta=500.0,
+            rms_norm_eps=1e-5,
+            **options,
+        )
+        model = MixtralForCausalLM(config)
     else:
         config = LlamaConfig(
             num_hidden_layers=SIZES["layers"],
@@ -87,9 +106,10 @@ def tiny_hf_model(
 
 
 def reader(model: torch.nn.Module):
-    """``read(name)`` for ``export_hf`` from a live, whole model."""
-    params = dict(model.named_parameters())
-    return lambda name: params[name].detach()
+    """``read(name)`` for ``export_hf`` from a live, whole model (its buffers too, as a
+    checkpoint holds them)."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return lambda name: tensors[name].detach()
 
 
 def safetensors_bytes(directory: Path) -> dict[str, bytes]:

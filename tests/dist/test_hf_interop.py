@@ -1,7 +1,7 @@
 """Hugging Face weights across layouts, on real processes. A meta model materialized from an HF
 directory under tp (GPT-2's fused, transposed and tied tensors, cut by heads and vocabulary),
-pp (Llama's permuted rows) and zero3 and tp (a BertForMaskedLM) holds exactly the HF weights,
-each rank asking only for its shards. Training from
+pp (Llama's permuted rows), zero3 and tp (a BertForMaskedLM) and zero3 (a MixtralForCausalLM's
+experts) holds exactly the HF weights, each rank asking only for its shards. Training from
 an HF Llama (`model.init_from`) under zero3 equals one process at 1e-5 (see training.py), and
 `export hf` of the checkpoint those ranks wrote in pieces, reading one tensor at a time, equals
 byte for byte the export of that checkpoint loaded whole."""
@@ -100,7 +100,8 @@ def _materialize_from(rank: int, world_size: int, values: dict, directory: str) 
     ("llama", 2, {"parallel.pp": 2, "training.micro_batch_size": 4}),
     ("bert", 2, {"parallel.data_parallel": "zero3", "training.objective": "mlm"}),
     ("bert", 2, {"parallel.tp": 2, "training.objective": "mlm"}),
-], ids=["gpt2-tp2", "llama-pp2", "bert-zero3", "bert-tp2"])
+    ("mixtral", 2, {"parallel.data_parallel": "zero3"}),  # each rank reads its experts
+], ids=["gpt2-tp2", "llama-pp2", "bert-zero3", "bert-tp2", "mixtral-zero3"])
 def test_each_rank_materializes_its_shards_of_the_hf_weights(flavour, world_size, layout, tmp_path):
     tokenizer = Tokenizer.char(["abcdefghijklmnopqrstuvwxyz ,.!?"])
     tiny_hf_model(tmp_path, flavour, tokenizer.vocab_size)

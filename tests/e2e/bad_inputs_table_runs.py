@@ -145,6 +145,11 @@ HF = [
             ("config-json-is-a-list", replace("config.json", "[1, 2]"), "config.json"),
             ("config-json-deeply-nested", replace("config.json", DEEP), "config.json"),
             ("unknown-architecture", edit_json("config.json", _set("model_type", "gpt5")), "gpt5"),
+            (
+                "unsupported-moe-architecture",
+                edit_json("config.json", _set("model_type", "qwen3_moe")),
+                "MixtralForCausalLM",
+            ),
             ("config-json-lacks-a-size", edit_json("config.json", _drop("n_layer")), "n_layer"),
             (
                 "config-json-size-is-text",

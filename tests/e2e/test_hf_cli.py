@@ -237,3 +237,24 @@ def test_bert_export_import_export_through_the_cli(setup, tmp_path, capsys):
     )
     assert safetensors_bytes(tmp_path / "round") == safetensors_bytes(out)
     capsys.readouterr()
+
+
+def test_a_mixtral_trains_from_its_weights_and_exports_back(setup, tmp_path):
+    """A mixture of experts through the CLI: trained from a MixtralForCausalLM (aux-loss
+    balancing, so its routing stays Mixtral's), exported, loaded by transformers, equal logits."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = Tokenizer.load(f"hf:{setup['hf']}")
+    tiny_hf_model(tmp_path / "mixtral", "mixtral", tokenizer.vocab_size, tokenizer.to_json())
+    run, out = tmp_path / "run", tmp_path / "exported"
+    start = ["--model.init_from", f"hf:{tmp_path / 'mixtral'}", "--data.dir", str(setup["data"])]
+    aux_loss = ["--model.moe_balance", "aux_loss"]
+    assert cli(["train", *start, "--training.out_dir", str(run), *aux_loss, *TRAIN]) == 0
+    assert cli(["export", "hf", "--run", str(run), "--out", str(out)]) == 0
+    ours = load_for_inference(find_checkpoint(str(run)), device="cpu").model.parts[0]
+    assert (ours.args.moe_experts, ours.args.moe_score) == (4, "softmax")
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    x = torch.randint(0, ours.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x), rtol=0, atol=1e-5)

@@ -72,3 +72,21 @@ def test_bench_train_reports_the_experts_against_a_dense_baseline(data_dir, caps
     out = capsys.readouterr().out
     assert "speed-up over baseline" in out
     assert "experts (config): load imbalance" in out and "experts (baseline)" not in out
+
+
+def test_a_trained_mixture_exports_as_mixtral_unless_its_routing_biases_moved(
+    data_dir, tmp_path, capsys
+):
+    from transformers import AutoModelForCausalLM
+
+    mixtral = [*MOE[:3], "--model.moe_ffn_hidden=16", "--model.moe_score=softmax"]
+    aux_loss, aux_free = tmp_path / "aux_loss", tmp_path / "aux_free"
+    assert train_cli(data_dir, aux_loss, 2, *mixtral, "--model.moe_balance=aux_loss") == 0
+    assert cli(["export", "hf", "--run", str(aux_loss), "--out", str(tmp_path / "hf")]) == 0
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(loaded).__name__ == "MixtralForCausalLM" and not any(info.values()), info
+    assert train_cli(data_dir, aux_free, 2, *mixtral, "--model.moe_bias_rate=0.01") == 0
+    capsys.readouterr()
+    assert cli(["export", "hf", "--run", str(aux_free), "--out", str(tmp_path / "refused")]) != 0
+    assert "routing biases" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

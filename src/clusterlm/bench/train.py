@@ -160,7 +160,8 @@ def _activation_line(session: Session, measured: int) -> str:
         cfg.training.precision,
         fused_attention=cfg.training.attention != "math",
     )
-    predicted = layer_activation_bytes(work, layout)
+    first_is_moe = 0 in work.model.moe_blocks(work.model.n_layer)
+    predicted = layer_activation_bytes(work, layout, moe=first_is_moe)
     return (
         f"activations per layer per micro-batch (rank {runtime.rank}): "
         f"measured {measured / 2**10:.1f} KiB, "

@@ -18,6 +18,7 @@ from clusterlm.bench.layout_runs import evidence, run_validation
 from clusterlm.cli.options import Parser
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path
+from clusterlm.models.counting import param_count
 from clusterlm.plan.calibration import check_device, load_calibration, save_calibration
 from clusterlm.plan.cluster import Cluster, load_cluster, preset_names
 from clusterlm.plan.emit import write_config
@@ -176,6 +177,12 @@ def _plan(args: argparse.Namespace) -> int:
         f"{work.sequences} x {seq}, {work.precision}; {result.considered} layouts considered, "
         f"{len(result.ranked)} fit in {args.headroom:.0%} of memory"
     )
+    if model.moe_experts:
+        print(
+            f"a mixture of experts: {human(param_count(model))} parameters, "
+            f"{human(param_count(model, active=True))} active per token; expert parallelism is "
+            "not searched yet (the trainer has no parallel.ep key)"
+        )
     if not result.ranked:
         print(_nothing_fits(work, cluster, result, args.headroom))
         return 1

@@ -46,8 +46,9 @@ class ModelConfig:
     )
     init_from: str = setting(
         "",
-        "start from pretrained weights: hf:DIR, a Hugging Face GPT-2, Llama or BERT directory "
-        "whose config.json supplies the model.* values not set here (empty = random init)",
+        "start from pretrained weights: hf:DIR, a Hugging Face GPT-2, Llama, Mixtral or "
+        "BERT directory whose config.json supplies the model.* values not set here "
+        "(empty = random init)",
     )
     moe_experts: int = setting(
         0, "llama: routed experts of each mixture-of-experts block (0 = a dense model)"

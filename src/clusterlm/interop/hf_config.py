@@ -1,7 +1,16 @@
 """Hugging Face ``config.json`` <-> clusterlm ``model.*`` values, for GPT2LMHeadModel,
-LlamaForCausalLM and BertForMaskedLM. An HF option that changes the computation in a way
-clusterlm's model does not reproduce is refused with one line rather than imported into a silently
-different model."""
+LlamaForCausalLM, BertForMaskedLM and, for a mixture of experts, MixtralForCausalLM. An HF option
+that changes the computation in a way clusterlm's model does not reproduce is refused with one
+line rather than imported into a silently different model.
+
+Mixtral rather than Qwen3-MoE is the mixture of experts read and written because it is exactly a
+clusterlm llama with MoE blocks: llama attention, a softmax router over every block's experts, the
+top k renormalized, no shared experts. Qwen3-MoE normalizes each head's queries and keys (q/k
+RMSNorm), which clusterlm's attention does not; DeepSeek-V3 adds latent attention and grouped
+routing. The features of ours Mixtral has no place for (shared experts, sigmoid scores, weights
+left unnormalized, dense blocks among the MoE ones) are refused on export (``check_exportable``);
+routing biases (aux-free balancing) by ``interop.to_hf``, which reads them.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ from clusterlm.models import ModelArgs
 from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
+MIXTRAL = "MixtralForCausalLM"  # a llama whose MLPs are mixtures of experts
 
 # option -> the values clusterlm computes identically (absent options take HF's default)
 _GPT2_REQUIRES: dict[str, tuple[Any, ...]] = {
@@ -28,6 +38,11 @@ _LLAMA_REQUIRES: dict[str, tuple[Any, ...]] = {
     "attention_bias": (False,),
     "mlp_bias": (False,),
     "pretraining_tp": (1,),
+    "rope_scaling": (None,),
+}
+_MIXTRAL_REQUIRES: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu",),
+    "sliding_window": (None,),
     "rope_scaling": (None,),
 }
 _BERT_REQUIRES: dict[str, tuple[Any, ...]] = {
@@ -55,7 +70,7 @@ def model_values(config: dict[str, Any], where: str) -> dict[str, Any]:
             "and cannot represent it"
         )
     if model_type not in _FLAVOURS:
-        supported = " or ".join(ARCHITECTURES.values())
+        supported = ", ".join(ARCHITECTURES.values()) + f" or {MIXTRAL}"
         raise UserError(
             f"{where}: model_type {config.get('model_type')!r} is not supported; "
             f"clusterlm reads {supported} checkpoints"
@@ -118,6 +133,24 @@ def _llama_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+def _mixtral_values(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """A llama whose every block's MLP is a mixture of ``num_local_experts`` experts, of which a
+    token takes the top ``num_experts_per_tok`` by softmax score, renormalized. The balancing
+    (``router_aux_loss_coef``, ``router_jitter_noise``) is a training choice, left to the run."""
+    hidden = config["intermediate_size"]
+    return {
+        **_llama_values(config, where),
+        "flavour": "llama",
+        "moe_experts": config["num_local_experts"],
+        "moe_top_k": config["num_experts_per_tok"],
+        "moe_shared_experts": 0,
+        "moe_ffn_hidden": hidden,
+        "moe_layers": "all",
+        "moe_score": "softmax",
+        "moe_norm_topk": True,
+    }
+
+
 def _bert_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     """BertForMaskedLM's values. Its vocabulary must end with clusterlm's four special tokens, as an
     exported encoder's does: ``[PAD]`` (``pad_token_id``) is the last id. A BERT whose special
@@ -164,6 +197,7 @@ _FLAVOURS = {
     "gpt2": (_gpt2_values, _GPT2_REQUIRES),
     "llama": (_llama_values, _LLAMA_REQUIRES),
     "bert": (_bert_values, _BERT_REQUIRES),
+    "mixtral": (_mixtral_values, _MIXTRAL_REQUIRES),
 }
 
 
@@ -185,6 +219,44 @@ def _llama_config(args: ModelArgs) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
     }
+
+
+def _mixtral_config(args: ModelArgs) -> dict[str, Any]:
+    dense_only = ("attention_bias", "mlp_bias")  # options of LlamaConfig, not MixtralConfig
+    llama = {k: v for k, v in _llama_config(args).items() if k not in dense_only}
+    return {
+        **llama,
+        "intermediate_size": args.moe_ffn_hidden or args.ffn_hidden,
+        "num_local_experts": args.moe_experts,
+        "num_experts_per_tok": args.moe_top_k,
+        "router_aux_loss_coef": args.moe_aux_loss_coeff,
+        "router_jitter_noise": 0.0,
+        "output_router_logits": False,
+        "sliding_window": None,
+    }
+
+
+def check_exportable(args: ModelArgs) -> None:
+    """A mixture of experts must be one MixtralForCausalLM computes; one line otherwise."""
+    if not args.moe_experts:
+        return
+    blocks = args.moe_blocks(args.n_layer)
+    unexpressible = {
+        "model.moe_shared_experts > 0 (Mixtral has no shared experts)": args.moe_shared_experts,
+        "model.moe_score = sigmoid (Mixtral's router is a softmax)": args.moe_score != "softmax",
+        "model.moe_norm_topk = false (Mixtral rescales the chosen weights to sum to 1)": (
+            not args.moe_norm_topk
+        ),
+        f"model.moe_layers = {args.moe_layers} (every Mixtral block is a mixture of experts)": (
+            len(blocks) != args.n_layer
+        ),
+    }
+    for feature, present in unexpressible.items():
+        if present:
+            raise UserError(
+                f"a mixture of experts exports as {MIXTRAL}, which cannot express {feature}; "
+                "only a model without it can be exported to Hugging Face"
+            )
 
 
 def _gpt2_config(args: ModelArgs) -> dict[str, Any]:
@@ -237,12 +309,17 @@ def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> di
 
     Weights are of ``dtype``, with no dropout.
     """
+    if args.moe_experts:
+        architecture, model_type, values = MIXTRAL, "mixtral", _mixtral_config(args)
+    else:
+        architecture, model_type = ARCHITECTURES[args.flavour], args.flavour
+        values = _CONFIGS[args.flavour](args)
     common = {
-        "architectures": [ARCHITECTURES[args.flavour]],
-        "model_type": args.flavour,
+        "architectures": [architecture],
+        "model_type": model_type,
         "dtype": dtype,
         "vocab_size": args.vocab_size,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
     }
-    return {**common, **_CONFIGS[args.flavour](args)}
+    return {**common, **values}

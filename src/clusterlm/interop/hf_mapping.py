@@ -8,10 +8,18 @@ head, HF Llama's turns halves (x[i], x[i + d/2]); the query and key rows are the
 within each head (``rope_head_dim``), which moves no value across heads, so a slice of whole heads
 reads only those heads. BERT (``BertForMaskedLM``) keeps separate query, key and value tensors,
 and its masked-LM head's projection is the token table, with its own bias.
+
+A mixture of experts is ``MixtralForCausalLM``: its router is ``block_sparse_moe.gate`` and each
+expert's SwiGLU projections are tensors of their own, ``block_sparse_moe.experts.{e}.w1`` (gate),
+``w3`` (up) and ``w2`` (down), each [out, in]. Ours stack them: ``experts.w1`` [E, d, h] holds
+expert ``e``'s ``w1`` transposed at ``[e]`` (``experts``), so a slice of experts reads only theirs.
+This is the layout of every Mixtral on the Hub and the one ``transformers`` saves (it fuses the
+experts in memory only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -20,6 +28,7 @@ import torch
 from clusterlm.models import ModelArgs, create_model
 
 GPT2_PREFIX, LLAMA_PREFIX, BERT_PREFIX = "transformer.", "model.", "bert."
+EXPERT = "{expert}"  # where an expert's index goes in the name of its HF tensor
 # The output projections that are the token table in a tied model (decoders; the encoder's MLM
 # head).
 TIED_OUTPUTS = {"output.weight", "head.output.weight"}
@@ -28,12 +37,18 @@ TIED_OUTPUTS = {"output.weight", "head.output.weight"}
 @dataclass(frozen=True)
 class Link:
     """clusterlm parameter == rows [row_offset, row_offset + rows) of the HF tensor ``key`` (read
-    as [out, in]), rows permuted per head when ``rope_head_dim``."""
+    as [out, in]), rows permuted per head when ``rope_head_dim``; with ``experts``, the stack of
+    the ``experts`` HF tensors ``key`` names (``{expert}`` filled in), each transposed."""
 
     key: str
     conv1d: bool = False
     row_offset: int = 0
     rope_head_dim: int = 0
+    experts: int = 0
+
+    def expert_key(self, expert: int) -> str:
+        """The HF tensor of one stacked expert."""
+        return self.key.replace(EXPERT, str(expert))
 
 
 def _gpt2_links(args: ModelArgs) -> list[tuple[str, Link]]:
@@ -90,10 +105,17 @@ def _llama_links(args: ModelArgs) -> list[tuple[str, Link]]:
         (layer + r"mlp\.w1\.weight", Link(r"layers.\1.mlp.gate_proj.weight")),
         (layer + r"mlp\.w3\.weight", Link(r"layers.\1.mlp.up_proj.weight")),
         (layer + r"mlp\.w2\.weight", Link(r"layers.\1.mlp.down_proj.weight")),
+        (layer + r"mlp\.router\.gate\.weight", Link(r"layers.\1.block_sparse_moe.gate.weight")),
+        (
+            layer + r"mlp\.experts\.w([123])",
+            Link(
+                rf"layers.\1.block_sparse_moe.experts.{EXPERT}.w\2.weight",
+                experts=args.moe_experts,
+            ),
+        ),
     ]
     links = [
-        (pattern, Link(LLAMA_PREFIX + link.key, rope_head_dim=link.rope_head_dim))
-        for pattern, link in links
+        (pattern, dataclasses.replace(link, key=LLAMA_PREFIX + link.key)) for pattern, link in links
     ]
     return links + [(r"output\.weight", Link("lm_head.weight"))]
 
@@ -137,7 +159,7 @@ def link_for(args: ModelArgs, name: str) -> Link:
     for pattern, link in _LINKS[args.flavour](args):
         match = re.fullmatch(pattern, name)
         if match:
-            return Link(match.expand(link.key), link.conv1d, link.row_offset, link.rope_head_dim)
+            return dataclasses.replace(link, key=match.expand(link.key))
     raise KeyError(f"no Hugging Face name for clusterlm parameter {name!r}")
 
 
@@ -168,7 +190,9 @@ def hf_tensors(args: ModelArgs) -> dict[str, list[str]]:
     pieces: dict[str, list[tuple[int, str]]] = {}
     for name in parameter_shapes(args):
         link = link_for(args, name)
-        pieces.setdefault(link.key, []).append((link.row_offset, name))
+        keys = [link.expert_key(e) for e in range(link.experts)] if link.experts else [link.key]
+        for key in keys:
+            pieces.setdefault(key, []).append((link.row_offset, name))
     return {key: [name for _, name in sorted(parts)] for key, parts in pieces.items()}
 
 
@@ -177,14 +201,27 @@ def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     shapes = parameter_shapes(args)
     out = {}
     for key, names in hf_tensors(args).items():
+        link = link_for(args, names[0])
+        if link.experts:
+            out[key] = shapes[names[0]][1:][::-1]
+            continue
         shape = (sum(shapes[name][0] for name in names), *shapes[names[0]][1:])
-        out[key] = shape[::-1] if link_for(args, names[0]).conv1d else shape
+        out[key] = shape[::-1] if link.conv1d else shape
     return out
+
+
+def expert_of(link: Link, key: str) -> int:
+    """Which of ``link``'s stacked experts the HF tensor ``key`` is."""
+    prefix, _, suffix = link.key.partition(EXPERT)
+    return int(key.removeprefix(prefix).removesuffix(suffix))
 
 
 def assemble(args: ModelArgs, key: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """The HF tensor ``key`` from its clusterlm parameters (full tensors), as HF stores it."""
     links = {name: link_for(args, name) for name in parts}
+    stacked = next(iter(links.values()))
+    if stacked.experts:
+        return next(iter(parts.values()))[expert_of(stacked, key)].t().contiguous()
     rows = []
     for name, tensor in parts.items():
         link = links[name]

@@ -1,5 +1,6 @@
 """Read a Hugging Face model directory: its config as clusterlm ``model.*`` values, and its
-weights as a parameter source that reads only the slice asked for.
+weights as a parameter source that reads only the slice asked for (of stacked experts, only the
+experts asked for, each from its own tensor).
 
 A ``ParamSource`` (``clusterlm.models.init``) takes a clusterlm full-model parameter name, the
 parameter's full shape and one slice per dimension, and returns that slice as a float32 CPU
@@ -206,6 +207,19 @@ def _read_rows(
     return weights.read(weights.key(link.key), (slice(start, stop), *rest), transpose=False)
 
 
+def _read_experts(
+    weights: _HFWeights, link: Link, experts: range, rest: tuple[slice, ...]
+) -> torch.Tensor:
+    """Experts ``experts`` of a stacked parameter, columns ``rest``: each expert's own HF tensor
+    ([out, in]) sliced and transposed into our [in, out]."""
+    blocks = [
+        weights.read(weights.key(link.expert_key(e)), rest[::-1], transpose=True) for e in experts
+    ]
+    if blocks:
+        return torch.stack(blocks)
+    return torch.empty(0, *(s.stop - s.start for s in rest))
+
+
 def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
     """The weights of the HF model in ``directory`` as a ``ParamSource`` (see the module doc)."""
     config = hf_config_json(directory)
@@ -224,6 +238,8 @@ def hf_source(directory: str | os.PathLike[str]) -> ParamSource:
         if any(step != 1 for _, _, step in bounds):
             raise ValueError(f"{name}: only contiguous slices can be read, got {index}")
         (start, stop, _), rest = bounds[0], tuple(slice(a, b) for a, b, _ in bounds[1:])
+        if link.experts:
+            return _read_experts(weights, link, range(start, stop), rest)
         if not link.rope_head_dim:
             block = _read_rows(weights, link, start + link.row_offset, stop + link.row_offset, rest)
         else:  # read the whole heads covering the rows, then put them in our order

@@ -2,7 +2,8 @@
 ``AutoModelForMaskedLM`` (bert) and ``AutoTokenizer`` load: config.json, safetensors weights
 (sharded with an index past a size) and the tokenizer files. Tensors are pulled one at a time
 through ``read(name)`` (a checkpoint reader or a live model), so the exporter holds one HF tensor
-and its pieces, never the whole model. The directory appears complete or not at all.
+and its pieces, never the whole model (a mixture of experts: one stacked parameter, while its
+experts' tensors are written). The directory appears complete or not at all.
 
 A bert's tokenizer gains the encoder's special tokens at the ids after its vocabulary, where the
 encoder's token table has them, and names them as its mask, cls, sep and pad tokens. It adds no
@@ -22,8 +23,8 @@ from clusterlm.data.special_tokens import SPECIAL_TOKENS, special_token_id
 from clusterlm.data.tokenizer import EOT, Tokenizer
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path, temporary_sibling
-from clusterlm.interop.hf_config import hf_config
-from clusterlm.interop.hf_mapping import assemble, hf_shapes, hf_tensors
+from clusterlm.interop.hf_config import check_exportable, hf_config
+from clusterlm.interop.hf_mapping import assemble, hf_shapes, hf_tensors, link_for, parameter_shapes
 from clusterlm.interop.writer import write_sharded
 from clusterlm.models import ModelArgs
 
@@ -64,6 +65,37 @@ def _tokenizer_files(out: Path, tokenizer: Tokenizer, args: ModelArgs) -> None:
     )
 
 
+def _check_router_biases(args: ModelArgs, read: Callable[[str], torch.Tensor]) -> None:
+    """Mixtral chooses experts by score alone: routing biases that aux-free balancing moved would
+    make the exported model choose others."""
+    for block in args.moe_blocks(args.n_layer):
+        if read(f"layers.{block}.mlp.router.expert_bias").any():
+            raise UserError(
+                f"block {block}'s routing biases are not zero (model.moe_balance = aux_free moved "
+                f"them) and Mixtral routes without biases, so the export would choose other "
+                "experts; export a model trained with model.moe_balance = aux_loss or none"
+            )
+
+
+def _one_stack_kept(
+    args: ModelArgs, read: Callable[[str], torch.Tensor]
+) -> Callable[[str], torch.Tensor]:
+    """``read`` that keeps the last stacked-experts parameter it read: its experts are written as
+    consecutive HF tensors, each of which would otherwise read the whole stack again."""
+    stacked = {name for name in parameter_shapes(args) if link_for(args, name).experts}
+    kept: dict[str, torch.Tensor] = {}
+
+    def cached(name: str) -> torch.Tensor:
+        if name not in stacked:
+            return read(name)
+        if name not in kept:
+            kept.clear()  # before reading: one stack held at a time
+            kept[name] = read(name)
+        return kept[name]
+
+    return cached
+
+
 def check_destination(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; choose a new --out directory or remove it")
@@ -83,11 +115,9 @@ def export_hf(
     out = Path(out)
     check_output_path(out, "--out")
     check_destination(out)
-    if args.moe_experts:
-        raise UserError(
-            "export writes dense gpt2, llama and bert models; a mixture of experts "
-            "(model.moe_experts > 0) has no Hugging Face export yet"
-        )
+    check_exportable(args)
+    _check_router_biases(args, read)
+    read = _one_stack_kept(args, read)
     pieces = hf_tensors(args)
     tmp = temporary_sibling(out)
     tmp.mkdir(parents=True)

@@ -5,10 +5,12 @@ A link moves n bytes in ``latency + n / (bandwidth * comm_efficiency)``. For a g
     ring all-reduce:             2(n-1)/n * bytes / bw + 2(n-1) * latency
     reduce-scatter, all-gather:   (n-1)/n * bytes / bw +  (n-1) * latency
 
-(Patarasuk and Yuan 2009; Thakur et al. 2005), ``bytes`` being the full, unsharded buffer. A group
-that spans k nodes with g ranks in each runs hierarchically: the intra-node ring over g ranks on
-the fast link, then the inter-node ring over k ranks on a 1/g slice, each of the g ranks using its
-own NIC, so the slow link carries bytes/g per rank. Where ranks sit follows ``Layout.stride``.
+(Patarasuk and Yuan 2009; Thakur et al. 2005), ``bytes`` being the full, unsharded buffer. An
+all-to-all (expert parallelism) sends (n-1)/n of a rank's bytes, each slice straight to its peer.
+A group that spans k nodes with g ranks in each runs hierarchically: the intra-node ring over g
+ranks on the fast link, then the inter-node ring over k ranks on a 1/g slice, each of the g ranks
+using its own NIC, so the slow link carries bytes/g per rank. Where ranks sit follows
+``Layout.stride``.
 """
 
 from __future__ import annotations
@@ -79,3 +81,16 @@ def broadcast_from_each(nbytes: float, group: Group, cluster: Cluster) -> float:
 def point_to_point(nbytes: float, inter_node: bool, cluster: Cluster) -> float:
     link = cluster.inter_node if inter_node else cluster.intra_node
     return link.latency + nbytes / (link.bandwidth * cluster.calibration.comm_efficiency)
+
+
+def all_to_all(nbytes: float, group: Group, cluster: Cluster) -> float:
+    """Each rank sends 1/n of its ``nbytes`` to each of the n - 1 others and receives as much:
+    to the peers in its node over the fast link, to the others over its own NIC, both at once;
+    n - 1 messages of latency on the slowest link the group spans."""
+    if group.size <= 1:
+        return 0.0
+    efficiency = cluster.calibration.comm_efficiency
+    intra = (group.per_node - 1) / group.size * nbytes / cluster.intra_node.bandwidth
+    inter = (group.size - group.per_node) / group.size * nbytes / cluster.inter_node.bandwidth
+    link = cluster.inter_node if group.nodes > 1 else cluster.intra_node
+    return max(intra, inter) / efficiency + (group.size - 1) * link.latency

@@ -19,6 +19,7 @@ from clusterlm.plan import collectives
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.layout import Layout, rank_share
 from clusterlm.plan.memory import rank_params
+from clusterlm.plan.moe_cost import moe_block_params_on_device, moe_blocks_held
 from clusterlm.plan.workload import Workload
 
 
@@ -36,10 +37,12 @@ def stage_units(
     pipeline), the root last; ``tensors``: parameter tensors per block and outside the blocks."""
     args = work.model
     share = rank_share(args, layout, pp_rank)
-    block = layer_params(args)
-    outside = (
-        rank_params(work, layout, pp_rank) * layout.tp - share.layers * block
-    )  # embeddings, head
+    n_moe, block = moe_blocks_held(args, share.blocks), layer_params(args)
+    on_device = (share.layers - n_moe) * block / layout.tp
+    on_device += n_moe * moe_block_params_on_device(args, layout)
+    if n_moe:  # the mean block, as a whole-model count
+        block = round(on_device * layout.tp / share.layers)
+    outside = (rank_params(work, layout, pp_rank) - on_device) * layout.tp  # embeddings, head
     grouped = fsdp_units(
         [4 * block] * share.layers, 4 * (share.layers * block + outside), layout.bucket_mb * 2**20
     )

@@ -61,6 +61,14 @@ from dataclasses import dataclass
 
 from clusterlm.models.counting import embedding_params, head_params, layer_params
 from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.moe_cost import (
+    expert_shard_degree,
+    mlp_params_on_device,
+    moe_block_params_on_device,
+    moe_blocks_held,
+    moe_mlp_activation_bytes,
+    rank_param_split,
+)
 from clusterlm.plan.workload import Workload
 
 TOKEN_ID_BYTES = 8  # int64 token ids (embedding input) and targets (loss input)
@@ -112,17 +120,26 @@ def stage_params(work: Workload, layout: Layout, stage: str) -> float:
 
 def rank_params(work: Workload, layout: Layout, pp_rank: int) -> float:
     """Parameters one device of pipeline rank ``pp_rank`` holds before ZeRO, split as the trainer
-    splits them (``rank_share``)."""
-    args = work.model
-    share = rank_share(args, layout, pp_rank)
-    count = share.layers * layer_params(args)
-    if share.embedding:
-        count += embedding_params(args)
-    if share.head:
-        count += head_params(args)
-        if not args.is_llama and layout.pp > 1:
-            count += args.vocab_size * args.n_embd  # the tied head needs its own copy
-    return count / layout.tp
+    splits them (``rank_share``; a mixture of experts' by ``moe_cost.rank_param_split``)."""
+    return sum(rank_param_split(work, layout, pp_rank))
+
+
+def state_bytes(
+    work: Workload, layout: Layout, zero_stage: int, pp_rank: int
+) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes on one device of pipeline rank ``pp_rank``: the
+    routed experts sharded over their expert-data-parallel group, the rest over dp_shard."""
+    groups = zip(
+        rank_param_split(work, layout, pp_rank),
+        (layout.dp_shard, expert_shard_degree(layout)),
+        strict=True,
+    )
+    per_group = [
+        [params * b for b in state_bytes_per_param(zero_stage, degree, work.mixed_precision)]
+        for params, degree in groups
+    ]
+    weights, grads, optimizer = (sum(column) for column in zip(*per_group, strict=True))
+    return weights, grads, optimizer
 
 
 def fp32_weights_under_autocast(work: Workload, layout: Layout) -> bool:
@@ -147,13 +164,20 @@ def _norm_bytes(work: Workload, layout: Layout) -> float:
     return (4 + r) * h + 4 if work.model.is_llama else r * h + 8
 
 
-def _matmul_weights_per_layer(work: Workload) -> int:
+def _weight_copy_bytes(work: Workload, layout: Layout, moe: bool) -> float:
+    """Under autocast, the 16-bit copies of one block's matmul weights on one device: split over
+    tp, but an MoE block's MLP (whole on every tp rank, its routed experts split over ep)."""
     args = work.model
     d, q, kv = args.n_embd, args.n_head * args.head_dim, args.n_kv_head * args.head_dim
-    return 2 * d * q + 2 * d * kv + (3 if args.is_llama else 2) * d * args.ffn_hidden
+    mlp = (3 if args.is_llama else 2) * d * args.ffn_hidden / layout.tp
+    if moe:
+        mlp = mlp_params_on_device(args, layout)
+    return work.activation_bytes * ((2 * d * q + 2 * d * kv) / layout.tp + mlp)
 
 
-def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None = None) -> float:
+def layer_activation_bytes(
+    work: Workload, layout: Layout, recompute: str | None = None, moe: bool = False
+) -> float:
     """Bytes one block keeps for backward, per micro-batch (see the module docstring).
 
     Per token, with e bytes per activation element, h = n_embd, f = ffn_hidden, a = heads:
@@ -168,7 +192,8 @@ def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None
                      their product, 4*e*f
       dropout:       1-byte masks after attention and MLP; unfused, also the probabilities' mask and
                      the dropped-out probabilities (e*a*s), making Korthikanti's 5*a*s/h
-    ``recompute`` overrides the layout's checkpointing; "full" keeps only the block input.
+    ``recompute`` overrides the layout's checkpointing; "full" keeps only the block input. An
+    MoE block (``moe``) keeps its MLP's tensors as ``moe_cost`` counts them instead.
     """
     args, t = work.model, layout.tp
     e = work.activation_bytes
@@ -190,11 +215,13 @@ def layer_activation_bytes(work: Workload, layout: Layout, recompute: str | None
         attention += 4 * a
     elif mode != "selective":  # Korthikanti's selective recompute redoes the attention core
         attention += e * a * s + ((1 + e) * a * s if args.dropout > 0 else 0)
-    mlp = (4 if args.is_llama else 2) * e * f
+    mlp = 0 if moe else (4 if args.is_llama else 2) * e * f
     if args.dropout > 0:
         replicated += 2 * h
     per_token = replicated / replicated_split + matmul_inputs + (attention + mlp) / t
-    weight_copies = e * _matmul_weights_per_layer(work) / t if autocast else 0.0
+    if moe:  # on the replicated residual stream, whole on every tp rank
+        per_token += moe_mlp_activation_bytes(args, e, _residual_bytes(work, layout))
+    weight_copies = _weight_copy_bytes(work, layout, moe) if autocast else 0.0
     return per_token * s * layout.micro_batch_size + weight_copies
 
 
@@ -241,13 +268,12 @@ def activation_bytes(work: Workload, layout: Layout, stage: str) -> float:
     """Activations a device of the ``first`` or ``last`` stage holds at its peak: the saved
     tensors of its in-flight micro-batches plus, on the last stage, the logits' gradient."""
     share = rank_share(work.model, layout, rank_for(layout, stage))
-    stored = (
-        share.layers * layer_activation_bytes(work, layout) * in_flight_microbatches(layout, stage)
-    )
-    if layout.activation_checkpointing == "full":
-        stored += layer_activation_bytes(
-            work, layout, recompute="none"
-        )  # the block being recomputed
+    n_moe = moe_blocks_held(work.model, share.blocks)
+    blocks = (share.layers - n_moe) * layer_activation_bytes(work, layout)
+    blocks += n_moe * layer_activation_bytes(work, layout, moe=True)
+    stored = blocks * in_flight_microbatches(layout, stage)
+    if layout.activation_checkpointing == "full":  # the block being recomputed
+        stored += layer_activation_bytes(work, layout, recompute="none", moe=n_moe > 0)
     tokens = work.seq_len * layout.micro_batch_size
     if share.embedding:
         stored += TOKEN_ID_BYTES * tokens
@@ -287,7 +313,8 @@ def buffer_bytes(work: Workload, layout: Layout) -> float:
 def _largest_unit(work: Workload, layout: Layout) -> float:
     """Parameters of the largest FSDP unit on one tp rank: a block, or the embedding or head."""
     args = work.model
-    return max(layer_params(args), embedding_params(args), head_params(args)) / layout.tp
+    largest = max(layer_params(args), embedding_params(args), head_params(args)) / layout.tp
+    return max(largest, moe_block_params_on_device(args, layout) if args.moe_experts else 0)
 
 
 def _fsdp_zero2(layout: Layout) -> bool:
@@ -297,19 +324,16 @@ def _fsdp_zero2(layout: Layout) -> bool:
 def device_memory(work: Workload, layout: Layout) -> MemoryBreakdown:
     """Memory of the most loaded device (first or last pipeline stage)."""
     zero_stage = 3 if _fsdp_zero2(layout) else layout.zero_stage
-    weights, grads, optimizer = state_bytes_per_param(
-        zero_stage, layout.dp_shard, work.mixed_precision
-    )
     buffers = buffer_bytes(work, layout)
     candidates = []
     for stage in ("first", "last"):
-        params = stage_params(work, layout, stage)
-        on_host = params * optimizer if layout.cpu_offload else 0.0
+        weights, grads, optimizer = state_bytes(work, layout, zero_stage, rank_for(layout, stage))
+        on_host = optimizer if layout.cpu_offload else 0.0
         candidates.append(
             MemoryBreakdown(
-                parameters=params * weights,
-                gradients=params * grads,
-                optimizer=0.0 if layout.cpu_offload else params * optimizer,
+                parameters=weights,
+                gradients=grads,
+                optimizer=0.0 if layout.cpu_offload else optimizer,
                 activations=activation_bytes(work, layout, stage),
                 buffers=buffers,
                 host_optimizer=on_host,

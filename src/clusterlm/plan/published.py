@@ -45,10 +45,12 @@ def _predict(
 ) -> tuple[Candidate, float]:
     """The run's predicted candidate and TF/s per device in the source's convention."""
     cluster: Cluster = load_cluster(run["cluster"]).with_nodes(run["nodes"])
+    if run.get("intra_node_gb_s"):  # a run's own links where they differ from the preset's
+        intra = Link(run["intra_node_gb_s"] * GB, cluster.intra_node.latency)
+        cluster = dataclasses.replace(cluster, intra_node=intra)
     if run.get("inter_node_gb_s"):
-        cluster = dataclasses.replace(
-            cluster, inter_node=Link(run["inter_node_gb_s"] * GB, cluster.inter_node.latency)
-        )
+        inter = Link(run["inter_node_gb_s"] * GB, cluster.inter_node.latency)
+        cluster = dataclasses.replace(cluster, inter_node=inter)
     if calibration is not None:
         cluster = dataclasses.replace(cluster, calibration=calibration)
     work = Workload(

@@ -29,6 +29,8 @@ Communication (``collectives``), per step:
 - pipeline: activations forward and gradients backward at every stage boundary. The 2*(p - 1)*v
   messages of the fill and the drain are on the critical path; the 2*m*v of the steady state are
   sent while the next micro-batch computes, hidden up to ``overlap`` of that compute.
+- expert parallelism: the all-to-alls of tokens to their experts' ranks and back, exposed
+  (``moe_cost``; a mixture's MLPs, whole on every tp rank, are not split by tp).
 - CPU offload (ZeRO-Offload): gradients to the host and weights back over the host link, plus the
   CPU optimizer at the node's ``adam_params_per_s``, not overlapped.
 Pipeline bubble, as a fraction of the ideal m micro-batches, for the trainer's schedules: GPipe and
@@ -68,6 +70,11 @@ from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.efficiency import compute_rate, head_flops_per_token, layer_flops_per_token
 from clusterlm.plan.layout import Layout, rank_share
 from clusterlm.plan.memory import rank_for, stage_params, state_bytes_per_param
+from clusterlm.plan.moe_cost import (
+    all_to_all_seconds,
+    most_moe_blocks,
+    replicated_mlp_flops_per_token,
+)
 from clusterlm.plan.workload import Workload
 
 
@@ -83,6 +90,7 @@ class StepTime:
     offload: float
     host: float = 0.0
     recompute: float = 0.0
+    expert_parallel: float = 0.0  # the all-to-alls of expert parallelism (``moe_cost``)
 
     @property
     def total(self) -> float:
@@ -149,7 +157,9 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     tokens = work.seq_len * layout.micro_batch_size  # per micro-batch
     rate = compute_rate(work, layout, cluster.device, cal)
     flops, layers = busiest_rank_flops(work, layout)
+    moe_blocks = most_moe_blocks(args, layout)
     model_flops = flops * tokens / layout.tp
+    model_flops += replicated_mlp_flops_per_token(work, layout, moe_blocks) * tokens
     forward, backward = model_flops / 3 / rate, 2 * model_flops / 3 / rate
     recompute = (
         recompute_flops_per_token(work, layout) * layers / args.n_layer * tokens / layout.tp / rate
@@ -161,7 +171,8 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     )
     tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
     tensor_parallel = cal.tp_exposed * tp_per_layer * layers
-    micro_batch = forward + backward + recompute + tensor_parallel
+    all_to_all = all_to_all_seconds(work, layout, cluster, tokens, moe_blocks)
+    micro_batch = forward + backward + recompute + tensor_parallel + all_to_all
     m = layout.micro_batches
 
     data_parallel, offload = _data_parallel_and_offload(
@@ -177,6 +188,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         offload=offload,
         host=host_seconds(work, layout, cluster),
         recompute=m * recompute,
+        expert_parallel=m * all_to_all,
     )
 
 
@@ -216,7 +228,7 @@ def parameter_tensors(args: ModelArgs) -> tuple[int, int]:
 
 @lru_cache(maxsize=64)
 def _parameter_tensors(values: tuple) -> tuple[int, int]:
-    args = dataclasses.replace(ModelArgs(*values), n_layer=1)
+    args = dataclasses.replace(ModelArgs(*values), n_layer=1, moe_layers="all")  # an MoE block
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = create_model(args)
     block = len(list(next(iter(model.layers.values())).parameters()))

@@ -1,0 +1,122 @@
+"""A mixture of experts in the planner: where its parameters sit, what its blocks keep for
+backward, what they compute, and expert parallelism's all-to-all.
+
+Parameters (``rank_param_split``). An MoE block's attention and norms are split over tp like a
+dense block's; its MLP (router, routed and shared experts) runs on the replicated residual stream,
+whole on every tp rank, as the trainer runs it. The routed experts are split over the ``ep`` ranks
+of ``Layout.ep`` (a factor of dp_shard), and ZeRO shards them further over the expert-data-parallel
+group, the other dp_shard / ep ranks (``expert_shard_degree``); every other parameter over all of
+dp_shard. Total parameters set the memory; active ones (the router, k routed and the shared
+experts, ``clusterlm.models.counting``) the FLOPs.
+
+Activations (``moe_mlp_activation_bytes``), per token of an MoE block, with e bytes per activation
+element and r per residual element: the router's fp32 logits and scores (8*E) and its top-k
+choice (int64 experts, fp32 weights, 12*k); per routed copy (k of them) the gathered input in the
+compute dtype (e*h), the w1 and w3 outputs, the SiLU output and their product (4*e*hm), the
+expert's output, kept for its weighting (e*h), the weighted output in the residual's dtype, kept
+by the scatter back to the tokens (r*h), and the copy's int64 positions and fp32 weight (20); the
+shared experts as one SwiGLU MLP of width S*hm (4*e*S*hm). None of it is split over tp.
+
+All-to-all (``all_to_all_seconds``): with ep > 1 each MoE block sends each token's k copies to
+their experts' ranks and back in forward, and their gradients the same way in backward: 4
+all-to-alls of s*b*k*h elements per micro-batch (6 when full checkpointing reruns the forward),
+none hidden behind compute (each block waits for its tokens).
+"""
+
+from __future__ import annotations
+
+from clusterlm.models.counting import embedding_params, head_params, layer_params
+from clusterlm.models.gpt import ModelArgs
+from clusterlm.plan import collectives
+from clusterlm.plan.cluster import Cluster
+from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.workload import Workload
+
+
+def expert_hidden(args: ModelArgs) -> int:
+    return args.moe_ffn_hidden or args.ffn_hidden
+
+
+def routed_params(args: ModelArgs) -> int:
+    """The routed experts of one MoE block: E SwiGLU MLPs."""
+    return args.moe_experts * 3 * args.n_embd * expert_hidden(args)
+
+
+def moe_mlp_params(args: ModelArgs, active: bool = False) -> int:
+    """One MoE block's MLP: router gate, routed and shared experts (with ``active``, the top k)."""
+    routed = args.moe_top_k if active else args.moe_experts
+    experts = (routed + args.moe_shared_experts) * 3 * args.n_embd * expert_hidden(args)
+    return args.n_embd * args.moe_experts + experts
+
+
+def moe_blocks_held(args: ModelArgs, blocks: tuple[int, ...]) -> int:
+    """How many of ``blocks`` are MoE blocks."""
+    moe = set(args.moe_blocks(args.n_layer))
+    return sum(block in moe for block in blocks)
+
+
+def most_moe_blocks(args: ModelArgs, layout: Layout) -> int:
+    """The MoE blocks of the pipeline rank that holds the most."""
+    return max(moe_blocks_held(args, rank_share(args, layout, r).blocks) for r in range(layout.pp))
+
+
+def rank_param_split(work: Workload, layout: Layout, pp_rank: int) -> tuple[float, float]:
+    """(every parameter but the routed experts, the routed experts) on one device of pipeline rank
+    ``pp_rank``, before ZeRO (see the module docstring)."""
+    args = work.model
+    share = rank_share(args, layout, pp_rank)
+    moe = set(args.moe_blocks(args.n_layer))
+    whole = sum(layer_params(args, block in moe) for block in share.blocks)
+    if share.embedding:
+        whole += embedding_params(args)
+    if share.head:
+        whole += head_params(args)
+        if not args.is_llama and layout.pp > 1:
+            whole += args.vocab_size * args.n_embd  # the tied head needs its own copy
+    n_moe = moe_blocks_held(args, share.blocks)
+    mlp, routed = n_moe * moe_mlp_params(args), n_moe * routed_params(args)
+    return (whole - mlp) / layout.tp + mlp - routed, routed / layout.ep
+
+
+def expert_shard_degree(layout: Layout) -> int:
+    """The ranks ZeRO shards the routed experts over: dp_shard's ranks outside the ep group."""
+    return max(1, layout.dp_shard // layout.ep)
+
+
+def moe_mlp_activation_bytes(args: ModelArgs, e: int, r: int) -> float:
+    """Bytes an MoE block's MLP keeps per token (module docstring), e and r bytes per activation
+    and residual element."""
+    h, hm, k = args.n_embd, expert_hidden(args), args.moe_top_k
+    routed = k * ((2 * e + r) * h + 4 * e * hm + 20)
+    return 8 * args.moe_experts + 12 * k + routed + 4 * e * args.moe_shared_experts * hm
+
+
+def mlp_params_on_device(args: ModelArgs, layout: Layout) -> float:
+    """An MoE block's MLP on one device: whole on every tp rank, its routed experts 1/ep."""
+    return moe_mlp_params(args) - routed_params(args) + routed_params(args) / layout.ep
+
+
+def moe_block_params_on_device(args: ModelArgs, layout: Layout) -> float:
+    """Parameters of an MoE block on one device, before ZeRO."""
+    attention_and_norms = layer_params(args, moe=True) - moe_mlp_params(args)
+    return attention_and_norms / layout.tp + mlp_params_on_device(args, layout)
+
+
+def replicated_mlp_flops_per_token(work: Workload, layout: Layout, moe_blocks: int) -> float:
+    """The training FLOPs per token that tp does not split: the ``moe_blocks`` MoE MLPs, whole on
+    every tp rank, beyond the 1/tp share the model FLOPs already give each."""
+    return 6.0 * moe_blocks * moe_mlp_params(work.model, active=True) * (1 - 1 / layout.tp)
+
+
+def all_to_all_seconds(
+    work: Workload, layout: Layout, cluster: Cluster, tokens: int, moe_blocks: int
+) -> float:
+    """Expert parallelism's all-to-alls of one micro-batch of ``tokens`` tokens per device over
+    its ``moe_blocks`` MoE blocks (module docstring)."""
+    if layout.ep == 1 or not moe_blocks:
+        return 0.0
+    args = work.model
+    routed_bytes = tokens * args.moe_top_k * args.n_embd * work.activation_bytes
+    group = collectives.mesh_group(layout, "ep", cluster)
+    per_block = 6 if layout.activation_checkpointing == "full" else 4
+    return moe_blocks * per_block * collectives.all_to_all(routed_bytes, group, cluster)
