@@ -20,6 +20,8 @@ from clusterlm.errors import UserError
 LAYERS_SYNTAX = "all, every:K, after:K or a list of block indices such as 1,3"
 # Strategies that run the MoE blocks as they are today: the whole model on every rank.
 MOE_DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "hsdp")
+# Expert parallelism: FSDP reduces the experts' gradients over their own data-parallel group.
+EXPERT_PARALLEL_DATA_PARALLEL = ("zero2", "zero3", "hsdp")
 
 
 def moe_layer_indices(spec: str, n_layer: int) -> tuple[int, ...]:
@@ -60,6 +62,11 @@ def _moe_keys_changed(m: ModelConfig) -> list[str]:
 def check_experts(cfg: Config) -> None:
     """The ``model.moe_*`` keys: consistent with each other, with the model and the layout."""
     m, p = cfg.model, cfg.parallel
+    if p.ep > 1 and not m.moe_experts:
+        raise UserError(
+            f"parallel.ep = {p.ep} splits the experts of a mixture of experts: set "
+            "model.moe_experts > 0 or parallel.ep = 1"
+        )
     if not m.moe_experts:
         changed = [key for key in _moe_keys_changed(m) if key != "moe_experts"]
         if changed:
@@ -89,3 +96,21 @@ def check_experts(cfg: Config) -> None:
             f"{', '.join(MOE_DATA_PARALLEL)}, without pipeline or sequence parallelism "
             "(pp = 1, sequence_parallel = false)"
         )
+    _check_expert_parallel(cfg)
+
+
+def _check_expert_parallel(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if p.ep > 1 and m.moe_experts % p.ep:
+        raise UserError(
+            f"model.moe_experts ({m.moe_experts}) is not divisible by parallel.ep ({p.ep}): "
+            "each expert-parallel rank holds the same number of experts"
+        )
+    if p.ep > 1 and p.data_parallel not in EXPERT_PARALLEL_DATA_PARALLEL:
+        raise UserError(
+            f"parallel.ep > 1 runs with parallel.data_parallel = "
+            f"{', '.join(EXPERT_PARALLEL_DATA_PARALLEL)} (FSDP over the experts' data-parallel "
+            f"group), not {p.data_parallel}"
+        )
+    if p.ep > 1 and cfg.training.compile:
+        raise UserError("training.compile does not run expert parallelism yet; use parallel.ep = 1")
