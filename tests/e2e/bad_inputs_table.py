@@ -158,6 +158,12 @@ CONFIGS = [
                 ["--model.moe_experts=4", "--parallel.ep=2", "--nproc", "2"],
                 "FSDP over the experts",
             ),
+            (
+                "ep-with-load-balance",
+                ["--model.moe_experts=4", "--parallel.ep=2", "--parallel.data_parallel=zero2"]
+                + ["--parallel.load_balance=true", "--nproc", "2"],
+                "parallel.load_balance",
+            ),
             ("ep-without-experts", ["--parallel.ep=2"], "set model.moe_experts > 0 or parallel.ep"),
         ]
     ],

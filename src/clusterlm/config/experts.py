@@ -101,16 +101,23 @@ def check_experts(cfg: Config) -> None:
 
 def _check_expert_parallel(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
-    if p.ep > 1 and m.moe_experts % p.ep:
+    if p.ep == 1:
+        return
+    if m.moe_experts % p.ep:
         raise UserError(
             f"model.moe_experts ({m.moe_experts}) is not divisible by parallel.ep ({p.ep}): "
             "each expert-parallel rank holds the same number of experts"
         )
-    if p.ep > 1 and p.data_parallel not in EXPERT_PARALLEL_DATA_PARALLEL:
+    if p.data_parallel not in EXPERT_PARALLEL_DATA_PARALLEL:
         raise UserError(
             f"parallel.ep > 1 runs with parallel.data_parallel = "
             f"{', '.join(EXPERT_PARALLEL_DATA_PARALLEL)} (FSDP over the experts' data-parallel "
             f"group), not {p.data_parallel}"
         )
-    if p.ep > 1 and cfg.training.compile:
+    if p.load_balance:
+        raise UserError(
+            "parallel.load_balance gives ranks different numbers of micro-batches, but the "
+            "expert-parallel ranks exchange tokens in every one; use parallel.ep = 1"
+        )
+    if cfg.training.compile:
         raise UserError("training.compile does not run expert parallelism yet; use parallel.ep = 1")

@@ -141,7 +141,8 @@ def describe_layout(cfg: Config, runtime: Runtime) -> str:
     dp = f"dp {runtime.dp_size} ({p.data_parallel})" if runtime.dp_size > 1 else "dp 1"
     pp = f"pp {p.pp} ({p.pp_schedule})" if p.pp > 1 else "pp 1"
     tp = f"tp {p.tp}" + (" + sp" if p.sequence_parallel else "")
-    return f"{runtime.world_size} processes: {pp} x {dp} x {tp}"
+    ep = f", experts over ep {p.ep}" if p.ep > 1 else ""
+    return f"{runtime.world_size} processes: {pp} x {dp} x {tp}{ep}"
 
 
 def average_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
