@@ -22,6 +22,9 @@ EP_CASES = [
     ("ep2xzero3", 4, 4, {"parallel__ep": 2, "parallel__data_parallel": "zero3", "parallel__bucket_mb": 0.01}),
     ("ep2xtp2", 4, 2, {"parallel__ep": 2, "parallel__tp": 2, "parallel__data_parallel": "zero2"}),
     ("ep2xhsdp", 4, 4, {"parallel__ep": 2, "parallel__data_parallel": "hsdp", "parallel__dp_replicate": 2}),
+    ("ep2xzero3-ac", 2, 2, {"parallel__ep": 2, "parallel__data_parallel": "zero3", "training__activation_checkpointing": "full"}),
+    ("pp2", 2, 1, {"parallel__pp": 2, "parallel__pp_microbatches": 2}),
+    ("pp2xep2", 4, 2, {"parallel__pp": 2, "parallel__pp_microbatches": 2, "parallel__ep": 2, "parallel__data_parallel": "zero2"}),
 ]
 
 

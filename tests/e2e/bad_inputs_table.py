@@ -164,6 +164,11 @@ CONFIGS = [
                 + ["--parallel.load_balance=true", "--nproc", "2"],
                 "parallel.load_balance",
             ),
+            (
+                "aux-loss-in-pipeline",
+                ["--model.moe_experts=4", "--model.moe_balance=aux_loss", "--parallel.pp=2"],
+                "aux_free or parallel.pp = 1",
+            ),
             ("ep-without-experts", ["--parallel.ep=2"], "set model.moe_experts > 0 or parallel.ep"),
         ]
     ],

@@ -90,11 +90,16 @@ def check_experts(cfg: Config) -> None:
     if m.moe_balance != "aux_free" and m.moe_bias_rate != defaults.moe_bias_rate:
         raise UserError("model.moe_bias_rate applies to model.moe_balance = aux_free")
     moe_layer_indices(m.moe_layers, m.n_layer)
-    if p.pp > 1 or p.sequence_parallel or p.data_parallel not in MOE_DATA_PARALLEL:
+    if p.sequence_parallel or p.data_parallel not in MOE_DATA_PARALLEL:
         raise UserError(
             "a mixture of experts (model.moe_experts > 0) trains with parallel.data_parallel = "
-            f"{', '.join(MOE_DATA_PARALLEL)}, without pipeline or sequence parallelism "
-            "(pp = 1, sequence_parallel = false)"
+            f"{', '.join(MOE_DATA_PARALLEL)}, without sequence parallelism "
+            "(sequence_parallel = false)"
+        )
+    if p.pp > 1 and m.moe_balance == "aux_loss":
+        raise UserError(
+            "model.moe_balance = aux_loss needs the balance loss of every block in the loss, which "
+            "a pipeline's last stage does not see; use aux_free or parallel.pp = 1"
         )
     _check_expert_parallel(cfg)
 
