@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .helpers import run_distributed
 from .test_moe_training import AUX_FREE, reference, split_biases
 from .training import MICRO, assert_equivalent, run
 
@@ -38,3 +39,46 @@ def test_expert_parallel_equals_single_process(name, world_size, dp, settings, d
     for key, bias in expected_biases.items():
         torch.testing.assert_close(biases[key], bias, rtol=0, atol=1e-6, msg=key)
     assert any(bias.abs().sum() > 0 for bias in biases.values())
+
+
+def _dispatch_rank(rank: int, world_size: int) -> None:
+    """Rank ``rank``'s tokens through experts split over all ranks, against the whole experts on
+    every rank's tokens: outputs, the tokens' gradients and each rank's share of the weights'."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from clusterlm.distributed.mesh import MESH_DIMS
+    from clusterlm.models.moe import GroupedExperts
+    from clusterlm.parallel.expert_parallel import apply_expert_parallel
+
+    torch.manual_seed(0)
+    experts, local = 8, 8 // world_size
+    whole = GroupedExperts(6, 10, experts)
+    for weight in whole.parameters():
+        torch.nn.init.normal_(weight, std=0.3)
+    split = copy.deepcopy(whole)
+    # Every rank's tokens, sorted by expert; some experts get none.
+    batches = []
+    for _ in range(world_size):
+        counts = torch.randint(0, 4, (experts,))
+        batches.append((torch.randn(int(counts.sum()), 6, requires_grad=True), counts))
+    probes = [torch.randn(int(c.sum()), 6) for _, c in batches]
+    expected = [whole(tokens, counts) for tokens, counts in batches]
+    sum((out * probe).sum() for out, probe in zip(expected, probes, strict=True)).backward()
+
+    mesh = init_device_mesh("cpu", (1, 1, world_size, 1), mesh_dim_names=MESH_DIMS)
+    apply_expert_parallel(split, mesh, world_size)
+    tokens, counts = batches[rank][0].detach().clone().requires_grad_(), batches[rank][1]
+    out = split(tokens, counts)
+    (out * probes[rank]).sum().backward()
+    torch.testing.assert_close(out, expected[rank].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tokens.grad, batches[rank][0].grad, rtol=1e-5, atol=1e-6)
+    for name, weight in split.named_parameters():
+        mine = getattr(whole, name).grad[rank * local : (rank + 1) * local]
+        torch.testing.assert_close(weight.grad.to_local(), mine, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_dispatch_and_combine_match_the_whole_experts_forward_and_backward(world_size):
+    run_distributed(_dispatch_rank, world_size, timeout=120)
