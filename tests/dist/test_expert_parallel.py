@@ -15,7 +15,7 @@ import torch
 
 from .helpers import run_distributed
 from .test_moe_training import AUX_FREE, reference, split_biases
-from .training import MICRO, assert_equivalent, run
+from .training import MICRO, STEPS, assert_equivalent, run
 
 EP_CASES = [
     ("ep2", 2, 2, {"parallel__ep": 2, "parallel__data_parallel": "zero2"}),
@@ -82,3 +82,23 @@ def _dispatch_rank(rank: int, world_size: int) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_dispatch_and_combine_match_the_whole_experts_forward_and_backward(world_size):
     run_distributed(_dispatch_rank, world_size, timeout=120)
+
+
+def test_resume_across_expert_parallel_degrees(data_dir, tmp_path_factory, tmp_path):
+    """ep4 on 4 ranks -> ep2 x zero3 on 2 ranks -> one process, through checkpoints (weights,
+    optimizer state and routing biases resharded across ep), equal to the uninterrupted run."""
+    phases = [(4, "zero2", 4, MICRO, 7), (2, "zero3", 2, 2 * MICRO, 14), (1, "ddp", 1, 4 * MICRO, STEPS)]
+    for world_size, strategy, ep, micro, steps in phases:
+        losses, result = run(
+            data_dir, tmp_path, world_size, parallel__data_parallel=strategy, parallel__ep=ep,
+            training__micro_batch_size=micro, training__steps=steps, optim__decay_steps=STEPS,
+            checkpoint__resume="auto", **AUX_FREE,
+        )
+    expected, expected_biases = split_biases(reference(data_dir, tmp_path_factory, 4, AUX_FREE))
+    got, biases = split_biases((losses, result))
+    assert got[0] == pytest.approx(expected[0], rel=1e-5)
+    for name, tensor in expected[1]["weights"].items():
+        if not name.endswith("attn.wk.bias"):
+            assert (got[1]["weights"][name] - tensor).norm() <= 2e-5 * tensor.norm(), name
+    for key, bias in expected_biases.items():
+        torch.testing.assert_close(biases[key], bias, rtol=0, atol=1e-6, msg=key)
