@@ -99,7 +99,9 @@ class ExpertParallelExperts(GroupedExperts):
 
 
 def expert_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
-    """``mesh`` with ``dp_shard`` seen as ``dp_shard_mod_ep x ep``."""
+    """``mesh`` with ``dp_shard`` seen as ``dp_shard_mod_ep x ep``. (torch has no public way to
+    split a mesh dimension; sub-meshes of one root mesh are what FSDP needs to shard DTensors
+    over a second dimension.)"""
     shard = mesh["dp_shard"].size()
     return mesh._unflatten("dp_shard", (shard // ep, ep), EXPERT_MESH_DIMS)
 
