@@ -145,6 +145,34 @@ CONFIGS = [
                 ["--model.moe_experts=4", "--parallel.tp=2", "--parallel.sequence_parallel=true"],
                 "sequence_parallel = false",
             ),
+            (
+                "experts-not-divisible-by-ep",
+                ["--model.moe_experts=4", "--parallel.ep=3", "--parallel.data_parallel=zero2"],
+                "not divisible by parallel.ep",
+            ),
+            (
+                "ep-not-dividing-dp",
+                ["--model.moe_experts=4", "--parallel.ep=4", "--parallel.data_parallel=zero2"]
+                + ["--nproc", "2"],
+                "must divide the data-parallel",
+            ),
+            (
+                "ep-under-ddp",
+                ["--model.moe_experts=4", "--parallel.ep=2", "--nproc", "2"],
+                "FSDP over the experts",
+            ),
+            (
+                "ep-with-load-balance",
+                ["--model.moe_experts=4", "--parallel.ep=2", "--parallel.data_parallel=zero2"]
+                + ["--parallel.load_balance=true", "--nproc", "2"],
+                "parallel.load_balance",
+            ),
+            (
+                "aux-loss-in-pipeline",
+                ["--model.moe_experts=4", "--model.moe_balance=aux_loss", "--parallel.pp=2"],
+                "aux_free or parallel.pp = 1",
+            ),
+            ("ep-without-experts", ["--parallel.ep=2"], "set model.moe_experts > 0 or parallel.ep"),
         ]
     ],
     case("config-moe-gpt2", *TRAIN, "--model.moe_experts=4", expect="flavour = llama"),

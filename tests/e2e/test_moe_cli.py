@@ -3,6 +3,7 @@ expert loads reach metrics.jsonl, and a resumed run continues exactly (routing b
 
 import math
 
+from launch_helpers import TINY, clusterlm
 from train_helpers import TINY_ARGS, records, train_cli
 
 from clusterlm.cli import main as cli
@@ -90,3 +91,15 @@ def test_a_trained_mixture_exports_as_mixtral_unless_its_routing_biases_moved(
     assert cli(["export", "hf", "--run", str(aux_free), "--out", str(tmp_path / "refused")]) != 0
     assert "routing biases" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def test_bench_train_reports_the_all_to_all_of_expert_parallelism(launch_data_dir):
+    """ep2 on 2 launched processes against ep1: the all-to-all line for the ep variant only."""
+    result = clusterlm(
+        *("bench", "train", "--nproc", "2", "--steps", "2", "--rounds", "1", "--warmup", "1"),
+        *("--data.dir", str(launch_data_dir), *TINY, *MOE[:-1]),
+        *("--parallel.data_parallel", "zero2", "--parallel.ep", "2", "--against", "parallel.ep=1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "experts over ep 2" in result.stdout
+    assert "all-to-all (config):" in result.stdout and "all-to-all (baseline)" not in result.stdout

@@ -23,6 +23,7 @@ from clusterlm.config import Config, apply_overrides
 from clusterlm.distributed.runtime import describe_layout
 from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
 from clusterlm.models.from_config import resolve_model_args
+from clusterlm.parallel.expert_parallel import AllToAllTimer
 from clusterlm.parallel.precision import DTYPES, resolve_precision
 from clusterlm.plan.layout import layout_from_config
 from clusterlm.plan.memory import layer_activation_bytes
@@ -52,13 +53,28 @@ def bench_train(
             name: _warm_session(variant, scratch, warmup) for name, variant in variants.items()
         }
         times: dict[str, list[float]] = {name: [] for name in sessions}
+        exchanges = dict.fromkeys(sessions, 0.0)  # seconds in the experts' all-to-all
         for _ in range(rounds):
             for name, session in sessions.items():
+                AllToAllTimer.take()
                 times[name] += time_steps(session, steps)
+                exchanges[name] += AllToAllTimer.take()
         probes = _probe_lines(sessions, steps, breakdown)
     if not sessions["config"].runtime.is_main:
         return []
-    return [*_timing_lines(sessions, times, steps, rounds), *probes]
+    lines = _timing_lines(sessions, times, steps, rounds)
+    return [*lines, *_exchange_lines(times, exchanges), *probes]
+
+
+def _exchange_lines(times: dict[str, list[float]], exchanges: dict[str, float]) -> list[str]:
+    """The all-to-all time of the variants that run expert parallelism (rank 0's; it includes
+    waiting for the slowest rank of the exchange)."""
+    return [
+        f"all-to-all ({name}): {1000 * seconds / len(times[name]):.2f} ms/step, "
+        f"{seconds / sum(times[name]):.0%} of the step (expert dispatch and combine, rank 0)"
+        for name, seconds in exchanges.items()
+        if seconds > 0
+    ]
 
 
 def _warm_session(cfg: Config, scratch: str, warmup: int) -> Session:

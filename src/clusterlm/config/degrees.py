@@ -105,6 +105,11 @@ def check_layout(cfg: Config, world_size: int) -> tuple[int, int]:
                 f"parallel.tp ({p.tp}) must divide {name} ({heads}): each tensor-parallel rank "
                 "computes whole heads"
             )
+    if shard % p.ep:
+        raise UserError(
+            f"parallel.ep ({p.ep}) must divide the data-parallel sharding degree dp_shard "
+            f"({shard}): expert parallelism borrows its ranks from it"
+        )
     accumulation = grad_accum_steps(cfg, replicate * shard)
     if p.pp > 1:
         _check_pipeline(cfg, accumulation)

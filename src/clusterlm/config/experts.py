@@ -20,6 +20,8 @@ from clusterlm.errors import UserError
 LAYERS_SYNTAX = "all, every:K, after:K or a list of block indices such as 1,3"
 # Strategies that run the MoE blocks as they are today: the whole model on every rank.
 MOE_DATA_PARALLEL = ("ddp", "zero1", "zero2", "zero3", "hsdp")
+# Expert parallelism: FSDP reduces the experts' gradients over their own data-parallel group.
+EXPERT_PARALLEL_DATA_PARALLEL = ("zero2", "zero3", "hsdp")
 
 
 def moe_layer_indices(spec: str, n_layer: int) -> tuple[int, ...]:
@@ -60,6 +62,11 @@ def _moe_keys_changed(m: ModelConfig) -> list[str]:
 def check_experts(cfg: Config) -> None:
     """The ``model.moe_*`` keys: consistent with each other, with the model and the layout."""
     m, p = cfg.model, cfg.parallel
+    if p.ep > 1 and not m.moe_experts:
+        raise UserError(
+            f"parallel.ep = {p.ep} splits the experts of a mixture of experts: set "
+            "model.moe_experts > 0 or parallel.ep = 1"
+        )
     if not m.moe_experts:
         changed = [key for key in _moe_keys_changed(m) if key != "moe_experts"]
         if changed:
@@ -83,9 +90,39 @@ def check_experts(cfg: Config) -> None:
     if m.moe_balance != "aux_free" and m.moe_bias_rate != defaults.moe_bias_rate:
         raise UserError("model.moe_bias_rate applies to model.moe_balance = aux_free")
     moe_layer_indices(m.moe_layers, m.n_layer)
-    if p.pp > 1 or p.sequence_parallel or p.data_parallel not in MOE_DATA_PARALLEL:
+    if p.sequence_parallel or p.data_parallel not in MOE_DATA_PARALLEL:
         raise UserError(
             "a mixture of experts (model.moe_experts > 0) trains with parallel.data_parallel = "
-            f"{', '.join(MOE_DATA_PARALLEL)}, without pipeline or sequence parallelism "
-            "(pp = 1, sequence_parallel = false)"
+            f"{', '.join(MOE_DATA_PARALLEL)}, without sequence parallelism "
+            "(sequence_parallel = false)"
         )
+    if p.pp > 1 and m.moe_balance == "aux_loss":
+        raise UserError(
+            "model.moe_balance = aux_loss needs the balance loss of every block in the loss, which "
+            "a pipeline's last stage does not see; use aux_free or parallel.pp = 1"
+        )
+    _check_expert_parallel(cfg)
+
+
+def _check_expert_parallel(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if p.ep == 1:
+        return
+    if m.moe_experts % p.ep:
+        raise UserError(
+            f"model.moe_experts ({m.moe_experts}) is not divisible by parallel.ep ({p.ep}): "
+            "each expert-parallel rank holds the same number of experts"
+        )
+    if p.data_parallel not in EXPERT_PARALLEL_DATA_PARALLEL:
+        raise UserError(
+            f"parallel.ep > 1 runs with parallel.data_parallel = "
+            f"{', '.join(EXPERT_PARALLEL_DATA_PARALLEL)} (FSDP over the experts' data-parallel "
+            f"group), not {p.data_parallel}"
+        )
+    if p.load_balance:
+        raise UserError(
+            "parallel.load_balance gives ranks different numbers of micro-batches, but the "
+            "expert-parallel ranks exchange tokens in every one; use parallel.ep = 1"
+        )
+    if cfg.training.compile:
+        raise UserError("training.compile does not run expert parallelism yet; use parallel.ep = 1")

@@ -46,6 +46,11 @@ class ParallelConfig:
         "divisible by cp)",
         ("ring", "all_to_all"),
     )
+    ep: int = setting(
+        1,
+        "expert-parallel degree: each mixture-of-experts block's experts split across this many "
+        "ranks of dp_shard (tokens reach them by all-to-all); zero2/zero3/hsdp",
+    )
     pp: int = setting(1, "pipeline-parallel degree: the layers cut into stages on this many ranks")
     pp_schedule: str = setting(
         "1f1b",

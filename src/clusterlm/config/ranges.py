@@ -84,6 +84,7 @@ RANGES: dict[str, Range] = {
     "parallel.dp_shard": NON_NEGATIVE,
     "parallel.tp": POSITIVE,
     "parallel.cp": POSITIVE,
+    "parallel.ep": AT_LEAST_ONE,
     "parallel.pp": POSITIVE,
     "parallel.pp_microbatches": NON_NEGATIVE,
     "parallel.pp_stages_per_rank": NON_NEGATIVE,

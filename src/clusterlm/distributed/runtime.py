@@ -142,7 +142,8 @@ def describe_layout(cfg: Config, runtime: Runtime) -> str:
     pp = f"pp {p.pp} ({p.pp_schedule})" if p.pp > 1 else "pp 1"
     tp = f"tp {p.tp}" + (" + sp" if p.sequence_parallel else "")
     cp = f" x cp {p.cp} ({p.cp_attention})" if p.cp > 1 else ""
-    return f"{runtime.world_size} processes: {pp} x {dp}{cp} x {tp}"
+    ep = f", experts over ep {p.ep}" if p.ep > 1 else ""
+    return f"{runtime.world_size} processes: {pp} x {dp}{cp} x {tp}{ep}"
 
 
 def average_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:

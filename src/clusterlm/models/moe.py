@@ -17,9 +17,9 @@ Two ways to keep the experts' loads even (``model.moe_balance``):
   from the tokens each expert received (``take_expert_stats``, which the caller sums over the
   data-parallel ranks first, so every rank applies the same update).
 
-The model knows nothing of distribution: expert parallelism can shard the stacked weights on
-dimension 0 and replace ``GroupedExperts.forward``'s input, the tokens sorted by expert with their
-counts, by an all-to-all exchange.
+The model knows nothing of distribution: expert parallelism (``clusterlm.parallel.expert_parallel``)
+shards the stacked weights on dimension 0 and sends ``GroupedExperts.forward``'s input, the tokens
+sorted by expert, to their experts' ranks by all-to-all.
 """
 
 from __future__ import annotations
@@ -120,12 +120,20 @@ class GroupedExperts(nn.Module):
 
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``tokens`` [M, d] sorted by expert, ``counts`` [E] of them per expert -> [M, d]."""
-        dtype = tokens.dtype
-        if torch.is_autocast_enabled(tokens.device.type):  # torch does not autocast grouped mm
-            dtype = torch.get_autocast_dtype(tokens.device.type)
-        x, w1, w3, w2 = (t.to(dtype) for t in (tokens, self.w1, self.w3, self.w2))
-        hidden = F.silu(grouped_mm(x, w1, counts)) * grouped_mm(x, w3, counts)
-        return grouped_mm(hidden, w2, counts)
+        return swiglu_experts(tokens, counts, self.w1, self.w3, self.w2)
+
+
+def swiglu_experts(
+    tokens: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """The SwiGLU experts of stacked weights ``w1``, ``w3`` [E, d, h] and ``w2`` [E, h, d] on
+    ``tokens`` [M, d] sorted by expert, ``counts`` [E] of them per expert -> [M, d]."""
+    dtype = tokens.dtype
+    if torch.is_autocast_enabled(tokens.device.type):  # torch does not autocast grouped mm
+        dtype = torch.get_autocast_dtype(tokens.device.type)
+    x, w1, w3, w2 = (t.to(dtype) for t in (tokens, w1, w3, w2))
+    hidden = F.silu(grouped_mm(x, w1, counts)) * grouped_mm(x, w3, counts)
+    return grouped_mm(hidden, w2, counts)
 
 
 def _in_backward() -> bool:

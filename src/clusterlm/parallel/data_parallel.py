@@ -39,6 +39,7 @@ from clusterlm.config import CommConfig, ParallelConfig
 from clusterlm.config.degrees import REPLICATING
 from clusterlm.distributed.mesh import context_parallel_size, weight_sharing_mesh
 from clusterlm.models import model_layers
+from clusterlm.parallel.expert_parallel import expert_data_mesh, expert_parallel_modules
 
 SHARDED = ("zero2", "zero3", "hsdp")
 # Each rank trains its own replica; they synchronize outside backward (clusterlm.parallel.local_sgd,
@@ -81,6 +82,7 @@ def apply_data_parallel(
     }
     if cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    _shard_experts(model, mesh, cfg, options)
     blocks = list(model_layers(model).values())
     block_bytes = [4 * sum(p.numel() for p in block.parameters()) for block in blocks]
     model_bytes = 4 * sum(p.numel() for p in model.parameters())
@@ -102,6 +104,29 @@ def apply_data_parallel(
     if comm.reduce_scatter == "ring" or (comm.reduce_scatter == "auto" and on_gloo):
         use_ring_reduce_scatter(model)
     return model, None
+
+
+def _shard_experts(
+    model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, options: _ShardOptions
+) -> None:
+    """Expert parallelism's experts, units of their own sharded over the ranks that hold the same
+    experts; their gradients sum the tokens of every data-parallel rank already (through the
+    all-to-all), so the reduction divides by the whole data-parallel degree."""
+    experts = expert_parallel_modules(model)
+    if not experts:
+        return
+    experts_mesh = expert_data_mesh(mesh, cfg.ep, cfg.data_parallel)
+    expert_options: _ShardOptions = {**options, "mesh": experts_mesh}
+    shard_ranks = mesh["dp_shard"].size()
+    resharded = cfg.data_parallel != "zero2"
+    for module in experts:
+        unit = fully_shard(module, **expert_options, reshard_after_forward=resharded)
+        unit.set_gradient_divide_factor(float(mesh["dp_replicate"].size() * shard_ranks))
+        # Sum, then divide: gloo and the ring have no pre-multiplied sum. (Without a shard group
+        # to reduce over, FSDP divides as it copies, and would divide twice.)
+        unit.set_force_sum_reduction_for_comms(experts_mesh.size(-1) > 1)
+        if not resharded:
+            _KEPT_GATHERED.add(module)
 
 
 def reshards_after_forward(data_parallel: str, unit: int, units: int) -> bool:

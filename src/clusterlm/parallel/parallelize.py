@@ -30,6 +30,7 @@ from clusterlm.parallel.activation_checkpointing import apply_activation_checkpo
 from clusterlm.parallel.compiling import apply_compile, separate_compile_cache
 from clusterlm.parallel.context_parallel import apply_context_parallel, model_inputs
 from clusterlm.parallel.data_parallel import SHARDED, apply_data_parallel
+from clusterlm.parallel.expert_parallel import apply_expert_parallel
 from clusterlm.parallel.local_sgd import LocalSGDModel
 from clusterlm.parallel.materialize import canonical_name, materialize
 from clusterlm.parallel.model import ParallelModel, Pipeline, PipelinedModel, WholeModel
@@ -82,13 +83,16 @@ def _parallelize_part(
     fill: Callable[[nn.Module], None],
     sharded: bool,
 ) -> nn.Module:
-    """``part`` with, in this order, tensor parallel, activation checkpointing, compile, data
-    parallel and context parallel applied. ``fill`` materializes it: before data parallel unless
-    ``sharded`` (DDP needs whole tensors), and after it (FSDP has cut the tensors by then)."""
+    """``part`` with, in this order, tensor parallel, expert parallel, activation checkpointing,
+    compile, data parallel and context parallel applied. ``fill`` materializes it: before data
+    parallel unless ``sharded`` (DDP needs whole tensors), and after it (FSDP has cut the tensors
+    by then)."""
     p, training = cfg.parallel, cfg.training
     if mesh is not None and p.tp > 1:
         assert isinstance(part, (Transformer, Encoder))  # fine-tuning runs no tensor parallel
         apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
+    if mesh is not None and p.ep > 1:
+        apply_expert_parallel(part, mesh, p.ep)
     if not sharded:
         fill(part)
     if training.activation_checkpointing != "none":

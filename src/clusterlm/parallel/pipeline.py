@@ -49,6 +49,7 @@ from clusterlm.models.counting import embedding_params, head_params, layer_param
 from clusterlm.models.gpt import ModelArgs, Transformer
 from clusterlm.models.loss import next_token_loss
 from clusterlm.parallel.clipping import scale_grads, squared_grad_norm
+from clusterlm.parallel.expert_balance import forget_metadata_forward
 
 # name -> schedule class; where each places its stages is ``SCHEDULE_PLACEMENT``
 SCHEDULES = {
@@ -156,7 +157,9 @@ def split_into_stages(
         module: nn.Module = stage_module(model, ranges[index], index == 0, index == num_stages - 1)
         if parallelize_stage is not None:
             module = parallelize_stage(module)
-        stages.append(PipelineStage(module, index, num_stages, device, group=pp_group))
+        stage = PipelineStage(module, index, num_stages, device, group=pp_group)
+        forget_metadata_forward(stage)
+        stages.append(stage)
     return stages
 
 

@@ -182,7 +182,7 @@ def build_session(cfg: Config, task: TaskSpec | None = None) -> Session:
         peak_flops=peak_flops(
             runtime.device, model.precision.compute_dtype, cfg.metrics.peak_flops
         ),
-        experts=expert_loads(model.parts[0], runtime.mesh, runtime.device),
+        experts=expert_loads(model.parts, cfg.model, runtime.mesh, runtime.device),
     )
     return _start_session(session)
 

@@ -33,6 +33,7 @@ def test_bad_moe_layers_fail_with_one_line(spec):
 
 
 MOE = {"model.flavour": "llama", "model.moe_experts": "4"}
+ZERO2 = {"parallel.data_parallel": "zero2"}
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,12 @@ MOE = {"model.flavour": "llama", "model.moe_experts": "4"}
         ({**MOE, "model.moe_balance": "none", "model.moe_bias_rate": "0.1"}, "aux_free"),
         ({**MOE, "model.moe_layers": "every:x"}, "model.moe_layers must be"),
         ({**MOE, "model.moe_top_k": "0"}, "model.moe_top_k must be >= 1"),
-        ({**MOE, "parallel.pp": "2"}, "pp = 1"),
+        ({**MOE, "parallel.pp": "2", "model.moe_balance": "aux_loss"}, "aux_free or parallel.pp"),
+        ({**MOE, "parallel.ep": "3", **ZERO2}, "not divisible by parallel.ep \\(3\\)"),
+        ({"parallel.ep": "2", **ZERO2}, "set model.moe_experts > 0 or parallel.ep = 1"),
+        ({**MOE, "parallel.ep": "2"}, "parallel.ep > 1 runs with parallel.data_parallel = zero2"),
+        ({**MOE, "parallel.ep": "2", **ZERO2, "training.compile": "true"}, "training.compile"),
+        ({**MOE, "parallel.ep": "2", **ZERO2, "parallel.load_balance": "true"}, "load_balance"),
         ({**MOE, "parallel.tp": "2", "parallel.sequence_parallel": "true"}, "sequence_parallel"),
         ({**MOE, "parallel.data_parallel": "local_sgd"}, "parallel.data_parallel = ddp"),
     ],
