@@ -24,8 +24,7 @@ def prepare_pairs(root: Path, count: int = 400, separate_vocab: bool = False) ->
         lines.append(json.dumps(pair) + "\n")
     (root / "pairs.jsonl").write_text("".join(lines))
     task = root / "task"
-    assert (
-        cli(["prepare", "--task", f"translation-jsonl:{root / 'pairs.jsonl'}", "--out", str(task)])
-        == 0
-    )
+    vocab = ["--separate-vocab"] if separate_vocab else []
+    argv = ["prepare", "--task", f"translation-jsonl:{root / 'pairs.jsonl'}", "--out", str(task)]
+    assert cli([*argv, *vocab]) == 0
     return task
