@@ -7,7 +7,7 @@ import io
 import re
 
 import sacrebleu
-from translation_pairs import MBART, prepare_pairs
+from translation_pairs import TINY_TRANSLATION, prepare_pairs
 
 from clusterlm.cli import main as cli
 from clusterlm.data.tokenizer import Tokenizer
@@ -15,19 +15,12 @@ from clusterlm.data.translation import load_translation
 from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.train.trainer import train
 
-SETTINGS = {
-    **MBART, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 24,
-    "training.micro_batch_size": 8, "training.steps": 16, "training.eval_interval": 0,
-    "training.eval_batches": 1, "optim.lr": 3e-3, "optim.warmup_steps": 3,
-    "checkpoint.interval": 0, "metrics.progress": "none", "metrics.tensorboard": False,
-    "metrics.plot": False, "training.precision": "fp32",
-}  # fmt: skip
-
 
 def test_translate_gives_what_eval_scores(tmp_path, capsys, monkeypatch):
     task = prepare_pairs(tmp_path, count=200, separate_vocab=True)
     out = tmp_path / "out"
-    train(load_config(None, {**SETTINGS, "data.dir": str(task), "training.out_dir": str(out)}))
+    values = {**TINY_TRANSLATION, "data.dir": str(task), "training.out_dir": str(out)}
+    train(load_config(None, values))
     test = load_translation(str(task)).splits["test"]
     source = Tokenizer.load(task / "source_tokenizer.json")
     target = Tokenizer.load(task / "tokenizer.json")
@@ -48,3 +41,7 @@ def test_translate_gives_what_eval_scores(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines)))
         assert cli([*argv[:-1], "64", "--input", "-"]) == 0
         assert capsys.readouterr().out.splitlines() == texts  # batches of any size, stdin alike
+    # A Hugging Face directory holds one tokenizer: a run with one per side is not exported.
+    assert cli(["export", "hf", "--run", str(out), "--out", str(tmp_path / "hf")]) != 0
+    assert "vocabulary per side" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

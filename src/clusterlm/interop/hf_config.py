@@ -1,7 +1,7 @@
 """Hugging Face ``config.json`` <-> clusterlm ``model.*`` values, for GPT2LMHeadModel,
-LlamaForCausalLM and BertForMaskedLM. An HF option that changes the computation in a way
-clusterlm's model does not reproduce is refused with one line rather than imported into a silently
-different model."""
+LlamaForCausalLM, BertForMaskedLM and MBartForConditionalGeneration. An HF option that changes
+the computation in a way clusterlm's model does not reproduce is refused with one line rather than
+imported into a silently different model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from clusterlm.errors import UserError
 from clusterlm.models import ModelArgs
 from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
+ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "bert": "BertForMaskedLM",
+    "mbart": "MBartForConditionalGeneration",
+}
 
 # option -> the values clusterlm computes identically (absent options take HF's default)
 _GPT2_REQUIRES: dict[str, tuple[Any, ...]] = {
@@ -36,6 +41,11 @@ _BERT_REQUIRES: dict[str, tuple[Any, ...]] = {
     "is_decoder": (False,),
     "add_cross_attention": (False,),
     "type_vocab_size": (TOKEN_TYPES,),
+    "tie_word_embeddings": (True,),
+}
+_MBART_REQUIRES: dict[str, tuple[Any, ...]] = {
+    "activation_function": ("gelu_pytorch_tanh", "gelu_new"),
+    "scale_embedding": (False,),
     "tie_word_embeddings": (True,),
 }
 # BERT relatives whose blocks normalize before the residual addition; clusterlm's bert is post-norm.
@@ -159,11 +169,38 @@ def _bert_values(config: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+def _mbart_values(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """MBartForConditionalGeneration's values: both sides alike, as clusterlm's encoder-decoder
+    builds them."""
+    for encoder, decoder in (
+        ("encoder_layers", "decoder_layers"),
+        ("encoder_attention_heads", "decoder_attention_heads"),
+        ("encoder_ffn_dim", "decoder_ffn_dim"),
+    ):
+        if config[encoder] != config[decoder]:
+            raise UserError(
+                f"{where}: {encoder} = {config[encoder]} but {decoder} = {config[decoder]}; "
+                "clusterlm's encoder-decoder has the same shape on both sides"
+            )
+    return {
+        "n_layer": config["encoder_layers"],
+        "n_head": config["encoder_attention_heads"],
+        "n_kv_head": config["encoder_attention_heads"],
+        "n_embd": config["d_model"],
+        "block_size": config["max_position_embeddings"],
+        "vocab_size": config["vocab_size"],
+        "ffn_hidden": config["encoder_ffn_dim"],
+        "norm_eps": 1e-5,  # mBART's LayerNorms keep torch's default
+        "rope_theta": 10000.0,
+    }
+
+
 # model_type -> (its clusterlm values, the options it must leave at values clusterlm computes)
 _FLAVOURS = {
     "gpt2": (_gpt2_values, _GPT2_REQUIRES),
     "llama": (_llama_values, _LLAMA_REQUIRES),
     "bert": (_bert_values, _BERT_REQUIRES),
+    "mbart": (_mbart_values, _MBART_REQUIRES),
 }
 
 
@@ -229,7 +266,44 @@ def _bert_config(args: ModelArgs) -> dict[str, Any]:
     }
 
 
-_CONFIGS = {"gpt2": _gpt2_config, "llama": _llama_config, "bert": _bert_config}
+def _mbart_config(args: ModelArgs) -> dict[str, Any]:
+    """Generation starts the decoder at the end-of-text token, which also ends and pads: see
+    ``hf_config``. mBART's default of forcing token 2 last is turned off."""
+    if args.norm_eps != 1e-5:
+        raise UserError(
+            f"model.norm_eps = {args.norm_eps}: mBART's LayerNorms use 1e-5, so this run has "
+            "no Hugging Face equivalent"
+        )
+    sides: dict[str, Any] = {}
+    for side in ("encoder", "decoder"):
+        sides |= {
+            f"{side}_layers": args.n_layer,
+            f"{side}_attention_heads": args.n_head,
+            f"{side}_ffn_dim": args.ffn_hidden,
+            f"{side}_layerdrop": 0.0,
+        }
+    return {
+        **sides,
+        "d_model": args.n_embd,
+        "max_position_embeddings": args.block_size,
+        "activation_function": "gelu_pytorch_tanh",
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "classifier_dropout": 0.0,
+        "scale_embedding": False,
+        "tie_word_embeddings": True,
+        "is_encoder_decoder": True,
+        "forced_eos_token_id": None,
+    }
+
+
+_CONFIGS = {
+    "gpt2": _gpt2_config,
+    "llama": _llama_config,
+    "bert": _bert_config,
+    "mbart": _mbart_config,
+}
 
 
 def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> dict[str, Any]:
@@ -245,4 +319,6 @@ def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> di
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
     }
+    if args.flavour == "mbart":  # the decoder starts at, and a finished beam is padded with, it
+        common |= {"decoder_start_token_id": eot_id, "pad_token_id": eot_id}
     return {**common, **_CONFIGS[args.flavour](args)}

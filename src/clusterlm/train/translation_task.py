@@ -32,6 +32,7 @@ from clusterlm.parallel.model import WholeModel
 from clusterlm.train.decoding import GREEDY, Search
 from clusterlm.train.evaluate import eval_windows
 from clusterlm.train.optim import optimizer_recipe
+from clusterlm.train.pretrained_weights import check_pretrained_tokenizer, pretrained_source
 from clusterlm.train.session import Metrics, Session, TaskSpec, build_model, read_tokenizer
 from clusterlm.train.translate import TRANSLATION_STATE, target_text, translation_state
 
@@ -57,8 +58,11 @@ def translation_task(cfg: Config) -> TaskSpec:
         saved = read_tokenizer(cfg.data.dir, source.sha256, source.file)
         saved_files[SOURCE_TOKENIZER_NAME] = saved.payload
 
+    check_pretrained_tokenizer(cfg, manifest)
+
     def model(settled: Config) -> tuple[nn.Module, ParamSource]:
-        return build_model(settled, manifest.vocab_size)
+        plain, seeded = build_model(settled, manifest.vocab_size)
+        return plain, pretrained_source(settled) or seeded  # model.init_from = hf:DIR
 
     def evaluate(session: Session, split: str) -> Metrics:
         final = split in session.task.final_splits
