@@ -86,5 +86,6 @@ TRANSLATION = [
         expect="is a classifier",
     ),
     case("translate-beam-zero", *TRANSLATE, "--run", "{run}", "--beam", "0", expect="--beam"),
+    case("generate-beam-zero", "generate", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("beam-on-a-language-model", "eval", "--run", "{run}", "--beam", "2", expect="--beam"),
 ]

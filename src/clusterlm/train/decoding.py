@@ -1,6 +1,7 @@
-"""Greedy decoding of the encoder–decoder, batched: the encoder runs once per batch and the
-decoder feeds one new token per step, reusing its cached keys and values
-(``clusterlm.models.seq2seq.DecodingCache``)."""
+"""Greedy decoding and beam search of the encoder–decoder, batched: the encoder runs once per batch
+and the decoder feeds one new token per step, reusing its cached keys and values
+(``clusterlm.models.seq2seq.DecodingCache``). The beam search itself (``beam_search``) takes any
+model's step, and serves decoder-only generation too (``clusterlm.train.generate``)."""
 
 from __future__ import annotations
 
@@ -54,32 +55,60 @@ def beam_decode(
     length_penalty: float = 1.0,
     all_done: Callable[[bool], bool] = lambda done: done,
 ) -> torch.Tensor:
-    """Beam search, batched; returns what ``greedy_decode`` does. It is Hugging Face's
-    ``generate(num_beams=beam, length_penalty=..., early_stopping=True, max_new_tokens=max_len)``,
-    step for step: each row keeps ``beam`` live hypotheses, and ranks the ``2 * beam`` best
-    extensions of them all. Of the first ``beam`` of those, each that ends (and, at the last step,
-    every one) is finished, scored by its log-probability / its length (the end-of-text token
-    counted) ** ``length_penalty``; a row keeps its ``beam`` best finished ones and stops once it
-    has ``beam``. The first ``beam`` extensions that do not end stay live. The best scored
-    finished hypothesis is the translation."""
-    batch = source.size(0)
-    device = source.device
+    """Beam search of the encoder–decoder, batched (``beam_search``), its encoder's output and
+    keys and values cached and reordered with the beams; returns what ``greedy_decode`` does."""
     cache = DecodingCache(source.repeat_interleave(beam, 0))
+    first = torch.full((cache.source.size(0), 1), eot_id, dtype=torch.long, device=source.device)
+    return beam_search(
+        lambda tokens: model(tokens, cache=cache)[:, -1],
+        cache.reorder,
+        first,
+        eot_id,
+        max_len,
+        beam,
+        length_penalty,
+        all_done,
+    )
+
+
+def beam_search(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    reorder: Callable[[torch.Tensor], None],
+    first: torch.Tensor,
+    eot_id: int,
+    max_len: int,
+    beam: int,
+    length_penalty: float = 1.0,
+    all_done: Callable[[bool], bool] = lambda done: done,
+) -> torch.Tensor:
+    """Beam search, batched, of any model: ``step(tokens)`` feeds each hypothesis its newest tokens
+    (``first`` [B * beam, t] at the start, then one) and returns its next-token logits
+    [B * beam, V]; ``reorder(rows)`` keeps the model's state of hypotheses ``rows``. Returns the
+    tokens [B, max_len] up to and without the end-of-text token, PAD after it.
+
+    It is Hugging Face's ``generate(num_beams=beam, length_penalty=..., early_stopping=True,
+    max_new_tokens=max_len)``, step for step: each row keeps ``beam`` live hypotheses, and ranks
+    the ``2 * beam`` best extensions of them all. Of the first ``beam`` of those, each that ends
+    (and, at the last step, every one) is finished, scored by its log-probability / its length
+    (the end-of-text token counted) ** ``length_penalty``; a row keeps its ``beam`` best finished
+    ones and stops once it has ``beam``. The first ``beam`` extensions that do not end stay live.
+    The best scored finished hypothesis is the result. ``all_done`` as in ``greedy_decode``."""
+    batch, device = first.size(0) // beam, first.device
     scores = torch.full((batch, beam), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one hypothesis to start from: the others are its copies
     history = torch.empty(batch * beam, 0, dtype=torch.long, device=device)
-    tokens = torch.full((batch * beam, 1), eot_id, dtype=torch.long, device=device)
+    tokens = first
     finished: Finished = [[] for _ in range(batch)]
-    for step in range(max_len):
-        logp = model(tokens, cache=cache)[:, -1].float().log_softmax(-1)
+    for position in range(max_len):
+        logp = step(tokens).float().log_softmax(-1)
         candidates = scores[:, :, None] + logp.view(batch, beam, -1)
-        keep, tokens, scores = _advance(
-            candidates, history, finished, eot_id, (step + 1) ** length_penalty, step == max_len - 1
-        )
+        last = position == max_len - 1
+        penalized = (position + 1) ** length_penalty
+        keep, tokens, scores = _advance(candidates, history, finished, eot_id, penalized, last)
         history = torch.cat([history[keep], tokens], 1)
-        if all_done(all(len(f) >= beam for f in finished)) or step == max_len - 1:
+        if all_done(all(len(f) >= beam for f in finished)) or last:
             break
-        cache.reorder(keep)
+        reorder(keep)
     out = torch.full((batch, max_len), PAD, dtype=torch.long, device=device)
     for row, hypotheses in enumerate(finished):
         best = max(hypotheses, key=lambda h: h[0])[1] if hypotheses else []
@@ -102,7 +131,8 @@ def _advance(
     slots of score -inf)."""
     batch, beam, vocab = candidates.shape
     keep = torch.arange(batch * beam, device=candidates.device)
-    tokens = torch.full((batch, beam), eot_id, dtype=torch.long, device=candidates.device)
+    # an empty slot (score -inf) feeds token 0 on: any id the model embeds
+    tokens = torch.zeros((batch, beam), dtype=torch.long, device=candidates.device)
     scores = torch.full((batch, beam), float("-inf"), device=candidates.device)
     values, indices = candidates.view(batch, -1).topk(min(2 * beam, beam * vocab), dim=1)
     for row in range(batch):
