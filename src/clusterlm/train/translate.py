@@ -57,7 +57,12 @@ def check_translation_run(found: Verified) -> None:
             f"{found.path} is a classifier fine-tuned on {task}, which does not translate; "
             f"translate with a run of model.flavour = {SEQ2SEQ_FLAVOUR} trained on translation"
         )
-    if flavour != SEQ2SEQ_FLAVOUR or TRANSLATION_STATE not in found.state:
+    if flavour == SEQ2SEQ_FLAVOUR and TRANSLATION_STATE not in found.state:
+        raise UserError(
+            f"{found.path} was saved before checkpoints carried the tokenizers and ids translate "
+            "needs; resume the run (checkpoint.resume = auto) to save a checkpoint that has them"
+        )
+    if flavour != SEQ2SEQ_FLAVOUR:
         raise UserError(
             f"{found.path} is a {flavour} model, not an encoder-decoder trained on a translation "
             f"task; translate with a run of model.flavour = {SEQ2SEQ_FLAVOUR} "
