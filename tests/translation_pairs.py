@@ -24,8 +24,17 @@ def prepare_pairs(root: Path, count: int = 400, separate_vocab: bool = False) ->
         lines.append(json.dumps(pair) + "\n")
     (root / "pairs.jsonl").write_text("".join(lines))
     task = root / "task"
-    assert (
-        cli(["prepare", "--task", f"translation-jsonl:{root / 'pairs.jsonl'}", "--out", str(task)])
-        == 0
-    )
+    vocab = ["--separate-vocab"] if separate_vocab else []
+    argv = ["prepare", "--task", f"translation-jsonl:{root / 'pairs.jsonl'}", "--out", str(task)]
+    assert cli([*argv, *vocab]) == 0
     return task
+
+
+# A run of a few seconds on them: one block a side, fp32, nothing written but its checkpoint.
+TINY_TRANSLATION = {
+    **MBART, "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 24,
+    "training.micro_batch_size": 8, "training.steps": 16, "training.eval_interval": 0,
+    "training.eval_batches": 1, "optim.lr": 3e-3, "optim.warmup_steps": 3,
+    "checkpoint.interval": 0, "metrics.progress": "none", "metrics.tensorboard": False,
+    "metrics.plot": False, "training.precision": "fp32",
+}  # fmt: skip

@@ -5,7 +5,11 @@ without uninstalling them: tests/unit/data/test_bible.py checks the line names t
 
 from __future__ import annotations
 
-from bad_inputs_harness import TINY, both, case, jsonl, write
+import json
+from pathlib import Path
+
+from bad_inputs_harness import TINY, both, case, copy_of, jsonl, write
+from bad_inputs_table_hardening import resealed
 
 
 def pairs(id: str, content: bytes | str, expect: str) -> object:
@@ -21,6 +25,13 @@ def pairs(id: str, content: bytes | str, expect: str) -> object:
     )
 
 
+def _as_classifier(root: Path) -> None:  # a run fine-tuned on a task, as its trainer.json says
+    state = json.loads((root / "trainer.json").read_text())
+    state["config"]["finetune"]["task"] = "/data/labels"
+    (root / "trainer.json").write_text(json.dumps(state))
+
+
+TRANSLATE = ("translate", "--input", "-")
 TRAIN_PAIRS = [{"src": "the house", "tgt": "la casa", "split": "train"}] * 3
 TRANSLATION = [
     pairs("translation-missing-src", jsonl({"tgt": "la casa"}), 'no "src"'),
@@ -65,5 +76,16 @@ TRANSLATION = [
         expect="translation task",
     ),
     case("translation-beam-zero", "eval", "--run", "{run}", "--beam", "0", expect="--beam"),
+    case("translate-a-decoder", *TRANSLATE, "--run", "{run}", expect="not an encoder-decoder"),
+    case(
+        "translate-a-classifier",
+        *TRANSLATE,
+        "--checkpoint",
+        "{tmp}/ckpt",
+        setup=copy_of("ckpt", "ckpt", resealed(_as_classifier)),
+        expect="is a classifier",
+    ),
+    case("translate-beam-zero", *TRANSLATE, "--run", "{run}", "--beam", "0", expect="--beam"),
+    case("generate-beam-zero", "generate", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("beam-on-a-language-model", "eval", "--run", "{run}", "--beam", "2", expect="--beam"),
 ]

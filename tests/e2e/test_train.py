@@ -152,6 +152,9 @@ def test_eval_and_generate_from_a_run(data_dir, tmp_path, capsys):
     assert first.startswith("thou") and len(first) > 40
     assert cli(args) == 0
     assert capsys.readouterr().out == first  # same seed, same sample
+    assert cli([*args, "--beam", "3", "--length-penalty", "0.5"]) == 0
+    beamed = capsys.readouterr().out
+    assert beamed.startswith("thou") and len(beamed) > len("thou")
 
 
 @pytest.mark.parametrize(

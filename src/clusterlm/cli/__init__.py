@@ -25,6 +25,7 @@ COMMANDS = {
     ),
     "eval": ("clusterlm.cli.evaluate", "validation loss and perplexity of a checkpoint"),
     "generate": ("clusterlm.cli.generate", "sample text from a checkpoint"),
+    "translate": ("clusterlm.cli.translate", "translate lines of text with an encoder-decoder run"),
     "bench": ("clusterlm.cli.bench", "benchmarks that print figures (subcommands below)"),
     "plan": (
         "clusterlm.cli.plan",

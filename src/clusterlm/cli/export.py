@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Hugging Face directory (config.json, safetensors, tokenizer) for transformers",
         description="Write config.json, model.safetensors (sharded with an index past "
         "--max-shard-size) and the tokenizer files, loadable with AutoModelForCausalLM "
-        "(bert: AutoModelForMaskedLM) and AutoTokenizer.",
+        "(bert: AutoModelForMaskedLM, mbart: AutoModelForSeq2SeqLM) and AutoTokenizer.",
     )
     hf.add_argument(
         "--run", default="runs/default", help="training.out_dir of the run (its newest checkpoint)"

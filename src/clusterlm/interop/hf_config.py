@@ -1,7 +1,7 @@
 """Hugging Face ``config.json`` <-> clusterlm ``model.*`` values, for GPT2LMHeadModel,
-LlamaForCausalLM, BertForMaskedLM and, for a mixture of experts, MixtralForCausalLM. An HF option
-that changes the computation in a way clusterlm's model does not reproduce is refused with one
-line rather than imported into a silently different model.
+LlamaForCausalLM, BertForMaskedLM, MBartForConditionalGeneration and, for a mixture of experts,
+MixtralForCausalLM. An HF option that changes the computation in a way clusterlm's model does not
+reproduce is refused with one line rather than imported into a silently different model.
 
 Mixtral rather than Qwen3-MoE is the mixture of experts read and written because it is exactly a
 clusterlm llama with MoE blocks: llama attention, a softmax router over every block's experts, the
@@ -18,10 +18,16 @@ from typing import Any
 
 from clusterlm.data.special_tokens import SPECIAL_TOKENS, special_token_id
 from clusterlm.errors import UserError
+from clusterlm.interop.hf_mbart import MBART_REQUIRES, mbart_config, mbart_values
 from clusterlm.models import ModelArgs
 from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
+ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "bert": "BertForMaskedLM",
+    "mbart": "MBartForConditionalGeneration",
+}
 MIXTRAL = "MixtralForCausalLM"  # a llama whose MLPs are mixtures of experts
 
 # option -> the values clusterlm computes identically (absent options take HF's default)
@@ -198,6 +204,7 @@ _FLAVOURS = {
     "llama": (_llama_values, _LLAMA_REQUIRES),
     "bert": (_bert_values, _BERT_REQUIRES),
     "mixtral": (_mixtral_values, _MIXTRAL_REQUIRES),
+    "mbart": (mbart_values, MBART_REQUIRES),
 }
 
 
@@ -301,7 +308,12 @@ def _bert_config(args: ModelArgs) -> dict[str, Any]:
     }
 
 
-_CONFIGS = {"gpt2": _gpt2_config, "llama": _llama_config, "bert": _bert_config}
+_CONFIGS = {
+    "gpt2": _gpt2_config,
+    "llama": _llama_config,
+    "bert": _bert_config,
+    "mbart": mbart_config,
+}
 
 
 def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> dict[str, Any]:
@@ -322,4 +334,6 @@ def hf_config(args: ModelArgs, eot_id: int | None, dtype: str = "float32") -> di
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
     }
+    if args.flavour == "mbart":  # the decoder starts at, and a finished beam is padded with, it
+        common |= {"decoder_start_token_id": eot_id, "pad_token_id": eot_id}
     return {**common, **values}

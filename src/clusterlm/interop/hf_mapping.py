@@ -7,7 +7,9 @@ key and value projections into one ``c_attn`` tensor; each of ours is a band of 
 head, HF Llama's turns halves (x[i], x[i + d/2]); the query and key rows are therefore permuted
 within each head (``rope_head_dim``), which moves no value across heads, so a slice of whole heads
 reads only those heads. BERT (``BertForMaskedLM``) keeps separate query, key and value tensors,
-and its masked-LM head's projection is the token table, with its own bias.
+and its masked-LM head's projection is the token table, with its own bias. mBART
+(``MBartForConditionalGeneration``) reads its position tables two rows in: ours are its rows from
+2 (``row_offset``), the two before them written as zeros and never read.
 
 A mixture of experts is ``MixtralForCausalLM``: its router is ``block_sparse_moe.gate`` and each
 expert's SwiGLU projections are tensors of their own, ``block_sparse_moe.experts.{e}.w1`` (gate),
@@ -144,7 +146,35 @@ def _bert_links(args: ModelArgs) -> list[tuple[str, Link]]:
     ]
 
 
-_LINKS = {"gpt2": _gpt2_links, "llama": _llama_links, "bert": _bert_links}
+def _mbart_links(args: ModelArgs) -> list[tuple[str, Link]]:
+    """The encoder's blocks ``layers.enc<i>``, the decoder's ``layers.dec<i>``."""
+    parts = {"attn_norm": "self_attn_layer_norm", "cross_norm": "encoder_attn_layer_norm",
+             "mlp_norm": "final_layer_norm", "mlp.w1": "fc1", "mlp.w2": "fc2"}  # fmt: skip
+    for which, hf_name in (("attn", "self_attn"), ("cross", "encoder_attn")):
+        for proj, hf_proj in (
+            ("wq", "q_proj"),
+            ("wk", "k_proj"),
+            ("wv", "v_proj"),
+            ("wo", "out_proj"),
+        ):
+            parts[f"{which}.{proj}"] = f"{hf_name}.{hf_proj}"
+    links = [(r"tok_embeddings\.weight", Link("model.shared.weight"))]
+    for side, short in (("encoder", "enc"), ("decoder", "dec")):
+        hf_side = f"model.{side}."
+        links += [
+            (rf"{short}_positions\.weight", Link(hf_side + "embed_positions.weight", row_offset=2)),
+            (rf"{short}_emb_norm\.(weight|bias)", Link(hf_side + r"layernorm_embedding.\1")),
+            (rf"{short}_norm\.(weight|bias)", Link(hf_side + r"layer_norm.\1")),
+        ]
+        links += [
+            (rf"layers\.{short}(\d+)\.{re.escape(ours)}\.(weight|bias)",
+             Link(hf_side + rf"layers.\1.{theirs}.\2"))
+            for ours, theirs in parts.items()
+        ]  # fmt: skip
+    return links
+
+
+_LINKS = {"gpt2": _gpt2_links, "llama": _llama_links, "bert": _bert_links, "mbart": _mbart_links}
 
 
 def stored_name(args: ModelArgs, name: str) -> str:
@@ -205,7 +235,8 @@ def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         if link.experts:
             out[key] = shapes[names[0]][1:][::-1]
             continue
-        shape = (sum(shapes[name][0] for name in names), *shapes[names[0]][1:])
+        # rows before row_offset: zeros (mBART's positions)
+        shape = (link.row_offset + sum(shapes[name][0] for name in names), *shapes[names[0]][1:])
         out[key] = shape[::-1] if link.conv1d else shape
     return out
 
@@ -226,5 +257,8 @@ def assemble(args: ModelArgs, key: str, parts: dict[str, torch.Tensor]) -> torch
     for name, tensor in parts.items():
         link = links[name]
         rows.append(to_hf_rows(tensor, link.rope_head_dim) if link.rope_head_dim else tensor)
+    first = next(iter(links.values())).row_offset
+    if first:
+        rows.insert(0, rows[0].new_zeros((first, *rows[0].shape[1:])))
     whole = torch.cat(rows) if len(rows) > 1 else rows[0]
     return (whole.t() if next(iter(links.values())).conv1d else whole).contiguous()

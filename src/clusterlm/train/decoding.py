@@ -1,6 +1,7 @@
-"""Greedy decoding of the encoder–decoder, batched: the encoder runs once per batch and the
-decoder feeds one new token per step, reusing its cached keys and values
-(``clusterlm.models.seq2seq.DecodingCache``)."""
+"""Greedy decoding and beam search of the encoder–decoder, batched: the encoder runs once per batch
+and the decoder feeds one new token per step, reusing its cached keys and values
+(``clusterlm.models.seq2seq.DecodingCache``). The beam search itself (``beam_search``) takes any
+model's step, and serves decoder-only generation too (``clusterlm.train.generate``)."""
 
 from __future__ import annotations
 
@@ -54,35 +55,63 @@ def beam_decode(
     length_penalty: float = 1.0,
     all_done: Callable[[bool], bool] = lambda done: done,
 ) -> torch.Tensor:
-    """Beam search, batched; returns what ``greedy_decode`` does. Each row keeps ``beam`` live
-    hypotheses, extended by the ``2 * beam`` best tokens of them all; one that ends becomes
-    finished, scored by its log-probability divided by its length (the end-of-text token counted)
-    ** ``length_penalty``, and a row stops when it has ``beam`` finished ones. Hypotheses still
-    live after ``max_len`` tokens are then scored alike. The best scored is the translation."""
-    batch = source.size(0)
-    device = source.device
+    """Beam search of the encoder–decoder, batched (``beam_search``), its encoder's output and
+    keys and values cached and reordered with the beams; returns what ``greedy_decode`` does."""
     cache = DecodingCache(source.repeat_interleave(beam, 0))
+    first = torch.full((cache.source.size(0), 1), eot_id, dtype=torch.long, device=source.device)
+    return beam_search(
+        lambda tokens: model(tokens, cache=cache)[:, -1],
+        cache.reorder,
+        first,
+        eot_id,
+        max_len,
+        beam,
+        length_penalty,
+        all_done,
+    )
+
+
+def beam_search(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    reorder: Callable[[torch.Tensor], None],
+    first: torch.Tensor,
+    eot_id: int,
+    max_len: int,
+    beam: int,
+    length_penalty: float = 1.0,
+    all_done: Callable[[bool], bool] = lambda done: done,
+) -> torch.Tensor:
+    """Beam search, batched, of any model: ``step(tokens)`` feeds each hypothesis its newest tokens
+    (``first`` [B * beam, t] at the start, then one) and returns its next-token logits
+    [B * beam, V]; ``reorder(rows)`` keeps the model's state of hypotheses ``rows``. Returns the
+    tokens [B, max_len] up to and without the end-of-text token, PAD after it.
+
+    It is Hugging Face's ``generate(num_beams=beam, length_penalty=..., early_stopping=True,
+    max_new_tokens=max_len)``, step for step: each row keeps ``beam`` live hypotheses, and ranks
+    the ``2 * beam`` best extensions of them all. Of the first ``beam`` of those, each that ends
+    (and, at the last step, every one) is finished, scored by its log-probability / its length
+    (the end-of-text token counted) ** ``length_penalty``; a row keeps its ``beam`` best finished
+    ones and stops once it has ``beam``. The first ``beam`` extensions that do not end stay live.
+    The best scored finished hypothesis is the result. ``all_done`` as in ``greedy_decode``."""
+    batch, device = first.size(0) // beam, first.device
     scores = torch.full((batch, beam), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one hypothesis to start from: the others are its copies
     history = torch.empty(batch * beam, 0, dtype=torch.long, device=device)
-    tokens = torch.full((batch * beam, 1), eot_id, dtype=torch.long, device=device)
+    tokens = first
     finished: Finished = [[] for _ in range(batch)]
-    for step in range(max_len):
-        logp = model(tokens, cache=cache)[:, -1].float().log_softmax(-1)
+    for position in range(max_len):
+        logp = step(tokens).float().log_softmax(-1)
         candidates = scores[:, :, None] + logp.view(batch, beam, -1)
-        keep, tokens, scores = _advance(candidates, history, finished, eot_id, step, length_penalty)
+        last = position == max_len - 1
+        penalized = (position + 1) ** length_penalty
+        keep, tokens, scores = _advance(candidates, history, finished, eot_id, penalized, last)
         history = torch.cat([history[keep], tokens], 1)
-        if all_done(all(len(f) >= beam for f in finished)) or step == max_len - 1:
+        if all_done(all(len(f) >= beam for f in finished)) or last:
             break
-        cache.reorder(keep)
-    for row in range(batch):  # rows that ran out of length: their live hypotheses count too
-        for j in range(beam):
-            if len(finished[row]) < beam and scores[row, j] > float("-inf"):
-                normalized = float(scores[row, j]) / history.size(1) ** length_penalty
-                finished[row].append((normalized, history[row * beam + j].tolist()))
+        reorder(keep)
     out = torch.full((batch, max_len), PAD, dtype=torch.long, device=device)
     for row, hypotheses in enumerate(finished):
-        best = max(hypotheses, key=lambda h: h[0])[1]
+        best = max(hypotheses, key=lambda h: h[0])[1] if hypotheses else []
         out[row, : len(best)] = torch.tensor(best, dtype=torch.long)
     return out
 
@@ -92,31 +121,38 @@ def _advance(
     history: torch.Tensor,
     finished: Finished,
     eot_id: int,
-    step: int,
-    length_penalty: float,
+    length: float,
+    last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of every row: from ``candidates`` [B, beam, V] (each live hypothesis' score plus
-    each next token's log-probability), the hypotheses that end join ``finished`` and the best
-    others stay live. Returns which hypothesis each live slot extends, its token and its score
-    (a row already done, or short of candidates, keeps empty slots of score -inf)."""
+    each next token's log-probability), the hypotheses that end join ``finished`` (scored / the
+    penalized ``length``) and the best others stay live. Returns which hypothesis each live slot
+    extends, its token and its score (a row already done, or short of candidates, keeps empty
+    slots of score -inf)."""
     batch, beam, vocab = candidates.shape
     keep = torch.arange(batch * beam, device=candidates.device)
-    tokens = torch.full((batch, beam), eot_id, dtype=torch.long, device=candidates.device)
+    # an empty slot (score -inf) feeds token 0 on: any id the model embeds
+    tokens = torch.zeros((batch, beam), dtype=torch.long, device=candidates.device)
     scores = torch.full((batch, beam), float("-inf"), device=candidates.device)
     values, indices = candidates.view(batch, -1).topk(min(2 * beam, beam * vocab), dim=1)
     for row in range(batch):
-        live = 0
-        for value, index in zip(values[row].tolist(), indices[row].tolist(), strict=True):
-            if len(finished[row]) >= beam or live == beam or value == float("-inf"):
+        if len(finished[row]) >= beam:
+            continue  # done: its finished hypotheses are final
+        live, ended = 0, []
+        for rank, (value, index) in enumerate(
+            zip(values[row].tolist(), indices[row].tolist(), strict=True)
+        ):
+            if value == float("-inf"):
                 break
             origin, token = divmod(index, vocab)
-            if token == eot_id:
+            if (token == eot_id or last) and rank < beam:
                 sequence = history[row * beam + origin].tolist()
-                finished[row].append((value / (step + 1) ** length_penalty, sequence))
-                continue
-            keep[row * beam + live] = row * beam + origin
-            tokens[row, live], scores[row, live] = token, value
-            live += 1
+                ended.append((value / length, sequence + ([] if token == eot_id else [token])))
+            if token != eot_id and live < beam:
+                keep[row * beam + live] = row * beam + origin
+                tokens[row, live], scores[row, live] = token, value
+                live += 1
+        finished[row] = sorted(finished[row] + ended, key=lambda h: -h[0])[:beam]
     return keep, tokens.view(-1, 1), scores
 
 

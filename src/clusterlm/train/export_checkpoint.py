@@ -12,7 +12,9 @@ from clusterlm.config import config_from_dict
 from clusterlm.errors import UserError
 from clusterlm.interop import export_hf
 from clusterlm.models.from_config import resolve_model_args
+from clusterlm.models.seq2seq import SEQ2SEQ_FLAVOUR
 from clusterlm.train.inference import refuse_classifier
+from clusterlm.train.translate import TRANSLATION_STATE
 
 
 def export_checkpoint_hf(
@@ -22,10 +24,14 @@ def export_checkpoint_hf(
     any layout) files; returns the file names written."""
     cfg = config_from_dict(found.state["config"])
     refuse_classifier(cfg, found.path)
-    if cfg.model.flavour == "mbart":
+    translation = found.state.get(TRANSLATION_STATE)
+    if cfg.model.flavour == SEQ2SEQ_FLAVOUR and (
+        translation is None or translation["source_tokenizer_sha256"] is not None
+    ):
         raise UserError(
-            f"{found.path} is an encoder-decoder, which has no Hugging Face export yet; "
-            "export a gpt2, llama or bert run"
+            f"{found.path} is an encoder-decoder trained with a vocabulary per side (or saved "
+            "before checkpoints recorded it); a Hugging Face directory holds one tokenizer: "
+            "export a run prepared without --separate-vocab"
         )
     args = resolve_model_args(cfg, cfg.model.vocab_size)
     reader = CheckpointReader(found.path)

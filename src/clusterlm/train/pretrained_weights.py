@@ -8,13 +8,14 @@ from pathlib import Path
 from clusterlm.config import Config
 from clusterlm.config.pretrained import pretrained_dir
 from clusterlm.data.manifest import Manifest
+from clusterlm.data.translation import TranslationManifest
 from clusterlm.errors import UserError
 from clusterlm.files import sha256_file
 from clusterlm.interop import hf_source
 from clusterlm.models.init import ParamSource
 
 
-def check_pretrained_tokenizer(cfg: Config, manifest: Manifest) -> None:
+def check_pretrained_tokenizer(cfg: Config, manifest: Manifest | TranslationManifest) -> None:
     """The data's token ids must mean what the pretrained weights learned them as."""
     directory, data_dir, vocab_size = pretrained_dir(cfg), cfg.data.dir, cfg.model.vocab_size
     if directory is None:

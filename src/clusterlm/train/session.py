@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import torch
@@ -78,6 +79,9 @@ class TaskSpec:
     masked: bool = False  # a masked language model: inputs masked and the loss scores those tokens
     final_splits: tuple[str, ...] = ()  # scored once when the run completes (a task's test split)
     packing: Packing = field(default_factory=Packing)  # where the documents of a window end
+    # what a checkpoint carries besides the tokenizer for the run to be used alone (translate)
+    saved_files: dict[str, bytes] = field(default_factory=dict)
+    saved_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -244,14 +248,14 @@ def language_model_task(cfg: Config) -> TaskSpec:
     )
 
 
-def read_tokenizer(data_dir: str, sha256: str) -> TokenizerFile:
-    """The tokenizer of a prepared directory, as the manifest recorded it."""
+def read_tokenizer(data_dir: str, sha256: str, name: str = "tokenizer.json") -> TokenizerFile:
+    """The tokenizer ``name`` of a prepared directory, as the manifest recorded it."""
     try:
-        with fsspec.open(f"{data_dir.rstrip('/')}/tokenizer.json", "rb") as f:
+        with fsspec.open(f"{data_dir.rstrip('/')}/{name}", "rb") as f:
             return TokenizerFile(sha256, f.read())
     except FileNotFoundError:
         raise UserError(
-            f"tokenizer.json is missing from {data_dir}; "
+            f"{name} is missing from {data_dir}; "
             f"run `clusterlm prepare --out {data_dir} --force` to rebuild it"
         ) from None
 
@@ -317,6 +321,7 @@ def save(session: Session) -> Path:
         "run_id": restarts.run_id(),
         "micro_batches_per_rank": session.balancer.counts if session.balancer else None,
         "mix_tokens": session.mix_tokens(),
+        **session.task.saved_state,
     }
     return session.writer.save(
         session.checkpoints,
@@ -324,5 +329,5 @@ def save(session: Session) -> Path:
         session.model.state_dict(session.optimizers),
         state,
         session.cfg.checkpoint.keep_last,
-        files={"tokenizer.json": session.tokenizer.payload},
+        files={"tokenizer.json": session.tokenizer.payload, **session.task.saved_files},
     )

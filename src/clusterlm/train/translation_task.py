@@ -20,7 +20,7 @@ from clusterlm.data.classification import evaluation_batches
 from clusterlm.data.masking import IGNORE_INDEX
 from clusterlm.data.pair_batches import PairStream
 from clusterlm.data.tokenizer import Tokenizer
-from clusterlm.data.translation import load_translation
+from clusterlm.data.translation import SOURCE_TOKENIZER_NAME, load_translation
 from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
 from clusterlm.models import training_flops_per_token
@@ -32,7 +32,9 @@ from clusterlm.parallel.model import WholeModel
 from clusterlm.train.decoding import GREEDY, Search
 from clusterlm.train.evaluate import eval_windows
 from clusterlm.train.optim import optimizer_recipe
+from clusterlm.train.pretrained_weights import check_pretrained_tokenizer, pretrained_source
 from clusterlm.train.session import Metrics, Session, TaskSpec, build_model, read_tokenizer
+from clusterlm.train.translate import TRANSLATION_STATE, target_text, translation_state
 
 
 def translation_task(cfg: Config) -> TaskSpec:
@@ -50,9 +52,17 @@ def translation_task(cfg: Config) -> TaskSpec:
     }
     tokenizer = read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256)
     decoder = Tokenizer(tokenizer.payload.decode("utf-8"))
+    source = manifest.source_tokenizer
+    saved_files = {}
+    if source is not None:
+        saved = read_tokenizer(cfg.data.dir, source.sha256, source.file)
+        saved_files[SOURCE_TOKENIZER_NAME] = saved.payload
+
+    check_pretrained_tokenizer(cfg, manifest)
 
     def model(settled: Config) -> tuple[nn.Module, ParamSource]:
-        return build_model(settled, manifest.vocab_size)
+        plain, seeded = build_model(settled, manifest.vocab_size)
+        return plain, pretrained_source(settled) or seeded  # model.init_from = hf:DIR
 
     def evaluate(session: Session, split: str) -> Metrics:
         final = split in session.task.final_splits
@@ -70,6 +80,8 @@ def translation_task(cfg: Config) -> TaskSpec:
         recipe=lambda part, settled: optimizer_recipe(part, settled.optim),
         evaluate=evaluate,
         final_splits=("test",),
+        saved_files=saved_files,
+        saved_state={TRANSLATION_STATE: translation_state(manifest)},
     )
 
 
@@ -133,8 +145,8 @@ def translation_metrics(
         dist.all_reduce(sums)
         hyp, ref = _gathered(hyp), _gathered(ref)
     real = (ref != IGNORE_INDEX).any(1)  # filler rows out
-    texts = [_text(tokenizer, row, stream) for row in hyp[real]]
-    truth = [_text(tokenizer, row, stream) for row in ref[real]]
+    texts = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in hyp[real]]
+    truth = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in ref[real]]
     count = float(sums[2].clamp(min=1))
     return {
         "loss": float(sums[0]) / count,
@@ -156,9 +168,3 @@ def _gathered(rows: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, rows.contiguous())
     return torch.cat(parts)
-
-
-def _text(tokenizer: Tokenizer, row: torch.Tensor, stream: PairStream) -> str:
-    """The target text of ``row``'s ids (a source-side id a translation may hold has none)."""
-    ids = row[(row >= stream.target_offset) & (row != stream.eot_id)] - stream.target_offset
-    return tokenizer.decode(ids.tolist())

@@ -1,0 +1,74 @@
+"""Hugging Face ``config.json`` <-> clusterlm ``model.*`` values for the encoder-decoder,
+``MBartForConditionalGeneration`` (the registry of every flavour is ``interop.hf_config``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clusterlm.errors import UserError
+from clusterlm.models import ModelArgs
+
+# option -> the values clusterlm computes identically (absent options take HF's default)
+MBART_REQUIRES: dict[str, tuple[Any, ...]] = {
+    "activation_function": ("gelu_pytorch_tanh", "gelu_new"),
+    "scale_embedding": (False,),
+    "tie_word_embeddings": (True,),
+}
+
+
+def mbart_values(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """MBartForConditionalGeneration's values: both sides alike, as clusterlm's encoder-decoder
+    builds them."""
+    for encoder, decoder in (
+        ("encoder_layers", "decoder_layers"),
+        ("encoder_attention_heads", "decoder_attention_heads"),
+        ("encoder_ffn_dim", "decoder_ffn_dim"),
+    ):
+        if config[encoder] != config[decoder]:
+            raise UserError(
+                f"{where}: {encoder} = {config[encoder]} but {decoder} = {config[decoder]}; "
+                "clusterlm's encoder-decoder has the same shape on both sides"
+            )
+    return {
+        "n_layer": config["encoder_layers"],
+        "n_head": config["encoder_attention_heads"],
+        "n_kv_head": config["encoder_attention_heads"],
+        "n_embd": config["d_model"],
+        "block_size": config["max_position_embeddings"],
+        "vocab_size": config["vocab_size"],
+        "ffn_hidden": config["encoder_ffn_dim"],
+        "norm_eps": 1e-5,  # mBART's LayerNorms keep torch's default
+        "rope_theta": 10000.0,
+    }
+
+
+def mbart_config(args: ModelArgs) -> dict[str, Any]:
+    """Generation starts the decoder at the end-of-text token, which also ends and pads: see
+    ``hf_config``. mBART's default of forcing token 2 last is turned off."""
+    if args.norm_eps != 1e-5:
+        raise UserError(
+            f"model.norm_eps = {args.norm_eps}: mBART's LayerNorms use 1e-5, so this run has "
+            "no Hugging Face equivalent"
+        )
+    sides: dict[str, Any] = {}
+    for side in ("encoder", "decoder"):
+        sides |= {
+            f"{side}_layers": args.n_layer,
+            f"{side}_attention_heads": args.n_head,
+            f"{side}_ffn_dim": args.ffn_hidden,
+            f"{side}_layerdrop": 0.0,
+        }
+    return {
+        **sides,
+        "d_model": args.n_embd,
+        "max_position_embeddings": args.block_size,
+        "activation_function": "gelu_pytorch_tanh",
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "classifier_dropout": 0.0,
+        "scale_embedding": False,
+        "tie_word_embeddings": True,
+        "is_encoder_decoder": True,
+        "forced_eos_token_id": None,
+    }
