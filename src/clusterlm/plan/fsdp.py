@@ -17,8 +17,9 @@ from clusterlm.models.counting import layer_params
 from clusterlm.parallel.data_parallel import fsdp_units, reshards_after_forward
 from clusterlm.plan import collectives
 from clusterlm.plan.cluster import Cluster
-from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import rank_params
+from clusterlm.plan.stages import rank_share
 from clusterlm.plan.workload import Workload
 
 
@@ -75,7 +76,7 @@ def tensor_passes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> i
     """Parameter tensors FSDP's collectives pass through their flat buffers per step on the pipeline
     rank with the most: every gather, and every reduce-scatter of gradients, one per micro-batch
     (once a step in a pipeline, whose stage turns the reduction off until its last backward)."""
-    if layout.dp_shard == 1 or layout.zero_stage < 2:
+    if layout.dp_shard_cp == 1 or layout.zero_stage < 2:
         return 0
     reductions = 1 if layout.pp > 1 else layout.micro_batches
     return max(
@@ -106,7 +107,7 @@ def exposed_seconds(
     sharded do (Llama 3 405B's published throughput matches that, once-a-step not:
     benchmarks/planner-published-runs-2026-12-01.md)."""
     overlap, m = cluster.calibration.overlap, layout.micro_batches
-    shard = collectives.mesh_group(layout, "dp_shard", cluster)
+    shard = collectives.mesh_group(layout, "dp_shard_cp", cluster)
     *blocks, root = units
 
     def gathered(unit: Unit) -> float:

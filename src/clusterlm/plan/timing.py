@@ -2,7 +2,7 @@
 
 Compute: training FLOPs per token from ``training_flops_per_token`` (6N + 12*L*d*s, the model
 FLOPs MFU is quoted in), split into the blocks' share and the output head's, on the pipeline rank
-that holds the most (the trainer balances stages by parameter count; ``layout.rank_share``), at
+that holds the most (the trainer balances stages by parameter count; ``stages.rank_share``), at
 ``peak[precision]`` times the efficiency of the step's matrix-multiply shapes
 (``clusterlm.plan.efficiency``). Each device does 1/tp of its rank's FLOPs; forward is a third of
 them, backward the rest. Recomputation is its own component: full activation checkpointing reruns
@@ -26,6 +26,8 @@ Communication (``collectives``), per step:
   (``clusterlm.plan.fsdp``: the trainer's units, the first gather and the last reduce-scatter of
   each micro-batch exposed, the rest behind up to ``overlap`` of the pass); hsdp then all-reduces
   the gradient shard across replicas once per step.
+- context parallel: the attention traffic (``clusterlm.plan.context_comm``); each rank computes its
+  share of the tokens, and the gradients reduce over ``dp x cp`` or shard over ``dp_shard x cp``.
 - pipeline: activations forward and gradients backward at every stage boundary. The 2*(p - 1)*v
   messages of the fill and the drain are on the critical path; the 2*m*v of the steady state are
   sent while the next micro-batch computes, hidden up to ``overlap`` of that compute.
@@ -62,12 +64,13 @@ import torch
 import torch.distributed as dist
 
 from clusterlm.models import ModelArgs, create_model
-from clusterlm.plan import collectives, fsdp
+from clusterlm.plan import collectives, context_comm, fsdp
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.efficiency import compute_rate, head_flops_per_token, layer_flops_per_token
-from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import rank_for, stage_params, state_bytes_per_param
+from clusterlm.plan.stages import rank_share
 from clusterlm.plan.workload import Workload
 
 
@@ -83,6 +86,7 @@ class StepTime:
     offload: float
     host: float = 0.0
     recompute: float = 0.0
+    context_parallel: float = 0.0
 
     @property
     def total(self) -> float:
@@ -146,7 +150,7 @@ def fill_and_drain_share(work: Workload, layout: Layout) -> float:
 
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     args, cal = work.model, cluster.calibration
-    tokens = work.seq_len * layout.micro_batch_size  # per micro-batch
+    tokens = context_comm.local_tokens(work, layout)  # per micro-batch, on one rank
     rate = compute_rate(work, layout, cluster.device, cal)
     flops, layers = busiest_rank_flops(work, layout)
     model_flops = flops * tokens / layout.tp
@@ -161,7 +165,8 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     )
     tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
     tensor_parallel = cal.tp_exposed * tp_per_layer * layers
-    micro_batch = forward + backward + recompute + tensor_parallel
+    context = context_comm.exposed_seconds(work, layout, cluster, rate) * layers
+    micro_batch = forward + backward + recompute + tensor_parallel + context
     m = layout.micro_batches
 
     data_parallel, offload = _data_parallel_and_offload(
@@ -177,6 +182,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         offload=offload,
         host=host_seconds(work, layout, cluster),
         recompute=m * recompute,
+        context_parallel=m * context,
     )
 
 
@@ -269,7 +275,7 @@ def _pipeline_p2p(
         return 0.0
     split = layout.tp if layout.sequence_parallel else 1
     message = (
-        work.seq_len * layout.micro_batch_size * work.model.n_embd * work.activation_bytes / split
+        context_comm.local_tokens(work, layout) * work.model.n_embd * work.activation_bytes / split
     )
     inter_node = layout.stride["pp"] >= cluster.devices_per_node
     one = collectives.point_to_point(message, inter_node, cluster)
@@ -299,17 +305,16 @@ def _data_parallel_and_offload(
     params = stage_params(work, layout, "first")
     weight_bytes, grad_bytes, _ = state_bytes_per_param(0, 1, work.mixed_precision)
     weights, grads = params * weight_bytes, params * grad_bytes
-    shard = collectives.mesh_group(layout, "dp_shard", cluster)
+    shard = collectives.mesh_group(layout, "dp_shard_cp", cluster)
     replicas = collectives.mesh_group(layout, "dp_replicate", cluster)
 
     def hidden(comm: float, compute: float) -> float:
         return max(0.0, comm - overlap * compute)
 
-    stage = layout.zero_stage if layout.dp_shard > 1 else 0
-    if stage == 0:
-        exposed = _bucketed_all_reduce(
-            grads, replicas, cluster, layout.bucket_mb, overlap * backward
-        )
+    stage = layout.zero_stage if layout.dp_shard_cp > 1 else 0
+    if stage == 0:  # every copy: dp_replicate, and the cp ranks
+        copies = collectives.mesh_group(layout, "dp_cp", cluster)
+        exposed = _bucketed_all_reduce(grads, copies, cluster, layout.bucket_mb, overlap * backward)
     elif stage == 1:
         # torch's ZeroRedundancyOptimizer under DDP: gradients are all-reduced in backward, then
         # each rank steps the parameters it owns and broadcasts them in step(), nothing to hide
@@ -325,12 +330,12 @@ def _data_parallel_and_offload(
         )
         if stage == 3:  # hsdp: the gradient shards all-reduced across replicas
             exposed += hidden(
-                collectives.all_reduce(grads / layout.dp_shard, replicas, cluster), backward
+                collectives.all_reduce(grads / layout.dp_shard_cp, replicas, cluster), backward
             )
 
     offload = 0.0
     if layout.cpu_offload and cluster.host is not None:
-        optimizer_shard = params / (layout.dp_shard if layout.zero_stage >= 1 else 1)
+        optimizer_shard = params / (layout.dp_shard_cp if layout.zero_stage >= 1 else 1)
         transfer = optimizer_shard * (weight_bytes + grad_bytes) / cluster.host.link.bandwidth
         update = optimizer_shard * cluster.devices_per_node / cluster.host.adam_params_per_s
         offload = transfer + update
