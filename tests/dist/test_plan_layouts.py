@@ -29,7 +29,8 @@ NODE = Cluster("node", 1, 4, Device("cpu", 16 * GIB, {"fp32": 1e11}), LINK, LINK
 def features(layout: Layout) -> set[tuple[str, object]]:
     return {("data_parallel", layout.data_parallel), ("tp", layout.tp > 1), ("sp", layout.sequence_parallel),
             ("schedule", layout.pp_schedule if layout.pp > 1 else None), ("ac", layout.activation_checkpointing),
-            ("offload", layout.cpu_offload), ("accumulation", layout.pp == 1 and layout.micro_batches > 1)}
+            ("offload", layout.cpu_offload), ("accumulation", layout.pp == 1 and layout.micro_batches > 1),
+            ("cp", layout.cp_attention if layout.cp > 1 else None)}
 
 
 def covering_layouts() -> list[Layout]:
@@ -67,6 +68,7 @@ def test_every_kind_of_planned_layout_trains(data_dir, tmp_path):
     kinds = set().union(*map(features, layouts))
     assert {("schedule", name) for name, _ in SEARCHED_SCHEDULES} <= kinds
     assert {("data_parallel", "hsdp"), ("offload", True), ("ac", "selective")} <= kinds
+    assert {("cp", "ring"), ("cp", "all_to_all")} <= kinds
     results = run_distributed(_train_each, 4, layouts, str(data_dir), str(tmp_path), timeout=150)
     for rank_losses in results:
         assert len(rank_losses) == 2 * len(layouts) and all(math.isfinite(x) for x in rank_losses)

@@ -110,7 +110,7 @@ def test_the_planner_counts_the_gathers_fsdp_makes(parallel, micro_batch, data_d
     that keep them keep them through all of a step's micro-batches."""
     from clusterlm.plan.fsdp import gathers, stage_units
     from clusterlm.plan.layout import layout_from_config
-    from clusterlm.plan.timing import parameter_tensors
+    from clusterlm.plan.fsdp import parameter_tensors
     from clusterlm.plan.validation import ValidationCase
 
     nproc = 2 * int(parallel.get("pp", 1))

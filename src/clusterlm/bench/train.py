@@ -23,6 +23,7 @@ from clusterlm.config import Config, apply_overrides
 from clusterlm.distributed.runtime import describe_layout
 from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
 from clusterlm.models.from_config import resolve_model_args
+from clusterlm.parallel.attention_traffic import recording
 from clusterlm.parallel.expert_parallel import AllToAllTimer
 from clusterlm.parallel.precision import DTYPES, resolve_precision
 from clusterlm.plan.layout import layout_from_config
@@ -103,6 +104,8 @@ def _probe_lines(sessions: dict[str, Session], steps: int, breakdown: bool) -> l
     config = sessions["config"]
     if config.model.pipeline is None:
         lines = [_activation_line(config, block_activation_bytes(config))]
+        if config.cfg.parallel.cp > 1:
+            lines.append(_attention_traffic_line(config, steps))
     else:
         lines = [_bubble_line(config, pipeline_bubble(config, steps))]
     if breakdown:
@@ -183,6 +186,22 @@ def _activation_line(session: Session, measured: int) -> str:
         f"measured {measured / 2**10:.1f} KiB, "
         f"planner {predicted / 2**10:.1f} KiB ({layout.describe()}, {cfg.training.precision}): "
         f"ratio {measured / predicted:.2f}"
+    )
+
+
+def _attention_traffic_line(session: Session, steps: int) -> str:
+    """Rank 0's attention communication over ``steps`` more steps: the seconds it spent posting
+    and waiting on the ring's K/V and dK/dV transfers or Ulysses' all-to-alls (what compute did
+    not hide), and the bytes it sent, per step."""
+    with recording() as traffic:
+        wall = sum(time_steps(session, steps)) / steps
+    p = session.cfg.parallel
+    return (
+        f"attention communication ({p.cp_attention}, cp={p.cp}, rank {session.runtime.rank}): "
+        f"{1000 * traffic.seconds / steps:.2f} ms/step exposed of {1000 * wall:.2f} ms/step "
+        f"({100 * traffic.seconds / steps / wall:.1f}%), "
+        f"{traffic.bytes_sent / steps / 2**20:.2f} MiB sent/step in "
+        f"{traffic.exchanges // steps} transfers"
     )
 
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch.distributed import ProcessGroup
 
 from clusterlm.models.attention import local_attention, repeat_kv
 from clusterlm.parallel.attention_blocks import block_backward, block_forward, wide
+from clusterlm.parallel.attention_traffic import traffic
 
 
 def zigzag_positions(local_len: int, rank: int, cp: int, device: torch.device) -> torch.Tensor:
@@ -74,12 +74,14 @@ def _exchange(buffer: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, 
         dist.P2POp(dist.isend, buffer, dist.get_global_rank(group, (rank + 1) % size), group),
         dist.P2POp(dist.irecv, received, dist.get_global_rank(group, (rank - 1) % size), group),
     ]
-    return received, dist.batch_isend_irecv(ops)
+    with traffic(buffer.nbytes):
+        return received, dist.batch_isend_irecv(ops)
 
 
 def _wait(requests: list[Any]) -> None:
-    for request in requests:
-        request.wait()
+    with traffic():
+        for request in requests:
+            request.wait()
 
 
 class _RingAttention(torch.autograd.Function):
@@ -183,9 +185,32 @@ def _gathered_order(local_len: int, cp: int, device: torch.device) -> torch.Tens
     return torch.cat([zigzag_positions(local_len, r, cp, device) for r in range(cp)])
 
 
+def _exchange_blocks(send: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Block i of ``send`` (dim 0) to rank i, block i of the result from rank i."""
+    received = torch.empty_like(send)
+    with traffic(send.nbytes * (1 - 1 / dist.get_world_size(group))):  # its own block stays
+        dist.all_to_all_single(received, send, group=group)
+    return received
+
+
+class _AllToAll(torch.autograd.Function):
+    """With equal blocks an all-to-all is its own inverse: backward sends the gradients back."""
+
+    @staticmethod
+    def forward(ctx: Any, send: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _exchange_blocks(send, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        return _exchange_blocks(grad.contiguous(), ctx.group), None
+
+
 def _all_to_all(send: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Block i of ``send`` (dim 0) to rank i; backward is the reverse all-to-all."""
-    return funcol.wait_tensor(funcol.all_to_all_single_autograd(send, None, None, group))
+    out = _AllToAll.apply(send, group)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def _heads_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -211,6 +236,7 @@ def _sequence_to_heads(y: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return received.transpose(0, 1).reshape(batch, cp * heads, local, dim)
 
 
+@torch.compiler.disable  # the collectives run inside an autograd function the compiler would break
 def all_to_all_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -55,7 +55,7 @@ def matmul_shapes(work: Workload, layout: Layout) -> list[tuple[float, float]]:
     # Forward multiply-adds per token: QKV, output projection, MLP in and out, and the attention
     # scores with their weighted sum over the full s x s.
     block = d * (q + 2 * kv) + q * d + d * mlp_in + f * d + 2 * q * s
-    tokens = s * layout.micro_batch_size
+    tokens = s // layout.cp * layout.micro_batch_size
     return [
         (6.0 * block * args.n_layer / t, d),
         (head_flops_per_token(work) / t, min(tokens, args.vocab_size / t)),

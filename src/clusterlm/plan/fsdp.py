@@ -11,15 +11,21 @@ them through all of a step's micro-batches (``gradient_sync``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 
+import torch
+
+from clusterlm.models import ModelArgs, create_model
 from clusterlm.models.counting import layer_params
 from clusterlm.parallel.data_parallel import fsdp_units, reshards_after_forward
 from clusterlm.plan import collectives
 from clusterlm.plan.cluster import Cluster
-from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import rank_params
 from clusterlm.plan.moe_cost import moe_block_params_on_device, moe_blocks_held
+from clusterlm.plan.stages import rank_share
 from clusterlm.plan.workload import Workload
 
 
@@ -78,7 +84,7 @@ def tensor_passes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> i
     """Parameter tensors FSDP's collectives pass through their flat buffers per step on the pipeline
     rank with the most: every gather, and every reduce-scatter of gradients, one per micro-batch
     (once a step in a pipeline, whose stage turns the reduction off until its last backward)."""
-    if layout.dp_shard == 1 or layout.zero_stage < 2:
+    if layout.dp_shard_cp == 1 or layout.zero_stage < 2:
         return 0
     reductions = 1 if layout.pp > 1 else layout.micro_batches
     return max(
@@ -109,7 +115,7 @@ def exposed_seconds(
     sharded do (Llama 3 405B's published throughput matches that, once-a-step not:
     benchmarks/planner-published-runs-2026-12-01.md)."""
     overlap, m = cluster.calibration.overlap, layout.micro_batches
-    shard = collectives.mesh_group(layout, "dp_shard", cluster)
+    shard = collectives.mesh_group(layout, "dp_shard_cp", cluster)
     *blocks, root = units
 
     def gathered(unit: Unit) -> float:
@@ -128,3 +134,17 @@ def exposed_seconds(
         )
     behind_backward = backward_gathers / m + sum(map(reduced, blocks))
     return exposed + m * (reduced(root) + max(0.0, behind_backward - overlap * backward))
+
+
+def parameter_tensors(args: ModelArgs) -> tuple[int, int]:
+    """(parameter tensors per block, tensors outside the blocks) of the model the trainer builds."""
+    return _parameter_tensors(dataclasses.astuple(args))
+
+
+@lru_cache(maxsize=64)
+def _parameter_tensors(values: tuple) -> tuple[int, int]:
+    args = dataclasses.replace(ModelArgs(*values), n_layer=1, moe_layers="all")  # an MoE block
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = create_model(args)
+    block = len(list(next(iter(model.layers.values())).parameters()))
+    return block, len(list(model.parameters())) - block

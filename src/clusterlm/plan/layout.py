@@ -1,4 +1,4 @@
-"""A parallel layout: the mesh ``pp x dp_replicate x dp_shard x tp`` and how each dimension is used.
+"""A parallel layout: the mesh ``pp x dp_replicate x dp_shard x cp x tp`` and each dimension's use.
 
 The vocabulary is the trainer's: data-parallel strategies, pipeline schedules, stage placement and
 stage balancing (``clusterlm.parallel.pipeline``), degree resolution and every layout check
@@ -8,7 +8,7 @@ possible exactly when the trainer accepts its config (``layout_problem``).
 
 Rank placement (what decides whether a group talks over NVLink or the network): ranks are
 numbered node by node, and the mesh is laid out with ``tp`` innermost (consecutive ranks, inside a
-node), then ``dp_shard``, then ``dp_replicate``, then ``pp`` outermost. A group of dimension X
+node), then ``cp``, ``dp_shard``, ``dp_replicate``, and ``pp`` outermost. A group of dimension X
 therefore has a stride equal to the product of the degrees inside it, and spans nodes once that
 stride times its degree exceeds ``devices_per_node``.
 
@@ -19,13 +19,16 @@ the model, and the conversion maps it); ``hsdp`` shards like zero3 within ``dp_s
 replicates across ``dp_replicate``. ``micro_batches`` is the number of micro-batches of
 ``micro_batch_size`` sequences each data-parallel rank runs per step: gradient-accumulation steps
 without pipelining, the pipeline's micro-batches (``pp_microbatches``) with it.
+
+``cp`` splits every sequence over its ranks (``cp_attention``: ``ring`` or ``all_to_all``), which
+read the same sequences but, as in the trainer, share weights like data-parallel ranks: DDP over
+``dp x cp`` (``dp_cp``), FSDP and ZeRO sharding over ``dp_shard x cp`` (``dp_shard_cp``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TypedDict
 
 from clusterlm.config import (
@@ -38,12 +41,9 @@ from clusterlm.config import (
 )
 from clusterlm.config.degrees import check_layout, pipeline_microbatches, resolve_degrees
 from clusterlm.errors import UserError
-from clusterlm.models.gpt import ModelArgs
 from clusterlm.models.moe import MoeArgs
 from clusterlm.parallel.pipeline import (
     SCHEDULES,
-    stage_indices_on_rank,
-    stage_layer_ranges,
     stages_per_rank_for,
 )
 from clusterlm.plan.cluster import Cluster
@@ -61,6 +61,8 @@ class Layout:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    cp: int = 1
+    cp_attention: str = "ring"
     data_parallel: str = "ddp"
     sequence_parallel: bool = False
     pp_schedule: str = "1f1b"
@@ -69,9 +71,8 @@ class Layout:
     micro_batches: int = 1
     activation_checkpointing: str = "none"
     cpu_offload: bool = False
-    bucket_mb: float = (
-        25.0  # parallel.bucket_mb: DDP's gradient buckets, the least bytes of an FSDP unit
-    )
+    # parallel.bucket_mb: DDP's gradient buckets, the least bytes of an FSDP unit
+    bucket_mb: float = 25.0
     # Routed experts split over ep ranks of dp_shard (innermost); modelled, not searched: the
     # trainer has no parallel.ep key yet (``layout_problem``).
     ep: int = 1
@@ -81,8 +82,16 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def dp_cp(self) -> int:  # the ranks holding the same weights (DDP's group)
+        return self.dp * self.cp
+
+    @property
+    def dp_shard_cp(self) -> int:  # the ranks FSDP and ZeRO shard the states over
+        return self.dp_shard * self.cp
+
+    @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     @property
     def zero_stage(self) -> int:
@@ -90,17 +99,23 @@ class Layout:
 
     @property
     def stride(self) -> dict[str, int]:
-        """Distance between neighbouring ranks of each mesh dimension (tp innermost)."""
+        """Distance between neighbouring ranks of each mesh dimension (tp innermost), and of the
+        flattened groups that fold cp into data parallelism (contiguous above tp)."""
         return {
             "tp": 1,
-            "ep": self.tp,
-            "dp_shard": self.tp,
-            "dp_replicate": self.tp * self.dp_shard,
-            "pp": self.tp * self.dp,
+            "cp": self.tp,
+            "ep": self.tp * self.cp,
+            "dp_shard": self.tp * self.cp,
+            "dp_replicate": self.tp * self.cp * self.dp_shard,
+            "pp": self.tp * self.cp * self.dp,
+            "dp_shard_cp": self.tp,
+            "dp_cp": self.tp,
         }
 
     def describe(self) -> str:
         parts = [f"tp{self.tp}{'+sp' if self.sequence_parallel else ''}"]
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}({self.cp_attention})")
         if self.pp > 1:
             v = f"v{self.pp_stages_per_rank}" if self.pp_stages_per_rank > 1 else ""
             parts.append(f"pp{self.pp}({self.pp_schedule}{v})")
@@ -115,43 +130,6 @@ class Layout:
         if self.cpu_offload:
             parts.append("offload")
         return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class RankShare:
-    """What one pipeline rank holds: its blocks by index (over all its stages), and whether it
-    holds the embeddings (the first stage) and the output head (the last stage)."""
-
-    blocks: tuple[int, ...]
-    embedding: bool
-    head: bool
-
-    @property
-    def layers(self) -> int:
-        return len(self.blocks)
-
-
-def _stage_layers(args: ModelArgs, stages: int) -> tuple[int, ...]:
-    return _balanced_layers(dataclasses.astuple(args), stages)
-
-
-@lru_cache(maxsize=4096)
-def _balanced_layers(args: tuple, stages: int) -> tuple[int, ...]:
-    """Layers per stage (cached: the search asks for the same split thousands of times)."""
-    return tuple(len(r) for r in stage_layer_ranges(ModelArgs(*args), stages))
-
-
-def rank_share(args: ModelArgs, layout: Layout, pp_rank: int) -> RankShare:
-    """The trainer's split: stages balanced by parameter count (``stage_layer_ranges``) and placed
-    on ranks by the schedule (``stage_indices_on_rank``; a V puts the first and last on rank 0)."""
-    stages = layout.pp * layout.pp_stages_per_rank
-    if stages == 1:
-        return RankShare(tuple(range(args.n_layer)), True, True)
-    counts = _stage_layers(args, stages)
-    held = stage_indices_on_rank(layout.pp_schedule, pp_rank, layout.pp, layout.pp_stages_per_rank)
-    starts = [sum(counts[:i]) for i in range(stages)]
-    blocks = sorted(b for i in held for b in range(starts[i], starts[i] + counts[i]))
-    return RankShare(tuple(blocks), 0 in held, stages - 1 in held)
 
 
 def layout_config(layout: Layout, work: Workload) -> Config:
@@ -190,6 +168,8 @@ def layout_config(layout: Layout, work: Workload) -> Config:
         dp_replicate=replicate,
         dp_shard=shard,
         tp=layout.tp,
+        cp=layout.cp,
+        cp_attention=layout.cp_attention,
         sequence_parallel=layout.sequence_parallel,
         pp=layout.pp,
         pp_schedule=layout.pp_schedule,
@@ -207,6 +187,8 @@ class _Shared(TypedDict):
     dp_replicate: int
     dp_shard: int
     tp: int
+    cp: int
+    cp_attention: str
     data_parallel: str
     sequence_parallel: bool
     activation_checkpointing: str
@@ -225,6 +207,8 @@ def layout_from_config(cfg: Config, world_size: int) -> Layout:
         "dp_replicate": replicate,
         "dp_shard": shard,
         "tp": p.tp,
+        "cp": p.cp,
+        "cp_attention": p.cp_attention,
         "data_parallel": p.data_parallel,
         "sequence_parallel": p.sequence_parallel,
         "activation_checkpointing": t.activation_checkpointing,
@@ -267,6 +251,7 @@ def _setting_checks(layout: Layout) -> list[tuple[bool, str]]:
         layout.dp_replicate,
         layout.dp_shard,
         layout.tp,
+        layout.cp,
         layout.pp_stages_per_rank,
         layout.micro_batch_size,
         layout.micro_batches,
@@ -295,7 +280,7 @@ def _degree_checks(layout: Layout, work: Workload, cluster: Cluster) -> list[tup
     return [
         (
             layout.world_size == cluster.world_size,
-            f"pp x dp_replicate x dp_shard x tp = {layout.world_size}, "
+            f"pp x dp_replicate x dp_shard x cp x tp = {layout.world_size}, "
             f"but the cluster has {cluster.world_size} devices",
         ),
         (

@@ -53,6 +53,10 @@ chunks per rank p * (1 + (p-1)/(p*v)) (Korthikanti et al. 2022, section 4.2.3); 
 modelled as ZB-H1 (Qi et al. 2023), which keeps 1F1B's peak activation memory; looped BFS keeps all
 m of each of its v stages, like GPipe. The last stage
 holds one micro-batch (m for GPipe) plus the output-layer activations.
+
+Context parallelism divides every per-token term by cp (a rank keeps its share of each sequence;
+the ring's fused blocks keep the same q, k, v, output and log-sum-exp per token as one kernel) and
+shards the model state over ``dp_shard x cp`` where FSDP or ZeRO shards it.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clusterlm.models.counting import embedding_params, head_params, layer_params
-from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.context_comm import local_tokens
+from clusterlm.plan.layout import Layout
 from clusterlm.plan.moe_cost import (
     expert_shard_degree,
     mlp_params_on_device,
@@ -69,6 +74,7 @@ from clusterlm.plan.moe_cost import (
     moe_mlp_activation_bytes,
     rank_param_split,
 )
+from clusterlm.plan.stages import rank_share
 from clusterlm.plan.workload import Workload
 
 TOKEN_ID_BYTES = 8  # int64 token ids (embedding input) and targets (loss input)
@@ -131,7 +137,7 @@ def state_bytes(
     routed experts sharded over their expert-data-parallel group, the rest over dp_shard."""
     groups = zip(
         rank_param_split(work, layout, pp_rank),
-        (layout.dp_shard, expert_shard_degree(layout)),
+        (layout.dp_shard_cp, expert_shard_degree(layout)),
         strict=True,
     )
     per_group = [
@@ -147,7 +153,7 @@ def fp32_weights_under_autocast(work: Workload, layout: Layout) -> bool:
     but FSDP's (zero2, zero3, hsdp over more than one rank), whose weights arrive in 16-bit. The
     residual stream then stays fp32, and each matmul casts its own 16-bit copy of its input and
     weight and keeps both for backward."""
-    fsdp = layout.data_parallel in ("zero2", "zero3", "hsdp") and layout.dp > 1
+    fsdp = layout.data_parallel in ("zero2", "zero3", "hsdp") and layout.dp_cp > 1
     return work.mixed_precision and not fsdp
 
 
@@ -201,7 +207,7 @@ def layer_activation_bytes(
     mode = recompute or layout.activation_checkpointing
     replicated_split = t if layout.sequence_parallel else 1
     if mode == "full":
-        return s * layout.micro_batch_size * _residual_bytes(work, layout) * h / replicated_split
+        return local_tokens(work, layout) * _residual_bytes(work, layout) * h / replicated_split
     autocast = fp32_weights_under_autocast(work, layout)
     # The norms' outputs as the next matmuls' inputs: under autocast every consumer casts its own
     # copy (wq, wk and wv; w1, and w3 in SwiGLU), else they share one.
@@ -222,7 +228,7 @@ def layer_activation_bytes(
     if moe:  # on the replicated residual stream, whole on every tp rank
         per_token += moe_mlp_activation_bytes(args, e, _residual_bytes(work, layout))
     weight_copies = _weight_copy_bytes(work, layout, moe) if autocast else 0.0
-    return per_token * s * layout.micro_batch_size + weight_copies
+    return per_token * local_tokens(work, layout) + weight_copies
 
 
 def output_activation_bytes(work: Workload, layout: Layout) -> float:
@@ -241,13 +247,13 @@ def output_activation_bytes(work: Workload, layout: Layout) -> float:
     weight_copy = (
         e * args.vocab_size * args.n_embd / t if fp32_weights_under_autocast(work, layout) else 0.0
     )
-    return per_token * work.seq_len * layout.micro_batch_size + weight_copy
+    return per_token * local_tokens(work, layout) + weight_copy
 
 
 def logits_gradient_bytes(work: Workload, layout: Layout) -> float:
     """The log-probabilities' gradient, alive at the start of backward while every activation is
     still stored: not a saved tensor, but part of the peak."""
-    return LOSS_BYTES * work.model.vocab_size / layout.tp * work.seq_len * layout.micro_batch_size
+    return LOSS_BYTES * work.model.vocab_size / layout.tp * local_tokens(work, layout)
 
 
 def in_flight_microbatches(layout: Layout, stage: str) -> float:
@@ -274,7 +280,7 @@ def activation_bytes(work: Workload, layout: Layout, stage: str) -> float:
     stored = blocks * in_flight_microbatches(layout, stage)
     if layout.activation_checkpointing == "full":  # the block being recomputed
         stored += layer_activation_bytes(work, layout, recompute="none", moe=n_moe > 0)
-    tokens = work.seq_len * layout.micro_batch_size
+    tokens = local_tokens(work, layout)
     if share.embedding:
         stored += TOKEN_ID_BYTES * tokens
     if share.head:
@@ -298,13 +304,13 @@ def buffer_bytes(work: Workload, layout: Layout) -> float:
     the largest unit's unsharded gradient. In a pipeline, FSDP of any stage keeps every weight of
     the stage gathered and every gradient unsharded from the first backward to the last, after
     which it reduces once (torch's pipeline stage)."""
-    if layout.pp > 1 and layout.zero_stage >= 2 and layout.dp_shard > 1:
+    if layout.pp > 1 and layout.zero_stage >= 2 and layout.dp_shard_cp > 1:
         weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
         return stage_params(work, layout, "first") * (weight + grad)
     if _fsdp_zero2(layout):
         weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
         return stage_params(work, layout, "first") * weight + _largest_unit(work, layout) * grad
-    if layout.zero_stage < 3 or layout.dp_shard == 1:
+    if layout.zero_stage < 3 or layout.dp_shard_cp == 1:
         return 2 * layout.bucket_mb * 2**20
     weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
     return _largest_unit(work, layout) * (2 * weight + grad)
@@ -318,7 +324,7 @@ def _largest_unit(work: Workload, layout: Layout) -> float:
 
 
 def _fsdp_zero2(layout: Layout) -> bool:
-    return layout.data_parallel == "zero2" and layout.dp_shard > 1
+    return layout.data_parallel == "zero2" and layout.dp_shard_cp > 1
 
 
 def device_memory(work: Workload, layout: Layout) -> MemoryBreakdown:

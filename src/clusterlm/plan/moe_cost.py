@@ -29,7 +29,8 @@ from clusterlm.models.counting import embedding_params, head_params, layer_param
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.plan import collectives
 from clusterlm.plan.cluster import Cluster
-from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.layout import Layout
+from clusterlm.plan.stages import rank_share
 from clusterlm.plan.workload import Workload
 
 
@@ -109,7 +110,7 @@ def replicated_mlp_flops_per_token(work: Workload, layout: Layout, moe_blocks: i
 
 
 def all_to_all_seconds(
-    work: Workload, layout: Layout, cluster: Cluster, tokens: int, moe_blocks: int
+    work: Workload, layout: Layout, cluster: Cluster, tokens: float, moe_blocks: int
 ) -> float:
     """Expert parallelism's all-to-alls of one micro-batch of ``tokens`` tokens per device over
     its ``moe_blocks`` MoE blocks (module docstring)."""

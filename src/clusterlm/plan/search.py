@@ -2,7 +2,9 @@
 
 The search space: tp over the divisors of a node's device count that divide the query and
 key/value heads, always with sequence parallelism (in this model it costs the same time as plain
-tp and saves memory); pp up to the layer count, with the trainer's schedules in
+tp and saves memory) unless cp is used; cp inside the node with tp (its traffic runs every layer),
+ring attention, and all-to-all where the heads split (the trainer refuses sequences not divisible
+by 2cp, and sequence parallelism with cp); pp up to the layer count, with the trainer's schedules in
 ``SEARCHED_SCHEDULES`` (the trainer balances uneven stages); the data-parallel remainder as ddp,
 zero1, zero2, zero3 or any hsdp split; micro-batch sizes up to 64 that divide each rank's share of
 the global batch; no, selective (only without a fused attention kernel, where it saves memory)
@@ -83,9 +85,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _data_parallel_options(dp: int) -> Iterator[dict]:
+def _data_parallel_options(dp: int, cp: int) -> Iterator[dict]:
+    """The strategies over dp ranks; the cp ranks share the weights too, so with cp the ZeRO
+    stages shard even over one data-parallel rank."""
     yield {"data_parallel": "ddp", "dp_replicate": dp, "dp_shard": 1}
-    if dp == 1:
+    if dp * cp == 1:
         return
     for mode in ("zero1", "zero2", "zero3"):
         yield {"data_parallel": mode, "dp_replicate": 1, "dp_shard": dp}
@@ -125,33 +129,46 @@ def _pipeline_options(pp: int) -> Iterator[dict]:
         yield {"pp_schedule": schedule, "pp_stages_per_rank": per_rank}
 
 
+def _model_parallel_options(work: Workload, cluster: Cluster) -> Iterator[dict]:
+    """tp (with sequence parallelism) and cp degrees, cp with each attention its heads allow."""
+    args, node = work.model, cluster.devices_per_node
+    for tp in _divisors(node):
+        if args.n_head % tp or args.n_kv_head % tp or cluster.world_size % tp:
+            continue
+        yield {"tp": tp, "sequence_parallel": tp > 1}
+        for cp in _divisors(node // tp)[1:]:
+            if work.seq_len % (2 * cp) or cluster.world_size % (tp * cp):
+                continue
+            yield {"tp": tp, "cp": cp, "cp_attention": "ring"}
+            if (args.n_head // tp) % cp == 0:
+                yield {"tp": tp, "cp": cp, "cp_attention": "all_to_all"}
+
+
 def enumerate_layouts(work: Workload, cluster: Cluster) -> Iterator[Layout]:
     """Every layout of the search space that ``layout_problem`` accepts."""
     args, world = work.model, cluster.world_size
     checkpointing = ("none", "full") if work.fused_attention else ("none", "selective", "full")
     offload = (False, True) if cluster.host is not None else (False,)
-    for tp in _divisors(cluster.devices_per_node):
-        if args.n_head % tp or args.n_kv_head % tp or world % tp:
-            continue
-        for pp in _divisors(world // tp):
-            dp = world // (tp * pp)
+    for model_parallel in _model_parallel_options(work, cluster):
+        split = model_parallel["tp"] * model_parallel.get("cp", 1)
+        for pp in _divisors(world // split):
+            dp = world // (split * pp)
             if args.n_layer < pp or work.sequences % dp:
                 continue
             per_rank = work.sequences // dp
             for micro_batch in (b for b in _divisors(per_rank) if b <= MAX_MICRO_BATCH):
                 micro_batches = per_rank // micro_batch
-                for data_parallel in _data_parallel_options(dp):
+                for data_parallel in _data_parallel_options(dp, model_parallel.get("cp", 1)):
                     for pipeline in _pipeline_options(pp):
                         for ac in checkpointing:
                             for off in offload:
                                 layout = Layout(
                                     pp=pp,
-                                    tp=tp,
-                                    sequence_parallel=tp > 1,
                                     micro_batch_size=micro_batch,
                                     micro_batches=micro_batches,
                                     activation_checkpointing=ac,
                                     cpu_offload=off,
+                                    **model_parallel,
                                     **data_parallel,
                                     **pipeline,
                                 )
@@ -181,7 +198,15 @@ def nodes_needed(work: Workload, cluster: Cluster, headroom: float) -> int | Non
 
 
 def _mesh(layout: Layout) -> tuple:
-    return layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.data_parallel
+    return (
+        layout.tp,
+        layout.cp,
+        layout.cp_attention,
+        layout.pp,
+        layout.dp_replicate,
+        layout.dp_shard,
+        layout.data_parallel,
+    )
 
 
 def runner_up(result: SearchResult) -> Candidate | None:

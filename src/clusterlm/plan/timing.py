@@ -2,7 +2,7 @@
 
 Compute: training FLOPs per token from ``training_flops_per_token`` (6N + 12*L*d*s, the model
 FLOPs MFU is quoted in), split into the blocks' share and the output head's, on the pipeline rank
-that holds the most (the trainer balances stages by parameter count; ``layout.rank_share``), at
+that holds the most (the trainer balances stages by parameter count; ``stages.rank_share``), at
 ``peak[precision]`` times the efficiency of the step's matrix-multiply shapes
 (``clusterlm.plan.efficiency``). Each device does 1/tp of its rank's FLOPs; forward is a third of
 them, backward the rest. Recomputation is its own component: full activation checkpointing reruns
@@ -26,11 +26,12 @@ Communication (``collectives``), per step:
   (``clusterlm.plan.fsdp``: the trainer's units, the first gather and the last reduce-scatter of
   each micro-batch exposed, the rest behind up to ``overlap`` of the pass); hsdp then all-reduces
   the gradient shard across replicas once per step.
+- context parallel: attention traffic (``context_comm``); each rank computes its share of the
+  tokens; gradients reduce over ``dp x cp`` or shard over ``dp_shard x cp``.
 - pipeline: activations forward and gradients backward at every stage boundary. The 2*(p - 1)*v
   messages of the fill and the drain are on the critical path; the 2*m*v of the steady state are
   sent while the next micro-batch computes, hidden up to ``overlap`` of that compute.
-- expert parallelism: the all-to-alls of tokens to their experts' ranks and back, exposed
-  (``moe_cost``; a mixture's MLPs, whole on every tp rank, are not split by tp).
+- expert parallelism: all-to-alls of tokens to their experts and back, exposed (``moe_cost``).
 - CPU offload (ZeRO-Offload): gradients to the host and weights back over the host link, plus the
   CPU optimizer at the node's ``adam_params_per_s``, not overlapped.
 Pipeline bubble, as a fraction of the ideal m micro-batches, for the trainer's schedules: GPipe and
@@ -44,37 +45,34 @@ The optimizer step itself is not modelled, except through ``host``.
 
 Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
 fixed seconds per step, plus seconds per parameter tensor FSDP's collectives pass through their
-flat buffers (copied in and out, viewed and wrapped per tensor), per
-tensor-parallel module pass (each DTensor-sharded linear, norm and embedding, forward and
-backward) and per pipeline action (one stage's forward or backward of one micro-batch: the
-schedule's bookkeeping and its point-to-point posts and waits). A process with ``host_share`` of
-a core (more processes than cores) takes 1/share as long over the per-step work, but over the
-per-collective costs only in the part it spends on the core: ``collective_wait`` of them is
-waiting for peers, which a shared core does not slow. Their defaults are 0; ``plan --validate``
-fits them on a CPU, where the host is the device and nothing hides them.
+flat buffers (copied in and out, viewed and wrapped per tensor), per tensor-parallel module pass
+(each DTensor-sharded linear, norm and embedding, forward and backward) and per pipeline action
+(one stage's forward or backward of one micro-batch: the schedule's bookkeeping and its
+point-to-point posts and waits). A process with ``host_share`` of a core (more processes than
+cores) takes 1/share as long over the per-step work, but over the per-collective costs only in the
+part it spends on the core: ``collective_wait`` of them is waiting for peers, which a shared core
+does not slow. Their defaults are 0; ``plan --validate`` fits them on a CPU, where the host is the
+device and nothing hides them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
-from functools import lru_cache
 
-import torch
 import torch.distributed as dist
 
-from clusterlm.models import ModelArgs, create_model
-from clusterlm.plan import collectives, fsdp
+from clusterlm.plan import collectives, context_comm, fsdp
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.efficiency import compute_rate, head_flops_per_token, layer_flops_per_token
-from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import rank_for, stage_params, state_bytes_per_param
 from clusterlm.plan.moe_cost import (
     all_to_all_seconds,
     most_moe_blocks,
     replicated_mlp_flops_per_token,
 )
+from clusterlm.plan.stages import rank_share
 from clusterlm.plan.workload import Workload
 
 
@@ -91,6 +89,7 @@ class StepTime:
     host: float = 0.0
     recompute: float = 0.0
     expert_parallel: float = 0.0  # the all-to-alls of expert parallelism (``moe_cost``)
+    context_parallel: float = 0.0
 
     @property
     def total(self) -> float:
@@ -154,7 +153,7 @@ def fill_and_drain_share(work: Workload, layout: Layout) -> float:
 
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     args, cal = work.model, cluster.calibration
-    tokens = work.seq_len * layout.micro_batch_size  # per micro-batch
+    tokens = context_comm.local_tokens(work, layout)  # per micro-batch, on one rank
     rate = compute_rate(work, layout, cluster.device, cal)
     flops, layers = busiest_rank_flops(work, layout)
     moe_blocks = most_moe_blocks(args, layout)
@@ -172,7 +171,8 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
     tensor_parallel = cal.tp_exposed * tp_per_layer * layers
     all_to_all = all_to_all_seconds(work, layout, cluster, tokens, moe_blocks)
-    micro_batch = forward + backward + recompute + tensor_parallel + all_to_all
+    context = context_comm.exposed_seconds(work, layout, cluster, rate) * layers
+    micro_batch = forward + backward + recompute + tensor_parallel + all_to_all + context
     m = layout.micro_batches
 
     data_parallel, offload = _data_parallel_and_offload(
@@ -189,6 +189,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         host=host_seconds(work, layout, cluster),
         recompute=m * recompute,
         expert_parallel=m * all_to_all,
+        context_parallel=m * context,
     )
 
 
@@ -221,20 +222,6 @@ class HostCalls:
         return 1.0, self.fsdp_tensor_passes, self.tp_module_passes, self.pp_actions
 
 
-def parameter_tensors(args: ModelArgs) -> tuple[int, int]:
-    """(parameter tensors per block, tensors outside the blocks) of the model the trainer builds."""
-    return _parameter_tensors(dataclasses.astuple(args))
-
-
-@lru_cache(maxsize=64)
-def _parameter_tensors(values: tuple) -> tuple[int, int]:
-    args = dataclasses.replace(ModelArgs(*values), n_layer=1, moe_layers="all")  # an MoE block
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        model = create_model(args)
-    block = len(list(next(iter(model.layers.values())).parameters()))
-    return block, len(list(model.parameters())) - block
-
-
 def host_calls(work: Workload, layout: Layout) -> HostCalls:
     """FSDP's tensor passes (``fsdp.tensor_passes``); a tensor-parallel block shards 6 linears (7
     with SwiGLU) and its 2 norms, plus under sequence parallelism the 2 inputs it gathers along
@@ -254,7 +241,7 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
     if layout.pp > 1:
         passes = 2 + (BUBBLE_DIVISOR[layout.pp_schedule] == 3)  # zero bubble: B split into I and W
         pp = passes * m * layout.pp_stages_per_rank
-    return HostCalls(fsdp.tensor_passes(work, layout, parameter_tensors(args)), tp, pp)
+    return HostCalls(fsdp.tensor_passes(work, layout, fsdp.parameter_tensors(args)), tp, pp)
 
 
 def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:
@@ -281,7 +268,7 @@ def _pipeline_p2p(
         return 0.0
     split = layout.tp if layout.sequence_parallel else 1
     message = (
-        work.seq_len * layout.micro_batch_size * work.model.n_embd * work.activation_bytes / split
+        context_comm.local_tokens(work, layout) * work.model.n_embd * work.activation_bytes / split
     )
     inter_node = layout.stride["pp"] >= cluster.devices_per_node
     one = collectives.point_to_point(message, inter_node, cluster)
@@ -311,17 +298,16 @@ def _data_parallel_and_offload(
     params = stage_params(work, layout, "first")
     weight_bytes, grad_bytes, _ = state_bytes_per_param(0, 1, work.mixed_precision)
     weights, grads = params * weight_bytes, params * grad_bytes
-    shard = collectives.mesh_group(layout, "dp_shard", cluster)
+    shard = collectives.mesh_group(layout, "dp_shard_cp", cluster)
     replicas = collectives.mesh_group(layout, "dp_replicate", cluster)
 
     def hidden(comm: float, compute: float) -> float:
         return max(0.0, comm - overlap * compute)
 
-    stage = layout.zero_stage if layout.dp_shard > 1 else 0
-    if stage == 0:
-        exposed = _bucketed_all_reduce(
-            grads, replicas, cluster, layout.bucket_mb, overlap * backward
-        )
+    stage = layout.zero_stage if layout.dp_shard_cp > 1 else 0
+    if stage == 0:  # every copy: dp_replicate, and the cp ranks
+        copies = collectives.mesh_group(layout, "dp_cp", cluster)
+        exposed = _bucketed_all_reduce(grads, copies, cluster, layout.bucket_mb, overlap * backward)
     elif stage == 1:
         # torch's ZeroRedundancyOptimizer under DDP: gradients are all-reduced in backward, then
         # each rank steps the parameters it owns and broadcasts them in step(), nothing to hide
@@ -330,19 +316,19 @@ def _data_parallel_and_offload(
         exposed += collectives.broadcast_from_each(weights, shard, cluster)
     else:
         units = fsdp.stage_units(
-            work, layout, rank_for(layout, "first"), parameter_tensors(work.model)
+            work, layout, rank_for(layout, "first"), fsdp.parameter_tensors(work.model)
         )
         exposed = fsdp.exposed_seconds(
             units, layout, cluster, weight_bytes, grad_bytes, forward, backward
         )
         if stage == 3:  # hsdp: the gradient shards all-reduced across replicas
             exposed += hidden(
-                collectives.all_reduce(grads / layout.dp_shard, replicas, cluster), backward
+                collectives.all_reduce(grads / layout.dp_shard_cp, replicas, cluster), backward
             )
 
     offload = 0.0
     if layout.cpu_offload and cluster.host is not None:
-        optimizer_shard = params / (layout.dp_shard if layout.zero_stage >= 1 else 1)
+        optimizer_shard = params / (layout.dp_shard_cp if layout.zero_stage >= 1 else 1)
         transfer = optimizer_shard * (weight_bytes + grad_bytes) / cluster.host.link.bandwidth
         update = optimizer_shard * cluster.devices_per_node / cluster.host.adam_params_per_s
         offload = transfer + update

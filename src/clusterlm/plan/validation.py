@@ -48,7 +48,11 @@ class ValidationCase:
     @property
     def batch_per_rank(self) -> int:
         """Sequences per data-parallel rank and step (a pipeline splits them into micro-batches)."""
-        model_parallel = int(self.parallel.get("tp", 1)) * int(self.parallel.get("pp", 1))
+        model_parallel = (
+            int(self.parallel.get("tp", 1))
+            * int(self.parallel.get("pp", 1))
+            * int(self.parallel.get("cp", 1))
+        )
         return GLOBAL_BATCH * model_parallel // self.nproc
 
     def config(self, settings: dict[str, object] | None = None) -> Config:
@@ -94,7 +98,12 @@ CASES = (
         4,
         {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 3, "data_parallel": "zero3"},
     ),
+    ValidationCase("2 cp2 ring", 2, {"cp": 2}),
+    ValidationCase("2 cp2 all-to-all", 2, {"cp": 2, "cp_attention": "all_to_all"}),
+    ValidationCase("4 cp4 ring", 4, {"cp": 4}),
+    ValidationCase("4 cp2 x zero3", 4, {"cp": 2, "data_parallel": "zero3"}),
 )
+CP_CASES = tuple(case for case in CASES if "cp" in case.parallel)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from clusterlm.plan.calibration import Calibration, check_device
 from clusterlm.plan.cluster import load_cluster
 from clusterlm.plan.efficiency import shape_efficiency
 from clusterlm.plan.gpu_data import GPU_MEASUREMENTS, compare_gpu_data, fit_gpu_efficiency
-from clusterlm.plan.layout import Layout, rank_share
+from clusterlm.plan.layout import Layout
 from clusterlm.plan.published import PUBLISHED_RUNS, compare_published, fit_published_efficiency
 from clusterlm.plan.search import SEARCHED_SCHEDULES, SKIPPED_SCHEDULES, evaluate
+from clusterlm.plan.stages import rank_share
 from clusterlm.plan.timing import BUBBLE_DIVISOR, step_time
 from clusterlm.plan.workload import Workload, load_model_args
 

@@ -40,7 +40,7 @@ def test_search_returns_only_layouts_that_fit_by_its_own_model(llama_1b_on_two_n
 def test_enumerated_layouts_are_valid(llama_1b_on_two_nodes):
     work, cluster, _ = llama_1b_on_two_nodes
     for layout in enumerate_layouts(work, cluster):
-        assert layout.pp * layout.dp * layout.tp == 16
+        assert layout.pp * layout.dp * layout.cp * layout.tp == 16
         assert work.model.n_kv_head % layout.tp == 0 and layout.tp <= 8
         assert work.model.n_layer % layout.pp == 0
         assert layout.dp * layout.micro_batch_size * layout.micro_batches == work.sequences

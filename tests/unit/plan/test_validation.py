@@ -18,9 +18,10 @@ from clusterlm.plan.calibration import Calibration, load_calibration, save_calib
 from clusterlm.plan.cluster import Link
 from clusterlm.plan.efficiency import compute_rate, kernel_flops_per_token, matmul_shapes
 from clusterlm.plan.fit import fit_calibration
+from clusterlm.plan.fsdp import parameter_tensors
 from clusterlm.plan.layout import Layout, layout_from_config
 from clusterlm.plan.memory import activation_bytes, device_memory, logits_gradient_bytes
-from clusterlm.plan.timing import HostCalls, host_calls, parameter_tensors, step_time
+from clusterlm.plan.timing import HostCalls, host_calls, step_time
 from clusterlm.plan.validation import (
     CASES,
     GLOBAL_BATCH,

@@ -1,0 +1,111 @@
+"""The attention traffic of context parallelism (``clusterlm.parallel.ring_attention``), per
+layer and micro-batch on one rank, as the trainer runs it.
+
+Each rank holds ``s/cp`` of the micro-batch's tokens; a K/V block is its k and v,
+``2 * b * s/cp * kv_heads/tp * head_dim`` elements in the activation dtype, and the K/V gradients
+travel in fp32 (the merge's precision).
+
+- Ring: forward passes the K/V blocks ``cp - 1`` hops around the ring, each sent while the rank
+  computes with the block it holds, so a hop costs ``max(0, hop - overlap * compute)`` with
+  ``compute`` a ``1/cp`` share of the layer's attention forward. Backward passes the K/V blocks
+  round again the same way (behind the backward's twice as long share), and after each of its
+  ``cp`` steps sends the accumulated K/V gradients on one hop and waits for them: ``cp`` hops of
+  the gradient block with nothing to hide behind. A rank sends ``2(cp-1)`` K/V blocks and ``cp``
+  gradient blocks per layer and micro-batch.
+- All-to-all (Ulysses): q, k, v and the output each go through one all-to-all forward (k and v
+  repeated to every query head first when their heads do not split over cp), their gradients
+  through one each backward, nothing overlapped; each sends ``(cp-1)/cp`` of its tensor, the
+  volume and steps of an all-gather of it.
+"""
+
+from __future__ import annotations
+
+from clusterlm.plan import collectives
+from clusterlm.plan.cluster import Cluster
+from clusterlm.plan.layout import Layout
+from clusterlm.plan.workload import Workload
+
+GRADIENT_BYTES = 4  # the K/V gradients accumulate and travel in fp32
+
+
+def local_tokens(work: Workload, layout: Layout) -> float:
+    """Tokens of one micro-batch on one rank: its share of each sequence."""
+    return work.seq_len / layout.cp * layout.micro_batch_size
+
+
+def _head_elements(work: Workload, layout: Layout, heads: int) -> float:
+    """Elements of one q-, k- or v-shaped tensor with ``heads`` heads on one rank."""
+    return local_tokens(work, layout) * heads / layout.tp * work.model.head_dim
+
+
+def _kv_heads(work: Workload, layout: Layout) -> int:
+    """K/V heads as the attention sends them: repeated to the query heads where Ulysses cannot
+    split them over cp."""
+    args = work.model
+    split = layout.cp_attention == "all_to_all" and (args.n_kv_head // layout.tp) % layout.cp
+    return args.n_head if split else args.n_kv_head
+
+
+def kv_block_bytes(work: Workload, layout: Layout) -> tuple[float, float]:
+    """(bytes of one rank's K/V block, of its K/V gradients) per layer and micro-batch."""
+    elements = 2 * _head_elements(work, layout, _kv_heads(work, layout))
+    return elements * work.activation_bytes, elements * GRADIENT_BYTES
+
+
+def sent_bytes_per_layer(work: Workload, layout: Layout) -> float:
+    """Bytes one rank sends per layer and micro-batch, forward and backward together."""
+    cp = layout.cp
+    if cp == 1:
+        return 0.0
+    if layout.cp_attention == "ring":
+        kv, grads = kv_block_bytes(work, layout)
+        return 2 * (cp - 1) * kv + cp * grads
+    q, kv = _all_to_all_tensors(work, layout)
+    return 2 * (2 * q + 2 * kv) * (cp - 1) / cp
+
+
+def _all_to_all_tensors(work: Workload, layout: Layout) -> tuple[float, float]:
+    """Bytes of q (and of the output, shaped alike) and of k (and of v) that Ulysses trades."""
+    q = _head_elements(work, layout, work.model.n_head)
+    kv = _head_elements(work, layout, _kv_heads(work, layout))
+    return q * work.activation_bytes, kv * work.activation_bytes
+
+
+def attention_forward_flops(work: Workload, layout: Layout) -> float:
+    """One layer's attention core forward (QK^T and AV over the whole sequence, the convention of
+    ``training_flops_per_token``) for one rank's tokens of a micro-batch."""
+    args = work.model
+    return 4.0 * args.n_head * args.head_dim / layout.tp * work.seq_len * local_tokens(work, layout)
+
+
+def exposed_seconds_per_layer(
+    work: Workload, layout: Layout, cluster: Cluster, attention_forward: float
+) -> tuple[float, float]:
+    """(forward, backward) seconds of attention communication per layer and micro-batch on the
+    critical path, ``attention_forward`` the seconds of the layer's attention forward on a rank."""
+    cp = layout.cp
+    if cp == 1:
+        return 0.0, 0.0
+    group = collectives.mesh_group(layout, "cp", cluster)
+    if layout.cp_attention == "all_to_all":
+        q, kv = _all_to_all_tensors(work, layout)
+        one_way = 2 * collectives.all_gather(q, group, cluster) + 2 * collectives.all_gather(
+            kv, group, cluster
+        )
+        return one_way, one_way
+    inter_node = group.nodes > 1
+    kv, grads = kv_block_bytes(work, layout)
+    hop = collectives.point_to_point(kv, inter_node, cluster)
+    overlap, step = cluster.calibration.overlap, attention_forward / cp
+    forward = (cp - 1) * max(0.0, hop - overlap * step)
+    backward = (cp - 1) * max(0.0, hop - overlap * 2 * step)
+    backward += cp * collectives.point_to_point(grads, inter_node, cluster)
+    return forward, backward
+
+
+def exposed_seconds(work: Workload, layout: Layout, cluster: Cluster, rate: float) -> float:
+    """Attention communication per layer and micro-batch on the critical path at ``rate`` FLOP/s
+    of compute; full activation checkpointing reruns the forward's."""
+    attention = attention_forward_flops(work, layout) / rate
+    forward, backward = exposed_seconds_per_layer(work, layout, cluster, attention)
+    return forward * (2 if layout.activation_checkpointing == "full" else 1) + backward

@@ -1,0 +1,114 @@
+"""The planner's context parallelism: activations split over cp, states sharded over dp_shard x cp,
+the ring's traffic behind the attention it feeds, and the search over cp degrees."""
+
+import dataclasses
+
+import pytest
+
+from clusterlm.models.gpt import ModelArgs
+from clusterlm.plan import context_comm
+from clusterlm.plan.cluster import load_cluster
+from clusterlm.plan.layout import Layout, layout_problem
+from clusterlm.plan.memory import device_memory, layer_activation_bytes
+from clusterlm.plan.search import enumerate_layouts
+from clusterlm.plan.timing import step_time
+from clusterlm.plan.workload import Workload
+
+LLAMA = ModelArgs(
+    flavour="llama",
+    vocab_size=32000,
+    block_size=65536,
+    n_layer=8,
+    n_head=16,
+    n_kv_head=4,
+    n_embd=2048,
+    ffn_hidden=5632,
+    dropout=0.0,
+)
+
+
+def _work(seq: int = 65536, precision: str = "fp32") -> Workload:
+    return Workload(LLAMA, seq, 2 * seq, precision)
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_activations_per_rank_fall_as_one_over_cp(cp):
+    work = _work()
+    one, split = Layout(micro_batch_size=2), Layout(micro_batch_size=2, cp=cp)
+    assert layer_activation_bytes(work, split) == pytest.approx(
+        layer_activation_bytes(work, one) / cp
+    )
+    assert device_memory(work, split).activations == pytest.approx(
+        device_memory(work, one).activations / cp
+    )
+
+
+def test_fsdp_shards_the_state_over_dp_shard_and_cp():
+    work = _work()
+    zero3 = device_memory(work, Layout(data_parallel="zero3", dp_shard=2, micro_batch_size=1))
+    with_cp = device_memory(
+        work, Layout(data_parallel="zero3", dp_shard=2, cp=4, micro_batch_size=1)
+    )
+    assert with_cp.model_state == pytest.approx(zero3.model_state / 4)
+
+
+def test_ring_sends_two_kv_rounds_and_the_gradients_home():
+    """Per layer and micro-batch: (cp-1) K/V blocks forward, (cp-1) backward, cp fp32 gradient
+    blocks; a block is k and v of this rank's s/cp tokens, K/V heads only."""
+    work, cp = _work(precision="bf16"), 4
+    layout = Layout(cp=cp, micro_batch_size=2)
+    block = 2 * (65536 // cp) * 2 * LLAMA.n_kv_head * LLAMA.head_dim
+    assert context_comm.kv_block_bytes(work, layout) == (2 * block, 4 * block)
+    assert context_comm.sent_bytes_per_layer(work, layout) == 2 * (cp - 1) * 2 * block + cp * (
+        4 * block
+    )
+
+
+def test_all_to_all_repeats_kv_heads_that_do_not_split():
+    work = _work()
+    eight = Layout(cp=8, cp_attention="all_to_all", micro_batch_size=2)  # 4 K/V heads over 8
+    four = dataclasses.replace(eight, cp=4)
+    q_elements = lambda layout: 2 * 65536 / layout.cp * LLAMA.n_head * LLAMA.head_dim  # noqa: E731
+    assert context_comm.sent_bytes_per_layer(work, eight) == pytest.approx(
+        2 * 4 * q_elements(eight) * 4 * 7 / 8
+    )
+    assert context_comm.sent_bytes_per_layer(work, four) == pytest.approx(
+        2 * (2 + 2 * 4 / 16) * q_elements(four) * 4 * 3 / 4
+    )
+
+
+def test_ring_hops_hide_behind_attention_but_gradient_hops_do_not():
+    work, cluster = _work(), load_cluster("8xH100")
+    layout = Layout(cp=4, micro_batch_size=2)
+    forward, backward = context_comm.exposed_seconds_per_layer(work, layout, cluster, 1e3)
+    assert forward == 0.0
+    kv, grads = context_comm.kv_block_bytes(work, layout)
+    hop = context_comm.collectives.point_to_point(grads, False, cluster)
+    assert backward == pytest.approx(4 * hop)
+    exposed, _ = context_comm.exposed_seconds_per_layer(work, layout, cluster, 0.0)
+    assert exposed == pytest.approx(3 * context_comm.collectives.point_to_point(kv, False, cluster))
+    assert step_time(work, layout, cluster).context_parallel > 0
+
+
+def test_the_search_tries_cp_where_the_trainer_allows_it():
+    cluster = load_cluster("8xH100")
+    layouts = list(enumerate_layouts(_work(seq=65536), cluster))
+    kinds = {(layout.cp, layout.cp_attention) for layout in layouts if layout.cp > 1}
+    assert {(2, "ring"), (8, "ring"), (2, "all_to_all"), (8, "all_to_all")} <= kinds
+    assert not any(layout.cp > 1 and layout.sequence_parallel for layout in layouts)
+    for layout in layouts:
+        assert layout.world_size == 8 and layout_problem(layout, _work(), cluster) is None
+
+
+def test_the_search_skips_cp_the_sequence_or_heads_refuse():
+    cluster = load_cluster("8xH100")
+    six_heads = dataclasses.replace(LLAMA, n_head=6, n_kv_head=2, n_embd=768)
+
+    def tried(seq: int) -> set[tuple[int, str]]:
+        work = Workload(six_heads, seq, 2 * seq, "fp32")
+        return {(layout.cp, layout.cp_attention) for layout in enumerate_layouts(work, cluster)}
+
+    whole = tried(65536)
+    assert {(2, "all_to_all"), (4, "ring")} <= whole and (4, "all_to_all") not in whole
+    uneven = tried(65532)  # a multiple of 4, not of 8
+    assert (2, "ring") in uneven and not any(cp == 4 for cp, _ in uneven)
