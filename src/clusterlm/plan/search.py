@@ -1,19 +1,24 @@
 """Enumerate the layouts that can run a workload on a cluster, keep those that fit, rank by time.
 
 The search space: tp over the divisors of a node's device count that divide the query and
-key/value heads, always with sequence parallelism (in this model it costs the same time as plain
-tp and saves memory); pp up to the layer count, with the trainer's schedules in
-``SEARCHED_SCHEDULES`` (the trainer balances uneven stages); the data-parallel remainder as ddp,
-zero1, zero2, zero3 or any hsdp split; micro-batch sizes up to 64 that divide each rank's share of
-the global batch; no, selective (only without a fused attention kernel, where it saves memory)
-or full activation checkpointing; with and without optimizer offload where the cluster has a host.
+key/value heads, with sequence parallelism (in this model it costs the same time as plain tp and
+saves memory) except for a mixture of experts, which the trainer runs without it; pp up to the
+layer count, with the trainer's schedules in ``SEARCHED_SCHEDULES`` (the trainer balances uneven
+stages); the data-parallel remainder as ddp, zero1, zero2, zero3 or any hsdp split, and for a
+mixture of experts, under the strategies that shard its experts (zero2, zero3, hsdp), every
+expert-parallel degree ``ep`` > 1 dividing both dp_shard and the expert count; micro-batch sizes
+up to 64 that divide each rank's share of the global batch; no, selective (only without a fused
+attention kernel, where it saves memory) or full activation checkpointing; with and without
+optimizer offload where the cluster has a host.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from clusterlm.config.experts import EXPERT_PARALLEL_DATA_PARALLEL
 from clusterlm.models.counting import training_flops_per_token
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.layout import Layout, layout_problem
@@ -93,6 +98,16 @@ def _data_parallel_options(dp: int) -> Iterator[dict]:
         yield {"data_parallel": "hsdp", "dp_replicate": dp // shard, "dp_shard": shard}
 
 
+def _expert_parallel_options(dp: int, experts: int) -> Iterator[dict]:
+    """Each data-parallel option, then (a mixture of experts under a strategy that shards its
+    experts) with every ep > 1 that divides both its dp_shard and the expert count."""
+    for option in _data_parallel_options(dp):
+        yield option
+        if experts and option["data_parallel"] in EXPERT_PARALLEL_DATA_PARALLEL:
+            for ep in _divisors(math.gcd(option["dp_shard"], experts))[1:]:
+                yield {**option, "ep": ep}
+
+
 # The trainer's schedules the search tries, with their stages per rank: the one-stage pair, then
 # each multi-stage family (round-robin and V). Every other schedule the trainer accepts is in
 # SKIPPED_SCHEDULES with the reason; the time and memory models cover them all (``plan
@@ -140,14 +155,14 @@ def enumerate_layouts(work: Workload, cluster: Cluster) -> Iterator[Layout]:
             per_rank = work.sequences // dp
             for micro_batch in (b for b in _divisors(per_rank) if b <= MAX_MICRO_BATCH):
                 micro_batches = per_rank // micro_batch
-                for data_parallel in _data_parallel_options(dp):
+                for data_parallel in _expert_parallel_options(dp, args.moe_experts):
                     for pipeline in _pipeline_options(pp):
                         for ac in checkpointing:
                             for off in offload:
                                 layout = Layout(
                                     pp=pp,
                                     tp=tp,
-                                    sequence_parallel=tp > 1,
+                                    sequence_parallel=tp > 1 and not args.moe_experts,
                                     micro_batch_size=micro_batch,
                                     micro_batches=micro_batches,
                                     activation_checkpointing=ac,
@@ -181,7 +196,14 @@ def nodes_needed(work: Workload, cluster: Cluster, headroom: float) -> int | Non
 
 
 def _mesh(layout: Layout) -> tuple:
-    return layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.data_parallel
+    return (
+        layout.tp,
+        layout.pp,
+        layout.dp_replicate,
+        layout.dp_shard,
+        layout.data_parallel,
+        layout.ep,
+    )
 
 
 def runner_up(result: SearchResult) -> Candidate | None:
