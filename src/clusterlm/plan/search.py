@@ -126,8 +126,8 @@ SKIPPED_SCHEDULES = {
     ),
     "dualpipev": (
         "what it adds to ZBV is overlapping one micro-batch's compute with another's "
-        "communication (MoE all-to-all), which this dense model does not have; "
-        "modelled as ZBV it only ties"
+        "communication (MoE all-to-all), which the planner does not model (it exposes the "
+        "all-to-all); modelled as ZBV it only ties"
     ),
 }
 
