@@ -1,11 +1,14 @@
 """Every kind of layout the planner can pick is a config the trainer runs: the search's layouts on a
 4-device node, chosen so that every strategy, schedule, checkpointing mode, offload and
-accumulation appears at least once, each emitted as a config and trained for two steps on 4 real
-processes (one process group, one session per layout)."""
+accumulation appears at least once (and, for a mixture of experts, every expert-parallel degree),
+each emitted as a config and trained for two steps on 4 real processes (one process group, one
+session per layout)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 from clusterlm.config import apply_overrides
 from clusterlm.models.gpt import ModelArgs
@@ -25,6 +28,10 @@ LINK = Link(5e9, 20e-6)
 NODE = Cluster("node", 1, 4, Device("cpu", 16 * GIB, {"fp32": 1e11}), LINK, LINK,
                host=Host(64 * GIB, LINK, 1e9))
 
+MOE = dataclasses.replace(MODEL, flavour="llama", moe_experts=4, moe_top_k=2, moe_ffn_hidden=32, moe_layers="all",
+                          moe_balance="aux_free")  # aux_free: a pipeline runs it
+MOE_WORK = dataclasses.replace(WORK, model=MOE)
+
 
 def features(layout: Layout) -> set[tuple[str, object]]:
     return {("data_parallel", layout.data_parallel), ("tp", layout.tp > 1), ("sp", layout.sequence_parallel),
@@ -33,27 +40,32 @@ def features(layout: Layout) -> set[tuple[str, object]]:
             ("cp", layout.cp_attention if layout.cp > 1 else None)}
 
 
-def covering_layouts() -> list[Layout]:
-    """Few layouts that together show every feature value some searched layout has (greedy cover)."""
-    candidates = list(enumerate_layouts(WORK, NODE))
-    wanted = set().union(*map(features, candidates))
+def cover(candidates: list[Layout], kinds: Callable[[Layout], set]) -> list[Layout]:
+    """Few of ``candidates`` that together show every feature value (``kinds``) one of them has (greedy)."""
+    wanted = set().union(*map(kinds, candidates))
     chosen: list[Layout] = []
     while wanted:
-        best = max(candidates, key=lambda layout: len(features(layout) & wanted))
+        best = max(candidates, key=lambda layout: len(kinds(layout) & wanted))
         chosen.append(best)
-        wanted -= features(best)
+        wanted -= kinds(best)
     return chosen
 
 
+def covering_layouts() -> list[Layout]:
+    return cover(list(enumerate_layouts(WORK, NODE)), features)
+
+
 def test_layouts_convert_to_configs_and_back():
-    for layout in enumerate_layouts(WORK, NODE):
-        assert layout_from_config(layout_config(layout, WORK), layout.world_size) == layout
+    for work in (WORK, MOE_WORK):
+        for layout in enumerate_layouts(work, NODE):
+            assert layout_from_config(layout_config(layout, work), layout.world_size) == layout
 
 
-def _train_each(rank: int, world_size: int, layouts: list[Layout], data_dir: str, out_dir: str) -> list[float]:
+def _train_each(rank: int, world_size: int, work: Workload, layouts: list[Layout], data_dir: str,
+                out_dir: str) -> list[float]:
     losses = []
     for i, layout in enumerate(layouts):
-        cfg = apply_overrides(layout_config(layout, WORK), {
+        cfg = apply_overrides(layout_config(layout, work), {
             "model.vocab_size": 0,  # the tokenizer's
             "data.dir": data_dir, "training.out_dir": f"{out_dir}/{i}",
             "training.steps": 2, "metrics.peak_flops": 1e12,
@@ -69,6 +81,21 @@ def test_every_kind_of_planned_layout_trains(data_dir, tmp_path):
     assert {("schedule", name) for name, _ in SEARCHED_SCHEDULES} <= kinds
     assert {("data_parallel", "hsdp"), ("offload", True), ("ac", "selective")} <= kinds
     assert {("cp", "ring"), ("cp", "all_to_all")} <= kinds
-    results = run_distributed(_train_each, 4, layouts, str(data_dir), str(tmp_path), timeout=150)
+    results = run_distributed(_train_each, 4, WORK, layouts, str(data_dir), str(tmp_path), timeout=150)
     for rank_losses in results:
         assert len(rank_losses) == 2 * len(layouts) and all(math.isfinite(x) for x in rank_losses)
+
+
+
+def test_every_kind_of_planned_expert_parallel_layout_trains(data_dir, tmp_path):
+    """The search's ep layouts of a mixture of experts, covering each ep, strategy, tp, pp and offload."""
+    def moe_features(layout: Layout) -> set[tuple[str, object]]:
+        return {("ep", layout.ep), ("data_parallel", layout.data_parallel), ("tp", layout.tp > 1),
+                ("pp", layout.pp > 1), ("offload", layout.cpu_offload)}
+
+    chosen = cover([layout for layout in enumerate_layouts(MOE_WORK, NODE) if layout.ep > 1], moe_features)
+    kinds = set().union(*map(moe_features, chosen))
+    assert {("ep", 2), ("ep", 4), ("tp", True), ("pp", True), ("offload", True)} <= kinds
+    results = run_distributed(_train_each, 4, MOE_WORK, chosen, str(data_dir), str(tmp_path), timeout=150)
+    for rank_losses in results:
+        assert len(rank_losses) == 2 * len(chosen) and all(math.isfinite(x) for x in rank_losses)

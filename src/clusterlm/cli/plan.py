@@ -180,14 +180,16 @@ def _plan(args: argparse.Namespace) -> int:
     if model.moe_experts:
         print(
             f"a mixture of experts: {human(param_count(model))} parameters, "
-            f"{human(param_count(model, active=True))} active per token; expert parallelism is "
-            "not searched yet (the trainer has no parallel.ep key)"
+            f"{human(param_count(model, active=True))} active per token"
         )
     if not result.ranked:
         print(_nothing_fits(work, cluster, result, args.headroom))
         return 1
     print(candidates_table(result.ranked[: args.top]))
     best = result.ranked[0]
+    if model.moe_experts:
+        experts = model.moe_experts // best.layout.ep
+        print(f"expert parallelism: ep {best.layout.ep}, {experts} routed experts per rank")
     print(time_breakdown(best))
     other = runner_up(result)
     if other is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.files import atomic_write
+from clusterlm.models.moe import MoeArgs
 from clusterlm.plan.layout import layout_config
 from clusterlm.plan.search import Candidate
 
@@ -25,6 +26,7 @@ MODEL_KEYS = (
     "norm_eps",
     "rope_theta",
 )
+EXPERT_KEYS = tuple(f.name for f in dataclasses.fields(MoeArgs))  # written for a mixture of experts
 TRAINING_KEYS = (
     "micro_batch_size",
     "seq_len",
@@ -43,6 +45,7 @@ PARALLEL_KEYS = (
     "pp_microbatches",
     "pp_stages_per_rank",
     "cpu_offload",
+    "ep",
 )
 
 
@@ -71,7 +74,7 @@ def config_toml(best: Candidate) -> str:
         f"{best.memory.total / 2**30:.1f} GiB per device\n"
     )
     sections = [
-        _section("model", cfg.model, MODEL_KEYS),
+        _section("model", cfg.model, MODEL_KEYS + (EXPERT_KEYS if cfg.model.moe_experts else ())),
         _section("training", cfg.training, TRAINING_KEYS),
         _section("parallel", cfg.parallel, PARALLEL_KEYS),
     ]

@@ -73,9 +73,7 @@ class Layout:
     cpu_offload: bool = False
     # parallel.bucket_mb: DDP's gradient buckets, the least bytes of an FSDP unit
     bucket_mb: float = 25.0
-    # Routed experts split over ep ranks of dp_shard (innermost); modelled, not searched: the
-    # trainer has no parallel.ep key yet (``layout_problem``).
-    ep: int = 1
+    ep: int = 1  # parallel.ep: routed experts split over ep ranks of dp_shard (innermost)
 
     @property
     def dp(self) -> int:
@@ -177,6 +175,7 @@ def layout_config(layout: Layout, work: Workload) -> Config:
         pp_stages_per_rank=layout.pp_stages_per_rank if pipelined else 0,
         cpu_offload=layout.cpu_offload,
         bucket_mb=layout.bucket_mb,
+        ep=layout.ep,
     )
     return Config(model=model, training=training, parallel=parallel)
 
@@ -194,6 +193,7 @@ class _Shared(TypedDict):
     activation_checkpointing: str
     cpu_offload: bool
     bucket_mb: float
+    ep: int
 
 
 def layout_from_config(cfg: Config, world_size: int) -> Layout:
@@ -214,6 +214,7 @@ def layout_from_config(cfg: Config, world_size: int) -> Layout:
         "activation_checkpointing": t.activation_checkpointing,
         "cpu_offload": p.cpu_offload,
         "bucket_mb": p.bucket_mb,
+        "ep": p.ep,
     }
     if p.pp == 1:
         return Layout(
@@ -255,6 +256,7 @@ def _setting_checks(layout: Layout) -> list[tuple[bool, str]]:
         layout.pp_stages_per_rank,
         layout.micro_batch_size,
         layout.micro_batches,
+        layout.ep,
     )
     return [
         (
@@ -270,7 +272,6 @@ def _setting_checks(layout: Layout) -> list[tuple[bool, str]]:
             f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}",
         ),
         (smallest >= 1, "every degree and batch count must be >= 1"),
-        (layout.ep == 1, "expert parallelism (ep > 1) has no parallel.ep key in the trainer yet"),
     ]
 
 

@@ -1,21 +1,27 @@
 """Enumerate the layouts that can run a workload on a cluster, keep those that fit, rank by time.
 
 The search space: tp over the divisors of a node's device count that divide the query and
-key/value heads, always with sequence parallelism (in this model it costs the same time as plain
-tp and saves memory) unless cp is used; cp inside the node with tp (its traffic runs every layer),
-ring attention, and all-to-all where the heads split (the trainer refuses sequences not divisible
-by 2cp, and sequence parallelism with cp); pp up to the layer count, with the trainer's schedules in
-``SEARCHED_SCHEDULES`` (the trainer balances uneven stages); the data-parallel remainder as ddp,
-zero1, zero2, zero3 or any hsdp split; micro-batch sizes up to 64 that divide each rank's share of
-the global batch; no, selective (only without a fused attention kernel, where it saves memory)
-or full activation checkpointing; with and without optimizer offload where the cluster has a host.
+key/value heads, with sequence parallelism (in this model it costs the same time as plain tp and
+saves memory) unless cp is used or the model is a mixture of experts, which the trainer runs
+without it; cp inside the node with tp (its traffic runs every layer), ring attention, and
+all-to-all where the heads split (the trainer refuses sequences not divisible by 2cp, sequence
+parallelism with cp, and cp with a mixture of experts); pp up to the layer count, with the
+trainer's schedules in ``SEARCHED_SCHEDULES`` (the trainer balances uneven stages); the
+data-parallel remainder as ddp, zero1, zero2, zero3 or any hsdp split, and for a mixture of
+experts, under the strategies that shard its experts (zero2, zero3, hsdp), every expert-parallel
+degree ``ep`` > 1 dividing both dp_shard and the expert count; micro-batch sizes up to 64 that
+divide each rank's share of the global batch; no, selective (only without a fused attention
+kernel, where it saves memory) or full activation checkpointing; with and without optimizer
+offload where the cluster has a host.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from clusterlm.config.experts import EXPERT_PARALLEL_DATA_PARALLEL
 from clusterlm.models.counting import training_flops_per_token
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.layout import Layout, layout_problem
@@ -97,6 +103,16 @@ def _data_parallel_options(dp: int, cp: int) -> Iterator[dict]:
         yield {"data_parallel": "hsdp", "dp_replicate": dp // shard, "dp_shard": shard}
 
 
+def _expert_parallel_options(dp: int, cp: int, experts: int) -> Iterator[dict]:
+    """Each data-parallel option, then (a mixture of experts under a strategy that shards its
+    experts) with every ep > 1 that divides both its dp_shard and the expert count."""
+    for option in _data_parallel_options(dp, cp):
+        yield option
+        if experts and option["data_parallel"] in EXPERT_PARALLEL_DATA_PARALLEL:
+            for ep in _divisors(math.gcd(option["dp_shard"], experts))[1:]:
+                yield {**option, "ep": ep}
+
+
 # The trainer's schedules the search tries, with their stages per rank: the one-stage pair, then
 # each multi-stage family (round-robin and V). Every other schedule the trainer accepts is in
 # SKIPPED_SCHEDULES with the reason; the time and memory models cover them all (``plan
@@ -115,8 +131,8 @@ SKIPPED_SCHEDULES = {
     ),
     "dualpipev": (
         "what it adds to ZBV is overlapping one micro-batch's compute with another's "
-        "communication (MoE all-to-all), which this dense model does not have; "
-        "modelled as ZBV it only ties"
+        "communication (MoE all-to-all), which the planner does not model (it exposes the "
+        "all-to-all); modelled as ZBV it only ties"
     ),
 }
 
@@ -130,12 +146,16 @@ def _pipeline_options(pp: int) -> Iterator[dict]:
 
 
 def _model_parallel_options(work: Workload, cluster: Cluster) -> Iterator[dict]:
-    """tp (with sequence parallelism) and cp degrees, cp with each attention its heads allow."""
+    """tp (with sequence parallelism, but for a mixture of experts, which the trainer runs without
+    it) and cp degrees (not for a mixture of experts), cp with each attention its heads allow."""
     args, node = work.model, cluster.devices_per_node
+    moe = bool(args.moe_experts)
     for tp in _divisors(node):
         if args.n_head % tp or args.n_kv_head % tp or cluster.world_size % tp:
             continue
-        yield {"tp": tp, "sequence_parallel": tp > 1}
+        yield {"tp": tp, "sequence_parallel": tp > 1 and not moe}
+        if moe:
+            continue
         for cp in _divisors(node // tp)[1:]:
             if work.seq_len % (2 * cp) or cluster.world_size % (tp * cp):
                 continue
@@ -158,7 +178,9 @@ def enumerate_layouts(work: Workload, cluster: Cluster) -> Iterator[Layout]:
             per_rank = work.sequences // dp
             for micro_batch in (b for b in _divisors(per_rank) if b <= MAX_MICRO_BATCH):
                 micro_batches = per_rank // micro_batch
-                for data_parallel in _data_parallel_options(dp, model_parallel.get("cp", 1)):
+                for data_parallel in _expert_parallel_options(
+                    dp, model_parallel.get("cp", 1), args.moe_experts
+                ):
                     for pipeline in _pipeline_options(pp):
                         for ac in checkpointing:
                             for off in offload:
@@ -206,6 +228,7 @@ def _mesh(layout: Layout) -> tuple:
         layout.dp_replicate,
         layout.dp_shard,
         layout.data_parallel,
+        layout.ep,
     )
 
 

@@ -11,7 +11,7 @@ from clusterlm.models import create_model
 from clusterlm.models.counting import training_flops_per_token
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.plan.cluster import load_cluster
-from clusterlm.plan.layout import Layout, layout_config, layout_problem
+from clusterlm.plan.layout import Layout, layout_config, layout_from_config, layout_problem
 from clusterlm.plan.memory import device_memory, layer_activation_bytes, rank_params
 from clusterlm.plan.moe_cost import moe_blocks_held, rank_param_split, routed_params
 from clusterlm.plan.timing import step_time
@@ -121,14 +121,21 @@ def test_all_to_all_time_on_every_preset(preset):
     assert spanning > time(inside) and spanning > 0
 
 
-def test_layouts_carry_the_experts_and_refuse_ep_until_the_trainer_has_it():
+def test_layouts_carry_the_experts_and_ep_as_the_trainer_checks_it():
     cfg = layout_config(Layout(dp_shard=2, data_parallel="zero3"), WORK)
     assert (cfg.model.moe_experts, cfg.model.moe_layers) == (16, "after:1")
     cluster = load_cluster("8xH100")
     work = dataclasses.replace(WORK, global_batch_tokens=256 * 8)
     layout = Layout(dp_shard=8, data_parallel="zero3", ep=2)
-    assert "parallel.ep" in layout_problem(layout, work, cluster)
-    assert layout_problem(dataclasses.replace(layout, ep=1), work, cluster) is None
+    assert layout_problem(layout, work, cluster) is None
+    assert layout_config(layout, work).parallel.ep == 2
+    assert layout_from_config(layout_config(layout, work), 8) == layout
+    for refused, message in [
+        (dataclasses.replace(layout, ep=16), "must divide the data-parallel sharding degree"),
+        (dataclasses.replace(layout, ep=3), "not divisible by parallel.ep"),
+        (dataclasses.replace(layout, data_parallel="zero1"), "parallel.ep > 1 runs with"),
+    ]:
+        assert message in layout_problem(refused, work, cluster)
     assert moe_blocks_held(MOE, (0, 1, 2)) == 2
 
 

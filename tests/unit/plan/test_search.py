@@ -7,11 +7,14 @@ import pytest
 
 from clusterlm.cli.plan import main
 from clusterlm.config import build_config, grad_accum_steps
+from clusterlm.config.degrees import check_layout
 from clusterlm.errors import UserError
+from clusterlm.models.gpt import ModelArgs
 from clusterlm.plan.cluster import load_cluster
+from clusterlm.plan.emit import write_config
 from clusterlm.plan.layout import Layout, layout_problem
 from clusterlm.plan.memory import device_memory
-from clusterlm.plan.search import enumerate_layouts, search
+from clusterlm.plan.search import enumerate_layouts, evaluate, search
 from clusterlm.plan.workload import Workload, load_model_args
 
 if sys.version_info >= (3, 11):
@@ -156,3 +159,67 @@ def test_bad_input_is_one_user_error_line(argv, message):
     with pytest.raises(UserError) as err:
         main(argv)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# Experts too big for one device even under zero3 unless split: 8 MoE blocks of 64 experts of
+# Mixtral's width on one 8 x H100 node.
+BIG_MOE = ModelArgs(
+    flavour="llama",
+    vocab_size=32000,
+    block_size=4096,
+    n_layer=8,
+    n_head=32,
+    n_kv_head=8,
+    n_embd=4096,
+    ffn_hidden=14336,
+    moe_experts=64,
+    moe_top_k=2,
+    moe_ffn_hidden=14336,
+    moe_layers="all",
+    moe_balance="aux_free",
+)
+
+
+def _trainer_accepts(candidate, path) -> None:
+    """The layout's emitted config loads and passes every check the trainer makes."""
+    write_config(path, candidate)
+    cfg = build_config(str(path), {})
+    check_layout(cfg, candidate.layout.world_size)
+    assert cfg.parallel.ep == candidate.layout.ep and cfg.model.moe_experts == BIG_MOE.moe_experts
+
+
+def test_search_splits_experts_that_fit_no_other_way(tmp_path):
+    work = Workload(BIG_MOE, 4096, 4096 * 16)
+    cluster = load_cluster("8xH100")
+    candidates = [evaluate(work, layout, cluster) for layout in enumerate_layouts(work, cluster)]
+    split = [c for c in candidates if c.layout.ep > 1]
+    assert {c.layout.ep for c in split} == {2, 4, 8}
+    assert not any(c.fits(0.9) for c in candidates if c.layout.ep == 1)
+    result = search(work, cluster)
+    assert result.ranked and all(c.layout.ep > 1 for c in result.ranked)
+    for c in split:
+        assert (
+            c.layout.data_parallel in ("zero2", "zero3", "hsdp") and not c.layout.sequence_parallel
+        )
+        assert BIG_MOE.moe_experts % c.layout.ep == 0 and c.layout.dp_shard % c.layout.ep == 0
+    for i, c in enumerate({c.layout.describe(): c for c in split}.values()):
+        if i % 7 == 0:  # a spread of them: each config build reads and checks a TOML file
+            _trainer_accepts(c, tmp_path / f"{i}.toml")
+
+
+def test_search_never_splits_a_dense_model(llama_1b_on_two_nodes):
+    work, cluster, _ = llama_1b_on_two_nodes
+    assert all(layout.ep == 1 for layout in enumerate_layouts(work, cluster))
+
+
+def test_plan_of_the_moe_preset_prints_and_emits_its_ep(tmp_path, capsys):
+    out = tmp_path / "moe.toml"
+    argv = ["--model", "moe-cpu", "--vocab-size", "65", "--cluster", "8xH100", "--seq", "64"]
+    assert main([*argv, "--global-batch-tokens", "8192", "--emit-config", str(out)]) == 0
+    ep = re.search(
+        r"expert parallelism: ep (\d+), (\d+) routed experts per rank", capsys.readouterr().out
+    )
+    assert ep and int(ep[1]) * int(ep[2]) == 8
+    cfg = build_config(str(out), {})
+    check_layout(cfg, 8)
+    assert cfg.parallel.ep == int(ep[1]) and cfg.model.moe_experts == 8
