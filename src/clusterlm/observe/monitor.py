@@ -82,8 +82,12 @@ class Monitor:
         times = [values["step_s"] for values in ranks.values()]
         record["rank_step_ms"] = [1000 * t for t in times]
         record["data_wait_share"] = statistics.mean(v["data_wait_share"] for v in ranks.values())
-        if any(v["cache_hits"] + v["cache_misses"] for v in ranks.values()):  # a remote store
-            record.update({key: [ranks[r][key] for r in sorted(ranks)] for key in STORE_KEYS})
+        shown = (
+            STORE_KEYS
+            if any(v["cache_hits"] + v["cache_misses"] for v in ranks.values())
+            else STORE_KEYS[:1]
+        )  # a remote store's figures only with one
+        record.update({key: [ranks[r][key] for r in sorted(ranks)] for key in shown})
         record["checkpoint_age_s"], record["restarts"] = (
             self._checkpoint_age(session),
             self.restarts,
