@@ -86,6 +86,8 @@ def with_retries(
     while True:
         try:
             return action()
+        except UserError:  # a refused write to the cache (a DiskError is an OSError too)
+            raise
         except FileNotFoundError:
             raise UserError(
                 f"{what} failed: it is missing from the store; prepare the data again"
@@ -156,8 +158,8 @@ class ShardCache:
         return mapped
 
     def prefetch(self, indices: Iterable[int]) -> None:
-        """Start downloading the shards the next step reads; the ones read since the last call
-        and these stay cached until the call after."""
+        """Start downloading the shards the next step reads; until the next call, these and the
+        shards read meanwhile are not evicted."""
         self._collect()
         wanted = sorted(set(indices))
         self._protected = set(wanted)
@@ -205,7 +207,7 @@ class ShardCache:
 
         def copy_rest() -> None:
             nonlocal copied
-            with self._fs.open(source, "rb") as src, open(tmp, "ab") as dst:
+            with self._fs.open(source, "rb") as src, open(tmp, "ab" if copied else "wb") as dst:
                 src.seek(copied)
                 while chunk := src.read(_CHUNK):
                     with disk_errors(self._settings.dir, "data.cache_dir"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
@@ -10,6 +12,7 @@ from clusterlm.data.loader import TokenLoader, TokenStream
 from clusterlm.data.prepare import PrepareOptions, prepare
 from clusterlm.data.shard_cache import CacheSettings, with_retries
 from clusterlm.errors import UserError
+from clusterlm.files import DiskError
 
 SHARD_TOKENS = 300
 SHARD_GB = SHARD_TOKENS * 2 / 2**30  # uint16 ids
@@ -152,3 +155,13 @@ def test_a_cache_dir_under_a_file_is_one_line(remote, tmp_path):
     with pytest.raises(UserError, match="data.cache_dir .* is not a writable directory") as err:
         TokenStream("memory://data", "train", bad)
     assert "\n" not in str(err.value)
+
+
+def test_a_refused_write_to_the_cache_is_not_retried(remote, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise DiskError(errno.ENOSPC, "no space left on the cache's disk; free some")
+
+    stream = TokenStream("memory://data", "train", settings(tmp_path))
+    monkeypatch.setattr("clusterlm.data.shard_cache.disk_errors", full)
+    with pytest.raises(UserError, match="no space left"):
+        stream.windows([0], 16)
