@@ -14,12 +14,14 @@ CLM := $(VENV)/bin/clusterlm
 .PHONY: train test lint clean system-packages
 
 # Real systems the tests start privately: a single-node Slurm, OpenMPI's mpirun, a Prometheus server,
-# network namespaces (iproute2) as nodes; and offline data: the English and Spanish Bibles as SWORD
+# network namespaces (iproute2) as nodes, a MooseFS cluster (master, chunkservers, FUSE client) as a
+# distributed store; and offline data: the English and Spanish Bibles as SWORD
 # modules with their Python binding, and the FreeDict English-Spanish dictionary (translation).
 # Installed with apt when missing and running as root; quick when they are there; without root
 # those tests skip (and fail under CI=true).
 SYSTEM_PACKAGES ?= slurm-wlm munge openmpi-bin prometheus iproute2 \
-	sword-text-kjv sword-text-sparv python3-sword libsword-utils dict-freedict-eng-spa
+	sword-text-kjv sword-text-sparv python3-sword libsword-utils dict-freedict-eng-spa \
+	moosefs-master moosefs-chunkserver moosefs-client moosefs-cli fuse3
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

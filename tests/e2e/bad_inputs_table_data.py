@@ -3,6 +3,9 @@ deduplication options of `clusterlm prepare`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import fsspec
 from bad_inputs_harness import TINY, case, write
 
 from clusterlm.data.prepare import PrepareOptions, prepare
@@ -96,4 +99,43 @@ CLEANING = [
     ),
 ]
 
-DATA_CASES = [*MIXES, *CLEANING]
+
+def on_the_store(name: str, change_shard: bool = False):
+    """Setup: the shared dataset copied onto a remote store (memory://bad-inputs/NAME), its first
+    train shard overwritten there with other bytes of the same size when ``change_shard``."""
+
+    def setup(tmp, shared) -> None:
+        store = fsspec.filesystem("memory")
+        for path in Path(shared.data).iterdir():
+            store.pipe_file(f"/bad-inputs/{name}/{path.name}", path.read_bytes())
+        if change_shard:
+            shard = f"/bad-inputs/{name}/train_00000.bin"
+            store.pipe_file(shard, bytes(len(store.cat_file(shard))))
+        (tmp / "file").write_text("not a directory")
+
+    return setup
+
+
+STORE = [
+    case("store-cache-gb-zero", *TRAIN, "--data.cache_gb", "0", expect="data.cache_gb"),
+    case("store-retry-negative", *TRAIN, "--data.retry_s", "-1", expect="data.retry_s"),
+    case(
+        "store-shard-changed",
+        *TRAIN,
+        "--data.dir=memory://bad-inputs/changed",
+        "--data.cache_dir={tmp}/cache",
+        setup=on_the_store("changed", change_shard=True),
+        expect="changed on the store",
+        may_change=("cache", "out", "out/metrics.jsonl"),  # the run began; no checkpoint
+    ),
+    case(
+        "store-cache-dir-not-writable",
+        *TRAIN,
+        "--data.dir=memory://bad-inputs/unwritable",
+        "--data.cache_dir={tmp}/file/cache",
+        setup=on_the_store("unwritable"),
+        expect="is not a writable directory",
+    ),
+]
+
+DATA_CASES = [*MIXES, *CLEANING, *STORE]

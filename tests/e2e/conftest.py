@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from launch_helpers import clusterlm
+from private_moosefs import MooseFS
 
 from clusterlm.cli import main as cli
 
@@ -34,3 +35,15 @@ def launch_data_dir(tmp_path_factory) -> Path:
     )
     assert prepared.returncode == 0
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def moosefs(tmp_path_factory):
+    """A private MooseFS cluster (master, three chunkservers, goal 2) mounted with FUSE, started
+    once for the test run and stopped by pid at its end, even after a failure."""
+    cluster = MooseFS(tmp_path_factory.mktemp("moosefs"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

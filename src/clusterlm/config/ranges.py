@@ -43,6 +43,8 @@ OPEN_FRACTION = Range("must be in (0, 1)", low=0, high=1, low_open=True, high_op
 SHARE = Range("must be in (0, 1]", low=0, high=1, low_open=True)
 
 RANGES: dict[str, Range] = {
+    "data.cache_gb": POSITIVE,
+    "data.retry_s": NON_NEGATIVE,
     "model.n_layer": POSITIVE,
     "model.n_head": POSITIVE,
     "model.n_kv_head": NON_NEGATIVE,

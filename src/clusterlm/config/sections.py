@@ -98,6 +98,18 @@ class DataConfig:
         '[{dir = "...", weight = 0.7}, ...]; replaces dir (empty = dir alone)',
         from_list=mix_text,
     )
+    cache_dir: str = setting(
+        "",
+        "local directory that caches shards of a remote data.dir (any fsspec URL not a local "
+        "path; empty = $CLUSTERLM_CACHE or ~/.cache/clusterlm)",
+    )
+    cache_gb: float = setting(
+        20.0, "bound of each rank's shard cache for a remote data.dir, in GB (2**30 bytes)"
+    )
+    retry_s: float = setting(
+        300.0,
+        "seconds a remote store may fail to answer before the run ends (retried with backoff)",
+    )
 
     @property
     def sources(self) -> tuple[MixSource, ...]:

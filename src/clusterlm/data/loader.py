@@ -22,14 +22,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from clusterlm.data.manifest import load_manifest
-from clusterlm.data.storage import cached_copy, default_cache_dir, is_local, join, url_to_fs
+from clusterlm.data.shard_cache import CacheSettings, ShardCache, StoreStats, StoreStream
+from clusterlm.data.storage import is_local, join, url_to_fs
 from clusterlm.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -74,12 +74,12 @@ class EpochOrder:
 class TokenStream:
     """One split's shards as a single read-only token sequence, memory-mapped.
 
-    Shards of a remote directory are first copied into ``cache_dir`` (verified against their
-    sha256); local shards are mapped where they are, after a size check.
+    Shards of a remote store stream through a bounded local cache (``ShardCache``, configured by
+    ``cache``); local shards are mapped where they are, after a size check.
     """
 
     def __init__(
-        self, data_dir: str | os.PathLike[str], split: str, cache_dir: Path | None = None
+        self, data_dir: str | os.PathLike[str], split: str, cache: CacheSettings | None = None
     ) -> None:
         manifest = load_manifest(data_dir)
         if split not in manifest.splits:
@@ -90,21 +90,37 @@ class TokenStream:
         dtype = np.dtype(manifest.dtype).newbyteorder("<")
         self.split = split
         self.data_dir = os.fspath(data_dir)
-        self._shards: list[np.memmap] = []
-        for shard in manifest.splits[split].shards:
+        shards = manifest.splits[split].shards
+        self._local: list[np.memmap] = []
+        self.cache = (
+            None if is_local(fs) else ShardCache(fs, root, shards, dtype, cache or CacheSettings())
+        )
+        for shard in shards if self.cache is None else ():
             path = join(root, shard.file)
-            if is_local(fs):
-                if not fs.isfile(path) or fs.size(path) != shard.tokens * dtype.itemsize:
-                    raise UserError(
-                        f"shard {shard.file} in {data_dir} is missing or has the wrong size; "
-                        f"run `clusterlm prepare --out {data_dir} --force` to rebuild it"
-                    )
-            else:
-                path = str(cached_copy(fs, path, shard.sha256, cache_dir or default_cache_dir()))
-            self._shards.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard.tokens,)))
+            if not fs.isfile(path) or fs.size(path) != shard.tokens * dtype.itemsize:
+                raise UserError(
+                    f"shard {shard.file} in {data_dir} is missing or has the wrong size; "
+                    f"run `clusterlm prepare --out {data_dir} --force` to rebuild it"
+                )
+            self._local.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard.tokens,)))
         # Stream offset where each shard begins, plus the total at the end.
-        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+        self._starts = np.cumsum([0] + [s.tokens for s in shards])
         self.num_tokens = int(self._starts[-1])
+
+    @property
+    def store_stats(self) -> StoreStats:
+        """What this process read from a remote store (zeros for local shards)."""
+        return StoreStats() if self.cache is None else self.cache.stats
+
+    def prefetch(self, indices: Sequence[int], block_size: int) -> None:
+        """Start fetching the shards that windows ``indices`` read (a remote store's)."""
+        if self.cache is not None:  # window k spans tokens k * block_size ... (k + 1) * block_size
+            ends = [(int(k) * block_size, (int(k) + 1) * block_size) for k in indices]
+            shards = np.searchsorted(self._starts, np.array(ends, dtype=np.int64), "right") - 1
+            self.cache.prefetch(s for a, b in shards.reshape(-1, 2) for s in range(a, b + 1))
+
+    def _shard(self, index: int) -> np.memmap:
+        return self._local[index] if self.cache is None else self.cache.shard(index)
 
     def num_windows(self, block_size: int) -> int:
         """How many non-overlapping windows of block_size + 1 tokens the stream holds."""
@@ -135,7 +151,7 @@ class TokenStream:
         filled = 0
         while filled < len(out):
             offset = start + filled - int(self._starts[shard])
-            chunk = self._shards[shard][offset : offset + len(out) - filled]
+            chunk = self._shard(shard)[offset : offset + len(out) - filled]
             out[filled : filled + len(chunk)] = chunk
             filled += len(chunk)
             shard += 1
@@ -254,8 +270,16 @@ class TokenLoader:
         start = time.perf_counter()
         batches = [self._batch(self.sample_indices(m)) for m in range(self.micro_batches)]
         self.samples_consumed += self.global_batch_size
+        if isinstance(self._stream, StoreStream):
+            upcoming = [i for m in range(self.micro_batches) for i in self.sample_indices(m)]
+            self._stream.prefetch([self.window_of(i) for i in upcoming], self.block_size)
         self.loading_seconds += time.perf_counter() - start
         return batches
+
+    @property
+    def store_stats(self) -> StoreStats:
+        """What this rank read from a remote store so far."""
+        return self._stream.store_stats if isinstance(self._stream, StoreStream) else StoreStats()
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -296,7 +320,7 @@ def eval_batches(
     dp_rank: int = 0,
     dp_size: int = 1,
     device: str | torch.device = "cpu",
-    cache_dir: Path | None = None,
+    cache: CacheSettings | None = None,
 ) -> Iterator[Batch]:
     """The evaluation windows of rank ``dp_rank``, as batches (x, y) of at most ``batch_size``.
 
@@ -311,7 +335,7 @@ def eval_batches(
             f"an evaluation set of {num_windows} windows does not split evenly "
             f"over {dp_size} ranks; make it a positive multiple of {dp_size}"
         )
-    stream = TokenStream(data_dir, split, cache_dir)
+    stream = TokenStream(data_dir, split, cache)
     windows = np.arange(num_windows, dtype=np.int64) * stream.num_windows(block_size) // num_windows
     share = num_windows // dp_size
     mine = windows[dp_rank * share : (dp_rank + 1) * share]

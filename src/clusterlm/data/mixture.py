@@ -19,7 +19,6 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ import torch
 from clusterlm.config.data_mix import MixSource
 from clusterlm.data.loader import Batch, EpochOrder, TokenStream, to_batch
 from clusterlm.data.manifest import Manifest, load_manifest
+from clusterlm.data.shard_cache import CacheSettings, StoreStats
 from clusterlm.errors import UserError
 
 _PHASE_BITS = 32
@@ -78,13 +78,13 @@ class MixedStream:
     after all the windows of the datasets before it."""
 
     def __init__(
-        self, sources: Sequence[MixSource], split: str, cache_dir: Path | None = None
+        self, sources: Sequence[MixSource], split: str, cache: CacheSettings | None = None
     ) -> None:
         if not sources:
             raise UserError("data.mix names no dataset; give at least one DIR=WEIGHT")
         same_tokenizer([s.dir for s in sources])
         self.sources = tuple(sources)
-        self.streams = [TokenStream(s.dir, split, cache_dir) for s in sources]
+        self.streams = [TokenStream(s.dir, split, cache) for s in sources]
 
     def num_windows(self, block_size: int) -> int:
         return sum(stream.num_windows(block_size) for stream in self.streams)
@@ -113,6 +113,21 @@ class MixedStream:
             s = int(np.searchsorted(offsets, item, side="right")) - 1
             windows[row] = self.streams[s].windows([item - int(offsets[s])], block_size)[0]
         return to_batch(windows, device)
+
+    def prefetch(self, indices: Sequence[int], block_size: int) -> None:
+        offsets = self._offsets(block_size)
+        for s, stream in enumerate(self.streams):
+            stream.prefetch(
+                [i - int(offsets[s]) for i in indices if offsets[s] <= i < offsets[s + 1]],
+                block_size,
+            )
+
+    @property
+    def store_stats(self) -> StoreStats:
+        stats = [stream.store_stats for stream in self.streams]
+        return StoreStats(
+            *(sum(getattr(x, f) for x in stats) for f in ("bytes_read", "hits", "misses"))
+        )
 
     def _offsets(self, block_size: int) -> np.ndarray:
         return np.cumsum([0] + [stream.num_windows(block_size) for stream in self.streams])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from clusterlm.errors import UserError
-from clusterlm.files import disk_errors, fsync_path, is_sha256
+from clusterlm.files import fsync_path
 
 _HASH_CHUNK = 1 << 20
 _GLOB_CHARS = frozenset("*?[")
@@ -163,35 +163,3 @@ class StagedDir:
 def default_cache_dir() -> Path:
     """Where copies of remote shards live: ``$CLUSTERLM_CACHE`` or ``~/.cache/clusterlm``."""
     return Path(os.environ.get("CLUSTERLM_CACHE", Path.home() / ".cache" / "clusterlm"))
-
-
-def cached_copy(fs: AbstractFileSystem, path: str, sha256: str, cache_dir: Path) -> Path:
-    """A verified local copy of a remote file, named by its content hash so copies never go stale
-    (``sha256`` is a manifest's, checked to be one, so the name stays inside ``cache_dir``)."""
-    if not is_sha256(sha256):
-        raise UserError(
-            f"the manifest gives shard {display_name(fs, path)} the sha256 {sha256!r}, "
-            "which is not 64 hex digits; prepare the data again with `clusterlm prepare --force`"
-        )
-    target = cache_dir / f"{sha256}.bin"
-    if target.exists():
-        return target
-    tmp = cache_dir / f".{sha256}.tmp-{os.getpid()}"
-    digest = hashlib.sha256()
-    try:
-        with disk_errors(cache_dir, "$CLUSTERLM_CACHE"):
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(_HASH_CHUNK):
-                    digest.update(chunk)
-                    dst.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise UserError(
-                f"shard {display_name(fs, path)} is corrupt (sha256 differs from the manifest); "
-                "prepare the data again with `clusterlm prepare --force`"
-            )
-        os.replace(tmp, target)  # concurrent readers of the same shard write identical bytes
-    finally:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return target

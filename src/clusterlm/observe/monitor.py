@@ -27,7 +27,8 @@ from clusterlm.observe.stragglers import straggler_figures
 from clusterlm.observe.system_metrics import SYSTEM_KEYS, SystemSampler
 from clusterlm.parallel.load_balance import all_gather_floats, typical_seconds
 
-RANK_KEYS = ("step_s", "data_wait_share", *SYSTEM_KEYS)
+STORE_KEYS = ("data_wait_s", "store_bytes_read", "cache_hits", "cache_misses")
+RANK_KEYS = ("step_s", "data_wait_share", *STORE_KEYS, *SYSTEM_KEYS)
 
 
 class Run(Protocol):
@@ -37,7 +38,7 @@ class Run(Protocol):
     runtime: Runtime
     step: int
     tokens: int
-    loader: Any  # its ``loading_seconds``
+    loader: Any  # its ``loading_seconds`` and ``store_stats``
     model: Any  # its ``clock``, a ``RankClock`` or None
     balancer: Any  # a ``LoadBalancer`` or None
 
@@ -81,6 +82,12 @@ class Monitor:
         times = [values["step_s"] for values in ranks.values()]
         record["rank_step_ms"] = [1000 * t for t in times]
         record["data_wait_share"] = statistics.mean(v["data_wait_share"] for v in ranks.values())
+        shown = (
+            STORE_KEYS
+            if any(v["cache_hits"] + v["cache_misses"] for v in ranks.values())
+            else STORE_KEYS[:1]
+        )  # a remote store's figures only with one
+        record.update({key: [ranks[r][key] for r in sorted(ranks)] for key in shown})
         record["checkpoint_age_s"], record["restarts"] = (
             self._checkpoint_age(session),
             self.restarts,
@@ -132,10 +139,15 @@ class Monitor:
             else math.nan
         )
         sample = self.system.sample() if self.system is not None else {}
+        store = session.loader.store_stats
         # The own step time, waiting for other ranks excluded, where a clock measured it.
         mine = {
             "step_s": wall if math.isnan(own) else own,
             "data_wait_share": loading / (steps * wall),
+            "data_wait_s": loading,  # in this window; the store's figures are the run's totals
+            "store_bytes_read": float(store.bytes_read),
+            "cache_hits": float(store.hits),
+            "cache_misses": float(store.misses),
             **sample,
         }
         values = [mine.get(key, math.nan) for key in RANK_KEYS]

@@ -88,6 +88,9 @@ RANK_COUNTERS = {
         "disk_write_bytes",
         "bytes the rank's process wrote to storage",
     ),
+    "clusterlm_store_read_bytes": ("store_bytes_read", "bytes the rank read from a remote store"),
+    "clusterlm_cache_hits": ("cache_hits", "shard reads the rank's store cache served"),
+    "clusterlm_cache_misses": ("cache_misses", "shard reads that waited for a store download"),
 }
 
 

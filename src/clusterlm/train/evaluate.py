@@ -11,6 +11,7 @@ from clusterlm.config import Config, grad_accum_steps
 from clusterlm.data.loader import eval_batches
 from clusterlm.data.masking import IGNORE_INDEX
 from clusterlm.data.mixture import mix_labels
+from clusterlm.data.shard_cache import CacheSettings
 from clusterlm.distributed.runtime import Runtime
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.parallel import ParallelModel
@@ -84,6 +85,7 @@ def evaluate_dir(
             batch_size,
             dp_rank=dp_rank,
             dp_size=dp_size,
+            cache=CacheSettings.of(cfg.data),
         )
     ):
         if rule is not None:  # masked by position in the evaluation set: the same in every layout

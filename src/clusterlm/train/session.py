@@ -26,10 +26,12 @@ from clusterlm.config import Config, grad_accum_steps, settle_model
 from clusterlm.config.data_mix import MixSource, parse_mix
 from clusterlm.config.slow_ranks import rank_factor
 from clusterlm.data.loader import SampleStream, TokenLoader, TokenStream
-from clusterlm.data.manifest import verify_shards
+from clusterlm.data.manifest import check_files_present, verify_shards
 from clusterlm.data.masking import MaskedLoader
 from clusterlm.data.mixture import MixedStream, mix_labels, same_tokenizer
 from clusterlm.data.packing import Packing, packing_for
+from clusterlm.data.shard_cache import CacheSettings
+from clusterlm.data.storage import is_local, url_to_fs
 from clusterlm.distributed import restarts
 from clusterlm.distributed.runtime import Runtime, setup_runtime
 from clusterlm.errors import UserError
@@ -222,9 +224,9 @@ def language_model_task(cfg: Config) -> TaskSpec:
         )
     dirs = [source.dir for source in cfg.data.sources]
     manifest = same_tokenizer(dirs)[0]
-    if cfg.data.verify:
+    if cfg.data.verify:  # a remote store's shards are verified as they arrive in the cache
         for directory in dirs:
-            verify_shards(directory)
+            (verify_shards if is_local(url_to_fs(directory)[0]) else check_files_present)(directory)
     check_pretrained_tokenizer(cfg, manifest)
 
     def model(settled: Config) -> tuple[nn.Module, ParamSource]:
@@ -236,9 +238,9 @@ def language_model_task(cfg: Config) -> TaskSpec:
     return TaskSpec(
         vocab_size=manifest.vocab_size,
         tokenizer=read_tokenizer(dirs[0], manifest.tokenizer.sha256),
-        stream=MixedStream(cfg.data.sources, "train")
+        stream=MixedStream(cfg.data.sources, "train", CacheSettings.of(cfg.data))
         if cfg.data.mix
-        else TokenStream(cfg.data.dir, "train"),
+        else TokenStream(cfg.data.dir, "train", CacheSettings.of(cfg.data)),
         model=model,
         flops_per_token=lambda args, settled: training_flops_per_token(args, settled.seq_len),
         recipe=lambda part, cfg: optimizer_recipe(part, cfg.optim),

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 
-import fsspec
 import pytest
 
 from clusterlm.data.loader import TokenStream
 from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.data.prepare import PrepareOptions, prepare
-from clusterlm.data.storage import cached_copy
 from clusterlm.data.task import load_task
 from clusterlm.data.task_prepare import TaskOptions, prepare_task
 from clusterlm.errors import UserError
@@ -95,17 +93,6 @@ def test_a_manifest_sha256_that_is_not_one_is_refused(prepared, sha256):
     edit_manifest(prepared, lambda m: m["splits"]["val"]["shards"][0].update(sha256=sha256))
     message = one_line(lambda: load_manifest(prepared))
     assert "is malformed" in message and repr(sha256) in message
-
-
-def test_a_cache_name_is_made_only_of_a_sha256(tmp_path, memory_fs):
-    memory_fs.pipe_file("/remote/shard.bin", b"tokens")
-    fs = fsspec.filesystem("memory")
-    for bad in ("../escaped", "/tmp/escaped", "x" * 64):
-        message = one_line(
-            lambda bad=bad: cached_copy(fs, "/remote/shard.bin", bad, tmp_path / "cache")
-        )
-        assert repr(bad) in message and "64 hex digits" in message
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "escaped.bin").exists()
 
 
 def test_prepare_treats_such_a_manifest_as_not_its_own(prepared, corpus_dir):
