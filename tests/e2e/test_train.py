@@ -198,10 +198,12 @@ def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
         line = next(
             line for line in out.splitlines() if line.startswith(f"step breakdown, {variant} ")
         )
-        shares = dict(
-            re.fullmatch(r"([a-z ]+) [0-9.]+ \(([0-9]+)%\)", part).groups()
+        parts = [
+            re.fullmatch(r"([a-z ]+) ([0-9.]+) \(([0-9]+)%\)", part).groups()
             for part in line.split(": ", 1)[1].split(" | ")
-        )
+        ]
+        shares = {name: share for name, _, share in parts}
+        times = {name: float(ms) for name, ms, _ in parts}
         assert set(shares) == {
             "matmul",
             "attention",
@@ -210,7 +212,8 @@ def test_bench_train_prints_figures_for_both_variants(data_dir, capsys):
             "other ops",
             "outside ops",
         }
-        assert int(shares["matmul"]) > 0 and int(shares["optimizer"]) > 0
+        # times, not shares: on a loaded machine a small optimizer step rounds to 0%
+        assert times["matmul"] > 0 and times["optimizer"] > 0
         assert (
             97 <= sum(map(int, shares.values())) <= 103
         )  # every millisecond of the step, once (rounding)
