@@ -46,9 +46,7 @@ def _dispatch_rank(rank: int, world_size: int) -> None:
     every rank's tokens: outputs, the tokens' gradients and each rank's share of the weights'."""
     import copy
 
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from clusterlm.distributed.mesh import MESH_DIMS
+    from clusterlm.distributed.mesh import build_mesh
     from clusterlm.models.moe import GroupedExperts
     from clusterlm.parallel.expert_parallel import apply_expert_parallel
 
@@ -67,7 +65,7 @@ def _dispatch_rank(rank: int, world_size: int) -> None:
     expected = [whole(tokens, counts) for tokens, counts in batches]
     sum((out * probe).sum() for out, probe in zip(expected, probes, strict=True)).backward()
 
-    mesh = init_device_mesh("cpu", (1, 1, world_size, 1), mesh_dim_names=MESH_DIMS)
+    mesh = build_mesh(torch.device("cpu"), pp=1, replicate=1, shard=world_size, tp=1)
     apply_expert_parallel(split, mesh, world_size)
     tokens, counts = batches[rank][0].detach().clone().requires_grad_(), batches[rank][1]
     out = split(tokens, counts)
