@@ -178,7 +178,7 @@ def test_chaos_two_kills_recover_to_identical_weights(launch_data_dir, tmp_path)
         "--training.out_dir",
         str(tmp_path),
         "--training.steps",
-        "150",
+        "300",
         "--checkpoint.interval",
         "10",
         *TINY,

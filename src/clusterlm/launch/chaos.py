@@ -97,11 +97,13 @@ def _wait_for_write(job: subprocess.Popen, checkpoints: Path, seen: set[str]) ->
     when the job ends, or when MISSED_WRITES checkpoints finished between two polls (a loaded
     machine can sleep through a short write), so the kill then falls back to a random moment
     while steps remain."""
-    finished = {p.name for p in list_complete(checkpoints)}
+    before = {p.name for p in list_complete(checkpoints)}
+    finished: set[str] = set()  # accumulated: older checkpoints are deleted (keep_last)
     while job.poll() is None:
         if checkpoints.is_dir() and {p.name for p in checkpoints.glob(".step_*.tmp")} - seen:
             return True
-        if len({p.name for p in list_complete(checkpoints)} - finished) >= MISSED_WRITES:
+        finished |= {p.name for p in list_complete(checkpoints)} - before
+        if len(finished) >= MISSED_WRITES:
             return False
         time.sleep(POLL_S)
     return False
