@@ -51,7 +51,9 @@ def main(steps: int, repeats: int) -> None:
             for name, data in (("local disk", local), ("MooseFS", remote)):
                 rate, wait = run(data, root / f"run-{name[0]}{repeat}", steps)
                 rows.append((name, rate, wait))
-                print(f"{name:10s} run {repeat}: {rate:9.0f} tokens/s, data wait {wait:.3f} ms/step")
+                print(
+                    f"{name:10s} run {repeat}: {rate:9.0f} tokens/s, data wait {wait:.3f} ms/step"
+                )
         medians = {
             name: statistics.median(r for n, r, _ in rows if n == name)
             for name in ("local disk", "MooseFS")

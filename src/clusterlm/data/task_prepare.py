@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from fsspec import AbstractFileSystem
@@ -54,6 +55,8 @@ from clusterlm.data.task import (
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
 from clusterlm.files import check_output_path, disk_errors
+
+M = TypeVar("M")
 
 PLAY_TASK = "play-classification"
 JSONL_PREFIX = "jsonl:"
@@ -127,8 +130,8 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
     fs, root = url_to_fs(opts.out)
     if is_local(fs):
         check_output_path(root, "--out")
-    existing = _existing_task(fs, root)
-    if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
+    existing = existing_manifest(fs, root, TaskManifest)
+    if up_to_date(fs, root, opts.out, existing, fingerprint, files_intact, opts.force):
         assert existing is not None  # its fingerprint matched
         return existing
 
@@ -285,18 +288,20 @@ def _check_splits(examples: Examples, task: str) -> tuple[str | int, ...]:
     return labels
 
 
-def _existing_task(fs: AbstractFileSystem, root: str) -> TaskManifest | None:
+def existing_manifest(fs: AbstractFileSystem, root: str, kind: type[M]) -> M | None:
+    """The manifest of kind ``kind`` in the output directory ``root``, if one is readable."""
     if fs.isfile(root):
         raise UserError(f"output {root} is a file; choose a directory for --out")
     path = join(root, MANIFEST_NAME)
     try:
-        return build_typed(TaskManifest, json.loads(fs.cat_file(path).decode("utf-8")), "manifest")
+        return build_typed(kind, json.loads(fs.cat_file(path).decode("utf-8")), "manifest")
     except (OSError, ValueError, RecursionError):
         return None
 
 
-def _intact(fs: AbstractFileSystem, root: str, manifest: TaskManifest) -> bool:
-    """Every listed file is present with its recorded size (hashes are `load_task`'s job)."""
+def files_intact(fs: AbstractFileSystem, root: str, manifest: Any) -> bool:
+    """Every file a task manifest lists is present with its recorded size (hashes are checked
+    when the task is loaded)."""
     return all(
         fs.isfile(join(root, f.file)) and (f.bytes < 0 or fs.size(join(root, f.file)) == f.bytes)
         for f in manifest.files

@@ -24,7 +24,6 @@ from clusterlm.data.manifest import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
     TokenizerInfo,
-    build_typed,
 )
 from clusterlm.data.manifest import token_dtype as smallest_token_dtype
 from clusterlm.data.pair_sources import Pair, Pairs, read_pairs
@@ -35,13 +34,15 @@ from clusterlm.data.prepare import (
     fit_tokenizer,
     up_to_date,
 )
-from clusterlm.data.storage import StagedDir, is_local, join, url_to_fs
+from clusterlm.data.storage import StagedDir, is_local, url_to_fs
 from clusterlm.data.task import TASK_SPLITS
 from clusterlm.data.task_prepare import (
     BIBLE_TASK,
     TRANSLATION_JSONL_PREFIX,
     TRANSLATION_TEXT_PREFIX,
     TaskOptions,
+    existing_manifest,
+    files_intact,
 )
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.data.translation import (
@@ -70,8 +71,8 @@ def prepare_translation(opts: TaskOptions) -> TranslationManifest:
     fs, root = url_to_fs(opts.out)
     if is_local(fs):
         check_output_path(root, "--out")
-    existing = _existing(fs, root)
-    if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
+    existing = existing_manifest(fs, root, TranslationManifest)
+    if up_to_date(fs, root, opts.out, existing, fingerprint, files_intact, opts.force):
         assert existing is not None  # its fingerprint matched
         return existing
     source, target = _tokenizers(opts, found, given)
@@ -209,23 +210,6 @@ def _fingerprint(opts: TaskOptions, found: Pairs, given: Tokenizer | None) -> st
         "separate_vocab": opts.separate_vocab,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def _existing(fs: AbstractFileSystem, root: str) -> TranslationManifest | None:
-    if fs.isfile(root):
-        raise UserError(f"output {root} is a file; choose a directory for --out")
-    try:
-        raw = json.loads(fs.cat_file(join(root, MANIFEST_NAME)).decode("utf-8"))
-        return build_typed(TranslationManifest, raw, "manifest")
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
-def _intact(fs: AbstractFileSystem, root: str, manifest: TranslationManifest) -> bool:
-    return all(
-        fs.isfile(join(root, f.file)) and (f.bytes < 0 or fs.size(join(root, f.file)) == f.bytes)
-        for f in manifest.files
-    )
 
 
 def _write(
