@@ -1,6 +1,7 @@
 """Context-parallel layouts train exactly like one process through the trainer: losses every step,
 validation loss and final weights (tolerances: training.py), for ring and all-to-all attention,
-gpt2 and llama, with and without document masking, and composed with FSDP and tensor parallel.
+gpt2 and llama, with and without document masking, and composed with FSDP, tensor parallel and
+pipelines (which also carry document masking alone).
 
 The corpus is many short documents, so every window packs several."""
 
@@ -40,18 +41,40 @@ CASES = [
         {"parallel__cp": 2, "training__activation_checkpointing": "full"},
     ),
     (
-        "pp2xcp2-llama",
+        "pp2xcp2-llama-documents",
         4,
         1,
-        LLAMA,
-        {"parallel__cp": 2, "parallel__pp": 2, "parallel__pp_microbatches": 2, "parallel__data_parallel": "zero3"},
+        {**LLAMA, **DOCS},
+        {
+            "parallel__cp": 2,
+            "parallel__pp": 2,
+            "parallel__pp_microbatches": 2,
+            "parallel__data_parallel": "zero3",
+        },
     ),
     (
         "pp2xcp2-gpt2-all_to_all",
         4,
         1,
         {},
-        {"parallel__cp": 2, "parallel__pp": 2, "parallel__pp_microbatches": 2, "parallel__data_parallel": "zero3", **A2A},
+        {
+            "parallel__cp": 2,
+            "parallel__pp": 2,
+            "parallel__pp_microbatches": 2,
+            "parallel__data_parallel": "zero3",
+            **A2A,
+        },
+    ),
+    (
+        "pp2-interleaved-gpt2-documents",
+        2,
+        1,
+        {**DOCS, "model__n_layer": 4},
+        {
+            "parallel__pp": 2,
+            "parallel__pp_schedule": "interleaved_1f1b",
+            "parallel__pp_microbatches": 2,
+        },
     ),
     (
         "cp2xtp2-llama",
@@ -114,7 +137,9 @@ def test_a_context_parallel_run_resumes_on_one_process(documents_dir, tmp_path):
     schedule = {"optim__decay_steps": 6, "training__eval_interval": 3, **DOCS, **LLAMA}
     first = {"training__micro_batch_size": MICRO, "training__steps": 3, **schedule}
     run(documents_dir, tmp_path, 2, **first, parallel__cp=2)
-    resumed = run(documents_dir, tmp_path, 1, **{**first, "training__steps": 6}, checkpoint__resume="auto")
+    resumed = run(
+        documents_dir, tmp_path, 1, **{**first, "training__steps": 6}, checkpoint__resume="auto"
+    )
     whole = run(documents_dir, tmp_path / "whole", 1, **{**first, "training__steps": 6})
     assert sorted(resumed[0]) == list(range(1, 7))  # steps 1-3 by cp2, 4-6 by one process
     assert_equivalent(whole, resumed)

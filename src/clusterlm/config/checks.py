@@ -208,7 +208,6 @@ def _packing(cfg: Config) -> None:
         return
     p = cfg.parallel
     unsupported = {
-        "parallel.pp > 1": p.pp > 1,
         "parallel.sequence_parallel": p.sequence_parallel,
         f"model.flavour = {cfg.model.flavour}": cfg.model.flavour in ("bert", "mbart"),
         "finetune.task": bool(cfg.finetune.task),

@@ -35,6 +35,7 @@ from clusterlm.parallel.pipeline import (
     sync_tied_gradients,
 )
 from clusterlm.parallel.precision import Precision
+from clusterlm.parallel.stage_inputs import StageInputs
 from clusterlm.parallel.state_dict import load_training_state, training_state
 from clusterlm.parallel.tensor_parallel import full_value, loss_context
 
@@ -43,11 +44,13 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class Pipeline:
-    """This rank's pipeline stages and the schedule that runs them."""
+    """This rank's pipeline stages, the schedule that runs them, and what each stage reads of
+    its micro-batches besides the hidden state."""
 
     schedule: Any
     stages: list[PipelineStage]
     n_microbatches: int
+    inputs: StageInputs
 
 
 class ParallelModel:
@@ -200,9 +203,8 @@ class PipelinedModel(ParallelModel):
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         ((x, y),) = micro_batches  # the configuration check allows no accumulation with a pipeline
-        # This rank's share under context parallelism; the stages find their positions themselves.
-        x, y, _ = self.inputs(x, y)
         p = self.pipeline
+        x, y = self._fed(x, y, p.n_microbatches)
         with self.precision.autocast(), loss_context(self.tp_size):
             loss = pipeline_step(p.schedule, p.stages, p.n_microbatches, x, y)
         reduce_partial_grads(param for stage in p.stages for param in stage.submod.parameters())
@@ -210,12 +212,20 @@ class PipelinedModel(ParallelModel):
         return loss
 
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y, _ = self.inputs(x, y)
+        x, y = self._fed(x, y, 1)
         with self.precision.autocast(), loss_context(self.tp_size):
             loss = full_value(pipeline_eval_loss(self.pipeline.stages, x, y) * y.numel()).float()
         return self.inputs.combine(
             torch.stack([loss, torch.tensor(float("nan"), device=loss.device)])
         )
+
+    def _fed(self, x: torch.Tensor, y: torch.Tensor, pieces: int) -> Batch:
+        """This rank's share of the batch (under context parallelism), with the positions and
+        masks of its ``pieces`` equal micro-batches fed to the stages, which run them in order."""
+        pieces_of = zip(x.chunk(pieces), y.chunk(pieces), strict=True)
+        shares = [self.inputs(xs, ys) for xs, ys in pieces_of]
+        self.pipeline.inputs.feed([inputs for _, _, inputs in shares])
+        return torch.cat([xs for xs, _, _ in shares]), torch.cat([ys for _, ys, _ in shares])
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_across_stages(self.pipeline.stages, max_norm)

@@ -41,6 +41,7 @@ from clusterlm.parallel.pipeline import (
 )
 from clusterlm.parallel.precision import Precision
 from clusterlm.parallel.ps import PSRole, parameter_server_model
+from clusterlm.parallel.stage_inputs import StageInputs
 from clusterlm.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -163,7 +164,7 @@ def _pipelined_model(
     )
     micro_batches = pipeline_microbatches(p)
     schedule = build_schedule(stages, p.pp_schedule, micro_batches)
-    pipeline = Pipeline(schedule, stages, micro_batches)
+    pipeline = Pipeline(schedule, stages, micro_batches, StageInputs(stages))
     return PipelinedModel(pipeline, parts=[stage.submod for stage in stages], **common)
 
 

@@ -34,7 +34,6 @@ def test_context_parallel_ranks_are_not_data_parallel_ranks():
         ),
         ({"parallel__cp": "2", "model__flavour": "mbart"}, "model.flavour = mbart"),
         ({"data__document_masking": "true", "model__flavour": "mbart"}, "mbart"),
-        ({"data__document_masking": "true", "parallel__pp": "2"}, "document_masking"),
         (
             {
                 "model__position_reset": "true",
