@@ -27,6 +27,13 @@ CASES = [
     ("cp4-all_to_all-llama", 4, 1, LLAMA, {"parallel__cp": 4, **A2A}),
     ("cp2xzero3", 4, 2, DOCS, {"parallel__cp": 2, "parallel__data_parallel": "zero3"}),
     (
+        "cp2xzero3-all_to_all-llama-documents",
+        4,
+        2,
+        {**LLAMA, **DOCS},
+        {"parallel__cp": 2, "parallel__data_parallel": "zero3", **A2A},
+    ),
+    (
         "cp2xhsdp",
         4,
         2,
@@ -82,6 +89,13 @@ CASES = [
         1,
         {**LLAMA, **DOCS},
         {"parallel__cp": 2, "parallel__tp": 2, "parallel__data_parallel": "zero3"},
+    ),
+    (
+        "cp2xtp2-all_to_all-gpt2",
+        4,
+        1,
+        {"model__n_head": 4},
+        {"parallel__cp": 2, "parallel__tp": 2, "parallel__data_parallel": "zero3", **A2A},
     ),
 ]
 
