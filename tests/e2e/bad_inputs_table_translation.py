@@ -1,5 +1,6 @@
 """The bad-input corpus, translation tasks: pairs without a side, sides of different lengths,
-empty splits, bad split names, beams of 0.
+empty splits, bad split names, beams of 0, the encoder-decoder under sequence or pipeline
+parallelism.
 ``CASES`` in ``bad_inputs_table.py`` includes these. (Missing SWORD modules cannot be staged here
 without uninstalling them: tests/unit/data/test_bible.py checks the line names the package.)"""
 
@@ -75,6 +76,25 @@ TRANSLATION = [
         *TINY,
         expect="translation task",
     ),
+    *[
+        case(
+            f"mbart-{id}",
+            "train",
+            "--data.dir",
+            "{data}",
+            "--training.out_dir",
+            "{tmp}/out",
+            "--model.flavour",
+            "mbart",
+            *argv,
+            *TINY,
+            expect="no pipeline or sequence-parallel plan",
+        )
+        for id, argv in [
+            ("sequence-parallel", ["--parallel.tp=2", "--parallel.sequence_parallel=true"]),
+            ("pipeline", ["--parallel.pp=2"]),
+        ]
+    ],
     case("translation-beam-zero", "eval", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("translate-a-decoder", *TRANSLATE, "--run", "{run}", expect="not an encoder-decoder"),
     case(
