@@ -1,6 +1,6 @@
 """The bad-input corpus, translation tasks: pairs without a side, sides of different lengths,
 empty splits, bad split names, beams of 0, the encoder-decoder under sequence or pipeline
-parallelism, an mBART import with an output bias.
+parallelism, an mBART import with an output bias, the export of a run with a vocabulary per side.
 ``CASES`` in ``bad_inputs_table.py`` includes these. (Missing SWORD modules cannot be staged here
 without uninstalling them: tests/unit/data/test_bible.py checks the line names the package.)"""
 
@@ -46,6 +46,15 @@ def _mbart_with_logits_bias(tmp: Path, _shared: Shared) -> None:
     model = transformers.MBartForConditionalGeneration(config)
     model.final_logits_bias.fill_(0.5)
     model.save_pretrained(tmp / "hf", safe_serialization=True)
+
+
+def _separate_vocab_run(tmp: Path, _shared: Shared) -> None:
+    """A translation run of 2 steps on a task prepared with a tokenizer per side."""
+    from clusterlm.cli import main as cli
+
+    prepare_pairs(tmp, count=40, separate_vocab=True)
+    argv = ["train", "--data.dir", str(tmp / "task"), "--training.out_dir", str(tmp / "run")]
+    assert cli([*argv, "--model.flavour", "mbart", *TINY]) == 0
 
 
 TRANSLATE = ("translate", "--input", "-")
@@ -125,6 +134,17 @@ TRANSLATION = [
         *TINY,
         setup=_mbart_with_logits_bias,
         expect="final_logits_bias is non-zero",
+    ),
+    case(
+        "mbart-export-separate-vocab",
+        "export",
+        "hf",
+        "--run",
+        "{tmp}/run",
+        "--out",
+        "{tmp}/hf",
+        setup=_separate_vocab_run,
+        expect="--separate-vocab",
     ),
     case("translation-beam-zero", "eval", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("translate-a-decoder", *TRANSLATE, "--run", "{run}", expect="not an encoder-decoder"),
