@@ -45,10 +45,12 @@ def test_layouts_equal_one_process(task_dir, reference, tmp_path, strategy):
 
 
 def _scores(out_dir) -> list[float]:
-    """BLEU and chrF of each periodic evaluation (greedy decoding on the run's layout; this one
-    against test_seq2seq_tensor_parallel.py's decoding of a model far from initialization)."""
+    """Token accuracy, BLEU and chrF of each periodic evaluation (greedy decoding on the run's
+    layout; this one against test_seq2seq_tensor_parallel.py's decoding of a model far from
+    initialization)."""
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r[f"val_{score}"] for r in records if r["kind"] == "eval" for score in ("bleu", "chrf")]
+    names = ("accuracy", "bleu", "chrf")
+    return [r[f"val_{name}"] for r in records if r["kind"] == "eval" for name in names]
 
 
 TENSOR_PARALLEL = [

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
@@ -214,6 +215,28 @@ def loss_context(tp: int) -> contextlib.AbstractContextManager:
     """Where the loss and its backward run: with tp > 1 the logits stay sharded on the vocabulary
     and cross-entropy is computed in parallel (``loss_parallel``), never gathering full logits."""
     return loss_parallel() if tp > 1 else contextlib.nullcontext()
+
+
+def vocab_parallel_argmax(logits: DTensor) -> torch.Tensor:
+    """``argmax(-1)`` of logits split on the vocabulary over a 1-D mesh, whole on every rank,
+    without gathering the logits: each rank's best of its own slice (value, index and slice width
+    packed in float64, exact for both), then the best of the ranks' (the lowest rank among equal
+    values, so the lowest index, as ``argmax``)."""
+    local = logits.to_local()
+    index = local.argmax(-1, keepdim=True)
+    packed = torch.stack(
+        [
+            local.gather(-1, index).squeeze(-1).double(),
+            index.squeeze(-1).double(),
+            torch.full_like(index.squeeze(-1), local.size(-1), dtype=torch.float64),
+        ]
+    )
+    parts = [torch.empty_like(packed) for _ in range(logits.device_mesh.size())]
+    dist.all_gather(parts, packed, group=logits.device_mesh.get_group())
+    values, indices, widths = torch.stack(parts).unbind(1)  # each [ranks, ...]
+    indices = indices + widths.cumsum(0) - widths  # each slice's first id
+    best = values.argmax(0, keepdim=True)
+    return indices.gather(0, best).squeeze(0).long()
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
