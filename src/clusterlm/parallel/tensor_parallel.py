@@ -159,7 +159,9 @@ def _block_plan(
 ) -> dict[str, ParallelStyle]:
     """Heads and MLP columns split across the mesh; the same for pre-norm and post-norm blocks."""
     # One entry point per column-parallel group: the sequence is gathered once (SP), and in
-    # backward the input gradients of wq/wk/wv (w1/w3) are summed before a single reduction.
+    # backward the input gradients of wq/wk/wv (w1/w3) are summed before a single reduction. (The
+    # encoder-decoder's layers call the attention projections themselves, so its attention entry
+    # points never run; its residual stream is replicated, which they would leave as it is.)
     gather_sequence = PrepareModuleInput(
         input_layouts=(residual, None), desired_input_layouts=(Replicate(), None)
     )
