@@ -20,7 +20,7 @@ import torch
 from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.train.inference import load_for_inference
-from clusterlm.train.trainer import train
+from clusterlm.train.trainer import TrainSummary, train
 
 from .helpers import run_distributed
 
@@ -46,18 +46,18 @@ def prepare_corpus(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def _train_rank(rank: int, world_size: int, values: dict) -> dict:
+def _train_rank(rank: int, world_size: int, values: dict) -> TrainSummary:
     return train(load_config(None, values))
 
 
-def train_run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> None:
-    """Train BASE with ``overrides`` (``section__key=value``) on ``world_size`` processes."""
+def train_run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> TrainSummary:
+    """Train BASE with ``overrides`` (``section__key=value``) on ``world_size`` processes; rank 0's
+    summary."""
     values = {**BASE, "data.dir": str(data_dir), "training.out_dir": str(out_dir)}
     values.update({key.replace("__", "."): value for key, value in overrides.items()})
     if world_size == 1:
-        train(load_config(None, values))
-    else:
-        run_distributed(_train_rank, world_size, values, timeout=240)
+        return train(load_config(None, values))
+    return run_distributed(_train_rank, world_size, values, timeout=240)[0]
 
 
 def run(data_dir: Path, out_dir: Path, world_size: int, **overrides) -> tuple[dict[int, float], dict]:

@@ -1,5 +1,6 @@
 """The bad-input corpus, translation tasks: pairs without a side, sides of different lengths,
-empty splits, bad split names, beams of 0.
+empty splits, bad split names, beams of 0, the encoder-decoder under sequence or pipeline
+parallelism, an mBART import with an output bias, the export of a run with a vocabulary per side.
 ``CASES`` in ``bad_inputs_table.py`` includes these. (Missing SWORD modules cannot be staged here
 without uninstalling them: tests/unit/data/test_bible.py checks the line names the package.)"""
 
@@ -8,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bad_inputs_harness import TINY, both, case, copy_of, jsonl, write
+from bad_inputs_harness import TINY, Shared, both, case, copy_of, jsonl, write
 from bad_inputs_table_hardening import resealed
+from translation_pairs import prepare_pairs
 
 
 def pairs(id: str, content: bytes | str, expect: str) -> object:
@@ -29,6 +31,30 @@ def _as_classifier(root: Path) -> None:  # a run fine-tuned on a task, as its tr
     state = json.loads((root / "trainer.json").read_text())
     state["config"]["finetune"]["task"] = "/data/labels"
     (root / "trainer.json").write_text(json.dumps(state))
+
+
+def _mbart_with_logits_bias(tmp: Path, _shared: Shared) -> None:
+    """A translation task, and an mBART directory whose final_logits_bias is not zero."""
+    import transformers
+
+    prepare_pairs(tmp, count=40)
+    config = transformers.MBartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=16, activation_function="gelu_pytorch_tanh", scale_embedding=False,
+    )  # fmt: skip
+    model = transformers.MBartForConditionalGeneration(config)
+    model.final_logits_bias.fill_(0.5)
+    model.save_pretrained(tmp / "hf", safe_serialization=True)
+
+
+def _separate_vocab_run(tmp: Path, _shared: Shared) -> None:
+    """A translation run of 2 steps on a task prepared with a tokenizer per side."""
+    from clusterlm.cli import main as cli
+
+    prepare_pairs(tmp, count=40, separate_vocab=True)
+    argv = ["train", "--data.dir", str(tmp / "task"), "--training.out_dir", str(tmp / "run")]
+    assert cli([*argv, "--model.flavour", "mbart", *TINY]) == 0
 
 
 TRANSLATE = ("translate", "--input", "-")
@@ -74,6 +100,51 @@ TRANSLATION = [
         "mbart",
         *TINY,
         expect="translation task",
+    ),
+    *[
+        case(
+            f"mbart-{id}",
+            "train",
+            "--data.dir",
+            "{data}",
+            "--training.out_dir",
+            "{tmp}/out",
+            "--model.flavour",
+            "mbart",
+            *argv,
+            *TINY,
+            expect="no pipeline or sequence-parallel plan",
+        )
+        for id, argv in [
+            ("sequence-parallel", ["--parallel.tp=2", "--parallel.sequence_parallel=true"]),
+            ("pipeline", ["--parallel.pp=2"]),
+        ]
+    ],
+    case(
+        "mbart-import-logits-bias",
+        "train",
+        "--data.dir",
+        "{tmp}/task",
+        "--training.out_dir",
+        "{tmp}/out",
+        "--model.flavour",
+        "mbart",
+        "--model.init_from",
+        "hf:{tmp}/hf",
+        *TINY,
+        setup=_mbart_with_logits_bias,
+        expect="final_logits_bias is non-zero",
+    ),
+    case(
+        "mbart-export-separate-vocab",
+        "export",
+        "hf",
+        "--run",
+        "{tmp}/run",
+        "--out",
+        "{tmp}/hf",
+        setup=_separate_vocab_run,
+        expect="--separate-vocab",
     ),
     case("translation-beam-zero", "eval", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("translate-a-decoder", *TRANSLATE, "--run", "{run}", expect="not an encoder-decoder"),

@@ -126,11 +126,11 @@ def _objective(cfg: Config) -> None:
             f"{'mlm' if encoder else 'clm'}, not {objective}"
         )
     p = cfg.parallel
-    if cfg.model.flavour == "mbart" and (p.pp > 1 or p.tp > 1 or p.sequence_parallel):
+    if cfg.model.flavour == "mbart" and (p.pp > 1 or p.sequence_parallel):
         raise UserError(
-            "model.flavour = mbart has no pipeline or tensor-parallel plan yet; use "
-            "parallel.pp = 1, parallel.tp = 1 and parallel.sequence_parallel = false "
-            "(data-parallel layouts work)"
+            "model.flavour = mbart has no pipeline or sequence-parallel plan; use "
+            "parallel.pp = 1 and parallel.sequence_parallel = false "
+            "(data and tensor parallelism work)"
         )
     if encoder and (cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel):
         raise UserError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from clusterlm.errors import UserError
 from clusterlm.models import ModelArgs
 
@@ -14,6 +16,20 @@ MBART_REQUIRES: dict[str, tuple[Any, ...]] = {
     "scale_embedding": (False,),
     "tie_word_embeddings": (True,),
 }
+
+# A bias added to every logit, a buffer transformers saves as zeros and never trains.
+LOGITS_BIAS = "final_logits_bias"
+
+
+def check_logits_bias(bias: torch.Tensor, where: str) -> None:
+    """clusterlm's encoder-decoder has no output bias: it equals a checkpoint whose
+    ``final_logits_bias`` is zero (as transformers saves it), and no other."""
+    if bias.any():
+        raise UserError(
+            f"{where}: {LOGITS_BIAS} is non-zero (largest |value| {bias.abs().max().item():.3g}), "
+            "an output bias clusterlm's encoder-decoder does not have; import a model whose "
+            f"{LOGITS_BIAS} is zero"
+        )
 
 
 def mbart_values(config: dict[str, Any], where: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from clusterlm.interop.hf_mapping import (
     rope_rows,
     stored_name,
 )
+from clusterlm.interop.hf_mbart import LOGITS_BIAS, check_logits_bias
 from clusterlm.interop.writer import INDEX, SINGLE
 from clusterlm.models import ModelArgs
 from clusterlm.models.init import ParamSource
@@ -168,6 +169,8 @@ class _HFWeights:
                     f"but its config.json implies {list(expected)}; "
                     "the weights and config.json belong to different models"
                 )
+        if self.args.flavour == "mbart" and LOGITS_BIAS in self.files:
+            check_logits_bias(self.read(LOGITS_BIAS, (slice(None),), False), str(self.root))
 
     def read(self, key: str, index: tuple[slice, ...], transpose: bool) -> torch.Tensor:
         """``stored[index]`` (transposed), copied out of the file as a contiguous float32 tensor."""

@@ -37,7 +37,7 @@ from clusterlm.parallel.pipeline import (
 from clusterlm.parallel.precision import Precision
 from clusterlm.parallel.stage_inputs import StageInputs
 from clusterlm.parallel.state_dict import load_training_state, training_state
-from clusterlm.parallel.tensor_parallel import full_value, loss_context
+from clusterlm.parallel.tensor_parallel import full_value, loss_context, vocab_parallel_argmax
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -86,7 +86,7 @@ class ParallelModel:
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[summed loss, targets predicted right] of a batch, without gradients, the same on every
         rank of its tensor- and pipeline-parallel group; the count is NaN where the logits are
-        split across ranks (tensor or pipeline parallel)."""
+        split across pipeline stages."""
         raise NotImplementedError
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -178,11 +178,8 @@ class WholeModel(ParallelModel):
         with torch.no_grad(), loss_context(self.tp_size):
             loss = full_value(next_token_loss(logits, y, reduction="sum"))
         # Ignored targets (-100) never equal an argmax, so they never count as right.
-        right = (
-            torch.tensor(float("nan"))
-            if isinstance(logits, DTensor)
-            else (logits.argmax(-1) == y).sum()
-        )
+        best = vocab_parallel_argmax(logits) if isinstance(logits, DTensor) else logits.argmax(-1)
+        right = (best == y).sum()
         return self.inputs.combine(
             torch.stack([loss.float(), right.to(loss.device, torch.float32)])
         )

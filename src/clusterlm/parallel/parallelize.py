@@ -22,7 +22,7 @@ from clusterlm.comm.hooks import CommHookState
 from clusterlm.config import Config, ParallelConfig
 from clusterlm.config.degrees import pipeline_microbatches
 from clusterlm.data.packing import Packing
-from clusterlm.models import Encoder, Transformer, model_args
+from clusterlm.models import Encoder, Seq2SeqTransformer, Transformer, model_args
 from clusterlm.models.init import ParamSource
 from clusterlm.models.loss import next_token_loss
 from clusterlm.models.moe import auxiliary_loss
@@ -90,7 +90,8 @@ def _parallelize_part(
     by then)."""
     p, training = cfg.parallel, cfg.training
     if mesh is not None and p.tp > 1:
-        assert isinstance(part, (Transformer, Encoder))  # fine-tuning runs no tensor parallel
+        # Fine-tuning a classifier runs no tensor parallel.
+        assert isinstance(part, (Transformer, Encoder, Seq2SeqTransformer))
         apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
     if mesh is not None and p.ep > 1:
         apply_expert_parallel(part, mesh, p.ep)

@@ -22,6 +22,12 @@ RoPE tables are indexed inside attention, after that all-gather, so they see the
 
 The bert encoder (``clusterlm.models.bert``) gets the same block plan, with its post-norm
 LayerNorms replicated, and its masked-LM head's output column-parallel like the decoder's head.
+
+The mbart encoder–decoder (``clusterlm.models.seq2seq``) gets it on both sides, and a decoder
+block's cross-attention is split like its self-attention: queries (from the decoder) and keys and
+values (from the encoder's output) column-parallel by heads, the output row-parallel; a decoding
+cache so keeps each rank's own heads. Its residual streams stay replicated: its layers call the
+projections themselves, and decoding feeds one token a step, which no sequence split divides.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
@@ -46,6 +53,9 @@ from clusterlm.errors import UserError
 from clusterlm.models.bert import Encoder
 from clusterlm.models.gpt import Transformer
 from clusterlm.models.moe import MoE
+from clusterlm.models.seq2seq import Seq2SeqTransformer
+
+ShardedModel = Transformer | Encoder | Seq2SeqTransformer
 
 
 class ReplicateParallel(ParallelStyle):
@@ -73,7 +83,7 @@ class ReplicateParallel(ParallelStyle):
         )
 
 
-def check_divisible(model: Transformer | Encoder, tp: int) -> None:
+def check_divisible(model: ShardedModel, tp: int) -> None:
     """Heads are the unit of the attention split: every rank must hold whole query and KV heads."""
     args = model.args
     for name, count in (("n_head", args.n_head), ("n_kv_head", args.n_kv_head)):
@@ -85,7 +95,7 @@ def check_divisible(model: Transformer | Encoder, tp: int) -> None:
 
 
 def apply_tensor_parallel(
-    model: Transformer | Encoder, tp_mesh: DeviceMesh, sequence_parallel: bool = False
+    model: ShardedModel, tp_mesh: DeviceMesh, sequence_parallel: bool = False
 ) -> None:
     """Shard ``model`` in place over the 1-D ``tp_mesh``; see the module docstring for the plan.
 
@@ -95,7 +105,15 @@ def apply_tensor_parallel(
     """
     check_divisible(model, tp_mesh.size())
     if isinstance(model, Encoder):  # model.args.is_encoder
-        _apply_to_encoder(model, tp_mesh)
+        assert model.head is not None, (
+            "tensor parallel applies to the masked-LM encoder, not a classifier's"
+        )
+        replicated = ("pos_embeddings", "type_embeddings", "emb_norm", "head.dense", "head.norm")
+        _apply_replicated_stream(model, tp_mesh, "head.output", replicated)
+        return
+    if isinstance(model, Seq2SeqTransformer):
+        tables = ("enc_positions", "dec_positions", "enc_emb_norm", "dec_emb_norm")
+        _apply_replicated_stream(model, tp_mesh, "output", (*tables, "enc_norm", "dec_norm"))
         return
     residual = Shard(1) if sequence_parallel else Replicate()
     # Norms are elementwise along the sequence, so under SP each rank normalises its own tokens.
@@ -141,19 +159,23 @@ def _block_plan(
 ) -> dict[str, ParallelStyle]:
     """Heads and MLP columns split across the mesh; the same for pre-norm and post-norm blocks."""
     # One entry point per column-parallel group: the sequence is gathered once (SP), and in
-    # backward the input gradients of wq/wk/wv (w1/w3) are summed before a single reduction.
+    # backward the input gradients of wq/wk/wv (w1/w3) are summed before a single reduction. (The
+    # encoder-decoder's layers call the attention projections themselves, so its attention entry
+    # points never run; its residual stream is replicated, which they would leave as it is.)
     gather_sequence = PrepareModuleInput(
         input_layouts=(residual, None), desired_input_layouts=(Replicate(), None)
     )
-    plan: dict[str, ParallelStyle] = {
-        "attn_norm": norm_style,
-        "attn": gather_sequence,
-        "attn.wq": ColwiseParallel(),
-        "attn.wk": ColwiseParallel(),
-        "attn.wv": ColwiseParallel(),
-        "attn.wo": RowwiseParallel(output_layouts=residual),
-        "mlp_norm": norm_style,
-    }
+    plan: dict[str, ParallelStyle] = {"mlp_norm": norm_style}
+    # Self-attention, and a decoder block's cross-attention over the encoder's output.
+    for attn in ("attn", "cross") if hasattr(block, "cross") else ("attn",):
+        plan |= {
+            f"{attn}_norm": norm_style,
+            attn: gather_sequence,
+            f"{attn}.wq": ColwiseParallel(),
+            f"{attn}.wk": ColwiseParallel(),
+            f"{attn}.wv": ColwiseParallel(),
+            f"{attn}.wo": RowwiseParallel(output_layouts=residual),
+        }
     mlp = block.get_submodule("mlp")
     if isinstance(mlp, MoE):
         # A mixture of experts stays whole on every rank, its parameters plain tensors: it runs
@@ -170,32 +192,23 @@ def _block_plan(
     return plan
 
 
-def _apply_to_encoder(model: Encoder, tp_mesh: DeviceMesh) -> None:
-    """The bert encoder: blocks as the decoder's (residual stream replicated; no sequence
-    parallelism), token table split on the vocabulary and tied to the masked-LM head's output,
-    which is column-parallel with its bias; the small tables, norms and the head's transform are
-    replicated."""
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(
-                input_layouts=Replicate(), output_layouts=Replicate()
-            ),
-            "pos_embeddings": ReplicateParallel(),
-            "type_embeddings": ReplicateParallel(),
-            "emb_norm": ReplicateParallel(),
-            "head.dense": ReplicateParallel(),
-            "head.norm": ReplicateParallel(),
-            "head.output": ColwiseParallel(
-                input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False
-            ),
-        },
-    )
-    assert model.head is not None, (
-        "tensor parallel applies to the masked-LM encoder, not a classifier's"
-    )
-    model.head.output.weight = model.tok_embeddings.weight  # both Shard(0): one parameter again
+def _apply_replicated_stream(
+    model: Encoder | Seq2SeqTransformer, tp_mesh: DeviceMesh, head: str, replicated: tuple[str, ...]
+) -> None:
+    """The bert encoder and the encoder–decoder: blocks as the decoder's with the residual stream
+    replicated (no sequence parallelism), the token table split on the vocabulary and tied to the
+    output projection ``head``, column-parallel; the ``replicated`` modules (position tables,
+    norms, bert's head transform) whole on every rank."""
+    plan: dict[str, ParallelStyle] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        head: ColwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False
+        ),
+    }
+    plan |= {name: ReplicateParallel() for name in replicated}
+    parallelize_module(model, tp_mesh, plan)
+    # Both Shard(0) on the vocabulary: one parameter again.
+    model.get_submodule(head).weight = model.tok_embeddings.weight
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block, Replicate(), ReplicateParallel()))
 
@@ -206,6 +219,29 @@ def loss_context(tp: int) -> contextlib.AbstractContextManager:
     return loss_parallel() if tp > 1 else contextlib.nullcontext()
 
 
+def vocab_parallel_argmax(logits: DTensor) -> torch.Tensor:
+    """``argmax(-1)`` of logits split on the vocabulary over a 1-D mesh, whole on every rank,
+    without gathering the logits: each rank's best of its own slice (value, index and slice width
+    packed in float64, exact for both), then the best of the ranks' (the lowest rank among equal
+    values, so the lowest index, as ``argmax``)."""
+    local = logits.to_local()
+    index = local.argmax(-1, keepdim=True)
+    packed = torch.stack(
+        [
+            local.gather(-1, index).squeeze(-1).double(),
+            index.squeeze(-1).double(),
+            torch.full_like(index.squeeze(-1), local.size(-1), dtype=torch.float64),
+        ]
+    )
+    parts = [torch.empty_like(packed) for _ in range(logits.device_mesh.size())]
+    dist.all_gather(parts, packed, group=logits.device_mesh.get_group())
+    values, indices, widths = torch.stack(parts).unbind(1)  # each [ranks, ...]
+    indices = indices + widths.cumsum(0) - widths  # each slice's first id
+    best = values.argmax(0, keepdim=True)
+    return indices.gather(0, best).squeeze(0).long()
+
+
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a (replicated) DTensor result such as the parallel loss."""
+    """A plain tensor from a DTensor result: the parallel loss (replicated), or logits split on
+    the vocabulary, gathered whole (decoding reads them whole)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

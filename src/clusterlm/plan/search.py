@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from clusterlm.config.experts import EXPERT_PARALLEL_DATA_PARALLEL
 from clusterlm.models.counting import training_flops_per_token
+from clusterlm.models.seq2seq import is_seq2seq
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.layout import Layout, layout_problem
 from clusterlm.plan.memory import MemoryBreakdown, device_memory
@@ -146,15 +147,16 @@ def _pipeline_options(pp: int) -> Iterator[dict]:
 
 
 def _model_parallel_options(work: Workload, cluster: Cluster) -> Iterator[dict]:
-    """tp (with sequence parallelism, but for a mixture of experts, which the trainer runs without
-    it) and cp degrees (not for a mixture of experts), cp with each attention its heads allow."""
+    """tp (with sequence parallelism, but for a mixture of experts and the encoder-decoder, which
+    the trainer runs without it) and cp degrees (for neither of those), cp with each attention its
+    heads allow."""
     args, node = work.model, cluster.devices_per_node
-    moe = bool(args.moe_experts)
+    whole_sequence = bool(args.moe_experts) or is_seq2seq(args)
     for tp in _divisors(node):
         if args.n_head % tp or args.n_kv_head % tp or cluster.world_size % tp:
             continue
-        yield {"tp": tp, "sequence_parallel": tp > 1 and not moe}
-        if moe:
+        yield {"tp": tp, "sequence_parallel": tp > 1 and not whole_sequence}
+        if whole_sequence:
             continue
         for cp in _divisors(node // tp)[1:]:
             if work.seq_len % (2 * cp) or cluster.world_size % (tp * cp):

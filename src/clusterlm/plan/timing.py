@@ -11,9 +11,11 @@ al. 2022) reruns the attention core, QK^T and AV: 4*d*s per token and layer.
 
 Communication (``collectives``), per step:
 - tensor parallel (Megatron, Shoeybi et al. 2019): 2 all-reduces of s*b*h activations per layer in
-  forward and 2 in backward (2 more when full checkpointing reruns the forward); with sequence
-  parallelism each becomes an all-gather plus a reduce-scatter, the same time. The calibration's
-  ``tp_exposed`` share of it is on the critical path (1 here: DTensor waits for each collective).
+  forward and 2 in backward (2 more when full checkpointing reruns the forward); 5 each for a
+  layer of the encoder-decoder, an encoder block and a decoder block with its cross-attention;
+  with sequence parallelism each becomes an all-gather plus a reduce-scatter, the same time. The
+  calibration's ``tp_exposed`` share of it is on the critical path (1 here: DTensor waits for each
+  collective).
   Sequence parallelism adds one all-reduce a step of the norm weights' and biases' and the
   row-parallel biases' gradients, flat: these see a slice of the sequence, so their gradients are
   partial sums (26 tensors on the nano model, which DTensor would reduce one by one, twice).
@@ -61,6 +63,7 @@ from dataclasses import dataclass, fields
 
 import torch.distributed as dist
 
+from clusterlm.models.seq2seq import is_seq2seq
 from clusterlm.plan import collectives, context_comm, fsdp
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
@@ -168,7 +171,9 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     per_collective = collectives.all_reduce(
         tokens * args.n_embd * work.activation_bytes, tp_group, cluster
     )
-    tp_per_layer = (6 if layout.activation_checkpointing == "full" else 4) * per_collective
+    reductions = 5 if is_seq2seq(args) else 2  # forward, per layer (see the module docstring)
+    passes = 3 if layout.activation_checkpointing == "full" else 2
+    tp_per_layer = passes * reductions * per_collective
     tensor_parallel = cal.tp_exposed * tp_per_layer * layers
     all_to_all = all_to_all_seconds(work, layout, cluster, tokens, moe_blocks)
     context = context_comm.exposed_seconds(work, layout, cluster, rate) * layers

@@ -13,6 +13,7 @@ from torch import nn
 
 from clusterlm.data.special_tokens import PAD
 from clusterlm.models.seq2seq import DecodingCache
+from clusterlm.parallel.tensor_parallel import full_value
 
 
 @torch.no_grad()
@@ -34,12 +35,18 @@ def greedy_decode(
     out = torch.full((batch, max_len), PAD, dtype=torch.long, device=source.device)
     done = torch.zeros(batch, dtype=torch.bool, device=source.device)
     for step in range(max_len):
-        tokens = model(tokens, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        tokens = _next_logits(model, tokens, cache).argmax(-1, keepdim=True)
         done |= tokens[:, 0] == eot_id
         out[:, step] = tokens[:, 0].masked_fill(done, PAD)
         if all_done(bool(done.all())):
             break
     return out
+
+
+def _next_logits(model: nn.Module, tokens: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
+    """The logits [B, V] of each row's next token, whole on every rank (tensor parallelism
+    splits them on the vocabulary)."""
+    return full_value(model(tokens, cache=cache)[:, -1])
 
 
 Finished = list[list[tuple[float, list[int]]]]  # per row: (normalized score, tokens)
@@ -60,7 +67,7 @@ def beam_decode(
     cache = DecodingCache(source.repeat_interleave(beam, 0))
     first = torch.full((cache.source.size(0), 1), eot_id, dtype=torch.long, device=source.device)
     return beam_search(
-        lambda tokens: model(tokens, cache=cache)[:, -1],
+        lambda tokens: _next_logits(model, tokens, cache),
         cache.reorder,
         first,
         eot_id,

@@ -64,7 +64,7 @@ def evaluate_dir(
     """Mean cross-entropy and accuracy of the predicted tokens (next tokens, or the masked ones of
     a masked LM) over ``num_windows`` fixed windows, the same for every layout: each data-parallel
     rank scores a disjoint share and the sums are all-reduced. Accuracy is NaN where the logits
-    are split across ranks (tensor or pipeline parallel)."""
+    are split across pipeline stages."""
     was_training = [part.training for part in model.parts]
     for part in model.parts:
         part.eval()
@@ -113,8 +113,8 @@ def language_model_metrics(
     model: ParallelModel, cfg: Config, runtime: Runtime, split: str = "val"
 ) -> dict[str, float | None]:
     """The trainer's periodic evaluation of a language model: loss, perplexity and the accuracy of
-    the predicted tokens (None where the logits are split across ranks); with ``data.mix``, the
-    weighted mean of the datasets' and each one's loss."""
+    the predicted tokens (None where the logits are split across pipeline stages); with
+    ``data.mix``, the weighted mean of the datasets' and each one's loss."""
     scores = evaluate_sources(model, cfg, runtime, eval_windows(cfg, runtime.dp_size), split)
     loss, accuracy = weighted_mean(cfg, scores)
     per_source = mix_labels(cfg.data.sources) if cfg.data.mix else []

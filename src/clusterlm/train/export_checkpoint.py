@@ -31,7 +31,8 @@ def export_checkpoint_hf(
         raise UserError(
             f"{found.path} is an encoder-decoder trained with a vocabulary per side (or saved "
             "before checkpoints recorded it); a Hugging Face directory holds one tokenizer: "
-            "export a run prepared without --separate-vocab"
+            "export a run prepared without --separate-vocab, or translate with "
+            "`clusterlm translate`"
         )
     args = resolve_model_args(cfg, cfg.model.vocab_size)
     reader = CheckpointReader(found.path)

@@ -143,7 +143,7 @@ def translation_metrics(
     hyp, ref = torch.cat(hypotheses), torch.cat(references)
     if lockstep:
         dist.all_reduce(sums)
-        hyp, ref = _gathered(hyp), _gathered(ref)
+        hyp, ref = _gathered(hyp, runtime.tp_size), _gathered(ref, runtime.tp_size)
     real = (ref != IGNORE_INDEX).any(1)  # filler rows out
     texts = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in hyp[real]]
     truth = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in ref[real]]
@@ -163,8 +163,10 @@ def _agreed(done: bool) -> bool:
     return bool(flag.item())
 
 
-def _gathered(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, in rank order (the shares are of equal size)."""
+def _gathered(rows: torch.Tensor, tp: int) -> torch.Tensor:
+    """Every data-parallel rank's rows, in rank order (the shares are of equal size). The ranks
+    of a tensor-parallel group hold the same rows; tp is the mesh's innermost dimension, so every
+    ``tp``-th rank's are a new share."""
     parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, rows.contiguous())
-    return torch.cat(parts)
+    return torch.cat(parts[::tp])

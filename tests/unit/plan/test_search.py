@@ -1,5 +1,6 @@
 """Layout search, the `clusterlm plan` command, and its emitted config."""
 
+import dataclasses
 import re
 import sys
 
@@ -223,3 +224,18 @@ def test_plan_of_the_moe_preset_prints_and_emits_its_ep(tmp_path, capsys):
     cfg = build_config(str(out), {})
     check_layout(cfg, 8)
     assert cfg.parallel.ep == int(ep[1]) and cfg.model.moe_experts == 8
+
+
+def test_search_splits_the_encoder_decoder_by_tensor_parallel_without_sequence_parallel():
+    """The trainer runs mbart under tp, not sp, cp or pp: those layouts are all it is offered, and
+    its tp traffic counts the decoder blocks' cross-attention (5 reductions a layer, not 2)."""
+    mbart = ModelArgs(flavour="mbart", n_layer=12, n_head=16, n_kv_head=16, n_embd=1024,
+                      ffn_hidden=4096, block_size=1024, vocab_size=250027)  # fmt: skip
+    work, cluster = Workload(mbart, 1024, 1024 * 64), load_cluster("8xH100")
+    layouts = list(enumerate_layouts(work, cluster))
+    assert {layout.tp for layout in layouts} == {1, 2, 4, 8}
+    assert not any(layout.sequence_parallel or layout.cp > 1 or layout.pp > 1 for layout in layouts)
+    tp2 = next(layout for layout in layouts if layout.tp == 2)
+    gpt2 = Workload(dataclasses.replace(mbart, flavour="gpt2"), 1024, 1024 * 64)
+    traffic = evaluate(work, tp2, cluster).time.tensor_parallel
+    assert traffic == pytest.approx(2.5 * evaluate(gpt2, tp2, cluster).time.tensor_parallel)
