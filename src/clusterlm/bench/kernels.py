@@ -34,8 +34,6 @@ from clusterlm.plan.layout import Layout
 from clusterlm.plan.moe_cost import expert_hidden
 from clusterlm.plan.workload import Workload
 
-ELEMENTWISE_BYTES = 1 << 20  # a probe tensor the size of a small model's activations
-
 
 def kernel_rates(work: Workload, layout: Layout) -> dict[str, float]:
     """{"linear": FLOP/s, "attention": FLOP/s} of one thread on a micro-batch of ``layout``: the
@@ -131,13 +129,14 @@ def _attention(work: Workload, layout: Layout, compute: torch.dtype) -> Callable
     return blocks
 
 
-def elementwise_rates() -> dict[str, float]:
+def elementwise_rates(nbytes: int) -> dict[str, float]:
     """{"launch": kernel calls/s, "elementwise": bytes/s} of one thread, on the counted kernels'
     form (a slice of one tensor times another broadcast over its last dimension): on a few
-    elements it is all launch, on ``ELEMENTWISE_BYTES`` of fp32 (read twice, written once) its
-    bytes take the rest of its time."""
+    elements it is all launch, on a slice of ``nbytes`` of fp32 (read once, written once) its
+    bytes take the rest of its time. ``nbytes`` is the size of the kernels' tensors, since the
+    rate falls where they outgrow the caches."""
     tiny = (torch.ones(1, 2, 2), torch.ones(1, 1))
-    big = (torch.ones(1, 2, ELEMENTWISE_BYTES // 4), torch.ones(1, 1))
+    big = (torch.ones(1, 2, max(1, nbytes // 4)), torch.ones(1, 1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -145,7 +144,7 @@ def elementwise_rates() -> dict[str, float]:
         big_s = _seconds(lambda: big[0][:, 1:] * big[1].unsqueeze(-1), calls=20)
     finally:
         torch.set_num_threads(threads)
-    moved = 2 * ELEMENTWISE_BYTES  # the slice read, the product written
+    moved = 2 * 4 * big[0].size(-1)  # the slice read, the product written
     return {"launch": 1 / launch_s, "elementwise": moved / max(big_s - launch_s, 1e-9)}
 
 
@@ -153,7 +152,7 @@ def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> d
     """``kernel_rates`` scaled so that fp32's linear layers run at ``fp32_peak`` (the matmul
     probe's): an isolated probe reads lower than the same kernels inside a training step (warm
     caches, reused allocations), so only its ratios are used, by kind and precision; with the
-    element-wise rates as measured."""
+    element-wise rates as measured, at the size of one of the micro-batch's activations."""
     rates = kernel_rates(work, layout)
     fp32 = (
         rates
@@ -161,7 +160,9 @@ def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> d
         else kernel_rates(dataclasses.replace(work, precision="fp32"), layout)
     )
     scaled = {kind: rate / fp32["linear"] * fp32_peak for kind, rate in rates.items()}
-    return {**scaled, **elementwise_rates()}
+    # The counted kernels' tensors: an fp32 activation of the rank's micro-batch, or larger.
+    activation = layout.micro_batch_size * work.seq_len // layout.cp * work.model.n_embd * 4
+    return {**scaled, **elementwise_rates(activation)}
 
 
 def _linears(
