@@ -98,14 +98,15 @@ def _moe_mlp(work: Workload, tokens: int, compute: torch.dtype) -> Callable[[], 
 
 def _attention(work: Workload, layout: Layout, compute: torch.dtype) -> Callable[[], None]:
     """One layer's attention core forward and backward on a rank: one fused call over the whole
-    sequence, or ring attention's block calls on its last rank
-    (``ring_attention.visible_block``)."""
+    sequence (under all-to-all attention for the rank's 1/cp of the heads), or ring attention's
+    block calls on its last rank (``ring_attention.visible_block``)."""
     args, cp = work.model, layout.cp
     ring = cp > 1 and layout.cp_attention == "ring"
     local = work.seq_len // cp if ring else work.seq_len
+    heads = args.n_head if ring else args.n_head // cp
     # Attention sees the QKV projection's output, already in the compute dtype.
     query, key, value = (
-        torch.randn(layout.micro_batch_size, args.n_head, local, args.head_dim, dtype=compute)
+        torch.randn(layout.micro_batch_size, heads, local, args.head_dim, dtype=compute)
         for _ in range(3)
     )
     if not ring:
