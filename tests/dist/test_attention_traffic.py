@@ -10,7 +10,7 @@ import torch.distributed as dist
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.parallel.attention_traffic import recording
 from clusterlm.parallel.ring_attention import all_to_all_attention, ring_attention
-from clusterlm.plan.context_comm import sent_bytes_per_layer
+from clusterlm.plan.context_comm import exchanges_per_layer, sent_bytes_per_layer
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.workload import Workload
 
@@ -19,7 +19,7 @@ from .helpers import run_distributed
 BATCH, HEADS, KV_HEADS, SEQ, DIM = 2, 4, 2, 32, 8
 
 
-def _sent(rank: int, world_size: int, kind: str) -> tuple[float, float]:
+def _sent(rank: int, world_size: int, kind: str) -> tuple[float, float, int]:
     generator = torch.Generator().manual_seed(rank)
     local = SEQ // world_size
     q = torch.randn(BATCH, HEADS, local, DIM, generator=generator, requires_grad=True)
@@ -33,7 +33,7 @@ def _sent(rank: int, world_size: int, kind: str) -> tuple[float, float]:
         out.sum().backward()
     untimed = traffic.seconds
     out = attend(q, k, v, None, True, group=dist.group.WORLD)  # outside: nothing recorded
-    return traffic.bytes_sent, traffic.seconds - untimed
+    return traffic.bytes_sent, traffic.seconds - untimed, traffic.exchanges
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -45,6 +45,8 @@ def test_bytes_sent_equal_the_planners_count(world_size, kind):
     )  # fmt: skip
     work = Workload(args, SEQ, BATCH * SEQ, "fp32")
     layout = Layout(cp=world_size, cp_attention=kind, micro_batch_size=BATCH)
-    for sent, after in run_distributed(_sent, world_size, kind, timeout=120):
+    for sent, after, exchanges in run_distributed(_sent, world_size, kind, timeout=120):
         assert sent == pytest.approx(sent_bytes_per_layer(work, layout))
         assert after == 0.0
+        if kind == "ring":  # the point-to-point exchanges the planner prices
+            assert exchanges == exchanges_per_layer(layout)

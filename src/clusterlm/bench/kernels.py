@@ -8,6 +8,13 @@ linear layers up and slow short-sequence attention down
 (benchmarks/kernel-rates-cpu-epyc-zen4-2026-12-01.md). Rates count the planner's FLOPs
 (``clusterlm.plan.efficiency``: the attention core over the full s x s), so they divide its FLOP
 counts back into seconds; ``relative_kernel_rates`` anchors them to the matmul probe.
+
+The probes run the case's own kernels: a mixture of experts' routed experts through the grouped
+multiply (``torch._grouped_mm`` where it runs) on their share of the tokens, its router and shared
+experts as linear layers; ring attention's blocks as the ring computes them on its busiest rank
+(the diagonal block causally, the others' visible halves whole, each a call of the fused kernel).
+Beside them, ``elementwise_rates`` measures what the planner prices counted element-wise kernels
+at (``clusterlm.plan.elementwise``): kernel calls per second and bytes per second.
 """
 
 from __future__ import annotations
@@ -19,68 +26,144 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from clusterlm.models.moe import grouped_mm
+from clusterlm.parallel.attention_blocks import block_backward, block_forward
 from clusterlm.parallel.precision import DTYPES
+from clusterlm.parallel.ring_attention import visible_block
+from clusterlm.plan.layout import Layout
+from clusterlm.plan.moe_cost import expert_hidden
 from clusterlm.plan.workload import Workload
 
 
-def kernel_rates(work: Workload, micro_batch: int) -> dict[str, float]:
-    """{"linear": FLOP/s, "attention": FLOP/s} of one thread on ``micro_batch`` sequences: the
-    linear rate is the model's mix, n_layer blocks' linear layers and the head once."""
+def kernel_rates(work: Workload, layout: Layout) -> dict[str, float]:
+    """{"linear": FLOP/s, "attention": FLOP/s} of one thread on a micro-batch of ``layout``: the
+    linear rate is the model's mix, n_layer blocks' linear layers (an MoE block's router, shared
+    and routed experts) and the head once; the attention rate that of the case's attention."""
     args, s = work.model, work.seq_len
-    tokens = micro_batch * s
+    tokens = layout.micro_batch_size * s // layout.cp
     compute = DTYPES[work.precision]
     q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
     mlp_in = (2 if args.is_llama else 1) * args.ffn_hidden
-    block = [
-        (args.n_embd, q + 2 * kv),
-        (q, args.n_embd),
-        (args.n_embd, mlp_in),
-        (args.ffn_hidden, args.n_embd),
-    ]
+    moe = len(args.moe_blocks(args.n_layer))
+    attention = [(args.n_embd, q + 2 * kv), (q, args.n_embd)]
+    dense = [(args.n_embd, mlp_in), (args.ffn_hidden, args.n_embd)]
     head = [(args.n_embd, args.vocab_size)]
-    # Attention sees the QKV projection's output, already in the compute dtype.
-    query, key, value = (
-        torch.randn(micro_batch, args.n_head, s, args.head_dim, dtype=compute, requires_grad=True)
-        for _ in range(3)
-    )
-
-    def attention() -> None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
-        out.backward(torch.ones_like(out))
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        block_s, head_s = (
-            _seconds(_linears(block, tokens, compute)),
-            _seconds(_linears(head, tokens, compute)),
-        )
-        attention_s = _seconds(attention)
+        seconds = args.n_layer * _seconds(_linears(attention, tokens, compute))
+        seconds += (args.n_layer - moe) * _seconds(_linears(dense, tokens, compute))
+        seconds += _seconds(_linears(head, tokens, compute))
+        if moe:
+            seconds += moe * _seconds(_moe_mlp(work, tokens, compute))
+        attention_s = _seconds(_attention(work, layout, compute))
     finally:
         torch.set_num_threads(threads)
-    linear_flops = (
-        6 * tokens * (args.n_layer * sum(k * n for k, n in block) + sum(k * n for k, n in head))
+    shapes = args.n_layer * attention + (args.n_layer - moe) * dense + head
+    linear_flops = 6 * tokens * (sum(k * n for k, n in shapes) + moe * _moe_mlp_params(work))
+    # One layer's attention, as the planner counts it: the full s x s for this rank's tokens.
+    attention_flops = 6 * tokens * 2 * q * s
+    return {"linear": linear_flops / seconds, "attention": attention_flops / attention_s}
+
+
+def _moe_mlp_params(work: Workload) -> int:
+    """Multiply-adds per token of an MoE block's MLP: router, k routed and the shared experts."""
+    args = work.model
+    experts = args.moe_top_k + args.moe_shared_experts
+    return args.n_embd * args.moe_experts + experts * 3 * args.n_embd * expert_hidden(args)
+
+
+def _moe_mlp(work: Workload, tokens: int, compute: torch.dtype) -> Callable[[], None]:
+    """An MoE block's multiplies forward and backward: the router and shared experts as linear
+    layers, the k routed copies of the tokens through the grouped multiply, spread evenly."""
+    args = work.model
+    d, hidden, experts = args.n_embd, expert_hidden(args), args.moe_experts
+    shared = args.moe_shared_experts * hidden
+    dense = [(d, experts)] + ([(d, 2 * shared), (shared, d)] if shared else [])
+    linears = _linears(dense, tokens, compute)
+    rows = tokens * args.moe_top_k
+    counts = torch.full((experts,), rows // experts)
+    counts[: rows % experts] += 1
+    x = torch.randn(rows, d, dtype=compute, requires_grad=True)
+    w1, w3 = (torch.randn(experts, d, hidden, dtype=compute, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(experts, hidden, d, dtype=compute, requires_grad=True)
+
+    def run() -> None:
+        linears()
+        out = grouped_mm(grouped_mm(x, w1, counts) * grouped_mm(x, w3, counts), w2, counts)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def _attention(work: Workload, layout: Layout, compute: torch.dtype) -> Callable[[], None]:
+    """One layer's attention core forward and backward on a rank: one fused call over the whole
+    sequence (under all-to-all attention for the rank's 1/cp of the heads), or ring attention's
+    block calls on its last rank (``ring_attention.visible_block``)."""
+    args, cp = work.model, layout.cp
+    ring = cp > 1 and layout.cp_attention == "ring"
+    local = work.seq_len // cp if ring else work.seq_len
+    heads = args.n_head if ring else args.n_head // cp
+    # Attention sees the QKV projection's output, already in the compute dtype.
+    query, key, value = (
+        torch.randn(layout.micro_batch_size, heads, local, args.head_dim, dtype=compute)
+        for _ in range(3)
     )
-    attention_flops = (
-        6 * tokens * 2 * q * s
-    )  # one layer's, as the planner counts it: the full s x s
-    return {
-        "linear": linear_flops / (args.n_layer * block_s + head_s),
-        "attention": attention_flops / attention_s,
-    }
+    if not ring:
+        for t in (query, key, value):
+            t.requires_grad_()
+
+        def whole() -> None:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+            out.backward(torch.ones_like(out))
+
+        return whole
+    grad_out = torch.ones(query.shape)
+
+    def blocks() -> None:
+        for step in range(cp):
+            rows, cols = visible_block(cp - 1, (cp - 1 - step) % cp, local // 2)
+            q, k, v = query[:, :, rows], key[:, :, cols], value[:, :, cols]
+            out, lse = block_forward(q, k, v, None, step == 0)
+            block_backward(grad_out[:, :, rows], q, k, v, out, lse, None, step == 0)
+
+    return blocks
 
 
-def relative_kernel_rates(work: Workload, micro_batch: int, fp32_peak: float) -> dict[str, float]:
+def elementwise_rates(nbytes: int) -> dict[str, float]:
+    """{"launch": kernel calls/s, "elementwise": bytes/s} of one thread, on the counted kernels'
+    form (a slice of one tensor times another broadcast over its last dimension): on a few
+    elements it is all launch, on a slice of ``nbytes`` of fp32 (read once, written once) its
+    bytes take the rest of its time. ``nbytes`` is the size of the kernels' tensors, since the
+    rate falls where they outgrow the caches."""
+    tiny = (torch.ones(1, 2, 2), torch.ones(1, 1))
+    big = (torch.ones(1, 2, max(1, nbytes // 4)), torch.ones(1, 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        launch_s = _seconds(lambda: tiny[0][:, 1:] * tiny[1].unsqueeze(-1), calls=200)
+        big_s = _seconds(lambda: big[0][:, 1:] * big[1].unsqueeze(-1), calls=20)
+    finally:
+        torch.set_num_threads(threads)
+    moved = 2 * 4 * big[0].size(-1)  # the slice read, the product written
+    return {"launch": 1 / launch_s, "elementwise": moved / max(big_s - launch_s, 1e-9)}
+
+
+def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> dict[str, float]:
     """``kernel_rates`` scaled so that fp32's linear layers run at ``fp32_peak`` (the matmul
     probe's): an isolated probe reads lower than the same kernels inside a training step (warm
-    caches, reused allocations), so only its ratios are used, by kind and precision."""
-    rates = kernel_rates(work, micro_batch)
+    caches, reused allocations), so only its ratios are used, by kind and precision; with the
+    element-wise rates as measured, at the size of one of the micro-batch's activations."""
+    rates = kernel_rates(work, layout)
     fp32 = (
         rates
         if work.precision == "fp32"
-        else kernel_rates(dataclasses.replace(work, precision="fp32"), micro_batch)
+        else kernel_rates(dataclasses.replace(work, precision="fp32"), layout)
     )
-    return {kind: rate / fp32["linear"] * fp32_peak for kind, rate in rates.items()}
+    scaled = {kind: rate / fp32["linear"] * fp32_peak for kind, rate in rates.items()}
+    # The counted kernels' tensors: an fp32 activation of the rank's micro-batch, or larger.
+    activation = layout.micro_batch_size * work.seq_len // layout.cp * work.model.n_embd * 4
+    return {**scaled, **elementwise_rates(activation)}
 
 
 def _linears(
@@ -102,7 +185,7 @@ def _linears(
     return run
 
 
-def _seconds(fn: Callable[[], None], calls: int = 5, rounds: int = 3) -> float:
+def _seconds(fn: Callable[[], object], calls: int = 5, rounds: int = 3) -> float:
     """Seconds per call, the best of ``rounds`` (other load only adds time)."""
     fn()
     best = float("inf")

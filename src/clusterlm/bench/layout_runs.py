@@ -213,9 +213,11 @@ def run_validation(
     for case in cases:
         args = resolve_model_args(case.config(), vocab_size)
         work = Workload(args, args.block_size, GLOBAL_BATCH * args.block_size, case.precision)
-        key = (case.precision, case.layout.micro_batch_size)
+        layout = case.layout
+        shape = (layout.micro_batch_size, layout.cp, layout.cp_attention, str(case.model))
+        key = (case.precision, *shape)
         if key not in rates:
-            rates[key] = relative_kernel_rates(work, case.layout.micro_batch_size, peaks["fp32"])
+            rates[key] = relative_kernel_rates(work, layout, peaks["fp32"])
         cluster = local_cluster(
             case.nproc, peaks, links[case.nproc], cores, {case.precision: rates[key]}
         )

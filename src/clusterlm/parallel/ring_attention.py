@@ -39,7 +39,7 @@ def zigzag_positions(local_len: int, rank: int, cp: int, device: torch.device) -
     return torch.cat([first, first + (2 * cp - 1 - 2 * rank) * chunk])
 
 
-def _work(rank: int, source: int, half: int) -> tuple[slice, slice]:
+def visible_block(rank: int, source: int, half: int) -> tuple[slice, slice]:
     """The (query rows, key columns) of this rank's block against ``source``'s K/V that any query
     may read; the rest is masked whole (module docstring)."""
     if source == rank:
@@ -104,7 +104,7 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 arriving, requests = _exchange(kv, group)
             source = (rank - step) % cp
-            rows, cols = _work(rank, source, half)
+            rows, cols = visible_block(rank, source, half)
             k_pos = zigzag_positions(q.size(2), source, cp, q.device)
             visible = _visible(q_pos[rows], k_pos[cols], documents, source == rank)
             block_out, block_lse = block_forward(
@@ -137,7 +137,7 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 arriving, requests = _exchange(kv, group)
             source = (rank - step) % cp
-            rows, cols = _work(rank, source, half)
+            rows, cols = visible_block(rank, source, half)
             k_pos = zigzag_positions(q.size(2), source, cp, q.device)
             visible = _visible(q_pos[rows], k_pos[cols], documents, source == rank)
             block_q, block_k, block_v = block_backward(

@@ -16,6 +16,13 @@ travel in fp32 (the merge's precision).
   repeated to every query head first when their heads do not split over cp), their gradients
   through one each backward, nothing overlapped; each sends ``(cp-1)/cp`` of its tensor, the
   volume and steps of an all-gather of it.
+
+The ring's own work beyond the attention FLOPs (``merge_kernels``): per step it merges the
+block's output and log-sum-exp into the running ones (forward) or adds the block's gradients into
+the running ones (backward), element-wise kernels counted here in calls and bytes from the code,
+and it posts and waits on one exchange per step but the last, plus the gradients' hop after each
+backward step (``exchanges_per_layer``). The flash kernel's calls on the diagonal and half blocks
+are timed by the kernel-rate probe at the ring's own block shapes (``clusterlm.bench.kernels``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from clusterlm.plan.layout import Layout
 from clusterlm.plan.workload import Workload
 
 GRADIENT_BYTES = 4  # the K/V gradients accumulate and travel in fp32
+WIDE_BYTES = 4  # the ring merges and accumulates in fp32 (``attention_blocks.wide``)
 
 
 def local_tokens(work: Workload, layout: Layout) -> float:
@@ -109,3 +117,48 @@ def exposed_seconds(work: Workload, layout: Layout, cluster: Cluster, rate: floa
     attention = attention_forward_flops(work, layout) / rate
     forward, backward = exposed_seconds_per_layer(work, layout, cluster, attention)
     return forward * (2 if layout.activation_checkpointing == "full" else 1) + backward
+
+
+def exchanges_per_layer(layout: Layout) -> int:
+    """Exchanges one ring rank posts and waits on per layer and micro-batch: forward's ``cp - 1``
+    K/V hops, backward's ``cp - 1`` and its ``cp`` gradient hops (forward's again where full
+    checkpointing reruns it)."""
+    if layout.cp == 1 or layout.cp_attention != "ring":
+        return 0
+    forward = (layout.cp - 1) * (2 if layout.activation_checkpointing == "full" else 1)
+    return forward + 2 * layout.cp - 1
+
+
+def merge_kernels(work: Workload, layout: Layout) -> tuple[float, float]:
+    """(kernel calls, bytes touched) of the ring's element-wise work per layer and micro-batch on
+    the busiest rank, the last, whose queries all read every block
+    (``ring_attention.visible_block``):
+    with ``o`` and ``l`` the fp32 bytes of its output and log-sum-exp, and ``kv`` of a K/V
+    block's k and v in the activation dtype,
+
+    - forward, per step: logaddexp, two subtractions and two exps on the log-sum-exp (17 l read
+      and written), the two weighted outputs, their sum and the copies into the running output and
+      log-sum-exp (9 o), and 3 small kernels for the block's positions: 13 calls; once, the zeroed
+      output and log-sum-exp, the stacked K/V and the query positions: 6 calls;
+    - backward, per step: the positions (3 calls), the query gradient added (3 o), the K/V
+      gradients summed over their heads and added (2 calls and 2 kv_g, 3 calls and 3 kv_g, with
+      ``kv_g`` the fp32 gradient bytes of the block's visible columns: all on the diagonal, half
+      elsewhere): 8 calls; once, the zeroed gradients, the stacked K/V and the positions: 6 calls.
+
+    In fp32, as ``plan --validate`` runs it; 16-bit blocks add conversions to fp32, not counted."""
+    cp = layout.cp
+    if cp == 1 or layout.cp_attention != "ring":
+        return 0.0, 0.0
+    o = _head_elements(work, layout, work.model.n_head) * WIDE_BYTES
+    lse = o / work.model.head_dim
+    kv, kv_grads = kv_block_bytes(work, layout)
+    visible_columns = 1 + (cp - 1) / 2  # blocks' worth of columns over the cp steps
+    forward_calls = 13 * cp + 6
+    forward_bytes = cp * (17 * lse + 9 * o) + o + lse + 2 * kv
+    backward_calls = 8 * cp + 6
+    backward_bytes = 3 * o * cp + 5 * kv_grads * visible_columns + o + kv_grads + 2 * kv
+    reruns = 2 if layout.activation_checkpointing == "full" else 1
+    return (
+        reruns * forward_calls + backward_calls,
+        reruns * forward_bytes + backward_bytes,
+    )

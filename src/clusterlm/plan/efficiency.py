@@ -29,6 +29,7 @@ from clusterlm.models.counting import training_flops_per_token
 from clusterlm.plan.calibration import Calibration
 from clusterlm.plan.cluster import Device
 from clusterlm.plan.layout import Layout
+from clusterlm.plan.moe_cost import moe_mlp_params
 from clusterlm.plan.workload import Workload
 
 
@@ -52,12 +53,15 @@ def matmul_shapes(work: Workload, layout: Layout) -> list[tuple[float, float]]:
     d, f, s = args.n_embd, args.ffn_hidden, work.seq_len
     q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
     mlp_in = (2 if args.is_llama else 1) * f
-    # Forward multiply-adds per token: QKV, output projection, MLP in and out, and the attention
-    # scores with their weighted sum over the full s x s.
-    block = d * (q + 2 * kv) + q * d + d * mlp_in + f * d + 2 * q * s
+    moe = len(args.moe_blocks(args.n_layer))
+    # Forward multiply-adds per token: QKV, output projection, MLP in and out (an MoE block's
+    # router and active experts), and the attention scores with their weighted sum over the full
+    # s x s.
+    mlp = (args.n_layer - moe) * (d * mlp_in + f * d) + moe * moe_mlp_params(args, active=True)
+    block = (d * (q + 2 * kv) + q * d + 2 * q * s) * args.n_layer + mlp
     tokens = s // layout.cp * layout.micro_batch_size
     return [
-        (6.0 * block * args.n_layer / t, d),
+        (6.0 * block / t, d),
         (head_flops_per_token(work) / t, min(tokens, args.vocab_size / t)),
     ]
 

@@ -20,7 +20,14 @@ shared experts as one SwiGLU MLP of width S*hm (4*e*S*hm). None of it is split o
 All-to-all (``all_to_all_seconds``): with ep > 1 each MoE block sends each token's k copies to
 their experts' ranks and back in forward, and their gradients the same way in backward: 4
 all-to-alls of s*b*k*h elements per micro-batch (6 when full checkpointing reruns the forward),
-none hidden behind compute (each block waits for its tokens).
+none hidden behind compute (each block waits for its tokens); before them, per block and forward,
+the token counts go through one all-to-all of ``E`` integers. These are collectives
+(``all_to_all_single``), priced on the links like data parallelism's, not point-to-point
+exchanges like the ring's and the pipeline's (``timing.host_calls``).
+
+Routing work (``routing_kernels``): the router's, the permutation's and the scatter's
+element-wise and indexing kernels, in calls and bytes; the grouped and shared experts' multiplies
+are FLOPs at the measured kernel rates, and their SwiGLU element-wise work is a dense MLP's.
 """
 
 from __future__ import annotations
@@ -120,4 +127,39 @@ def all_to_all_seconds(
     routed_bytes = tokens * args.moe_top_k * args.n_embd * work.activation_bytes
     group = collectives.mesh_group(layout, "ep", cluster)
     per_block = 6 if layout.activation_checkpointing == "full" else 4
-    return moe_blocks * per_block * collectives.all_to_all(routed_bytes, group, cluster)
+    counts = (2 if layout.activation_checkpointing == "full" else 1) * collectives.all_to_all(
+        args.moe_experts * 8, group, cluster
+    )  # int64 counts, E / ep per destination
+    return moe_blocks * (per_block * collectives.all_to_all(routed_bytes, group, cluster) + counts)
+
+
+def routing_kernels(work: Workload, layout: Layout, tokens: float, r: int) -> tuple[float, float]:
+    """(kernel calls, bytes touched) of one MoE block's routing (``clusterlm.models.moe.MoE`` and,
+    with ep > 1, ``ExpertParallelExperts``) for ``tokens`` tokens, counted from the code with N
+    tokens, E experts, k choices, width d, ``a`` bytes per activation and ``r`` per residual
+    element, 4 per fp32 score and 8 per int64 index:
+
+    - forward: the router's sigmoid or softmax, bias, top-k, gather and normalization (6 calls);
+      the counts, the stable sort of the choices and their tokens, the gathered token rows and
+      weights, the weighting, the zeroed output, the index_add back and the shared experts' sum
+      (9); the balance loss (9) and the recorded loads (4): 28 calls over 36 N E + 116 N k +
+      5 N k d a + 6 N d r bytes;
+    - backward: the autograd nodes of those (scatter for the gather, index_put for the gathered
+      rows and weights, the weighting's two products and sum, index_select for the index_add, the
+      loss's, and the input gradient's three summed paths): 23 calls over 36 N E + 40 N k +
+      7 N k d a + 10 N d r bytes;
+    - with ep > 1, forward adds the counts' sums, the arrived tokens' expert order and its
+      inverse, and the two gathers by them (10 calls, 48 N k + 4 N k d a, the tokens arriving
+      as many as leave when the loads are even), backward their index_puts (4, 4 N k d a).
+
+    Full checkpointing reruns the forward's."""
+    args = work.model
+    n, e, k, d = tokens, args.moe_experts, args.moe_top_k, args.n_embd
+    a = work.activation_bytes
+    forward = (28.0, 36 * n * e + 116 * n * k + 5 * n * k * d * a + 6 * n * d * r)
+    backward = (23.0, 36 * n * e + 40 * n * k + 7 * n * k * d * a + 10 * n * d * r)
+    if layout.ep > 1:
+        forward = (forward[0] + 10, forward[1] + 48 * n * k + 4 * n * k * d * a)
+        backward = (backward[0] + 4, backward[1] + 4 * n * k * d * a)
+    reruns = 2 if layout.activation_checkpointing == "full" else 1
+    return reruns * forward[0] + backward[0], reruns * forward[1] + backward[1]

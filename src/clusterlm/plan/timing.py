@@ -33,7 +33,7 @@ Communication (``collectives``), per step:
 - pipeline: activations forward and gradients backward at every stage boundary. The 2*(p - 1)*v
   messages of the fill and the drain are on the critical path; the 2*m*v of the steady state are
   sent while the next micro-batch computes, hidden up to ``overlap`` of that compute.
-- expert parallelism: all-to-alls of tokens to their experts and back, exposed (``moe_cost``).
+- expert parallelism: all-to-alls of counts and tokens to their experts and back (``moe_cost``).
 - CPU offload (ZeRO-Offload): gradients to the host and weights back over the host link, plus the
   CPU optimizer at the node's ``adam_params_per_s``, not overlapped.
 Pipeline bubble, as a fraction of the ideal m micro-batches, for the trainer's schedules: GPipe and
@@ -42,19 +42,20 @@ stages per rank (p-1)/(v*m) (Narayanan et al. 2021; Lamy-Poirier 2023), and the 
 family (interleaved zero bubble, ZBV, DualPipeV) a third of that, (p-1)/(3*v*m): ZB-H1 of Qi et al.
 2023 with equal forward, input-gradient and weight-gradient times. The bubble is paid at the pace
 of the ranks a micro-batch fills and drains through (``fill_and_drain_share``), the steady state at
-the busiest rank's.
-The optimizer step itself is not modelled, except through ``host``.
+the busiest rank's. The optimizer step itself is not modelled, except through ``host``.
 
 Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
 fixed seconds per step, plus seconds per parameter tensor FSDP's collectives pass through their
 flat buffers (copied in and out, viewed and wrapped per tensor), per tensor-parallel module pass
 (each DTensor-sharded linear, norm and embedding, forward and backward) and per pipeline action
 (one stage's forward or backward of one micro-batch: the schedule's bookkeeping and its
-point-to-point posts and waits). A process with ``host_share`` of a core (more processes than
-cores) takes 1/share as long over the per-step work, but over the per-collective costs only in the
-part it spends on the core: ``collective_wait`` of them is waiting for peers, which a shared core
-does not slow. Their defaults are 0; ``plan --validate`` fits them on a CPU, where the host is the
-device and nothing hides them.
+point-to-point posts and waits), which also prices each point-to-point exchange of ring attention.
+Element-wise work that a dense block of the same FLOPs does not do (ring merges, MoE routing) is
+counted in kernel calls and bytes (``elementwise``). A process with ``host_share`` of a core
+(more processes than cores) takes 1/share as long over the per-step work, but over the
+per-collective costs only in the part it spends on the core: ``collective_wait`` of them is
+waiting for peers, which a shared core does not slow. Their defaults are 0; ``plan --validate``
+fits them on a CPU, where the host is the device and nothing hides them.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from dataclasses import dataclass, fields
 import torch.distributed as dist
 
 from clusterlm.models.seq2seq import is_seq2seq
-from clusterlm.plan import collectives, context_comm, fsdp
+from clusterlm.plan import collectives, context_comm, elementwise, fsdp
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.efficiency import compute_rate, head_flops_per_token, layer_flops_per_token
@@ -93,6 +94,7 @@ class StepTime:
     recompute: float = 0.0
     expert_parallel: float = 0.0  # the all-to-alls of expert parallelism (``moe_cost``)
     context_parallel: float = 0.0
+    element_wise: float = 0.0  # ring merges and MoE routing (``clusterlm.plan.elementwise``)
 
     @property
     def total(self) -> float:
@@ -177,7 +179,8 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     tensor_parallel = cal.tp_exposed * tp_per_layer * layers
     all_to_all = all_to_all_seconds(work, layout, cluster, tokens, moe_blocks)
     context = context_comm.exposed_seconds(work, layout, cluster, rate) * layers
-    micro_batch = forward + backward + recompute + tensor_parallel + all_to_all + context
+    kernels = elementwise.micro_batch_seconds(work, layout, cluster.device, layers, moe_blocks)
+    micro_batch = forward + backward + recompute + tensor_parallel + all_to_all + context + kernels
     m = layout.micro_batches
 
     data_parallel, offload = _data_parallel_and_offload(
@@ -195,6 +198,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         recompute=m * recompute,
         expert_parallel=m * all_to_all,
         context_parallel=m * context,
+        element_wise=m * kernels,
     )
 
 
@@ -221,10 +225,13 @@ class HostCalls:
     fsdp_tensor_passes: int
     tp_module_passes: int
     pp_actions: int = 0
+    exchanges: int = 0  # ring attention's point-to-point exchanges, posted and waited on
 
     def counts(self) -> tuple[float, float, float, float]:
-        """How many times each calibration host cost (``calibration.HOST_SECONDS``) is paid."""
-        return 1.0, self.fsdp_tensor_passes, self.tp_module_passes, self.pp_actions
+        """How many times each calibration host cost (``calibration.HOST_SECONDS``) is paid: an
+        exchange is priced as a pipeline action, a point-to-point post and wait between ranks."""
+        point_to_point = self.pp_actions + self.exchanges
+        return 1.0, self.fsdp_tensor_passes, self.tp_module_passes, point_to_point
 
 
 def host_calls(work: Workload, layout: Layout) -> HostCalls:
@@ -232,9 +239,11 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
     with SwiGLU) and its 2 norms, plus under sequence parallelism the 2 inputs it gathers along
     the sequence, and the model adds the token and position embeddings, the final norm and the
     head; a pipeline rank runs each micro-batch's forward and backward on each of its stages, the
-    backward in two parts (input and weight gradients) under the zero-bubble schedules."""
+    backward in two parts (input and weight gradients) under the zero-bubble schedules; ring
+    attention posts and waits on point-to-point exchanges (``context_comm.exchanges_per_layer``)."""
     args, m = work.model, layout.micro_batches
     layers = busiest_rank_flops(work, layout)[1]
+    exchanges = m * layers * context_comm.exchanges_per_layer(layout)
     tp = 0
     if layout.tp > 1:
         per_block = 2 + (7 if args.is_llama else 6)
@@ -246,7 +255,8 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
     if layout.pp > 1:
         passes = 2 + (BUBBLE_DIVISOR[layout.pp_schedule] == 3)  # zero bubble: B split into I and W
         pp = passes * m * layout.pp_stages_per_rank
-    return HostCalls(fsdp.tensor_passes(work, layout, fsdp.parameter_tensors(args)), tp, pp)
+    tensors = fsdp.tensor_passes(work, layout, fsdp.parameter_tensors(args))
+    return HostCalls(tensors, tp, pp, exchanges)
 
 
 def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:

@@ -2,7 +2,9 @@
 planner's predictions.
 
 Every case is the nano-cpu shape (gpt2, 4 layers x 128, context 64, 12 sequences per step, a
-character vocabulary) in one parallel layout on ``nproc`` local processes. The measuring lives in
+character vocabulary) in one parallel layout on ``nproc`` local processes; the mixture-of-experts
+cases swap in ``configs/moe-cpu.toml``'s blocks (llama, 8 SwiGLU experts of width 128, top 2, one
+shared) at the same size. The measuring lives in
 ``clusterlm.bench.layout_runs`` and the calibration fit in ``clusterlm.plan.fit``; this module is
 arithmetic only. The prediction is the planner's own: ``device_memory`` and ``step_time`` for the
 case's ``Layout``, derived from the case's training config by the trainer's rules
@@ -32,6 +34,16 @@ NANO_MODEL = {
     "model.block_size": 64,
     "model.dropout": 0.0,
 }
+# configs/moe-cpu.toml's mixture of experts on the nano shape.
+MOE_MODEL: dict[str, int | str] = {
+    "model.flavour": "llama",
+    "model.moe_experts": 8,
+    "model.moe_top_k": 2,
+    "model.moe_shared_experts": 1,
+    "model.moe_ffn_hidden": 128,
+    "model.moe_score": "sigmoid",
+    "model.moe_balance": "aux_free",
+}
 WITHIN = 0.1  # the step-time error the report counts as a good prediction (the project's target)
 
 
@@ -44,6 +56,7 @@ class ValidationCase:
     parallel: dict[str, int | str | bool] = field(default_factory=dict)
     precision: str = "fp32"
     fit: bool = False  # the calibration is fitted on the cases marked here
+    model: dict[str, int | str] = field(default_factory=dict)  # ``model`` keys over the nano's
 
     @property
     def batch_per_rank(self) -> int:
@@ -62,6 +75,7 @@ class ValidationCase:
         # (``settle_attention``).
         overrides = {
             **NANO_MODEL,
+            **self.model,
             "training.micro_batch_size": self.batch_per_rank,
             "training.precision": self.precision,
             "training.attention": "flash",
@@ -102,8 +116,12 @@ CASES = (
     ValidationCase("2 cp2 all-to-all", 2, {"cp": 2, "cp_attention": "all_to_all"}),
     ValidationCase("4 cp4 ring", 4, {"cp": 4}),
     ValidationCase("4 cp2 x zero3", 4, {"cp": 2, "data_parallel": "zero3"}),
+    ValidationCase("1 process moe", 1, model=MOE_MODEL),
+    ValidationCase("2 ep2 zero2 moe", 2, {"data_parallel": "zero2", "ep": 2}, model=MOE_MODEL),
+    ValidationCase("4 ep2 x zero3 moe", 4, {"data_parallel": "zero3", "ep": 2}, model=MOE_MODEL),
 )
 CP_CASES = tuple(case for case in CASES if "cp" in case.parallel)
+MOE_CASES = tuple(case for case in CASES if case.model)
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,41 @@ def test_the_search_skips_cp_the_sequence_or_heads_refuse():
     assert {(2, "all_to_all"), (4, "ring")} <= whole and (4, "all_to_all") not in whole
     uneven = tried(65532)  # a multiple of 4, not of 8
     assert (2, "ring") in uneven and not any(cp == 4 for cp, _ in uneven)
+
+
+def test_ring_exchanges_per_layer_are_its_kv_and_gradient_hops():
+    ring = Layout(cp=4, micro_batch_size=2)
+    assert context_comm.exchanges_per_layer(ring) == 3 + 3 + 4
+    full = dataclasses.replace(ring, activation_checkpointing="full")
+    assert context_comm.exchanges_per_layer(full) == 3 + 3 + 3 + 4  # the forward reruns
+    assert context_comm.exchanges_per_layer(Layout(micro_batch_size=2)) == 0
+    ulysses = dataclasses.replace(ring, cp_attention="all_to_all")
+    assert context_comm.exchanges_per_layer(ulysses) == 0
+
+
+def test_ring_merge_kernels_are_counted_per_step_and_their_bytes_grow_with_the_tokens():
+    work = _work(seq=4096)
+    two = Layout(cp=2, micro_batch_size=1)
+    calls, nbytes = context_comm.merge_kernels(work, two)
+    assert calls == (13 * 2 + 6) + (8 * 2 + 6)
+    o = 4096 // 2 * LLAMA.n_head * LLAMA.head_dim * 4  # the rank's fp32 output
+    assert nbytes > 2 * 9 * o  # at least the output's merges, both steps
+    doubled = context_comm.merge_kernels(work, dataclasses.replace(two, micro_batch_size=2))
+    assert doubled == (calls, pytest.approx(2 * nbytes))
+    four = context_comm.merge_kernels(_work(seq=8192), Layout(cp=4, micro_batch_size=1))
+    assert four[0] == (13 * 4 + 6) + (8 * 4 + 6)
+    assert context_comm.merge_kernels(work, Layout(micro_batch_size=1)) == (0.0, 0.0)
+
+
+def test_counted_kernels_take_time_at_measured_rates_only():
+    from clusterlm.bench.layout_runs import local_cluster
+    from clusterlm.plan.cluster import Link
+
+    work, layout = _work(seq=4096), Layout(cp=2, micro_batch_size=1)
+    rates = {"fp32": {"linear": 1e11, "attention": 1e11, "launch": 1e5, "elementwise": 1e10}}
+    cluster = local_cluster(2, {"fp32": 1e11}, Link(1e9, 1e-4), cores=2, rates=rates)
+    calls, nbytes = context_comm.merge_kernels(work, layout)
+    assert step_time(work, layout, cluster).element_wise == pytest.approx(
+        LLAMA.n_layer * (calls / 1e5 + nbytes / 1e10)
+    )
+    assert step_time(work, layout, load_cluster("8xH100")).element_wise == 0.0

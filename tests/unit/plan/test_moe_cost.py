@@ -178,3 +178,30 @@ def test_plan_prints_total_and_active_parameters_of_a_mixture(capsys):
     assert cli([*argv, "--global-batch-tokens", "8192", "--seq", "64", "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "a mixture of experts: 2.05M parameters, 874K active per token" in out
+
+
+def test_routing_kernels_are_counted_per_block_and_grow_with_the_tokens():
+    from clusterlm.plan.moe_cost import routing_kernels
+
+    one = routing_kernels(WORK, Layout(), 1024, r=4)
+    assert one[0] == 28 + 23  # forward and backward calls
+    assert routing_kernels(WORK, Layout(), 2048, r=4) == (one[0], pytest.approx(2 * one[1]))
+    split = routing_kernels(WORK, Layout(dp_shard=2, data_parallel="zero3", ep=2), 1024, r=4)
+    assert split[0] == one[0] + 10 + 4 and split[1] > one[1]  # the order and gathers by expert
+    full = routing_kernels(WORK, Layout(activation_checkpointing="full"), 1024, r=4)
+    assert full[0] == 2 * 28 + 23  # the forward reruns
+
+
+def test_expert_parallel_sends_the_counts_before_the_tokens():
+    from clusterlm.plan import collectives
+    from clusterlm.plan.moe_cost import all_to_all_seconds
+
+    cluster = load_cluster("8xH100")
+    layout = Layout(dp_shard=8, data_parallel="zero3", ep=4)
+    group = collectives.mesh_group(layout, "ep", cluster)
+    tokens = 256.0
+    routed = tokens * MOE.moe_top_k * MOE.n_embd * WORK.activation_bytes
+    per_block = 4 * collectives.all_to_all(routed, group, cluster) + collectives.all_to_all(
+        MOE.moe_experts * 8, group, cluster
+    )
+    assert all_to_all_seconds(WORK, layout, cluster, tokens, 3) == pytest.approx(3 * per_block)

@@ -13,6 +13,7 @@ from clusterlm.bench.probes import model_state_bytes, saved_activation_bytes
 from clusterlm.config import build_config
 from clusterlm.errors import UserError
 from clusterlm.models.counting import param_count
+from clusterlm.models.from_config import resolve_model_args
 from clusterlm.models.gpt import ModelArgs, Transformer
 from clusterlm.plan.calibration import Calibration, load_calibration, save_calibration
 from clusterlm.plan.cluster import Link
@@ -25,6 +26,7 @@ from clusterlm.plan.timing import HostCalls, host_calls, step_time
 from clusterlm.plan.validation import (
     CASES,
     GLOBAL_BATCH,
+    MOE_CASES,
     Measurement,
     ValidationResult,
     validation_report,
@@ -142,6 +144,14 @@ def test_cases_cover_the_layouts_with_the_global_batch():
     assert layouts["4 pp2 x zero3"] == Layout(
         pp=2, dp_shard=2, data_parallel="zero3", micro_batch_size=2, micro_batches=3
     )
+    # configs/moe-cpu.toml's experts on the nano shape, never fitted on, ep as the trainer takes it
+    moe = {case.name: case for case in MOE_CASES}
+    assert set(moe) == {"1 process moe", "2 ep2 zero2 moe", "4 ep2 x zero3 moe"}
+    assert not any(case.fit for case in MOE_CASES)
+    assert all(case.config().model.moe_experts == 8 for case in MOE_CASES)
+    assert layouts["4 ep2 x zero3 moe"] == Layout(
+        dp_shard=4, data_parallel="zero3", ep=2, micro_batch_size=3
+    )
 
 
 def test_layout_from_config_takes_the_trainers_degrees_accumulation_and_micro_batches():
@@ -247,10 +257,21 @@ def test_measured_kernel_rates_time_linear_layers_and_attention_apart():
 
 def test_relative_kernel_rates_anchor_fp32_linear_layers_at_the_peak():
     work = Workload(NANO, 64, 12 * 64, "bf16")
-    fp32 = relative_kernel_rates(replace(work, precision="fp32"), 2, fp32_peak=1e11)
-    bf16 = relative_kernel_rates(work, 2, fp32_peak=1e11)
+    layout = Layout(micro_batch_size=2)
+    fp32 = relative_kernel_rates(replace(work, precision="fp32"), layout, fp32_peak=1e11)
+    bf16 = relative_kernel_rates(work, layout, fp32_peak=1e11)
     assert fp32["linear"] == pytest.approx(1e11, rel=0.5)  # two probes of one kernel, seconds apart
     assert all(rate > 0 for rate in (*fp32.values(), *bf16.values()))
+    assert set(fp32) == {"linear", "attention", "launch", "elementwise"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.model or c.parallel.get("cp")], ids=str)
+def test_kernel_rates_probe_the_moe_and_ring_cases_own_kernels(case):
+    """The MoE cases' grouped experts and the ring's block calls run in the probe."""
+    args = resolve_model_args(case.config(), 65)
+    work = Workload(args, 64, GLOBAL_BATCH * 64, case.precision)
+    rates = relative_kernel_rates(work, case.layout, fp32_peak=1e11)
+    assert all(0 < rate < float("inf") for rate in rates.values())
 
 
 def test_zero2_state_is_sharded_like_fsdp2_stores_it():
