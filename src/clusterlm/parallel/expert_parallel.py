@@ -36,8 +36,9 @@ EXPERT_MESH_DIMS = ("dp_shard_mod_ep", "ep")
 
 
 class AllToAllTimer:
-    """Seconds spent in the experts' all-to-all exchanges (dispatch and combine, forward and
-    backward), for ``bench train``."""
+    """Seconds spent starting and waiting for the experts' all-to-all exchanges (counts, dispatch
+    and combine, forward and backward), for ``bench train``; not the part the shared experts
+    hide."""
 
     seconds = 0.0
 
