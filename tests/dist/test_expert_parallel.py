@@ -43,8 +43,10 @@ def test_expert_parallel_equals_single_process(name, world_size, dp, settings, d
 
 def _dispatch_rank(rank: int, world_size: int) -> None:
     """Rank ``rank``'s tokens through experts split over all ranks, against the whole experts on
-    every rank's tokens: outputs, the tokens' gradients and each rank's share of the weights'."""
+    every rank's tokens: outputs, the tokens' gradients and each rank's share of the weights'; the
+    work given to run alongside comes back with its gradient."""
     import copy
+    import weakref
 
     from clusterlm.distributed.mesh import build_mesh
     from clusterlm.models.moe import GroupedExperts
@@ -62,19 +64,26 @@ def _dispatch_rank(rank: int, world_size: int) -> None:
         counts = torch.randint(0, 4, (experts,))
         batches.append((torch.randn(int(counts.sum()), 6, requires_grad=True), counts))
     probes = [torch.randn(int(c.sum()), 6) for _, c in batches]
-    expected = [whole(tokens, counts) for tokens, counts in batches]
+    expected = [whole(tokens, counts)[0] for tokens, counts in batches]
     sum((out * probe).sum() for out, probe in zip(expected, probes, strict=True)).backward()
 
     mesh = build_mesh(torch.device("cpu"), pp=1, replicate=1, shard=world_size, tp=1)
     apply_expert_parallel(split, mesh, world_size)
     tokens, counts = batches[rank][0].detach().clone().requires_grad_(), batches[rank][1]
-    out = split(tokens, counts)
+    beside = torch.randn(3, requires_grad=True)  # work run while the tokens travel
+    out, alongside = split(tokens, counts, lambda: beside * 2)
     (out * probes[rank]).sum().backward()
+    alongside.sum().backward()
+    torch.testing.assert_close(beside.grad, torch.full((3,), 2.0))
     torch.testing.assert_close(out, expected[rank].detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tokens.grad, batches[rank][0].grad, rtol=1e-5, atol=1e-6)
     for name, weight in split.named_parameters():
         mine = getattr(whole, name).grad[rank * local : (rank + 1) * local]
         torch.testing.assert_close(weight.grad.to_local(), mine, rtol=1e-5, atol=1e-6, msg=name)
+    # Nothing of the exchanges outlives the step (no reference cycle through autograd's graph).
+    arrived = weakref.ref(out)
+    del out
+    assert arrived() is None
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

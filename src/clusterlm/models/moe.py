@@ -19,12 +19,15 @@ Two ways to keep the experts' loads even (``model.moe_balance``):
 
 The model knows nothing of distribution: expert parallelism (``clusterlm.parallel.expert_parallel``)
 shards the stacked weights on dimension 0 and sends ``GroupedExperts.forward``'s input, the tokens
-sorted by expert, to their experts' ranks by all-to-all.
+sorted by expert, to their experts' ranks by all-to-all; the block hands its shared experts to the
+routed ones, which run them while the tokens travel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -118,9 +121,17 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
 
-    def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``tokens`` [M, d] sorted by expert, ``counts`` [E] of them per expert -> [M, d]."""
-        return swiglu_experts(tokens, counts, self.w1, self.w3, self.w2)
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        counts: torch.Tensor,
+        alongside: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``tokens`` [M, d] sorted by expert, ``counts`` [E] of them per expert -> [M, d], and
+        the result of ``alongside``: work that does not depend on the experts (the shared
+        experts), which an implementation that moves the tokens runs while they travel."""
+        out = swiglu_experts(tokens, counts, self.w1, self.w3, self.w2)
+        return out, None if alongside is None else alongside()
 
 
 def swiglu_experts(
@@ -163,10 +174,14 @@ class MoE(nn.Module):
         counts = torch.bincount(experts.flatten(), minlength=self.n_experts)
         order = experts.flatten().argsort(stable=True)  # the (token, choice) pairs by expert
         token = order // self.top_k
-        routed = self.experts(flat[token], counts) * weights.flatten()[order, None]
+        # The shared experts, given to the routed ones to run while their tokens travel.
+        routed, shared = self.experts(
+            flat[token], counts, None if self.shared is None else partial(self.shared, flat)
+        )
+        routed = routed * weights.flatten()[order, None]
         out = flat.new_zeros(flat.shape).index_add_(0, token, routed.to(flat.dtype))
-        if self.shared is not None:
-            out = out + self.shared(flat)
+        if shared is not None:
+            out = out + shared
         if self.training and torch.is_grad_enabled():
             # Computed in a recompute too: activation checkpointing expects the same saved tensors.
             loss = balance_loss(counts, scores)

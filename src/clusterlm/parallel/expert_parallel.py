@@ -6,7 +6,8 @@ group holds ``E / ep`` consecutive experts: the stacked weights become DTensors 
 ``ep`` mesh, so a checkpoint stores the whole ``[E, ...]`` tensors and loads into any ep. The
 router stays replicated: every rank routes its own tokens, sorts them by expert as one process
 does, and an all-to-all sends each run of tokens to the rank holding its expert; the outputs come
-back by the reverse all-to-all, in the order they left.
+back by the reverse all-to-all, in the order they left. The shared experts run while the tokens
+travel to the experts, forward and backward (``Transfer``), as Megatron-LM's shared-expert overlap.
 
 Gradients: the non-expert parameters are reduced over the whole data-parallel group as before;
 the experts' by FSDP over the expert-data-parallel group (``dp_shard_mod_ep``, with
@@ -20,6 +21,7 @@ rank (``clusterlm.parallel.expert_balance``), so the routing biases match one pr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,8 +36,9 @@ EXPERT_MESH_DIMS = ("dp_shard_mod_ep", "ep")
 
 
 class AllToAllTimer:
-    """Seconds spent in the experts' all-to-all exchanges (dispatch and combine, forward and
-    backward), for ``bench train``."""
+    """Seconds spent starting and waiting for the experts' all-to-all exchanges (counts, dispatch
+    and combine, forward and backward), for ``bench train``; not the part the shared experts
+    hide."""
 
     seconds = 0.0
 
@@ -45,57 +48,148 @@ class AllToAllTimer:
         return seconds
 
 
+class _Started:
+    """An all-to-all under way (``async_op``): its output, to read after ``wait``."""
+
+    def __init__(
+        self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup
+    ):
+        start = time.perf_counter()
+        self.out: torch.Tensor | None = x.new_empty((sum(out_splits), *x.shape[1:]))
+        self.work: dist.Work | None = dist.all_to_all_single(
+            self.out, x.contiguous(), out_splits, in_splits, group=group, async_op=True
+        )
+        self.issued = time.perf_counter() - start
+
+    def wait(self) -> torch.Tensor:
+        """The output. The work and the output are forgotten here: autograd's nodes hold this
+        object, and the output (which the work holds too) holds a node, a cycle that would keep
+        every step's exchanges alive."""
+        start = time.perf_counter()
+        work, self.work = self.work, None
+        out, self.out = self.out, None
+        assert out is not None, "an all-to-all waited on twice"
+        if work is not None:
+            work.wait()
+        AllToAllTimer.seconds += self.issued + time.perf_counter() - start
+        return out
+
+
 def _all_to_all(
     x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup
 ) -> torch.Tensor:
-    start = time.perf_counter()
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    AllToAllTimer.seconds += time.perf_counter() - start
-    return out
+    return _Started(x, out_splits, in_splits, group).wait()
 
 
-class _Exchange(torch.autograd.Function):
-    """All-to-all of rows: ``in_splits[j]`` rows go to rank j, ``out_splits[i]`` come from rank i;
-    the gradient goes back the same way reversed."""
+class Transfer:
+    """An all-to-all of rows, ``in_splits[j]`` to rank j and ``out_splits[i]`` from rank i, whose
+    gradient goes back the same way reversed; differentiable, in two halves so that work placed
+    between them runs while the rows travel: ``start`` sends (and, in backward, waits for the
+    gradients), ``finish`` waits for the rows (and, in backward, sends the gradients). Autograd
+    runs backward in reverse order of forward, so what ran between the halves in forward runs
+    between them in backward too."""
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup):
+        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+        self.forward: _Started | None = None
+        self.backward: _Started | None = None
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """A token of the rows under way (empty; it carries autograd's link to ``x``), for
+        ``finish``."""
+        return _Send.apply(x, self)
+
+    def finish(self, sent: torch.Tensor) -> torch.Tensor:
+        """The rows arrived."""
+        return _Receive.apply(sent, self)
+
+
+class _Send(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x, transfer):
+        ctx.transfer = transfer
+        transfer.forward = _Started(x, transfer.out_splits, transfer.in_splits, transfer.group)
+        return x.new_empty(0)
 
     @staticmethod
-    def forward(ctx: Any, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _all_to_all(x, out_splits, in_splits, group)
+    def backward(ctx: Any, _):
+        return ctx.transfer.backward.wait(), None
+
+
+class _Receive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, sent, transfer):
+        ctx.transfer = transfer
+        return transfer.forward.wait()
 
     @staticmethod
     def backward(ctx: Any, grad):
-        out_splits, in_splits = ctx.splits
-        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+        t = ctx.transfer
+        t.backward = _Started(grad, t.in_splits, t.out_splits, t.group)
+        return grad.new_empty(0), None
 
 
 def exchange(
     x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup
 ) -> torch.Tensor:
     """``x``'s rows exchanged between the ranks of ``group``, differentiably."""
-    return _Exchange.apply(x, out_splits, in_splits, group)
+    transfer = Transfer(out_splits, in_splits, group)
+    return transfer.finish(transfer.start(x))
+
+
+class _Permute(torch.autograd.Function):
+    """``x[order]`` for a permutation ``order`` whose inverse is ``inverse``: backward gathers
+    too, where indexing would scatter-add into zeros."""
+
+    @staticmethod
+    def forward(ctx: Any, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def _by_local_expert(received: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order that groups rows arrived by source rank, then local expert (``received`` [source
+    rank, local expert] rows), by local expert; and its inverse."""
+    local = torch.arange(received.size(1), device=received.device).repeat(received.size(0))
+    order = local.repeat_interleave(received.flatten()).argsort(stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, inverse
 
 
 class ExpertParallelExperts(GroupedExperts):
     """``GroupedExperts`` whose weights hold this rank's ``E / ep`` experts: tokens sorted by
-    global expert go to their experts' ranks and come back, in order."""
+    global expert go to their experts' ranks and come back, in order. The work ``alongside`` runs
+    while the tokens travel to the experts, and its backward while their gradients travel back."""
 
     ep_group: dist.ProcessGroup
 
-    def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        counts: torch.Tensor,
+        alongside: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         ranks = dist.get_world_size(self.ep_group)
         sent = counts.view(ranks, -1)  # [destination rank, its local expert]
         received = _all_to_all(sent, [1] * ranks, [1] * ranks, self.ep_group)
         in_splits, out_splits = sent.sum(1).tolist(), received.sum(1).tolist()
-        arrived = exchange(tokens, out_splits, in_splits, self.ep_group)
-        # Arrived by source rank, then expert: group them by expert for the grouped multiply.
-        local = torch.arange(sent.size(1), device=counts.device).repeat(ranks)
-        order = local.repeat_interleave(received.flatten()).argsort(stable=True)
+        dispatch = Transfer(out_splits, in_splits, self.ep_group)
+        under_way = dispatch.start(tokens)
+        beside = None if alongside is None else alongside()
+        order, inverse = _by_local_expert(received)
+        arrived = dispatch.finish(under_way)
         stacked = (self.w1, self.w3, self.w2)
         w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in stacked)
-        out = swiglu_experts(arrived[order], received.sum(0), w1, w3, w2)
-        return exchange(out[order.argsort()], in_splits, out_splits, self.ep_group)
+        # Arrived by source rank, then expert: grouped by expert for the grouped multiply.
+        out = swiglu_experts(_Permute.apply(arrived, order, inverse), received.sum(0), w1, w3, w2)
+        out = exchange(_Permute.apply(out, inverse, order), in_splits, out_splits, self.ep_group)
+        return out, beside
 
 
 def expert_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
