@@ -77,8 +77,7 @@ class Ceph:
             self.osd_uuids[index] = osd_uuid
             self._start_osd(index)
         self.daemons.wait(lambda: self._osds_up() == OSDS, f"{OSDS} OSDs to be up")
-        self.daemons.start("rgw", ["radosgw", "-f", "-n", "client.rgw", "-c", str(self.conf)])
-        self.daemons.wait(self._s3_answers, "radosgw to answer", timeout_s=120)
+        self.start_gateway()
         self._run(
             "radosgw-admin",
             "-c",
@@ -113,6 +112,15 @@ class Ceph:
         )
         client.create_bucket(Bucket=name)
         return f"s3://{name}"
+
+    def start_gateway(self) -> None:
+        """radosgw, started; returns once it answers."""
+        self.daemons.start("rgw", ["radosgw", "-f", "-n", "client.rgw", "-c", str(self.conf)])
+        self.daemons.wait(self._s3_answers, "radosgw to answer", timeout_s=120)
+
+    def kill_gateway(self) -> None:
+        """radosgw dies (SIGKILL): the store stops answering, its objects stay."""
+        self.daemons.kill("rgw")
 
     def kill_osd(self, index: int) -> None:
         """OSD ``index`` dies (SIGKILL): the objects it held in memory are gone, their other
