@@ -160,6 +160,8 @@ class Ceph:
             "admin socket": root / "run/$name.asok",
             "log file": root / "log/$name.log",
             "mon cluster log file": root / "log/cluster.log",
+            "crash dir": root / "crash",
+            "pid file": root / "run/$name.pid",
             "mon data": root / "mon/$cluster-$id",
             "mgr data": root / "mgr/$cluster-$id",
             "osd data": root / "osd/$cluster-$id",
