@@ -1,11 +1,13 @@
 """The errors of a remote store's client sorted into waits and one-line fixes; botocore's own
 errors (the S3 driver's) included."""
 
+import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from clusterlm.data.shard_cache import with_retries
+from clusterlm.data.storage import url_to_fs
 from clusterlm.data.store_errors import check_bucket, store_errors
 from clusterlm.errors import UserError
 
@@ -70,3 +72,9 @@ def test_a_missing_bucket_is_one_line(monkeypatch):
     ):
         check_bucket(fs, "nope/x", "s3://nope/x")
     check_bucket(MemoryFileSystem(), "/nope/x", "memory://nope/x")  # no buckets: nothing to check
+
+
+def test_a_driver_not_installed_names_what_to_install():
+    fsspec.register_implementation("nodriver", "no_such_module.NoFileSystem", clobber=True)
+    with pytest.raises(UserError, match=r"nodriver://b/x needs a storage driver .*clusterlm\[s3\]"):
+        url_to_fs("nodriver://b/x")
