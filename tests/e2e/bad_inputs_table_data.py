@@ -138,4 +138,36 @@ STORE = [
     ),
 ]
 
-DATA_CASES = [*MIXES, *CLEANING, *STORE]
+# S3 as a user reaches it: the standard AWS variables, no AWS files, one attempt per request.
+S3_NOWHERE = {
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens on the discard port
+    "AWS_ACCESS_KEY_ID": "clusterlm",
+    "AWS_SECRET_ACCESS_KEY": "clusterlm-secret",
+    "AWS_CONFIG_FILE": "{tmp}/no-aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "{tmp}/no-aws-credentials",
+    "AWS_MAX_ATTEMPTS": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+S3_NO_CREDENTIALS = {**S3_NOWHERE, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+PREPARE_S3 = ("prepare", "{tmp}/text.txt", "--out", "s3://corpus/data")
+TEXT = write("text.txt", "the store is where the data is\n" * 20)
+
+
+def s3_case(id: str, env: dict[str, str], expect: str) -> list[object]:
+    """``prepare --out s3://`` and training from ``data.dir = s3://``, on one and two processes;
+    each a process of its own, as the S3 client's settings are read once per process."""
+    train = (*TRAIN, "--data.dir", "s3://corpus/data", "--data.cache_dir", "{tmp}/cache")
+    options = dict(env=env, expect=expect, subprocess=True)
+    return [
+        case(f"s3-{id}-prepare", *PREPARE_S3, setup=TEXT, **options),
+        case(f"s3-{id}-train", *train, **options),
+        case(f"s3-{id}-train-nproc2", *train, "--nproc", "2", **options),
+    ]
+
+
+S3 = [
+    *s3_case("unreachable", S3_NOWHERE, "does not answer (EndpointConnectionError"),
+    *s3_case("no-credentials", S3_NO_CREDENTIALS, "no credentials found"),
+]
+
+DATA_CASES = [*MIXES, *CLEANING, *STORE, *S3]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from launch_helpers import clusterlm
+from private_ceph import Ceph
 from private_moosefs import MooseFS
 
 from clusterlm.cli import main as cli
@@ -47,3 +48,30 @@ def moosefs(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory):
+    """A private Ceph cluster (monitor, manager, three in-memory OSDs, two copies of every object)
+    with radosgw serving S3 on 127.0.0.1, started once for the test run and stopped by pid."""
+    cluster = Ceph(tmp_path_factory.mktemp("ceph"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def s3(ceph, monkeypatch, request):
+    """A new bucket on the private Ceph cluster (its URL), reached through the standard AWS
+    variables as a user would; s3fs's cached clients are dropped so each test sees its own."""
+    import s3fs
+
+    for name, value in ceph.credentials.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield ceph.create_bucket(f"t-{abs(hash(request.node.nodeid)) % 10**12}")
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from private_daemons import Daemons
 from private_slurm import require_real_system
 
 MOOSEFS_COMMANDS = ("mfsmaster", "mfschunkserver", "mfsmount", "mfssetgoal", "nsenter", "ip")
@@ -53,9 +52,10 @@ class MooseFS:
     root: Path
     namespace: str = field(init=False)
     address: str = field(init=False)
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    daemons: Daemons = field(init=False)
 
     def __post_init__(self) -> None:
+        self.daemons = Daemons("MooseFS", self.root)
         self.namespace = f"{FAMILY}{os.getpid()}-{random.randrange(16**4):04x}"
         self.address = f"10.214.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
 
@@ -72,13 +72,13 @@ class MooseFS:
         self._start_master()
         for index in range(CHUNKSERVERS):
             self._start_chunkserver(index)
-        self._wait(self._chunkservers_connected, "three chunkservers to register")
+        self.daemons.wait(self._chunkservers_connected, "three chunkservers to register")
         self.mount.mkdir()
         self._start(
             "mount",
             ["mfsmount", "-f", str(self.mount), "-H", self.address, "-P", str(CLIENT_PORT)],
         )
-        self._wait(lambda: os.path.ismount(self.mount), "the FUSE mount")
+        self.daemons.wait(lambda: os.path.ismount(self.mount), "the FUSE mount")
         self.tool("mfssetgoal", "-r", str(GOAL), str(self.mount))
 
     def tool(self, *command: str) -> str:
@@ -93,14 +93,12 @@ class MooseFS:
 
     def kill_chunkserver(self, index: int) -> None:
         """Chunkserver ``index`` dies (SIGKILL): its copies are gone, the other copy remains."""
-        process = self.processes.pop(f"chunkserver{index}")
-        process.kill()
-        process.wait(timeout=30)
+        self.daemons.kill(f"chunkserver{index}")
 
     def restart_chunkserver(self, index: int) -> None:
         """Chunkserver ``index`` back, with the chunks it held; returns once it has registered."""
         self._start_chunkserver(index)
-        self._wait(self._chunkservers_connected, f"chunkserver {index} to register again")
+        self.daemons.wait(self._chunkservers_connected, f"chunkserver {index} to register again")
 
     def drop_cached_pages(self, directory: Path) -> None:
         """Make the next reads of the files in ``directory`` go to the chunkservers."""
@@ -110,17 +108,7 @@ class MooseFS:
 
     def stop(self) -> None:
         """Everything started here, by pid, then the mount, the namespace and the directory."""
-        mount = self.processes.pop("mount", None)
-        for process in [mount, *reversed(self.processes.values())]:  # the client first
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=20)
-        self.processes.clear()
+        self.daemons.stop(first=["mount"])  # the client first
         if os.path.ismount(self.mount):
             subprocess.run(["umount", "-l", str(self.mount)], check=False, timeout=30)
         subprocess.run(["ip", "netns", "del", self.namespace], check=False, timeout=30)
@@ -146,7 +134,7 @@ class MooseFS:
         )
         (data / "mfstopology.cfg").write_text("")
         self._start("master", ["mfsmaster", "-f", "-c", str(config)])
-        self._wait(lambda: self._listening(CLIENT_PORT), "the master")
+        self.daemons.wait(lambda: self._listening(CLIENT_PORT), "the master")
 
     def _start_chunkserver(self, index: int) -> None:
         data = self.root / f"chunkserver{index}"
@@ -173,10 +161,7 @@ class MooseFS:
         return sum(self.address in line for line in listing.splitlines()) >= CHUNKSERVERS
 
     def _start(self, name: str, command: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it open
-        self.processes[name] = subprocess.Popen(
-            self._in_namespace(command), stdout=log, stderr=subprocess.STDOUT
-        )
+        self.daemons.start(name, self._in_namespace(command))
 
     def _in_namespace(self, command: list[str]) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.namespace}", *command]
@@ -195,18 +180,3 @@ class MooseFS:
             ).returncode
             == 0
         )
-
-    def _wait(self, ready, what: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for name, process in self.processes.items():
-                if process.poll() is not None:
-                    log = (self.root / f"{name}.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"MooseFS {name} exited ({process.returncode}): {log}")
-            try:
-                if ready():
-                    return
-            except subprocess.CalledProcessError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"MooseFS: waited {timeout_s} s for {what}")

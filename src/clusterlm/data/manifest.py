@@ -19,6 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import numpy as np
 
 from clusterlm.data.storage import join, sha256_of_file, url_to_fs
+from clusterlm.data.store_errors import check_bucket, store_errors
 from clusterlm.errors import UserError
 from clusterlm.files import is_plain_name, is_sha256
 
@@ -135,10 +136,15 @@ def load_manifest(data_dir: str | os.PathLike[str]) -> Manifest:
     """The manifest of a prepared directory (local path or URL), checked to be well-formed."""
     fs, root = url_to_fs(data_dir)
     path = join(root, MANIFEST_NAME)
-    if not fs.isfile(path):
-        raise UserError(f"no prepared data at {data_dir}; run `clusterlm prepare --out {data_dir}`")
+    with store_errors(f"reading {data_dir}", fs, str(data_dir)):
+        if not fs.isfile(path):
+            check_bucket(fs, root, str(data_dir))
+            raise UserError(
+                f"no prepared data at {data_dir}; run `clusterlm prepare --out {data_dir}`"
+            )
+        stored = fs.cat_file(path)
     try:
-        raw = json.loads(fs.cat_file(path).decode("utf-8"))
+        raw = json.loads(stored.decode("utf-8"))
         if isinstance(raw, dict) and raw.get("kind") == TASK_KIND:
             raise UserError(
                 f"{data_dir} is a labelled task, not a language-modelling corpus; "
@@ -183,14 +189,16 @@ def check_files_present(data_dir: str | os.PathLike[str]) -> Manifest:
     sizes |= {
         s.file: s.tokens * itemsize for split in manifest.splits.values() for s in split.shards
     }
-    for name, size in sizes.items():
-        path = join(root, name)
-        if not fs.isfile(path):
-            raise _corrupt(name, data_dir, "it is missing")
-        if size is not None and fs.size(path) != size:
-            raise _corrupt(
-                name, data_dir, f"it holds {fs.size(path)} bytes where the manifest records {size}"
-            )
+    with store_errors(f"reading {data_dir}", fs, str(data_dir)):
+        for name, size in sizes.items():
+            path = join(root, name)
+            if not fs.isfile(path):
+                raise _corrupt(name, data_dir, "it is missing")
+            if size is not None and fs.size(path) != size:
+                stored = fs.size(path)
+                raise _corrupt(
+                    name, data_dir, f"it holds {stored} bytes where the manifest records {size}"
+                )
     return manifest
 
 

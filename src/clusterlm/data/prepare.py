@@ -50,10 +50,11 @@ from clusterlm.data.manifest import (
 )
 from clusterlm.data.quality import CleaningOptions
 from clusterlm.data.shards import DocumentIds, ShardWriter
-from clusterlm.data.storage import StagedDir, is_local, join, resolve_sources, url_to_fs
+from clusterlm.data.storage import StagedDir, join, resolve_sources
+from clusterlm.data.store_errors import output_location, store_errors, store_failures
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
-from clusterlm.files import check_output_path, disk_errors
+from clusterlm.files import disk_errors
 
 SPLIT_RULE = "seeded-span"
 DEFAULT_BPE_VOCAB = 4096
@@ -107,6 +108,7 @@ class PrepareOptions:
 
 def prepare(opts: PrepareOptions) -> Manifest:
     """Prepare ``opts.out`` (or find it up to date) and return its manifest."""
+    fs, root = output_location(opts.out)  # before the inputs are read: the store may refuse
     sources = resolve_sources(opts.inputs) if opts.inputs else embedded_corpus()
     given_tokenizer = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
     cleaning = opts.cleaning if opts.cleaning.active else None
@@ -114,9 +116,6 @@ def prepare(opts: PrepareOptions) -> Manifest:
     infos = tuple(d.info for d in documents)
     fingerprint = _fingerprint(opts, infos, given_tokenizer)
 
-    fs, root = url_to_fs(opts.out)
-    if is_local(fs):
-        check_output_path(root, "--out")
     existing = _existing_manifest(fs, root)
     if up_to_date(fs, root, opts.out, existing, fingerprint, _intact, opts.force):
         assert existing is not None  # its fingerprint matched
@@ -129,7 +128,7 @@ def prepare(opts: PrepareOptions) -> Manifest:
         opts.tokenizer, opts.bpe_vocab_size, fitting_texts(opts.tokenizer, documents)
     )
     dtype = token_dtype(tokenizer.vocab_size)  # before anything is written: a misfit writes nothing
-    with disk_errors(opts.out, "--out"):
+    with disk_errors(opts.out, "--out"), store_errors(f"writing {opts.out}", fs, opts.out):
         created = not fs.exists(root)
         fs.makedirs(root, exist_ok=True)
         staged = StagedDir(fs, root)
@@ -183,7 +182,8 @@ def _publish(staged: StagedDir, files: dict[str, str], manifest: Manifest) -> No
 
 def discard(fs: AbstractFileSystem, root: str, staged: StagedDir, created: bool) -> None:
     """After a failed write: remove the temporary files, and ``root`` if this run made it."""
-    with suppress(OSError):  # a read-only disk refuses even this; the first error is the one
+    # A read-only disk or a store that went away refuses even this; the first error is the one.
+    with suppress(*store_failures()):
         staged.discard()
         if created and not fs.ls(root):
             fs.rmdir(root)

@@ -31,6 +31,7 @@ from fsspec import AbstractFileSystem
 from clusterlm.config import DataConfig
 from clusterlm.data.manifest import ShardInfo
 from clusterlm.data.storage import default_cache_dir, display_name, join
+from clusterlm.data.store_errors import refusal, unreachable_errors
 from clusterlm.errors import UserError
 from clusterlm.files import disk_errors
 
@@ -80,8 +81,10 @@ def with_retries(
     what: str,
     retry_s: float,
     sleep: Callable[[float], None] = time.sleep,
+    url: str = "",
 ) -> T:
-    """``action()``, retried with exponential backoff on transient errors for ``retry_s``."""
+    """``action()`` on the store of ``url``, retried with exponential backoff on transient
+    errors for ``retry_s``."""
     deadline, delay = time.monotonic() + retry_s, _FIRST_DELAY_S
     while True:
         try:
@@ -92,11 +95,11 @@ def with_retries(
             raise UserError(
                 f"{what} failed: it is missing from the store; prepare the data again"
             ) from None
-        except PermissionError as err:
-            raise UserError(
-                f"{what} failed: the store refused access ({err}); check the credentials"
-            ) from None
-        except OSError as err:
+        except Exception as err:
+            if (mapped := refusal(what, url, err)) is not None:
+                raise mapped from None
+            if not isinstance(err, unreachable_errors()):
+                raise
             if time.monotonic() + delay > deadline:
                 raise UserError(
                     f"{what} failed for data.retry_s = {retry_s:g} s ({type(err).__name__}: "
@@ -218,11 +221,12 @@ class ShardCache:
                     self._count(bytes_read=len(chunk))
 
         try:
-            what = f"reading shard {display_name(self._fs, source)}"
-            with_retries(copy_rest, what, self._settings.retry_s, self._sleep)
+            url = display_name(self._fs, source)
+            retry_s = self._settings.retry_s
+            with_retries(copy_rest, f"reading shard {url}", retry_s, self._sleep, url)
             if digest.hexdigest() != shard.sha256:
                 raise UserError(
-                    f"shard {display_name(self._fs, source)} changed on the store (its sha256 "
+                    f"shard {url} changed on the store (its sha256 "
                     "differs from the manifest); prepare the data again with `clusterlm prepare "
                     "--force`"
                 )

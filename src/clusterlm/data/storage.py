@@ -29,7 +29,13 @@ _GLOB_CHARS = frozenset("*?[")
 
 def url_to_fs(url: str | os.PathLike[str]) -> tuple[AbstractFileSystem, str]:
     """The filesystem behind a local path or URL, and the path within it."""
-    return fsspec.core.url_to_fs(os.fspath(url))
+    try:
+        return fsspec.core.url_to_fs(os.fspath(url))
+    except ImportError as err:
+        raise UserError(
+            f"{os.fspath(url)} needs a storage driver that is not installed ({err}); install it "
+            "(for s3://: `pip install 'clusterlm[s3]'`)"
+        ) from None
 
 
 def is_local(fs: AbstractFileSystem) -> bool:

@@ -44,7 +44,8 @@ from clusterlm.data.prepare import (
     fit_tokenizer,
     up_to_date,
 )
-from clusterlm.data.storage import SourceFile, StagedDir, is_local, join, resolve_sources, url_to_fs
+from clusterlm.data.storage import SourceFile, StagedDir, join, resolve_sources
+from clusterlm.data.store_errors import output_location
 from clusterlm.data.task import (
     TASK_FORMAT_VERSION,
     TASK_SPLITS,
@@ -54,7 +55,7 @@ from clusterlm.data.task import (
 )
 from clusterlm.data.tokenizer import Tokenizer
 from clusterlm.errors import UserError
-from clusterlm.files import check_output_path, disk_errors
+from clusterlm.files import disk_errors
 
 M = TypeVar("M")
 
@@ -127,9 +128,7 @@ def prepare_task(opts: TaskOptions) -> TaskManifest:
         infos, records = _read_jsonl_source(sources[0], opts.max_line_bytes)
         texts = [r.text for r in records]
     fingerprint = _fingerprint(opts, infos, given)
-    fs, root = url_to_fs(opts.out)
-    if is_local(fs):
-        check_output_path(root, "--out")
+    fs, root = output_location(opts.out)
     existing = existing_manifest(fs, root, TaskManifest)
     if up_to_date(fs, root, opts.out, existing, fingerprint, files_intact, opts.force):
         assert existing is not None  # its fingerprint matched

@@ -34,7 +34,8 @@ from clusterlm.data.prepare import (
     fit_tokenizer,
     up_to_date,
 )
-from clusterlm.data.storage import StagedDir, is_local, url_to_fs
+from clusterlm.data.storage import StagedDir
+from clusterlm.data.store_errors import output_location
 from clusterlm.data.task import TASK_SPLITS
 from clusterlm.data.task_prepare import (
     BIBLE_TASK,
@@ -54,7 +55,7 @@ from clusterlm.data.translation import (
     write_pairs,
 )
 from clusterlm.errors import UserError
-from clusterlm.files import check_output_path, disk_errors
+from clusterlm.files import disk_errors
 
 
 def is_translation_task(task: str) -> bool:
@@ -68,9 +69,7 @@ def prepare_translation(opts: TaskOptions) -> TranslationManifest:
     given = None if opts.tokenizer in ("char", "bpe") else Tokenizer.load(opts.tokenizer)
     found = read_pairs(opts)
     fingerprint = _fingerprint(opts, found, given)
-    fs, root = url_to_fs(opts.out)
-    if is_local(fs):
-        check_output_path(root, "--out")
+    fs, root = output_location(opts.out)
     existing = existing_manifest(fs, root, TranslationManifest)
     if up_to_date(fs, root, opts.out, existing, fingerprint, files_intact, opts.force):
         assert existing is not None  # its fingerprint matched
