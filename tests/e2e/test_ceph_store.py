@@ -10,15 +10,16 @@ import time
 
 import fsspec
 import pytest
-import s3fs
 import torch
 from test_train import config, final_weights
-from train_helpers import TINY_ARGS, records
+from train_helpers import TINY_ARGS, records, train_cli
 
 from clusterlm.cli import main as cli
 from clusterlm.data.manifest import load_manifest, verify_shards
 from clusterlm.errors import UserError
 from clusterlm.train.trainer import train
+
+s3fs = pytest.importorskip("s3fs", reason="needs the optional extra .[s3] (make test installs it)")
 
 STEPS = 8
 
@@ -70,6 +71,19 @@ def test_training_from_s3_matches_local_disk(s3, data_dir, tmp_path):
     last = records(tmp_path / "s3", "train")[-1]
     assert last["store_bytes_read"][0] > 0 and last["cache_misses"][0] >= 1
     assert last["cache_hits"][0] >= 1 and last["data_wait_s"][0] >= 0
+
+
+def test_two_processes_train_from_s3_as_from_local_disk(s3, data_dir, tmp_path):
+    """`train --nproc 2`: each rank streams the shards of its own windows through the node's
+    cache, and the weights are those of the same two-process run from local disk."""
+    prepare_onto(f"{s3}/data", data_dir, "--shard-tokens", "4000")
+    cache = ["--data.cache_dir", str(tmp_path / "cache"), "--data.cache_gb", str(3 * 8000 / 2**30)]
+    assert train_cli(data_dir, tmp_path / "local", STEPS, "--nproc", "2") == 0
+    assert train_cli(f"{s3}/data", tmp_path / "s3", STEPS, "--nproc", "2", *cache) == 0
+    local, stored = final_weights(tmp_path / "local"), final_weights(tmp_path / "s3")
+    assert all(torch.equal(local[k], stored[k]) for k in local)
+    last = records(tmp_path / "s3", "train")[-1]
+    assert len(last["store_bytes_read"]) == 2 and min(last["store_bytes_read"]) > 0
 
 
 def wait_for_step(run, step: int) -> None:
