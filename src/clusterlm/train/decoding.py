@@ -1,7 +1,8 @@
 """Greedy decoding and beam search of the encoder–decoder, batched: the encoder runs once per batch
 and the decoder feeds one new token per step, reusing its cached keys and values
 (``clusterlm.models.seq2seq.DecodingCache``). The beam search itself (``beam_search``) takes any
-model's step, and serves decoder-only generation too (``clusterlm.train.generate``)."""
+model's step, and serves decoder-only generation too (``clusterlm.train.generate``, and
+translation by continuing prompts of different lengths, ``PromptedRows``)."""
 
 from __future__ import annotations
 
@@ -156,6 +157,36 @@ def _advance(
     return keep, tokens.view(-1, 1), scores
 
 
+class PromptedRows:
+    """A decoder-only model's step over rows of different prompt lengths, for ``beam_search``:
+    row r is ``prompts[r, :lengths[r]]`` followed by its hypothesis so far. The model has no
+    key-value cache, so each step reruns every row whole, right-padded: attention is causal, so
+    what follows a row's last token changes nothing its next-token logits depend on."""
+
+    def __init__(self, model: nn.Module, prompts: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.model, self.prompts, self.lengths = model, prompts, lengths
+        self.history: torch.Tensor | None = None  # the tokens chosen so far [N, t]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [N, V]; ``tokens``: the prompts at the first step, then each row's
+        newest token [N, 1]."""
+        if self.history is None:
+            self.history = tokens[:, :0]
+        else:
+            self.history = torch.cat([self.history, tokens], 1)
+        chosen = self.history.size(1)
+        rows = torch.cat([self.prompts, torch.zeros_like(self.history)], 1)
+        columns = self.lengths[:, None] + torch.arange(chosen, device=rows.device)
+        rows.scatter_(1, columns, self.history)
+        last = self.lengths + chosen - 1
+        return self.model(rows)[torch.arange(rows.size(0), device=rows.device), last]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        assert self.history is not None
+        self.prompts, self.lengths = self.prompts[rows], self.lengths[rows]
+        self.history = self.history[rows]
+
+
 @dataclass(frozen=True)
 class Search:
     """How translations are decoded: greedy (a beam of 1) or beam search."""
@@ -174,6 +205,32 @@ class Search:
         if self.beam == 1:
             return greedy_decode(model, source, eot_id, max_len, all_done)
         return beam_decode(model, source, eot_id, max_len, self.beam, self.length_penalty, all_done)
+
+    def continue_prompts(
+        self,
+        model: nn.Module,
+        prompts: torch.Tensor,
+        lengths: torch.Tensor,
+        eot_id: int,
+        max_len: int,
+        all_done: Callable[[bool], bool],
+    ) -> torch.Tensor:
+        """A decoder-only model's continuations of ``prompts`` [B, P] (row r's first
+        ``lengths[r]`` tokens), as ``decode`` returns them: beam search (a beam of 1 is greedy:
+        it keeps the most likely token, and ends when that is the end-of-text token)."""
+        rows = PromptedRows(
+            model, prompts.repeat_interleave(self.beam, 0), lengths.repeat_interleave(self.beam)
+        )
+        return beam_search(
+            rows.step,
+            rows.reorder,
+            rows.prompts,
+            eot_id,
+            max_len,
+            self.beam,
+            self.length_penalty,
+            all_done,
+        )
 
 
 GREEDY = Search()
