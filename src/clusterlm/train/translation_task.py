@@ -134,12 +134,13 @@ def evaluate_translation(
     split: str,
     limit: int | None,
     search: Search,
-) -> Metrics:
-    """`clusterlm eval` of a run trained on the translation task in ``data.dir``."""
+) -> tuple[Metrics, list[str]]:
+    """`clusterlm eval` of a run trained on the translation task in ``data.dir``: the scores, and
+    each scored pair's translation in the split's order."""
     task = load_translation(cfg.data.dir, verify=cfg.data.verify)
     stream = pair_stream(cfg, task.splits[split], task.manifest)
     tokenizer = Tokenizer.load(f"{cfg.data.dir.rstrip('/')}/tokenizer.json")
-    return translation_metrics(model, cfg, runtime, stream, tokenizer, limit, search)
+    return scored_translations(model, cfg, runtime, stream, tokenizer, limit, search)
 
 
 def translation_metrics(
@@ -152,8 +153,20 @@ def translation_metrics(
     search: Search = GREEDY,
 ) -> Metrics:
     """Loss and accuracy per target token, BLEU and chrF of translations (greedy, or by beam
-    ``search``), over the split's
-    pairs (every one, or ``limit`` evenly spaced ones); each data-parallel rank translates a
+    ``search``), over the split's pairs (every one, or ``limit`` evenly spaced ones)."""
+    return scored_translations(model, cfg, runtime, stream, tokenizer, limit, search)[0]
+
+
+def scored_translations(
+    model: ParallelModel,
+    cfg: Config,
+    runtime: Runtime,
+    stream: PairStream,
+    tokenizer: Tokenizer,
+    limit: int | None,
+    search: Search = GREEDY,
+) -> tuple[Metrics, list[str]]:
+    """``translation_metrics``, and the translations scored. Each data-parallel rank translates a
     contiguous share and the shares are gathered, so every rank reports the same scores."""
     assert isinstance(model, WholeModel)  # a translation model runs no pipeline
     lockstep = runtime.world_size > 1 and runtime.lockstep
@@ -181,12 +194,13 @@ def translation_metrics(
     texts = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in hyp[real]]
     truth = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in ref[real]]
     count = float(sums[2].clamp(min=1))
-    return {
+    scores = {
         "loss": float(sums[0]) / count,
         "accuracy": float(sums[1]) / count,
         "bleu": sacrebleu.corpus_bleu(texts, [truth]).score,
         "chrf": sacrebleu.corpus_chrf(texts, [truth]).score,
     }
+    return scores, texts
 
 
 def _translations(

@@ -8,6 +8,7 @@ import pytest
 from translation_pairs import MBART, prepare_pairs
 
 from clusterlm.cli import main as cli
+from clusterlm.data.translation import load_translation
 from clusterlm.errors import UserError
 from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.train.trainer import train
@@ -65,6 +66,14 @@ def test_a_decoder_only_model_learns_to_translate(tmp_path, capsys):
     (test,) = [r for r in records if r["kind"] == "test"]
     assert test["test_chrf"] > 10  # Spanish words from English ones, from 120 steps
     capsys.readouterr()
+    written = tmp_path / "test.es"
+    argv = ["eval", "--run", str(out), "--split", "test", "--translations", str(written)]
+    assert cli(argv) == 0  # greedy, every test pair, again: the same scores
+    assert f"chrF {test['test_chrf']:.2f}" in capsys.readouterr().out
+    texts = written.read_text().splitlines()
+    references = [json.loads(line)["tgt"] for line in (tmp_path / "pairs.jsonl").open()]
+    assert len(texts) == len(load_translation(str(task)).splits["test"])
+    assert any(text in references for text in texts)  # some pairs wholly right
     assert cli(["eval", "--run", str(out), "--split", "test", "--beam", "2"]) == 0
     assert "chrF" in capsys.readouterr().out
     # translate takes encoder-decoder runs: it refuses this one with one line.
