@@ -194,7 +194,7 @@ def scored_translations(
     texts = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in hyp[real]]
     truth = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in ref[real]]
     count = float(sums[2].clamp(min=1))
-    scores = {
+    scores: Metrics = {
         "loss": float(sums[0]) / count,
         "accuracy": float(sums[1]) / count,
         "bleu": sacrebleu.corpus_bleu(texts, [truth]).score,
