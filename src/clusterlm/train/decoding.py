@@ -2,17 +2,20 @@
 and the decoder feeds one new token per step, reusing its cached keys and values
 (``clusterlm.models.seq2seq.DecodingCache``). The beam search itself (``beam_search``) takes any
 model's step, and serves decoder-only generation too (``clusterlm.train.generate``, and
-translation by continuing prompts of different lengths, ``PromptedRows``)."""
+translation by continuing prompts of different lengths, ``CachedPrompts``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from clusterlm.data.special_tokens import PAD
+from clusterlm.models.gpt import Attention
 from clusterlm.models.seq2seq import DecodingCache
 
 
@@ -157,34 +160,64 @@ def _advance(
     return keep, tokens.view(-1, 1), scores
 
 
-class PromptedRows:
-    """A decoder-only model's step over rows of different prompt lengths, for ``beam_search``:
-    row r is ``prompts[r, :lengths[r]]`` followed by its hypothesis so far. The model has no
-    key-value cache, so each step reruns every row whole, right-padded: attention is causal, so
-    what follows a row's last token changes nothing its next-token logits depend on."""
+class CachedPrompts:
+    """A decoder-only model's step over prompts of different lengths, for ``beam_search``, with
+    each layer's keys and values cached: the prompts are right-aligned (left-padded), each token
+    at its own position, and padding masked; then every step feeds each row's newest token.
+
+    The cache needs nothing of the model but its attention's ``attend`` hook (the one context
+    parallelism swaps): while stepping, each ``Attention``'s attend sees the keys and values of
+    the earlier steps before its own."""
 
     def __init__(self, model: nn.Module, prompts: torch.Tensor, lengths: torch.Tensor) -> None:
-        self.model, self.prompts, self.lengths = model, prompts, lengths
-        self.history: torch.Tensor | None = None  # the tokens chosen so far [N, t]
+        width = prompts.size(1)
+        columns = torch.arange(width, device=prompts.device)
+        pad = width - lengths
+        self.model = model
+        self.valid = columns[None, :] >= pad[:, None]  # [N, K]: keys that are tokens
+        self.positions = (columns[None, :] - pad[:, None]).clamp(min=0)
+        self.prompts = torch.where(self.valid, prompts.gather(1, self.positions), 0)
+        self.next = lengths.clone()  # the position of each row's next token
+        self.cache: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.started = False
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [N, V]; ``tokens``: the prompts at the first step, then each row's
-        newest token [N, 1]."""
-        if self.history is None:
-            self.history = tokens[:, :0]
+        """Next-token logits [N, V]; ``tokens``: the prompts at the first step (the aligned ones
+        are fed), then each row's newest token [N, 1]."""
+        if not self.started:
+            width = self.valid.size(1)
+            causal = torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril()
+            itself = torch.eye(width, dtype=torch.bool, device=tokens.device)
+            # a padding slot attends to itself only: no row of its scores is all masked
+            mask = causal[None] & self.valid[:, None, :] | itself[None]
+            tokens, positions, self.started = self.prompts, self.positions, True
         else:
-            self.history = torch.cat([self.history, tokens], 1)
-        chosen = self.history.size(1)
-        rows = torch.cat([self.prompts, torch.zeros_like(self.history)], 1)
-        columns = self.lengths[:, None] + torch.arange(chosen, device=rows.device)
-        rows.scatter_(1, columns, self.history)
-        last = self.lengths + chosen - 1
-        return self.model(rows)[torch.arange(rows.size(0), device=rows.device), last]
+            self.valid = torch.cat([self.valid, torch.ones_like(self.valid[:, :1])], 1)
+            mask, positions = self.valid[:, None, :], self.next[:, None]
+            self.next = self.next + 1
+        hooked = [m for m in self.model.modules() if isinstance(m, Attention)]
+        originals = [m.attend for m in hooked]
+        try:
+            for module, attend in zip(hooked, originals, strict=True):
+                module.attend = functools.partial(self._attend, module, attend)
+            return self.model(tokens, positions, mask[:, None])[:, -1]
+        finally:
+            for module, attend in zip(hooked, originals, strict=True):
+                module.attend = attend
+
+    def _attend(
+        self, module: nn.Module, attend: Callable[..., torch.Tensor], q: torch.Tensor,
+        k: torch.Tensor, v: torch.Tensor, *rest: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        if module in self.cache:
+            k = torch.cat([self.cache[module][0], k], 2)
+            v = torch.cat([self.cache[module][1], v], 2)
+        self.cache[module] = (k, v)
+        return attend(q, k, v, *rest)
 
     def reorder(self, rows: torch.Tensor) -> None:
-        assert self.history is not None
-        self.prompts, self.lengths = self.prompts[rows], self.lengths[rows]
-        self.history = self.history[rows]
+        self.valid, self.next = self.valid[rows], self.next[rows]
+        self.cache = {m: (k[rows], v[rows]) for m, (k, v) in self.cache.items()}
 
 
 @dataclass(frozen=True)
@@ -218,7 +251,7 @@ class Search:
         """A decoder-only model's continuations of ``prompts`` [B, P] (row r's first
         ``lengths[r]`` tokens), as ``decode`` returns them: beam search (a beam of 1 is greedy:
         it keeps the most likely token, and ends when that is the end-of-text token)."""
-        rows = PromptedRows(
+        rows = CachedPrompts(
             model, prompts.repeat_interleave(self.beam, 0), lengths.repeat_interleave(self.beam)
         )
         return beam_search(

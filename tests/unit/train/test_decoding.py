@@ -5,6 +5,7 @@ prompts of different lengths, batched, as it continues each alone."""
 
 import itertools
 
+import pytest
 import torch
 from torch import nn
 
@@ -93,9 +94,9 @@ def test_a_beam_wider_than_every_hypothesis_finds_the_exhaustive_best():
     assert len(results) > 1 and any(len(r) > 1 for r in results)
 
 
-def tiny_decoder() -> nn.Module:
+def tiny_decoder(flavour: str) -> nn.Module:
     torch.manual_seed(0)
-    args = ModelArgs(flavour="gpt2", vocab_size=12, block_size=16, n_layer=1, n_head=2,
+    args = ModelArgs(flavour=flavour, vocab_size=12, block_size=16, n_layer=1, n_head=2,
                      n_kv_head=2, n_embd=16, ffn_hidden=32)  # fmt: skip
     model = create_model(args).eval()
     with torch.no_grad():
@@ -104,10 +105,12 @@ def tiny_decoder() -> nn.Module:
     return model
 
 
-def test_prompts_of_different_lengths_continue_as_each_alone():
-    """Batched, right-padded prompts give each row what it gets alone: greedy the argmax of each
-    step, and beam search what `clusterlm generate --beam` gives."""
-    model = tiny_decoder()
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_prompts_of_different_lengths_continue_as_each_alone(flavour):
+    """Batched prompts of different lengths, keys and values cached, give each row what it gets
+    alone without a cache: greedy the argmax of each step, and beam search what `clusterlm
+    generate --beam` gives."""
+    model = tiny_decoder(flavour)
     prompts = torch.randint(0, EOT, (3, 6), generator=torch.Generator().manual_seed(4))
     lengths = torch.tensor([2, 6, 4])
     greedy = Search().continue_prompts(model, prompts, lengths, EOT, 8, lambda done: done)
