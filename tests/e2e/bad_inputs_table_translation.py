@@ -159,4 +159,13 @@ TRANSLATION = [
     case("translate-beam-zero", *TRANSLATE, "--run", "{run}", "--beam", "0", expect="--beam"),
     case("generate-beam-zero", "generate", "--run", "{run}", "--beam", "0", expect="--beam"),
     case("beam-on-a-language-model", "eval", "--run", "{run}", "--beam", "2", expect="--beam"),
+    case(
+        "translations-of-a-language-model",
+        "eval",
+        "--run",
+        "{run}",
+        "--translations",
+        "{tmp}/out.txt",
+        expect="--translations",
+    ),
 ]

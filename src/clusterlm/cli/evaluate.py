@@ -10,6 +10,7 @@ from clusterlm.cli.options import Parser
 from clusterlm.config import apply_overrides
 from clusterlm.data.translation import is_translation_dir
 from clusterlm.errors import UserError
+from clusterlm.files import atomic_write
 from clusterlm.train.decoding import Search
 from clusterlm.train.evaluate import eval_windows, evaluate
 from clusterlm.train.translation_task import evaluate_translation
@@ -42,6 +43,12 @@ def build_parser() -> Parser:
         help="translation runs: a hypothesis scores log-probability / length ** this "
         "(default: 1.0)",
     )
+    parser.add_argument(
+        "--translations",
+        default="",
+        help="translation runs: also write each scored pair's translation to this file, one a "
+        "line in the split's order",
+    )
     return parser
 
 
@@ -63,7 +70,12 @@ def main(argv: list[str]) -> int:
     if is_translation_dir(cfg.data.dir):
         limit = windows if args.batches else None  # every pair unless --batches says otherwise
         search = Search(args.beam, args.length_penalty)
-        scores = evaluate_translation(loaded.model, cfg, loaded.runtime, args.split, limit, search)
+        scores, texts = evaluate_translation(
+            loaded.model, cfg, loaded.runtime, args.split, limit, search
+        )
+        if args.translations:
+            lines = "".join(f"{text}\n" for text in texts)
+            atomic_write(args.translations, lines, "--translations")
         how = "greedy" if args.beam == 1 else f"beam {args.beam}"
         print(
             f"{args.split} loss {scores['loss']:.4f} accuracy {scores['accuracy']:.4f} "
@@ -73,9 +85,10 @@ def main(argv: list[str]) -> int:
         return 0
     if args.split == "test":
         raise UserError(f"{cfg.data.dir} is a corpus with train and val splits; use --split val")
-    if args.beam != 1 or args.length_penalty != 1.0:
+    if args.beam != 1 or args.length_penalty != 1.0 or args.translations:
         raise UserError(
-            "--beam and --length-penalty apply to runs trained on a translation task; drop them"
+            "--beam, --length-penalty and --translations apply to runs trained on a translation "
+            "task; drop them"
         )
     loss, accuracy = evaluate(loaded.model, cfg, loaded.runtime, windows, args.split)
     print(

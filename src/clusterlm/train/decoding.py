@@ -1,17 +1,21 @@
 """Greedy decoding and beam search of the encoder–decoder, batched: the encoder runs once per batch
 and the decoder feeds one new token per step, reusing its cached keys and values
 (``clusterlm.models.seq2seq.DecodingCache``). The beam search itself (``beam_search``) takes any
-model's step, and serves decoder-only generation too (``clusterlm.train.generate``)."""
+model's step, and serves decoder-only generation too (``clusterlm.train.generate``, and
+translation by continuing prompts of different lengths, ``CachedPrompts``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from clusterlm.data.special_tokens import PAD
+from clusterlm.models.gpt import Attention
 from clusterlm.models.seq2seq import DecodingCache
 from clusterlm.parallel.tensor_parallel import full_value
 
@@ -163,6 +167,66 @@ def _advance(
     return keep, tokens.view(-1, 1), scores
 
 
+class CachedPrompts:
+    """A decoder-only model's step over prompts of different lengths, for ``beam_search``, with
+    each layer's keys and values cached: the prompts are right-aligned (left-padded), each token
+    at its own position, and padding masked; then every step feeds each row's newest token.
+
+    The cache needs nothing of the model but its attention's ``attend`` hook (the one context
+    parallelism swaps): while stepping, each ``Attention``'s attend sees the keys and values of
+    the earlier steps before its own."""
+
+    def __init__(self, model: nn.Module, prompts: torch.Tensor, lengths: torch.Tensor) -> None:
+        width = prompts.size(1)
+        columns = torch.arange(width, device=prompts.device)
+        pad = width - lengths
+        self.model = model
+        self.valid = columns[None, :] >= pad[:, None]  # [N, K]: keys that are tokens
+        self.positions = (columns[None, :] - pad[:, None]).clamp(min=0)
+        self.prompts = torch.where(self.valid, prompts.gather(1, self.positions), 0)
+        self.next = lengths.clone()  # the position of each row's next token
+        self.cache: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.started = False
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [N, V]; ``tokens``: the prompts at the first step (the aligned ones
+        are fed), then each row's newest token [N, 1]."""
+        if not self.started:
+            width = self.valid.size(1)
+            causal = torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril()
+            itself = torch.eye(width, dtype=torch.bool, device=tokens.device)
+            # a padding slot attends to itself only: no row of its scores is all masked
+            mask = causal[None] & self.valid[:, None, :] | itself[None]
+            tokens, positions, self.started = self.prompts, self.positions, True
+        else:
+            self.valid = torch.cat([self.valid, torch.ones_like(self.valid[:, :1])], 1)
+            mask, positions = self.valid[:, None, :], self.next[:, None]
+            self.next = self.next + 1
+        hooked = [m for m in self.model.modules() if isinstance(m, Attention)]
+        originals = [m.attend for m in hooked]
+        try:
+            for module, attend in zip(hooked, originals, strict=True):
+                module.attend = functools.partial(self._attend, module, attend)
+            return self.model(tokens, positions, mask[:, None])[:, -1]
+        finally:
+            for module, attend in zip(hooked, originals, strict=True):
+                module.attend = attend
+
+    def _attend(
+        self, module: nn.Module, attend: Callable[..., torch.Tensor], q: torch.Tensor,
+        k: torch.Tensor, v: torch.Tensor, *rest: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        if module in self.cache:
+            k = torch.cat([self.cache[module][0], k], 2)
+            v = torch.cat([self.cache[module][1], v], 2)
+        self.cache[module] = (k, v)
+        return attend(q, k, v, *rest)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.valid, self.next = self.valid[rows], self.next[rows]
+        self.cache = {m: (k[rows], v[rows]) for m, (k, v) in self.cache.items()}
+
+
 @dataclass(frozen=True)
 class Search:
     """How translations are decoded: greedy (a beam of 1) or beam search."""
@@ -181,6 +245,32 @@ class Search:
         if self.beam == 1:
             return greedy_decode(model, source, eot_id, max_len, all_done)
         return beam_decode(model, source, eot_id, max_len, self.beam, self.length_penalty, all_done)
+
+    def continue_prompts(
+        self,
+        model: nn.Module,
+        prompts: torch.Tensor,
+        lengths: torch.Tensor,
+        eot_id: int,
+        max_len: int,
+        all_done: Callable[[bool], bool],
+    ) -> torch.Tensor:
+        """A decoder-only model's continuations of ``prompts`` [B, P] (row r's first
+        ``lengths[r]`` tokens), as ``decode`` returns them: beam search (a beam of 1 is greedy:
+        it keeps the most likely token, and ends when that is the end-of-text token)."""
+        rows = CachedPrompts(
+            model, prompts.repeat_interleave(self.beam, 0), lengths.repeat_interleave(self.beam)
+        )
+        return beam_search(
+            rows.step,
+            rows.reorder,
+            rows.prompts,
+            eot_id,
+            max_len,
+            self.beam,
+            self.length_penalty,
+            all_done,
+        )
 
 
 GREEDY = Search()

@@ -62,6 +62,12 @@ def check_translation_run(found: Verified) -> None:
             f"{found.path} was saved before checkpoints carried the tokenizers and ids translate "
             "needs; resume the run (checkpoint.resume = auto) to save a checkpoint that has them"
         )
+    if flavour != SEQ2SEQ_FLAVOUR and TRANSLATION_STATE in found.state:
+        raise UserError(
+            f"{found.path} is a decoder-only {flavour} model trained on a translation task; "
+            f"translate takes runs of model.flavour = {SEQ2SEQ_FLAVOUR}: score this one with "
+            "`clusterlm eval --split test`"
+        )
     if flavour != SEQ2SEQ_FLAVOUR:
         raise UserError(
             f"{found.path} is a {flavour} model, not an encoder-decoder trained on a translation "

@@ -1,8 +1,12 @@
-"""Training the encoder–decoder on a translation task (``data.dir`` prepared by
+"""Training a translation model on a translation task (``data.dir`` prepared by
 `clusterlm prepare --task translation:...`): the task it trains on, and how it is scored.
 
-Teacher-forced cross-entropy on the target tokens, padding left out (``clusterlm.data
-.pair_batches``), through the trainer's data-parallel layouts. Each evaluation scores a split's
+The model is the encoder–decoder (``model.flavour = mbart``), or a decoder-only one (gpt2, llama)
+trained on the sequences ``source <eot> target <eot>`` and translating by continuing the prompt
+``source <eot>``: the comparison of the two at equal training FLOPs is the point. Teacher-forced
+cross-entropy on the target tokens, padding left out (``clusterlm.data.pair_batches``); training
+batches hold pairs of similar length and are trimmed to their longest, through the trainer's
+data-parallel layouts. Each evaluation scores a split's
 pairs (the periodic one ``training.eval_batches`` global batches of them, evenly spaced; the final
 test every pair): loss and accuracy per target token, and BLEU and chrF (sacrebleu, BLEU's 13a
 tokenization) of greedy translations against the references.
@@ -18,9 +22,14 @@ from torch import nn
 from clusterlm.config import Config
 from clusterlm.data.classification import evaluation_batches
 from clusterlm.data.masking import IGNORE_INDEX
-from clusterlm.data.pair_batches import PairStream
+from clusterlm.data.pair_batches import JoinedPairStream, PairStream, prompt_lengths
 from clusterlm.data.tokenizer import Tokenizer
-from clusterlm.data.translation import SOURCE_TOKENIZER_NAME, load_translation
+from clusterlm.data.translation import (
+    SOURCE_TOKENIZER_NAME,
+    PairSplit,
+    TranslationManifest,
+    load_translation,
+)
 from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
 from clusterlm.models import training_flops_per_token
@@ -36,20 +45,53 @@ from clusterlm.train.pretrained_weights import check_pretrained_tokenizer, pretr
 from clusterlm.train.session import Metrics, Session, TaskSpec, build_model, read_tokenizer
 from clusterlm.train.translate import TRANSLATION_STATE, target_text, translation_state
 
+DECODER_ONLY_FLAVOURS = ("gpt2", "llama")
+SORTED_POOL_BATCHES = 50  # a training pool sorted by length: this many micro-batches of pairs
+
+
+def pair_stream(
+    cfg: Config, split: PairSplit, manifest: TranslationManifest, training: bool = False
+) -> PairStream:
+    """A split's pairs in the layout of ``model.flavour``; for training, sorted by length within
+    pools and trimmed per batch."""
+    layout = PairStream if is_seq2seq_flavour(cfg) else JoinedPairStream
+    if not training:
+        return layout(split, manifest.eot_id, manifest.target_offset)
+    pool = SORTED_POOL_BATCHES * cfg.training.micro_batch_size
+    return layout(split, manifest.eot_id, manifest.target_offset, trim=True, pool=pool)
+
+
+def is_seq2seq_flavour(cfg: Config) -> bool:
+    return cfg.model.flavour == SEQ2SEQ_FLAVOUR
+
+
+def _check_flavour(cfg: Config) -> None:
+    if cfg.model.flavour not in (SEQ2SEQ_FLAVOUR, *DECODER_ONLY_FLAVOURS):
+        raise UserError(
+            f"{cfg.data.dir} is a translation task, which model.flavour = {cfg.model.flavour} "
+            f"cannot learn: train it with model.flavour = {SEQ2SEQ_FLAVOUR} (the "
+            f"encoder-decoder) or a decoder-only {' or '.join(DECODER_ONLY_FLAVOURS)}"
+        )
+    p = cfg.parallel
+    if not is_seq2seq_flavour(cfg) and (p.pp > 1 or p.tp > 1 or p.cp > 1):
+        raise UserError(
+            "a decoder-only model learns a translation task on data-parallel layouts only for "
+            "now; use parallel.pp = 1, parallel.tp = 1 and parallel.cp = 1"
+        )
+    if not is_seq2seq_flavour(cfg) and cfg.training.objective != "clm":
+        raise UserError(
+            f"a decoder-only model learns a translation task with training.objective = clm, "
+            f"not {cfg.training.objective}; set training.objective = clm"
+        )
+
 
 def translation_task(cfg: Config) -> TaskSpec:
-    """The encoder–decoder trained on the pairs of the translation task in ``data.dir``."""
+    """The translation model trained on the pairs of the translation task in ``data.dir``."""
     task = load_translation(cfg.data.dir, verify=cfg.data.verify)
-    if cfg.model.flavour != SEQ2SEQ_FLAVOUR:
-        raise UserError(
-            f"{cfg.data.dir} is a translation task: train it with "
-            f"model.flavour = {SEQ2SEQ_FLAVOUR} (the encoder-decoder)"
-        )
+    _check_flavour(cfg)
     manifest = task.manifest
-    streams = {
-        name: PairStream(split, manifest.eot_id, manifest.target_offset)
-        for name, split in task.splits.items()
-    }
+    streams = {name: pair_stream(cfg, split, manifest) for name, split in task.splits.items()}
+    train = pair_stream(cfg, task.splits["train"], manifest, training=True)
     tokenizer = read_tokenizer(cfg.data.dir, manifest.tokenizer.sha256)
     decoder = Tokenizer(tokenizer.payload.decode("utf-8"))
     source = manifest.source_tokenizer
@@ -74,7 +116,7 @@ def translation_task(cfg: Config) -> TaskSpec:
     return TaskSpec(
         vocab_size=manifest.vocab_size,
         tokenizer=tokenizer,
-        stream=streams["train"],
+        stream=train,
         model=model,
         flops_per_token=lambda args, settled: training_flops_per_token(args, settled.seq_len),
         recipe=lambda part, settled: optimizer_recipe(part, settled.optim),
@@ -92,12 +134,13 @@ def evaluate_translation(
     split: str,
     limit: int | None,
     search: Search,
-) -> Metrics:
-    """`clusterlm eval` of a run trained on the translation task in ``data.dir``."""
+) -> tuple[Metrics, list[str]]:
+    """`clusterlm eval` of a run trained on the translation task in ``data.dir``: the scores, and
+    each scored pair's translation in the split's order."""
     task = load_translation(cfg.data.dir, verify=cfg.data.verify)
-    stream = PairStream(task.splits[split], task.manifest.eot_id, task.manifest.target_offset)
+    stream = pair_stream(cfg, task.splits[split], task.manifest)
     tokenizer = Tokenizer.load(f"{cfg.data.dir.rstrip('/')}/tokenizer.json")
-    return translation_metrics(model, cfg, runtime, stream, tokenizer, limit, search)
+    return scored_translations(model, cfg, runtime, stream, tokenizer, limit, search)
 
 
 def translation_metrics(
@@ -110,10 +153,22 @@ def translation_metrics(
     search: Search = GREEDY,
 ) -> Metrics:
     """Loss and accuracy per target token, BLEU and chrF of translations (greedy, or by beam
-    ``search``), over the split's
-    pairs (every one, or ``limit`` evenly spaced ones); each data-parallel rank translates a
+    ``search``), over the split's pairs (every one, or ``limit`` evenly spaced ones)."""
+    return scored_translations(model, cfg, runtime, stream, tokenizer, limit, search)[0]
+
+
+def scored_translations(
+    model: ParallelModel,
+    cfg: Config,
+    runtime: Runtime,
+    stream: PairStream,
+    tokenizer: Tokenizer,
+    limit: int | None,
+    search: Search = GREEDY,
+) -> tuple[Metrics, list[str]]:
+    """``translation_metrics``, and the translations scored. Each data-parallel rank translates a
     contiguous share and the shares are gathered, so every rank reports the same scores."""
-    assert isinstance(model, WholeModel)  # the encoder-decoder runs no pipeline
+    assert isinstance(model, WholeModel)  # a translation model runs no pipeline
     lockstep = runtime.world_size > 1 and runtime.lockstep
     dp_rank, dp_size = (runtime.dp_rank, runtime.dp_size) if runtime.lockstep else (0, 1)
     sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss, right, targets
@@ -127,16 +182,7 @@ def translation_metrics(
         with attention_kernel(cfg.training.attention):
             sums[:2] += model.eval_sums(x, y).double()
             with model.precision.autocast():
-                source = x[:, : cfg.seq_len]
-                hypotheses.append(
-                    search.decode(
-                        model.parts[0],
-                        source,
-                        stream.eot_id,
-                        cfg.seq_len,
-                        _agreed if lockstep else lambda done: done,
-                    )
-                )
+                hypotheses.append(_translations(model, cfg, x, y, stream.eot_id, search, lockstep))
         references.append(y)
         sums[2] += (y != IGNORE_INDEX).sum()
     model.parts[0].train(was_training)
@@ -148,12 +194,33 @@ def translation_metrics(
     texts = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in hyp[real]]
     truth = [target_text(tokenizer, row, stream.eot_id, stream.target_offset) for row in ref[real]]
     count = float(sums[2].clamp(min=1))
-    return {
+    scores: Metrics = {
         "loss": float(sums[0]) / count,
         "accuracy": float(sums[1]) / count,
         "bleu": sacrebleu.corpus_bleu(texts, [truth]).score,
         "chrf": sacrebleu.corpus_chrf(texts, [truth]).score,
     }
+    return scores, texts
+
+
+def _translations(
+    model: WholeModel,
+    cfg: Config,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eot_id: int,
+    search: Search,
+    lockstep: bool,
+) -> torch.Tensor:
+    """The translations [B, T] of a batch's sources: the encoder–decoder's of each row's source
+    half; a decoder-only model's continuations of its prompts ``source <eot>``."""
+    all_done = _agreed if lockstep else lambda done: done
+    if is_seq2seq_flavour(cfg):
+        return search.decode(model.parts[0], x[:, : cfg.seq_len], eot_id, cfg.seq_len, all_done)
+    lengths = prompt_lengths(y)
+    prompts = x[:, : int(lengths.max())]
+    half = cfg.seq_len // 2
+    return search.continue_prompts(model.parts[0], prompts, lengths, eot_id, half, all_done)
 
 
 def _agreed(done: bool) -> bool:

@@ -1,15 +1,18 @@
 """Greedy and beam decoding: a beam of one is greedy, batched equals one row at a time (the
 encoder-decoder's cache reordered with its beams), and a beam wide enough to keep every hypothesis
-finds the best-scored translation that trying them all finds."""
+finds the best-scored translation that trying them all finds; a decoder-only model continues
+prompts of different lengths, batched, as it continues each alone."""
 
 import itertools
 
+import pytest
 import torch
 from torch import nn
 
 from clusterlm.models import ModelArgs, create_model
 from clusterlm.models.seq2seq import DecodingCache
-from clusterlm.train.decoding import beam_decode, greedy_decode
+from clusterlm.train.decoding import Search, beam_decode, greedy_decode
+from clusterlm.train.generate import beam_generate
 
 EOT = 11
 
@@ -89,3 +92,38 @@ def test_a_beam_wider_than_every_hypothesis_finds_the_exhaustive_best():
         assert found[row][found[row] >= 0].tolist() == best
         results.add(tuple(best))
     assert len(results) > 1 and any(len(r) > 1 for r in results)
+
+
+def tiny_decoder(flavour: str) -> nn.Module:
+    torch.manual_seed(0)
+    args = ModelArgs(flavour=flavour, vocab_size=12, block_size=16, n_layer=1, n_head=2,
+                     n_kv_head=2, n_embd=16, ffn_hidden=32)  # fmt: skip
+    model = create_model(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4 if p.dim() > 1 else 1)
+    return model
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_prompts_of_different_lengths_continue_as_each_alone(flavour):
+    """Batched prompts of different lengths, keys and values cached, give each row what it gets
+    alone without a cache: greedy the argmax of each step, and beam search what `clusterlm
+    generate --beam` gives."""
+    model = tiny_decoder(flavour)
+    prompts = torch.randint(0, EOT, (3, 6), generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([2, 6, 4])
+    greedy = Search().continue_prompts(model, prompts, lengths, EOT, 8, lambda done: done)
+    beams = Search(3).continue_prompts(model, prompts, lengths, EOT, 8, lambda done: done)
+    for row in range(3):
+        alone = prompts[row, : lengths[row]].tolist()
+        tokens: list[int] = []
+        while len(tokens) < 8:
+            token = int(model(torch.tensor([alone + tokens]))[0, -1].argmax())
+            if token == EOT:
+                break
+            tokens.append(token)
+        assert greedy[row][greedy[row] >= 0].tolist() == tokens
+        expected = beam_generate(model, alone, 8, 3, eot_id=EOT)
+        assert beams[row][beams[row] >= 0].tolist() == expected
+    assert (greedy >= 0).sum() > 6

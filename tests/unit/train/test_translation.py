@@ -1,5 +1,6 @@
 """The encoder-decoder trains on a translation task in one process: the loss falls, and the
-validation and test splits get loss, accuracy, BLEU and chrF."""
+validation and test splits get loss, accuracy, BLEU and chrF. So does a decoder-only model on the
+sequences ``source <eot> target <eot>``."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 from translation_pairs import MBART, prepare_pairs
 
 from clusterlm.cli import main as cli
+from clusterlm.data.translation import load_translation
 from clusterlm.errors import UserError
 from clusterlm.interop.pretrained_shape import load_config
 from clusterlm.train.trainer import train
@@ -53,8 +55,42 @@ def test_training_lowers_the_loss_and_scores_translations(tmp_path, capsys):
     assert "encoder-decoder trained to translate" in capsys.readouterr().err
 
 
-def test_a_translation_task_needs_the_encoder_decoder(tmp_path):
+def test_a_decoder_only_model_learns_to_translate(tmp_path, capsys):
+    task = prepare_pairs(tmp_path)
+    out = tmp_path / "out"
+    values = {**SETTINGS, "model.flavour": "gpt2", "model.block_size": 48, "model.n_embd": 64,
+              "training.steps": 120, "training.log_interval": 10, "training.eval_interval": 0,
+              "optim.lr": 1e-2, "data.dir": str(task), "training.out_dir": str(out)}  # fmt: skip
+    train(load_config(None, values))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (test,) = [r for r in records if r["kind"] == "test"]
+    assert test["test_chrf"] > 10  # Spanish words from English ones, from 120 steps
+    capsys.readouterr()
+    written = tmp_path / "test.es"
+    argv = ["eval", "--run", str(out), "--split", "test", "--translations", str(written)]
+    assert cli(argv) == 0  # greedy, every test pair, again: the same scores
+    assert f"chrF {test['test_chrf']:.2f}" in capsys.readouterr().out
+    texts = written.read_text().splitlines()
+    references = [json.loads(line)["tgt"] for line in (tmp_path / "pairs.jsonl").open()]
+    assert len(texts) == len(load_translation(str(task)).splits["test"])
+    assert any(text in references for text in texts)  # some pairs wholly right
+    assert cli(["eval", "--run", str(out), "--split", "test", "--beam", "2"]) == 0
+    assert "chrF" in capsys.readouterr().out
+    # translate takes encoder-decoder runs: it refuses this one with one line.
+    assert cli(["translate", "--run", str(out), "--input", "-"]) != 0
+    assert "decoder-only" in capsys.readouterr().err
+
+
+def test_a_translation_task_needs_a_translation_model(tmp_path):
     task = prepare_pairs(tmp_path, count=30)
-    values = {**SETTINGS, "model.flavour": "gpt2", "data.dir": str(task)}
+    bert = {"model.flavour": "bert", "training.objective": "mlm"}
+    values = {**SETTINGS, **bert, "data.dir": str(task)}
     with pytest.raises(UserError, match="model.flavour = mbart"):
+        train(load_config(None, {**values, "training.out_dir": str(tmp_path / "out")}))
+
+
+def test_a_decoder_only_translation_model_refuses_model_parallel_layouts(tmp_path):
+    task = prepare_pairs(tmp_path, count=30)
+    values = {**SETTINGS, "model.flavour": "gpt2", "parallel.pp": 2, "data.dir": str(task)}
+    with pytest.raises(UserError, match="data-parallel layouts only"):
         train(load_config(None, {**values, "training.out_dir": str(tmp_path / "out")}))
