@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from clusterlm.parallel.data_parallel import fsdp_units
+from clusterlm.parallel.data_parallel import expert_units, fsdp_units
 from clusterlm import checkpoint
 
 from .training import BASE, MICRO, STEPS, assert_equivalent, run
@@ -111,3 +111,13 @@ def test_fsdp_units_group_consecutive_blocks_up_to_the_bucket_size():
     assert fsdp_units([7] * 12, 84, 25) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     assert fsdp_units([30] * 3, 90, 25) == [[0], [1], [2]]
     assert fsdp_units([7] * 3, 21, 25) == []
+
+
+def test_expert_units_follow_the_blocks_rule_or_form_one_unit():
+    """The routed experts' units group blocks by the blocks' rule over the ranks that share them;
+    experts under the bucket in all, or held by one rank (nothing to shard or reduce), form one
+    unit of all the MoE blocks rather than the root's."""
+    assert expert_units([30] * 3, 2, 25) == [[0], [1], [2]]
+    assert expert_units([7] * 6, 2, 25) == [[0, 1, 2, 3], [4, 5]]
+    assert expert_units([7] * 3, 2, 25) == [[0, 1, 2]]
+    assert expert_units([30] * 3, 1, 25) == [[0, 1, 2]]

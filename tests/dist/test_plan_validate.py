@@ -128,3 +128,45 @@ def test_the_planner_counts_the_gathers_fsdp_makes(parallel, micro_batch, data_d
         first_block = pp_rank * (args.n_layer // layout.pp)
         names = [f"FSDP::all_gather (layers.{first_block + i})" for i in range(len(units) - 1)] + ["FSDP::all_gather"]
         assert {name: sum(gathers(unit, layout)) for name, unit in zip(names, units, strict=True)} == counted
+
+
+@pytest.mark.parametrize(
+    "nproc,parallel",
+    [
+        (4, {"data_parallel": "zero3", "ep": 2, "bucket_mb": 0.01}),
+        (4, {"data_parallel": "zero3", "ep": 2}),
+        (2, {"data_parallel": "zero3", "ep": 2, "bucket_mb": 0.01}),
+        (4, {"data_parallel": "zero2", "ep": 2, "bucket_mb": 0.01}),
+    ],
+    ids=["ep2-zero3-per-block", "ep2-zero3-one-unit", "ep2-alone-one-unit", "ep2-zero2-per-block"],
+)
+def test_the_planner_counts_the_expert_units_fsdp_makes(nproc, parallel, data_dir, tmp_path):
+    """The routed experts' FSDP units (``expert_units``) and their all-gathers per step, as the
+    planner counts them (``plan.fsdp.stage_units``, ``gathers``) and as the trainer makes them:
+    a unit per MoE block when the blocks' experts reach ``bucket_mb``, otherwise one for all the
+    blocks; none to count when the expert-data-parallel group is one rank (FSDP then gathers and
+    reduces nothing)."""
+    from clusterlm.plan.fsdp import gathers, parameter_tensors, stage_units
+    from clusterlm.plan.layout import layout_from_config
+    from clusterlm.plan.validation import MOE_MODEL, ValidationCase
+
+    case = ValidationCase("experts", nproc, parallel, model=MOE_MODEL)
+    cfg = case_config(case, data_dir, str(tmp_path), peak_flops=1e10)
+    cfg = apply_overrides(
+        cfg,
+        {
+            "training.micro_batch_size": GLOBAL_BATCH // nproc,
+            "training.tokens_per_step": GLOBAL_BATCH * cfg.seq_len,
+        },
+    )
+    layout = layout_from_config(cfg, nproc)
+    counted = run_distributed(_fsdp_gathers_rank, nproc, cfg, timeout=50)[0]
+    expert_gathers = sorted(n for name, n in counted.items() if "experts" in name)
+    args = resolve_model_args(cfg, _vocab(data_dir))
+    work = Workload(args, cfg.seq_len, GLOBAL_BATCH * cfg.seq_len, "fp32")
+    units = [u for u in stage_units(work, layout, 0, parameter_tensors(args)) if u.experts]
+    assert sorted(sum(gathers(unit, layout)) for unit in units) == expert_gathers
+    if nproc == 2:  # ep2 alone: each expert-data-parallel group is one rank, with no collective
+        assert units == []
+    else:
+        assert len(units) == (args.n_layer if parallel.get("bucket_mb") == 0.01 else 1)

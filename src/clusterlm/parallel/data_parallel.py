@@ -31,6 +31,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from clusterlm.comm.hooks import CommHookState, register_comm_hook
@@ -110,8 +111,8 @@ def _shard_experts(
     model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, options: _ShardOptions
 ) -> None:
     """Expert parallelism's experts, units of their own sharded over the ranks that hold the same
-    experts; their gradients sum the tokens of every data-parallel rank already (through the
-    all-to-all), so the reduction divides by the whole data-parallel degree."""
+    experts (``expert_units``); their gradients sum the tokens of every data-parallel rank already
+    (through the all-to-all), so the reduction divides by the whole data-parallel degree."""
     experts = expert_parallel_modules(model)
     if not experts:
         return
@@ -119,14 +120,36 @@ def _shard_experts(
     expert_options: _ShardOptions = {**options, "mesh": experts_mesh}
     shard_ranks = mesh["dp_shard"].size()
     resharded = cfg.data_parallel != "zero2"
-    for module in experts:
-        unit = fully_shard(module, **expert_options, reshard_after_forward=resharded)
-        unit.set_gradient_divide_factor(float(mesh["dp_replicate"].size() * shard_ranks))
+    local_bytes = [4 * sum(_local(p).numel() for p in m.parameters()) for m in experts]
+    for unit in expert_units(local_bytes, experts_mesh.size(), cfg.bucket_mb * 2**20):
+        first = experts[unit[0]]
+        members: list[nn.Module] = [experts[i] for i in unit]
+        fully_shard(
+            members if len(unit) > 1 else first, **expert_options, reshard_after_forward=resharded
+        )
+        assert isinstance(first, FSDPModule)
+        first.set_gradient_divide_factor(float(mesh["dp_replicate"].size() * shard_ranks))
         # Sum, then divide: gloo and the ring have no pre-multiplied sum. (Without a shard group
         # to reduce over, FSDP divides as it copies, and would divide twice.)
-        unit.set_force_sum_reduction_for_comms(experts_mesh.size(-1) > 1)
+        first.set_force_sum_reduction_for_comms(experts_mesh.size(-1) > 1)
         if not resharded:
-            _KEPT_GATHERED.add(module)
+            _KEPT_GATHERED.add(first)
+
+
+def _local(param: nn.Parameter) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def expert_units(local_bytes: list[int], shard_ranks: int, min_bytes: float) -> list[list[int]]:
+    """Which MoE blocks' experts (by index) form each FSDP unit, from the bytes of this rank's
+    experts of each: by the blocks' rule (``fsdp_units``) over the expert-data-parallel group,
+    all of them in one unit where that rule leaves none (they are never part of the root unit,
+    whose mesh differs). A group of one rank has nothing to shard or reduce, so nothing to overlap
+    with compute either: one unit, whose hooks run once a step instead of once a block."""
+    everything = [list(range(len(local_bytes)))]
+    if shard_ranks == 1:
+        return everything
+    return fsdp_units(local_bytes, sum(local_bytes), min_bytes) or everything
 
 
 def reshards_after_forward(data_parallel: str, unit: int, units: int) -> bool:

@@ -41,6 +41,14 @@ def mesh_group(layout: Layout, dim: str, cluster: Cluster) -> Group:
     return Group(size, per_node)
 
 
+def expert_data_group(layout: Layout, cluster: Cluster) -> Group:
+    """The expert-data-parallel group: the dp_shard ranks outside the innermost ep ranks, which
+    hold the same routed experts."""
+    size = max(1, layout.dp_shard // layout.ep)
+    stride = layout.stride["dp_shard"] * layout.ep
+    return Group(size, max(1, min(size, cluster.devices_per_node // stride)))
+
+
 def _ring(nbytes: float, ranks: int, link: Link, efficiency: float, passes: int) -> float:
     """``passes`` = 1 for reduce-scatter or all-gather, 2 for all-reduce."""
     if ranks <= 1:

@@ -4,9 +4,11 @@ in a step, the parameter tensors its collectives pass, and the communication lef
 
 The units follow the trainer's rules: consecutive blocks of at least ``parallel.bucket_mb`` form a
 unit (``fsdp_units``), the embeddings, final norm and head (and the blocks of a model too small for
-units) the root; zero3 frees a unit's gathered weights after forward except for the last unit's
-and the root's, where backward starts (``reshards_after_forward``); the units that keep them keep
-them through all of a step's micro-batches (``gradient_sync``).
+units) the root; the routed experts of the MoE blocks form units of their own over the
+expert-data-parallel group (``expert_units``), freed after forward unless under zero2; zero3 frees
+a unit's gathered weights after forward except for the last unit's and the root's, where backward
+starts (``reshards_after_forward``); the units that keep them keep them through all of a step's
+micro-batches (``gradient_sync``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ import torch
 
 from clusterlm.models import ModelArgs, create_model
 from clusterlm.models.counting import layer_params
-from clusterlm.parallel.data_parallel import fsdp_units, reshards_after_forward
+from clusterlm.parallel.data_parallel import expert_units, fsdp_units, reshards_after_forward
 from clusterlm.plan import collectives
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import rank_params
-from clusterlm.plan.moe_cost import moe_block_params_on_device, moe_blocks_held
+from clusterlm.plan.moe_cost import (
+    expert_shard_degree,
+    moe_block_params_on_device,
+    moe_blocks_held,
+    routed_params,
+)
 from clusterlm.plan.stages import rank_share
 from clusterlm.plan.workload import Workload
 
@@ -34,6 +41,7 @@ class Unit:
     params: float  # on one device: 1/tp of the whole
     tensors: int  # parameter tensors, each copied, viewed and wrapped on its own by FSDP
     resharded: bool  # frees its gathered weights after forward and gathers them again for backward
+    experts: bool = False  # routed experts, sharded over the expert-data-parallel group
 
 
 def stage_units(
@@ -44,26 +52,36 @@ def stage_units(
     args = work.model
     share = rank_share(args, layout, pp_rank)
     n_moe, block = moe_blocks_held(args, share.blocks), layer_params(args)
+    routed = routed_params(args) / layout.ep  # one MoE block's experts on one device
     on_device = (share.layers - n_moe) * block / layout.tp
-    on_device += n_moe * moe_block_params_on_device(args, layout)
-    if n_moe:  # the mean block, as a whole-model count
+    on_device += n_moe * (moe_block_params_on_device(args, layout) - routed)
+    if n_moe:  # the mean block without its routed experts, as a whole-model count
         block = round(on_device * layout.tp / share.layers)
-    outside = (rank_params(work, layout, pp_rank) - on_device) * layout.tp  # embeddings, head
+    outside = (rank_params(work, layout, pp_rank) - on_device - n_moe * routed) * layout.tp
     grouped = fsdp_units(
         [4 * block] * share.layers, 4 * (share.layers * block + outside), layout.bucket_mb * 2**20
     )
+    per_block = tensors[0] - (3 if n_moe else 0)  # an MoE block's stacked experts: units apart
     units = [
         Unit(
             len(unit) * block / layout.tp,
-            len(unit) * tensors[0],
+            len(unit) * per_block,
             reshards_after_forward(layout.data_parallel, index, len(grouped)),
         )
         for index, unit in enumerate(grouped)
     ]
+    holders = expert_shard_degree(layout)  # the trainer's expert-data-parallel mesh
+    holders *= layout.dp_replicate if layout.data_parallel == "hsdp" else 1
+    experts = expert_units([round(4 * routed)] * n_moe, holders, layout.bucket_mb * 2**20)
+    if n_moe and holders > 1:  # over one rank FSDP neither gathers nor reduces
+        units += [
+            Unit(len(unit) * routed, 3 * len(unit), layout.data_parallel != "zero2", experts=True)
+            for unit in experts
+        ]
     in_root = share.layers - sum(map(len, grouped))
     return [
         *units,
-        Unit((in_root * block + outside) / layout.tp, in_root * tensors[0] + tensors[1], False),
+        Unit((in_root * block + outside) / layout.tp, in_root * per_block + tensors[1], False),
     ]
 
 
@@ -116,13 +134,16 @@ def exposed_seconds(
     benchmarks/planner-published-runs-2026-12-01.md)."""
     overlap, m = cluster.calibration.overlap, layout.micro_batches
     shard = collectives.mesh_group(layout, "dp_shard_cp", cluster)
+    expert_group = collectives.expert_data_group(layout, cluster)
     *blocks, root = units
 
     def gathered(unit: Unit) -> float:
-        return collectives.all_gather(unit.params * weight_bytes, shard, cluster)
+        group = expert_group if unit.experts else shard
+        return collectives.all_gather(unit.params * weight_bytes, group, cluster)
 
     def reduced(unit: Unit) -> float:
-        return collectives.reduce_scatter(unit.params * grad_bytes, shard, cluster)
+        group = expert_group if unit.experts else shard
+        return collectives.reduce_scatter(unit.params * grad_bytes, group, cluster)
 
     forward_gathers = sum(gathers(u, layout)[0] * gathered(u) for u in blocks)
     backward_gathers = sum(gathers(u, layout)[1] * gathered(u) for u in blocks)
