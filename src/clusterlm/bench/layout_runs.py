@@ -17,11 +17,13 @@ thread's on the case's linear layers and attention core at the case's shapes and
 relative to fp32's linear layers at the one-thread matmul peak (``clusterlm.bench.kernels``),
 times min(1, cores / nproc), since the processes share the cores; its
 link the alpha-beta fit of a gloo all-reduce sweep on ``nproc`` local processes
-(``measure_link``).
+(``measure_link``), with the time a ring exchange adds between blocks of work on as many
+(``measure_exchange_wait``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 
 from clusterlm.bench.collective_sweep import measure_link
+from clusterlm.bench.exchange_probe import measure_exchange_wait
 from clusterlm.bench.kernels import relative_kernel_rates
 from clusterlm.bench.probes import state_after_next_step, step_activation_bytes
 from clusterlm.bench.timer import time_steps
@@ -192,10 +195,7 @@ def run_validation(
     results and the measured link per process count. Other work on the machine only ever adds
     time, so each case keeps its least disturbed round: the lowest median step time."""
     peaks, cores = one_thread_peaks(), available_cores()
-    links = {
-        n: measure_link(n) if n > 1 else Link(bandwidth=math.inf, latency=0.0)
-        for n in sorted({c.nproc for c in cases})
-    }
+    links = {n: local_link(n) for n in sorted({c.nproc for c in cases})}
     rounds_measured: dict[str, list[Measurement]] = {case.name: [] for case in cases}
     with tempfile.TemporaryDirectory(prefix="clusterlm-validate-data-") as root:
         data_dir = prepare_data(Path(root))
@@ -226,6 +226,13 @@ def run_validation(
     return results, links
 
 
+def local_link(nproc: int) -> Link:
+    """The link between ``nproc`` local gloo processes, as measured here."""
+    if nproc == 1:
+        return Link(bandwidth=math.inf, latency=0.0)
+    return dataclasses.replace(measure_link(nproc), exchange_s=measure_exchange_wait(nproc))
+
+
 def evidence(
     results: list[ValidationResult], calibration: Calibration, links: dict[int, Link]
 ) -> dict:
@@ -235,7 +242,11 @@ def evidence(
         "one_thread_peak_flops": one_thread_peaks(),
         "kernel_rates": {r.case.name: r.cluster.device.kernel_rates for r in results},
         "gloo_links": {
-            str(n): {"latency_us": link.latency * 1e6, "bandwidth_gb_s": link.bandwidth / 1e9}
+            str(n): {
+                "latency_us": link.latency * 1e6,
+                "bandwidth_gb_s": link.bandwidth / 1e9,
+                "ring_exchange_us": link.exchange_seconds * 1e6,
+            }
             for n, link in links.items()
             if n > 1
         },

@@ -24,8 +24,7 @@
 - ``tp_module_s``: host seconds per tensor-parallel module pass (one DTensor-sharded linear, norm
   or embedding, forward or backward: sharding propagation, redistribution, local-tensor wrapping).
 - ``pp_action_s``: host seconds per pipeline action (one stage's forward or backward of one
-  micro-batch: the schedule's bookkeeping, posting its sends and receives and waiting on them);
-  each point-to-point exchange ring attention posts and waits on is priced the same.
+  micro-batch: the schedule's bookkeeping, posting its sends and receives and waiting on them).
   All three default to 0: on an accelerator the host runs ahead of the device and these costs hide
   behind the kernels of any model worth sharding; on a CPU the host is the device and they add,
   so ``--validate`` fits them.

@@ -58,6 +58,14 @@ class Link:
 
     bandwidth: float  # bytes/s, per device, one direction
     latency: float  # seconds
+    # Seconds a ring exchange (a send to one neighbour, a receive from the other, both waited on)
+    # costs beyond its bytes, where measured (``clusterlm.bench.exchange_probe``): on processes
+    # that share cores, the wait for the neighbour to be scheduled. None: the latency.
+    exchange_s: float | None = None
+
+    @property
+    def exchange_seconds(self) -> float:
+        return self.latency if self.exchange_s is None else self.exchange_s
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ Each rank holds ``s/cp`` of the micro-batch's tokens; a K/V block is its k and v
 travel in fp32 (the merge's precision).
 
 - Ring: forward passes the K/V blocks ``cp - 1`` hops around the ring, each sent while the rank
-  computes with the block it holds, so a hop costs ``max(0, hop - overlap * compute)`` with
-  ``compute`` a ``1/cp`` share of the layer's attention forward. Backward passes the K/V blocks
-  round again the same way (behind the backward's twice as long share), and after each of its
-  ``cp`` steps sends the accumulated K/V gradients on one hop and waits for them: ``cp`` hops of
-  the gradient block with nothing to hide behind. A rank sends ``2(cp-1)`` K/V blocks and ``cp``
-  gradient blocks per layer and micro-batch.
+  computes with the block it holds, so a hop's bytes cost ``max(0, bytes - overlap * compute)``
+  with ``compute`` a ``1/cp`` share of the layer's attention forward. Backward passes the K/V
+  blocks round again the same way (behind the backward's twice as long share), and after each of
+  its ``cp`` steps sends the accumulated K/V gradients on one hop and waits for them: ``cp`` hops
+  of the gradient block with nothing to hide behind. A rank sends ``2(cp-1)`` K/V blocks and
+  ``cp`` gradient blocks per layer and micro-batch. Every exchange (``exchanges_per_layer``) also
+  costs the link's exchange time (``Link.exchange_seconds``) in full: the wait for the neighbour
+  to arrive, which no work of the rank's own hides.
 - All-to-all (Ulysses): q, k, v and the output each go through one all-to-all forward (k and v
   repeated to every query head first when their heads do not split over cp), their gradients
   through one each backward, nothing overlapped; each sends ``(cp-1)/cp`` of its tensor, the
@@ -20,8 +22,7 @@ travel in fp32 (the merge's precision).
 The ring's own work beyond the attention FLOPs (``merge_kernels``): per step it merges the
 block's output and log-sum-exp into the running ones (forward) or adds the block's gradients into
 the running ones (backward), element-wise kernels counted here in calls and bytes from the code,
-and it posts and waits on one exchange per step but the last, plus the gradients' hop after each
-backward step (``exchanges_per_layer``). The flash kernel's calls on the diagonal and half blocks
+The flash kernel's calls on the diagonal and half blocks
 are timed by the kernel-rate probe at the ring's own block shapes (``clusterlm.bench.kernels``).
 """
 
@@ -101,14 +102,14 @@ def exposed_seconds_per_layer(
             kv, group, cluster
         )
         return one_way, one_way
-    inter_node = group.nodes > 1
-    kv, grads = kv_block_bytes(work, layout)
-    hop = collectives.point_to_point(kv, inter_node, cluster)
+    link = cluster.inter_node if group.nodes > 1 else cluster.intra_node
+    efficiency = cluster.calibration.comm_efficiency
+    kv, grads = (size / (link.bandwidth * efficiency) for size in kv_block_bytes(work, layout))
     overlap, step = cluster.calibration.overlap, attention_forward / cp
-    forward = (cp - 1) * max(0.0, hop - overlap * step)
-    backward = (cp - 1) * max(0.0, hop - overlap * 2 * step)
-    backward += cp * collectives.point_to_point(grads, inter_node, cluster)
-    return forward, backward
+    forward = (cp - 1) * max(0.0, kv - overlap * step)
+    backward = (cp - 1) * max(0.0, kv - overlap * 2 * step) + cp * grads
+    wait = link.exchange_seconds  # forward's cp - 1 exchanges; backward's cp - 1 and cp more
+    return forward + (cp - 1) * wait, backward + (2 * cp - 1) * wait
 
 
 def exposed_seconds(work: Workload, layout: Layout, cluster: Cluster, rate: float) -> float:

@@ -28,8 +28,9 @@ Communication (``collectives``), per step:
   (``clusterlm.plan.fsdp``: the trainer's units, the first gather and the last reduce-scatter of
   each micro-batch exposed, the rest behind up to ``overlap`` of the pass); hsdp then all-reduces
   the gradient shard across replicas once per step.
-- context parallel: attention traffic (``context_comm``); each rank computes its share of the
-  tokens; gradients reduce over ``dp x cp`` or shard over ``dp_shard x cp``.
+- context parallel: attention traffic (``context_comm``), each ring exchange at the link's
+  measured exchange time; each rank computes its share of the tokens; gradients reduce over
+  ``dp x cp`` or shard over ``dp_shard x cp``.
 - pipeline: activations forward and gradients backward at every stage boundary. The 2*(p - 1)*v
   messages of the fill and the drain are on the critical path; the 2*m*v of the steady state are
   sent while the next micro-batch computes, hidden up to ``overlap`` of that compute.
@@ -49,7 +50,7 @@ fixed seconds per step, plus seconds per parameter tensor FSDP's collectives pas
 flat buffers (copied in and out, viewed and wrapped per tensor), per tensor-parallel module pass
 (each DTensor-sharded linear, norm and embedding, forward and backward) and per pipeline action
 (one stage's forward or backward of one micro-batch: the schedule's bookkeeping and its
-point-to-point posts and waits), which also prices each point-to-point exchange of ring attention.
+point-to-point posts and waits).
 Element-wise work that a dense block of the same FLOPs does not do (ring merges, MoE routing) is
 counted in kernel calls and bytes (``elementwise``). A process with ``host_share`` of a core
 (more processes than cores) takes 1/share as long over the per-step work, but over the
@@ -225,13 +226,10 @@ class HostCalls:
     fsdp_tensor_passes: int
     tp_module_passes: int
     pp_actions: int = 0
-    exchanges: int = 0  # ring attention's point-to-point exchanges, posted and waited on
 
     def counts(self) -> tuple[float, float, float, float]:
-        """How many times each calibration host cost (``calibration.HOST_SECONDS``) is paid: an
-        exchange is priced as a pipeline action, a point-to-point post and wait between ranks."""
-        point_to_point = self.pp_actions + self.exchanges
-        return 1.0, self.fsdp_tensor_passes, self.tp_module_passes, point_to_point
+        """How many times each calibration host cost (``calibration.HOST_SECONDS``) is paid."""
+        return 1.0, self.fsdp_tensor_passes, self.tp_module_passes, self.pp_actions
 
 
 def host_calls(work: Workload, layout: Layout) -> HostCalls:
@@ -239,11 +237,9 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
     with SwiGLU) and its 2 norms, plus under sequence parallelism the 2 inputs it gathers along
     the sequence, and the model adds the token and position embeddings, the final norm and the
     head; a pipeline rank runs each micro-batch's forward and backward on each of its stages, the
-    backward in two parts (input and weight gradients) under the zero-bubble schedules; ring
-    attention posts and waits on point-to-point exchanges (``context_comm.exchanges_per_layer``)."""
+    backward in two parts (input and weight gradients) under the zero-bubble schedules."""
     args, m = work.model, layout.micro_batches
     layers = busiest_rank_flops(work, layout)[1]
-    exchanges = m * layers * context_comm.exchanges_per_layer(layout)
     tp = 0
     if layout.tp > 1:
         per_block = 2 + (7 if args.is_llama else 6)
@@ -256,7 +252,7 @@ def host_calls(work: Workload, layout: Layout) -> HostCalls:
         passes = 2 + (BUBBLE_DIVISOR[layout.pp_schedule] == 3)  # zero bubble: B split into I and W
         pp = passes * m * layout.pp_stages_per_rank
     tensors = fsdp.tensor_passes(work, layout, fsdp.parameter_tensors(args))
-    return HostCalls(tensors, tp, pp, exchanges)
+    return HostCalls(tensors, tp, pp)
 
 
 def host_seconds(work: Workload, layout: Layout, cluster: Cluster) -> float:

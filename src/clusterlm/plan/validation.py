@@ -224,7 +224,8 @@ def validation_report(
         "error",
     )
     link_text = ", ".join(
-        f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s"
+        f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s "
+        f"(a ring exchange {link.exchange_seconds * 1e6:.0f} us)"
         for n, link in links.items()
         if n > 1
     )

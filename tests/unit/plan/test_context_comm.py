@@ -77,16 +77,27 @@ def test_all_to_all_repeats_kv_heads_that_do_not_split():
     )
 
 
-def test_ring_hops_hide_behind_attention_but_gradient_hops_do_not():
+def test_ring_hops_bytes_hide_behind_attention_but_waits_and_gradient_hops_do_not():
+    """A K/V hop's bytes travel while the rank computes; the gradient hops do not, and no
+    exchange hides the wait for the neighbour: the link's exchange time, measured where it is
+    known (processes sharing cores), the latency otherwise."""
     work, cluster = _work(), load_cluster("8xH100")
     layout = Layout(cp=4, micro_batch_size=2)
+    link = cluster.intra_node
+    kv, grads = (
+        size / (link.bandwidth * cluster.calibration.comm_efficiency)
+        for size in context_comm.kv_block_bytes(work, layout)
+    )
     forward, backward = context_comm.exposed_seconds_per_layer(work, layout, cluster, 1e3)
-    assert forward == 0.0
-    kv, grads = context_comm.kv_block_bytes(work, layout)
-    hop = context_comm.collectives.point_to_point(grads, False, cluster)
-    assert backward == pytest.approx(4 * hop)
+    assert forward == pytest.approx(3 * link.latency)
+    assert backward == pytest.approx(4 * grads + 7 * link.latency)
     exposed, _ = context_comm.exposed_seconds_per_layer(work, layout, cluster, 0.0)
-    assert exposed == pytest.approx(3 * context_comm.collectives.point_to_point(kv, False, cluster))
+    assert exposed == pytest.approx(3 * (kv + link.latency))
+    shared_cores = dataclasses.replace(
+        cluster, intra_node=dataclasses.replace(link, exchange_s=1e-3)
+    )
+    forward, _ = context_comm.exposed_seconds_per_layer(work, layout, shared_cores, 1e3)
+    assert forward == pytest.approx(3e-3)
     assert step_time(work, layout, cluster).context_parallel > 0
 
 

@@ -1,0 +1,74 @@
+"""What a ring exchange costs beyond its bytes when the processes share the cores: the wait of
+each rank for its neighbours to reach the exchange.
+
+Ring attention posts a send to the next rank and a receive from the previous one
+(``batch_isend_irecv``) after each block of work, and waits on both. Where every process has a
+core, the wait is the link's latency. Where processes outnumber cores, a rank that arrives waits
+until its neighbour is scheduled and arrives too, once per exchange: this is what ``plan
+--validate``'s ring cases measured and the all-reduce sweep's latency (``measure_link``) does not
+see. The probe times rounds of the same pattern, a block of single-threaded work then a ring
+exchange of a small message, against the same work without exchanges, on the same number of
+processes; the difference per round is the exchange's wait.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from clusterlm.distributed.local_spawn import run_local
+
+WORK_SIDE = 192  # a square fp32 matmul of a few hundred microseconds on one thread
+WORK_MATMULS = 4  # per block of work between exchanges
+MESSAGE_ELEMENTS = 1024
+
+
+def _block_of_work(a: torch.Tensor) -> None:
+    for _ in range(WORK_MATMULS):
+        torch.mm(a, a)
+
+
+def _exchange(buffer: torch.Tensor, received: torch.Tensor) -> None:
+    rank, size = dist.get_rank(), dist.get_world_size()
+    ops = [
+        dist.P2POp(dist.isend, buffer, (rank + 1) % size),
+        dist.P2POp(dist.irecv, received, (rank - 1) % size),
+    ]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+
+
+def _seconds_per_round(rounds: int, exchanging: bool) -> float:
+    """Median over ``rounds`` of one round's seconds on this rank, all ranks starting together."""
+    a = torch.randn(WORK_SIDE, WORK_SIDE)
+    buffer, received = torch.zeros(MESSAGE_ELEMENTS), torch.empty(MESSAGE_ELEMENTS)
+    dist.barrier()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        _block_of_work(a)
+        if exchanging:
+            _exchange(buffer, received)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _probe_rank(rank: int, world_size: int, rounds: int) -> float:
+    torch.set_num_threads(1)
+    _seconds_per_round(rounds // 4, exchanging=True)  # warm-up: connections, caches
+    working = _seconds_per_round(rounds, exchanging=False)
+    exchanging = _seconds_per_round(rounds, exchanging=True)
+    return exchanging - working
+
+
+def measure_exchange_wait(nproc: int, rounds: int = 400) -> float:
+    """Seconds a ring exchange adds to a block of work on ``nproc`` local gloo processes of one
+    thread each (the mean over the ranks of each rank's median; 0 where it adds nothing
+    measurable)."""
+    if nproc < 2:
+        raise ValueError(f"measure_exchange_wait needs at least 2 processes, got {nproc}")
+    waits = run_local(_probe_rank, nproc, rounds, timeout=120)
+    return max(0.0, statistics.fmean(waits))

@@ -1,0 +1,22 @@
+"""The ring-exchange probe that ``plan --validate`` prices ring attention's exchanges with."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from clusterlm.bench.exchange_probe import measure_exchange_wait
+from clusterlm.bench.layout_runs import local_link
+
+
+def test_the_probe_returns_a_wait_per_exchange_of_2_processes():
+    wait = measure_exchange_wait(2, rounds=40)  # run_local bounds it with its own timeout
+    assert 0.0 <= wait < 1.0
+
+
+def test_one_process_has_no_link_and_the_probe_needs_two():
+    link = local_link(1)
+    assert link.bandwidth == math.inf and link.exchange_seconds == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        measure_exchange_wait(1)
