@@ -1,14 +1,15 @@
-"""What a ring exchange costs beyond its bytes when the processes share the cores: the wait of
-each rank for its neighbours to reach the exchange.
+"""What a ring exchange and an all-to-all cost beyond their bytes when the processes share the
+cores: the wait of each rank for its peers to reach the exchange.
 
 Ring attention posts a send to the next rank and a receive from the previous one
-(``batch_isend_irecv``) after each block of work, and waits on both. Where every process has a
+(``batch_isend_irecv``) after each block of work, and waits on both; all-to-all attention and
+expert parallelism exchange with every peer (``all_to_all_single``). Where every process has a
 core, the wait is the link's latency. Where processes outnumber cores, a rank that arrives waits
 until its neighbour is scheduled and arrives too, once per exchange: this is what ``plan
 --validate``'s ring cases measured and the all-reduce sweep's latency (``measure_link``) does not
-see. The probe times rounds of the same pattern, a block of single-threaded work then a ring
-exchange of a small message, against the same work without exchanges, on the same number of
-processes; the difference per round is the exchange's wait.
+see. The probe times rounds of the same pattern, a block of single-threaded work then an exchange
+of a small message, against the same work without exchanges, on the same number of processes;
+the difference per round is the exchange's wait.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _block_of_work(a: torch.Tensor) -> None:
         torch.mm(a, a)
 
 
-def _exchange(buffer: torch.Tensor, received: torch.Tensor) -> None:
+def _ring_exchange(buffer: torch.Tensor, received: torch.Tensor) -> None:
     rank, size = dist.get_rank(), dist.get_world_size()
     ops = [
         dist.P2POp(dist.isend, buffer, (rank + 1) % size),
@@ -41,8 +42,16 @@ def _exchange(buffer: torch.Tensor, received: torch.Tensor) -> None:
         request.wait()
 
 
-def _seconds_per_round(rounds: int, exchanging: bool) -> float:
-    """Median over ``rounds`` of one round's seconds on this rank, all ranks starting together."""
+def _all_to_all(buffer: torch.Tensor, received: torch.Tensor) -> None:
+    dist.all_to_all_single(received, buffer)
+
+
+PATTERNS = {"ring": _ring_exchange, "all_to_all": _all_to_all}
+
+
+def _seconds_per_round(rounds: int, pattern: str | None) -> float:
+    """Median over ``rounds`` of one round's seconds on this rank, all ranks starting together:
+    a block of work, then the exchange of ``pattern`` (none: the work alone)."""
     a = torch.randn(WORK_SIDE, WORK_SIDE)
     buffer, received = torch.zeros(MESSAGE_ELEMENTS), torch.empty(MESSAGE_ELEMENTS)
     dist.barrier()
@@ -50,25 +59,25 @@ def _seconds_per_round(rounds: int, exchanging: bool) -> float:
     for _ in range(rounds):
         start = time.perf_counter()
         _block_of_work(a)
-        if exchanging:
-            _exchange(buffer, received)
+        if pattern is not None:
+            PATTERNS[pattern](buffer, received)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _probe_rank(rank: int, world_size: int, rounds: int) -> float:
+def _probe_rank(rank: int, world_size: int, rounds: int) -> dict[str, float]:
     torch.set_num_threads(1)
-    _seconds_per_round(rounds // 4, exchanging=True)  # warm-up: connections, caches
-    working = _seconds_per_round(rounds, exchanging=False)
-    exchanging = _seconds_per_round(rounds, exchanging=True)
-    return exchanging - working
+    for pattern in PATTERNS:  # warm-up: connections, caches
+        _seconds_per_round(rounds // 4, pattern)
+    working = _seconds_per_round(rounds, None)
+    return {pattern: _seconds_per_round(rounds, pattern) - working for pattern in PATTERNS}
 
 
-def measure_exchange_wait(nproc: int, rounds: int = 400) -> float:
-    """Seconds a ring exchange adds to a block of work on ``nproc`` local gloo processes of one
-    thread each (the mean over the ranks of each rank's median; 0 where it adds nothing
-    measurable)."""
+def measure_exchange_waits(nproc: int, rounds: int = 400) -> dict[str, float]:
+    """Seconds a ring exchange and an all-to-all (of a small message) each add to a block of work
+    on ``nproc`` local gloo processes of one thread each: per pattern the mean over the ranks of
+    each rank's median, 0 where it adds nothing measurable."""
     if nproc < 2:
-        raise ValueError(f"measure_exchange_wait needs at least 2 processes, got {nproc}")
-    waits = run_local(_probe_rank, nproc, rounds, timeout=120)
-    return max(0.0, statistics.fmean(waits))
+        raise ValueError(f"measure_exchange_waits needs at least 2 processes, got {nproc}")
+    waits = run_local(_probe_rank, nproc, rounds, timeout=180)
+    return {pattern: max(0.0, statistics.fmean(w[pattern] for w in waits)) for pattern in PATTERNS}

@@ -59,9 +59,11 @@ class Link:
     bandwidth: float  # bytes/s, per device, one direction
     latency: float  # seconds
     # Seconds a ring exchange (a send to one neighbour, a receive from the other, both waited on)
-    # costs beyond its bytes, where measured (``clusterlm.bench.exchange_probe``): on processes
-    # that share cores, the wait for the neighbour to be scheduled. None: the latency.
+    # and an all-to-all cost beyond their bytes, where measured (``bench/exchange_probe.py``): on
+    # processes that share cores, the wait for the peers to be scheduled and arrive. None: the
+    # latency of each message.
     exchange_s: float | None = None
+    all_to_all_s: float | None = None
 
     @property
     def exchange_seconds(self) -> float:

@@ -94,11 +94,13 @@ def point_to_point(nbytes: float, inter_node: bool, cluster: Cluster) -> float:
 def all_to_all(nbytes: float, group: Group, cluster: Cluster) -> float:
     """Each rank sends 1/n of its ``nbytes`` to each of the n - 1 others and receives as much:
     to the peers in its node over the fast link, to the others over its own NIC, both at once;
-    n - 1 messages of latency on the slowest link the group spans."""
+    n - 1 messages of latency on the slowest link the group spans, or its measured all-to-all
+    time (processes sharing cores)."""
     if group.size <= 1:
         return 0.0
     efficiency = cluster.calibration.comm_efficiency
     intra = (group.per_node - 1) / group.size * nbytes / cluster.intra_node.bandwidth
     inter = (group.size - group.per_node) / group.size * nbytes / cluster.inter_node.bandwidth
     link = cluster.inter_node if group.nodes > 1 else cluster.intra_node
-    return max(intra, inter) / efficiency + (group.size - 1) * link.latency
+    waits = (group.size - 1) * link.latency if link.all_to_all_s is None else link.all_to_all_s
+    return max(intra, inter) / efficiency + waits

@@ -16,8 +16,8 @@ travel in fp32 (the merge's precision).
   to arrive, which no work of the rank's own hides.
 - All-to-all (Ulysses): q, k, v and the output each go through one all-to-all forward (k and v
   repeated to every query head first when their heads do not split over cp), their gradients
-  through one each backward, nothing overlapped; each sends ``(cp-1)/cp`` of its tensor, the
-  volume and steps of an all-gather of it.
+  through one each backward, nothing overlapped; each sends ``(cp-1)/cp`` of its tensor
+  (``collectives.all_to_all``).
 
 The ring's own work beyond the attention FLOPs (``merge_kernels``): per step it merges the
 block's output and log-sum-exp into the running ones (forward) or adds the block's gradients into
@@ -98,9 +98,8 @@ def exposed_seconds_per_layer(
     group = collectives.mesh_group(layout, "cp", cluster)
     if layout.cp_attention == "all_to_all":
         q, kv = _all_to_all_tensors(work, layout)
-        one_way = 2 * collectives.all_gather(q, group, cluster) + 2 * collectives.all_gather(
-            kv, group, cluster
-        )
+        one_way = 2 * collectives.all_to_all(q, group, cluster)
+        one_way += 2 * collectives.all_to_all(kv, group, cluster)
         return one_way, one_way
     link = cluster.inter_node if group.nodes > 1 else cluster.intra_node
     efficiency = cluster.calibration.comm_efficiency

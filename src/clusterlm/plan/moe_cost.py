@@ -22,8 +22,8 @@ their experts' ranks and back in forward, and their gradients the same way in ba
 all-to-alls of s*b*k*h elements per micro-batch (6 when full checkpointing reruns the forward),
 none hidden behind compute (each block waits for its tokens); before them, per block and forward,
 the token counts go through one all-to-all of ``E`` integers. These are collectives
-(``all_to_all_single``), priced on the links like data parallelism's, not point-to-point
-exchanges like the ring's and the pipeline's (``timing.host_calls``).
+(``all_to_all_single``), priced by ``collectives.all_to_all``: their bytes over the link, plus the
+link's measured all-to-all time where processes share cores.
 
 Routing work (``routing_kernels``): the router's, the permutation's and the scatter's
 element-wise and indexing kernels, in calls and bytes; the grouped and shared experts' multiplies

@@ -225,7 +225,8 @@ def validation_report(
     )
     link_text = ", ".join(
         f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s "
-        f"(a ring exchange {link.exchange_seconds * 1e6:.0f} us)"
+        f"(a ring exchange {link.exchange_seconds * 1e6:.0f} us, an all-to-all "
+        f"{(link.all_to_all_s or 0.0) * 1e6:.0f} us)"
         for n, link in links.items()
         if n > 1
     )
