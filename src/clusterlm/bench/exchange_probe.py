@@ -49,11 +49,12 @@ def _all_to_all(buffer: torch.Tensor, received: torch.Tensor) -> None:
 PATTERNS = {"ring": _ring_exchange, "all_to_all": _all_to_all}
 
 
-def _seconds_per_round(rounds: int, pattern: str | None) -> float:
-    """Median over ``rounds`` of one round's seconds on this rank, all ranks starting together:
-    a block of work, then the exchange of ``pattern`` (none: the work alone)."""
+def _seconds_per_round(rounds: int, pattern: str | None, elements: int) -> float:
+    """Mean over ``rounds`` of one round's seconds on this rank, all ranks starting together: a
+    block of work, then the exchange of ``pattern`` (none: the work alone). The mean, not the
+    median: a step pays every exchange's wait, the rare long ones included."""
     a = torch.randn(WORK_SIDE, WORK_SIDE)
-    buffer, received = torch.zeros(MESSAGE_ELEMENTS), torch.empty(MESSAGE_ELEMENTS)
+    buffer, received = torch.zeros(elements), torch.empty(elements)
     dist.barrier()
     times = []
     for _ in range(rounds):
@@ -62,22 +63,24 @@ def _seconds_per_round(rounds: int, pattern: str | None) -> float:
         if pattern is not None:
             PATTERNS[pattern](buffer, received)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.fmean(times)
 
 
-def _probe_rank(rank: int, world_size: int, rounds: int) -> dict[str, float]:
+def _probe_rank(rank: int, world_size: int, rounds: int, elements: int) -> dict[str, float]:
     torch.set_num_threads(1)
     for pattern in PATTERNS:  # warm-up: connections, caches
-        _seconds_per_round(rounds // 4, pattern)
-    working = _seconds_per_round(rounds, None)
-    return {pattern: _seconds_per_round(rounds, pattern) - working for pattern in PATTERNS}
+        _seconds_per_round(rounds // 4, pattern, elements)
+    working = _seconds_per_round(rounds, None, elements)
+    return {p: _seconds_per_round(rounds, p, elements) - working for p in PATTERNS}
 
 
-def measure_exchange_waits(nproc: int, rounds: int = 400) -> dict[str, float]:
+def measure_exchange_waits(
+    nproc: int, rounds: int = 400, elements: int = MESSAGE_ELEMENTS
+) -> dict[str, float]:
     """Seconds a ring exchange and an all-to-all (of a small message) each add to a block of work
-    on ``nproc`` local gloo processes of one thread each: per pattern the mean over the ranks of
-    each rank's median, 0 where it adds nothing measurable."""
+    on ``nproc`` local gloo processes of one thread each, ``elements`` fp32 values a message: per
+    pattern the mean over the ranks and rounds, 0 where it adds nothing measurable."""
     if nproc < 2:
         raise ValueError(f"measure_exchange_waits needs at least 2 processes, got {nproc}")
-    waits = run_local(_probe_rank, nproc, rounds, timeout=180)
+    waits = run_local(_probe_rank, nproc, rounds, elements, timeout=180)
     return {pattern: max(0.0, statistics.fmean(w[pattern] for w in waits)) for pattern in PATTERNS}
