@@ -22,13 +22,16 @@ CASES = [
     # gpt2 ties the head to the token table across stages: the tied gradients are sharded here.
     ("pp2xzero3-2-gpt2", 4, 2, {**GPT2, "parallel__pp": 2, "parallel__data_parallel": "zero3"}),
     ("pp2xtp2-gpt2", 4, 1, {**GPT2, "parallel__pp": 2, "parallel__tp": 2}),
+    # label smoothing on the last stage's vocabulary-split logits
+    ("pp2xtp2-smoothed", 4, 1, {**LLAMA, "parallel__pp": 2, "parallel__tp": 2,
+                                "training__label_smoothing": 0.1}),
     ("pp2xtp2xzero3-2", 8, 2, {**LLAMA, "parallel__pp": 2, "parallel__tp": 2, "parallel__data_parallel": "zero3"}),
 ]
 
 
 @pytest.mark.parametrize("name,world_size,dp,settings", CASES, ids=[c[0] for c in CASES])
 def test_pipeline_layout_equals_single_process(name, world_size, dp, settings, data_dir, reference, tmp_path):
-    model = {k: v for k, v in settings.items() if k.startswith("model__")}
+    model = {k: v for k, v in settings.items() if k.startswith(("model__", "training__"))}
     candidate = run(data_dir, tmp_path, world_size, training__micro_batch_size=MICRO * 2, **settings)
     # Under tp the tied table's gradient is summed from gathered shards on two ranks, not
     # accumulated by autograd in one process: another rounding order, which Adam amplifies in the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
@@ -17,6 +18,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from clusterlm.data.masking import IGNORE_INDEX
 from clusterlm.data.special_tokens import PAD
 from clusterlm.models.gpt import ModelArgs
+from clusterlm.models.loss import next_token_loss
 from clusterlm.models.seq2seq import Seq2SeqTransformer
 from clusterlm.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_argmax
 from clusterlm.train.decoding import beam_decode, greedy_decode
@@ -89,3 +91,30 @@ def _compare(rank: int, world_size: int) -> None:
 
 def test_seq2seq_tensor_parallel_equals_the_plain_model():
     run_distributed(_compare, 2, timeout=120)
+
+
+def _compare_smoothed(rank: int, world_size: int, reduction: str) -> None:
+    torch.manual_seed(0)
+    reference = Seq2SeqTransformer(ModelArgs(**ARGS))
+    model = copy.deepcopy(reference)
+    apply_tensor_parallel(model, init_device_mesh("cpu", (world_size,)))
+    tokens, targets = batch()
+    with loss_parallel():
+        loss = next_token_loss(model(tokens), targets, reduction, label_smoothing=0.1)
+        loss.backward()
+    expected = F.cross_entropy(reference(tokens).flatten(0, 1), targets.flatten(),
+                               reduction=reduction, label_smoothing=0.1)  # fmt: skip
+    expected.backward()
+    assert relative_error(loss, expected) <= RTOL
+    sharded = dict(model.named_parameters())
+    for name, param in reference.named_parameters():
+        if name.endswith("wk.bias"):  # softmax is shift-invariant per query: only rounding noise
+            continue
+        assert relative_error(sharded[name].grad, param.grad) <= RTOL, name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_label_smoothed_loss_over_the_split_vocabulary(reduction):
+    """Label smoothing, which torch's loss_parallel refuses, computed over the vocabulary split
+    unevenly on 2 ranks: the loss and every gradient of F.cross_entropy's on the whole logits."""
+    run_distributed(_compare_smoothed, 2, reduction, timeout=120)

@@ -1,8 +1,7 @@
 """The encoder-decoder trains on a translation task exactly like one process under data
-parallelism (ddp, zero1-3, hsdp), tensor parallelism (alone and with zero3), and under local SGD
-averaging every step, and trains
-asynchronously through a parameter server. Each rank's micro-batch loss is its mean over its own
-target tokens, so the reference is one process accumulating the same micro-batches (rank r's is
+parallelism (ddp, zero1-3, hsdp), tensor parallelism (alone, with zero3, and with label smoothing),
+and under local SGD averaging every step, and trains asynchronously through a parameter server.
+Each rank's micro-batch loss is its mean over its own target tokens, so the reference is one process accumulating the same micro-batches (rank r's is
 micro-step r there), and the tolerances are training.py's."""
 
 from __future__ import annotations
@@ -62,13 +61,30 @@ TENSOR_PARALLEL = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name,world_size,settings", TENSOR_PARALLEL, ids=[c[0] for c in TENSOR_PARALLEL])
-def test_tensor_parallel_equals_one_process(task_dir, reference, reference_dir, tmp_path, name, world_size, settings):
+@pytest.mark.parametrize(
+    "name,world_size,settings", TENSOR_PARALLEL, ids=[c[0] for c in TENSOR_PARALLEL]
+)
+def test_tensor_parallel_equals_one_process(
+    task_dir, reference, reference_dir, tmp_path, name, world_size, settings
+):
     """Heads of the encoder's, the decoder's and the cross-attention, MLP columns and the tied
     vocabulary on 2 ranks: losses, weights, and the greedy translations' BLEU and chrF."""
     candidate = run(task_dir, tmp_path, world_size, **SETTINGS, **settings)
     assert_equivalent(reference, candidate)
     assert _scores(tmp_path) == pytest.approx(_scores(reference_dir), rel=1e-5)
+
+
+def test_label_smoothed_tensor_parallel_equals_one_process(
+    task_dir, reference, tmp_path, tmp_path_factory
+):
+    """Label smoothing on the vocabulary split over tp2 (which torch's loss_parallel does not
+    smooth; ``next_token_loss`` does) trains like one process smoothing whole logits."""
+    smoothed = {**SETTINGS, **ACCUMULATE, "training__label_smoothing": 0.1}
+    smoothed_reference = run(task_dir, tmp_path_factory.mktemp("ref-smoothed"), 1, **smoothed)
+    candidate = run(task_dir, tmp_path, 2, parallel__tp=2, **smoothed)
+    assert_equivalent(smoothed_reference, candidate)
+    last = max(reference[0])  # smoothing keeps a trained model's loss from falling as low
+    assert smoothed_reference[0][last] > reference[0][last]
 
 
 def test_tensor_parallel_resumes_and_evaluates(task_dir, reference, tmp_path, capsys):

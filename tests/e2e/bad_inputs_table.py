@@ -128,6 +128,13 @@ CONFIGS = [
     case("config-min-lr-above-lr", *TRAIN, "--optim.min_lr", "1", expect="optim.min_lr"),
     case("config-dropout-one", *TRAIN, "--model.dropout", "1", expect="model.dropout"),
     case(
+        "config-label-smoothing-one",
+        *TRAIN,
+        "--training.label_smoothing",
+        "1",
+        expect="training.label_smoothing",
+    ),
+    case(
         "config-slow-ranks", *TRAIN, "--training.slow_ranks", "fast", expect="training.slow_ranks"
     ),
     case("config-override-without-value", *TRAIN, "--training.steps", expect="needs a value"),

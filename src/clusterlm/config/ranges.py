@@ -73,6 +73,7 @@ RANGES: dict[str, Range] = {
     "training.log_interval": POSITIVE,
     "training.threads": NON_NEGATIVE,
     "training.mlm_probability": OPEN_FRACTION,
+    "training.label_smoothing": FRACTION,
     "optim.lr": POSITIVE,
     "optim.min_lr": NON_NEGATIVE,
     "optim.warmup_steps": NON_NEGATIVE,

@@ -169,6 +169,12 @@ class TrainingConfig:
     mlm_probability: float = setting(
         0.15, "mlm: share of each sequence's tokens to predict (BERT's 80/10/10 rule)"
     )
+    label_smoothing: float = setting(
+        0.0,
+        "label smoothing of the training loss (every objective): this share of each target's "
+        "probability spread evenly over the vocabulary (or the labels); the validation loss "
+        "stays plain cross-entropy",
+    )
     slow_ranks: str = setting(
         "",
         "make ranks slower for experiments: RANK:FACTOR[,...], e.g. '1:3' (rank 1 takes 3x "

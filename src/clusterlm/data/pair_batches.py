@@ -106,7 +106,8 @@ class PairStream:
             block_size,
         )
 
-    def _length(self, indices: Sequence[int], block_size: int) -> int:
+    def batch_length(self, indices: Sequence[int], block_size: int) -> int:
+        """The length L of the batch of pairs ``indices``: ``block_size``, or trimmed."""
         if not self.trim:
             return block_size
         real = [i for i in indices if i >= 0]
@@ -118,7 +119,7 @@ class PairStream:
         an index of -1 is a filler row that counts for nothing (a one-token source, every target
         ignored)."""
         indices = [int(i) for i in indices]
-        length = self._length(indices, block_size)
+        length = self.batch_length(indices, block_size)
         rows = np.full((len(indices), 2 * length), PAD, dtype=np.int64)
         targets = np.full((len(indices), length), IGNORE_INDEX, dtype=np.int64)
         for row, index in enumerate(indices):
@@ -149,7 +150,7 @@ class JoinedPairStream(PairStream):
         padded with the end-of-text token (causal attention: padding after a row's end changes
         nothing it predicts), and its next tokens where they are the target's."""
         indices, half = [int(i) for i in indices], block_size // 2
-        length = self._length(indices, block_size)
+        length = self.batch_length(indices, block_size)
         inputs = np.full((len(indices), length), self.eot_id, dtype=np.int64)
         targets = np.full((len(indices), length), IGNORE_INDEX, dtype=np.int64)
         for row, index in enumerate(indices):

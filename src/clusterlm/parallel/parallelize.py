@@ -49,6 +49,7 @@ def _model_loss(
     model: nn.Module,
     precision: Precision,
     inputs: ModelInputs,
+    label_smoothing: float,
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> torch.Tensor:
@@ -56,7 +57,7 @@ def _model_loss(
     with precision.autocast():
         logits = model(x, **kwargs)
     balance = auxiliary_loss(model)  # a mixture of experts' load-balancing loss, if it has one
-    loss = next_token_loss(logits, y)
+    loss = next_token_loss(logits, y, label_smoothing=label_smoothing)
     return loss if balance is None else loss + balance
 
 
@@ -110,13 +111,17 @@ def _parallelize_part(
 
 
 def _whole_loss(
-    part: nn.Module, precision: Precision, inputs: ModelInputs, compile_whole: bool
+    part: nn.Module,
+    precision: Precision,
+    inputs: ModelInputs,
+    compile_whole: bool,
+    label_smoothing: float,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss of ``part`` on a batch; with ``compile_whole``, one graph from tokens to loss: the
-    compiler fuses across blocks, the embeddings, the head and the loss. (Across processes each
-    block is compiled instead.)"""
+    """The training loss of ``part`` on a batch; with ``compile_whole``, one graph from tokens to
+    loss: the compiler fuses across blocks, the embeddings, the head and the loss. (Across
+    processes each block is compiled instead.)"""
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = partial(
-        _model_loss, part, precision, inputs
+        _model_loss, part, precision, inputs, label_smoothing
     )
     if compile_whole:
         loss_fn = torch.compile(loss_fn)
@@ -151,6 +156,7 @@ def _pipelined_model(
     device: torch.device,
     parallelize_part: Callable[[nn.Module], nn.Module],
     common: dict[str, Any],
+    label_smoothing: float,
 ) -> ParallelModel:
     """This rank's pipeline stages of ``model``, each parallelized by ``parallelize_part``."""
     # The configuration checks allow decoders only in a pipeline.
@@ -164,7 +170,8 @@ def _pipelined_model(
         device=device,
     )
     micro_batches = pipeline_microbatches(p)
-    schedule = build_schedule(stages, p.pp_schedule, micro_batches)
+    loss_fn = partial(next_token_loss, label_smoothing=label_smoothing)
+    schedule = build_schedule(stages, p.pp_schedule, micro_batches, loss_fn)
     pipeline = Pipeline(schedule, stages, micro_batches, StageInputs(stages))
     return PipelinedModel(pipeline, parts=[stage.submod for stage in stages], **common)
 
@@ -205,14 +212,15 @@ def parallelize(
         "comm": comm,
         "shard_optimizer": mesh is not None and p.data_parallel == "zero1",
     }
+    smoothing = cfg.training.label_smoothing
     if mesh is None or p.pp == 1:
         part = parallelize_part(model)
         inputs = model_inputs(cfg, packing or Packing(), device, mesh)
         compile_whole = cfg.training.compile and mesh is None
-        loss_fn = _whole_loss(part, precision, inputs, compile_whole)
+        loss_fn = _whole_loss(part, precision, inputs, compile_whole, smoothing)
         whole = _whole_model(loss_fn, part, mesh, p, common, ps)
         whole.inputs = inputs
         return whole
-    pipelined = _pipelined_model(model, p, mesh, device, parallelize_part, common)
+    pipelined = _pipelined_model(model, p, mesh, device, parallelize_part, common, smoothing)
     pipelined.inputs = model_inputs(cfg, packing or Packing(), device, mesh)
     return pipelined

@@ -84,6 +84,9 @@ class TaskSpec:
     # what a checkpoint carries besides the tokenizer for the run to be used alone (translate)
     saved_files: dict[str, bytes] = field(default_factory=dict)
     saved_state: dict[str, Any] = field(default_factory=dict)
+    # positions and training FLOPs of the loader's next step over every rank, where batches are
+    # trimmed (None: every micro-batch seq_len positions of flops_per_token)
+    step_work: Callable[[ModelArgs, Config, TokenLoader], tuple[int, float]] | None = None
 
 
 @dataclass
@@ -110,6 +113,8 @@ class Session:
     skipped_steps: int = (
         0  # steps not applied: their loss or gradient norm was not finite (training.skip_nonfinite)
     )
+    window_tokens: int = 0  # positions computed since the last logged window, over every rank
+    window_flops: float = 0.0  # and their training FLOPs
 
     @property
     def tokens_per_step(self) -> int:
@@ -119,6 +124,14 @@ class Session:
             * self.cfg.seq_len
             * self.runtime.dp_size
         )
+
+    def step_work(self) -> tuple[int, float]:
+        """Positions the next step computes over every rank, and their training FLOPs."""
+        if self.task.step_work is None:
+            return self.tokens_per_step, self.tokens_per_step * self.flops_per_token
+        args = resolve_model_args(self.cfg, self.task.vocab_size)
+        assert isinstance(self.loader, TokenLoader)  # a translation task masks nothing
+        return self.task.step_work(args, self.cfg, self.loader)
 
     @property
     def checkpoints(self) -> Path:

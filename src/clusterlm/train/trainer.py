@@ -71,6 +71,7 @@ def train_step(session: Session) -> torch.Tensor:
     watchdog.phase("data", session.step)
     if session.sample_log:
         session.sample_log.record(session.step + 1, session.loader)
+    tokens, flops = session.step_work()  # before the loader moves on
     micro_batches = session.loader.next_step()
     watchdog.phase("forward_backward", session.step)
     with (
@@ -98,7 +99,9 @@ def train_step(session: Session) -> torch.Tensor:
         session.model.after_step(session.step + 1) - session.step
     )  # a parameter server's workers advance it together
     session.step += advanced
-    session.tokens += advanced * session.tokens_per_step
+    session.tokens += advanced * tokens
+    session.window_tokens += advanced * tokens
+    session.window_flops += advanced * flops
     return loss
 
 
@@ -176,13 +179,14 @@ def _train(cfg: Config, preemption: Preemption) -> TrainSummary:
         if logging and math.isfinite(
             loss_value
         ):  # not finite: a skipped step, logged with the next window
-            record = _train_record(s, loss_value, window_seconds / window_steps)
+            record = _train_record(s, loss_value, window_seconds, window_steps)
             monitor.observe(s, record, sinks)
             summary.train_loss = loss_value
             progress.update(s.step - 1, record)
             if sinks:
                 sinks.log(record)
             window_seconds, window_steps = 0.0, 0
+            s.window_tokens, s.window_flops = 0, 0.0
         if _due(before, s.step, t.eval_interval, t.steps) and s.runtime.reports:
             watchdog.phase("eval", s.step)
             summary.val_loss = _evaluate(s, progress, sinks)["loss"]
@@ -255,9 +259,11 @@ def _evaluate(
     return result
 
 
-def _train_record(session: Session, loss: float, seconds_per_step: float) -> dict[str, Any]:
-    tokens_per_s = session.tokens_per_step / seconds_per_step
-    per_device = tokens_per_s * session.flops_per_token / session.runtime.world_size
+def _train_record(session: Session, loss: float, seconds: float, steps: int) -> dict[str, Any]:
+    """The logged window's figures: ``steps`` steps in ``seconds``, computing the session's
+    window positions and FLOPs (trimmed batches count the positions they compute)."""
+    tokens_per_s = session.window_tokens / seconds
+    per_device = session.window_flops / seconds / session.runtime.world_size
     return {
         "kind": "train",
         "step": session.step,
@@ -265,7 +271,7 @@ def _train_record(session: Session, loss: float, seconds_per_step: float) -> dic
         **session.mix_tokens(),
         "loss": loss,
         "lr": session.optimizers[0].param_groups[0]["lr"],
-        "ms_per_step": 1000 * seconds_per_step,
+        "ms_per_step": 1000 * seconds / steps,
         "tokens_per_s": tokens_per_s,
         "mfu": per_device / session.peak_flops if session.peak_flops else None,
         **session.model.comm_metrics(),

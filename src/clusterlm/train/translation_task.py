@@ -14,6 +14,8 @@ tokenization) of greedy translations against the references.
 
 from __future__ import annotations
 
+from functools import partial
+
 import sacrebleu
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from torch import nn
 
 from clusterlm.config import Config
 from clusterlm.data.classification import evaluation_batches
+from clusterlm.data.loader import TokenLoader
 from clusterlm.data.masking import IGNORE_INDEX
 from clusterlm.data.pair_batches import JoinedPairStream, PairStream, prompt_lengths
 from clusterlm.data.tokenizer import Tokenizer
@@ -32,7 +35,7 @@ from clusterlm.data.translation import (
 )
 from clusterlm.distributed.runtime import Runtime
 from clusterlm.errors import UserError
-from clusterlm.models import training_flops_per_token
+from clusterlm.models import ModelArgs, training_flops_per_token
 from clusterlm.models.gpt import attention_kernel
 from clusterlm.models.init import ParamSource
 from clusterlm.models.seq2seq import SEQ2SEQ_FLAVOUR
@@ -124,7 +127,24 @@ def translation_task(cfg: Config) -> TaskSpec:
         final_splits=("test",),
         saved_files=saved_files,
         saved_state={TRANSLATION_STATE: translation_state(manifest)},
+        step_work=partial(trimmed_step_work, train),
     )
+
+
+def trimmed_step_work(
+    stream: PairStream, args: ModelArgs, cfg: Config, loader: TokenLoader
+) -> tuple[int, float]:
+    """The positions the loader's next step computes over every rank, each micro-batch trimmed
+    to its longest pair (target positions, a source position of the same length counted with
+    each), and their training FLOPs at that length: the same on every rank, from the sample
+    order alone, so tokens/s and MFU count what is computed rather than ``seq_len`` per pair."""
+    size, first = loader.micro_batch_size, loader.samples_consumed
+    lengths = [
+        stream.batch_length([loader.window_of(i) for i in range(start, start + size)], cfg.seq_len)
+        for start in range(first, first + loader.global_batch_size, size)
+    ]
+    flops = sum(length * training_flops_per_token(args, length) for length in lengths)
+    return size * sum(lengths), size * flops
 
 
 def evaluate_translation(
