@@ -11,6 +11,7 @@ before the command (apart from the paths an entry declares it may change).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -171,11 +172,19 @@ def run_subprocess(
 
 
 def _interrupt_once_present(proc: subprocess.Popen, path: Path, timeout: float) -> None:
+    """SIGINT once ``path`` exists, and again every ``REINTERRUPT_S`` while the process runs, as a
+    person presses Ctrl-C again: on a heavily loaded machine one interrupt sent during start-up
+    once went unanswered for a minute (cause not found), which is not what this entry checks."""
     deadline = time.monotonic() + timeout
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    if proc.poll() is None:
+    while proc.poll() is None and time.monotonic() < deadline:
         proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=min(REINTERRUPT_S, max(0.0, deadline - time.monotonic())))
+
+
+REINTERRUPT_S = 10.0
 
 
 # ---- helpers the entries' setups use -------------------------------------------------------
