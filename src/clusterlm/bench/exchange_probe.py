@@ -2,85 +2,116 @@
 cores: the wait of each rank for its peers to reach the exchange.
 
 Ring attention posts a send to the next rank and a receive from the previous one
-(``batch_isend_irecv``) after each block of work, and waits on both; all-to-all attention and
-expert parallelism exchange with every peer (``all_to_all_single``). Where every process has a
-core, the wait is the link's latency. Where processes outnumber cores, a rank that arrives waits
-until its neighbour is scheduled and arrives too, once per exchange: this is what ``plan
---validate``'s ring cases measured and the all-reduce sweep's latency (``measure_link``) does not
-see. The probe times rounds of the same pattern, a block of single-threaded work then an exchange
-of a small message, against the same work without exchanges, on the same number of processes;
-the difference per round is the exchange's wait.
+(``batch_isend_irecv``) before computing with the block it holds and waits on both after it (a
+K/V hop); in backward it also sends the accumulated gradients on one hop after the block's work
+and waits at once (a gradient hop). All-to-all attention and expert parallelism exchange with
+every peer of their group after a block of work (``all_to_all_single``). Where every process has
+a core, the wait is the link's latency. Where processes outnumber cores, a rank that arrives
+waits until its peers are scheduled and arrive too, once per exchange, and a hop posted before
+the work hides part of that behind it: this is what ``plan --validate``'s cp and ep cases
+measured and the all-reduce sweep's latency (``measure_link``) does not see. The probe times
+rounds of each pattern, a block of single-threaded work with an exchange of a small message
+among all the processes, against the same work alone, on as many processes as the case has; the
+difference per round is the exchange's wait. Among all of them, even where a case exchanges
+within smaller groups: pairs probed alone among four processes waited about twice as long as
+the hops of cp2 x zero3 on four processes, whose FSDP collectives keep all four in step
+(benchmarks/planner-validation-idle-cpu-epyc-zen5-2026-12-07.md).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from clusterlm.distributed.local_spawn import run_local
+from clusterlm.plan.cluster import ExchangeWaits
 
 WORK_SIDE = 192  # a square fp32 matmul of a few hundred microseconds on one thread
 WORK_MATMULS = 4  # per block of work between exchanges
 MESSAGE_ELEMENTS = 1024
 
 
-def _block_of_work(a: torch.Tensor) -> None:
-    for _ in range(WORK_MATMULS):
-        torch.mm(a, a)
+class _Ring:
+    """This rank's neighbours among all the processes, and what it computes and sends."""
+
+    def __init__(self) -> None:
+        rank, size = dist.get_rank(), dist.get_world_size()
+        self.next, self.previous = (rank + 1) % size, (rank - 1) % size
+        self.a = torch.randn(WORK_SIDE, WORK_SIDE)
+        self.buffer, self.received = torch.zeros(MESSAGE_ELEMENTS), torch.empty(MESSAGE_ELEMENTS)
+
+    def work(self) -> None:
+        for _ in range(WORK_MATMULS):
+            torch.mm(self.a, self.a)
+
+    def post_hop(self) -> list:
+        ops = [
+            dist.P2POp(dist.isend, self.buffer, self.next),
+            dist.P2POp(dist.irecv, self.received, self.previous),
+        ]
+        return dist.batch_isend_irecv(ops)
 
 
-def _ring_exchange(buffer: torch.Tensor, received: torch.Tensor) -> None:
-    rank, size = dist.get_rank(), dist.get_world_size()
-    ops = [
-        dist.P2POp(dist.isend, buffer, (rank + 1) % size),
-        dist.P2POp(dist.irecv, received, (rank - 1) % size),
-    ]
-    for request in dist.batch_isend_irecv(ops):
+def _alone(g: _Ring) -> None:
+    g.work()
+
+
+def _posted(g: _Ring) -> None:
+    requests = g.post_hop()
+    g.work()
+    for request in requests:
         request.wait()
 
 
-def _all_to_all(buffer: torch.Tensor, received: torch.Tensor) -> None:
-    dist.all_to_all_single(received, buffer)
+def _after(g: _Ring) -> None:
+    g.work()
+    for request in g.post_hop():
+        request.wait()
 
 
-PATTERNS = {"ring": _ring_exchange, "all_to_all": _all_to_all}
+def _all_to_all(g: _Ring) -> None:
+    g.work()
+    dist.all_to_all_single(g.received, g.buffer)
 
 
-def _seconds_per_round(rounds: int, pattern: str | None, elements: int) -> float:
-    """Mean over ``rounds`` of one round's seconds on this rank, all ranks starting together: a
-    block of work, then the exchange of ``pattern`` (none: the work alone). The mean, not the
-    median: a step pays every exchange's wait, the rare long ones included."""
-    a = torch.randn(WORK_SIDE, WORK_SIDE)
-    buffer, received = torch.zeros(elements), torch.empty(elements)
+PATTERNS: dict[str, Callable[[_Ring], None]] = {
+    "posted": _posted,
+    "after": _after,
+    "all_to_all": _all_to_all,
+}
+
+
+def _seconds_per_round(g: _Ring, rounds: int, pattern: Callable[[_Ring], None]) -> float:
+    """Mean over ``rounds`` of one round's seconds on this rank, all ranks starting together. The
+    mean, not the median: a step pays every exchange's wait, the rare long ones included."""
     dist.barrier()
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        _block_of_work(a)
-        if pattern is not None:
-            PATTERNS[pattern](buffer, received)
+        pattern(g)
         times.append(time.perf_counter() - start)
     return statistics.fmean(times)
 
 
-def _probe_rank(rank: int, world_size: int, rounds: int, elements: int) -> dict[str, float]:
+def _probe_rank(rank: int, world_size: int, rounds: int) -> dict[str, float]:
     torch.set_num_threads(1)
-    for pattern in PATTERNS:  # warm-up: connections, caches
-        _seconds_per_round(rounds // 4, pattern, elements)
-    working = _seconds_per_round(rounds, None, elements)
-    return {p: _seconds_per_round(rounds, p, elements) - working for p in PATTERNS}
+    g = _Ring()
+    for pattern in PATTERNS.values():  # warm-up: connections, caches
+        _seconds_per_round(g, rounds // 4, pattern)
+    working = _seconds_per_round(g, rounds, _alone)
+    return {name: _seconds_per_round(g, rounds, p) - working for name, p in PATTERNS.items()}
 
 
-def measure_exchange_waits(
-    nproc: int, rounds: int = 400, elements: int = MESSAGE_ELEMENTS
-) -> dict[str, float]:
-    """Seconds a ring exchange and an all-to-all (of a small message) each add to a block of work
-    on ``nproc`` local gloo processes of one thread each, ``elements`` fp32 values a message: per
-    pattern the mean over the ranks and rounds, 0 where it adds nothing measurable."""
+def measure_exchange_waits(nproc: int, rounds: int = 1000) -> ExchangeWaits:
+    """The waits of a ring hop posted before a block of work, one posted after it, and an
+    all-to-all, on ``nproc`` local gloo processes of one thread each: per pattern the mean over
+    the ranks and rounds, 0 where it adds nothing measurable."""
     if nproc < 2:
         raise ValueError(f"measure_exchange_waits needs at least 2 processes, got {nproc}")
-    waits = run_local(_probe_rank, nproc, rounds, elements, timeout=180)
-    return {pattern: max(0.0, statistics.fmean(w[pattern] for w in waits)) for pattern in PATTERNS}
+    waits = run_local(_probe_rank, nproc, rounds, timeout=180)
+    mean = {name: max(0.0, statistics.fmean(w[name] for w in waits)) for name in PATTERNS}
+    return ExchangeWaits(**mean)

@@ -17,8 +17,8 @@ thread's on the case's linear layers and attention core at the case's shapes and
 relative to fp32's linear layers at the one-thread matmul peak (``clusterlm.bench.kernels``),
 times min(1, cores / nproc), since the processes share the cores; its
 link the alpha-beta fit of a gloo all-reduce sweep on ``nproc`` local processes
-(``measure_link``), with the time a ring exchange and an all-to-all add between blocks of work on
-as many (``measure_exchange_waits``).
+(``measure_link``), with the waits ring hops and all-to-alls add between blocks of work on as many
+(``measure_exchange_waits``).
 """
 
 from __future__ import annotations
@@ -230,10 +230,7 @@ def local_link(nproc: int) -> Link:
     """The link between ``nproc`` local gloo processes, as measured here."""
     if nproc == 1:
         return Link(bandwidth=math.inf, latency=0.0)
-    waits = measure_exchange_waits(nproc)
-    return dataclasses.replace(
-        measure_link(nproc), exchange_s=waits["ring"], all_to_all_s=waits["all_to_all"]
-    )
+    return dataclasses.replace(measure_link(nproc), waits=measure_exchange_waits(nproc))
 
 
 def evidence(
@@ -248,8 +245,9 @@ def evidence(
             str(n): {
                 "latency_us": link.latency * 1e6,
                 "bandwidth_gb_s": link.bandwidth / 1e9,
-                "ring_exchange_us": link.exchange_seconds * 1e6,
-                "all_to_all_us": link.all_to_all_s * 1e6 if link.all_to_all_s is not None else None,
+                "exchange_waits_us": {
+                    k: v * 1e6 for k, v in dataclasses.asdict(link.exchange_waits(n)).items()
+                },
             }
             for n, link in links.items()
             if n > 1

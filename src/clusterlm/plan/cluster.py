@@ -53,21 +53,27 @@ GB, GIB = 1e9, 2**30
 
 
 @dataclass(frozen=True)
+class ExchangeWaits:
+    """Seconds an exchange among a group of processes costs beyond its bytes where they share
+    cores (``bench/exchange_probe.py``): the wait for the peers to be scheduled and arrive."""
+
+    posted: float  # a ring hop posted before a block of work and waited on after it
+    after: float  # a ring hop posted and waited on after a block of work
+    all_to_all: float  # an all-to-all after a block of work
+
+
+@dataclass(frozen=True)
 class Link:
     """Alpha-beta link: a message of n bytes takes ``latency + n / bandwidth`` seconds."""
 
     bandwidth: float  # bytes/s, per device, one direction
     latency: float  # seconds
-    # Seconds a ring exchange (a send to one neighbour, a receive from the other, both waited on)
-    # and an all-to-all cost beyond their bytes, where measured (``bench/exchange_probe.py``): on
-    # processes that share cores, the wait for the peers to be scheduled and arrive. None: the
-    # latency of each message.
-    exchange_s: float | None = None
-    all_to_all_s: float | None = None
+    waits: ExchangeWaits | None = None  # measured; None: each message waits the latency
 
-    @property
-    def exchange_seconds(self) -> float:
-        return self.latency if self.exchange_s is None else self.exchange_s
+    def exchange_waits(self, group_size: int) -> ExchangeWaits:
+        if self.waits is not None:
+            return self.waits
+        return ExchangeWaits(self.latency, self.latency, (group_size - 1) * self.latency)
 
 
 @dataclass(frozen=True)

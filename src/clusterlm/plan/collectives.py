@@ -102,5 +102,4 @@ def all_to_all(nbytes: float, group: Group, cluster: Cluster) -> float:
     intra = (group.per_node - 1) / group.size * nbytes / cluster.intra_node.bandwidth
     inter = (group.size - group.per_node) / group.size * nbytes / cluster.inter_node.bandwidth
     link = cluster.inter_node if group.nodes > 1 else cluster.intra_node
-    waits = (group.size - 1) * link.latency if link.all_to_all_s is None else link.all_to_all_s
-    return max(intra, inter) / efficiency + waits
+    return max(intra, inter) / efficiency + link.exchange_waits(group.size).all_to_all

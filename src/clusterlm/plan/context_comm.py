@@ -12,8 +12,9 @@ travel in fp32 (the merge's precision).
   its ``cp`` steps sends the accumulated K/V gradients on one hop and waits for them: ``cp`` hops
   of the gradient block with nothing to hide behind. A rank sends ``2(cp-1)`` K/V blocks and
   ``cp`` gradient blocks per layer and micro-batch. Every exchange (``exchanges_per_layer``) also
-  costs the link's exchange time (``Link.exchange_seconds``) in full: the wait for the neighbour
-  to arrive, which no work of the rank's own hides.
+  waits for the neighbour to arrive (``Link.exchange_waits`` of the cp group): a gradient hop the
+  whole wait, a K/V hop what is left of it after the block's work it was posted before (at least
+  the probe's wait for a hop posted before its block of work).
 - All-to-all (Ulysses): q, k, v and the output each go through one all-to-all forward (k and v
   repeated to every query head first when their heads do not split over cp), their gradients
   through one each backward, nothing overlapped; each sends ``(cp-1)/cp`` of its tensor
@@ -105,10 +106,14 @@ def exposed_seconds_per_layer(
     efficiency = cluster.calibration.comm_efficiency
     kv, grads = (size / (link.bandwidth * efficiency) for size in kv_block_bytes(work, layout))
     overlap, step = cluster.calibration.overlap, attention_forward / cp
-    forward = (cp - 1) * max(0.0, kv - overlap * step)
-    backward = (cp - 1) * max(0.0, kv - overlap * 2 * step) + cp * grads
-    wait = link.exchange_seconds  # forward's cp - 1 exchanges; backward's cp - 1 and cp more
-    return forward + (cp - 1) * wait, backward + (2 * cp - 1) * wait
+    waits = link.exchange_waits(cp)
+
+    def kv_hop(work: float) -> float:
+        """A K/V hop posted before ``work`` seconds: bytes and wait hide behind that work only."""
+        return max(0.0, kv - overlap * work) + max(waits.posted, waits.after - work)
+
+    backward = (cp - 1) * kv_hop(2 * step) + cp * (grads + waits.after)
+    return (cp - 1) * kv_hop(step), backward
 
 
 def exposed_seconds(work: Workload, layout: Layout, cluster: Cluster, rate: float) -> float:

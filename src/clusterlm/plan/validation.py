@@ -224,10 +224,13 @@ def validation_report(
         "error",
     )
     link_text = ", ".join(
-        f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s "
-        f"(a ring exchange {link.exchange_seconds * 1e6:.0f} us, an all-to-all "
-        f"{(link.all_to_all_s or 0.0) * 1e6:.0f} us)"
+        f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s"
+        + (
+            f" (a ring hop {w.posted * 1e6:.0f} us posted before the work, {w.after * 1e6:.0f} us"
+            f" after it, an all-to-all {w.all_to_all * 1e6:.0f} us)"
+        )
         for n, link in links.items()
+        for w in [link.exchange_waits(n)]
         if n > 1
     )
     return "\n".join(

@@ -7,7 +7,7 @@ import pytest
 
 from clusterlm.models.gpt import ModelArgs
 from clusterlm.plan import context_comm
-from clusterlm.plan.cluster import load_cluster
+from clusterlm.plan.cluster import ExchangeWaits, load_cluster
 from clusterlm.plan.layout import Layout, layout_problem
 from clusterlm.plan.memory import device_memory, layer_activation_bytes
 from clusterlm.plan.search import enumerate_layouts
@@ -78,9 +78,9 @@ def test_all_to_all_repeats_kv_heads_that_do_not_split():
 
 
 def test_ring_hops_bytes_hide_behind_attention_but_waits_and_gradient_hops_do_not():
-    """A K/V hop's bytes travel while the rank computes; the gradient hops do not, and no
-    exchange hides the wait for the neighbour: the link's exchange time, measured where it is
-    known (processes sharing cores), the latency otherwise."""
+    """A K/V hop's bytes travel while the rank computes; the gradient hops do not. Each hop waits
+    for the neighbour: the latency, or where measured (processes sharing cores) the wait left
+    after the work a K/V hop is posted before, and the whole wait of a gradient hop."""
     work, cluster = _work(), load_cluster("8xH100")
     layout = Layout(cp=4, micro_batch_size=2)
     link = cluster.intra_node
@@ -93,11 +93,14 @@ def test_ring_hops_bytes_hide_behind_attention_but_waits_and_gradient_hops_do_no
     assert backward == pytest.approx(4 * grads + 7 * link.latency)
     exposed, _ = context_comm.exposed_seconds_per_layer(work, layout, cluster, 0.0)
     assert exposed == pytest.approx(3 * (kv + link.latency))
-    shared_cores = dataclasses.replace(
-        cluster, intra_node=dataclasses.replace(link, exchange_s=1e-3)
-    )
-    forward, _ = context_comm.exposed_seconds_per_layer(work, layout, shared_cores, 1e3)
-    assert forward == pytest.approx(3e-3)
+    waits = ExchangeWaits(posted=1e-4, after=1e-3, all_to_all=0.0)
+    shared_cores = dataclasses.replace(cluster, intra_node=dataclasses.replace(link, waits=waits))
+    forward, backward = context_comm.exposed_seconds_per_layer(work, layout, shared_cores, 1e3)
+    assert forward == pytest.approx(3e-4)  # K/V hops: the wait left after the posted-over work
+    assert backward == pytest.approx(4 * grads + 3e-4 + 4e-3)  # gradient hops: all of it
+    forward, _ = context_comm.exposed_seconds_per_layer(work, layout, shared_cores, 2e-3)
+    assert kv < 0.8 * 5e-4
+    assert forward == pytest.approx(3 * 5e-4)  # a block of 0.5 ms hides 0.5 ms of the wait
     assert step_time(work, layout, cluster).context_parallel > 0
 
 
