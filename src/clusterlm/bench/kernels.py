@@ -26,13 +26,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from clusterlm.config import OptimConfig
+from clusterlm.models import create_model
+from clusterlm.models.gpt import moe_mlp
 from clusterlm.models.moe import grouped_mm
 from clusterlm.parallel.attention_blocks import block_backward, block_forward
 from clusterlm.parallel.precision import DTYPES
 from clusterlm.parallel.ring_attention import visible_block
 from clusterlm.plan.layout import Layout
-from clusterlm.plan.moe_cost import expert_hidden
+from clusterlm.plan.moe_cost import expert_hidden, routing_kernels
 from clusterlm.plan.workload import Workload
+from clusterlm.train.optim import optimizer_recipe
 
 
 def kernel_rates(work: Workload, layout: Layout) -> dict[str, float]:
@@ -163,7 +167,76 @@ def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> d
     scaled = {kind: rate / fp32["linear"] * fp32_peak for kind, rate in rates.items()}
     # The counted kernels' tensors: an fp32 activation of the rank's micro-batch, or larger.
     activation = layout.micro_batch_size * work.seq_len // layout.cp * work.model.n_embd * 4
-    return {**scaled, **elementwise_rates(activation)}
+    return {
+        **scaled,
+        **elementwise_rates(activation),
+        **routing_rate(work, layout),
+        **optimizer_rate(work),
+    }
+
+
+def optimizer_rate(work: Workload) -> dict[str, float]:
+    """{"optimizer": parameters/s} of one thread on the trainer's optimizer step (gradient
+    clipping, then its AdamW with its parameter groups) over the whole model's parameters: a few
+    element-wise passes over each parameter's weights, gradient and moments, and calls per
+    tensor."""
+    model = create_model(work.model)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer = optimizer_recipe(model, OptimConfig()).build()
+    params = [p for p in model.parameters()]
+
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds = _seconds(step)
+    finally:
+        torch.set_num_threads(threads)
+    return {"optimizer": sum(p.numel() for p in params) / seconds}
+
+
+def routing_rate(work: Workload, layout: Layout) -> dict[str, float]:
+    """{"routing": kernel calls/s} of one thread on a mixture of experts' counted routing kernels
+    (``moe_cost.routing_kernels``), from the MoE block itself forward and backward at the case's
+    shapes less its multiplies alone: its many small indexing and sorting kernels cost more per
+    call than the element-wise probe's. Empty for a dense model."""
+    args = work.model
+    if not args.moe_blocks(args.n_layer):
+        return {}
+    tokens = layout.micro_batch_size * work.seq_len // layout.cp
+    compute = DTYPES[work.precision]
+    calls, _ = routing_kernels(work, Layout(), tokens, r=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # The difference of two timings: more calls than the other probes, to steady it.
+        block_s, multiplies_s = (
+            _seconds(fn, calls=20, rounds=5)
+            for fn in (_moe_block(work, tokens, compute), _moe_mlp(work, tokens, compute))
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return {"routing": calls / max(block_s - multiplies_s, 1e-9)}
+
+
+def _moe_block(work: Workload, tokens: int, compute: torch.dtype) -> Callable[[], None]:
+    """The model's MoE block (router, routing, routed and shared experts) forward and backward on
+    ``tokens`` tokens, as the trainer's mixed precision runs it."""
+    block = moe_mlp(work.model)
+    for parameter in block.parameters():  # made empty; any finite weights time alike
+        torch.nn.init.normal_(parameter, std=0.02)
+    x = torch.randn(tokens, work.model.n_embd, requires_grad=True)
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
+            out = block(x)
+        out.float().backward(torch.ones(out.shape))
+
+    return run
 
 
 def _linears(

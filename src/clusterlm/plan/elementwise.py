@@ -8,8 +8,13 @@ of each block into the running output (``context_comm.merge_kernels``) and a mix
 routing, permutation and scatter (``moe_cost.routing_kernels``). Each is counted from the code in
 kernel calls and bytes touched, and takes ``calls / launch + bytes / elementwise`` seconds at the
 device's measured ``launch`` (kernel calls per second) and ``elementwise`` (bytes per second)
-rates (``clusterlm.bench.kernels``). A device without them (an accelerator preset: its host
-launches ahead of the kernels, and these kernels are small beside its matmuls) gets 0.
+rates (``clusterlm.bench.kernels``); the routing's calls at the ``routing`` rate instead where it
+was measured (``bench.kernels.routing_rate``: the MoE block timed whole, its bytes included). A
+device without them (an accelerator preset: its host launches ahead of the kernels, and these
+kernels are small beside its matmuls) gets 0.
+
+The optimizer step (``optimizer_seconds``) is element-wise work too, once a step over the state a
+rank holds, priced at a rate measured on the model's own parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ from __future__ import annotations
 from clusterlm.plan import context_comm
 from clusterlm.plan.cluster import Device
 from clusterlm.plan.layout import Layout
-from clusterlm.plan.memory import fp32_weights_under_autocast
+from clusterlm.plan.memory import (
+    fp32_weights_under_autocast,
+    rank_for,
+    state_bytes,
+    state_bytes_per_param,
+)
 from clusterlm.plan.moe_cost import routing_kernels
 from clusterlm.plan.workload import Workload
 
@@ -38,12 +48,29 @@ def micro_batch_seconds(
     tokens = context_comm.local_tokens(work, layout)
     residual = 4 if fp32_weights_under_autocast(work, layout) else work.activation_bytes
     merge_calls, merge_bytes = context_comm.merge_kernels(work, layout)
-    route_calls, route_bytes = (
-        routing_kernels(work, layout, tokens, residual) if moe_blocks else (0.0, 0.0)
+    merges = kernel_seconds(work, device, layers * merge_calls, layers * merge_bytes)
+    if not moe_blocks:
+        return merges
+    route_calls, route_bytes = routing_kernels(work, layout, tokens, residual)
+    measured = device.kernel_rates.get(work.precision, {}).get("routing")
+    if measured is None:
+        return merges + kernel_seconds(
+            work, device, moe_blocks * route_calls, moe_blocks * route_bytes
+        )
+    return merges + moe_blocks * route_calls / measured
+
+
+def optimizer_seconds(work: Workload, layout: Layout, device: Device) -> float:
+    """The optimizer step on the busiest rank: gradient clipping and AdamW over the parameters
+    whose state it holds (its ZeRO share), at the device's measured ``optimizer`` rate in
+    parameters per second (``bench.kernels.optimizer_rate``); 0 where none was measured or the
+    state lives on the host (``timing``'s offload prices that)."""
+    rate = device.kernel_rates.get(work.precision, {}).get("optimizer")
+    if rate is None or layout.cpu_offload:
+        return 0.0
+    per_param = state_bytes_per_param(0, 1, work.mixed_precision)[2]
+    stepped = max(
+        state_bytes(work, layout, layout.zero_stage, rank_for(layout, stage))[2]
+        for stage in ("first", "last")
     )
-    return kernel_seconds(
-        work,
-        device,
-        layers * merge_calls + moe_blocks * route_calls,
-        layers * merge_bytes + moe_blocks * route_bytes,
-    )
+    return stepped / per_param / rate

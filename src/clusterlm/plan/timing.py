@@ -43,7 +43,8 @@ stages per rank (p-1)/(v*m) (Narayanan et al. 2021; Lamy-Poirier 2023), and the 
 family (interleaved zero bubble, ZBV, DualPipeV) a third of that, (p-1)/(3*v*m): ZB-H1 of Qi et al.
 2023 with equal forward, input-gradient and weight-gradient times. The bubble is paid at the pace
 of the ranks a micro-batch fills and drains through (``fill_and_drain_share``), the steady state at
-the busiest rank's. The optimizer step itself is not modelled, except through ``host``.
+the busiest rank's. The optimizer step is priced where its rate was measured
+(``elementwise.optimizer_seconds``), and otherwise only through ``host``.
 
 Host: work of the CPU that drives the device, counted in calls (``host_calls``): the calibration's
 fixed seconds per step, plus seconds per parameter tensor FSDP's collectives pass through their
@@ -96,6 +97,7 @@ class StepTime:
     expert_parallel: float = 0.0  # the all-to-alls of expert parallelism (``moe_cost``)
     context_parallel: float = 0.0
     element_wise: float = 0.0  # ring merges and MoE routing (``clusterlm.plan.elementwise``)
+    optimizer: float = 0.0  # clipping and AdamW where their rate was measured (same module)
 
     @property
     def total(self) -> float:
@@ -200,6 +202,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         expert_parallel=m * all_to_all,
         context_parallel=m * context,
         element_wise=m * kernels,
+        optimizer=elementwise.optimizer_seconds(work, layout, cluster.device),
     )
 
 

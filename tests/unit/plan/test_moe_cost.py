@@ -205,3 +205,40 @@ def test_expert_parallel_sends_the_counts_before_the_tokens():
         MOE.moe_experts * 8, group, cluster
     )
     assert all_to_all_seconds(WORK, layout, cluster, tokens, 3) == pytest.approx(3 * per_block)
+
+
+def test_the_routing_takes_its_counted_calls_at_the_measured_routing_rate():
+    """Where the probe timed the MoE block's routing, its calls take that rate, bytes included;
+    elsewhere the element-wise launch and bytes rates."""
+    from clusterlm.bench.layout_runs import local_cluster
+    from clusterlm.plan.cluster import Link
+    from clusterlm.plan.elementwise import micro_batch_seconds
+    from clusterlm.plan.moe_cost import routing_kernels
+
+    work = dataclasses.replace(WORK, precision="fp32")
+    layout = Layout(micro_batch_size=2)
+    tokens = 2 * work.seq_len
+    rates = {"linear": 1e11, "attention": 1e11, "launch": 1e5, "elementwise": 1e10}
+
+    def seconds(kinds: dict[str, float]) -> float:
+        cluster = local_cluster(1, {"fp32": 1e11}, Link(1e9, 1e-4), cores=2, rates={"fp32": kinds})
+        return micro_batch_seconds(work, layout, cluster.device, MOE.n_layer, 3)
+
+    calls, nbytes = routing_kernels(work, layout, tokens, r=4)
+    assert seconds(rates) == pytest.approx(3 * (calls / 1e5 + nbytes / 1e10))
+    assert seconds({**rates, "routing": 2e4}) == pytest.approx(3 * calls / 2e4)
+
+
+def test_the_optimizer_steps_the_state_the_rank_holds_at_the_measured_rate():
+    from clusterlm.bench.layout_runs import local_cluster
+    from clusterlm.plan.cluster import Link
+    from clusterlm.plan.elementwise import optimizer_seconds
+    from clusterlm.plan.memory import device_memory
+
+    work = dataclasses.replace(WORK, precision="fp32")
+    rates = {"fp32": {"linear": 1e11, "attention": 1e11, "optimizer": 1e8}}
+    device = local_cluster(1, {"fp32": 1e11}, Link(1e9, 1e-4), cores=2, rates=rates).device
+    for layout in (Layout(), Layout(dp_shard=4, data_parallel="zero3", ep=2)):
+        held = device_memory(work, layout).optimizer / 8  # fp32 AdamW: two moments per parameter
+        assert optimizer_seconds(work, layout, device) == pytest.approx(held / 1e8)
+    assert optimizer_seconds(work, Layout(), load_cluster("8xH100").device) == 0.0

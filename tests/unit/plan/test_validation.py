@@ -262,7 +262,7 @@ def test_relative_kernel_rates_anchor_fp32_linear_layers_at_the_peak():
     bf16 = relative_kernel_rates(work, layout, fp32_peak=1e11)
     assert fp32["linear"] == pytest.approx(1e11, rel=0.5)  # two probes of one kernel, seconds apart
     assert all(rate > 0 for rate in (*fp32.values(), *bf16.values()))
-    assert set(fp32) == {"linear", "attention", "launch", "elementwise"}
+    assert set(fp32) == {"linear", "attention", "launch", "elementwise", "optimizer"}
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.model or c.parallel.get("cp")], ids=str)
@@ -272,6 +272,7 @@ def test_kernel_rates_probe_the_moe_and_ring_cases_own_kernels(case):
     work = Workload(args, 64, GLOBAL_BATCH * 64, case.precision)
     rates = relative_kernel_rates(work, case.layout, fp32_peak=1e11)
     assert all(0 < rate < float("inf") for rate in rates.values())
+    assert ("routing" in rates) == bool(case.model)  # the MoE block's routing, timed whole
 
 
 def test_zero2_state_is_sharded_like_fsdp2_stores_it():
