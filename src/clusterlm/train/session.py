@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +126,16 @@ class Session:
             * self.runtime.dp_size
         )
 
+    @cached_property
+    def model_args(self) -> ModelArgs:
+        return resolve_model_args(self.cfg, self.task.vocab_size)
+
     def step_work(self) -> tuple[int, float]:
         """Positions the next step computes over every rank, and their training FLOPs."""
         if self.task.step_work is None:
             return self.tokens_per_step, self.tokens_per_step * self.flops_per_token
-        args = resolve_model_args(self.cfg, self.task.vocab_size)
         assert isinstance(self.loader, TokenLoader)  # a translation task masks nothing
-        return self.task.step_work(args, self.cfg, self.loader)
+        return self.task.step_work(self.model_args, self.cfg, self.loader)
 
     @property
     def checkpoints(self) -> Path:
