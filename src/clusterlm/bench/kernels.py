@@ -14,7 +14,9 @@ multiply (``torch._grouped_mm`` where it runs) on their share of the tokens, its
 experts as linear layers; ring attention's blocks as the ring computes them on its busiest rank
 (the diagonal block causally, the others' visible halves whole, each a call of the fused kernel).
 Beside them, ``elementwise_rates`` measures what the planner prices counted element-wise kernels
-at (``clusterlm.plan.elementwise``): kernel calls per second and bytes per second.
+at (``clusterlm.plan.elementwise``): kernel calls per second and bytes per second;
+``routing_rate`` a mixture of experts' routing calls per second, from its block timed whole; and
+``optimizer_rate`` the parameters per second of the trainer's optimizer step.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def optimizer_rate(work: Workload) -> dict[str, float]:
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
     optimizer = optimizer_recipe(model, OptimConfig()).build()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
 
     def step() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
