@@ -108,12 +108,10 @@ class Session:
     sample_log: SampleLog | None = None  # metrics.sample_log: the samples read per step
     balancer: LoadBalancer | None = None  # micro-batches per rank (parallel.load_balance)
     experts: ExpertLoads | None = None  # a mixture of experts' loads and routing-bias updates
-    writer: CheckpointWriter = field(
-        default_factory=CheckpointWriter
-    )  # in line, or async (checkpoint.async_save)
-    skipped_steps: int = (
-        0  # steps not applied: their loss or gradient norm was not finite (training.skip_nonfinite)
-    )
+    # in line, or async (checkpoint.async_save)
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
+    # steps not applied: their loss or gradient norm was not finite (training.skip_nonfinite)
+    skipped_steps: int = 0
     window_tokens: int = 0  # positions computed since the last logged window, over every rank
     window_flops: float = 0.0  # and their training FLOPs
 
