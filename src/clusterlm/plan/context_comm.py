@@ -12,7 +12,7 @@ travel in fp32 (the merge's precision).
   its ``cp`` steps sends the accumulated K/V gradients on one hop and waits for them: ``cp`` hops
   of the gradient block with nothing to hide behind. A rank sends ``2(cp-1)`` K/V blocks and
   ``cp`` gradient blocks per layer and micro-batch. Every exchange (``exchanges_per_layer``) also
-  waits for the neighbour to arrive (``Link.exchange_waits`` of the cp group): a gradient hop the
+  waits for the neighbour to arrive (``Link.exchange_waits``): a gradient hop the
   whole wait, a K/V hop what is left of it after the block's work it was posted before (at least
   the probe's wait for a hop posted before its block of work).
 - All-to-all (Ulysses): q, k, v and the output each go through one all-to-all forward (k and v
@@ -22,9 +22,9 @@ travel in fp32 (the merge's precision).
 
 The ring's own work beyond the attention FLOPs (``merge_kernels``): per step it merges the
 block's output and log-sum-exp into the running ones (forward) or adds the block's gradients into
-the running ones (backward), element-wise kernels counted here in calls and bytes from the code,
-The flash kernel's calls on the diagonal and half blocks
-are timed by the kernel-rate probe at the ring's own block shapes (``clusterlm.bench.kernels``).
+the running ones (backward), element-wise kernels counted here in calls and bytes from the code.
+The flash kernel's calls on the diagonal and half blocks are timed by the kernel-rate probe at the
+ring's own block shapes (``clusterlm.bench.kernels``).
 """
 
 from __future__ import annotations
