@@ -16,6 +16,7 @@ import torch
 from clusterlm.checkpoint.resume import find_checkpoint
 from clusterlm.cli import main as cli
 from clusterlm.config import build_config
+from clusterlm.errors import UserError
 from clusterlm.hardware import rates as hardware
 from clusterlm.parallel import precision as precision_module
 from clusterlm.parallel.precision import resolve_precision, settle_attention, settle_precision
@@ -107,6 +108,11 @@ def test_attention_auto_on_a_cpu_in_bf16_takes_the_faster_kernel_probed_once(mon
     assert settle_attention("math", "bf16", CPU, longer) == "math"
     assert settle_attention("auto", "bf16", torch.device("cuda"), short) == "auto"
     assert settle_attention("auto", "bf16", CPU, (4, 12, 1024, 64)) == "flash" and len(probed) == 4
+    # torch's CPU flash kernel has no dropout: math, unprobed, and an explicit flash is refused
+    assert settle_attention("auto", "bf16", CPU, longer, dropout=0.1) == "math" and len(probed) == 4
+    with pytest.raises(UserError, match="training.attention = flash has no attention dropout"):
+        settle_attention("flash", "bf16", CPU, longer, dropout=0.1)
+    assert settle_attention("flash", "bf16", torch.device("cuda"), longer, dropout=0.1) == "flash"
 
 
 def test_the_attention_probe_times_both_kernels():

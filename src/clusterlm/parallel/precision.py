@@ -55,15 +55,26 @@ def settle_precision(name: str, device: torch.device, announce: bool = True) -> 
 
 
 def settle_attention(
-    name: str, precision: str, device: torch.device, shape: tuple[int, int, int, int]
+    name: str,
+    precision: str,
+    device: torch.device,
+    shape: tuple[int, int, int, int],
+    dropout: float = 0.0,
 ) -> str:
     """``training.attention = auto`` on a CPU computing in 16 bits: the faster of the flash and math
     kernels for causal attention of ``shape`` (``cpu_attention_kernel``), agreed on by every rank;
     otherwise ``name``. In fp32 flash was the faster at every shape measured
     (benchmarks/attention-kernels-cpu-xeon-amx-2026-12-01.md), and a GPU's ``auto`` is torch's
-    choice."""
+    choice. torch's CPU flash kernel has no dropout, so attention dropout on a CPU takes math."""
+    if device.type == "cpu" and dropout and name == "flash":
+        raise UserError(
+            "training.attention = flash has no attention dropout on a CPU; "
+            "set training.attention = auto or math, or model.dropout = 0"
+        )
     if name != "auto" or device.type != "cpu" or precision == "fp32":
         return name
+    if dropout:
+        return "math"
     return _agreed(lambda: cpu_attention_kernel(shape, DTYPES[precision]))
 
 

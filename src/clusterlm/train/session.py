@@ -222,7 +222,7 @@ def settle_config(cfg: Config, runtime: Runtime, vocab_size: int) -> Config:
             cfg.seq_len,
             m.n_embd // m.n_head,
         )
-        attention = settle_attention(attention, precision, runtime.device, shape)
+        attention = settle_attention(attention, precision, runtime.device, shape, m.dropout)
     return dataclasses.replace(
         cfg, training=dataclasses.replace(cfg.training, precision=precision, attention=attention)
     )
