@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -19,6 +20,30 @@ def _surroundings(rank: int, world_size: int) -> tuple[str, str, bool]:
     import sys
 
     return os.getcwd(), os.environ.get("LATE_MARKER", ""), "clusterlm.train.trainer" in sys.modules
+
+
+@dataclasses.dataclass
+class Reading:
+    rank: int
+    seconds: float
+
+
+class Trap:
+    """Unpickling it would run a shell command that leaves a file behind."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _reading(rank: int, world_size: int) -> Reading:
+    return Reading(rank, 0.5)
+
+
+def _trap(rank: int, world_size: int, marker: str) -> Trap:
+    return Trap(marker)
 
 
 def _fail_on_rank_1(rank: int, world_size: int) -> None:
@@ -68,3 +93,13 @@ def test_hang_times_out_quickly_and_leaves_no_process(tmp_path):
     for pid_file in pid_files:
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid_file.read_text()), 0)
+
+
+def test_results_load_without_running_code_and_only_the_allowed_classes(tmp_path):
+    marker = tmp_path / "ran"
+    with pytest.raises(AssertionError, match="returned posix.system, which is not in run_local's result_types"):
+        run_distributed(_trap, 2, str(marker))
+    assert not marker.exists()
+    with pytest.raises(AssertionError, match=r"returned \S*test_helpers.Reading, which is not"):
+        run_distributed(_reading, 1)
+    assert run_distributed(_reading, 2, result_types=[Reading]) == [Reading(0, 0.5), Reading(1, 0.5)]

@@ -16,12 +16,13 @@ imported are the ones set then.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any, cast
@@ -51,13 +52,17 @@ def run_local(
     timeout: float = 60.0,
     backend: str = "gloo",
     env: Mapping[str, str] | None = None,
+    result_types: Iterable[type] = (),
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes; return each rank's
     result.
 
-    ``fn`` must be a module-level function and its result picklable. When any rank raises or
-    dies, or ``timeout`` seconds pass, every process still running is killed and ``SpawnError``
-    lists each failed rank's traceback (or the ranks that were still running).
+    ``fn`` must be a module-level function. Its result comes back through ``torch.load`` with
+    ``weights_only=True``, which runs no code: tensors, numbers, strings and containers of them,
+    plus the exact classes named in ``result_types`` (dataclasses of such values, say). When any
+    rank raises or dies, returns something else, or ``timeout`` seconds pass, every process
+    still running is killed and ``SpawnError`` lists each failed rank's report (or the ranks
+    that were still running).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -90,7 +95,7 @@ def run_local(
             processes.append(proc)
             readers.append(reader)
         try:
-            return _collect(processes, readers, timeout)
+            return _collect(processes, readers, timeout, tuple(result_types))
         finally:
             for proc in processes:
                 if proc.is_alive():
@@ -100,7 +105,12 @@ def run_local(
                 reader.close()
 
 
-def _collect(processes: list[Any], readers: list[Connection], timeout: float) -> list[Any]:
+def _collect(
+    processes: list[Any],
+    readers: list[Connection],
+    timeout: float,
+    result_types: tuple[type, ...],
+) -> list[Any]:
     deadline = time.monotonic() + timeout
     results: dict[int, Any] = {}
     failures: dict[int, str] = {}
@@ -114,15 +124,18 @@ def _collect(processes: list[Any], readers: list[Connection], timeout: float) ->
             rank = readers.index(reader)
             del pending[rank]
             try:
-                status, payload = reader.recv()
+                message = _decode(reader.recv_bytes(), result_types)
             except EOFError:
                 processes[rank].join(timeout=1.0)
                 failures[rank] = f"died without a result (exit code {processes[rank].exitcode})"
                 continue
-            if status == "ok":  # a child of this process, over a pipe only the two hold
-                results[rank] = pickle.loads(payload)
+            except _Refused as err:
+                failures[rank] = str(err)
+                continue
+            if "error" in message:
+                failures[rank] = message["error"]
             else:
-                failures[rank] = payload
+                results[rank] = message["ok"]
         if failures:
             deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE_S)
     if not failures and not pending:
@@ -162,7 +175,7 @@ def _worker(
     )
     os.environ.update(env)
     torch.set_num_threads(1)
-    message: tuple[str, bytes | str]  # ("ok", the pickled result) or ("error", the traceback)
+    report: dict[str, Any]  # {"ok": the result} or {"error": the traceback}
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -174,12 +187,41 @@ def _worker(
             timeout=timedelta(seconds=timeout),
         )
         try:
-            # Plain pickle: the parent may read the result after this process has exited, which
-            # rules out torch's shared-memory tensor passing.
-            message = ("ok", pickle.dumps(fn(rank, world_size, *args)))
+            report = {"ok": fn(rank, world_size, *args)}
         finally:
             dist.destroy_process_group()
     except BaseException:
-        message = ("error", traceback.format_exc())
-    result_pipe.send(message)
+        report = {"error": traceback.format_exc()}
+    try:
+        payload = _encode(report)
+    except Exception:  # a result torch.save cannot write
+        payload = _encode({"error": traceback.format_exc()})
+    result_pipe.send_bytes(payload)
     result_pipe.close()
+
+
+def _encode(report: dict[str, Any]) -> bytes:
+    """The report in torch's format, whole in memory: the parent may read it after this process
+    has exited, which rules out torch's shared-memory tensor passing."""
+    buffer = io.BytesIO()
+    torch.save(report, buffer)
+    return buffer.getvalue()
+
+
+class _Refused(Exception):
+    """A rank's result holds a class that ``result_types`` does not allow."""
+
+
+def _decode(payload: bytes, result_types: tuple[type, ...]) -> dict[str, Any]:
+    try:
+        with torch.serialization.safe_globals(list(result_types)):
+            message = torch.load(io.BytesIO(payload), weights_only=True)
+    except pickle.UnpicklingError:
+        allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in result_types}
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(payload))
+        refused = ", ".join(name for name in unsafe if name not in allowed)
+        raise _Refused(
+            f"returned {refused}, which is not in run_local's result_types, so it was not loaded"
+        ) from None
+    assert isinstance(message, dict)  # what _encode wrote
+    return message
