@@ -11,14 +11,13 @@ from __future__ import annotations
 import resource
 import time
 from functools import partial
-from typing import cast
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from clusterlm.config import Config, apply_overrides
 from clusterlm.data.manifest import load_manifest
+from clusterlm.distributed.json_collectives import all_gather_json
 from clusterlm.distributed.runtime import setup_runtime
 from clusterlm.parallel import parallelize
 from clusterlm.parallel.precision import settle_precision
@@ -74,11 +73,7 @@ def measure_init(cfg: Config) -> dict[str, float]:
 def bench_init(cfg: Config) -> list[str]:
     """The report's lines on rank 0, none elsewhere (every rank measures itself)."""
     mine = measure_init(cfg)
-    ranks = [mine]
-    if dist.is_initialized():
-        gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        ranks = cast(list[dict[str, float]], gathered)  # every rank's figures, filled in
+    ranks = all_gather_json(mine)
     if mine["rank"] != 0:
         return []
     gib = 2**30

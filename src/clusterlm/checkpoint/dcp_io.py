@@ -55,6 +55,7 @@ from clusterlm.checkpoint.tensor_storage import (
     TensorWriter,
     read_index,
 )
+from clusterlm.distributed.json_collectives import broadcast_json
 from clusterlm.errors import UserError
 from clusterlm.files import atomic_write, atomic_write_json, sha256_file
 
@@ -68,15 +69,6 @@ def is_main_rank() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def broadcast_from_main(value: Any) -> Any:
-    """Rank 0's value on every rank (paths and names chosen once)."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @contextlib.contextmanager
@@ -114,7 +106,7 @@ def begin_checkpoint(root: Path, step: int) -> tuple[Path, Path]:
     root = Path(root)
     final = root / f"step_{step:08d}"
     token = run_token()
-    tmp = root / broadcast_from_main(temporary_name(final.name, token))
+    tmp = root / broadcast_json(temporary_name(final.name, token))
     if is_main_rank():
         if token:
             remove_temporaries(root, token)

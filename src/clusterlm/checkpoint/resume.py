@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clusterlm.checkpoint.dcp_io import broadcast_from_main, is_main_rank, verify
+from clusterlm.checkpoint.dcp_io import is_main_rank, verify
 from clusterlm.checkpoint.directory import TRAINER_STATE, list_complete
+from clusterlm.distributed.json_collectives import broadcast_json
 from clusterlm.errors import UserError
 
 
@@ -55,16 +56,18 @@ def _run_of(path: Path) -> str | None:
 def resolve_resume_once(resume: str, root: Path, own_run: str | None = None) -> Verified | None:
     """``resolve_resume`` run by rank 0 alone, its answer (or its error) given to every rank: the
     ranks read one shared checkpoint, so hashing it once is enough."""
-    answer: tuple[str, Any] = ("ok", None)
+    answer: dict[str, Any] = {}
     if is_main_rank():
         try:
-            answer = ("ok", resolve_resume(resume, root, own_run))
+            found = resolve_resume(resume, root, own_run)
+            if found is not None:
+                answer = {"path": str(found.path), "state": found.state}
         except UserError as err:
-            answer = ("error", str(err))
-    kind, value = broadcast_from_main(answer)
-    if kind == "error":
-        raise UserError(value)
-    return value
+            answer = {"error": str(err)}
+    answer = broadcast_json(answer)
+    if "error" in answer:
+        raise UserError(answer["error"])
+    return Verified(Path(answer["path"]), answer["state"]) if answer else None
 
 
 def find_checkpoint(run: str, checkpoint_dir: str | None = None) -> Verified:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from clusterlm.distributed.json_collectives import broadcast_json
 from clusterlm.errors import UserError
 from clusterlm.hardware import cpu_attention_kernel, cpu_peak_flops
 
@@ -84,9 +85,7 @@ def _agreed(choose: Callable[[], str]) -> str:
     rank at once on shared cores."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return choose()
-    box = [choose() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    chosen = box[0]
+    chosen = broadcast_json(choose() if dist.get_rank() == 0 else None)
     assert isinstance(chosen, str)  # rank 0's choice, on every rank
     return chosen
 
