@@ -82,6 +82,7 @@ def beam_decode(
     )
 
 
+@torch.no_grad()
 def beam_search(
     step: Callable[[torch.Tensor], torch.Tensor],
     reorder: Callable[[torch.Tensor], None],
