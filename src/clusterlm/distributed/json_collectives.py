@@ -19,9 +19,9 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _encode(value: Any) -> torch.Tensor:
+def _encode(value: Any, device: torch.device) -> torch.Tensor:
     text = json.dumps(value, allow_nan=True).encode()
-    return torch.frombuffer(bytearray(text), dtype=torch.uint8).to(_device())
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
 
 
 def _decode(data: torch.Tensor) -> Any:
@@ -33,11 +33,12 @@ def broadcast_json(value: Any, src: int = 0) -> Any:
     tuples come back as lists."""
     if not dist.is_initialized():
         return value
-    data = _encode(value) if dist.get_rank() == src else torch.empty(0, dtype=torch.uint8)
-    size = torch.tensor([data.numel()], dtype=torch.int64, device=_device())
+    device = _device()
+    data = _encode(value, device) if dist.get_rank() == src else None
+    size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
     dist.broadcast(size, src=src)
-    if dist.get_rank() != src:
-        data = torch.empty(int(size.item()), dtype=torch.uint8, device=_device())
+    if data is None:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
     dist.broadcast(data, src=src)
     return _decode(data)
 
@@ -46,13 +47,12 @@ def all_gather_json(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order, on every rank."""
     if not dist.is_initialized():
         return [value]
-    data = _encode(value)
-    sizes = [
-        torch.zeros(1, dtype=torch.int64, device=_device()) for _ in range(dist.get_world_size())
-    ]
-    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=_device()))
+    device = _device()
+    data = _encode(value, device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
     longest = int(max(size.item() for size in sizes))
-    padded = torch.zeros(longest, dtype=torch.uint8, device=_device())
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: data.numel()] = data
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)

@@ -56,7 +56,6 @@ def _next_logits(model: nn.Module, tokens: torch.Tensor, cache: DecodingCache) -
 Finished = list[list[tuple[float, list[int]]]]  # per row: (normalized score, tokens)
 
 
-@torch.no_grad()
 def beam_decode(
     model: nn.Module,
     source: torch.Tensor,

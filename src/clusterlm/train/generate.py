@@ -55,7 +55,6 @@ class _Hypotheses:
         self.sequences = self.sequences[rows]
 
 
-@torch.no_grad()
 def beam_generate(
     model: nn.Module,
     prompt: list[int],
