@@ -2,10 +2,11 @@
 
 Run from the repository root with the project's Python and ``PYTHONPATH=src``:
 
-``python benchmarks/translation_study.py flops DATA_DIR STEPS FLAVOUR N_LAYER [N_PROC MICRO]``
+``python benchmarks/translation_study.py flops DATA_DIR STEPS FLAVOUR LAYERS [N_PROC MICRO]``
     the training FLOPs and real tokens of a run's batches, as trained: sorted by length within
     pools and trimmed (``clusterlm.data.pair_batches``), each micro-batch counted at its own
     length with ``training_flops_per_token`` (width 256, 4 heads, the data's vocabulary).
+    LAYERS is the blocks, or ENCODER+DECODER for an encoder-decoder of unequal sides.
 ``python benchmarks/translation_study.py score NAME=FILE ...``
     BLEU and chrF (sacrebleu) of test-split translations (``clusterlm eval --split test
     --translations FILE``) on John and on Ruth + Jonah + Philemon, against the Spanish text, next
@@ -32,14 +33,16 @@ SEED, POOL_BATCHES, WIDTH, HEADS = 1337, 50, 256, 4
 SAMPLES = ("John.1.1", "John.3.16", "John.11.35", "Ruth.1.16", "Jonah.3.4")
 
 
-def flops(data: str, steps: int, flavour: str, layers: int, nproc: int, micro: int) -> None:
+def flops(data: str, steps: int, flavour: str, layers: str, nproc: int, micro: int) -> None:
     task = load_translation(data)
     split, eot, vocab = task.splits["train"], task.manifest.eot_id, task.manifest.vocab_size
     seq2seq = flavour == "mbart"
     block = 96 if seq2seq else 192
     stream = (PairStream if seq2seq else JoinedPairStream)(split, eot, pool=POOL_BATCHES * micro)
     sizes = {"n_head": HEADS, "n_kv_head": HEADS, "n_embd": WIDTH, "ffn_hidden": 4 * WIDTH}
-    args = ModelArgs(flavour=flavour, n_layer=layers, block_size=block, vocab_size=vocab, **sizes)
+    encoder, _, decoder = layers.partition("+")
+    sizes |= {"n_layer": int(encoder), "decoder_layers": int(decoder or 0)}
+    args = ModelArgs(flavour=flavour, block_size=block, vocab_size=vocab, **sizes)
     print(f"{training_flops_per_token(args, block) / 1e6:.1f} MFLOP per position at {block}")
     order, lengths = stream.sample_order(SEED, block), stream.pair_lengths(block)
     total = positions = target_tokens = 0.0
@@ -127,7 +130,7 @@ def score(files: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "flops":
-        data, steps, flavour, *numbers = sys.argv[2:]
-        flops(data, int(steps), flavour, *(int(n) for n in numbers))  # type: ignore[arg-type]
+        data, steps, flavour, layers, *numbers = sys.argv[2:]
+        flops(data, int(steps), flavour, layers, *(int(n) for n in numbers))  # type: ignore[arg-type]
     else:
         score(sys.argv[2:])

@@ -1,7 +1,8 @@
 """The encoder-decoder through Hugging Face: `clusterlm export hf` of a trained translation run
 loads as transformers' MBartForConditionalGeneration with the same logits at 1e-5, and its
 `generate` with the same beam settings gives the same tokens; importing the directory back
-gives the same logits and a byte-identical export."""
+gives the same logits and a byte-identical export. The model has a deeper encoder than decoder
+(mBART's encoder_layers and decoder_layers), so each side's depth travels on its own."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def exported(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module, PairStream]
     root = tmp_path_factory.mktemp("mbart")
     task = prepare_pairs(root, count=200)
     out = root / "out"
-    values = {**TINY_TRANSLATION, "training.steps": 80, "training.out_dir": str(out)}
+    depths = {"model.n_layer": 2, "model.decoder_layers": 1}
+    values = {**TINY_TRANSLATION, **depths, "training.steps": 80, "training.out_dir": str(out)}
     train(load_config(None, {**values, "data.dir": str(task)}))  # sensible translations
     assert cli(["export", "hf", "--run", str(out), "--out", str(root / "hf")]) == 0
     ours = load_for_inference(find_checkpoint(str(out))).model.parts[0]
@@ -87,7 +89,9 @@ def test_import_gives_the_same_logits_and_a_byte_identical_export(exported, tmp_
         assert (tmp_path / "again" / name).read_bytes() == (hf_dir / name).read_bytes()
     # model.init_from = hf:DIR adopts the shape and trains from these weights.
     values = {**TINY_TRANSLATION, "training.steps": 1, "training.out_dir": str(tmp_path / "ft")}
+    del values["model.n_layer"]
     cfg = load_config(None, {**values, "data.dir": str(task), "model.init_from": f"hf:{hf_dir}"})
-    assert (cfg.model.flavour, cfg.model.n_embd, cfg.model.n_layer) == ("mbart", 32, 1)
+    shape = (cfg.model.flavour, cfg.model.n_embd, cfg.model.n_layer, cfg.model.decoder_layers)
+    assert shape == ("mbart", 32, 2, 1)
     train(cfg)
     assert (tmp_path / "ft" / "checkpoints").is_dir()

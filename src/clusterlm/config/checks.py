@@ -32,6 +32,11 @@ def _model(cfg: Config) -> None:
             "llama needs an even head size for rotary positions; "
             f"n_embd/n_head = {m.n_embd // m.n_head}"
         )
+    if m.decoder_layers and m.flavour != "mbart":
+        raise UserError(
+            f"model.decoder_layers = {m.decoder_layers} sizes the encoder-decoder's decoder; "
+            f"model.flavour = {m.flavour} has no decoder of its own: drop it"
+        )
     if cfg.seq_len > m.block_size:
         raise UserError(
             f"training.seq_len ({cfg.training.seq_len}) exceeds the model's context "

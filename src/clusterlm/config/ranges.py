@@ -46,6 +46,7 @@ RANGES: dict[str, Range] = {
     "data.cache_gb": POSITIVE,
     "data.retry_s": NON_NEGATIVE,
     "model.n_layer": POSITIVE,
+    "model.decoder_layers": NON_NEGATIVE,
     "model.n_head": POSITIVE,
     "model.n_kv_head": NON_NEGATIVE,
     "model.n_embd": POSITIVE,

@@ -22,7 +22,8 @@ class ModelConfig:
         "in data.dir)",
         ("gpt2", "llama", "bert", "mbart"),
     )
-    n_layer: int = setting(4, "number of Transformer blocks")
+    n_layer: int = setting(4, "number of Transformer blocks (mbart: the encoder's)")
+    decoder_layers: int = setting(0, "mbart: the decoder's blocks (0 = n_layer, as many)")
     n_head: int = setting(4, "attention heads")
     n_kv_head: int = setting(0, "key/value heads for grouped-query attention (0 = n_head)")
     n_embd: int = setting(128, "model width")

@@ -9,6 +9,7 @@ import torch
 
 from clusterlm.errors import UserError
 from clusterlm.models import ModelArgs
+from clusterlm.models.seq2seq import decoder_depth
 
 # option -> the values clusterlm computes identically (absent options take HF's default)
 MBART_REQUIRES: dict[str, tuple[Any, ...]] = {
@@ -33,20 +34,20 @@ def check_logits_bias(bias: torch.Tensor, where: str) -> None:
 
 
 def mbart_values(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """MBartForConditionalGeneration's values: both sides alike, as clusterlm's encoder-decoder
-    builds them."""
+    """MBartForConditionalGeneration's values: each side its own depth, but the same heads and
+    MLP width, as clusterlm's encoder-decoder builds them."""
     for encoder, decoder in (
-        ("encoder_layers", "decoder_layers"),
         ("encoder_attention_heads", "decoder_attention_heads"),
         ("encoder_ffn_dim", "decoder_ffn_dim"),
     ):
         if config[encoder] != config[decoder]:
             raise UserError(
                 f"{where}: {encoder} = {config[encoder]} but {decoder} = {config[decoder]}; "
-                "clusterlm's encoder-decoder has the same shape on both sides"
+                "clusterlm's encoder-decoder has the same blocks on both sides"
             )
     return {
         "n_layer": config["encoder_layers"],
+        "decoder_layers": config["decoder_layers"],
         "n_head": config["encoder_attention_heads"],
         "n_kv_head": config["encoder_attention_heads"],
         "n_embd": config["d_model"],
@@ -66,10 +67,9 @@ def mbart_config(args: ModelArgs) -> dict[str, Any]:
             f"model.norm_eps = {args.norm_eps}: mBART's LayerNorms use 1e-5, so this run has "
             "no Hugging Face equivalent"
         )
-    sides: dict[str, Any] = {}
+    sides: dict[str, Any] = {"encoder_layers": args.n_layer, "decoder_layers": decoder_depth(args)}
     for side in ("encoder", "decoder"):
         sides |= {
-            f"{side}_layers": args.n_layer,
             f"{side}_attention_heads": args.n_head,
             f"{side}_ffn_dim": args.ffn_hidden,
             f"{side}_layerdrop": 0.0,

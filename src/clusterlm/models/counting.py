@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from clusterlm.models.bert import TOKEN_TYPES, vocab_rows
 from clusterlm.models.gpt import ModelArgs
-from clusterlm.models.seq2seq import is_seq2seq
+from clusterlm.models.seq2seq import decoder_depth, is_seq2seq
 
 
 def layer_params(args: ModelArgs, moe: bool = False, active: bool = False) -> int:
@@ -62,11 +62,12 @@ def param_count(args: ModelArgs, active: bool = False) -> int:
 
 def seq2seq_params(args: ModelArgs) -> int:
     """The encoder–decoder (``clusterlm.models.seq2seq``): one token table (also the output
-    projection), each side's positions and embedding LayerNorm, n_layer blocks a side (a decoder
-    block adds cross-attention and its LayerNorm) and each side's final LayerNorm."""
+    projection), each side's positions and embedding LayerNorm, its blocks (a decoder block is an
+    encoder block with cross-attention and its LayerNorm) and each side's final LayerNorm."""
     d, attention = args.n_embd, 4 * args.n_embd * args.n_embd + 4 * args.n_embd
     embeddings = args.vocab_size * d + 2 * (args.block_size * d + 2 * d)
-    blocks = args.n_layer * (2 * layer_params(args) + attention + 2 * d)
+    blocks = (args.n_layer + decoder_depth(args)) * layer_params(args)
+    blocks += decoder_depth(args) * (attention + 2 * d)
     return embeddings + blocks + 2 * 2 * d
 
 
@@ -100,9 +101,10 @@ def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """
     d_attn = args.n_head * args.head_dim
     # The encoder–decoder: per target token, a source token of the same length through the
-    # encoder; attention over the source in the encoder, over the target, and across.
-    attentions = 3 if is_seq2seq(args) else 1
-    return 6.0 * matmul_params(args) + 12.0 * args.n_layer * d_attn * seq_len * attentions
+    # encoder; attention over the source in each encoder block, and in each decoder block over
+    # the target and across.
+    attentions = args.n_layer + (2 * decoder_depth(args) if is_seq2seq(args) else 0)
+    return 6.0 * matmul_params(args) + 12.0 * d_attn * seq_len * attentions
 
 
 def classifier_flops_per_token(args: ModelArgs, seq_len: int, labels: int) -> float:

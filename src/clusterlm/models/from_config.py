@@ -17,6 +17,7 @@ def resolve_model_args(cfg: Config, vocab_size: int) -> ModelArgs:
         vocab_size=m.vocab_size,
         block_size=m.block_size,
         n_layer=m.n_layer,
+        decoder_layers=m.decoder_layers,
         n_head=m.n_head,
         n_kv_head=m.n_kv_head,
         n_embd=m.n_embd,

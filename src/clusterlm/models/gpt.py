@@ -39,6 +39,7 @@ class ModelArgs(MoeArgs):
     vocab_size: int = 65
     block_size: int = 64
     n_layer: int = 4
+    decoder_layers: int = 0  # the encoder-decoder's (clusterlm.models.seq2seq)
     n_head: int = 4
     n_kv_head: int = 4
     n_embd: int = 128

@@ -11,12 +11,13 @@ adds a LayerNorm after each side's embeddings and one after each side's last blo
 MLP activation is configurable; this model uses gpt2's tanh GELU (``gelu_pytorch_tanh``), and
 mBART's position table starts two rows in, which an export fills.
 
-Both sides have ``n_layer`` blocks and ``block_size`` positions. The model reads one token row
-per example: the source, then the decoder's input (the end-of-text token, then the target), each
-padded to the same length with ``PAD`` (-1): ``forward`` returns the logits of every decoder
-position. Padded source tokens are never attended to. Decoding passes a ``DecodingCache``: the
-encoder runs once, its keys and values for cross-attention are kept per block, and so are the
-decoder's own keys and values, so each step feeds only the newest token.
+The encoder has ``n_layer`` blocks and the decoder ``decoder_layers`` (as many when 0), as mBART's
+``encoder_layers`` and ``decoder_layers``; both sides have ``block_size`` positions. The model
+reads one token row per example: the source, then the decoder's input (the end-of-text token, then
+the target), each padded to the same length with ``PAD`` (-1): ``forward`` returns the logits of
+every decoder position. Padded source tokens are never attended to. Decoding passes a
+``DecodingCache``: the encoder runs once, its keys and values for cross-attention are kept per
+block, and so are the decoder's own keys and values, so each step feeds only the newest token.
 
 Like every model here it knows nothing about distribution; built on the meta device it holds no
 values until materialized per shard.
@@ -37,6 +38,11 @@ KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 def is_seq2seq(args: ModelArgs) -> bool:
     return args.flavour == SEQ2SEQ_FLAVOUR
+
+
+def decoder_depth(args: ModelArgs) -> int:
+    """The decoder's blocks: ``decoder_layers``, or the encoder's ``n_layer`` when that is 0."""
+    return args.decoder_layers or args.n_layer
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -159,7 +165,7 @@ class Seq2SeqTransformer(nn.Module):
         # parallelism, activation checkpointing and compiling wrap one by one.
         self.layers = nn.ModuleDict(
             {f"enc{i}": EncoderLayer(args) for i in range(args.n_layer)}
-            | {f"dec{i}": DecoderLayer(args) for i in range(args.n_layer)}
+            | {f"dec{i}": DecoderLayer(args) for i in range(decoder_depth(args))}
         )
         self.enc_norm, self.dec_norm = norm_layer(args), norm_layer(args)
         self.output = nn.Linear(d, args.vocab_size, bias=False)

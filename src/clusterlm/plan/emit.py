@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from clusterlm.config import ModelConfig
 from clusterlm.files import atomic_write
 from clusterlm.models.moe import MoeArgs
 from clusterlm.plan.layout import layout_config
@@ -26,6 +27,7 @@ MODEL_KEYS = (
     "norm_eps",
     "rope_theta",
 )
+DECODER_KEYS = ("decoder_layers",)  # written for the encoder-decoder
 EXPERT_KEYS = tuple(f.name for f in dataclasses.fields(MoeArgs))  # written for a mixture of experts
 TRAINING_KEYS = (
     "micro_batch_size",
@@ -57,6 +59,12 @@ def _value(value: Any) -> str:
     return repr(value)
 
 
+def model_keys(model: ModelConfig) -> tuple[str, ...]:
+    """The model section's keys: an encoder-decoder's decoder depth, a mixture's expert keys."""
+    decoder = DECODER_KEYS if model.flavour == "mbart" else ()
+    return MODEL_KEYS + decoder + (EXPERT_KEYS if model.moe_experts else ())
+
+
 def _section(name: str, section: Any, keys: tuple[str, ...]) -> str:
     values = dataclasses.asdict(section)
     return "\n".join([f"[{name}]"] + [f"{key} = {_value(values[key])}" for key in keys])
@@ -74,7 +82,7 @@ def config_toml(best: Candidate) -> str:
         f"{best.memory.total / 2**30:.1f} GiB per device\n"
     )
     sections = [
-        _section("model", cfg.model, MODEL_KEYS + (EXPERT_KEYS if cfg.model.moe_experts else ())),
+        _section("model", cfg.model, model_keys(cfg.model)),
         _section("training", cfg.training, TRAINING_KEYS),
         _section("parallel", cfg.parallel, PARALLEL_KEYS),
     ]

@@ -139,6 +139,7 @@ def layout_config(layout: Layout, work: Workload) -> Config:
     model = ModelConfig(
         flavour=m.flavour,
         n_layer=m.n_layer,
+        decoder_layers=m.decoder_layers,
         n_head=m.n_head,
         n_kv_head=m.n_kv_head,
         n_embd=m.n_embd,

@@ -11,8 +11,8 @@ al. 2022) reruns the attention core, QK^T and AV: 4*d*s per token and layer.
 
 Communication (``collectives``), per step:
 - tensor parallel (Megatron, Shoeybi et al. 2019): 2 all-reduces of s*b*h activations per layer in
-  forward and 2 in backward (2 more when full checkpointing reruns the forward); 5 each for a
-  layer of the encoder-decoder, an encoder block and a decoder block with its cross-attention;
+  forward and 2 in backward (2 more when full checkpointing reruns the forward); 3 for a decoder
+  block of the encoder-decoder, with its cross-attention, whose layers are its encoder blocks;
   with sequence parallelism each becomes an all-gather plus a reduce-scatter, the same time. The
   calibration's ``tp_exposed`` share of it is on the critical path (1 here: DTensor waits for each
   collective).
@@ -66,7 +66,7 @@ from dataclasses import dataclass, fields
 
 import torch.distributed as dist
 
-from clusterlm.models.seq2seq import is_seq2seq
+from clusterlm.models.seq2seq import decoder_depth, is_seq2seq
 from clusterlm.plan import collectives, context_comm, elementwise, fsdp
 from clusterlm.plan.calibration import HOST_SECONDS
 from clusterlm.plan.cluster import Cluster
@@ -176,7 +176,8 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     per_collective = collectives.all_reduce(
         tokens * args.n_embd * work.activation_bytes, tp_group, cluster
     )
-    reductions = 5 if is_seq2seq(args) else 2  # forward, per layer (see the module docstring)
+    # forward, per layer, an encoder-decoder's with its share of the decoder's (module docstring)
+    reductions = 2.0 + (3.0 * decoder_depth(args) / args.n_layer if is_seq2seq(args) else 0.0)
     passes = 3 if layout.activation_checkpointing == "full" else 2
     tp_per_layer = passes * reductions * per_collective
     tensor_parallel = cal.tp_exposed * tp_per_layer * layers

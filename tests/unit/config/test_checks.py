@@ -12,6 +12,8 @@ from clusterlm.errors import UserError
         ("optim.lr", "0", "optim.lr must be positive"),
         ("optim.lr", "-1e-3", "optim.lr must be positive"),
         ("model.n_head", "3", "must divide model.n_embd"),
+        ("model.decoder_layers", "2", "model.flavour = gpt2 has no decoder of its own"),
+        ("model.decoder_layers", "-1", "model.decoder_layers must be"),
         ("training.seq_len", "65", "exceeds the model's context"),
         ("training.steps", "many", "must be an integer"),
         ("training.precision", "fp8", "must be one of auto, fp32, bf16, fp16"),

@@ -1,6 +1,8 @@
 """The encoder–decoder: shapes, exact counts, cached decoding, padding, and the same logits as
 Hugging Face's mBART with the same weights."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,11 +14,14 @@ ARGS = ModelArgs(
     flavour="mbart", vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
     ffn_hidden=64,
 )  # fmt: skip
+# mBART's encoder_layers and decoder_layers may differ: a deep encoder and a shallow decoder
+DEEP_ENCODER = dataclasses.replace(ARGS, n_layer=3, decoder_layers=1)
+DEPTHS = pytest.mark.parametrize("args", [ARGS, DEEP_ENCODER], ids=["2+2", "3+1"])
 
 
-def model() -> Seq2SeqTransformer:
+def model(args: ModelArgs = ARGS) -> Seq2SeqTransformer:
     torch.manual_seed(0)
-    built = create_model(ARGS)
+    built = create_model(args)
     assert isinstance(built, Seq2SeqTransformer)
     return built.eval()
 
@@ -35,14 +40,18 @@ def test_forward_gives_logits_of_every_decoder_position():
     assert model()(rows()).shape == (3, ARGS.block_size, ARGS.vocab_size)
 
 
-def test_counts_equal_the_parameters():
-    m = model()
-    assert param_count(ARGS) == sum(p.numel() for p in m.parameters()) == m.num_params()
+@DEPTHS
+def test_counts_equal_the_parameters(args):
+    m = model(args)
+    blocks = [name[:3] for name in m.layers]
+    assert (blocks.count("enc"), blocks.count("dec")) == (args.n_layer, args.decoder_layers or 2)
+    assert param_count(args) == sum(p.numel() for p in m.parameters()) == m.num_params()
     lookups = m.enc_positions.weight.numel() + m.dec_positions.weight.numel()
-    assert matmul_params(ARGS) == m.num_params() - lookups
-    d_attn = ARGS.n_embd
-    expected = 6 * matmul_params(ARGS) + 12 * ARGS.n_layer * d_attn * 16 * 3
-    assert training_flops_per_token(ARGS, 16) == expected
+    assert matmul_params(args) == m.num_params() - lookups
+    # attention over the source in each encoder block, over the target and across in each decoder's
+    attentions = blocks.count("enc") + 2 * blocks.count("dec")
+    expected = 6 * matmul_params(args) + 12 * args.n_embd * 16 * attentions
+    assert training_flops_per_token(args, 16) == expected
 
 
 def test_built_on_meta_it_holds_no_values():
@@ -51,8 +60,9 @@ def test_built_on_meta_it_holds_no_values():
     assert all(p.is_meta for p in m.parameters())
 
 
-def test_cached_decoding_equals_the_full_forward():
-    m, x = model(), rows()
+@DEPTHS
+def test_cached_decoding_equals_the_full_forward(args):
+    m, x = model(args), rows()
     with torch.no_grad():
         full = m(x)
         cache = DecodingCache(x[:, : ARGS.block_size])
@@ -82,7 +92,7 @@ def hf_mbart(ours: Seq2SeqTransformer):
     a = ours.args
     config = transformers.MBartConfig(
         vocab_size=a.vocab_size, d_model=a.n_embd, encoder_layers=a.n_layer,
-        decoder_layers=a.n_layer, encoder_attention_heads=a.n_head,
+        decoder_layers=a.decoder_layers or a.n_layer, encoder_attention_heads=a.n_head,
         decoder_attention_heads=a.n_head, encoder_ffn_dim=a.ffn_hidden,
         decoder_ffn_dim=a.ffn_hidden, max_position_embeddings=a.block_size,
         activation_function="gelu_pytorch_tanh", dropout=0.0, attention_dropout=0.0,
@@ -117,8 +127,9 @@ def hf_mbart(ours: Seq2SeqTransformer):
     return hf
 
 
-def test_logits_equal_hugging_face_mbart():
-    ours, x = model(), rows()
+@DEPTHS
+def test_logits_equal_hugging_face_mbart(args):
+    ours, x = model(args), rows()
     hf = hf_mbart(ours)
     source, target = x[:, :16], x[:, 16:]
     with torch.no_grad():
