@@ -226,9 +226,10 @@ def test_plan_of_the_moe_preset_prints_and_emits_its_ep(tmp_path, capsys):
     assert cfg.parallel.ep == int(ep[1]) and cfg.model.moe_experts == 8
 
 
-def test_search_splits_the_encoder_decoder_by_tensor_parallel_without_sequence_parallel():
+def test_search_splits_the_encoder_decoder_by_tensor_parallel_without_sequence_parallel(tmp_path):
     """The trainer runs mbart under tp, not sp, cp or pp: those layouts are all it is offered, and
-    its tp traffic counts the decoder blocks' cross-attention (5 reductions a layer, not 2)."""
+    its tp traffic counts the decoder blocks' cross-attention (5 reductions a layer, not 2; with
+    half as many decoder blocks, 3.5). The emitted config keeps the decoder's depth."""
     mbart = ModelArgs(flavour="mbart", n_layer=12, n_head=16, n_kv_head=16, n_embd=1024,
                       ffn_hidden=4096, block_size=1024, vocab_size=250027)  # fmt: skip
     work, cluster = Workload(mbart, 1024, 1024 * 64), load_cluster("8xH100")
@@ -239,3 +240,9 @@ def test_search_splits_the_encoder_decoder_by_tensor_parallel_without_sequence_p
     gpt2 = Workload(dataclasses.replace(mbart, flavour="gpt2"), 1024, 1024 * 64)
     traffic = evaluate(work, tp2, cluster).time.tensor_parallel
     assert traffic == pytest.approx(2.5 * evaluate(gpt2, tp2, cluster).time.tensor_parallel)
+    shallow = Workload(dataclasses.replace(mbart, decoder_layers=6), 1024, 1024 * 64)
+    traffic = evaluate(shallow, tp2, cluster).time.tensor_parallel
+    assert traffic == pytest.approx(1.75 * evaluate(gpt2, tp2, cluster).time.tensor_parallel)
+    write_config(tmp_path / "mbart.toml", evaluate(shallow, tp2, cluster))
+    emitted = build_config(str(tmp_path / "mbart.toml"), {}).model
+    assert (emitted.flavour, emitted.n_layer, emitted.decoder_layers) == ("mbart", 12, 6)
