@@ -14,9 +14,12 @@ ARGS = ModelArgs(
     flavour="mbart", vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
     ffn_hidden=64,
 )  # fmt: skip
-# mBART's encoder_layers and decoder_layers may differ: a deep encoder and a shallow decoder
+# mBART's encoder_layers and decoder_layers may differ, either way
 DEEP_ENCODER = dataclasses.replace(ARGS, n_layer=3, decoder_layers=1)
-DEPTHS = pytest.mark.parametrize("args", [ARGS, DEEP_ENCODER], ids=["2+2", "3+1"])
+DEEP_DECODER = dataclasses.replace(ARGS, n_layer=1, decoder_layers=3)
+DEPTHS = pytest.mark.parametrize(
+    "args", [ARGS, DEEP_ENCODER, DEEP_DECODER], ids=["2+2", "3+1", "1+3"]
+)
 
 
 def model(args: ModelArgs = ARGS) -> Seq2SeqTransformer:
