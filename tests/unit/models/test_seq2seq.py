@@ -8,7 +8,7 @@ import torch
 
 from clusterlm.models import ModelArgs, create_model, param_count, training_flops_per_token
 from clusterlm.models.counting import matmul_params
-from clusterlm.models.seq2seq import DecodingCache, Seq2SeqTransformer
+from clusterlm.models.seq2seq import DecodingCache, Seq2SeqTransformer, decoder_depth
 
 ARGS = ModelArgs(
     flavour="mbart", vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
@@ -95,7 +95,7 @@ def hf_mbart(ours: Seq2SeqTransformer):
     a = ours.args
     config = transformers.MBartConfig(
         vocab_size=a.vocab_size, d_model=a.n_embd, encoder_layers=a.n_layer,
-        decoder_layers=a.decoder_layers or a.n_layer, encoder_attention_heads=a.n_head,
+        decoder_layers=decoder_depth(a), encoder_attention_heads=a.n_head,
         decoder_attention_heads=a.n_head, encoder_ffn_dim=a.ffn_hidden,
         decoder_ffn_dim=a.ffn_hidden, max_position_embeddings=a.block_size,
         activation_function="gelu_pytorch_tanh", dropout=0.0, attention_dropout=0.0,
