@@ -170,3 +170,13 @@ def test_the_planner_counts_the_expert_units_fsdp_makes(nproc, parallel, data_di
         assert units == []
     else:
         assert len(units) == (args.n_layer if parallel.get("bucket_mb") == 0.01 else 1)
+
+
+def test_the_expert_parallel_imbalance_is_measured_over_the_timed_steps(data_dir, tmp_path):
+    """Every rank reads the same loads (summed over the ranks); on ep 2 the busiest rank holds at
+    most all of them: twice the mean."""
+    case = _case("2 ep2 zero2 moe")
+    cfg = case_config(case, data_dir, str(tmp_path), peak_flops=1e10)
+    ranks = run_distributed(measure_rank, case.nproc, cfg, 1, 2, timeout=45)
+    (imbalance,) = {rank[3] for rank in ranks}
+    assert 1.0 <= imbalance <= 2.0

@@ -103,3 +103,21 @@ def test_bench_train_reports_the_all_to_all_of_expert_parallelism(launch_data_di
     assert result.returncode == 0, result.stderr[-3000:]
     assert "experts over ep 2" in result.stdout
     assert "all-to-all (config):" in result.stdout and "all-to-all (baseline)" not in result.stdout
+
+
+def test_bench_train_times_steps_from_a_trained_checkpoint(data_dir, tmp_path, capsys):
+    """``--resume`` starts the timed steps from a checkpoint (a run directory's newest), leaving
+    the run as it was; a directory without one gets one line."""
+    assert train_cli(data_dir, tmp_path / "run", 2, *MOE) == 0
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    bench = ["bench", "train", "--steps=1", "--rounds=1", "--warmup=1", "--data.dir", str(data_dir)]
+    resumed = [*bench, *TINY_ARGS, *MOE, "--resume", str(tmp_path / "run")]
+    assert cli(resumed) == 0
+    out = capsys.readouterr().out
+    assert "experts (config): load imbalance" in out
+    assert f"timed from the checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_00000002'}" in out
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+    (tmp_path / "empty").mkdir()
+    assert cli([*bench, *TINY_ARGS, *MOE, "--resume", str(tmp_path / "empty")]) != 0
+    err = capsys.readouterr().err
+    assert "holds no complete checkpoint" in err and len(err.strip().splitlines()) == 1

@@ -15,8 +15,9 @@ experts as linear layers; ring attention's blocks as the ring computes them on i
 (the diagonal block causally, the others' visible halves whole, each a call of the fused kernel).
 Beside them, ``elementwise_rates`` measures what the planner prices counted element-wise kernels
 at (``clusterlm.plan.elementwise``): kernel calls per second and bytes per second;
-``routing_rate`` a mixture of experts' routing calls per second, from its block timed whole; and
-``optimizer_rate`` the parameters per second of the trainer's optimizer step.
+``routing_rate`` a mixture of experts' routing calls per second, from its block timed whole;
+``optimizer_rate`` the parameters per second of the trainer's optimizer step; and ``norm_rate``
+the tokens per second of a block's norms and rotary positions.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from clusterlm.config import OptimConfig
 from clusterlm.models import create_model
-from clusterlm.models.gpt import moe_mlp
+from clusterlm.models.gpt import apply_rotary, moe_mlp, norm_layer, rotary_tables
 from clusterlm.models.moe import grouped_mm
 from clusterlm.parallel.attention_blocks import block_backward, block_forward
 from clusterlm.parallel.precision import DTYPES
@@ -174,7 +175,40 @@ def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> d
         **elementwise_rates(activation),
         **routing_rate(work, layout),
         **optimizer_rate(work),
+        **norm_rate(work, layout),
     }
+
+
+def norm_rate(work: Workload, layout: Layout) -> dict[str, float]:
+    """{"norms": tokens/s} of one thread on a block's two norms and, for llama, the rotary
+    positions of its queries and keys, forward and backward, on a micro-batch of ``layout`` as
+    the trainer's mixed precision runs them (the residual stream in fp32, q and k in the compute
+    dtype). gpt2's norm is one fused kernel; llama's RMSNorm and rotation are several small ones
+    each, so their cost per FLOP differs by flavour and one fitted efficiency cannot carry both."""
+    args, seq = work.model, work.seq_len // layout.cp
+    tokens = layout.micro_batch_size * seq
+    compute = DTYPES[work.precision]
+    norm = norm_layer(args)
+    x = torch.randn(tokens, args.n_embd, requires_grad=True)
+    heads = (args.n_head // layout.tp, max(1, args.n_kv_head // layout.tp))
+    rotated = [
+        torch.randn(layout.micro_batch_size, h, seq, args.head_dim, dtype=compute).requires_grad_()
+        for h in (heads if args.is_llama else ())
+    ]
+    cos, sin = rotary_tables(args.head_dim, seq, args.rope_theta)
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
+            outs = [norm(x), norm(x), *(apply_rotary(t, cos, sin) for t in rotated)]
+        torch.autograd.backward(outs, [torch.ones_like(out) for out in outs])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds = _seconds(run, calls=20)
+    finally:
+        torch.set_num_threads(threads)
+    return {"norms": tokens / seconds}
 
 
 def optimizer_rate(work: Workload) -> dict[str, float]:

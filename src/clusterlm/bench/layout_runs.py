@@ -47,6 +47,7 @@ from clusterlm.hardware import cpu_peak_flops
 from clusterlm.models.from_config import resolve_model_args
 from clusterlm.plan.calibration import Calibration
 from clusterlm.plan.cluster import Cluster, Device, Link
+from clusterlm.plan.moe_cost import rank_imbalance
 from clusterlm.plan.validation import (
     CASES,
     GLOBAL_BATCH,
@@ -107,15 +108,22 @@ def case_config(case: ValidationCase, data_dir: str, out_dir: str, peak_flops: f
 
 def measure_rank(
     rank: int, world_size: int, cfg: Config, warmup: int, steps: int
-) -> tuple[int, int, list[float]]:
+) -> tuple[int, int, list[float], float]:
     """Run on every rank: (model-state bytes, activation bytes, per-step seconds of the slowest
-    rank)."""
+    rank, a mixture of experts' expert-parallel imbalance over those steps)."""
     session = build_session(cfg)
     activations = step_activation_bytes(session)
     state = state_after_next_step(session)
     for _ in range(max(0, warmup - 1)):
         train_step(session)
-    return state, activations, time_steps(session, steps, slowest_rank=True) if steps else []
+    if session.experts is not None:
+        session.experts.metrics()  # the warm-up's loads are not the timed steps'
+    times = time_steps(session, steps, slowest_rank=True) if steps else []
+    imbalance = 1.0
+    if session.experts is not None and steps:
+        loads = session.experts.metrics()["moe_tokens_per_expert"].values()
+        imbalance = rank_imbalance(list(loads), cfg.parallel.ep)
+    return state, activations, times, imbalance
 
 
 def measure_case(
@@ -135,6 +143,7 @@ def measure_case(
         activation_bytes=max(r[1] for r in ranks),
         step_seconds=statistics.median(times) if times else 0.0,
         step_times=tuple(times),
+        expert_imbalance=ranks[0][3],
     )
 
 
@@ -212,7 +221,14 @@ def run_validation(
     results, rates = [], {}
     for case in cases:
         args = resolve_model_args(case.config(), vocab_size)
-        work = Workload(args, args.block_size, GLOBAL_BATCH * args.block_size, case.precision)
+        least_disturbed = min(rounds_measured[case.name], key=lambda m: m.step_seconds)
+        work = Workload(
+            args,
+            args.block_size,
+            GLOBAL_BATCH * args.block_size,
+            case.precision,
+            expert_imbalance=least_disturbed.expert_imbalance,
+        )
         layout = case.layout
         shape = (layout.micro_batch_size, layout.cp, layout.cp_attention, str(case.model))
         key = (case.precision, *shape)
@@ -221,7 +237,6 @@ def run_validation(
         cluster = local_cluster(
             case.nproc, peaks, links[case.nproc], cores, {case.precision: rates[key]}
         )
-        least_disturbed = min(rounds_measured[case.name], key=lambda m: m.step_seconds)
         results.append(ValidationResult(case, work, cluster, least_disturbed))
     return results, links
 

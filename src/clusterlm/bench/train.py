@@ -19,8 +19,10 @@ import torch
 from clusterlm.bench.breakdown import step_breakdown
 from clusterlm.bench.probes import BubbleSample, block_activation_bytes, pipeline_bubble
 from clusterlm.bench.timer import time_steps
+from clusterlm.checkpoint.directory import checkpoint_of
 from clusterlm.config import Config, apply_overrides
 from clusterlm.distributed.runtime import describe_layout
+from clusterlm.errors import UserError
 from clusterlm.hardware import cpu_peak_flops, peak_memory_bytes
 from clusterlm.models.from_config import resolve_model_args
 from clusterlm.parallel.attention_traffic import recording
@@ -28,6 +30,7 @@ from clusterlm.parallel.expert_parallel import AllToAllTimer
 from clusterlm.parallel.precision import DTYPES, resolve_precision
 from clusterlm.plan.layout import layout_from_config
 from clusterlm.plan.memory import layer_activation_bytes
+from clusterlm.plan.moe_cost import rank_imbalance
 from clusterlm.plan.workload import Workload
 from clusterlm.train.session import Session, build_session
 
@@ -64,6 +67,8 @@ def bench_train(
     if not sessions["config"].runtime.is_main:
         return []
     lines = _timing_lines(sessions, times, steps, rounds)
+    if sessions["config"].resumed_from:
+        lines.append(f"timed from the checkpoint {sessions['config'].resumed_from}")
     return [*lines, *_exchange_lines(times, exchanges), *probes]
 
 
@@ -78,11 +83,30 @@ def _exchange_lines(times: dict[str, list[float]], exchanges: dict[str, float]) 
     ]
 
 
+def start_from(cfg: Config) -> str:
+    """The checkpoint the timed steps start from: the one ``checkpoint.resume`` names (``auto``:
+    the newest of the config's own run), so that a trained state is timed, such as a mixture of
+    experts' routing once balanced; ``none``: fresh weights."""
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return resume
+    run = cfg.training.out_dir if resume == "auto" else resume
+    found = checkpoint_of(run)
+    if found is None:
+        raise UserError(
+            f"bench train --resume {resume}: {run} holds no complete checkpoint; give a "
+            "checkpoint or a run directory that has one, or leave --resume out to time fresh "
+            "weights"
+        )
+    return str(found)
+
+
 def _warm_session(cfg: Config, scratch: str, warmup: int) -> Session:
-    """A session of a copy of ``cfg`` that writes nothing outside ``scratch``, after ``warmup``
-    steps (compilation, caches)."""
+    """A session of a copy of ``cfg`` that writes nothing outside ``scratch`` (it reads the
+    checkpoint it starts from, ``start_from``), after ``warmup`` steps (compilation, caches)."""
+    overrides = {"training.out_dir": scratch, "checkpoint.resume": start_from(cfg)}
     cfg = apply_overrides(
-        cfg, {"training.out_dir": scratch, "checkpoint.resume": "none", "training.steps": 10**9}
+        cfg, {**overrides, "training.steps": 10**9}
     )  # the LR schedule in its steady middle
     if (
         cfg.training.device != "cuda"
@@ -141,9 +165,12 @@ def _timing_lines(
     for name, session in sessions.items():
         if session.experts is not None:  # the loads of every step the variant ran
             moe = session.experts.metrics()
+            ep = session.cfg.parallel.ep
+            busiest = rank_imbalance(list(moe["moe_tokens_per_expert"].values()), ep)
             lines.append(
                 f"experts ({name}): load imbalance {moe['moe_load_imbalance']:.2f} (max over mean "
                 f"tokens per expert, worst block), balance loss {moe['moe_aux_loss']:.3f}"
+                + (f"; busiest of ep {ep} ranks {busiest:.2f}x the mean" if ep > 1 else "")
             )
     if "baseline" in tokens_per_s:
         lines.append(

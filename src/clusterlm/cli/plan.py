@@ -70,6 +70,13 @@ def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="assume attention stores its s x s scores (no FlashAttention/SDPA kernel)",
     )
+    p.add_argument(
+        "--expert-imbalance",
+        type=float,
+        default=1.0,
+        help="a mixture of experts: routed tokens on the busiest expert-parallel rank over the "
+        "mean (1 = balanced; training's moe_load_imbalance is an upper bound)",
+    )
 
 
 def _add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -167,7 +174,13 @@ def _plan(args: argparse.Namespace) -> int:
         parse_batch_tokens(args.global_batch_tokens),
         args.precision,
         fused_attention=not args.unfused_attention,
+        expert_imbalance=args.expert_imbalance,
     )
+    if args.expert_imbalance != 1.0 and not model.moe_experts:
+        raise UserError(
+            f"--expert-imbalance applies to a mixture of experts; {args.model} is dense: "
+            "leave it out"
+        )
 
     result = search(work, cluster, args.headroom)
     print(

@@ -2,10 +2,13 @@
 device's measured rates.
 
 The FLOP-rated compute (``clusterlm.plan.efficiency``) carries a dense block's element-wise work
-in its efficiency. Two parts of a step do element-wise work that a dense block of the same FLOPs
-does not, and that grows with what they do rather than with the FLOPs: ring attention's merges
-of each block into the running output (``context_comm.merge_kernels``) and a mixture of experts'
-routing, permutation and scatter (``moe_cost.routing_kernels``). Each is counted from the code in
+in its efficiency, all but its norms and rotary positions: one fused kernel per norm in gpt2,
+several small ones per norm and rotation in llama, whose cost per FLOP differs by flavour. Where
+measured (``bench.kernels.norm_rate``, tokens per second) they are priced per block and token.
+Two parts of a step do element-wise work that a dense block of the same FLOPs does not, and that
+grows with what they do rather than with the FLOPs: ring attention's merges of each block into
+the running output (``context_comm.merge_kernels``) and a mixture of experts' routing,
+permutation and scatter (``moe_cost.routing_kernels``). Each is counted from the code in
 kernel calls and bytes touched, and takes ``calls / launch + bytes / elementwise`` seconds at the
 device's measured ``launch`` (kernel calls per second) and ``elementwise`` (bytes per second)
 rates (``clusterlm.bench.kernels``); the routing's calls at the ``routing`` rate instead where it
@@ -43,21 +46,22 @@ def kernel_seconds(work: Workload, device: Device, calls: float, nbytes: float) 
 def micro_batch_seconds(
     work: Workload, layout: Layout, device: Device, layers: int, moe_blocks: int
 ) -> float:
-    """One micro-batch's counted element-wise work on the busiest rank: ``layers`` blocks' ring
-    merges and ``moe_blocks`` MoE blocks' routing."""
+    """One micro-batch's counted element-wise work on the busiest rank: ``layers`` blocks' norms
+    and rotary positions and ring merges, and ``moe_blocks`` MoE blocks' routing."""
     tokens = context_comm.local_tokens(work, layout)
     residual = 4 if fp32_weights_under_autocast(work, layout) else work.activation_bytes
+    rates = device.kernel_rates.get(work.precision, {})
     merge_calls, merge_bytes = context_comm.merge_kernels(work, layout)
-    merges = kernel_seconds(work, device, layers * merge_calls, layers * merge_bytes)
+    blocks = kernel_seconds(work, device, layers * merge_calls, layers * merge_bytes)
+    blocks += layers * tokens / rates["norms"] if "norms" in rates else 0.0
     if not moe_blocks:
-        return merges
+        return blocks
     route_calls, route_bytes = routing_kernels(work, layout, tokens, residual)
-    measured = device.kernel_rates.get(work.precision, {}).get("routing")
-    if measured is None:
-        return merges + kernel_seconds(
+    if "routing" not in rates:
+        return blocks + kernel_seconds(
             work, device, moe_blocks * route_calls, moe_blocks * route_bytes
         )
-    return merges + moe_blocks * route_calls / measured
+    return blocks + moe_blocks * route_calls / rates["routing"]
 
 
 def optimizer_seconds(work: Workload, layout: Layout, device: Device) -> float:

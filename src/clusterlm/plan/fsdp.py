@@ -124,10 +124,11 @@ def exposed_seconds(
     backward: float,
 ) -> float:
     """FSDP's communication on the critical path per step. A forward gathers the root first, with
-    nothing computed before it to hide behind, then each unit while the one before computes: hidden
-    up to ``overlap`` of the forward. A backward gathers the resharded units again and
-    reduce-scatters each unit's gradients once its backward is done, the root's last, with nothing
-    computed after it; the rest hide behind up to ``overlap`` of the backward. torch's pipeline
+    nothing computed before it to hide behind, and the first unit next, behind the embeddings
+    only; then each unit while the one before computes: hidden up to ``overlap`` of the forward. A
+    backward gathers the resharded units again and reduce-scatters each unit's gradients once its
+    backward is done, the first unit's and the root's last, with nothing computed after them; the
+    rest hide behind up to ``overlap`` of the backward. torch's pipeline
     stage reduces once, after the step's last backward; its reductions are charged as if each
     micro-batch's backward reduced, hidden behind it, as ZeRO-2 implementations that keep gradients
     sharded do (Llama 3 405B's published throughput matches that, once-a-step not:
@@ -145,16 +146,20 @@ def exposed_seconds(
         group = expert_group if unit.experts else shard
         return collectives.reduce_scatter(unit.params * grad_bytes, group, cluster)
 
-    forward_gathers = sum(gathers(u, layout)[0] * gathered(u) for u in blocks)
+    # The first unit is gathered right after the root and its gradients are reduced just before
+    # the root's: only the root's little work (the embeddings) lies beside either.
+    first, rest = blocks[:1], blocks[1:]
+    exposed = sum(gathers(u, layout)[0] * gathered(u) for u in [root, *first])
+    forward_gathers = sum(gathers(u, layout)[0] * gathered(u) for u in rest)
     backward_gathers = sum(gathers(u, layout)[1] * gathered(u) for u in blocks)
-    exposed = gathers(root, layout)[0] * gathered(root)
     exposed += m * max(0.0, forward_gathers / m - overlap * forward)
     if layout.pp > 1:  # charged per micro-batch, behind its backward: an upper bound (see above)
         return exposed + m * max(
             0.0, backward_gathers / m + sum(map(reduced, units)) - overlap * backward
         )
-    behind_backward = backward_gathers / m + sum(map(reduced, blocks))
-    return exposed + m * (reduced(root) + max(0.0, behind_backward - overlap * backward))
+    behind_backward = backward_gathers / m + sum(map(reduced, rest))
+    last_reduced = sum(map(reduced, [*first, root]))
+    return exposed + m * (last_reduced + max(0.0, behind_backward - overlap * backward))
 
 
 def parameter_tensors(args: ModelArgs) -> tuple[int, int]:

@@ -20,10 +20,15 @@ shared experts as one SwiGLU MLP of width S*hm (4*e*S*hm). None of it is split o
 All-to-all (``all_to_all_seconds``): with ep > 1 each MoE block sends each token's k copies to
 their experts' ranks and back in forward, and their gradients the same way in backward: 4
 all-to-alls of s*b*k*h elements per micro-batch (6 when full checkpointing reruns the forward),
+the busiest rank receiving ``Workload.expert_imbalance`` times as many,
 none hidden behind compute (each block waits for its tokens); before them, per block and forward,
 the token counts go through one all-to-all of ``E`` integers. These are collectives
 (``all_to_all_single``), priced by ``collectives.all_to_all``: their bytes over the link, plus the
 link's measured all-to-all time where processes share cores.
+
+Imbalance (``extra_moe_flops_per_token``): under expert parallelism every exchange waits for the
+rank whose experts drew the most tokens, so a step runs at that rank's pace: its routed experts
+compute ``Workload.expert_imbalance`` times the mean share.
 
 Routing work (``routing_kernels``): the router's, the permutation's and the scatter's
 element-wise and indexing kernels, in calls and bytes; the grouped and shared experts' multiplies
@@ -110,10 +115,30 @@ def moe_block_params_on_device(args: ModelArgs, layout: Layout) -> float:
     return attention_and_norms / layout.tp + mlp_params_on_device(args, layout)
 
 
-def replicated_mlp_flops_per_token(work: Workload, layout: Layout, moe_blocks: int) -> float:
-    """The training FLOPs per token that tp does not split: the ``moe_blocks`` MoE MLPs, whole on
-    every tp rank, beyond the 1/tp share the model FLOPs already give each."""
-    return 6.0 * moe_blocks * moe_mlp_params(work.model, active=True) * (1 - 1 / layout.tp)
+def extra_moe_flops_per_token(work: Workload, layout: Layout, moe_blocks: int) -> float:
+    """The training FLOPs per token of ``moe_blocks`` MoE blocks beyond the 1/tp share of the
+    model FLOPs each rank already gets: the MoE MLPs run whole on every tp rank, and under expert
+    parallelism the busiest rank runs ``expert_imbalance`` times its share of the routed tokens
+    (without it every rank runs every expert on its own tokens: imbalance costs nothing)."""
+    args = work.model
+    replicated = 6.0 * moe_blocks * moe_mlp_params(args, active=True) * (1 - 1 / layout.tp)
+    if layout.ep == 1:
+        return replicated
+    routed = args.moe_top_k * 3 * args.n_embd * expert_hidden(args)
+    return replicated + 6.0 * moe_blocks * routed * (work.expert_imbalance - 1)
+
+
+def rank_imbalance(tokens_per_expert: list[list[int]], ep: int) -> float:
+    """``Workload.expert_imbalance`` from the trainer's routed tokens per expert of each MoE block
+    (``moe_tokens_per_expert``; rank r of an ep group holds experts [r E/ep, (r+1) E/ep)): the
+    busiest rank's tokens over the mean, averaged over the blocks, since each block's exchanges
+    wait for its own busiest rank."""
+    shares = []
+    for loads in tokens_per_expert:
+        held = len(loads) // ep
+        per_rank = [sum(loads[r * held : (r + 1) * held]) for r in range(ep)]
+        shares.append(max(per_rank) * ep / sum(per_rank) if sum(per_rank) else 1.0)
+    return sum(shares) / len(shares) if shares else 1.0
 
 
 def all_to_all_seconds(
@@ -124,7 +149,9 @@ def all_to_all_seconds(
     if layout.ep == 1 or not moe_blocks:
         return 0.0
     args = work.model
+    # The busiest rank receives ``expert_imbalance`` times the mean.
     routed_bytes = tokens * args.moe_top_k * args.n_embd * work.activation_bytes
+    routed_bytes *= work.expert_imbalance
     group = collectives.mesh_group(layout, "ep", cluster)
     per_block = 6 if layout.activation_checkpointing == "full" else 4
     counts = (2 if layout.activation_checkpointing == "full" else 1) * collectives.all_to_all(

@@ -52,12 +52,13 @@ flat buffers (copied in and out, viewed and wrapped per tensor), per tensor-para
 (each DTensor-sharded linear, norm and embedding, forward and backward) and per pipeline action
 (one stage's forward or backward of one micro-batch: the schedule's bookkeeping and its
 point-to-point posts and waits).
-Element-wise work that a dense block of the same FLOPs does not do (ring merges, MoE routing) is
-counted in kernel calls and bytes (``elementwise``). A process with ``host_share`` of a core
-(more processes than cores) takes 1/share as long over the per-step work, but over the
-per-collective costs only in the part it spends on the core: ``collective_wait`` of them is
-waiting for peers, which a shared core does not slow. Their defaults are 0; ``plan --validate``
-fits them on a CPU, where the host is the device and nothing hides them.
+Element-wise work whose cost per FLOP differs by model and layout (norms and rotary positions,
+ring merges, MoE routing) is priced apart, at measured rates (``elementwise``). A process with
+``host_share`` of a core (more processes than cores) takes 1/share as long over the per-step
+work, but over the per-collective costs only in the part it spends on the core:
+``collective_wait`` of them is waiting for peers, which a shared core does not slow. Their
+defaults are 0; ``plan --validate`` fits them on a CPU, where the host is the device and nothing
+hides them.
 """
 
 from __future__ import annotations
@@ -73,11 +74,7 @@ from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.efficiency import compute_rate, head_flops_per_token, layer_flops_per_token
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import rank_for, stage_params, state_bytes_per_param
-from clusterlm.plan.moe_cost import (
-    all_to_all_seconds,
-    most_moe_blocks,
-    replicated_mlp_flops_per_token,
-)
+from clusterlm.plan.moe_cost import all_to_all_seconds, extra_moe_flops_per_token, most_moe_blocks
 from clusterlm.plan.stages import rank_share
 from clusterlm.plan.workload import Workload
 
@@ -96,7 +93,7 @@ class StepTime:
     recompute: float = 0.0
     expert_parallel: float = 0.0  # the all-to-alls of expert parallelism (``moe_cost``)
     context_parallel: float = 0.0
-    element_wise: float = 0.0  # ring merges and MoE routing (``clusterlm.plan.elementwise``)
+    element_wise: float = 0.0  # norms, ring merges, MoE routing (``clusterlm.plan.elementwise``)
     optimizer: float = 0.0  # clipping and AdamW where their rate was measured (same module)
 
     @property
@@ -166,7 +163,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     flops, layers = busiest_rank_flops(work, layout)
     moe_blocks = most_moe_blocks(args, layout)
     model_flops = flops * tokens / layout.tp
-    model_flops += replicated_mlp_flops_per_token(work, layout, moe_blocks) * tokens
+    model_flops += extra_moe_flops_per_token(work, layout, moe_blocks) * tokens
     forward, backward = model_flops / 3 / rate, 2 * model_flops / 3 / rate
     recompute = (
         recompute_flops_per_token(work, layout) * layers / args.n_layer * tokens / layout.tp / rate

@@ -126,12 +126,14 @@ MOE_CASES = tuple(case for case in CASES if case.model)
 
 @dataclass(frozen=True)
 class Measurement:
-    """What the trainer did: most loaded rank's bytes, median step seconds (slowest rank)."""
+    """What the trainer did: most loaded rank's bytes, median step seconds (slowest rank), and a
+    mixture of experts' ``expert_imbalance`` over the timed steps (``moe_cost.rank_imbalance``)."""
 
     state_bytes: int
     activation_bytes: int
     step_seconds: float
     step_times: tuple[float, ...]
+    expert_imbalance: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,18 @@ def _row(result: ValidationResult, seconds: float) -> list[str]:
     ]
 
 
+def _imbalance_lines(results: list[ValidationResult]) -> list[str]:
+    """The expert-parallel cases' measured imbalance, which their predictions take as given."""
+    measured = [r for r in results if r.case.layout.ep > 1]
+    if not measured:
+        return []
+    cases = ", ".join(f"{r.case.name} {r.work.expert_imbalance:.2f}" for r in measured)
+    return [
+        "routed tokens on the busiest expert-parallel rank over the mean, measured over the "
+        f"timed steps and given to the planner: {cases}"
+    ]
+
+
 def validation_report(
     results: list[ValidationResult], calibration: Calibration, links: dict[int, Link]
 ) -> str:
@@ -250,5 +264,6 @@ def validation_report(
             f"{calibration.pp_action_s * 1e3:.2f} ms per pipeline action (one core), "
             f"{calibration.collective_wait:.0%} of the per-collective ones waiting for peers",
             f"gloo loopback links (ring all-reduce fit): {link_text}",
+            *_imbalance_lines(results),
         ]
     )

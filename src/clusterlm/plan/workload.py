@@ -47,6 +47,11 @@ class Workload:
     ``fused_attention``: attention runs as a fused kernel (FlashAttention / SDPA) that keeps only
     its output and a per-row log-sum-exp, never the s x s score matrix. True by default, as for
     every current GPU stack and for this project's model (``F.scaled_dot_product_attention``).
+
+    ``expert_imbalance``: a mixture of experts' routed tokens on the busiest expert-parallel rank
+    over the mean, per MoE block (1: balanced routing). Expert parallelism waits for that rank at
+    every exchange (``moe_cost``). The trainer's ``moe_load_imbalance`` (max over mean tokens per
+    expert) bounds it from above: a rank's load is the sum of its experts'.
     """
 
     model: ModelArgs
@@ -54,8 +59,14 @@ class Workload:
     global_batch_tokens: int
     precision: str = "bf16"
     fused_attention: bool = True
+    expert_imbalance: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.expert_imbalance >= 1.0:
+            raise UserError(
+                f"--expert-imbalance is a busiest-over-mean ratio, at least 1; got "
+                f"{self.expert_imbalance}"
+            )
         if self.precision not in PRECISIONS:
             raise UserError(
                 f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"

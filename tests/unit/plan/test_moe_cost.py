@@ -178,6 +178,13 @@ def test_plan_prints_total_and_active_parameters_of_a_mixture(capsys):
     assert cli([*argv, "--global-batch-tokens", "8192", "--seq", "64", "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "a mixture of experts: 2.05M parameters, 874K active per token" in out
+    assert cli([*argv, "--expert-imbalance", "1.3", "--seq", "64", "--top", "2"]) == 0
+    dense = ["plan", "--model", "nano-cpu", "--vocab-size", "65", "--cluster", "8xH100"]
+    capsys.readouterr()
+    assert cli([*dense, "--expert-imbalance", "1.3"]) != 0
+    assert "applies to a mixture of experts" in capsys.readouterr().err
+    assert cli([*argv, "--expert-imbalance", "0.5"]) != 0
+    assert "at least 1" in capsys.readouterr().err
 
 
 def test_routing_kernels_are_counted_per_block_and_grow_with_the_tokens():
@@ -242,3 +249,60 @@ def test_the_optimizer_steps_the_state_the_rank_holds_at_the_measured_rate():
         held = device_memory(work, layout).optimizer / 8  # fp32 AdamW: two moments per parameter
         assert optimizer_seconds(work, layout, device) == pytest.approx(held / 1e8)
     assert optimizer_seconds(work, Layout(), load_cluster("8xH100").device) == 0.0
+
+
+def test_the_busiest_rank_share_is_read_from_the_loads_per_expert():
+    from clusterlm.plan.moe_cost import rank_imbalance
+
+    balanced = [[10, 10, 10, 10]]
+    assert rank_imbalance(balanced, 2) == 1.0
+    # rank 0 holds experts 0-1 (30 tokens), rank 1 experts 2-3 (10): 30 over a mean of 20
+    assert rank_imbalance([[20, 10, 5, 5]], 2) == pytest.approx(1.5)
+    # one rank per expert: the per-expert imbalance itself; blocks are averaged
+    assert rank_imbalance([[20, 10, 5, 5], [10, 10, 10, 10]], 4) == pytest.approx((2.0 + 1.0) / 2)
+    assert rank_imbalance([[0, 0, 0, 0]], 2) == 1.0  # no tokens routed: nothing to wait for
+    assert rank_imbalance([], 2) == 1.0
+
+
+def test_expert_parallelism_runs_at_the_busiest_ranks_pace():
+    """Imbalance costs the busiest rank's extra routed tokens, computed and received, under ep
+    only: without it every rank runs every expert on its own tokens."""
+    from clusterlm.errors import UserError
+    from clusterlm.plan.moe_cost import all_to_all_seconds, extra_moe_flops_per_token
+
+    skewed = dataclasses.replace(WORK, expert_imbalance=1.5)
+    ep, no_ep = Layout(dp_shard=4, data_parallel="zero2", ep=2), Layout(dp_shard=4)
+    routed = MOE.moe_top_k * 3 * MOE.n_embd * MOE.moe_ffn_hidden
+    extra = extra_moe_flops_per_token(skewed, ep, 3) - extra_moe_flops_per_token(WORK, ep, 3)
+    assert extra == pytest.approx(6 * 3 * routed * 0.5)
+    assert extra_moe_flops_per_token(skewed, no_ep, 3) == extra_moe_flops_per_token(WORK, no_ep, 3)
+    cluster = load_cluster("8xH100")
+    assert all_to_all_seconds(skewed, ep, cluster, 256, 3) > all_to_all_seconds(
+        WORK, ep, cluster, 256, 3
+    )
+    assert step_time(skewed, ep, cluster).total > step_time(WORK, ep, cluster).total
+    assert step_time(skewed, no_ep, cluster).total == step_time(WORK, no_ep, cluster).total
+    with pytest.raises(UserError, match="at least 1"):
+        dataclasses.replace(WORK, expert_imbalance=0.9)
+
+
+def test_the_first_fsdp_unit_has_nothing_to_hide_behind():
+    """The routed experts of every block in one unit (a model under ``parallel.bucket_mb``) are
+    gathered right after the root and reduced just before it: however long the compute, their
+    collectives stay on the critical path."""
+    from clusterlm.plan import collectives, fsdp
+
+    cluster = load_cluster("8xH100")
+    layout = Layout(dp_shard=8, data_parallel="zero2", ep=2, bucket_mb=1000)
+    units = fsdp.stage_units(WORK, layout, 0, fsdp.parameter_tensors(MOE))
+    *blocks, root = units
+    assert len(blocks) == 1 and blocks[0].experts
+    group = collectives.expert_data_group(layout, cluster)
+    experts = blocks[0].params
+    floor = collectives.all_gather(experts * 2, group, cluster)
+    floor += collectives.reduce_scatter(experts * 4, group, cluster)
+    shard = collectives.mesh_group(layout, "dp_shard_cp", cluster)
+    floor += collectives.all_gather(root.params * 2, shard, cluster)
+    floor += collectives.reduce_scatter(root.params * 4, shard, cluster)
+    exposed = fsdp.exposed_seconds(units, layout, cluster, 2, 4, forward=10.0, backward=20.0)
+    assert exposed == pytest.approx(floor)

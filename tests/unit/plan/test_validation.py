@@ -262,7 +262,21 @@ def test_relative_kernel_rates_anchor_fp32_linear_layers_at_the_peak():
     bf16 = relative_kernel_rates(work, layout, fp32_peak=1e11)
     assert fp32["linear"] == pytest.approx(1e11, rel=0.5)  # two probes of one kernel, seconds apart
     assert all(rate > 0 for rate in (*fp32.values(), *bf16.values()))
-    assert set(fp32) == {"linear", "attention", "launch", "elementwise", "optimizer"}
+    assert set(fp32) == {"linear", "attention", "launch", "elementwise", "optimizer", "norms"}
+
+
+def test_norms_and_rotary_are_priced_per_block_and_token_at_the_measured_rate():
+    """llama's RMSNorm and rotation run as several small kernels each, gpt2's norm as one: per
+    token they take longer, which the FLOP-rated efficiency fitted on gpt2 cannot carry."""
+    from clusterlm.bench.kernels import norm_rate
+    from clusterlm.plan.elementwise import micro_batch_seconds
+
+    work, layout = Workload(NANO, 64, 12 * 64, "fp32"), Layout(micro_batch_size=12)
+    rates = {"fp32": {"linear": 1e11, "attention": 1e11, "norms": 1e6}}
+    device = local_cluster(1, {"fp32": 1e11}, Link(1e9, 1e-4), cores=2, rates=rates).device
+    assert micro_batch_seconds(work, layout, device, 4, 0) == pytest.approx(4 * 12 * 64 / 1e6)
+    llama = replace(work, model=replace(NANO, flavour="llama"))
+    assert norm_rate(llama, layout)["norms"] < norm_rate(work, layout)["norms"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.model or c.parallel.get("cp")], ids=str)
