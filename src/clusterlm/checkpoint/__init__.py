@@ -15,7 +15,13 @@ from clusterlm.checkpoint.dcp_io import (
     single_process_quiet,
     verify,
 )
-from clusterlm.checkpoint.directory import COMPLETE, TRAINER_STATE, checkpoint_of, list_complete
+from clusterlm.checkpoint.directory import (
+    AVERAGED_FROM,
+    COMPLETE,
+    TRAINER_STATE,
+    checkpoint_of,
+    list_complete,
+)
 from clusterlm.checkpoint.resume import (
     Verified,
     find_checkpoint,
@@ -24,6 +30,7 @@ from clusterlm.checkpoint.resume import (
 )
 
 __all__ = [
+    "AVERAGED_FROM",
     "COMPLETE",
     "LATEST",
     "TRAINER_STATE",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 COMPLETE = "complete.json"  # written last: a checkpoint directory with it finished writing
 TRAINER_STATE = "trainer.json"  # step, data position and the run's config, as plain JSON
+AVERAGED_FROM = "averaged_from"  # in an average's trainer state: its sources; weights only
 
 
 def list_complete(root: Path) -> list[Path]:

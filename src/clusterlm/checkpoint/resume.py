@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterlm.checkpoint.dcp_io import is_main_rank, verify
-from clusterlm.checkpoint.directory import TRAINER_STATE, list_complete
+from clusterlm.checkpoint.directory import AVERAGED_FROM, TRAINER_STATE, list_complete
 from clusterlm.distributed.json_collectives import broadcast_json
 from clusterlm.errors import UserError
 
@@ -55,11 +55,17 @@ def _run_of(path: Path) -> str | None:
 
 def resolve_resume_once(resume: str, root: Path, own_run: str | None = None) -> Verified | None:
     """``resolve_resume`` run by rank 0 alone, its answer (or its error) given to every rank: the
-    ranks read one shared checkpoint, so hashing it once is enough."""
+    ranks read one shared checkpoint, so hashing it once is enough. An average of checkpoints
+    (``clusterlm average``) holds weights only: training cannot resume from it."""
     answer: dict[str, Any] = {}
     if is_main_rank():
         try:
             found = resolve_resume(resume, root, own_run)
+            if found is not None and AVERAGED_FROM in found.state:
+                raise UserError(
+                    f"{found.path} averages checkpoints and holds no optimizer state: evaluate, "
+                    "translate or export it, and resume from one of the checkpoints it averages"
+                )
             if found is not None:
                 answer = {"path": str(found.path), "state": found.state}
         except UserError as err:

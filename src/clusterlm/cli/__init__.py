@@ -38,6 +38,10 @@ COMMANDS = {
     "jobs": ("clusterlm.cli.jobs", "your clusterlm jobs in Slurm: state, step, loss, ETA"),
     "cancel": ("clusterlm.cli.cancel", "cancel one of your clusterlm jobs in Slurm"),
     "export": ("clusterlm.cli.export", "export a checkpoint (subcommands below)"),
+    "average": (
+        "clusterlm.cli.average",
+        "average the weights of a run's last checkpoints into a new checkpoint",
+    ),
     "chaos": (
         "clusterlm.cli.chaos",
         "kill random ranks of a job; check it recovers to the same weights",
