@@ -104,10 +104,12 @@ def start_from(cfg: Config) -> str:
 def _warm_session(cfg: Config, scratch: str, warmup: int) -> Session:
     """A session of a copy of ``cfg`` that writes nothing outside ``scratch`` (it reads the
     checkpoint it starts from, ``start_from``), after ``warmup`` steps (compilation, caches)."""
-    overrides = {"training.out_dir": scratch, "checkpoint.resume": start_from(cfg)}
-    cfg = apply_overrides(
-        cfg, {**overrides, "training.steps": 10**9}
-    )  # the LR schedule in its steady middle
+    overrides = {
+        "training.out_dir": scratch,
+        "checkpoint.resume": start_from(cfg),
+        "training.steps": 10**9,  # the LR schedule in its steady middle
+    }
+    cfg = apply_overrides(cfg, overrides)
     if (
         cfg.training.device != "cuda"
         and not cfg.metrics.peak_flops

@@ -20,9 +20,9 @@ shared experts as one SwiGLU MLP of width S*hm (4*e*S*hm). None of it is split o
 All-to-all (``all_to_all_seconds``): with ep > 1 each MoE block sends each token's k copies to
 their experts' ranks and back in forward, and their gradients the same way in backward: 4
 all-to-alls of s*b*k*h elements per micro-batch (6 when full checkpointing reruns the forward),
-the busiest rank receiving ``Workload.expert_imbalance`` times as many,
-none hidden behind compute (each block waits for its tokens); before them, per block and forward,
-the token counts go through one all-to-all of ``E`` integers. These are collectives
+the busiest rank receiving ``Workload.expert_imbalance`` times as many, none hidden behind
+compute (each block waits for its tokens); before them, per block and forward, the token counts
+go through one all-to-all of ``E`` integers. These are collectives
 (``all_to_all_single``), priced by ``collectives.all_to_all``: their bytes over the link, plus the
 link's measured all-to-all time where processes share cores.
 
