@@ -27,6 +27,13 @@ from typing import Any
 from clusterlm.errors import UserError
 
 
+def check_destination(out: Path) -> None:
+    """Fail with one line when the ``--out`` directory ``out`` exists and holds anything: a command
+    that writes a new directory never mixes its files with others'."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not empty; choose a new --out directory or remove it")
+
+
 def check_output_path(path: str | Path, what: str, directory: bool = True) -> None:
     """Fail with one line naming ``what`` (the option) when ``path``, a directory (or with
     ``directory=False`` a file) to be written, cannot be: it is a file (a directory), or a file

@@ -83,7 +83,7 @@ def _exchange_lines(times: dict[str, list[float]], exchanges: dict[str, float]) 
     ]
 
 
-def start_from(cfg: Config) -> str:
+def _start_from(cfg: Config) -> str:
     """The checkpoint the timed steps start from: the one ``checkpoint.resume`` names (``auto``:
     the newest of the config's own run), so that a trained state is timed, such as a mixture of
     experts' routing once balanced; ``none``: fresh weights."""
@@ -103,10 +103,10 @@ def start_from(cfg: Config) -> str:
 
 def _warm_session(cfg: Config, scratch: str, warmup: int) -> Session:
     """A session of a copy of ``cfg`` that writes nothing outside ``scratch`` (it reads the
-    checkpoint it starts from, ``start_from``), after ``warmup`` steps (compilation, caches)."""
+    checkpoint it starts from, ``_start_from``), after ``warmup`` steps (compilation, caches)."""
     overrides = {
         "training.out_dir": scratch,
-        "checkpoint.resume": start_from(cfg),
+        "checkpoint.resume": _start_from(cfg),
         "training.steps": 10**9,  # the LR schedule in its steady middle
     }
     cfg = apply_overrides(cfg, overrides)
@@ -167,13 +167,15 @@ def _timing_lines(
     for name, session in sessions.items():
         if session.experts is not None:  # the loads of every step the variant ran
             moe = session.experts.metrics()
-            ep = session.cfg.parallel.ep
-            busiest = rank_imbalance(list(moe["moe_tokens_per_expert"].values()), ep)
-            lines.append(
+            line = (
                 f"experts ({name}): load imbalance {moe['moe_load_imbalance']:.2f} (max over mean "
                 f"tokens per expert, worst block), balance loss {moe['moe_aux_loss']:.3f}"
-                + (f"; busiest of ep {ep} ranks {busiest:.2f}x the mean" if ep > 1 else "")
             )
+            ep = session.cfg.parallel.ep
+            if ep > 1:
+                busiest = rank_imbalance(list(moe["moe_tokens_per_expert"].values()), ep)
+                line += f"; busiest of ep {ep} ranks {busiest:.2f}x the mean"
+            lines.append(line)
     if "baseline" in tokens_per_s:
         lines.append(
             f"speed-up over baseline: {tokens_per_s['config'] / tokens_per_s['baseline']:.2f}x"

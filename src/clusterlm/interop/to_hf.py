@@ -22,7 +22,7 @@ import torch
 from clusterlm.data.special_tokens import SPECIAL_TOKENS, special_token_id
 from clusterlm.data.tokenizer import EOT, Tokenizer
 from clusterlm.errors import UserError
-from clusterlm.files import check_output_path, temporary_sibling
+from clusterlm.files import check_destination, check_output_path, temporary_sibling
 from clusterlm.interop.hf_config import check_exportable, hf_config
 from clusterlm.interop.hf_mapping import assemble, hf_shapes, hf_tensors, link_for, parameter_shapes
 from clusterlm.interop.writer import write_sharded
@@ -94,11 +94,6 @@ def _one_stack_kept(
         return kept[name]
 
     return cached
-
-
-def check_destination(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not empty; choose a new --out directory or remove it")
 
 
 def export_hf(

@@ -128,10 +128,10 @@ def exposed_seconds(
     only; then each unit while the one before computes: hidden up to ``overlap`` of the forward. A
     backward gathers the resharded units again and reduce-scatters each unit's gradients once its
     backward is done, the first unit's and the root's last, with nothing computed after them; the
-    rest hide behind up to ``overlap`` of the backward. torch's pipeline
-    stage reduces once, after the step's last backward; its reductions are charged as if each
-    micro-batch's backward reduced, hidden behind it, as ZeRO-2 implementations that keep gradients
-    sharded do (Llama 3 405B's published throughput matches that, once-a-step not:
+    rest hide behind up to ``overlap`` of the backward. torch's pipeline stage reduces once, after
+    the step's last backward; its reductions are charged as if each micro-batch's backward
+    reduced, hidden behind it, as ZeRO-2 implementations that keep gradients sharded do (Llama 3
+    405B's published throughput matches that, once-a-step not:
     benchmarks/planner-published-runs-2026-12-01.md)."""
     overlap, m = cluster.calibration.overlap, layout.micro_batches
     shard = collectives.mesh_group(layout, "dp_shard_cp", cluster)

@@ -137,7 +137,8 @@ def rank_imbalance(tokens_per_expert: list[list[int]], ep: int) -> float:
     for loads in tokens_per_expert:
         held = len(loads) // ep
         per_rank = [sum(loads[r * held : (r + 1) * held]) for r in range(ep)]
-        shares.append(max(per_rank) * ep / sum(per_rank) if sum(per_rank) else 1.0)
+        total = sum(per_rank)
+        shares.append(max(per_rank) * ep / total if total else 1.0)
     return sum(shares) / len(shares) if shares else 1.0
 
 

@@ -12,6 +12,7 @@ checkpoint; a training run cannot resume from it, having no optimizer state.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,10 +27,10 @@ from clusterlm.checkpoint import (
     save_checkpoint,
     verify,
 )
+from clusterlm.checkpoint.tensor_index import FILE as TENSOR_FILE
+from clusterlm.checkpoint.tensor_index import TENSOR_INDEX
 from clusterlm.errors import UserError
-from clusterlm.files import check_output_path
-
-TENSOR_FILES = (".distcp", "tensors.json")  # what DCP writes; the average writes its own
+from clusterlm.files import check_destination, check_output_path
 
 
 def average_checkpoints(run: str | Path, last: int, out: str | Path) -> Path:
@@ -38,8 +39,7 @@ def average_checkpoints(run: str | Path, last: int, out: str | Path) -> Path:
     returns its path."""
     out = Path(out)
     check_output_path(out, "--out")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose a new --out directory or remove it")
+    check_destination(out)
     sources = _sources(Path(run), last)
     states = [verify(path) for path in sources]
     newest = states[-1]
@@ -53,7 +53,7 @@ def average_checkpoints(run: str | Path, last: int, out: str | Path) -> Path:
                 f"{reader.path} holds other model tensors than {readers[-1].path}; average "
                 "checkpoints of one model"
             )
-    averaged = {name: _mean(name, [r.model_tensor(name) for r in readers]) for name in shapes}
+    averaged = {name: _mean(name, (r.model_tensor(name) for r in readers)) for name in shapes}
     return save_checkpoint(
         out / "checkpoints",
         newest["step"],
@@ -76,18 +76,19 @@ def _sources(run: Path, last: int) -> list[Path]:
     return found[-last:]
 
 
-def _mean(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The mean of floating-point tensors, accumulated in fp64 and stored in their dtype; other
-    tensors (integer counters) must agree, and are kept."""
-    first = tensors[0]
+def _mean(name: str, tensors: Iterator[torch.Tensor]) -> torch.Tensor:
+    """The mean of floating-point tensors, accumulated in fp64 and stored in their dtype, read one
+    at a time; other tensors (integer counters) must agree, and are kept."""
+    first = next(tensors)
     if not first.is_floating_point():
-        if any(not torch.equal(first, t) for t in tensors[1:]):
+        if any(not torch.equal(first, t) for t in tensors):
             raise UserError(f"the checkpoints' {name} differ and cannot be averaged: not weights")
         return first
-    total = torch.zeros(first.shape, dtype=torch.float64)
+    total, count = first.double(), 1
     for tensor in tensors:
         total += tensor.double()
-    return (total / len(tensors)).to(first.dtype)
+        count += 1
+    return (total / count).to(first.dtype)
 
 
 def _plain_files(checkpoint: Path) -> dict[str, bytes]:
@@ -97,6 +98,6 @@ def _plain_files(checkpoint: Path) -> dict[str, bytes]:
         path.name: path.read_bytes()
         for path in sorted(checkpoint.iterdir())
         if path.is_file()
-        and not path.name.endswith(TENSOR_FILES)
-        and path.name not in (COMPLETE, TRAINER_STATE)
+        and not TENSOR_FILE.fullmatch(path.name)
+        and path.name not in (TENSOR_INDEX, COMPLETE, TRAINER_STATE)
     }
