@@ -121,3 +121,23 @@ def test_bench_train_times_steps_from_a_trained_checkpoint(data_dir, tmp_path, c
     assert cli([*bench, *TINY_ARGS, *MOE, "--resume", str(tmp_path / "empty")]) != 0
     err = capsys.readouterr().err
     assert "holds no complete checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_launched_bench_train_resumes_from_a_run_directory(launch_data_dir, tmp_path):
+    """Under --nproc the run directory becomes its newest checkpoint before the workers start;
+    a directory without one is one line, printed once."""
+    model = (*TINY, *MOE[:-1], "--data.dir", str(launch_data_dir))
+    run = tmp_path / "run"
+    trained = clusterlm(
+        *("train", "--nproc", "2", *model, "--training.out_dir", str(run)),
+        *("--training.steps", "2", "--checkpoint.interval", "2"),
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    bench = ("bench", "train", "--nproc", "2", "--steps", "1", "--rounds", "1", "--warmup", "1")
+    result = clusterlm(*bench, *model, "--resume", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"timed from the checkpoint {run / 'checkpoints' / 'step_00000002'}" in result.stdout
+    (tmp_path / "empty").mkdir()
+    refused = clusterlm(*bench, *model, "--resume", str(tmp_path / "empty"))
+    assert refused.returncode == 2
+    assert refused.stderr.count("holds no complete checkpoint") == 1

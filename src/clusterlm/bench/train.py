@@ -48,9 +48,11 @@ def bench_train(
     breakdown: bool = False,
 ) -> list[str]:
     """Time ``rounds`` x ``steps`` training steps of ``cfg`` (and of the baseline ``against``,
-    alternating) after ``warmup`` untimed ones, then probe the config; ``breakdown`` also
-    profiles ``steps`` more steps of each variant (CPU only). Every rank of a job runs it, since
-    steps and probes hold collectives; rank 0 gets the report's lines, the other ranks none."""
+    alternating) after ``warmup`` untimed ones, from the checkpoint ``checkpoint.resume`` names
+    (``none`` or a checkpoint directory: ``start_from`` resolves the others), then probe the
+    config; ``breakdown`` also profiles ``steps`` more steps of each variant (CPU only). Every
+    rank of a job runs it, since steps and probes hold collectives; rank 0 gets the report's
+    lines, the other ranks none."""
     variants = {"config": cfg} if against is None else {"baseline": against, "config": cfg}
     with tempfile.TemporaryDirectory(prefix="clusterlm-bench-") as scratch:
         sessions = {
@@ -83,7 +85,7 @@ def _exchange_lines(times: dict[str, list[float]], exchanges: dict[str, float]) 
     ]
 
 
-def _start_from(cfg: Config) -> str:
+def start_from(cfg: Config) -> str:
     """The checkpoint the timed steps start from: the one ``checkpoint.resume`` names (``auto``:
     the newest of the config's own run), so that a trained state is timed, such as a mixture of
     experts' routing once balanced; ``none``: fresh weights."""
@@ -103,13 +105,10 @@ def _start_from(cfg: Config) -> str:
 
 def _warm_session(cfg: Config, scratch: str, warmup: int) -> Session:
     """A session of a copy of ``cfg`` that writes nothing outside ``scratch`` (it reads the
-    checkpoint it starts from, ``_start_from``), after ``warmup`` steps (compilation, caches)."""
-    overrides = {
-        "training.out_dir": scratch,
-        "checkpoint.resume": _start_from(cfg),
-        "training.steps": 10**9,  # the LR schedule in its steady middle
-    }
-    cfg = apply_overrides(cfg, overrides)
+    checkpoint it starts from), after ``warmup`` steps (compilation, caches)."""
+    cfg = apply_overrides(
+        cfg, {"training.out_dir": scratch, "training.steps": 10**9}
+    )  # the LR schedule in its steady middle
     if (
         cfg.training.device != "cuda"
         and not cfg.metrics.peak_flops

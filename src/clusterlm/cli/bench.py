@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Callable
 
 from clusterlm.bench.init_speed import bench_init
-from clusterlm.bench.train import bench_train
+from clusterlm.bench.train import bench_train, start_from
 from clusterlm.cli import (
     SUBCOMMANDS,
     bench_checkpoint,
@@ -69,10 +69,13 @@ def train_main(argv: list[str]) -> int:
     args = job.args
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         raise UserError("--steps and --rounds must be >= 1 and --warmup >= 0")
-    against = baseline_config(job.cfg, args.against) if args.against else None
+    # A run directory or auto becomes its newest checkpoint here, before any worker starts.
+    resume = start_from(job.cfg)
+    cfg = apply_overrides(job.cfg, {"checkpoint.resume": resume})
+    against = baseline_config(cfg, args.against) if args.against else None
     if job.launch.launches:
-        return launch(job.cfg, job.launch, ["bench", "train", *argv])
-    lines = bench_train(job.cfg, args.steps, args.warmup, args.rounds, against, args.breakdown)
+        return launch(cfg, job.launch, ["bench", "train", *argv, "--resume", resume])
+    lines = bench_train(cfg, args.steps, args.warmup, args.rounds, against, args.breakdown)
     leave_process_group()
     for line in lines:
         print(line)
