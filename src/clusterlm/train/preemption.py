@@ -6,6 +6,10 @@ one complete checkpoint, finish any save still writing, and leave with ``EXIT_PR
 next start with ``--resume auto`` continues bit for bit. All of it has to fit in
 ``checkpoint.preempt_grace_s``, the time between the signal and the scheduler's kill: a step
 that alone takes longer is reported once.
+
+Ctrl-C (SIGINT) still raises ``KeyboardInterrupt`` at once, but is also recorded: an interrupt
+that lands inside torch's own bookkeeping (a device context, a mode stack) can surface as some
+other error, and the trainer must still report it as the interrupt it was.
 """
 
 from __future__ import annotations
@@ -33,15 +37,21 @@ class Preemption:
         self.signal_name: str | None = None
         self.signalled_at: float | None = None
         self._warned = False
+        self.interrupted = False
         self._previous: dict[int, Any] = {}
         if (
             threading.current_thread() is threading.main_thread()
         ):  # Python allows handlers only there
             self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal_name is None:
             self.signal_name, self.signalled_at = signal.Signals(signum).name, time.monotonic()
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
 
     def requested(self, runtime: Runtime, step_seconds: float) -> bool:
         """Whether any rank was signalled; every rank calls this at the same step boundary."""

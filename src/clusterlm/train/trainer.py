@@ -129,14 +129,18 @@ def train(cfg: Config) -> TrainSummary:
     watchdog.start(cfg.training.out_dir, cfg.parallel.hang_timeout_s)
     try:
         return _train(cfg, preemption)
-    except (UserError, KeyboardInterrupt):
+    except BaseException as err:
+        if not (isinstance(err, UserError | KeyboardInterrupt) or preemption.interrupted):
+            raise
         watchdog.stop()
         release(lock)
         # Bad input (or an interrupt before any output) leaves the disk as it was, so the
         # heartbeats go too.
         if fresh:
             watchdog.remove_heartbeats(cfg.training.out_dir)
-        raise
+        if isinstance(err, UserError | KeyboardInterrupt):
+            raise
+        raise KeyboardInterrupt from err  # the interrupt broke whatever torch was doing
     finally:
         watchdog.stop()
         preemption.close()
