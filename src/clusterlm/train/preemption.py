@@ -43,7 +43,8 @@ class Preemption:
             threading.current_thread() is threading.main_thread()
         ):  # Python allows handlers only there
             self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal_name is None:

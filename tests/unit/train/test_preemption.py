@@ -26,7 +26,15 @@ def test_a_grace_period_shorter_than_a_step_is_one_line(capsys):
     assert err.count("\n") == 1 and "checkpoint.preempt_grace_s" in err
 
 
-def test_ctrl_c_raises_at_once_and_is_recorded():
+@pytest.fixture
+def ctrl_c():
+    """SIGINT as an interactive Python has it (a background job starts with it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_raises_at_once_and_is_recorded(ctrl_c):
     preemption = Preemption(grace_s=60)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -37,7 +45,20 @@ def test_ctrl_c_raises_at_once_and_is_recorded():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_an_interrupt_that_breaks_torch_is_still_the_interrupt(tmp_path, corpus_dir, monkeypatch):
+def test_an_ignored_ctrl_c_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        preemption = Preemption(grace_s=60)
+        os.kill(os.getpid(), signal.SIGINT)
+        preemption.close()
+        assert not preemption.interrupted
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_an_interrupt_that_breaks_torch_is_still_the_interrupt(
+    tmp_path, corpus_dir, monkeypatch, ctrl_c
+):
     """Ctrl-C inside ``with torch.device("meta")`` can leave torch's mode stack half popped, so
     the ``with`` raises a RuntimeError; the trainer reports the interrupt, and leaves the
     out_dir as it found it."""
