@@ -2,19 +2,20 @@
 cores: the wait of each rank for its peers to reach the exchange.
 
 Ring attention posts a send to the next rank and a receive from the previous one
-(``batch_isend_irecv``) before computing with the block it holds and waits on both after it (a
-K/V hop); in backward it also sends the accumulated gradients on one hop after the block's work
-and waits at once (a gradient hop). All-to-all attention and expert parallelism exchange with
-every peer of their group after a block of work (``all_to_all_single``). Where every process has
-a core, the wait is the link's latency. Where processes outnumber cores, a rank that arrives
-waits until its peers are scheduled and arrive too, once per exchange, and a hop posted before
-the work hides part of that behind it: this is what ``plan --validate``'s cp and ep cases
-measured and the all-reduce sweep's latency (``measure_link``) does not see. The probe times
-rounds of each pattern, a block of single-threaded work with an exchange of a small message
-among all the processes, against the same work alone, on as many processes as the case has; the
-difference per round is the exchange's wait. Among all of them, even where a case exchanges
-within smaller groups: pairs probed alone among four processes waited about twice as long as
-the hops of cp2 x zero3 on four processes, whose FSDP collectives keep all four in step
+(``batch_isend_irecv``) before computing with the block it holds and waits on both after it (a K/V
+hop); in backward it also sends the accumulated gradients on one hop and waits at once (a gradient
+hop), right after the K/V hop's wait on every step but the last. All-to-all attention and expert
+parallelism exchange with every peer of their group after a block of work (``all_to_all_single``).
+Where every process has a core, the wait is the link's latency. Where processes outnumber cores, a
+rank that arrives waits until its peers are scheduled and arrive too, once per exchange; a hop
+posted before the work hides part of that behind it, and a hop right after another's wait finds its
+neighbours just met: this is what ``plan --validate``'s cp and ep cases measured and the all-reduce
+sweep's latency (``measure_link``) does not see. The probe times rounds of each pattern, a block of
+single-threaded work with an exchange of a small message among all the processes, against the same
+work alone, on as many processes as the case has; the difference per round is the exchange's wait.
+Among all of them, even where a case exchanges within smaller groups: pairs probed alone among four
+processes waited about twice as long as the hops of cp2 x zero3 on four processes, whose FSDP
+collectives keep all four in step
 (benchmarks/planner-validation-idle-cpu-epyc-zen5-2026-12-07.md).
 """
 
@@ -73,6 +74,12 @@ def _after(g: _Ring) -> None:
         request.wait()
 
 
+def _after_then_hop(g: _Ring) -> None:
+    _after(g)
+    for request in g.post_hop():
+        request.wait()
+
+
 def _all_to_all(g: _Ring) -> None:
     g.work()
     dist.all_to_all_single(g.received, g.buffer)
@@ -82,28 +89,32 @@ PATTERNS: dict[str, Callable[[_Ring], None]] = {
     "posted": _posted,
     "after": _after,
     "all_to_all": _all_to_all,
+    "after_then_hop": _after_then_hop,
 }
 
 
-def _seconds_per_round(g: _Ring, rounds: int, pattern: Callable[[_Ring], None]) -> float:
-    """Mean over ``rounds`` of one round's seconds on this rank, all ranks starting together. The
-    mean, not the median: a step pays every exchange's wait, the rare long ones included."""
+def _seconds_per_pattern(g: _Ring, rounds: int, warmup: int) -> dict[str, float]:
+    """Mean seconds of each pattern (the work alone as ``"alone"``) on this rank over ``rounds``
+    rounds after ``warmup``, all ranks starting together. Every round runs every pattern once, so
+    whatever state the machine drifts through (its cores' idle states, the scheduler's queues)
+    weighs on all of them alike (timed one pattern after the other, the probe read up to twice the
+    waits a cp2 ring paid in training, and different figures at every invocation).
+    The mean, not the median: a step pays every exchange's wait, the rare long ones included."""
+    patterns = {"alone": _alone, **PATTERNS}
+    times: dict[str, list[float]] = {name: [] for name in patterns}
     dist.barrier()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        pattern(g)
-        times.append(time.perf_counter() - start)
-    return statistics.fmean(times)
+    for _ in range(warmup + rounds):
+        for name, pattern in patterns.items():
+            start = time.perf_counter()
+            pattern(g)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.fmean(t[warmup:]) for name, t in times.items()}
 
 
 def _probe_rank(rank: int, world_size: int, rounds: int) -> dict[str, float]:
     torch.set_num_threads(1)
-    g = _Ring()
-    for pattern in PATTERNS.values():  # warm-up: connections, caches
-        _seconds_per_round(g, rounds // 4, pattern)
-    working = _seconds_per_round(g, rounds, _alone)
-    return {name: _seconds_per_round(g, rounds, p) - working for name, p in PATTERNS.items()}
+    seconds = _seconds_per_pattern(_Ring(), rounds, warmup=rounds // 4)
+    return {name: seconds[name] - seconds["alone"] for name in PATTERNS}
 
 
 def measure_exchange_waits(nproc: int, rounds: int = 1000) -> ExchangeWaits:
@@ -112,6 +123,11 @@ def measure_exchange_waits(nproc: int, rounds: int = 1000) -> ExchangeWaits:
     the ranks and rounds, 0 where it adds nothing measurable."""
     if nproc < 2:
         raise ValueError(f"measure_exchange_waits needs at least 2 processes, got {nproc}")
-    waits = run_local(_probe_rank, nproc, rounds, timeout=180)
-    mean = {name: max(0.0, statistics.fmean(w[name] for w in waits)) for name in PATTERNS}
-    return ExchangeWaits(**mean)
+    waits = run_local(_probe_rank, nproc, rounds, timeout=240)
+    mean = {name: statistics.fmean(w[name] for w in waits) for name in PATTERNS}
+    return ExchangeWaits(
+        posted=max(0.0, mean["posted"]),
+        after=max(0.0, mean["after"]),
+        all_to_all=max(0.0, mean["all_to_all"]),
+        chained=max(0.0, mean["after_then_hop"] - mean["after"]),
+    )

@@ -60,6 +60,7 @@ class ExchangeWaits:
     posted: float  # a ring hop posted before a block of work and waited on after it
     after: float  # a ring hop posted and waited on after a block of work
     all_to_all: float  # an all-to-all after a block of work
+    chained: float  # a ring hop posted and waited on right after another one's wait
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ class Link:
     def exchange_waits(self, group_size: int) -> ExchangeWaits:
         if self.waits is not None:
             return self.waits
-        return ExchangeWaits(self.latency, self.latency, (group_size - 1) * self.latency)
+        return ExchangeWaits(
+            self.latency, self.latency, (group_size - 1) * self.latency, self.latency
+        )
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ travel in fp32 (the merge's precision).
   its ``cp`` steps sends the accumulated K/V gradients on one hop and waits for them: ``cp`` hops
   of the gradient block with nothing to hide behind. A rank sends ``2(cp-1)`` K/V blocks and
   ``cp`` gradient blocks per layer and micro-batch. Every exchange (``exchanges_per_layer``) also
-  waits for the neighbour to arrive (``Link.exchange_waits``): a gradient hop the
-  whole wait, a K/V hop what is left of it after the block's work it was posted before (at least
-  the probe's wait for a hop posted before its block of work).
+  waits for the neighbour to arrive (``Link.exchange_waits``): a K/V hop what is left of it after
+  the block's work it was posted before (at least the probe's wait for a hop posted before its
+  block of work); a gradient hop, posted right after the step's K/V hop was waited on, the
+  probe's wait for such a chained hop, and the last one, after the last block's work, the
+  whole wait.
 - All-to-all (Ulysses): q, k, v and the output each go through one all-to-all forward (k and v
   repeated to every query head first when their heads do not split over cp), their gradients
   through one each backward, nothing overlapped; each sends ``(cp-1)/cp`` of its tensor
@@ -112,7 +114,9 @@ def exposed_seconds_per_layer(
         """A K/V hop posted before ``work`` seconds: bytes and wait hide behind that work only."""
         return max(0.0, kv - overlap * work) + max(waits.posted, waits.after - work)
 
-    backward = (cp - 1) * kv_hop(2 * step) + cp * (grads + waits.after)
+    # Every gradient hop but the last follows a K/V hop's wait at once: the neighbours just met.
+    gradient_hops = cp * grads + (cp - 1) * waits.chained + waits.after
+    backward = (cp - 1) * kv_hop(2 * step) + gradient_hops
     return (cp - 1) * kv_hop(step), backward
 
 

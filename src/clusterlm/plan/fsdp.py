@@ -73,7 +73,8 @@ def stage_units(
     holders = expert_shard_degree(layout)  # the trainer's expert-data-parallel mesh
     holders *= layout.dp_replicate if layout.data_parallel == "hsdp" else 1
     experts = expert_units([round(4 * routed)] * n_moe, holders, layout.bucket_mb * 2**20)
-    if n_moe and holders > 1:  # over one rank FSDP neither gathers nor reduces
+    # Over one rank FSDP moves no bytes, but still passes the experts through its buffers.
+    if n_moe:
         units += [
             Unit(len(unit) * routed, 3 * len(unit), layout.data_parallel != "zero2", experts=True)
             for unit in experts

@@ -241,7 +241,8 @@ def validation_report(
         f"{n} processes {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s"
         + (
             f" (a ring hop {w.posted * 1e6:.0f} us posted before the work, {w.after * 1e6:.0f} us"
-            f" after it, an all-to-all {w.all_to_all * 1e6:.0f} us)"
+            f" after it, {w.chained * 1e6:.0f} us right after another, an all-to-all"
+            f" {w.all_to_all * 1e6:.0f} us)"
         )
         for n, link in links.items()
         for w in [link.exchange_waits(n)]

@@ -93,11 +93,12 @@ def test_ring_hops_bytes_hide_behind_attention_but_waits_and_gradient_hops_do_no
     assert backward == pytest.approx(4 * grads + 7 * link.latency)
     exposed, _ = context_comm.exposed_seconds_per_layer(work, layout, cluster, 0.0)
     assert exposed == pytest.approx(3 * (kv + link.latency))
-    waits = ExchangeWaits(posted=1e-4, after=1e-3, all_to_all=0.0)
+    waits = ExchangeWaits(posted=1e-4, after=1e-3, all_to_all=0.0, chained=2e-4)
     shared_cores = dataclasses.replace(cluster, intra_node=dataclasses.replace(link, waits=waits))
     forward, backward = context_comm.exposed_seconds_per_layer(work, layout, shared_cores, 1e3)
     assert forward == pytest.approx(3e-4)  # K/V hops: the wait left after the posted-over work
-    assert backward == pytest.approx(4 * grads + 3e-4 + 4e-3)  # gradient hops: all of it
+    # Gradient hops: three chained right after a K/V hop's wait, the last after the work.
+    assert backward == pytest.approx(4 * grads + 3e-4 + 3 * 2e-4 + 1e-3)
     forward, _ = context_comm.exposed_seconds_per_layer(work, layout, shared_cores, 2e-3)
     assert kv < 0.8 * 5e-4
     assert forward == pytest.approx(3 * 5e-4)  # a block of 0.5 ms hides 0.5 ms of the wait

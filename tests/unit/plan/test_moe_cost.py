@@ -306,3 +306,27 @@ def test_the_first_fsdp_unit_has_nothing_to_hide_behind():
     floor += collectives.reduce_scatter(root.params * 4, shard, cluster)
     exposed = fsdp.exposed_seconds(units, layout, cluster, 2, 4, forward=10.0, backward=20.0)
     assert exposed == pytest.approx(floor)
+
+
+def test_experts_over_one_rank_pass_fsdps_buffers_but_move_no_bytes():
+    """ep equal to the data-parallel degree leaves each expert group one rank: FSDP still wraps
+    the experts (``data_parallel._shard_experts``) and copies them through its buffers, so the
+    planner counts their tensor passes; their collectives cost nothing."""
+    from clusterlm.plan import fsdp
+
+    cluster = load_cluster("8xH100")
+    tensors = fsdp.parameter_tensors(MOE)
+    whole = Layout(dp_shard=2, data_parallel="zero2", ep=2, bucket_mb=1000)
+    *blocks, root = fsdp.stage_units(WORK, whole, 0, tensors)
+    assert len(blocks) == 1 and blocks[0].experts and blocks[0].tensors == 3 * 3
+    moe_blocks = moe_blocks_held(MOE, tuple(range(MOE.n_layer)))
+    assert blocks[0].params == pytest.approx(moe_blocks * routed_params(MOE) / 2)
+    assert fsdp.exposed_seconds([*blocks, root], whole, cluster, 2, 4, 1.0, 2.0) == (
+        pytest.approx(fsdp.exposed_seconds([root], whole, cluster, 2, 4, 1.0, 2.0))
+    )
+    dense = dataclasses.replace(MOE, moe_experts=0, moe_top_k=0, moe_shared_experts=0)
+    dense_layout = dataclasses.replace(whole, ep=1)
+    passes = fsdp.tensor_passes(WORK, whole, tensors)
+    assert passes > fsdp.tensor_passes(
+        dataclasses.replace(WORK, model=dense), dense_layout, fsdp.parameter_tensors(dense)
+    )
