@@ -16,8 +16,9 @@ experts as linear layers; ring attention's blocks as the ring computes them on i
 Beside them, ``elementwise_rates`` measures what the planner prices counted element-wise kernels
 at (``clusterlm.plan.elementwise``): kernel calls per second and bytes per second;
 ``routing_rate`` a mixture of experts' routing calls per second, from its block timed whole;
-``optimizer_rate`` the parameters per second of the trainer's optimizer step; and ``norm_rate``
-the tokens per second of a block's norms and rotary positions.
+``optimizer_rate`` the parameters per second of the trainer's optimizer step; ``norm_rate``
+the tokens per second of a block's norms and rotary positions; and ``ulysses_rate`` the layers
+per second of all-to-all attention's layout changes around its exchanges.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from clusterlm.models.gpt import apply_rotary, moe_mlp, norm_layer, rotary_table
 from clusterlm.models.moe import grouped_mm
 from clusterlm.parallel.attention_blocks import block_backward, block_forward
 from clusterlm.parallel.precision import DTYPES
-from clusterlm.parallel.ring_attention import visible_block
+from clusterlm.parallel.ring_attention import ulysses, visible_block
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.moe_cost import expert_hidden, routing_kernels
 from clusterlm.plan.workload import Workload
@@ -176,7 +177,47 @@ def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> d
         **routing_rate(work, layout),
         **optimizer_rate(work),
         **norm_rate(work, layout),
+        **ulysses_rate(work, layout),
     }
+
+
+def ulysses_rate(work: Workload, layout: Layout) -> dict[str, float]:
+    """{"ulysses": layers/s, "ulysses_forward": layers/s} of one thread on all-to-all
+    attention's layout work in one layer, forward and backward, and forward alone, at a rank's
+    shapes: q, k and v re-laid from a split of the sequence to a split of the heads (put in
+    natural order by gathering positions), the output back, and the gradients the same ways,
+    with an exchange that keeps the blocks where they are (the links and the probe of the waits
+    price the exchange). Empty without all-to-all attention."""
+    if layout.cp == 1 or layout.cp_attention != "all_to_all":
+        return {}
+    args, cp = work.model, layout.cp
+    local = (layout.micro_batch_size, work.seq_len // cp, args.head_dim)
+    heads = (args.n_head // layout.tp, args.n_head // layout.tp, args.n_kv_head // layout.tp)
+    q, k, v = (
+        torch.randn(local[0], h, *local[1:], dtype=DTYPES[work.precision]).requires_grad_()
+        for h in heads
+    )
+    kept: list[torch.Tensor] = []
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kept.extend((k, v))  # their gradients flow back through their own layout changes
+        return q
+
+    def forward() -> list[torch.Tensor]:
+        kept.clear()
+        return [ulysses(q, k, v, cp, lambda blocks: blocks, attend), *kept]
+
+    def both() -> None:
+        outs = forward()
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds, forward_s = _seconds(both, calls=20), _seconds(forward, calls=20)
+    finally:
+        torch.set_num_threads(threads)
+    return {"ulysses": 1 / seconds, "ulysses_forward": 1 / forward_s}
 
 
 def norm_rate(work: Workload, layout: Layout) -> dict[str, float]:

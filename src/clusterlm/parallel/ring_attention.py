@@ -20,7 +20,9 @@ only); these run on any backend and are tested against one process.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -213,27 +215,45 @@ def _all_to_all(send: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return out
 
 
-def _heads_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+Exchange = Callable[[torch.Tensor], torch.Tensor]  # block i of dim 0 to rank i, and back
+
+
+def _heads_to_sequence(x: torch.Tensor, cp: int, exchange: Exchange) -> torch.Tensor:
     """[B, H, T/cp, D] (this rank's tokens, all heads) -> [B, H/cp, T, D] (every token in natural
     order, this rank's heads)."""
-    cp = dist.get_world_size(group)
     batch, heads, local, dim = x.shape
     send = x.view(batch, cp, heads // cp, local, dim).transpose(0, 1).contiguous()
-    received = _all_to_all(send, group)
+    received = exchange(send)
     gathered = received.permute(1, 2, 0, 3, 4).reshape(batch, heads // cp, cp * local, dim)
     natural = torch.argsort(_gathered_order(local, cp, x.device))
     return gathered[:, :, natural]
 
 
-def _sequence_to_heads(y: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _sequence_to_heads(y: torch.Tensor, cp: int, exchange: Exchange) -> torch.Tensor:
     """The inverse of ``_heads_to_sequence``."""
-    cp = dist.get_world_size(group)
     batch, heads, seq, dim = y.shape
     local = seq // cp
     gathered = y[:, :, _gathered_order(local, cp, y.device)]
     send = gathered.view(batch, heads, cp, local, dim).permute(2, 0, 1, 3, 4).contiguous()
-    received = _all_to_all(send, group)
+    received = exchange(send)
     return received.transpose(0, 1).reshape(batch, cp * heads, local, dim)
+
+
+def ulysses(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp: int,
+    exchange: Exchange,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``attend`` over the whole sequence for this rank's share of the heads, from and back to this
+    rank's share of the sequence (all heads); ``exchange`` the all-to-all. (``bench.kernels``
+    times the layout work alone with an exchange that keeps the blocks where they are.)"""
+    if k.size(1) % cp:  # too few K/V heads to split: each query head gets its own copy
+        k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
+    q, k, v = (_heads_to_sequence(t, cp, exchange) for t in (q, k, v))
+    return _sequence_to_heads(attend(q, k, v), cp, exchange)
 
 
 @torch.compiler.disable  # the collectives run inside an autograd function the compiler would break
@@ -249,8 +269,9 @@ def all_to_all_attention(
 ) -> torch.Tensor:
     """Ulysses attention of this rank's zig-zag share (``Attention.attend``); ``mask`` is the
     whole windows' mask in natural order, or None."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return local_attention(q, k, v, mask, causal, dropout_p)
+
     cp = dist.get_world_size(group)
-    if k.size(1) % cp:  # too few K/V heads to split: each query head gets its own copy
-        k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
-    q, k, v = (_heads_to_sequence(t, group) for t in (q, k, v))
-    return _sequence_to_heads(local_attention(q, k, v, mask, causal, dropout_p), group)
+    return ulysses(q, k, v, cp, functools.partial(_all_to_all, group=group), attend)

@@ -5,14 +5,17 @@ The FLOP-rated compute (``clusterlm.plan.efficiency``) carries a dense block's e
 in its efficiency, all but its norms and rotary positions: one fused kernel per norm in gpt2,
 several small ones per norm and rotation in llama, whose cost per FLOP differs by flavour. Where
 measured (``bench.kernels.norm_rate``, tokens per second) they are priced per block and token.
-Two parts of a step do element-wise work that a dense block of the same FLOPs does not, and that
-grows with what they do rather than with the FLOPs: ring attention's merges of each block into
-the running output (``context_comm.merge_kernels``) and a mixture of experts' routing,
-permutation and scatter (``moe_cost.routing_kernels``). Each is counted from the code in
-kernel calls and bytes touched, and takes ``calls / launch + bytes / elementwise`` seconds at the
-device's measured ``launch`` (kernel calls per second) and ``elementwise`` (bytes per second)
-rates (``clusterlm.bench.kernels``); the routing's calls at the ``routing`` rate instead where it
-was measured (``bench.kernels.routing_rate``: the MoE block timed whole, its bytes included). A
+Three parts of a step do element-wise work that a dense block of the same FLOPs does not, and
+that grows with what they do rather than with the FLOPs: ring attention's merges of each block
+into the running output (``context_comm.merge_kernels``), a mixture of experts' routing,
+permutation and scatter (``moe_cost.routing_kernels``), and all-to-all attention's layout changes
+around its exchanges. The first two are counted from the code in kernel calls and bytes touched,
+and take ``calls / launch + bytes / elementwise`` seconds at the device's measured ``launch``
+(kernel calls per second) and ``elementwise`` (bytes per second) rates
+(``clusterlm.bench.kernels``); the routing's calls at the ``routing`` rate instead where it was
+measured (``bench.kernels.routing_rate``: the MoE block timed whole, its bytes included). The
+layout changes, strided copies and gathers by position that run far below the contiguous bytes
+rate, are timed whole per layer (``bench.kernels.ulysses_rate``). A
 device without them (an accelerator preset: its host launches ahead of the kernels, and these
 kernels are small beside its matmuls) gets 0.
 
@@ -47,13 +50,17 @@ def micro_batch_seconds(
     work: Workload, layout: Layout, device: Device, layers: int, moe_blocks: int
 ) -> float:
     """One micro-batch's counted element-wise work on the busiest rank: ``layers`` blocks' norms
-    and rotary positions and ring merges, and ``moe_blocks`` MoE blocks' routing."""
+    and rotary positions, ring merges or all-to-all attention's layout changes (timed whole by
+    ``bench.kernels.ulysses_rate``), and ``moe_blocks`` MoE blocks' routing."""
     tokens = context_comm.local_tokens(work, layout)
     residual = 4 if fp32_weights_under_autocast(work, layout) else work.activation_bytes
     rates = device.kernel_rates.get(work.precision, {})
     merge_calls, merge_bytes = context_comm.merge_kernels(work, layout)
     blocks = kernel_seconds(work, device, layers * merge_calls, layers * merge_bytes)
     blocks += layers * tokens / rates["norms"] if "norms" in rates else 0.0
+    if "ulysses" in rates:  # full activation checkpointing runs the forward's again
+        reruns = 1 if layout.activation_checkpointing == "full" else 0
+        blocks += layers * (1 / rates["ulysses"] + reruns / rates["ulysses_forward"])
     if not moe_blocks:
         return blocks
     route_calls, route_bytes = routing_kernels(work, layout, tokens, residual)

@@ -287,6 +287,26 @@ def test_kernel_rates_probe_the_moe_and_ring_cases_own_kernels(case):
     rates = relative_kernel_rates(work, case.layout, fp32_peak=1e11)
     assert all(0 < rate < float("inf") for rate in rates.values())
     assert ("routing" in rates) == bool(case.model)  # the MoE block's routing, timed whole
+    all_to_all = case.parallel.get("cp_attention") == "all_to_all"
+    assert ("ulysses" in rates) == all_to_all  # the layout changes around its exchanges
+
+
+def test_all_to_all_attentions_layout_work_is_priced_per_layer_at_the_measured_rate():
+    """Ulysses' strided copies and gathers by position, forward and backward, timed whole per
+    layer; full activation checkpointing pays the forward's again."""
+    from clusterlm.bench.kernels import ulysses_rate
+    from clusterlm.plan.elementwise import micro_batch_seconds
+
+    work = Workload(NANO, 64, 12 * 64, "fp32")
+    layout = Layout(cp=2, cp_attention="all_to_all", micro_batch_size=12)
+    measured = ulysses_rate(work, layout)
+    assert measured["ulysses_forward"] > measured["ulysses"] > 0  # the forward alone is faster
+    assert ulysses_rate(work, replace(layout, cp_attention="ring")) == {}
+    rates = {"fp32": {"linear": 1e11, "attention": 1e11, "ulysses": 1e3, "ulysses_forward": 4e3}}
+    device = local_cluster(2, {"fp32": 1e11}, Link(1e9, 1e-4), cores=2, rates=rates).device
+    assert micro_batch_seconds(work, layout, device, 4, 0) == pytest.approx(4e-3)
+    checkpointed = replace(layout, activation_checkpointing="full")
+    assert micro_batch_seconds(work, checkpointed, device, 4, 0) == pytest.approx(4e-3 + 1e-3)
 
 
 def test_zero2_state_is_sharded_like_fsdp2_stores_it():
