@@ -97,8 +97,9 @@ def _seconds_per_pattern(g: _Ring, rounds: int, warmup: int) -> dict[str, float]
     """Mean seconds of each pattern (the work alone as ``"alone"``) on this rank over ``rounds``
     rounds after ``warmup``, all ranks starting together. Every round runs every pattern once, so
     whatever state the machine drifts through (its cores' idle states, the scheduler's queues)
-    weighs on all of them alike (timed one pattern after the other, the probe read up to twice the
-    waits a cp2 ring paid in training, and different figures at every invocation).
+    weighs on all of them alike (timed one pattern after the other, its readings changed from one
+    invocation to the next and overstated what a ring paid in training:
+    benchmarks/planner-exchange-probe-interleaved-cpu-xeon-2026-12-07.md).
     The mean, not the median: a step pays every exchange's wait, the rare long ones included."""
     patterns = {"alone": _alone, **PATTERNS}
     times: dict[str, list[float]] = {name: [] for name in patterns}
