@@ -49,6 +49,11 @@ class _Ring:
         for _ in range(WORK_MATMULS):
             torch.mm(self.a, self.a)
 
+    def hop(self) -> None:
+        """Post a hop and wait for it."""
+        for request in self.post_hop():
+            request.wait()
+
     def post_hop(self) -> list:
         ops = [
             dist.P2POp(dist.isend, self.buffer, self.next),
@@ -70,14 +75,12 @@ def _posted(g: _Ring) -> None:
 
 def _after(g: _Ring) -> None:
     g.work()
-    for request in g.post_hop():
-        request.wait()
+    g.hop()
 
 
 def _after_then_hop(g: _Ring) -> None:
     _after(g)
-    for request in g.post_hop():
-        request.wait()
+    g.hop()
 
 
 def _all_to_all(g: _Ring) -> None:

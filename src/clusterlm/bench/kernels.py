@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -56,17 +57,13 @@ def kernel_rates(work: Workload, layout: Layout) -> dict[str, float]:
     attention = [(args.n_embd, q + 2 * kv), (q, args.n_embd)]
     dense = [(args.n_embd, mlp_in), (args.ffn_hidden, args.n_embd)]
     head = [(args.n_embd, args.vocab_size)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         seconds = args.n_layer * _seconds(_linears(attention, tokens, compute))
         seconds += (args.n_layer - moe) * _seconds(_linears(dense, tokens, compute))
         seconds += _seconds(_linears(head, tokens, compute))
         if moe:
             seconds += moe * _seconds(_moe_mlp(work, tokens, compute))
         attention_s = _seconds(_attention(work, layout, compute))
-    finally:
-        torch.set_num_threads(threads)
     shapes = args.n_layer * attention + (args.n_layer - moe) * dense + head
     linear_flops = 6 * tokens * (sum(k * n for k, n in shapes) + moe * _moe_mlp_params(work))
     # One layer's attention, as the planner counts it: the full s x s for this rank's tokens.
@@ -146,13 +143,9 @@ def elementwise_rates(nbytes: int) -> dict[str, float]:
     rate falls where they outgrow the caches."""
     tiny = (torch.ones(1, 2, 2), torch.ones(1, 1))
     big = (torch.ones(1, 2, max(1, nbytes // 4)), torch.ones(1, 1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         launch_s = _seconds(lambda: tiny[0][:, 1:] * tiny[1].unsqueeze(-1), calls=200)
         big_s = _seconds(lambda: big[0][:, 1:] * big[1].unsqueeze(-1), calls=20)
-    finally:
-        torch.set_num_threads(threads)
     moved = 2 * 4 * big[0].size(-1)  # the slice read, the product written
     return {"launch": 1 / launch_s, "elementwise": moved / max(big_s - launch_s, 1e-9)}
 
@@ -211,12 +204,8 @@ def ulysses_rate(work: Workload, layout: Layout) -> dict[str, float]:
         outs = forward()
         torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         seconds, forward_s = _seconds(both, calls=20), _seconds(forward, calls=20)
-    finally:
-        torch.set_num_threads(threads)
     return {"ulysses": 1 / seconds, "ulysses_forward": 1 / forward_s}
 
 
@@ -243,12 +232,8 @@ def norm_rate(work: Workload, layout: Layout) -> dict[str, float]:
             outs = [norm(x), norm(x), *(apply_rotary(t, cos, sin) for t in rotated)]
         torch.autograd.backward(outs, [torch.ones_like(out) for out in outs])
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         seconds = _seconds(run, calls=20)
-    finally:
-        torch.set_num_threads(threads)
     return {"norms": tokens / seconds}
 
 
@@ -267,12 +252,8 @@ def optimizer_rate(work: Workload) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         seconds = _seconds(step)
-    finally:
-        torch.set_num_threads(threads)
     return {"optimizer": sum(p.numel() for p in params) / seconds}
 
 
@@ -287,16 +268,12 @@ def routing_rate(work: Workload, layout: Layout) -> dict[str, float]:
     tokens = layout.micro_batch_size * work.seq_len // layout.cp
     compute = DTYPES[work.precision]
     calls, _ = routing_kernels(work, Layout(), tokens, r=4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         # The difference of two timings: more calls than the other probes, to steady it.
         block_s, multiplies_s = (
             _seconds(fn, calls=20, rounds=5)
             for fn in (_moe_block(work, tokens, compute), _moe_mlp(work, tokens, compute))
         )
-    finally:
-        torch.set_num_threads(threads)
     return {"routing": calls / max(block_s - multiplies_s, 1e-9)}
 
 
@@ -333,6 +310,17 @@ def _linears(
             y.backward(torch.ones_like(y))
 
     return run
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread inside the block (a probe times one thread's rates), as before after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _seconds(fn: Callable[[], object], calls: int = 5, rounds: int = 3) -> float:

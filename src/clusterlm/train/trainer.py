@@ -130,7 +130,8 @@ def train(cfg: Config) -> TrainSummary:
     try:
         return _train(cfg, preemption)
     except BaseException as err:
-        if not (isinstance(err, UserError | KeyboardInterrupt) or preemption.interrupted):
+        stopped = isinstance(err, UserError | KeyboardInterrupt)
+        if not (stopped or preemption.interrupted):
             raise
         watchdog.stop()
         release(lock)
@@ -138,7 +139,7 @@ def train(cfg: Config) -> TrainSummary:
         # heartbeats go too.
         if fresh:
             watchdog.remove_heartbeats(cfg.training.out_dir)
-        if isinstance(err, UserError | KeyboardInterrupt):
+        if stopped:
             raise
         raise KeyboardInterrupt from err  # the interrupt broke whatever torch was doing
     finally:
