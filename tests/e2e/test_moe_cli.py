@@ -22,7 +22,7 @@ MOE = [
 
 def test_the_preset_is_valid():
     cfg = build_config("configs/moe-cpu.toml", {})
-    assert (cfg.model.moe_experts, cfg.model.moe_top_k, cfg.model.moe_shared_experts) == (8, 2, 1)
+    assert (cfg.model.moe_experts, cfg.model.moe_top_k, cfg.model.moe_shared_experts) == (16, 2, 1)
 
 
 def test_a_tiny_moe_trains_and_reports_its_experts(data_dir, tmp_path):

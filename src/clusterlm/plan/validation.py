@@ -3,7 +3,7 @@ planner's predictions.
 
 Every case is the nano-cpu shape (gpt2, 4 layers x 128, context 64, 12 sequences per step, a
 character vocabulary) in one parallel layout on ``nproc`` local processes; the mixture-of-experts
-cases swap in ``configs/moe-cpu.toml``'s blocks (llama, 8 SwiGLU experts of width 128, top 2, one
+cases swap in ``configs/moe-cpu.toml``'s blocks (llama, 16 SwiGLU experts of width 128, top 2, one
 shared) at the same size. The measuring lives in
 ``clusterlm.bench.layout_runs`` and the calibration fit in ``clusterlm.plan.fit``; this module is
 arithmetic only. The prediction is the planner's own: ``device_memory`` and ``step_time`` for the
@@ -37,7 +37,7 @@ NANO_MODEL = {
 # configs/moe-cpu.toml's mixture of experts on the nano shape.
 MOE_MODEL: dict[str, int | str] = {
     "model.flavour": "llama",
-    "model.moe_experts": 8,
+    "model.moe_experts": 16,
     "model.moe_top_k": 2,
     "model.moe_shared_experts": 1,
     "model.moe_ffn_hidden": 128,

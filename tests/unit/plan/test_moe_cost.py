@@ -177,7 +177,7 @@ def test_plan_prints_total_and_active_parameters_of_a_mixture(capsys):
     argv = ["plan", "--model", "moe-cpu", "--vocab-size", "65", "--cluster", "8xH100"]
     assert cli([*argv, "--global-batch-tokens", "8192", "--seq", "64", "--top", "2"]) == 0
     out = capsys.readouterr().out
-    assert "a mixture of experts: 2.05M parameters, 874K active per token" in out
+    assert "a mixture of experts: 3.63M parameters, 878K active per token" in out
     assert cli([*argv, "--expert-imbalance", "1.3", "--seq", "64", "--top", "2"]) == 0
     dense = ["plan", "--model", "nano-cpu", "--vocab-size", "65", "--cluster", "8xH100"]
     capsys.readouterr()

@@ -220,10 +220,10 @@ def test_plan_of_the_moe_preset_prints_and_emits_its_ep(tmp_path, capsys):
     ep = re.search(
         r"expert parallelism: ep (\d+), (\d+) routed experts per rank", capsys.readouterr().out
     )
-    assert ep and int(ep[1]) * int(ep[2]) == 8
+    assert ep and int(ep[1]) * int(ep[2]) == 16
     cfg = build_config(str(out), {})
     check_layout(cfg, 8)
-    assert cfg.parallel.ep == int(ep[1]) and cfg.model.moe_experts == 8
+    assert cfg.parallel.ep == int(ep[1]) and cfg.model.moe_experts == 16
 
 
 def test_search_splits_the_encoder_decoder_by_tensor_parallel_without_sequence_parallel(tmp_path):

@@ -148,7 +148,7 @@ def test_cases_cover_the_layouts_with_the_global_batch():
     moe = {case.name: case for case in MOE_CASES}
     assert set(moe) == {"1 process moe", "2 ep2 zero2 moe", "4 ep2 x zero3 moe"}
     assert not any(case.fit for case in MOE_CASES)
-    assert all(case.config().model.moe_experts == 8 for case in MOE_CASES)
+    assert all(case.config().model.moe_experts == 16 for case in MOE_CASES)
     assert layouts["4 ep2 x zero3 moe"] == Layout(
         dp_shard=4, data_parallel="zero3", ep=2, micro_batch_size=3
     )
