@@ -16,23 +16,22 @@ experts as linear layers; ring attention's blocks as the ring computes them on i
 Beside them, ``elementwise_rates`` measures what the planner prices counted element-wise kernels
 at (``clusterlm.plan.elementwise``): kernel calls per second and bytes per second;
 ``routing_rate`` a mixture of experts' routing calls per second, from its block timed whole;
-``optimizer_rate`` the parameters per second of the trainer's optimizer step; ``norm_rate``
-the tokens per second of a block's norms and rotary positions; and ``ulysses_rate`` the layers
-per second of all-to-all attention's layout changes around its exchanges.
+``norm_rate`` the tokens per second of a block's norms and rotary positions; and
+``ulysses_rate`` the layers per second of all-to-all attention's layout changes around its
+exchanges. ``relative_kernel_rates`` adds the rates of the passes over every parameter
+(``clusterlm.bench.parameter_rates``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from clusterlm.config import OptimConfig
-from clusterlm.models import create_model
+from clusterlm.bench.parameter_rates import fsdp_buffer_rate, optimizer_rate
+from clusterlm.bench.probe_timing import best_seconds, one_thread
 from clusterlm.models.gpt import apply_rotary, moe_mlp, norm_layer, rotary_tables
 from clusterlm.models.moe import grouped_mm
 from clusterlm.parallel.attention_blocks import block_backward, block_forward
@@ -41,13 +40,14 @@ from clusterlm.parallel.ring_attention import ulysses, visible_block
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.moe_cost import expert_hidden, routing_kernels
 from clusterlm.plan.workload import Workload
-from clusterlm.train.optim import optimizer_recipe
 
 
 def kernel_rates(work: Workload, layout: Layout) -> dict[str, float]:
-    """{"linear": FLOP/s, "attention": FLOP/s} of one thread on a micro-batch of ``layout``: the
-    linear rate is the model's mix, n_layer blocks' linear layers (an MoE block's router, shared
-    and routed experts) and the head once; the attention rate that of the case's attention."""
+    """{"linear": FLOP/s, "attention": FLOP/s, "dense_linear": FLOP/s} of one thread on a
+    micro-batch of ``layout``: the linear rate is the model's mix, n_layer blocks' linear layers
+    (an MoE block's router, shared and routed experts) and the head once; the attention rate that
+    of the case's attention; the dense linear rate the mix without the MoE blocks' MLPs, which
+    ``relative_kernel_rates`` anchors."""
     args, s = work.model, work.seq_len
     tokens = layout.micro_batch_size * s // layout.cp
     compute = DTYPES[work.precision]
@@ -57,18 +57,22 @@ def kernel_rates(work: Workload, layout: Layout) -> dict[str, float]:
     attention = [(args.n_embd, q + 2 * kv), (q, args.n_embd)]
     dense = [(args.n_embd, mlp_in), (args.ffn_hidden, args.n_embd)]
     head = [(args.n_embd, args.vocab_size)]
-    with _one_thread():
-        seconds = args.n_layer * _seconds(_linears(attention, tokens, compute))
-        seconds += (args.n_layer - moe) * _seconds(_linears(dense, tokens, compute))
-        seconds += _seconds(_linears(head, tokens, compute))
-        if moe:
-            seconds += moe * _seconds(_moe_mlp(work, tokens, compute))
-        attention_s = _seconds(_attention(work, layout, compute))
+    with one_thread():
+        dense_s = args.n_layer * best_seconds(_linears(attention, tokens, compute))
+        dense_s += (args.n_layer - moe) * best_seconds(_linears(dense, tokens, compute))
+        dense_s += best_seconds(_linears(head, tokens, compute))
+        moe_s = moe * best_seconds(_moe_mlp(work, tokens, compute)) if moe else 0.0
+        attention_s = best_seconds(_attention(work, layout, compute))
     shapes = args.n_layer * attention + (args.n_layer - moe) * dense + head
-    linear_flops = 6 * tokens * (sum(k * n for k, n in shapes) + moe * _moe_mlp_params(work))
+    dense_flops = 6 * tokens * sum(k * n for k, n in shapes)
+    moe_flops = 6 * tokens * moe * _moe_mlp_params(work)
     # One layer's attention, as the planner counts it: the full s x s for this rank's tokens.
     attention_flops = 6 * tokens * 2 * q * s
-    return {"linear": linear_flops / seconds, "attention": attention_flops / attention_s}
+    return {
+        "linear": (dense_flops + moe_flops) / (dense_s + moe_s),
+        "attention": attention_flops / attention_s,
+        "dense_linear": dense_flops / dense_s,
+    }
 
 
 def _moe_mlp_params(work: Workload) -> int:
@@ -143,25 +147,30 @@ def elementwise_rates(nbytes: int) -> dict[str, float]:
     rate falls where they outgrow the caches."""
     tiny = (torch.ones(1, 2, 2), torch.ones(1, 1))
     big = (torch.ones(1, 2, max(1, nbytes // 4)), torch.ones(1, 1))
-    with _one_thread():
-        launch_s = _seconds(lambda: tiny[0][:, 1:] * tiny[1].unsqueeze(-1), calls=200)
-        big_s = _seconds(lambda: big[0][:, 1:] * big[1].unsqueeze(-1), calls=20)
+    with one_thread():
+        launch_s = best_seconds(lambda: tiny[0][:, 1:] * tiny[1].unsqueeze(-1), calls=200)
+        big_s = best_seconds(lambda: big[0][:, 1:] * big[1].unsqueeze(-1), calls=20)
     moved = 2 * 4 * big[0].size(-1)  # the slice read, the product written
     return {"launch": 1 / launch_s, "elementwise": moved / max(big_s - launch_s, 1e-9)}
 
 
 def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> dict[str, float]:
-    """``kernel_rates`` scaled so that fp32's linear layers run at ``fp32_peak`` (the matmul
+    """``kernel_rates`` scaled so that fp32's dense linear layers run at ``fp32_peak`` (the matmul
     probe's): an isolated probe reads lower than the same kernels inside a training step (warm
-    caches, reused allocations), so only its ratios are used, by kind and precision; with the
-    element-wise rates as measured, at the size of one of the micro-batch's activations."""
+    caches, reused allocations), so only its ratios are used, by kind and precision. A mixture of
+    experts' MLPs keep their ratio to the dense layers: their many small groups of rows run well
+    below the peak (benchmarks/moe-experts-ep4-cpu-xeon-2026-12-07.md). With the element-wise
+    rates as measured, at the size of one of the micro-batch's activations."""
     rates = kernel_rates(work, layout)
     fp32 = (
         rates
         if work.precision == "fp32"
         else kernel_rates(dataclasses.replace(work, precision="fp32"), layout)
     )
-    scaled = {kind: rate / fp32["linear"] * fp32_peak for kind, rate in rates.items()}
+    anchor = fp32["dense_linear"]
+    scaled = {
+        kind: rate / anchor * fp32_peak for kind, rate in rates.items() if kind != "dense_linear"
+    }
     # The counted kernels' tensors: an fp32 activation of the rank's micro-batch, or larger.
     activation = layout.micro_batch_size * work.seq_len // layout.cp * work.model.n_embd * 4
     return {
@@ -171,6 +180,7 @@ def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> d
         **optimizer_rate(work),
         **norm_rate(work, layout),
         **ulysses_rate(work, layout),
+        **(fsdp_buffer_rate(work, layout) if layout.zero_stage >= 2 else {}),
     }
 
 
@@ -204,8 +214,8 @@ def ulysses_rate(work: Workload, layout: Layout) -> dict[str, float]:
         outs = forward()
         torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
 
-    with _one_thread():
-        seconds, forward_s = _seconds(both, calls=20), _seconds(forward, calls=20)
+    with one_thread():
+        seconds, forward_s = best_seconds(both, calls=20), best_seconds(forward, calls=20)
     return {"ulysses": 1 / seconds, "ulysses_forward": 1 / forward_s}
 
 
@@ -232,29 +242,9 @@ def norm_rate(work: Workload, layout: Layout) -> dict[str, float]:
             outs = [norm(x), norm(x), *(apply_rotary(t, cos, sin) for t in rotated)]
         torch.autograd.backward(outs, [torch.ones_like(out) for out in outs])
 
-    with _one_thread():
-        seconds = _seconds(run, calls=20)
+    with one_thread():
+        seconds = best_seconds(run, calls=20)
     return {"norms": tokens / seconds}
-
-
-def optimizer_rate(work: Workload) -> dict[str, float]:
-    """{"optimizer": parameters/s} of one thread on the trainer's optimizer step (gradient
-    clipping, then its AdamW with its parameter groups) over the whole model's parameters: a few
-    element-wise passes over each parameter's weights, gradient and moments, and calls per
-    tensor."""
-    model = create_model(work.model)
-    for parameter in model.parameters():
-        parameter.grad = torch.randn_like(parameter)
-    optimizer = optimizer_recipe(model, OptimConfig()).build()
-    params = list(model.parameters())
-
-    def step() -> None:
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-
-    with _one_thread():
-        seconds = _seconds(step)
-    return {"optimizer": sum(p.numel() for p in params) / seconds}
 
 
 def routing_rate(work: Workload, layout: Layout) -> dict[str, float]:
@@ -268,10 +258,10 @@ def routing_rate(work: Workload, layout: Layout) -> dict[str, float]:
     tokens = layout.micro_batch_size * work.seq_len // layout.cp
     compute = DTYPES[work.precision]
     calls, _ = routing_kernels(work, Layout(), tokens, r=4)
-    with _one_thread():
+    with one_thread():
         # The difference of two timings: more calls than the other probes, to steady it.
         block_s, multiplies_s = (
-            _seconds(fn, calls=20, rounds=5)
+            best_seconds(fn, calls=20, rounds=5)
             for fn in (_moe_block(work, tokens, compute), _moe_mlp(work, tokens, compute))
         )
     return {"routing": calls / max(block_s - multiplies_s, 1e-9)}
@@ -310,26 +300,3 @@ def _linears(
             y.backward(torch.ones_like(y))
 
     return run
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch on one thread inside the block (a probe times one thread's rates), as before after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _seconds(fn: Callable[[], object], calls: int = 5, rounds: int = 3) -> float:
-    """Seconds per call, the best of ``rounds`` (other load only adds time)."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best

@@ -20,12 +20,15 @@ device without them (an accelerator preset: its host launches ahead of the kerne
 kernels are small beside its matmuls) gets 0.
 
 The optimizer step (``optimizer_seconds``) is element-wise work too, once a step over the state a
-rank holds, priced at a rate measured on the model's own parameters.
+rank holds, priced at a rate measured on the model's own parameters; and so are FSDP's copies of
+weights and gradients through its flat buffers (``fsdp_buffer_seconds``), which grow with the
+bytes of the units it gathers and reduces, not with their tensors (the calibration's host cost
+per tensor) or the link.
 """
 
 from __future__ import annotations
 
-from clusterlm.plan import context_comm
+from clusterlm.plan import context_comm, fsdp
 from clusterlm.plan.cluster import Device
 from clusterlm.plan.layout import Layout
 from clusterlm.plan.memory import (
@@ -74,8 +77,8 @@ def micro_batch_seconds(
 def optimizer_seconds(work: Workload, layout: Layout, device: Device) -> float:
     """The optimizer step on the busiest rank: gradient clipping and AdamW over the parameters
     whose state it holds (its ZeRO share), at the device's measured ``optimizer`` rate in
-    parameters per second (``bench.kernels.optimizer_rate``); 0 where none was measured or the
-    state lives on the host (``timing``'s offload prices that)."""
+    parameters per second (``bench.parameter_rates.optimizer_rate``); 0 where none was measured
+    or the state lives on the host (``timing``'s offload prices that)."""
     rate = device.kernel_rates.get(work.precision, {}).get("optimizer")
     if rate is None or layout.cpu_offload:
         return 0.0
@@ -85,3 +88,13 @@ def optimizer_seconds(work: Workload, layout: Layout, device: Device) -> float:
         for stage in ("first", "last")
     )
     return stepped / per_param / rate
+
+
+def fsdp_buffer_seconds(work: Workload, layout: Layout, device: Device) -> float:
+    """FSDP's copies through its flat buffers per step (``fsdp.buffer_bytes``) at the device's
+    measured ``fsdp_buffers`` rate in bytes per second
+    (``bench.parameter_rates.fsdp_buffer_rate``); 0 where none was measured."""
+    rate = device.kernel_rates.get(work.precision, {}).get("fsdp_buffers")
+    if rate is None:
+        return 0.0
+    return fsdp.buffer_bytes(work, layout, fsdp.parameter_tensors(work.model)) / rate

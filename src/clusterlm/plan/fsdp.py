@@ -25,7 +25,7 @@ from clusterlm.parallel.data_parallel import expert_units, fsdp_units, reshards_
 from clusterlm.plan import collectives
 from clusterlm.plan.cluster import Cluster
 from clusterlm.plan.layout import Layout
-from clusterlm.plan.memory import rank_params
+from clusterlm.plan.memory import rank_params, state_bytes_per_param
 from clusterlm.plan.moe_cost import (
     expert_shard_degree,
     moe_block_params_on_device,
@@ -109,6 +109,25 @@ def tensor_passes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> i
     return max(
         sum(
             unit.tensors * (sum(gathers(unit, layout)) + reductions)
+            for unit in stage_units(work, layout, rank, tensors)
+        )
+        for rank in range(layout.pp)
+    )
+
+
+def buffer_bytes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> float:
+    """Bytes of weights and gradients FSDP's flat buffers pass per step on the pipeline rank with
+    the most, counted as ``tensor_passes`` counts tensors: each gather copies a unit's weight
+    shards in and the gathered weights out to its parameters, each reduce-scatter copies its
+    gradients in and divides them, over one rank too (``clusterlm.plan.elementwise`` prices
+    them)."""
+    if layout.dp_shard_cp == 1 or layout.zero_stage < 2:
+        return 0.0
+    weight_bytes, grad_bytes, _ = state_bytes_per_param(0, 1, work.mixed_precision)
+    reductions = 1 if layout.pp > 1 else layout.micro_batches
+    return max(
+        sum(
+            unit.params * (sum(gathers(unit, layout)) * weight_bytes + reductions * grad_bytes)
             for unit in stage_units(work, layout, rank, tensors)
         )
         for rank in range(layout.pp)

@@ -199,7 +199,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         recompute=m * recompute,
         expert_parallel=m * all_to_all,
         context_parallel=m * context,
-        element_wise=m * kernels,
+        element_wise=m * kernels + elementwise.fsdp_buffer_seconds(work, layout, cluster.device),
         optimizer=elementwise.optimizer_seconds(work, layout, cluster.device),
     )
 

@@ -260,9 +260,52 @@ def test_relative_kernel_rates_anchor_fp32_linear_layers_at_the_peak():
     layout = Layout(micro_batch_size=2)
     fp32 = relative_kernel_rates(replace(work, precision="fp32"), layout, fp32_peak=1e11)
     bf16 = relative_kernel_rates(work, layout, fp32_peak=1e11)
-    assert fp32["linear"] == pytest.approx(1e11, rel=0.5)  # two probes of one kernel, seconds apart
+    assert fp32["linear"] == pytest.approx(1e11)  # a dense model's linear layers are the anchor
     assert all(rate > 0 for rate in (*fp32.values(), *bf16.values()))
     assert set(fp32) == {"linear", "attention", "launch", "elementwise", "optimizer", "norms"}
+
+
+def test_a_mixtures_linear_rate_keeps_its_ratio_to_the_dense_layers(monkeypatch):
+    """The grouped experts' small groups of rows run below the dense layers' rate: the probe's
+    ratio survives the anchoring, which is on the dense layers alone."""
+    import clusterlm.bench.kernels as kernels
+
+    probe = {"linear": 1e9, "attention": 2e9, "dense_linear": 4e9}
+    monkeypatch.setattr(kernels, "kernel_rates", lambda work, layout: dict(probe))
+    rates = relative_kernel_rates(Workload(NANO, 64, 12 * 64, "fp32"), Layout(), fp32_peak=1e11)
+    assert rates["linear"] == pytest.approx(0.25e11) and rates["attention"] == pytest.approx(0.5e11)
+    assert "dense_linear" not in rates
+
+
+def test_fsdp_buffer_bytes_count_each_gather_and_reduction_of_the_weights():
+    """zero2 gathers each unit once a step and reduces it per micro-batch; zero3 gathers all but
+    the last unit and the root again for each backward; ddp and zero1 have no FSDP buffers."""
+    from clusterlm.bench.parameter_rates import fsdp_buffer_rate
+    from clusterlm.plan.elementwise import fsdp_buffer_seconds
+    from clusterlm.plan.fsdp import buffer_bytes, stage_units
+
+    work, tensors = Workload(NANO, 64, 12 * 64, "fp32"), parameter_tensors(NANO)
+    zero2 = Layout(dp_shard=2, data_parallel="zero2", micro_batch_size=3, micro_batches=2)
+    params = param_count(NANO)
+    assert buffer_bytes(work, zero2, tensors) == pytest.approx(params * (4 + 2 * 4))
+    zero3 = replace(zero2, data_parallel="zero3")
+    regathered = sum(u.params for u in stage_units(work, zero3, 0, tensors) if u.resharded)
+    assert buffer_bytes(work, zero3, tensors) == pytest.approx(
+        params * (4 + 2 * 4) + regathered * (2 * 2 - 1) * 4
+    )
+    assert buffer_bytes(replace(work, precision="bf16"), zero2, tensors) == pytest.approx(
+        params * (2 + 2 * 2)
+    )
+    for other in ("ddp", "zero1"):
+        assert buffer_bytes(work, replace(zero2, data_parallel=other), tensors) == 0
+    rates = {"fp32": {"linear": 1e11, "attention": 1e11, "fsdp_buffers": 1e9}}
+    device = local_cluster(2, {"fp32": 1e11}, Link(1e9, 1e-4), cores=2, rates=rates).device
+    assert fsdp_buffer_seconds(work, zero2, device) == pytest.approx(
+        buffer_bytes(work, zero2, tensors) / 1e9
+    )
+    assert fsdp_buffer_seconds(work, zero2, replace(device, kernel_rates={})) == 0
+    assert 0 < fsdp_buffer_rate(work, zero3)["fsdp_buffers"] < float("inf")
+    assert "fsdp_buffers" in relative_kernel_rates(work, zero3, fp32_peak=1e11)
 
 
 def test_norms_and_rotary_are_priced_per_block_and_token_at_the_measured_rate():
