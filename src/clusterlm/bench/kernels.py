@@ -180,7 +180,7 @@ def relative_kernel_rates(work: Workload, layout: Layout, fp32_peak: float) -> d
         **optimizer_rate(work),
         **norm_rate(work, layout),
         **ulysses_rate(work, layout),
-        **(fsdp_buffer_rate(work, layout) if layout.zero_stage >= 2 else {}),
+        **(fsdp_buffer_rate(work, layout) if layout.uses_fsdp else {}),
     }
 
 

@@ -43,7 +43,8 @@ def fsdp_buffer_rate(work: Workload, layout: Layout) -> dict[str, float]:
     reduce-scatter chunks the gradients into its input and divides them, and the shard once more.
     The bytes are counted as ``clusterlm.plan.fsdp.buffer_bytes`` counts them: the block's weights
     once for the gather and its gradients once for the reduction."""
-    model = create_model(work.model)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = create_model(work.model)
     world = layout.dp_shard_cp
     sizes = [
         -(-p.numel() // world) * world  # FSDP pads each parameter to a multiple of the ranks

@@ -14,6 +14,7 @@ micro-batches (``gradient_sync``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -103,16 +104,7 @@ def tensor_passes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> i
     """Parameter tensors FSDP's collectives pass through their flat buffers per step on the pipeline
     rank with the most: every gather, and every reduce-scatter of gradients, one per micro-batch
     (once a step in a pipeline, whose stage turns the reduction off until its last backward)."""
-    if layout.dp_shard_cp == 1 or layout.zero_stage < 2:
-        return 0
-    reductions = 1 if layout.pp > 1 else layout.micro_batches
-    return max(
-        sum(
-            unit.tensors * (sum(gathers(unit, layout)) + reductions)
-            for unit in stage_units(work, layout, rank, tensors)
-        )
-        for rank in range(layout.pp)
-    )
+    return int(_per_step(work, layout, tensors, lambda unit, g, r: unit.tensors * (g + r)))
 
 
 def buffer_bytes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> float:
@@ -121,13 +113,29 @@ def buffer_bytes(work: Workload, layout: Layout, tensors: tuple[int, int]) -> fl
     shards in and the gathered weights out to its parameters, each reduce-scatter copies its
     gradients in and divides them, over one rank too (``clusterlm.plan.elementwise`` prices
     them)."""
-    if layout.dp_shard_cp == 1 or layout.zero_stage < 2:
+    weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
+
+    def per_unit(unit: Unit, gathered: int, reduced: int) -> float:
+        return unit.params * (gathered * weight + reduced * grad)
+
+    return _per_step(work, layout, tensors, per_unit)
+
+
+def _per_step(
+    work: Workload,
+    layout: Layout,
+    tensors: tuple[int, int],
+    per_unit: Callable[[Unit, int, int], float],
+) -> float:
+    """The most, over the pipeline ranks, of ``per_unit(unit, gathers, reductions)`` summed over
+    the rank's units, with each unit's gathers a step and its gradients' reduce-scatters (one per
+    micro-batch, once a step in a pipeline); 0 without FSDP."""
+    if not layout.uses_fsdp:
         return 0.0
-    weight_bytes, grad_bytes, _ = state_bytes_per_param(0, 1, work.mixed_precision)
     reductions = 1 if layout.pp > 1 else layout.micro_batches
     return max(
         sum(
-            unit.params * (sum(gathers(unit, layout)) * weight_bytes + reductions * grad_bytes)
+            per_unit(unit, sum(gathers(unit, layout)), reductions)
             for unit in stage_units(work, layout, rank, tensors)
         )
         for rank in range(layout.pp)

@@ -96,6 +96,10 @@ class Layout:
         return ZERO_STAGE[self.data_parallel]
 
     @property
+    def uses_fsdp(self) -> bool:  # zero2, zero3 or hsdp over more than one rank
+        return self.zero_stage >= 2 and self.dp_shard_cp > 1
+
+    @property
     def stride(self) -> dict[str, int]:
         """Distance between neighbouring ranks of each mesh dimension (tp innermost), and of the
         flattened groups that fold cp into data parallelism (contiguous above tp)."""

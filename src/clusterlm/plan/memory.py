@@ -304,7 +304,7 @@ def buffer_bytes(work: Workload, layout: Layout) -> float:
     the largest unit's unsharded gradient. In a pipeline, FSDP of any stage keeps every weight of
     the stage gathered and every gradient unsharded from the first backward to the last, after
     which it reduces once (torch's pipeline stage)."""
-    if layout.pp > 1 and layout.zero_stage >= 2 and layout.dp_shard_cp > 1:
+    if layout.pp > 1 and layout.uses_fsdp:
         weight, grad, _ = state_bytes_per_param(0, 1, work.mixed_precision)
         return stage_params(work, layout, "first") * (weight + grad)
     if _fsdp_zero2(layout):
